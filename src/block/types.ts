@@ -1,0 +1,98 @@
+// The one seam between frontends (NBD now, iSCSI later) and storage.
+//
+// A BlockDevice is what a frontend serves: a volume or a partition of one.
+// Offsets are relative to the device; the device itself guarantees that no
+// request reaches outside it (the frontend validates too: defence in depth).
+// Capabilities are fixed when the device is opened, so a frontend can
+// advertise them once per connection (nbdkit's can_* probes).
+
+declare const brand: unique symbol;
+type Brand<T, B extends string> = T & { readonly [brand]: B };
+
+/** Byte counts and offsets are plain numbers below 2^53 (8 PiB): asserted where they enter. */
+export type ByteCount = Brand<number, "ByteCount">;
+/** A 512-byte sector address, as the seed's "storage info" reports extents. */
+export type Lba = Brand<number, "Lba">;
+export type VolumeName = Brand<string, "VolumeName">;
+
+export const SECTOR_SIZE = 512;
+
+export interface BlockCapabilities {
+  readonly readOnly: boolean;
+  readonly canFlush: boolean;
+  readonly canTrim: boolean;
+  readonly canZero: boolean;
+  readonly canFastZero: boolean;
+  readonly canFua: boolean;
+  readonly canCache: boolean;
+  readonly canExtents: boolean;
+  /** True only if a flush on one connection makes writes from all connections durable. */
+  readonly canMultiConn: boolean;
+}
+
+/** One run of bytes with the same allocation state, for NBD base:allocation. */
+export interface Extent {
+  readonly lengthBytes: number;
+  /** Not allocated on the backing store (a hole). */
+  readonly hole: boolean;
+  /** Reads as zeroes. */
+  readonly zero: boolean;
+}
+
+export interface ZeroOptions {
+  readonly fua: boolean;
+  /** The device may punch a hole instead of writing zeroes (NBD: no NO_HOLE flag). */
+  readonly mayTrim: boolean;
+  /** Fail with NOT_SUPPORTED rather than zero slowly (NBD FAST_ZERO). */
+  readonly fastOnly: boolean;
+}
+
+export interface BlockDevice {
+  /** Export name: a volume name, or "VOLUME/pN" for partition N. */
+  readonly name: string;
+  readonly description: string;
+  readonly sizeBytes: number;
+  readonly capabilities: BlockCapabilities;
+  /** Fills `buffer` with the bytes at [offset, offset + buffer.length). */
+  read(buffer: Buffer, offsetBytes: number): Promise<void>;
+  write(buffer: Buffer, offsetBytes: number, fua: boolean): Promise<void>;
+  flush(): Promise<void>;
+  trim(offsetBytes: number, lengthBytes: number, fua: boolean): Promise<void>;
+  zero(offsetBytes: number, lengthBytes: number, options: ZeroOptions): Promise<void>;
+  /** Prefetch hint; may do nothing. */
+  cache(offsetBytes: number, lengthBytes: number): Promise<void>;
+  /** Allocation state covering at least the first byte of the range, at most the range. */
+  extents(offsetBytes: number, lengthBytes: number): Promise<readonly Extent[]>;
+  /** Called when the last user of this opened device goes away. */
+  close(): Promise<void>;
+}
+
+/** Who is asking: the frontend passes it to the provider for access control. */
+export interface Peer {
+  /** Remote IP address ("127.0.0.1", "::1", "10.0.0.5") or "unix" for a Unix socket. */
+  readonly address: string;
+  readonly port: number;
+}
+
+export interface ExportSummary {
+  readonly name: string;
+  readonly description: string;
+}
+
+/**
+ * What a frontend serves from. The unit implements it over its volume table;
+ * access control (the --allow list, per-volume host grants) lives here, not in
+ * the protocol engine.
+ */
+export interface ExportProvider {
+  /** Exports this peer may see (NBD_OPT_LIST). */
+  list(peer: Peer): readonly ExportSummary[];
+  /**
+   * Opens an export for this peer. Throws IpsanError NOT_FOUND (unknown name)
+   * or PERMISSION_DENIED (peer not admitted). The size is fixed for the life
+   * of the opened device: a grown volume shows its new size to new openings.
+   */
+  open(name: string, peer: Peer): Promise<BlockDevice>;
+  /** The export served to clients that ask for the empty name, if any. */
+  readonly defaultExport: string | undefined;
+}

@@ -1,0 +1,42 @@
+// ipsan command-line entry: dispatches to subcommands. Every subcommand parses
+// its own flags with src/util/flags.ts and throws UsageError on bad input.
+
+import { UsageError, errorMessage } from "./util/errors.ts";
+
+type Command = (argv: readonly string[]) => Promise<number | void>;
+
+const COMMANDS: Readonly<Record<string, () => Promise<Command>>> = {
+  unit: async () => (await import("./unit/main.ts")).unitMain,
+};
+
+const USAGE = `usage: ipsan COMMAND [flags]
+
+commands:
+  unit      run a SAN unit: carve storage into volumes and serve them over NBD
+  help      show this text
+`;
+
+export async function main(argv: readonly string[]): Promise<number> {
+  const [name, ...rest] = argv;
+  if (name === undefined || name === "help" || name === "--help" || name === "-h") {
+    process.stdout.write(USAGE);
+    return name === undefined ? 2 : 0;
+  }
+  const load = COMMANDS[name];
+  if (load === undefined) {
+    process.stderr.write(`ipsan: unknown command "${name}"\n${USAGE}`);
+    return 2;
+  }
+  try {
+    const result = await (await load())(rest);
+    return typeof result === "number" ? result : 0;
+  } catch (error) {
+    if (error instanceof UsageError) {
+      process.stderr.write(`ipsan ${name}: ${error.message}\n`);
+      return 2;
+    }
+    process.stderr.write(`ipsan ${name}: ${errorMessage(error)}\n`);
+    if (process.env["IPSAN_DEBUG"]) process.stderr.write(`${(error as Error).stack ?? ""}\n`);
+    return 1;
+  }
+}

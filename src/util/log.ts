@@ -1,0 +1,69 @@
+// Logging: one line per event on stderr, "LEVEL component: message key=value".
+// stdout is reserved for the contract lines ("ipsan unit NAME ready ...").
+// Noisy events (rejected packets, hostile clients) go through a rate limiter
+// so a flood cannot fill the disk or stall the event loop.
+
+export type LogLevel = "debug" | "info" | "warn" | "error";
+const LEVEL_ORDER: Readonly<Record<LogLevel, number>> = { debug: 10, info: 20, warn: 30, error: 40 };
+
+let threshold: LogLevel = (process.env["IPSAN_LOG"] as LogLevel | undefined) ?? "info";
+if (!(threshold in LEVEL_ORDER)) threshold = "info";
+
+export function setLogLevel(level: LogLevel): void {
+  threshold = level;
+}
+
+export type Fields = Readonly<Record<string, string | number | boolean | bigint | undefined | null>>;
+
+function formatFields(fields: Fields | undefined): string {
+  if (fields === undefined) return "";
+  let out = "";
+  for (const [key, value] of Object.entries(fields)) {
+    if (value === undefined) continue;
+    const text = String(value);
+    out += ` ${key}=${/[\s"]/.test(text) ? JSON.stringify(text) : text}`;
+  }
+  return out;
+}
+
+export interface Logger {
+  debug(message: string, fields?: Fields): void;
+  info(message: string, fields?: Fields): void;
+  warn(message: string, fields?: Fields): void;
+  error(message: string, fields?: Fields): void;
+  /** Like warn, but at most `RATE_LIMIT_PER_WINDOW` lines per key per window. */
+  limited(key: string, message: string, fields?: Fields): void;
+}
+
+const RATE_LIMIT_WINDOW_MS = 10_000;
+const RATE_LIMIT_PER_WINDOW = 10;
+const RATE_LIMIT_KEYS_MAX = 1024;
+
+export function logger(component: string): Logger {
+  const windows = new Map<string, { startMs: number; count: number; dropped: number }>();
+  const emit = (level: LogLevel, message: string, fields?: Fields): void => {
+    if (LEVEL_ORDER[level] < LEVEL_ORDER[threshold]) return;
+    process.stderr.write(`${level.toUpperCase()} ${component}: ${message}${formatFields(fields)}\n`);
+  };
+  return {
+    debug: (m, f) => emit("debug", m, f),
+    info: (m, f) => emit("info", m, f),
+    warn: (m, f) => emit("warn", m, f),
+    error: (m, f) => emit("error", m, f),
+    limited(key, message, fields) {
+      const nowMs = Date.now();
+      let window = windows.get(key);
+      if (window === undefined || nowMs - window.startMs > RATE_LIMIT_WINDOW_MS) {
+        if (window !== undefined && window.dropped > 0) {
+          emit("warn", `${window.dropped} similar messages suppressed`, { key });
+        }
+        if (windows.size >= RATE_LIMIT_KEYS_MAX) windows.clear();
+        window = { startMs: nowMs, count: 0, dropped: 0 };
+        windows.set(key, window);
+      }
+      window.count += 1;
+      if (window.count <= RATE_LIMIT_PER_WINDOW) emit("warn", message, fields);
+      else window.dropped += 1;
+    },
+  };
+}

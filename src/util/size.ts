@@ -1,0 +1,42 @@
+// Sizes on the command line and in the API: plain bytes, or a number with a
+// K, M, G or T suffix (powers of 1024). Fractions are allowed only when they
+// come out to a whole number of bytes ("1.5G" is fine, "1.3K" is not).
+
+import { UsageError } from "./errors.ts";
+
+const SUFFIX_MULTIPLIER: Readonly<Record<string, number>> = {
+  "": 1,
+  K: 1024,
+  M: 1024 ** 2,
+  G: 1024 ** 3,
+  T: 1024 ** 4,
+};
+
+const SIZE_PATTERN = /^([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(?:i?B)?$/i;
+
+/** Parses SIZE; `field` names the flag or JSON field in the error message. */
+export function parseSize(text: string, field: string): number {
+  const match = SIZE_PATTERN.exec(text.trim());
+  if (match === null) {
+    throw new UsageError(`${field}: invalid size "${text}" (expected bytes or a number with K, M, G or T)`);
+  }
+  const multiplier = SUFFIX_MULTIPLIER[(match[2] ?? "").toUpperCase()];
+  if (multiplier === undefined) throw new UsageError(`${field}: invalid size suffix in "${text}"`);
+  const bytes = Number(match[1]) * multiplier;
+  if (!Number.isSafeInteger(bytes)) {
+    throw new UsageError(`${field}: size "${text}" is not a whole number of bytes or is too large`);
+  }
+  return bytes;
+}
+
+/** Human form for messages: 1073741824 -> "1G", 1536 -> "1.5K". */
+export function formatSize(bytes: number): string {
+  for (const suffix of ["T", "G", "M", "K"] as const) {
+    const multiplier = SUFFIX_MULTIPLIER[suffix] ?? 1;
+    if (bytes >= multiplier) {
+      const value = bytes / multiplier;
+      return `${Number.isInteger(value) ? value : value.toFixed(2).replace(/0+$/, "")}${suffix}`;
+    }
+  }
+  return `${bytes}`;
+}
