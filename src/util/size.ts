@@ -35,7 +35,7 @@ export function formatSize(bytes: number): string {
     const multiplier = SUFFIX_MULTIPLIER[suffix] ?? 1;
     if (bytes >= multiplier) {
       const value = bytes / multiplier;
-      return `${Number.isInteger(value) ? value : value.toFixed(2).replace(/0+$/, "")}${suffix}`;
+      return `${Number.isInteger(value) ? value : value.toFixed(2).replace(/\.?0+$/, "")}${suffix}`;
     }
   }
   return `${bytes}`;

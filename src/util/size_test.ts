@@ -1,0 +1,42 @@
+// Proves the SIZE syntax of the CLI contract (bytes, or K/M/G/T as powers of
+// 1024) and that bad sizes are refused with a message naming the field and
+// the value, never silently rounded.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import fc from "fast-check";
+import { formatSize, parseSize } from "./size.ts";
+import { UsageError } from "./errors.ts";
+
+test("parseSize accepts bytes and binary suffixes", () => {
+  assert.equal(parseSize("0", "--capacity"), 0);
+  assert.equal(parseSize("4096", "--capacity"), 4096);
+  assert.equal(parseSize("1K", "--capacity"), 1024);
+  assert.equal(parseSize("64M", "--capacity"), 64 * 1024 ** 2);
+  assert.equal(parseSize("80G", "--capacity"), 80 * 1024 ** 3);
+  assert.equal(parseSize("2T", "--capacity"), 2 * 1024 ** 4);
+  assert.equal(parseSize("1.5g", "--capacity"), 1.5 * 1024 ** 3);
+  assert.equal(parseSize("10MiB", "--capacity"), 10 * 1024 ** 2);
+});
+
+test("parseSize refuses bad input naming the field and value", () => {
+  for (const bad of ["", "G", "-1", "1X", "1.3K", "12 34", "1e9", "99999999999999999999"]) {
+    assert.throws(
+      () => parseSize(bad, "--volume"),
+      (error: unknown) =>
+        error instanceof UsageError && error.message.includes("--volume") && error.message.includes(`"${bad}"`),
+      `input ${JSON.stringify(bad)}`,
+    );
+  }
+});
+
+test("formatSize is exact on whole multiples and parses back", () => {
+  fc.assert(
+    fc.property(fc.integer({ min: 1, max: 1023 }), fc.constantFrom(1, 1024, 1024 ** 2, 1024 ** 3, 1024 ** 4), (n, unit) => {
+      const bytes = n * unit;
+      assert.equal(parseSize(formatSize(bytes), "x"), bytes);
+    }),
+  );
+  assert.equal(formatSize(1536), "1.5K");
+  assert.equal(formatSize(1025), "1K");
+  assert.equal(formatSize(0), "0");
+});
