@@ -37,10 +37,13 @@ export type ErrorCode = keyof typeof ERROR_CODES;
 
 export class IpsanError extends Error {
   readonly code: ErrorCode;
-  constructor(code: ErrorCode, message: string, options?: { cause?: unknown }) {
-    super(message, options);
+  /** The flag or JSON field at fault, for API error bodies ({error:{code, message, field}}). */
+  readonly field: string | undefined;
+  constructor(code: ErrorCode, message: string, options?: { cause?: unknown; field?: string }) {
+    super(message, options?.cause === undefined ? undefined : { cause: options.cause });
     this.name = "IpsanError";
     this.code = code;
+    this.field = options?.field;
   }
   get nbdErrno(): NbdErrno {
     return ERROR_CODES[this.code][0];
