@@ -7,12 +7,16 @@ type Command = (argv: readonly string[]) => Promise<number | void>;
 
 const COMMANDS: Readonly<Record<string, () => Promise<Command>>> = {
   unit: async () => (await import("./unit/main.ts")).unitMain,
+  host: async () => (await import("./host/main.ts")).hostMain,
+  demo: async () => (await import("./demo/main.ts")).demoMain,
 };
 
 const USAGE = `usage: ipsan COMMAND [flags]
 
 commands:
   unit      run a SAN unit: carve storage into volumes and serve them over NBD
+  host      the host side: request, attach, detach, release a volume; agent
+  demo      a whole SAN on loopback: a station and N units (Ctrl-C stops it)
   help      show this text
 `;
 

@@ -1,0 +1,351 @@
+// `ipsan host SUBCOMMAND`: the host side of the SAN (seed Fig. 1, modules 9).
+//   request  ask the station for a volume; print the assignment (nbd:// URI)
+//   attach   make an assigned volume a local block device (kernel NBD or nbdfuse file)
+//   detach   undo attach
+//   release  detach if attached, then unassign at the station
+//   agent    register, heartbeat, keep recorded volumes attached
+//   list     this host's recorded attachments
+// docs/host.md is the user's guide; every flag error names the flag and value.
+
+import { randomUUID } from "node:crypto";
+import { IpsanError, UsageError } from "../util/errors.ts";
+import { parseFlags } from "../util/flags.ts";
+import { formatSize, parseSize } from "../util/size.ts";
+import {
+  HEARTBEAT_INTERVAL_MS_DEFAULT,
+  HEARTBEAT_INTERVAL_MS_MAX,
+  HEARTBEAT_INTERVAL_MS_MIN,
+  HostAgent,
+} from "./agent.ts";
+import { attach, attachmentAlive, chooseMode, detach, type ModeChoice } from "./attach.ts";
+import { HostState, defaultStateDir, notAttached, type AttachmentRecord } from "./state.ts";
+import {
+  StationClient,
+  parseStationUrl,
+  readTokenFile,
+  type Assignment,
+} from "./station_client.ts";
+
+const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
+const REQUEST_ID_PATTERN = /^[A-Za-z0-9_.:-]{1,128}$/;
+
+const USAGE = `usage: ipsan host SUBCOMMAND [flags]
+
+  request --station URL --token-file FILE --host NAME --size SIZE [--address IP]
+          [--request-id ID] [--dry-run] [--json]
+  attach  --station URL --token-file FILE --host NAME (--assignment ID | --volume UNIT/VOLUME)
+          [--mode auto|fuse|kernel] [--state-dir DIR] [--json]
+  detach  (--assignment ID | --volume UNIT/VOLUME | --path PATH) [--state-dir DIR]
+  release --station URL --token-file FILE --host NAME (--assignment ID | --volume UNIT/VOLUME)
+          [--state-dir DIR] [--json]
+  agent   --station URL --token-file FILE --host NAME [--address IP] [--heartbeat-ms N]
+          [--state-dir DIR] [--no-reattach]
+  list    [--state-dir DIR] [--json]
+`;
+
+const STATION_FLAGS = {
+  station: { type: "string" },
+  "token-file": { type: "string" },
+  host: { type: "string" },
+} as const;
+
+const SUBCOMMANDS: Readonly<Record<string, (argv: readonly string[]) => Promise<number>>> = {
+  request: requestMain,
+  attach: attachMain,
+  detach: detachMain,
+  release: releaseMain,
+  agent: agentMain,
+  list: listMain,
+};
+
+export async function hostMain(argv: readonly string[]): Promise<number> {
+  const [name, ...rest] = argv;
+  if (name === undefined || name === "help" || name === "--help" || name === "-h") {
+    process.stdout.write(USAGE);
+    return name === undefined ? 2 : 0;
+  }
+  const sub = SUBCOMMANDS[name];
+  if (sub === undefined) throw new UsageError(`unknown subcommand "${name}"\n${USAGE}`);
+  return sub(rest);
+}
+
+function required(value: string | undefined, flag: string): string {
+  if (value === undefined || value === "") throw new UsageError(`--${flag} is required`);
+  return value;
+}
+
+function hostName(value: string | undefined): string {
+  const name = required(value, "host");
+  if (!NAME_PATTERN.test(name)) throw new UsageError(`--host: invalid host name "${name}" (letters, digits, _ . -; at most 63)`);
+  return name;
+}
+
+async function stationClient(values: { station?: string | undefined; "token-file"?: string | undefined }): Promise<StationClient> {
+  const baseUrl = parseStationUrl(required(values.station, "station"));
+  const token = await readTokenFile(required(values["token-file"], "token-file"));
+  return new StationClient({ baseUrl, token });
+}
+
+function stateOf(dir: string | undefined): HostState {
+  return new HostState(dir ?? defaultStateDir());
+}
+
+function print(json: boolean, value: unknown, text: string): void {
+  process.stdout.write(json ? `${JSON.stringify(value)}\n` : text);
+}
+
+// ---------------------------------------------------------------- request
+
+async function requestMain(argv: readonly string[]): Promise<number> {
+  const { values } = parseFlags(argv, {
+    ...STATION_FLAGS,
+    size: { type: "string" },
+    address: { type: "string" },
+    "request-id": { type: "string" },
+    "dry-run": { type: "boolean" },
+    json: { type: "boolean" },
+  });
+  const host = hostName(values.host);
+  const sizeBytes = parseSize(required(values.size, "size"), "--size");
+  if (sizeBytes <= 0 || sizeBytes % 512 !== 0) {
+    throw new UsageError(`--size: "${values.size}" must be a positive multiple of 512 bytes`);
+  }
+  const requestId = values["request-id"] ?? `req-${randomUUID()}`;
+  if (!REQUEST_ID_PATTERN.test(requestId)) {
+    throw new UsageError(`--request-id: invalid "${requestId}" (1-128 of A-Z a-z 0-9 _ . : -)`);
+  }
+  const client = await stationClient(values);
+  // The host's data-path address is registered first, so the grant the unit gets names it.
+  if (values.address !== undefined) await client.registerHost(host, values.address);
+  const request = {
+    requestId,
+    host,
+    sizeBytes,
+    ...(values.address === undefined ? {} : { address: values.address }),
+    ...(values["dry-run"] === true ? { dryRun: true } : {}),
+  };
+  if (values["dry-run"] === true) {
+    const answer = await client.call("POST", "/api/v1/allocations", request);
+    print(values.json === true, answer, `dry run (nothing recorded): ${JSON.stringify(answer)}\n`);
+    return 0;
+  }
+  const assignment = await client.allocate(request);
+  print(values.json === true, assignment, describeAssignment(assignment));
+  return 0;
+}
+
+function describeAssignment(a: Assignment): string {
+  const lba = a.startLba === undefined ? "" : `, LBA ${a.startLba}-${a.endLba ?? "?"}`;
+  const number = a.volumeNumber === undefined || a.volumeNumber === null ? "" : ` (number ${a.volumeNumber})`;
+  return (
+    `assignment ${a.id} (request ${a.requestId ?? "-"}): host ${a.host} gets volume ${a.volume}${number} ` +
+    `on unit ${a.unit} at ${a.nbdHost}:${a.nbdPort}, ${formatSize(a.sizeBytes)} (${a.sizeBytes} bytes${lba})\n` +
+    `uri ${a.uri}\n` +
+    `use it: nbdinfo ${a.uri}    or: ipsan host attach ... --assignment ${a.id}\n`
+  );
+}
+
+// ---------------------------------------------------------------- attach
+
+function parseVolumeSpec(text: string): { unit: string; export: string } {
+  const match = /^([A-Za-z0-9][A-Za-z0-9_.-]{0,62})\/([A-Za-z0-9][A-Za-z0-9_.-]{0,62}(?:\/p[0-9]{1,4})?)$/.exec(text);
+  if (match === null) throw new UsageError(`--volume: invalid "${text}" (expected UNIT/VOLUME or UNIT/VOLUME/pN)`);
+  return { unit: match[1] ?? "", export: match[2] ?? "" };
+}
+
+const ACTIVE_STATES = new Set(["active", "pending"]);
+
+async function findAssignment(
+  client: StationClient,
+  host: string,
+  values: { assignment?: string | undefined; volume?: string | undefined },
+): Promise<Assignment> {
+  if ((values.assignment === undefined) === (values.volume === undefined)) {
+    throw new UsageError("give exactly one of --assignment ID or --volume UNIT/VOLUME");
+  }
+  let assignment: Assignment | undefined;
+  if (values.assignment !== undefined) {
+    assignment = (await client.call("GET", `/api/v1/assignments/${encodeURIComponent(values.assignment)}`)) as Assignment;
+  } else {
+    const spec = parseVolumeSpec(values.volume ?? "");
+    const all = await client.call("GET", `/api/v1/assignments?host=${encodeURIComponent(host)}`);
+    const items = (Array.isArray(all) ? all : ((all as { items?: Assignment[] }).items ?? [])) as Assignment[];
+    assignment = items.find(
+      (a) => a.host === host && a.unit === spec.unit && (a.export === spec.export || (a.volume === spec.export && a.partition == null)),
+    );
+    if (assignment === undefined) {
+      throw new IpsanError("NOT_FOUND", `no assignment of volume ${values.volume} to host ${host} at the station`);
+    }
+  }
+  if (assignment.host !== host) {
+    throw new IpsanError("PERMISSION_DENIED", `assignment ${assignment.id} belongs to host ${assignment.host}, not ${host}`);
+  }
+  if (assignment.state !== undefined && !ACTIVE_STATES.has(assignment.state)) {
+    throw new IpsanError("CONFLICT", `assignment ${assignment.id} is ${assignment.state}, not active`);
+  }
+  return assignment;
+}
+
+function parseMode(text: string | undefined): ModeChoice {
+  const mode = text ?? "auto";
+  if (mode !== "auto" && mode !== "fuse" && mode !== "kernel") {
+    throw new UsageError(`--mode: invalid "${mode}" (expected auto, fuse or kernel)`);
+  }
+  return mode;
+}
+
+function recordView(r: AttachmentRecord): Record<string, unknown> {
+  return {
+    assignmentId: r.assignmentId,
+    path: r.path,
+    mode: r.mode,
+    uri: r.uri,
+    unit: r.unit,
+    volume: r.volume,
+    export: r.export,
+    sizeBytes: r.sizeBytes,
+    pid: r.pid,
+    mountpoint: r.mountpoint,
+    device: r.device,
+    host: r.host,
+    station: r.station,
+    state: r.state,
+  };
+}
+
+async function attachMain(argv: readonly string[]): Promise<number> {
+  const { values } = parseFlags(argv, {
+    ...STATION_FLAGS,
+    assignment: { type: "string" },
+    volume: { type: "string" },
+    mode: { type: "string" },
+    "state-dir": { type: "string" },
+    json: { type: "boolean" },
+  });
+  const host = hostName(values.host);
+  const mode = chooseMode(parseMode(values.mode));
+  const client = await stationClient(values);
+  const assignment = await findAssignment(client, host, values);
+  const state = stateOf(values["state-dir"]);
+  const record = await attach(state, { assignment, station: client.baseUrl.href, host, mode });
+  print(values.json === true, recordView(record), `${record.path}\n`);
+  return 0;
+}
+
+// ---------------------------------------------------------------- detach / release / list
+
+async function findRecord(
+  state: HostState,
+  values: { assignment?: string | undefined; volume?: string | undefined; path?: string | undefined },
+): Promise<AttachmentRecord | undefined> {
+  const given = [values.assignment, values.volume, values.path].filter((v) => v !== undefined).length;
+  if (given !== 1) throw new UsageError("give exactly one of --assignment ID, --volume UNIT/VOLUME or --path PATH");
+  if (values.assignment !== undefined) return state.get(values.assignment);
+  const records = await state.list();
+  if (values.path !== undefined) return records.find((r) => r.path === values.path || r.mountpoint === values.path);
+  const spec = parseVolumeSpec(values.volume ?? "");
+  return records.find((r) => r.unit === spec.unit && (r.export === spec.export || r.volume === spec.export));
+}
+
+async function detachMain(argv: readonly string[]): Promise<number> {
+  const { values } = parseFlags(argv, {
+    ...STATION_FLAGS,
+    assignment: { type: "string" },
+    volume: { type: "string" },
+    path: { type: "string" },
+    "state-dir": { type: "string" },
+    json: { type: "boolean" },
+  });
+  const state = stateOf(values["state-dir"]);
+  const record = await findRecord(state, values);
+  if (record === undefined) {
+    throw notAttached(values.assignment ?? values.volume ?? values.path ?? "?", state.dir);
+  }
+  await detach(state, record);
+  print(values.json === true, { detached: record.assignmentId, path: record.path }, `detached ${record.path}\n`);
+  return 0;
+}
+
+async function releaseMain(argv: readonly string[]): Promise<number> {
+  const { values } = parseFlags(argv, {
+    ...STATION_FLAGS,
+    assignment: { type: "string" },
+    volume: { type: "string" },
+    "state-dir": { type: "string" },
+    json: { type: "boolean" },
+  });
+  const host = hostName(values.host);
+  const client = await stationClient(values);
+  const state = stateOf(values["state-dir"]);
+  const assignment = await findAssignment(client, host, values);
+  const id = String(assignment.id);
+  const record = await state.get(id);
+  if (record !== undefined) await detach(state, record);
+  await client.unassign(id);
+  print(
+    values.json === true,
+    { released: id, unit: assignment.unit, volume: assignment.volume, detached: record?.path ?? null },
+    `released assignment ${id} (volume ${assignment.unit}/${assignment.export})${record === undefined ? "" : `, detached ${record.path}`}\n`,
+  );
+  return 0;
+}
+
+async function listMain(argv: readonly string[]): Promise<number> {
+  const { values } = parseFlags(argv, { "state-dir": { type: "string" }, json: { type: "boolean" } });
+  const state = stateOf(values["state-dir"]);
+  const rows: Record<string, unknown>[] = [];
+  let text = "";
+  for (const r of await state.list()) {
+    const alive = await attachmentAlive(r);
+    rows.push({ ...recordView(r), alive });
+    text += `${r.assignmentId}\t${r.unit}/${r.export}\t${r.mode}\t${alive ? "attached" : "stale"}\t${r.path}\n`;
+  }
+  print(values.json === true, { items: rows }, text === "" ? `no attachments in ${state.dir}\n` : text);
+  return 0;
+}
+
+// ---------------------------------------------------------------- agent
+
+async function agentMain(argv: readonly string[]): Promise<number> {
+  const { values } = parseFlags(argv, {
+    ...STATION_FLAGS,
+    address: { type: "string" },
+    "heartbeat-ms": { type: "string" },
+    "state-dir": { type: "string" },
+    "no-reattach": { type: "boolean" },
+  });
+  const host = hostName(values.host);
+  const heartbeatIntervalMs = Number(values["heartbeat-ms"] ?? HEARTBEAT_INTERVAL_MS_DEFAULT);
+  if (
+    !Number.isSafeInteger(heartbeatIntervalMs) ||
+    heartbeatIntervalMs < HEARTBEAT_INTERVAL_MS_MIN ||
+    heartbeatIntervalMs > HEARTBEAT_INTERVAL_MS_MAX
+  ) {
+    throw new UsageError(
+      `--heartbeat-ms: invalid "${values["heartbeat-ms"]}" (integer ${HEARTBEAT_INTERVAL_MS_MIN}..${HEARTBEAT_INTERVAL_MS_MAX})`,
+    );
+  }
+  const client = await stationClient(values);
+  const agent = new HostAgent({
+    client,
+    state: stateOf(values["state-dir"]),
+    host,
+    address: values.address,
+    heartbeatIntervalMs,
+    reattach: values["no-reattach"] !== true,
+  });
+  const stop = (): void => {
+    void agent.stop();
+  };
+  process.once("SIGTERM", stop);
+  process.once("SIGINT", stop);
+  process.stdout.write(`ipsan host agent ${host} running station ${client.baseUrl.origin}\n`);
+  try {
+    await agent.run();
+  } finally {
+    process.off("SIGTERM", stop);
+    process.off("SIGINT", stop);
+  }
+  process.stdout.write(`ipsan host agent ${host} stopped\n`);
+  return 0;
+}

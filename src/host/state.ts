@@ -1,0 +1,168 @@
+// The host's own record of what it has attached, so that `detach` can undo an
+// attach made by an earlier process and `agent` can re-attach after a restart.
+// One JSON file per attachment under STATE_DIR/attachments/, written to a
+// temporary file and renamed (a crash leaves the old record or the new one,
+// never half of one). Reads are bounded and tolerate garbage: a record that
+// does not parse is reported and skipped, never fatal.
+
+import { mkdir, readFile, readdir, rename, rm, writeFile } from "node:fs/promises";
+import { homedir } from "node:os";
+import { join } from "node:path";
+import { IpsanError, errorMessage } from "../util/errors.ts";
+import { logger } from "../util/log.ts";
+
+const log = logger("host");
+
+export const RECORD_BYTES_MAX = 64 * 1024;
+export const RECORDS_MAX = 4096;
+export const RECORD_VERSION = 1;
+
+export const ATTACH_MODES = ["fuse", "kernel"] as const;
+export type AttachMode = (typeof ATTACH_MODES)[number];
+
+/** "attached": should be kept attached (the agent re-attaches it); "detaching": being undone. */
+export type AttachmentState = "attached" | "detaching";
+
+export interface AttachmentRecord {
+  readonly version: typeof RECORD_VERSION;
+  readonly assignmentId: string;
+  readonly station: string;
+  readonly host: string;
+  readonly unit: string;
+  readonly volume: string;
+  readonly export: string;
+  readonly uri: string;
+  readonly sizeBytes: number;
+  readonly mode: AttachMode;
+  /** The path a user reads and writes: the nbdfuse file or /dev/nbdN. */
+  readonly path: string;
+  /** nbdfuse: its process id and mount directory; kernel: the device. */
+  readonly pid: number | null;
+  readonly mountpoint: string | null;
+  readonly device: string | null;
+  readonly state: AttachmentState;
+  readonly attachedAt: string;
+}
+
+/** --state-dir, else $XDG_STATE_HOME/ipsan-host, else /var/lib/ipsan-host for root, else ~/.local/state/ipsan-host. */
+export function defaultStateDir(env: NodeJS.ProcessEnv = process.env): string {
+  const xdg = env["XDG_STATE_HOME"];
+  if (xdg !== undefined && xdg !== "") return join(xdg, "ipsan-host");
+  if (process.getuid?.() === 0) return "/var/lib/ipsan-host";
+  return join(homedir(), ".local", "state", "ipsan-host");
+}
+
+/** File-name-safe form of an assignment id (ids are the station's; never trust them as paths). */
+export function recordKey(assignmentId: string): string {
+  const safe = assignmentId.replace(/[^A-Za-z0-9_.-]/g, "_").slice(0, 100);
+  return safe === "" || safe.startsWith(".") ? `_${safe}` : safe;
+}
+
+export class HostState {
+  readonly dir: string;
+  constructor(dir: string) {
+    this.dir = dir;
+  }
+
+  get attachmentsDir(): string {
+    return join(this.dir, "attachments");
+  }
+
+  mountDir(assignmentId: string): string {
+    return join(this.dir, "mnt", recordKey(assignmentId));
+  }
+
+  logPath(assignmentId: string): string {
+    return join(this.dir, "log", `${recordKey(assignmentId)}.log`);
+  }
+
+  async ensure(): Promise<void> {
+    await mkdir(this.attachmentsDir, { recursive: true, mode: 0o700 });
+    await mkdir(join(this.dir, "mnt"), { recursive: true, mode: 0o700 });
+    await mkdir(join(this.dir, "log"), { recursive: true, mode: 0o700 });
+  }
+
+  async write(record: AttachmentRecord): Promise<void> {
+    await this.ensure();
+    const path = join(this.attachmentsDir, `${recordKey(record.assignmentId)}.json`);
+    const temporary = `${path}.tmp-${process.pid}`;
+    await writeFile(temporary, `${JSON.stringify(record, null, 2)}\n`, { mode: 0o600 });
+    await rename(temporary, path);
+  }
+
+  async remove(assignmentId: string): Promise<void> {
+    await rm(join(this.attachmentsDir, `${recordKey(assignmentId)}.json`), { force: true });
+  }
+
+  async get(assignmentId: string): Promise<AttachmentRecord | undefined> {
+    return this.#load(join(this.attachmentsDir, `${recordKey(assignmentId)}.json`));
+  }
+
+  async list(): Promise<AttachmentRecord[]> {
+    let names: string[];
+    try {
+      names = await readdir(this.attachmentsDir);
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code === "ENOENT") return [];
+      throw error;
+    }
+    const records: AttachmentRecord[] = [];
+    for (const name of names.filter((n) => n.endsWith(".json")).sort().slice(0, RECORDS_MAX)) {
+      const record = await this.#load(join(this.attachmentsDir, name));
+      if (record !== undefined) records.push(record);
+    }
+    return records;
+  }
+
+  async #load(path: string): Promise<AttachmentRecord | undefined> {
+    let text: Buffer;
+    try {
+      text = await readFile(path);
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code === "ENOENT") return undefined;
+      throw error;
+    }
+    if (text.length > RECORD_BYTES_MAX) {
+      log.warn("attachment record too large, skipped", { path, bytes: text.length });
+      return undefined;
+    }
+    const result = decodeRecord(text.toString("utf8"));
+    if (result.kind === "invalid") {
+      log.warn("attachment record unreadable, skipped", { path, reason: result.reason });
+      return undefined;
+    }
+    return result.record;
+  }
+}
+
+export type DecodedRecord = { kind: "record"; record: AttachmentRecord } | { kind: "invalid"; reason: string };
+
+/** Pure: checks every field a later detach or re-attach relies on. */
+export function decodeRecord(text: string): DecodedRecord {
+  let value: unknown;
+  try {
+    value = JSON.parse(text);
+  } catch (error) {
+    return { kind: "invalid", reason: `not JSON: ${errorMessage(error)}` };
+  }
+  if (value === null || typeof value !== "object") return { kind: "invalid", reason: "not an object" };
+  const r = value as Record<string, unknown>;
+  if (r["version"] !== RECORD_VERSION) return { kind: "invalid", reason: `version=${String(r["version"])}` };
+  for (const key of ["assignmentId", "station", "host", "unit", "volume", "export", "uri", "path", "attachedAt"]) {
+    if (typeof r[key] !== "string") return { kind: "invalid", reason: `${key} is not a string` };
+  }
+  if (typeof r["sizeBytes"] !== "number") return { kind: "invalid", reason: "sizeBytes is not a number" };
+  if (!ATTACH_MODES.includes(r["mode"] as AttachMode)) return { kind: "invalid", reason: `mode=${String(r["mode"])}` };
+  if (r["state"] !== "attached" && r["state"] !== "detaching") return { kind: "invalid", reason: `state=${String(r["state"])}` };
+  if (r["pid"] !== null && !(Number.isSafeInteger(r["pid"]) && (r["pid"] as number) > 0)) {
+    return { kind: "invalid", reason: `pid=${String(r["pid"])}` };
+  }
+  for (const key of ["mountpoint", "device"]) {
+    if (r[key] !== null && typeof r[key] !== "string") return { kind: "invalid", reason: `${key} is not a string` };
+  }
+  return { kind: "record", record: value as AttachmentRecord };
+}
+
+export function notAttached(what: string, stateDir: string): IpsanError {
+  return new IpsanError("NOT_FOUND", `${what} is not attached on this host (state dir ${stateDir})`);
+}

@@ -1,0 +1,281 @@
+// The host side's client of the station's REST API (/api/v1, docs/api.md).
+// Every call carries the admin bearer token, has a timeout, and reads at most
+// RESPONSE_BYTES_MAX of the answer, so a confused or hostile station cannot
+// hang or exhaust a host. Station errors ({error:{code,message,field,reasons}})
+// become IpsanError with the station's code and a message that names the
+// call, the field and, for NO_SPACE, the reasons unit by unit.
+
+import { readFile } from "node:fs/promises";
+import { ERROR_CODES, IpsanError, UsageError, errorMessage, type ErrorCode } from "../util/errors.ts";
+
+export const STATION_REQUEST_TIMEOUT_MS = 10_000;
+export const RESPONSE_BYTES_MAX = 8 * 1024 * 1024;
+export const TOKEN_FILE_BYTES_MAX = 4096;
+
+/** The station's answer to an allocation or a manual assignment (contracts.md). */
+export interface Assignment {
+  readonly id: string;
+  readonly requestId?: string | null;
+  readonly host: string;
+  readonly hostAddress?: string | null;
+  readonly unit: string;
+  readonly unitDnsName?: string | null;
+  readonly unitAddress?: string | null;
+  readonly nbdHost: string;
+  readonly nbdPort: number;
+  readonly export: string;
+  readonly volume: string;
+  readonly volumeNumber?: number | null;
+  readonly partition?: number | null;
+  readonly sizeBytes: number;
+  readonly startLba?: number;
+  readonly lengthLba?: number;
+  readonly endLba?: number;
+  readonly uri: string;
+  readonly state?: string;
+  readonly createdAt?: string;
+}
+
+export interface UnitInfo {
+  readonly name: string;
+  readonly state: string;
+  readonly capacityBytes?: number;
+  readonly freeBytes?: number;
+  readonly volumeCount?: number;
+  readonly nbd?: { host: string; port: number } | null;
+  readonly control?: { host: string; port: number } | null;
+  readonly addresses?: readonly string[];
+}
+
+export interface HostInfo {
+  readonly name: string;
+  readonly address?: string | null;
+  readonly state: string;
+  readonly lastSeenAt?: string | null;
+}
+
+export interface VolumeInfo {
+  readonly id: string;
+  readonly unit: string;
+  readonly name: string;
+  readonly sizeBytes: number;
+  readonly assignedTo?: unknown;
+}
+
+export interface AllocationRequest {
+  readonly requestId: string;
+  readonly host: string;
+  readonly sizeBytes: number;
+  readonly address?: string;
+  readonly dryRun?: boolean;
+}
+
+/** Error answered by the station, with what it said. */
+export class StationError extends IpsanError {
+  readonly status: number;
+  readonly reasons: readonly unknown[];
+  constructor(code: ErrorCode, message: string, status: number, field: string | undefined, reasons: readonly unknown[]) {
+    super(code, message, field === undefined ? {} : { field });
+    this.name = "StationError";
+    this.status = status;
+    this.reasons = reasons;
+  }
+}
+
+export function parseStationUrl(text: string, field = "--station"): URL {
+  let url: URL;
+  try {
+    url = new URL(text);
+  } catch {
+    throw new UsageError(`${field}: invalid URL "${text}" (expected http://HOST:PORT)`);
+  }
+  if (url.protocol !== "http:" && url.protocol !== "https:") {
+    throw new UsageError(`${field}: unsupported scheme in "${text}" (expected http:// or https://)`);
+  }
+  return url;
+}
+
+export async function readTokenFile(path: string, field = "--token-file"): Promise<string> {
+  let text: string;
+  try {
+    const bytes = await readFile(path);
+    if (bytes.length > TOKEN_FILE_BYTES_MAX) {
+      throw new UsageError(`${field}: "${path}" is ${bytes.length} bytes, more than ${TOKEN_FILE_BYTES_MAX}`);
+    }
+    text = bytes.toString("utf8").trim();
+  } catch (error) {
+    if (error instanceof UsageError) throw error;
+    throw new UsageError(`${field}: cannot read "${path}": ${errorMessage(error)}`);
+  }
+  if (text === "" || /\s/.test(text)) throw new UsageError(`${field}: "${path}" does not hold one token`);
+  return text;
+}
+
+function isErrorCode(value: unknown): value is ErrorCode {
+  return typeof value === "string" && Object.hasOwn(ERROR_CODES, value);
+}
+
+function codeForStatus(status: number): ErrorCode {
+  if (status === 401) return "UNAUTHENTICATED";
+  if (status === 403) return "PERMISSION_DENIED";
+  if (status === 404) return "NOT_FOUND";
+  if (status === 409) return "CONFLICT";
+  if (status === 413) return "TOO_LARGE";
+  if (status === 507) return "NO_SPACE";
+  if (status === 503) return "UNAVAILABLE";
+  if (status >= 400 && status < 500) return "INVALID_ARGUMENT";
+  return "IO_ERROR";
+}
+
+function describeReasons(reasons: readonly unknown[]): string {
+  return reasons
+    .map((reason) => {
+      if (reason !== null && typeof reason === "object") {
+        const { unit, reason: why } = reason as { unit?: unknown; reason?: unknown };
+        if (unit !== undefined) return `${String(unit)}: ${String(why)}`;
+      }
+      return JSON.stringify(reason);
+    })
+    .join("; ");
+}
+
+/** Lists come back as a JSON array or as {items:[...]} (issue 3's contract allows both). */
+export function listItems<T>(body: unknown, what: string): T[] {
+  if (Array.isArray(body)) return body as T[];
+  if (body !== null && typeof body === "object" && Array.isArray((body as { items?: unknown }).items)) {
+    return (body as { items: T[] }).items;
+  }
+  throw new IpsanError("IO_ERROR", `station answered a malformed ${what} list`);
+}
+
+export interface StationClientOptions {
+  readonly baseUrl: URL;
+  readonly token: string;
+  readonly timeoutMs?: number;
+}
+
+export class StationClient {
+  readonly baseUrl: URL;
+  readonly #token: string;
+  readonly #timeoutMs: number;
+
+  constructor(options: StationClientOptions) {
+    this.baseUrl = options.baseUrl;
+    this.#token = options.token;
+    this.#timeoutMs = options.timeoutMs ?? STATION_REQUEST_TIMEOUT_MS;
+  }
+
+  /** One API call; resolves with the parsed JSON body (undefined for 204). */
+  async call(method: string, path: string, body?: unknown): Promise<unknown> {
+    const url = new URL(path, this.baseUrl);
+    const what = `${method} ${url.pathname}`;
+    let response: Response;
+    try {
+      response = await fetch(url, {
+        method,
+        headers: {
+          authorization: `Bearer ${this.#token}`,
+          accept: "application/json",
+          ...(body === undefined ? {} : { "content-type": "application/json" }),
+        },
+        ...(body === undefined ? {} : { body: JSON.stringify(body) }),
+        signal: AbortSignal.timeout(this.#timeoutMs),
+      });
+    } catch (error) {
+      const cause = (error as { cause?: { code?: string; message?: string } }).cause;
+      const detail = cause?.code ?? cause?.message ?? errorMessage(error);
+      throw new IpsanError("UNAVAILABLE", `${what}: station ${this.baseUrl.origin} unreachable (${detail})`, { cause: error });
+    }
+    const text = await readBounded(response, what);
+    let parsed: unknown = undefined;
+    if (text !== "") {
+      try {
+        parsed = JSON.parse(text);
+      } catch {
+        if (response.ok) throw new IpsanError("IO_ERROR", `${what}: station answered non-JSON (status ${response.status})`);
+      }
+    }
+    if (!response.ok) throw stationError(what, response.status, parsed, text);
+    return parsed;
+  }
+
+  async registerHost(name: string, address: string | undefined): Promise<HostInfo | undefined> {
+    return (await this.call("PUT", `/api/v1/hosts/${encodeURIComponent(name)}`, address === undefined ? {} : { address })) as
+      | HostInfo
+      | undefined;
+  }
+
+  async heartbeat(name: string): Promise<void> {
+    await this.call("POST", `/api/v1/hosts/${encodeURIComponent(name)}/heartbeat`, {});
+  }
+
+  async allocate(request: AllocationRequest): Promise<Assignment> {
+    return checkAssignment(await this.call("POST", "/api/v1/allocations", request), "POST /api/v1/allocations");
+  }
+
+  async assignments(): Promise<Assignment[]> {
+    return listItems<Assignment>(await this.call("GET", "/api/v1/assignments"), "assignments");
+  }
+
+  async unassign(id: string): Promise<void> {
+    await this.call("DELETE", `/api/v1/assignments/${encodeURIComponent(id)}`);
+  }
+
+  async units(): Promise<UnitInfo[]> {
+    return listItems<UnitInfo>(await this.call("GET", "/api/v1/units"), "units");
+  }
+
+  async hosts(): Promise<HostInfo[]> {
+    return listItems<HostInfo>(await this.call("GET", "/api/v1/hosts"), "hosts");
+  }
+
+  async volumes(): Promise<VolumeInfo[]> {
+    return listItems<VolumeInfo>(await this.call("GET", "/api/v1/volumes"), "volumes");
+  }
+}
+
+async function readBounded(response: Response, what: string): Promise<string> {
+  const reader = response.body?.getReader();
+  if (reader === undefined) return "";
+  const chunks: Buffer[] = [];
+  let totalBytes = 0;
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    totalBytes += value.byteLength;
+    if (totalBytes > RESPONSE_BYTES_MAX) {
+      await reader.cancel();
+      throw new IpsanError("TOO_LARGE", `${what}: station answer exceeds ${RESPONSE_BYTES_MAX} bytes`);
+    }
+    chunks.push(Buffer.from(value));
+  }
+  return Buffer.concat(chunks).toString("utf8");
+}
+
+function stationError(what: string, status: number, parsed: unknown, text: string): StationError {
+  const error = (parsed as { error?: { code?: unknown; message?: unknown; field?: unknown; reasons?: unknown } } | undefined)?.error;
+  const code = isErrorCode(error?.code) ? error.code : codeForStatus(status);
+  const field = typeof error?.field === "string" ? error.field : undefined;
+  const reasons = Array.isArray(error?.reasons) ? (error.reasons as unknown[]) : [];
+  const message = typeof error?.message === "string" ? error.message : text.slice(0, 200) || `status ${status}`;
+  let full = `${what}: ${status} ${code}: ${message}`;
+  if (field !== undefined && !message.includes(field)) full += ` (field ${field})`;
+  if (reasons.length > 0) full += ` [${describeReasons(reasons)}]`;
+  return new StationError(code, full, status, field, reasons);
+}
+
+function checkAssignment(body: unknown, what: string): Assignment {
+  const a = body as Partial<Assignment> | undefined;
+  if (
+    a === undefined ||
+    a === null ||
+    typeof a !== "object" ||
+    typeof a.uri !== "string" ||
+    typeof a.unit !== "string" ||
+    typeof a.volume !== "string" ||
+    typeof a.sizeBytes !== "number"
+  ) {
+    throw new IpsanError("IO_ERROR", `${what}: station answered an assignment without uri/unit/volume/sizeBytes`);
+  }
+  return a as Assignment;
+}
