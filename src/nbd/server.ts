@@ -1,0 +1,117 @@
+// The NBD server: accepts connections (TCP or Unix socket), bounds how many
+// there are, and gives each one an NbdSession over the ExportProvider it was
+// made with. The protocol itself is in handshake.ts and transmission.ts; the
+// wire format in handshake_codec.ts and request_codec.ts.
+
+import { unlink } from "node:fs/promises";
+import * as net from "node:net";
+import type { ExportProvider } from "../block/types.ts";
+import { assert } from "../util/assert.ts";
+import { logger } from "../util/log.ts";
+import { ByteBudget } from "./budget.ts";
+import { type NbdLimits, resolveLimits } from "./limits.ts";
+import { NbdSession, type SessionHost } from "./session.ts";
+
+export { DEFAULT_NBD_LIMITS, type NbdLimits } from "./limits.ts";
+
+const log = logger("nbd");
+
+export interface NbdServerOptions {
+  provider: ExportProvider;
+  limits?: Partial<NbdLimits>;
+}
+
+export type NbdListenAddress = { host: string; port: number } | { path: string };
+
+export class NbdServer implements SessionHost {
+  readonly provider: ExportProvider;
+  readonly limits: NbdLimits;
+  readonly budget: ByteBudget;
+  private readonly sessions = new Set<NbdSession>();
+  private readonly listeners: net.Server[] = [];
+  private closing = false;
+  private closePromise: Promise<void> | undefined;
+
+  constructor(options: NbdServerOptions) {
+    this.provider = options.provider;
+    this.limits = resolveLimits(options.limits);
+    this.budget = new ByteBudget(this.limits.serverBytesInFlightMax);
+  }
+
+  get shuttingDown(): boolean {
+    return this.closing;
+  }
+
+  get connectionCount(): number {
+    return this.sessions.size;
+  }
+
+  /** Listens on a TCP address (port 0 picks a free port) or a Unix socket path; resolves to the bound address. */
+  async listen(address: NbdListenAddress): Promise<NbdListenAddress> {
+    assert(!this.closing, "listen after close");
+    const server = net.createServer({ noDelay: true, pauseOnConnect: false });
+    server.on("connection", (socket) => this.handleConnection(socket));
+    server.on("error", (error) => log.error("listener error", { error: error.message }));
+    await new Promise<void>((resolve, reject) => {
+      server.once("error", reject);
+      const done = (): void => {
+        server.off("error", reject);
+        resolve();
+      };
+      if ("path" in address) server.listen(address.path, done);
+      else server.listen({ host: address.host, port: address.port, exclusive: true }, done);
+    });
+    this.listeners.push(server);
+    const bound = server.address();
+    if (bound === null || typeof bound === "string") return { path: "path" in address ? address.path : String(bound) };
+    return { host: bound.address, port: bound.port };
+  }
+
+  /** Serves one accepted connection (used by listen, and by tests or other listeners). */
+  handleConnection(socket: net.Socket): void {
+    if (this.closing || this.sessions.size >= this.limits.connectionsMax) {
+      log.limited("connection_refused", this.closing ? "connection refused: server closing" : "connection refused: too many connections", {
+        peer: `${socket.remoteAddress ?? "unix"}:${socket.remotePort ?? 0}`,
+        connections: this.sessions.size,
+        connectionsMax: this.limits.connectionsMax,
+      });
+      socket.on("error", () => undefined);
+      socket.destroy();
+      return;
+    }
+    this.sessions.add(new NbdSession(this, socket));
+  }
+
+  sessionEnded(session: NbdSession): void {
+    this.sessions.delete(session);
+  }
+
+  /** Stops accepting, lets requests in flight finish (bounded by closeTimeoutMs), then disconnects everyone. */
+  close(): Promise<void> {
+    this.closePromise ??= this.closeNow();
+    return this.closePromise;
+  }
+
+  private async closeNow(): Promise<void> {
+    this.closing = true;
+    const paths = this.listeners.map((server) => server.address()).filter((bound) => typeof bound === "string");
+    const listenersClosed = this.listeners.map(
+      (server) => new Promise<void>((resolve) => server.close(() => resolve())),
+    );
+    const sessions = [...this.sessions];
+    for (const session of sessions) session.shutdown();
+    const deadline = setTimeout(() => {
+      for (const session of this.sessions) session.hardDisconnect();
+    }, this.limits.closeTimeoutMs + 1000);
+    // A device call that never returns must not hold close() forever.
+    let giveUp: NodeJS.Timeout | undefined;
+    const gaveUp = new Promise<void>((resolve) => {
+      giveUp = setTimeout(resolve, this.limits.closeTimeoutMs + 2000);
+    });
+    await Promise.race([Promise.all(sessions.map((session) => session.ended)), gaveUp]);
+    clearTimeout(deadline);
+    clearTimeout(giveUp);
+    await Promise.all(listenersClosed);
+    for (const path of paths) await unlink(path).catch(() => undefined);
+  }
+}

@@ -1,0 +1,532 @@
+// One NBD connection: glue between a socket and the pure parts (codecs,
+// handshake, transmission). It owns the connection's state machine, its
+// timers, its reading (backpressure) and its writing (batched).
+//
+//   greeting --client flags--> options --GO/EXPORT_NAME--> transmission
+//        \                        \                            |
+//         +------------------------+----------> closing <------+ --> closed
+//
+// Reading stops (socket.pause) whenever the connection may not take another
+// request: requests in flight at the limit, the byte budget exhausted, or
+// replies piling up unread. So memory per connection is bounded by the
+// limits, never by what a client sends.
+
+import type { Socket } from "node:net";
+import type { ExportProvider, Peer } from "../block/types.ts";
+import { assert } from "../util/assert.ts";
+import { NBD_ERRNO, errorMessage, toNbdErrno } from "../util/errors.ts";
+import { logger } from "../util/log.ts";
+import type { BudgetWaiter, ByteBudget } from "./budget.ts";
+import { ByteQueue } from "./byte_queue.ts";
+import { type Negotiation, type OpenedExport, type OptionOutcome, negotiateOption } from "./handshake.ts";
+import { decodeClientFlags, decodeOption, encodeGreeting, encodeOptionReply, utf8Bounded } from "./handshake_codec.ts";
+import type { NbdLimits } from "./limits.ts";
+import { NBD_CMD, NBD_REP, WIRE } from "./protocol.ts";
+import { type RequestFrame, decodeRequest, encodeErrorChunk, encodeSimpleReply } from "./request_codec.ts";
+import { commandName, performRequest, requestCostBytes, validateRequest } from "./transmission.ts";
+
+const log = logger("nbd");
+
+export type SessionState = "greeting" | "options" | "transmission" | "closing" | "closed";
+
+/** What a session needs from its server. */
+export interface SessionHost {
+  readonly provider: ExportProvider;
+  readonly limits: NbdLimits;
+  readonly budget: ByteBudget;
+  readonly shuttingDown: boolean;
+  sessionEnded(session: NbdSession): void;
+}
+
+function peerOf(socket: Socket): Peer {
+  const address = socket.remoteAddress;
+  if (address === undefined) return { address: "unix", port: 0 };
+  // IPv4 clients of a dual-stack listener appear as ::ffff:a.b.c.d.
+  const plain = address.startsWith("::ffff:") && address.includes(".") ? address.slice(7) : address;
+  return { address: plain, port: socket.remotePort ?? 0 };
+}
+
+export class NbdSession implements BudgetWaiter {
+  private stateValue: SessionState = "greeting";
+  private readonly socket: Socket;
+  private readonly host: SessionHost;
+  private readonly limits: NbdLimits;
+  private readonly queue = new ByteQueue();
+  readonly peer: Peer;
+  readonly peerText: string;
+  private readonly negotiation: Negotiation = {
+    noZeroes: false,
+    structuredReplies: false,
+    metaContext: undefined,
+    optionsSeen: 0,
+  };
+  private opened: OpenedExport | undefined;
+  /** An option is being handled (the client may not send another before its final reply). */
+  private optionBusy = false;
+  private inFlight = 0;
+  /** Budget bytes held by requests in flight on this connection. */
+  private inFlightBytes = 0;
+  /** A decoded request waiting for budget bytes. */
+  private blocked: { frame: RequestFrame; costBytes: number } | undefined;
+  /** Budget reserved for a WRITE whose payload is still arriving. */
+  private reservedForPayloadBytes = 0;
+  private waitingForBudget = false;
+  /** A WRITE's payload is arriving but its budget bytes could not be held yet. */
+  private payloadBudgetPending = false;
+  private socketEnded = false;
+  private readingPaused = false;
+  private corked = false;
+  private handshakeTimer: NodeJS.Timeout | undefined;
+  private stallTimer: NodeJS.Timeout | undefined;
+  private closeTimer: NodeJS.Timeout | undefined;
+  private deviceClosed = false;
+  private endedResolve: (() => void) | undefined;
+  readonly ended: Promise<void>;
+
+  constructor(host: SessionHost, socket: Socket) {
+    this.host = host;
+    this.limits = host.limits;
+    this.socket = socket;
+    this.peer = peerOf(socket);
+    this.peerText = this.peer.address === "unix" ? "unix" : `${this.peer.address}:${this.peer.port}`;
+    this.ended = new Promise((resolve) => {
+      this.endedResolve = resolve;
+    });
+    socket.setNoDelay(true);
+    socket.on("data", this.onData);
+    socket.on("error", this.onError);
+    socket.on("close", this.onClose);
+    socket.on("drain", this.onDrain);
+    this.handshakeTimer = setTimeout(this.onHandshakeTimeout, this.limits.handshakeTimeoutMs);
+    socket.write(encodeGreeting());
+  }
+
+  get state(): SessionState {
+    return this.stateValue;
+  }
+
+  /** The one way the state changes: asserts the move is allowed. */
+  private transition(from: readonly SessionState[], to: SessionState): void {
+    assert(from.includes(this.stateValue), `nbd session ${this.peerText}: ${this.stateValue} -> ${to}`);
+    log.debug("session state", { peer: this.peerText, from: this.stateValue, to });
+    this.stateValue = to;
+  }
+
+  // ------------------------------------------------------------ socket events
+
+  private readonly onData = (chunk: Buffer): void => {
+    if (this.stateValue === "closing" || this.stateValue === "closed") return;
+    this.queue.push(chunk);
+    this.pump();
+  };
+
+  private readonly onError = (error: NodeJS.ErrnoException): void => {
+    const quiet = error.code === "ECONNRESET" || error.code === "EPIPE";
+    if (quiet) log.debug("connection error", { peer: this.peerText, error: error.message });
+    else log.limited("socket_error", "connection error", { peer: this.peerText, error: error.message });
+  };
+
+  private readonly onClose = (): void => {
+    if (this.stateValue !== "closed") this.transition(["greeting", "options", "transmission", "closing"], "closed");
+    this.clearTimers();
+    this.queue.clear();
+    this.host.budget.forget(this);
+    this.release(this.reservedForPayloadBytes + (this.blocked?.costBytes ?? 0));
+    this.reservedForPayloadBytes = 0;
+    this.blocked = undefined;
+    this.finishIfIdle();
+  };
+
+  private readonly onDrain = (): void => {
+    if (this.stallTimer !== undefined) {
+      clearTimeout(this.stallTimer);
+      this.stallTimer = undefined;
+    }
+    if (this.stateValue === "transmission") this.pump();
+  };
+
+  private readonly onHandshakeTimeout = (): void => {
+    this.handshakeTimer = undefined;
+    if (this.stateValue !== "greeting" && this.stateValue !== "options") return;
+    log.limited("handshake_timeout", "handshake timed out: dropping client", {
+      peer: this.peerText,
+      timeoutMs: this.limits.handshakeTimeoutMs,
+      state: this.stateValue,
+    });
+    this.hardDisconnect();
+  };
+
+  private readonly onWriteStall = (): void => {
+    this.stallTimer = undefined;
+    log.limited("write_stall", "client does not read its replies: disconnecting", {
+      peer: this.peerText,
+      queuedBytes: this.socket.writableLength,
+      timeoutMs: this.limits.writeStallTimeoutMs,
+    });
+    this.hardDisconnect();
+  };
+
+  /** BudgetWaiter: bytes came back to the server budget. */
+  budgetAvailable(): void {
+    this.waitingForBudget = false;
+    if (this.stateValue === "transmission") this.pump();
+  }
+
+  // ------------------------------------------------------------ input
+
+  private pump(): void {
+    switch (this.stateValue) {
+      case "greeting":
+        this.pumpGreeting();
+        break;
+      case "options":
+        this.pumpOptions();
+        break;
+      case "transmission":
+        this.pumpRequests();
+        break;
+      default:
+        return;
+    }
+    this.updateReading();
+  }
+
+  private pumpGreeting(): void {
+    const decoded = decodeClientFlags(this.queue);
+    if (decoded.kind === "need_more") return;
+    if (decoded.kind === "invalid") {
+      this.protocolError("unknown client flags", { flags: `0x${decoded.flags.toString(16)}` });
+      return;
+    }
+    this.negotiation.noZeroes = decoded.frame.noZeroes;
+    this.transition(["greeting"], "options");
+    this.pumpOptions();
+  }
+
+  private pumpOptions(): void {
+    if (this.optionBusy) return;
+    const decoded = decodeOption(this.queue, this.limits.optionDataBytesMax);
+    if (decoded.kind === "need_more") return;
+    if (decoded.kind === "invalid") {
+      if (decoded.reason === "bad_option_magic") {
+        this.protocolError("bad option magic", {});
+        return;
+      }
+      const message = `option ${decoded.option} data of ${decoded.lengthBytes} bytes is over ${this.limits.optionDataBytesMax}`;
+      log.limited("option_too_large", "option too large: closing", { peer: this.peerText, option: decoded.option, lengthBytes: decoded.lengthBytes });
+      this.send(encodeOptionReply(decoded.option, NBD_REP.ERR_TOO_BIG, utf8Bounded(message)));
+      this.softClose();
+      return;
+    }
+    this.optionBusy = true;
+    negotiateOption(
+      {
+        provider: this.host.provider,
+        peer: this.peer,
+        peerText: this.peerText,
+        limits: this.limits,
+        negotiation: this.negotiation,
+        shuttingDown: this.host.shuttingDown,
+      },
+      decoded.frame,
+    ).then(this.afterOption, this.optionFailed);
+  }
+
+  private readonly afterOption = (outcome: OptionOutcome): void => {
+    this.optionBusy = false;
+    if (this.stateValue !== "options") {
+      // The client went away (or timed out) while the option was handled.
+      if (outcome.kind === "transmission") void outcome.opened.device.close().catch(() => undefined);
+      return;
+    }
+    switch (outcome.kind) {
+      case "continue":
+        for (const reply of outcome.replies) this.send(reply);
+        this.pump();
+        return;
+      case "close":
+        log.limited("handshake_close", "closing after option", { peer: this.peerText, reason: outcome.reason });
+        for (const reply of outcome.replies) this.send(reply);
+        this.softClose();
+        return;
+      case "drop":
+        log.limited("handshake_drop", "dropping client in handshake", { peer: this.peerText, reason: outcome.reason });
+        this.hardDisconnect();
+        return;
+      case "transmission":
+        for (const reply of outcome.replies) this.send(reply);
+        this.opened = outcome.opened;
+        if (this.handshakeTimer !== undefined) clearTimeout(this.handshakeTimer);
+        this.handshakeTimer = undefined;
+        this.transition(["options"], "transmission");
+        log.debug("transmission", { peer: this.peerText, export: outcome.opened.name, sizeBytes: outcome.opened.sizeBytes });
+        this.pump();
+        return;
+    }
+  };
+
+  private readonly optionFailed = (error: unknown): void => {
+    this.optionBusy = false;
+    log.error("option handling failed", { peer: this.peerText, error: errorMessage(error) });
+    this.hardDisconnect();
+  };
+
+  private pumpRequests(): void {
+    const opened = this.opened;
+    assert(opened !== undefined, "transmission without an export");
+    const limits = this.limits;
+    while (this.stateValue === "transmission") {
+      if (this.blocked !== undefined) {
+        if (!this.reserve(this.blocked.costBytes)) return;
+        const { frame, costBytes } = this.blocked;
+        this.blocked = undefined;
+        this.dispatch(frame, costBytes);
+        continue;
+      }
+      if (this.inFlight >= limits.requestsInFlightMax) return;
+      if (this.socket.writableLength > limits.replyBytesQueuedMax) {
+        this.armStallTimer();
+        return;
+      }
+      const decoded = decodeRequest(this.queue, limits.payloadBytesMax);
+      if (decoded.kind === "need_more") {
+        // A WRITE's payload is on its way: hold its bytes from the budget before buffering them.
+        const payloadBytes = decoded.bytesNeeded - WIRE.REQUEST_HEADER_BYTES;
+        if (payloadBytes > 0 && this.reservedForPayloadBytes === 0) {
+          this.payloadBudgetPending = !this.reserve(payloadBytes);
+          if (!this.payloadBudgetPending) this.reservedForPayloadBytes = payloadBytes;
+        }
+        return;
+      }
+      if (decoded.kind === "invalid") {
+        if (decoded.reason === "bad_request_magic") {
+          this.protocolError("bad request magic", { magic: `0x${decoded.magic.toString(16)}` });
+          return;
+        }
+        // The payload cannot be skipped without reading it all: reply, then close.
+        const message = `${commandName(decoded.type)}: payload length=${decoded.length} over the maximum ${limits.payloadBytesMax}`;
+        log.limited("payload_too_large", "request payload too large: closing", { peer: this.peerText, length: decoded.length });
+        this.replyError(decoded, NBD_ERRNO.EINVAL, message);
+        this.softClose();
+        return;
+      }
+      const frame = decoded.frame;
+      // Budget already held for this WRITE's payload while it arrived.
+      const heldBytes = frame.type === NBD_CMD.WRITE ? this.reservedForPayloadBytes : 0;
+      this.reservedForPayloadBytes = 0;
+      if (frame.type === NBD_CMD.DISC) {
+        log.debug("client disconnect", { peer: this.peerText });
+        this.softClose();
+        return;
+      }
+      const rejection = validateRequest(opened, frame, limits, this.host.shuttingDown);
+      if (rejection !== undefined) {
+        log.limited("request_rejected", "request rejected", {
+          peer: this.peerText,
+          command: commandName(frame.type),
+          errno: rejection.errno,
+          reason: rejection.message,
+        });
+        this.replyError(frame, rejection.errno, rejection.message);
+        this.release(heldBytes);
+        continue;
+      }
+      const costBytes = requestCostBytes(frame);
+      if (heldBytes > 0) {
+        assert(heldBytes === costBytes, "held bytes match the write");
+      } else if (costBytes > 0 && !this.reserve(costBytes)) {
+        this.blocked = { frame, costBytes };
+        return;
+      }
+      this.dispatch(frame, costBytes);
+    }
+  }
+
+  /** Takes budget bytes for a request; false (and a wake-up later) when there are none. */
+  private reserve(bytes: number): boolean {
+    if (bytes === 0) return true;
+    if (this.inFlightBytes > 0 && this.inFlightBytes + bytes > this.limits.connectionBytesInFlightMax) return false;
+    if (!this.host.budget.tryTake(bytes, this)) {
+      this.waitingForBudget = true;
+      return false;
+    }
+    this.inFlightBytes += bytes;
+    return true;
+  }
+
+  private release(bytes: number): void {
+    if (bytes === 0) return;
+    this.inFlightBytes -= bytes;
+    assert(this.inFlightBytes >= 0, "released more bytes than held");
+    this.host.budget.give(bytes);
+  }
+
+  private dispatch(frame: RequestFrame, costBytes: number): void {
+    this.inFlight += 1;
+    void this.execute(frame, costBytes);
+  }
+
+  private async execute(frame: RequestFrame, costBytes: number): Promise<void> {
+    const opened = this.opened;
+    assert(opened !== undefined, "execute without an export");
+    try {
+      this.send(await performRequest(opened, frame, this.limits));
+    } catch (error) {
+      this.replyFailure(frame, error);
+    }
+    this.inFlight -= 1;
+    this.release(costBytes);
+    if (this.stateValue !== "transmission") this.finishIfIdle();
+    else if (this.host.shuttingDown && this.inFlight === 0) this.softClose();
+    else this.pump();
+  }
+
+  /** The one place a failed request's error becomes a wire errno, after it is logged once. */
+  private replyFailure(frame: RequestFrame, error: unknown): void {
+    const errno = toNbdErrno(error);
+    log.limited("request_failed", "request failed", {
+      peer: this.peerText,
+      command: commandName(frame.type),
+      offset: frame.offset,
+      length: frame.length,
+      errno,
+      error: errorMessage(error),
+    });
+    this.replyError(frame, errno, errorMessage(error));
+  }
+
+  private replyError(cookie: { cookieHi: number; cookieLo: number }, errno: number, message: string): void {
+    if (this.opened?.structuredReplies === true) this.send(encodeErrorChunk(cookie, errno, utf8Bounded(message)));
+    else this.send(encodeSimpleReply(errno, cookie));
+  }
+
+  // ------------------------------------------------------------ output
+
+  private send(bytes: Buffer): void {
+    if (this.stateValue === "closed" || this.socket.destroyed) return;
+    // Replies completing in the same turn of the event loop leave in one writev.
+    if (!this.corked) {
+      this.corked = true;
+      this.socket.cork();
+      setImmediate(this.uncork);
+    }
+    this.socket.write(bytes);
+  }
+
+  private readonly uncork = (): void => {
+    this.corked = false;
+    if (!this.socket.destroyed) this.socket.uncork();
+  };
+
+  private armStallTimer(): void {
+    if (this.stallTimer === undefined) this.stallTimer = setTimeout(this.onWriteStall, this.limits.writeStallTimeoutMs);
+  }
+
+  /** Reads only while this connection may take more input. */
+  private updateReading(): void {
+    let wanted: boolean;
+    switch (this.stateValue) {
+      case "greeting":
+        wanted = true;
+        break;
+      case "options":
+        wanted = !this.optionBusy;
+        break;
+      case "transmission":
+        wanted =
+          this.blocked === undefined &&
+          !this.waitingForBudget &&
+          !this.payloadBudgetPending &&
+          this.inFlight < this.limits.requestsInFlightMax &&
+          this.socket.writableLength <= this.limits.replyBytesQueuedMax;
+        break;
+      case "closing":
+        // Keep reading (and dropping) so the client's FIN is seen and the socket closes.
+        wanted = true;
+        break;
+      default:
+        wanted = false;
+    }
+    if (wanted && this.readingPaused) {
+      this.readingPaused = false;
+      this.socket.resume();
+    } else if (!wanted && !this.readingPaused) {
+      this.readingPaused = true;
+      this.socket.pause();
+    }
+  }
+
+  // ------------------------------------------------------------ ending
+
+  private protocolError(what: string, fields: Record<string, string | number>): void {
+    log.limited(`protocol_${what}`, `protocol error: ${what}: disconnecting`, { peer: this.peerText, state: this.stateValue, ...fields });
+    this.hardDisconnect();
+  }
+
+  /** Stop reading, let requests in flight reply, then end the connection. */
+  softClose(): void {
+    if (this.stateValue === "closing" || this.stateValue === "closed") return;
+    this.transition(["greeting", "options", "transmission"], "closing");
+    this.queue.clear();
+    this.updateReading();
+    if (this.closeTimer === undefined) {
+      this.closeTimer = setTimeout(this.hardDisconnect, this.limits.closeTimeoutMs);
+      this.closeTimer.unref();
+    }
+    this.finishIfIdle();
+  }
+
+  /** Cut the connection now. Requests in flight finish; their replies are dropped. */
+  readonly hardDisconnect = (): void => {
+    if (this.stateValue === "closed") return;
+    this.socket.destroy();
+  };
+
+  /** Ends the socket once nothing is in flight; closes the device once the socket is gone too. */
+  private finishIfIdle(): void {
+    if (this.inFlight > 0 || this.optionBusy) return;
+    if (this.stateValue === "closing") {
+      if (this.socketEnded) return;
+      this.socketEnded = true;
+      if (this.corked) this.uncork();
+      this.socket.end();
+      return;
+    }
+    if (this.stateValue !== "closed") return;
+    if (!this.deviceClosed) {
+      this.deviceClosed = true;
+      const device = this.opened?.device;
+      if (device !== undefined) {
+        device.close().catch((error: unknown) => {
+          log.error("closing export failed", { peer: this.peerText, export: device.name, error: errorMessage(error) });
+        });
+      }
+      this.host.sessionEnded(this);
+      this.endedResolve?.();
+    }
+  }
+
+  private clearTimers(): void {
+    for (const timer of [this.handshakeTimer, this.stallTimer, this.closeTimer]) if (timer !== undefined) clearTimeout(timer);
+    this.handshakeTimer = undefined;
+    this.stallTimer = undefined;
+    this.closeTimer = undefined;
+  }
+
+  /** Server shutdown: handshaking clients are closed; transmitting ones finish in-flight requests (new ones get ESHUTDOWN). */
+  shutdown(): void {
+    if (this.stateValue === "greeting" || this.stateValue === "options") {
+      if (this.optionBusy) this.softClose();
+      else this.hardDisconnect();
+      return;
+    }
+    if (this.stateValue !== "transmission") return;
+    if (this.closeTimer === undefined) {
+      this.closeTimer = setTimeout(this.hardDisconnect, this.limits.closeTimeoutMs);
+      this.closeTimer.unref();
+    }
+    // Requests already received are answered ESHUTDOWN; the connection ends when none is in flight.
+    this.pump();
+    if (this.stateValue === "transmission" && this.inFlight === 0) this.softClose();
+  }
+}
