@@ -1,0 +1,69 @@
+// The sending half of a peer's identity: a random session id per incarnation,
+// a sequence number per datagram (the replay nonce) and a message id per
+// logical message. Shared by the station listener and the unit agent.
+
+import { randomBytes } from "node:crypto";
+import { encodeFrame } from "./codec.ts";
+import type { Clock } from "./clock.ts";
+import { SEQUENCE_MAX, type MessageType } from "./messages.ts";
+
+/** Renew the session well before a counter could wrap. */
+const COUNTER_RENEW_AT = SEQUENCE_MAX - 1_000_000;
+
+export class SendSession {
+  private readonly packetKey: Buffer;
+  private readonly clock: Clock;
+  private readonly fromStation: boolean;
+  sessionId = randomBytes(8).toString("hex");
+  private sequence = 0;
+  private messageId = 0;
+
+  constructor(options: { packetKey: Buffer; clock: Clock; fromStation: boolean }) {
+    this.packetKey = options.packetKey;
+    this.clock = options.clock;
+    this.fromStation = options.fromStation;
+  }
+
+  /** True once the counters are near wrapping: the owner should renew() (a unit re-sends STARTUP). */
+  get exhausted(): boolean {
+    return this.sequence >= COUNTER_RENEW_AT || this.messageId >= COUNTER_RENEW_AT;
+  }
+
+  renew(): void {
+    this.sessionId = randomBytes(8).toString("hex");
+    this.sequence = 0;
+    this.messageId = 0;
+  }
+
+  nextMessageId(): number {
+    this.messageId += 1;
+    return this.messageId;
+  }
+
+  /** One signed datagram; every call uses a fresh sequence number and the current time. */
+  frame(options: {
+    type: MessageType;
+    unitName: string;
+    messageId: number;
+    payload: Uint8Array;
+    fragmentIndex?: number;
+    fragmentCount?: number;
+  }): Buffer {
+    this.sequence += 1;
+    return encodeFrame(
+      {
+        type: options.type,
+        fromStation: this.fromStation,
+        unitName: options.unitName,
+        sessionId: this.sessionId,
+        sequence: this.sequence,
+        messageId: options.messageId,
+        timestampMs: Math.floor(this.clock.nowMs()),
+        fragmentIndex: options.fragmentIndex ?? 0,
+        fragmentCount: options.fragmentCount ?? 1,
+        payload: options.payload,
+      },
+      this.packetKey,
+    );
+  }
+}
