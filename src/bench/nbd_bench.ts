@@ -1,0 +1,316 @@
+// `npm run bench`: the same fio jobs (ioengine=nbd, one connection each)
+// against an ipsan unit's volume, nbdkit's file plugin and qemu-nbd, each
+// serving a fully written backing file of the same size on the same disk, all
+// on 127.0.0.1 TCP. Rounds alternate the servers (the order rotates every
+// round) so drift in the machine hits all of them alike; the table shows
+// medians, ipsan's ratio to each, mean latency, and server CPU; and the
+// unit's peak RSS. See docs/benchmarks.md for the settings and results.
+
+import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { availableParallelism, cpus, release, tmpdir, totalmem } from "node:os";
+import { pathToFileURL } from "node:url";
+import { type Daemon, fileExists, freeTcpPort, startDaemon } from "../testing/daemon.ts";
+import { writeRandomFile } from "../testing/data.ts";
+import { describeResult, run, runOk } from "../testing/process.ts";
+import { makeTempDir, type TempDir } from "../testing/tmp.ts";
+import { startUnit, type RunningUnit } from "../testing/unit.ts";
+import { UsageError, errorMessage } from "../util/errors.ts";
+import { formatSize } from "../util/size.ts";
+import {
+  BENCH_USAGE,
+  type BenchJob,
+  type BenchOptions,
+  fioArgs,
+  formatSummary,
+  type Measurement,
+  parseBenchOptions,
+  type ServerName,
+  summarize,
+} from "./report.ts";
+
+const EXPORT_NAME = "bench";
+const MIB = 1024 * 1024;
+/** Spare capacity of the unit beyond the volume (its table and alignment). */
+const UNIT_SPARE_BYTES = 64 * MIB;
+const FIO_TIMEOUT_MARGIN_MS = 60_000;
+const FILL_TIMEOUT_MS = 600_000;
+const RSS_SAMPLE_MS = 200;
+const PORT_ATTEMPTS_MAX = 5;
+
+interface BenchServer {
+  name: ServerName;
+  uri: string;
+  pid: number;
+  settings: string;
+  stop(): Promise<void>;
+}
+
+/** utime+stime of a process in seconds (from /proc/PID/stat). */
+function cpuSeconds(pid: number, ticksPerSecond: number): number {
+  const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  // fields[0] is field 3 (state); utime and stime are fields 14 and 15.
+  return (Number(fields[11]) + Number(fields[12])) / ticksPerSecond;
+}
+
+function statusKib(pid: number, key: "VmRSS" | "VmHWM"): number {
+  const match = new RegExp(`^${key}:\\s+(\\d+) kB`, "m").exec(readFileSync(`/proc/${pid}/status`, "utf8"));
+  return Number(match?.[1] ?? Number.NaN);
+}
+
+async function startIpsan(work: TempDir, options: BenchOptions, dataPath: string): Promise<{ server: BenchServer; unit: RunningUnit }> {
+  const dataDir = work.file("unit");
+  mkdirSync(dataDir);
+  const unit = await startUnit({
+    dataDir,
+    capacity: options.sizeBytes + UNIT_SPARE_BYTES,
+    volumes: [{ name: EXPORT_NAME, size: options.sizeBytes }],
+  });
+  const uri = unit.uri(EXPORT_NAME);
+  process.stderr.write(`bench: filling the ipsan volume with ${formatSize(options.sizeBytes)} of data\n`);
+  await runOk("nbdcopy", ["--connections=4", "--threads=4", "--flush", dataPath, uri], { timeoutMs: FILL_TIMEOUT_MS });
+  return {
+    unit,
+    server: {
+      name: "ipsan",
+      uri,
+      pid: unit.pid,
+      settings: `bin/ipsan ${unit.args.join(" ")}`,
+      stop: async () => {
+        await unit.stop();
+      },
+    },
+  };
+}
+
+/** Starts a daemon on a free port, retrying if another process took the port first. */
+async function onFreePort(name: ServerName, start: (port: number) => Promise<Daemon>): Promise<{ daemon: Daemon; port: number }> {
+  let lastError: unknown;
+  for (let attempt = 0; attempt < PORT_ATTEMPTS_MAX; attempt++) {
+    const port = await freeTcpPort();
+    try {
+      return { daemon: await start(port), port };
+    } catch (error) {
+      lastError = error;
+      if (!/in use/i.test(errorMessage(error))) break;
+    }
+  }
+  throw new Error(`cannot start ${name}: ${errorMessage(lastError)}`);
+}
+
+async function startNbdkit(work: TempDir, dataPath: string): Promise<BenchServer> {
+  const path = work.file("nbdkit.raw");
+  copyFileSync(dataPath, path);
+  let args: string[] = [];
+  const { daemon, port } = await onFreePort("nbdkit", (port) => {
+    const pidFile = work.file(`nbdkit-${port}.pid`);
+    // Defaults otherwise: thread model parallel, 16 threads, page cache on (cache=default).
+    args = ["-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", String(port), "-P", pidFile, "file", path];
+    return startDaemon("nbdkit", args, { ready: fileExists(pidFile) });
+  });
+  return {
+    name: "nbdkit",
+    uri: `nbd://127.0.0.1:${port}/${EXPORT_NAME}`,
+    pid: daemon.pid,
+    settings: `nbdkit ${args.join(" ")}`,
+    stop: async () => {
+      await daemon.stop();
+    },
+  };
+}
+
+async function startQemuNbd(work: TempDir, dataPath: string): Promise<BenchServer> {
+  const path = work.file("qemu-nbd.raw");
+  copyFileSync(dataPath, path);
+  let args: string[] = [];
+  const { daemon, port } = await onFreePort("qemu-nbd", (port) => {
+    const pidFile = work.file(`qemu-nbd-${port}.pid`);
+    // qemu-nbd's defaults spelled out: page cache on (writeback), thread-pool AIO;
+    // --persistent so it outlives each fio connection, --shared so fio's is never refused.
+    args = [
+      "--format=raw",
+      "--bind=127.0.0.1",
+      `--port=${port}`,
+      `--export-name=${EXPORT_NAME}`,
+      "--persistent",
+      "--shared=8",
+      "--cache=writeback",
+      "--aio=threads",
+      `--pid-file=${pidFile}`,
+      path,
+    ];
+    return startDaemon("qemu-nbd", args, { ready: fileExists(pidFile) });
+  });
+  return {
+    name: "qemu-nbd",
+    uri: `nbd://127.0.0.1:${port}/${EXPORT_NAME}`,
+    pid: daemon.pid,
+    settings: `qemu-nbd ${args.join(" ")}`,
+    stop: async () => {
+      await daemon.stop();
+    },
+  };
+}
+
+interface FioDirection {
+  iops: number;
+  bw_bytes: number;
+  lat_ns?: { mean: number };
+}
+
+async function runJob(job: BenchJob, server: BenchServer, options: BenchOptions, work: TempDir, round: number, ticksPerSecond: number): Promise<Measurement> {
+  const outputPath = work.file(`fio-${job.name}-${server.name}-${round}.json`);
+  const cpuBefore = cpuSeconds(server.pid, ticksPerSecond);
+  const startMs = Date.now();
+  const result = await run("fio", fioArgs(job, server.uri, options.runtimeS, outputPath), {
+    timeoutMs: options.runtimeS * 1000 + FIO_TIMEOUT_MARGIN_MS,
+  });
+  const wallS = (Date.now() - startMs) / 1000;
+  const cpu = cpuSeconds(server.pid, ticksPerSecond) - cpuBefore;
+  if (result.code !== 0) throw new Error(`fio failed against ${server.name}: ${describeResult(result)}`);
+  const parsed = JSON.parse(readFileSync(outputPath, "utf8")) as { jobs: { error: number; read: FioDirection; write: FioDirection }[] };
+  const fioJob = parsed.jobs[0];
+  if (fioJob === undefined || fioJob.error !== 0) throw new Error(`fio reported an error against ${server.name}: ${describeResult(result)}`);
+  const direction = job.rw === "randread" || job.rw === "read" ? fioJob.read : fioJob.write;
+  return {
+    round,
+    job: job.name,
+    server: server.name,
+    iops: direction.iops,
+    mibps: direction.bw_bytes / MIB,
+    serverCpuCores: cpu / wallS,
+    latencyUsMean: (direction.lat_ns?.mean ?? Number.NaN) / 1000,
+  };
+}
+
+async function machineDescription(dir: string): Promise<Record<string, string>> {
+  const mount = await run("findmnt", ["-n", "-o", "SOURCE,FSTYPE", "-T", dir]);
+  const fio = await run("fio", ["--version"]);
+  const nbdkit = await run("nbdkit", ["--version"]);
+  const qemu = await run("qemu-nbd", ["--version"]);
+  const device = mount.stdout.trim().split(/\s+/)[0]?.replace(/^\/dev\//, "") ?? "";
+  let rotational = "?";
+  try {
+    rotational = readFileSync(`/sys/block/${device.replace(/\d+$/, "")}/queue/rotational`, "utf8").trim() === "0" ? "non-rotational" : "rotational";
+  } catch {
+    // a partition or a device without sysfs queue info
+  }
+  return {
+    cpus: `${availableParallelism()} x ${cpus()[0]?.model ?? "?"}`,
+    memory: formatSize(totalmem()),
+    kernel: release(),
+    node: process.version,
+    disk: `${mount.stdout.trim()} (${rotational}) for ${dir}`,
+    fio: fio.stdout.trim(),
+    nbdkit: nbdkit.stdout.trim(),
+    "qemu-nbd": qemu.stdout.split("\n")[0]?.trim() ?? "",
+  };
+}
+
+export async function benchMain(argv: readonly string[]): Promise<number> {
+  let options: BenchOptions;
+  try {
+    options = parseBenchOptions(argv);
+  } catch (error) {
+    process.stderr.write(`${errorMessage(error)}\n`);
+    return error instanceof UsageError && errorMessage(error) === BENCH_USAGE ? 0 : 2;
+  }
+  const ticks = Number((await runOk("getconf", ["CLK_TCK"])).stdout.trim()) || 100;
+  const baseDir = options.dir ?? tmpdir();
+  const previousTmp = process.env["TMPDIR"];
+  process.env["TMPDIR"] = baseDir;
+  const work = makeTempDir("bench");
+  if (previousTmp === undefined) delete process.env["TMPDIR"];
+  else process.env["TMPDIR"] = previousTmp;
+
+  const servers: BenchServer[] = [];
+  let unit: RunningUnit | undefined;
+  let rssMaxKib = 0;
+  let sampler: NodeJS.Timeout | undefined;
+  try {
+    const machine = await machineDescription(work.path);
+    process.stderr.write(`bench: writing a ${formatSize(options.sizeBytes)} data file in ${work.path}\n`);
+    const dataPath = work.file("data.raw");
+    writeRandomFile(dataPath, options.sizeBytes, "ipsan-bench");
+    for (const name of options.servers) {
+      if (name === "ipsan") {
+        const started = await startIpsan(work, options, dataPath);
+        unit = started.unit;
+        servers.push(started.server);
+      } else if (name === "nbdkit") {
+        servers.push(await startNbdkit(work, dataPath));
+      } else {
+        servers.push(await startQemuNbd(work, dataPath));
+      }
+    }
+    for (const server of servers) {
+      const size = Number((await runOk("nbdinfo", ["--size", server.uri])).stdout.trim());
+      if (size !== options.sizeBytes) throw new Error(`${server.name} serves ${size} bytes, expected ${options.sizeBytes}`);
+    }
+    const unitPid = unit?.pid;
+    if (unitPid !== undefined) {
+      sampler = setInterval(() => {
+        try {
+          rssMaxKib = Math.max(rssMaxKib, statusKib(unitPid, "VmRSS"));
+        } catch {
+          // the unit has exited; the run will fail on its own
+        }
+      }, RSS_SAMPLE_MS);
+    }
+
+    const measurements: Measurement[] = [];
+    for (let round = 1; round <= options.rounds; round++) {
+      for (const job of options.jobs) {
+        const shift = (round - 1) % servers.length;
+        const order = [...servers.slice(shift), ...servers.slice(0, shift)];
+        for (const server of order) {
+          const m = await runJob(job, server, options, work, round, ticks);
+          measurements.push(m);
+          process.stderr.write(
+            `bench: round ${round}/${options.rounds} ${job.name.padEnd(15)} ${server.name.padEnd(8)} ` +
+              `${Math.round(m.iops)} IOPS ${m.mibps.toFixed(1)} MiB/s cpu ${m.serverCpuCores.toFixed(2)}\n`,
+          );
+        }
+      }
+    }
+    if (sampler !== undefined) clearInterval(sampler);
+    const hwmKib = unitPid !== undefined ? statusKib(unitPid, "VmHWM") : Number.NaN;
+
+    const summaries = summarize(options.jobs, options.servers, measurements);
+    const lines = [
+      `ipsan NBD benchmark: ${options.rounds} round(s) x ${options.runtimeS} s per job, ${formatSize(options.sizeBytes)} backing files, fio ioengine=nbd over 127.0.0.1 TCP, one connection per job`,
+      ...Object.entries(machine).map(([key, value]) => `  ${key}: ${value}`),
+      ...servers.map((server) => `  ${server.name}: ${server.settings}`),
+      "",
+      formatSummary(summaries, options.servers),
+    ];
+    if (unitPid !== undefined) {
+      lines.push("", `ipsan unit RSS: peak sampled under load ${(rssMaxKib / 1024).toFixed(1)} MiB; VmHWM (whole life, including the fill) ${(hwmKib / 1024).toFixed(1)} MiB`);
+    }
+    process.stdout.write(`${lines.join("\n")}\n`);
+    if (options.jsonPath !== undefined) {
+      writeFileSync(
+        options.jsonPath,
+        `${JSON.stringify({ machine, options: { ...options, jobs: options.jobs.map((j) => j.name) }, servers: servers.map((s) => ({ name: s.name, settings: s.settings })), measurements, summaries: summaries.map((s) => ({ ...s, job: s.job.name })), unitRssMaxKib: rssMaxKib, unitVmHwmKib: hwmKib }, null, 2)}\n`,
+      );
+    }
+    return 0;
+  } finally {
+    if (sampler !== undefined) clearInterval(sampler);
+    for (const server of servers) await server.stop();
+    if (unit !== undefined && unit.running()) await unit.stop();
+    work.remove();
+  }
+}
+
+if (process.argv[1] !== undefined && import.meta.url === pathToFileURL(process.argv[1]).href) {
+  benchMain(process.argv.slice(2)).then(
+    (code) => {
+      process.exitCode = code;
+    },
+    (error: unknown) => {
+      process.stderr.write(`bench: ${error instanceof Error ? (error.stack ?? error.message) : String(error)}\n`);
+      process.exitCode = 1;
+    },
+  );
+}

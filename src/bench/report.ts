@@ -1,0 +1,189 @@
+// The benchmark's pure parts: its options, the fio jobs, medians, ratios and
+// the printed table. No processes here, so they have plain unit tests.
+
+import { UsageError } from "../util/errors.ts";
+import { parseFlags } from "../util/flags.ts";
+import { parseSize } from "../util/size.ts";
+
+export const SERVERS = ["ipsan", "nbdkit", "qemu-nbd"] as const;
+export type ServerName = (typeof SERVERS)[number];
+
+export interface BenchJob {
+  readonly name: string;
+  readonly rw: "randread" | "randwrite" | "read" | "write";
+  readonly blockBytes: number;
+  readonly iodepth: number;
+  /** The figure the job is judged by. */
+  readonly metric: "iops" | "mibps";
+  readonly description: string;
+}
+
+export const JOBS: readonly BenchJob[] = [
+  { name: "randread4k", rw: "randread", blockBytes: 4096, iodepth: 16, metric: "iops", description: "4 KiB random read, QD 16" },
+  { name: "randwrite4k", rw: "randwrite", blockBytes: 4096, iodepth: 16, metric: "iops", description: "4 KiB random write, QD 16" },
+  { name: "seqread1m", rw: "read", blockBytes: 1024 * 1024, iodepth: 8, metric: "mibps", description: "1 MiB sequential read, QD 8" },
+  { name: "seqwrite1m", rw: "write", blockBytes: 1024 * 1024, iodepth: 8, metric: "mibps", description: "1 MiB sequential write, QD 8" },
+  { name: "randread4k-qd1", rw: "randread", blockBytes: 4096, iodepth: 1, metric: "iops", description: "4 KiB random read, QD 1" },
+];
+
+export const ROUNDS_MAX = 50;
+export const RUNTIME_S_MAX = 600;
+
+export interface BenchOptions {
+  rounds: number;
+  runtimeS: number;
+  jobs: readonly BenchJob[];
+  servers: readonly ServerName[];
+  sizeBytes: number;
+  /** Where the backing files go (all on one disk). */
+  dir: string | undefined;
+  /** Write every measurement as JSON here. */
+  jsonPath: string | undefined;
+}
+
+export const BENCH_USAGE = `usage: node dist/bench/nbd_bench.js [--rounds N] [--runtime S] [--jobs a,b] [--servers a,b] [--size SIZE] [--dir DIR] [--json FILE]
+  jobs:    ${JOBS.map((job) => job.name).join(", ")} (default all)
+  servers: ${SERVERS.join(", ")} (default all)
+  --rounds 3 --runtime 8 --size 1G; --dir defaults to the OS temp dir`;
+
+function positiveInteger(text: string, field: string, max: number): number {
+  const value = Number(text);
+  if (!Number.isInteger(value) || value < 1 || value > max) throw new UsageError(`${field}: expected an integer 1..${max}, got "${text}"`);
+  return value;
+}
+
+function pickList<T extends string>(text: string, field: string, known: readonly T[]): T[] {
+  const names = text.split(",").map((name) => name.trim()).filter((name) => name !== "");
+  for (const name of names) {
+    if (!(known as readonly string[]).includes(name)) throw new UsageError(`${field}: unknown "${name}" (known: ${known.join(", ")})`);
+  }
+  if (names.length === 0) throw new UsageError(`${field}: empty list`);
+  return [...new Set(names)] as T[];
+}
+
+export function parseBenchOptions(argv: readonly string[]): BenchOptions {
+  const { values } = parseFlags(argv, {
+    rounds: { type: "string" },
+    runtime: { type: "string" },
+    jobs: { type: "string" },
+    servers: { type: "string" },
+    size: { type: "string" },
+    dir: { type: "string" },
+    json: { type: "string" },
+    help: { type: "boolean" },
+  });
+  if (values.help === true) throw new UsageError(BENCH_USAGE);
+  const jobNames = pickList(values.jobs ?? JOBS.map((job) => job.name).join(","), "--jobs", JOBS.map((job) => job.name));
+  const sizeBytes = parseSize(values.size ?? "1G", "--size");
+  if (sizeBytes < 16 * 1024 * 1024 || sizeBytes % (1024 * 1024) !== 0) {
+    throw new UsageError(`--size: expected a whole number of MiB, at least 16M, got "${values.size}"`);
+  }
+  return {
+    rounds: positiveInteger(values.rounds ?? "3", "--rounds", ROUNDS_MAX),
+    runtimeS: positiveInteger(values.runtime ?? "8", "--runtime", RUNTIME_S_MAX),
+    jobs: JOBS.filter((job) => jobNames.includes(job.name)),
+    servers: pickList(values.servers ?? SERVERS.join(","), "--servers", SERVERS),
+    sizeBytes,
+    dir: values.dir,
+    jsonPath: values.json,
+  };
+}
+
+/** fio arguments for one job against one NBD URI. */
+export function fioArgs(job: BenchJob, uri: string, runtimeS: number, outputPath: string): string[] {
+  const random = job.rw.startsWith("rand");
+  return [
+    `--name=${job.name}`,
+    "--ioengine=nbd",
+    `--uri=${uri}`,
+    `--rw=${job.rw}`,
+    `--bs=${job.blockBytes}`,
+    `--iodepth=${job.iodepth}`,
+    "--numjobs=1",
+    "--time_based=1",
+    `--runtime=${runtimeS}`,
+    // A warm-up second keeps connection set-up out of the figures, when there is time for it.
+    `--ramp_time=${runtimeS >= 4 ? 1 : 0}`,
+    ...(random ? ["--norandommap=1", "--randrepeat=0"] : []),
+    "--output-format=json",
+    `--output=${outputPath}`,
+  ];
+}
+
+export interface Measurement {
+  round: number;
+  job: string;
+  server: ServerName;
+  iops: number;
+  mibps: number;
+  /** Server CPU time over the run divided by wall time (1.0 = one core busy). */
+  serverCpuCores: number;
+  /** Mean completion latency in microseconds. */
+  latencyUsMean: number;
+}
+
+export function median(values: readonly number[]): number {
+  if (values.length === 0) return Number.NaN;
+  const sorted = [...values].sort((a, b) => a - b);
+  const middle = Math.floor(sorted.length / 2);
+  return sorted.length % 2 === 1 ? (sorted[middle] ?? Number.NaN) : ((sorted[middle - 1] ?? 0) + (sorted[middle] ?? 0)) / 2;
+}
+
+export interface Summary {
+  job: BenchJob;
+  /** Median of the job's metric per server. */
+  values: Partial<Record<ServerName, number>>;
+  cpu: Partial<Record<ServerName, number>>;
+  latencyUs: Partial<Record<ServerName, number>>;
+}
+
+export function summarize(jobs: readonly BenchJob[], servers: readonly ServerName[], measurements: readonly Measurement[]): Summary[] {
+  return jobs.map((job) => {
+    const summary: Summary = { job, values: {}, cpu: {}, latencyUs: {} };
+    for (const server of servers) {
+      const mine = measurements.filter((m) => m.job === job.name && m.server === server);
+      if (mine.length === 0) continue;
+      summary.values[server] = median(mine.map((m) => (job.metric === "iops" ? m.iops : m.mibps)));
+      summary.cpu[server] = median(mine.map((m) => m.serverCpuCores));
+      summary.latencyUs[server] = median(mine.map((m) => m.latencyUsMean));
+    }
+    return summary;
+  });
+}
+
+function formatValue(value: number | undefined, metric: BenchJob["metric"]): string {
+  if (value === undefined || !Number.isFinite(value)) return "-";
+  return metric === "iops" ? `${Math.round(value)} IOPS` : `${value.toFixed(0)} MiB/s`;
+}
+
+function ratio(a: number | undefined, b: number | undefined): string {
+  return a === undefined || b === undefined || !(b > 0) ? "-" : `${(a / b).toFixed(2)}x`;
+}
+
+function table(rows: readonly (readonly string[])[]): string {
+  const widths = rows[0]?.map((_, column) => Math.max(...rows.map((row) => (row[column] ?? "").length))) ?? [];
+  return rows.map((row) => row.map((cell, column) => cell.padEnd(widths[column] ?? 0)).join("  ").trimEnd()).join("\n");
+}
+
+/** The result table: median per job and server, ipsan's ratio to each other server, server CPU. */
+export function formatSummary(summaries: readonly Summary[], servers: readonly ServerName[]): string {
+  const others = servers.filter((server) => server !== "ipsan");
+  const header = ["job", ...servers, ...(servers.includes("ipsan") ? others.map((other) => `ipsan/${other}`) : [])];
+  const rows: string[][] = [header];
+  for (const summary of summaries) {
+    rows.push([
+      summary.job.name,
+      ...servers.map((server) => formatValue(summary.values[server], summary.job.metric)),
+      ...(servers.includes("ipsan") ? others.map((other) => ratio(summary.values.ipsan, summary.values[other])) : []),
+    ]);
+  }
+  const cpuRows: string[][] = [["server CPU (cores)", ...servers]];
+  for (const summary of summaries) {
+    cpuRows.push([summary.job.name, ...servers.map((server) => summary.cpu[server]?.toFixed(2) ?? "-")]);
+  }
+  const latencyRows: string[][] = [["mean latency (us)", ...servers]];
+  for (const summary of summaries) {
+    latencyRows.push([summary.job.name, ...servers.map((server) => summary.latencyUs[server]?.toFixed(0) ?? "-")]);
+  }
+  return `${table(rows)}\n\n${table(latencyRows)}\n\n${table(cpuRows)}`;
+}
