@@ -1,4 +1,251 @@
-// Placeholder until the unit lands (issue 2): replaced by the real `ipsan unit`.
-export async function unitMain(_argv: readonly string[]): Promise<number> {
-  throw new Error("ipsan unit: not built yet");
+// `ipsan unit`: runs a SAN unit (storage, volume table, NBD server, control
+// API), or with `ipsan unit volume ...` administers a stopped unit's volumes
+// (admin.ts). The stable CLI contract is in issue 2 and docs/unit.md.
+
+import { randomBytes } from "node:crypto";
+import { chmodSync, existsSync, readFileSync, writeFileSync } from "node:fs";
+import { hostname } from "node:os";
+import { join } from "node:path";
+import { NbdServer, type NbdListenAddress } from "../nbd/server.ts";
+import { IpsanError, UsageError, errorMessage } from "../util/errors.ts";
+import { parseFlags, parseHostPort } from "../util/flags.ts";
+import { logger } from "../util/log.ts";
+import { parseSize } from "../util/size.ts";
+import { type Cidr, loopbackCidrs, parseCidr } from "./cidr.ts";
+import { ControlServer } from "./control.ts";
+import { VOLUME_NAME_PATTERN } from "./layout.ts";
+import { UnitExportProvider } from "./provider.ts";
+import { VolumeManager } from "./volumes.ts";
+
+const log = logger("unit");
+
+export const CONTROL_TOKEN_FILE_NAME = "control.token";
+export const UNIT_NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
+/** How long a stopping unit waits for its cleanup before exiting anyway. */
+export const SHUTDOWN_TIMEOUT_MS = 15_000;
+
+const USAGE = `usage: ipsan unit --data DIR --capacity SIZE --listen HOST:PORT [--name NAME] [--device PATH]
+                  [--volume NAME:SIZE]... [--allow CIDR]... [--control HOST:PORT] [--control-token-file FILE]
+       ipsan unit volume list|create|delete|grow|partition|grant ...   (see "ipsan unit volume help")
+
+SIZE is bytes or a number with K, M, G or T (powers of 1024). --listen also takes unix:/PATH.
+`;
+
+export interface UnitConfig {
+  readonly name: string;
+  readonly dataDir: string;
+  readonly capacityBytes: number | undefined;
+  readonly devicePath: string | undefined;
+  readonly listen: NbdListenAddress;
+  readonly volumes: readonly { name: string; sizeBytes: number }[];
+  readonly allow: readonly Cidr[];
+  readonly control: { host: string; port: number } | undefined;
+  readonly controlTokenFile: string | undefined;
+  /** More control tokens to accept (the station's derived token, when joined). */
+  readonly extraTokens?: () => readonly string[];
+  /** Joined to a station: volumes without grants are served to nobody. */
+  readonly joined?: () => boolean;
+}
+
+export interface RunningUnit {
+  readonly config: UnitConfig;
+  readonly manager: VolumeManager;
+  readonly provider: UnitExportProvider;
+  readonly nbd: NbdListenAddress;
+  readonly control: { host: string; port: number } | undefined;
+  /** Stops accepting, finishes requests in flight, syncs, releases the storage. */
+  stop(): Promise<void>;
+}
+
+function hostForUrl(host: string): string {
+  return host.includes(":") ? `[${host}]` : host;
+}
+
+export function nbdUrl(address: NbdListenAddress): string {
+  return "path" in address ? `nbd+unix:///?socket=${address.path}` : `nbd://${hostForUrl(address.host)}:${address.port}`;
+}
+
+export function parseListen(text: string): NbdListenAddress {
+  if (text.startsWith("unix:")) {
+    const path = text.slice(5);
+    if (path === "" || path.length > 100) throw new UsageError(`--listen: invalid Unix socket path "${text}" (expected unix:/PATH, at most 100 characters)`);
+    return { path };
+  }
+  return parseHostPort(text, "--listen");
+}
+
+export function parseVolumeFlag(text: string): { name: string; sizeBytes: number } {
+  const colon = text.lastIndexOf(":");
+  const name = colon < 0 ? "" : text.slice(0, colon);
+  if (!VOLUME_NAME_PATTERN.test(name)) {
+    throw new UsageError(`--volume: invalid "${text}" (expected NAME:SIZE with NAME matching [A-Za-z0-9][A-Za-z0-9_.-]{0,62})`);
+  }
+  const sizeBytes = parseSize(text.slice(colon + 1), "--volume");
+  if (sizeBytes <= 0 || sizeBytes % 512 !== 0) throw new UsageError(`--volume: size in "${text}" must be a positive multiple of 512 bytes`);
+  return { name, sizeBytes };
+}
+
+export function parseUnitArgs(argv: readonly string[]): UnitConfig {
+  const { values, positionals } = parseFlags(
+    argv,
+    {
+      data: { type: "string" },
+      capacity: { type: "string" },
+      listen: { type: "string" },
+      name: { type: "string" },
+      device: { type: "string" },
+      volume: { type: "string", multiple: true },
+      allow: { type: "string", multiple: true },
+      control: { type: "string" },
+      "control-token-file": { type: "string" },
+      help: { type: "boolean", short: "h" },
+    },
+    true,
+  );
+  if (values.help === true) throw new UsageError(USAGE.trimEnd());
+  if (positionals.length > 0) throw new UsageError(`unexpected argument "${positionals[0]}"\n${USAGE.trimEnd()}`);
+  if (values.data === undefined || values.data === "") throw new UsageError(`--data DIR is required\n${USAGE.trimEnd()}`);
+  if (values.listen === undefined) throw new UsageError(`--listen HOST:PORT is required\n${USAGE.trimEnd()}`);
+  const capacityBytes = values.capacity === undefined ? undefined : parseSize(values.capacity, "--capacity");
+  const name = values.name ?? hostname().split(".")[0] ?? "unit";
+  if (!UNIT_NAME_PATTERN.test(name)) throw new UsageError(`--name: invalid unit name "${name}" (expected [A-Za-z0-9][A-Za-z0-9_.-]{0,62})`);
+  const volumes = (values.volume ?? []).map(parseVolumeFlag);
+  const seen = new Set<string>();
+  for (const v of volumes) {
+    if (seen.has(v.name)) throw new UsageError(`--volume: volume "${v.name}" given twice`);
+    seen.add(v.name);
+  }
+  const allow =
+    values.allow === undefined
+      ? loopbackCidrs()
+      : values.allow.map((text) => {
+          const parsed = parseCidr(text);
+          if (!parsed.ok) throw new UsageError(`--allow: invalid CIDR "${text}": ${parsed.reason}`);
+          return parsed.cidr;
+        });
+  return {
+    name,
+    dataDir: values.data,
+    capacityBytes,
+    devicePath: values.device,
+    listen: parseListen(values.listen),
+    volumes,
+    allow,
+    control: values.control === undefined ? undefined : parseHostPort(values.control, "--control"),
+    controlTokenFile: values["control-token-file"],
+  };
+}
+
+/** Reads the control token from FILE, or DATA/control.token (created 0600 with 32 random bytes on first use). */
+export function loadControlToken(dataDir: string, tokenFile: string | undefined): string {
+  const path = tokenFile ?? join(dataDir, CONTROL_TOKEN_FILE_NAME);
+  if (tokenFile === undefined && !existsSync(path)) {
+    writeFileSync(path, `${randomBytes(32).toString("hex")}\n`, { mode: 0o600, flag: "wx" });
+    chmodSync(path, 0o600);
+  }
+  let token: string;
+  try {
+    token = readFileSync(path, "utf8").trim();
+  } catch (error) {
+    throw new IpsanError("INVALID_ARGUMENT", `--control-token-file: cannot read "${path}": ${errorMessage(error)}`, { field: "--control-token-file" });
+  }
+  if (!/^[\x21-\x7e]{16,512}$/.test(token)) {
+    throw new IpsanError("INVALID_ARGUMENT", `--control-token-file: "${path}" must hold one token of 16..512 printable characters`, {
+      field: "--control-token-file",
+    });
+  }
+  return token;
+}
+
+/** Opens the storage, makes sure the --volume volumes exist, and starts serving. */
+export async function startUnit(config: UnitConfig): Promise<RunningUnit> {
+  const manager = await VolumeManager.open({ dataDir: config.dataDir, capacityBytes: config.capacityBytes, devicePath: config.devicePath });
+  let nbdServer: NbdServer | undefined;
+  let controlServer: ControlServer | undefined;
+  try {
+    for (const v of config.volumes) await manager.ensure(v.name, v.sizeBytes);
+    const provider = new UnitExportProvider(manager, { allow: config.allow, ...(config.joined === undefined ? {} : { joined: config.joined }) });
+    nbdServer = new NbdServer({ provider });
+    const nbd = await nbdServer.listen(config.listen);
+    let control: { host: string; port: number } | undefined;
+    if (config.control !== undefined) {
+      const token = loadControlToken(config.dataDir, config.controlTokenFile);
+      controlServer = new ControlServer({
+        manager,
+        provider,
+        unitName: config.name,
+        tokens: [token],
+        ...(config.extraTokens === undefined ? {} : { extraTokens: config.extraTokens }),
+        nbd: () => nbd,
+      });
+      control = await controlServer.listen(config.control.host, config.control.port);
+    }
+    const servers = { nbd: nbdServer, control: controlServer };
+    let stopping: Promise<void> | undefined;
+    return {
+      config,
+      manager,
+      provider,
+      nbd,
+      control,
+      stop: () => {
+        stopping ??= (async () => {
+          await Promise.all([servers.nbd.close(), servers.control?.close()]);
+          await manager.close();
+        })();
+        return stopping;
+      },
+    };
+  } catch (error) {
+    await nbdServer?.close().catch(() => undefined);
+    await controlServer?.close().catch(() => undefined);
+    await manager.close().catch(() => undefined);
+    throw error;
+  }
+}
+
+export async function unitMain(argv: readonly string[]): Promise<number> {
+  if (argv[0] === "volume") {
+    const { volumeMain } = await import("./admin.ts");
+    return volumeMain(argv.slice(1));
+  }
+  const config = parseUnitArgs(argv);
+  let unit: RunningUnit;
+  try {
+    unit = await startUnit(config);
+  } catch (error) {
+    // A flag value the storage rejects (a smaller --capacity, a bad --device) is a usage error too.
+    if (error instanceof IpsanError && error.code === "INVALID_ARGUMENT" && error.field?.startsWith("--")) throw new UsageError(error.message);
+    throw error;
+  }
+  process.stdout.write(`ipsan unit ${config.name} ready ${nbdUrl(unit.nbd)}\n`);
+  if (unit.control !== undefined) {
+    process.stdout.write(`ipsan unit ${config.name} control http://${hostForUrl(unit.control.host)}:${unit.control.port}\n`);
+  }
+  const snapshot = unit.manager.snapshot();
+  log.info("serving", { name: config.name, storage: unit.manager.storage.path, capacityBytes: snapshot.capacityBytes, volumes: snapshot.volumes.length });
+  return new Promise<number>((resolve) => {
+    const onSignal = (signal: NodeJS.Signals): void => {
+      process.off("SIGINT", onSignal);
+      process.off("SIGTERM", onSignal);
+      log.info("stopping", { signal });
+      const forced = setTimeout(() => {
+        log.error("shutdown took too long; exiting", { timeoutMs: SHUTDOWN_TIMEOUT_MS });
+        process.exit(1);
+      }, SHUTDOWN_TIMEOUT_MS);
+      forced.unref();
+      unit.stop().then(
+        () => {
+          log.info("stopped cleanly");
+          resolve(0);
+        },
+        (error: unknown) => {
+          log.error("stop failed", { error: errorMessage(error) });
+          resolve(1);
+        },
+      );
+    };
+    process.on("SIGINT", onSignal);
+    process.on("SIGTERM", onSignal);
+  });
 }

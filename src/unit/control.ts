@@ -1,0 +1,280 @@
+// The unit's control API: HTTP + JSON on --control HOST:PORT (contracts.md).
+// Every request needs "Authorization: Bearer TOKEN"; tokens are compared in
+// constant time. Bodies are bounded (CONTROL_BODY_BYTES_MAX, 413 past it),
+// every field is validated with a message naming it, errors come from the
+// catalogue as {error:{code, message, field?}}, and no input crashes the
+// daemon. Changes are serialized by the VolumeManager (one table writer).
+//
+//   GET    /v1/info                     GET    /v1/volumes
+//   GET    /v1/volumes/NAME             POST   /v1/volumes            {name, sizeBytes}
+//   DELETE /v1/volumes/NAME             POST   /v1/volumes/NAME/grow  {sizeBytes}
+//   PUT    /v1/volumes/NAME/partitions  {sizesBytes:[...]}
+//   PUT    /v1/volumes/NAME/grants      {hosts:[...]}
+
+import { createHash, timingSafeEqual } from "node:crypto";
+import * as http from "node:http";
+import { AssertionError } from "../util/assert.ts";
+import { IpsanError, errorMessage } from "../util/errors.ts";
+import { logger } from "../util/log.ts";
+import type { UnitExportProvider } from "./provider.ts";
+import { type VolumeManager, volumeView } from "./volumes.ts";
+
+const log = logger("control");
+
+export const CONTROL_BODY_BYTES_MAX = 64 * 1024;
+export const CONTROL_CONNECTIONS_MAX = 64;
+export const CONTROL_REQUEST_TIMEOUT_MS = 15_000;
+export const CONTROL_HEADERS_TIMEOUT_MS = 10_000;
+export const CONTROL_URL_CHARS_MAX = 1024;
+
+export interface ControlServerOptions {
+  readonly manager: VolumeManager;
+  readonly provider: UnitExportProvider;
+  readonly unitName: string;
+  /** The unit's own token(s). */
+  readonly tokens: readonly string[];
+  /** More accepted tokens, asked on every request (the station's derived token when joined). */
+  readonly extraTokens?: () => readonly string[];
+  /** The NBD address reported by GET /v1/info. */
+  readonly nbd: () => { host: string; port: number } | { path: string } | undefined;
+}
+
+interface Reply {
+  readonly status: number;
+  readonly body?: unknown;
+}
+
+function digest(token: string): Buffer {
+  return createHash("sha256").update(token, "utf8").digest();
+}
+
+/** Constant-time token check: compares fixed-length digests, and always compares against every token. */
+export function tokenAccepted(presented: string, accepted: readonly string[]): boolean {
+  const presentedDigest = digest(presented);
+  let ok = false;
+  for (const token of accepted) {
+    if (token.length === 0) continue;
+    if (timingSafeEqual(presentedDigest, digest(token))) ok = true;
+  }
+  return ok;
+}
+
+function errorReply(error: IpsanError): Reply {
+  return {
+    status: error.httpStatus,
+    body: { error: { code: error.code, message: error.message, ...(error.field === undefined ? {} : { field: error.field }) } },
+  };
+}
+
+function fieldError(field: string, message: string): IpsanError {
+  return new IpsanError("INVALID_ARGUMENT", message, { field });
+}
+
+/** The body must be a JSON object with exactly the known fields. */
+function objectBody(body: unknown, fields: readonly string[]): Record<string, unknown> {
+  if (typeof body !== "object" || body === null || Array.isArray(body)) {
+    throw fieldError("body", `body: expected a JSON object with ${fields.join(", ")}, got ${describe(body)}`);
+  }
+  const record = body as Record<string, unknown>;
+  for (const key of Object.keys(record)) {
+    if (!fields.includes(key)) throw fieldError(key, `${key}: unknown field (expected ${fields.join(", ")})`);
+  }
+  for (const key of fields) {
+    if (!(key in record)) throw fieldError(key, `${key}: required`);
+  }
+  return record;
+}
+
+function describe(value: unknown): string {
+  let text: string;
+  try {
+    text = JSON.stringify(value) ?? String(value);
+  } catch {
+    text = String(value);
+  }
+  return text.length > 80 ? `${text.slice(0, 77)}...` : text;
+}
+
+export class ControlServer {
+  readonly #options: ControlServerOptions;
+  readonly #server: http.Server;
+
+  constructor(options: ControlServerOptions) {
+    this.#options = options;
+    this.#server = http.createServer(
+      { requestTimeout: CONTROL_REQUEST_TIMEOUT_MS, headersTimeout: CONTROL_HEADERS_TIMEOUT_MS, maxHeaderSize: 16 * 1024 },
+      (request, response) => {
+        this.#handle(request, response).catch((error: unknown) => {
+          log.error("control request failed", { error: errorMessage(error) });
+          if (!response.headersSent) this.#send(response, errorReply(new IpsanError("IO_ERROR", "internal error")));
+          else response.destroy();
+        });
+      },
+    );
+    this.#server.maxConnections = CONTROL_CONNECTIONS_MAX;
+    this.#server.on("clientError", (_error, socket) => {
+      if (socket.writable) socket.end("HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
+      else socket.destroy();
+    });
+  }
+
+  async listen(host: string, port: number): Promise<{ host: string; port: number }> {
+    await new Promise<void>((resolve, reject) => {
+      this.#server.once("error", reject);
+      this.#server.listen({ host, port, exclusive: true }, () => {
+        this.#server.off("error", reject);
+        resolve();
+      });
+    });
+    const address = this.#server.address();
+    if (address === null || typeof address === "string") throw new Error("control server bound to a non-TCP address");
+    return { host: address.address, port: address.port };
+  }
+
+  close(): Promise<void> {
+    return new Promise((resolve) => {
+      this.#server.close(() => resolve());
+      this.#server.closeIdleConnections();
+      setTimeout(() => this.#server.closeAllConnections(), 2000).unref();
+    });
+  }
+
+  async #handle(request: http.IncomingMessage, response: http.ServerResponse): Promise<void> {
+    const peer = `${request.socket.remoteAddress ?? "?"}:${request.socket.remotePort ?? 0}`;
+    const authorization = request.headers.authorization ?? "";
+    const match = /^Bearer ([\x21-\x7e]{1,512})$/.exec(authorization);
+    const accepted = [...this.#options.tokens, ...(this.#options.extraTokens?.() ?? [])];
+    if (match === null || match[1] === undefined || !tokenAccepted(match[1], accepted)) {
+      log.limited("control-unauthenticated", "control request without a valid token", { peer });
+      request.resume();
+      response.setHeader("WWW-Authenticate", 'Bearer realm="ipsan-unit"');
+      this.#send(response, errorReply(new IpsanError("UNAUTHENTICATED", "missing or wrong bearer token")), true);
+      return;
+    }
+    let reply: Reply;
+    try {
+      reply = await this.#route(request);
+    } catch (error) {
+      if (error instanceof IpsanError) {
+        reply = errorReply(error);
+      } else {
+        // Assertion failures and unexpected errors: a bug or a storage failure; the daemon keeps serving.
+        log.error(error instanceof AssertionError ? "control request hit an assertion" : "control request failed", {
+          error: errorMessage(error),
+          stack: error instanceof Error ? error.stack : undefined,
+        });
+        reply = errorReply(new IpsanError("IO_ERROR", `internal error: ${errorMessage(error)}`));
+      }
+    }
+    this.#send(response, reply, reply.status === 413);
+  }
+
+  #send(response: http.ServerResponse, reply: Reply, close = false): void {
+    const text = reply.body === undefined ? "" : `${JSON.stringify(reply.body)}\n`;
+    response.statusCode = reply.status;
+    if (text !== "") response.setHeader("Content-Type", "application/json");
+    response.setHeader("Content-Length", Buffer.byteLength(text));
+    if (close) response.setHeader("Connection", "close");
+    response.end(text);
+  }
+
+  async #readBody(request: http.IncomingMessage): Promise<unknown> {
+    const declared = Number(request.headers["content-length"] ?? "0");
+    if (declared > CONTROL_BODY_BYTES_MAX) {
+      request.resume();
+      throw new IpsanError("TOO_LARGE", `body of ${declared} bytes over the limit CONTROL_BODY_BYTES_MAX=${CONTROL_BODY_BYTES_MAX}`, { field: "body" });
+    }
+    const chunks: Buffer[] = [];
+    let total = 0;
+    for await (const chunk of request) {
+      const buffer = chunk as Buffer;
+      total += buffer.length;
+      if (total > CONTROL_BODY_BYTES_MAX) {
+        request.resume();
+        throw new IpsanError("TOO_LARGE", `body over the limit CONTROL_BODY_BYTES_MAX=${CONTROL_BODY_BYTES_MAX}`, { field: "body" });
+      }
+      chunks.push(buffer);
+    }
+    const text = Buffer.concat(chunks).toString("utf8");
+    if (text.trim() === "") throw fieldError("body", "body: expected a JSON object, got an empty body");
+    try {
+      return JSON.parse(text) as unknown;
+    } catch (error) {
+      throw fieldError("body", `body: not valid JSON (${errorMessage(error)})`);
+    }
+  }
+
+  async #route(request: http.IncomingMessage): Promise<Reply> {
+    const method = request.method ?? "GET";
+    const rawUrl = request.url ?? "/";
+    if (rawUrl.length > CONTROL_URL_CHARS_MAX) throw new IpsanError("TOO_LARGE", `URL longer than ${CONTROL_URL_CHARS_MAX} characters`, { field: "url" });
+    const path = rawUrl.split("?")[0] ?? "/";
+    const parts = path.split("/").filter((p) => p !== "");
+    const { manager } = this.#options;
+    const notFound = (): IpsanError => new IpsanError("NOT_FOUND", `no route ${method} ${path}`);
+    if (parts[0] !== "v1") throw notFound();
+    if (parts.length === 2 && parts[1] === "info" && method === "GET") {
+      request.resume();
+      const snapshot = manager.snapshot();
+      return {
+        status: 200,
+        body: {
+          name: this.#options.unitName,
+          capacityBytes: snapshot.capacityBytes,
+          freeBytes: snapshot.freeBytes,
+          sectorSize: snapshot.sectorSize,
+          nbd: this.#options.nbd() ?? null,
+          generation: snapshot.generation,
+          freeExtents: snapshot.freeExtents,
+          volumes: snapshot.volumes,
+        },
+      };
+    }
+    if (parts[1] !== "volumes") throw notFound();
+    if (parts.length === 2) {
+      if (method === "GET") {
+        request.resume();
+        return { status: 200, body: { items: manager.snapshot().volumes } };
+      }
+      if (method === "POST") {
+        const body = objectBody(await this.#readBody(request), ["name", "sizeBytes"]);
+        const volume = await manager.create(body["name"], body["sizeBytes"]);
+        return { status: 201, body: volumeView(volume) };
+      }
+      throw notFound();
+    }
+    let name: string;
+    try {
+      name = decodeURIComponent(parts[2] ?? "");
+    } catch {
+      throw fieldError("name", `name: ${describe(parts[2])} is not a valid URL component`);
+    }
+    if (parts.length === 3) {
+      if (method === "GET") {
+        request.resume();
+        const volume = manager.volume(name);
+        if (volume === undefined) throw new IpsanError("NOT_FOUND", `volume ${describe(name)} not found`, { field: "name" });
+        return { status: 200, body: volumeView(volume) };
+      }
+      if (method === "DELETE") {
+        request.resume();
+        await manager.delete(name);
+        return { status: 204 };
+      }
+      throw notFound();
+    }
+    if (parts.length === 4 && parts[3] === "grow" && method === "POST") {
+      const body = objectBody(await this.#readBody(request), ["sizeBytes"]);
+      return { status: 200, body: volumeView(await manager.grow(name, body["sizeBytes"])) };
+    }
+    if (parts.length === 4 && parts[3] === "partitions" && method === "PUT") {
+      const body = objectBody(await this.#readBody(request), ["sizesBytes"]);
+      return { status: 200, body: volumeView(await manager.setPartitions(name, body["sizesBytes"])) };
+    }
+    if (parts.length === 4 && parts[3] === "grants" && method === "PUT") {
+      const body = objectBody(await this.#readBody(request), ["hosts"]);
+      return { status: 200, body: volumeView(await manager.setGrants(name, body["hosts"], this.#options.provider.stillAdmitted)) };
+    }
+    throw notFound();
+  }
+}

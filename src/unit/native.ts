@@ -1,0 +1,54 @@
+// Typed access to the native addon src/native/ipsan_io.cc (built by `npm ci`
+// through node-gyp into build/Release/ipsan_io.node). Node's fs module has no
+// fallocate, SEEK_DATA/SEEK_HOLE, block-device ioctls or flock; the addon
+// runs each on libuv's thread pool and rejects with errno-coded errors.
+
+import { createRequire } from "node:module";
+import { fileURLToPath } from "node:url";
+
+export interface IpsanIo {
+  fallocate(fd: number, mode: number, offsetBytes: number, lengthBytes: number): Promise<number>;
+  lseek(fd: number, offsetBytes: number, whence: number): Promise<number>;
+  blkGetSize64(fd: number): Promise<number>;
+  blkDiscard(fd: number, offsetBytes: number, lengthBytes: number): Promise<number>;
+  blkZeroOut(fd: number, offsetBytes: number, lengthBytes: number): Promise<number>;
+  /** Non-blocking flock: 0, or the errno (EWOULDBLOCK when someone else holds it). */
+  flock(fd: number, exclusive: boolean): number;
+  readonly FALLOC_FL_KEEP_SIZE: number;
+  readonly FALLOC_FL_PUNCH_HOLE: number;
+  readonly FALLOC_FL_ZERO_RANGE: number;
+  readonly SEEK_SET: number;
+  readonly SEEK_END: number;
+  readonly SEEK_DATA: number;
+  readonly SEEK_HOLE: number;
+  readonly EWOULDBLOCK: number;
+}
+
+// dist/unit/native.js -> <repo>/build/Release/ipsan_io.node (and the same from src/ for tools).
+const ADDON_PATH = fileURLToPath(new URL("../../build/Release/ipsan_io.node", import.meta.url));
+
+let cached: IpsanIo | undefined;
+
+export function ipsanIo(): IpsanIo {
+  if (cached === undefined) {
+    try {
+      cached = createRequire(import.meta.url)(ADDON_PATH) as IpsanIo;
+    } catch (error) {
+      throw new Error(`native addon ${ADDON_PATH} is missing or broken; run "npm ci" (or "npx node-gyp rebuild") in the repository`, {
+        cause: error,
+      });
+    }
+  }
+  return cached;
+}
+
+/** The errno name of an error from the addon or from node:fs ("EOPNOTSUPP"), if any. */
+export function errnoCode(error: unknown): string | undefined {
+  const code = (error as { code?: unknown } | null)?.code;
+  return typeof code === "string" ? code : undefined;
+}
+
+export function isNotSupported(error: unknown): boolean {
+  const code = errnoCode(error);
+  return code === "EOPNOTSUPP" || code === "ENOTSUP" || code === "ENOTTY" || code === "ENOSYS" || code === "EINVAL";
+}

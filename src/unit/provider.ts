@@ -1,0 +1,91 @@
+// The unit's ExportProvider: what the NBD server serves from. Access control
+// lives here (contracts.md):
+// - a volume WITH grants is listed and opened only by peers matching a grant;
+// - a volume without grants is served to peers matching --allow (default
+//   loopback), except when the unit is joined to a station, where it is served
+//   to nobody (the station hands volumes out by granting them).
+// Peers on a Unix socket count as matching --allow (file permissions guard
+// the socket) and match no grant. IPv4-mapped IPv6 peers ("::ffff:10.0.0.1")
+// match IPv4 CIDRs.
+
+import type { BlockDevice, ExportProvider, ExportSummary, Peer } from "../block/types.ts";
+import { IpsanError } from "../util/errors.ts";
+import { type Cidr, anyContains, loopbackCidrs, parseCidr } from "./cidr.ts";
+import type { VolumeRecord } from "./table.ts";
+import type { VolumeDevice } from "./volume_device.ts";
+import { type VolumeManager, parseExportName, partitionName } from "./volumes.ts";
+
+export const UNIX_PEER_ADDRESS = "unix";
+
+export interface AccessOptions {
+  /** --allow CIDRs; default loopback. */
+  readonly allow?: readonly Cidr[];
+  /** True when joined to a station (--station): volumes without grants are served to nobody. */
+  readonly joined?: () => boolean;
+}
+
+export class UnitExportProvider implements ExportProvider {
+  readonly #manager: VolumeManager;
+  readonly #allow: readonly Cidr[];
+  readonly #joined: () => boolean;
+  readonly #peers = new WeakMap<VolumeDevice, Peer>();
+
+  constructor(manager: VolumeManager, options: AccessOptions = {}) {
+    this.#manager = manager;
+    this.#allow = options.allow ?? loopbackCidrs();
+    this.#joined = options.joined ?? (() => false);
+  }
+
+  get defaultExport(): string | undefined {
+    return undefined;
+  }
+
+  /** True if `peer` may list and open `volume` (and its partitions). */
+  admits(volume: VolumeRecord, peer: Peer): boolean {
+    if (volume.grants.length > 0) {
+      if (peer.address === UNIX_PEER_ADDRESS) return false;
+      return volume.grants.some((grant) => {
+        const parsed = parseCidr(grant);
+        return parsed.ok && anyContains([parsed.cidr], peer.address);
+      });
+    }
+    if (this.#joined()) return false;
+    return peer.address === UNIX_PEER_ADDRESS || anyContains(this.#allow, peer.address);
+  }
+
+  /** True if the peer may connect at all: it matches --allow or some volume's grant. */
+  admitsConnection(peer: Peer): boolean {
+    if (peer.address === UNIX_PEER_ADDRESS || anyContains(this.#allow, peer.address)) return true;
+    return this.#manager.table.volumes.some((v) => v.grants.length > 0 && this.admits(v, peer));
+  }
+
+  list(peer: Peer): readonly ExportSummary[] {
+    const out: ExportSummary[] = [];
+    for (const volume of this.#manager.table.volumes) {
+      if (!this.admits(volume, peer)) continue;
+      out.push({ name: volume.name, description: `volume ${volume.name} (number ${volume.number}, ${volume.sizeBytes} bytes)` });
+      volume.partitions.forEach((p, i) => {
+        out.push({ name: partitionName(volume.name, i + 1), description: `partition ${i + 1} of volume ${volume.name} (${p.lengthLba * 512} bytes)` });
+      });
+    }
+    return out;
+  }
+
+  async open(name: string, peer: Peer): Promise<BlockDevice> {
+    const parsed = parseExportName(name);
+    const volume = parsed === undefined ? undefined : this.#manager.volume(parsed.volume);
+    if (volume === undefined) throw new IpsanError("NOT_FOUND", `export ${JSON.stringify(name)} not found`);
+    if (!this.admits(volume, peer)) {
+      throw new IpsanError("PERMISSION_DENIED", `peer ${peer.address} is not granted export ${JSON.stringify(name)}`);
+    }
+    const device = this.#manager.openDevice(name);
+    this.#peers.set(device, peer);
+    return device;
+  }
+
+  /** For VolumeManager.setGrants: keeps open devices whose peer is still admitted under the new grants. */
+  readonly stillAdmitted = (device: VolumeDevice, volume: VolumeRecord): boolean => {
+    const peer = this.#peers.get(device);
+    return peer !== undefined && this.admits(volume, peer);
+  };
+}

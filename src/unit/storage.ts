@@ -1,0 +1,342 @@
+// The unit's backing storage: a sparse file DATA/storage.img, or an existing
+// block device (or file) given with --device. One file descriptor serves
+// every volume and every connection, so fdatasync on it makes all writes
+// durable at once (the honest basis for NBD CAN_MULTI_CONN).
+//
+// All I/O is positional (pread/pwrite semantics), never through the file
+// offset, so concurrent requests cannot disturb each other. Only the
+// operations Node lacks go through the native addon.
+
+import * as fs from "node:fs";
+import { dirname } from "node:path";
+import { assert } from "../util/assert.ts";
+import { IpsanError, errorMessage } from "../util/errors.ts";
+import { logger } from "../util/log.ts";
+import { STORAGE_BYTES_MAX, STORAGE_BYTES_MIN } from "./layout.ts";
+import { errnoCode, ipsanIo, isNotSupported } from "./native.ts";
+
+const log = logger("storage");
+
+/** Zero-fill writes (fallback when no fast zeroing exists) go in chunks of this size. */
+export const ZERO_CHUNK_BYTES = 1024 * 1024;
+
+export type StorageKind = "file" | "device";
+
+export function readFull(fd: number, buffer: Buffer, bufferOffset: number, lengthBytes: number, positionBytes: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const step = (done: number): void => {
+      if (done === lengthBytes) return resolve();
+      fs.read(fd, buffer, bufferOffset + done, lengthBytes - done, positionBytes + done, (error, bytesRead) => {
+        if (error) return reject(error);
+        if (bytesRead === 0) {
+          // Past the end of a file: the rest reads as zeroes (cannot happen for a sized storage).
+          buffer.fill(0, bufferOffset + done, bufferOffset + lengthBytes);
+          return resolve();
+        }
+        step(done + bytesRead);
+      });
+    };
+    step(0);
+  });
+}
+
+export function writeFull(fd: number, buffer: Buffer, bufferOffset: number, lengthBytes: number, positionBytes: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const step = (done: number): void => {
+      if (done === lengthBytes) return resolve();
+      fs.write(fd, buffer, bufferOffset + done, lengthBytes - done, positionBytes + done, (error, written) => {
+        if (error) return reject(error);
+        step(done + written);
+      });
+    };
+    step(0);
+  });
+}
+
+export function fdatasync(fd: number): Promise<void> {
+  return new Promise((resolve, reject) => fs.fdatasync(fd, (error) => (error ? reject(error) : resolve())));
+}
+
+export interface StorageOpen {
+  readonly storage: Storage;
+  /** True when this start created the backing file (it holds only zeroes). */
+  readonly created: boolean;
+  /** Size of the file before this start grew it, if it did. */
+  readonly grownFromBytes: number | undefined;
+}
+
+export class Storage {
+  readonly fd: number;
+  readonly kind: StorageKind;
+  #path: string;
+  #sizeBytes: number;
+  #closed = false;
+
+  constructor(fd: number, path: string, kind: StorageKind, sizeBytes: number) {
+    this.fd = fd;
+    this.#path = path;
+    this.kind = kind;
+    this.#sizeBytes = sizeBytes;
+  }
+
+  get path(): string {
+    return this.#path;
+  }
+
+  get sizeBytes(): number {
+    return this.#sizeBytes;
+  }
+
+  /**
+   * Opens DATA/storage.img, creating it sparse with `capacityBytes` if it is
+   * missing (through a temporary name, so a crash never leaves a half-made
+   * file behind), or growing it when `capacityBytes` is larger.
+   */
+  static openFile(path: string, capacityBytes: number | undefined): StorageOpen {
+    if (capacityBytes !== undefined) checkCapacity(capacityBytes);
+    if (!fs.existsSync(path)) {
+      if (capacityBytes === undefined) {
+        throw new IpsanError("INVALID_ARGUMENT", `--capacity is required to create the storage ${path}`, { field: "--capacity" });
+      }
+      const temporary = `${path}.new`;
+      const fd = fs.openSync(temporary, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_TRUNC, 0o600);
+      fs.ftruncateSync(fd, capacityBytes);
+      return { storage: new Storage(fd, temporary, "file", capacityBytes), created: true, grownFromBytes: undefined };
+    }
+    const fd = fs.openSync(path, fs.constants.O_RDWR);
+    const stat = fs.fstatSync(fd);
+    if (!stat.isFile()) {
+      fs.closeSync(fd);
+      throw new IpsanError("INVALID_ARGUMENT", `${path} is not a regular file`, { field: "--data" });
+    }
+    let grownFromBytes: number | undefined;
+    if (capacityBytes !== undefined && capacityBytes < stat.size) {
+      fs.closeSync(fd);
+      throw new IpsanError(
+        "INVALID_ARGUMENT",
+        `--capacity ${capacityBytes} is smaller than the existing storage ${path} (${stat.size} bytes); storage never shrinks`,
+        { field: "--capacity" },
+      );
+    }
+    if (capacityBytes !== undefined && capacityBytes > stat.size) {
+      fs.ftruncateSync(fd, capacityBytes);
+      fs.fdatasyncSync(fd);
+      grownFromBytes = stat.size;
+      log.info("storage grown", { path, fromBytes: stat.size, toBytes: capacityBytes });
+    }
+    const sizeBytes = capacityBytes ?? stat.size;
+    if (sizeBytes < STORAGE_BYTES_MIN) {
+      fs.closeSync(fd);
+      throw new IpsanError("INVALID_ARGUMENT", `storage ${path} is ${sizeBytes} bytes, below the minimum ${STORAGE_BYTES_MIN}`, { field: "--capacity" });
+    }
+    return { storage: new Storage(fd, path, "file", sizeBytes), created: false, grownFromBytes };
+  }
+
+  /** Renames the freshly formatted DATA/storage.img.new into place (durably). */
+  commitCreatedFile(finalPath: string): void {
+    assert(this.kind === "file" && this.#path.endsWith(".new"), "only a created file is committed");
+    fs.renameSync(this.#path, finalPath);
+    this.#path = finalPath;
+    const dirFd = fs.openSync(dirname(finalPath), "r");
+    try {
+      fs.fsyncSync(dirFd);
+    } finally {
+      fs.closeSync(dirFd);
+    }
+  }
+
+  /** Opens --device PATH: a block device (size by ioctl) or an existing file (size by lseek). */
+  static async openDevice(path: string, capacityBytes: number | undefined): Promise<StorageOpen> {
+    let fd: number;
+    try {
+      // O_EXCL on a block device fails with EBUSY while it is mounted or opened exclusively elsewhere.
+      fd = fs.openSync(path, fs.constants.O_RDWR | fs.constants.O_EXCL);
+    } catch (error) {
+      throw new IpsanError("INVALID_ARGUMENT", `--device ${path}: cannot open: ${errorMessage(error)}`, { field: "--device", cause: error });
+    }
+    const stat = fs.fstatSync(fd);
+    let deviceBytes: number;
+    let kind: StorageKind;
+    if (stat.isBlockDevice()) {
+      kind = "device";
+      deviceBytes = await ipsanIo().blkGetSize64(fd);
+    } else if (stat.isFile()) {
+      kind = "file";
+      deviceBytes = await ipsanIo().lseek(fd, 0, ipsanIo().SEEK_END);
+    } else {
+      fs.closeSync(fd);
+      throw new IpsanError("INVALID_ARGUMENT", `--device ${path}: not a block device or regular file`, { field: "--device" });
+    }
+    if (capacityBytes !== undefined && capacityBytes > deviceBytes) {
+      fs.closeSync(fd);
+      throw new IpsanError("INVALID_ARGUMENT", `--capacity ${capacityBytes} is larger than --device ${path} (${deviceBytes} bytes)`, {
+        field: "--capacity",
+      });
+    }
+    const sizeBytes = Math.min(capacityBytes ?? deviceBytes, STORAGE_BYTES_MAX);
+    if (sizeBytes < STORAGE_BYTES_MIN) {
+      fs.closeSync(fd);
+      throw new IpsanError("INVALID_ARGUMENT", `--device ${path} is ${sizeBytes} bytes, below the minimum ${STORAGE_BYTES_MIN}`, { field: "--device" });
+    }
+    const flockErrno = ipsanIo().flock(fd, true);
+    if (flockErrno !== 0) {
+      fs.closeSync(fd);
+      throw new IpsanError("CONFLICT", `--device ${path} is locked by another process (errno ${flockErrno})`, { field: "--device" });
+    }
+    return { storage: new Storage(fd, path, kind, sizeBytes), created: false, grownFromBytes: undefined };
+  }
+
+  read(buffer: Buffer, bufferOffset: number, lengthBytes: number, positionBytes: number): Promise<void> {
+    this.#check(positionBytes, lengthBytes);
+    return readFull(this.fd, buffer, bufferOffset, lengthBytes, positionBytes);
+  }
+
+  write(buffer: Buffer, bufferOffset: number, lengthBytes: number, positionBytes: number): Promise<void> {
+    this.#check(positionBytes, lengthBytes);
+    return writeFull(this.fd, buffer, bufferOffset, lengthBytes, positionBytes);
+  }
+
+  sync(): Promise<void> {
+    return fdatasync(this.fd);
+  }
+
+  /**
+   * Makes [position, position + length) read as zeroes. `mayDeallocate`
+   * allows a hole (punch) instead of allocated zeroes. Returns false when no
+   * fast method exists and `fastOnly` forbids writing zeroes.
+   */
+  async zero(positionBytes: number, lengthBytes: number, mayDeallocate: boolean, fastOnly: boolean): Promise<boolean> {
+    this.#check(positionBytes, lengthBytes);
+    const io = ipsanIo();
+    if (this.kind === "file") {
+      const mode = mayDeallocate ? io.FALLOC_FL_PUNCH_HOLE | io.FALLOC_FL_KEEP_SIZE : io.FALLOC_FL_ZERO_RANGE | io.FALLOC_FL_KEEP_SIZE;
+      try {
+        await io.fallocate(this.fd, mode, positionBytes, lengthBytes);
+        return true;
+      } catch (error) {
+        if (!isNotSupported(error)) throw error;
+        if (!mayDeallocate) {
+          try {
+            await io.fallocate(this.fd, io.FALLOC_FL_PUNCH_HOLE | io.FALLOC_FL_KEEP_SIZE, positionBytes, lengthBytes);
+            return true;
+          } catch (punchError) {
+            if (!isNotSupported(punchError)) throw punchError;
+          }
+        }
+      }
+    } else if (!fastOnly) {
+      try {
+        await io.blkZeroOut(this.fd, positionBytes, lengthBytes);
+        return true;
+      } catch (error) {
+        if (!isNotSupported(error)) throw error;
+      }
+    }
+    if (fastOnly) return false;
+    await this.#writeZeroes(positionBytes, lengthBytes);
+    return true;
+  }
+
+  /** Advisory discard; does nothing where the storage cannot discard. */
+  async discard(positionBytes: number, lengthBytes: number): Promise<void> {
+    this.#check(positionBytes, lengthBytes);
+    const io = ipsanIo();
+    try {
+      if (this.kind === "file") {
+        await io.fallocate(this.fd, io.FALLOC_FL_PUNCH_HOLE | io.FALLOC_FL_KEEP_SIZE, positionBytes, lengthBytes);
+      } else {
+        // Block devices discard whole logical blocks only: shrink to the 4 KiB-aligned inside.
+        const start = Math.ceil(positionBytes / 4096) * 4096;
+        const end = Math.floor((positionBytes + lengthBytes) / 4096) * 4096;
+        if (end > start) await io.blkDiscard(this.fd, start, end - start);
+      }
+    } catch (error) {
+      if (!isNotSupported(error)) throw error;
+      log.limited("discard-unsupported", "discard not supported by the storage; ignored", { path: this.path, code: errnoCode(error) });
+    }
+  }
+
+  /** Next data at or after `position` (SEEK_DATA), or undefined when only a hole follows. */
+  async seekData(positionBytes: number): Promise<number | undefined> {
+    try {
+      return await ipsanIo().lseek(this.fd, positionBytes, ipsanIo().SEEK_DATA);
+    } catch (error) {
+      if (errnoCode(error) === "ENXIO") return undefined;
+      throw error;
+    }
+  }
+
+  /** Next hole at or after `position` (SEEK_HOLE); the end of the file counts as a hole. */
+  seekHole(positionBytes: number): Promise<number> {
+    return ipsanIo().lseek(this.fd, positionBytes, ipsanIo().SEEK_HOLE);
+  }
+
+  async #writeZeroes(positionBytes: number, lengthBytes: number): Promise<void> {
+    const zeroes = Buffer.alloc(Math.min(ZERO_CHUNK_BYTES, lengthBytes));
+    for (let done = 0; done < lengthBytes; done += zeroes.length) {
+      const chunk = Math.min(zeroes.length, lengthBytes - done);
+      await writeFull(this.fd, zeroes, 0, chunk, positionBytes + done);
+    }
+  }
+
+  #check(positionBytes: number, lengthBytes: number): void {
+    assert(!this.#closed, `storage ${this.path} used after close`);
+    assert(
+      Number.isSafeInteger(positionBytes) && Number.isSafeInteger(lengthBytes) && positionBytes >= 0 && lengthBytes >= 0 && positionBytes + lengthBytes <= this.#sizeBytes,
+      `storage access out of range: offset=${positionBytes} length=${lengthBytes} size=${this.#sizeBytes}`,
+    );
+  }
+
+  closeSync(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    fs.closeSync(this.fd);
+  }
+}
+
+function checkCapacity(capacityBytes: number): void {
+  if (capacityBytes < STORAGE_BYTES_MIN || capacityBytes > STORAGE_BYTES_MAX) {
+    throw new IpsanError("INVALID_ARGUMENT", `--capacity ${capacityBytes} out of range [${STORAGE_BYTES_MIN}, ${STORAGE_BYTES_MAX}]`, { field: "--capacity" });
+  }
+}
+
+/**
+ * DATA/unit.lock, held with flock for the life of the process (the kernel
+ * drops it when the process dies, even by kill -9); it records the pid for
+ * the error message a second unit gets.
+ */
+export class UnitLock {
+  readonly path: string;
+  readonly fd: number;
+  constructor(path: string, fd: number) {
+    this.path = path;
+    this.fd = fd;
+  }
+
+  static acquire(path: string): UnitLock {
+    const fd = fs.openSync(path, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o600);
+    const errno = ipsanIo().flock(fd, true);
+    if (errno !== 0) {
+      let holder = "";
+      try {
+        holder = fs.readFileSync(path, "utf8").trim();
+      } catch {
+        // The pid is only for the message.
+      }
+      fs.closeSync(fd);
+      throw new IpsanError("CONFLICT", `${path} is locked: another unit (pid ${holder || "unknown"}) is using this storage`, { field: "--data" });
+    }
+    fs.ftruncateSync(fd, 0);
+    fs.writeSync(fd, `${process.pid}\n`, 0);
+    return new UnitLock(path, fd);
+  }
+
+  release(): void {
+    try {
+      fs.ftruncateSync(this.fd, 0);
+    } catch {
+      // Best effort: the flock is what counts, and closing drops it.
+    }
+    fs.closeSync(this.fd);
+  }
+}

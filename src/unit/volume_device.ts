@@ -1,0 +1,253 @@
+// BlockDevice over a volume or one of its partitions: device offsets map
+// through the extent list to storage offsets. A request that spans extents
+// is split; every piece is checked to lie inside the device's own extents
+// before the storage is touched (and the storage checks its own bounds
+// again), so no request can reach a byte of another volume or the table.
+//
+// A device captures its extents when it is opened: growing a volume only
+// appends extents, so an open device stays valid and keeps its size. Delete,
+// repartition and grant changes revoke open devices (volumes.ts), and wait
+// for their requests in flight to finish before the table changes.
+
+import { type BlockCapabilities, type BlockDevice, type Extent, type ZeroOptions, SECTOR_SIZE } from "../block/types.ts";
+import { assert } from "../util/assert.ts";
+import { IpsanError } from "../util/errors.ts";
+import type { Storage } from "./storage.ts";
+import type { LbaRange } from "./table.ts";
+
+/** One contiguous run of the device: device bytes [deviceStart, +length) live at storage bytes [storageStart, +length). */
+export interface Segment {
+  readonly deviceStart: number;
+  readonly storageStart: number;
+  readonly lengthBytes: number;
+}
+
+export interface Piece {
+  readonly deviceOffset: number;
+  readonly storageOffset: number;
+  readonly lengthBytes: number;
+}
+
+/** Most allocation runs one extents() call reports (NBD clients ask again for the rest). */
+export const EXTENT_RUNS_MAX = 1024;
+
+/** Segments of the first `sizeBytes` of a volume laid over `extents`. */
+export function volumeSegments(extents: readonly LbaRange[], sizeBytes: number): Segment[] {
+  const segments: Segment[] = [];
+  let deviceStart = 0;
+  for (const extent of extents) {
+    if (deviceStart >= sizeBytes) break;
+    const lengthBytes = Math.min(extent.lengthLba * SECTOR_SIZE, sizeBytes - deviceStart);
+    segments.push({ deviceStart, storageStart: extent.startLba * SECTOR_SIZE, lengthBytes });
+    deviceStart += lengthBytes;
+  }
+  assert(deviceStart === sizeBytes, `extents cover the volume size ${sizeBytes}`);
+  return segments;
+}
+
+/** The part [startBytes, startBytes + lengthBytes) of a volume's segments, rebased to 0 (a partition). */
+export function subSegments(segments: readonly Segment[], startBytes: number, lengthBytes: number): Segment[] {
+  const out: Segment[] = [];
+  for (const piece of mapRange(segments, startBytes, lengthBytes)) {
+    out.push({ deviceStart: piece.deviceOffset - startBytes, storageStart: piece.storageOffset, lengthBytes: piece.lengthBytes });
+  }
+  return out;
+}
+
+/** Splits a device range into storage pieces. The range must lie inside the segments. */
+export function mapRange(segments: readonly Segment[], offsetBytes: number, lengthBytes: number): Piece[] {
+  const pieces: Piece[] = [];
+  let cursor = offsetBytes;
+  const end = offsetBytes + lengthBytes;
+  for (const s of segments) {
+    if (cursor >= end) break;
+    const segmentEnd = s.deviceStart + s.lengthBytes;
+    if (segmentEnd <= cursor) continue;
+    assert(s.deviceStart <= cursor, `segments are contiguous at ${cursor}`);
+    const take = Math.min(segmentEnd, end) - cursor;
+    pieces.push({ deviceOffset: cursor, storageOffset: s.storageStart + (cursor - s.deviceStart), lengthBytes: take });
+    cursor += take;
+  }
+  assert(cursor >= end, `range ${offsetBytes}+${lengthBytes} lies inside the device`);
+  return pieces;
+}
+
+export interface VolumeDeviceOptions {
+  readonly name: string;
+  readonly description: string;
+  readonly volumeName: string;
+  readonly storage: Storage;
+  readonly segments: readonly Segment[];
+  readonly onClose: (device: VolumeDevice) => void;
+}
+
+export class VolumeDevice implements BlockDevice {
+  readonly name: string;
+  readonly description: string;
+  readonly volumeName: string;
+  readonly sizeBytes: number;
+  readonly capabilities: BlockCapabilities;
+  readonly #storage: Storage;
+  readonly #segments: readonly Segment[];
+  readonly #onClose: (device: VolumeDevice) => void;
+  #revoked: IpsanError | undefined;
+  #inFlight = 0;
+  #drained: (() => void)[] = [];
+  #closed = false;
+
+  constructor(options: VolumeDeviceOptions) {
+    this.name = options.name;
+    this.description = options.description;
+    this.volumeName = options.volumeName;
+    this.#storage = options.storage;
+    this.#segments = options.segments;
+    this.#onClose = options.onClose;
+    this.sizeBytes = options.segments.reduce((sum, s) => sum + s.lengthBytes, 0);
+    const isFile = options.storage.kind === "file";
+    this.capabilities = {
+      readOnly: false,
+      canFlush: true,
+      canTrim: true,
+      canZero: true,
+      canFastZero: isFile,
+      canFua: true,
+      canCache: true,
+      canExtents: isFile,
+      // One fd for every connection: fdatasync on it covers all of them.
+      canMultiConn: true,
+    };
+  }
+
+  async read(buffer: Buffer, offsetBytes: number): Promise<void> {
+    await this.#run("read", offsetBytes, buffer.length, async (pieces) => {
+      await Promise.all(pieces.map((p) => this.#storage.read(buffer, p.deviceOffset - offsetBytes, p.lengthBytes, p.storageOffset)));
+    });
+  }
+
+  async write(buffer: Buffer, offsetBytes: number, fua: boolean): Promise<void> {
+    await this.#run("write", offsetBytes, buffer.length, async (pieces) => {
+      await Promise.all(pieces.map((p) => this.#storage.write(buffer, p.deviceOffset - offsetBytes, p.lengthBytes, p.storageOffset)));
+      if (fua) await this.#storage.sync();
+    });
+  }
+
+  async flush(): Promise<void> {
+    await this.#run("flush", 0, 0, () => this.#storage.sync());
+  }
+
+  async trim(offsetBytes: number, lengthBytes: number, fua: boolean): Promise<void> {
+    await this.#run("trim", offsetBytes, lengthBytes, async (pieces) => {
+      for (const p of pieces) await this.#storage.discard(p.storageOffset, p.lengthBytes);
+      if (fua) await this.#storage.sync();
+    });
+  }
+
+  async zero(offsetBytes: number, lengthBytes: number, options: ZeroOptions): Promise<void> {
+    await this.#run("zero", offsetBytes, lengthBytes, async (pieces) => {
+      for (const p of pieces) {
+        const done = await this.#storage.zero(p.storageOffset, p.lengthBytes, options.mayTrim, options.fastOnly);
+        if (!done) {
+          throw new IpsanError("NOT_SUPPORTED", `fast zero not possible: export=${this.name} offset=${offsetBytes} length=${lengthBytes}`);
+        }
+      }
+      if (options.fua) await this.#storage.sync();
+    });
+  }
+
+  async cache(offsetBytes: number, lengthBytes: number): Promise<void> {
+    // A hint only: the kernel page cache does the caching; the range is still validated.
+    await this.#run("cache", offsetBytes, lengthBytes, async () => {});
+  }
+
+  async extents(offsetBytes: number, lengthBytes: number): Promise<readonly Extent[]> {
+    const runs: Extent[] = [];
+    await this.#run("block status", offsetBytes, lengthBytes, async (pieces) => {
+      if (!this.capabilities.canExtents) {
+        runs.push({ lengthBytes, hole: false, zero: false });
+        return;
+      }
+      for (const p of pieces) {
+        if (!(await this.#pieceExtents(p, runs))) break;
+      }
+    });
+    return runs;
+  }
+
+  /** Appends the runs of one piece; false once EXTENT_RUNS_MAX is reached. */
+  async #pieceExtents(piece: Piece, runs: Extent[]): Promise<boolean> {
+    const end = piece.storageOffset + piece.lengthBytes;
+    let position = piece.storageOffset;
+    while (position < end) {
+      if (runs.length >= EXTENT_RUNS_MAX) return false;
+      const data = await this.#storage.seekData(position);
+      let runEnd: number;
+      let hole: boolean;
+      if (data === undefined || data > position) {
+        hole = true;
+        runEnd = Math.min(data ?? end, end);
+      } else {
+        hole = false;
+        runEnd = Math.min(await this.#storage.seekHole(position), end);
+      }
+      assert(runEnd > position, `extent scan advances at ${position}`);
+      const last = runs[runs.length - 1];
+      if (last !== undefined && last.hole === hole) {
+        runs[runs.length - 1] = { lengthBytes: last.lengthBytes + (runEnd - position), hole, zero: hole };
+      } else {
+        runs.push({ lengthBytes: runEnd - position, hole, zero: hole });
+      }
+      position = runEnd;
+    }
+    return true;
+  }
+
+  async #run(what: string, offsetBytes: number, lengthBytes: number, body: (pieces: Piece[]) => Promise<void>): Promise<void> {
+    if (this.#revoked !== undefined) throw this.#revoked;
+    assert(!this.#closed, `export ${this.name} used after close`);
+    if (
+      !Number.isSafeInteger(offsetBytes) ||
+      !Number.isSafeInteger(lengthBytes) ||
+      offsetBytes < 0 ||
+      lengthBytes < 0 ||
+      offsetBytes + lengthBytes > this.sizeBytes
+    ) {
+      throw new IpsanError(
+        "OUT_OF_RANGE",
+        `${what} out of range: export=${this.name} offset=${offsetBytes} length=${lengthBytes} size=${this.sizeBytes}`,
+      );
+    }
+    const pieces = lengthBytes === 0 ? [] : mapRange(this.#segments, offsetBytes, lengthBytes);
+    for (const p of pieces) this.#assertInside(p);
+    this.#inFlight += 1;
+    try {
+      await body(pieces);
+    } finally {
+      this.#inFlight -= 1;
+      if (this.#inFlight === 0) for (const wake of this.#drained.splice(0)) wake();
+    }
+  }
+
+  #assertInside(piece: Piece): void {
+    const inside = this.#segments.some(
+      (s) => piece.storageOffset >= s.storageStart && piece.storageOffset + piece.lengthBytes <= s.storageStart + s.lengthBytes,
+    );
+    assert(inside, `export ${this.name}: piece ${piece.storageOffset}+${piece.lengthBytes} outside its extents`);
+  }
+
+  /** Fails every later request with `error` and resolves once requests in flight are done. */
+  revoke(error: IpsanError): Promise<void> {
+    this.#revoked ??= error;
+    if (this.#inFlight === 0) return Promise.resolve();
+    return new Promise((resolve) => this.#drained.push(resolve));
+  }
+
+  get revoked(): boolean {
+    return this.#revoked !== undefined;
+  }
+
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#onClose(this);
+  }
+}
