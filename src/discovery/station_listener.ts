@@ -122,6 +122,8 @@ export interface DiscoveryListenerOptions {
   readonly reassembly?: Partial<ReassemblyLimits>;
   /** Tests: wrap the socket (loss, duplication, reordering). */
   readonly wrapSocket?: (socket: DatagramSocket) => DatagramSocket;
+  /** Use this socket instead of binding one (in-memory networks); feed handleDatagram(). */
+  readonly socket?: DatagramSocket;
 }
 
 interface UnitRecord {
@@ -184,6 +186,7 @@ export class DiscoveryListener {
     this.replay = new ReplayGuard({ skewMsMax: options.skewMsMax ?? TIMESTAMP_SKEW_MS_MAX });
     this.reassembler = new Reassembler(options.reassembly ?? {});
     this.session = new SendSession({ packetKey: this.packetKey, clock: this.clock, fromStation: true });
+    this.socket = options.socket ?? null;
     this.scheduleSweep();
   }
 

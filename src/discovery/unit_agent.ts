@@ -249,6 +249,17 @@ export class StationAgent {
     return acked;
   }
 
+  /** Stops at once without SHUTDOWN, as a crash would (simulations and tests). */
+  async abort(): Promise<void> {
+    this.currentState = "stopped";
+    this.heartbeatTimer?.cancel();
+    this.roundTimer?.cancel();
+    this.changeTimer?.cancel();
+    this.startup?.retransmitter.stop();
+    this.info?.retransmitter.stop();
+    if (this.ownsSocket) await this.socket?.close();
+  }
+
   // ---- Receiving ----
 
   /** Entry point for every datagram from the station (public for shared sockets). */
