@@ -9,6 +9,7 @@ const COMMANDS: Readonly<Record<string, () => Promise<Command>>> = {
   unit: async () => (await import("./unit/main.ts")).unitMain,
   host: async () => (await import("./host/main.ts")).hostMain,
   demo: async () => (await import("./demo/main.ts")).demoMain,
+  station: async () => (await import("./station/main.ts")).stationMain,
 };
 
 const USAGE = `usage: ipsan COMMAND [flags]
@@ -17,6 +18,7 @@ commands:
   unit      run a SAN unit: carve storage into volumes and serve them over NBD
   host      the host side: request, attach, detach, release a volume; agent
   demo      a whole SAN on loopback: a station and N units (Ctrl-C stops it)
+  station   run the control station: the pool of units, allocation, REST API
   help      show this text
 `;
 

@@ -1,0 +1,127 @@
+// The station's database: SQLite through better-sqlite3 (synchronous, so a
+// check-then-write on the event loop is atomic with respect to other
+// requests). WAL journal with synchronous=FULL: a transaction that returned
+// has been fsynced, so an API answer sent after it survives kill -9.
+//
+// Schema changes are numbered migrations kept here in code; each runs in its
+// own transaction together with the bump of schema_version, so a crash in the
+// middle of a migration leaves the previous version intact.
+
+import Database from "better-sqlite3";
+import { IpsanError } from "../util/errors.ts";
+
+export type Db = Database.Database;
+
+/** How long a statement waits for a lock held by another connection (e.g. the sqlite3 CLI). */
+export const DB_BUSY_TIMEOUT_MS = 5_000;
+
+export interface Migration {
+  readonly version: number;
+  readonly description: string;
+  readonly sql: string;
+}
+
+export const MIGRATIONS: readonly Migration[] = [
+  {
+    version: 1,
+    description: "units, volumes, hosts, assignments, requests, events",
+    sql: `
+      CREATE TABLE units (
+        name TEXT PRIMARY KEY,
+        dns_name TEXT,
+        addresses TEXT NOT NULL,
+        nbd_host TEXT, nbd_port INTEGER,
+        control_host TEXT, control_port INTEGER,
+        capacity_bytes INTEGER NOT NULL,
+        free_bytes INTEGER NOT NULL,
+        volumes_max INTEGER,
+        state TEXT NOT NULL,
+        last_seen_at INTEGER NOT NULL,
+        created_at INTEGER NOT NULL
+      );
+      CREATE TABLE volumes (
+        unit TEXT NOT NULL,
+        name TEXT NOT NULL,
+        number INTEGER NOT NULL,
+        size_bytes INTEGER NOT NULL,
+        extents TEXT NOT NULL,
+        partitions TEXT NOT NULL,
+        grants TEXT,
+        PRIMARY KEY (unit, name)
+      ) WITHOUT ROWID;
+      CREATE TABLE hosts (
+        name TEXT PRIMARY KEY,
+        address TEXT NOT NULL,
+        last_seen_at INTEGER NOT NULL,
+        created_at INTEGER NOT NULL
+      );
+      CREATE TABLE assignments (
+        id TEXT PRIMARY KEY,
+        request_id TEXT,
+        host TEXT NOT NULL,
+        host_address TEXT NOT NULL,
+        unit TEXT NOT NULL,
+        volume TEXT NOT NULL,
+        partition INTEGER,
+        size_bytes INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        carved INTEGER NOT NULL,
+        error TEXT,
+        detail TEXT,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+      );
+      CREATE INDEX assignments_by_state ON assignments (state);
+      CREATE INDEX assignments_by_host ON assignments (host);
+      CREATE TABLE requests (
+        request_id TEXT PRIMARY KEY,
+        assignment_id TEXT NOT NULL,
+        params TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+      );
+      CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        at INTEGER NOT NULL,
+        type TEXT NOT NULL,
+        action TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        data TEXT NOT NULL
+      );
+    `,
+  },
+];
+
+export function schemaVersion(db: Db): number {
+  const row = db.prepare("SELECT max(version) AS version FROM schema_version").get() as { version: number | null };
+  return row.version ?? 0;
+}
+
+/** Applies every migration newer than the database; refuses a database from a newer station. */
+export function migrate(db: Db, migrations: readonly Migration[] = MIGRATIONS): { from: number; to: number } {
+  db.exec("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)");
+  const from = schemaVersion(db);
+  const latest = migrations.at(-1)?.version ?? 0;
+  if (from > latest) {
+    throw new IpsanError(
+      "CONFLICT",
+      `station database schema version ${from} is newer than this station understands (${latest}): upgrade ipsan`,
+    );
+  }
+  for (const migration of migrations) {
+    if (migration.version <= from) continue;
+    db.transaction(() => {
+      db.exec(migration.sql);
+      db.prepare("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)").run(migration.version, Date.now());
+    })();
+  }
+  return { from, to: Math.max(from, latest) };
+}
+
+export function openDatabase(path: string): Db {
+  const db = new Database(path, { timeout: DB_BUSY_TIMEOUT_MS });
+  db.pragma("journal_mode = WAL");
+  db.pragma("synchronous = FULL");
+  db.pragma("foreign_keys = ON");
+  migrate(db);
+  return db;
+}

@@ -1,0 +1,577 @@
+// The station's REST API over node:http (docs/api.md). Thin handlers: check
+// the token, read a bounded body, validate every field, call the station core,
+// answer. Errors become {error:{code, message, field?, reasons?}} with the
+// status from the error catalogue, in exactly one place (`sendError`).
+//
+// Limits: BODY_BYTES_MAX per body (413 beyond), HTTP_CONNECTIONS_MAX sockets,
+// header and request timeouts, SSE_SUBSCRIBERS_MAX event streams, each with a
+// bounded send buffer.
+
+import { createHash, timingSafeEqual } from "node:crypto";
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
+import type { AddressInfo } from "node:net";
+import { IpsanError, errorMessage } from "../util/errors.ts";
+import { logger } from "../util/log.ts";
+import { openApiDocument } from "./openapi.ts";
+import { NoSpaceError, type Station } from "./station.ts";
+import { LIVE_ASSIGNMENT_STATES, type StationEvent, UNIT_STATES, HOST_STATES, ASSIGNMENT_STATES } from "./types.ts";
+import { Body, checkAddress, checkBoolean, checkIndex, checkName, checkRequestId, checkSize, checkSizes, invalid, show } from "./validate.ts";
+import { assignmentView, hostView, unitView, volumeView } from "./views.ts";
+import { renderGauge } from "./metrics.ts";
+
+export const BODY_BYTES_MAX = 64 * 1024;
+export const HTTP_CONNECTIONS_MAX = 1024;
+export const HTTP_HEADERS_TIMEOUT_MS = 10_000;
+export const HTTP_REQUEST_TIMEOUT_MS = 30_000;
+export const HTTP_KEEP_ALIVE_TIMEOUT_MS = 5_000;
+export const SSE_SUBSCRIBERS_MAX = 64;
+export const SSE_HEARTBEAT_MS = 15_000;
+/** A subscriber with more than this waiting in its socket buffer is disconnected. */
+export const SSE_BUFFER_BYTES_MAX = 1024 * 1024;
+export const VERSION = "0.1.0";
+
+const log = logger("station-api");
+
+type Query = URLSearchParams;
+interface Context {
+  readonly req: IncomingMessage;
+  readonly res: ServerResponse;
+  readonly params: readonly string[];
+  readonly query: Query;
+  readonly body: unknown;
+  readonly callerAddress: string;
+}
+interface Answer {
+  readonly status: number;
+  readonly body?: unknown;
+}
+type Handler = (ctx: Context) => Promise<Answer | null> | Answer | null;
+
+interface Route {
+  readonly method: string;
+  readonly pattern: RegExp;
+  readonly handler: Handler;
+  /** Reads a JSON body. */
+  readonly hasBody: boolean;
+}
+
+const SEGMENT = "([^/]+)";
+
+/** Which query parameters each listing accepts. */
+function checkQuery(query: Query, allowed: readonly string[]): void {
+  for (const key of query.keys()) {
+    if (!allowed.includes(key)) throw invalid(key, `unknown query parameter (allowed: ${allowed.join(", ") || "none"})`);
+  }
+}
+
+function queryFlag(query: Query, key: string): boolean {
+  const value = query.get(key);
+  if (value === null) return false;
+  if (value === "true" || value === "1" || value === "") return true;
+  if (value === "false" || value === "0") return false;
+  throw invalid(key, `expected true or false, got ${show(value)}`);
+}
+
+export interface ApiServerOptions {
+  readonly station: Station;
+  readonly adminToken: string;
+  /** Extra Prometheus text appended to /metrics (the discovery listener's counters). */
+  readonly extraMetrics?: () => string;
+}
+
+export class ApiServer {
+  private readonly station: Station;
+  private readonly tokenDigest: Buffer;
+  private readonly extraMetrics: (() => string) | undefined;
+  private readonly server: Server;
+  private readonly routes: Route[];
+  private readonly subscribers = new Set<ServerResponse>();
+  private closing = false;
+
+  constructor(options: ApiServerOptions) {
+    this.station = options.station;
+    this.tokenDigest = createHash("sha256").update(options.adminToken).digest();
+    this.extraMetrics = options.extraMetrics;
+    this.routes = this.buildRoutes();
+    this.server = createServer({ headersTimeout: HTTP_HEADERS_TIMEOUT_MS, requestTimeout: HTTP_REQUEST_TIMEOUT_MS }, (req, res) => {
+      void this.handle(req, res);
+    });
+    this.server.keepAliveTimeout = HTTP_KEEP_ALIVE_TIMEOUT_MS;
+    this.server.maxConnections = HTTP_CONNECTIONS_MAX;
+    this.server.on("clientError", (error, socket) => {
+      log.limited("client-error", "bad HTTP request", { error: errorMessage(error) });
+      if (socket.writable) socket.end("HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
+      else socket.destroy();
+    });
+  }
+
+  async listen(host: string, port: number): Promise<AddressInfo> {
+    await new Promise<void>((resolve, reject) => {
+      this.server.once("error", reject);
+      this.server.listen(port, host, () => {
+        this.server.off("error", reject);
+        resolve();
+      });
+    });
+    return this.server.address() as AddressInfo;
+  }
+
+  async close(): Promise<void> {
+    this.closing = true;
+    for (const res of this.subscribers) res.end();
+    this.subscribers.clear();
+    await new Promise<void>((resolve) => {
+      this.server.close(() => resolve());
+      this.server.closeIdleConnections();
+      setTimeout(() => this.server.closeAllConnections(), 2_000).unref();
+    });
+  }
+
+  // ---- plumbing ----------------------------------------------------------------
+
+  private authorized(req: IncomingMessage): boolean {
+    const header = req.headers.authorization;
+    if (typeof header !== "string") return false;
+    const match = /^Bearer\s+(\S+)\s*$/i.exec(header);
+    if (match === null) return false;
+    // Compare digests: constant time and independent of the length of what was sent.
+    const digest = createHash("sha256").update(match[1] ?? "").digest();
+    return timingSafeEqual(digest, this.tokenDigest);
+  }
+
+  private send(res: ServerResponse, status: number, body?: unknown, headers: Record<string, string> = {}): void {
+    this.station.metrics.httpRequests.inc(String(status));
+    if (res.headersSent) {
+      res.end();
+      return;
+    }
+    if (body === undefined) {
+      res.writeHead(status, headers);
+      res.end();
+      return;
+    }
+    const text = `${JSON.stringify(body)}\n`;
+    res.writeHead(status, {
+      "content-type": "application/json; charset=utf-8",
+      "content-length": String(Buffer.byteLength(text)),
+      "cache-control": "no-store",
+      ...headers,
+    });
+    res.end(text);
+  }
+
+  private sendError(res: ServerResponse, error: unknown, headers: Record<string, string> = {}): void {
+    if (error instanceof IpsanError) {
+      const body: Record<string, unknown> = { code: error.code, message: error.message };
+      if (error.field !== undefined) body["field"] = error.field;
+      if (error instanceof NoSpaceError) body["reasons"] = error.reasons;
+      this.send(res, error.httpStatus, { error: body }, headers);
+      return;
+    }
+    log.error("request failed", { error: errorMessage(error), stack: (error as Error).stack?.split("\n")[1]?.trim() });
+    this.send(res, 500, { error: { code: "IO_ERROR", message: `internal error: ${errorMessage(error)}` } }, headers);
+  }
+
+  /** Reads at most BODY_BYTES_MAX bytes; null when the body was over the limit. */
+  private readBody(req: IncomingMessage): Promise<Buffer | null> {
+    return new Promise((resolve, reject) => {
+      const declared = Number(req.headers["content-length"] ?? "0");
+      if (declared > BODY_BYTES_MAX) {
+        resolve(null);
+        return;
+      }
+      const chunks: Buffer[] = [];
+      let total = 0;
+      let done = false;
+      req.on("data", (chunk: Buffer) => {
+        if (done) return;
+        total += chunk.length;
+        if (total > BODY_BYTES_MAX) {
+          done = true;
+          resolve(null);
+          return;
+        }
+        chunks.push(chunk);
+      });
+      req.on("end", () => {
+        if (!done) {
+          done = true;
+          resolve(Buffer.concat(chunks));
+        }
+      });
+      req.on("error", (error) => {
+        if (!done) {
+          done = true;
+          reject(error);
+        }
+      });
+    });
+  }
+
+  private async handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    const connectionClose = { connection: "close" };
+    try {
+      if (this.closing) throw new IpsanError("SHUTTING_DOWN", "the station is stopping");
+      const url = new URL(req.url ?? "/", "http://station.invalid");
+      if (!this.authorized(req)) {
+        req.resume();
+        this.send(res, 401, { error: { code: "UNAUTHENTICATED", message: "missing or wrong bearer token (Authorization: Bearer $(cat DATA/admin.token))" } }, {
+          "www-authenticate": 'Bearer realm="ipsan"',
+        });
+        return;
+      }
+      const path = url.pathname;
+      let allowed: string[] = [];
+      let matched: { route: Route; params: string[] } | null = null;
+      for (const route of this.routes) {
+        const m = route.pattern.exec(path);
+        if (m === null) continue;
+        if (route.method !== req.method) {
+          allowed.push(route.method);
+          continue;
+        }
+        const params: string[] = [];
+        for (const raw of m.slice(1)) {
+          try {
+            params.push(decodeURIComponent(raw ?? ""));
+          } catch {
+            throw invalid("path", `bad percent-encoding in ${show(raw)}`);
+          }
+        }
+        matched = { route, params };
+        break;
+      }
+      if (matched === null) {
+        req.resume();
+        allowed = [...new Set(allowed)];
+        if (allowed.length > 0) {
+          this.send(res, 405, { error: { code: "INVALID_ARGUMENT", message: `method ${req.method} not allowed on ${path} (allowed: ${allowed.join(", ")})`, field: "method" } }, {
+            allow: allowed.join(", "),
+          });
+        } else {
+          this.send(res, 404, { error: { code: "NOT_FOUND", message: `no such path: ${req.method} ${path}`, field: "path" } });
+        }
+        return;
+      }
+      let body: unknown = undefined;
+      if (matched.route.hasBody) {
+        const bytes = await this.readBody(req);
+        if (bytes === null) {
+          this.send(res, 413, { error: { code: "TOO_LARGE", message: `request body over ${BODY_BYTES_MAX} bytes`, field: "body" } }, connectionClose);
+          res.on("finish", () => req.destroy());
+          return;
+        }
+        const text = bytes.toString("utf8").trim();
+        if (text === "") body = {};
+        else {
+          try {
+            body = JSON.parse(text);
+          } catch (error) {
+            throw invalid("body", `not valid JSON (${errorMessage(error)})`);
+          }
+        }
+      } else {
+        req.resume();
+      }
+      const callerAddress = (req.socket.remoteAddress ?? "").replace(/^::ffff:/, "");
+      const answer = await matched.route.handler({ req, res, params: matched.params, query: url.searchParams, body, callerAddress });
+      if (answer !== null) this.send(res, answer.status, answer.body);
+    } catch (error) {
+      this.sendError(res, error);
+    }
+  }
+
+  // ---- routes ------------------------------------------------------------------
+
+  private buildRoutes(): Route[] {
+    const station = this.station;
+    const store = station.store;
+    const r = (method: string, path: string, handler: Handler, hasBody = false): Route => ({
+      method,
+      pattern: new RegExp(`^${path.replace(/:[a-z]+/g, SEGMENT)}$`),
+      handler,
+      hasBody,
+    });
+    const assignedTo = (unit: string, volume: string): string | null => store.liveOnVolume(unit, volume)[0]?.host ?? null;
+    const unitOr404 = (name: string) => {
+      const unit = store.units.get(name);
+      if (unit === undefined) throw new IpsanError("NOT_FOUND", `unit ${show(name)} not found`, { field: "unit" });
+      return unit;
+    };
+    return [
+      r("GET", "/api/v1/health", ({ query }) => {
+        checkQuery(query, []);
+        return {
+          status: 200,
+          body: { status: "ok", version: VERSION, units: store.units.size, volumes: store.volumeCount, assignments: store.live.size },
+        };
+      }),
+      r("GET", "/api/v1/openapi.json", ({ query }) => {
+        checkQuery(query, []);
+        return { status: 200, body: openApiDocument(VERSION) };
+      }),
+      r("GET", "/api/v1/units", ({ query }) => {
+        checkQuery(query, ["state"]);
+        const state = query.get("state");
+        if (state !== null && !(UNIT_STATES as readonly string[]).includes(state)) throw invalid("state", `unknown unit state ${show(state)}`);
+        const items = [...store.units.values()]
+          .filter((u) => state === null || u.state === state)
+          .sort((a, b) => (a.name < b.name ? -1 : 1))
+          .map((u) => unitView(u, store.unitVolumes(u.name).size));
+        return { status: 200, body: { items } };
+      }),
+      r("GET", "/api/v1/units/:name", ({ params, query }) => {
+        checkQuery(query, []);
+        const unit = unitOr404(checkName(params[0], "unit"));
+        const volumes = [...store.unitVolumes(unit.name).values()].map((v) => volumeView(v, assignedTo(unit.name, v.name)));
+        return { status: 200, body: { ...unitView(unit, volumes.length), volumes } };
+      }),
+      r("POST", "/api/v1/units/:name/refresh", async ({ params, body }) => {
+        new Body(body, []);
+        const unit = unitOr404(checkName(params[0], "unit"));
+        await station.refreshUnit(unit.name);
+        return { status: 200, body: unitView(store.units.get(unit.name) ?? unit, store.unitVolumes(unit.name).size) };
+      }, true),
+      r("GET", "/api/v1/volumes", ({ query }) => {
+        checkQuery(query, ["unit", "free"]);
+        const unitFilter = query.get("unit");
+        if (unitFilter !== null) unitOr404(checkName(unitFilter, "unit"));
+        const free = queryFlag(query, "free");
+        const items = [];
+        for (const unit of [...store.units.keys()].sort()) {
+          if (unitFilter !== null && unit !== unitFilter) continue;
+          for (const volume of store.unitVolumes(unit).values()) {
+            const holder = assignedTo(unit, volume.name);
+            if (free && holder !== null) continue;
+            items.push(volumeView(volume, holder));
+          }
+        }
+        return { status: 200, body: { items } };
+      }),
+      r("GET", "/api/v1/volumes/:unit/:name", ({ params, query }) => {
+        checkQuery(query, []);
+        const unit = unitOr404(checkName(params[0], "unit"));
+        const name = checkName(params[1], "name");
+        const volume = store.volume(unit.name, name);
+        if (volume === undefined) throw new IpsanError("NOT_FOUND", `volume ${show(name)} not found on unit ${unit.name}`, { field: "name" });
+        return { status: 200, body: volumeView(volume, assignedTo(unit.name, name)) };
+      }),
+      r("POST", "/api/v1/volumes", async ({ body }) => {
+        const b = new Body(body, ["unit", "name", "sizeBytes"]);
+        const unit = checkName(b.required("unit"), "unit");
+        const name = checkName(b.required("name"), "name");
+        const sizeBytes = checkSize(b.required("sizeBytes"), "sizeBytes");
+        unitOr404(unit);
+        const volume = await station.createVolume(unit, name, sizeBytes);
+        return { status: 201, body: volumeView(volume, null) };
+      }, true),
+      r("DELETE", "/api/v1/volumes/:unit/:name", async ({ params }) => {
+        const unit = checkName(params[0], "unit");
+        const name = checkName(params[1], "name");
+        await station.deleteVolume(unit, name);
+        return { status: 204 };
+      }),
+      r("POST", "/api/v1/volumes/:unit/:name/grow", async ({ params, body }) => {
+        const b = new Body(body, ["sizeBytes"]);
+        const unit = checkName(params[0], "unit");
+        const name = checkName(params[1], "name");
+        const sizeBytes = checkSize(b.required("sizeBytes"), "sizeBytes");
+        const volume = await station.growVolume(unit, name, sizeBytes);
+        return { status: 200, body: volumeView(volume, assignedTo(unit, name)) };
+      }, true),
+      r("PUT", "/api/v1/volumes/:unit/:name/partitions", async ({ params, body }) => {
+        const b = new Body(body, ["sizesBytes"]);
+        const unit = checkName(params[0], "unit");
+        const name = checkName(params[1], "name");
+        const sizes = checkSizes(b.required("sizesBytes"), "sizesBytes");
+        const volume = await station.partitionVolume(unit, name, sizes);
+        return { status: 200, body: volumeView(volume, assignedTo(unit, name)) };
+      }, true),
+      r("GET", "/api/v1/hosts", ({ query }) => {
+        checkQuery(query, ["state"]);
+        const state = query.get("state");
+        if (state !== null && !(HOST_STATES as readonly string[]).includes(state)) throw invalid("state", `unknown host state ${show(state)}`);
+        const items = [...store.hosts.values()]
+          .sort((a, b) => (a.name < b.name ? -1 : 1))
+          .map((h) => hostView(h, station.hostStateOf(h.name)))
+          .filter((h) => state === null || h.state === state);
+        return { status: 200, body: { items } };
+      }),
+      r("GET", "/api/v1/hosts/:name", ({ params, query }) => {
+        checkQuery(query, []);
+        const name = checkName(params[0], "host");
+        const host = store.hosts.get(name);
+        if (host === undefined) throw new IpsanError("NOT_FOUND", `host ${show(name)} not found`, { field: "host" });
+        return { status: 200, body: hostView(host, station.hostStateOf(name)) };
+      }),
+      r("PUT", "/api/v1/hosts/:name", async ({ params, body, callerAddress }) => {
+        const b = new Body(body, ["address"]);
+        const name = checkName(params[0], "host");
+        const address = b.has("address") ? await checkAddress(b.required("address"), "address") : callerAddress;
+        const { created } = await station.putHost(name, address);
+        const host = store.hosts.get(name);
+        return { status: created ? 201 : 200, body: host === undefined ? null : hostView(host, station.hostStateOf(name)) };
+      }, true),
+      r("POST", "/api/v1/hosts/:name/heartbeat", async ({ params, body }) => {
+        const b = new Body(body, ["address"]);
+        const name = checkName(params[0], "host");
+        const address = b.has("address") ? await checkAddress(b.required("address"), "address") : undefined;
+        const host = store.hosts.get(name);
+        if (host === undefined) throw new IpsanError("NOT_FOUND", `host ${show(name)} not found: register it first (PUT /api/v1/hosts/${name})`, { field: "host" });
+        if (address !== undefined && address !== host.address) await station.putHost(name, address);
+        else station.heartbeat(name);
+        return { status: 204 };
+      }, true),
+      r("GET", "/api/v1/assignments", ({ query }) => {
+        checkQuery(query, ["host", "all", "state"]);
+        const host = query.get("host");
+        if (host !== null) checkName(host, "host");
+        const state = query.get("state");
+        if (state !== null && !(ASSIGNMENT_STATES as readonly string[]).includes(state)) throw invalid("state", `unknown assignment state ${show(state)}`);
+        const all = queryFlag(query, "all") || (state !== null && !LIVE_ASSIGNMENT_STATES.has(state as never));
+        const items = store
+          .listAssignments({ ...(host === null ? {} : { host }), all })
+          .filter((a) => state === null || a.state === state)
+          .map((a) => assignmentView(a, store));
+        return { status: 200, body: { items } };
+      }),
+      r("GET", "/api/v1/assignments/:id", ({ params, query }) => {
+        checkQuery(query, []);
+        const assignment = store.getAssignment(params[0] ?? "");
+        if (assignment === undefined) throw new IpsanError("NOT_FOUND", `assignment ${show(params[0])} not found`, { field: "id" });
+        return { status: 200, body: assignmentView(assignment, store) };
+      }),
+      r("POST", "/api/v1/allocations", async ({ body, callerAddress }) => {
+        const b = new Body(body, ["requestId", "host", "sizeBytes", "address", "dryRun"]);
+        const requestId = checkRequestId(b.required("requestId"));
+        const host = checkName(b.required("host"), "host");
+        const sizeBytes = checkSize(b.required("sizeBytes"), "sizeBytes");
+        const dryRun = b.has("dryRun") ? checkBoolean(b.required("dryRun"), "dryRun") : false;
+        const address = b.has("address") ? await checkAddress(b.required("address"), "address") : undefined;
+        const answer = await station.allocate(
+          { requestId, host, sizeBytes, dryRun, ...(address === undefined ? {} : { address }) },
+          callerAddress,
+        );
+        if (answer.kind === "dry_run") return { status: 200, body: { dryRun: true, placement: answer.placement, reasons: answer.reasons } };
+        return { status: answer.status, body: assignmentView(answer.assignment, store) };
+      }, true),
+      r("POST", "/api/v1/assignments", async ({ body }) => {
+        const b = new Body(body, ["host", "unit", "volume", "partition", "requestId"]);
+        const host = checkName(b.required("host"), "host");
+        const unit = checkName(b.required("unit"), "unit");
+        const volume = checkName(b.required("volume"), "volume");
+        const partition = b.has("partition") ? checkIndex(b.required("partition"), "partition", 1024) : undefined;
+        const requestId = b.has("requestId") ? checkRequestId(b.required("requestId")) : undefined;
+        const answer = await station.assign({
+          host,
+          unit,
+          volume,
+          ...(partition === undefined ? {} : { partition }),
+          ...(requestId === undefined ? {} : { requestId }),
+        });
+        return { status: answer.status, body: assignmentView(answer.assignment, store) };
+      }, true),
+      r("DELETE", "/api/v1/assignments/:id", async ({ params }) => {
+        const id = params[0] ?? "";
+        if (!/^[A-Za-z0-9_.-]{1,64}$/.test(id)) throw invalid("id", `invalid assignment id ${show(id)}`);
+        const answer = await station.unassign(id);
+        return answer.status === 204 ? { status: 204 } : { status: 202, body: assignmentView(answer.assignment, store) };
+      }),
+      r("GET", "/api/v1/events", ({ req, res, query }) => {
+        checkQuery(query, ["since"]);
+        const since = query.get("since") ?? req.headers["last-event-id"];
+        let after: number | null = null;
+        if (typeof since === "string") {
+          if (!/^[0-9]{1,15}$/.test(since)) throw invalid("Last-Event-ID", `expected an event number, got ${show(since)}`);
+          after = Number(since);
+        }
+        this.subscribe(res, after);
+        return null;
+      }),
+      r("GET", "/metrics", ({ res, query }) => {
+        checkQuery(query, []);
+        const text = this.metricsText();
+        this.station.metrics.httpRequests.inc("200");
+        res.writeHead(200, { "content-type": "text/plain; version=0.0.4; charset=utf-8", "content-length": String(Buffer.byteLength(text)) });
+        res.end(text);
+        return null;
+      }),
+    ];
+  }
+
+  // ---- event stream --------------------------------------------------------------
+
+  private subscribe(res: ServerResponse, after: number | null): void {
+    if (this.subscribers.size >= SSE_SUBSCRIBERS_MAX) {
+      throw new IpsanError("SHUTTING_DOWN", `too many event stream subscribers (SSE_SUBSCRIBERS_MAX=${SSE_SUBSCRIBERS_MAX}); try again later`);
+    }
+    this.station.metrics.httpRequests.inc("200");
+    res.writeHead(200, {
+      "content-type": "text/event-stream; charset=utf-8",
+      "cache-control": "no-store",
+      connection: "keep-alive",
+      "x-accel-buffering": "no",
+    });
+    res.write(`: ipsan station event stream\nretry: 2000\n\n`);
+    this.subscribers.add(res);
+    const write = (event: StationEvent): void => {
+      if (res.writableLength > SSE_BUFFER_BYTES_MAX) {
+        log.limited("sse-slow", "event stream subscriber does not read; disconnecting it");
+        res.destroy();
+        return;
+      }
+      const data = JSON.stringify({ seq: event.seq, at: new Date(event.atMs).toISOString(), type: event.type, action: event.action, subject: event.subject, data: event.data });
+      res.write(`id: ${event.seq}\nevent: ${event.type}\ndata: ${data}\n\n`);
+    };
+    if (after !== null) for (const event of this.station.store.eventsAfter(after)) write(event);
+    const unsubscribe = this.station.store.subscribe(write);
+    const heartbeat = setInterval(() => res.write(`: heartbeat ${new Date().toISOString()}\n\n`), SSE_HEARTBEAT_MS);
+    const cleanup = (): void => {
+      clearInterval(heartbeat);
+      unsubscribe();
+      this.subscribers.delete(res);
+    };
+    res.on("close", cleanup);
+    res.on("error", cleanup);
+  }
+
+  get subscriberCount(): number {
+    return this.subscribers.size;
+  }
+
+  // ---- metrics -----------------------------------------------------------------------
+
+  metricsText(): string {
+    const store = this.station.store;
+    const unitsByState = new Map<string, number>(UNIT_STATES.map((s) => [s, 0]));
+    for (const unit of store.units.values()) unitsByState.set(unit.state, (unitsByState.get(unit.state) ?? 0) + 1);
+    const hostsByState = new Map<string, number>(HOST_STATES.map((s) => [s, 0]));
+    for (const host of store.hosts.keys()) {
+      const state = this.station.hostStateOf(host);
+      hostsByState.set(state, (hostsByState.get(state) ?? 0) + 1);
+    }
+    const assignmentsByState = new Map<string, number>([...LIVE_ASSIGNMENT_STATES].map((s) => [s, 0]));
+    for (const a of store.live.values()) assignmentsByState.set(a.state, (assignmentsByState.get(a.state) ?? 0) + 1);
+    let capacity = 0;
+    let free = 0;
+    for (const unit of store.units.values()) {
+      capacity += unit.capacityBytes;
+      free += unit.freeBytes;
+    }
+    const m = this.station.metrics;
+    return [
+      renderGauge("ipsan_station_units", "Units in the pool, by state", [...unitsByState].map(([state, n]) => [{ state }, n] as const)),
+      renderGauge("ipsan_station_volumes", "Volumes on all units of the pool", [[{}, store.volumeCount]]),
+      renderGauge("ipsan_station_pool_capacity_bytes", "Capacity of all units", [[{}, capacity]]),
+      renderGauge("ipsan_station_pool_free_bytes", "Free space on all units", [[{}, free]]),
+      renderGauge("ipsan_station_hosts", "Registered hosts, by state", [...hostsByState].map(([state, n]) => [{ state }, n] as const)),
+      renderGauge("ipsan_station_assignments", "Live assignments, by state", [...assignmentsByState].map(([state, n]) => [{ state }, n] as const)),
+      renderGauge("ipsan_station_event_subscribers", "Open event streams", [[{}, this.subscribers.size]]),
+      m.allocationSeconds.render(),
+      m.allocations.render(),
+      m.unitCalls.render(),
+      m.httpRequests.render(),
+      this.extraMetrics?.() ?? "",
+    ].join("");
+  }
+}

@@ -1,0 +1,217 @@
+// `ipsan station`: the control station. Opens (or creates) its data directory
+// with the admin token, the cluster key and the SQLite database; serves the
+// REST API; runs the discovery listener (UDP) and, with --snmp, the SNMP trap
+// listener; stores what they report; reconciles units with the assignments.
+//
+//   ipsan station --data DIR [--http HOST:PORT] [--discovery HOST:PORT]
+//                 [--snmp HOST:PORT] [--snmp-community NAME]
+//
+// Prints "ipsan station ready http://HOST:PORT" and
+// "ipsan station discovery udp://HOST:PORT" on stdout when serving.
+// SIGINT/SIGTERM: stop accepting, close listeners and the database, exit 0.
+
+import { randomBytes } from "node:crypto";
+import { promises as fs } from "node:fs";
+import { basename, dirname, join, resolve } from "node:path";
+import { CLUSTER_KEY_FILE_NAME, loadOrCreateClusterKey } from "../discovery/keys.ts";
+import { DiscoveryListener } from "../discovery/station_listener.ts";
+import { IpsanError, UsageError, errorMessage } from "../util/errors.ts";
+import { parseFlags, parseHostPort } from "../util/flags.ts";
+import { logger } from "../util/log.ts";
+import { openDatabase } from "./db.ts";
+import { ApiServer } from "./http.ts";
+import { StationMetrics } from "./metrics.ts";
+import { DEFAULT_STATION_OPTIONS, Station } from "./station.ts";
+import { StationStore } from "./store.ts";
+
+const log = logger("station");
+
+export const DEFAULT_HTTP = "127.0.0.1:8640";
+export const DEFAULT_DISCOVERY = "127.0.0.1:8641";
+export const ADMIN_TOKEN_FILE_NAME = "admin.token";
+export const DATABASE_FILE_NAME = "station.db";
+const TOKEN_FILE_BYTES_MAX = 1024;
+/** How often the listener's lastSeen times are copied into the pool (memory only). */
+const LAST_SEEN_SYNC_MS = 1_000;
+
+const USAGE = `usage: ipsan station --data DIR [--http HOST:PORT] [--discovery HOST:PORT]
+                     [--snmp HOST:PORT] [--snmp-community NAME]
+                     [--pending-deadline-ms MS] [--reconcile-interval-ms MS] [--host-offline-after-ms MS]
+
+  --data DIR             station state: admin.token, cluster.key, station.db (created on first start)
+  --http HOST:PORT       REST API (default ${DEFAULT_HTTP}; port 0 picks a free port)
+  --discovery HOST:PORT  UDP auto-configuration protocol (default ${DEFAULT_DISCOVERY})
+  --snmp HOST:PORT       also listen for SNMPv2c traps (off by default)
+  --snmp-community NAME  SNMP community accepted (default "public")
+`;
+
+/** Loads DATA/admin.token, creating it (0600, 32 random bytes hex) atomically on first start. */
+export async function loadOrCreateAdminToken(path: string): Promise<string> {
+  for (let attempt = 0; attempt < 2; attempt++) {
+    try {
+      const text = (await fs.readFile(path)).subarray(0, TOKEN_FILE_BYTES_MAX).toString("utf8").trim();
+      if (!/^\S{16,512}$/.test(text)) throw new IpsanError("INVALID_ARGUMENT", `admin token ${path}: expected one token of 16..512 characters`);
+      return text;
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code !== "ENOENT") throw error;
+    }
+    const temporary = join(dirname(path), `.${basename(path)}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`);
+    const handle = await fs.open(temporary, "wx", 0o600);
+    try {
+      await handle.writeFile(`${randomBytes(32).toString("hex")}\n`);
+      await handle.sync();
+    } finally {
+      await handle.close();
+    }
+    try {
+      await fs.link(temporary, path);
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code !== "EEXIST") throw error;
+    } finally {
+      await fs.unlink(temporary);
+    }
+  }
+  throw new IpsanError("IO_ERROR", `admin token ${path}: cannot create it`);
+}
+
+function positiveMs(value: string | undefined, flag: string, fallback: number): number {
+  if (value === undefined) return fallback;
+  const ms = Number(value);
+  if (!/^[0-9]{1,9}$/.test(value) || ms < 1) throw new UsageError(`${flag}: invalid duration "${value}" (milliseconds, 1..999999999)`);
+  return ms;
+}
+
+function urlHost(host: string): string {
+  return host.includes(":") ? `[${host}]` : host;
+}
+
+export async function stationMain(argv: readonly string[]): Promise<number> {
+  const { values, positionals } = parseFlags(
+    argv,
+    {
+      data: { type: "string" },
+      http: { type: "string" },
+      discovery: { type: "string" },
+      snmp: { type: "string" },
+      "snmp-community": { type: "string" },
+      "pending-deadline-ms": { type: "string" },
+      "reconcile-interval-ms": { type: "string" },
+      "host-offline-after-ms": { type: "string" },
+      help: { type: "boolean" },
+    },
+    true,
+  );
+  if (values.help === true) {
+    process.stdout.write(USAGE);
+    return 0;
+  }
+  if (positionals.length > 0) throw new UsageError(`unexpected argument "${positionals[0]}"\n${USAGE}`);
+  if (values.data === undefined) throw new UsageError(`--data DIR is required\n${USAGE}`);
+  const http = parseHostPort(values.http ?? DEFAULT_HTTP, "--http");
+  const discovery = parseHostPort(values.discovery ?? DEFAULT_DISCOVERY, "--discovery");
+  const snmp = values.snmp === undefined ? null : parseHostPort(values.snmp, "--snmp");
+  const community = values["snmp-community"] ?? "public";
+  if (!/^[\x21-\x7e]{1,64}$/.test(community)) throw new UsageError(`--snmp-community: invalid community "${community}"`);
+  const options = {
+    pendingDeadlineMs: positiveMs(values["pending-deadline-ms"], "--pending-deadline-ms", DEFAULT_STATION_OPTIONS.pendingDeadlineMs),
+    reconcileIntervalMs: positiveMs(values["reconcile-interval-ms"], "--reconcile-interval-ms", DEFAULT_STATION_OPTIONS.reconcileIntervalMs),
+    hostOfflineAfterMs: positiveMs(values["host-offline-after-ms"], "--host-offline-after-ms", DEFAULT_STATION_OPTIONS.hostOfflineAfterMs),
+  };
+
+  const dataDir = resolve(values.data);
+  await fs.mkdir(dataDir, { recursive: true, mode: 0o700 });
+  const adminToken = await loadOrCreateAdminToken(join(dataDir, ADMIN_TOKEN_FILE_NAME));
+  const clusterKey = await loadOrCreateClusterKey(join(dataDir, CLUSTER_KEY_FILE_NAME));
+  const store = new StationStore(openDatabase(join(dataDir, DATABASE_FILE_NAME)));
+  const metrics = new StationMetrics();
+  const station = new Station(store, metrics, { clusterKey, ...options });
+
+  const listener = new DiscoveryListener({ clusterKey });
+  listener.subscribe((event) => {
+    switch (event.kind) {
+      case "unit_storage_info":
+        station
+          .applyStorageInfo(event.info, event.from.host, listener.unit(event.unit)?.state ?? "online")
+          .catch((error: unknown) => log.error("cannot store a unit's storage info", { unit: event.unit, error: errorMessage(error) }));
+        return;
+      case "unit_state":
+        station.setUnitState(event.unit, event.state);
+        return;
+      case "unit_startup":
+      case "packet_rejected":
+        return; // a state event follows a startup; rejections are counted by the listener
+    }
+  });
+  const snmpListener = snmp === null ? null : await startSnmp(listener, station, community, snmp);
+  const api = new ApiServer({
+    station,
+    adminToken,
+    extraMetrics: () => listener.metricsText() + (snmpListener?.metricsText() ?? ""),
+  });
+
+  let httpAddress;
+  let udpAddress;
+  try {
+    httpAddress = await api.listen(http.host, http.port);
+    udpAddress = await listener.listen(discovery);
+  } catch (error) {
+    await api.close().catch(() => undefined);
+    await listener.close().catch(() => undefined);
+    await snmpListener?.close().catch(() => undefined);
+    store.close();
+    throw new IpsanError("UNAVAILABLE", `cannot listen: ${errorMessage(error)}`, { cause: error });
+  }
+  station.start();
+  const lastSeenTimer = setInterval(() => {
+    for (const unit of listener.units()) store.setUnitLastSeen(unit.name, unit.lastSeenMs);
+  }, LAST_SEEN_SYNC_MS);
+  lastSeenTimer.unref();
+
+  process.stdout.write(`ipsan station ready http://${urlHost(httpAddress.address)}:${httpAddress.port}\n`);
+  process.stdout.write(`ipsan station discovery udp://${urlHost(udpAddress.host)}:${udpAddress.port}\n`);
+  if (snmpListener !== null) process.stdout.write(`ipsan station snmp udp://${urlHost(snmpListener.address.host)}:${snmpListener.address.port}\n`);
+  log.info("station ready", {
+    data: dataDir,
+    http: `${httpAddress.address}:${httpAddress.port}`,
+    units: store.units.size,
+    volumes: store.volumeCount,
+    assignments: store.live.size,
+  });
+
+  await new Promise<void>((resolveStop) => {
+    const stop = (signal: string): void => {
+      log.info("stopping", { signal });
+      process.off("SIGINT", onInt);
+      process.off("SIGTERM", onTerm);
+      resolveStop();
+    };
+    const onInt = (): void => stop("SIGINT");
+    const onTerm = (): void => stop("SIGTERM");
+    process.on("SIGINT", onInt);
+    process.on("SIGTERM", onTerm);
+  });
+  clearInterval(lastSeenTimer);
+  await api.close();
+  await listener.close();
+  await snmpListener?.close();
+  await station.stop();
+  store.close();
+  log.info("stopped");
+  return 0;
+}
+
+interface SnmpHandle {
+  readonly address: { host: string; port: number };
+  metricsText(): string;
+  close(): Promise<void>;
+}
+
+/** SNMP trap listener (src/discovery/snmp_*.ts), wired to the same listener. */
+async function startSnmp(
+  _listener: DiscoveryListener,
+  _station: Station,
+  _community: string,
+  _address: { host: string; port: number },
+): Promise<SnmpHandle> {
+  throw new UsageError("--snmp: the SNMP trap listener is not built yet");
+}

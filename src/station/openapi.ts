@@ -1,0 +1,296 @@
+// The hand-written OpenAPI 3.1 document served at GET /api/v1/openapi.json.
+// It mirrors docs/api.md; openapi_test.ts checks that every path documented
+// here answers on a real station (and not with 404/405).
+
+const json = "application/json";
+
+const ref = (name: string) => ({ $ref: `#/components/schemas/${name}` });
+const ok = (description: string, schema?: unknown) =>
+  schema === undefined ? { description } : { description, content: { [json]: { schema } } };
+const list = (name: string) => ({ type: "object", required: ["items"], properties: { items: { type: "array", items: ref(name) } } });
+const error = (description: string) => ({ description, content: { [json]: { schema: ref("Error") } } });
+const body = (schema: unknown) => ({ required: true, content: { [json]: { schema } } });
+const pathParam = (name: string, description: string) => ({ name, in: "path", required: true, description, schema: { type: "string" } });
+const queryParam = (name: string, description: string, schema: unknown = { type: "string" }) => ({ name, in: "query", required: false, description, schema });
+
+const errors = {
+  "400": error("a field has a bad value; error.field names it"),
+  "401": error("missing or wrong bearer token"),
+};
+
+const size = {
+  oneOf: [
+    { type: "integer", minimum: 512, multipleOf: 512 },
+    { type: "string", pattern: "^[0-9]+(\\.[0-9]+)?\\s*[KMGTkmgt]?(i?[Bb])?$" },
+  ],
+  description: "bytes, or a string with a K/M/G/T suffix (powers of 1024); a multiple of 512",
+};
+const name = { type: "string", pattern: "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$" };
+const hostPort = { type: ["object", "null"], properties: { host: { type: "string" }, port: { type: "integer" } } };
+const extent = {
+  type: "object",
+  properties: { startLba: { type: "integer" }, lengthLba: { type: "integer" }, endLba: { type: "integer", description: "inclusive" } },
+};
+
+export function openApiDocument(version: string): unknown {
+  return {
+    openapi: "3.1.0",
+    info: {
+      title: "ipsan station API",
+      version,
+      description:
+        "The control station of ipsan: the pool of SAN units, their volumes, hosts and assignments. " +
+        "Every request needs Authorization: Bearer TOKEN (the content of DATA/admin.token). See docs/api.md.",
+    },
+    servers: [{ url: "/" }],
+    security: [{ bearer: [] }],
+    components: {
+      securitySchemes: { bearer: { type: "http", scheme: "bearer" } },
+      schemas: {
+        Error: {
+          type: "object",
+          required: ["error"],
+          properties: {
+            error: {
+              type: "object",
+              required: ["code", "message"],
+              properties: {
+                code: { type: "string" },
+                message: { type: "string" },
+                field: { type: "string" },
+                reasons: { type: "array", items: { type: "object", properties: { unit: { type: "string" }, reason: { type: "string" } } } },
+              },
+            },
+          },
+        },
+        Unit: {
+          type: "object",
+          required: ["name", "state"],
+          properties: {
+            name,
+            dnsName: { type: ["string", "null"] },
+            state: { enum: ["online", "suspect", "offline", "down", "unknown"] },
+            addresses: { type: "array", items: { type: "string" } },
+            nbd: hostPort,
+            control: hostPort,
+            capacityBytes: { type: "integer" },
+            freeBytes: { type: "integer" },
+            volumeCount: { type: "integer" },
+            lastSeenAt: { type: "string", format: "date-time" },
+          },
+        },
+        Volume: {
+          type: "object",
+          required: ["id", "unit", "name", "sizeBytes"],
+          properties: {
+            id: { type: "string", description: "UNIT/VOLUME" },
+            unit: name,
+            name,
+            number: { type: "integer" },
+            sizeBytes: { type: "integer" },
+            extents: { type: "array", items: extent, description: "absolute LBAs on the unit" },
+            partitions: {
+              type: "array",
+              items: {
+                type: "object",
+                properties: { index: { type: "integer" }, name: { type: "string" }, startLba: { type: "integer" }, lengthLba: { type: "integer" }, endLba: { type: "integer" }, sizeBytes: { type: "integer" } },
+              },
+            },
+            grants: { type: ["array", "null"], items: { type: "string" } },
+            assignedTo: { type: ["string", "null"] },
+          },
+        },
+        Host: {
+          type: "object",
+          required: ["name", "address", "state"],
+          properties: {
+            name,
+            address: { type: "string" },
+            state: { enum: ["online", "offline"] },
+            lastSeenAt: { type: "string", format: "date-time" },
+            createdAt: { type: "string", format: "date-time" },
+          },
+        },
+        Assignment: {
+          type: "object",
+          required: ["id", "host", "unit", "volume", "export", "uri", "sizeBytes", "state"],
+          properties: {
+            id: { type: "string" },
+            requestId: { type: ["string", "null"] },
+            host: name,
+            hostAddress: { type: "string" },
+            unit: name,
+            unitDnsName: { type: ["string", "null"] },
+            unitAddress: { type: ["string", "null"] },
+            nbdHost: { type: ["string", "null"] },
+            nbdPort: { type: ["integer", "null"] },
+            export: { type: "string", description: "VOLUME, or VOLUME/pN for partition N" },
+            volume: name,
+            volumeNumber: { type: ["integer", "null"] },
+            partition: { type: ["integer", "null"] },
+            sizeBytes: { type: "integer" },
+            startLba: { type: ["integer", "null"] },
+            lengthLba: { type: "integer" },
+            endLba: { type: ["integer", "null"] },
+            extents: { type: "array", items: extent },
+            uri: { type: ["string", "null"], description: "nbd://HOST:PORT/EXPORT" },
+            state: { enum: ["pending", "active", "revoking", "released", "failed"] },
+            createdAt: { type: "string", format: "date-time" },
+            updatedAt: { type: "string", format: "date-time" },
+            error: { type: ["string", "null"] },
+          },
+        },
+        DryRun: {
+          type: "object",
+          properties: {
+            dryRun: { const: true },
+            placement: {
+              type: "object",
+              properties: { kind: { enum: ["reuse", "carve"] }, unit: { type: "string" }, volume: { type: "string" }, sizeBytes: { type: "integer" } },
+            },
+            reasons: { type: "array", items: { type: "object" } },
+          },
+        },
+      },
+    },
+    paths: {
+      "/api/v1/health": { get: { summary: "Liveness and counts", responses: { "200": ok("ok", { type: "object" }), ...errors } } },
+      "/api/v1/openapi.json": { get: { summary: "This document", responses: { "200": ok("OpenAPI 3.1", { type: "object" }), ...errors } } },
+      "/api/v1/units": {
+        get: {
+          summary: "Units in the pool",
+          parameters: [queryParam("state", "only units in this state")],
+          responses: { "200": ok("units", list("Unit")), ...errors },
+        },
+      },
+      "/api/v1/units/{unit}": {
+        get: {
+          summary: "One unit with its volumes",
+          parameters: [pathParam("unit", "unit name")],
+          responses: { "200": ok("unit", { allOf: [ref("Unit"), { type: "object", properties: { volumes: { type: "array", items: ref("Volume") } } }] }), "404": error("no such unit"), ...errors },
+        },
+      },
+      "/api/v1/units/{unit}/refresh": {
+        post: {
+          summary: "Read the unit's info through its control API now",
+          parameters: [pathParam("unit", "unit name")],
+          responses: { "200": ok("unit", ref("Unit")), "404": error("no such unit"), "503": error("unit unreachable"), ...errors },
+        },
+      },
+      "/api/v1/volumes": {
+        get: {
+          summary: "Volumes of all units",
+          parameters: [queryParam("unit", "only this unit's"), queryParam("free", "only unassigned ones", { type: "boolean" })],
+          responses: { "200": ok("volumes", list("Volume")), ...errors },
+        },
+        post: {
+          summary: "Create a volume on a unit",
+          requestBody: body({ type: "object", required: ["unit", "name", "sizeBytes"], additionalProperties: false, properties: { unit: name, name, sizeBytes: size } }),
+          responses: { "201": ok("created", ref("Volume")), "404": error("no such unit"), "409": error("exists"), "503": error("unit unreachable"), "507": error("no space on the unit"), ...errors },
+        },
+      },
+      "/api/v1/volumes/{unit}/{name}": {
+        get: {
+          summary: "One volume",
+          parameters: [pathParam("unit", "unit name"), pathParam("name", "volume name")],
+          responses: { "200": ok("volume", ref("Volume")), "404": error("no such unit or volume"), ...errors },
+        },
+        delete: {
+          summary: "Delete a volume (not while assigned)",
+          parameters: [pathParam("unit", "unit name"), pathParam("name", "volume name")],
+          responses: { "204": ok("deleted"), "404": error("no such unit or volume"), "409": error("assigned"), "503": error("unit unreachable"), ...errors },
+        },
+      },
+      "/api/v1/volumes/{unit}/{name}/grow": {
+        post: {
+          summary: "Grow a volume to a new total size",
+          parameters: [pathParam("unit", "unit name"), pathParam("name", "volume name")],
+          requestBody: body({ type: "object", required: ["sizeBytes"], additionalProperties: false, properties: { sizeBytes: size } }),
+          responses: { "200": ok("grown", ref("Volume")), "404": error("no such unit or volume"), "409": error("smaller than now"), "507": error("no space"), ...errors },
+        },
+      },
+      "/api/v1/volumes/{unit}/{name}/partitions": {
+        put: {
+          summary: "Replace a volume's partitions (back to back from its start; [] = none)",
+          parameters: [pathParam("unit", "unit name"), pathParam("name", "volume name")],
+          requestBody: body({ type: "object", required: ["sizesBytes"], additionalProperties: false, properties: { sizesBytes: { type: "array", items: size } } }),
+          responses: { "200": ok("partitioned", ref("Volume")), "404": error("no such unit or volume"), "409": error("a partition is assigned"), ...errors },
+        },
+      },
+      "/api/v1/hosts": {
+        get: { summary: "Registered hosts", parameters: [queryParam("state", "online or offline")], responses: { "200": ok("hosts", list("Host")), ...errors } },
+      },
+      "/api/v1/hosts/{host}": {
+        get: { summary: "One host", parameters: [pathParam("host", "host name")], responses: { "200": ok("host", ref("Host")), "404": error("no such host"), ...errors } },
+        put: {
+          summary: "Register a host or change its data-path address (default: the caller's address)",
+          parameters: [pathParam("host", "host name")],
+          requestBody: body({ type: "object", additionalProperties: false, properties: { address: { type: "string", description: "IP address or DNS name" } } }),
+          responses: { "200": ok("updated", ref("Host")), "201": ok("registered", ref("Host")), ...errors },
+        },
+      },
+      "/api/v1/hosts/{host}/heartbeat": {
+        post: {
+          summary: "The host is alive",
+          parameters: [pathParam("host", "host name")],
+          requestBody: body({ type: "object", additionalProperties: false, properties: { address: { type: "string" } } }),
+          responses: { "204": ok("noted"), "404": error("no such host"), ...errors },
+        },
+      },
+      "/api/v1/assignments": {
+        get: {
+          summary: "Assignments (live ones; all=true adds released and failed)",
+          parameters: [queryParam("host", "only this host's"), queryParam("all", "include history", { type: "boolean" }), queryParam("state", "only this state")],
+          responses: { "200": ok("assignments", list("Assignment")), ...errors },
+        },
+        post: {
+          summary: "Assign a chosen volume or partition to a host (semi-automatic path)",
+          requestBody: body({
+            type: "object",
+            required: ["host", "unit", "volume"],
+            additionalProperties: false,
+            properties: { host: name, unit: name, volume: name, partition: { type: "integer", minimum: 1 }, requestId: { type: "string" } },
+          }),
+          responses: { "200": ok("retried requestId", ref("Assignment")), "201": ok("assigned", ref("Assignment")), "404": error("no such host, unit, volume or partition"), "409": error("volume taken"), "503": error("unit unreachable"), ...errors },
+        },
+      },
+      "/api/v1/assignments/{id}": {
+        get: { summary: "One assignment", parameters: [pathParam("id", "assignment id")], responses: { "200": ok("assignment", ref("Assignment")), "404": error("no such assignment"), ...errors } },
+        delete: {
+          summary: "Unassign: the unit's grant is revoked",
+          parameters: [pathParam("id", "assignment id")],
+          responses: { "204": ok("revoked"), "202": ok("recorded; the unit is told when reachable", ref("Assignment")), "404": error("no such assignment"), "409": error("still pending"), ...errors },
+        },
+      },
+      "/api/v1/allocations": {
+        post: {
+          summary: "A host asks for N bytes: reuse a free volume or carve one, grant the host, answer where it is",
+          requestBody: body({
+            type: "object",
+            required: ["requestId", "host", "sizeBytes"],
+            additionalProperties: false,
+            properties: { requestId: { type: "string", pattern: "^[A-Za-z0-9_.:-]{1,128}$" }, host: name, sizeBytes: size, address: { type: "string" }, dryRun: { type: "boolean" } },
+          }),
+          responses: {
+            "201": ok("allocated", ref("Assignment")),
+            "200": ok("retried requestId (the same assignment) or dry run", { oneOf: [ref("Assignment"), ref("DryRun")] }),
+            "409": error("requestId reused with other parameters"),
+            "503": error("unit unreachable; nothing left half-made"),
+            "507": error("no fit; error.reasons says why, unit by unit"),
+            ...errors,
+          },
+        },
+      },
+      "/api/v1/events": {
+        get: {
+          summary: "Server-Sent Events of every change (Last-Event-ID replays)",
+          parameters: [queryParam("since", "replay events after this number")],
+          responses: { "200": { description: "event stream", content: { "text/event-stream": { schema: { type: "string" } } } }, "503": error("too many subscribers"), ...errors },
+        },
+      },
+      "/metrics": {
+        get: { summary: "Prometheus metrics", responses: { "200": { description: "text format 0.0.4", content: { "text/plain": { schema: { type: "string" } } } }, ...errors } },
+      },
+    },
+  };
+}

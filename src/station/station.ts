@@ -1,0 +1,797 @@
+// The station core: the operations behind the REST API and the reconcile loop
+// (Longhorn style). The database holds the desired state (assignments, and
+// through them which host address each volume grants); handlers record intent
+// first, then tell the unit, then record the outcome; `reconcile` finishes or
+// undoes whatever a failure or a kill -9 left in between, idempotently.
+//
+// Concurrency: better-sqlite3 is synchronous, so "choose a placement and record
+// it pending" runs without an await in between and two requests can never take
+// the same volume or the same free space. Work on one assignment is serialized
+// by a per-assignment lock, and grant updates of one volume by a per-volume lock
+// (each PUT of grants sends the whole desired list computed inside the lock).
+
+import { lookup } from "node:dns/promises";
+import { isIP } from "node:net";
+import { controlTokenFor } from "../discovery/keys.ts";
+import type { StorageInfo, VolumeInfo } from "../discovery/messages.ts";
+import { parseCidr } from "../unit/cidr.ts";
+import { IpsanError, errorMessage } from "../util/errors.ts";
+import { logger } from "../util/log.ts";
+import { formatSize } from "../util/size.ts";
+import { allocate, type AllocatorUnit, type AllocatorVolume, type Placement, type UnitReason } from "./allocator.ts";
+import type { StationMetrics } from "./metrics.ts";
+import { newAssignmentId, type StationStore } from "./store.ts";
+import type { AssignmentDetail, AssignmentRecord, HostState, UnitState, VolumeRecord } from "./types.ts";
+import { UnitCallError, UnitClient } from "./unit_client.ts";
+import { assignedExtents, hostState, reachableNbd } from "./views.ts";
+
+const log = logger("station");
+
+/** Units allocate storage in whole MiB (the unit's EXTENT_ALIGNMENT_BYTES): a carve uses this much free space. */
+export const CARVE_ALIGNMENT_BYTES = 1024 * 1024;
+/** Placements tried for one allocation when units refuse a carve (e.g. their volume limit). */
+export const PLACEMENT_ATTEMPTS_MAX = 3;
+/** DNS names are resolved with this bound. */
+export const DNS_LOOKUP_TIMEOUT_MS = 2_000;
+export const DNS_CACHE_MS = 60_000;
+export const DNS_CACHE_ENTRIES_MAX = 4096;
+
+export interface StationOptions {
+  readonly clusterKey: Buffer;
+  /** A pending assignment older than this that cannot be finished is undone. */
+  readonly pendingDeadlineMs: number;
+  readonly reconcileIntervalMs: number;
+  readonly hostOfflineAfterMs: number;
+  readonly unitCallTimeoutMs?: number;
+}
+
+export const DEFAULT_STATION_OPTIONS = {
+  pendingDeadlineMs: 30_000,
+  reconcileIntervalMs: 10_000,
+  hostOfflineAfterMs: 30_000,
+} as const;
+
+/** Serializes async work per key; keys are dropped when idle. */
+class KeyedMutex {
+  private readonly tails = new Map<string, Promise<unknown>>();
+  run<T>(key: string, body: () => Promise<T>): Promise<T> {
+    const previous = this.tails.get(key) ?? Promise.resolve();
+    const next = previous.then(body, body);
+    const tail = next.then(
+      () => undefined,
+      () => undefined,
+    );
+    this.tails.set(key, tail);
+    void tail.then(() => {
+      if (this.tails.get(key) === tail) this.tails.delete(key);
+    });
+    return next;
+  }
+}
+
+export interface AllocationInput {
+  readonly requestId: string;
+  readonly host: string;
+  readonly sizeBytes: number;
+  readonly address?: string;
+  readonly dryRun?: boolean;
+}
+
+export interface AssignInput {
+  readonly host: string;
+  readonly unit: string;
+  readonly volume: string;
+  readonly partition?: number;
+  readonly requestId?: string;
+}
+
+export type AllocationAnswer =
+  | { readonly kind: "assignment"; readonly status: 200 | 201; readonly assignment: AssignmentRecord }
+  | { readonly kind: "dry_run"; readonly placement: Placement; readonly reasons: readonly UnitReason[] };
+
+export class NoSpaceError extends IpsanError {
+  readonly reasons: readonly UnitReason[];
+  constructor(message: string, reasons: readonly UnitReason[]) {
+    super("NO_SPACE", message);
+    this.reasons = reasons;
+  }
+}
+
+function canonicalGrant(address: string): string {
+  const parsed = parseCidr(address);
+  return parsed.ok ? parsed.cidr.text : address;
+}
+
+function sameSet(a: readonly string[], b: readonly string[]): boolean {
+  if (a.length !== b.length) return false;
+  const set = new Set(a);
+  return b.every((x) => set.has(x));
+}
+
+function withTimeout<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  return Promise.race([
+    promise.finally(() => clearTimeout(timer)),
+    new Promise<T>((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`${what}: no answer within ${ms} ms`)), ms);
+    }),
+  ]);
+}
+
+export class Station {
+  readonly store: StationStore;
+  readonly metrics: StationMetrics;
+  readonly options: StationOptions;
+  private readonly locks = new KeyedMutex();
+  private readonly inflight = new Map<string, Promise<AllocationAnswer>>();
+  private readonly clients = new Map<string, UnitClient>();
+  private readonly dnsCache = new Map<string, { addresses: string[]; atMs: number }>();
+  private readonly hostStates = new Map<string, HostState>();
+  private reconcileRun: Promise<void> | null = null;
+  private reconcileAgain = false;
+  private timers: NodeJS.Timeout[] = [];
+  private stopped = false;
+
+  constructor(store: StationStore, metrics: StationMetrics, options: StationOptions) {
+    this.store = store;
+    this.metrics = metrics;
+    this.options = options;
+    const nowMs = store.clock.nowMs();
+    for (const host of store.hosts.values()) this.hostStates.set(host.name, hostState(host, nowMs, options.hostOfflineAfterMs));
+  }
+
+  /** Starts the periodic reconcile and host-state sweep; runs a first reconcile now. */
+  start(): void {
+    this.timers.push(setInterval(() => void this.reconcile(), this.options.reconcileIntervalMs).unref());
+    this.timers.push(setInterval(() => this.sweepHosts(), Math.min(1000, this.options.hostOfflineAfterMs)).unref());
+    void this.reconcile();
+  }
+
+  async stop(): Promise<void> {
+    this.stopped = true;
+    for (const timer of this.timers) clearInterval(timer);
+    this.timers = [];
+    await this.reconcileRun?.catch(() => undefined);
+  }
+
+  // ---- units ---------------------------------------------------------------------
+
+  clientFor(unitName: string): UnitClient {
+    const unit = this.store.units.get(unitName);
+    if (unit === undefined) throw new IpsanError("NOT_FOUND", `unit ${JSON.stringify(unitName)} not found`, { field: "unit" });
+    if (unit.control === null) {
+      throw new IpsanError("CONFLICT", `unit ${unitName} has no control API (it reported none): cannot change its volumes`, { field: "unit" });
+    }
+    const control = reachableNbd(unit.control, unit.addresses) ?? unit.control;
+    const key = `${unitName}@${control.host}:${control.port}`;
+    let client = this.clients.get(key);
+    if (client === undefined) {
+      for (const old of this.clients.keys()) if (old.startsWith(`${unitName}@`)) this.clients.delete(old);
+      client = new UnitClient({
+        unit: unitName,
+        control,
+        token: controlTokenFor(this.options.clusterKey, unitName),
+        ...(this.options.unitCallTimeoutMs === undefined ? {} : { timeoutMs: this.options.unitCallTimeoutMs }),
+        onCall: (result) => this.metrics.unitCalls.inc(result),
+      });
+      this.clients.set(key, client);
+    }
+    return client;
+  }
+
+  private async resolve(name: string): Promise<string[]> {
+    if (isIP(name) !== 0) return [name];
+    const cached = this.dnsCache.get(name);
+    const nowMs = Date.now();
+    if (cached !== undefined && nowMs - cached.atMs < DNS_CACHE_MS) return cached.addresses;
+    try {
+      const results = await withTimeout(lookup(name, { all: true }), DNS_LOOKUP_TIMEOUT_MS, `resolve ${name}`);
+      const addresses = results.map((r) => r.address);
+      if (this.dnsCache.size >= DNS_CACHE_ENTRIES_MAX) this.dnsCache.clear();
+      this.dnsCache.set(name, { addresses, atMs: nowMs });
+      return addresses;
+    } catch (error) {
+      log.limited(`dns:${name}`, "cannot resolve a unit's DNS name", { name, error: errorMessage(error) });
+      return cached?.addresses ?? [];
+    }
+  }
+
+  /** A unit's storage info (discovery, or its control API): the unit is the truth for its volumes. */
+  async applyStorageInfo(info: StorageInfo, fromHost: string | null, state: UnitState = "online"): Promise<void> {
+    const addresses: string[] = [];
+    const add = (address: string | null | undefined): void => {
+      if (address && isIP(address) !== 0 && !addresses.includes(address) && address !== "0.0.0.0" && address !== "::") addresses.push(address);
+    };
+    if (info.dnsName !== null) for (const address of await this.resolve(info.dnsName)) add(address);
+    add(fromHost);
+    add(info.nbd.host);
+    this.store.applyUnitReport(
+      {
+        name: info.name,
+        dnsName: info.dnsName,
+        addresses,
+        nbd: info.nbd,
+        control: info.control,
+        capacityBytes: info.capacityBytes,
+        freeBytes: info.freeBytes,
+        volumes: info.volumes.map((v) => ({ ...v, grants: v.grants.map(canonicalGrant) })),
+      },
+      state,
+    );
+    this.reconcileSoon();
+  }
+
+  setUnitState(name: string, state: UnitState): void {
+    if (this.store.setUnitState(name, state) && state === "online") this.reconcileSoon();
+  }
+
+  /** Reads the unit's info through its control API and applies it. */
+  async refreshUnit(name: string): Promise<void> {
+    const info = await this.clientFor(name).info();
+    const state = this.store.units.get(name)?.state ?? "online";
+    await this.applyStorageInfo(info, null, state === "unknown" ? "online" : state);
+  }
+
+  private refreshQuietly(name: string): void {
+    void this.refreshUnit(name).catch((error: unknown) =>
+      log.limited(`refresh:${name}`, "cannot refresh unit info", { unit: name, error: errorMessage(error) }),
+    );
+  }
+
+  // ---- hosts ---------------------------------------------------------------------
+
+  hostStateOf(name: string): HostState {
+    const host = this.store.hosts.get(name);
+    return host === undefined ? "offline" : hostState(host, this.store.clock.nowMs(), this.options.hostOfflineAfterMs);
+  }
+
+  /** Registers or updates a host; a changed address moves its grants along. */
+  async putHost(name: string, address: string): Promise<{ created: boolean }> {
+    const { created, changed } = this.store.putHost(name, address);
+    this.noteHostState(name);
+    if (changed) await this.followHostAddress(name, address);
+    return { created };
+  }
+
+  heartbeat(name: string): boolean {
+    const ok = this.store.touchHost(name);
+    if (ok) this.noteHostState(name);
+    return ok;
+  }
+
+  private async followHostAddress(name: string, address: string): Promise<void> {
+    const volumes = new Set<string>();
+    for (const assignment of this.store.listAssignments({ host: name })) {
+      if (assignment.state === "revoking") continue;
+      this.store.updateAssignment(assignment.id, assignment.state, { hostAddress: address });
+      volumes.add(JSON.stringify([assignment.unit, assignment.volume]));
+    }
+    for (const key of volumes) {
+      const [unit, volume] = JSON.parse(key) as [string, string];
+      await this.syncGrants(unit, volume, true).catch((error: unknown) =>
+        log.limited(`grants:${unit}`, "cannot move grants to a host's new address yet; reconcile retries", {
+          unit,
+          volume,
+          error: errorMessage(error),
+        }),
+      );
+    }
+  }
+
+  private noteHostState(name: string): void {
+    const state = this.hostStateOf(name);
+    const previous = this.hostStates.get(name);
+    this.hostStates.set(name, state);
+    if (previous !== undefined && previous !== state) this.store.recordHostState(name, state);
+  }
+
+  private sweepHosts(): void {
+    for (const name of this.store.hosts.keys()) this.noteHostState(name);
+  }
+
+  // ---- grants ------------------------------------------------------------------
+
+  /** Grants a volume should carry: the addresses of the hosts of its live, not-being-revoked assignments. */
+  desiredGrants(unit: string, volume: string): string[] {
+    const out: string[] = [];
+    for (const a of this.store.liveOnVolume(unit, volume)) {
+      if (a.state === "active" || (a.state === "pending" && a.error === null)) {
+        const grant = canonicalGrant(a.hostAddress);
+        if (!out.includes(grant)) out.push(grant);
+      }
+    }
+    return out.sort();
+  }
+
+  /** Makes the unit's grants of one volume equal the desired ones (skipped when already equal, unless forced). */
+  syncGrants(unit: string, volume: string, force: boolean): Promise<void> {
+    return this.locks.run(`volume:${unit}/${volume}`, async () => {
+      const desired = this.desiredGrants(unit, volume);
+      const observed = this.store.volume(unit, volume)?.grants ?? null;
+      if (!force && observed !== null && sameSet(observed, desired)) return;
+      const updated = await this.clientFor(unit).setGrants(volume, desired);
+      this.store.putVolume({ unit, ...updated, grants: updated.grants.map(canonicalGrant) }, "grants");
+    });
+  }
+
+  // ---- allocation ----------------------------------------------------------------
+
+  /** The pool as the allocator sees it (a view over the store, no copies of volumes). */
+  private allocatorUnits(): AllocatorUnit[] {
+    const reserved = new Map<string, number>();
+    for (const a of this.store.live.values()) {
+      if (a.state === "pending" && a.carved && this.store.volume(a.unit, a.volume) === undefined) {
+        reserved.set(a.unit, (reserved.get(a.unit) ?? 0) + Math.ceil(a.sizeBytes / CARVE_ALIGNMENT_BYTES) * CARVE_ALIGNMENT_BYTES);
+      }
+    }
+    const store = this.store;
+    return [...store.units.values()].map((unit) => {
+      const volumes = store.unitVolumes(unit.name);
+      return {
+        name: unit.name,
+        state: unit.state,
+        hasControl: unit.control !== null,
+        freeBytes: unit.freeBytes,
+        reservedBytes: reserved.get(unit.name) ?? 0,
+        volumeCount: volumes.size,
+        volumesMax: unit.volumesMax,
+        volumes: {
+          *[Symbol.iterator](): Iterator<AllocatorVolume> {
+            for (const v of volumes.values()) {
+              yield { name: v.name, sizeBytes: v.sizeBytes, partitionCount: v.partitions.length, assigned: store.isVolumeAssigned(unit.name, v.name) };
+            }
+          },
+        },
+      };
+    });
+  }
+
+  /** Allocation with idempotency by requestId (docs/api.md "POST /api/v1/allocations"). */
+  async allocate(input: AllocationInput, callerAddress: string): Promise<AllocationAnswer> {
+    const startedMs = performance.now();
+    try {
+      const answer = await this.allocateOnce(input, callerAddress);
+      this.metrics.allocations.inc(answer.kind === "dry_run" ? "dry_run" : answer.status === 201 ? "created" : "retried");
+      return answer;
+    } catch (error) {
+      this.metrics.allocations.inc(error instanceof NoSpaceError ? "no_space" : "failed");
+      throw error;
+    } finally {
+      if (input.dryRun !== true) this.metrics.allocationSeconds.observe((performance.now() - startedMs) / 1000);
+    }
+  }
+
+  private async allocateOnce(input: AllocationInput, callerAddress: string): Promise<AllocationAnswer> {
+    if (input.dryRun === true) {
+      const result = allocate(this.allocatorUnits(), { sizeBytes: input.sizeBytes });
+      if (!result.ok) throw this.noSpace(input.sizeBytes, result.reasons);
+      return { kind: "dry_run", placement: result.placement, reasons: result.reasons };
+    }
+    const running = this.inflight.get(input.requestId);
+    if (running !== undefined) {
+      const answer = await running;
+      return answer.kind === "assignment" ? { ...answer, status: 200 } : answer;
+    }
+    const params = JSON.stringify({ kind: "allocation", host: input.host, sizeBytes: input.sizeBytes });
+    const previous = this.store.findRequest(input.requestId);
+    if (previous !== undefined) {
+      if (previous.params !== params) {
+        throw new IpsanError(
+          "CONFLICT",
+          `requestId ${JSON.stringify(input.requestId)} was already used for a different request (${previous.params})`,
+          { field: "requestId" },
+        );
+      }
+      return { kind: "assignment", status: 200, assignment: await this.settled(previous.assignmentId) };
+    }
+    const work = this.allocateNew(input, callerAddress, params);
+    this.inflight.set(input.requestId, work);
+    try {
+      return await work;
+    } finally {
+      this.inflight.delete(input.requestId);
+    }
+  }
+
+  private noSpace(sizeBytes: number, reasons: readonly UnitReason[]): NoSpaceError {
+    const message =
+      reasons.length === 0
+        ? `no unit in the pool can hold ${formatSize(sizeBytes)}: the pool has no units`
+        : `no unit in the pool can hold ${formatSize(sizeBytes)} (${reasons.length} unit${reasons.length === 1 ? "" : "s"}, reasons in "reasons")`;
+    return new NoSpaceError(message, reasons);
+  }
+
+  private async allocateNew(input: AllocationInput, callerAddress: string, params: string): Promise<AllocationAnswer> {
+    const known = this.store.hosts.get(input.host);
+    const address = input.address ?? known?.address ?? callerAddress;
+    if (known === undefined || known.address !== address) await this.putHost(input.host, address);
+    else this.heartbeat(input.host);
+    const exclude = new Set<string>();
+    for (let attempt = 1; ; attempt++) {
+      const result = allocate(this.allocatorUnits(), { sizeBytes: input.sizeBytes, excludeUnits: exclude });
+      if (!result.ok) throw this.noSpace(input.sizeBytes, result.reasons);
+      const placement = result.placement;
+      const nowMs = this.store.clock.nowMs();
+      const id = newAssignmentId();
+      const assignment: AssignmentRecord = {
+        id,
+        requestId: input.requestId,
+        host: input.host,
+        hostAddress: address,
+        unit: placement.unit,
+        volume: placement.kind === "reuse" ? placement.volume : `h-${id.slice(2)}`,
+        partition: null,
+        sizeBytes: placement.sizeBytes,
+        state: "pending",
+        carved: placement.kind === "carve",
+        error: null,
+        detail: null,
+        createdAtMs: nowMs,
+        updatedAtMs: nowMs,
+      };
+      // No await between allocate() above and this insert: the placement is reserved atomically.
+      this.store.insertAssignment(assignment, { requestId: input.requestId, params });
+      try {
+        return { kind: "assignment", status: 201, assignment: await this.finishOrUndo(assignment) };
+      } catch (error) {
+        // A unit that refused to carve (full, volume limit) is left out and the next best tried.
+        const refusedCarve = error instanceof UnitCallError && error.failure === "refused" && assignment.carved;
+        if (refusedCarve && attempt < PLACEMENT_ATTEMPTS_MAX) {
+          exclude.add(assignment.unit);
+          continue;
+        }
+        throw error;
+      }
+    }
+  }
+
+  /** Semi-automatic path: the admin assigns a chosen volume or partition to a chosen host. */
+  async assign(input: AssignInput): Promise<{ status: 200 | 201; assignment: AssignmentRecord }> {
+    const host = this.store.hosts.get(input.host);
+    if (host === undefined) {
+      throw new IpsanError("NOT_FOUND", `host ${JSON.stringify(input.host)} not found: register it first (PUT /api/v1/hosts/NAME)`, { field: "host" });
+    }
+    const params = JSON.stringify({ kind: "assignment", host: input.host, unit: input.unit, volume: input.volume, partition: input.partition ?? null });
+    if (input.requestId !== undefined) {
+      const previous = this.store.findRequest(input.requestId);
+      if (previous !== undefined) {
+        if (previous.params !== params) {
+          throw new IpsanError("CONFLICT", `requestId ${JSON.stringify(input.requestId)} was already used for a different request`, { field: "requestId" });
+        }
+        return { status: 200, assignment: await this.settled(previous.assignmentId) };
+      }
+    }
+    if (!this.store.units.has(input.unit)) throw new IpsanError("NOT_FOUND", `unit ${JSON.stringify(input.unit)} not found`, { field: "unit" });
+    const volume = this.store.volume(input.unit, input.volume);
+    if (volume === undefined) {
+      throw new IpsanError("NOT_FOUND", `volume ${JSON.stringify(input.volume)} not found on unit ${input.unit}`, { field: "volume" });
+    }
+    const partition = input.partition ?? null;
+    const range = assignedExtents(volume, partition);
+    if (range === null) {
+      throw new IpsanError("NOT_FOUND", `partition ${partition} not found on volume ${input.unit}/${input.volume} (it has ${volume.partitions.length})`, {
+        field: "partition",
+      });
+    }
+    for (const other of this.store.liveOnVolume(input.unit, input.volume)) {
+      const overlaps = other.partition === null || partition === null || other.partition === partition;
+      if (other.host !== input.host || overlaps) {
+        throw new IpsanError(
+          "CONFLICT",
+          `volume ${input.unit}/${input.volume}${other.partition === null ? "" : ` partition ${other.partition}`} is already assigned to host ${other.host} (assignment ${other.id}); a volume belongs to one host`,
+          { field: "volume" },
+        );
+      }
+    }
+    const nowMs = this.store.clock.nowMs();
+    const assignment: AssignmentRecord = {
+      id: newAssignmentId(),
+      requestId: input.requestId ?? null,
+      host: input.host,
+      hostAddress: host.address,
+      unit: input.unit,
+      volume: input.volume,
+      partition,
+      sizeBytes: range.sizeBytes,
+      state: "pending",
+      carved: false,
+      error: null,
+      detail: null,
+      createdAtMs: nowMs,
+      updatedAtMs: nowMs,
+    };
+    this.store.insertAssignment(assignment, input.requestId === undefined ? undefined : { requestId: input.requestId, params });
+    return { status: 201, assignment: await this.finishOrUndo(assignment) };
+  }
+
+  /** The in-line path of a new assignment: finish it now, or undo it before answering the error. */
+  private finishOrUndo(assignment: AssignmentRecord): Promise<AssignmentRecord> {
+    return this.locks.run(`assignment:${assignment.id}`, async () => {
+      try {
+        return await this.finish(assignment);
+      } catch (error) {
+        await this.undo(assignment, errorMessage(error));
+        throw error;
+      }
+    });
+  }
+
+  /** An existing assignment, with a pending one finished (or undone) first. */
+  private async settled(id: string): Promise<AssignmentRecord> {
+    const assignment = this.store.getAssignment(id);
+    if (assignment === undefined) throw new IpsanError("NOT_FOUND", `assignment ${id} not found`);
+    if (assignment.state !== "pending") return assignment;
+    await this.settlePending(assignment);
+    return this.store.getAssignment(id) ?? assignment;
+  }
+
+  /** Tells the unit (create the carved volume if missing, put grants) and marks the assignment active. Caller holds the assignment lock. */
+  private async finish(assignment: AssignmentRecord): Promise<AssignmentRecord> {
+    const current = this.store.getAssignment(assignment.id);
+    if (current === undefined || current.state !== "pending") return current ?? assignment;
+    const client = this.clientFor(current.unit);
+    let volume = this.store.volume(current.unit, current.volume);
+    if (volume === undefined && current.carved) {
+      let created: VolumeInfo;
+      try {
+        created = await client.createVolume(current.volume, current.sizeBytes);
+      } catch (error) {
+        // Made by an earlier attempt (a retry after a lost answer, or before a station crash).
+        if (!(error instanceof UnitCallError && error.unitCode === "ALREADY_EXISTS")) throw error;
+        created = await client.getVolume(current.volume);
+        if (created.sizeBytes < current.sizeBytes) {
+          throw new IpsanError("CONFLICT", `volume ${current.unit}/${current.volume} exists with ${created.sizeBytes} bytes, less than ${current.sizeBytes}`);
+        }
+      }
+      volume = { unit: current.unit, ...created, grants: created.grants.map(canonicalGrant) };
+      this.store.putVolume(volume, "created");
+      const unit = this.store.units.get(current.unit);
+      if (unit !== undefined) {
+        this.store.adjustUnitFree(unit.name, unit.freeBytes - Math.ceil(current.sizeBytes / CARVE_ALIGNMENT_BYTES) * CARVE_ALIGNMENT_BYTES);
+      }
+    }
+    if (volume === undefined) throw new IpsanError("NOT_FOUND", `volume ${current.unit}/${current.volume} is no longer on the unit`);
+    const range = assignedExtents(volume, current.partition);
+    if (range === null) throw new IpsanError("NOT_FOUND", `partition ${current.partition} of ${current.unit}/${current.volume} is gone`);
+    await this.syncGrants(current.unit, current.volume, true);
+    const unit = this.store.units.get(current.unit);
+    const detail: AssignmentDetail = {
+      volumeNumber: volume.number,
+      sizeBytes: range.sizeBytes,
+      extents: range.extents,
+      nbd: reachableNbd(unit?.nbd ?? null, unit?.addresses ?? []),
+    };
+    const active = this.store.updateAssignment(current.id, "active", { detail, error: null });
+    log.info("assignment active", { id: active.id, host: active.host, unit: active.unit, volume: active.volume, partition: active.partition ?? undefined });
+    return active;
+  }
+
+  /** Undoes a pending assignment: failed in the database first, then grants and a carved volume cleaned up, best effort. */
+  private async undo(assignment: AssignmentRecord, reason: string): Promise<void> {
+    const current = this.store.getAssignment(assignment.id);
+    if (current === undefined || current.state !== "pending") return;
+    this.store.updateAssignment(current.id, "failed", { error: reason, dropRequest: true });
+    log.warn("assignment undone", { id: current.id, host: current.host, unit: current.unit, volume: current.volume, reason });
+    const unit = this.store.units.get(current.unit);
+    if (unit === undefined || unit.control === null || unit.state === "offline" || unit.state === "down") return;
+    try {
+      const volume = this.store.volume(current.unit, current.volume);
+      if (volume !== undefined) await this.syncGrants(current.unit, current.volume, false);
+      if (current.carved && !this.store.isVolumeAssigned(current.unit, current.volume)) {
+        await this.locks.run(`volume:${current.unit}/${current.volume}`, async () => {
+          try {
+            await this.clientFor(current.unit).deleteVolume(current.volume);
+          } catch (error) {
+            if (!(error instanceof UnitCallError && error.unitCode === "NOT_FOUND")) throw error;
+          }
+          this.store.removeVolume(current.unit, current.volume);
+        });
+      }
+    } catch (error) {
+      log.limited(`undo:${current.unit}`, "cleanup after an undone assignment failed; reconcile fixes grants later", {
+        id: current.id,
+        error: errorMessage(error),
+      });
+    }
+  }
+
+  /** Reconcile of one pending assignment: finish it, or undo it if it is too old or already failed once. */
+  private settlePending(assignment: AssignmentRecord): Promise<void> {
+    return this.locks.run(`assignment:${assignment.id}`, async () => {
+      const current = this.store.getAssignment(assignment.id);
+      if (current === undefined || current.state !== "pending") return;
+      const ageMs = this.store.clock.nowMs() - current.createdAtMs;
+      if (current.error !== null || ageMs > this.options.pendingDeadlineMs) {
+        await this.undo(current, current.error ?? `not finished within ${this.options.pendingDeadlineMs} ms`);
+        return;
+      }
+      const unit = this.store.units.get(current.unit);
+      if (unit === undefined || unit.state === "offline" || unit.state === "down") return; // wait for it, until the deadline
+      try {
+        await this.finish(current);
+      } catch (error) {
+        if (error instanceof UnitCallError && error.transient) {
+          log.limited(`pending:${current.unit}`, "pending assignment not finished yet; retrying", { id: current.id, error: errorMessage(error) });
+          return;
+        }
+        await this.undo(current, errorMessage(error));
+      }
+    });
+  }
+
+  // ---- unassign ------------------------------------------------------------------
+
+  /** Revokes an assignment: 204 when the unit dropped the grant, 202 when recorded and left to reconcile. */
+  async unassign(id: string): Promise<{ status: 202 | 204; assignment: AssignmentRecord }> {
+    return this.locks.run(`assignment:${id}`, async () => {
+      const current = this.store.getAssignment(id);
+      if (current === undefined) throw new IpsanError("NOT_FOUND", `assignment ${JSON.stringify(id)} not found`, { field: "id" });
+      if (current.state === "released" || current.state === "failed") return { status: 204 as const, assignment: current };
+      if (current.state === "pending") {
+        throw new IpsanError("CONFLICT", `assignment ${id} is still being set up; try again in a moment`, { field: "id" });
+      }
+      const revoking = current.state === "revoking" ? current : this.store.updateAssignment(id, "revoking");
+      const done = await this.finishRevoke(revoking);
+      return done === null ? { status: 202 as const, assignment: revoking } : { status: 204 as const, assignment: done };
+    });
+  }
+
+  /** Removes the grant of a revoking assignment and marks it released; null if the unit cannot be told now. */
+  private async finishRevoke(assignment: AssignmentRecord): Promise<AssignmentRecord | null> {
+    try {
+      await this.syncGrants(assignment.unit, assignment.volume, true);
+    } catch (error) {
+      const gone = error instanceof UnitCallError && error.unitCode === "NOT_FOUND";
+      const noUnit = error instanceof IpsanError && error.code === "NOT_FOUND" && !(error instanceof UnitCallError);
+      if (!gone && !noUnit) {
+        log.limited(`revoke:${assignment.unit}`, "grant not revoked yet; reconcile retries", { id: assignment.id, error: errorMessage(error) });
+        return null;
+      }
+    }
+    const released = this.store.updateAssignment(assignment.id, "released");
+    log.info("assignment released", { id: released.id, host: released.host, unit: released.unit, volume: released.volume });
+    return released;
+  }
+
+  // ---- volume operations (admin) -------------------------------------------------
+
+  private requireVolume(unit: string, name: string): VolumeRecord {
+    if (!this.store.units.has(unit)) throw new IpsanError("NOT_FOUND", `unit ${JSON.stringify(unit)} not found`, { field: "unit" });
+    const volume = this.store.volume(unit, name);
+    if (volume === undefined) throw new IpsanError("NOT_FOUND", `volume ${JSON.stringify(name)} not found on unit ${unit}`, { field: "name" });
+    return volume;
+  }
+
+  async createVolume(unit: string, name: string, sizeBytes: number): Promise<VolumeRecord> {
+    const client = this.clientFor(unit);
+    if (this.store.volume(unit, name) !== undefined) {
+      throw new IpsanError("ALREADY_EXISTS", `volume ${JSON.stringify(name)} already exists on unit ${unit}`, { field: "name" });
+    }
+    return this.locks.run(`volume:${unit}/${name}`, async () => {
+      const created = await client.createVolume(name, sizeBytes);
+      const volume = { unit, ...created, grants: created.grants.map(canonicalGrant) };
+      this.store.putVolume(volume, "created");
+      this.refreshQuietly(unit);
+      return volume;
+    });
+  }
+
+  async deleteVolume(unit: string, name: string): Promise<void> {
+    this.requireVolume(unit, name);
+    const holders = this.store.liveOnVolume(unit, name);
+    if (holders.length > 0) {
+      throw new IpsanError("CONFLICT", `volume ${unit}/${name} is assigned to host ${holders[0]?.host} (assignment ${holders[0]?.id}): unassign it first`, {
+        field: "name",
+      });
+    }
+    const client = this.clientFor(unit);
+    await this.locks.run(`volume:${unit}/${name}`, async () => {
+      try {
+        await client.deleteVolume(name);
+      } catch (error) {
+        if (!(error instanceof UnitCallError && error.unitCode === "NOT_FOUND")) throw error;
+      }
+      this.store.removeVolume(unit, name);
+    });
+    this.refreshQuietly(unit);
+  }
+
+  async growVolume(unit: string, name: string, sizeBytes: number): Promise<VolumeRecord> {
+    this.requireVolume(unit, name);
+    const client = this.clientFor(unit);
+    return this.locks.run(`volume:${unit}/${name}`, async () => {
+      const grown = await client.growVolume(name, sizeBytes);
+      const volume = { unit, ...grown, grants: grown.grants.map(canonicalGrant) };
+      this.store.putVolume(volume, "grown");
+      this.refreshQuietly(unit);
+      return volume;
+    });
+  }
+
+  async partitionVolume(unit: string, name: string, sizesBytes: readonly number[]): Promise<VolumeRecord> {
+    this.requireVolume(unit, name);
+    const onPartition = this.store.liveOnVolume(unit, name).find((a) => a.partition !== null);
+    if (onPartition !== undefined) {
+      throw new IpsanError(
+        "CONFLICT",
+        `partition ${onPartition.partition} of ${unit}/${name} is assigned to host ${onPartition.host} (assignment ${onPartition.id}): unassign it before repartitioning`,
+        { field: "sizesBytes" },
+      );
+    }
+    const client = this.clientFor(unit);
+    return this.locks.run(`volume:${unit}/${name}`, async () => {
+      const changed = await client.setPartitions(name, sizesBytes);
+      const volume = { unit, ...changed, grants: changed.grants.map(canonicalGrant) };
+      this.store.putVolume(volume, "partitioned");
+      return volume;
+    });
+  }
+
+  // ---- reconcile -----------------------------------------------------------------
+
+  private reconcileTimer: NodeJS.Timeout | null = null;
+
+  /** A reconcile soon (coalesced): after unit reports and state changes. */
+  reconcileSoon(): void {
+    if (this.stopped || this.reconcileTimer !== null) return;
+    this.reconcileTimer = setTimeout(() => {
+      this.reconcileTimer = null;
+      void this.reconcile();
+    }, 50);
+    this.reconcileTimer.unref();
+  }
+
+  /** One pass; concurrent callers share it (and one more pass runs after it if asked meanwhile). */
+  reconcile(): Promise<void> {
+    if (this.reconcileRun !== null) {
+      this.reconcileAgain = true;
+      return this.reconcileRun;
+    }
+    const run = (async () => {
+      do {
+        this.reconcileAgain = false;
+        await this.reconcilePass();
+      } while (this.reconcileAgain && !this.stopped);
+    })()
+      .catch((error: unknown) => log.error("reconcile pass failed", { error: errorMessage(error) }))
+      .finally(() => {
+        this.reconcileRun = null;
+      });
+    this.reconcileRun = run;
+    return run;
+  }
+
+  private async reconcilePass(): Promise<void> {
+    if (this.stopped) return;
+    const live = [...this.store.live.values()];
+    for (const assignment of live) {
+      if (this.stopped) return;
+      if (assignment.state === "pending" && !this.isInflight(assignment)) await this.settlePending(assignment);
+      else if (assignment.state === "revoking") {
+        await this.locks.run(`assignment:${assignment.id}`, async () => {
+          const current = this.store.getAssignment(assignment.id);
+          if (current?.state === "revoking") await this.finishRevoke(current);
+        });
+      }
+    }
+    // Grants that differ from what the assignments want (a unit that was away, a host that moved).
+    for (const unit of this.store.units.values()) {
+      if (this.stopped) return;
+      if (unit.control === null || unit.state === "offline" || unit.state === "down") continue;
+      for (const volume of this.store.unitVolumes(unit.name).values()) {
+        if (volume.grants === null) continue;
+        if (sameSet(volume.grants, this.desiredGrants(unit.name, volume.name))) continue;
+        try {
+          await this.syncGrants(unit.name, volume.name, false);
+        } catch (error) {
+          log.limited(`reconcile:${unit.name}`, "cannot fix a volume's grants yet", { unit: unit.name, volume: volume.name, error: errorMessage(error) });
+          break; // this unit is not answering: leave the rest of it for the next pass
+        }
+      }
+    }
+  }
+
+  private isInflight(assignment: AssignmentRecord): boolean {
+    return assignment.requestId !== null && this.inflight.has(assignment.requestId);
+  }
+}

@@ -1,0 +1,630 @@
+// The station's state: SQLite is the truth, with a mirror in memory so reads
+// and the allocator never touch the disk. Every change goes through `commit`:
+// the SQL runs in one transaction; only after it commits are the in-memory
+// mirror updated and the events published (to the SSE hub). So an API answer
+// sent after a store call is durable, and memory never shows an uncommitted
+// change.
+//
+// Units' lastSeenAt is kept in memory between reports (heartbeats are too
+// frequent to fsync) and written with every state change or report.
+
+import { randomBytes } from "node:crypto";
+import { assert } from "../util/assert.ts";
+import { IpsanError } from "../util/errors.ts";
+import type { Db } from "./db.ts";
+import {
+  ASSIGNMENT_TRANSITIONS,
+  LIVE_ASSIGNMENT_STATES,
+  type AssignmentDetail,
+  type AssignmentRecord,
+  type AssignmentState,
+  type EventType,
+  type HostRecord,
+  type StationEvent,
+  type UnitRecord,
+  type UnitReport,
+  type UnitState,
+  type VolumeRecord,
+} from "./types.ts";
+
+/** Events kept in the database for Last-Event-ID replay. */
+export const EVENTS_KEPT_MAX = 10_000;
+/** Names listed in one "volumes" event; more are counted, not listed. */
+export const EVENT_NAMES_MAX = 100;
+/** Events answered by one replay query. */
+export const EVENTS_REPLAY_MAX = 1_000;
+/** Assignments answered by a history query (all=true). */
+export const ASSIGNMENT_HISTORY_MAX = 10_000;
+
+export interface Clock {
+  nowMs(): number;
+}
+export const SYSTEM_CLOCK: Clock = { nowMs: () => Date.now() };
+
+export function volumeKey(unit: string, volume: string): string {
+  return `${unit}/${volume}`;
+}
+
+export function newAssignmentId(): string {
+  return `a-${randomBytes(6).toString("hex")}`;
+}
+
+type Row = Record<string, unknown>;
+
+function json<T>(text: unknown, fallback: T): T {
+  if (typeof text !== "string") return fallback;
+  return JSON.parse(text) as T;
+}
+
+function unitFromRow(row: Row): UnitRecord {
+  return {
+    name: row["name"] as string,
+    dnsName: (row["dns_name"] as string | null) ?? null,
+    addresses: json<string[]>(row["addresses"], []),
+    nbd: row["nbd_host"] === null ? null : { host: row["nbd_host"] as string, port: row["nbd_port"] as number },
+    control:
+      row["control_host"] === null ? null : { host: row["control_host"] as string, port: row["control_port"] as number },
+    capacityBytes: row["capacity_bytes"] as number,
+    freeBytes: row["free_bytes"] as number,
+    volumesMax: (row["volumes_max"] as number | null) ?? null,
+    // After a restart the station has not heard from anyone yet: the listener's
+    // next state event (or report) says how the unit is now.
+    state: "unknown",
+    lastSeenAtMs: row["last_seen_at"] as number,
+    createdAtMs: row["created_at"] as number,
+  };
+}
+
+function volumeFromRow(row: Row): VolumeRecord {
+  return {
+    unit: row["unit"] as string,
+    name: row["name"] as string,
+    number: row["number"] as number,
+    sizeBytes: row["size_bytes"] as number,
+    extents: json(row["extents"], []),
+    partitions: json(row["partitions"], []),
+    grants: json<string[] | null>(row["grants"], null),
+  };
+}
+
+function assignmentFromRow(row: Row): AssignmentRecord {
+  return {
+    id: row["id"] as string,
+    requestId: (row["request_id"] as string | null) ?? null,
+    host: row["host"] as string,
+    hostAddress: row["host_address"] as string,
+    unit: row["unit"] as string,
+    volume: row["volume"] as string,
+    partition: (row["partition"] as number | null) ?? null,
+    sizeBytes: row["size_bytes"] as number,
+    state: row["state"] as AssignmentState,
+    carved: row["carved"] === 1,
+    error: (row["error"] as string | null) ?? null,
+    detail: json<AssignmentDetail | null>(row["detail"], null),
+    createdAtMs: row["created_at"] as number,
+    updatedAtMs: row["updated_at"] as number,
+  };
+}
+
+function sameVolume(a: VolumeRecord, b: VolumeRecord): boolean {
+  return (
+    a.number === b.number &&
+    a.sizeBytes === b.sizeBytes &&
+    JSON.stringify(a.extents) === JSON.stringify(b.extents) &&
+    JSON.stringify(a.partitions) === JSON.stringify(b.partitions) &&
+    JSON.stringify(a.grants) === JSON.stringify(b.grants)
+  );
+}
+
+function capped(names: string[]): { names: string[]; count: number } {
+  return { names: names.slice(0, EVENT_NAMES_MAX), count: names.length };
+}
+
+interface PendingEvent {
+  readonly type: EventType;
+  readonly action: string;
+  readonly subject: string;
+  readonly data: unknown;
+}
+
+/** What a transaction body collects: memory changes and events, applied only after commit. */
+class Batch {
+  readonly apply: (() => void)[] = [];
+  readonly events: PendingEvent[] = [];
+  event(type: EventType, action: string, subject: string, data: unknown): void {
+    this.events.push({ type, action, subject, data });
+  }
+}
+
+export interface RequestRecord {
+  readonly requestId: string;
+  readonly assignmentId: string;
+  readonly params: string;
+}
+
+function prepareStatements(db: Db) {
+  return {
+    upsertUnit: db.prepare(`
+      INSERT INTO units (name, dns_name, addresses, nbd_host, nbd_port, control_host, control_port,
+                         capacity_bytes, free_bytes, volumes_max, state, last_seen_at, created_at)
+      VALUES (@name, @dnsName, @addresses, @nbdHost, @nbdPort, @controlHost, @controlPort,
+              @capacityBytes, @freeBytes, @volumesMax, @state, @lastSeenAt, @createdAt)
+      ON CONFLICT (name) DO UPDATE SET dns_name = excluded.dns_name, addresses = excluded.addresses,
+        nbd_host = excluded.nbd_host, nbd_port = excluded.nbd_port, control_host = excluded.control_host,
+        control_port = excluded.control_port, capacity_bytes = excluded.capacity_bytes,
+        free_bytes = excluded.free_bytes, volumes_max = excluded.volumes_max, state = excluded.state,
+        last_seen_at = excluded.last_seen_at`),
+    upsertVolume: db.prepare(`
+      INSERT INTO volumes (unit, name, number, size_bytes, extents, partitions, grants)
+      VALUES (@unit, @name, @number, @sizeBytes, @extents, @partitions, @grants)
+      ON CONFLICT (unit, name) DO UPDATE SET number = excluded.number, size_bytes = excluded.size_bytes,
+        extents = excluded.extents, partitions = excluded.partitions, grants = excluded.grants`),
+    deleteVolume: db.prepare("DELETE FROM volumes WHERE unit = ? AND name = ?"),
+    upsertHost: db.prepare(`
+      INSERT INTO hosts (name, address, last_seen_at, created_at) VALUES (@name, @address, @lastSeenAt, @createdAt)
+      ON CONFLICT (name) DO UPDATE SET address = excluded.address, last_seen_at = excluded.last_seen_at`),
+    insertAssignment: db.prepare(`
+      INSERT INTO assignments (id, request_id, host, host_address, unit, volume, partition, size_bytes,
+                               state, carved, error, detail, created_at, updated_at)
+      VALUES (@id, @requestId, @host, @hostAddress, @unit, @volume, @partition, @sizeBytes,
+              @state, @carved, @error, @detail, @createdAt, @updatedAt)`),
+    updateAssignment: db.prepare(`
+      UPDATE assignments SET state = @state, error = @error, detail = @detail, updated_at = @updatedAt,
+        host_address = @hostAddress WHERE id = @id`),
+    selectAssignment: db.prepare("SELECT * FROM assignments WHERE id = ?"),
+    insertRequest: db.prepare(
+      "INSERT INTO requests (request_id, assignment_id, params, created_at) VALUES (?, ?, ?, ?)",
+    ),
+    selectRequest: db.prepare("SELECT request_id, assignment_id, params FROM requests WHERE request_id = ?"),
+    deleteRequest: db.prepare("DELETE FROM requests WHERE request_id = ?"),
+    insertEvent: db.prepare("INSERT INTO events (at, type, action, subject, data) VALUES (?, ?, ?, ?, ?)"),
+    pruneEvents: db.prepare("DELETE FROM events WHERE seq <= ?"),
+    eventsAfter: db.prepare("SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?"),
+  };
+}
+
+export class StationStore {
+  readonly units = new Map<string, UnitRecord>();
+  /** unit name -> volume name -> volume */
+  readonly volumes = new Map<string, Map<string, VolumeRecord>>();
+  readonly hosts = new Map<string, HostRecord>();
+  /** Live (pending, active, revoking) assignments by id. */
+  readonly live = new Map<string, AssignmentRecord>();
+  private readonly liveByVolume = new Map<string, Set<string>>();
+  private readonly listeners = new Set<(event: StationEvent) => void>();
+  private volumeCountTotal = 0;
+  private readonly db: Db;
+  readonly clock: Clock;
+  private readonly statements: ReturnType<typeof prepareStatements>;
+
+  constructor(db: Db, clock: Clock = SYSTEM_CLOCK) {
+    this.db = db;
+    this.clock = clock;
+    this.statements = prepareStatements(db);
+    this.load();
+  }
+
+  private load(): void {
+    for (const row of this.db.prepare("SELECT * FROM units").all() as Row[]) {
+      const unit = unitFromRow(row);
+      this.units.set(unit.name, unit);
+      this.volumes.set(unit.name, new Map());
+    }
+    for (const row of this.db.prepare("SELECT * FROM volumes").iterate() as Iterable<Row>) {
+      const volume = volumeFromRow(row);
+      let map = this.volumes.get(volume.unit);
+      if (map === undefined) this.volumes.set(volume.unit, (map = new Map()));
+      map.set(volume.name, volume);
+      this.volumeCountTotal += 1;
+    }
+    for (const row of this.db.prepare("SELECT * FROM hosts").all() as Row[]) {
+      const host: HostRecord = {
+        name: row["name"] as string,
+        address: row["address"] as string,
+        lastSeenAtMs: row["last_seen_at"] as number,
+        createdAtMs: row["created_at"] as number,
+      };
+      this.hosts.set(host.name, host);
+    }
+    const liveRows = this.db
+      .prepare("SELECT * FROM assignments WHERE state IN ('pending', 'active', 'revoking')")
+      .all() as Row[];
+    for (const row of liveRows) this.indexLive(assignmentFromRow(row));
+  }
+
+  // ---- transactions and events ------------------------------------------------
+
+  private commit<T>(body: (batch: Batch) => T): T {
+    const batch = new Batch();
+    const nowMs = this.clock.nowMs();
+    const published: StationEvent[] = [];
+    const result = this.db.transaction(() => {
+      const value = body(batch);
+      for (const event of batch.events) {
+        const info = this.statements.insertEvent.run(nowMs, event.type, event.action, event.subject, JSON.stringify(event.data));
+        const seq = Number(info.lastInsertRowid);
+        published.push({ seq, atMs: nowMs, ...event });
+        if (seq % 1000 === 0) this.statements.pruneEvents.run(seq - EVENTS_KEPT_MAX);
+      }
+      return value;
+    })();
+    for (const apply of batch.apply) apply();
+    for (const event of published) {
+      for (const listener of this.listeners) listener(event);
+    }
+    return result;
+  }
+
+  subscribe(listener: (event: StationEvent) => void): () => void {
+    this.listeners.add(listener);
+    return () => this.listeners.delete(listener);
+  }
+
+  eventsAfter(seq: number, limit = EVENTS_REPLAY_MAX): StationEvent[] {
+    return (this.statements.eventsAfter.all(seq, limit) as Row[]).map((row) => ({
+      seq: row["seq"] as number,
+      atMs: row["at"] as number,
+      type: row["type"] as EventType,
+      action: row["action"] as string,
+      subject: row["subject"] as string,
+      data: json(row["data"], null),
+    }));
+  }
+
+  // ---- units and volumes --------------------------------------------------------
+
+  get volumeCount(): number {
+    return this.volumeCountTotal;
+  }
+
+  unitVolumes(unit: string): ReadonlyMap<string, VolumeRecord> {
+    return this.volumes.get(unit) ?? new Map();
+  }
+
+  volume(unit: string, name: string): VolumeRecord | undefined {
+    return this.volumes.get(unit)?.get(name);
+  }
+
+  private writeUnit(unit: UnitRecord): void {
+    this.statements.upsertUnit.run({
+      name: unit.name,
+      dnsName: unit.dnsName,
+      addresses: JSON.stringify(unit.addresses),
+      nbdHost: unit.nbd?.host ?? null,
+      nbdPort: unit.nbd?.port ?? null,
+      controlHost: unit.control?.host ?? null,
+      controlPort: unit.control?.port ?? null,
+      capacityBytes: unit.capacityBytes,
+      freeBytes: unit.freeBytes,
+      volumesMax: unit.volumesMax,
+      state: unit.state,
+      lastSeenAt: unit.lastSeenAtMs,
+      createdAt: unit.createdAtMs,
+    });
+  }
+
+  private writeVolume(volume: VolumeRecord): void {
+    this.statements.upsertVolume.run({
+      unit: volume.unit,
+      name: volume.name,
+      number: volume.number,
+      sizeBytes: volume.sizeBytes,
+      extents: JSON.stringify(volume.extents),
+      partitions: JSON.stringify(volume.partitions),
+      grants: volume.grants === null ? null : JSON.stringify(volume.grants),
+    });
+  }
+
+  private setVolumeInMemory(volume: VolumeRecord): void {
+    let map = this.volumes.get(volume.unit);
+    if (map === undefined) this.volumes.set(volume.unit, (map = new Map()));
+    if (!map.has(volume.name)) this.volumeCountTotal += 1;
+    map.set(volume.name, volume);
+  }
+
+  private deleteVolumeInMemory(unit: string, name: string): void {
+    if (this.volumes.get(unit)?.delete(name) === true) this.volumeCountTotal -= 1;
+  }
+
+  /**
+   * A unit described itself (startup or storage info): upsert it and replace its
+   * volumes with the reported ones (the unit is the truth for its volumes). Writes
+   * only what changed. `state` is what the report implies (a unit that reports is online).
+   */
+  applyUnitReport(report: UnitReport, state: UnitState = "online"): { added: boolean; volumesChanged: boolean } {
+    const nowMs = this.clock.nowMs();
+    const previous = this.units.get(report.name);
+    const unit: UnitRecord = {
+      name: report.name,
+      dnsName: report.dnsName !== undefined ? report.dnsName : (previous?.dnsName ?? null),
+      addresses: report.addresses ?? previous?.addresses ?? [],
+      nbd: report.nbd !== undefined ? report.nbd : (previous?.nbd ?? null),
+      control: report.control !== undefined ? report.control : (previous?.control ?? null),
+      capacityBytes: report.capacityBytes,
+      freeBytes: report.freeBytes,
+      volumesMax: report.volumesMax !== undefined ? report.volumesMax : (previous?.volumesMax ?? null),
+      state,
+      lastSeenAtMs: nowMs,
+      createdAtMs: previous?.createdAtMs ?? nowMs,
+    };
+    const old = this.volumes.get(report.name) ?? new Map<string, VolumeRecord>();
+    const incoming = new Map<string, VolumeRecord>();
+    for (const volume of report.volumes) incoming.set(volume.name, { unit: report.name, ...volume });
+    const added: string[] = [];
+    const changed: string[] = [];
+    const removed: string[] = [];
+    for (const [name, volume] of incoming) {
+      const before = old.get(name);
+      if (before === undefined) added.push(name);
+      else if (!sameVolume(before, volume)) changed.push(name);
+    }
+    for (const name of old.keys()) if (!incoming.has(name)) removed.push(name);
+    const unitChanged =
+      previous === undefined ||
+      JSON.stringify({ ...previous, lastSeenAtMs: 0 }) !== JSON.stringify({ ...unit, lastSeenAtMs: 0 });
+    const volumesChanged = added.length + changed.length + removed.length > 0;
+    this.commit((batch) => {
+      this.writeUnit(unit);
+      for (const name of [...added, ...changed]) this.writeVolume(incoming.get(name) as VolumeRecord);
+      for (const name of removed) this.statements.deleteVolume.run(report.name, name);
+      batch.apply.push(() => {
+        this.units.set(unit.name, unit);
+        for (const name of removed) this.deleteVolumeInMemory(unit.name, name);
+        for (const name of [...added, ...changed]) this.setVolumeInMemory(incoming.get(name) as VolumeRecord);
+        if (!this.volumes.has(unit.name)) this.volumes.set(unit.name, new Map());
+      });
+      if (unitChanged) {
+        batch.event("unit", previous === undefined ? "added" : previous.state !== state ? "state" : "updated", unit.name, {
+          name: unit.name,
+          state,
+          previousState: previous?.state ?? null,
+        });
+      }
+      if (volumesChanged) {
+        batch.event("volumes", "report", unit.name, {
+          unit: unit.name,
+          added: capped(added),
+          changed: capped(changed),
+          removed: capped(removed),
+        });
+      }
+    });
+    return { added: previous === undefined, volumesChanged };
+  }
+
+  /** The discovery listener's last-heard time (memory only; written with the next change). */
+  setUnitLastSeen(name: string, lastSeenAtMs: number): void {
+    const unit = this.units.get(name);
+    if (unit !== undefined && unit.lastSeenAtMs < lastSeenAtMs) this.units.set(name, { ...unit, lastSeenAtMs });
+  }
+
+  /** The listener saw the unit (heartbeat): memory only. */
+  touchUnit(name: string): void {
+    const unit = this.units.get(name);
+    if (unit !== undefined) this.units.set(name, { ...unit, lastSeenAtMs: this.clock.nowMs() });
+  }
+
+  /** Unit state from discovery (online, suspect, offline, down). Unknown units are ignored. */
+  setUnitState(name: string, state: UnitState, patch: Partial<Pick<UnitRecord, "nbd" | "control" | "addresses" | "dnsName">> = {}): boolean {
+    const previous = this.units.get(name);
+    if (previous === undefined) return false;
+    const unit: UnitRecord = {
+      ...previous,
+      ...patch,
+      state,
+      lastSeenAtMs: state === "online" ? this.clock.nowMs() : previous.lastSeenAtMs,
+    };
+    if (previous.state === state && JSON.stringify(previous) === JSON.stringify({ ...unit, lastSeenAtMs: previous.lastSeenAtMs })) {
+      this.units.set(name, unit);
+      return false;
+    }
+    this.commit((batch) => {
+      this.writeUnit(unit);
+      batch.apply.push(() => this.units.set(name, unit));
+      batch.event("unit", previous.state === state ? "updated" : "state", name, { name, state, previousState: previous.state });
+    });
+    return true;
+  }
+
+  /** A volume as the unit's control API answered it (after create, grow, partition, grants). */
+  putVolume(volume: VolumeRecord, action: string): void {
+    const before = this.volume(volume.unit, volume.name);
+    if (before !== undefined && sameVolume(before, volume)) return;
+    this.commit((batch) => {
+      this.writeVolume(volume);
+      batch.apply.push(() => this.setVolumeInMemory(volume));
+      batch.event("volumes", action, volume.unit, {
+        unit: volume.unit,
+        added: capped(before === undefined ? [volume.name] : []),
+        changed: capped(before === undefined ? [] : [volume.name]),
+        removed: capped([]),
+      });
+    });
+  }
+
+  removeVolume(unit: string, name: string): void {
+    if (this.volume(unit, name) === undefined) return;
+    this.commit((batch) => {
+      this.statements.deleteVolume.run(unit, name);
+      batch.apply.push(() => this.deleteVolumeInMemory(unit, name));
+      batch.event("volumes", "deleted", unit, { unit, added: capped([]), changed: capped([]), removed: capped([name]) });
+    });
+  }
+
+  /** Adjusts a unit's free space after the station carved or deleted a volume (the next report corrects it). */
+  adjustUnitFree(name: string, freeBytes: number): void {
+    const unit = this.units.get(name);
+    if (unit === undefined || unit.freeBytes === freeBytes) return;
+    const next = { ...unit, freeBytes: Math.max(0, freeBytes) };
+    this.commit((batch) => {
+      this.writeUnit(next);
+      batch.apply.push(() => this.units.set(name, next));
+    });
+  }
+
+  // ---- hosts --------------------------------------------------------------------
+
+  /** Registers or updates a host's data-path address; returns whether it was new / changed. */
+  putHost(name: string, address: string): { host: HostRecord; created: boolean; changed: boolean } {
+    const nowMs = this.clock.nowMs();
+    const previous = this.hosts.get(name);
+    const host: HostRecord = { name, address, lastSeenAtMs: nowMs, createdAtMs: previous?.createdAtMs ?? nowMs };
+    const changed = previous !== undefined && previous.address !== address;
+    this.commit((batch) => {
+      this.statements.upsertHost.run({ name, address, lastSeenAt: nowMs, createdAt: host.createdAtMs });
+      batch.apply.push(() => this.hosts.set(name, host));
+      if (previous === undefined || changed) {
+        batch.event("host", previous === undefined ? "added" : "updated", name, { name, address, previousAddress: previous?.address ?? null });
+      }
+    });
+    return { host, created: previous === undefined, changed };
+  }
+
+  /** Heartbeat: memory only (the host's state is derived from lastSeenAt). */
+  touchHost(name: string): boolean {
+    const host = this.hosts.get(name);
+    if (host === undefined) return false;
+    this.hosts.set(name, { ...host, lastSeenAtMs: this.clock.nowMs() });
+    return true;
+  }
+
+  /** Records a host's online/offline change as an event (the state itself is derived). */
+  recordHostState(name: string, state: string): void {
+    this.commit((batch) => batch.event("host", "state", name, { name, state }));
+  }
+
+  // ---- assignments and requests --------------------------------------------------
+
+  private indexLive(assignment: AssignmentRecord): void {
+    const key = volumeKey(assignment.unit, assignment.volume);
+    const previous = this.live.get(assignment.id);
+    if (previous !== undefined) this.liveByVolume.get(volumeKey(previous.unit, previous.volume))?.delete(previous.id);
+    if (LIVE_ASSIGNMENT_STATES.has(assignment.state)) {
+      this.live.set(assignment.id, assignment);
+      let ids = this.liveByVolume.get(key);
+      if (ids === undefined) this.liveByVolume.set(key, (ids = new Set()));
+      ids.add(assignment.id);
+    } else {
+      this.live.delete(assignment.id);
+      const ids = this.liveByVolume.get(key);
+      ids?.delete(assignment.id);
+      if (ids?.size === 0) this.liveByVolume.delete(key);
+    }
+  }
+
+  /** Live assignments on one volume (any partition). */
+  liveOnVolume(unit: string, volume: string): AssignmentRecord[] {
+    const ids = this.liveByVolume.get(volumeKey(unit, volume));
+    if (ids === undefined) return [];
+    const out: AssignmentRecord[] = [];
+    for (const id of ids) {
+      const assignment = this.live.get(id);
+      if (assignment !== undefined) out.push(assignment);
+    }
+    return out;
+  }
+
+  isVolumeAssigned(unit: string, volume: string): boolean {
+    return (this.liveByVolume.get(volumeKey(unit, volume))?.size ?? 0) > 0;
+  }
+
+  /** Inserts a pending assignment (and, with a request id, the idempotency record) in one transaction. */
+  insertAssignment(assignment: AssignmentRecord, request?: { requestId: string; params: string }): void {
+    assert(assignment.state === "pending", `new assignment ${assignment.id} must be pending`);
+    this.commit((batch) => {
+      this.statements.insertAssignment.run({
+        id: assignment.id,
+        requestId: assignment.requestId,
+        host: assignment.host,
+        hostAddress: assignment.hostAddress,
+        unit: assignment.unit,
+        volume: assignment.volume,
+        partition: assignment.partition,
+        sizeBytes: assignment.sizeBytes,
+        state: assignment.state,
+        carved: assignment.carved ? 1 : 0,
+        error: assignment.error,
+        detail: assignment.detail === null ? null : JSON.stringify(assignment.detail),
+        createdAt: assignment.createdAtMs,
+        updatedAt: assignment.updatedAtMs,
+      });
+      if (request !== undefined) {
+        this.statements.insertRequest.run(request.requestId, assignment.id, request.params, assignment.createdAtMs);
+      }
+      batch.apply.push(() => this.indexLive(assignment));
+      batch.event("assignment", "pending", assignment.id, { id: assignment.id, host: assignment.host, unit: assignment.unit, volume: assignment.volume, partition: assignment.partition });
+    });
+  }
+
+  /** Moves an assignment along its state machine (asserted), with an optional patch. */
+  updateAssignment(
+    id: string,
+    to: AssignmentState,
+    patch: { error?: string | null; detail?: AssignmentDetail | null; hostAddress?: string; dropRequest?: boolean } = {},
+  ): AssignmentRecord {
+    const previous = this.getAssignment(id);
+    if (previous === undefined) throw new IpsanError("NOT_FOUND", `assignment ${id} not found`);
+    assert(
+      previous.state === to || ASSIGNMENT_TRANSITIONS[previous.state].includes(to),
+      `assignment ${id}: transition ${previous.state} -> ${to}`,
+    );
+    const next: AssignmentRecord = {
+      ...previous,
+      state: to,
+      error: patch.error !== undefined ? patch.error : previous.error,
+      detail: patch.detail !== undefined ? patch.detail : previous.detail,
+      hostAddress: patch.hostAddress ?? previous.hostAddress,
+      updatedAtMs: this.clock.nowMs(),
+    };
+    this.commit((batch) => {
+      this.statements.updateAssignment.run({
+        id,
+        state: next.state,
+        error: next.error,
+        detail: next.detail === null ? null : JSON.stringify(next.detail),
+        updatedAt: next.updatedAtMs,
+        hostAddress: next.hostAddress,
+      });
+      if (patch.dropRequest === true && next.requestId !== null) this.statements.deleteRequest.run(next.requestId);
+      batch.apply.push(() => this.indexLive(next));
+      if (previous.state !== to || previous.hostAddress !== next.hostAddress) {
+        batch.event("assignment", to, id, { id, host: next.host, unit: next.unit, volume: next.volume, partition: next.partition, error: next.error });
+      }
+    });
+    return next;
+  }
+
+  getAssignment(id: string): AssignmentRecord | undefined {
+    const live = this.live.get(id);
+    if (live !== undefined) return live;
+    const row = this.statements.selectAssignment.get(id) as Row | undefined;
+    return row === undefined ? undefined : assignmentFromRow(row);
+  }
+
+  /** Live assignments, or with `all` the history too (newest first, bounded). */
+  listAssignments(options: { host?: string; all?: boolean } = {}): AssignmentRecord[] {
+    let list: AssignmentRecord[];
+    if (options.all === true) {
+      const rows = (
+        options.host === undefined
+          ? this.db.prepare("SELECT * FROM assignments ORDER BY created_at DESC LIMIT ?").all(ASSIGNMENT_HISTORY_MAX)
+          : this.db.prepare("SELECT * FROM assignments WHERE host = ? ORDER BY created_at DESC LIMIT ?").all(options.host, ASSIGNMENT_HISTORY_MAX)
+      ) as Row[];
+      list = rows.map((row) => this.live.get(row["id"] as string) ?? assignmentFromRow(row));
+    } else {
+      list = [...this.live.values()].filter((a) => options.host === undefined || a.host === options.host);
+      list.sort((a, b) => a.createdAtMs - b.createdAtMs || (a.id < b.id ? -1 : 1));
+    }
+    return list;
+  }
+
+  findRequest(requestId: string): RequestRecord | undefined {
+    const row = this.statements.selectRequest.get(requestId) as Row | undefined;
+    if (row === undefined) return undefined;
+    return { requestId, assignmentId: row["assignment_id"] as string, params: row["params"] as string };
+  }
+
+  close(): void {
+    this.db.close();
+  }
+}

@@ -1,0 +1,234 @@
+// The station's client of a unit's control API (contracts.md, "Unit control
+// API"): create, delete, grow and partition volumes, put grants, read info.
+// It authenticates with the token derived from the cluster key for that unit
+// (controlTokenFor), so the station never stores per-unit secrets.
+//
+// Every call has a timeout; network failures, timeouts and 5xx answers are
+// retried a bounded number of times with backoff (every call here is
+// idempotent at the unit, or, for create, made idempotent by the caller, who
+// treats ALREADY_EXISTS as "look at what is there"). Failures are typed: a
+// UnitCallError says which unit, which call, what kind of failure, and the
+// unit's own error code when it answered one. Answers are validated before use.
+
+import { validateStorageInfo } from "../discovery/storage_info.ts";
+import type { StorageInfo, VolumeInfo } from "../discovery/messages.ts";
+import { ERROR_CODES, IpsanError, errorMessage, type ErrorCode } from "../util/errors.ts";
+import type { HostPort } from "./types.ts";
+
+export const UNIT_CALL_TIMEOUT_MS = 5_000;
+export const UNIT_CALL_ATTEMPTS_MAX = 3;
+export const UNIT_CALL_BACKOFF_MS = 100;
+/** A unit's answer larger than this is refused (a unit's info with 4096 volumes fits easily). */
+export const UNIT_RESPONSE_BYTES_MAX = 16 * 1024 * 1024;
+
+export type UnitCallFailure =
+  /** Connection refused, reset, DNS failure: nobody answered. */
+  | "unreachable"
+  | "timeout"
+  /** The unit answered 4xx: it refused the request (its code is in unitCode). */
+  | "refused"
+  /** The unit answered 5xx. */
+  | "failed"
+  /** The unit answered something that is not what the contract says. */
+  | "protocol";
+
+export class UnitCallError extends IpsanError {
+  readonly unit: string;
+  readonly call: string;
+  readonly failure: UnitCallFailure;
+  readonly status: number | null;
+  readonly unitCode: string | null;
+  constructor(
+    unit: string,
+    call: string,
+    failure: UnitCallFailure,
+    message: string,
+    details: { status?: number; unitCode?: string; field?: string; cause?: unknown } = {},
+  ) {
+    const passOn = failure === "refused" && isErrorCode(details.unitCode) ? details.unitCode : "UNAVAILABLE";
+    super(passOn, `unit ${unit}: ${call}: ${message}`, {
+      ...(details.cause === undefined ? {} : { cause: details.cause }),
+      ...(details.field === undefined ? {} : { field: details.field }),
+    });
+    this.name = "UnitCallError";
+    this.unit = unit;
+    this.call = call;
+    this.failure = failure;
+    this.status = details.status ?? null;
+    this.unitCode = details.unitCode ?? null;
+  }
+  /** Worth trying again later (the unit may come back); a refusal is final. */
+  get transient(): boolean {
+    return this.failure !== "refused";
+  }
+}
+
+function isErrorCode(value: unknown): value is ErrorCode {
+  return typeof value === "string" && Object.hasOwn(ERROR_CODES, value);
+}
+
+export interface UnitClientOptions {
+  readonly unit: string;
+  readonly control: HostPort;
+  readonly token: string;
+  readonly timeoutMs?: number;
+  readonly attemptsMax?: number;
+  /** Called once per HTTP exchange with its outcome (metrics). */
+  readonly onCall?: (result: "ok" | UnitCallFailure) => void;
+}
+
+function hostForUrl(host: string): string {
+  return host.includes(":") ? `[${host}]` : host;
+}
+
+function delay(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+/** Validates one Volume of the unit's answer with the discovery validator (one rule set for both paths). */
+function parseVolume(unit: string, value: unknown): VolumeInfo | string {
+  const wrapped = validateStorageInfo({ name: unit, nbd: { host: "0.0.0.0", port: 0 }, capacityBytes: 0, freeBytes: 0, volumes: [value] });
+  if (wrapped.kind === "invalid") return wrapped.detail.replace(/^info\.volumes\[0\]/, "volume");
+  const volume = wrapped.value.volumes[0];
+  if (volume === undefined) return "volume missing";
+  return volume;
+}
+
+export class UnitClient {
+  readonly unit: string;
+  readonly baseUrl: string;
+  private readonly token: string;
+  private readonly timeoutMs: number;
+  private readonly attemptsMax: number;
+  private readonly onCall: ((result: "ok" | UnitCallFailure) => void) | undefined;
+
+  constructor(options: UnitClientOptions) {
+    this.unit = options.unit;
+    this.baseUrl = `http://${hostForUrl(options.control.host)}:${options.control.port}`;
+    this.token = options.token;
+    this.timeoutMs = options.timeoutMs ?? UNIT_CALL_TIMEOUT_MS;
+    this.attemptsMax = options.attemptsMax ?? UNIT_CALL_ATTEMPTS_MAX;
+    this.onCall = options.onCall;
+  }
+
+  private async once(method: string, path: string, body: unknown): Promise<{ status: number; json: unknown }> {
+    const call = `${method} ${path}`;
+    let response: Response;
+    try {
+      response = await fetch(`${this.baseUrl}${path}`, {
+        method,
+        headers: {
+          authorization: `Bearer ${this.token}`,
+          ...(body === undefined ? {} : { "content-type": "application/json" }),
+        },
+        ...(body === undefined ? {} : { body: JSON.stringify(body) }),
+        signal: AbortSignal.timeout(this.timeoutMs),
+      });
+    } catch (error) {
+      const timedOut = (error as Error).name === "TimeoutError" || (error as Error).name === "AbortError";
+      const cause = (error as { cause?: { code?: string; message?: string } }).cause;
+      const detail = cause?.code ?? cause?.message ?? errorMessage(error);
+      throw new UnitCallError(
+        this.unit,
+        call,
+        timedOut ? "timeout" : "unreachable",
+        timedOut ? `no answer within ${this.timeoutMs} ms from ${this.baseUrl}` : `${this.baseUrl} unreachable (${detail})`,
+        { cause: error },
+      );
+    }
+    let text: string;
+    try {
+      const length = Number(response.headers.get("content-length") ?? "0");
+      if (length > UNIT_RESPONSE_BYTES_MAX) throw new Error(`answer of ${length} bytes is over ${UNIT_RESPONSE_BYTES_MAX}`);
+      text = await response.text();
+      if (text.length > UNIT_RESPONSE_BYTES_MAX) throw new Error(`answer of ${text.length} bytes is over ${UNIT_RESPONSE_BYTES_MAX}`);
+    } catch (error) {
+      throw new UnitCallError(this.unit, call, "protocol", errorMessage(error), { status: response.status, cause: error });
+    }
+    let json: unknown = undefined;
+    if (text !== "") {
+      try {
+        json = JSON.parse(text);
+      } catch {
+        throw new UnitCallError(this.unit, call, response.ok ? "protocol" : "failed", `answered ${response.status} with non-JSON`, {
+          status: response.status,
+        });
+      }
+    }
+    if (!response.ok) {
+      const error = (json as { error?: { code?: unknown; message?: unknown; field?: unknown } } | undefined)?.error;
+      const message = typeof error?.message === "string" ? error.message : `status ${response.status}`;
+      const details = {
+        status: response.status,
+        ...(typeof error?.code === "string" ? { unitCode: error.code } : {}),
+        ...(typeof error?.field === "string" ? { field: error.field } : {}),
+      };
+      throw new UnitCallError(this.unit, call, response.status >= 500 ? "failed" : "refused", message, details);
+    }
+    return { status: response.status, json };
+  }
+
+  /** One call with bounded retries of transient failures. */
+  private async request(method: string, path: string, body?: unknown): Promise<{ status: number; json: unknown }> {
+    let lastError: UnitCallError | undefined;
+    for (let attempt = 1; attempt <= this.attemptsMax; attempt++) {
+      try {
+        const result = await this.once(method, path, body);
+        this.onCall?.("ok");
+        return result;
+      } catch (error) {
+        if (!(error instanceof UnitCallError)) throw error;
+        this.onCall?.(error.failure);
+        lastError = error;
+        // A timeout already cost timeoutMs; "refused" is the unit's final word.
+        if (!error.transient || error.failure === "timeout" || attempt === this.attemptsMax) break;
+        await delay(UNIT_CALL_BACKOFF_MS * 3 ** (attempt - 1));
+      }
+    }
+    throw lastError as UnitCallError;
+  }
+
+  private volumeFrom(call: string, json: unknown): VolumeInfo {
+    const volume = parseVolume(this.unit, json);
+    if (typeof volume === "string") throw new UnitCallError(this.unit, call, "protocol", `answered an invalid volume: ${volume}`);
+    return volume;
+  }
+
+  async info(): Promise<StorageInfo> {
+    const { json } = await this.request("GET", "/v1/info");
+    const result = validateStorageInfo(json);
+    if (result.kind === "invalid") throw new UnitCallError(this.unit, "GET /v1/info", "protocol", `answered invalid info: ${result.detail}`);
+    if (result.value.name !== this.unit) {
+      throw new UnitCallError(this.unit, "GET /v1/info", "protocol", `answered as unit ${JSON.stringify(result.value.name)}`);
+    }
+    return result.value;
+  }
+
+  async getVolume(name: string): Promise<VolumeInfo> {
+    const path = `/v1/volumes/${encodeURIComponent(name)}`;
+    return this.volumeFrom(`GET ${path}`, (await this.request("GET", path)).json);
+  }
+
+  async createVolume(name: string, sizeBytes: number): Promise<VolumeInfo> {
+    return this.volumeFrom("POST /v1/volumes", (await this.request("POST", "/v1/volumes", { name, sizeBytes })).json);
+  }
+
+  async deleteVolume(name: string): Promise<void> {
+    await this.request("DELETE", `/v1/volumes/${encodeURIComponent(name)}`);
+  }
+
+  async growVolume(name: string, sizeBytes: number): Promise<VolumeInfo> {
+    const path = `/v1/volumes/${encodeURIComponent(name)}/grow`;
+    return this.volumeFrom(`POST ${path}`, (await this.request("POST", path, { sizeBytes })).json);
+  }
+
+  async setPartitions(name: string, sizesBytes: readonly number[]): Promise<VolumeInfo> {
+    const path = `/v1/volumes/${encodeURIComponent(name)}/partitions`;
+    return this.volumeFrom(`PUT ${path}`, (await this.request("PUT", path, { sizesBytes })).json);
+  }
+
+  async setGrants(name: string, hosts: readonly string[]): Promise<VolumeInfo> {
+    const path = `/v1/volumes/${encodeURIComponent(name)}/grants`;
+    return this.volumeFrom(`PUT ${path}`, (await this.request("PUT", path, { hosts })).json);
+  }
+}

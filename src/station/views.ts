@@ -1,0 +1,132 @@
+// JSON shapes of the REST API (docs/api.md "Objects"), built from the store's
+// records. Pure functions: records in, plain objects out.
+
+import type { StationStore } from "./store.ts";
+import type { AssignmentRecord, ExtentRecord, HostPort, HostRecord, HostState, UnitRecord, VolumeRecord } from "./types.ts";
+
+export const SECTOR_BYTES = 512;
+
+function iso(ms: number): string {
+  return new Date(ms).toISOString();
+}
+
+export function unitView(unit: UnitRecord, volumeCount: number) {
+  return {
+    name: unit.name,
+    dnsName: unit.dnsName,
+    state: unit.state,
+    addresses: unit.addresses,
+    nbd: unit.nbd,
+    control: unit.control,
+    capacityBytes: unit.capacityBytes,
+    freeBytes: unit.freeBytes,
+    volumeCount,
+    lastSeenAt: iso(unit.lastSeenAtMs),
+  };
+}
+
+export function volumeView(volume: VolumeRecord, assignedTo: string | null) {
+  return {
+    id: `${volume.unit}/${volume.name}`,
+    unit: volume.unit,
+    name: volume.name,
+    number: volume.number,
+    sizeBytes: volume.sizeBytes,
+    extents: volume.extents,
+    partitions: volume.partitions,
+    grants: volume.grants,
+    assignedTo,
+  };
+}
+
+export function hostState(host: HostRecord, nowMs: number, offlineAfterMs: number): HostState {
+  return nowMs - host.lastSeenAtMs <= offlineAfterMs ? "online" : "offline";
+}
+
+export function hostView(host: HostRecord, state: HostState) {
+  return { name: host.name, address: host.address, state, lastSeenAt: iso(host.lastSeenAtMs), createdAt: iso(host.createdAtMs) };
+}
+
+/**
+ * The absolute extents (unit LBAs) of the sub-range [startLba, startLba+lengthLba)
+ * of a volume made of `extents` (volume-relative LBAs count through the extents in order).
+ */
+export function mapRange(extents: readonly ExtentRecord[], startLba: number, lengthLba: number): ExtentRecord[] {
+  const out: ExtentRecord[] = [];
+  let skip = startLba;
+  let left = lengthLba;
+  for (const extent of extents) {
+    if (left <= 0) break;
+    if (skip >= extent.lengthLba) {
+      skip -= extent.lengthLba;
+      continue;
+    }
+    const start = extent.startLba + skip;
+    const length = Math.min(extent.lengthLba - skip, left);
+    out.push({ startLba: start, lengthLba: length, endLba: start + length - 1 });
+    left -= length;
+    skip = 0;
+  }
+  return out;
+}
+
+/** The extents an assignment covers: the whole volume (its size), or one partition. */
+export function assignedExtents(volume: VolumeRecord, partition: number | null): { extents: ExtentRecord[]; sizeBytes: number } | null {
+  if (partition === null) {
+    return { extents: mapRange(volume.extents, 0, Math.ceil(volume.sizeBytes / SECTOR_BYTES)), sizeBytes: volume.sizeBytes };
+  }
+  const part = volume.partitions.find((p) => p.index === partition);
+  if (part === undefined) return null;
+  return { extents: mapRange(volume.extents, part.startLba, part.lengthLba), sizeBytes: part.sizeBytes };
+}
+
+/** A unit listening on 0.0.0.0 or :: is reached at its first known address. */
+export function reachableNbd(nbd: HostPort | null, addresses: readonly string[]): HostPort | null {
+  if (nbd === null) return null;
+  if ((nbd.host === "0.0.0.0" || nbd.host === "::" || nbd.host === "") && addresses[0] !== undefined) {
+    return { host: addresses[0], port: nbd.port };
+  }
+  return nbd;
+}
+
+function uriHost(host: string): string {
+  return host.includes(":") ? `[${host}]` : host;
+}
+
+export function assignmentView(assignment: AssignmentRecord, store: StationStore) {
+  const unit = store.units.get(assignment.unit);
+  const volume = store.volume(assignment.unit, assignment.volume);
+  const live = volume === undefined ? null : assignedExtents(volume, assignment.partition);
+  const extents = live?.extents ?? assignment.detail?.extents ?? [];
+  const sizeBytes = live?.sizeBytes ?? assignment.detail?.sizeBytes ?? assignment.sizeBytes;
+  const nbd = reachableNbd(unit?.nbd ?? assignment.detail?.nbd ?? null, unit?.addresses ?? []);
+  const exportName = assignment.partition === null ? assignment.volume : `${assignment.volume}/p${assignment.partition}`;
+  const first = extents[0];
+  const last = extents[extents.length - 1];
+  const lengthLba = extents.reduce((sum, e) => sum + e.lengthLba, 0);
+  return {
+    id: assignment.id,
+    requestId: assignment.requestId,
+    host: assignment.host,
+    hostAddress: assignment.hostAddress,
+    unit: assignment.unit,
+    unitDnsName: unit?.dnsName ?? null,
+    unitAddress: unit?.addresses[0] ?? nbd?.host ?? null,
+    nbdHost: nbd?.host ?? null,
+    nbdPort: nbd?.port ?? null,
+    export: exportName,
+    volume: assignment.volume,
+    volumeNumber: volume?.number ?? assignment.detail?.volumeNumber ?? null,
+    partition: assignment.partition,
+    sizeBytes,
+    startLba: first?.startLba ?? null,
+    lengthLba,
+    endLba: last?.endLba ?? null,
+    extents,
+    uri: nbd === null ? null : `nbd://${uriHost(nbd.host)}:${nbd.port}/${encodeURI(exportName)}`,
+    state: assignment.state,
+    createdAt: iso(assignment.createdAtMs),
+    updatedAt: iso(assignment.updatedAtMs),
+    error: assignment.error,
+  };
+}
