@@ -11,7 +11,7 @@ import { IpsanError, errorMessage } from "../util/errors.ts";
 import { logger } from "../util/log.ts";
 import { attachmentAlive, detach, reattach } from "./attach.ts";
 import type { HostState } from "./state.ts";
-import type { StationClient } from "./station_client.ts";
+import { sourceAddressToward, type StationClient } from "./station_client.ts";
 
 const log = logger("host-agent");
 
@@ -75,9 +75,24 @@ export class HostAgent {
   }
 
   async #register(): Promise<void> {
+    const { client, host } = this.#options;
     try {
-      await this.#options.client.registerHost(this.#options.host, this.#options.address);
-      if (!this.#registered) log.info("registered", { host: this.#options.host, address: this.#options.address });
+      let address = this.#options.address;
+      if (address === undefined) {
+        // Without --address, a host the station knows keeps the address it has (a heartbeat
+        // is enough); an unknown one is registered with the address our connections come from.
+        try {
+          await client.heartbeat(host);
+          if (!this.#registered) log.info("registered (known host, address kept)", { host });
+          this.#registered = true;
+          return;
+        } catch (error) {
+          if (!(error instanceof IpsanError && error.code === "NOT_FOUND")) throw error;
+        }
+        address = await sourceAddressToward(client.baseUrl);
+      }
+      await client.registerHost(host, address);
+      if (!this.#registered) log.info("registered", { host, address });
       this.#registered = true;
     } catch (error) {
       this.#registered = false;

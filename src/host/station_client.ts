@@ -6,6 +6,7 @@
 // call, the field and, for NO_SPACE, the reasons unit by unit.
 
 import { readFile } from "node:fs/promises";
+import { connect } from "node:net";
 import { ERROR_CODES, IpsanError, UsageError, errorMessage, type ErrorCode } from "../util/errors.ts";
 
 export const STATION_REQUEST_TIMEOUT_MS = 10_000;
@@ -278,4 +279,32 @@ function checkAssignment(body: unknown, what: string): Assignment {
     throw new IpsanError("IO_ERROR", `${what}: station answered an assignment without uri/unit/volume/sizeBytes`);
   }
   return a as Assignment;
+}
+
+/**
+ * The local address this machine uses toward the station: what the station
+ * sees as our source address (absent NAT). The agent registers it when no
+ * --address is given, so a heartbeat-only host still has a data-path address.
+ */
+export function sourceAddressToward(url: URL, timeoutMs = STATION_REQUEST_TIMEOUT_MS): Promise<string> {
+  const port = Number(url.port || (url.protocol === "https:" ? 443 : 80));
+  const host = url.hostname.replace(/^\[|\]$/g, "");
+  return new Promise((resolve, reject) => {
+    const socket = connect({ host, port });
+    const timer = setTimeout(() => {
+      socket.destroy();
+      reject(new IpsanError("UNAVAILABLE", `station ${url.origin} unreachable (no connection within ${timeoutMs} ms)`));
+    }, timeoutMs);
+    socket.once("connect", () => {
+      clearTimeout(timer);
+      const address = socket.localAddress;
+      socket.destroy();
+      if (address === undefined) reject(new IpsanError("IO_ERROR", `no local address toward ${url.origin}`));
+      else resolve(address.replace(/^::ffff:/, ""));
+    });
+    socket.once("error", (error) => {
+      clearTimeout(timer);
+      reject(new IpsanError("UNAVAILABLE", `station ${url.origin} unreachable (${errorMessage(error)})`, { cause: error }));
+    });
+  });
 }
