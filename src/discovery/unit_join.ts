@@ -1,0 +1,133 @@
+// The glue between `ipsan unit` (src/unit/main.ts) and the discovery agent:
+// the --station / --cluster-key-file / --dns-name flags, their checks, the
+// derived control token the unit accepts from the station, the storage-info
+// callback built from the unit's table snapshot, and change detection.
+// main.ts calls these from one delimited block so the unit's own code stays
+// the unit helper's.
+
+import { UsageError } from "../util/errors.ts";
+import { parseHostPort, type FlagSpec } from "../util/flags.ts";
+import { logger } from "../util/log.ts";
+import { controlTokenFor, loadClusterKey, type ClusterKey } from "./keys.ts";
+import type { HostPort, LbaExtent, StorageInfo, VolumeInfo } from "./messages.ts";
+import { StationAgent } from "./unit_agent.ts";
+
+/** Flags to add to `ipsan unit`'s parseFlags options. */
+export const JOIN_FLAGS = {
+  station: { type: "string" },
+  "cluster-key-file": { type: "string" },
+  "dns-name": { type: "string" },
+} as const satisfies FlagSpec;
+
+export const JOIN_USAGE = "[--station HOST:PORT --cluster-key-file FILE [--dns-name NAME]]";
+
+/** How often the unit looks at its table generation to push changes. */
+export const CHANGE_POLL_MS = 100;
+
+const DNS_NAME_PATTERN = /^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$/;
+
+export interface JoinConfig {
+  readonly station: HostPort;
+  readonly clusterKeyFile: string;
+  readonly dnsName: string | null;
+}
+
+/** Checks the join flags; undefined when --station is not given. */
+export function parseJoinFlags(values: { station?: string; "cluster-key-file"?: string; "dns-name"?: string }): JoinConfig | undefined {
+  if (values.station === undefined) {
+    if (values["cluster-key-file"] !== undefined) throw new UsageError("--cluster-key-file: only meaningful with --station HOST:PORT");
+    if (values["dns-name"] !== undefined) throw new UsageError("--dns-name: only meaningful with --station HOST:PORT");
+    return undefined;
+  }
+  const station = parseHostPort(values.station, "--station");
+  if (station.port === 0) throw new UsageError(`--station: port 0 in "${values.station}" (give the port the station printed)`);
+  const clusterKeyFile = values["cluster-key-file"];
+  if (clusterKeyFile === undefined || clusterKeyFile === "") {
+    throw new UsageError(
+      "--cluster-key-file FILE is required with --station (the station keeps the cluster key in STATION_DATA/cluster.key; copy it to the unit)",
+    );
+  }
+  const dnsName = values["dns-name"] ?? null;
+  if (dnsName !== null && !DNS_NAME_PATTERN.test(dnsName)) throw new UsageError(`--dns-name: invalid DNS name "${dnsName}"`);
+  return { station, clusterKeyFile, dnsName };
+}
+
+/** Loads the cluster key named by --cluster-key-file (errors name the flag and the file). */
+export async function loadJoinKey(join: JoinConfig): Promise<ClusterKey> {
+  try {
+    return await loadClusterKey(join.clusterKeyFile);
+  } catch (error) {
+    throw new UsageError(
+      `--cluster-key-file: ${(error as Error).message} (the station keeps the cluster key in STATION_DATA/cluster.key)`,
+    );
+  }
+}
+
+/** The extra control token the unit accepts when joined: the one the station derives for it. */
+export function joinTokens(key: ClusterKey, unitName: string): () => readonly string[] {
+  const tokens = [controlTokenFor(key, unitName)];
+  return () => tokens;
+}
+
+/** What the unit's table snapshot looks like (src/unit/volumes.ts StorageInfoSnapshot). */
+export interface TableSnapshot {
+  readonly sectorSize: number;
+  readonly capacityBytes: number;
+  readonly freeBytes: number;
+  readonly freeExtents: readonly LbaExtent[];
+  readonly volumes: readonly VolumeInfo[];
+  readonly generation: number;
+}
+
+export interface JoinedUnit {
+  readonly name: string;
+  readonly nbd: { host: string; port: number } | { path: string };
+  readonly control: HostPort | undefined;
+  readonly manager: { snapshot(): TableSnapshot; readonly generation: number };
+}
+
+export interface RunningJoin {
+  readonly agent: StationAgent;
+  /** Sends SHUTDOWN and waits (bounded) for the station's ACK. */
+  stop(): Promise<void>;
+}
+
+/** Starts the agent for a serving unit; pushes storage info whenever the table generation changes. */
+export async function startJoin(join: JoinConfig, key: ClusterKey, unit: JoinedUnit): Promise<RunningJoin> {
+  const log = logger("unit");
+  const nbd = unit.nbd;
+  if ("path" in nbd) throw new UsageError("--station: the unit must --listen on HOST:PORT (not a Unix socket) for hosts to reach it");
+  const storageInfo = (): StorageInfo => {
+    const snapshot = unit.manager.snapshot();
+    return {
+      name: unit.name,
+      dnsName: join.dnsName,
+      nbd: { host: nbd.host, port: nbd.port },
+      control: unit.control ?? null,
+      sectorSize: snapshot.sectorSize,
+      capacityBytes: snapshot.capacityBytes,
+      freeBytes: snapshot.freeBytes,
+      freeExtents: snapshot.freeExtents,
+      volumes: snapshot.volumes,
+    };
+  };
+  const agent = new StationAgent({ unitName: unit.name, station: join.station, clusterKey: key, storageInfo });
+  await agent.start();
+  let generation = unit.manager.generation;
+  const poll = setInterval(() => {
+    const now = unit.manager.generation;
+    if (now === generation) return;
+    generation = now;
+    agent.notifyChanged();
+  }, CHANGE_POLL_MS);
+  poll.unref();
+  log.info("joining station", { unit: unit.name, station: `${join.station.host}:${join.station.port}` });
+  return {
+    agent,
+    async stop() {
+      clearInterval(poll);
+      const acked = await agent.stop();
+      log.info(acked ? "station acknowledged shutdown" : "station did not acknowledge shutdown", { unit: unit.name });
+    },
+  };
+}
