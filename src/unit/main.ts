@@ -16,6 +16,8 @@ import { ControlServer } from "./control.ts";
 import { VOLUME_NAME_PATTERN } from "./layout.ts";
 import { UnitExportProvider } from "./provider.ts";
 import { VolumeManager } from "./volumes.ts";
+// discovery (--station): flags, cluster key, derived control token, agent — see src/discovery/unit_join.ts
+import { JOIN_FLAGS, JOIN_USAGE, joinTokens, loadJoinKey, parseJoinFlags, startJoin, type JoinConfig } from "../discovery/unit_join.ts";
 
 const log = logger("unit");
 
@@ -26,6 +28,7 @@ export const SHUTDOWN_TIMEOUT_MS = 15_000;
 
 const USAGE = `usage: ipsan unit --data DIR --capacity SIZE --listen HOST:PORT [--name NAME] [--device PATH]
                   [--volume NAME:SIZE]... [--allow CIDR]... [--control HOST:PORT] [--control-token-file FILE]
+                  ${JOIN_USAGE}
        ipsan unit volume list|create|delete|grow|partition|grant ...   (see "ipsan unit volume help")
 
 SIZE is bytes or a number with K, M, G or T (powers of 1024). --listen also takes unix:/PATH.
@@ -45,6 +48,8 @@ export interface UnitConfig {
   readonly extraTokens?: () => readonly string[];
   /** Joined to a station: volumes without grants are served to nobody. */
   readonly joined?: () => boolean;
+  /** discovery (--station): where to join, with which cluster key file. */
+  readonly join?: JoinConfig;
 }
 
 export interface RunningUnit {
@@ -98,6 +103,7 @@ export function parseUnitArgs(argv: readonly string[]): UnitConfig {
       allow: { type: "string", multiple: true },
       control: { type: "string" },
       "control-token-file": { type: "string" },
+      ...JOIN_FLAGS, // discovery (--station)
       help: { type: "boolean", short: "h" },
     },
     true,
@@ -123,7 +129,9 @@ export function parseUnitArgs(argv: readonly string[]): UnitConfig {
           if (!parsed.ok) throw new UsageError(`--allow: invalid CIDR "${text}": ${parsed.reason}`);
           return parsed.cidr;
         });
+  const join = parseJoinFlags(values); // discovery (--station)
   return {
+    ...(join === undefined ? {} : { join }),
     name,
     dataDir: values.data,
     capacityBytes,
@@ -209,7 +217,11 @@ export async function unitMain(argv: readonly string[]): Promise<number> {
     const { volumeMain } = await import("./admin.ts");
     return volumeMain(argv.slice(1));
   }
-  const config = parseUnitArgs(argv);
+  let config = parseUnitArgs(argv);
+  // ---- discovery (--station): accept the station's derived token; unassigned volumes go to nobody ----
+  const joinKey = config.join === undefined ? undefined : await loadJoinKey(config.join);
+  if (joinKey !== undefined) config = { ...config, extraTokens: joinTokens(joinKey, config.name), joined: () => true };
+  // ---- end discovery ----
   let unit: RunningUnit;
   try {
     unit = await startUnit(config);
@@ -222,6 +234,9 @@ export async function unitMain(argv: readonly string[]): Promise<number> {
   if (unit.control !== undefined) {
     process.stdout.write(`ipsan unit ${config.name} control http://${hostForUrl(unit.control.host)}:${unit.control.port}\n`);
   }
+  // ---- discovery (--station): join the station's pool (STARTUP, storage info, heartbeats) ----
+  const join = config.join === undefined || joinKey === undefined ? undefined : await startJoin(config.join, joinKey, { name: config.name, nbd: unit.nbd, control: unit.control, manager: unit.manager });
+  // ---- end discovery ----
   const snapshot = unit.manager.snapshot();
   log.info("serving", { name: config.name, storage: unit.manager.storage.path, capacityBytes: snapshot.capacityBytes, volumes: snapshot.volumes.length });
   return new Promise<number>((resolve) => {
@@ -234,7 +249,8 @@ export async function unitMain(argv: readonly string[]): Promise<number> {
         process.exit(1);
       }, SHUTDOWN_TIMEOUT_MS);
       forced.unref();
-      unit.stop().then(
+      // discovery (--station): SHUTDOWN to the station first (bounded wait for its ACK), then stop serving.
+      (join?.stop() ?? Promise.resolve()).catch(() => undefined).then(() => unit.stop()).then(
         () => {
           log.info("stopped cleanly");
           resolve(0);
