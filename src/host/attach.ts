@@ -15,7 +15,7 @@
 // (the grant the station gave the unit).
 
 import { spawn, execFile } from "node:child_process";
-import { existsSync, openSync, closeSync } from "node:fs";
+import { existsSync, openSync, closeSync, readFileSync } from "node:fs";
 import { mkdir, readFile, readdir, rm, rmdir } from "node:fs/promises";
 import { join } from "node:path";
 import { IpsanError, errorMessage } from "../util/errors.ts";
@@ -56,12 +56,18 @@ function run(command: string, args: readonly string[]): Promise<{ ok: boolean; o
   });
 }
 
+/** True if `pid` runs (a zombie, exited but not yet reaped by its new parent, does not). */
 export function processAlive(pid: number): boolean {
   try {
     process.kill(pid, 0);
-    return true;
   } catch (error) {
-    return (error as NodeJS.ErrnoException).code === "EPERM";
+    if ((error as NodeJS.ErrnoException).code !== "EPERM") return false;
+  }
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    return stat.slice(stat.lastIndexOf(")") + 2, stat.lastIndexOf(")") + 3) !== "Z";
+  } catch {
+    return false;
   }
 }
 
