@@ -184,7 +184,8 @@ export interface FioRun {
 
 /** fio ioengine=nbd on `uri`; JSON output parsed. Never rejects for fio's own failure. */
 export async function fio(name: string, uri: string, args: readonly string[], timeoutMs = 120_000): Promise<FioRun> {
-  const result = await run("fio", [`--name=${name}`, "--ioengine=nbd", `--uri=${uri}`, "--output-format=json", ...args], { timeoutMs });
+  // No verify state file: fio would drop local-NAME-verify.state into the working directory.
+  const result = await run("fio", [`--name=${name}`, "--ioengine=nbd", `--uri=${uri}`, "--output-format=json", "--verify_state_save=0", ...args], { timeoutMs });
   let jobs: FioJob[] = [];
   try {
     const start = result.stdout.indexOf("{");
