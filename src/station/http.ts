@@ -20,6 +20,8 @@ import { assignmentView, hostView, unitView, volumeView } from "./views.ts";
 import { renderGauge } from "./metrics.ts";
 
 export const BODY_BYTES_MAX = 64 * 1024;
+/** After a 413, bytes read and discarded before the connection is cut. */
+export const BODY_DRAIN_BYTES_MAX = 1024 * 1024;
 export const HTTP_CONNECTIONS_MAX = 1024;
 export const HTTP_HEADERS_TIMEOUT_MS = 10_000;
 export const HTTP_REQUEST_TIMEOUT_MS = 30_000;
@@ -172,6 +174,20 @@ export class ApiServer {
     this.send(res, 500, { error: { code: "IO_ERROR", message: `internal error: ${errorMessage(error)}` } }, headers);
   }
 
+  /**
+   * After a 413: let the client finish sending (so it reads the answer instead
+   * of a reset), discarding up to BODY_DRAIN_BYTES_MAX, then cut it off.
+   */
+  private drain(req: IncomingMessage): void {
+    let drained = 0;
+    req.removeAllListeners("data");
+    req.on("data", (chunk: Buffer) => {
+      drained += chunk.length;
+      if (drained > BODY_DRAIN_BYTES_MAX) req.socket.destroy();
+    });
+    req.resume();
+  }
+
   /** Reads at most BODY_BYTES_MAX bytes; null when the body was over the limit. */
   private readBody(req: IncomingMessage): Promise<Buffer | null> {
     return new Promise((resolve, reject) => {
@@ -209,7 +225,6 @@ export class ApiServer {
   }
 
   private async handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
-    const connectionClose = { connection: "close" };
     try {
       if (this.closing) throw new IpsanError("SHUTTING_DOWN", "the station is stopping");
       const url = new URL(req.url ?? "/", "http://station.invalid");
@@ -257,8 +272,8 @@ export class ApiServer {
       if (matched.route.hasBody) {
         const bytes = await this.readBody(req);
         if (bytes === null) {
-          this.send(res, 413, { error: { code: "TOO_LARGE", message: `request body over ${BODY_BYTES_MAX} bytes`, field: "body" } }, connectionClose);
-          res.on("finish", () => req.destroy());
+          this.send(res, 413, { error: { code: "TOO_LARGE", message: `request body over ${BODY_BYTES_MAX} bytes`, field: "body" } });
+          this.drain(req);
           return;
         }
         const text = bytes.toString("utf8").trim();

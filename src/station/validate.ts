@@ -123,7 +123,10 @@ export class Body {
       throw invalid("body", `expected a JSON object, got ${show(value)}`);
     }
     for (const key of Object.keys(value)) {
-      if (!allowed.includes(key)) throw invalid(key, `unknown field (allowed: ${allowed.join(", ") || "none"})`);
+      if (!allowed.includes(key)) {
+        const field = key === "" ? '""' : key.slice(0, SHOWN_CHARS_MAX);
+        throw new IpsanError("INVALID_ARGUMENT", `unknown field ${show(key)} (allowed: ${allowed.join(", ") || "none"})`, { field });
+      }
     }
     this.fields = value as Record<string, unknown>;
   }
