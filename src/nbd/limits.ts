@@ -83,3 +83,25 @@ export function resolveLimits(overrides: Partial<NbdLimits> = {}): NbdLimits {
   atLeast(limits, "optionDataBytesMax", 4 + WIRE.STRING_BYTES_MAX + 2 + 2 * 16, "a GO with the longest export name must fit");
   return Object.freeze(limits);
 }
+
+/** Environment variable with limit overrides for operators and tests: "key=value,key=value". */
+export const LIMITS_ENV = "IPSAN_NBD_LIMITS";
+
+/** Parses "handshakeTimeoutMs=500,writeStallTimeoutMs=1000"; unknown keys and non-numbers name the field. */
+export function parseLimitOverrides(text: string): Partial<NbdLimits> {
+  const out: Record<string, number> = {};
+  for (const item of text.split(",")) {
+    const trimmed = item.trim();
+    if (trimmed === "") continue;
+    const [key = "", value = ""] = trimmed.split("=", 2);
+    if (!(key in DEFAULT_NBD_LIMITS)) {
+      throw new IpsanError("INVALID_ARGUMENT", `${LIMITS_ENV}: unknown limit "${key}" (known: ${Object.keys(DEFAULT_NBD_LIMITS).join(", ")})`);
+    }
+    const number = Number(value);
+    if (value.trim() === "" || !Number.isSafeInteger(number)) {
+      throw new IpsanError("INVALID_ARGUMENT", `${LIMITS_ENV}: ${key}="${value}" is not an integer`);
+    }
+    out[key] = number;
+  }
+  return out as Partial<NbdLimits>;
+}

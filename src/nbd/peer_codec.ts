@@ -54,7 +54,8 @@ export function encodeMetaContextRequestData(name: string, queries: readonly str
 export interface RequestFields extends Cookie {
   readonly flags: number;
   readonly type: number;
-  readonly offset: number;
+  /** A bigint for offsets at or above 2^53 (hostile tests). */
+  readonly offset: number | bigint;
   readonly length: number;
   readonly payload?: Buffer;
 }
@@ -67,7 +68,8 @@ export function encodeRequest(fields: RequestFields): Buffer {
   out.writeUInt16BE(fields.type, 6);
   out.writeUInt32BE(fields.cookieHi, 8);
   out.writeUInt32BE(fields.cookieLo, 12);
-  writeU64(out, fields.offset, 16);
+  if (typeof fields.offset === "bigint") out.writeBigUInt64BE(fields.offset, 16);
+  else writeU64(out, fields.offset, 16);
   out.writeUInt32BE(fields.length, 24);
   fields.payload?.copy(out, WIRE.REQUEST_HEADER_BYTES);
   return out;

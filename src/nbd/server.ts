@@ -9,16 +9,19 @@ import type { ExportProvider } from "../block/types.ts";
 import { assert } from "../util/assert.ts";
 import { logger } from "../util/log.ts";
 import { ByteBudget } from "./budget.ts";
-import { type NbdLimits, resolveLimits } from "./limits.ts";
+import { LIMITS_ENV, type NbdLimits, parseLimitOverrides, resolveLimits } from "./limits.ts";
 import { NbdSession, type SessionHost } from "./session.ts";
 
-export { DEFAULT_NBD_LIMITS, type NbdLimits } from "./limits.ts";
+export { DEFAULT_NBD_LIMITS, LIMITS_ENV, type NbdLimits } from "./limits.ts";
 
 const log = logger("nbd");
 
 export interface NbdServerOptions {
   provider: ExportProvider;
+  /** Over DEFAULT_NBD_LIMITS; the IPSAN_NBD_LIMITS environment variable ("key=value,...") overrides both. */
   limits?: Partial<NbdLimits>;
+  /** Environment to read IPSAN_NBD_LIMITS from (default process.env). */
+  env?: Readonly<Record<string, string | undefined>>;
 }
 
 export type NbdListenAddress = { host: string; port: number } | { path: string };
@@ -34,7 +37,8 @@ export class NbdServer implements SessionHost {
 
   constructor(options: NbdServerOptions) {
     this.provider = options.provider;
-    this.limits = resolveLimits(options.limits);
+    const fromEnv = parseLimitOverrides((options.env ?? process.env)[LIMITS_ENV] ?? "");
+    this.limits = resolveLimits({ ...options.limits, ...fromEnv });
     this.budget = new ByteBudget(this.limits.serverBytesInFlightMax);
   }
 
@@ -69,6 +73,7 @@ export class NbdServer implements SessionHost {
 
   /** Serves one accepted connection (used by listen, and by tests or other listeners). */
   handleConnection(socket: net.Socket): void {
+    if (!this.closing && this.sessions.size >= this.limits.connectionsMax) this.evictOldestHandshake();
     if (this.closing || this.sessions.size >= this.limits.connectionsMax) {
       log.limited("connection_refused", this.closing ? "connection refused: server closing" : "connection refused: too many connections", {
         peer: `${socket.remoteAddress ?? "unix"}:${socket.remotePort ?? 0}`,
@@ -80,6 +85,25 @@ export class NbdServer implements SessionHost {
       return;
     }
     this.sessions.add(new NbdSession(this, socket));
+  }
+
+  /**
+   * At the connection limit, a new connection takes the place of the oldest
+   * one still in the handshake: a flood of connections that never negotiate
+   * churns among itself, and a real client (whose handshake takes a
+   * millisecond) still gets in. Connections in transmission are never evicted.
+   */
+  private evictOldestHandshake(): void {
+    for (const session of this.sessions) {
+      if (session.state !== "greeting" && session.state !== "options") continue;
+      log.limited("connection_evicted", "connection limit reached: dropping the oldest connection still in handshake", {
+        peer: session.peerText,
+        connectionsMax: this.limits.connectionsMax,
+      });
+      this.sessions.delete(session);
+      session.hardDisconnect();
+      return;
+    }
   }
 
   sessionEnded(session: NbdSession): void {

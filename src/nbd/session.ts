@@ -127,6 +127,14 @@ export class NbdSession implements BudgetWaiter {
   };
 
   private readonly onClose = (): void => {
+    if (this.queue.length > 0 && this.stateValue !== "closing" && this.stateValue !== "closed") {
+      // A message cut short: the client went away in the middle of a header or payload.
+      log.limited("cut_short", "client closed in the middle of a message", {
+        peer: this.peerText,
+        state: this.stateValue,
+        pendingBytes: this.queue.length,
+      });
+    }
     if (this.stateValue !== "closed") this.transition(["greeting", "options", "transmission", "closing"], "closed");
     this.clearTimers();
     this.queue.clear();
