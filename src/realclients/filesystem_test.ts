@@ -45,7 +45,14 @@ async function attach(uri: string, name: string): Promise<Attached> {
   mkdirSync(fuseDir);
   const pidFile = tmp.file(`nbdfuse-${name}.pid`);
   const diskFile = join(fuseDir, "disk");
-  const nbdfuse: Daemon = await startDaemon("nbdfuse", ["-P", pidFile, diskFile, uri], { ready: fileExists(pidFile) });
+  let nbdfuse: Daemon;
+  try {
+    nbdfuse = await startDaemon("nbdfuse", ["-P", pidFile, diskFile, uri], { ready: fileExists(pidFile) });
+  } catch (error) {
+    // A dead nbdfuse can leave its mount behind ("transport endpoint is not connected").
+    await run("fusermount3", ["-u", "-z", fuseDir], { timeoutMs: 10_000 });
+    throw error;
+  }
   let device: string | undefined;
   const detach = async (): Promise<void> => {
     if (device !== undefined) {
