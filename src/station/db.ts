@@ -89,6 +89,11 @@ export const MIGRATIONS: readonly Migration[] = [
       );
     `,
   },
+  {
+    version: 2,
+    description: "find a request by its assignment (undo drops the idempotency record)",
+    sql: "CREATE INDEX requests_by_assignment ON requests (assignment_id);",
+  },
 ];
 
 export function schemaVersion(db: Db): number {

@@ -176,7 +176,7 @@ function prepareStatements(db: Db) {
       "INSERT INTO requests (request_id, assignment_id, params, created_at) VALUES (?, ?, ?, ?)",
     ),
     selectRequest: db.prepare("SELECT request_id, assignment_id, params FROM requests WHERE request_id = ?"),
-    deleteRequest: db.prepare("DELETE FROM requests WHERE request_id = ?"),
+    deleteRequestsOf: db.prepare("DELETE FROM requests WHERE assignment_id = ?"),
     insertEvent: db.prepare("INSERT INTO events (at, type, action, subject, data) VALUES (?, ?, ?, ?, ?)"),
     pruneEvents: db.prepare("DELETE FROM events WHERE seq <= ?"),
     eventsAfter: db.prepare("SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?"),
@@ -585,7 +585,7 @@ export class StationStore {
         updatedAt: next.updatedAtMs,
         hostAddress: next.hostAddress,
       });
-      if (patch.dropRequest === true && next.requestId !== null) this.statements.deleteRequest.run(next.requestId);
+      if (patch.dropRequest === true) this.statements.deleteRequestsOf.run(id);
       batch.apply.push(() => this.indexLive(next));
       if (previous.state !== to || previous.hostAddress !== next.hostAddress) {
         batch.event("assignment", to, id, { id, host: next.host, unit: next.unit, volume: next.volume, partition: next.partition, error: next.error });

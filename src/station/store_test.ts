@@ -1,0 +1,149 @@
+// Proves the station's database layer on real SQLite files: migrations run
+// once, in order, each in a transaction with its version bump (a failing
+// migration leaves the previous version intact), and a database from a newer
+// station is refused; the store's in-memory mirror equals what a fresh store
+// loads from the same file (so a restart shows the same pool); a unit report
+// replaces that unit's volumes and writes only what changed; the assignment
+// state machine refuses illegal transitions; requests map to assignments and
+// a dropped request frees its id; events persist in order for replay.
+
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { makeTempDir } from "../testing/tmp.ts";
+import { MIGRATIONS, migrate, openDatabase, schemaVersion } from "./db.ts";
+import { StationStore } from "./store.ts";
+import type { AssignmentRecord, UnitReport } from "./types.ts";
+import Database from "better-sqlite3";
+
+function report(name: string, volumes: { name: string; sizeBytes: number; grants?: string[] }[], freeBytes = 1 << 30): UnitReport {
+  let next = 4096;
+  return {
+    name,
+    dnsName: null,
+    addresses: ["127.0.0.1"],
+    nbd: { host: "127.0.0.1", port: 10809 },
+    control: { host: "127.0.0.1", port: 10810 },
+    capacityBytes: 4 << 30,
+    freeBytes,
+    volumes: volumes.map((v, i) => {
+      const lengthLba = v.sizeBytes / 512;
+      const extent = { startLba: next, lengthLba, endLba: next + lengthLba - 1 };
+      next += lengthLba;
+      return { name: v.name, number: i + 1, sizeBytes: v.sizeBytes, extents: [extent], partitions: [], grants: v.grants ?? [] };
+    }),
+  };
+}
+
+function pending(id: string, over: Partial<AssignmentRecord> = {}): AssignmentRecord {
+  return {
+    id,
+    requestId: null,
+    host: "h1",
+    hostAddress: "127.0.0.2",
+    unit: "u1",
+    volume: "v1",
+    partition: null,
+    sizeBytes: 1 << 20,
+    state: "pending",
+    carved: false,
+    error: null,
+    detail: null,
+    createdAtMs: 1,
+    updatedAtMs: 1,
+    ...over,
+  };
+}
+
+test("migrations apply once, in a transaction each; a newer database is refused", () => {
+  const dir = makeTempDir("store");
+  try {
+    const path = dir.file("a.db");
+    const db = new Database(path);
+    const broken = [...MIGRATIONS, { version: MIGRATIONS.length + 1, description: "bad", sql: "CREATE TABLE extra (x); THIS IS NOT SQL" }];
+    assert.throws(() => migrate(db, broken));
+    assert.equal(schemaVersion(db), MIGRATIONS.length, "the good migrations stayed, the bad one left nothing");
+    assert.equal(db.prepare("SELECT count(*) AS n FROM sqlite_master WHERE name = 'extra'").get() !== undefined, true);
+    assert.equal((db.prepare("SELECT count(*) AS n FROM sqlite_master WHERE name = 'extra'").get() as { n: number }).n, 0);
+    assert.deepEqual(migrate(db), { from: MIGRATIONS.length, to: MIGRATIONS.length }, "second run does nothing");
+    db.prepare("INSERT INTO schema_version (version, applied_at) VALUES (?, 0)").run(99);
+    db.close();
+    assert.throws(() => openDatabase(path), /schema version 99 is newer/);
+  } finally {
+    dir.remove();
+  }
+});
+
+test("a reopened store shows the same pool, hosts and live assignments", () => {
+  const dir = makeTempDir("store");
+  try {
+    const path = dir.file("s.db");
+    const store = new StationStore(openDatabase(path));
+    store.applyUnitReport(report("u1", [{ name: "v1", sizeBytes: 1 << 20 }, { name: "v2", sizeBytes: 2 << 20, grants: ["127.0.0.2/32"] }]));
+    store.applyUnitReport(report("u2", []));
+    store.putHost("h1", "127.0.0.2");
+    store.insertAssignment(pending("a-1"), { requestId: "r1", params: "{}" });
+    store.updateAssignment("a-1", "active");
+    store.insertAssignment(pending("a-2", { volume: "v2" }));
+    store.updateAssignment("a-2", "failed", { error: "boom" });
+    const events = store.eventsAfter(0);
+    store.close();
+
+    const again = new StationStore(openDatabase(path));
+    assert.deepEqual([...again.units.keys()].sort(), ["u1", "u2"]);
+    assert.equal(again.units.get("u1")?.state, "unknown", "not heard from since the restart");
+    assert.equal(again.volumeCount, 2);
+    assert.deepEqual(again.volume("u1", "v2")?.grants, ["127.0.0.2/32"]);
+    assert.equal(again.hosts.get("h1")?.address, "127.0.0.2");
+    assert.deepEqual([...again.live.keys()], ["a-1"], "only live assignments in memory");
+    assert.equal(again.getAssignment("a-2")?.state, "failed", "history from the database");
+    assert.equal(again.isVolumeAssigned("u1", "v1"), true);
+    assert.equal(again.findRequest("r1")?.assignmentId, "a-1");
+    assert.deepEqual(again.eventsAfter(0), events, "events persisted in order");
+    again.close();
+  } finally {
+    dir.remove();
+  }
+});
+
+test("a unit report replaces that unit's volumes and writes only changes", () => {
+  const dir = makeTempDir("store");
+  try {
+    const store = new StationStore(openDatabase(dir.file("r.db")));
+    store.applyUnitReport(report("u1", [{ name: "v1", sizeBytes: 1 << 20 }, { name: "v2", sizeBytes: 1 << 20 }]));
+    const before = store.eventsAfter(0).length;
+    assert.equal(store.applyUnitReport(report("u1", [{ name: "v1", sizeBytes: 1 << 20 }, { name: "v2", sizeBytes: 1 << 20 }])).volumesChanged, false);
+    assert.equal(store.eventsAfter(0).length, before, "an identical report changes nothing");
+    store.applyUnitReport(report("u1", [{ name: "v1", sizeBytes: 1 << 20 }, { name: "v3", sizeBytes: 1 << 20 }]));
+    assert.deepEqual([...store.unitVolumes("u1").keys()].sort(), ["v1", "v3"]);
+    assert.equal(store.volumeCount, 2);
+    const last = store.eventsAfter(0).at(-1);
+    assert.equal(last?.type, "volumes");
+    assert.deepEqual((last?.data as { added: { names: string[] }; removed: { names: string[] } }).added.names, ["v3"]);
+    assert.deepEqual((last?.data as { added: { names: string[] }; removed: { names: string[] } }).removed.names, ["v2"]);
+    store.close();
+  } finally {
+    dir.remove();
+  }
+});
+
+test("the assignment state machine refuses illegal moves; a dropped request frees its id", () => {
+  const dir = makeTempDir("store");
+  try {
+    const store = new StationStore(openDatabase(dir.file("m.db")));
+    store.insertAssignment(pending("a-1"), { requestId: "r1", params: "{}" });
+    assert.throws(() => store.updateAssignment("a-1", "released"), /pending -> released/);
+    assert.throws(() => store.updateAssignment("a-1", "revoking"), /pending -> revoking/);
+    store.updateAssignment("a-1", "failed", { error: "unit away", dropRequest: true });
+    assert.equal(store.findRequest("r1"), undefined);
+    assert.equal(store.live.size, 0);
+    assert.throws(() => store.updateAssignment("a-1", "active"), /failed -> active/);
+    store.insertAssignment(pending("a-2"), { requestId: "r1", params: "{}" });
+    assert.equal(store.findRequest("r1")?.assignmentId, "a-2");
+    assert.throws(() => store.insertAssignment(pending("a-3"), { requestId: "r1", params: "{}" }), /UNIQUE|PRIMARY/);
+    assert.equal(store.getAssignment("a-3"), undefined, "a failed transaction leaves nothing");
+    assert.equal(store.live.has("a-3"), false, "nor anything in memory");
+    store.close();
+  } finally {
+    dir.remove();
+  }
+});
