@@ -29,7 +29,8 @@ type Decoder<T> = (queue: ByteQueue) => { kind: "need_more" } | { kind: "frame";
 export class RawNbdClient {
   readonly socket: net.Socket;
   private readonly queue = new ByteQueue();
-  private wake: (() => void) | undefined;
+  /** Callers of next() waiting for bytes (a Set: several may wait at once). */
+  private readonly waiters = new Set<() => void>();
   private closedFlag = false;
   readonly closed: Promise<void>;
 
@@ -38,13 +39,13 @@ export class RawNbdClient {
     socket.setNoDelay(true);
     socket.on("data", (chunk: Buffer) => {
       this.queue.push(chunk);
-      this.wake?.();
+      this.wakeAll();
     });
     socket.on("error", () => undefined);
     this.closed = new Promise((resolve) =>
       socket.once("close", () => {
         this.closedFlag = true;
-        this.wake?.();
+        this.wakeAll();
         resolve();
       }),
     );
@@ -66,6 +67,10 @@ export class RawNbdClient {
         reject(error);
       });
     });
+  }
+
+  private wakeAll(): void {
+    for (const wake of [...this.waiters]) wake();
   }
 
   get isClosed(): boolean {
@@ -92,13 +97,14 @@ export class RawNbdClient {
       const left = deadline - Date.now();
       if (left <= 0) throw new Error(`no reply within ${timeoutMs} ms`);
       await new Promise<void>((resolve) => {
-        const timer = setTimeout(resolve, left);
-        this.wake = () => {
+        const wake = (): void => {
           clearTimeout(timer);
+          this.waiters.delete(wake);
           resolve();
         };
+        const timer = setTimeout(wake, left);
+        this.waiters.add(wake);
       });
-      this.wake = undefined;
     }
   }
 

@@ -1,0 +1,265 @@
+// What this proves: the engine behaviours that need a device the test can
+// hold and fail at will (nbdkit tests these with its delay and error
+// filters), on a real socket against an in-process NbdServer:
+// - replies leave in completion order, not request order, and cookies come
+//   back as the same 8 bytes;
+// - at most requestsInFlightMax requests reach the device per connection,
+//   and the server-wide byte budget bounds payload bytes across connections;
+// - device failures become the right errno (EIO, ENOSPC, EPERM, ENOTSUP for
+//   a FAST_ZERO that cannot be fast), with a message in structured mode;
+// - close() answers new requests ESHUTDOWN, lets the request in flight
+//   finish and reply, closes the device, and ends every connection;
+// - at the connection limit with every connection transmitting, a new
+//   connection is refused; the device is closed only after the requests of
+//   a vanished client finish.
+// Everything the unit's real provider can show is tested against the real
+// `ipsan unit` in hostile_test.ts and nbdsh_test.ts instead.
+
+import assert from "node:assert/strict";
+import { after, test } from "node:test";
+import type { BlockCapabilities, BlockDevice, ExportProvider, Extent, ZeroOptions } from "../block/types.ts";
+import { IpsanError, NBD_ERRNO } from "../util/errors.ts";
+import { sleep, waitFor } from "../testing/process.ts";
+import { NBD_CMD, NBD_CMD_FLAG } from "./protocol.ts";
+import { type NbdLimits, NbdServer } from "./server.ts";
+import { RawNbdClient } from "./testing/raw_client.ts";
+
+interface Pending {
+  readonly op: string;
+  readonly offset: number;
+  readonly length: number;
+  readonly options: ZeroOptions | undefined;
+  resolve(): void;
+  reject(error: unknown): void;
+}
+
+/** A device whose every call waits until the test resolves or rejects it. */
+class GatedDevice implements BlockDevice {
+  readonly name = "gated";
+  readonly description = "a device the test drives";
+  readonly sizeBytes = 1 << 24;
+  readonly capabilities: BlockCapabilities = {
+    readOnly: false,
+    canFlush: true,
+    canTrim: true,
+    canZero: true,
+    canFastZero: true,
+    canFua: true,
+    canCache: true,
+    canExtents: true,
+    canMultiConn: false,
+  };
+  readonly pending: Pending[] = [];
+  maxConcurrent = 0;
+  closed = 0;
+
+  private gate(op: string, offset: number, length: number, options?: ZeroOptions): Promise<void> {
+    return new Promise((resolve, reject) => {
+      this.pending.push({ op, offset, length, options, resolve, reject });
+      this.maxConcurrent = Math.max(this.maxConcurrent, this.pending.length);
+    });
+  }
+
+  /** Settles the first pending call matching `offset` (or the first one). */
+  settle(offset?: number, error?: unknown): Pending {
+    const index = offset === undefined ? 0 : this.pending.findIndex((p) => p.offset === offset);
+    const [entry] = this.pending.splice(index, 1);
+    assert.ok(entry !== undefined, `a pending call at ${offset}`);
+    if (error === undefined) entry.resolve();
+    else entry.reject(error);
+    return entry;
+  }
+
+  async read(buffer: Buffer, offsetBytes: number): Promise<void> {
+    await this.gate("read", offsetBytes, buffer.length);
+    buffer.fill(offsetBytes / 512);
+  }
+  write(buffer: Buffer, offsetBytes: number): Promise<void> {
+    return this.gate("write", offsetBytes, buffer.length);
+  }
+  flush(): Promise<void> {
+    return this.gate("flush", 0, 0);
+  }
+  trim(offsetBytes: number, lengthBytes: number): Promise<void> {
+    return this.gate("trim", offsetBytes, lengthBytes);
+  }
+  zero(offsetBytes: number, lengthBytes: number, options: ZeroOptions): Promise<void> {
+    return this.gate("zero", offsetBytes, lengthBytes, options);
+  }
+  cache(offsetBytes: number, lengthBytes: number): Promise<void> {
+    return this.gate("cache", offsetBytes, lengthBytes);
+  }
+  async extents(_offsetBytes: number, lengthBytes: number): Promise<readonly Extent[]> {
+    return [{ lengthBytes, hole: false, zero: false }];
+  }
+  async close(): Promise<void> {
+    this.closed += 1;
+  }
+}
+
+const servers: NbdServer[] = [];
+
+async function serve(limits: Partial<NbdLimits> = {}): Promise<{ server: NbdServer; device: GatedDevice; target: { host: string; port: number } }> {
+  const device = new GatedDevice();
+  const provider: ExportProvider = {
+    defaultExport: "gated",
+    list: () => [{ name: "gated", description: device.description }],
+    open: async (name) => {
+      if (name !== "gated") throw new IpsanError("NOT_FOUND", `export ${name} not found`);
+      return device;
+    },
+  };
+  const server = new NbdServer({ provider, limits, env: {} });
+  servers.push(server);
+  const bound = await server.listen({ host: "127.0.0.1", port: 0 });
+  assert.ok("host" in bound);
+  return { server, device, target: bound };
+}
+
+async function client(target: { host: string; port: number }, structured = true): Promise<RawNbdClient> {
+  const c = await RawNbdClient.connect(target);
+  await c.handshake();
+  await c.go("gated", { structured });
+  return c;
+}
+
+const until = (what: string, probe: () => boolean): Promise<true> =>
+  waitFor(what, () => (probe() ? true : undefined), { timeoutMs: 3000, intervalMs: 5 });
+
+after(async () => {
+  await Promise.all(servers.map((s) => s.close()));
+});
+
+test("replies leave in completion order and echo the cookie's 8 bytes", async () => {
+  const { device, target } = await serve();
+  const c = await client(target);
+  c.send({ cookieHi: 0xffffffff, cookieLo: 0x80000001, flags: 0, type: NBD_CMD.READ, offset: 0, length: 512 });
+  c.send({ cookieHi: 0x01020304, cookieLo: 0x05060708, flags: 0, type: NBD_CMD.READ, offset: 4096, length: 512 });
+  await until("two reads at the device", () => device.pending.length === 2);
+  device.settle(4096);
+  const first = await c.reply(512);
+  assert.equal(first.cookieLo, 0x05060708);
+  assert.equal(first.chunks[0]?.cookieHi, 0x01020304);
+  assert.deepEqual(first.data, Buffer.alloc(512, 8));
+  device.settle(0);
+  const second = await c.reply(512);
+  assert.equal(second.chunks[0]?.cookieHi, 0xffffffff);
+  assert.equal(second.cookieLo, 0x80000001);
+  c.destroy();
+});
+
+test("no more than requestsInFlightMax requests reach the device per connection", async () => {
+  const { device, target } = await serve({ requestsInFlightMax: 4 });
+  const c = await client(target);
+  for (let i = 0; i < 10; i += 1) c.send({ cookieHi: 0, cookieLo: i, flags: 0, type: NBD_CMD.READ, offset: i * 512, length: 512 });
+  await until("four reads at the device", () => device.pending.length === 4);
+  await sleep(50);
+  assert.equal(device.pending.length, 4, "the fifth waits");
+  const seen = new Set<number>();
+  for (let i = 0; i < 10; i += 1) {
+    await until("a pending read", () => device.pending.length > 0);
+    device.settle();
+    seen.add((await c.reply(512)).cookieLo);
+  }
+  assert.equal(seen.size, 10);
+  assert.equal(device.maxConcurrent, 4);
+  c.destroy();
+});
+
+test("the server-wide byte budget bounds payload bytes in flight across connections", async () => {
+  const KiB = 1024;
+  const { device, target } = await serve({ payloadBytesMax: 16 * KiB, connectionBytesInFlightMax: 32 * KiB, serverBytesInFlightMax: 32 * KiB });
+  const clients = [await client(target), await client(target)];
+  for (const [n, c] of clients.entries()) {
+    for (let i = 0; i < 4; i += 1) c.send({ cookieHi: n, cookieLo: i, flags: 0, type: NBD_CMD.READ, offset: (n * 8 + i) * 16 * KiB, length: 16 * KiB });
+  }
+  await until("two reads at the device", () => device.pending.length === 2);
+  await sleep(50);
+  assert.equal(device.pending.length, 2, "32 KiB of reads in flight, no more");
+  // Each client reads its four replies in turn (replies of one connection arrive in order).
+  const replies = clients.map(async (c) => {
+    const errnos: number[] = [];
+    for (let i = 0; i < 4; i += 1) errnos.push((await c.reply(16 * KiB)).errno);
+    return errnos;
+  });
+  for (let i = 0; i < 8; i += 1) {
+    await until("a pending read", () => device.pending.length > 0);
+    assert.ok(device.pending.length <= 2);
+    device.settle();
+  }
+  assert.deepEqual(await Promise.all(replies), [
+    [0, 0, 0, 0],
+    [0, 0, 0, 0],
+  ]);
+  assert.equal(device.maxConcurrent, 2);
+  for (const c of clients) c.destroy();
+});
+
+test("device failures become the right errno", async () => {
+  const { device, target } = await serve();
+  for (const structured of [true, false]) {
+    const c = await client(target, structured);
+    const cases: [number, number, number, unknown, number][] = [
+      [NBD_CMD.READ, 0, 0, new IpsanError("IO_ERROR", "disk on fire"), NBD_ERRNO.EIO],
+      [NBD_CMD.WRITE, 0, 0, Object.assign(new Error("no space"), { code: "ENOSPC" }), NBD_ERRNO.ENOSPC],
+      [NBD_CMD.WRITE, 0, NBD_CMD_FLAG.FUA, new IpsanError("READ_ONLY", "volume is read-only"), NBD_ERRNO.EPERM],
+      [NBD_CMD.WRITE_ZEROES, 0, NBD_CMD_FLAG.FAST_ZERO, new IpsanError("NOT_SUPPORTED", "not fast"), NBD_ERRNO.ENOTSUP],
+      [NBD_CMD.FLUSH, 0, 0, new Error("anything else"), NBD_ERRNO.EIO],
+      [NBD_CMD.TRIM, 0, 0, new IpsanError("OUT_OF_RANGE", "beyond"), NBD_ERRNO.EINVAL],
+    ];
+    for (const [type, offset, flags, error, errno] of cases) {
+      const length = type === NBD_CMD.FLUSH ? 0 : 512;
+      c.send({ cookieHi: 0, cookieLo: type, flags, type, offset, length, ...(type === NBD_CMD.WRITE ? { payload: Buffer.alloc(512) } : {}) });
+      await until("the call at the device", () => device.pending.length === 1);
+      const entry = device.settle(undefined, error);
+      if (type === NBD_CMD.WRITE_ZEROES) assert.equal(entry.options?.fastOnly, true);
+      const reply = await c.reply(type === NBD_CMD.READ ? 512 : 0);
+      assert.equal(reply.errno, errno, `command ${type}`);
+      if (structured) {
+        const chunk = reply.chunks[0];
+        assert.ok(chunk?.kind === "chunk" && chunk.payload.subarray(6).toString().length > 0, "a message");
+      }
+    }
+    c.destroy();
+  }
+});
+
+test("close(): ESHUTDOWN for new requests, the one in flight finishes, the device is closed", async () => {
+  const { server, device, target } = await serve();
+  const c = await client(target);
+  const handshaking = await RawNbdClient.connect(target);
+  c.send({ cookieHi: 0, cookieLo: 1, flags: 0, type: NBD_CMD.WRITE, offset: 0, length: 512, payload: Buffer.alloc(512) });
+  await until("the write at the device", () => device.pending.length === 1);
+  const closed = server.close();
+  c.send({ cookieHi: 0, cookieLo: 2, flags: 0, type: NBD_CMD.READ, offset: 0, length: 512 });
+  const refused = await c.reply();
+  assert.equal(refused.cookieLo, 2);
+  assert.equal(refused.errno, NBD_ERRNO.ESHUTDOWN);
+  assert.ok(await handshaking.closedWithin(2000), "handshaking client closed");
+  device.settle();
+  const done = await c.reply();
+  assert.equal(done.cookieLo, 1);
+  assert.equal(done.errno, 0);
+  assert.ok(await c.closedWithin(3000), "transmitting client closed after its request");
+  await closed;
+  assert.equal(device.closed, 1);
+  assert.equal(server.connectionCount, 0);
+});
+
+test("at the limit with every connection transmitting, new connections are refused; a vanished client's device closes after its requests", async () => {
+  const { server, device, target } = await serve({ connectionsMax: 2 });
+  const a = await client(target);
+  const b = await client(target);
+  const c = await RawNbdClient.connect(target);
+  assert.ok(await c.closedWithin(2000), "third connection refused");
+  assert.equal(server.connectionCount, 2);
+  a.send({ cookieHi: 0, cookieLo: 1, flags: 0, type: NBD_CMD.READ, offset: 0, length: 512 });
+  await until("the read at the device", () => device.pending.length === 1);
+  a.destroy();
+  await sleep(50);
+  assert.equal(device.closed, 0, "device stays open while its request runs");
+  device.settle();
+  await until("device closed", () => device.closed === 1);
+  await until("connection gone", () => server.connectionCount === 1);
+  b.destroy();
+});
