@@ -6,13 +6,13 @@
 // with the token from --token-file (default DATA/control.token when --data
 // is also given).
 
-import { readFileSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { IpsanError, UsageError, errorMessage, type ErrorCode, ERROR_CODES } from "../util/errors.ts";
 import { parseFlags } from "../util/flags.ts";
 import { formatSize, parseSize } from "../util/size.ts";
 import { CONTROL_TOKEN_FILE_NAME } from "./main.ts";
-import { type VolumeView, VolumeManager, volumeView } from "./volumes.ts";
+import { STORAGE_FILE_NAME, type VolumeView, VolumeManager, volumeView } from "./volumes.ts";
 
 /** Time allowed for one control API call. */
 export const ADMIN_REQUEST_TIMEOUT_MS = 30_000;
@@ -38,6 +38,9 @@ interface Target {
 }
 
 async function offlineTarget(dataDir: string, devicePath: string | undefined): Promise<Target> {
+  if (devicePath === undefined && !existsSync(join(dataDir, STORAGE_FILE_NAME))) {
+    throw new UsageError(`--data: no unit storage in "${dataDir}" (start "ipsan unit --data ${dataDir} --capacity SIZE --listen HOST:PORT" once first)`);
+  }
   const manager = await VolumeManager.open({ dataDir, devicePath });
   return {
     create: async (name, size) => volumeView(await manager.create(name, size)),
@@ -108,29 +111,36 @@ export async function volumeMain(argv: readonly string[]): Promise<number> {
     if (positionals.length !== count) throw new UsageError(`volume ${command}: expected ${what}, got ${JSON.stringify(positionals)}\n${USAGE}`);
   };
   const nameArg = (): string => positionals[0] ?? "";
-  const sizeArg = (text: string | undefined, field: string): number => parseSize(text ?? "", field);
+  // Parse every value before touching the storage, so bad input is a usage error (exit 2).
+  const sizes = (texts: readonly string[], field: (i: number) => string): number[] => texts.map((text, i) => parseSize(text, field(i)));
   let run: (target: Target) => Promise<unknown>;
   switch (command) {
     case "list":
       need(0, "no arguments");
       run = (t) => t.list();
       break;
-    case "create":
+    case "create": {
       need(2, "NAME SIZE");
-      run = (t) => t.create(nameArg(), sizeArg(positionals[1], "SIZE"));
+      const [size = 0] = sizes(positionals.slice(1), () => "SIZE");
+      run = (t) => t.create(nameArg(), size);
       break;
+    }
     case "delete":
       need(1, "NAME");
       run = (t) => t.delete(nameArg());
       break;
-    case "grow":
+    case "grow": {
       need(2, "NAME SIZE");
-      run = (t) => t.grow(nameArg(), sizeArg(positionals[1], "SIZE"));
+      const [size = 0] = sizes(positionals.slice(1), () => "SIZE");
+      run = (t) => t.grow(nameArg(), size);
       break;
-    case "partition":
+    }
+    case "partition": {
       if (positionals.length < 1) need(1, "NAME [SIZE...]");
-      run = (t) => t.partition(nameArg(), positionals.slice(1).map((s, i) => sizeArg(s, `SIZE ${i + 1}`)));
+      const partitionSizes = sizes(positionals.slice(1), (i) => `SIZE ${i + 1}`);
+      run = (t) => t.partition(nameArg(), partitionSizes);
       break;
+    }
     case "grant":
       if (positionals.length < 1) need(1, "NAME [HOST|CIDR...]");
       run = (t) => t.grant(nameArg(), positionals.slice(1));

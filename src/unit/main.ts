@@ -222,46 +222,60 @@ export async function unitMain(argv: readonly string[]): Promise<number> {
   const joinKey = config.join === undefined ? undefined : await loadJoinKey(config.join);
   if (joinKey !== undefined) config = { ...config, extraTokens: joinTokens(joinKey, config.name), joined: () => true };
   // ---- end discovery ----
-  let unit: RunningUnit;
+  // Signal handlers go in before anything starts: a SIGTERM that arrives while
+  // the unit is starting (or right after its ready line) still stops it cleanly.
+  let signalled: NodeJS.Signals | undefined;
+  let onStopRequest: (() => void) | undefined;
+  const onSignal = (signal: NodeJS.Signals): void => {
+    if (signalled !== undefined) return;
+    signalled = signal;
+    log.info("stopping", { signal });
+    setTimeout(() => {
+      log.error("shutdown took too long; exiting", { timeoutMs: SHUTDOWN_TIMEOUT_MS });
+      process.exit(1);
+    }, SHUTDOWN_TIMEOUT_MS).unref();
+    onStopRequest?.();
+  };
+  process.on("SIGINT", onSignal);
+  process.on("SIGTERM", onSignal);
   try {
-    unit = await startUnit(config);
-  } catch (error) {
-    // A flag value the storage rejects (a smaller --capacity, a bad --device) is a usage error too.
-    if (error instanceof IpsanError && error.code === "INVALID_ARGUMENT" && error.field?.startsWith("--")) throw new UsageError(error.message);
-    throw error;
-  }
-  process.stdout.write(`ipsan unit ${config.name} ready ${nbdUrl(unit.nbd)}\n`);
-  if (unit.control !== undefined) {
-    process.stdout.write(`ipsan unit ${config.name} control http://${hostForUrl(unit.control.host)}:${unit.control.port}\n`);
-  }
-  // ---- discovery (--station): join the station's pool (STARTUP, storage info, heartbeats) ----
-  const join = config.join === undefined || joinKey === undefined ? undefined : await startJoin(config.join, joinKey, { name: config.name, nbd: unit.nbd, control: unit.control, manager: unit.manager });
-  // ---- end discovery ----
-  const snapshot = unit.manager.snapshot();
-  log.info("serving", { name: config.name, storage: unit.manager.storage.path, capacityBytes: snapshot.capacityBytes, volumes: snapshot.volumes.length });
-  return new Promise<number>((resolve) => {
-    const onSignal = (signal: NodeJS.Signals): void => {
-      process.off("SIGINT", onSignal);
-      process.off("SIGTERM", onSignal);
-      log.info("stopping", { signal });
-      const forced = setTimeout(() => {
-        log.error("shutdown took too long; exiting", { timeoutMs: SHUTDOWN_TIMEOUT_MS });
-        process.exit(1);
-      }, SHUTDOWN_TIMEOUT_MS);
-      forced.unref();
+    let unit: RunningUnit;
+    try {
+      unit = await startUnit(config);
+    } catch (error) {
+      // A flag value the storage rejects (a smaller --capacity, a bad --device) is a usage error too.
+      if (error instanceof IpsanError && error.code === "INVALID_ARGUMENT" && error.field?.startsWith("--")) throw new UsageError(error.message);
+      throw error;
+    }
+    let join: Awaited<ReturnType<typeof startJoin>> | undefined;
+    if (signalled === undefined) {
+      process.stdout.write(`ipsan unit ${config.name} ready ${nbdUrl(unit.nbd)}\n`);
+      if (unit.control !== undefined) {
+        process.stdout.write(`ipsan unit ${config.name} control http://${hostForUrl(unit.control.host)}:${unit.control.port}\n`);
+      }
+      // ---- discovery (--station): join the station's pool (STARTUP, storage info, heartbeats) ----
+      join = config.join === undefined || joinKey === undefined ? undefined : await startJoin(config.join, joinKey, { name: config.name, nbd: unit.nbd, control: unit.control, manager: unit.manager });
+      // ---- end discovery ----
+      const snapshot = unit.manager.snapshot();
+      log.info("serving", { name: config.name, storage: unit.manager.storage.path, capacityBytes: snapshot.capacityBytes, volumes: snapshot.volumes.length });
+      if (signalled === undefined) {
+        await new Promise<void>((resolve) => {
+          onStopRequest = resolve;
+        });
+      }
+    }
+    try {
       // discovery (--station): SHUTDOWN to the station first (bounded wait for its ACK), then stop serving.
-      (join?.stop() ?? Promise.resolve()).catch(() => undefined).then(() => unit.stop()).then(
-        () => {
-          log.info("stopped cleanly");
-          resolve(0);
-        },
-        (error: unknown) => {
-          log.error("stop failed", { error: errorMessage(error) });
-          resolve(1);
-        },
-      );
-    };
-    process.on("SIGINT", onSignal);
-    process.on("SIGTERM", onSignal);
-  });
+      await (join?.stop() ?? Promise.resolve()).catch(() => undefined);
+      await unit.stop();
+    } catch (error) {
+      log.error("stop failed", { error: errorMessage(error) });
+      return 1;
+    }
+    log.info("stopped cleanly");
+    return 0;
+  } finally {
+    process.off("SIGINT", onSignal);
+    process.off("SIGTERM", onSignal);
+  }
 }
