@@ -5,7 +5,8 @@
 // dd are what nbdsh reads straight from the unit. `ipsan host agent` shows the
 // host online at the station, and after nbdfuse is killed (what a host restart
 // does) re-attaches from the state dir by itself, with the same bytes; it stops
-// on SIGTERM with status 0. `detach` removes the mount; `release` detaches
+// on SIGTERM with status 0. It re-attaches even while the station is dead
+// (kill -9): the records are enough. `detach` removes the mount; `release` detaches
 // and unassigns, after which the unit refuses the volume.
 
 import { test } from "node:test";
@@ -90,15 +91,34 @@ test("host request/attach (nbdfuse)/agent re-attach/detach/release against a rea
     await runOk("dd", [`if=${path}`, `of=${san.tmp.file("back")}`, "bs=64K", "skip=16", "count=16", "status=none"]);
     assert.equal(sha256(readFileSync(san.tmp.file("back"))), sha256(pattern), "same bytes after re-attach");
 
+    // Out-of-band on the host side too: with the station dead (kill -9), the agent re-attaches
+    // from its records alone.
+    station.child.signal("SIGKILL");
+    await station.child.exited;
+    process.kill(second.pid ?? 0, "SIGKILL");
+    const third = await waitFor(
+      "the agent re-attaches while the station is down",
+      () => {
+        const r = readRecord();
+        return r.pid !== second.pid && r.pid !== null && processAlive(r.pid) ? r : undefined;
+      },
+      { timeoutMs: 15_000, intervalMs: 100 },
+    );
+    await runOk("dd", [`if=${path}`, `of=${san.tmp.file("back2")}`, "bs=64K", "skip=16", "count=16", "status=none"]);
+    assert.equal(sha256(readFileSync(san.tmp.file("back2"))), sha256(pattern), "same bytes, re-attached without the station");
+    await san.startStation({ dataDir: station.dataDir, http: new URL(station.apiUrl).host, discovery: station.discovery });
+    await san.waitUnits(["u1"]);
+    const client2 = await san.client();
+
     const stopped = await agent.stop("SIGTERM");
     assert.equal(stopped.code, 0, "agent exits 0 on SIGTERM");
     assert.ok(agent.lines.some((l) => l === "ipsan host agent h1 stopped"));
 
     const detached = await san.host(["detach", "--assignment", String(assignment.id), "--state-dir", stateDir]);
     assert.match(detached.result.stdout, /^detached /);
-    assert.equal(await isMounted(second.mountpoint ?? ""), false, "detach removes the mount");
+    assert.equal(await isMounted(third.mountpoint ?? ""), false, "detach removes the mount");
     assert.equal(existsSync(path), false);
-    assert.equal(processAlive(second.pid ?? 0), false, "nbdfuse exited");
+    assert.equal(processAlive(third.pid ?? 0), false, "nbdfuse exited");
     const notAttached = await ipsan(["host", "detach", "--assignment", String(assignment.id), "--state-dir", stateDir]);
     assert.equal(notAttached.code, 1, describeResult(notAttached));
     assert.match(notAttached.stderr, /not attached/);
@@ -107,7 +127,7 @@ test("host request/attach (nbdfuse)/agent re-attach/detach/release against a rea
     const released = await san.host(["release", ...common, "--assignment", String(assignment.id), "--state-dir", stateDir, "--json"]);
     assert.deepEqual((released.json as { released: string }).released, String(assignment.id));
     assert.equal(existsSync(path), false, "release detached first");
-    const live = (await client.assignments()).filter((a) => a.id === assignment.id);
+    const live = (await client2.assignments()).filter((a) => a.id === assignment.id);
     assert.deepEqual(live, [], "the station no longer lists the assignment");
     const refused = await run("nbdinfo", ["--size", assignment.uri], { timeoutMs: 15_000 });
     assert.notEqual(refused.code, 0, "after release the unit refuses the host");
