@@ -1,7 +1,7 @@
 // Dynamic capacity expanding (seed "Dynamic Capacity Expanding"): units join
 // the pool while a host is busy, and the host notices nothing. Two units join
 // a station; host h1 gets a 64 MiB volume and fio (randwrite, QD 16, crc32c,
-// paced to ~4 s, then a verify pass) runs on it; while fio is writing, two
+// paced to ~6 s, then a verify pass) runs on it; while fio is writing, two
 // more units start and join over the discovery protocol. They must be online
 // in GET /api/v1/units while fio is still running, the pool's capacity (the
 // sum over the units) must grow by exactly their capacity, fio must finish
@@ -18,6 +18,8 @@ const MIB = 1024 * 1024;
 const VOLUME_BYTES = 64 * MIB;
 const FIRST_CAPACITY = "128M";
 const NEW_CAPACITY = "512M";
+// Long enough that two node processes can start and join even on a loaded 2-core machine.
+const WRITE_PHASE_S = 6;
 
 test("expansion: two units join while fio runs; capacity grows; fio sees no error", { timeout: 150_000 }, async () => {
   const san = new San("expansion");
@@ -34,7 +36,7 @@ test("expansion: two units join while fio runs; capacity grows; fio sees no erro
     const assignment = json as Assignment;
 
     let fioDone = false;
-    const fioRun = fio("expansion", assignment.uri, verifyJob(VOLUME_BYTES, 4)).finally(() => {
+    const fioRun = fio("expansion", assignment.uri, verifyJob(VOLUME_BYTES, WRITE_PHASE_S)).finally(() => {
       fioDone = true;
     });
     await sleep(300);
