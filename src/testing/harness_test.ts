@@ -26,6 +26,11 @@ test("parseUnitLine reads the ready and control lines", () => {
     host: "::1",
     port: 10809,
   });
+  assert.deepEqual(parseUnitLine("ipsan unit vm ready nbd+unix:///?socket=/tmp/u/nbd.sock"), {
+    kind: "ready-unix",
+    name: "vm",
+    path: "/tmp/u/nbd.sock",
+  });
   assert.deepEqual(parseUnitLine("ipsan unit u1 control http://127.0.0.1:8080"), {
     kind: "control",
     name: "u1",

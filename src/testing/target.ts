@@ -61,7 +61,7 @@ async function startIpsanTarget(options: TargetOptions): Promise<Target> {
   return {
     kind: "ipsan",
     uri: (exportName) => unit.uri(exportName),
-    listUri: () => `nbd://${unit.host.includes(":") ? `[${unit.host}]` : unit.host}:${unit.port}/`,
+    listUri: () => unit.listUri(),
     unit,
     diagnostics: () => unit.stderr(),
     close: () => unit.close(),

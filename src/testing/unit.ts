@@ -27,15 +27,22 @@ export const IPSAN_BIN = join(REPO_ROOT, "bin", "ipsan");
 
 export type UnitLine =
   | { kind: "ready"; name: string; host: string; port: number }
+  | { kind: "ready-unix"; name: string; path: string }
   | { kind: "control"; name: string; host: string; port: number }
   | { kind: "other"; text: string };
 
 const READY_PATTERN = /^ipsan unit (\S+) ready nbd:\/\/(\[[0-9a-fA-F:.]+\]|[^\s:/[\]]+):([0-9]{1,5})\/?$/;
+const READY_UNIX_PATTERN = /^ipsan unit (\S+) ready nbd\+unix:\/\/\/\?socket=(\/\S+)$/;
 const CONTROL_PATTERN = /^ipsan unit (\S+) control http:\/\/(\[[0-9a-fA-F:.]+\]|[^\s:/[\]]+):([0-9]{1,5})\/?$/;
 
-/** Parses one stdout line of `ipsan unit` (pure; brackets are stripped from IPv6 hosts). */
+/**
+ * Parses one stdout line of `ipsan unit` (pure; brackets are stripped from
+ * IPv6 hosts). A unit listening on `unix:/PATH` says `ready nbd+unix:///?socket=PATH`.
+ */
 export function parseUnitLine(line: string): UnitLine {
   const text = line.trim();
+  const unix = READY_UNIX_PATTERN.exec(text);
+  if (unix !== null) return { kind: "ready-unix", name: unix[1] ?? "", path: decodeURIComponent(unix[2] ?? "") };
   for (const [kind, pattern] of [["ready", READY_PATTERN], ["control", CONTROL_PATTERN]] as const) {
     const match = pattern.exec(text);
     if (match === null) continue;
@@ -58,7 +65,7 @@ export interface UnitOptions {
   capacity: string | number;
   volumes?: readonly { name: string; size: string | number }[];
   name?: string;
-  /** Default "127.0.0.1:0". */
+  /** Default "127.0.0.1:0"; "unix" = a Unix socket nbd.sock in the data dir (any "unix:/PATH" also works). */
   listen?: string;
   allow?: readonly string[];
   /** true = "127.0.0.1:0". */
@@ -77,16 +84,21 @@ export interface ExitStatus {
 
 export interface RunningUnit {
   readonly name: string;
+  /** TCP address ("" and 0 when the unit listens on a Unix socket). */
   readonly host: string;
   readonly port: number;
+  /** The Unix socket, when started with listen "unix" or "unix:/PATH". */
+  readonly socketPath: string | undefined;
   readonly pid: number;
   readonly dataDir: string;
   readonly args: readonly string[];
   readonly child: ChildProcess;
   /** Control API base URL ("http://127.0.0.1:PORT"), if started with control. */
   readonly controlUrl: string | undefined;
-  /** nbd://HOST:PORT/EXPORT */
+  /** nbd://HOST:PORT/EXPORT, or nbd+unix:///EXPORT?socket=PATH */
   uri(exportName: string): string;
+  /** The URI without an export name, for nbdinfo --list. */
+  listUri(): string;
   /** Bearer token of the control API (DATA/control.token). */
   controlToken(): string;
   /** The last UNIT_STDERR_TAIL_BYTES of stderr. */
@@ -121,7 +133,8 @@ export function killOnExit(child: ChildProcess): void {
 }
 
 export function unitArgs(options: UnitOptions, dataDir: string): string[] {
-  const args = ["unit", "--data", dataDir, "--capacity", String(options.capacity), "--listen", options.listen ?? "127.0.0.1:0"];
+  const listen = options.listen === "unix" ? `unix:${join(dataDir, "nbd.sock")}` : (options.listen ?? "127.0.0.1:0");
+  const args = ["unit", "--data", dataDir, "--capacity", String(options.capacity), "--listen", listen];
   if (options.name !== undefined) args.push("--name", options.name);
   for (const volume of options.volumes ?? []) args.push("--volume", `${volume.name}:${volume.size}`);
   for (const cidr of options.allow ?? []) args.push("--allow", cidr);
@@ -149,7 +162,7 @@ export async function startUnit(options: UnitOptions): Promise<RunningUnit> {
   });
   const lines: string[] = [];
   let partial = "";
-  let ready: Extract<UnitLine, { kind: "ready" }> | undefined;
+  let ready: Extract<UnitLine, { kind: "ready" | "ready-unix" }> | undefined;
   let control: Extract<UnitLine, { kind: "control" }> | undefined;
   const wantControl = options.control !== undefined && options.control !== false;
   let settle: (() => void) | undefined;
@@ -162,7 +175,7 @@ export async function startUnit(options: UnitOptions): Promise<RunningUnit> {
       partial = partial.slice(newline + 1);
       lines.push(line);
       const parsed = parseUnitLine(line);
-      if (parsed.kind === "ready" && ready === undefined) ready = parsed;
+      if ((parsed.kind === "ready" || parsed.kind === "ready-unix") && ready === undefined) ready = parsed;
       if (parsed.kind === "control" && control === undefined) control = parsed;
       if (ready !== undefined && (!wantControl || control !== undefined)) settle?.();
     }
@@ -198,19 +211,28 @@ export async function startUnit(options: UnitOptions): Promise<RunningUnit> {
     ownDir?.remove();
     throw error;
   }
-  const readyLine = ready as Extract<UnitLine, { kind: "ready" }>;
+  const readyLine = ready as Extract<UnitLine, { kind: "ready" | "ready-unix" }>;
+  const tcp = readyLine.kind === "ready" ? readyLine : undefined;
+  const socketPath = readyLine.kind === "ready-unix" ? readyLine.path : undefined;
+  const listUri = (): string =>
+    socketPath !== undefined ? `nbd+unix:///?socket=${socketPath}` : `nbd://${hostPort(tcp?.host ?? "", tcp?.port ?? 0)}/`;
 
   const exited = (): boolean => child.exitCode !== null || child.signalCode !== null;
   const unit: RunningUnit = {
     name: readyLine.name,
-    host: readyLine.host,
-    port: readyLine.port,
+    host: tcp?.host ?? "",
+    port: tcp?.port ?? 0,
+    socketPath,
     pid: child.pid ?? -1,
     dataDir,
     args,
     child,
     controlUrl: control === undefined ? undefined : `http://${hostPort(control.host, control.port)}`,
-    uri: (exportName) => `nbd://${hostPort(readyLine.host, readyLine.port)}/${exportName}`,
+    uri: (exportName) =>
+      socketPath !== undefined
+        ? `nbd+unix:///${exportName}?socket=${socketPath}`
+        : `nbd://${hostPort(tcp?.host ?? "", tcp?.port ?? 0)}/${exportName}`,
+    listUri,
     controlToken: () => readFileSync(join(dataDir, "control.token"), "utf8").trim(),
     stderr: () => stderrTail,
     stdoutLines: () => lines,
