@@ -22,6 +22,7 @@ import {
   type BenchOptions,
   fioArgs,
   formatSummary,
+  formatVerdict,
   type Measurement,
   parseBenchOptions,
   type ServerName,
@@ -287,6 +288,8 @@ export async function benchMain(argv: readonly string[]): Promise<number> {
     if (unitPid !== undefined) {
       lines.push("", `ipsan unit RSS: peak sampled under load ${(rssMaxKib / 1024).toFixed(1)} MiB; VmHWM (whole life, including the fill) ${(hwmKib / 1024).toFixed(1)} MiB`);
     }
+    const verdict = formatVerdict(summaries, unitPid !== undefined ? rssMaxKib * 1024 : undefined);
+    if (verdict !== "") lines.push("", verdict);
     process.stdout.write(`${lines.join("\n")}\n`);
     if (options.jsonPath !== undefined) {
       writeFileSync(

@@ -187,3 +187,24 @@ export function formatSummary(summaries: readonly Summary[], servers: readonly S
   }
   return `${table(rows)}\n\n${table(latencyRows)}\n\n${table(cpuRows)}`;
 }
+
+/** Issue 2's targets: ipsan >= 1.0x nbdkit on every job; unit RSS under load < 150 MB. */
+export const RSS_TARGET_BYTES = 150 * 1000 * 1000;
+
+export function formatVerdict(summaries: readonly Summary[], unitRssBytes: number | undefined): string {
+  const lines: string[] = [];
+  const behind = summaries.filter((s) => s.values.ipsan !== undefined && s.values.nbdkit !== undefined && s.values.ipsan < s.values.nbdkit);
+  const compared = summaries.filter((s) => s.values.ipsan !== undefined && s.values.nbdkit !== undefined);
+  if (compared.length > 0) {
+    lines.push(
+      behind.length === 0
+        ? `target ipsan >= 1.0x nbdkit on every job: met (${compared.length} jobs)`
+        : `target ipsan >= 1.0x nbdkit on every job: NOT met, behind on ${behind.map((s) => s.job.name).join(", ")}`,
+    );
+  }
+  if (unitRssBytes !== undefined && Number.isFinite(unitRssBytes)) {
+    const mb = (unitRssBytes / 1e6).toFixed(0);
+    lines.push(unitRssBytes < RSS_TARGET_BYTES ? `target unit RSS < 150 MB: met (${mb} MB)` : `target unit RSS < 150 MB: NOT met (${mb} MB)`);
+  }
+  return lines.join("\n");
+}

@@ -5,7 +5,7 @@
 
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { fioArgs, formatSummary, JOBS, median, parseBenchOptions, summarize, type Measurement } from "./report.ts";
+import { fioArgs, formatSummary, formatVerdict, JOBS, median, parseBenchOptions, summarize, type Measurement } from "./report.ts";
 
 test("parseBenchOptions: defaults, lists, and errors that name the flag", () => {
   const defaults = parseBenchOptions([]);
@@ -52,4 +52,12 @@ test("median, summaries and the table", () => {
   assert.match(text, /^job\s+ipsan\s+nbdkit\s+ipsan\/nbdkit$/m);
   assert.match(text, /^randread4k\s+200 IOPS\s+100 IOPS\s+2\.00x$/m);
   assert.match(text, /^seqread1m\s+900 MiB\/s\s+1000 MiB\/s\s+0\.90x$/m);
+  assert.equal(
+    formatVerdict(summaries, 200e6),
+    "target ipsan >= 1.0x nbdkit on every job: NOT met, behind on seqread1m\ntarget unit RSS < 150 MB: NOT met (200 MB)",
+  );
+  assert.equal(
+    formatVerdict(summaries.slice(0, 1), 100e6),
+    "target ipsan >= 1.0x nbdkit on every job: met (1 jobs)\ntarget unit RSS < 150 MB: met (100 MB)",
+  );
 });
