@@ -394,7 +394,8 @@ export class DiscoveryListener {
   private adoptSession(record: UnitRecord, frame: Frame, from: Address, reason: "startup" | "heartbeat" | "storage_info" | "shutdown"): boolean {
     if (record.sessionId === frame.sessionId) return false;
     if (record.sessionId !== null && record.state !== "down" && (record.address.host !== from.host || record.address.port !== from.port)) {
-      this.log.warn("unit restarted or another process uses its name", {
+      // Normal after a restart; if it repeats, two processes are using one unit name.
+      this.log.info("unit has a new session (restarted?)", {
         unit: record.name,
         was: `${record.address.host}:${record.address.port}`,
         now: `${from.host}:${from.port}`,
