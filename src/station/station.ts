@@ -228,8 +228,14 @@ export class Station {
   /** Reads the unit's info through its control API and applies it. */
   async refreshUnit(name: string): Promise<void> {
     const info = await this.clientFor(name).info();
-    const state = this.store.units.get(name)?.state ?? "online";
-    await this.applyStorageInfo(info, null, state === "unknown" ? "online" : state);
+    const unit = this.store.units.get(name);
+    const state = unit?.state ?? "online";
+    // GET /v1/info does not repeat the unit's own control address or DNS name: keep what discovery said.
+    await this.applyStorageInfo(
+      { ...info, control: info.control ?? unit?.control ?? null, dnsName: info.dnsName ?? unit?.dnsName ?? null },
+      null,
+      state === "unknown" ? "online" : state,
+    );
   }
 
   private refreshQuietly(name: string): void {

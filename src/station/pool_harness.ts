@@ -1,0 +1,108 @@
+// Test harness for a small pool: a real station and real `ipsan unit`
+// processes joined to it with --station and the station's cluster key, each
+// with a control API. Helpers read what the unit itself says (its control API,
+// with the unit's own token) so tests can compare the unit's truth with the
+// station's.
+
+import { waitFor } from "../testing/process.ts";
+import { startUnit, type RunningUnit } from "../testing/unit.ts";
+import { controlOk } from "../testing/control.ts";
+import type { RunningStation } from "./harness.ts";
+
+export const JOIN_TIMEOUT_MS = 15_000;
+
+export interface UnitVolume {
+  name: string;
+  number: number;
+  sizeBytes: number;
+  extents: { startLba: number; lengthLba: number; endLba: number }[];
+  partitions: { index: number; name: string; startLba: number; lengthLba: number; endLba: number; sizeBytes: number }[];
+  grants: string[];
+}
+
+export interface StationUnit {
+  name: string;
+  state: string;
+  freeBytes: number;
+  capacityBytes: number;
+  volumeCount: number;
+}
+
+export interface Assignment {
+  id: string;
+  requestId: string | null;
+  host: string;
+  hostAddress: string;
+  unit: string;
+  volume: string;
+  export: string;
+  partition: number | null;
+  sizeBytes: number;
+  startLba: number;
+  lengthLba: number;
+  endLba: number;
+  extents: { startLba: number; lengthLba: number; endLba: number }[];
+  nbdHost: string;
+  nbdPort: number;
+  uri: string;
+  state: string;
+  error: string | null;
+}
+
+export function joinArgs(station: RunningStation): string[] {
+  return ["--station", `${station.discovery.host}:${station.discovery.port}`, "--cluster-key-file", station.clusterKeyFile()];
+}
+
+/** Starts a unit joined to the station; resolves once the station lists it online with its volumes. */
+export async function startJoinedUnit(
+  station: RunningStation,
+  options: { name: string; capacity: string; volumes?: { name: string; size: string }[]; dataDir?: string },
+): Promise<RunningUnit> {
+  const unit = await startUnit({
+    name: options.name,
+    capacity: options.capacity,
+    control: true,
+    volumes: options.volumes ?? [],
+    extraArgs: joinArgs(station),
+    ...(options.dataDir === undefined ? {} : { dataDir: options.dataDir }),
+  });
+  const expected = (options.volumes ?? []).length;
+  await waitFor(
+    `unit ${options.name} online in the station's pool`,
+    async () => {
+      const response = await station.api("GET", `/api/v1/units/${options.name}`);
+      const body = response.body as (StationUnit & { volumes: unknown[] }) | undefined;
+      return response.status === 200 && body?.state === "online" && body.volumes.length >= expected ? true : undefined;
+    },
+    { timeoutMs: JOIN_TIMEOUT_MS },
+  );
+  return unit;
+}
+
+export async function unitVolumes(unit: RunningUnit): Promise<UnitVolume[]> {
+  return ((await controlOk(unit, "GET", "/v1/volumes")) as { items: UnitVolume[] }).items;
+}
+
+export async function unitVolume(unit: RunningUnit, name: string): Promise<UnitVolume> {
+  return (await controlOk(unit, "GET", `/v1/volumes/${encodeURIComponent(name)}`)) as UnitVolume;
+}
+
+export async function liveAssignments(station: RunningStation, query = ""): Promise<Assignment[]> {
+  const response = await station.api("GET", `/api/v1/assignments${query}`);
+  if (response.status !== 200) throw new Error(`GET assignments -> ${response.status} ${response.text}`);
+  return (response.body as { items: Assignment[] }).items;
+}
+
+/** The unit's grants equal, volume by volume, the host addresses of the station's live assignments. */
+export async function grantsMatch(station: RunningStation, units: readonly RunningUnit[]): Promise<string[]> {
+  const problems: string[] = [];
+  const live = await liveAssignments(station);
+  for (const unit of units) {
+    for (const volume of await unitVolumes(unit)) {
+      const want = [...new Set(live.filter((a) => a.unit === unit.name && a.volume === volume.name && a.state !== "revoking").map((a) => a.hostAddress))].sort();
+      const have = [...volume.grants].sort();
+      if (JSON.stringify(want) !== JSON.stringify(have)) problems.push(`${unit.name}/${volume.name}: unit grants ${JSON.stringify(have)}, station wants ${JSON.stringify(want)}`);
+    }
+  }
+  return problems;
+}
