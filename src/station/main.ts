@@ -14,6 +14,8 @@ import { randomBytes } from "node:crypto";
 import { promises as fs } from "node:fs";
 import { basename, dirname, join, resolve } from "node:path";
 import { CLUSTER_KEY_FILE_NAME, loadOrCreateClusterKey } from "../discovery/keys.ts";
+import { SnmpTrapListener } from "../discovery/snmp.ts";
+import { attachSnmp } from "../discovery/snmp_join.ts";
 import { DiscoveryListener } from "../discovery/station_listener.ts";
 import { IpsanError, UsageError, errorMessage } from "../util/errors.ts";
 import { parseFlags, parseHostPort } from "../util/flags.ts";
@@ -142,7 +144,7 @@ export async function stationMain(argv: readonly string[]): Promise<number> {
         return; // a state event follows a startup; rejections are counted by the listener
     }
   });
-  const snmpListener = snmp === null ? null : await startSnmp(listener, station, community, snmp);
+  const snmpListener = snmp === null ? null : await startSnmp(listener, clusterKey, community, snmp);
   const api = new ApiServer({
     station,
     adminToken,
@@ -206,12 +208,22 @@ interface SnmpHandle {
   close(): Promise<void>;
 }
 
-/** SNMP trap listener (src/discovery/snmp_*.ts), wired to the same listener. */
+/** SNMP trap listener (src/discovery/snmp.ts), wired to the discovery listener by attachSnmp. */
 async function startSnmp(
-  _listener: DiscoveryListener,
-  _station: Station,
-  _community: string,
-  _address: { host: string; port: number },
+  listener: DiscoveryListener,
+  clusterKey: Buffer,
+  community: string,
+  address: { host: string; port: number },
 ): Promise<SnmpHandle> {
-  throw new UsageError("--snmp: the SNMP trap listener is not built yet");
+  const snmp = new SnmpTrapListener({ community });
+  const bound = await snmp.listen(address);
+  const detach = attachSnmp({ snmp, discovery: listener, clusterKey });
+  return {
+    address: bound,
+    metricsText: () => snmp.metricsText(),
+    async close() {
+      detach();
+      await snmp.close();
+    },
+  };
 }
