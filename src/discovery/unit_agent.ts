@@ -113,7 +113,7 @@ export class StationAgent {
   private changeTimer: TimerHandle | null = null;
   private generation = 1;
   private startup: { messageId: number; retransmitter: Retransmitter } | null = null;
-  private info: { messageId: number; generation: number; retransmitter: Retransmitter } | null = null;
+  private info: { messageId: number; generation: number; retransmitter: Retransmitter; lastSentMs: number } | null = null;
   private shutdown: { messageId: number; resolve: (acked: boolean) => void } | null = null;
 
   private datagramsSent = 0;
@@ -302,8 +302,9 @@ export class StationAgent {
       if (this.currentState === "stopping") return;
       // The station knows us: as good as an ACK of STARTUP.
       if (this.currentState === "starting") this.joined();
-      if (this.info !== null && this.info.generation === this.generation) this.info.retransmitter.nudge();
-      else this.sendStorageInfo();
+      if (this.info === null || this.info.generation !== this.generation) this.sendStorageInfo();
+      // Already on its way: resend now, unless we just sent it (the station's ask crossed our send).
+      else if (this.clock.nowMs() - this.info.lastSentMs >= this.backoff.initialMs) this.info.retransmitter.nudge();
       return;
     }
     // Any other type was refused by decodeFrame (wrong direction).
@@ -396,6 +397,7 @@ export class StationAgent {
       random: this.random,
       send: (attempt) => {
         if (attempt > 0) this.retransmissions += 1;
+        if (this.info?.messageId === messageId) this.info.lastSentMs = this.clock.nowMs();
         fragments.forEach((fragment, index) =>
           this.sendFrame(MESSAGE_TYPE.STORAGE_INFO, messageId, fragment, index, fragments.length),
         );
@@ -410,7 +412,7 @@ export class StationAgent {
         }, this.backoff.maxMs);
       },
     });
-    this.info = { messageId, generation, retransmitter };
+    this.info = { messageId, generation, retransmitter, lastSentMs: this.clock.nowMs() };
     this.emit({ kind: "storage_info_sent", generation, fragments: fragments.length, bytes: payload.length });
     retransmitter.start();
   }
