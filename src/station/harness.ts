@@ -46,6 +46,8 @@ export interface StationOptions {
   readonly env?: Readonly<Record<string, string>>;
   /** Keep the data dir on close (a restart reuses it). */
   readonly keepData?: boolean;
+  /** UDP discovery address (default 127.0.0.1:0); a restart passes the old one so units find it again. */
+  readonly discovery?: string;
 }
 
 const READY = /^ipsan station ready http:\/\/(\S+)$/;
@@ -54,7 +56,7 @@ const DISCOVERY = /^ipsan station discovery udp:\/\/(\[[0-9a-fA-F:.]+\]|[^\s:]+)
 export async function startStation(options: StationOptions = {}): Promise<RunningStation> {
   const own: TempDir | undefined = options.dataDir === undefined ? makeTempDir("station") : undefined;
   const dataDir = options.dataDir ?? own?.path ?? "";
-  const args = ["station", "--data", dataDir, "--http", "127.0.0.1:0", "--discovery", "127.0.0.1:0", ...(options.extraArgs ?? [])];
+  const args = ["station", "--data", dataDir, "--http", "127.0.0.1:0", "--discovery", options.discovery ?? "127.0.0.1:0", ...(options.extraArgs ?? [])];
   const child = spawn(process.execPath, [IPSAN_BIN, ...args], { env: childEnv(options.env), stdio: ["ignore", "pipe", "pipe"] });
   killOnExit(child);
   let stderr = "";
