@@ -10,6 +10,13 @@ const COMMANDS: Readonly<Record<string, () => Promise<Command>>> = {
   host: async () => (await import("./host/main.ts")).hostMain,
   demo: async () => (await import("./demo/main.ts")).demoMain,
   station: async () => (await import("./station/main.ts")).stationMain,
+  units: async () => (await import("./admin/main.ts")).unitsMain,
+  volumes: async () => (await import("./admin/main.ts")).volumesMain,
+  hosts: async () => (await import("./admin/main.ts")).hostsMain,
+  assignments: async () => (await import("./admin/main.ts")).assignmentsMain,
+  volume: async () => (await import("./admin/main.ts")).volumeMain,
+  assign: async () => (await import("./admin/main.ts")).assignMain,
+  unassign: async () => (await import("./admin/main.ts")).unassignMain,
 };
 
 const USAGE = `usage: ipsan COMMAND [flags]
@@ -20,6 +27,12 @@ commands:
   demo      a whole SAN on loopback: a station and N units (Ctrl-C stops it)
   station   run the control station: the pool of units, allocation, REST API
   help      show this text
+
+admin (over the station's API; --station URL --token-file FILE, or $IPSAN_STATION $IPSAN_TOKEN_FILE):
+  units | volumes | hosts | assignments [--json]     list the pool
+  volume create|delete|grow|partition UNIT NAME ...  change a unit's volumes
+  assign HOST UNIT VOLUME [--partition N]           give a host a volume (or partition)
+  unassign ID                                       take it back (the unit revokes the grant)
 `;
 
 export async function main(argv: readonly string[]): Promise<number> {

@@ -1,0 +1,310 @@
+// The admin CLI over the station's REST API (docs/api.md):
+//
+//   ipsan units|volumes|hosts|assignments [--json]     listings (tables by default)
+//   ipsan volume create UNIT NAME SIZE
+//   ipsan volume delete UNIT NAME
+//   ipsan volume grow UNIT NAME SIZE                    SIZE is the new total
+//   ipsan volume partition UNIT NAME SIZE,SIZE...       "none" removes the partitions
+//   ipsan assign HOST UNIT VOLUME [--partition N]
+//   ipsan unassign ID
+//
+// Common flags: --station URL (default $IPSAN_STATION), --token-file FILE
+// (default $IPSAN_TOKEN_FILE). Exit status 2 for a usage error (the message
+// names the flag or argument), 1 when the station refuses (its code, message
+// and field are printed).
+
+import { StationClient, listItems, parseStationUrl, readTokenFile } from "../host/station_client.ts";
+import { UsageError } from "../util/errors.ts";
+import { parseFlags, type FlagSpec } from "../util/flags.ts";
+import { formatSize, parseSize } from "../util/size.ts";
+
+const COMMON_FLAGS = {
+  station: { type: "string" },
+  "token-file": { type: "string" },
+  help: { type: "boolean" },
+} as const satisfies FlagSpec;
+
+const COMMON_USAGE = `common flags:
+  --station URL       the station's API (default $IPSAN_STATION), e.g. http://127.0.0.1:8640
+  --token-file FILE   the admin token, STATION_DATA/admin.token (default $IPSAN_TOKEN_FILE)
+`;
+
+const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
+
+async function client(values: { station?: string | undefined; "token-file"?: string | undefined }): Promise<StationClient> {
+  const station = values.station ?? process.env["IPSAN_STATION"];
+  if (station === undefined || station === "") throw new UsageError("--station URL is required (or set IPSAN_STATION)");
+  const tokenFile = values["token-file"] ?? process.env["IPSAN_TOKEN_FILE"];
+  if (tokenFile === undefined || tokenFile === "") throw new UsageError("--token-file FILE is required (or set IPSAN_TOKEN_FILE): the station's DATA/admin.token");
+  return new StationClient({ baseUrl: parseStationUrl(station), token: await readTokenFile(tokenFile) });
+}
+
+function name(value: string | undefined, what: string): string {
+  if (value === undefined) throw new UsageError(`missing ${what}`);
+  if (!NAME_PATTERN.test(value)) throw new UsageError(`${what}: invalid name "${value}" (1-63 of A-Z a-z 0-9 _ . -, starting with a letter or digit)`);
+  return value;
+}
+
+function size(value: string | undefined, what: string): number {
+  if (value === undefined) throw new UsageError(`missing ${what}`);
+  return parseSize(value, what);
+}
+
+function noMore(rest: readonly string[], count: number, usage: string): void {
+  if (rest.length > count) throw new UsageError(`unexpected argument "${rest[count]}"\nusage: ${usage}`);
+}
+
+/** Aligned columns; every cell already a string. */
+export function table(headers: readonly string[], rows: readonly (readonly string[])[]): string {
+  const widths = headers.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? "").length)));
+  const line = (cells: readonly string[]): string =>
+    cells
+      .map((c, i) => (i === cells.length - 1 ? c : c.padEnd(widths[i] ?? 0)))
+      .join("  ")
+      .trimEnd();
+  return `${[line(headers), ...rows.map(line)].join("\n")}\n`;
+}
+
+function text(value: unknown): string {
+  if (value === null || value === undefined || value === "") return "-";
+  return String(value);
+}
+
+function bytes(value: unknown): string {
+  return typeof value === "number" ? formatSize(value) : "-";
+}
+
+function ago(value: unknown): string {
+  if (typeof value !== "string") return "-";
+  const ms = Date.now() - Date.parse(value);
+  if (!Number.isFinite(ms)) return "-";
+  if (ms < 1000) return "now";
+  if (ms < 120_000) return `${Math.round(ms / 1000)}s ago`;
+  if (ms < 7_200_000) return `${Math.round(ms / 60_000)}m ago`;
+  return value;
+}
+
+type Row = Record<string, unknown>;
+
+const LISTINGS = {
+  units: {
+    path: "/api/v1/units",
+    headers: ["NAME", "STATE", "ADDRESS", "NBD", "CAPACITY", "FREE", "VOLUMES", "SEEN"],
+    row: (u: Row) => {
+      const nbd = u["nbd"] as { host: string; port: number } | null;
+      return [
+        text(u["name"]),
+        text(u["state"]),
+        text((u["addresses"] as string[] | undefined)?.[0]),
+        nbd === null || nbd === undefined ? "-" : `${nbd.host}:${nbd.port}`,
+        bytes(u["capacityBytes"]),
+        bytes(u["freeBytes"]),
+        text(u["volumeCount"]),
+        ago(u["lastSeenAt"]),
+      ];
+    },
+  },
+  volumes: {
+    path: "/api/v1/volumes",
+    headers: ["UNIT", "NAME", "NUMBER", "SIZE", "EXTENTS", "PARTITIONS", "ASSIGNED-TO"],
+    row: (v: Row) => [
+      text(v["unit"]),
+      text(v["name"]),
+      text(v["number"]),
+      bytes(v["sizeBytes"]),
+      ((v["extents"] as { startLba: number; endLba: number }[] | undefined) ?? []).map((e) => `${e.startLba}-${e.endLba}`).join(",") || "-",
+      text(((v["partitions"] as unknown[] | undefined) ?? []).length || null),
+      text(v["assignedTo"]),
+    ],
+  },
+  hosts: {
+    path: "/api/v1/hosts",
+    headers: ["NAME", "ADDRESS", "STATE", "SEEN"],
+    row: (h: Row) => [text(h["name"]), text(h["address"]), text(h["state"]), ago(h["lastSeenAt"])],
+  },
+  assignments: {
+    path: "/api/v1/assignments",
+    headers: ["ID", "HOST", "ADDRESS", "UNIT", "EXPORT", "SIZE", "STATE", "URI"],
+    row: (a: Row) => [
+      text(a["id"]),
+      text(a["host"]),
+      text(a["hostAddress"]),
+      text(a["unit"]),
+      text(a["export"]),
+      bytes(a["sizeBytes"]),
+      text(a["state"]),
+      text(a["uri"]),
+    ],
+  },
+} as const;
+
+type ListingName = keyof typeof LISTINGS;
+
+async function listing(which: ListingName, argv: readonly string[]): Promise<number> {
+  const usage = `ipsan ${which} [--json]${which === "assignments" ? " [--all] [--host NAME]" : ""}${which === "volumes" ? " [--unit NAME] [--free]" : ""} [--station URL] [--token-file FILE]`;
+  const { values, positionals } = parseFlags(
+    argv,
+    { ...COMMON_FLAGS, json: { type: "boolean" }, all: { type: "boolean" }, host: { type: "string" }, unit: { type: "string" }, free: { type: "boolean" } },
+    true,
+  );
+  if (values.help === true) {
+    process.stdout.write(`usage: ${usage}\n${COMMON_USAGE}`);
+    return 0;
+  }
+  noMore(positionals, 0, usage);
+  const query = new URLSearchParams();
+  if (which === "assignments") {
+    if (values.all === true) query.set("all", "true");
+    if (values.host !== undefined) query.set("host", name(values.host, "--host"));
+  } else if (values.all !== undefined || values.host !== undefined) {
+    throw new UsageError(`--all and --host apply to "ipsan assignments" only\nusage: ${usage}`);
+  }
+  if (which === "volumes") {
+    if (values.unit !== undefined) query.set("unit", name(values.unit, "--unit"));
+    if (values.free === true) query.set("free", "true");
+  } else if (values.unit !== undefined || values.free !== undefined) {
+    throw new UsageError(`--unit and --free apply to "ipsan volumes" only\nusage: ${usage}`);
+  }
+  const api = await client(values);
+  const spec = LISTINGS[which];
+  const path = `${spec.path}${query.size > 0 ? `?${query}` : ""}`;
+  const items = listItems<Row>(await api.call("GET", path), which);
+  if (values.json === true) {
+    process.stdout.write(`${JSON.stringify(items, null, 2)}\n`);
+    return 0;
+  }
+  process.stdout.write(table(spec.headers, items.map((item) => spec.row(item))));
+  return 0;
+}
+
+export const unitsMain = (argv: readonly string[]): Promise<number> => listing("units", argv);
+export const volumesMain = (argv: readonly string[]): Promise<number> => listing("volumes", argv);
+export const hostsMain = (argv: readonly string[]): Promise<number> => listing("hosts", argv);
+export const assignmentsMain = (argv: readonly string[]): Promise<number> => listing("assignments", argv);
+
+const VOLUME_USAGE = `usage: ipsan volume create UNIT NAME SIZE
+       ipsan volume delete UNIT NAME
+       ipsan volume grow UNIT NAME SIZE          (SIZE: the new total size)
+       ipsan volume partition UNIT NAME SIZE,SIZE...   ("none": no partitions)
+  [--json] [--station URL] [--token-file FILE]
+`;
+
+function printVolume(volume: unknown, json: boolean): void {
+  if (json) {
+    process.stdout.write(`${JSON.stringify(volume, null, 2)}\n`);
+    return;
+  }
+  process.stdout.write(table(LISTINGS.volumes.headers, [LISTINGS.volumes.row(volume as Row)]));
+}
+
+export async function volumeMain(argv: readonly string[]): Promise<number> {
+  const { values, positionals } = parseFlags(argv, { ...COMMON_FLAGS, json: { type: "boolean" } }, true);
+  if (values.help === true) {
+    process.stdout.write(`${VOLUME_USAGE}${COMMON_USAGE}`);
+    return 0;
+  }
+  const [action, ...rest] = positionals;
+  const json = values.json === true;
+  switch (action) {
+    case "create": {
+      const unit = name(rest[0], "UNIT");
+      const volume = name(rest[1], "NAME");
+      const sizeBytes = size(rest[2], "SIZE");
+      noMore(rest, 3, "ipsan volume create UNIT NAME SIZE");
+      printVolume(await (await client(values)).call("POST", "/api/v1/volumes", { unit, name: volume, sizeBytes }), json);
+      return 0;
+    }
+    case "delete": {
+      const unit = name(rest[0], "UNIT");
+      const volume = name(rest[1], "NAME");
+      noMore(rest, 2, "ipsan volume delete UNIT NAME");
+      await (await client(values)).call("DELETE", `/api/v1/volumes/${unit}/${volume}`);
+      process.stdout.write(`deleted volume ${unit}/${volume}\n`);
+      return 0;
+    }
+    case "grow": {
+      const unit = name(rest[0], "UNIT");
+      const volume = name(rest[1], "NAME");
+      const sizeBytes = size(rest[2], "SIZE");
+      noMore(rest, 3, "ipsan volume grow UNIT NAME SIZE");
+      printVolume(await (await client(values)).call("POST", `/api/v1/volumes/${unit}/${volume}/grow`, { sizeBytes }), json);
+      return 0;
+    }
+    case "partition": {
+      const unit = name(rest[0], "UNIT");
+      const volume = name(rest[1], "NAME");
+      const list = rest[2];
+      if (list === undefined) throw new UsageError(`missing SIZE,SIZE... (or "none")\n${VOLUME_USAGE}`);
+      noMore(rest, 3, "ipsan volume partition UNIT NAME SIZE,SIZE...");
+      const sizesBytes = list === "none" ? [] : list.split(",").map((s, i) => size(s, `SIZE #${i + 1}`));
+      const answer = await (await client(values)).call("PUT", `/api/v1/volumes/${unit}/${volume}/partitions`, { sizesBytes });
+      if (json) process.stdout.write(`${JSON.stringify(answer, null, 2)}\n`);
+      else {
+        const partitions = ((answer as Row)["partitions"] as Row[] | undefined) ?? [];
+        process.stdout.write(
+          partitions.length === 0
+            ? `volume ${unit}/${volume} has no partitions\n`
+            : table(
+                ["EXPORT", "START-LBA", "END-LBA", "SIZE"],
+                partitions.map((p) => [text(p["name"]), text(p["startLba"]), text(p["endLba"]), bytes(p["sizeBytes"])]),
+              ),
+        );
+      }
+      return 0;
+    }
+    case undefined:
+      throw new UsageError(`missing action (create, delete, grow, partition)\n${VOLUME_USAGE}`);
+    default:
+      throw new UsageError(`unknown action "${action}" (create, delete, grow, partition)\n${VOLUME_USAGE}`);
+  }
+}
+
+export async function assignMain(argv: readonly string[]): Promise<number> {
+  const usage = "ipsan assign HOST UNIT VOLUME [--partition N] [--json] [--station URL] [--token-file FILE]";
+  const { values, positionals } = parseFlags(argv, { ...COMMON_FLAGS, json: { type: "boolean" }, partition: { type: "string" } }, true);
+  if (values.help === true) {
+    process.stdout.write(`usage: ${usage}\n${COMMON_USAGE}`);
+    return 0;
+  }
+  const host = name(positionals[0], "HOST");
+  const unit = name(positionals[1], "UNIT");
+  const volume = name(positionals[2], "VOLUME");
+  noMore(positionals, 3, usage);
+  let partition: number | undefined;
+  if (values.partition !== undefined) {
+    if (!/^[1-9][0-9]{0,3}$/.test(values.partition)) throw new UsageError(`--partition: invalid partition number "${values.partition}" (1, 2, ...)`);
+    partition = Number(values.partition);
+  }
+  const answer = (await (await client(values)).call("POST", "/api/v1/assignments", {
+    host,
+    unit,
+    volume,
+    ...(partition === undefined ? {} : { partition }),
+  })) as Row;
+  if (values.json === true) process.stdout.write(`${JSON.stringify(answer, null, 2)}\n`);
+  else {
+    process.stdout.write(
+      `assignment ${text(answer["id"])}: host ${host} (${text(answer["hostAddress"])}) gets ${unit}/${text(answer["export"])}, ` +
+        `${bytes(answer["sizeBytes"])}, LBA ${text(answer["startLba"])}-${text(answer["endLba"])}\nuri ${text(answer["uri"])}\n`,
+    );
+  }
+  return 0;
+}
+
+export async function unassignMain(argv: readonly string[]): Promise<number> {
+  const usage = "ipsan unassign ID [--station URL] [--token-file FILE]";
+  const { values, positionals } = parseFlags(argv, COMMON_FLAGS, true);
+  if (values.help === true) {
+    process.stdout.write(`usage: ${usage}\n${COMMON_USAGE}`);
+    return 0;
+  }
+  const id = positionals[0];
+  if (id === undefined) throw new UsageError(`missing ID\nusage: ${usage}`);
+  if (!/^[A-Za-z0-9_.-]{1,64}$/.test(id)) throw new UsageError(`ID: invalid assignment id "${id}"`);
+  noMore(positionals, 1, usage);
+  const answer = await (await client(values)).call("DELETE", `/api/v1/assignments/${id}`);
+  process.stdout.write(
+    answer === undefined ? `unassigned ${id}: the unit revoked the grant\n` : `unassign ${id} recorded; the unit is told when it is reachable\n`,
+  );
+  return 0;
+}
