@@ -9,6 +9,7 @@ import type { ExportProvider } from "../block/types.ts";
 import { assert } from "../util/assert.ts";
 import { logger } from "../util/log.ts";
 import { ByteBudget } from "./budget.ts";
+import { BufferPool } from "./buffer_pool.ts";
 import { LIMITS_ENV, type NbdLimits, parseLimitOverrides, resolveLimits } from "./limits.ts";
 import { NbdSession, type SessionHost } from "./session.ts";
 
@@ -30,6 +31,7 @@ export class NbdServer implements SessionHost {
   readonly provider: ExportProvider;
   readonly limits: NbdLimits;
   readonly budget: ByteBudget;
+  readonly pool = new BufferPool();
   private readonly sessions = new Set<NbdSession>();
   private readonly listeners: net.Server[] = [];
   private closing = false;

@@ -17,6 +17,7 @@ import { assert } from "../util/assert.ts";
 import { NBD_ERRNO, errorMessage, toNbdErrno } from "../util/errors.ts";
 import { logger } from "../util/log.ts";
 import type { BudgetWaiter, ByteBudget } from "./budget.ts";
+import type { BufferPool } from "./buffer_pool.ts";
 import { ByteQueue } from "./byte_queue.ts";
 import { type Negotiation, type OpenedExport, type OptionOutcome, negotiateOption } from "./handshake.ts";
 import { decodeClientFlags, decodeOption, encodeGreeting, encodeOptionReply, utf8Bounded } from "./handshake_codec.ts";
@@ -34,6 +35,7 @@ export interface SessionHost {
   readonly provider: ExportProvider;
   readonly limits: NbdLimits;
   readonly budget: ByteBudget;
+  readonly pool: BufferPool;
   readonly shuttingDown: boolean;
   sessionEnded(session: NbdSession): void;
 }
@@ -76,6 +78,8 @@ export class NbdSession implements BudgetWaiter {
   private socketEnded = false;
   private readingPaused = false;
   private corked = false;
+  /** Buffers handed to socket.write, oldest first: write callbacks come back in this order. */
+  private readonly writing: Buffer[] = [];
   private handshakeTimer: NodeJS.Timeout | undefined;
   private stallTimer: NodeJS.Timeout | undefined;
   private closeTimer: NodeJS.Timeout | undefined;
@@ -378,7 +382,7 @@ export class NbdSession implements BudgetWaiter {
     const opened = this.opened;
     assert(opened !== undefined, "execute without an export");
     try {
-      this.send(await performRequest(opened, frame, this.limits));
+      this.send(await performRequest(opened, frame, this.limits, this.host.pool));
     } catch (error) {
       this.replyFailure(frame, error);
     }
@@ -418,8 +422,15 @@ export class NbdSession implements BudgetWaiter {
       this.socket.cork();
       setImmediate(this.uncork);
     }
-    this.socket.write(bytes);
+    this.writing.push(bytes);
+    this.socket.write(bytes, this.onWritten);
   }
+
+  /** A write finished (or was cancelled): the oldest buffer may go back to the pool. */
+  private readonly onWritten = (): void => {
+    const bytes = this.writing.shift();
+    if (bytes !== undefined) this.host.pool.release(bytes);
+  };
 
   private readonly uncork = (): void => {
     this.corked = false;

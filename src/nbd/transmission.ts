@@ -4,6 +4,7 @@
 // the session sends the reply, and maps a thrown error to an errno in one place.
 
 import type { Extent } from "../block/types.ts";
+import type { BufferPool } from "./buffer_pool.ts";
 import { NBD_ERRNO, type NbdErrno } from "../util/errors.ts";
 import type { OpenedExport } from "./handshake.ts";
 import { BLOCK_SIZE_MIN_BYTES, type NbdLimits } from "./limits.ts";
@@ -119,14 +120,18 @@ export function requestCostBytes(frame: RequestFrame): number {
   return frame.type === NBD_CMD.READ || frame.type === NBD_CMD.WRITE ? frame.length : 0;
 }
 
-/** Handles a validated request; returns the whole reply. Throws the device's error on failure. */
-export async function performRequest(opened: OpenedExport, frame: RequestFrame, limits: NbdLimits): Promise<Buffer> {
+/**
+ * Handles a validated request; returns the whole reply (a read's comes from
+ * `pool`: give it back once written). Throws the device's error on failure.
+ */
+export async function performRequest(opened: OpenedExport, frame: RequestFrame, limits: NbdLimits, pool: BufferPool): Promise<Buffer> {
   const device = opened.device;
   const fua = (frame.flags & NBD_CMD_FLAG.FUA) !== 0;
   switch (frame.type) {
     case NBD_CMD.READ: {
       const headerBytes = readReplyHeaderBytes(opened.structuredReplies);
-      const reply = Buffer.allocUnsafe(headerBytes + frame.length);
+      // On failure the buffer is dropped, not pooled: the device may still be writing into it.
+      const reply = pool.acquire(headerBytes, frame.length);
       await device.read(reply.subarray(headerBytes), frame.offset);
       writeReadReplyHeader(reply, opened.structuredReplies, frame, frame.offset, frame.length);
       return reply;
