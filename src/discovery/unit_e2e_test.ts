@@ -8,8 +8,9 @@
 // restart brings it back online with its volumes; a unit with the wrong
 // cluster key never appears; datagrams captured on the wire and replayed,
 // forged, truncated or oversized from a raw UDP socket are counted by reason
-// and change nothing; --station without --cluster-key-file is a usage error
-// that says where the key lives.
+// and change nothing; the station may be named by DNS (localhost) and a
+// unit's --dns-name reaches it; --station without --cluster-key-file is a
+// usage error that says where the key lives.
 
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
@@ -194,6 +195,19 @@ test("replayed, forged, truncated and oversized datagrams from a raw socket chan
   }, { timeoutMs: 2000 });
   assert.equal(view(), snapshot, "no unit changed");
   assert.ok(events.slice(eventsBefore).every((e) => e.event.kind === "packet_rejected"));
+});
+
+test("the station may be given by DNS name; --dns-name reaches the station in the storage info", async () => {
+  const unit = await startUnit({
+    name: "u5",
+    capacity: "16M",
+    control: true,
+    extraArgs: ["--station", `localhost:${station.port}`, "--cluster-key-file", keyFile, "--dns-name", "u5.san.example"],
+  });
+  units.push(unit);
+  const info = await waitFor("u5 info", () => latestInfo("u5"), { timeoutMs: 2000 });
+  assert.equal(info.dnsName, "u5.san.example");
+  await unit.stop();
 });
 
 test("--station without --cluster-key-file is a usage error naming where the key lives", async () => {
