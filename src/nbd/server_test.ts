@@ -246,6 +246,60 @@ test("close(): ESHUTDOWN for new requests, the one in flight finishes, the devic
   assert.equal(server.connectionCount, 0);
 });
 
+test("random byte streams at every phase never hit an internal error, and the server keeps serving", async () => {
+  const seed = Number(process.env["IPSAN_FUZZ_SEED"] ?? Date.now() % 1_000_000);
+  process.stderr.write(`nbd session fuzz seed ${seed} (IPSAN_FUZZ_SEED to replay)\n`);
+  let state = seed;
+  const random = (n: number): number => {
+    state = (state * 1103515245 + 12345) % 2 ** 31;
+    return state % n;
+  };
+  const { server, device, target } = await serve({ handshakeTimeoutMs: 2000 });
+  // Settle every device call at once, successfully or not.
+  let failSome = true;
+  const settler = setInterval(() => {
+    while (device.pending.length > 0) device.settle(undefined, failSome && random(4) === 0 ? new Error("fuzz") : undefined);
+  }, 1);
+  const logged: string[] = [];
+  const write = process.stderr.write.bind(process.stderr);
+  process.stderr.write = ((chunk: string | Uint8Array, ...rest: never[]) => {
+    logged.push(String(chunk));
+    return write(chunk, ...rest);
+  }) as typeof process.stderr.write;
+  try {
+    const magic = Buffer.from([0x25, 0x60, 0x95, 0x13]);
+    for (let i = 0; i < 150; i += 1) {
+      const c = await RawNbdClient.connect(target);
+      const phase = random(3);
+      if (phase >= 1) await c.handshake();
+      if (phase === 2) {
+        const structured = random(2) === 0;
+        await c.go("gated", { structured, meta: structured && random(2) === 0 });
+      }
+      const pieces: Buffer[] = [];
+      for (let j = 0, n = 1 + random(6); j < n; j += 1) {
+        const junk = Buffer.alloc(random(80));
+        for (let k = 0; k < junk.length; k += 1) junk.writeUInt8(random(256), k);
+        // Often start with a valid request magic so the request validator sees random fields.
+        pieces.push(random(2) === 0 ? Buffer.concat([magic, junk]) : junk);
+      }
+      for (const piece of pieces) c.write(piece);
+      await sleep(random(3));
+      c.destroy();
+    }
+    await until("every fuzz connection closed", () => server.connectionCount === 0);
+    failSome = false;
+    const good = await client(target);
+    good.send({ cookieHi: 0, cookieLo: 1, flags: 0, type: NBD_CMD.READ, offset: 512, length: 512 });
+    assert.equal((await good.reply(512)).errno, 0);
+    good.destroy();
+  } finally {
+    clearInterval(settler);
+    process.stderr.write = write;
+  }
+  assert.deepEqual(logged.filter((line) => /internal error|assertion failed/.test(line)), []);
+});
+
 test("at the limit with every connection transmitting, new connections are refused; a vanished client's device closes after its requests", async () => {
   const { server, device, target } = await serve({ connectionsMax: 2 });
   const a = await client(target);

@@ -186,7 +186,29 @@ export class NbdSession implements BudgetWaiter {
 
   // ------------------------------------------------------------ input
 
+  /**
+   * Decodes and dispatches whatever input can be handled now. Every entry
+   * point comes through here, so a programmer error (a failed assertion)
+   * costs this one connection, logged with its stack, and never the unit.
+   */
   private pump(): void {
+    try {
+      this.pumpUnguarded();
+    } catch (error) {
+      this.internalError(error);
+    }
+  }
+
+  private internalError(error: unknown): void {
+    log.error("internal error: closing the connection", {
+      peer: this.peerText,
+      state: this.stateValue,
+      error: error instanceof Error ? (error.stack ?? error.message) : String(error),
+    });
+    this.hardDisconnect();
+  }
+
+  private pumpUnguarded(): void {
     switch (this.stateValue) {
       case "greeting":
         this.pumpGreeting();
@@ -245,6 +267,14 @@ export class NbdSession implements BudgetWaiter {
   }
 
   private readonly afterOption = (outcome: OptionOutcome): void => {
+    try {
+      this.enterOutcome(outcome);
+    } catch (error) {
+      this.internalError(error);
+    }
+  };
+
+  private enterOutcome(outcome: OptionOutcome): void {
     this.optionBusy = false;
     if (this.stateValue !== "options") {
       // The client went away (or timed out) while the option was handled.
@@ -275,7 +305,7 @@ export class NbdSession implements BudgetWaiter {
         this.pump();
         return;
     }
-  };
+  }
 
   private readonly optionFailed = (error: unknown): void => {
     this.optionBusy = false;
@@ -382,15 +412,19 @@ export class NbdSession implements BudgetWaiter {
     const opened = this.opened;
     assert(opened !== undefined, "execute without an export");
     try {
-      this.send(await performRequest(opened, frame, this.limits, this.host.pool));
+      try {
+        this.send(await performRequest(opened, frame, this.limits, this.host.pool));
+      } catch (error) {
+        this.replyFailure(frame, error);
+      }
+      this.inFlight -= 1;
+      this.release(costBytes);
+      if (this.stateValue !== "transmission") this.finishIfIdle();
+      else if (this.host.shuttingDown && this.inFlight === 0) this.softClose();
+      else this.pump();
     } catch (error) {
-      this.replyFailure(frame, error);
+      this.internalError(error);
     }
-    this.inFlight -= 1;
-    this.release(costBytes);
-    if (this.stateValue !== "transmission") this.finishIfIdle();
-    else if (this.host.shuttingDown && this.inFlight === 0) this.softClose();
-    else this.pump();
   }
 
   /** The one place a failed request's error becomes a wire errno, after it is logged once. */
