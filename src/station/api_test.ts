@@ -182,7 +182,7 @@ test("bodies over 64 KiB get 413, declared or chunked; the station keeps working
   const port = Number(new URL(station.url).port);
   const chunk = Buffer.alloc(16 * 1024, "a");
   const parts: Buffer[] = [
-    Buffer.from(`POST /api/v1/allocations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${station.token()}\r\nTransfer-Encoding: chunked\r\n\r\n`),
+    Buffer.from(`POST /api/v1/allocations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${station.token()}\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n`),
   ];
   for (let i = 0; i < 6; i++) parts.push(Buffer.from(`${chunk.length.toString(16)}\r\n`), chunk, Buffer.from("\r\n"));
   parts.push(Buffer.from("0\r\n\r\n"));

@@ -410,7 +410,10 @@ export class Station {
   private async allocateNew(input: AllocationInput, callerAddress: string, params: string): Promise<AllocationAnswer> {
     const known = this.store.hosts.get(input.host);
     const address = input.address ?? known?.address ?? callerAddress;
-    if (known === undefined || known.address !== address) await this.putHost(input.host, address);
+    // A new host is registered in the same transaction as its first assignment (one fsync, not two).
+    let register: { name: string; address: string } | undefined;
+    if (known === undefined) register = { name: input.host, address };
+    else if (known.address !== address) await this.putHost(input.host, address);
     else this.heartbeat(input.host);
     const exclude = new Set<string>();
     for (let attempt = 1; ; attempt++) {
@@ -436,7 +439,11 @@ export class Station {
         updatedAtMs: nowMs,
       };
       // No await between allocate() above and this insert: the placement is reserved atomically.
-      this.store.insertAssignment(assignment, { requestId: input.requestId, params });
+      this.store.insertAssignment(assignment, { requestId: input.requestId, params }, register);
+      if (register !== undefined) {
+        this.noteHostState(register.name);
+        register = undefined;
+      }
       try {
         return { kind: "assignment", status: 201, assignment: await this.finishOrUndo(assignment) };
       } catch (error) {
@@ -531,16 +538,25 @@ export class Station {
     return this.store.getAssignment(id) ?? assignment;
   }
 
-  /** Tells the unit (create the carved volume if missing, put grants) and marks the assignment active. Caller holds the assignment lock. */
+  /**
+   * Tells the unit (create the carved volume if missing, put grants) and marks
+   * the assignment active. The unit's answers and the activation are committed
+   * together (one fsync). Caller holds the assignment lock.
+   */
   private async finish(assignment: AssignmentRecord): Promise<AssignmentRecord> {
     const current = this.store.getAssignment(assignment.id);
     if (current === undefined || current.state !== "pending") return current ?? assignment;
     const client = this.clientFor(current.unit);
     let volume = this.store.volume(current.unit, current.volume);
+    let unitFree: { unit: string; freeBytes: number } | undefined;
     if (volume === undefined && current.carved) {
       let created: VolumeInfo;
       try {
         created = await client.createVolume(current.volume, current.sizeBytes);
+        const unit = this.store.units.get(current.unit);
+        if (unit !== undefined) {
+          unitFree = { unit: unit.name, freeBytes: unit.freeBytes - Math.ceil(current.sizeBytes / CARVE_ALIGNMENT_BYTES) * CARVE_ALIGNMENT_BYTES };
+        }
       } catch (error) {
         // Made by an earlier attempt (a retry after a lost answer, or before a station crash).
         if (!(error instanceof UnitCallError && error.unitCode === "ALREADY_EXISTS")) throw error;
@@ -550,24 +566,26 @@ export class Station {
         }
       }
       volume = { unit: current.unit, ...created, grants: created.grants.map(canonicalGrant) };
-      this.store.putVolume(volume, "created");
-      const unit = this.store.units.get(current.unit);
-      if (unit !== undefined) {
-        this.store.adjustUnitFree(unit.name, unit.freeBytes - Math.ceil(current.sizeBytes / CARVE_ALIGNMENT_BYTES) * CARVE_ALIGNMENT_BYTES);
-      }
     }
     if (volume === undefined) throw new IpsanError("NOT_FOUND", `volume ${current.unit}/${current.volume} is no longer on the unit`);
     const range = assignedExtents(volume, current.partition);
     if (range === null) throw new IpsanError("NOT_FOUND", `partition ${current.partition} of ${current.unit}/${current.volume} is gone`);
-    await this.syncGrants(current.unit, current.volume, true);
-    const unit = this.store.units.get(current.unit);
-    const detail: AssignmentDetail = {
-      volumeNumber: volume.number,
-      sizeBytes: range.sizeBytes,
-      extents: range.extents,
-      nbd: reachableNbd(unit?.nbd ?? null, unit?.addresses ?? []),
-    };
-    const active = this.store.updateAssignment(current.id, "active", { detail, error: null });
+    const active = await this.locks.run(`volume:${current.unit}/${current.volume}`, async () => {
+      const granted = await client.setGrants(current.volume, this.desiredGrants(current.unit, current.volume));
+      const unit = this.store.units.get(current.unit);
+      const detail: AssignmentDetail = {
+        volumeNumber: granted.number,
+        sizeBytes: range.sizeBytes,
+        extents: range.extents,
+        nbd: reachableNbd(unit?.nbd ?? null, unit?.addresses ?? []),
+      };
+      return this.store.updateAssignment(current.id, "active", {
+        detail,
+        error: null,
+        volume: { unit: current.unit, ...granted, grants: granted.grants.map(canonicalGrant) },
+        ...(unitFree === undefined ? {} : { unitFree }),
+      });
+    });
     log.info("assignment active", { id: active.id, host: active.host, unit: active.unit, volume: active.volume, partition: active.partition ?? undefined });
     return active;
   }

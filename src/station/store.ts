@@ -430,15 +430,19 @@ export class StationStore {
   putVolume(volume: VolumeRecord, action: string): void {
     const before = this.volume(volume.unit, volume.name);
     if (before !== undefined && sameVolume(before, volume)) return;
-    this.commit((batch) => {
-      this.writeVolume(volume);
-      batch.apply.push(() => this.setVolumeInMemory(volume));
-      batch.event("volumes", action, volume.unit, {
-        unit: volume.unit,
-        added: capped(before === undefined ? [volume.name] : []),
-        changed: capped(before === undefined ? [] : [volume.name]),
-        removed: capped([]),
-      });
+    this.commit((batch) => this.stageVolume(batch, volume, action));
+  }
+
+  private stageVolume(batch: Batch, volume: VolumeRecord, action: string): void {
+    const before = this.volume(volume.unit, volume.name);
+    if (before !== undefined && sameVolume(before, volume)) return;
+    this.writeVolume(volume);
+    batch.apply.push(() => this.setVolumeInMemory(volume));
+    batch.event("volumes", action, volume.unit, {
+      unit: volume.unit,
+      added: capped(before === undefined ? [volume.name] : []),
+      changed: capped(before === undefined ? [] : [volume.name]),
+      removed: capped([]),
     });
   }
 
@@ -453,30 +457,34 @@ export class StationStore {
 
   /** Adjusts a unit's free space after the station carved or deleted a volume (the next report corrects it). */
   adjustUnitFree(name: string, freeBytes: number): void {
+    this.commit((batch) => this.stageUnitFree(batch, name, freeBytes));
+  }
+
+  private stageUnitFree(batch: Batch, name: string, freeBytes: number): void {
     const unit = this.units.get(name);
     if (unit === undefined || unit.freeBytes === freeBytes) return;
     const next = { ...unit, freeBytes: Math.max(0, freeBytes) };
-    this.commit((batch) => {
-      this.writeUnit(next);
-      batch.apply.push(() => this.units.set(name, next));
-    });
+    this.writeUnit(next);
+    batch.apply.push(() => this.units.set(name, next));
   }
 
   // ---- hosts --------------------------------------------------------------------
 
   /** Registers or updates a host's data-path address; returns whether it was new / changed. */
   putHost(name: string, address: string): { host: HostRecord; created: boolean; changed: boolean } {
+    return this.commit((batch) => this.stageHost(batch, name, address));
+  }
+
+  private stageHost(batch: Batch, name: string, address: string): { host: HostRecord; created: boolean; changed: boolean } {
     const nowMs = this.clock.nowMs();
     const previous = this.hosts.get(name);
     const host: HostRecord = { name, address, lastSeenAtMs: nowMs, createdAtMs: previous?.createdAtMs ?? nowMs };
     const changed = previous !== undefined && previous.address !== address;
-    this.commit((batch) => {
-      this.statements.upsertHost.run({ name, address, lastSeenAt: nowMs, createdAt: host.createdAtMs });
-      batch.apply.push(() => this.hosts.set(name, host));
-      if (previous === undefined || changed) {
-        batch.event("host", previous === undefined ? "added" : "updated", name, { name, address, previousAddress: previous?.address ?? null });
-      }
-    });
+    this.statements.upsertHost.run({ name, address, lastSeenAt: nowMs, createdAt: host.createdAtMs });
+    batch.apply.push(() => this.hosts.set(name, host));
+    if (previous === undefined || changed) {
+      batch.event("host", previous === undefined ? "added" : "updated", name, { name, address, previousAddress: previous?.address ?? null });
+    }
     return { host, created: previous === undefined, changed };
   }
 
@@ -528,10 +536,14 @@ export class StationStore {
     return (this.liveByVolume.get(volumeKey(unit, volume))?.size ?? 0) > 0;
   }
 
-  /** Inserts a pending assignment (and, with a request id, the idempotency record) in one transaction. */
-  insertAssignment(assignment: AssignmentRecord, request?: { requestId: string; params: string }): void {
+  /**
+   * Inserts a pending assignment, with a request id its idempotency record, and
+   * with `host` the host's registration, all in one transaction (one fsync).
+   */
+  insertAssignment(assignment: AssignmentRecord, request?: { requestId: string; params: string }, host?: { name: string; address: string }): void {
     assert(assignment.state === "pending", `new assignment ${assignment.id} must be pending`);
     this.commit((batch) => {
+      if (host !== undefined) this.stageHost(batch, host.name, host.address);
       this.statements.insertAssignment.run({
         id: assignment.id,
         requestId: assignment.requestId,
@@ -560,7 +572,15 @@ export class StationStore {
   updateAssignment(
     id: string,
     to: AssignmentState,
-    patch: { error?: string | null; detail?: AssignmentDetail | null; hostAddress?: string; dropRequest?: boolean } = {},
+    patch: {
+      error?: string | null;
+      detail?: AssignmentDetail | null;
+      hostAddress?: string;
+      dropRequest?: boolean;
+      /** Written in the same transaction: the volume as the unit answered, the unit's new free space. */
+      volume?: VolumeRecord;
+      unitFree?: { unit: string; freeBytes: number };
+    } = {},
   ): AssignmentRecord {
     const previous = this.getAssignment(id);
     if (previous === undefined) throw new IpsanError("NOT_FOUND", `assignment ${id} not found`);
@@ -577,6 +597,8 @@ export class StationStore {
       updatedAtMs: this.clock.nowMs(),
     };
     this.commit((batch) => {
+      if (patch.volume !== undefined) this.stageVolume(batch, patch.volume, "grants");
+      if (patch.unitFree !== undefined) this.stageUnitFree(batch, patch.unitFree.unit, patch.unitFree.freeBytes);
       this.statements.updateAssignment.run({
         id,
         state: next.state,
