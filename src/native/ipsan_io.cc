@@ -7,6 +7,14 @@
 //   blkDiscard(fd, offset, length)        -> Promise<void>    BLKDISCARD
 //   blkZeroOut(fd, offset, length)        -> Promise<void>    BLKZEROOUT
 //   flock(fd, exclusive)                  -> number           0 or errno (never blocks: LOCK_NB)
+//   preadNoWait(fd, buf, off, len, pos)   -> number           bytes, or -errno (-EAGAIN: not cached)
+//   pwriteNoWait(fd, buf, off, len, pos)  -> number           bytes, or -errno (-EAGAIN: would block)
+//
+// The two NoWait calls are synchronous on purpose: preadv2/pwritev2 with
+// RWF_NOWAIT only copy to or from the page cache and return EAGAIN instead
+// of waiting for the disk, so the event loop does the cheap case itself and
+// only a miss pays for a trip through the thread pool (the caller falls back
+// to fs.read/fs.write).
 //
 // Everything that can touch the disk runs as napi async work on libuv's
 // thread pool, so the event loop never blocks. Failures reject with an Error
@@ -25,6 +33,7 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/ioctl.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 namespace {
@@ -217,6 +226,36 @@ napi_value Flock(napi_env env, napi_callback_info info) {
   return result;
 }
 
+// preadNoWait / pwriteNoWait (fd, buffer, bufferOffset, length, position).
+napi_value NoWait(napi_env env, napi_callback_info info, bool write) {
+  size_t argc = 5;
+  napi_value argv[5];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr));
+  int64_t fd = -1, bufferOffset = 0, length = 0, position = 0;
+  void* data = nullptr;
+  size_t bufferLength = 0;
+  if (argc < 5 || !GetInt64(env, argv[0], &fd) || napi_get_buffer_info(env, argv[1], &data, &bufferLength) != napi_ok ||
+      !GetInt64(env, argv[2], &bufferOffset) || !GetInt64(env, argv[3], &length) || !GetInt64(env, argv[4], &position) ||
+      bufferOffset < 0 || length < 0 || position < 0 || static_cast<uint64_t>(bufferOffset + length) > bufferLength) {
+    napi_throw_type_error(env, "EINVAL", "ipsan_io: (fd, buffer, bufferOffset, length, position) out of range");
+    return nullptr;
+  }
+  struct iovec iov;
+  iov.iov_base = static_cast<char*>(data) + bufferOffset;
+  iov.iov_len = static_cast<size_t>(length);
+  ssize_t rc;
+  do {
+    rc = write ? pwritev2(static_cast<int>(fd), &iov, 1, static_cast<off_t>(position), RWF_NOWAIT)
+               : preadv2(static_cast<int>(fd), &iov, 1, static_cast<off_t>(position), RWF_NOWAIT);
+  } while (rc < 0 && errno == EINTR);
+  napi_value result;
+  NAPI_CALL(env, napi_create_int64(env, rc < 0 ? -static_cast<int64_t>(errno) : static_cast<int64_t>(rc), &result));
+  return result;
+}
+
+napi_value PreadNoWait(napi_env env, napi_callback_info info) { return NoWait(env, info, false); }
+napi_value PwriteNoWait(napi_env env, napi_callback_info info) { return NoWait(env, info, true); }
+
 void SetInt(napi_env env, napi_value target, const char* name, int64_t value) {
   napi_value v;
   napi_create_int64(env, value, &v);
@@ -231,6 +270,8 @@ napi_value Init(napi_env env, napi_value exports) {
       {"blkDiscard", nullptr, BlkDiscard, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"blkZeroOut", nullptr, BlkZeroOut, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"flock", nullptr, Flock, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"preadNoWait", nullptr, PreadNoWait, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"pwriteNoWait", nullptr, PwriteNoWait, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
   };
   napi_define_properties(env, exports, sizeof methods / sizeof methods[0], methods);
   SetInt(env, exports, "FALLOC_FL_KEEP_SIZE", FALLOC_FL_KEEP_SIZE);
@@ -241,6 +282,8 @@ napi_value Init(napi_env env, napi_value exports) {
   SetInt(env, exports, "SEEK_DATA", SEEK_DATA);
   SetInt(env, exports, "SEEK_HOLE", SEEK_HOLE);
   SetInt(env, exports, "EWOULDBLOCK", EWOULDBLOCK);
+  SetInt(env, exports, "EAGAIN", EAGAIN);
+  SetInt(env, exports, "EOPNOTSUPP", EOPNOTSUPP);
   return exports;
 }
 

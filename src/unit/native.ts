@@ -14,6 +14,10 @@ export interface IpsanIo {
   blkZeroOut(fd: number, offsetBytes: number, lengthBytes: number): Promise<number>;
   /** Non-blocking flock: 0, or the errno (EWOULDBLOCK when someone else holds it). */
   flock(fd: number, exclusive: boolean): number;
+  /** Synchronous preadv2(RWF_NOWAIT): bytes read, or -errno (-EAGAIN when the data is not in the page cache). */
+  preadNoWait(fd: number, buffer: Buffer, bufferOffset: number, lengthBytes: number, positionBytes: number): number;
+  /** Synchronous pwritev2(RWF_NOWAIT): bytes written, or -errno (-EAGAIN would block, -EOPNOTSUPP unsupported). */
+  pwriteNoWait(fd: number, buffer: Buffer, bufferOffset: number, lengthBytes: number, positionBytes: number): number;
   readonly FALLOC_FL_KEEP_SIZE: number;
   readonly FALLOC_FL_PUNCH_HOLE: number;
   readonly FALLOC_FL_ZERO_RANGE: number;
@@ -22,6 +26,8 @@ export interface IpsanIo {
   readonly SEEK_DATA: number;
   readonly SEEK_HOLE: number;
   readonly EWOULDBLOCK: number;
+  readonly EAGAIN: number;
+  readonly EOPNOTSUPP: number;
 }
 
 // dist/unit/native.js -> <repo>/build/Release/ipsan_io.node (and the same from src/ for tools).

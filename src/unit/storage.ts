@@ -20,6 +20,22 @@ const log = logger("storage");
 /** Zero-fill writes (fallback when no fast zeroing exists) go in chunks of this size. */
 export const ZERO_CHUNK_BYTES = 1024 * 1024;
 
+/**
+ * Fast paths (docs/adr/0002-unit-storage-layout.md, "I/O path"). A read first
+ * tries preadv2(RWF_NOWAIT) on the event loop: a page-cache hit costs about a
+ * microsecond instead of a thread-pool round trip (~30 us); a miss returns
+ * EAGAIN at once and goes to the pool. Writes try pwritev2(RWF_NOWAIT); where
+ * the filesystem does not support it, writes up to SYNC_WRITE_BYTES_MAX are
+ * done synchronously (a copy into the page cache) as long as they stay fast:
+ * one that takes longer than SYNC_WRITE_SLOW_MS (dirty-page throttling, block
+ * allocation stalls) sends all writes to the pool for SYNC_WRITE_BACKOFF_MS.
+ */
+export const NOWAIT_BYTES_MAX = 1024 * 1024;
+export const SYNC_WRITE_BYTES_MAX = 1024 * 1024;
+export const SYNC_WRITE_SLOW_MS = 20;
+export const SYNC_WRITE_BACKOFF_MS = 1_000;
+const RESOLVED: Promise<void> = Promise.resolve();
+
 export type StorageKind = "file" | "device";
 
 export function readFull(fd: number, buffer: Buffer, bufferOffset: number, lengthBytes: number, positionBytes: number): Promise<void> {
@@ -71,6 +87,9 @@ export class Storage {
   #path: string;
   #sizeBytes: number;
   #closed = false;
+  #noWaitReads = true;
+  #noWaitWrites = true;
+  #syncWritesAfterMs = 0;
 
   constructor(fd: number, path: string, kind: StorageKind, sizeBytes: number) {
     this.fd = fd;
@@ -188,11 +207,45 @@ export class Storage {
 
   read(buffer: Buffer, bufferOffset: number, lengthBytes: number, positionBytes: number): Promise<void> {
     this.#check(positionBytes, lengthBytes);
+    if (this.#noWaitReads && lengthBytes <= NOWAIT_BYTES_MAX) {
+      const io = ipsanIo();
+      const done = io.preadNoWait(this.fd, buffer, bufferOffset, lengthBytes, positionBytes);
+      if (done === lengthBytes) return RESOLVED;
+      if (done > 0) return readFull(this.fd, buffer, bufferOffset + done, lengthBytes - done, positionBytes + done);
+      if (done === -io.EOPNOTSUPP) this.#noWaitReads = false;
+      // -EAGAIN (not cached) and any error: the pool path reads it (and reports a real error properly).
+    }
     return readFull(this.fd, buffer, bufferOffset, lengthBytes, positionBytes);
   }
 
   write(buffer: Buffer, bufferOffset: number, lengthBytes: number, positionBytes: number): Promise<void> {
     this.#check(positionBytes, lengthBytes);
+    if (lengthBytes <= NOWAIT_BYTES_MAX) {
+      const io = ipsanIo();
+      if (this.#noWaitWrites) {
+        const done = io.pwriteNoWait(this.fd, buffer, bufferOffset, lengthBytes, positionBytes);
+        if (done === lengthBytes) return RESOLVED;
+        if (done > 0) return writeFull(this.fd, buffer, bufferOffset + done, lengthBytes - done, positionBytes + done);
+        if (done === -io.EOPNOTSUPP) this.#noWaitWrites = false;
+      }
+      if (!this.#noWaitWrites && lengthBytes <= SYNC_WRITE_BYTES_MAX && Date.now() >= this.#syncWritesAfterMs) {
+        const startMs = performance.now();
+        try {
+          let done = 0;
+          while (done < lengthBytes) done += fs.writeSync(this.fd, buffer, bufferOffset + done, lengthBytes - done, positionBytes + done);
+        } catch (error) {
+          return Promise.reject(error as Error);
+        }
+        if (performance.now() - startMs > SYNC_WRITE_SLOW_MS) {
+          this.#syncWritesAfterMs = Date.now() + SYNC_WRITE_BACKOFF_MS;
+          log.limited("sync-write-slow", "a synchronous write was slow; writes go through the thread pool for a while", {
+            lengthBytes,
+            backoffMs: SYNC_WRITE_BACKOFF_MS,
+          });
+        }
+        return RESOLVED;
+      }
+    }
     return writeFull(this.fd, buffer, bufferOffset, lengthBytes, positionBytes);
   }
 

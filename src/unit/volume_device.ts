@@ -119,14 +119,18 @@ export class VolumeDevice implements BlockDevice {
   }
 
   async read(buffer: Buffer, offsetBytes: number): Promise<void> {
-    await this.#run("read", offsetBytes, buffer.length, async (pieces) => {
-      await Promise.all(pieces.map((p) => this.#storage.read(buffer, p.deviceOffset - offsetBytes, p.lengthBytes, p.storageOffset)));
+    await this.#run("read", offsetBytes, buffer.length, (pieces) => {
+      const only = pieces.length === 1 ? pieces[0] : undefined;
+      if (only !== undefined) return this.#storage.read(buffer, 0, only.lengthBytes, only.storageOffset);
+      return Promise.all(pieces.map((p) => this.#storage.read(buffer, p.deviceOffset - offsetBytes, p.lengthBytes, p.storageOffset))).then(() => undefined);
     });
   }
 
   async write(buffer: Buffer, offsetBytes: number, fua: boolean): Promise<void> {
     await this.#run("write", offsetBytes, buffer.length, async (pieces) => {
-      await Promise.all(pieces.map((p) => this.#storage.write(buffer, p.deviceOffset - offsetBytes, p.lengthBytes, p.storageOffset)));
+      const only = pieces.length === 1 ? pieces[0] : undefined;
+      if (only !== undefined) await this.#storage.write(buffer, 0, only.lengthBytes, only.storageOffset);
+      else await Promise.all(pieces.map((p) => this.#storage.write(buffer, p.deviceOffset - offsetBytes, p.lengthBytes, p.storageOffset)));
       if (fua) await this.#storage.sync();
     });
   }
