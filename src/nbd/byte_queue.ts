@@ -38,8 +38,11 @@ export class ByteQueue {
     return this.scratch.subarray(0, count);
   }
 
-  /** Consumes `count` bytes; a subarray of the received chunk when possible. */
-  take(count: number): Buffer {
+  /**
+   * Consumes `count` bytes: a subarray of the received chunk when they lie in
+   * one, else a copy into `allocate(count)` (default: a new Buffer).
+   */
+  take(count: number, allocate?: (bytes: number) => Buffer): Buffer {
     assert(count <= this.total, `take ${count} of ${this.total}`);
     if (count === 0) return Buffer.alloc(0);
     const first = this.chunks[0];
@@ -49,7 +52,8 @@ export class ByteQueue {
       this.advance(count);
       return out;
     }
-    const out = Buffer.allocUnsafe(count);
+    const out = allocate === undefined ? Buffer.allocUnsafe(count) : allocate(count);
+    assert(out.length === count, "allocate gave the wrong length");
     this.copyOut(out, count, true);
     return out;
   }

@@ -39,9 +39,14 @@ export type RequestInvalid =
 
 /**
  * C: u32 magic, u16 flags, u16 type, 8-byte cookie, u64 offset, u32 length,
- * then `length` bytes of data for NBD_CMD_WRITE only.
+ * then `length` bytes of data for NBD_CMD_WRITE only. A payload that spans
+ * received chunks is copied into `allocatePayload(length)` (a pooled buffer).
  */
-export function decodeRequest(queue: ByteQueue, payloadBytesMax: number): Decoded<RequestFrame, RequestInvalid> {
+export function decodeRequest(
+  queue: ByteQueue,
+  payloadBytesMax: number,
+  allocatePayload?: (bytes: number) => Buffer,
+): Decoded<RequestFrame, RequestInvalid> {
   if (queue.length < WIRE.REQUEST_HEADER_BYTES) return needMore(WIRE.REQUEST_HEADER_BYTES);
   const header = queue.peek(WIRE.REQUEST_HEADER_BYTES);
   const magic = header.readUInt32BE(0);
@@ -60,7 +65,7 @@ export function decodeRequest(queue: ByteQueue, payloadBytesMax: number): Decode
     const frameBytes = WIRE.REQUEST_HEADER_BYTES + length;
     if (queue.length < frameBytes) return needMore(frameBytes);
     queue.skip(WIRE.REQUEST_HEADER_BYTES);
-    payload = queue.take(length);
+    payload = queue.take(length, allocatePayload);
   } else {
     queue.skip(WIRE.REQUEST_HEADER_BYTES);
   }

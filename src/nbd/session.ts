@@ -330,7 +330,7 @@ export class NbdSession implements BudgetWaiter {
         this.armStallTimer();
         return;
       }
-      const decoded = decodeRequest(this.queue, limits.payloadBytesMax);
+      const decoded = decodeRequest(this.queue, limits.payloadBytesMax, this.allocatePayload);
       if (decoded.kind === "need_more") {
         // A WRITE's payload is on its way: hold its bytes from the budget before buffering them.
         const payloadBytes = decoded.bytesNeeded - WIRE.REQUEST_HEADER_BYTES;
@@ -414,6 +414,8 @@ export class NbdSession implements BudgetWaiter {
     try {
       try {
         this.send(await performRequest(opened, frame, this.limits, this.host.pool));
+        // Written: the payload may be reused (after a failure it is dropped: the device may still read it).
+        if (frame.payload !== undefined) this.host.pool.release(frame.payload);
       } catch (error) {
         this.replyFailure(frame, error);
       }
@@ -459,6 +461,8 @@ export class NbdSession implements BudgetWaiter {
     this.writing.push(bytes);
     this.socket.write(bytes, this.onWritten);
   }
+
+  private readonly allocatePayload = (bytes: number): Buffer => this.host.pool.acquire(0, bytes);
 
   /** A write finished (or was cancelled): the oldest buffer may go back to the pool. */
   private readonly onWritten = (): void => {
