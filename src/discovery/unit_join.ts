@@ -9,7 +9,7 @@ import { UsageError } from "../util/errors.ts";
 import { parseHostPort, type FlagSpec } from "../util/flags.ts";
 import { logger } from "../util/log.ts";
 import { controlTokenFor, loadClusterKey, type ClusterKey } from "./keys.ts";
-import type { HostPort, LbaExtent, StorageInfo, VolumeInfo } from "./messages.ts";
+import { FREE_EXTENTS_MAX, type HostPort, type LbaExtent, type StorageInfo, type VolumeInfo } from "./messages.ts";
 import { StationAgent } from "./unit_agent.ts";
 
 /** Flags to add to `ipsan unit`'s parseFlags options. */
@@ -92,6 +92,19 @@ export interface RunningJoin {
   stop(): Promise<void>;
 }
 
+/**
+ * A fragmented unit can have more free extents than one report may carry
+ * (FREE_EXTENTS_MAX); the station plans with freeBytes and the largest runs,
+ * so report the largest ones, in LBA order. freeBytes stays exact.
+ */
+export function largestFreeExtents(extents: readonly LbaExtent[]): readonly LbaExtent[] {
+  if (extents.length <= FREE_EXTENTS_MAX) return extents;
+  return [...extents]
+    .sort((a, b) => b.lengthLba - a.lengthLba)
+    .slice(0, FREE_EXTENTS_MAX)
+    .sort((a, b) => a.startLba - b.startLba);
+}
+
 /** Starts the agent for a serving unit; pushes storage info whenever the table generation changes. */
 export async function startJoin(join: JoinConfig, key: ClusterKey, unit: JoinedUnit): Promise<RunningJoin> {
   const log = logger("unit");
@@ -107,7 +120,7 @@ export async function startJoin(join: JoinConfig, key: ClusterKey, unit: JoinedU
       sectorSize: snapshot.sectorSize,
       capacityBytes: snapshot.capacityBytes,
       freeBytes: snapshot.freeBytes,
-      freeExtents: snapshot.freeExtents,
+      freeExtents: largestFreeExtents(snapshot.freeExtents),
       volumes: snapshot.volumes,
     };
   };
