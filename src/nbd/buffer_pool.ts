@@ -19,7 +19,7 @@ const CLASS_COUNT = Math.log2(CLASS_MAX_BYTES / CLASS_MIN_BYTES) + 1;
 /** Idle buffers kept per size class (fio QD 16 and nbdcopy's 64 requests fit). */
 const CLASS_IDLE_COUNT_MAX = 64;
 /** Idle bytes kept over all classes: a fresh 1 MiB buffer costs ~100 us of page faults, a pooled one nothing. */
-export const POOL_IDLE_BYTES_MAX = 32 * 1024 * 1024;
+export const POOL_IDLE_BYTES_MAX = 16 * 1024 * 1024;
 
 export class BufferPool {
   /** Idle backing buffers per class; class i holds REPLY_HEADER_BYTES_MAX + (CLASS_MIN_BYTES << i) bytes. */
