@@ -7,6 +7,8 @@
 // 1. Only units that are online and have a control API are candidates.
 // 2. Reuse: the smallest free volume (no live assignment, no partitions) whose
 //    size is at least the request, on any candidate (ties: unit name, volume name).
+//    Each unit hands over its free volumes sorted by size, so a unit costs a
+//    binary search, not a scan (1,000 units x 100 volumes must stay fast).
 // 3. Carve: a new volume of exactly the requested size on the candidate whose
 //    usable free space (reported free minus what pending carves reserve) fits
 //    best, i.e. leaves the least free space behind (ties: unit name), and that
@@ -15,12 +17,10 @@
 import { formatSize } from "../util/size.ts";
 import type { UnitState } from "./types.ts";
 
+/** A free volume: no live assignment (pending, active, revoking) holds it, and it has no partitions. */
 export interface AllocatorVolume {
   readonly name: string;
   readonly sizeBytes: number;
-  readonly partitionCount: number;
-  /** Some live assignment (pending, active, revoking) holds this volume or one of its partitions. */
-  readonly assigned: boolean;
 }
 
 export interface AllocatorUnit {
@@ -32,7 +32,24 @@ export interface AllocatorUnit {
   readonly reservedBytes: number;
   readonly volumeCount: number;
   readonly volumesMax: number | null;
-  readonly volumes: Iterable<AllocatorVolume>;
+  /** The unit's free volumes, sorted by size, then name (see sortFreeVolumes). */
+  readonly freeVolumes: readonly AllocatorVolume[];
+}
+
+export function compareFreeVolumes(a: AllocatorVolume, b: AllocatorVolume): number {
+  return a.sizeBytes - b.sizeBytes || compareNames(a.name, b.name);
+}
+
+/** The first index whose volume holds at least `sizeBytes` (volumes sorted by size). */
+function firstFitting(volumes: readonly AllocatorVolume[], sizeBytes: number): number {
+  let low = 0;
+  let high = volumes.length;
+  while (low < high) {
+    const middle = (low + high) >>> 1;
+    if ((volumes[middle]?.sizeBytes ?? 0) < sizeBytes) low = middle + 1;
+    else high = middle;
+  }
+  return low;
 }
 
 export interface AllocationRequest {
@@ -78,15 +95,14 @@ export function allocate(units: Iterable<AllocatorUnit>, request: AllocationRequ
       continue;
     }
     let unitFits = false;
-    for (const volume of unit.volumes) {
-      if (volume.assigned || volume.partitionCount > 0 || volume.sizeBytes < need) continue;
+    const volume = unit.freeVolumes[firstFitting(unit.freeVolumes, need)];
+    if (volume !== undefined) {
       unitFits = true;
       if (
         reuse === null ||
         volume.sizeBytes < reuse.sizeBytes ||
         (volume.sizeBytes === reuse.sizeBytes &&
-          (compareNames(unit.name, reuse.unit) < 0 ||
-            (unit.name === reuse.unit && compareNames(volume.name, reuse.volume) < 0)))
+          (compareNames(unit.name, reuse.unit) < 0 || (unit.name === reuse.unit && compareNames(volume.name, reuse.volume) < 0)))
       ) {
         reuse = { unit: unit.name, volume: volume.name, sizeBytes: volume.sizeBytes };
       }

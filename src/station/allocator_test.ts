@@ -1,7 +1,8 @@
 // Proves the allocator's placement rules over random pools (fast-check, seed
 // printed on failure): it never places on a unit that is not online or has no
 // control API, never carves more than a unit's usable free space, never reuses
-// an assigned or partitioned volume, prefers the smallest fitting free volume,
+// an assigned or partitioned volume (checked against the raw volume list the
+// free lists were made from), prefers the smallest fitting free volume,
 // then the best-fitting unit, gives exactly one reason per unit when nothing
 // fits (and only when truly nothing fits), and changes nothing in its input
 // (which is what makes the API's dry run safe).
@@ -9,13 +10,21 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import fc from "fast-check";
-import { allocate, type AllocatorUnit } from "./allocator.ts";
+import { allocate, compareFreeVolumes, type AllocatorUnit } from "./allocator.ts";
 import { UNIT_STATES } from "./types.ts";
 
 const SECTOR = 512;
 const sizeArb = fc.integer({ min: 1, max: 64 }).map((n) => n * 1024 * SECTOR);
 
-const unitArb = (index: number): fc.Arbitrary<AllocatorUnit> =>
+interface RawVolume {
+  readonly name: string;
+  readonly sizeBytes: number;
+  readonly partitionCount: number;
+  readonly assigned: boolean;
+}
+type TestUnit = AllocatorUnit & { readonly raw: readonly RawVolume[] };
+
+const unitArb = (index: number): fc.Arbitrary<TestUnit> =>
   fc
     .record({
       state: fc.constantFrom(...UNIT_STATES, "online", "online"),
@@ -32,16 +41,24 @@ const unitArb = (index: number): fc.Arbitrary<AllocatorUnit> =>
         { maxLength: 6 },
       ),
     })
-    .map((u) => ({
-      name: `u${index}`,
-      state: u.state,
-      hasControl: u.hasControl,
-      freeBytes: u.freeBytes,
-      reservedBytes: u.reservedBytes,
-      volumesMax: u.volumesMax,
-      volumeCount: u.volumes.length,
-      volumes: u.volumes.map((v, i) => ({ name: `v${i}`, ...v })),
-    }));
+    .map((u) => {
+      const raw = u.volumes.map((v, i) => ({ name: `v${i}`, ...v }));
+      return {
+        name: `u${index}`,
+        state: u.state,
+        hasControl: u.hasControl,
+        freeBytes: u.freeBytes,
+        reservedBytes: u.reservedBytes,
+        volumesMax: u.volumesMax,
+        volumeCount: raw.length,
+        // What the station hands over: free (unassigned, unpartitioned) volumes, sorted.
+        freeVolumes: raw
+          .filter((v) => !v.assigned && v.partitionCount === 0)
+          .map((v) => ({ name: v.name, sizeBytes: v.sizeBytes }))
+          .sort(compareFreeVolumes),
+        raw,
+      };
+    });
 
 const poolArb = fc.integer({ min: 0, max: 8 }).chain((n) => fc.tuple(...Array.from({ length: n }, (_, i) => unitArb(i))));
 
@@ -54,8 +71,8 @@ function usable(unit: AllocatorUnit): number {
 function canCarve(unit: AllocatorUnit, need: number): boolean {
   return eligible(unit) && usable(unit) >= need && (unit.volumesMax === null || unit.volumeCount < unit.volumesMax);
 }
-function freeVolumes(unit: AllocatorUnit, need: number) {
-  return eligible(unit) ? [...unit.volumes].filter((v) => !v.assigned && v.partitionCount === 0 && v.sizeBytes >= need) : [];
+function freeVolumes(unit: TestUnit, need: number) {
+  return eligible(unit) ? unit.raw.filter((v) => !v.assigned && v.partitionCount === 0 && v.sizeBytes >= need) : [];
 }
 
 test("placements obey the rules and failures name every unit", () => {
@@ -82,7 +99,7 @@ test("placements obey the rules and failures name every unit", () => {
       assert.ok(eligible(unit), "never on a unit that is not online or lacks a control API");
       if (result.placement.kind === "reuse") {
         const { volume: name } = result.placement;
-        const volume = [...unit.volumes].find((v) => v.name === name);
+        const volume = unit.raw.find((v) => v.name === name);
         assert.ok(volume !== undefined && !volume.assigned && volume.partitionCount === 0 && volume.sizeBytes >= need);
         const smallest = Math.min(...pool.flatMap((u) => freeVolumes(u, need).map((v) => v.sizeBytes)));
         assert.equal(volume.sizeBytes, smallest, "smallest fitting free volume");
@@ -111,10 +128,10 @@ test("excluded units are never chosen", () => {
 
 test("reasons say why, unit by unit", () => {
   const pool: AllocatorUnit[] = [
-    { name: "a", state: "offline", hasControl: true, freeBytes: 1 << 30, reservedBytes: 0, volumeCount: 0, volumesMax: null, volumes: [] },
-    { name: "b", state: "online", hasControl: true, freeBytes: 20 * 2 ** 30, reservedBytes: 0, volumeCount: 0, volumesMax: null, volumes: [] },
-    { name: "c", state: "online", hasControl: false, freeBytes: 1 << 30, reservedBytes: 0, volumeCount: 0, volumesMax: null, volumes: [] },
-    { name: "d", state: "online", hasControl: true, freeBytes: 100 * 2 ** 30, reservedBytes: 0, volumeCount: 2, volumesMax: 2, volumes: [] },
+    { name: "a", state: "offline", hasControl: true, freeBytes: 1 << 30, reservedBytes: 0, volumeCount: 0, volumesMax: null, freeVolumes: [] },
+    { name: "b", state: "online", hasControl: true, freeBytes: 20 * 2 ** 30, reservedBytes: 0, volumeCount: 0, volumesMax: null, freeVolumes: [] },
+    { name: "c", state: "online", hasControl: false, freeBytes: 1 << 30, reservedBytes: 0, volumeCount: 0, volumesMax: null, freeVolumes: [] },
+    { name: "d", state: "online", hasControl: true, freeBytes: 100 * 2 ** 30, reservedBytes: 0, volumeCount: 2, volumesMax: 2, freeVolumes: [] },
   ];
   const result = allocate(pool, { sizeBytes: 80 * 2 ** 30 });
   assert.equal(result.ok, false);

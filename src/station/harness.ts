@@ -57,7 +57,9 @@ export async function startStation(options: StationOptions = {}): Promise<Runnin
   const own: TempDir | undefined = options.dataDir === undefined ? makeTempDir("station") : undefined;
   const dataDir = options.dataDir ?? own?.path ?? "";
   const args = ["station", "--data", dataDir, "--http", "127.0.0.1:0", "--discovery", options.discovery ?? "127.0.0.1:0", ...(options.extraArgs ?? [])];
-  const child = spawn(process.execPath, [IPSAN_BIN, ...args], { env: childEnv(options.env), stdio: ["ignore", "pipe", "pipe"] });
+  // IPSAN_STATION_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" profiles the station (benchmarks).
+  const nodeArgs = (process.env["IPSAN_STATION_NODE_ARGS"] ?? "").split(" ").filter((a) => a !== "");
+  const child = spawn(process.execPath, [...nodeArgs, IPSAN_BIN, ...args], { env: childEnv(options.env), stdio: ["ignore", "pipe", "pipe"] });
   killOnExit(child);
   let stderr = "";
   child.stderr?.setEncoding("utf8");

@@ -582,6 +582,8 @@ export class ApiServer {
       renderGauge("ipsan_station_hosts", "Registered hosts, by state", [...hostsByState].map(([state, n]) => [{ state }, n] as const)),
       renderGauge("ipsan_station_assignments", "Live assignments, by state", [...assignmentsByState].map(([state, n]) => [{ state }, n] as const)),
       renderGauge("ipsan_station_event_subscribers", "Open event streams", [[{}, this.subscribers.size]]),
+      renderGauge("ipsan_station_resident_memory_bytes", "Resident set size of the station process", [[{}, process.memoryUsage.rss()]]),
+      renderGauge("ipsan_station_heap_used_bytes", "V8 heap in use", [[{}, process.memoryUsage().heapUsed]]),
       m.allocationSeconds.render(),
       m.allocations.render(),
       m.unitCalls.render(),

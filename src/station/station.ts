@@ -18,10 +18,10 @@ import { parseCidr } from "../unit/cidr.ts";
 import { IpsanError, errorMessage } from "../util/errors.ts";
 import { logger } from "../util/log.ts";
 import { formatSize } from "../util/size.ts";
-import { allocate, type AllocatorUnit, type AllocatorVolume, type Placement, type UnitReason } from "./allocator.ts";
+import { allocate, compareFreeVolumes, type AllocatorUnit, type AllocatorVolume, type Placement, type UnitReason } from "./allocator.ts";
 import type { StationMetrics } from "./metrics.ts";
-import { newAssignmentId, type StationStore } from "./store.ts";
-import type { AssignmentDetail, AssignmentRecord, HostState, UnitState, VolumeRecord } from "./types.ts";
+import { newAssignmentId, type StationStore, type UnitChange } from "./store.ts";
+import type { AssignmentDetail, AssignmentRecord, HostState, UnitReport, UnitState, VolumeRecord } from "./types.ts";
 import { UnitCallError, UnitClient } from "./unit_client.ts";
 import { assignedExtents, hostState, reachableNbd } from "./views.ts";
 
@@ -35,6 +35,10 @@ export const PLACEMENT_ATTEMPTS_MAX = 3;
 export const DNS_LOOKUP_TIMEOUT_MS = 2_000;
 export const DNS_CACHE_MS = 60_000;
 export const DNS_CACHE_ENTRIES_MAX = 4096;
+/** Reports within this long share one reconcile pass. */
+export const RECONCILE_DEBOUNCE_MS = 50;
+/** A reconcile pass yields to the event loop after this many volumes. */
+export const RECONCILE_YIELD_EVERY = 2_000;
 
 export interface StationOptions {
   readonly clusterKey: Buffer;
@@ -128,6 +132,8 @@ export class Station {
   private readonly dnsCache = new Map<string, { addresses: string[]; atMs: number }>();
   private readonly hostStates = new Map<string, HostState>();
   private reconcileRun: Promise<void> | null = null;
+  private readonly unitQueue = new Map<string, UnitChange>();
+  private unitFlushScheduled = false;
   private reconcileAgain = false;
   private timers: NodeJS.Timeout[] = [];
   private stopped = false;
@@ -142,7 +148,7 @@ export class Station {
 
   /** Starts the periodic reconcile and host-state sweep; runs a first reconcile now. */
   start(): void {
-    this.timers.push(setInterval(() => void this.reconcile(), this.options.reconcileIntervalMs).unref());
+    this.timers.push(setInterval(() => void this.reconcile(true), this.options.reconcileIntervalMs).unref());
     this.timers.push(setInterval(() => this.sweepHosts(), Math.min(1000, this.options.hostOfflineAfterMs)).unref());
     void this.reconcile();
   }
@@ -196,8 +202,12 @@ export class Station {
     }
   }
 
-  /** A unit's storage info (discovery, or its control API): the unit is the truth for its volumes. */
-  async applyStorageInfo(info: StorageInfo, fromHost: string | null, state: UnitState = "online"): Promise<void> {
+  /**
+   * A unit's storage info (discovery, or its control API): the unit is the truth
+   * for its volumes. Queued and written with everything else discovery said in
+   * the same event-loop turn (one transaction); `immediate` writes it now.
+   */
+  async applyStorageInfo(info: StorageInfo, fromHost: string | null, state: UnitState = "online", immediate = false): Promise<void> {
     const addresses: string[] = [];
     const add = (address: string | null | undefined): void => {
       if (address && isIP(address) !== 0 && !addresses.includes(address) && address !== "0.0.0.0" && address !== "::") addresses.push(address);
@@ -205,24 +215,48 @@ export class Station {
     if (info.dnsName !== null) for (const address of await this.resolve(info.dnsName)) add(address);
     add(fromHost);
     add(info.nbd.host);
-    this.store.applyUnitReport(
-      {
-        name: info.name,
-        dnsName: info.dnsName,
-        addresses,
-        nbd: info.nbd,
-        control: info.control,
-        capacityBytes: info.capacityBytes,
-        freeBytes: info.freeBytes,
-        volumes: info.volumes.map((v) => ({ ...v, grants: v.grants.map(canonicalGrant) })),
-      },
-      state,
-    );
-    this.reconcileSoon();
+    const report: UnitReport = {
+      name: info.name,
+      dnsName: info.dnsName,
+      addresses,
+      nbd: info.nbd,
+      control: info.control,
+      capacityBytes: info.capacityBytes,
+      freeBytes: info.freeBytes,
+      volumes: info.volumes.map((v) => ({ ...v, grants: v.grants.map(canonicalGrant) })),
+    };
+    this.queueUnitChange(info.name, { report, state });
+    if (immediate) this.flushUnitChanges();
   }
 
   setUnitState(name: string, state: UnitState): void {
-    if (this.store.setUnitState(name, state) && state === "online") this.reconcileSoon();
+    this.queueUnitChange(name, { state });
+  }
+
+  private queueUnitChange(name: string, change: UnitChange): void {
+    const previous = this.unitQueue.get(name);
+    // The latest report wins; the latest state wins (a report carries the state at its time).
+    const report = change.report ?? previous?.report;
+    const state = change.state ?? previous?.state;
+    this.unitQueue.set(name, { ...(report === undefined ? {} : { report }), ...(state === undefined ? {} : { state }) });
+    if (this.unitFlushScheduled) return;
+    this.unitFlushScheduled = true;
+    setImmediate(() => this.flushUnitChanges());
+  }
+
+  private flushUnitChanges(): void {
+    this.unitFlushScheduled = false;
+    if (this.unitQueue.size === 0) return;
+    const changes = new Map(this.unitQueue);
+    this.unitQueue.clear();
+    try {
+      const { volumesChanged, stateChanged } = this.store.applyUnitChanges(changes);
+      const dirty = new Set(volumesChanged);
+      for (const name of stateChanged) if (this.store.units.get(name)?.state === "online") dirty.add(name);
+      if (dirty.size > 0) this.reconcileSoon(dirty);
+    } catch (error) {
+      log.error("cannot store what discovery reported", { units: changes.size, error: errorMessage(error) });
+    }
   }
 
   /** Reads the unit's info through its control API and applies it. */
@@ -235,6 +269,7 @@ export class Station {
       { ...info, control: info.control ?? unit?.control ?? null, dnsName: info.dnsName ?? unit?.dnsName ?? null },
       null,
       state === "unknown" ? "online" : state,
+      true,
     );
   }
 
@@ -322,7 +357,24 @@ export class Station {
 
   // ---- allocation ----------------------------------------------------------------
 
-  /** The pool as the allocator sees it (a view over the store, no copies of volumes). */
+  /** Each unit's free volumes sorted by size, rebuilt only when the unit's volumes or assignments changed. */
+  private readonly freeVolumeCache = new Map<string, { version: number; volumes: AllocatorVolume[] }>();
+
+  private freeVolumesOf(unit: string): AllocatorVolume[] {
+    const version = this.store.unitVersion(unit);
+    const cached = this.freeVolumeCache.get(unit);
+    if (cached !== undefined && cached.version === version) return cached.volumes;
+    const volumes: AllocatorVolume[] = [];
+    for (const v of this.store.unitVolumes(unit).values()) {
+      if (v.partitions.length === 0 && !this.store.isVolumeAssigned(unit, v.name)) volumes.push({ name: v.name, sizeBytes: v.sizeBytes });
+    }
+    volumes.sort(compareFreeVolumes);
+    if (this.freeVolumeCache.size > this.store.units.size + 64) this.freeVolumeCache.clear();
+    this.freeVolumeCache.set(unit, { version, volumes });
+    return volumes;
+  }
+
+  /** The pool as the allocator sees it. */
   private allocatorUnits(): AllocatorUnit[] {
     const reserved = new Map<string, number>();
     for (const a of this.store.live.values()) {
@@ -330,26 +382,21 @@ export class Station {
         reserved.set(a.unit, (reserved.get(a.unit) ?? 0) + Math.ceil(a.sizeBytes / CARVE_ALIGNMENT_BYTES) * CARVE_ALIGNMENT_BYTES);
       }
     }
-    const store = this.store;
-    return [...store.units.values()].map((unit) => {
-      const volumes = store.unitVolumes(unit.name);
-      return {
+    const units: AllocatorUnit[] = [];
+    for (const unit of this.store.units.values()) {
+      const eligible = unit.state === "online" && unit.control !== null;
+      units.push({
         name: unit.name,
         state: unit.state,
         hasControl: unit.control !== null,
         freeBytes: unit.freeBytes,
         reservedBytes: reserved.get(unit.name) ?? 0,
-        volumeCount: volumes.size,
+        volumeCount: this.store.unitVolumes(unit.name).size,
         volumesMax: unit.volumesMax,
-        volumes: {
-          *[Symbol.iterator](): Iterator<AllocatorVolume> {
-            for (const v of volumes.values()) {
-              yield { name: v.name, sizeBytes: v.sizeBytes, partitionCount: v.partitions.length, assigned: store.isVolumeAssigned(unit.name, v.name) };
-            }
-          },
-        },
-      };
-    });
+        freeVolumes: eligible ? this.freeVolumesOf(unit.name) : [],
+      });
+    }
+    return units;
   }
 
   /** Allocation with idempotency by requestId (docs/api.md "POST /api/v1/allocations"). */
@@ -754,19 +801,27 @@ export class Station {
   // ---- reconcile -----------------------------------------------------------------
 
   private reconcileTimer: NodeJS.Timeout | null = null;
+  /** Units whose grants the next pass checks; null: all of them. */
+  private reconcileScope: Set<string> | null = new Set();
 
-  /** A reconcile soon (coalesced): after unit reports and state changes. */
-  reconcileSoon(): void {
+  /** A reconcile soon (coalesced): of the given units (after their reports), or of everything. */
+  reconcileSoon(units?: Iterable<string>): void {
+    if (units === undefined) this.reconcileScope = null;
+    else if (this.reconcileScope !== null) for (const unit of units) this.reconcileScope.add(unit);
     if (this.stopped || this.reconcileTimer !== null) return;
     this.reconcileTimer = setTimeout(() => {
       this.reconcileTimer = null;
-      void this.reconcile();
-    }, 50);
+      void this.reconcile(false);
+    }, RECONCILE_DEBOUNCE_MS);
     this.reconcileTimer.unref();
   }
 
-  /** One pass; concurrent callers share it (and one more pass runs after it if asked meanwhile). */
-  reconcile(): Promise<void> {
+  /**
+   * One pass (`full`: every unit's grants; else those asked for by reconcileSoon);
+   * concurrent callers share it, and one more pass runs after it if asked meanwhile.
+   */
+  reconcile(full = true): Promise<void> {
+    if (full) this.reconcileScope = null;
     if (this.reconcileRun !== null) {
       this.reconcileAgain = true;
       return this.reconcileRun;
@@ -774,7 +829,9 @@ export class Station {
     const run = (async () => {
       do {
         this.reconcileAgain = false;
-        await this.reconcilePass();
+        const scope = this.reconcileScope;
+        this.reconcileScope = new Set();
+        await this.reconcilePass(scope);
       } while (this.reconcileAgain && !this.stopped);
     })()
       .catch((error: unknown) => log.error("reconcile pass failed", { error: errorMessage(error) }))
@@ -785,7 +842,7 @@ export class Station {
     return run;
   }
 
-  private async reconcilePass(): Promise<void> {
+  private async reconcilePass(scope: ReadonlySet<string> | null): Promise<void> {
     if (this.stopped) return;
     const live = [...this.store.live.values()];
     for (const assignment of live) {
@@ -799,11 +856,17 @@ export class Station {
       }
     }
     // Grants that differ from what the assignments want (a unit that was away, a host that moved).
-    for (const unit of this.store.units.values()) {
+    const units = scope === null ? [...this.store.units.keys()] : [...scope];
+    let checked = 0;
+    for (const name of units) {
+      const unit = this.store.units.get(name);
       if (this.stopped) return;
-      if (unit.control === null || unit.state === "offline" || unit.state === "down") continue;
-      for (const volume of this.store.unitVolumes(unit.name).values()) {
+      if (unit === undefined || unit.control === null || unit.state === "offline" || unit.state === "down") continue;
+      for (const volume of [...this.store.unitVolumes(unit.name).values()]) {
+        // Yield now and then: a full pass over 100,000 volumes must not stall the API.
+        if (++checked % RECONCILE_YIELD_EVERY === 0) await new Promise((resolve) => setImmediate(resolve));
         if (volume.grants === null) continue;
+        if (volume.grants.length === 0 && !this.store.isVolumeAssigned(unit.name, volume.name)) continue;
         if (sameSet(volume.grants, this.desiredGrants(unit.name, volume.name))) continue;
         try {
           await this.syncGrants(unit.name, volume.name, false);

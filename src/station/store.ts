@@ -136,6 +136,12 @@ class Batch {
   }
 }
 
+/** What discovery said about one unit since the last flush: its latest report and/or state. */
+export interface UnitChange {
+  readonly report?: UnitReport;
+  readonly state?: UnitState;
+}
+
 export interface RequestRecord {
   readonly requestId: string;
   readonly assignmentId: string;
@@ -193,6 +199,9 @@ export class StationStore {
   private readonly liveByVolume = new Map<string, Set<string>>();
   private readonly listeners = new Set<(event: StationEvent) => void>();
   private volumeCountTotal = 0;
+  private readonly unitVersions = new Map<string, number>();
+  /** The connection's current synchronous mode (openDatabase sets FULL). */
+  private durableMode = true;
   private readonly db: Db;
   readonly clock: Clock;
   private readonly statements: ReturnType<typeof prepareStatements>;
@@ -234,7 +243,20 @@ export class StationStore {
 
   // ---- transactions and events ------------------------------------------------
 
-  private commit<T>(body: (batch: Batch) => T): T {
+  /**
+   * Runs `body` in one transaction. `durable` (the default) commits with
+   * synchronous=FULL: fsynced before this returns, so an answer sent after it
+   * survives kill -9 and power loss. Writes nobody is answered about yet (unit
+   * reports, the pending intent of an allocation) commit with NORMAL: they
+   * survive kill -9 of the station (the WAL is in the OS), may be lost with the
+   * machine's power, and the reconcile loop repairs what that could leave
+   * (docs/adr/0005). The next durable commit makes them durable too.
+   */
+  private commit<T>(body: (batch: Batch) => T, durable = true): T {
+    if (durable !== this.durableMode) {
+      this.db.pragma(`synchronous = ${durable ? "FULL" : "NORMAL"}`);
+      this.durableMode = durable;
+    }
     const batch = new Batch();
     const nowMs = this.clock.nowMs();
     const published: StationEvent[] = [];
@@ -315,7 +337,17 @@ export class StationStore {
     });
   }
 
+  /** Changes whenever a unit's volumes or the live assignments on them change (for caches of derived views). */
+  unitVersion(unit: string): number {
+    return this.unitVersions.get(unit) ?? 0;
+  }
+
+  private bumpUnit(unit: string): void {
+    this.unitVersions.set(unit, (this.unitVersions.get(unit) ?? 0) + 1);
+  }
+
   private setVolumeInMemory(volume: VolumeRecord): void {
+    this.bumpUnit(volume.unit);
     let map = this.volumes.get(volume.unit);
     if (map === undefined) this.volumes.set(volume.unit, (map = new Map()));
     if (!map.has(volume.name)) this.volumeCountTotal += 1;
@@ -323,6 +355,7 @@ export class StationStore {
   }
 
   private deleteVolumeInMemory(unit: string, name: string): void {
+    this.bumpUnit(unit);
     if (this.volumes.get(unit)?.delete(name) === true) this.volumeCountTotal -= 1;
   }
 
@@ -332,6 +365,53 @@ export class StationStore {
    * only what changed. `state` is what the report implies (a unit that reports is online).
    */
   applyUnitReport(report: UnitReport, state: UnitState = "online"): { added: boolean; volumesChanged: boolean } {
+    const added = !this.units.has(report.name);
+    const result = this.applyUnitChanges(new Map([[report.name, { report, state }]]));
+    return { added, volumesChanged: result.volumesChanged.includes(report.name) };
+  }
+
+  /**
+   * Reports and state changes of many units in one transaction (one fsync): the
+   * station batches what discovery delivers within one event-loop turn. Each
+   * unit appears once. Nothing is written when nothing changed.
+   */
+  applyUnitChanges(changes: ReadonlyMap<string, UnitChange>): { volumesChanged: string[]; stateChanged: string[] } {
+    const volumesChanged: string[] = [];
+    const stateChanged: string[] = [];
+    const memoryOnly: UnitRecord[] = [];
+    const staged: ((batch: Batch) => void)[] = [];
+    for (const [name, change] of changes) {
+      const previous = this.units.get(name);
+      if (change.report !== undefined) {
+        const plan = this.planReport(change.report, change.state ?? "online");
+        if (plan === null) {
+          if (previous !== undefined) memoryOnly.push({ ...previous, lastSeenAtMs: this.clock.nowMs() });
+          continue;
+        }
+        if (plan.volumesChanged) volumesChanged.push(name);
+        if (previous?.state !== plan.unit.state) stateChanged.push(name);
+        staged.push(plan.stage);
+      } else if (change.state !== undefined && previous !== undefined && previous.state !== change.state) {
+        const unit: UnitRecord = { ...previous, state: change.state, lastSeenAtMs: change.state === "online" ? this.clock.nowMs() : previous.lastSeenAtMs };
+        stateChanged.push(name);
+        staged.push((batch) => {
+          this.writeUnit(unit);
+          batch.apply.push(() => this.units.set(name, unit));
+          batch.event("unit", "state", name, { name, state: unit.state, previousState: previous.state });
+        });
+      }
+    }
+    for (const unit of memoryOnly) this.units.set(unit.name, unit);
+    if (staged.length > 0) {
+      this.commit((batch) => {
+        for (const stage of staged) stage(batch);
+      }, false);
+    }
+    return { volumesChanged, stateChanged };
+  }
+
+  /** What a report changes, or null if nothing (then only lastSeenAt moves, in memory). */
+  private planReport(report: UnitReport, state: UnitState): { unit: UnitRecord; volumesChanged: boolean; stage: (batch: Batch) => void } | null {
     const nowMs = this.clock.nowMs();
     const previous = this.units.get(report.name);
     const unit: UnitRecord = {
@@ -363,7 +443,8 @@ export class StationStore {
       previous === undefined ||
       JSON.stringify({ ...previous, lastSeenAtMs: 0 }) !== JSON.stringify({ ...unit, lastSeenAtMs: 0 });
     const volumesChanged = added.length + changed.length + removed.length > 0;
-    this.commit((batch) => {
+    if (!unitChanged && !volumesChanged) return null;
+    const stage = (batch: Batch): void => {
       this.writeUnit(unit);
       for (const name of [...added, ...changed]) this.writeVolume(incoming.get(name) as VolumeRecord);
       for (const name of removed) this.statements.deleteVolume.run(report.name, name);
@@ -388,8 +469,8 @@ export class StationStore {
           removed: capped(removed),
         });
       }
-    });
-    return { added: previous === undefined, volumesChanged };
+    };
+    return { unit, volumesChanged, stage };
   }
 
   /** The discovery listener's last-heard time (memory only; written with the next change). */
@@ -405,25 +486,8 @@ export class StationStore {
   }
 
   /** Unit state from discovery (online, suspect, offline, down). Unknown units are ignored. */
-  setUnitState(name: string, state: UnitState, patch: Partial<Pick<UnitRecord, "nbd" | "control" | "addresses" | "dnsName">> = {}): boolean {
-    const previous = this.units.get(name);
-    if (previous === undefined) return false;
-    const unit: UnitRecord = {
-      ...previous,
-      ...patch,
-      state,
-      lastSeenAtMs: state === "online" ? this.clock.nowMs() : previous.lastSeenAtMs,
-    };
-    if (previous.state === state && JSON.stringify(previous) === JSON.stringify({ ...unit, lastSeenAtMs: previous.lastSeenAtMs })) {
-      this.units.set(name, unit);
-      return false;
-    }
-    this.commit((batch) => {
-      this.writeUnit(unit);
-      batch.apply.push(() => this.units.set(name, unit));
-      batch.event("unit", previous.state === state ? "updated" : "state", name, { name, state, previousState: previous.state });
-    });
-    return true;
+  setUnitState(name: string, state: UnitState): boolean {
+    return this.applyUnitChanges(new Map([[name, { state }]])).stateChanged.length > 0;
   }
 
   /** A volume as the unit's control API answered it (after create, grow, partition, grants). */
@@ -498,12 +562,13 @@ export class StationStore {
 
   /** Records a host's online/offline change as an event (the state itself is derived). */
   recordHostState(name: string, state: string): void {
-    this.commit((batch) => batch.event("host", "state", name, { name, state }));
+    this.commit((batch) => batch.event("host", "state", name, { name, state }), false);
   }
 
   // ---- assignments and requests --------------------------------------------------
 
   private indexLive(assignment: AssignmentRecord): void {
+    this.bumpUnit(assignment.unit);
     const key = volumeKey(assignment.unit, assignment.volume);
     const previous = this.live.get(assignment.id);
     if (previous !== undefined) this.liveByVolume.get(volumeKey(previous.unit, previous.volume))?.delete(previous.id);
@@ -565,7 +630,7 @@ export class StationStore {
       }
       batch.apply.push(() => this.indexLive(assignment));
       batch.event("assignment", "pending", assignment.id, { id: assignment.id, host: assignment.host, unit: assignment.unit, volume: assignment.volume, partition: assignment.partition });
-    });
+    }, false);
   }
 
   /** Moves an assignment along its state machine (asserted), with an optional patch. */

@@ -89,6 +89,7 @@ async function main(): Promise<void> {
     volumes: { type: "string" },
     allocations: { type: "string" },
     carves: { type: "string" },
+    "no-restart": { type: "boolean" },
   });
   const unitCount = Number(values.units ?? "1000");
   const volumesPerUnit = Number(values.volumes ?? "100");
@@ -160,6 +161,12 @@ async function main(): Promise<void> {
 
   // Restart after kill -9, on the same data and discovery port.
   const discovery = `${station.discovery.host}:${station.discovery.port}`;
+  if (values["no-restart"] === true) {
+    sim.kill("SIGTERM");
+    await station.close();
+    process.stdout.write(`${JSON.stringify({ reuse: summary(reuse), carve: summary(carve), concurrent: summary(concurrent) })}\n`);
+    return;
+  }
   await station.kill9();
   const tr = performance.now();
   station = await startStation({ dataDir, keepData: true, discovery, env });
