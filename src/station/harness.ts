@@ -26,6 +26,8 @@ export interface ApiResponse {
 export interface RunningStation {
   readonly url: string;
   readonly discovery: { host: string; port: number };
+  /** The SNMP trap address, when started with --snmp. */
+  snmp(): { host: string; port: number } | undefined;
   readonly dataDir: string;
   readonly pid: number;
   readonly child: ChildProcess;
@@ -52,6 +54,7 @@ export interface StationOptions {
 
 const READY = /^ipsan station ready http:\/\/(\S+)$/;
 const DISCOVERY = /^ipsan station discovery udp:\/\/(\[[0-9a-fA-F:.]+\]|[^\s:]+):([0-9]+)$/;
+const SNMP = /^ipsan station snmp udp:\/\/(\[[0-9a-fA-F:.]+\]|[^\s:]+):([0-9]+)$/;
 
 export async function startStation(options: StationOptions = {}): Promise<RunningStation> {
   const own: TempDir | undefined = options.dataDir === undefined ? makeTempDir("station") : undefined;
@@ -69,6 +72,7 @@ export async function startStation(options: StationOptions = {}): Promise<Runnin
   });
   let url: string | undefined;
   let discovery: { host: string; port: number } | undefined;
+  let snmp: { host: string; port: number } | undefined;
   let partial = "";
   const lines: string[] = [];
   await new Promise<void>((resolve, reject) => {
@@ -85,6 +89,8 @@ export async function startStation(options: StationOptions = {}): Promise<Runnin
         if (ready !== null) url = `http://${ready[1]}`;
         const udp = DISCOVERY.exec(line);
         if (udp !== null) discovery = { host: (udp[1] ?? "").replace(/^\[(.*)\]$/, "$1"), port: Number(udp[2]) };
+        const trap = SNMP.exec(line);
+        if (trap !== null) snmp = { host: (trap[1] ?? "").replace(/^\[(.*)\]$/, "$1"), port: Number(trap[2]) };
         if (url !== undefined && discovery !== undefined) {
           clearTimeout(timer);
           resolve();
@@ -107,6 +113,7 @@ export async function startStation(options: StationOptions = {}): Promise<Runnin
   const station: RunningStation = {
     url: base,
     discovery: discovery as { host: string; port: number },
+    snmp: () => snmp,
     dataDir,
     pid: child.pid ?? -1,
     child,

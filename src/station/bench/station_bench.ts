@@ -17,7 +17,7 @@
 // Prints one JSON object and a Markdown table for docs/benchmarks.md.
 
 import { spawn, type ChildProcess } from "node:child_process";
-import { cpus } from "node:os";
+import { cpus, loadavg } from "node:os";
 import { readFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -34,6 +34,19 @@ function summary(samples: number[]): { n: number; p50: number; p99: number; max:
   const sorted = [...samples].sort((a, b) => a - b);
   const round = (x: number): number => Math.round(x * 100) / 100;
   return { n: sorted.length, p50: round(percentile(sorted, 50)), p99: round(percentile(sorted, 99)), max: round(sorted.at(-1) ?? NaN) };
+}
+
+/** Gauges and the allocation histogram from the station's /metrics. */
+async function stationMetrics(station: RunningStation): Promise<{ heapMb: number; serverP50Ms: number; serverP99Ms: number }> {
+  const text = (await station.api("GET", "/metrics")).text;
+  const heap = Number(/^ipsan_station_heap_used_bytes ([0-9.e+]+)$/m.exec(text)?.[1] ?? NaN);
+  const buckets = [...text.matchAll(/^ipsan_station_allocation_seconds_bucket\{le="([^"]+)"\} ([0-9]+)$/gm)].map((m) => ({
+    le: m[1] === "+Inf" ? Infinity : Number(m[1]),
+    count: Number(m[2]),
+  }));
+  const total = buckets.at(-1)?.count ?? 0;
+  const quantile = (q: number): number => (buckets.find((b) => b.count >= q * total)?.le ?? NaN) * 1000;
+  return { heapMb: Math.round(heap / 1024 / 1024), serverP50Ms: quantile(0.5), serverP99Ms: quantile(0.99) };
 }
 
 function rssMb(pid: number): { rssMb: number; peakMb: number } {
@@ -157,6 +170,7 @@ async function main(): Promise<void> {
   );
   const concurrentSeconds = (performance.now() - tc) / 1000;
   const rssAfter = rssMb(station.pid);
+  const serverSide = await stationMetrics(station);
   stopWatching();
 
   // Restart after kill -9, on the same data and discovery port.
@@ -187,7 +201,8 @@ async function main(): Promise<void> {
   rmSync(dataDir, { recursive: true, force: true });
 
   const result = {
-    machine: { cpus: cpus().length, model: cpus()[0]?.model ?? "?", node: process.version },
+    machine: { cpus: cpus().length, model: cpus()[0]?.model ?? "?", node: process.version, loadAverage1m: Math.round((loadavg()[0] ?? 0) * 10) / 10 },
+    stationSide: serverSide,
     pool: { units: unitCount, volumesPerUnit, volumes: unitCount * volumesPerUnit },
     joinMs: { ...summary(joinLatencies), allVisibleMs: Math.round(allVisibleMs) },
     allocationMs: { reuse: summary(reuse), carve: summary(carve), concurrent8: { ...summary(concurrent), perSecond: Math.round(concurrent.length / concurrentSeconds) } },
@@ -208,7 +223,9 @@ async function main(): Promise<void> {
       "",
       `all ${unitCount} units visible ${result.joinMs.allVisibleMs} ms after the simulator started; station RSS ${rssLoaded.rssMb} MB loaded, ` +
         `${rssAfter.rssMb} MB after allocations (peak ${rssAfter.peakMb} MB), target < 300 MB; restart after kill -9: ready line ${result.restartMs.readyLine} ms, ` +
-        `API serving ${result.restartMs.apiServing} ms (target < 3 s), all units online ${result.restartMs.allUnitsOnline} ms.`,
+        `API serving ${result.restartMs.apiServing} ms (target < 3 s), all units online ${result.restartMs.allUnitsOnline} ms. ` +
+        `Station-side allocation histogram (all ${a.reuse.n + a.carve.n + a.concurrent8.n} + warm-up): p50 <= ${serverSide.serverP50Ms} ms, p99 <= ${serverSide.serverP99Ms} ms (bucket bounds); ` +
+        `V8 heap in use after allocations ${serverSide.heapMb} MB; load average ${result.machine.loadAverage1m} on ${result.machine.cpus} CPUs.`,
       "",
     ].join("\n"),
   );
