@@ -8,8 +8,10 @@
 // src/e2e/nbd_probe.ts (fixed newstyle + NBD_OPT_GO from a chosen localAddress),
 // plus nbdinfo from 127.0.0.1 (granted to nobody) for a real client's refusal.
 // Also: a retried requestId gets the same assignment, the same id with other
-// parameters 409; a dry run answers the placement and changes nothing (not
-// the station, not the units); no fit answers 507 with one reason per unit; a
+// parameters 409; the unit's DNS name is resolved and handed to the host, a
+// host's DNS name is resolved to its address; a dry run answers the placement
+// and changes nothing (not the station, not the units); no fit answers 507
+// with one reason per unit; a
 // free volume is reused before carving; a host's new address moves its grant;
 // unassign revokes the grant; the admin's manual path assigns a partition and
 // keeps a volume to one host; a unit killed with -9 makes the allocation fail
@@ -34,7 +36,7 @@ let large: RunningUnit;
 before(async () => {
   station = await startStation({ extraArgs: ["--reconcile-interval-ms", "500", "--pending-deadline-ms", "5000"] });
   [small, large] = await Promise.all([
-    startJoinedUnit(station, { name: "small", capacity: "256M", volumes: [{ name: "spare", size: "32M" }] }),
+    startJoinedUnit(station, { name: "small", capacity: "256M", volumes: [{ name: "spare", size: "32M" }], extraArgs: ["--dns-name", "localhost"] }),
     startJoinedUnit(station, { name: "large", capacity: "512M" }),
   ]);
 });
@@ -79,6 +81,9 @@ test("allocation: the station's answer, the unit and the assignment list agree",
   assert.equal(first.sizeBytes, 100 * MIB);
   assert.equal(first.hostAddress, HOST_A);
   assert.equal(first.uri, `nbd://${first.nbdHost}:${first.nbdPort}/${first.export}`);
+  assert.equal((first as Assignment & { unitDnsName: string }).unitDnsName, "localhost", "the host is told the unit's DNS name");
+  const unitInfo = (await station.api("GET", "/api/v1/units/small")).body as { dnsName: string; addresses: string[] };
+  assert.ok(unitInfo.addresses.includes("127.0.0.1"), `the station resolved the unit's name: ${unitInfo.addresses.join(",")}`);
   const onUnit = await unitVolume(small, first.volume);
   assert.deepEqual(onUnit.grants, [HOST_A]);
   assert.equal(onUnit.sizeBytes, first.sizeBytes);
@@ -131,6 +136,16 @@ test("no fit: 507 with a reason for every unit", async () => {
   assert.deepEqual(reasons.map((r) => r.unit), ["large", "small"]);
   for (const r of reasons) assert.match(r.reason, /^not enough free space: need 10G, free [0-9.]+M/);
   assert.equal((await liveAssignments(station, "?all=true")).filter((a) => a.requestId === "req-huge").length, 0);
+});
+
+test("a host's address may be a DNS name: the station resolves it", async () => {
+  const put = await station.api("PUT", "/api/v1/hosts/dnshost", { address: "localhost" });
+  assert.equal(put.status, 201, put.text);
+  assert.ok(["127.0.0.1", "::1"].includes((put.body as { address: string }).address));
+  const bad = await station.api("PUT", "/api/v1/hosts/dnshost", { address: "no-such-host.invalid" });
+  assert.equal(bad.status, 400);
+  assert.equal(errorOf(bad.body).field, "address");
+  assert.match(errorOf(bad.body).message ?? "", /cannot resolve "no-such-host\.invalid"/);
 });
 
 test("a host's new data-path address moves its grant", async () => {

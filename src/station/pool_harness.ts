@@ -56,14 +56,14 @@ export function joinArgs(station: RunningStation): string[] {
 /** Starts a unit joined to the station; resolves once the station lists it online with its volumes. */
 export async function startJoinedUnit(
   station: RunningStation,
-  options: { name: string; capacity: string; volumes?: { name: string; size: string }[]; dataDir?: string },
+  options: { name: string; capacity: string; volumes?: { name: string; size: string }[]; dataDir?: string; extraArgs?: string[] },
 ): Promise<RunningUnit> {
   const unit = await startUnit({
     name: options.name,
     capacity: options.capacity,
     control: true,
     volumes: options.volumes ?? [],
-    extraArgs: joinArgs(station),
+    extraArgs: [...joinArgs(station), ...(options.extraArgs ?? [])],
     ...(options.dataDir === undefined ? {} : { dataDir: options.dataDir }),
   });
   const expected = (options.volumes ?? []).length;
