@@ -82,6 +82,8 @@ export class NbdSession implements BudgetWaiter {
   private readonly writing: Buffer[] = [];
   private handshakeTimer: NodeJS.Timeout | undefined;
   private stallTimer: NodeJS.Timeout | undefined;
+  /** socket.bytesWritten when the stall timer was armed: progress since means a slow reader, not a dead one. */
+  private stallBytesWritten = 0;
   private closeTimer: NodeJS.Timeout | undefined;
   private deviceClosed = false;
   private endedResolve: (() => void) | undefined;
@@ -170,6 +172,15 @@ export class NbdSession implements BudgetWaiter {
 
   private readonly onWriteStall = (): void => {
     this.stallTimer = undefined;
+    if (this.socket.bytesWritten > this.stallBytesWritten && this.socket.writableLength > this.limits.replyBytesQueuedMax) {
+      // Slow but reading: give it another period.
+      this.armStallTimer();
+      return;
+    }
+    if (this.socket.writableLength <= this.limits.replyBytesQueuedMax) {
+      this.pump();
+      return;
+    }
     log.limited("write_stall", "client does not read its replies: disconnecting", {
       peer: this.peerText,
       queuedBytes: this.socket.writableLength,
@@ -279,6 +290,7 @@ export class NbdSession implements BudgetWaiter {
     if (this.stateValue !== "options") {
       // The client went away (or timed out) while the option was handled.
       if (outcome.kind === "transmission") void outcome.opened.device.close().catch(() => undefined);
+      this.finishIfIdle();
       return;
     }
     switch (outcome.kind) {
@@ -452,8 +464,9 @@ export class NbdSession implements BudgetWaiter {
 
   private send(bytes: Buffer): void {
     if (this.stateValue === "closed" || this.socket.destroyed) return;
-    // Replies completing in the same turn of the event loop leave in one writev.
-    if (!this.corked) {
+    // Replies completing in the same turn of the event loop leave in one writev;
+    // a lone reply (queue depth 1) leaves at once, without waiting for the turn to end.
+    if (!this.corked && this.inFlight > 1) {
       this.corked = true;
       this.socket.cork();
       setImmediate(this.uncork);
@@ -476,7 +489,9 @@ export class NbdSession implements BudgetWaiter {
   };
 
   private armStallTimer(): void {
-    if (this.stallTimer === undefined) this.stallTimer = setTimeout(this.onWriteStall, this.limits.writeStallTimeoutMs);
+    if (this.stallTimer !== undefined) return;
+    this.stallBytesWritten = this.socket.bytesWritten;
+    this.stallTimer = setTimeout(this.onWriteStall, this.limits.writeStallTimeoutMs);
   }
 
   /** Reads only while this connection may take more input. */
