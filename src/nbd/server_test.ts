@@ -246,6 +246,44 @@ test("close(): ESHUTDOWN for new requests, the one in flight finishes, the devic
   assert.equal(server.connectionCount, 0);
 });
 
+test("a Unix socket listener serves, reports the peer as unix, and its path is removed on close", async () => {
+  const { mkdtempSync, existsSync, rmSync } = await import("node:fs");
+  const { tmpdir } = await import("node:os");
+  const { join } = await import("node:path");
+  const dir = mkdtempSync(join(tmpdir(), "ipsan-nbd-unix-"));
+  const path = join(dir, "nbd.sock");
+  const device = new GatedDevice();
+  const peers: string[] = [];
+  const server = new NbdServer({
+    provider: {
+      defaultExport: "gated",
+      list: () => [],
+      open: async (_name, peer) => {
+        peers.push(peer.address);
+        return device;
+      },
+    },
+    env: {},
+  });
+  try {
+    assert.deepEqual(await server.listen({ path }), { path });
+    const c = await RawNbdClient.connect({ path });
+    await c.handshake();
+    await c.go("");
+    c.send({ cookieHi: 0, cookieLo: 5, flags: 0, type: NBD_CMD.READ, offset: 1024, length: 512 });
+    await until("the read at the device", () => device.pending.length === 1);
+    device.settle();
+    assert.deepEqual((await c.reply(512)).data, Buffer.alloc(512, 2));
+    assert.deepEqual(peers, ["unix"]);
+    c.destroy();
+    await server.close();
+    assert.equal(existsSync(path), false);
+  } finally {
+    await server.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
 test("random byte streams at every phase never hit an internal error, and the server keeps serving", async () => {
   const seed = Number(process.env["IPSAN_FUZZ_SEED"] ?? Date.now() % 1_000_000);
   process.stderr.write(`nbd session fuzz seed ${seed} (IPSAN_FUZZ_SEED to replay)\n`);

@@ -28,6 +28,9 @@ import { commandName, performRequest, requestCostBytes, validateRequest } from "
 
 const log = logger("nbd");
 
+/** Idle time before TCP keepalive probes start on a connection. */
+const KEEPALIVE_IDLE_MS = 60_000;
+
 export type SessionState = "greeting" | "options" | "transmission" | "closing" | "closed";
 
 /** What a session needs from its server. */
@@ -99,6 +102,8 @@ export class NbdSession implements BudgetWaiter {
       this.endedResolve = resolve;
     });
     socket.setNoDelay(true);
+    // A host that vanishes without closing (power loss, cable) is found by TCP keepalive, not never.
+    socket.setKeepAlive(true, KEEPALIVE_IDLE_MS);
     socket.on("data", this.onData);
     socket.on("error", this.onError);
     socket.on("close", this.onClose);
