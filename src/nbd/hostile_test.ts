@@ -20,6 +20,7 @@ import { RawNbdClient } from "./testing/raw_client.ts";
 const HANDSHAKE_TIMEOUT_MS = 1500;
 const WRITE_STALL_TIMEOUT_MS = 1500;
 const CONNECTIONS_MAX = 40;
+const OPTIONS_MAX = 256;
 const MiB = 1024 * 1024;
 const VOLUME_BYTES = 64 * MiB;
 
@@ -79,7 +80,7 @@ before(async () => {
       { name: "b", size: "16M" },
     ],
     env: {
-      IPSAN_NBD_LIMITS: `handshakeTimeoutMs=${HANDSHAKE_TIMEOUT_MS},writeStallTimeoutMs=${WRITE_STALL_TIMEOUT_MS},connectionsMax=${CONNECTIONS_MAX},replyBytesQueuedMax=${MiB},closeTimeoutMs=2000`,
+      IPSAN_NBD_LIMITS: `handshakeTimeoutMs=${HANDSHAKE_TIMEOUT_MS},writeStallTimeoutMs=${WRITE_STALL_TIMEOUT_MS},connectionsMax=${CONNECTIONS_MAX},optionsMax=${OPTIONS_MAX},replyBytesQueuedMax=${MiB},closeTimeoutMs=2000`,
     },
   });
   target = { host: unit.host, port: unit.port };
@@ -157,7 +158,7 @@ describe("hostile NBD clients against a real unit", () => {
 
   test("too many options: ERR_TOO_BIG then disconnect", async () => {
     const client = await connected();
-    const burst = Buffer.concat(Array.from({ length: 300 }, () => encodeOption(0x4243)));
+    const burst = Buffer.concat(Array.from({ length: OPTIONS_MAX + 44 }, () => encodeOption(0x4243)));
     client.write(burst);
     const seen: number[] = [];
     while (!client.isClosed || client.pendingBytes > 0) {
@@ -170,7 +171,7 @@ describe("hostile NBD clients against a real unit", () => {
         break;
       }
     }
-    assert.equal(seen.filter((t) => t === NBD_REP.ERR_UNSUP).length, 256);
+    assert.equal(seen.filter((t) => t === NBD_REP.ERR_UNSUP).length, OPTIONS_MAX);
     assert.equal(seen.at(-1), NBD_REP.ERR_TOO_BIG);
     assert.ok(await client.closedWithin(3000));
     await assertServed();

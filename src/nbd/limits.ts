@@ -14,7 +14,7 @@ export interface NbdLimits {
   readonly requestsInFlightMax: number;
   /** Open connections per server (handshaking or transmitting); more are closed at once. */
   readonly connectionsMax: number;
-  /** From accept to entering transmission; a client still negotiating after this is dropped. */
+  /** A client that completes no option for this long (from accept, or from its last option) is dropped. */
   readonly handshakeTimeoutMs: number;
   /** Options per handshake (NBD_OPT_*); one more is answered NBD_REP_ERR_TOO_BIG and the connection closed. */
   readonly optionsMax: number;
@@ -41,7 +41,7 @@ export const DEFAULT_NBD_LIMITS: NbdLimits = Object.freeze({
   requestsInFlightMax: 64,
   connectionsMax: 1024,
   handshakeTimeoutMs: 10_000,
-  optionsMax: 256,
+  optionsMax: 4096,
   optionDataBytesMax: 64 * 1024,
   metaContextQueriesMax: 64,
   connectionBytesInFlightMax: 64 * MiB,

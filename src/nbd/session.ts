@@ -301,6 +301,9 @@ export class NbdSession implements BudgetWaiter {
     switch (outcome.kind) {
       case "continue":
         for (const reply of outcome.replies) this.send(reply);
+        // The timeout is for a client that stalls: each answered option starts it again
+        // (nbdinfo --list asks two options per export; optionsMax bounds the total).
+        this.handshakeTimer?.refresh();
         this.pump();
         return;
       case "close":
