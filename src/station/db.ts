@@ -7,6 +7,7 @@
 // own transaction together with the bump of schema_version, so a crash in the
 // middle of a migration leaves the previous version intact.
 
+import { Worker } from "node:worker_threads";
 import Database from "better-sqlite3";
 import { IpsanError } from "../util/errors.ts";
 
@@ -122,11 +123,43 @@ export function migrate(db: Db, migrations: readonly Migration[] = MIGRATIONS): 
   return { from, to: Math.max(from, latest) };
 }
 
-export function openDatabase(path: string): Db {
+/**
+ * WAL pages after which the station's own connection checkpoints (a backstop:
+ * normally the checkpoint worker has done it long before).
+ */
+export const WAL_AUTOCHECKPOINT_PAGES_BACKSTOP = 50_000;
+export const CHECKPOINT_INTERVAL_MS = 1_000;
+
+export function openDatabase(path: string, options: { checkpointInWorker?: boolean } = {}): Db {
   const db = new Database(path, { timeout: DB_BUSY_TIMEOUT_MS });
   db.pragma("journal_mode = WAL");
   db.pragma("synchronous = FULL");
   db.pragma("foreign_keys = ON");
+  // With the worker, checkpoints (and their fsyncs) happen off the event loop.
+  if (options.checkpointInWorker === true) db.pragma(`wal_autocheckpoint = ${WAL_AUTOCHECKPOINT_PAGES_BACKSTOP}`);
   migrate(db);
   return db;
+}
+
+/** Starts the checkpoint worker (checkpoint_worker.ts) on the database at `path`. */
+export function startCheckpointer(path: string, onError: (message: string) => void): { stop(): Promise<void> } {
+  const worker = new Worker(new URL("./checkpoint_worker.js", import.meta.url), {
+    workerData: { path, intervalMs: CHECKPOINT_INTERVAL_MS, busyTimeoutMs: DB_BUSY_TIMEOUT_MS },
+  });
+  worker.unref();
+  worker.on("message", (message: { kind: string; message?: string }) => {
+    if (message.kind === "error") onError(message.message ?? "checkpoint failed");
+  });
+  worker.on("error", (error) => onError(error.message));
+  return {
+    async stop() {
+      worker.ref(); // keep the process alive until the worker has closed its connection
+      const exited = new Promise<void>((resolve) => worker.once("exit", () => resolve()));
+      worker.postMessage({ stop: true });
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([exited, new Promise<void>((resolve) => (timer = setTimeout(resolve, 2_000)))]);
+      clearTimeout(timer);
+      await worker.terminate();
+    },
+  };
 }

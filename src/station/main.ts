@@ -20,7 +20,7 @@ import { DiscoveryListener } from "../discovery/station_listener.ts";
 import { IpsanError, UsageError, errorMessage } from "../util/errors.ts";
 import { parseFlags, parseHostPort } from "../util/flags.ts";
 import { logger } from "../util/log.ts";
-import { openDatabase } from "./db.ts";
+import { openDatabase, startCheckpointer } from "./db.ts";
 import { ApiServer } from "./http.ts";
 import { StationMetrics } from "./metrics.ts";
 import { DEFAULT_STATION_OPTIONS, Station } from "./station.ts";
@@ -124,7 +124,9 @@ export async function stationMain(argv: readonly string[]): Promise<number> {
   await fs.mkdir(dataDir, { recursive: true, mode: 0o700 });
   const adminToken = await loadOrCreateAdminToken(join(dataDir, ADMIN_TOKEN_FILE_NAME));
   const clusterKey = await loadOrCreateClusterKey(join(dataDir, CLUSTER_KEY_FILE_NAME));
-  const store = new StationStore(openDatabase(join(dataDir, DATABASE_FILE_NAME)));
+  const databasePath = join(dataDir, DATABASE_FILE_NAME);
+  const store = new StationStore(openDatabase(databasePath, { checkpointInWorker: true }));
+  const checkpointer = startCheckpointer(databasePath, (message) => log.limited("checkpoint", "WAL checkpoint failed", { error: message }));
   const metrics = new StationMetrics();
   const station = new Station(store, metrics, { clusterKey, ...options });
 
@@ -160,6 +162,7 @@ export async function stationMain(argv: readonly string[]): Promise<number> {
     await api.close().catch(() => undefined);
     await listener.close().catch(() => undefined);
     await snmpListener?.close().catch(() => undefined);
+    await checkpointer.stop();
     store.close();
     throw new IpsanError("UNAVAILABLE", `cannot listen: ${errorMessage(error)}`, { cause: error });
   }
@@ -197,6 +200,7 @@ export async function stationMain(argv: readonly string[]): Promise<number> {
   await listener.close();
   await snmpListener?.close();
   await station.stop();
+  await checkpointer.stop();
   store.close();
   log.info("stopped");
   return 0;

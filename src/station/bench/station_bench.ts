@@ -103,14 +103,16 @@ async function main(): Promise<void> {
     allocations: { type: "string" },
     carves: { type: "string" },
     "no-restart": { type: "boolean" },
+    "station-args": { type: "string" },
   });
+  const stationArgs = (values["station-args"] ?? "").split(" ").filter((a) => a !== "");
   const unitCount = Number(values.units ?? "1000");
   const volumesPerUnit = Number(values.volumes ?? "100");
   const reuseCount = Number(values.allocations ?? "500");
   const carveCount = Number(values.carves ?? "200");
   const env = { IPSAN_LOG: "warn" };
 
-  let station = await startStation({ keepData: true, env });
+  let station = await startStation({ keepData: true, env, extraArgs: stationArgs });
   const dataDir = station.dataDir;
   const visibleAtMs = new Map<string, number>();
   const stopWatching = await watchUnits(station, (unit, atMs) => {
@@ -183,7 +185,7 @@ async function main(): Promise<void> {
   }
   await station.kill9();
   const tr = performance.now();
-  station = await startStation({ dataDir, keepData: true, discovery, env });
+  station = await startStation({ dataDir, keepData: true, discovery, env, extraArgs: stationArgs });
   const readyMs = performance.now() - tr;
   await waitFor("API answers", 30_000, async () => ((await station.api("GET", "/api/v1/units?state=online")).status === 200 ? true : undefined), 10);
   const servingMs = performance.now() - tr;
