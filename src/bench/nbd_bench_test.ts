@@ -17,5 +17,5 @@ test("the benchmark runs one short round against all three servers", async () =>
   );
   assert.equal(result.code, 0, describeResult(result));
   assert.match(result.stdout, /^randread4k\s+\d+ IOPS\s+\d+ IOPS\s+\d+ IOPS\s+\d+\.\d\dx\s+\d+\.\d\dx$/m, result.stdout);
-  assert.match(result.stdout, /ipsan unit RSS: peak sampled under load \d+\.\d MiB/);
+  assert.match(result.stdout, /ipsan unit RSS under the fio jobs: peak sampled VmRSS \d+\.\d MiB, VmHWM \d+\.\d MiB/);
 });
