@@ -30,6 +30,8 @@ const COMMON_USAGE = `common flags:
 `;
 
 const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
+/** Pages a listing follows (10,000 items each by default: a million in all). */
+const LIST_PAGES_MAX = 100;
 
 async function client(values: { station?: string | undefined; "token-file"?: string | undefined }): Promise<StationClient> {
   const station = values.station ?? process.env["IPSAN_STATION"];
@@ -167,8 +169,17 @@ async function listing(which: ListingName, argv: readonly string[]): Promise<num
   }
   const api = await client(values);
   const spec = LISTINGS[which];
-  const path = `${spec.path}${query.size > 0 ? `?${query}` : ""}`;
-  const items = listItems<Row>(await api.call("GET", path), which);
+  // Volumes and assignments come in pages (nextOffset); follow them, bounded.
+  const items: Row[] = [];
+  let offset = 0;
+  for (let pages = 0; pages < LIST_PAGES_MAX; pages++) {
+    if (offset > 0) query.set("offset", String(offset));
+    const body = await api.call("GET", `${spec.path}${query.size > 0 ? `?${query}` : ""}`);
+    items.push(...listItems<Row>(body, which));
+    const next = (body as { nextOffset?: unknown } | undefined)?.nextOffset;
+    if (typeof next !== "number" || next <= offset) break;
+    offset = next;
+  }
   if (values.json === true) {
     process.stdout.write(`${JSON.stringify(items, null, 2)}\n`);
     return 0;

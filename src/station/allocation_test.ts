@@ -129,6 +129,23 @@ test("a free volume is reused before carving; each host reaches only its own vol
   assert.deepEqual(await grantsMatch(station, [small, large]), []);
 });
 
+test("listings come in pages", async () => {
+  const all = (await station.api("GET", "/api/v1/volumes")).body as { items: unknown[]; total: number; nextOffset: number | null };
+  assert.ok(all.total >= 2);
+  assert.equal(all.items.length, all.total);
+  assert.equal(all.nextOffset, null);
+  const first = (await station.api("GET", "/api/v1/volumes?limit=1")).body as { items: { id: string }[]; total: number; nextOffset: number };
+  assert.equal(first.items.length, 1);
+  assert.equal(first.nextOffset, 1);
+  const second = (await station.api("GET", `/api/v1/volumes?limit=1&offset=${first.nextOffset}`)).body as { items: { id: string }[] };
+  assert.notEqual(second.items[0]?.id, first.items[0]?.id);
+  const past = (await station.api("GET", `/api/v1/assignments?offset=1000`)).body as { items: unknown[]; nextOffset: null };
+  assert.deepEqual(past.items, []);
+  const tooMany = await station.api("GET", "/api/v1/volumes?limit=100001");
+  assert.equal(tooMany.status, 400);
+  assert.equal(errorOf(tooMany.body).field, "limit");
+});
+
 test("no fit: 507 with a reason for every unit", async () => {
   const answer = await allocate({ requestId: "req-huge", host: "hostA", sizeBytes: "10G" });
   assert.equal(answer.status, 507, answer.text);

@@ -14,7 +14,7 @@ import { IpsanError, errorMessage } from "../util/errors.ts";
 import { logger } from "../util/log.ts";
 import { openApiDocument } from "./openapi.ts";
 import { NoSpaceError, type Station } from "./station.ts";
-import { LIVE_ASSIGNMENT_STATES, type StationEvent, UNIT_STATES, HOST_STATES, ASSIGNMENT_STATES } from "./types.ts";
+import { LIVE_ASSIGNMENT_STATES, type StationEvent, UNIT_STATES, HOST_STATES, ASSIGNMENT_STATES, type VolumeRecord } from "./types.ts";
 import { Body, checkAddress, checkBoolean, checkIndex, checkName, checkRequestId, checkSize, checkSizes, invalid, show } from "./validate.ts";
 import { assignmentView, hostView, unitView, volumeView } from "./views.ts";
 import { renderGauge } from "./metrics.ts";
@@ -31,6 +31,9 @@ export const SSE_HEARTBEAT_MS = 15_000;
 /** A subscriber with more than this waiting in its socket buffer is disconnected. */
 export const SSE_BUFFER_BYTES_MAX = 1024 * 1024;
 export const VERSION = "0.1.0";
+/** Items per listing page unless ?limit= says otherwise, and the most it may say. */
+export const LIST_LIMIT_DEFAULT = 10_000;
+export const LIST_LIMIT_MAX = 100_000;
 
 const log = logger("station-api");
 
@@ -72,6 +75,24 @@ function queryFlag(query: Query, key: string): boolean {
   if (value === "true" || value === "1" || value === "") return true;
   if (value === "false" || value === "0") return false;
   throw invalid(key, `expected true or false, got ${show(value)}`);
+}
+
+/** A page of a listing: ?offset=N&limit=M (default LIST_LIMIT_DEFAULT, at most LIST_LIMIT_MAX). */
+function page(query: Query): { offset: number; limit: number } {
+  const read = (key: string, fallback: number, max: number): number => {
+    const value = query.get(key);
+    if (value === null) return fallback;
+    if (!/^[0-9]{1,9}$/.test(value) || Number(value) > max) throw invalid(key, `expected a whole number 0..${max}, got ${show(value)}`);
+    return Number(value);
+  };
+  return { offset: read("offset", 0, 1e9), limit: read("limit", LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX) };
+}
+
+/** {items, total, offset, nextOffset}: nextOffset is null on the last page. */
+function paged<T, U>(all: readonly T[], range: { offset: number; limit: number }, view: (item: T) => U) {
+  const items = all.slice(range.offset, range.offset + range.limit).map(view);
+  const next = range.offset + items.length;
+  return { items, total: all.length, offset: range.offset, nextOffset: next < all.length ? next : null };
 }
 
 export interface ApiServerOptions {
@@ -348,20 +369,21 @@ export class ApiServer {
         return { status: 200, body: unitView(store.units.get(unit.name) ?? unit, store.unitVolumes(unit.name).size) };
       }, true),
       r("GET", "/api/v1/volumes", ({ query }) => {
-        checkQuery(query, ["unit", "free"]);
+        checkQuery(query, ["unit", "free", "offset", "limit"]);
         const unitFilter = query.get("unit");
         if (unitFilter !== null) unitOr404(checkName(unitFilter, "unit"));
         const free = queryFlag(query, "free");
-        const items = [];
+        const range = page(query);
+        const matching: { volume: VolumeRecord; holder: string | null }[] = [];
         for (const unit of [...store.units.keys()].sort()) {
           if (unitFilter !== null && unit !== unitFilter) continue;
           for (const volume of store.unitVolumes(unit).values()) {
             const holder = assignedTo(unit, volume.name);
             if (free && holder !== null) continue;
-            items.push(volumeView(volume, holder));
+            matching.push({ volume, holder });
           }
         }
-        return { status: 200, body: { items } };
+        return { status: 200, body: paged(matching, range, (m) => volumeView(m.volume, m.holder)) };
       }),
       r("GET", "/api/v1/volumes/:unit/:name", ({ params, query }) => {
         checkQuery(query, []);
@@ -438,17 +460,15 @@ export class ApiServer {
         return { status: 204 };
       }, true),
       r("GET", "/api/v1/assignments", ({ query }) => {
-        checkQuery(query, ["host", "all", "state"]);
+        checkQuery(query, ["host", "all", "state", "offset", "limit"]);
+        const range = page(query);
         const host = query.get("host");
         if (host !== null) checkName(host, "host");
         const state = query.get("state");
         if (state !== null && !(ASSIGNMENT_STATES as readonly string[]).includes(state)) throw invalid("state", `unknown assignment state ${show(state)}`);
         const all = queryFlag(query, "all") || (state !== null && !LIVE_ASSIGNMENT_STATES.has(state as never));
-        const items = store
-          .listAssignments({ ...(host === null ? {} : { host }), all })
-          .filter((a) => state === null || a.state === state)
-          .map((a) => assignmentView(a, store));
-        return { status: 200, body: { items } };
+        const matching = store.listAssignments({ ...(host === null ? {} : { host }), all }).filter((a) => state === null || a.state === state);
+        return { status: 200, body: paged(matching, range, (a) => assignmentView(a, store)) };
       }),
       r("GET", "/api/v1/assignments/:id", ({ params, query }) => {
         checkQuery(query, []);

@@ -7,7 +7,16 @@ const json = "application/json";
 const ref = (name: string) => ({ $ref: `#/components/schemas/${name}` });
 const ok = (description: string, schema?: unknown) =>
   schema === undefined ? { description } : { description, content: { [json]: { schema } } };
-const list = (name: string) => ({ type: "object", required: ["items"], properties: { items: { type: "array", items: ref(name) } } });
+const list = (name: string) => ({
+  type: "object",
+  required: ["items"],
+  properties: {
+    items: { type: "array", items: ref(name) },
+    total: { type: "integer", description: "volumes and assignments: how many match" },
+    offset: { type: "integer" },
+    nextOffset: { type: ["integer", "null"], description: "the next page's offset; null on the last page" },
+  },
+});
 const error = (description: string) => ({ description, content: { [json]: { schema: ref("Error") } } });
 const body = (schema: unknown) => ({ required: true, content: { [json]: { schema } } });
 const pathParam = (name: string, description: string) => ({ name, in: "path", required: true, description, schema: { type: "string" } });
@@ -180,7 +189,12 @@ export function openApiDocument(version: string): unknown {
       "/api/v1/volumes": {
         get: {
           summary: "Volumes of all units",
-          parameters: [queryParam("unit", "only this unit's"), queryParam("free", "only unassigned ones", { type: "boolean" })],
+          parameters: [
+            queryParam("unit", "only this unit's"),
+            queryParam("free", "only unassigned ones", { type: "boolean" }),
+            queryParam("offset", "skip this many", { type: "integer" }),
+            queryParam("limit", "at most this many (default 10000, max 100000)", { type: "integer" }),
+          ],
           responses: { "200": ok("volumes", list("Volume")), ...errors },
         },
         post: {
@@ -240,7 +254,13 @@ export function openApiDocument(version: string): unknown {
       "/api/v1/assignments": {
         get: {
           summary: "Assignments (live ones; all=true adds released and failed)",
-          parameters: [queryParam("host", "only this host's"), queryParam("all", "include history", { type: "boolean" }), queryParam("state", "only this state")],
+          parameters: [
+            queryParam("host", "only this host's"),
+            queryParam("all", "include history", { type: "boolean" }),
+            queryParam("state", "only this state"),
+            queryParam("offset", "skip this many", { type: "integer" }),
+            queryParam("limit", "at most this many (default 10000, max 100000)", { type: "integer" }),
+          ],
           responses: { "200": ok("assignments", list("Assignment")), ...errors },
         },
         post: {
