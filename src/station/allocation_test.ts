@@ -14,13 +14,14 @@
 // with one reason per unit; a
 // free volume is reused before carving; a host's new address moves its grant;
 // unassign revokes the grant; the admin's manual path assigns a partition and
-// keeps a volume to one host; a unit killed with -9 makes the allocation fail
-// with 503 and leaves no live assignment behind.
+// keeps a volume to one host; an unassign while the unit is away answers 202
+// and the grant is removed when the unit is back; a unit killed with -9 makes
+// the allocation fail with 503 and leaves no live assignment behind.
 
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { openExport } from "../e2e/nbd_probe.ts";
-import { run } from "../testing/process.ts";
+import { run, waitFor } from "../testing/process.ts";
 import type { RunningUnit } from "../testing/unit.ts";
 import { errorOf, startStation, type RunningStation } from "./harness.ts";
 import { grantsMatch, liveAssignments, startJoinedUnit, unitVolume, unitVolumes, type Assignment } from "./pool_harness.ts";
@@ -32,6 +33,8 @@ const HOST_B = "127.0.0.3";
 let station: RunningStation;
 let small: RunningUnit;
 let large: RunningUnit;
+/** Handles of units that were restarted (closed after the others). */
+const restarted: RunningUnit[] = [];
 
 before(async () => {
   station = await startStation({ extraArgs: ["--reconcile-interval-ms", "500", "--pending-deadline-ms", "5000"] });
@@ -42,6 +45,7 @@ before(async () => {
 });
 after(async () => {
   await Promise.all([small?.close(), large?.close()]);
+  for (const unit of restarted) await unit.close();
   await station?.close();
 });
 
@@ -214,6 +218,30 @@ test("manual path: create and partition a volume, assign a partition; a volume s
   assert.equal((await station.api("DELETE", `/api/v1/assignments/${a.id}`)).status, 204);
   assert.equal((await station.api("DELETE", "/api/v1/volumes/large/manual")).status, 204);
   assert.equal((await unitVolumes(large)).some((v) => v.name === "manual"), false);
+});
+
+test("unassign while the unit is away answers 202; the grant goes when the unit is back", async () => {
+  const answer = await allocate({ requestId: "req-d1", host: "hostD", sizeBytes: "300M", address: "127.0.0.8" });
+  assert.equal(answer.status, 201, answer.text);
+  const away = answer.assignment;
+  assert.equal(away.unit, "large");
+  assert.deepEqual((await unitVolume(large, away.volume)).grants, ["127.0.0.8"]);
+  await large.kill9();
+  const gone = await station.api("DELETE", `/api/v1/assignments/${away.id}`);
+  assert.equal(gone.status, 202, gone.text);
+  assert.equal((gone.body as Assignment).state, "revoking");
+  assert.equal((await liveAssignments(station)).find((a) => a.id === away.id)?.state, "revoking");
+  const again = await startJoinedUnit(station, { name: "large", capacity: "512M", dataDir: large.dataDir });
+  restarted.push(large); // the first handle owns the data dir: its close() removes it
+  await waitFor(
+    "the revoked grant removed on the returning unit",
+    async () => ((await unitVolume(again, away.volume)).grants.length === 0 ? true : undefined),
+    { timeoutMs: 15_000 },
+  );
+  await waitFor("the assignment released", async () => ((await station.api("GET", `/api/v1/assignments/${away.id}`)).body as Assignment).state === "released" || undefined, {
+    timeoutMs: 5_000,
+  });
+  large = again;
 });
 
 test("a unit killed with -9 mid-allocation: 503, and no live assignment is left behind", async () => {

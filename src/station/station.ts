@@ -250,10 +250,11 @@ export class Station {
     const changes = new Map(this.unitQueue);
     this.unitQueue.clear();
     try {
-      const { volumesChanged, stateChanged } = this.store.applyUnitChanges(changes);
-      const dirty = new Set(volumesChanged);
-      for (const name of stateChanged) if (this.store.units.get(name)?.state === "online") dirty.add(name);
-      if (dirty.size > 0) this.reconcileSoon(dirty);
+      // A unit whose volumes, address or state changed gets its grants checked (its return may also
+      // let pending and revoking assignments finish: every pass looks at those).
+      const { unitsChanged } = this.store.applyUnitChanges(changes);
+      const dirty = unitsChanged.filter((name) => this.store.units.get(name)?.state === "online");
+      if (dirty.length > 0) this.reconcileSoon(dirty);
     } catch (error) {
       log.error("cannot store what discovery reported", { units: changes.size, error: errorMessage(error) });
     }
@@ -849,6 +850,9 @@ export class Station {
       if (this.stopped) return;
       if (assignment.state === "pending" && !this.isInflight(assignment)) await this.settlePending(assignment);
       else if (assignment.state === "revoking") {
+        // A unit that is away is told when it is back (its return triggers a pass).
+        const unitState = this.store.units.get(assignment.unit)?.state;
+        if (unitState === "offline" || unitState === "down") continue;
         await this.locks.run(`assignment:${assignment.id}`, async () => {
           const current = this.store.getAssignment(assignment.id);
           if (current?.state === "revoking") await this.finishRevoke(current);

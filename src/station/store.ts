@@ -375,7 +375,8 @@ export class StationStore {
    * station batches what discovery delivers within one event-loop turn. Each
    * unit appears once. Nothing is written when nothing changed.
    */
-  applyUnitChanges(changes: ReadonlyMap<string, UnitChange>): { volumesChanged: string[]; stateChanged: string[] } {
+  applyUnitChanges(changes: ReadonlyMap<string, UnitChange>): { volumesChanged: string[]; stateChanged: string[]; unitsChanged: string[] } {
+    const unitsChanged: string[] = [];
     const volumesChanged: string[] = [];
     const stateChanged: string[] = [];
     const memoryOnly: UnitRecord[] = [];
@@ -388,11 +389,13 @@ export class StationStore {
           if (previous !== undefined) memoryOnly.push({ ...previous, lastSeenAtMs: this.clock.nowMs() });
           continue;
         }
+        unitsChanged.push(name);
         if (plan.volumesChanged) volumesChanged.push(name);
         if (previous?.state !== plan.unit.state) stateChanged.push(name);
         staged.push(plan.stage);
       } else if (change.state !== undefined && previous !== undefined && previous.state !== change.state) {
         const unit: UnitRecord = { ...previous, state: change.state, lastSeenAtMs: change.state === "online" ? this.clock.nowMs() : previous.lastSeenAtMs };
+        unitsChanged.push(name);
         stateChanged.push(name);
         staged.push((batch) => {
           this.writeUnit(unit);
@@ -407,7 +410,7 @@ export class StationStore {
         for (const stage of staged) stage(batch);
       }, false);
     }
-    return { volumesChanged, stateChanged };
+    return { volumesChanged, stateChanged, unitsChanged };
   }
 
   /** What a report changes, or null if nothing (then only lastSeenAt moves, in memory). */
