@@ -18,7 +18,7 @@ import {
   encodeRequest,
   type RequestFields,
 } from "../peer_codec.ts";
-import { NBD_CMD, NBD_FLAG_C, NBD_INFO, NBD_OPT, NBD_REP, NBD_REPLY_FLAG } from "../protocol.ts";
+import { NBD_CMD, NBD_FLAG_C, NBD_INFO, NBD_OPT, NBD_REP, NBD_REPLY_FLAG, NBD_REPLY_TYPE } from "../protocol.ts";
 
 export const RAW_CLIENT_TIMEOUT_MS = 5_000;
 
@@ -183,7 +183,7 @@ export class RawNbdClient {
     for (const c of chunks) {
       if (c.kind !== "chunk") continue;
       if ((c.type & 0x8000) !== 0) errno = c.payload.readUInt32BE(0);
-      if (c.type === 1) data = c.payload.subarray(8);
+      if (c.type === NBD_REPLY_TYPE.OFFSET_DATA) data = c.payload.subarray(8);
     }
     return { errno, cookieLo: first.cookieLo, data, chunks };
   }
