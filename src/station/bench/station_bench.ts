@@ -179,7 +179,10 @@ async function main(): Promise<void> {
   const discovery = `${station.discovery.host}:${station.discovery.port}`;
   if (values["no-restart"] === true) {
     sim.kill("SIGTERM");
+    await new Promise((r) => sim.once("exit", r));
     await station.close();
+    const { rmSync } = await import("node:fs");
+    rmSync(dataDir, { recursive: true, force: true });
     process.stdout.write(`${JSON.stringify({ reuse: summary(reuse), carve: summary(carve), concurrent: summary(concurrent) })}\n`);
     return;
   }
