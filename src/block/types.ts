@@ -95,4 +95,11 @@ export interface ExportProvider {
   open(name: string, peer: Peer): Promise<BlockDevice>;
   /** The export served to clients that ask for the empty name, if any. */
   readonly defaultExport: string | undefined;
+  /**
+   * Whether this peer may connect at all (asked once, before the greeting).
+   * A peer that could open nothing is refused here, so a stranger never sees
+   * a handshake. Optional: without it every peer gets a handshake and access
+   * is decided by list/open alone.
+   */
+  admitsConnection?(peer: Peer): boolean;
 }

@@ -11,7 +11,7 @@ import { logger } from "../util/log.ts";
 import { ByteBudget } from "./budget.ts";
 import { BufferPool } from "./buffer_pool.ts";
 import { LIMITS_ENV, type NbdLimits, parseLimitOverrides, resolveLimits } from "./limits.ts";
-import { NbdSession, type SessionHost } from "./session.ts";
+import { NbdSession, peerOf, type SessionHost } from "./session.ts";
 
 export { DEFAULT_NBD_LIMITS, LIMITS_ENV, type NbdLimits } from "./limits.ts";
 
@@ -81,6 +81,15 @@ export class NbdServer implements SessionHost {
         peer: `${socket.remoteAddress ?? "unix"}:${socket.remotePort ?? 0}`,
         connections: this.sessions.size,
         connectionsMax: this.limits.connectionsMax,
+      });
+      socket.on("error", () => undefined);
+      socket.destroy();
+      return;
+    }
+    const peer = peerOf(socket);
+    if (this.provider.admitsConnection !== undefined && !this.provider.admitsConnection(peer)) {
+      log.limited(`connection_not_admitted:${peer.address}`, "connection refused: peer is not allowed and holds no grant", {
+        peer: `${peer.address}:${peer.port}`,
       });
       socket.on("error", () => undefined);
       socket.destroy();

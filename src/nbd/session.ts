@@ -43,7 +43,7 @@ export interface SessionHost {
   sessionEnded(session: NbdSession): void;
 }
 
-function peerOf(socket: Socket): Peer {
+export function peerOf(socket: Socket): Peer {
   const address = socket.remoteAddress;
   if (address === undefined) return { address: "unix", port: 0 };
   // IPv4 clients of a dual-stack listener appear as ::ffff:a.b.c.d.
