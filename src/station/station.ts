@@ -223,7 +223,7 @@ export class Station {
       control: info.control,
       capacityBytes: info.capacityBytes,
       freeBytes: info.freeBytes,
-      volumes: info.volumes.map((v) => ({ ...v, grants: v.grants.map(canonicalGrant) })),
+      volumes: info.volumes.map((v) => (v.grants.length === 0 ? v : { ...v, grants: v.grants.map(canonicalGrant) })),
     };
     this.queueUnitChange(info.name, { report, state });
     if (immediate) this.flushUnitChanges();

@@ -106,14 +106,27 @@ function assignmentFromRow(row: Row): AssignmentRecord {
   };
 }
 
-function sameVolume(a: VolumeRecord, b: VolumeRecord): boolean {
-  return (
-    a.number === b.number &&
-    a.sizeBytes === b.sizeBytes &&
-    JSON.stringify(a.extents) === JSON.stringify(b.extents) &&
-    JSON.stringify(a.partitions) === JSON.stringify(b.partitions) &&
-    JSON.stringify(a.grants) === JSON.stringify(b.grants)
-  );
+function sameRanges(a: readonly { startLba: number; lengthLba: number }[], b: readonly { startLba: number; lengthLba: number }[]): boolean {
+  if (a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i++) {
+    const x = a[i];
+    const y = b[i];
+    if (x === undefined || y === undefined || x.startLba !== y.startLba || x.lengthLba !== y.lengthLba) return false;
+  }
+  return true;
+}
+
+/** Field by field, without building strings: reports arrive often and mostly say nothing new. */
+function sameVolume(a: Omit<VolumeRecord, "unit">, b: Omit<VolumeRecord, "unit">): boolean {
+  if (a.number !== b.number || a.sizeBytes !== b.sizeBytes) return false;
+  if (!sameRanges(a.extents, b.extents) || !sameRanges(a.partitions, b.partitions)) return false;
+  for (let i = 0; i < a.partitions.length; i++) {
+    if (a.partitions[i]?.name !== b.partitions[i]?.name || a.partitions[i]?.index !== b.partitions[i]?.index) return false;
+  }
+  if (a.grants === null || b.grants === null) return a.grants === b.grants;
+  if (a.grants.length !== b.grants.length) return false;
+  for (let i = 0; i < a.grants.length; i++) if (a.grants[i] !== b.grants[i]) return false;
+  return true;
 }
 
 function capped(names: string[]): { names: string[]; count: number } {
@@ -431,17 +444,20 @@ export class StationStore {
       createdAtMs: previous?.createdAtMs ?? nowMs,
     };
     const old = this.volumes.get(report.name) ?? new Map<string, VolumeRecord>();
+    // Records are made only for what changed: most reports repeat what we have.
     const incoming = new Map<string, VolumeRecord>();
-    for (const volume of report.volumes) incoming.set(volume.name, { unit: report.name, ...volume });
+    const reported = new Set<string>();
     const added: string[] = [];
     const changed: string[] = [];
     const removed: string[] = [];
-    for (const [name, volume] of incoming) {
-      const before = old.get(name);
-      if (before === undefined) added.push(name);
-      else if (!sameVolume(before, volume)) changed.push(name);
+    for (const volume of report.volumes) {
+      reported.add(volume.name);
+      const before = old.get(volume.name);
+      if (before !== undefined && sameVolume(before, volume)) continue;
+      (before === undefined ? added : changed).push(volume.name);
+      incoming.set(volume.name, { unit: report.name, ...volume });
     }
-    for (const name of old.keys()) if (!incoming.has(name)) removed.push(name);
+    for (const name of old.keys()) if (!reported.has(name)) removed.push(name);
     const unitChanged =
       previous === undefined ||
       JSON.stringify({ ...previous, lastSeenAtMs: 0 }) !== JSON.stringify({ ...unit, lastSeenAtMs: 0 });
