@@ -594,6 +594,7 @@ export class ApiServer {
       free += unit.freeBytes;
     }
     const m = this.station.metrics;
+    const memory = process.memoryUsage();
     return [
       renderGauge("ipsan_station_units", "Units in the pool, by state", [...unitsByState].map(([state, n]) => [{ state }, n] as const)),
       renderGauge("ipsan_station_volumes", "Volumes on all units of the pool", [[{}, store.volumeCount]]),
@@ -603,7 +604,9 @@ export class ApiServer {
       renderGauge("ipsan_station_assignments", "Live assignments, by state", [...assignmentsByState].map(([state, n]) => [{ state }, n] as const)),
       renderGauge("ipsan_station_event_subscribers", "Open event streams", [[{}, this.subscribers.size]]),
       renderGauge("ipsan_station_resident_memory_bytes", "Resident set size of the station process", [[{}, process.memoryUsage.rss()]]),
-      renderGauge("ipsan_station_heap_used_bytes", "V8 heap in use", [[{}, process.memoryUsage().heapUsed]]),
+      renderGauge("ipsan_station_heap_used_bytes", "V8 heap in use", [[{}, memory.heapUsed]]),
+      renderGauge("ipsan_station_heap_total_bytes", "V8 heap reserved", [[{}, memory.heapTotal]]),
+      renderGauge("ipsan_station_external_bytes", "Memory held by C++ objects bound to JavaScript (buffers, SQLite statements)", [[{}, memory.external]]),
       m.allocationSeconds.render(),
       m.allocations.render(),
       m.unitCalls.render(),

@@ -37,8 +37,9 @@ function summary(samples: number[]): { n: number; p50: number; p99: number; max:
 }
 
 /** Gauges and the allocation histogram from the station's /metrics. */
-async function stationMetrics(station: RunningStation): Promise<{ heapMb: number; serverP50Ms: number; serverP99Ms: number }> {
+async function stationMetrics(station: RunningStation): Promise<{ heapMb: number; heapTotalMb: number; externalMb: number; serverP50Ms: number; serverP99Ms: number }> {
   const text = (await station.api("GET", "/metrics")).text;
+  const gauge = (name: string): number => Math.round(Number(new RegExp(`^${name} ([0-9.e+]+)$`, "m").exec(text)?.[1] ?? NaN) / 1024 / 1024);
   const heap = Number(/^ipsan_station_heap_used_bytes ([0-9.e+]+)$/m.exec(text)?.[1] ?? NaN);
   const buckets = [...text.matchAll(/^ipsan_station_allocation_seconds_bucket\{le="([^"]+)"\} ([0-9]+)$/gm)].map((m) => ({
     le: m[1] === "+Inf" ? Infinity : Number(m[1]),
@@ -46,7 +47,13 @@ async function stationMetrics(station: RunningStation): Promise<{ heapMb: number
   }));
   const total = buckets.at(-1)?.count ?? 0;
   const quantile = (q: number): number => (buckets.find((b) => b.count >= q * total)?.le ?? NaN) * 1000;
-  return { heapMb: Math.round(heap / 1024 / 1024), serverP50Ms: quantile(0.5), serverP99Ms: quantile(0.99) };
+  return {
+    heapMb: Math.round(heap / 1024 / 1024),
+    heapTotalMb: gauge("ipsan_station_heap_total_bytes"),
+    externalMb: gauge("ipsan_station_external_bytes"),
+    serverP50Ms: quantile(0.5),
+    serverP99Ms: quantile(0.99),
+  };
 }
 
 function rssMb(pid: number): { rssMb: number; peakMb: number } {
