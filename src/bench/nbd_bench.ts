@@ -173,7 +173,9 @@ async function runJob(job: BenchJob, server: BenchServer, options: BenchOptions,
   const outputPath = work.file(`fio-${job.name}-${server.name}-${round}.json`);
   const cpuBefore = cpuSeconds(server.pid, ticksPerSecond);
   const startMs = Date.now();
-  const result = await run("fio", fioArgs(job, server.uri, options.runtimeS, outputPath), {
+  const fio = fioArgs(job, server.uri, options.runtimeS, outputPath);
+  const [command, args] = options.pin ? ["taskset", ["-c", "0", "fio", ...fio]] : ["fio", fio];
+  const result = await run(command, args, {
     timeoutMs: options.runtimeS * 1000 + FIO_TIMEOUT_MARGIN_MS,
   });
   const wallS = (Date.now() - startMs) / 1000;
@@ -207,6 +209,7 @@ async function machineDescription(dir: string): Promise<Record<string, string>> 
     // a partition or a device without sysfs queue info
   }
   return {
+    "load average at start": readFileSync("/proc/loadavg", "utf8").split(" ").slice(0, 3).join(" "),
     cpus: `${availableParallelism()} x ${cpus()[0]?.model ?? "?"}`,
     memory: formatSize(totalmem()),
     kernel: release(),
@@ -256,7 +259,11 @@ export async function benchMain(argv: readonly string[]): Promise<number> {
         servers.push(await startQemuNbd(work, dataPath));
       }
     }
+    const cpuCount = availableParallelism();
+    if (options.pin && cpuCount < 2) throw new UsageError(`--pin: needs at least 2 CPUs, this machine has ${cpuCount}`);
     for (const server of servers) {
+      // -a: every thread of the server, and the threads it starts later inherit the mask.
+      if (options.pin) await runOk("taskset", ["-a", "-c", "-p", `1-${cpuCount - 1}`, String(server.pid)]);
       const size = Number((await runOk("nbdinfo", ["--size", server.uri])).stdout.trim());
       if (size !== options.sizeBytes) throw new Error(`${server.name} serves ${size} bytes, expected ${options.sizeBytes}`);
     }
@@ -289,9 +296,11 @@ export async function benchMain(argv: readonly string[]): Promise<number> {
     if (sampler !== undefined) clearInterval(sampler);
     const hwmKib = unitPid !== undefined ? statusKib(unitPid, "VmHWM") : Number.NaN;
 
+    machine["load average at end"] = readFileSync("/proc/loadavg", "utf8").split(" ").slice(0, 3).join(" ");
     const summaries = summarize(options.jobs, options.servers, measurements);
     const lines = [
-      `ipsan NBD benchmark: ${options.rounds} round(s) x ${options.runtimeS} s per job, ${formatSize(options.sizeBytes)} backing files, fio ioengine=nbd over 127.0.0.1 TCP, one connection per job`,
+      `ipsan NBD benchmark: ${options.rounds} round(s) x ${options.runtimeS} s per job, ${formatSize(options.sizeBytes)} backing files, fio ioengine=nbd over 127.0.0.1 TCP, one connection per job` +
+        (options.pin ? `, fio pinned to CPU 0 and the servers to CPUs 1-${availableParallelism() - 1}` : ", nothing pinned"),
       ...Object.entries(machine).map(([key, value]) => `  ${key}: ${value}`),
       ...servers.map((server) => `  ${server.name}: ${server.settings}`),
       "",

@@ -39,12 +39,15 @@ export interface BenchOptions {
   dir: string | undefined;
   /** Write every measurement as JSON here. */
   jsonPath: string | undefined;
+  /** Pin fio to the first CPU and every server to the others (taskset), for steadier figures. */
+  pin: boolean;
 }
 
-export const BENCH_USAGE = `usage: node dist/bench/nbd_bench.js [--rounds N] [--runtime S] [--jobs a,b] [--servers a,b] [--size SIZE] [--dir DIR] [--json FILE]
+export const BENCH_USAGE = `usage: node dist/bench/nbd_bench.js [--rounds N] [--runtime S] [--jobs a,b] [--servers a,b] [--size SIZE] [--dir DIR] [--json FILE] [--pin]
   jobs:    ${JOBS.map((job) => job.name).join(", ")} (default all)
   servers: ${SERVERS.join(", ")} (default all)
-  --rounds 3 --runtime 8 --size 1G; --dir defaults to the OS temp dir`;
+  --rounds 3 --runtime 8 --size 1G; --dir defaults to the OS temp dir
+  --pin: fio on CPU 0, the servers on the other CPUs (taskset)`;
 
 function positiveInteger(text: string, field: string, max: number): number {
   const value = Number(text);
@@ -70,6 +73,7 @@ export function parseBenchOptions(argv: readonly string[]): BenchOptions {
     size: { type: "string" },
     dir: { type: "string" },
     json: { type: "string" },
+    pin: { type: "boolean" },
     help: { type: "boolean" },
   });
   if (values.help === true) throw new UsageError(BENCH_USAGE);
@@ -86,6 +90,7 @@ export function parseBenchOptions(argv: readonly string[]): BenchOptions {
     sizeBytes,
     dir: values.dir,
     jsonPath: values.json,
+    pin: values.pin === true,
   };
 }
 
