@@ -25,6 +25,7 @@ commands:
   grow NAME SIZE             grow a volume to SIZE in total
   partition NAME [SIZE...]   replace the volume's partitions (none: remove them); exported as NAME/p1, NAME/p2, ...
   grant NAME [HOST|CIDR...]  replace the hosts that may open the volume (none: back to --allow)
+  wipe NAME                  make the whole volume read as zeroes (refused while it has grants or is open)
 --data works only while no unit runs on DIR; use --control to change a running unit.`;
 
 interface Target {
@@ -33,6 +34,7 @@ interface Target {
   grow(name: string, sizeBytes: number): Promise<VolumeView>;
   partition(name: string, sizesBytes: number[]): Promise<VolumeView>;
   grant(name: string, hosts: string[]): Promise<VolumeView>;
+  wipe(name: string): Promise<VolumeView>;
   list(): Promise<VolumeView[]>;
   close(): Promise<void>;
 }
@@ -48,6 +50,7 @@ async function offlineTarget(dataDir: string, devicePath: string | undefined): P
     grow: async (name, size) => volumeView(await manager.grow(name, size)),
     partition: async (name, sizes) => volumeView(await manager.setPartitions(name, sizes)),
     grant: async (name, hosts) => volumeView(await manager.setGrants(name, hosts, () => false)),
+    wipe: async (name) => volumeView(await manager.wipe(name)),
     list: async () => [...manager.snapshot().volumes],
     close: () => manager.close(),
   };
@@ -79,6 +82,7 @@ function onlineTarget(baseUrl: string, token: string): Target {
     grow: async (name, sizeBytes) => (await call("POST", volumePath(name, "/grow"), { sizeBytes })) as VolumeView,
     partition: async (name, sizesBytes) => (await call("PUT", volumePath(name, "/partitions"), { sizesBytes })) as VolumeView,
     grant: async (name, hosts) => (await call("PUT", volumePath(name, "/grants"), { hosts })) as VolumeView,
+    wipe: async (name) => (await call("POST", volumePath(name, "/wipe"))) as VolumeView,
     list: async () => ((await call("GET", "/v1/volumes")) as { items: VolumeView[] }).items,
     close: async () => {},
   };
@@ -144,6 +148,10 @@ export async function volumeMain(argv: readonly string[]): Promise<number> {
     case "grant":
       if (positionals.length < 1) need(1, "NAME [HOST|CIDR...]");
       run = (t) => t.grant(nameArg(), positionals.slice(1));
+      break;
+    case "wipe":
+      need(1, "NAME");
+      run = (t) => t.wipe(nameArg());
       break;
     default:
       throw new UsageError(`volume: unknown command "${command}"\n${USAGE}`);

@@ -10,6 +10,7 @@
 //   DELETE /v1/volumes/NAME             POST   /v1/volumes/NAME/grow  {sizeBytes}
 //   PUT    /v1/volumes/NAME/partitions  {sizesBytes:[...]}
 //   PUT    /v1/volumes/NAME/grants      {hosts:[...]}
+//   POST   /v1/volumes/NAME/wipe        (no body, or {})
 
 import { createHash, timingSafeEqual } from "node:crypto";
 import * as http from "node:http";
@@ -72,12 +73,13 @@ function fieldError(field: string, message: string): IpsanError {
 
 /** The body must be a JSON object with exactly the known fields. */
 function objectBody(body: unknown, fields: readonly string[]): Record<string, unknown> {
+  const expected = fields.length === 0 ? "no fields" : fields.join(", ");
   if (typeof body !== "object" || body === null || Array.isArray(body)) {
-    throw fieldError("body", `body: expected a JSON object with ${fields.join(", ")}, got ${describe(body)}`);
+    throw fieldError("body", `body: expected a JSON object with ${expected}, got ${describe(body)}`);
   }
   const record = body as Record<string, unknown>;
   for (const key of Object.keys(record)) {
-    if (!fields.includes(key)) throw fieldError(key, `${key}: unknown field (expected ${fields.join(", ")})`);
+    if (!fields.includes(key)) throw fieldError(key, `${key}: unknown field (expected ${expected})`);
   }
   for (const key of fields) {
     if (!(key in record)) throw fieldError(key, `${key}: required`);
@@ -204,6 +206,16 @@ export class ControlServer {
     }
   }
 
+  /** A route without fields: no body at all, or the empty object `{}`. */
+  async #readEmptyBody(request: http.IncomingMessage): Promise<void> {
+    const declared = request.headers["content-length"];
+    if (request.headers["transfer-encoding"] === undefined && (declared === undefined || declared === "0")) {
+      request.resume();
+      return;
+    }
+    objectBody(await this.#readBody(request), []);
+  }
+
   async #route(request: http.IncomingMessage): Promise<Reply> {
     const method = request.method ?? "GET";
     const rawUrl = request.url ?? "/";
@@ -270,6 +282,10 @@ export class ControlServer {
     if (parts.length === 4 && parts[3] === "partitions" && method === "PUT") {
       const body = objectBody(await this.#readBody(request), ["sizesBytes"]);
       return { status: 200, body: volumeView(await manager.setPartitions(name, body["sizesBytes"])) };
+    }
+    if (parts.length === 4 && parts[3] === "wipe" && method === "POST") {
+      await this.#readEmptyBody(request);
+      return { status: 200, body: volumeView(await manager.wipe(name)) };
     }
     if (parts.length === 4 && parts[3] === "grants" && method === "PUT") {
       const body = objectBody(await this.#readBody(request), ["hosts"]);

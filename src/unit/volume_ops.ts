@@ -165,6 +165,24 @@ export function deleteVolume(table: VolumeTable, nameValue: unknown): TableChang
   return finish({ table: { ...table, volumes: table.volumes.filter((v) => v.name !== name) }, volume: undefined, allocated: [] });
 }
 
+/**
+ * What a wipe must zero: every extent of the volume (its slack past sizeBytes
+ * too). Refused while the volume has grants: a granted host may be using it,
+ * and a wipe under a running host is data loss, not hygiene.
+ */
+export function wipeRanges(table: VolumeTable, nameValue: unknown): { volume: VolumeRecord; ranges: readonly LbaRange[] } {
+  const name = checkVolumeName(nameValue);
+  const volume = findVolume(table, name);
+  if (volume.grants.length > 0) {
+    throw new IpsanError(
+      "CONFLICT",
+      `volume ${name} has grants (${volume.grants.join(", ")}): a host may be using it; revoke them first (PUT /v1/volumes/${name}/grants {"hosts": []})`,
+      { field: "name" },
+    );
+  }
+  return { volume, ranges: volume.extents };
+}
+
 /** Grows a volume to `sizeValue` bytes in total; open devices keep their old size. */
 export function growVolume(table: VolumeTable, nameValue: unknown, sizeValue: unknown): TableChange {
   const name = checkVolumeName(nameValue);

@@ -15,7 +15,7 @@ import { DATA_START_LBA, dataAreaEndLba } from "./layout.ts";
 import { Storage, UnitLock } from "./storage.ts";
 import { type LbaRange, type VolumeRecord, type VolumeTable, emptyTable, extentsLengthLba, freeRanges, validateTable } from "./table.ts";
 import { TableStore } from "./table_store.ts";
-import { type TableChange, checkVolumeName, createVolume, deleteVolume, growStorage, growVolume, setGrants, setPartitions } from "./volume_ops.ts";
+import { type TableChange, checkVolumeName, createVolume, deleteVolume, growStorage, growVolume, setGrants, setPartitions, wipeRanges } from "./volume_ops.ts";
 import { VolumeDevice, subSegments, volumeSegments } from "./volume_device.ts";
 
 const log = logger("unit");
@@ -105,6 +105,8 @@ export class VolumeManager {
   #table: VolumeTable;
   #queue: Promise<unknown> = Promise.resolve();
   readonly #devices = new Set<VolumeDevice>();
+  /** Volumes being wiped: not opened until the wipe is done. */
+  readonly #wiping = new Set<string>();
   #closed = false;
 
   private constructor(storage: Storage, lock: UnitLock, store: TableStore, table: VolumeTable) {
@@ -231,6 +233,35 @@ export class VolumeManager {
     ).then(mustHave);
   }
 
+  /**
+   * Makes the whole volume read as zeroes (punch hole, or zeroes written where
+   * the storage cannot punch) and fdatasyncs, so the next host to get it never
+   * reads the last one's data. Refused (CONFLICT) while the volume has grants
+   * or an open, unrevoked connection; new connections wait out the wipe by
+   * being refused. The table does not change. Repeating it is harmless.
+   */
+  wipe(name: unknown): Promise<VolumeRecord> {
+    return this.#enqueue(async () => {
+      const { volume, ranges } = wipeRanges(this.#table, name);
+      const open = this.#devicesOf(volume.name, (d) => !d.revoked).length;
+      if (open > 0) {
+        throw new IpsanError("CONFLICT", `volume ${volume.name} is open by ${open} connection(s); close them before wiping it`, { field: "name" });
+      }
+      this.#wiping.add(volume.name);
+      const startedMs = Date.now();
+      try {
+        for (const range of ranges) {
+          await this.storage.zero(range.startLba * SECTOR_SIZE, range.lengthLba * SECTOR_SIZE, true, false);
+        }
+        await this.storage.sync();
+      } finally {
+        this.#wiping.delete(volume.name);
+      }
+      log.info("volume wiped", { volume: volume.name, bytes: extentsLengthLba(ranges) * SECTOR_SIZE, ms: Date.now() - startedMs });
+      return volume;
+    });
+  }
+
   /** `--volume NAME:SIZE`: creates the volume unless it exists (a different size is left alone, with a warning). */
   async ensure(name: string, sizeBytes: number): Promise<VolumeRecord> {
     checkVolumeName(name, "--volume");
@@ -248,9 +279,19 @@ export class VolumeManager {
     return [...this.#devices].filter((d) => d.volumeName === volumeName && which(d));
   }
 
+  /** Runs `work` after every earlier change (one writer at a time), whatever their outcome. */
+  #enqueue<T>(work: () => Promise<T>): Promise<T> {
+    const run = (): Promise<T> => {
+      if (this.#closed) return Promise.reject(new IpsanError("SHUTTING_DOWN", "the unit is stopping"));
+      return work();
+    };
+    const result = this.#queue.then(run, run);
+    this.#queue = result.catch(() => undefined);
+    return result;
+  }
+
   #change(compute: (table: VolumeTable) => TableChange, revocations: (change: TableChange) => [VolumeDevice, IpsanError][]): Promise<VolumeRecord | undefined> {
-    const run = async (): Promise<VolumeRecord | undefined> => {
-      if (this.#closed) throw new IpsanError("SHUTTING_DOWN", "the unit is stopping");
+    return this.#enqueue(async (): Promise<VolumeRecord | undefined> => {
       const change = compute(this.#table);
       const problems = validateTable(change.table);
       assert(problems.length === 0, `refusing to write an invalid volume table: ${problems.join("; ")}`);
@@ -264,10 +305,7 @@ export class VolumeManager {
       await this.#store.write(change.table);
       this.#table = change.table;
       return change.volume;
-    };
-    const result = this.#queue.then(run, run);
-    this.#queue = result.catch(() => undefined);
-    return result;
+    });
   }
 
   // ---- Devices ----
@@ -278,6 +316,7 @@ export class VolumeManager {
     const parsed = parseExportName(exportName);
     const volume = parsed === undefined ? undefined : this.volume(parsed.volume);
     if (parsed === undefined || volume === undefined) throw new IpsanError("NOT_FOUND", `export ${JSON.stringify(exportName)} not found`);
+    if (this.#wiping.has(volume.name)) throw new IpsanError("UNAVAILABLE", `volume ${volume.name} is being wiped; try again when it is done`);
     let segments = volumeSegments(volume.extents, volume.sizeBytes);
     let description = `volume ${volume.name} (number ${volume.number})`;
     if (parsed.partition !== undefined) {
