@@ -29,7 +29,6 @@ import {
   UNIT_NAME_PATTERN,
   messageTypeName,
   type AckPayload,
-  type AckStatus,
   type DecodeResult,
   type Frame,
   type FrameFields,
@@ -277,7 +276,7 @@ export function decodeAck(bytes: Buffer): PayloadResult<AckPayload> {
     value: {
       ackedMessageId,
       ackedType: ackedType as MessageType,
-      status: status as AckStatus,
+      status,
       heartbeatIntervalMs: bytes.readUInt32BE(8),
     },
   };

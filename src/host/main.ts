@@ -171,7 +171,7 @@ async function findAssignment(
     const all = await client.call("GET", `/api/v1/assignments?host=${encodeURIComponent(host)}`);
     const items = (Array.isArray(all) ? all : ((all as { items?: Assignment[] }).items ?? [])) as Assignment[];
     assignment = items.find(
-      (a) => a.host === host && a.unit === spec.unit && (a.export === spec.export || (a.volume === spec.export && a.partition == null)),
+      (a) => a.host === host && a.unit === spec.unit && (a.export === spec.export || (a.volume === spec.export && a.partition === null)),
     );
     if (assignment === undefined) {
       throw new IpsanError("NOT_FOUND", `no assignment of volume ${values.volume} to host ${host} at the station`);

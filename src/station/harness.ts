@@ -164,5 +164,5 @@ export async function startStation(options: StationOptions = {}): Promise<Runnin
 
 /** Field of an API error body, for assertions. */
 export function errorOf(body: unknown): { code?: string; message?: string; field?: string; reasons?: { unit: string; reason: string }[] } {
-  return ((body as { error?: unknown } | undefined)?.error ?? {}) as ReturnType<typeof errorOf>;
+  return (body as { error?: unknown } | undefined)?.error ?? {};
 }

@@ -185,7 +185,7 @@ function decodeBody(body: Buffer): BodyParse {
     ) {
       return { ok: false, reason: `volume entry ${JSON.stringify(v["name"])} has a bad field` };
     }
-    volumes.push({ name: v["name"], number: v["number"], sizeBytes: v["sizeBytes"], extents, partitions, grants: grants as string[] });
+    volumes.push({ name: v["name"], number: v["number"], sizeBytes: v["sizeBytes"], extents, partitions, grants });
   }
   return { ok: true, table: { storageBytes: json["storageBytes"], nextVolumeNumber: json["nextVolumeNumber"], volumes } };
 }

@@ -189,7 +189,7 @@ export class SimPool {
   }
 
   async stop(): Promise<void> {
-    await Promise.all([...this.units.values()].map((u) => u.agent?.stop()));
+    await Promise.all([...this.units.values()].map((u) => u.agent?.stop() ?? Promise.resolve(false)));
     for (const socket of this.sockets) await socket.close();
     await new Promise<void>((resolve) => this.server.close(() => resolve()));
   }
