@@ -56,6 +56,11 @@ export interface BlockDevice {
   /** Fills `buffer` with the bytes at [offset, offset + buffer.length). */
   read(buffer: Buffer, offsetBytes: number): Promise<void>;
   write(buffer: Buffer, offsetBytes: number, fua: boolean): Promise<void>;
+  /**
+   * Optional: write() of the concatenation of `parts` (a payload that arrived
+   * in several socket chunks), so the frontend need not gather it first.
+   */
+  writev?(parts: readonly Buffer[], offsetBytes: number, fua: boolean): Promise<void>;
   flush(): Promise<void>;
   trim(offsetBytes: number, lengthBytes: number, fua: boolean): Promise<void>;
   zero(offsetBytes: number, lengthBytes: number, options: ZeroOptions): Promise<void>;

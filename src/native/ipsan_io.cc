@@ -9,6 +9,7 @@
 //   flock(fd, exclusive)                  -> number           0 or errno (never blocks: LOCK_NB)
 //   preadNoWait(fd, buf, off, len, pos)   -> number           bytes, or -errno (-EAGAIN: not cached)
 //   pwriteNoWait(fd, buf, off, len, pos)  -> number           bytes, or -errno (-EAGAIN: would block)
+//   pwritevNoWait(fd, [buf...], pos)      -> number           the same over a list of buffers (<= IOV_COUNT_MAX)
 //
 // The two NoWait calls are synchronous on purpose: preadv2/pwritev2 with
 // RWF_NOWAIT only copy to or from the page cache and return EAGAIN instead
@@ -253,6 +254,45 @@ napi_value NoWait(napi_env env, napi_callback_info info, bool write) {
   return result;
 }
 
+// pwritevNoWait(fd, buffers, position): one pwritev2(RWF_NOWAIT) over the
+// buffers in order, so a write that arrived in several socket chunks reaches
+// the page cache without being gathered into one buffer first.
+constexpr uint32_t kIovCountMax = 1024;
+
+napi_value PwritevNoWait(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr));
+  int64_t fd = -1, position = 0;
+  bool isArray = false;
+  uint32_t count = 0;
+  if (argc < 3 || !GetInt64(env, argv[0], &fd) || napi_is_array(env, argv[1], &isArray) != napi_ok || !isArray ||
+      napi_get_array_length(env, argv[1], &count) != napi_ok || count == 0 || count > kIovCountMax ||
+      !GetInt64(env, argv[2], &position) || position < 0) {
+    napi_throw_type_error(env, "EINVAL", "ipsan_io: pwritevNoWait(fd, buffers[1..1024], position) out of range");
+    return nullptr;
+  }
+  struct iovec iov[kIovCountMax];
+  for (uint32_t i = 0; i < count; i++) {
+    napi_value element;
+    void* data = nullptr;
+    size_t length = 0;
+    if (napi_get_element(env, argv[1], i, &element) != napi_ok || napi_get_buffer_info(env, element, &data, &length) != napi_ok) {
+      napi_throw_type_error(env, "EINVAL", "ipsan_io: pwritevNoWait: every element must be a Buffer");
+      return nullptr;
+    }
+    iov[i].iov_base = data;
+    iov[i].iov_len = length;
+  }
+  ssize_t rc;
+  do {
+    rc = pwritev2(static_cast<int>(fd), iov, static_cast<int>(count), static_cast<off_t>(position), RWF_NOWAIT);
+  } while (rc < 0 && errno == EINTR);
+  napi_value result;
+  NAPI_CALL(env, napi_create_int64(env, rc < 0 ? -static_cast<int64_t>(errno) : static_cast<int64_t>(rc), &result));
+  return result;
+}
+
 napi_value PreadNoWait(napi_env env, napi_callback_info info) { return NoWait(env, info, false); }
 napi_value PwriteNoWait(napi_env env, napi_callback_info info) { return NoWait(env, info, true); }
 
@@ -272,6 +312,7 @@ napi_value Init(napi_env env, napi_value exports) {
       {"flock", nullptr, Flock, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"preadNoWait", nullptr, PreadNoWait, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"pwriteNoWait", nullptr, PwriteNoWait, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"pwritevNoWait", nullptr, PwritevNoWait, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
   };
   napi_define_properties(env, exports, sizeof methods / sizeof methods[0], methods);
   SetInt(env, exports, "FALLOC_FL_KEEP_SIZE", FALLOC_FL_KEEP_SIZE);
@@ -284,6 +325,7 @@ napi_value Init(napi_env env, napi_value exports) {
   SetInt(env, exports, "EWOULDBLOCK", EWOULDBLOCK);
   SetInt(env, exports, "EAGAIN", EAGAIN);
   SetInt(env, exports, "EOPNOTSUPP", EOPNOTSUPP);
+  SetInt(env, exports, "IOV_COUNT_MAX", kIovCountMax);
   return exports;
 }
 

@@ -58,6 +58,29 @@ export class ByteQueue {
     return out;
   }
 
+  /**
+   * Consumes `count` bytes as subarrays of the chunks they lie in, in order
+   * (no copy). Returns undefined, consuming nothing, when that would take
+   * more than `partsMax` parts.
+   */
+  takeParts(count: number, partsMax: number): Buffer[] | undefined {
+    assert(count > 0 && count <= this.total, `takeParts ${count} of ${this.total}`);
+    const parts: Buffer[] = [];
+    let left = count;
+    let position = this.head;
+    for (const chunk of this.chunks) {
+      if (left === 0) break;
+      if (parts.length >= partsMax) return undefined;
+      const n = Math.min(chunk.length - position, left);
+      parts.push(chunk.subarray(position, position + n));
+      left -= n;
+      position = 0;
+    }
+    assert(left === 0, "takeParts past end");
+    this.advance(count);
+    return parts;
+  }
+
   /** Consumes and drops `count` bytes. */
   skip(count: number): void {
     assert(count <= this.total, `skip ${count} of ${this.total}`);

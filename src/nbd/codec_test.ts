@@ -7,6 +7,9 @@
 //   byte at a time.
 // - Encoders and decoders round-trip (requests, options, INFO/GO and
 //   META_CONTEXT data, option replies, simple and structured replies).
+// - Split payloads: a large WRITE payload spanning received chunks comes back
+//   as those chunks in order (no gather copy) and equals the sent data; one
+//   in too many small chunks (over 4x memory) is gathered into one buffer.
 // - Lengths over a limit are refused from the header alone: the decoder says
 //   invalid while only the header is queued, so it never waits for (or
 //   buffers) the oversize payload.
@@ -43,6 +46,8 @@ import {
 import { NBD_CMD, NBD_FLAG, NBD_REP, NBD_REPLY_FLAG, NBD_REPLY_TYPE, WIRE } from "./protocol.ts";
 import {
   type RequestFrame,
+  SPLIT_PAYLOAD_BYTES_MIN,
+  SPLIT_PAYLOAD_PART_BYTES_MIN,
   decodeRequest,
   encodeBlockStatusChunk,
   encodeErrorChunk,
@@ -162,6 +167,34 @@ test("any split of a valid request stream decodes to the same requests", () => {
     }),
     { numRuns: 500 },
   );
+});
+
+test("a large WRITE payload across chunks is kept as the chunks; tiny chunks are gathered", () => {
+  const payload = Buffer.alloc(4 * SPLIT_PAYLOAD_BYTES_MIN);
+  for (let i = 0; i < payload.length; i++) payload[i] = (i * 7 + 3) & 0xff;
+  const stream = encodeRequest({ type: NBD_CMD.WRITE, flags: 0, cookieHi: 1, cookieLo: 2, offset: 4096, length: payload.length, payload });
+  fc.assert(
+    fc.property(fc.array(fc.nat(), { maxLength: 12 }), (cuts) => {
+      const pieces = split(stream, cuts);
+      const { frames } = decodeAll(pieces, (q) => decodeRequest(q, 1 << 30, undefined, true));
+      const frame = frames[0] as RequestFrame;
+      assert.equal(frames.length, 1);
+      const data = frame.payloadParts !== undefined ? Buffer.concat(frame.payloadParts) : (frame.payload as Buffer);
+      assert.deepEqual(data, payload);
+      if (frame.payloadParts !== undefined) {
+        assert.equal(frame.payload, undefined);
+        assert.ok(frame.payloadParts.length > 1);
+        for (const part of frame.payloadParts) assert.ok(pieces.some((piece) => piece.buffer === part.buffer), "a part is a view of a received chunk");
+      }
+    }),
+    { numRuns: 200 },
+  );
+  // 1 KiB chunks: 256 parts for 256 KiB is more than one part per SPLIT_PAYLOAD_PART_BYTES_MIN: gathered.
+  assert.ok(1024 < SPLIT_PAYLOAD_PART_BYTES_MIN);
+  const small = Array.from({ length: Math.ceil(stream.length / 1024) }, (_, i) => Buffer.from(stream.subarray(i * 1024, (i + 1) * 1024)));
+  const { frames } = decodeAll(small, (q) => decodeRequest(q, 1 << 30, undefined, true));
+  assert.equal(frames[0]?.payloadParts, undefined);
+  assert.deepEqual(frames[0]?.payload, payload);
 });
 
 test("a request stream fed one byte at a time decodes the same", () => {

@@ -29,9 +29,21 @@ export interface RequestFrame extends Cookie {
   /** Exact below 2^53; larger offsets are rounded but are always out of range. */
   readonly offset: number;
   readonly length: number;
-  /** The data of NBD_CMD_WRITE (length bytes); undefined for every other command. */
+  /**
+   * The data of NBD_CMD_WRITE (length bytes); undefined for every other
+   * command, and for a WRITE whose data is in `payloadParts` instead.
+   */
   readonly payload: Buffer | undefined;
+  /** A WRITE's data as the received chunks it arrived in, in order (when the decoder was asked to split). */
+  readonly payloadParts?: readonly Buffer[];
 }
+
+/** A WRITE payload at least this large that spans received chunks may be kept as those chunks (`payloadParts`) rather than gathered. */
+export const SPLIT_PAYLOAD_BYTES_MIN = 64 * 1024;
+/** ... if its parts average at least this many bytes: a payload never holds more than ~4x its size of received chunks. */
+export const SPLIT_PAYLOAD_PART_BYTES_MIN = 16 * 1024;
+/** ... and are at most this many (IOV_MAX: one vectored write). */
+export const SPLIT_PAYLOAD_PARTS_MAX = 1024;
 
 export type RequestInvalid =
   | { reason: "bad_request_magic"; magic: number }
@@ -46,6 +58,7 @@ export function decodeRequest(
   queue: ByteQueue,
   payloadBytesMax: number,
   allocatePayload?: (bytes: number) => Buffer,
+  splitPayloads = false,
 ): Decoded<RequestFrame, RequestInvalid> {
   if (queue.length < WIRE.REQUEST_HEADER_BYTES) return needMore(WIRE.REQUEST_HEADER_BYTES);
   const header = queue.peek(WIRE.REQUEST_HEADER_BYTES);
@@ -65,7 +78,15 @@ export function decodeRequest(
     const frameBytes = WIRE.REQUEST_HEADER_BYTES + length;
     if (queue.length < frameBytes) return needMore(frameBytes);
     queue.skip(WIRE.REQUEST_HEADER_BYTES);
-    payload = queue.take(length, allocatePayload);
+    if (splitPayloads && length >= SPLIT_PAYLOAD_BYTES_MIN) {
+      const partsMax = Math.min(SPLIT_PAYLOAD_PARTS_MAX, Math.floor(length / SPLIT_PAYLOAD_PART_BYTES_MIN) + 2);
+      const parts = queue.takeParts(length, partsMax);
+      if (parts !== undefined && parts.length > 1) {
+        return { kind: "frame", frame: { flags, type, cookieHi, cookieLo, offset, length, payload: undefined, payloadParts: parts } };
+      }
+      if (parts !== undefined) payload = parts[0];
+    }
+    payload ??= queue.take(length, allocatePayload);
   } else {
     queue.skip(WIRE.REQUEST_HEADER_BYTES);
   }

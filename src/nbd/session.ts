@@ -350,7 +350,7 @@ export class NbdSession implements BudgetWaiter {
         this.armStallTimer();
         return;
       }
-      const decoded = decodeRequest(this.queue, limits.payloadBytesMax, this.allocatePayload);
+      const decoded = decodeRequest(this.queue, limits.payloadBytesMax, this.allocatePayload, true);
       if (decoded.kind === "need_more") {
         // A WRITE's payload is on its way: hold its bytes from the budget before buffering them.
         const payloadBytes = decoded.bytesNeeded - WIRE.REQUEST_HEADER_BYTES;

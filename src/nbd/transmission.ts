@@ -136,10 +136,14 @@ export async function performRequest(opened: OpenedExport, frame: RequestFrame, 
       writeReadReplyHeader(reply, opened.structuredReplies, frame, frame.offset, frame.length);
       return reply;
     }
-    case NBD_CMD.WRITE:
-      // The decoder attached exactly `length` bytes.
-      await device.write(frame.payload as Buffer, frame.offset, fua);
+    case NBD_CMD.WRITE: {
+      // The decoder attached exactly `length` bytes: one buffer, or the received chunks in order.
+      const parts = frame.payloadParts;
+      if (parts === undefined) await device.write(frame.payload as Buffer, frame.offset, fua);
+      else if (device.writev !== undefined) await device.writev(parts, frame.offset, fua);
+      else await device.write(Buffer.concat(parts, frame.length), frame.offset, fua);
       break;
+    }
     case NBD_CMD.FLUSH:
       await device.flush();
       break;

@@ -18,6 +18,8 @@ export interface IpsanIo {
   preadNoWait(fd: number, buffer: Buffer, bufferOffset: number, lengthBytes: number, positionBytes: number): number;
   /** Synchronous pwritev2(RWF_NOWAIT): bytes written, or -errno (-EAGAIN would block, -EOPNOTSUPP unsupported). */
   pwriteNoWait(fd: number, buffer: Buffer, bufferOffset: number, lengthBytes: number, positionBytes: number): number;
+  /** pwriteNoWait over 1..IOV_COUNT_MAX buffers in order (one pwritev2 call). */
+  pwritevNoWait(fd: number, buffers: readonly Buffer[], positionBytes: number): number;
   readonly FALLOC_FL_KEEP_SIZE: number;
   readonly FALLOC_FL_PUNCH_HOLE: number;
   readonly FALLOC_FL_ZERO_RANGE: number;
@@ -28,6 +30,7 @@ export interface IpsanIo {
   readonly EWOULDBLOCK: number;
   readonly EAGAIN: number;
   readonly EOPNOTSUPP: number;
+  readonly IOV_COUNT_MAX: number;
 }
 
 // dist/unit/native.js -> <repo>/build/Release/ipsan_io.node (and the same from src/ for tools).

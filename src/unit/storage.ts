@@ -34,6 +34,13 @@ export const NOWAIT_BYTES_MAX = 1024 * 1024;
 export const SYNC_WRITE_BYTES_MAX = 1024 * 1024;
 export const SYNC_WRITE_SLOW_MS = 20;
 export const SYNC_WRITE_BACKOFF_MS = 1_000;
+/**
+ * Event-loop time the synchronous fast paths (RWF_NOWAIT reads and writes,
+ * synchronous writes) may take in one turn of the loop, over all connections.
+ * Past it, I/O goes through the thread pool until the next turn, so a client
+ * with many large requests queued cannot hold the loop for others.
+ */
+export const SYNC_IO_TICK_BUDGET_MS = 4;
 const RESOLVED: Promise<void> = Promise.resolve();
 
 export type StorageKind = "file" | "device";
@@ -69,6 +76,35 @@ export function writeFull(fd: number, buffer: Buffer, bufferOffset: number, leng
   });
 }
 
+/** The parts after the first `skipBytes` bytes of `parts` (subarrays, no copy). */
+export function dropBytes(parts: readonly Buffer[], skipBytes: number): Buffer[] {
+  const out: Buffer[] = [];
+  let left = skipBytes;
+  for (const part of parts) {
+    if (left >= part.length) {
+      left -= part.length;
+      continue;
+    }
+    out.push(left > 0 ? part.subarray(left) : part);
+    left = 0;
+  }
+  return out;
+}
+
+/** Positional vectored write on the thread pool, resumed after short writes. */
+export function writevFull(fd: number, parts: readonly Buffer[], lengthBytes: number, positionBytes: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const step = (rest: readonly Buffer[], done: number): void => {
+      if (done >= lengthBytes) return resolve();
+      fs.writev(fd, rest, positionBytes + done, (error, written) => {
+        if (error) return reject(error);
+        step(dropBytes(rest, written), done + written);
+      });
+    };
+    step(parts, 0);
+  });
+}
+
 export function fdatasync(fd: number): Promise<void> {
   return new Promise((resolve, reject) => fs.fdatasync(fd, (error) => (error ? reject(error) : resolve())));
 }
@@ -90,6 +126,13 @@ export class Storage {
   #noWaitReads = true;
   #noWaitWrites = true;
   #syncWritesAfterMs = 0;
+  /** Event-loop time spent in synchronous I/O during the current turn of the loop. */
+  #tickSpentMs = 0;
+  #tickResetQueued = false;
+  readonly #resetTick = (): void => {
+    this.#tickSpentMs = 0;
+    this.#tickResetQueued = false;
+  };
 
   constructor(fd: number, path: string, kind: StorageKind, sizeBytes: number) {
     this.fd = fd;
@@ -205,11 +248,29 @@ export class Storage {
     return { storage: new Storage(fd, path, kind, sizeBytes), created: false, grownFromBytes: undefined };
   }
 
+  /** Whether the synchronous fast paths may still run in this turn of the event loop. */
+  #syncAllowed(): boolean {
+    return this.#tickSpentMs < SYNC_IO_TICK_BUDGET_MS;
+  }
+
+  /** Charges synchronous I/O time to the current turn (reset by the next setImmediate). */
+  #charge(startMs: number): number {
+    const spentMs = performance.now() - startMs;
+    this.#tickSpentMs += spentMs;
+    if (!this.#tickResetQueued) {
+      this.#tickResetQueued = true;
+      setImmediate(this.#resetTick);
+    }
+    return spentMs;
+  }
+
   read(buffer: Buffer, bufferOffset: number, lengthBytes: number, positionBytes: number): Promise<void> {
     this.#check(positionBytes, lengthBytes);
-    if (this.#noWaitReads && lengthBytes <= NOWAIT_BYTES_MAX) {
+    if (this.#noWaitReads && lengthBytes <= NOWAIT_BYTES_MAX && this.#syncAllowed()) {
       const io = ipsanIo();
+      const startMs = performance.now();
       const done = io.preadNoWait(this.fd, buffer, bufferOffset, lengthBytes, positionBytes);
+      this.#charge(startMs);
       if (done === lengthBytes) return RESOLVED;
       if (done > 0) return readFull(this.fd, buffer, bufferOffset + done, lengthBytes - done, positionBytes + done);
       if (done === -io.EOPNOTSUPP) this.#noWaitReads = false;
@@ -220,33 +281,84 @@ export class Storage {
 
   write(buffer: Buffer, bufferOffset: number, lengthBytes: number, positionBytes: number): Promise<void> {
     this.#check(positionBytes, lengthBytes);
-    if (lengthBytes <= NOWAIT_BYTES_MAX) {
+    if (lengthBytes <= NOWAIT_BYTES_MAX && this.#syncAllowed()) {
       const io = ipsanIo();
       if (this.#noWaitWrites) {
+        const startMs = performance.now();
         const done = io.pwriteNoWait(this.fd, buffer, bufferOffset, lengthBytes, positionBytes);
+        this.#charge(startMs);
         if (done === lengthBytes) return RESOLVED;
         if (done > 0) return writeFull(this.fd, buffer, bufferOffset + done, lengthBytes - done, positionBytes + done);
         if (done === -io.EOPNOTSUPP) this.#noWaitWrites = false;
       }
-      if (!this.#noWaitWrites && lengthBytes <= SYNC_WRITE_BYTES_MAX && Date.now() >= this.#syncWritesAfterMs) {
+      if (this.#syncWritesAllowed(lengthBytes)) {
         const startMs = performance.now();
         try {
           let done = 0;
           while (done < lengthBytes) done += fs.writeSync(this.fd, buffer, bufferOffset + done, lengthBytes - done, positionBytes + done);
         } catch (error) {
           return Promise.reject(error as Error);
-        }
-        if (performance.now() - startMs > SYNC_WRITE_SLOW_MS) {
-          this.#syncWritesAfterMs = Date.now() + SYNC_WRITE_BACKOFF_MS;
-          log.limited("sync-write-slow", "a synchronous write was slow; writes go through the thread pool for a while", {
-            lengthBytes,
-            backoffMs: SYNC_WRITE_BACKOFF_MS,
-          });
+        } finally {
+          this.#noteSyncWrite(startMs, lengthBytes);
         }
         return RESOLVED;
       }
     }
     return writeFull(this.fd, buffer, bufferOffset, lengthBytes, positionBytes);
+  }
+
+  /**
+   * Writes `parts` in order at `positionBytes` (one vectored write; the
+   * parts are the socket chunks a payload arrived in, never gathered).
+   * At most IOV_COUNT_MAX parts.
+   */
+  writev(parts: readonly Buffer[], lengthBytes: number, positionBytes: number): Promise<void> {
+    this.#check(positionBytes, lengthBytes);
+    const io = ipsanIo();
+    assert(parts.length > 0 && parts.length <= io.IOV_COUNT_MAX, `writev of ${parts.length} parts`);
+    if (lengthBytes <= NOWAIT_BYTES_MAX && this.#syncAllowed()) {
+      if (this.#noWaitWrites) {
+        const startMs = performance.now();
+        const done = io.pwritevNoWait(this.fd, parts, positionBytes);
+        this.#charge(startMs);
+        if (done === lengthBytes) return RESOLVED;
+        if (done > 0) return writevFull(this.fd, dropBytes(parts, done), lengthBytes - done, positionBytes + done);
+        if (done === -io.EOPNOTSUPP) this.#noWaitWrites = false;
+      }
+      if (this.#syncWritesAllowed(lengthBytes)) {
+        const startMs = performance.now();
+        try {
+          let rest: readonly Buffer[] = parts;
+          let done = 0;
+          while (done < lengthBytes) {
+            const written = fs.writevSync(this.fd, rest, positionBytes + done);
+            done += written;
+            rest = dropBytes(rest, written);
+          }
+        } catch (error) {
+          return Promise.reject(error as Error);
+        } finally {
+          this.#noteSyncWrite(startMs, lengthBytes);
+        }
+        return RESOLVED;
+      }
+    }
+    return writevFull(this.fd, parts, lengthBytes, positionBytes);
+  }
+
+  /** Synchronous writes (no RWF_NOWAIT here): small enough, not backed off after a slow one, budget left this turn. */
+  #syncWritesAllowed(lengthBytes: number): boolean {
+    return !this.#noWaitWrites && lengthBytes <= SYNC_WRITE_BYTES_MAX && this.#syncAllowed() && Date.now() >= this.#syncWritesAfterMs;
+  }
+
+  #noteSyncWrite(startMs: number, lengthBytes: number): void {
+    if (this.#charge(startMs) > SYNC_WRITE_SLOW_MS) {
+      this.#syncWritesAfterMs = Date.now() + SYNC_WRITE_BACKOFF_MS;
+      log.limited("sync-write-slow", "a synchronous write was slow; writes go through the thread pool for a while", {
+        lengthBytes,
+        backoffMs: SYNC_WRITE_BACKOFF_MS,
+      });
+    }
   }
 
   sync(): Promise<void> {

@@ -28,6 +28,9 @@ export interface Piece {
   readonly lengthBytes: number;
 }
 
+/** Most parts one writev() hands to the storage as one vectored write (IOV_MAX on Linux). */
+export const WRITEV_PARTS_MAX = 1024;
+
 /** Most allocation runs one extents() call reports (NBD clients ask again for the rest). */
 export const EXTENT_RUNS_MAX = 1024;
 
@@ -131,6 +134,22 @@ export class VolumeDevice implements BlockDevice {
       const only = pieces.length === 1 ? pieces[0] : undefined;
       if (only !== undefined) await this.#storage.write(buffer, 0, only.lengthBytes, only.storageOffset);
       else await Promise.all(pieces.map((p) => this.#storage.write(buffer, p.deviceOffset - offsetBytes, p.lengthBytes, p.storageOffset)));
+      if (fua) await this.#storage.sync();
+    });
+  }
+
+  /** write() of the concatenation of `parts`, without concatenating them when the range is one storage piece. */
+  async writev(parts: readonly Buffer[], offsetBytes: number, fua: boolean): Promise<void> {
+    let lengthBytes = 0;
+    for (const part of parts) lengthBytes += part.length;
+    await this.#run("write", offsetBytes, lengthBytes, async (pieces) => {
+      const only = pieces.length === 1 ? pieces[0] : undefined;
+      if (only !== undefined && parts.length <= WRITEV_PARTS_MAX) await this.#storage.writev(parts, lengthBytes, only.storageOffset);
+      else {
+        // Spans extents (rare): gather once and split as write() does.
+        const buffer = Buffer.concat(parts, lengthBytes);
+        await Promise.all(pieces.map((p) => this.#storage.write(buffer, p.deviceOffset - offsetBytes, p.lengthBytes, p.storageOffset)));
+      }
       if (fua) await this.#storage.sync();
     });
   }
