@@ -95,6 +95,11 @@ export const MIGRATIONS: readonly Migration[] = [
     description: "find a request by its assignment (undo drops the idempotency record)",
     sql: "CREATE INDEX requests_by_assignment ON requests (assignment_id);",
   },
+  {
+    version: 3,
+    description: "assignments remember whether the volume must be wiped before it is granted (automatic reuse)",
+    sql: "ALTER TABLE assignments ADD COLUMN wipe INTEGER NOT NULL DEFAULT 0;",
+  },
 ];
 
 export function schemaVersion(db: Db): number {

@@ -481,6 +481,8 @@ export class Station {
         sizeBytes: placement.sizeBytes,
         state: "pending",
         carved: placement.kind === "carve",
+        // A reused volume held another host's data: the unit wipes it before the grant.
+        wipe: placement.kind === "reuse",
         error: null,
         detail: null,
         createdAtMs: nowMs,
@@ -556,6 +558,8 @@ export class Station {
       sizeBytes: range.sizeBytes,
       state: "pending",
       carved: false,
+      // The admin's manual path keeps the data (a failed host's volume moved to a spare host).
+      wipe: false,
       error: null,
       detail: null,
       createdAtMs: nowMs,
@@ -619,6 +623,7 @@ export class Station {
     const range = assignedExtents(volume, current.partition);
     if (range === null) throw new IpsanError("NOT_FOUND", `partition ${current.partition} of ${current.unit}/${current.volume} is gone`);
     const active = await this.locks.run(`volume:${current.unit}/${current.volume}`, async () => {
+      if (current.wipe) await this.wipeBeforeGrant(client, current);
       const granted = await client.setGrants(current.volume, this.desiredGrants(current.unit, current.volume));
       const unit = this.store.units.get(current.unit);
       const detail: AssignmentDetail = {
@@ -636,6 +641,29 @@ export class Station {
     });
     log.info("assignment active", { id: active.id, host: active.host, unit: active.unit, volume: active.volume, partition: active.partition ?? undefined });
     return active;
+  }
+
+  /**
+   * Automatic allocation never hands out old data: the unit wipes a reused
+   * volume before it is granted. Done on every finish() of the pending
+   * assignment (so a station killed before the grant wipes again on
+   * reconcile: harmless, nobody has been told of the volume yet). The unit
+   * refuses a wipe under grants; grants found there (an earlier attempt
+   * granted, then the station died) belong to no other live assignment, since
+   * this pending one holds the volume, so they are taken off first. Caller
+   * holds the assignment and volume locks.
+   */
+  private async wipeBeforeGrant(client: UnitClient, current: AssignmentRecord): Promise<void> {
+    const startedMs = Date.now();
+    try {
+      await client.wipeVolume(current.volume);
+    } catch (error) {
+      if (!(error instanceof UnitCallError && error.unitCode === "CONFLICT")) throw error;
+      log.info("volume to wipe still has grants; revoking them first", { id: current.id, unit: current.unit, volume: current.volume });
+      await client.setGrants(current.volume, []);
+      await client.wipeVolume(current.volume);
+    }
+    log.info("volume wiped before reuse", { id: current.id, host: current.host, unit: current.unit, volume: current.volume, ms: Date.now() - startedMs });
   }
 
   /** Undoes a pending assignment: failed in the database first, then grants and a carved volume cleaned up, best effort. */

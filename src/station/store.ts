@@ -99,6 +99,7 @@ function assignmentFromRow(row: Row): AssignmentRecord {
     sizeBytes: row["size_bytes"] as number,
     state: row["state"] as AssignmentState,
     carved: row["carved"] === 1,
+    wipe: row["wipe"] === 1,
     error: (row["error"] as string | null) ?? null,
     detail: json<AssignmentDetail | null>(row["detail"], null),
     createdAtMs: row["created_at"] as number,
@@ -184,9 +185,9 @@ function prepareStatements(db: Db) {
       ON CONFLICT (name) DO UPDATE SET address = excluded.address, last_seen_at = excluded.last_seen_at`),
     insertAssignment: db.prepare(`
       INSERT INTO assignments (id, request_id, host, host_address, unit, volume, partition, size_bytes,
-                               state, carved, error, detail, created_at, updated_at)
+                               state, carved, wipe, error, detail, created_at, updated_at)
       VALUES (@id, @requestId, @host, @hostAddress, @unit, @volume, @partition, @sizeBytes,
-              @state, @carved, @error, @detail, @createdAt, @updatedAt)`),
+              @state, @carved, @wipe, @error, @detail, @createdAt, @updatedAt)`),
     updateAssignment: db.prepare(`
       UPDATE assignments SET state = @state, error = @error, detail = @detail, updated_at = @updatedAt,
         host_address = @hostAddress WHERE id = @id`),
@@ -639,6 +640,7 @@ export class StationStore {
         sizeBytes: assignment.sizeBytes,
         state: assignment.state,
         carved: assignment.carved ? 1 : 0,
+        wipe: assignment.wipe ? 1 : 0,
         error: assignment.error,
         detail: assignment.detail === null ? null : JSON.stringify(assignment.detail),
         createdAt: assignment.createdAtMs,

@@ -5,7 +5,9 @@
 // loads from the same file (so a restart shows the same pool); a unit report
 // replaces that unit's volumes and writes only what changed; the assignment
 // state machine refuses illegal transitions; requests map to assignments and
-// a dropped request frees its id; events persist in order for replay.
+// a dropped request frees its id; events persist in order for replay; a
+// database made before migration 3 upgrades in place, its assignments read
+// back with wipe = false, and a new assignment's wipe flag survives a reopen.
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
@@ -46,6 +48,7 @@ function pending(id: string, over: Partial<AssignmentRecord> = {}): AssignmentRe
     sizeBytes: 1 << 20,
     state: "pending",
     carved: false,
+    wipe: false,
     error: null,
     detail: null,
     createdAtMs: 1,
@@ -100,6 +103,41 @@ test("a reopened store shows the same pool, hosts and live assignments", () => {
     assert.equal(again.findRequest("r1")?.assignmentId, "a-1");
     assert.deepEqual(again.eventsAfter(0), events, "events persisted in order");
     again.close();
+  } finally {
+    dir.remove();
+  }
+});
+
+test("migration 3 upgrades an older database in place: old assignments do not wipe, new ones keep their flag", () => {
+  const dir = makeTempDir("store");
+  try {
+    const path = dir.file("old.db");
+    const old = new Database(path);
+    migrate(old, MIGRATIONS.filter((m) => m.version <= 2));
+    assert.equal(schemaVersion(old), 2);
+    old
+      .prepare(
+        `INSERT INTO assignments (id, request_id, host, host_address, unit, volume, partition, size_bytes, state, carved, error, detail, created_at, updated_at)
+         VALUES ('a-old', NULL, 'h1', '127.0.0.2', 'u1', 'v1', NULL, 1048576, 'active', 0, NULL, NULL, 1, 1)`,
+      )
+      .run();
+    old.close();
+
+    const store = new StationStore(openDatabase(path));
+    assert.equal(store.getAssignment("a-old")?.wipe, false, "an assignment from before the migration never wipes");
+    store.insertAssignment(pending("a-new", { volume: "v2", wipe: true }));
+    store.close();
+    const again = new StationStore(openDatabase(path));
+    assert.equal(again.getAssignment("a-new")?.wipe, true, "a reused volume's pending assignment still wipes after a restart");
+    assert.equal(again.live.get("a-new")?.wipe, true);
+    again.close();
+    const check = new Database(path);
+    assert.equal(schemaVersion(check), MIGRATIONS.length);
+    assert.deepEqual(check.prepare("SELECT id, wipe FROM assignments ORDER BY id").all(), [
+      { id: "a-new", wipe: 1 },
+      { id: "a-old", wipe: 0 },
+    ]);
+    check.close();
   } finally {
     dir.remove();
   }

@@ -101,6 +101,12 @@ export interface AssignmentRecord {
   readonly state: AssignmentState;
   /** The station carved this volume for this assignment (undo deletes it). */
   readonly carved: boolean;
+  /**
+   * The unit wipes the volume before the grant (automatic allocation reusing a
+   * free volume: the next host never reads the last one's data). False for the
+   * admin's manual assign, which keeps the data on purpose.
+   */
+  readonly wipe: boolean;
   readonly error: string | null;
   readonly detail: AssignmentDetail | null;
   readonly createdAtMs: number;

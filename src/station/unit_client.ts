@@ -18,6 +18,12 @@ import type { HostPort } from "./types.ts";
 export const UNIT_CALL_TIMEOUT_MS = 5_000;
 export const UNIT_CALL_ATTEMPTS_MAX = 3;
 export const UNIT_CALL_BACKOFF_MS = 100;
+/**
+ * A wipe punches holes (fast) on file storage but may write zeroes over a
+ * whole block device (BLKZEROOUT without offload): it gets longer than the
+ * other calls.
+ */
+export const UNIT_WIPE_TIMEOUT_MS = 120_000;
 /** A unit's answer larger than this is refused (a unit's info with 4096 volumes fits easily). */
 export const UNIT_RESPONSE_BYTES_MAX = 16 * 1024 * 1024;
 
@@ -111,7 +117,7 @@ export class UnitClient {
     this.onCall = options.onCall;
   }
 
-  private async once(method: string, path: string, body: unknown): Promise<{ status: number; json: unknown }> {
+  private async once(method: string, path: string, body: unknown, timeoutMs: number): Promise<{ status: number; json: unknown }> {
     const call = `${method} ${path}`;
     let response: Response;
     try {
@@ -122,7 +128,7 @@ export class UnitClient {
           ...(body === undefined ? {} : { "content-type": "application/json" }),
         },
         ...(body === undefined ? {} : { body: JSON.stringify(body) }),
-        signal: AbortSignal.timeout(this.timeoutMs),
+        signal: AbortSignal.timeout(timeoutMs),
       });
     } catch (error) {
       const timedOut = (error as Error).name === "TimeoutError" || (error as Error).name === "AbortError";
@@ -132,7 +138,7 @@ export class UnitClient {
         this.unit,
         call,
         timedOut ? "timeout" : "unreachable",
-        timedOut ? `no answer within ${this.timeoutMs} ms from ${this.baseUrl}` : `${this.baseUrl} unreachable (${detail})`,
+        timedOut ? `no answer within ${timeoutMs} ms from ${this.baseUrl}` : `${this.baseUrl} unreachable (${detail})`,
         { cause: error },
       );
     }
@@ -169,11 +175,11 @@ export class UnitClient {
   }
 
   /** One call with bounded retries of transient failures. */
-  private async request(method: string, path: string, body?: unknown): Promise<{ status: number; json: unknown }> {
+  private async request(method: string, path: string, body?: unknown, timeoutMs = this.timeoutMs): Promise<{ status: number; json: unknown }> {
     let lastError: UnitCallError | undefined;
     for (let attempt = 1; attempt <= this.attemptsMax; attempt++) {
       try {
-        const result = await this.once(method, path, body);
+        const result = await this.once(method, path, body, timeoutMs);
         this.onCall?.("ok");
         return result;
       } catch (error) {
@@ -225,6 +231,12 @@ export class UnitClient {
   async setPartitions(name: string, sizesBytes: readonly number[]): Promise<VolumeInfo> {
     const path = `/v1/volumes/${encodeURIComponent(name)}/partitions`;
     return this.volumeFrom(`PUT ${path}`, (await this.request("PUT", path, { sizesBytes })).json);
+  }
+
+  /** Makes the whole volume read as zeroes (the unit refuses while it has grants or open connections). */
+  async wipeVolume(name: string): Promise<VolumeInfo> {
+    const path = `/v1/volumes/${encodeURIComponent(name)}/wipe`;
+    return this.volumeFrom(`POST ${path}`, (await this.request("POST", path, undefined, Math.max(this.timeoutMs, UNIT_WIPE_TIMEOUT_MS))).json);
   }
 
   async setGrants(name: string, hosts: readonly string[]): Promise<VolumeInfo> {
