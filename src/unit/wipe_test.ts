@@ -28,7 +28,7 @@ function ipsan(args: readonly string[], timeoutMs = 20_000) {
 }
 
 function errorOf(body: unknown): { code?: string; message?: string; field?: string } {
-  return ((body as { error?: unknown } | undefined)?.error ?? {}) as ReturnType<typeof errorOf>;
+  return ((body as { error?: unknown } | undefined)?.error ?? {});
 }
 
 before(async () => {
