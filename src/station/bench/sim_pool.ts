@@ -174,6 +174,8 @@ export class SimPool {
           return send(res, 204);
         }
       }
+      // Simulated volumes hold no bytes: a wipe has nothing to discard.
+      if (parts[3] === "wipe" && method === "POST") return send(res, 200, volume);
       if (parts[3] === "grants" && method === "PUT") {
         const body = await readJson(req);
         const hosts = (body["hosts"] as string[] | undefined) ?? [];
