@@ -196,16 +196,29 @@ export class ApiServer {
   }
 
   /**
-   * After a 413: let the client finish sending (so it reads the answer instead
-   * of a reset), discarding up to BODY_DRAIN_BYTES_MAX, then cut it off.
+   * Answers 413 to an oversized body. The answer waits until the client has
+   * finished sending (discarding up to BODY_DRAIN_BYTES_MAX): answering first
+   * and closing makes the client's remaining writes fail with EPIPE/ECONNRESET
+   * before it reads the answer. Past the cap the answer goes out and the
+   * connection is cut once it is written.
    */
-  private drain(req: IncomingMessage): void {
+  private rejectOversized(req: IncomingMessage, res: ServerResponse): void {
     let drained = 0;
+    let answered = false;
+    const answer = (): void => {
+      if (answered) return;
+      answered = true;
+      this.send(res, 413, { error: { code: "TOO_LARGE", message: `request body over ${BODY_BYTES_MAX} bytes`, field: "body" } }, { connection: "close" });
+    };
     req.removeAllListeners("data");
     req.on("data", (chunk: Buffer) => {
       drained += chunk.length;
-      if (drained > BODY_DRAIN_BYTES_MAX) req.socket.destroy();
+      if (drained > BODY_DRAIN_BYTES_MAX && !answered) {
+        answer();
+        res.once("finish", () => req.socket.destroy());
+      }
     });
+    req.on("end", answer);
     req.resume();
   }
 
@@ -293,8 +306,7 @@ export class ApiServer {
       if (matched.route.hasBody) {
         const bytes = await this.readBody(req);
         if (bytes === null) {
-          this.send(res, 413, { error: { code: "TOO_LARGE", message: `request body over ${BODY_BYTES_MAX} bytes`, field: "body" } });
-          this.drain(req);
+          this.rejectOversized(req, res);
           return;
         }
         const text = bytes.toString("utf8").trim();
