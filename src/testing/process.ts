@@ -98,7 +98,7 @@ export function run(command: string, args: readonly string[], options: RunOption
         stdio: [options.input === undefined ? "ignore" : "pipe", "pipe", "pipe"],
       });
     } catch (error) {
-      reject(error);
+      reject(new Error(`cannot run ${formatCommand(command, args)}: ${String(error)}`, { cause: error }));
       return;
     }
     const stdout = new BoundedText();
