@@ -5,12 +5,12 @@
 //   packet key    = HMAC(clusterKey, "ipsan-discovery-packet-v1")  (discovery HMAC tags)
 //   control token = hex(HMAC(clusterKey, "ipsan-control-token:" + unitName))  (contracts.md)
 
-import { createHmac, randomBytes } from "node:crypto";
+import { createHmac } from "node:crypto";
 import { promises as fs } from "node:fs";
 import type { FileHandle } from "node:fs/promises";
-import { dirname, join, basename } from "node:path";
 import { IpsanError, errorMessage } from "../util/errors.ts";
 import { logger } from "../util/log.ts";
+import { createSecretFileIfMissing } from "../util/secret_file.ts";
 
 declare const brand: unique symbol;
 /** 32 bytes; obtained only through parseClusterKey/loadClusterKey/loadOrCreateClusterKey. */
@@ -73,21 +73,7 @@ export async function loadOrCreateClusterKey(path: string): Promise<ClusterKey> 
   } catch (error) {
     if (!(error instanceof IpsanError) || error.code !== "NOT_FOUND") throw error;
   }
-  const temporary = join(dirname(path), `.${basename(path)}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`);
-  const handle = await fs.open(temporary, "wx", 0o600);
-  try {
-    await handle.writeFile(`${randomBytes(CLUSTER_KEY_BYTES).toString("hex")}\n`);
-    await handle.sync();
-  } finally {
-    await handle.close();
-  }
-  try {
-    await fs.link(temporary, path);
-  } catch (error) {
-    if ((error as NodeJS.ErrnoException).code !== "EEXIST") throw error;
-  } finally {
-    await fs.unlink(temporary);
-  }
+  await createSecretFileIfMissing(path, CLUSTER_KEY_BYTES);
   return loadClusterKey(path);
 }
 

@@ -10,9 +10,8 @@
 // "ipsan station discovery udp://HOST:PORT" on stdout when serving.
 // SIGINT/SIGTERM: stop accepting, close listeners and the database, exit 0.
 
-import { randomBytes } from "node:crypto";
 import { promises as fs } from "node:fs";
-import { basename, dirname, join, resolve } from "node:path";
+import { join, resolve } from "node:path";
 import { CLUSTER_KEY_FILE_NAME, loadOrCreateClusterKey } from "../discovery/keys.ts";
 import { SnmpTrapListener } from "../discovery/snmp.ts";
 import { attachSnmp } from "../discovery/snmp_join.ts";
@@ -20,6 +19,7 @@ import { DiscoveryListener } from "../discovery/station_listener.ts";
 import { IpsanError, UsageError, errorMessage } from "../util/errors.ts";
 import { parseFlags, parseHostPort } from "../util/flags.ts";
 import { logger } from "../util/log.ts";
+import { createSecretFileIfMissing } from "../util/secret_file.ts";
 import { openDatabase, startCheckpointer } from "./db.ts";
 import { ApiServer } from "./http.ts";
 import { StationMetrics } from "./metrics.ts";
@@ -57,21 +57,7 @@ export async function loadOrCreateAdminToken(path: string): Promise<string> {
     } catch (error) {
       if ((error as NodeJS.ErrnoException).code !== "ENOENT") throw error;
     }
-    const temporary = join(dirname(path), `.${basename(path)}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`);
-    const handle = await fs.open(temporary, "wx", 0o600);
-    try {
-      await handle.writeFile(`${randomBytes(32).toString("hex")}\n`);
-      await handle.sync();
-    } finally {
-      await handle.close();
-    }
-    try {
-      await fs.link(temporary, path);
-    } catch (error) {
-      if ((error as NodeJS.ErrnoException).code !== "EEXIST") throw error;
-    } finally {
-      await fs.unlink(temporary);
-    }
+    await createSecretFileIfMissing(path);
   }
   throw new IpsanError("IO_ERROR", `admin token ${path}: cannot create it`);
 }

@@ -2,14 +2,14 @@
 // API), or with `ipsan unit volume ...` administers a stopped unit's volumes
 // (admin.ts). The stable CLI contract is in issue 2 and docs/unit.md.
 
-import { randomBytes } from "node:crypto";
-import { chmodSync, existsSync, readFileSync, writeFileSync } from "node:fs";
+import { readFileSync } from "node:fs";
 import { hostname } from "node:os";
 import { join } from "node:path";
 import { NbdServer, type NbdListenAddress } from "../nbd/server.ts";
 import { IpsanError, UsageError, errorMessage } from "../util/errors.ts";
 import { parseFlags, parseHostPort } from "../util/flags.ts";
 import { logger } from "../util/log.ts";
+import { createSecretFileIfMissing } from "../util/secret_file.ts";
 import { parseSize } from "../util/size.ts";
 import { type Cidr, loopbackCidrs, parseCidr } from "./cidr.ts";
 import { ControlServer } from "./control.ts";
@@ -145,12 +145,9 @@ export function parseUnitArgs(argv: readonly string[]): UnitConfig {
 }
 
 /** Reads the control token from FILE, or DATA/control.token (created 0600 with 32 random bytes on first use). */
-export function loadControlToken(dataDir: string, tokenFile: string | undefined): string {
+export async function loadControlToken(dataDir: string, tokenFile: string | undefined): Promise<string> {
   const path = tokenFile ?? join(dataDir, CONTROL_TOKEN_FILE_NAME);
-  if (tokenFile === undefined && !existsSync(path)) {
-    writeFileSync(path, `${randomBytes(32).toString("hex")}\n`, { mode: 0o600, flag: "wx" });
-    chmodSync(path, 0o600);
-  }
+  if (tokenFile === undefined) await createSecretFileIfMissing(path);
   let token: string;
   try {
     token = readFileSync(path, "utf8").trim();
@@ -177,7 +174,7 @@ export async function startUnit(config: UnitConfig): Promise<RunningUnit> {
     const nbd = await nbdServer.listen(config.listen);
     let control: { host: string; port: number } | undefined;
     if (config.control !== undefined) {
-      const token = loadControlToken(config.dataDir, config.controlTokenFile);
+      const token = await loadControlToken(config.dataDir, config.controlTokenFile);
       controlServer = new ControlServer({
         manager,
         provider,
