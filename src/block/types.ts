@@ -55,6 +55,12 @@ export interface BlockDevice {
   readonly capabilities: BlockCapabilities;
   /** Fills `buffer` with the bytes at [offset, offset + buffer.length). */
   read(buffer: Buffer, offsetBytes: number): Promise<void>;
+  /**
+   * Optional fast path: read() done synchronously if that needs no waiting
+   * (the data is in memory). True when `buffer` is filled; false (or a throw)
+   * means nothing is promised about `buffer` and the caller uses read().
+   */
+  readNow?(buffer: Buffer, offsetBytes: number): boolean;
   write(buffer: Buffer, offsetBytes: number, fua: boolean): Promise<void>;
   /**
    * Optional: write() of the concatenation of `parts` (a payload that arrived

@@ -25,7 +25,7 @@ import { useLargeReads } from "./large_reads.ts";
 import type { NbdLimits } from "./limits.ts";
 import { NBD_CMD, NBD_REP, WIRE } from "./protocol.ts";
 import { type RequestFrame, decodeRequest, encodeErrorChunk, encodeSimpleReply } from "./request_codec.ts";
-import { commandName, performRequest, requestCostBytes, validateRequest } from "./transmission.ts";
+import { commandName, performRequest, readReplyNow, requestCostBytes, validateRequest } from "./transmission.ts";
 
 const log = logger("nbd");
 
@@ -82,6 +82,8 @@ export class NbdSession implements BudgetWaiter {
   private socketEnded = false;
   private readingPaused = false;
   private corked = false;
+  /** Corked for replies answered synchronously during one pump (uncorked when it returns). */
+  private pumpCorked = false;
   /** Buffers handed to socket.write, oldest first: write callbacks come back in this order. */
   private readonly writing: Buffer[] = [];
   private handshakeTimer: NodeJS.Timeout | undefined;
@@ -236,7 +238,14 @@ export class NbdSession implements BudgetWaiter {
         this.pumpOptions();
         break;
       case "transmission":
-        this.pumpRequests();
+        try {
+          this.pumpRequests();
+        } finally {
+          if (this.pumpCorked) {
+            this.pumpCorked = false;
+            if (!this.socket.destroyed) this.socket.uncork();
+          }
+        }
         break;
       default:
         return;
@@ -427,6 +436,21 @@ export class NbdSession implements BudgetWaiter {
   }
 
   private dispatch(frame: RequestFrame, costBytes: number): void {
+    if (frame.type === NBD_CMD.READ) {
+      const opened = this.opened;
+      assert(opened !== undefined, "dispatch without an export");
+      const reply = readReplyNow(opened, frame, this.host.pool);
+      if (reply !== undefined) {
+        // Answered from the page cache: no promise, and replies sent in this pump leave in one writev.
+        if (!this.pumpCorked) {
+          this.pumpCorked = true;
+          this.socket.cork();
+        }
+        this.send(reply);
+        this.release(costBytes);
+        return;
+      }
+    }
     this.inFlight += 1;
     void this.execute(frame, costBytes);
   }

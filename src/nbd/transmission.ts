@@ -121,6 +121,29 @@ export function requestCostBytes(frame: RequestFrame): number {
 }
 
 /**
+ * A validated READ answered synchronously when the device can (readNow):
+ * the whole reply from `pool`, or undefined to go through performRequest.
+ */
+export function readReplyNow(opened: OpenedExport, frame: RequestFrame, pool: BufferPool): Buffer | undefined {
+  const device = opened.device;
+  if (device.readNow === undefined) return undefined;
+  const headerBytes = readReplyHeaderBytes(opened.structuredReplies);
+  const reply = pool.acquire(headerBytes, frame.length);
+  let done = false;
+  try {
+    done = device.readNow(reply.subarray(headerBytes), frame.offset);
+  } catch {
+    // performRequest reads again and reports the error.
+  }
+  if (!done) {
+    pool.release(reply);
+    return undefined;
+  }
+  writeReadReplyHeader(reply, opened.structuredReplies, frame, frame.offset, frame.length);
+  return reply;
+}
+
+/**
  * Handles a validated request; returns the whole reply (a read's comes from
  * `pool`: give it back once written). Throws the device's error on failure.
  */

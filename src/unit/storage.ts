@@ -264,6 +264,18 @@ export class Storage {
     return spentMs;
   }
 
+  /** The synchronous half of read(): true when the bytes were in the page cache and are now in `buffer`. */
+  readNow(buffer: Buffer, bufferOffset: number, lengthBytes: number, positionBytes: number): boolean {
+    this.#check(positionBytes, lengthBytes);
+    if (!this.#noWaitReads || lengthBytes > NOWAIT_BYTES_MAX || !this.#syncAllowed()) return false;
+    const io = ipsanIo();
+    const startMs = performance.now();
+    const done = io.preadNoWait(this.fd, buffer, bufferOffset, lengthBytes, positionBytes);
+    this.#charge(startMs);
+    if (done === -io.EOPNOTSUPP) this.#noWaitReads = false;
+    return done === lengthBytes;
+  }
+
   read(buffer: Buffer, bufferOffset: number, lengthBytes: number, positionBytes: number): Promise<void> {
     this.#check(positionBytes, lengthBytes);
     if (this.#noWaitReads && lengthBytes <= NOWAIT_BYTES_MAX && this.#syncAllowed()) {

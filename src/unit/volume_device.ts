@@ -129,6 +129,18 @@ export class VolumeDevice implements BlockDevice {
     });
   }
 
+  /** read() without a promise when the range is one storage piece and in the page cache (BlockDevice.readNow). */
+  readNow(buffer: Buffer, offsetBytes: number): boolean {
+    if (this.#revoked !== undefined || this.#closed) return false;
+    const lengthBytes = buffer.length;
+    if (!Number.isSafeInteger(offsetBytes) || offsetBytes < 0 || lengthBytes === 0 || offsetBytes + lengthBytes > this.sizeBytes) return false;
+    const pieces = mapRange(this.#segments, offsetBytes, lengthBytes);
+    const only = pieces.length === 1 ? pieces[0] : undefined;
+    if (only === undefined) return false;
+    this.#assertInside(only);
+    return this.#storage.readNow(buffer, 0, only.lengthBytes, only.storageOffset);
+  }
+
   async write(buffer: Buffer, offsetBytes: number, fua: boolean): Promise<void> {
     await this.#run("write", offsetBytes, buffer.length, async (pieces) => {
       const only = pieces.length === 1 ? pieces[0] : undefined;
