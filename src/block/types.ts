@@ -67,6 +67,12 @@ export interface BlockDevice {
    * in several socket chunks), so the frontend need not gather it first.
    */
   writev?(parts: readonly Buffer[], offsetBytes: number, fua: boolean): Promise<void>;
+  /**
+   * Optional fast path: a write (no FUA) of the concatenation of `parts`
+   * done synchronously if that needs no waiting (into the page cache). True
+   * when written; false (or a throw) means the caller uses write()/writev().
+   */
+  writeNow?(parts: readonly Buffer[], offsetBytes: number): boolean;
   flush(): Promise<void>;
   trim(offsetBytes: number, lengthBytes: number, fua: boolean): Promise<void>;
   zero(offsetBytes: number, lengthBytes: number, options: ZeroOptions): Promise<void>;

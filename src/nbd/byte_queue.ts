@@ -81,6 +81,12 @@ export class ByteQueue {
     return parts;
   }
 
+  /** Whether a queued chunk is a view of `store` (its memory may not be reused yet). */
+  holds(store: ArrayBufferLike): boolean {
+    for (const chunk of this.chunks) if (chunk.buffer === store) return true;
+    return false;
+  }
+
   /** Consumes and drops `count` bytes. */
   skip(count: number): void {
     assert(count <= this.total, `skip ${count} of ${this.total}`);

@@ -12,10 +12,12 @@
 // option sets (found by name on a probe socket) and installs the first
 // buffer on the handle. Each read lands in the free tail of a per-connection
 // arena of READ_ARENA_BYTES; the bytes read are handed on as a subarray (no
-// copy) and the tail shrinks; when less than READ_SLICE_BYTES_MIN is left, a
-// new arena starts (the old one lives until its last subarray is dropped).
-// So a connection holds at most one arena of its own plus what its requests
-// in flight still refer to.
+// copy) and the tail shrinks; when less than READ_SLICE_BYTES_MIN is left,
+// reading moves to the connection's spare arena if `mayReuse` says nothing
+// refers to it any more (fresh memory costs a page fault per 4 KiB), else to
+// a new arena (the old one lives until its last subarray is dropped). So a
+// connection holds two arenas of its own plus what its requests in flight
+// still refer to.
 //
 // Anything unexpected (another Node version without these fields) leaves the
 // socket as it is: the 'data' path works the same, only with 64 KiB reads.
@@ -65,18 +67,22 @@ interface UserBufferHandle {
 
 /**
  * Makes `socket` read up to READ_ARENA_BYTES per read(2), handing each read
- * to `onChunk` (instead of 'data' events). Returns false, changing nothing,
- * where this Node does not allow it.
+ * to `onChunk` (instead of 'data' events). `mayReuse(store)` must answer
+ * true only when no live Buffer still views `store`. Returns false, changing
+ * nothing, where this Node does not allow it.
  */
-export function useLargeReads(socket: Socket, onChunk: (chunk: Buffer) => void): boolean {
+export function useLargeReads(socket: Socket, onChunk: (chunk: Buffer) => void, mayReuse: (store: ArrayBufferLike) => boolean): boolean {
   const found = onreadFields();
   const handle = (socket as unknown as { _handle?: Partial<UserBufferHandle> | null })._handle;
   if (found === null || handle === undefined || handle === null || typeof handle.useUserBuffer !== "function") return false;
-  let arena = Buffer.allocUnsafeSlow(READ_ARENA_BYTES);
+  let arena: Buffer = Buffer.allocUnsafeSlow(READ_ARENA_BYTES);
+  let spare: Buffer | undefined;
   let used = 0;
   const next = (): Buffer => {
     if (arena.length - used < READ_SLICE_BYTES_MIN) {
-      arena = Buffer.allocUnsafeSlow(READ_ARENA_BYTES);
+      const full = arena;
+      arena = spare !== undefined && mayReuse(spare.buffer) ? spare : Buffer.allocUnsafeSlow(READ_ARENA_BYTES);
+      spare = full;
       used = 0;
     }
     return arena.subarray(used);

@@ -25,7 +25,7 @@ import { useLargeReads } from "./large_reads.ts";
 import type { NbdLimits } from "./limits.ts";
 import { NBD_CMD, NBD_REP, WIRE } from "./protocol.ts";
 import { type RequestFrame, decodeRequest, encodeErrorChunk, encodeSimpleReply } from "./request_codec.ts";
-import { commandName, performRequest, readReplyNow, requestCostBytes, validateRequest } from "./transmission.ts";
+import { commandName, performRequest, readReplyNow, requestCostBytes, validateRequest, writeReplyNow } from "./transmission.ts";
 
 const log = logger("nbd");
 
@@ -82,6 +82,12 @@ export class NbdSession implements BudgetWaiter {
   private socketEnded = false;
   private readingPaused = false;
   private corked = false;
+  /**
+   * WRITE frames decoded whose payload (a view of received memory, or a
+   * pooled buffer) may still be in use: counted down when the write is done
+   * or rejected, never after a failed device write (the device may still read it).
+   */
+  private writesHoldingPayload = 0;
   /** Corked for replies answered synchronously during one pump (uncorked when it returns). */
   private pumpCorked = false;
   /** Buffers handed to socket.write, oldest first: write callbacks come back in this order. */
@@ -109,7 +115,7 @@ export class NbdSession implements BudgetWaiter {
     socket.setKeepAlive(true, KEEPALIVE_IDLE_MS);
     socket.on("data", this.onData);
     // Reads of up to 2 MiB per read(2) instead of Node's 64 KiB (large_reads.ts); falls back to 'data'.
-    useLargeReads(socket, this.onData);
+    useLargeReads(socket, this.onData, this.mayReuseReadMemory);
     socket.on("error", this.onError);
     socket.on("close", this.onClose);
     socket.on("drain", this.onDrain);
@@ -385,6 +391,7 @@ export class NbdSession implements BudgetWaiter {
         return;
       }
       const frame = decoded.frame;
+      if (frame.type === NBD_CMD.WRITE) this.writesHoldingPayload += 1;
       // Budget already held for this WRITE's payload while it arrived.
       const heldBytes = frame.type === NBD_CMD.WRITE ? this.reservedForPayloadBytes : 0;
       this.reservedForPayloadBytes = 0;
@@ -403,6 +410,7 @@ export class NbdSession implements BudgetWaiter {
         });
         this.replyError(frame, rejection.errno, rejection.message);
         this.release(heldBytes);
+        if (frame.type === NBD_CMD.WRITE) this.writesHoldingPayload -= 1;
         continue;
       }
       const costBytes = requestCostBytes(frame);
@@ -436,17 +444,21 @@ export class NbdSession implements BudgetWaiter {
   }
 
   private dispatch(frame: RequestFrame, costBytes: number): void {
-    if (frame.type === NBD_CMD.READ) {
+    if (frame.type === NBD_CMD.READ || frame.type === NBD_CMD.WRITE) {
       const opened = this.opened;
       assert(opened !== undefined, "dispatch without an export");
-      const reply = readReplyNow(opened, frame, this.host.pool);
+      const reply = frame.type === NBD_CMD.READ ? readReplyNow(opened, frame, this.host.pool) : writeReplyNow(opened, frame);
       if (reply !== undefined) {
-        // Answered from the page cache: no promise, and replies sent in this pump leave in one writev.
+        // Done in the page cache: no promise, and replies sent in this pump leave in one writev.
         if (!this.pumpCorked) {
           this.pumpCorked = true;
           this.socket.cork();
         }
         this.send(reply);
+        if (frame.type === NBD_CMD.WRITE) {
+          if (frame.payload !== undefined) this.host.pool.release(frame.payload);
+          this.writesHoldingPayload -= 1;
+        }
         this.release(costBytes);
         return;
       }
@@ -462,7 +474,10 @@ export class NbdSession implements BudgetWaiter {
       try {
         this.send(await performRequest(opened, frame, this.limits, this.host.pool));
         // Written: the payload may be reused (after a failure it is dropped: the device may still read it).
-        if (frame.payload !== undefined) this.host.pool.release(frame.payload);
+        if (frame.type === NBD_CMD.WRITE) {
+          if (frame.payload !== undefined) this.host.pool.release(frame.payload);
+          this.writesHoldingPayload -= 1;
+        }
       } catch (error) {
         this.replyFailure(frame, error);
       }
@@ -511,6 +526,10 @@ export class NbdSession implements BudgetWaiter {
   }
 
   private readonly allocatePayload = (bytes: number): Buffer => this.host.pool.acquire(0, bytes);
+
+  /** large_reads: a read arena may be reused once no queued chunk and no write payload can view it. */
+  private readonly mayReuseReadMemory = (store: ArrayBufferLike): boolean =>
+    this.stateValue === "transmission" && this.writesHoldingPayload === 0 && this.blocked === undefined && !this.queue.holds(store);
 
   /** A write finished (or was cancelled): the oldest buffer may go back to the pool. */
   private readonly onWritten = (): void => {

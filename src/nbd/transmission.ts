@@ -144,6 +144,24 @@ export function readReplyNow(opened: OpenedExport, frame: RequestFrame, pool: Bu
 }
 
 /**
+ * A validated WRITE without FUA done synchronously when the device can
+ * (writeNow): the reply, or undefined to go through performRequest.
+ */
+export function writeReplyNow(opened: OpenedExport, frame: RequestFrame): Buffer | undefined {
+  const device = opened.device;
+  if (device.writeNow === undefined || (frame.flags & NBD_CMD_FLAG.FUA) !== 0) return undefined;
+  const parts = frame.payloadParts ?? (frame.payload !== undefined ? [frame.payload] : undefined);
+  if (parts === undefined) return undefined;
+  let done = false;
+  try {
+    done = device.writeNow(parts, frame.offset);
+  } catch {
+    // performRequest writes again and reports the error.
+  }
+  return done ? encodeSimpleReply(0, frame) : undefined;
+}
+
+/**
  * Handles a validated request; returns the whole reply (a read's comes from
  * `pool`: give it back once written). Throws the device's error on failure.
  */

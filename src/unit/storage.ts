@@ -276,6 +276,42 @@ export class Storage {
     return done === lengthBytes;
   }
 
+  /**
+   * The synchronous half of writev(): true when all of `parts` went into the
+   * page cache now; false when it would wait (the caller writes through the
+   * pool, again from the start: a positional write of the same bytes).
+   */
+  writeNow(parts: readonly Buffer[], lengthBytes: number, positionBytes: number): boolean {
+    this.#check(positionBytes, lengthBytes);
+    const io = ipsanIo();
+    if (lengthBytes > NOWAIT_BYTES_MAX || parts.length === 0 || parts.length > io.IOV_COUNT_MAX || !this.#syncAllowed()) return false;
+    if (this.#noWaitWrites) {
+      const startMs = performance.now();
+      const only = parts.length === 1 ? parts[0] : undefined;
+      const done = only !== undefined ? io.pwriteNoWait(this.fd, only, 0, only.length, positionBytes) : io.pwritevNoWait(this.fd, parts, positionBytes);
+      this.#charge(startMs);
+      if (done === lengthBytes) return true;
+      if (done !== -io.EOPNOTSUPP) return false;
+      this.#noWaitWrites = false;
+    }
+    if (!this.#syncWritesAllowed(lengthBytes)) return false;
+    const startMs = performance.now();
+    try {
+      let rest: readonly Buffer[] = parts;
+      let done = 0;
+      while (done < lengthBytes) {
+        const written = fs.writevSync(this.fd, rest, positionBytes + done);
+        done += written;
+        rest = dropBytes(rest, written);
+      }
+    } catch {
+      return false;
+    } finally {
+      this.#noteSyncWrite(startMs, lengthBytes);
+    }
+    return true;
+  }
+
   read(buffer: Buffer, bufferOffset: number, lengthBytes: number, positionBytes: number): Promise<void> {
     this.#check(positionBytes, lengthBytes);
     if (this.#noWaitReads && lengthBytes <= NOWAIT_BYTES_MAX && this.#syncAllowed()) {

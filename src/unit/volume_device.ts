@@ -141,6 +141,19 @@ export class VolumeDevice implements BlockDevice {
     return this.#storage.readNow(buffer, 0, only.lengthBytes, only.storageOffset);
   }
 
+  /** A write (no FUA) without a promise when the range is one storage piece and the page cache takes it now (BlockDevice.writeNow). */
+  writeNow(parts: readonly Buffer[], offsetBytes: number): boolean {
+    if (this.#revoked !== undefined || this.#closed || parts.length > WRITEV_PARTS_MAX) return false;
+    let lengthBytes = 0;
+    for (const part of parts) lengthBytes += part.length;
+    if (!Number.isSafeInteger(offsetBytes) || offsetBytes < 0 || lengthBytes === 0 || offsetBytes + lengthBytes > this.sizeBytes) return false;
+    const pieces = mapRange(this.#segments, offsetBytes, lengthBytes);
+    const only = pieces.length === 1 ? pieces[0] : undefined;
+    if (only === undefined) return false;
+    this.#assertInside(only);
+    return this.#storage.writeNow(parts, lengthBytes, only.storageOffset);
+  }
+
   async write(buffer: Buffer, offsetBytes: number, fua: boolean): Promise<void> {
     await this.#run("write", offsetBytes, buffer.length, async (pieces) => {
       const only = pieces.length === 1 ? pieces[0] : undefined;
