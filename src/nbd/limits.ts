@@ -103,5 +103,5 @@ export function parseLimitOverrides(text: string): Partial<NbdLimits> {
     }
     out[key] = number;
   }
-  return out as Partial<NbdLimits>;
+  return out;
 }

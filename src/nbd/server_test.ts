@@ -303,7 +303,7 @@ test("random byte streams at every phase never hit an internal error, and the se
   process.stderr.write = ((chunk: string | Uint8Array, ...rest: never[]) => {
     logged.push(String(chunk));
     return write(chunk, ...rest);
-  }) as typeof process.stderr.write;
+  });
   try {
     const magic = Buffer.from([0x25, 0x60, 0x95, 0x13]);
     for (let i = 0; i < 150; i += 1) {

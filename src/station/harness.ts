@@ -7,6 +7,7 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
+import { fetchText } from "../testing/fetch.ts";
 import { childEnv, waitForExit } from "../testing/process.ts";
 import { makeTempDir, type TempDir } from "../testing/tmp.ts";
 import { IPSAN_BIN, killOnExit } from "../testing/unit.ts";
@@ -125,13 +126,11 @@ export async function startStation(options: StationOptions = {}): Promise<Runnin
       if (auth !== null) headers["authorization"] = `Bearer ${auth}`;
       const payload = opts.raw ?? (body === undefined ? undefined : JSON.stringify(body));
       if (payload !== undefined) headers["content-type"] = "application/json";
-      const response = await fetch(`${base}${path}`, {
-        method,
-        headers,
-        ...(payload === undefined ? {} : { body: typeof payload === "string" ? payload : new Uint8Array(payload) }),
-        signal: AbortSignal.timeout(API_TIMEOUT_MS),
-      });
-      const text = await response.text();
+      const { response, text } = await fetchText(
+        `${base}${path}`,
+        { method, headers, ...(payload === undefined ? {} : { body: typeof payload === "string" ? payload : new Uint8Array(payload) }) },
+        API_TIMEOUT_MS,
+      );
       let parsed: unknown = undefined;
       try {
         parsed = text === "" ? undefined : JSON.parse(text);

@@ -1,6 +1,7 @@
 // A small client for the unit's control API (HTTP + JSON with a bearer token),
 // for tests that need what the CLI flags cannot do (partitions, grants, grow).
 
+import { fetchText } from "./fetch.ts";
 import type { RunningUnit } from "./unit.ts";
 
 export const CONTROL_TIMEOUT_MS = 10_000;
@@ -21,11 +22,9 @@ export async function controlRequest(
   const init: RequestInit = {
     method,
     headers: { authorization: `Bearer ${token}`, "content-type": "application/json" },
-    signal: AbortSignal.timeout(CONTROL_TIMEOUT_MS),
   };
   if (body !== undefined) init.body = JSON.stringify(body);
-  const response = await fetch(`${unit.controlUrl}${path}`, init);
-  const text = await response.text();
+  const { response, text } = await fetchText(`${unit.controlUrl}${path}`, init, CONTROL_TIMEOUT_MS);
   let parsed: unknown = text;
   try {
     parsed = text === "" ? undefined : JSON.parse(text);
