@@ -92,6 +92,17 @@ export function dropBytes(parts: readonly Buffer[], skipBytes: number): Buffer[]
 }
 
 /** Positional vectored write on the thread pool, resumed after short writes. */
+/** writev(2) on the event loop, looping over short writes until every byte is written; throws on error. */
+export function writevSyncFull(fd: number, parts: readonly Buffer[], lengthBytes: number, positionBytes: number): void {
+  let rest: readonly Buffer[] = parts;
+  let done = 0;
+  while (done < lengthBytes) {
+    const written = fs.writevSync(fd, rest, positionBytes + done);
+    done += written;
+    rest = dropBytes(rest, written);
+  }
+}
+
 export function writevFull(fd: number, parts: readonly Buffer[], lengthBytes: number, positionBytes: number): Promise<void> {
   return new Promise((resolve, reject) => {
     const step = (rest: readonly Buffer[], done: number): void => {
@@ -297,13 +308,7 @@ export class Storage {
     if (!this.#syncWritesAllowed(lengthBytes)) return false;
     const startMs = performance.now();
     try {
-      let rest: readonly Buffer[] = parts;
-      let done = 0;
-      while (done < lengthBytes) {
-        const written = fs.writevSync(this.fd, rest, positionBytes + done);
-        done += written;
-        rest = dropBytes(rest, written);
-      }
+      writevSyncFull(this.fd, parts, lengthBytes, positionBytes);
     } catch {
       return false;
     } finally {
@@ -376,13 +381,7 @@ export class Storage {
       if (this.#syncWritesAllowed(lengthBytes)) {
         const startMs = performance.now();
         try {
-          let rest: readonly Buffer[] = parts;
-          let done = 0;
-          while (done < lengthBytes) {
-            const written = fs.writevSync(this.fd, rest, positionBytes + done);
-            done += written;
-            rest = dropBytes(rest, written);
-          }
+          writevSyncFull(this.fd, parts, lengthBytes, positionBytes);
         } catch (error) {
           return Promise.reject(error as Error);
         } finally {
