@@ -23,6 +23,8 @@ import { type VolumeManager, volumeView } from "./volumes.ts";
 const log = logger("control");
 
 export const CONTROL_BODY_BYTES_MAX = 64 * 1024;
+/** Past the body limit, bytes read and discarded before the 413 goes out and the connection is cut. */
+export const CONTROL_BODY_DRAIN_BYTES_MAX = 1024 * 1024;
 export const CONTROL_CONNECTIONS_MAX = 64;
 export const CONTROL_REQUEST_TIMEOUT_MS = 15_000;
 export const CONTROL_HEADERS_TIMEOUT_MS = 10_000;
@@ -181,23 +183,11 @@ export class ControlServer {
   }
 
   async #readBody(request: http.IncomingMessage): Promise<unknown> {
-    const declared = Number(request.headers["content-length"] ?? "0");
-    if (declared > CONTROL_BODY_BYTES_MAX) {
-      request.resume();
-      throw new IpsanError("TOO_LARGE", `body of ${declared} bytes over the limit CONTROL_BODY_BYTES_MAX=${CONTROL_BODY_BYTES_MAX}`, { field: "body" });
+    const bytes = await readBoundedBody(request);
+    if (bytes === null) {
+      throw new IpsanError("TOO_LARGE", `body over the limit CONTROL_BODY_BYTES_MAX=${CONTROL_BODY_BYTES_MAX}`, { field: "body" });
     }
-    const chunks: Buffer[] = [];
-    let total = 0;
-    for await (const chunk of request) {
-      const buffer = chunk as Buffer;
-      total += buffer.length;
-      if (total > CONTROL_BODY_BYTES_MAX) {
-        request.resume();
-        throw new IpsanError("TOO_LARGE", `body over the limit CONTROL_BODY_BYTES_MAX=${CONTROL_BODY_BYTES_MAX}`, { field: "body" });
-      }
-      chunks.push(buffer);
-    }
-    const text = Buffer.concat(chunks).toString("utf8");
+    const text = bytes.toString("utf8");
     if (text.trim() === "") throw fieldError("body", "body: expected a JSON object, got an empty body");
     try {
       return JSON.parse(text) as unknown;
@@ -293,4 +283,35 @@ export class ControlServer {
     }
     throw notFound();
   }
+}
+
+/**
+ * Reads a request body of at most CONTROL_BODY_BYTES_MAX bytes; null when it
+ * is larger (announced or streamed). An oversized body is still read and
+ * discarded, up to CONTROL_BODY_DRAIN_BYTES_MAX, before the caller answers
+ * 413: answering first and closing makes a client that is still sending fail
+ * with EPIPE instead of reading the answer.
+ */
+function readBoundedBody(request: http.IncomingMessage): Promise<Buffer | null> {
+  return new Promise((resolve, reject) => {
+    const chunks: Buffer[] = [];
+    let totalBytes = 0;
+    let over = Number(request.headers["content-length"] ?? "0") > CONTROL_BODY_BYTES_MAX;
+    request.on("data", (chunk: Buffer) => {
+      totalBytes += chunk.length;
+      if (!over && totalBytes > CONTROL_BODY_BYTES_MAX) {
+        over = true;
+        chunks.length = 0;
+      }
+      if (!over) chunks.push(chunk);
+      else if (totalBytes > CONTROL_BODY_DRAIN_BYTES_MAX) {
+        request.pause();
+        resolve(null);
+      }
+    });
+    request.on("end", () => resolve(over ? null : Buffer.concat(chunks)));
+    request.on("error", reject);
+    // A client gone before the end: nobody to answer; settle so the handler does not wait forever.
+    request.on("close", () => resolve(null));
+  });
 }
