@@ -69,6 +69,18 @@ function tagOf(key: Buffer, bytes: Uint8Array): Buffer {
 const SESSION_ID_PATTERN = /^[0-9a-f]{16}$/;
 
 /** Encodes one datagram and signs it. Asserts on programmer errors (bad fields). */
+/**
+ * The unit name a datagram carries, read from its header without
+ * authenticating it (only to route it to the agent that will), or undefined
+ * if the header cannot hold one.
+ */
+export function peekUnitName(bytes: Buffer): string | undefined {
+  if (bytes.length < HEADER_BYTES + 1) return undefined;
+  const nameLength = bytes[7] ?? 0;
+  if (nameLength < 1 || nameLength > UNIT_NAME_BYTES_MAX || bytes.length < HEADER_BYTES + nameLength) return undefined;
+  return bytes.toString("latin1", HEADER_BYTES, HEADER_BYTES + nameLength);
+}
+
 export function encodeFrame(fields: FrameFields, key: Buffer): Buffer {
   const name = Buffer.from(fields.unitName, "ascii");
   assert(UNIT_NAME_PATTERN.test(fields.unitName) && name.length <= UNIT_NAME_BYTES_MAX, `unit name ${fields.unitName}`);

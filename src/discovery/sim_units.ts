@@ -18,7 +18,7 @@ import { pathToFileURL } from "node:url";
 import { UsageError, errorMessage } from "../util/errors.ts";
 import { parseFlags, parseHostPort } from "../util/flags.ts";
 import { loadClusterKey } from "./keys.ts";
-import { HEADER_BYTES, UNIT_NAME_BYTES_MAX } from "./messages.ts";
+import { peekUnitName } from "./codec.ts";
 import { sampleStorageInfo } from "./sample_info.ts";
 import { openUdpSocket, type Address, type DatagramSocket } from "./transport.ts";
 import { StationAgent } from "./unit_agent.ts";
@@ -111,10 +111,8 @@ export class SimulatedUnits {
 
   /** Hands a station datagram to the agent it names (the agent authenticates it). */
   private dispatch(bytes: Buffer, from: Address): void {
-    if (bytes.length < HEADER_BYTES + 1) return;
-    const nameLength = bytes[7] ?? 0;
-    if (nameLength < 1 || nameLength > UNIT_NAME_BYTES_MAX || bytes.length < HEADER_BYTES + nameLength) return;
-    this.byName.get(bytes.toString("latin1", HEADER_BYTES, HEADER_BYTES + nameLength))?.handleDatagram(bytes, from);
+    const name = peekUnitName(bytes);
+    if (name !== undefined) this.byName.get(name)?.handleDatagram(bytes, from);
   }
 
   /** Stops every unit: SHUTDOWN (clean) or silence (crash). */

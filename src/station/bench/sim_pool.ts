@@ -16,7 +16,8 @@ import { createServer, type IncomingMessage, type ServerResponse } from "node:ht
 import type { AddressInfo } from "node:net";
 import { pathToFileURL } from "node:url";
 import { controlTokenFor, loadClusterKey } from "../../discovery/keys.ts";
-import { HEADER_BYTES, UNIT_NAME_BYTES_MAX, type StorageInfo, type VolumeInfo } from "../../discovery/messages.ts";
+import { peekUnitName } from "../../discovery/codec.ts";
+import type { StorageInfo, VolumeInfo } from "../../discovery/messages.ts";
 import { sampleStorageInfo } from "../../discovery/sample_info.ts";
 import { preciseNowMs } from "../../discovery/sim_units.ts";
 import { openUdpSocket, type Address, type DatagramSocket } from "../../discovery/transport.ts";
@@ -115,10 +116,8 @@ export class SimPool {
   }
 
   private dispatch(bytes: Buffer, from: Address): void {
-    if (bytes.length < HEADER_BYTES + 1) return;
-    const nameLength = bytes[7] ?? 0;
-    if (nameLength < 1 || nameLength > UNIT_NAME_BYTES_MAX || bytes.length < HEADER_BYTES + nameLength) return;
-    this.units.get(bytes.toString("latin1", HEADER_BYTES, HEADER_BYTES + nameLength))?.agent?.handleDatagram(bytes, from);
+    const name = peekUnitName(bytes);
+    if (name !== undefined) this.units.get(name)?.agent?.handleDatagram(bytes, from);
   }
 
   private changed(unit: SimUnit): void {
