@@ -2,6 +2,12 @@
 // through node-gyp into build/Release/ipsan_io.node). Node's fs module has no
 // fallocate, SEEK_DATA/SEEK_HOLE, block-device ioctls or flock; the addon
 // runs each on libuv's thread pool and rejects with errno-coded errors.
+// Bad arguments (an fd outside [0, 2^31 - 1], an offset that is negative or
+// not a safe integer, an unknown mode or whence, a detached buffer) are
+// refused before any system call with a TypeError or RangeError coded
+// ERR_INVALID_ARG_TYPE, ERR_INVALID_ARG_VALUE or ERR_OUT_OF_RANGE, never an
+// errno name, so isNotSupported() cannot take a caller's bug for a missing
+// feature: the synchronous calls throw it, the others reject with it.
 
 import { createRequire } from "node:module";
 import { fileURLToPath } from "node:url";
