@@ -63,12 +63,24 @@ export function readFull(fd: number, buffer: Buffer, bufferOffset: number, lengt
   });
 }
 
+/**
+ * The error for a write that returned 0 bytes without an error: retrying it
+ * would loop forever, so the write fails like an I/O error at that offset.
+ */
+function noProgressError(positionBytes: number): NodeJS.ErrnoException {
+  const error: NodeJS.ErrnoException = new Error(`EIO: write at offset ${positionBytes} made no progress (0 bytes written)`);
+  error.code = "EIO";
+  error.syscall = "write";
+  return error;
+}
+
 export function writeFull(fd: number, buffer: Buffer, bufferOffset: number, lengthBytes: number, positionBytes: number): Promise<void> {
   return new Promise((resolve, reject) => {
     const step = (done: number): void => {
       if (done === lengthBytes) return resolve();
       fs.write(fd, buffer, bufferOffset + done, lengthBytes - done, positionBytes + done, (error, written) => {
         if (error) return reject(error);
+        if (written === 0) return reject(noProgressError(positionBytes + done));
         step(done + written);
       });
     };
@@ -98,6 +110,7 @@ export function writevSyncFull(fd: number, parts: readonly Buffer[], lengthBytes
   let done = 0;
   while (done < lengthBytes) {
     const written = fs.writevSync(fd, rest, positionBytes + done);
+    if (written === 0) throw noProgressError(positionBytes + done);
     done += written;
     rest = dropBytes(rest, written);
   }
@@ -109,6 +122,7 @@ export function writevFull(fd: number, parts: readonly Buffer[], lengthBytes: nu
       if (done >= lengthBytes) return resolve();
       fs.writev(fd, rest, positionBytes + done, (error, written) => {
         if (error) return reject(error);
+        if (written === 0) return reject(noProgressError(positionBytes + done));
         step(dropBytes(rest, written), done + written);
       });
     };
@@ -348,7 +362,11 @@ export class Storage {
         const startMs = performance.now();
         try {
           let done = 0;
-          while (done < lengthBytes) done += fs.writeSync(this.fd, buffer, bufferOffset + done, lengthBytes - done, positionBytes + done);
+          while (done < lengthBytes) {
+            const written = fs.writeSync(this.fd, buffer, bufferOffset + done, lengthBytes - done, positionBytes + done);
+            if (written === 0) throw noProgressError(positionBytes + done);
+            done += written;
+          }
         } catch (error) {
           return Promise.reject(error as Error);
         } finally {
