@@ -80,6 +80,13 @@ export interface BlockDevice {
   cache(offsetBytes: number, lengthBytes: number): Promise<void>;
   /** Allocation state covering at least the first byte of the range, at most the range. */
   extents(offsetBytes: number, lengthBytes: number): Promise<readonly Extent[]>;
+  /**
+   * Optional: `listener` is called once, synchronously, when the device is
+   * revoked (its volume was deleted or changed, or its peer lost the grant):
+   * every later request fails, and the frontend should drop the connection.
+   * Called at once if the device is already revoked.
+   */
+  onRevoked?(listener: (error: Error) => void): void;
   /** Called when the last user of this opened device goes away. */
   close(): Promise<void>;
 }

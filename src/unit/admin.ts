@@ -49,7 +49,7 @@ async function offlineTarget(dataDir: string, devicePath: string | undefined): P
     delete: (name) => manager.delete(name),
     grow: async (name, size) => volumeView(await manager.grow(name, size)),
     partition: async (name, sizes) => volumeView(await manager.setPartitions(name, sizes)),
-    grant: async (name, hosts) => volumeView(await manager.setGrants(name, hosts, () => false)),
+    grant: async (name, hosts) => volumeView(await manager.setGrants(name, hosts)),
     wipe: async (name) => volumeView(await manager.wipe(name)),
     list: async () => [...manager.snapshot().volumes],
     close: () => manager.close(),

@@ -279,7 +279,7 @@ export class ControlServer {
     }
     if (parts.length === 4 && parts[3] === "grants" && method === "PUT") {
       const body = objectBody(await this.#readBody(request), ["hosts"]);
-      return { status: 200, body: volumeView(await manager.setGrants(name, body["hosts"], this.#options.provider.stillAdmitted)) };
+      return { status: 200, body: volumeView(await manager.setGrants(name, body["hosts"])) };
     }
     throw notFound();
   }

@@ -9,11 +9,9 @@
 // match IPv4 CIDRs.
 
 import type { BlockDevice, ExportProvider, ExportSummary, Peer } from "../block/types.ts";
-import { IpsanError } from "../util/errors.ts";
 import { type Cidr, anyContains, loopbackCidrs, parseCidr } from "./cidr.ts";
 import type { VolumeRecord } from "./table.ts";
-import type { VolumeDevice } from "./volume_device.ts";
-import { type VolumeManager, parseExportName, partitionName } from "./volumes.ts";
+import { type VolumeManager, partitionName } from "./volumes.ts";
 
 export const UNIX_PEER_ADDRESS = "unix";
 
@@ -28,7 +26,6 @@ export class UnitExportProvider implements ExportProvider {
   readonly #manager: VolumeManager;
   readonly #allow: readonly Cidr[];
   readonly #joined: () => boolean;
-  readonly #peers = new WeakMap<VolumeDevice, Peer>();
 
   constructor(manager: VolumeManager, options: AccessOptions = {}) {
     this.#manager = manager;
@@ -72,20 +69,7 @@ export class UnitExportProvider implements ExportProvider {
   }
 
   async open(name: string, peer: Peer): Promise<BlockDevice> {
-    const parsed = parseExportName(name);
-    const volume = parsed === undefined ? undefined : this.#manager.volume(parsed.volume);
-    if (volume === undefined) throw new IpsanError("NOT_FOUND", `export ${JSON.stringify(name)} not found`);
-    if (!this.admits(volume, peer)) {
-      throw new IpsanError("PERMISSION_DENIED", `peer ${peer.address} is not granted export ${JSON.stringify(name)}`);
-    }
-    const device = this.#manager.openDevice(name);
-    this.#peers.set(device, peer);
-    return device;
+    // The manager asks `admits` against the table it opens from, and again at every change of the volume.
+    return this.#manager.openDevice(name, (volume) => this.admits(volume, peer));
   }
-
-  /** For VolumeManager.setGrants: keeps open devices whose peer is still admitted under the new grants. */
-  readonly stillAdmitted = (device: VolumeDevice, volume: VolumeRecord): boolean => {
-    const peer = this.#peers.get(device);
-    return peer !== undefined && this.admits(volume, peer);
-  };
 }

@@ -96,7 +96,7 @@ async function perform(manager: VolumeManager, action: ChurnAction): Promise<voi
         await manager.setPartitions(action.name, action.sizesBytes);
         break;
       case "grant":
-        await manager.setGrants(action.name, action.hosts, () => true);
+        await manager.setGrants(action.name, action.hosts);
         break;
     }
   } catch (error) {

@@ -5,15 +5,18 @@
 // again), so no request can reach a byte of another volume or the table.
 //
 // A device captures its extents when it is opened: growing a volume only
-// appends extents, so an open device stays valid and keeps its size. Delete,
-// repartition and grant changes revoke open devices (volumes.ts), and wait
-// for their requests in flight to finish before the table changes.
+// appends extents, so an open device stays valid and keeps its size. A
+// change that the device's view no longer matches (delete, repartition, a
+// grant its peer loses) revokes it (volumes.ts): later requests fail, the
+// frontend is told at once (onRevoked) so it can drop the connection, and
+// the change waits until every storage call of the device has settled, even
+// the pieces of a request whose first piece already failed.
 
 import { type BlockCapabilities, type BlockDevice, type Extent, type ZeroOptions, SECTOR_SIZE } from "../block/types.ts";
 import { assert } from "../util/assert.ts";
 import { IpsanError } from "../util/errors.ts";
 import type { Storage } from "./storage.ts";
-import type { LbaRange } from "./table.ts";
+import type { LbaRange, VolumeRecord } from "./table.ts";
 
 /** One contiguous run of the device: device bytes [deviceStart, +length) live at storage bytes [storageStart, +length). */
 export interface Segment {
@@ -79,29 +82,46 @@ export interface VolumeDeviceOptions {
   readonly name: string;
   readonly description: string;
   readonly volumeName: string;
+  /** Partition number (1-based) this device serves, or undefined for the whole volume. */
+  readonly partition: number | undefined;
+  /** Whether the device's peer may still use the volume as a change leaves it. */
+  readonly admits: (volume: VolumeRecord) => boolean;
   readonly storage: Storage;
   readonly segments: readonly Segment[];
+  /** Called once the device is closed and none of its storage calls is in flight. */
   readonly onClose: (device: VolumeDevice) => void;
+}
+
+/** Waits for every piece of a split request, then fails with the first error: no piece outlives its request. */
+async function settleAll(pieces: readonly Promise<unknown>[]): Promise<void> {
+  const results = await Promise.allSettled(pieces);
+  for (const result of results) if (result.status === "rejected") throw result.reason;
 }
 
 export class VolumeDevice implements BlockDevice {
   readonly name: string;
   readonly description: string;
   readonly volumeName: string;
+  readonly partition: number | undefined;
+  readonly admits: (volume: VolumeRecord) => boolean;
   readonly sizeBytes: number;
   readonly capabilities: BlockCapabilities;
   readonly #storage: Storage;
   readonly #segments: readonly Segment[];
   readonly #onClose: (device: VolumeDevice) => void;
   #revoked: IpsanError | undefined;
+  #revokedListeners: ((error: IpsanError) => void)[] = [];
   #inFlight = 0;
   #drained: (() => void)[] = [];
   #closed = false;
+  #closeReported = false;
 
   constructor(options: VolumeDeviceOptions) {
     this.name = options.name;
     this.description = options.description;
     this.volumeName = options.volumeName;
+    this.partition = options.partition;
+    this.admits = options.admits;
     this.#storage = options.storage;
     this.#segments = options.segments;
     this.#onClose = options.onClose;
@@ -125,7 +145,7 @@ export class VolumeDevice implements BlockDevice {
     await this.#run("read", offsetBytes, buffer.length, (pieces) => {
       const only = pieces.length === 1 ? pieces[0] : undefined;
       if (only !== undefined) return this.#storage.read(buffer, 0, only.lengthBytes, only.storageOffset);
-      return Promise.all(pieces.map((p) => this.#storage.read(buffer, p.deviceOffset - offsetBytes, p.lengthBytes, p.storageOffset))).then(() => undefined);
+      return settleAll(pieces.map((p) => this.#storage.read(buffer, p.deviceOffset - offsetBytes, p.lengthBytes, p.storageOffset)));
     });
   }
 
@@ -158,7 +178,7 @@ export class VolumeDevice implements BlockDevice {
     await this.#run("write", offsetBytes, buffer.length, async (pieces) => {
       const only = pieces.length === 1 ? pieces[0] : undefined;
       if (only !== undefined) await this.#storage.write(buffer, 0, only.lengthBytes, only.storageOffset);
-      else await Promise.all(pieces.map((p) => this.#storage.write(buffer, p.deviceOffset - offsetBytes, p.lengthBytes, p.storageOffset)));
+      else await settleAll(pieces.map((p) => this.#storage.write(buffer, p.deviceOffset - offsetBytes, p.lengthBytes, p.storageOffset)));
       if (fua) await this.#storage.sync();
     });
   }
@@ -173,7 +193,7 @@ export class VolumeDevice implements BlockDevice {
       else {
         // Spans extents (rare): gather once and split as write() does.
         const buffer = Buffer.concat(parts, lengthBytes);
-        await Promise.all(pieces.map((p) => this.#storage.write(buffer, p.deviceOffset - offsetBytes, p.lengthBytes, p.storageOffset)));
+        await settleAll(pieces.map((p) => this.#storage.write(buffer, p.deviceOffset - offsetBytes, p.lengthBytes, p.storageOffset)));
       }
       if (fua) await this.#storage.sync();
     });
@@ -251,7 +271,7 @@ export class VolumeDevice implements BlockDevice {
 
   async #run(what: string, offsetBytes: number, lengthBytes: number, body: (pieces: Piece[]) => Promise<void>): Promise<void> {
     if (this.#revoked !== undefined) throw this.#revoked;
-    assert(!this.#closed, `export ${this.name} used after close`);
+    if (this.#closed) throw new IpsanError("UNAVAILABLE", `export ${this.name} used after close`);
     if (
       !Number.isSafeInteger(offsetBytes) ||
       !Number.isSafeInteger(lengthBytes) ||
@@ -271,7 +291,15 @@ export class VolumeDevice implements BlockDevice {
       await body(pieces);
     } finally {
       this.#inFlight -= 1;
-      if (this.#inFlight === 0) for (const wake of this.#drained.splice(0)) wake();
+      if (this.#inFlight === 0) this.#settled();
+    }
+  }
+
+  #settled(): void {
+    for (const wake of this.#drained.splice(0)) wake();
+    if (this.#closed && !this.#closeReported) {
+      this.#closeReported = true;
+      this.#onClose(this);
     }
   }
 
@@ -282,20 +310,51 @@ export class VolumeDevice implements BlockDevice {
     assert(inside, `export ${this.name}: piece ${piece.storageOffset}+${piece.lengthBytes} outside its extents`);
   }
 
-  /** Fails every later request with `error` and resolves once requests in flight are done. */
+  /** The storage runs this device maps (fixed when it was opened). */
+  get segments(): readonly Segment[] {
+    return this.#segments;
+  }
+
+  /**
+   * Fails every later request with `error` (synchronously: from the next
+   * call on), tells the onRevoked listeners, and resolves once the storage
+   * calls in flight have settled.
+   */
   revoke(error: IpsanError): Promise<void> {
-    this.#revoked ??= error;
+    if (this.#revoked === undefined) {
+      this.#revoked = error;
+      for (const listener of this.#revokedListeners.splice(0)) {
+        try {
+          listener(error);
+        } catch {
+          // A listener's failure is its own; the revocation stands.
+        }
+      }
+    }
+    return this.drained();
+  }
+
+  /** Resolves when no storage call of this device is in flight. */
+  drained(): Promise<void> {
     if (this.#inFlight === 0) return Promise.resolve();
     return new Promise((resolve) => this.#drained.push(resolve));
+  }
+
+  /** BlockDevice.onRevoked: `listener` is called once when the device is revoked (at once if it already is). */
+  onRevoked(listener: (error: Error) => void): void {
+    if (this.#revoked !== undefined) listener(this.#revoked);
+    else this.#revokedListeners.push(listener);
   }
 
   get revoked(): boolean {
     return this.#revoked !== undefined;
   }
 
+  /** Closes the device; it leaves its manager once its last storage call has settled. */
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
-    this.#onClose(this);
+    this.#revokedListeners = [];
+    if (this.#inFlight === 0) this.#settled();
   }
 }

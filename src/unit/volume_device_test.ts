@@ -102,21 +102,31 @@ test("delete, repartition and grant changes revoke open devices", async () => {
     await manager.create("a", 4 * MIB);
     await manager.setPartitions("a", [MIB, MIB]);
     const whole = await provider.open("a", LOCAL);
+    const p1 = await provider.open("a/p1", LOCAL);
     const p2 = await provider.open("a/p2", LOCAL);
     assert.equal(p2.sizeBytes, MIB);
     await assert.rejects(provider.open("a/p3", LOCAL), code("NOT_FOUND"));
-    await manager.setPartitions("a", [2 * MIB]);
+    // A partition that grows in place keeps its open devices (like a grown volume).
+    await manager.setPartitions("a", [MIB, 2 * MIB]);
+    await p1.read(Buffer.alloc(512), 0);
+    await p2.read(Buffer.alloc(512), 0);
+    // p2 moves to other bytes: revoked; p1 grows: stays.
+    await manager.setPartitions("a", [2 * MIB, MIB]);
     await assert.rejects(p2.read(Buffer.alloc(512), 0), code("UNAVAILABLE"));
+    await p1.read(Buffer.alloc(512), 0);
+    // p1 shrinks: it no longer holds the bytes it maps: revoked.
+    await manager.setPartitions("a", [MIB / 2]);
+    await assert.rejects(p1.read(Buffer.alloc(512), 0), code("UNAVAILABLE"));
     await whole.read(Buffer.alloc(512), 0);
     // Grant to another host: the loopback peer's open device is cut off.
-    await manager.setGrants("a", ["10.9.9.9"], provider.stillAdmitted);
+    await manager.setGrants("a", ["10.9.9.9"]);
     await assert.rejects(whole.read(Buffer.alloc(512), 0), code("PERMISSION_DENIED"));
     await assert.rejects(provider.open("a", LOCAL), code("PERMISSION_DENIED"));
     const granted = await provider.open("a", { address: "::ffff:10.9.9.9", port: 2 });
     await manager.delete("a");
     await assert.rejects(granted.write(Buffer.alloc(512), 0, false), code("UNAVAILABLE"));
     await assert.rejects(provider.open("a", LOCAL), code("NOT_FOUND"));
-    for (const device of [whole, p2, granted]) await device.close();
+    for (const device of [whole, p1, p2, granted]) await device.close();
   });
 });
 
@@ -124,7 +134,7 @@ test("access: --allow, grants, joined units", async () => {
   await withUnit(async (manager) => {
     await manager.create("open", MIB);
     await manager.create("granted", MIB);
-    await manager.setGrants("granted", ["10.1.0.0/16"], () => true);
+    await manager.setGrants("granted", ["10.1.0.0/16"]);
     const allow = [parseCidr("192.168.0.0/24"), parseCidr("127.0.0.0/8")].map((p) => (p.ok ? p.cidr : assert.fail()));
     let joined = false;
     const provider = new UnitExportProvider(manager, { allow, joined: () => joined });

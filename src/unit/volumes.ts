@@ -1,9 +1,10 @@
 // The unit's volume manager: owns the storage, the lock, the current volume
 // table and the open devices. Every change runs through one queue (one
 // table writer at a time): compute the new table (volume_ops.ts, pure),
-// revoke open devices the change invalidates and wait for their requests,
-// zero newly allocated space (durably), then persist the table. Only after
-// that does the change become visible.
+// gate the volumes it changes and revoke the open devices the new table
+// does not permit, wait for their requests, zero newly allocated space
+// (durably), then persist the table. Only after that does the change become
+// visible. How changes and opens are kept apart is described above #change.
 
 import { join } from "node:path";
 import { mkdirSync } from "node:fs";
@@ -16,7 +17,7 @@ import { Storage, UnitLock } from "./storage.ts";
 import { type LbaRange, type VolumeRecord, type VolumeTable, emptyTable, extentsLengthLba, freeRanges, validateTable } from "./table.ts";
 import { TableStore } from "./table_store.ts";
 import { type TableChange, checkVolumeName, createVolume, deleteVolume, growStorage, growVolume, setGrants, setPartitions, wipeRanges } from "./volume_ops.ts";
-import { VolumeDevice, subSegments, volumeSegments } from "./volume_device.ts";
+import { type Segment, VolumeDevice, mapRange, subSegments, volumeSegments } from "./volume_device.ts";
 
 const log = logger("unit");
 
@@ -104,9 +105,10 @@ export class VolumeManager {
   readonly #store: TableStore;
   #table: VolumeTable;
   #queue: Promise<unknown> = Promise.resolve();
+  /** Open devices, and closed ones until their last storage call settles. */
   readonly #devices = new Set<VolumeDevice>();
-  /** Volumes being wiped: not opened until the wipe is done. */
-  readonly #wiping = new Set<string>();
+  /** Volumes being changed or wiped: opens of them wait (or are refused, for a wipe). */
+  readonly #gates = new Map<string, Gate>();
   #closed = false;
 
   private constructor(storage: Storage, lock: UnitLock, store: TableStore, table: VolumeTable) {
@@ -188,74 +190,69 @@ export class VolumeManager {
   }
 
   // ---- Changes (serialized) ----
+  //
+  // The protocol between changes and opens (docs/unit.md, "Changes and open
+  // connections"). Invariant: once a change is acknowledged, no device can
+  // touch a byte, or serve an export, that the new table does not give it.
+  // 1. A change computes its new table and, in the same synchronous step,
+  //    closes a gate on every volume whose record differs between the two
+  //    tables and revokes every open device of those volumes that the new
+  //    table does not permit (permits(), one rule for every kind of change).
+  // 2. An open of a gated volume waits for the gate; an open checks the
+  //    table and registers its device in one synchronous step. So an open
+  //    either ran before step 1 (its device is judged there) or runs after
+  //    the table switched (it sees the new table). There is no third case.
+  // 3. The change waits for every revoked device to drain (no storage call
+  //    of it in flight), zeroes new space, writes the table, switches to it,
+  //    and only then opens the gates and answers.
 
   create(name: unknown, sizeBytes: unknown): Promise<VolumeRecord> {
-    return this.#change((table) => createVolume(table, name, sizeBytes), () => []).then(mustHave);
+    return this.#change((table) => createVolume(table, name, sizeBytes)).then(mustHave);
   }
 
   delete(name: unknown): Promise<void> {
-    return this.#change(
-      (table) => deleteVolume(table, name),
-      () => this.#devicesOf(String(name), () => true).map((d) => [d, new IpsanError("UNAVAILABLE", `volume ${d.volumeName} was deleted`)]),
-    ).then(() => undefined);
+    return this.#change((table) => deleteVolume(table, name)).then(() => undefined);
   }
 
   grow(name: unknown, sizeBytes: unknown): Promise<VolumeRecord> {
-    return this.#change((table) => growVolume(table, name, sizeBytes), () => []).then(mustHave);
+    return this.#change((table) => growVolume(table, name, sizeBytes)).then(mustHave);
   }
 
   setPartitions(name: unknown, sizesBytes: unknown): Promise<VolumeRecord> {
-    return this.#change(
-      (table) => setPartitions(table, name, sizesBytes),
-      () =>
-        this.#devicesOf(String(name), (d) => d.name !== d.volumeName).map((d) => [
-          d,
-          new IpsanError("UNAVAILABLE", `partitions of volume ${d.volumeName} were changed`),
-        ]),
-    ).then(mustHave);
+    return this.#change((table) => setPartitions(table, name, sizesBytes)).then(mustHave);
   }
 
-  /**
-   * Replaces the grants. `stillAdmitted(device, volume)` decides which open
-   * devices survive (the provider knows each device's peer).
-   */
-  setGrants(name: unknown, hosts: unknown, stillAdmitted: (device: VolumeDevice, volume: VolumeRecord) => boolean): Promise<VolumeRecord> {
-    return this.#change(
-      (table) => setGrants(table, name, hosts),
-      (change) => {
-        const volume = change.volume;
-        assert(volume !== undefined, "grant change keeps the volume");
-        return this.#devicesOf(volume.name, (d) => !stillAdmitted(d, volume)).map((d) => [
-          d,
-          new IpsanError("PERMISSION_DENIED", `grant to volume ${d.volumeName} was revoked`),
-        ]);
-      },
-    ).then(mustHave);
+  /** Replaces the grants; open devices whose peer the new grants do not admit are revoked. */
+  setGrants(name: unknown, hosts: unknown): Promise<VolumeRecord> {
+    return this.#change((table) => setGrants(table, name, hosts)).then(mustHave);
   }
 
   /**
    * Makes the whole volume read as zeroes (punch hole, or zeroes written where
    * the storage cannot punch) and fdatasyncs, so the next host to get it never
-   * reads the last one's data. Refused (CONFLICT) while the volume has grants
-   * or an open, unrevoked connection; new connections wait out the wipe by
-   * being refused. The table does not change. Repeating it is harmless.
+   * reads the last one's data. Refused (CONFLICT) while the volume has an
+   * open, unrevoked connection; opens are refused while it runs (the volume
+   * is gated). Revoked devices still draining are waited for first. The table
+   * does not change. Repeating it is harmless.
    */
   wipe(name: unknown): Promise<VolumeRecord> {
     return this.#enqueue(async () => {
       const { volume, ranges } = wipeRanges(this.#table, name);
-      const open = this.#devicesOf(volume.name, (d) => !d.revoked).length;
+      const devices = this.#devicesOf(volume.name);
+      const open = devices.filter((d) => !d.revoked).length;
       if (open > 0) {
         throw new IpsanError("CONFLICT", `volume ${volume.name} is open by ${open} connection(s); close them before wiping it`, { field: "name" });
       }
-      this.#wiping.add(volume.name);
+      const release = this.#closeGates([volume.name], "wiped");
       const startedMs = Date.now();
       try {
+        await Promise.all(devices.map((d) => d.drained()));
         for (const range of ranges) {
           await this.storage.zero(range.startLba * SECTOR_SIZE, range.lengthLba * SECTOR_SIZE, true, false);
         }
         await this.storage.sync();
       } finally {
-        this.#wiping.delete(volume.name);
+        release();
       }
       log.info("volume wiped", { volume: volume.name, bytes: extentsLengthLba(ranges) * SECTOR_SIZE, ms: Date.now() - startedMs });
       return volume;
@@ -275,8 +272,9 @@ export class VolumeManager {
     return this.create(name, sizeBytes);
   }
 
-  #devicesOf(volumeName: string, which: (device: VolumeDevice) => boolean): VolumeDevice[] {
-    return [...this.#devices].filter((d) => d.volumeName === volumeName && which(d));
+  /** Devices of a volume that are registered: open, or closed with storage calls still in flight. */
+  #devicesOf(volumeName: string): VolumeDevice[] {
+    return [...this.#devices].filter((d) => d.volumeName === volumeName);
   }
 
   /** Runs `work` after every earlier change (one writer at a time), whatever their outcome. */
@@ -290,47 +288,92 @@ export class VolumeManager {
     return result;
   }
 
-  #change(compute: (table: VolumeTable) => TableChange, revocations: (change: TableChange) => [VolumeDevice, IpsanError][]): Promise<VolumeRecord | undefined> {
+  /** Closes the gate of each named volume (opens of it wait); returns the function that opens them again. */
+  #closeGates(names: readonly string[], why: Gate["why"]): () => void {
+    let open!: () => void;
+    const gate: Gate = { why, opened: new Promise<void>((resolve) => (open = resolve)) };
+    for (const name of names) {
+      assert(!this.#gates.has(name), `volume ${name} gated twice`);
+      this.#gates.set(name, gate);
+    }
+    return () => {
+      for (const name of names) if (this.#gates.get(name) === gate) this.#gates.delete(name);
+      open();
+    };
+  }
+
+  #change(compute: (table: VolumeTable) => TableChange): Promise<VolumeRecord | undefined> {
     return this.#enqueue(async (): Promise<VolumeRecord | undefined> => {
+      // Step 1, synchronous from here to the first await: compute, gate, revoke.
       const change = compute(this.#table);
       const problems = validateTable(change.table);
       assert(problems.length === 0, `refusing to write an invalid volume table: ${problems.join("; ")}`);
-      await Promise.all(revocations(change).map(([device, error]) => device.revoke(error)));
-      if (change.allocated.length > 0) {
-        for (const range of change.allocated) {
-          await this.storage.zero(range.startLba * SECTOR_SIZE, range.lengthLba * SECTOR_SIZE, true, false);
+      const changed = changedVolumes(this.#table, change.table);
+      const release = this.#closeGates(changed, "changed");
+      try {
+        const revoked: Promise<void>[] = [];
+        for (const name of changed) {
+          const volume = change.table.volumes.find((v) => v.name === name);
+          for (const device of this.#devicesOf(name)) {
+            const refusal = device.revoked ? undefined : permits(volume, device);
+            if (refusal !== undefined) void device.revoke(refusal);
+            // A device revoked earlier may still have storage calls in flight: wait for those too.
+            if (device.revoked) revoked.push(device.drained());
+          }
         }
-        await this.storage.sync();
+        // Step 3: nothing of a revoked device is in flight after this.
+        await Promise.all(revoked);
+        if (change.allocated.length > 0) {
+          for (const range of change.allocated) {
+            await this.storage.zero(range.startLba * SECTOR_SIZE, range.lengthLba * SECTOR_SIZE, true, false);
+          }
+          await this.storage.sync();
+        }
+        await this.#store.write(change.table);
+        this.#table = change.table;
+      } finally {
+        release();
       }
-      await this.#store.write(change.table);
-      this.#table = change.table;
       return change.volume;
     });
   }
 
   // ---- Devices ----
 
-  /** Opens export "VOL" or "VOL/pN" (the caller has checked access). */
-  openDevice(exportName: string): VolumeDevice {
-    if (this.#closed) throw new IpsanError("SHUTTING_DOWN", "the unit is stopping");
+  /**
+   * Opens export "VOL" or "VOL/pN" for a peer that `admits` judges (it is
+   * asked now, against the table the device is made from, and again at every
+   * later change of the volume). Waits while the volume is being changed.
+   */
+  async openDevice(exportName: string, admits: (volume: VolumeRecord) => boolean): Promise<VolumeDevice> {
     const parsed = parseExportName(exportName);
-    const volume = parsed === undefined ? undefined : this.volume(parsed.volume);
-    if (parsed === undefined || volume === undefined) throw new IpsanError("NOT_FOUND", `export ${JSON.stringify(exportName)} not found`);
-    if (this.#wiping.has(volume.name)) throw new IpsanError("UNAVAILABLE", `volume ${volume.name} is being wiped; try again when it is done`);
-    let segments = volumeSegments(volume.extents, volume.sizeBytes);
-    let description = `volume ${volume.name} (number ${volume.number})`;
-    if (parsed.partition !== undefined) {
-      const partition = volume.partitions[parsed.partition - 1];
-      if (partition === undefined) throw new IpsanError("NOT_FOUND", `export ${JSON.stringify(exportName)} not found (volume ${volume.name} has ${volume.partitions.length} partitions)`);
-      segments = subSegments(segments, partition.startLba * SECTOR_SIZE, partition.lengthLba * SECTOR_SIZE);
-      description = `partition ${parsed.partition} of volume ${volume.name}`;
+    if (parsed === undefined) throw new IpsanError("NOT_FOUND", `export ${JSON.stringify(exportName)} not found`);
+    for (let waits = 0; ; waits++) {
+      if (this.#closed) throw new IpsanError("SHUTTING_DOWN", "the unit is stopping");
+      const gate = this.#gates.get(parsed.volume);
+      if (gate === undefined) break;
+      if (gate.why === "wiped") throw new IpsanError("UNAVAILABLE", `volume ${parsed.volume} is being wiped; try again when it is done`);
+      if (waits >= OPEN_GATE_WAITS_MAX) {
+        throw new IpsanError("UNAVAILABLE", `volume ${parsed.volume} is being changed again and again; try again later`);
+      }
+      await gate.opened;
+    }
+    // Synchronous from here: check against the current table and register.
+    const volume = this.volume(parsed.volume);
+    if (volume === undefined) throw new IpsanError("NOT_FOUND", `export ${JSON.stringify(exportName)} not found`);
+    if (!admits(volume)) throw new IpsanError("PERMISSION_DENIED", `export ${JSON.stringify(exportName)} is not granted to this peer`);
+    const view = exportSegments(volume, parsed.partition);
+    if (view === undefined) {
+      throw new IpsanError("NOT_FOUND", `export ${JSON.stringify(exportName)} not found (volume ${volume.name} has ${volume.partitions.length} partitions)`);
     }
     const device = new VolumeDevice({
       name: exportName,
-      description,
+      description: parsed.partition === undefined ? `volume ${volume.name} (number ${volume.number})` : `partition ${parsed.partition} of volume ${volume.name}`,
       volumeName: volume.name,
+      partition: parsed.partition,
+      admits,
       storage: this.storage,
-      segments,
+      segments: view,
       onClose: (d) => this.#devices.delete(d),
     });
     this.#devices.add(device);
@@ -346,11 +389,76 @@ export class VolumeManager {
     if (this.#closed) return;
     await this.#queue;
     this.#closed = true;
-    await Promise.all([...this.#devices].map((d) => d.revoke(new IpsanError("SHUTTING_DOWN", "the unit is stopping"))));
+    const stopping = new IpsanError("SHUTTING_DOWN", "the unit is stopping");
+    await Promise.all([...this.#devices].map((d) => d.revoke(stopping)));
     await this.storage.sync();
     this.storage.closeSync();
     this.#lock.release();
   }
+}
+
+interface Gate {
+  readonly why: "changed" | "wiped";
+  /** Resolves when the change or wipe is done (whatever its outcome). */
+  readonly opened: Promise<void>;
+}
+
+/** An open waits out at most this many back-to-back changes of its volume before it is refused. */
+export const OPEN_GATE_WAITS_MAX = 64;
+
+/** Names of the volumes whose record differs between two tables (added, removed or changed). */
+export function changedVolumes(before: VolumeTable, after: VolumeTable): string[] {
+  const out = new Set<string>();
+  const afterByName = new Map(after.volumes.map((v) => [v.name, v]));
+  for (const v of before.volumes) {
+    const next = afterByName.get(v.name);
+    if (next === undefined || !sameVolume(v, next)) out.add(v.name);
+  }
+  const beforeNames = new Set(before.volumes.map((v) => v.name));
+  for (const v of after.volumes) if (!beforeNames.has(v.name)) out.add(v.name);
+  return [...out];
+}
+
+function sameVolume(a: VolumeRecord, b: VolumeRecord): boolean {
+  if (a === b) return true;
+  return JSON.stringify(a) === JSON.stringify(b);
+}
+
+/** The segments export `partition` (undefined: the whole volume) of `volume` maps, or undefined when it does not exist. */
+export function exportSegments(volume: VolumeRecord, partition: number | undefined): Segment[] | undefined {
+  const segments = volumeSegments(volume.extents, volume.sizeBytes);
+  if (partition === undefined) return segments;
+  const range = volume.partitions[partition - 1];
+  if (range === undefined) return undefined;
+  return subSegments(segments, range.startLba * SECTOR_SIZE, range.lengthLba * SECTOR_SIZE);
+}
+
+/**
+ * The one rule that decides whether an open device survives a change: its
+ * export still exists in the new table, every byte it maps is mapped to the
+ * same storage bytes there, and its peer is still admitted. Returns the
+ * error to revoke it with, or undefined when it may stay.
+ */
+export function permits(volume: VolumeRecord | undefined, device: VolumeDevice): IpsanError | undefined {
+  if (volume === undefined) return new IpsanError("UNAVAILABLE", `volume ${device.volumeName} was deleted`);
+  const now = exportSegments(volume, device.partition);
+  if (now === undefined || !mapsSameBytes(device.segments, now)) {
+    return new IpsanError("UNAVAILABLE", `export ${device.name} was changed (partitions of volume ${volume.name} changed)`);
+  }
+  if (!device.admits(volume)) return new IpsanError("PERMISSION_DENIED", `grant to volume ${volume.name} was revoked`);
+  return undefined;
+}
+
+/** True when every device byte of `held` maps to the same storage byte in `now` (a grown volume keeps its prefix). */
+function mapsSameBytes(held: readonly Segment[], now: readonly Segment[]): boolean {
+  const nowBytes = now.reduce((sum, s) => sum + s.lengthBytes, 0);
+  for (const s of held) {
+    if (s.deviceStart + s.lengthBytes > nowBytes) return false;
+    for (const piece of mapRange(now, s.deviceStart, s.lengthBytes)) {
+      if (piece.storageOffset !== s.storageStart + (piece.deviceOffset - s.deviceStart)) return false;
+    }
+  }
+  return true;
 }
 
 function mustHave(volume: VolumeRecord | undefined): VolumeRecord {
