@@ -30,6 +30,12 @@ export interface NbdLimits {
   readonly replyBytesQueuedMax: number;
   /** A client whose queued replies stay above replyBytesQueuedMax this long without draining is disconnected. */
   readonly writeStallTimeoutMs: number;
+  /**
+   * A WRITE's payload must arrive completely within this time once the server
+   * has reserved budget for it and reads it; otherwise the connection is closed
+   * and the bytes go back to the budget (a client cannot hold them by stalling).
+   */
+  readonly payloadTimeoutMs: number;
   /** close(): how long in-flight requests may take before connections are cut. */
   readonly closeTimeoutMs: number;
   /** Descriptors in one NBD_REPLY_TYPE_BLOCK_STATUS chunk. */
@@ -48,6 +54,7 @@ export const DEFAULT_NBD_LIMITS: NbdLimits = Object.freeze({
   serverBytesInFlightMax: 256 * MiB,
   replyBytesQueuedMax: 16 * MiB,
   writeStallTimeoutMs: 30_000,
+  payloadTimeoutMs: 30_000,
   closeTimeoutMs: 5_000,
   blockStatusDescriptorsMax: 65_536,
 });

@@ -41,7 +41,7 @@ export class NbdServer implements SessionHost {
     this.provider = options.provider;
     const fromEnv = parseLimitOverrides((options.env ?? process.env)[LIMITS_ENV] ?? "");
     this.limits = resolveLimits({ ...options.limits, ...fromEnv });
-    this.budget = new ByteBudget(this.limits.serverBytesInFlightMax);
+    this.budget = new ByteBudget(this.limits.serverBytesInFlightMax, { recentMs: this.limits.payloadTimeoutMs });
   }
 
   get shuttingDown(): boolean {

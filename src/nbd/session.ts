@@ -16,7 +16,7 @@ import type { ExportProvider, Peer } from "../block/types.ts";
 import { assert } from "../util/assert.ts";
 import { NBD_ERRNO, errorMessage, toNbdErrno } from "../util/errors.ts";
 import { logger } from "../util/log.ts";
-import type { BudgetWaiter, ByteBudget } from "./budget.ts";
+import type { BudgetAccount, BudgetWaiter, ByteBudget, Reservation } from "./budget.ts";
 import type { BufferPool } from "./buffer_pool.ts";
 import { ByteQueue } from "./byte_queue.ts";
 import { type Negotiation, type OpenedExport, type OptionOutcome, negotiateOption } from "./handshake.ts";
@@ -70,12 +70,15 @@ export class NbdSession implements BudgetWaiter {
   /** An option is being handled (the client may not send another before its final reply). */
   private optionBusy = false;
   private inFlight = 0;
-  /** Budget bytes held by requests in flight on this connection. */
+  /** This peer's account with the server budget (shared by its connections). */
+  private readonly account: BudgetAccount;
+  /** Budget bytes held by this connection's reservations (requests in flight, a payload arriving). */
   private inFlightBytes = 0;
-  /** A decoded request waiting for budget bytes. */
+  /** A decoded request waiting for budget bytes (it holds none). */
   private blocked: { frame: RequestFrame; costBytes: number } | undefined;
-  /** Budget reserved for a WRITE whose payload is still arriving. */
-  private reservedForPayloadBytes = 0;
+  /** Budget reserved for a WRITE whose payload is still arriving; the payload timer runs while it is held. */
+  private payloadReservation: Reservation | undefined;
+  private payloadTimer: NodeJS.Timeout | undefined;
   private waitingForBudget = false;
   /** A WRITE's payload is arriving but its budget bytes could not be held yet. */
   private payloadBudgetPending = false;
@@ -107,12 +110,15 @@ export class NbdSession implements BudgetWaiter {
     this.socket = socket;
     this.peer = peerOf(socket);
     this.peerText = this.peer.address === "unix" ? "unix" : `${this.peer.address}:${this.peer.port}`;
+    this.account = host.budget.join(this.peer.address);
     this.ended = new Promise((resolve) => {
       this.endedResolve = resolve;
     });
     socket.setNoDelay(true);
     // A host that vanishes without closing (power loss, cable) is found by TCP keepalive, not never.
     socket.setKeepAlive(true, KEEPALIVE_IDLE_MS);
+    // Every entry point from the socket, a timer or the budget runs guarded (guard()):
+    // a broken invariant costs this connection, never the process.
     socket.on("data", this.onData);
     // Reads of up to 2 MiB per read(2) instead of Node's 64 KiB (large_reads.ts); falls back to 'data'.
     useLargeReads(socket, this.onData, this.mayReuseReadMemory);
@@ -136,6 +142,15 @@ export class NbdSession implements BudgetWaiter {
 
   // ------------------------------------------------------------ socket events
 
+  /** Runs an entry point; an exception in it (a programmer error) closes this connection and is logged. */
+  private guard(body: () => void): void {
+    try {
+      body();
+    } catch (error) {
+      this.internalError(error);
+    }
+  }
+
   private readonly onData = (chunk: Buffer): void => {
     if (this.stateValue === "closing" || this.stateValue === "closed") return;
     this.queue.push(chunk);
@@ -149,6 +164,10 @@ export class NbdSession implements BudgetWaiter {
   };
 
   private readonly onClose = (): void => {
+    this.guard(this.closed);
+  };
+
+  private readonly closed = (): void => {
     if (this.queue.length > 0 && this.stateValue !== "closing" && this.stateValue !== "closed") {
       // A message cut short: the client went away in the middle of a header or payload.
       log.limited("cut_short", "client closed in the middle of a message", {
@@ -160,10 +179,9 @@ export class NbdSession implements BudgetWaiter {
     if (this.stateValue !== "closed") this.transition(["greeting", "options", "transmission", "closing"], "closed");
     this.clearTimers();
     this.queue.clear();
-    this.host.budget.forget(this);
-    this.release(this.reservedForPayloadBytes + (this.blocked?.costBytes ?? 0));
-    this.reservedForPayloadBytes = 0;
+    // A blocked request holds no bytes; a payload still arriving holds its reservation.
     this.blocked = undefined;
+    this.dropPayloadReservation();
     this.finishIfIdle();
   };
 
@@ -173,6 +191,18 @@ export class NbdSession implements BudgetWaiter {
       this.stallTimer = undefined;
     }
     if (this.stateValue === "transmission") this.pump();
+  };
+
+  private readonly onPayloadTimeout = (): void => {
+    this.payloadTimer = undefined;
+    if (this.payloadReservation === undefined || this.stateValue !== "transmission") return;
+    log.limited("payload_timeout", "WRITE payload timed out: closing the connection", {
+      peer: this.peerText,
+      payloadBytes: this.payloadReservation.bytes,
+      receivedBytes: Math.max(0, this.queue.length - WIRE.REQUEST_HEADER_BYTES),
+      timeoutMs: this.limits.payloadTimeoutMs,
+    });
+    this.hardDisconnect();
   };
 
   private readonly onHandshakeTimeout = (): void => {
@@ -211,6 +241,15 @@ export class NbdSession implements BudgetWaiter {
     if (this.stateValue === "transmission") this.pump();
   }
 
+  /** The export was revoked (volume deleted or changed, grant withdrawn): stop taking requests and end the connection. */
+  private readonly exportRevoked = (error: Error): void => {
+    this.guard(() => {
+      if (this.stateValue !== "transmission") return;
+      log.limited("export_revoked", "export revoked: closing the connection", { peer: this.peerText, export: this.opened?.name ?? "", reason: error.message });
+      this.softClose();
+    });
+  };
+
   // ------------------------------------------------------------ input
 
   /**
@@ -232,7 +271,13 @@ export class NbdSession implements BudgetWaiter {
       state: this.stateValue,
       error: error instanceof Error ? (error.stack ?? error.message) : String(error),
     });
-    this.hardDisconnect();
+    try {
+      this.hardDisconnect();
+      // The close event may already have come and gone (the error was in it): end what can be ended.
+      if (this.stateValue === "closed") this.finishIfIdle();
+    } catch (again) {
+      log.error("internal error while closing", { peer: this.peerText, error: errorMessage(again) });
+    }
   }
 
   private pumpUnguarded(): void {
@@ -340,7 +385,9 @@ export class NbdSession implements BudgetWaiter {
         this.handshakeTimer = undefined;
         this.transition(["options"], "transmission");
         log.debug("transmission", { peer: this.peerText, export: outcome.opened.name, sizeBytes: outcome.opened.sizeBytes });
-        this.pump();
+        // A device revoked between its open and now is reported at once.
+        outcome.opened.device.onRevoked?.(this.exportRevoked);
+        if ((this.stateValue as SessionState) === "transmission") this.pump();
         return;
     }
   }
@@ -357,10 +404,11 @@ export class NbdSession implements BudgetWaiter {
     const limits = this.limits;
     while (this.stateValue === "transmission") {
       if (this.blocked !== undefined) {
-        if (!this.reserve(this.blocked.costBytes)) return;
-        const { frame, costBytes } = this.blocked;
+        const reservation = this.reserve(this.blocked.costBytes);
+        if (reservation === undefined) return;
+        const { frame } = this.blocked;
         this.blocked = undefined;
-        this.dispatch(frame, costBytes);
+        this.dispatch(frame, reservation);
         continue;
       }
       if (this.inFlight >= limits.requestsInFlightMax) return;
@@ -372,9 +420,11 @@ export class NbdSession implements BudgetWaiter {
       if (decoded.kind === "need_more") {
         // A WRITE's payload is on its way: hold its bytes from the budget before buffering them.
         const payloadBytes = decoded.bytesNeeded - WIRE.REQUEST_HEADER_BYTES;
-        if (payloadBytes > 0 && this.reservedForPayloadBytes === 0) {
-          this.payloadBudgetPending = !this.reserve(payloadBytes);
-          if (!this.payloadBudgetPending) this.reservedForPayloadBytes = payloadBytes;
+        if (payloadBytes > 0 && this.payloadReservation === undefined) {
+          this.payloadReservation = this.reserve(payloadBytes);
+          this.payloadBudgetPending = this.payloadReservation === undefined;
+          // From now on the payload is the client's to send: it has payloadTimeoutMs.
+          if (this.payloadReservation !== undefined) this.payloadTimer = setTimeout(this.onPayloadTimeout, this.limits.payloadTimeoutMs);
         }
         return;
       }
@@ -392,9 +442,12 @@ export class NbdSession implements BudgetWaiter {
       }
       const frame = decoded.frame;
       if (frame.type === NBD_CMD.WRITE) this.writesHoldingPayload += 1;
-      // Budget already held for this WRITE's payload while it arrived.
-      const heldBytes = frame.type === NBD_CMD.WRITE ? this.reservedForPayloadBytes : 0;
-      this.reservedForPayloadBytes = 0;
+      // Budget already held for this WRITE's payload while it arrived (only a WRITE has a payload).
+      const held = this.takePayloadReservation();
+      if (held !== undefined && (frame.type !== NBD_CMD.WRITE || held.bytes !== frame.length)) {
+        this.releaseReservation(held);
+        throw new Error(`payload reservation of ${held.bytes} bytes does not match ${commandName(frame.type)} length=${frame.length}`);
+      }
       if (frame.type === NBD_CMD.DISC) {
         log.debug("client disconnect", { peer: this.peerText });
         this.softClose();
@@ -409,41 +462,58 @@ export class NbdSession implements BudgetWaiter {
           reason: rejection.message,
         });
         this.replyError(frame, rejection.errno, rejection.message);
-        this.release(heldBytes);
+        if (held !== undefined) this.releaseReservation(held);
         if (frame.type === NBD_CMD.WRITE) this.writesHoldingPayload -= 1;
         continue;
       }
       const costBytes = requestCostBytes(frame);
-      if (heldBytes > 0) {
-        assert(heldBytes === costBytes, "held bytes match the write");
-      } else if (costBytes > 0 && !this.reserve(costBytes)) {
-        this.blocked = { frame, costBytes };
-        return;
+      let reservation = held;
+      if (reservation === undefined && costBytes > 0) {
+        reservation = this.reserve(costBytes);
+        if (reservation === undefined) {
+          this.blocked = { frame, costBytes };
+          return;
+        }
       }
-      this.dispatch(frame, costBytes);
+      this.dispatch(frame, reservation);
     }
   }
 
-  /** Takes budget bytes for a request; false (and a wake-up later) when there are none. */
-  private reserve(bytes: number): boolean {
-    if (bytes === 0) return true;
-    if (this.inFlightBytes > 0 && this.inFlightBytes + bytes > this.limits.connectionBytesInFlightMax) return false;
-    if (!this.host.budget.tryTake(bytes, this)) {
+  /**
+   * Takes budget bytes for a request: a Reservation, or undefined (and a
+   * wake-up later: from the budget, or from this connection's own requests
+   * completing) when the server or this connection has none to spare.
+   */
+  private reserve(bytes: number): Reservation | undefined {
+    if (this.inFlightBytes > 0 && this.inFlightBytes + bytes > this.limits.connectionBytesInFlightMax) return undefined;
+    const reservation = this.host.budget.reserve(this.account, bytes, this);
+    if (reservation === undefined) {
       this.waitingForBudget = true;
-      return false;
+      return undefined;
     }
-    this.inFlightBytes += bytes;
-    return true;
+    this.inFlightBytes += reservation.bytes;
+    return reservation;
   }
 
-  private release(bytes: number): void {
-    if (bytes === 0) return;
-    this.inFlightBytes -= bytes;
-    assert(this.inFlightBytes >= 0, "released more bytes than held");
-    this.host.budget.give(bytes);
+  /** Gives a reservation's bytes back (once: a second call does nothing). */
+  private releaseReservation(reservation: Reservation | undefined): void {
+    if (reservation?.release() === true) this.inFlightBytes -= reservation.bytes;
   }
 
-  private dispatch(frame: RequestFrame, costBytes: number): void {
+  /** The payload reservation, now owned by the caller; the payload timer stops. */
+  private takePayloadReservation(): Reservation | undefined {
+    const held = this.payloadReservation;
+    this.payloadReservation = undefined;
+    if (this.payloadTimer !== undefined) clearTimeout(this.payloadTimer);
+    this.payloadTimer = undefined;
+    return held;
+  }
+
+  private dropPayloadReservation(): void {
+    this.releaseReservation(this.takePayloadReservation());
+  }
+
+  private dispatch(frame: RequestFrame, reservation: Reservation | undefined): void {
     if (frame.type === NBD_CMD.READ || frame.type === NBD_CMD.WRITE) {
       const opened = this.opened;
       assert(opened !== undefined, "dispatch without an export");
@@ -454,41 +524,52 @@ export class NbdSession implements BudgetWaiter {
           this.pumpCorked = true;
           this.socket.cork();
         }
+        this.releaseReservation(reservation);
         this.send(reply);
         if (frame.type === NBD_CMD.WRITE) {
           if (frame.payload !== undefined) this.host.pool.release(frame.payload);
           this.writesHoldingPayload -= 1;
         }
-        this.release(costBytes);
         return;
       }
     }
     this.inFlight += 1;
-    void this.execute(frame, costBytes);
+    void this.execute(frame, reservation);
   }
 
-  private async execute(frame: RequestFrame, costBytes: number): Promise<void> {
-    const opened = this.opened;
-    assert(opened !== undefined, "execute without an export");
+  /** Runs one request on the device. Whatever happens, the request leaves inFlight and gives its bytes back exactly once. */
+  private async execute(frame: RequestFrame, reservation: Reservation | undefined): Promise<void> {
+    let reply: Buffer | undefined;
+    let failure: unknown;
     try {
-      try {
-        this.send(await performRequest(opened, frame, this.limits, this.host.pool));
+      const opened = this.opened;
+      if (opened === undefined) throw new Error("execute without an export");
+      reply = await performRequest(opened, frame, this.limits, this.host.pool);
+    } catch (error) {
+      failure = error;
+    }
+    try {
+      if (reply !== undefined) {
+        this.send(reply);
         // Written: the payload may be reused (after a failure it is dropped: the device may still read it).
         if (frame.type === NBD_CMD.WRITE) {
           if (frame.payload !== undefined) this.host.pool.release(frame.payload);
           this.writesHoldingPayload -= 1;
         }
-      } catch (error) {
-        this.replyFailure(frame, error);
+      } else {
+        this.replyFailure(frame, failure);
       }
+    } catch (error) {
+      this.internalError(error);
+    } finally {
       this.inFlight -= 1;
-      this.release(costBytes);
+      this.releaseReservation(reservation);
+    }
+    this.guard(() => {
       if (this.stateValue !== "transmission") this.finishIfIdle();
       else if (this.host.shuttingDown && this.inFlight === 0) this.softClose();
       else this.pump();
-    } catch (error) {
-      this.internalError(error);
-    }
+    });
   }
 
   /** The one place a failed request's error becomes a wire errno, after it is logged once. */
@@ -594,6 +675,8 @@ export class NbdSession implements BudgetWaiter {
     if (this.stateValue === "closing" || this.stateValue === "closed") return;
     this.transition(["greeting", "options", "transmission"], "closing");
     this.queue.clear();
+    this.dropPayloadReservation();
+    this.blocked = undefined;
     this.updateReading();
     if (this.closeTimer === undefined) {
       this.closeTimer = setTimeout(this.hardDisconnect, this.limits.closeTimeoutMs);
@@ -627,13 +710,15 @@ export class NbdSession implements BudgetWaiter {
           log.error("closing export failed", { peer: this.peerText, export: device.name, error: errorMessage(error) });
         });
       }
+      this.host.budget.leave(this.account, this);
       this.host.sessionEnded(this);
       this.endedResolve?.();
     }
   }
 
   private clearTimers(): void {
-    for (const timer of [this.handshakeTimer, this.stallTimer, this.closeTimer]) if (timer !== undefined) clearTimeout(timer);
+    for (const timer of [this.handshakeTimer, this.stallTimer, this.closeTimer, this.payloadTimer]) if (timer !== undefined) clearTimeout(timer);
+    this.payloadTimer = undefined;
     this.handshakeTimer = undefined;
     this.stallTimer = undefined;
     this.closeTimer = undefined;
