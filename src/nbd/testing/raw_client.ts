@@ -22,7 +22,8 @@ import { NBD_CMD, NBD_FLAG_C, NBD_INFO, NBD_OPT, NBD_REP, NBD_REPLY_FLAG, NBD_RE
 
 export const RAW_CLIENT_TIMEOUT_MS = 5_000;
 
-export type Target = { host: string; port: number } | { path: string };
+/** A TCP target may name the local (source) address, e.g. 127.0.0.2 to be another "host" on the loopback. */
+export type Target = { host: string; port: number; localAddress?: string | undefined } | { path: string };
 
 type Decoder<T> = (queue: ByteQueue) => { kind: "need_more" } | { kind: "frame"; frame: T } | { kind: "invalid"; reason: string };
 
@@ -53,7 +54,10 @@ export class RawNbdClient {
 
   static connect(target: Target, timeoutMs = RAW_CLIENT_TIMEOUT_MS): Promise<RawNbdClient> {
     return new Promise((resolve, reject) => {
-      const socket = "path" in target ? net.connect(target.path) : net.connect(target.port, target.host);
+      const socket =
+        "path" in target
+          ? net.connect(target.path)
+          : net.connect({ port: target.port, host: target.host, ...(target.localAddress === undefined ? {} : { localAddress: target.localAddress }) });
       const timer = setTimeout(() => {
         socket.destroy();
         reject(new Error(`connect timed out after ${timeoutMs} ms`));
