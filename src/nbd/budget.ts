@@ -3,7 +3,7 @@
 // unit's memory grow without bound. A connection that cannot get bytes stops
 // reading its socket and is woken when bytes are given back.
 //
-// Two rules keep it honest (docs/adr/0007-unit-change-and-flow-control.md):
+// Two rules keep it honest (docs/adr/0007-unit-changes-opens-and-flow-control.md):
 // - Every reserved byte has one owner, a Reservation, which gives back
 //   exactly what it took, once: accounting cannot go negative or leak, and a
 //   mistake is refused where it happens instead of surfacing as an assertion

@@ -186,6 +186,10 @@ export class NbdSession implements BudgetWaiter {
   };
 
   private readonly onDrain = (): void => {
+    this.guard(this.drained);
+  };
+
+  private readonly drained = (): void => {
     if (this.stallTimer !== undefined) {
       clearTimeout(this.stallTimer);
       this.stallTimer = undefined;
@@ -194,8 +198,18 @@ export class NbdSession implements BudgetWaiter {
   };
 
   private readonly onPayloadTimeout = (): void => {
+    this.guard(this.payloadTimedOut);
+  };
+
+  private readonly payloadTimedOut = (): void => {
     this.payloadTimer = undefined;
     if (this.payloadReservation === undefined || this.stateValue !== "transmission") return;
+    if (this.socket.writableLength > this.limits.replyBytesQueuedMax) {
+      // Reading is paused because the client does not read its replies: that is the
+      // write-stall timer's case, not a slow payload. Give the payload another period.
+      this.payloadTimer = setTimeout(this.onPayloadTimeout, this.limits.payloadTimeoutMs);
+      return;
+    }
     log.limited("payload_timeout", "WRITE payload timed out: closing the connection", {
       peer: this.peerText,
       payloadBytes: this.payloadReservation.bytes,
@@ -206,6 +220,10 @@ export class NbdSession implements BudgetWaiter {
   };
 
   private readonly onHandshakeTimeout = (): void => {
+    this.guard(this.handshakeTimedOut);
+  };
+
+  private readonly handshakeTimedOut = (): void => {
     this.handshakeTimer = undefined;
     if (this.stateValue !== "greeting" && this.stateValue !== "options") return;
     log.limited("handshake_timeout", "handshake timed out: dropping client", {
@@ -217,6 +235,10 @@ export class NbdSession implements BudgetWaiter {
   };
 
   private readonly onWriteStall = (): void => {
+    this.guard(this.writeStalled);
+  };
+
+  private readonly writeStalled = (): void => {
     this.stallTimer = undefined;
     if (this.socket.bytesWritten > this.stallBytesWritten && this.socket.writableLength > this.limits.replyBytesQueuedMax) {
       // Slow but reading: give it another period.
@@ -491,6 +513,9 @@ export class NbdSession implements BudgetWaiter {
       this.waitingForBudget = true;
       return undefined;
     }
+    // Granted: whatever this connection was waiting for, it is not waiting any more (the
+    // budget dropped it from its waiters, so no wake-up will come to clear the flag).
+    this.waitingForBudget = false;
     this.inFlightBytes += reservation.bytes;
     return reservation;
   }
