@@ -2,7 +2,7 @@
 // temp dir, removed by the test's cleanup (after(), finally) even on failure.
 // IPSAN_KEEP_TMP=1 keeps them for a post-mortem and says where they are.
 
-import { mkdtempSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
@@ -13,8 +13,9 @@ export interface TempDir {
   remove(): void;
 }
 
-export function makeTempDir(prefix: string): TempDir {
-  const path = mkdtempSync(join(tmpdir(), `ipsan-${prefix.replace(/[^\w.-]/g, "_")}-`));
+/** `base` (default the OS temp dir) lets a test choose its filesystem, e.g. memoryTmpBase() where fsync costs nothing. */
+export function makeTempDir(prefix: string, base = tmpdir()): TempDir {
+  const path = mkdtempSync(join(base, `ipsan-${prefix.replace(/[^\w.-]/g, "_")}-`));
   return {
     path,
     file: (name) => join(path, name),
@@ -26,4 +27,9 @@ export function makeTempDir(prefix: string): TempDir {
       rmSync(path, { recursive: true, force: true, maxRetries: 3 });
     },
   };
+}
+
+/** /dev/shm (tmpfs: fsync returns at once) when the machine has it, else the OS temp dir. */
+export function memoryTmpBase(): string {
+  return existsSync("/dev/shm") ? "/dev/shm" : tmpdir();
 }

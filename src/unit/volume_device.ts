@@ -350,6 +350,11 @@ export class VolumeDevice implements BlockDevice {
     return this.#revoked !== undefined;
   }
 
+  /** Closed by its frontend (it may still have storage calls in flight). */
+  get closed(): boolean {
+    return this.#closed;
+  }
+
   /** Closes the device; it leaves its manager once its last storage call has settled. */
   async close(): Promise<void> {
     if (this.#closed) return;

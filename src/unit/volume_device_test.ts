@@ -187,3 +187,34 @@ test("capacity: grows, never shrinks; the error names both sizes", async () => {
     dir.remove();
   }
 });
+
+test("a wipe refuses opens while it runs, and waits for a closed device's last call instead of refusing", async () => {
+  await withUnit(async (manager, provider) => {
+    await manager.create("w", 4 * MIB);
+    const storage = manager.storage as unknown as Record<string, (...args: unknown[]) => Promise<unknown>>;
+    const events: string[] = [];
+    const zero = (storage["zero"] as (...args: unknown[]) => Promise<unknown>).bind(manager.storage);
+    const read = (storage["read"] as (...args: unknown[]) => Promise<unknown>).bind(manager.storage);
+    storage["zero"] = async (...args: unknown[]) => {
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      return zero(...args);
+    };
+    storage["read"] = async (...args: unknown[]) => {
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      const result = await read(...args);
+      events.push("read settled");
+      return result;
+    };
+    // A client closes its device while a read is still in flight: the wipe is not refused, it waits.
+    const device = await provider.open("w", LOCAL);
+    const reading = device.read(Buffer.alloc(4096), 0);
+    await device.close();
+    const wiping = manager.wipe("w").then(() => events.push("wiped"));
+    await new Promise((resolve) => setTimeout(resolve, 20));
+    await assert.rejects(provider.open("w", LOCAL), (error: unknown) => code("UNAVAILABLE")(error) && /being wiped/.test(String(error)));
+    await Promise.all([reading, wiping]);
+    assert.deepEqual(events, ["read settled", "wiped"]);
+    const after = await provider.open("w", LOCAL);
+    await after.close();
+  });
+});

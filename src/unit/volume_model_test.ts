@@ -10,18 +10,22 @@
 //   that device's export, and the table admits the device's peer;
 // - every acknowledged change: each open, unrevoked device maps exactly
 //   bytes the new table gives its export, to a peer the table admits.
-// The canary runs the same simulation against a copy of the compiled
-// volumes.js whose open no longer waits for a changing volume (the window
-// the audit found): it must fail.
+// Some device storage calls fail at once (an injected EIO) while the other
+// pieces of the same request are still delayed, as a fast ENOSPC would.
+// A canary runs the same simulation against a copy of the compiled
+// volumes.js whose opens no longer wait for a changing volume (the window
+// the audit found) and must fail. A directed test pins the other defect:
+// a split request settling on its first failed piece while another still
+// runs; its canary (Promise.all put back) must fail too.
 
 import assert from "node:assert/strict";
 import { AsyncLocalStorage } from "node:async_hooks";
-import { copyFileSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { readFileSync, rmSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { test } from "node:test";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import type { BlockDevice, Peer } from "../block/types.ts";
-import { makeTempDir } from "../testing/tmp.ts";
+import { makeTempDir, memoryTmpBase } from "../testing/tmp.ts";
 import { IpsanError } from "../util/errors.ts";
 import { setLogLevel } from "../util/log.ts";
 import { parseCidr } from "./cidr.ts";
@@ -36,8 +40,24 @@ setLogLevel("error");
 const SEEDS = 12;
 const STEPS_PER_SEED = 500;
 const WORKERS = 8;
-const CANARY_SEEDS_MAX = 12;
-const STORAGE_DELAY_MS_MAX = 3;
+const CANARY_SEEDS_MAX = 24;
+/** Delay before a device's storage call touches bytes: long enough that one often outlasts a whole change. */
+const DEVICE_DELAY_MS_MAX = 8;
+/** Delay before the manager's own storage calls (zeroing, the table write). */
+const MANAGER_DELAY_MS_MAX = 1;
+/** A share of device calls is much slower (a busy disk's long tail), so one outlasts the table write's fdatasync. */
+const DEVICE_SLOW_RATE = 0.1;
+const DEVICE_SLOW_MS_MAX = 40;
+/**
+ * Seeds alternate between two profiles: calm (few failures, few changes) and
+ * harsh (many storage calls fail at once, many changes), where a late piece
+ * of a failed request meets a change often enough to be seen.
+ */
+const PROFILES = [
+  { name: "calm", failureRate: 0.05, changeShare: 0.15 },
+  { name: "harsh", failureRate: 0.4, changeShare: 0.35 },
+] as const;
+type Profile = (typeof PROFILES)[number];
 const PEERS = ["10.0.0.1", "10.0.0.2"] as const;
 const VOLUMES = ["a", "b", "c"] as const;
 const EXPORTS = ["a", "a/p1", "a/p2", "b", "b/p1", "b/p2", "c"] as const;
@@ -60,6 +80,9 @@ function prng(seed: number): () => number {
     return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
   };
 }
+
+/** The error an injected storage failure throws (a stand-in for EIO or ENOSPC). */
+class InjectedFailure extends Error {}
 
 interface Tracked {
   readonly id: number;
@@ -108,10 +131,11 @@ interface Run {
   readonly stats: { opens: number; requests: number; changes: number; revokedAtAck: number };
 }
 
-async function simulate(Manager: ManagerClass, seed: number): Promise<Run> {
+async function simulate(Manager: ManagerClass, seed: number, profile: Profile): Promise<Run> {
   const random = prng(seed);
   const pick = <T>(items: readonly T[]): T => items[Math.floor(random() * items.length)] as T;
-  const dir = makeTempDir("volume-model");
+  // On tmpfs the table write's fdatasync is instant, so a change can finish inside one slow storage call.
+  const dir = makeTempDir("volume-model", memoryTmpBase());
   const manager = await Manager.open({ dataDir: dir.path, capacityBytes: 64 * MIB });
   const allow = PEERS.map((p) => parseCidr(`${p}/32`)).map((p) => (p.ok ? p.cidr : assert.fail("cidr")));
   const provider = new UnitExportProvider(manager, { allow });
@@ -141,7 +165,9 @@ async function simulate(Manager: ManagerClass, seed: number): Promise<Run> {
   for (const [method, range] of Object.entries(ranges)) {
     const original = (storage[method] as (...args: unknown[]) => Promise<unknown>).bind(manager.storage);
     storage[method] = async (...args: unknown[]): Promise<unknown> => {
-      await new Promise((resolve) => setTimeout(resolve, Math.floor(random() * (STORAGE_DELAY_MS_MAX + 1))));
+      if (context.getStore() !== undefined && random() < profile.failureRate) throw new InjectedFailure(`injected failure of ${method}`);
+      const delayMax = context.getStore() === undefined ? MANAGER_DELAY_MS_MAX : random() < DEVICE_SLOW_RATE ? DEVICE_SLOW_MS_MAX : DEVICE_DELAY_MS_MAX;
+      await new Promise((resolve) => setTimeout(resolve, Math.floor(random() * (delayMax + 1))));
       const tracked = context.getStore();
       const [position, length] = range(args);
       check(tracked, position, length, "at start");
@@ -168,6 +194,7 @@ async function simulate(Manager: ManagerClass, seed: number): Promise<Run> {
   let nextId = 1;
   const unexpected = (what: string, error: unknown): void => {
     if (error instanceof IpsanError && EXPECTED_CODES.has(error.code)) return;
+    if (error instanceof InjectedFailure) return;
     if (run.unexpected.length < 20) run.unexpected.push(`${what}: ${error instanceof Error ? (error.stack ?? error.message) : String(error)}`);
   };
 
@@ -239,7 +266,16 @@ async function simulate(Manager: ManagerClass, seed: number): Promise<Run> {
     const peer = { address: pick(PEERS), port: nextId };
     try {
       const device = await provider.open(exportName, peer);
-      devices.push({ id: nextId++, device, exportName, peer, closed: false });
+      const tracked: Tracked = { id: nextId++, device, exportName, peer, closed: false };
+      devices.push(tracked);
+      // Like the NBD session, which drops a revoked connection: close it a moment later.
+      device.onRevoked?.(() => {
+        setTimeout(() => {
+          if (tracked.closed) return;
+          tracked.closed = true;
+          void device.close();
+        }, Math.floor(random() * DEVICE_DELAY_MS_MAX));
+      });
       run.stats.opens += 1;
     } catch (error) {
       unexpected(`open ${exportName}`, error);
@@ -251,7 +287,7 @@ async function simulate(Manager: ManagerClass, seed: number): Promise<Run> {
     if (live.length === 0) return open();
     const t = pick(live);
     const size = t.device.sizeBytes;
-    const length = Math.min(size, (1 + Math.floor(random() * 512)) * 512);
+    const length = Math.min(size, (1 + Math.floor(random() * 2048)) * 512);
     const offset = Math.floor(random() * ((size - length) / 512 + 1)) * 512;
     const kind = pick(["read", "write", "writev", "zero", "trim", "readNow", "writeNow", "flush"] as const);
     run.stats.requests += 1;
@@ -293,14 +329,16 @@ async function simulate(Manager: ManagerClass, seed: number): Promise<Run> {
   };
 
   try {
-    for (const name of VOLUMES) await manager.create(name, 2 * MIB);
+    // Interleaved creates and grows: every volume starts with two extents, so requests split into pieces.
+    for (const name of VOLUMES) await manager.create(name, MIB);
+    for (const name of VOLUMES) await manager.grow(name, 2 * MIB);
     let steps = 0;
     const worker = async (): Promise<void> => {
       while (steps < STEPS_PER_SEED) {
         steps += 1;
         const roll = random();
-        if (roll < 0.15) await change();
-        else if (roll < 0.45) await open();
+        if (roll < profile.changeShare) await change();
+        else if (roll < profile.changeShare + 0.3) await open();
         else if (roll < 0.9) await request();
         else await close();
       }
@@ -319,36 +357,104 @@ test(`volume manager: random opens, requests, changes and closes never leave a d
   const totals = { opens: 0, requests: 0, changes: 0, revokedAtAck: 0 };
   for (let i = 0; i < SEEDS; i++) {
     const seed = base + i;
-    const run = await simulate(VolumeManager, seed);
+    const profile = PROFILES[i % PROFILES.length] as Profile;
+    const run = await simulate(VolumeManager, seed, profile);
     for (const key of Object.keys(totals) as (keyof typeof totals)[]) totals[key] += run.stats[key];
-    assert.deepEqual(run.unexpected, [], `seed ${seed} (IPSAN_MODEL_SEED=${base}): unexpected errors`);
-    assert.deepEqual(run.violations, [], `seed ${seed} (IPSAN_MODEL_SEED=${base}): invariant broken`);
+    assert.deepEqual(run.unexpected, [], `seed ${seed} ${profile.name} (IPSAN_MODEL_SEED=${base}): unexpected errors`);
+    assert.deepEqual(run.violations, [], `seed ${seed} ${profile.name} (IPSAN_MODEL_SEED=${base}): invariant broken`);
   }
   // The simulation must really exercise revocation, or it proves nothing.
   assert.ok(totals.revokedAtAck > 0 && totals.opens > 100 && totals.changes > 100, `exercised: ${JSON.stringify(totals)}`);
   console.log(`model: ${JSON.stringify(totals)} (IPSAN_MODEL_SEED=${base})`);
 });
 
-test("canary: the same simulation finds the open window when opens stop waiting for a changing volume", async () => {
+/** A patched copy of a compiled module next to it: each [from, to] must match exactly once. */
+function patchedCopy(file: string, tag: string, edits: readonly (readonly [string, string])[]): string {
   const here = dirname(fileURLToPath(import.meta.url));
-  const source = join(here, "volumes.js");
-  const canary = join(here, `volumes_canary_${process.pid}.js`);
-  const gateWait = "const gate = this.#gates.get(parsed.volume);";
-  const text = readFileSync(source, "utf8");
-  assert.equal(text.split(gateWait).length, 2, `the compiled volumes.js has exactly one "${gateWait}" (update the canary if the gate moved)`);
-  copyFileSync(source, canary);
-  writeFileSync(canary, text.replace(gateWait, "const gate = undefined;"));
+  let text = readFileSync(join(here, file), "utf8");
+  for (const [from, to] of edits) {
+    assert.equal(text.split(from).length, 2, `the compiled ${file} has exactly one "${from}" (update the canary if the code moved)`);
+    text = text.replace(from, to);
+  }
+  const copy = join(here, file.replace(/\.js$/, `_${tag}_${process.pid}.js`));
+  writeFileSync(copy, text);
+  return copy;
+}
+
+/** Runs the simulation on the broken manager until a seed shows a violation; returns it. */
+async function canaryFinds(broken: ManagerClass, what: string): Promise<string> {
+  const base = Math.floor(Math.random() * 1e9);
+  for (let i = 0; i < CANARY_SEEDS_MAX; i++) {
+    const run = await simulate(broken, base + i, PROFILES[i % PROFILES.length] as Profile);
+    const found = run.violations[0];
+    if (found !== undefined) return found;
+  }
+  return assert.fail(`the simulation did not notice ${what} in ${CANARY_SEEDS_MAX} seeds from ${base}`);
+}
+
+test("canary: the simulation finds the open window when opens stop waiting for a changing volume", async () => {
+  const copy = patchedCopy("volumes.js", "canary_gate", [["const gate = this.#gates.get(parsed.volume);", "const gate = undefined;"]]);
   try {
-    const broken = (await import(pathToFileURL(canary).href)) as { VolumeManager: ManagerClass };
-    const base = Math.floor(Math.random() * 1e9);
-    let found: string | undefined;
-    for (let i = 0; i < CANARY_SEEDS_MAX && found === undefined; i++) {
-      const run = await simulate(broken.VolumeManager, base + i);
-      found = run.violations[0];
-    }
-    assert.ok(found !== undefined, `the simulation did not notice opens racing changes in ${CANARY_SEEDS_MAX} seeds from ${base}`);
-    console.log(`canary caught: ${found}`);
+    const broken = (await import(pathToFileURL(copy).href)) as { VolumeManager: ManagerClass };
+    console.log(`canary caught: ${await canaryFinds(broken.VolumeManager, "opens racing changes")}`);
   } finally {
-    rmSync(canary, { force: true });
+    rmSync(copy, { force: true });
+  }
+});
+
+/**
+ * A split request whose first piece fails at once and whose second piece is
+ * slow: the request may fail, but the device must not look idle (and a delete
+ * must not be acknowledged) before the slow piece has settled. Returns the
+ * order in which the slow piece ended and the delete was acknowledged.
+ */
+async function lateFailedPiece(Manager: ManagerClass): Promise<string[]> {
+  const dir = makeTempDir("volume-pieces", memoryTmpBase());
+  const manager = await Manager.open({ dataDir: dir.path, capacityBytes: 16 * MIB });
+  const events: string[] = [];
+  try {
+    await manager.create("a", MIB);
+    await manager.create("b", MIB);
+    await manager.grow("a", 2 * MIB); // a: two extents, so a read across 1 MiB is two pieces
+    const device = await new UnitExportProvider(manager).open("a", { address: "127.0.0.1", port: 1 });
+    const storage = manager.storage as unknown as Record<string, (...args: unknown[]) => Promise<unknown>>;
+    const original = (storage["read"] as (...args: unknown[]) => Promise<unknown>).bind(manager.storage);
+    let calls = 0;
+    storage["read"] = async (...args: unknown[]): Promise<unknown> => {
+      calls += 1;
+      if (calls === 1) throw new InjectedFailure("first piece fails at once");
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      const result = await original(...args);
+      events.push("slow piece settled");
+      return result;
+    };
+    await assert.rejects(device.read(Buffer.alloc(MIB), MIB / 2), InjectedFailure);
+    assert.equal(calls, 2, "the read was split into two pieces");
+    await manager.delete("a");
+    events.push("delete acknowledged");
+    await device.close();
+    await new Promise((resolve) => setTimeout(resolve, 150));
+  } finally {
+    await manager.close();
+    dir.remove();
+  }
+  return events;
+}
+
+test("a split request that fails on one piece settles only when every piece has (the delete waits for the slow one)", async () => {
+  assert.deepEqual(await lateFailedPiece(VolumeManager), ["slow piece settled", "delete acknowledged"]);
+});
+
+test("canary: with Promise.all for the pieces, the delete is acknowledged while a piece still runs", async () => {
+  const device = patchedCopy("volume_device.js", "canary_pieces", [
+    ["const results = await Promise.allSettled(pieces);", "const results = await Promise.all(pieces).then((values) => values.map((value) => ({ status: \"fulfilled\", value })));"],
+  ]);
+  const manager = patchedCopy("volumes.js", "canary_pieces", [["from \"./volume_device.js\";", `from "./${device.split("/").pop() ?? ""}";`]]);
+  try {
+    const broken = (await import(pathToFileURL(manager).href)) as { VolumeManager: ManagerClass };
+    assert.deepEqual(await lateFailedPiece(broken.VolumeManager), ["delete acknowledged", "slow piece settled"]);
+  } finally {
+    rmSync(manager, { force: true });
+    rmSync(device, { force: true });
   }
 });

@@ -232,14 +232,15 @@ export class VolumeManager {
    * the storage cannot punch) and fdatasyncs, so the next host to get it never
    * reads the last one's data. Refused (CONFLICT) while the volume has an
    * open, unrevoked connection; opens are refused while it runs (the volume
-   * is gated). Revoked devices still draining are waited for first. The table
-   * does not change. Repeating it is harmless.
+   * is gated). Closed or revoked devices still draining are waited for first.
+   * The table does not change. Repeating it is harmless.
    */
   wipe(name: unknown): Promise<VolumeRecord> {
     return this.#enqueue(async () => {
       const { volume, ranges } = wipeRanges(this.#table, name);
       const devices = this.#devicesOf(volume.name);
-      const open = devices.filter((d) => !d.revoked).length;
+      // Closed devices and revoked ones are no one's any more; their last calls are waited for below.
+      const open = devices.filter((d) => !d.revoked && !d.closed).length;
       if (open > 0) {
         throw new IpsanError("CONFLICT", `volume ${volume.name} is open by ${open} connection(s); close them before wiping it`, { field: "name" });
       }
