@@ -56,6 +56,7 @@ const SUBCOMMANDS: Readonly<Record<string, (argv: readonly string[]) => Promise<
   release: releaseMain,
   agent: agentMain,
   list: listMain,
+  engine: async (argv) => (await import("./engine/engine.ts")).engineMain(argv),
 };
 
 export async function hostMain(argv: readonly string[]): Promise<number> {

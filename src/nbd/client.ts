@@ -1,0 +1,306 @@
+// An NBD client for the host's mirror engine (one per leg): fixed newstyle
+// handshake, NBD_OPT_GO, then pipelined requests matched to replies by
+// cookie. It speaks what ipsan's units (and nbdkit, qemu-nbd) serve:
+// simple replies, so a READ's data follows its reply header and the length
+// is the one asked for. Every request has a deadline; a connection that
+// breaks, sends something invalid or misses a deadline fails every request
+// in flight with the reason and is closed (the engine then marks the leg
+// failed). Bounded: at most `inFlightMax` requests queued on the socket, the
+// rest wait in order.
+
+import * as net from "node:net";
+import { IpsanError } from "../util/errors.ts";
+import { ByteQueue } from "./byte_queue.ts";
+import { decodeGreeting, decodeOptionReply, decodeTransmissionReply, encodeClientFlags, encodeInfoRequestData, encodeOption, encodeRequest } from "./peer_codec.ts";
+import { NBD_CMD, NBD_CMD_FLAG, NBD_FLAG, NBD_FLAG_C, NBD_INFO, NBD_OPT, NBD_REP, NBD_TFLAG, WIRE } from "./protocol.ts";
+
+export type NbdTarget = { readonly host: string; readonly port: number; readonly exportName: string } | { readonly path: string; readonly exportName: string };
+
+/** Parses nbd://HOST[:PORT]/EXPORT and nbd+unix:///EXPORT?socket=PATH (the URIs units print and libnbd takes). */
+export function parseNbdUri(uri: string): NbdTarget {
+  let url: URL;
+  try {
+    url = new URL(uri);
+  } catch {
+    throw new IpsanError("INVALID_ARGUMENT", `not an NBD URI: ${JSON.stringify(uri)}`);
+  }
+  const exportName = decodeURIComponent(url.pathname.replace(/^\//, ""));
+  if (url.protocol === "nbd+unix:") {
+    const path = url.searchParams.get("socket");
+    if (path === null || path === "") throw new IpsanError("INVALID_ARGUMENT", `${uri}: nbd+unix needs ?socket=PATH`);
+    return { path, exportName };
+  }
+  if (url.protocol === "nbd:") {
+    const host = url.hostname.replace(/^\[(.*)\]$/, "$1");
+    const port = url.port === "" ? 10809 : Number(url.port);
+    if (host === "" || !(port > 0 && port < 65536)) throw new IpsanError("INVALID_ARGUMENT", `${uri}: needs HOST[:PORT]`);
+    return { host, port, exportName };
+  }
+  throw new IpsanError("INVALID_ARGUMENT", `${uri}: unsupported scheme ${url.protocol} (nbd:// or nbd+unix://)`);
+}
+
+export interface NbdClientOptions {
+  /** Connect plus handshake. */
+  readonly connectTimeoutMs?: number;
+  /** Each request, from sending to its whole reply. */
+  readonly requestTimeoutMs?: number;
+  /** Requests on the wire at once; more wait in order. */
+  readonly inFlightMax?: number;
+}
+
+interface Pending {
+  readonly cookie: number;
+  readonly type: number;
+  readonly length: number;
+  readonly resolve: (data: Buffer | undefined) => void;
+  readonly reject: (error: Error) => void;
+  readonly deadline: number;
+}
+
+const DEFAULTS = { connectTimeoutMs: 5_000, requestTimeoutMs: 5_000, inFlightMax: 64 };
+
+export class NbdClient {
+  readonly sizeBytes: number;
+  readonly transmissionFlags: number;
+  readonly #socket: net.Socket;
+  readonly #queue: ByteQueue;
+  readonly #pending = new Map<number, Pending>();
+  readonly #waiting: (() => void)[] = [];
+  readonly #requestTimeoutMs: number;
+  readonly #inFlightMax: number;
+  #nextCookie = 1;
+  #broken: Error | undefined;
+  /** A simple READ reply whose data has not all arrived yet. */
+  #readingData: Pending | undefined;
+  #timer: NodeJS.Timeout | undefined;
+  readonly #closedListeners: ((error: Error) => void)[] = [];
+
+  private constructor(socket: net.Socket, queue: ByteQueue, sizeBytes: number, flags: number, options: Required<NbdClientOptions>) {
+    this.#socket = socket;
+    this.#queue = queue;
+    this.sizeBytes = sizeBytes;
+    this.transmissionFlags = flags;
+    this.#requestTimeoutMs = options.requestTimeoutMs;
+    this.#inFlightMax = options.inFlightMax;
+    socket.on("data", (chunk: Buffer) => {
+      this.#queue.push(chunk);
+      this.#drain();
+    });
+    socket.on("error", (error) => this.#fail(new IpsanError("UNAVAILABLE", `NBD connection failed: ${error.message}`)));
+    socket.on("close", () => this.#fail(new IpsanError("UNAVAILABLE", "NBD server closed the connection")));
+  }
+
+  /** Connects, negotiates and opens the export; rejects with the server's reason when it refuses. */
+  static async connect(target: NbdTarget | string, options: NbdClientOptions = {}): Promise<NbdClient> {
+    const resolved = typeof target === "string" ? parseNbdUri(target) : target;
+    const settings = { ...DEFAULTS, ...options };
+    const socket = "path" in resolved ? net.connect(resolved.path) : net.connect({ host: resolved.host, port: resolved.port, noDelay: true });
+    const queue = new ByteQueue();
+    const where = "path" in resolved ? `nbd+unix:///${resolved.exportName}?socket=${resolved.path}` : `nbd://${resolved.host}:${resolved.port}/${resolved.exportName}`;
+    let wake: (() => void) | undefined;
+    let failure: Error | undefined;
+    const onData = (chunk: Buffer): void => {
+      queue.push(chunk);
+      wake?.();
+    };
+    const onEnd = (error?: Error): void => {
+      failure ??= new IpsanError("UNAVAILABLE", `${where}: ${error?.message ?? "connection closed during the handshake"}`);
+      wake?.();
+    };
+    socket.on("data", onData);
+    socket.on("error", onEnd);
+    socket.on("close", () => onEnd());
+    const deadline = Date.now() + settings.connectTimeoutMs;
+    const next = async <T>(decode: (q: ByteQueue) => { kind: "need_more" } | { kind: "frame"; frame: T } | { kind: "invalid"; reason: string }): Promise<T> => {
+      for (;;) {
+        const result = decode(queue);
+        if (result.kind === "frame") return result.frame;
+        if (result.kind === "invalid") throw new IpsanError("UNAVAILABLE", `${where}: invalid handshake data (${result.reason})`);
+        if (failure !== undefined) throw failure;
+        const left = deadline - Date.now();
+        if (left <= 0) throw new IpsanError("UNAVAILABLE", `${where}: handshake timed out after ${settings.connectTimeoutMs} ms`);
+        await new Promise<void>((resolve) => {
+          const timer = setTimeout(resolve, left);
+          wake = () => {
+            clearTimeout(timer);
+            wake = undefined;
+            resolve();
+          };
+        });
+      }
+    };
+    try {
+      const greeting = await next(decodeGreeting);
+      if ((greeting.handshakeFlags & NBD_FLAG.FIXED_NEWSTYLE) === 0) throw new IpsanError("UNAVAILABLE", `${where}: server is not fixed newstyle`);
+      const noZeroes = (greeting.handshakeFlags & NBD_FLAG.NO_ZEROES) !== 0;
+      socket.write(encodeClientFlags(NBD_FLAG_C.FIXED_NEWSTYLE | (noZeroes ? NBD_FLAG_C.NO_ZEROES : 0)));
+      socket.write(encodeOption(NBD_OPT.GO, encodeInfoRequestData(resolved.exportName, [NBD_INFO.BLOCK_SIZE])));
+      let sizeBytes: number | undefined;
+      let flags = 0;
+      for (;;) {
+        const reply = await next((q) => decodeOptionReply(q, 64 * 1024));
+        if (reply.replyType === NBD_REP.INFO && reply.data.length >= 12 && reply.data.readUInt16BE(0) === NBD_INFO.EXPORT) {
+          sizeBytes = Number(reply.data.readBigUInt64BE(2));
+          flags = reply.data.readUInt16BE(10);
+        } else if (reply.replyType === NBD_REP.ACK) {
+          break;
+        } else if (reply.replyType >= 0x8000_0000) {
+          const code = reply.replyType === NBD_REP.ERR_POLICY ? "PERMISSION_DENIED" : reply.replyType === NBD_REP.ERR_UNKNOWN ? "NOT_FOUND" : "UNAVAILABLE";
+          throw new IpsanError(code, `${where}: export refused (0x${reply.replyType.toString(16)}): ${reply.data.toString("utf8").slice(0, 200)}`);
+        }
+      }
+      if (sizeBytes === undefined || !Number.isSafeInteger(sizeBytes)) throw new IpsanError("UNAVAILABLE", `${where}: no export size in the GO reply`);
+      socket.off("data", onData);
+      socket.removeAllListeners("error");
+      socket.removeAllListeners("close");
+      return new NbdClient(socket, queue, sizeBytes, flags, settings);
+    } catch (error) {
+      socket.destroy();
+      throw error;
+    }
+  }
+
+  get broken(): Error | undefined {
+    return this.#broken;
+  }
+
+  /** Called once when the connection breaks (with the reason). */
+  onBroken(listener: (error: Error) => void): void {
+    if (this.#broken !== undefined) listener(this.#broken);
+    else this.#closedListeners.push(listener);
+  }
+
+  get canFlush(): boolean {
+    return (this.transmissionFlags & NBD_TFLAG.SEND_FLUSH) !== 0;
+  }
+
+  read(offsetBytes: number, lengthBytes: number): Promise<Buffer> {
+    return this.#request(NBD_CMD.READ, 0, offsetBytes, lengthBytes, undefined).then((data) => data ?? Buffer.alloc(0));
+  }
+
+  async write(offsetBytes: number, data: Buffer, fua: boolean): Promise<void> {
+    await this.#request(NBD_CMD.WRITE, fua ? NBD_CMD_FLAG.FUA : 0, offsetBytes, data.length, data);
+  }
+
+  async flush(): Promise<void> {
+    await this.#request(NBD_CMD.FLUSH, 0, 0, 0, undefined);
+  }
+
+  async trim(offsetBytes: number, lengthBytes: number, fua: boolean): Promise<void> {
+    await this.#request(NBD_CMD.TRIM, fua ? NBD_CMD_FLAG.FUA : 0, offsetBytes, lengthBytes, undefined);
+  }
+
+  async zero(offsetBytes: number, lengthBytes: number, fua: boolean, mayTrim: boolean): Promise<void> {
+    const flags = (fua ? NBD_CMD_FLAG.FUA : 0) | (mayTrim ? 0 : NBD_CMD_FLAG.NO_HOLE);
+    await this.#request(NBD_CMD.WRITE_ZEROES, flags, offsetBytes, lengthBytes, undefined);
+  }
+
+  /** Sends NBD_CMD_DISC (after requests in flight) and closes. */
+  async close(): Promise<void> {
+    if (this.#broken === undefined) {
+      while (this.#pending.size > 0 && this.#broken === undefined) await new Promise((resolve) => setTimeout(resolve, 5));
+      if (this.#broken === undefined) {
+        this.#socket.end(encodeRequest({ cookieHi: 0, cookieLo: 0, flags: 0, type: NBD_CMD.DISC, offset: 0, length: 0 }));
+      }
+    }
+    this.#fail(new IpsanError("UNAVAILABLE", "NBD connection closed by the client"));
+  }
+
+  /** Cuts the connection now; requests in flight fail. */
+  destroy(reason = "NBD connection cut by the client"): void {
+    this.#fail(new IpsanError("UNAVAILABLE", reason));
+  }
+
+  async #request(type: number, flags: number, offsetBytes: number, lengthBytes: number, payload: Buffer | undefined): Promise<Buffer | undefined> {
+    while (this.#pending.size >= this.#inFlightMax && this.#broken === undefined) {
+      await new Promise<void>((resolve) => this.#waiting.push(resolve));
+    }
+    if (this.#broken !== undefined) throw this.#broken;
+    const cookie = this.#nextCookie;
+    this.#nextCookie = this.#nextCookie >= 0xffff_fff0 ? 1 : this.#nextCookie + 1;
+    return new Promise((resolve, reject) => {
+      this.#pending.set(cookie, { cookie, type, length: lengthBytes, resolve, reject, deadline: Date.now() + this.#requestTimeoutMs });
+      this.#armTimer();
+      const header = encodeRequest({ cookieHi: 0, cookieLo: cookie, flags, type, offset: offsetBytes, length: lengthBytes });
+      if (payload === undefined) this.#socket.write(header);
+      else {
+        this.#socket.cork();
+        this.#socket.write(header);
+        this.#socket.write(payload);
+        this.#socket.uncork();
+      }
+    });
+  }
+
+  #drain(): void {
+    try {
+      for (;;) {
+        const reading = this.#readingData;
+        if (reading !== undefined) {
+          if (this.#queue.length < reading.length) return;
+          this.#readingData = undefined;
+          const data = Buffer.from(this.#queue.take(reading.length));
+          this.#settled(reading.cookie);
+          reading.resolve(data);
+          continue;
+        }
+        const decoded = decodeTransmissionReply(this.#queue, WIRE.REQUEST_HEADER_BYTES + (64 << 20));
+        if (decoded.kind === "need_more") return;
+        if (decoded.kind === "invalid") throw new IpsanError("UNAVAILABLE", `NBD server sent an invalid reply (${decoded.reason})`);
+        const reply = decoded.frame;
+        const pending = this.#pending.get(reply.cookieLo);
+        if (pending === undefined || reply.cookieHi !== 0) throw new IpsanError("UNAVAILABLE", `NBD reply for an unknown cookie ${reply.cookieHi}:${reply.cookieLo}`);
+        if (reply.kind !== "simple") throw new IpsanError("UNAVAILABLE", "NBD server sent a structured reply that was not negotiated");
+        if (reply.errno !== 0) {
+          this.#settled(pending.cookie);
+          pending.reject(new IpsanError("IO_ERROR", `NBD request failed on the server: errno ${reply.errno}`));
+          continue;
+        }
+        if (pending.type === NBD_CMD.READ && pending.length > 0) {
+          this.#readingData = pending;
+          continue;
+        }
+        this.#settled(pending.cookie);
+        pending.resolve(undefined);
+      }
+    } catch (error) {
+      this.#fail(error instanceof Error ? error : new Error(String(error)));
+    }
+  }
+
+  #settled(cookie: number): void {
+    this.#pending.delete(cookie);
+    this.#waiting.shift()?.();
+  }
+
+  #armTimer(): void {
+    if (this.#timer !== undefined || this.#broken !== undefined) return;
+    this.#timer = setTimeout(this.#checkDeadlines, Math.min(this.#requestTimeoutMs, 250));
+  }
+
+  readonly #checkDeadlines = (): void => {
+    this.#timer = undefined;
+    const now = Date.now();
+    for (const pending of this.#pending.values()) {
+      if (pending.deadline <= now) {
+        this.#fail(new IpsanError("UNAVAILABLE", `NBD request timed out after ${this.#requestTimeoutMs} ms`));
+        return;
+      }
+    }
+    if (this.#pending.size > 0) this.#armTimer();
+  };
+
+  #fail(error: Error): void {
+    if (this.#broken !== undefined) return;
+    this.#broken = error;
+    if (this.#timer !== undefined) clearTimeout(this.#timer);
+    this.#timer = undefined;
+    this.#socket.destroy();
+    const pending = [...this.#pending.values()];
+    this.#pending.clear();
+    this.#readingData = undefined;
+    for (const p of pending) p.reject(error);
+    for (const wake of this.#waiting.splice(0)) wake();
+    for (const listener of this.#closedListeners.splice(0)) listener(error);
+  }
+}
