@@ -9,7 +9,10 @@
 //  24  4  body bytes
 //  28  4  reserved, zero
 //  32 32  SHA-256 over header bytes 0..31 followed by the body
-// Body: UTF-8 JSON of the VolumeTable with extents as [startLba, lengthLba] pairs.
+// Body: UTF-8 JSON of the VolumeTable with extents as [startLba, lengthLba] pairs,
+// and "bothSlots": true when the writer keeps every acknowledged change in
+// both slots (table_store.ts; absent in slots written before that, which
+// older decoders ignore, so the format stays version 1 both ways).
 
 import { createHash } from "node:crypto";
 import { SECTOR_SIZE } from "../block/types.ts";
@@ -60,7 +63,13 @@ export interface VolumeTable {
 
 export type SlotDecode =
   | { readonly kind: "empty" }
-  | { readonly kind: "valid"; readonly generation: number; readonly table: VolumeTable }
+  | {
+      readonly kind: "valid";
+      readonly generation: number;
+      readonly table: VolumeTable;
+      /** Written by a writer that puts every acknowledged change into both slots (docs/adr/0008). */
+      readonly bothSlots: boolean;
+    }
   | { readonly kind: "invalid"; readonly reason: string };
 
 const MAGIC_BYTES = Buffer.from(TABLE_MAGIC, "ascii");
@@ -77,12 +86,13 @@ function checksum(header: Buffer, body: Buffer): Buffer {
   return createHash("sha256").update(header.subarray(0, 32)).update(body).digest();
 }
 
-function encodeBody(table: VolumeTable): Buffer {
+function encodeBody(table: VolumeTable, bothSlots: boolean): Buffer {
   const pairs = (ranges: readonly LbaRange[]) => ranges.map((r) => [r.startLba, r.lengthLba]);
   return Buffer.from(
     JSON.stringify({
       storageBytes: table.storageBytes,
       nextVolumeNumber: table.nextVolumeNumber,
+      ...(bothSlots ? { bothSlots: true } : {}),
       volumes: table.volumes.map((v) => ({
         name: v.name,
         number: v.number,
@@ -96,12 +106,15 @@ function encodeBody(table: VolumeTable): Buffer {
   );
 }
 
-/** Encodes one complete slot image (header + body). The table must be valid. */
-export function encodeSlot(table: VolumeTable, generation: number): Buffer {
+/**
+ * Encodes one complete slot image (header + body). The table must be valid.
+ * `bothSlots` false writes the layout of units before ADR 0008 (for tests).
+ */
+export function encodeSlot(table: VolumeTable, generation: number, bothSlots = true): Buffer {
   const problems = validateTable(table);
   assert(problems.length === 0, `encoding an invalid volume table: ${problems.join("; ")}`);
   assert(Number.isSafeInteger(generation) && generation >= 1, `generation ${generation}`);
-  const body = encodeBody(table);
+  const body = encodeBody(table, bothSlots);
   assert(body.length <= TABLE_BODY_BYTES_MAX, `volume table body ${body.length} bytes over TABLE_BODY_BYTES_MAX`);
   const header = Buffer.alloc(SLOT_HEADER_BYTES);
   MAGIC_BYTES.copy(header, 0);
@@ -137,10 +150,10 @@ export function decodeSlot(bytes: Buffer): SlotDecode {
   if (!parsed.ok) return { kind: "invalid", reason: parsed.reason };
   const problems = validateTable(parsed.table);
   if (problems.length > 0) return { kind: "invalid", reason: `inconsistent table: ${problems.join("; ")}` };
-  return { kind: "valid", generation: Number(generationBig), table: parsed.table };
+  return { kind: "valid", generation: Number(generationBig), table: parsed.table, bothSlots: parsed.bothSlots };
 }
 
-type BodyParse = { ok: true; table: VolumeTable } | { ok: false; reason: string };
+type BodyParse = { ok: true; table: VolumeTable; bothSlots: boolean } | { ok: false; reason: string };
 
 function isRecord(value: unknown): value is Record<string, unknown> {
   return typeof value === "object" && value !== null && !Array.isArray(value);
@@ -168,6 +181,8 @@ function decodeBody(body: Buffer): BodyParse {
   if (!isRecord(json) || !isCount(json["storageBytes"]) || !isCount(json["nextVolumeNumber"]) || !Array.isArray(json["volumes"])) {
     return { ok: false, reason: "body lacks storageBytes, nextVolumeNumber or volumes" };
   }
+  const bothSlots = json["bothSlots"];
+  if (bothSlots !== undefined && bothSlots !== true) return { ok: false, reason: "bothSlots is neither absent nor true" };
   const volumes: VolumeRecord[] = [];
   for (const v of json["volumes"] as unknown[]) {
     if (!isRecord(v)) return { ok: false, reason: "volume entry is not an object" };
@@ -187,7 +202,7 @@ function decodeBody(body: Buffer): BodyParse {
     }
     volumes.push({ name: v["name"], number: v["number"], sizeBytes: v["sizeBytes"], extents, partitions, grants });
   }
-  return { ok: true, table: { storageBytes: json["storageBytes"], nextVolumeNumber: json["nextVolumeNumber"], volumes } };
+  return { ok: true, table: { storageBytes: json["storageBytes"], nextVolumeNumber: json["nextVolumeNumber"], volumes }, bothSlots: bothSlots === true };
 }
 
 /**
@@ -287,7 +302,7 @@ function worstCaseTable(): VolumeTable {
   return { storageBytes: STORAGE_BYTES_MAX, nextVolumeNumber: Number.MAX_SAFE_INTEGER, volumes };
 }
 
-const worstCaseBodyBytes = encodeBody(worstCaseTable()).length;
+const worstCaseBodyBytes = encodeBody(worstCaseTable(), true).length;
 assert(
   worstCaseBodyBytes <= TABLE_BODY_BYTES_MAX,
   `worst-case volume table (${worstCaseBodyBytes} bytes) must fit TABLE_BODY_BYTES_MAX (${TABLE_BODY_BYTES_MAX})`,

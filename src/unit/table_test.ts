@@ -1,6 +1,7 @@
 // Proves the volume table codec and its crash safety on a real storage file:
 // random tables (built by the real volume operations) survive encode/decode
-// unchanged; a torn or corrupted newer slot falls back to the older one;
+// unchanged; a torn or corrupted slot leaves the newest table in the other
+// (every change is in both slots) and is rewritten on load;
 // both slots corrupt gives a clear CORRUPT error (never an empty table);
 // validation catches overlapping volumes (a canary: the check can fail); the
 // worst-case table under every limit fits a slot; allocation fills the data
@@ -156,23 +157,23 @@ function scribble(path: string, offset: number, bytes: Buffer): void {
   }
 }
 
-test("a torn newer slot falls back to the older table; the next write repairs it", async () => {
+test("a torn slot: the other slot holds the newest acknowledged table; the load rewrites the torn one", async () => {
   await withStorage(async (storage, path) => {
     const t1 = buildTable(32 * MIB, [{ kind: "create", size: MIB }]);
     const t2 = buildTable(32 * MIB, [{ kind: "create", size: MIB }, { kind: "create", size: 2 * MIB }]);
-    const store = await TableStore.format(storage, t1); // generations 1 (slot 0), 2 (slot 1)
-    await store.write(t2); // generation 3 into slot 0
-    // Tear slot 0 (the newest): half its body replaced by garbage.
+    const store = await TableStore.format(storage, t1); // generation 1 in both slots
+    await store.write(t2); // generation 2 in both slots
+    // Tear slot 0: part of its body replaced by garbage.
     scribble(path, SLOT_HEADER_BYTES + 10, Buffer.alloc(40, 0xee));
     const loaded = await TableStore.load(storage);
     assert.equal(loaded.kind, "loaded");
     if (loaded.kind !== "loaded") return;
-    assert.deepEqual(loaded.table, t1);
+    assert.deepEqual(loaded.table, t2);
     assert.equal(loaded.store.generation, 2);
     assert.equal(loaded.slots[0]?.kind, "invalid");
-    await loaded.store.write(t2); // goes to the torn slot 0 again
+    assert.deepEqual(loaded.repaired.map((r) => [r.slot, r.why]), [[0, "damaged"]]);
     const again = await TableStore.load(storage);
-    assert.ok(again.kind === "loaded" && again.slots.every((s) => s.kind === "valid"));
+    assert.ok(again.kind === "loaded" && again.slots.every((s) => s.kind === "valid") && again.repaired.length === 0);
     assert.deepEqual(again.kind === "loaded" ? again.table : undefined, t2);
   });
 });
@@ -183,14 +184,14 @@ test("both slots corrupt: CORRUPT error naming both, not an empty table", async 
     scribble(path, 40, Buffer.from("garbage"));
     scribble(path, TABLE_SLOT_BYTES, Buffer.from("XXXXXXXX"));
     await assert.rejects(TableStore.load(storage), (error: unknown) => {
-      return error instanceof IpsanError && error.code === "CORRUPT" && /slot 0: checksum mismatch/.test(error.message) && /slot 1: bad magic/.test(error.message);
+      return error instanceof IpsanError && error.code === "CORRUPT" && /slot 0 \(bytes 0-2097151\): checksum mismatch/.test(error.message) && /slot 1 \(bytes 2097152-4194303\): bad magic/.test(error.message);
     });
   });
 });
 
-test("fresh all-zero storage loads as empty; a foreign header is not formatted over", async () => {
+test("fresh all-zero storage loads as fresh; a foreign header is not formatted over", async () => {
   await withStorage(async (storage, path) => {
-    assert.equal((await TableStore.load(storage)).kind, "empty");
+    assert.equal((await TableStore.load(storage)).kind, "fresh");
     scribble(path, 0, Buffer.from("\x7fELF some other data"));
     await assert.rejects(TableStore.load(storage), (error: unknown) => error instanceof IpsanError && error.code === "CORRUPT");
   });

@@ -129,20 +129,23 @@ export class VolumeManager {
           ? await Storage.openDevice(options.devicePath, options.capacityBytes)
           : Storage.openFile(finalPath, options.capacityBytes);
       storage = opened.storage;
-      const loaded = await TableStore.load(storage);
+      // Fresh only when this start created the file, or the whole metadata
+      // area is zero; anything else without a trustworthy table is refused
+      // (docs/adr/0008-unit-never-loses-volumes.md), so --volume never runs
+      // on storage formatted over something.
+      const quote = (word: string): string => (/^[\w@%+=:,./-]+$/.test(word) ? word : `'${word.replace(/'/g, "'\\''")}'`);
+      const formatCommand = `ipsan unit format --data ${quote(options.dataDir)}${options.devicePath === undefined ? "" : ` --device ${quote(options.devicePath)}`}`;
+      const loaded = opened.created ? ({ kind: "fresh" } as const) : await TableStore.load(storage, { formatCommand });
       let store: TableStore;
       let table: VolumeTable;
-      if (loaded.kind === "empty") {
+      if (loaded.kind === "fresh") {
         table = emptyTable(storage.sizeBytes);
         store = await TableStore.format(storage, table);
         if (opened.created) storage.commitCreatedFile(finalPath);
-        log.info("storage formatted", { path: storage.path, sizeBytes: storage.sizeBytes });
+        log.info("storage formatted", { path: storage.path, sizeBytes: storage.sizeBytes, was: opened.created ? "created now" : "all zero" });
       } else {
         store = loaded.store;
         table = loaded.table;
-        for (const [i, slot] of loaded.slots.entries()) {
-          if (slot.kind === "invalid") log.warn("volume table slot damaged; the other copy is used", { slot: i, reason: slot.reason });
-        }
         if (storage.sizeBytes < table.storageBytes) {
           throw new IpsanError(
             "INVALID_ARGUMENT",
