@@ -1,6 +1,7 @@
 // `ipsan unit`: runs a SAN unit (storage, volume table, NBD server, control
 // API), or with `ipsan unit volume ...` administers a stopped unit's volumes
-// (admin.ts). The stable CLI contract is in issue 2 and docs/unit.md.
+// (admin.ts), or with `ipsan unit format ...` formats its storage
+// (format.ts). The stable CLI contract is in issue 2 and docs/unit.md.
 
 import { readFileSync } from "node:fs";
 import { hostname } from "node:os";
@@ -30,6 +31,7 @@ const USAGE = `usage: ipsan unit --data DIR --capacity SIZE --listen HOST:PORT [
                   [--volume NAME:SIZE]... [--allow CIDR]... [--control HOST:PORT] [--control-token-file FILE]
                   ${JOIN_USAGE}
        ipsan unit volume list|create|delete|grow|partition|grant ...   (see "ipsan unit volume help")
+       ipsan unit format --data DIR [--device PATH] [--capacity SIZE] [--from-slot 0|1] [--force]   (see "ipsan unit format --help")
 
 SIZE is bytes or a number with K, M, G or T (powers of 1024). --listen also takes unix:/PATH.
 `;
@@ -213,6 +215,10 @@ export async function unitMain(argv: readonly string[]): Promise<number> {
   if (argv[0] === "volume") {
     const { volumeMain } = await import("./admin.ts");
     return volumeMain(argv.slice(1));
+  }
+  if (argv[0] === "format") {
+    const { formatMain } = await import("./format.ts");
+    return formatMain(argv.slice(1));
   }
   let config = parseUnitArgs(argv);
   // ---- discovery (--station): accept the station's derived token; unassigned volumes go to nobody ----
