@@ -1,9 +1,18 @@
-// Proves issue 2 section 5 over the wire with a real client: data that nbdsh
-// wrote with FUA, or wrote and then FLUSHed, is read back identical after the
-// unit is killed with SIGKILL and restarted on the same storage; and a unit
-// killed with SIGKILL while volume creates are in flight on its control API
-// restarts with a valid table that holds every volume whose create was
-// acknowledged (5 rounds, random kill moments).
+// Crash of the unit PROCESS (issue 2 section 5), over the wire with a real
+// client: data that nbdsh wrote with FUA, or wrote and then FLUSHed, is read
+// back identical after the unit is killed with SIGKILL and restarted on the
+// same storage; and a unit killed with SIGKILL while volume creates are in
+// flight on its control API restarts with a valid table that holds every
+// volume whose create was acknowledged (5 rounds, random kill moments).
+//
+// What this does NOT prove: that anything was synced. kill -9 ends the
+// process, not the machine: the kernel's page cache keeps every write the
+// unit made, so these tests would pass if FUA, FLUSH and the table's
+// fdatasync did nothing. They prove that acknowledged data and tables reach
+// the storage file in a form a restarted unit reads back. The proof that the
+// unit fdatasyncs the storage after a request's data and before its reply
+// (FUA WRITE, WRITE_ZEROES, TRIM, FLUSH) is durability_sync_test, which
+// traces the unit's system calls with strace and has canaries that must fail.
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
