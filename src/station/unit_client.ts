@@ -3,7 +3,7 @@
 // It authenticates with the token derived from the cluster key for that unit
 // (controlTokenFor), so the station never stores per-unit secrets.
 //
-// Every call has a timeout; network failures, timeouts and 5xx answers are
+// Every call has a timeout; network failures, timeouts and 5xx answers (but 507, no space) are
 // retried a bounded number of times with backoff (every call here is
 // idempotent at the unit, or, for create, made idempotent by the caller, who
 // treats ALREADY_EXISTS as "look at what is there"). Failures are typed: a
@@ -31,9 +31,9 @@ export type UnitCallFailure =
   /** Connection refused, reset, DNS failure: nobody answered. */
   | "unreachable"
   | "timeout"
-  /** The unit answered 4xx: it refused the request (its code is in unitCode). */
+  /** The unit answered 4xx or 507 (no space): it refused the request (its code is in unitCode). */
   | "refused"
-  /** The unit answered 5xx. */
+  /** The unit answered 5xx (other than 507). */
   | "failed"
   /** The unit answered something that is not what the contract says. */
   | "protocol";
@@ -169,7 +169,10 @@ export class UnitClient {
         ...(typeof error?.code === "string" ? { unitCode: error.code } : {}),
         ...(typeof error?.field === "string" ? { field: error.field } : {}),
       };
-      throw new UnitCallError(this.unit, call, response.status >= 500 ? "failed" : "refused", message, details);
+      // 507 Insufficient Storage (NO_SPACE) is the unit's final answer about this request, like a 4xx:
+      // the station moves on to another unit instead of retrying or reporting the unit as failing.
+      const refused = response.status < 500 || response.status === 507;
+      throw new UnitCallError(this.unit, call, refused ? "refused" : "failed", message, details);
     }
     return { status: response.status, json };
   }
