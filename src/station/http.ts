@@ -365,20 +365,20 @@ export class ApiServer {
         const items = [...store.units.values()]
           .filter((u) => state === null || u.state === state)
           .sort((a, b) => (a.name < b.name ? -1 : 1))
-          .map((u) => unitView(u, store.unitVolumes(u.name).size));
+          .map((u) => unitView(u, store.unitVolumes(u.name).size, station.usableFreeBytes(u.name)));
         return { status: 200, body: { items } };
       }),
       r("GET", "/api/v1/units/:name", ({ params, query }) => {
         checkQuery(query, []);
         const unit = unitOr404(checkName(params[0], "unit"));
         const volumes = [...store.unitVolumes(unit.name).values()].map((v) => volumeView(v, assignedTo(unit.name, v.name)));
-        return { status: 200, body: { ...unitView(unit, volumes.length), volumes } };
+        return { status: 200, body: { ...unitView(unit, volumes.length, station.usableFreeBytes(unit.name)), volumes } };
       }),
       r("POST", "/api/v1/units/:name/refresh", async ({ params, body }) => {
         new Body(body, []);
         const unit = unitOr404(checkName(params[0], "unit"));
         await station.refreshUnit(unit.name);
-        return { status: 200, body: unitView(store.units.get(unit.name) ?? unit, store.unitVolumes(unit.name).size) };
+        return { status: 200, body: unitView(store.units.get(unit.name) ?? unit, store.unitVolumes(unit.name).size, station.usableFreeBytes(unit.name)) };
       }, true),
       r("GET", "/api/v1/volumes", ({ query }) => {
         checkQuery(query, ["unit", "free", "offset", "limit"]);
@@ -601,9 +601,11 @@ export class ApiServer {
     for (const a of store.live.values()) assignmentsByState.set(a.state, (assignmentsByState.get(a.state) ?? 0) + 1);
     let capacity = 0;
     let free = 0;
+    let reserved = 0;
     for (const unit of store.units.values()) {
       capacity += unit.capacityBytes;
-      free += unit.freeBytes;
+      free += this.station.usableFreeBytes(unit.name);
+      reserved += this.station.carves.reservedBytes(unit.name);
     }
     const m = this.station.metrics;
     const memory = process.memoryUsage();
@@ -611,7 +613,8 @@ export class ApiServer {
       renderGauge("ipsan_station_units", "Units in the pool, by state", [...unitsByState].map(([state, n]) => [{ state }, n] as const)),
       renderGauge("ipsan_station_volumes", "Volumes on all units of the pool", [[{}, store.volumeCount]]),
       renderGauge("ipsan_station_pool_capacity_bytes", "Capacity of all units", [[{}, capacity]]),
-      renderGauge("ipsan_station_pool_free_bytes", "Free space on all units", [[{}, free]]),
+      renderGauge("ipsan_station_pool_free_bytes", "Free space on all units (reported, minus carves not yet reported)", [[{}, free]]),
+      renderGauge("ipsan_station_pool_reserved_bytes", "Bytes of carves started on units and not yet in their reports", [[{}, reserved]]),
       renderGauge("ipsan_station_hosts", "Registered hosts, by state", [...hostsByState].map(([state, n]) => [{ state }, n] as const)),
       renderGauge("ipsan_station_assignments", "Live assignments, by state", [...assignmentsByState].map(([state, n]) => [{ state }, n] as const)),
       renderGauge("ipsan_station_event_subscribers", "Open event streams", [[{}, this.subscribers.size]]),

@@ -83,7 +83,7 @@ export function openApiDocument(version: string): unknown {
             nbd: hostPort,
             control: hostPort,
             capacityBytes: { type: "integer" },
-            freeBytes: { type: "integer" },
+            freeBytes: { type: "integer", description: "free space as the unit last reported it, minus carves the station has started there and the unit has not reported yet" },
             volumeCount: { type: "integer" },
             lastSeenAt: { type: "string", format: "date-time" },
           },

@@ -4,11 +4,15 @@
 // first, then tell the unit, then record the outcome; `reconcile` finishes or
 // undoes whatever a failure or a kill -9 left in between, idempotently.
 //
-// Concurrency: better-sqlite3 is synchronous, so "choose a placement and record
-// it pending" runs without an await in between and two requests can never take
-// the same volume or the same free space. Work on one assignment is serialized
-// by a per-assignment lock, and grant updates of one volume by a per-volume lock
-// (each PUT of grants sends the whole desired list computed inside the lock).
+// Concurrency: better-sqlite3 is synchronous, so "choose a placement, record
+// it pending and count its carve against the unit" runs without an await in
+// between and two requests can never take the same volume or the same free
+// space. A carve stays counted (CarveLedger, carves.ts) until the unit's own
+// report shows it; a unit that answers "no space" is a refusal: the next unit
+// is tried, and 507 comes only when no unit can hold the request. Work on one
+// assignment is serialized by a per-assignment lock, and grant updates of one
+// volume by a per-volume lock (each PUT of grants sends the whole desired list
+// computed inside the lock).
 
 import { lookup } from "node:dns/promises";
 import { isIP } from "node:net";
@@ -18,7 +22,16 @@ import { parseCidr } from "../unit/cidr.ts";
 import { IpsanError, errorMessage } from "../util/errors.ts";
 import { logger } from "../util/log.ts";
 import { formatSize } from "../util/size.ts";
-import { allocate, compareFreeVolumes, type AllocatorUnit, type AllocatorVolume, type Placement, type UnitReason } from "./allocator.ts";
+import {
+  allocate,
+  carveBytes,
+  compareFreeVolumes,
+  type AllocatorUnit,
+  type AllocatorVolume,
+  type Placement,
+  type UnitReason,
+} from "./allocator.ts";
+import { CarveLedger } from "./carves.ts";
 import type { StationMetrics } from "./metrics.ts";
 import { newAssignmentId, type StationStore, type UnitChange } from "./store.ts";
 import type { AssignmentDetail, AssignmentRecord, HostState, UnitReport, UnitState, VolumeRecord } from "./types.ts";
@@ -27,10 +40,20 @@ import { assignedExtents, hostState, reachableNbd } from "./views.ts";
 
 const log = logger("station");
 
-/** Units allocate storage in whole MiB (the unit's EXTENT_ALIGNMENT_BYTES): a carve uses this much free space. */
-export const CARVE_ALIGNMENT_BYTES = 1024 * 1024;
-/** Placements tried for one allocation when units refuse a carve (e.g. their volume limit). */
-export const PLACEMENT_ATTEMPTS_MAX = 3;
+export { CARVE_ALIGNMENT_BYTES } from "./allocator.ts";
+/**
+ * A unit's report that comes by discovery was snapshotted at most this long
+ * before the station applies it (the unit sends within 20 ms of a change;
+ * retransmissions back off up to 4 s). Only used to decide that a carve the
+ * unit answered and a later report does not list did not happen.
+ */
+export const REPORT_LAG_MS = 5_000;
+/**
+ * A unit that answered "no space" to a carve of R bytes is not asked for R or
+ * more again until a report shows it has more free space than when it refused
+ * (a volume was deleted) or this long has passed.
+ */
+export const REFUSAL_HOLD_MS = 60_000;
 /** DNS names are resolved with this bound. */
 export const DNS_LOOKUP_TIMEOUT_MS = 2_000;
 export const DNS_CACHE_MS = 60_000;
@@ -101,6 +124,11 @@ export class NoSpaceError extends IpsanError {
   }
 }
 
+/** The unit refused to create a volume (no space, volume limit, bad name): it made nothing. */
+function isCarveRefusal(error: unknown): error is UnitCallError {
+  return error instanceof UnitCallError && error.failure === "refused" && error.call === "POST /v1/volumes";
+}
+
 function canonicalGrant(address: string): string {
   const parsed = parseCidr(address);
   return parsed.ok ? parsed.cidr.text : address;
@@ -137,6 +165,19 @@ export class Station {
   private reconcileAgain = false;
   private timers: NodeJS.Timeout[] = [];
   private stopped = false;
+  /** Carves (and grows) started on each unit and not yet in its reports: placement subtracts them. */
+  readonly carves = new CarveLedger();
+  /** Units that answered "no space" to a carve of `bytes`, with the free space they reported then (see REFUSAL_HOLD_MS). */
+  private readonly refusedCarves = new Map<string, { bytes: number; atMs: number; freeBytes: number }>();
+  /** When the latest queued report of each unit was snapshotted at the latest (see REPORT_LAG_MS). */
+  private readonly reportObservedAtMs = new Map<string, number>();
+  /** When a discovery report of each unit was last queued: an older control-API read is not applied over it. */
+  private readonly discoveryReportAtMs = new Map<string, number>();
+  /** Order of storage reports per unit as they arrive (before DNS resolution may reorder them). */
+  private readonly reportSeq = new Map<string, { issued: number; queued: number }>();
+  /** Units whose info is being re-read in the background (true: read once more after). */
+  private readonly refreshing = new Map<string, boolean>();
+  private adminCarveSeq = 0;
 
   constructor(store: StationStore, metrics: StationMetrics, options: StationOptions) {
     this.store = store;
@@ -144,6 +185,12 @@ export class Station {
     this.options = options;
     const nowMs = store.clock.nowMs();
     for (const host of store.hosts.values()) this.hostStates.set(host.name, hostState(host, nowMs, options.hostOfflineAfterMs));
+    // Pending carves a kill -9 left: counted until reconcile finishes (the unit then reports them) or undoes them.
+    for (const a of store.live.values()) {
+      if (a.state === "pending" && a.carved && store.volume(a.unit, a.volume) === undefined) {
+        this.carves.reserve({ id: a.id, unit: a.unit, volume: a.volume, bytes: carveBytes(a.sizeBytes), sizeBytes: a.sizeBytes });
+      }
+    }
   }
 
   /** Starts the periodic reconcile and host-state sweep; runs a first reconcile now. */
@@ -207,7 +254,17 @@ export class Station {
    * for its volumes. Queued and written with everything else discovery said in
    * the same event-loop turn (one transaction); `immediate` writes it now.
    */
-  async applyStorageInfo(info: StorageInfo, fromHost: string | null, state: UnitState = "online", immediate = false): Promise<void> {
+  async applyStorageInfo(
+    info: StorageInfo,
+    fromHost: string | null,
+    state: UnitState = "online",
+    immediate = false,
+    /** When the unit's answer was asked for (a control-API read); omitted for discovery reports. */
+    requestedAtMs?: number,
+  ): Promise<void> {
+    const seq = this.reportSeq.get(info.name) ?? { issued: 0, queued: 0 };
+    this.reportSeq.set(info.name, seq);
+    const mine = ++seq.issued;
     const addresses: string[] = [];
     const add = (address: string | null | undefined): void => {
       if (address && isIP(address) !== 0 && !addresses.includes(address) && address !== "0.0.0.0" && address !== "::") addresses.push(address);
@@ -225,6 +282,12 @@ export class Station {
       freeBytes: info.freeBytes,
       volumes: info.volumes.map((v) => (v.grants.length === 0 ? v : { ...v, grants: v.grants.map(canonicalGrant) })),
     };
+    // A report that arrived earlier but finished resolving later is older than what is queued: drop it.
+    if (mine < seq.queued) return;
+    seq.queued = mine;
+    const nowMs = Date.now();
+    if (requestedAtMs === undefined) this.discoveryReportAtMs.set(info.name, nowMs);
+    this.reportObservedAtMs.set(info.name, requestedAtMs ?? nowMs - REPORT_LAG_MS);
     this.queueUnitChange(info.name, { report, state });
     if (immediate) this.flushUnitChanges();
   }
@@ -253,6 +316,18 @@ export class Station {
       // A unit whose volumes, address or state changed gets its grants checked (its return may also
       // let pending and revoking assignments finish: every pass looks at those).
       const { unitsChanged } = this.store.applyUnitChanges(changes);
+      for (const [name, change] of changes) {
+        if (change.report === undefined) continue;
+        // The report is one snapshot: carves it lists are in its free space now.
+        const sizes = new Map(change.report.volumes.map((v) => [v.name, v.sizeBytes]));
+        this.carves.noteReport(name, sizes, this.reportObservedAtMs.get(name) ?? Date.now() - REPORT_LAG_MS);
+        // A refusal holds while the unit has no more free space than when it refused.
+        const refusal = this.refusedCarves.get(name);
+        if (refusal !== undefined) {
+          if (change.report.freeBytes > refusal.freeBytes || Date.now() - refusal.atMs > REFUSAL_HOLD_MS) this.refusedCarves.delete(name);
+          else refusal.freeBytes = change.report.freeBytes;
+        }
+      }
       const dirty = unitsChanged.filter((name) => this.store.units.get(name)?.state === "online");
       if (dirty.length > 0) this.reconcileSoon(dirty);
     } catch (error) {
@@ -260,9 +335,15 @@ export class Station {
     }
   }
 
-  /** Reads the unit's info through its control API and applies it. */
+  /**
+   * Reads the unit's info through its control API and applies it, unless a
+   * discovery report came in meanwhile (that one may be newer: the read is
+   * dropped rather than put an older free space over it).
+   */
   async refreshUnit(name: string): Promise<void> {
+    const requestedAtMs = Date.now();
     const info = await this.clientFor(name).info();
+    if ((this.discoveryReportAtMs.get(name) ?? -Infinity) >= requestedAtMs) return;
     const unit = this.store.units.get(name);
     const state = unit?.state ?? "online";
     // GET /v1/info does not repeat the unit's own control address or DNS name: keep what discovery said.
@@ -271,13 +352,30 @@ export class Station {
       null,
       state === "unknown" ? "online" : state,
       true,
+      requestedAtMs,
     );
   }
 
+  /** Re-reads a unit's info in the background; asked again while a read is under way, one more read follows it. */
   private refreshQuietly(name: string): void {
-    void this.refreshUnit(name).catch((error: unknown) =>
-      log.limited(`refresh:${name}`, "cannot refresh unit info", { unit: name, error: errorMessage(error) }),
-    );
+    if (this.refreshing.has(name)) {
+      this.refreshing.set(name, true);
+      return;
+    }
+    this.refreshing.set(name, false);
+    void this.refreshUnit(name)
+      .catch((error: unknown) => log.limited(`refresh:${name}`, "cannot refresh unit info", { unit: name, error: errorMessage(error) }))
+      .finally(() => {
+        const again = this.refreshing.get(name) === true;
+        this.refreshing.delete(name);
+        if (again && !this.stopped) this.refreshQuietly(name);
+      });
+  }
+
+  /** A unit's free space as placement sees it: what it last reported minus the carves started there since. */
+  usableFreeBytes(name: string): number {
+    const unit = this.store.units.get(name);
+    return unit === undefined ? 0 : Math.max(0, unit.freeBytes - this.carves.reservedBytes(name));
   }
 
   // ---- hosts ---------------------------------------------------------------------
@@ -375,26 +473,32 @@ export class Station {
     return volumes;
   }
 
+  private refusalOf(unit: string): number | null {
+    const refusal = this.refusedCarves.get(unit);
+    if (refusal === undefined) return null;
+    if (Date.now() - refusal.atMs <= REFUSAL_HOLD_MS) return refusal.bytes;
+    this.refusedCarves.delete(unit);
+    return null;
+  }
+
   /** The pool as the allocator sees it. */
   private allocatorUnits(): AllocatorUnit[] {
-    const reserved = new Map<string, number>();
-    for (const a of this.store.live.values()) {
-      if (a.state === "pending" && a.carved && this.store.volume(a.unit, a.volume) === undefined) {
-        reserved.set(a.unit, (reserved.get(a.unit) ?? 0) + Math.ceil(a.sizeBytes / CARVE_ALIGNMENT_BYTES) * CARVE_ALIGNMENT_BYTES);
-      }
-    }
     const units: AllocatorUnit[] = [];
     for (const unit of this.store.units.values()) {
       const eligible = unit.state === "online" && unit.control !== null;
+      const volumes = this.store.unitVolumes(unit.name);
+      let volumeCount = volumes.size;
+      for (const carve of this.carves.entries(unit.name)) if (!volumes.has(carve.volume)) volumeCount++;
       units.push({
         name: unit.name,
         state: unit.state,
         hasControl: unit.control !== null,
         freeBytes: unit.freeBytes,
-        reservedBytes: reserved.get(unit.name) ?? 0,
-        volumeCount: this.store.unitVolumes(unit.name).size,
+        reservedBytes: this.carves.reservedBytes(unit.name),
+        volumeCount,
         volumesMax: unit.volumesMax,
         freeVolumes: eligible ? this.freeVolumesOf(unit.name) : [],
+        refusedCarveBytes: this.refusalOf(unit.name),
       });
     }
     return units;
@@ -463,9 +567,10 @@ export class Station {
     if (known === undefined) register = { name: input.host, address };
     else if (known.address !== address) await this.putHost(input.host, address);
     else this.heartbeat(input.host);
-    const exclude = new Set<string>();
-    for (let attempt = 1; ; attempt++) {
-      const result = allocate(this.allocatorUnits(), { sizeBytes: input.sizeBytes, excludeUnits: exclude });
+    // Units that refused this request's carve, with their words (the 507's reasons if no unit is left).
+    const refusals = new Map<string, string>();
+    for (;;) {
+      const result = allocate(this.allocatorUnits(), { sizeBytes: input.sizeBytes, excludeReasons: refusals });
       if (!result.ok) throw this.noSpace(input.sizeBytes, result.reasons);
       const placement = result.placement;
       const nowMs = this.store.clock.nowMs();
@@ -488,8 +593,12 @@ export class Station {
         createdAtMs: nowMs,
         updatedAtMs: nowMs,
       };
-      // No await between allocate() above and this insert: the placement is reserved atomically.
+      // No await between allocate() above and this insert: the placement is reserved atomically,
+      // and a carve counts against the unit's free space until the unit reports it.
       this.store.insertAssignment(assignment, { requestId: input.requestId, params }, register);
+      if (assignment.carved) {
+        this.carves.reserve({ id, unit: assignment.unit, volume: assignment.volume, bytes: carveBytes(assignment.sizeBytes), sizeBytes: assignment.sizeBytes });
+      }
       if (register !== undefined) {
         this.noteHostState(register.name);
         register = undefined;
@@ -497,15 +606,27 @@ export class Station {
       try {
         return { kind: "assignment", status: 201, assignment: await this.finishOrUndo(assignment) };
       } catch (error) {
-        // A unit that refused to carve (full, volume limit) is left out and the next best tried.
-        const refusedCarve = error instanceof UnitCallError && error.failure === "refused" && assignment.carved;
-        if (refusedCarve && attempt < PLACEMENT_ATTEMPTS_MAX) {
-          exclude.add(assignment.unit);
-          continue;
-        }
-        throw error;
+        // A unit that refused the carve (no space, volume limit) is left out and the next best tried:
+        // a refusal is the unit's answer about this request, not a failure of the unit.
+        if (!(assignment.carved && isCarveRefusal(error)) || refusals.has(assignment.unit) || refusals.size > this.store.units.size) throw error;
+        refusals.set(assignment.unit, `refused the carve: ${error.message.replace(`unit ${assignment.unit}: `, "")}`);
+        log.info("unit refused a carve; trying the next unit", { id, unit: assignment.unit, sizeBytes: assignment.sizeBytes, error: error.message });
+        continue;
       }
     }
+  }
+
+  /**
+   * A unit said "no space" to a carve: the free space the station has for it
+   * is stale-high (or too fragmented to use). No carve that large goes there
+   * until it reports more free space (REFUSAL_HOLD_MS); its info is re-read now.
+   */
+  private noteNoSpace(unit: string, sizeBytes: number): void {
+    const bytes = carveBytes(sizeBytes);
+    const previous = this.refusedCarves.get(unit);
+    const freeBytes = this.store.units.get(unit)?.freeBytes ?? 0;
+    this.refusedCarves.set(unit, { bytes: Math.min(bytes, previous?.bytes ?? bytes), atMs: Date.now(), freeBytes: Math.min(freeBytes, previous?.freeBytes ?? freeBytes) });
+    this.refreshQuietly(unit);
   }
 
   /** Semi-automatic path: the admin assigns a chosen volume or partition to a chosen host. */
@@ -575,7 +696,7 @@ export class Station {
       try {
         return await this.finish(assignment);
       } catch (error) {
-        await this.undo(assignment, errorMessage(error));
+        await this.undo(assignment, errorMessage(error), error);
         throw error;
       }
     });
@@ -600,18 +721,18 @@ export class Station {
     if (current === undefined || current.state !== "pending") return current ?? assignment;
     const client = this.clientFor(current.unit);
     let volume = this.store.volume(current.unit, current.volume);
-    let unitFree: { unit: string; freeBytes: number } | undefined;
     if (volume === undefined && current.carved) {
       let created: VolumeInfo;
       try {
         created = await client.createVolume(current.volume, current.sizeBytes);
-        const unit = this.store.units.get(current.unit);
-        if (unit !== undefined) {
-          unitFree = { unit: unit.name, freeBytes: unit.freeBytes - Math.ceil(current.sizeBytes / CARVE_ALIGNMENT_BYTES) * CARVE_ALIGNMENT_BYTES };
-        }
+        // The unit made it; its free space in the station's eyes drops when its next report lists it
+        // (until then the ledger keeps counting it: no free-space estimate to go stale).
+        this.carves.settle(current.id, Date.now());
       } catch (error) {
+        if (error instanceof UnitCallError && error.unitCode === "NO_SPACE" && isCarveRefusal(error)) this.noteNoSpace(current.unit, current.sizeBytes);
         // Made by an earlier attempt (a retry after a lost answer, or before a station crash).
         if (!(error instanceof UnitCallError && error.unitCode === "ALREADY_EXISTS")) throw error;
+        this.carves.settle(current.id, Date.now());
         created = await client.getVolume(current.volume);
         if (created.sizeBytes < current.sizeBytes) {
           throw new IpsanError("CONFLICT", `volume ${current.unit}/${current.volume} exists with ${created.sizeBytes} bytes, less than ${current.sizeBytes}`);
@@ -636,7 +757,6 @@ export class Station {
         detail,
         error: null,
         volume: { unit: current.unit, ...granted, grants: granted.grants.map(canonicalGrant) },
-        ...(unitFree === undefined ? {} : { unitFree }),
       });
     });
     log.info("assignment active", { id: active.id, host: active.host, unit: active.unit, volume: active.volume, partition: active.partition ?? undefined });
@@ -666,14 +786,28 @@ export class Station {
     log.info("volume wiped before reuse", { id: current.id, host: current.host, unit: current.unit, volume: current.volume, ms: Date.now() - startedMs });
   }
 
-  /** Undoes a pending assignment: failed in the database first, then grants and a carved volume cleaned up, best effort. */
-  private async undo(assignment: AssignmentRecord, reason: string): Promise<void> {
+  /**
+   * Undoes a pending assignment: failed in the database first, then grants and
+   * a carved volume cleaned up, best effort. `cause`: the error that made it
+   * fail; a carve the unit refused was never made, so there is nothing to
+   * delete and its bytes stop counting at once. Otherwise they stop counting
+   * when the delete is confirmed, or (cleanup failed) when a later report of
+   * the unit does not list the volume.
+   */
+  private async undo(assignment: AssignmentRecord, reason: string, cause?: unknown): Promise<void> {
     const current = this.store.getAssignment(assignment.id);
     if (current === undefined || current.state !== "pending") return;
     this.store.updateAssignment(current.id, "failed", { error: reason, dropRequest: true });
     log.warn("assignment undone", { id: current.id, host: current.host, unit: current.unit, volume: current.volume, reason });
+    if (current.carved && isCarveRefusal(cause)) {
+      this.carves.release(current.id);
+      return;
+    }
     const unit = this.store.units.get(current.unit);
-    if (unit === undefined || unit.control === null || unit.state === "offline" || unit.state === "down") return;
+    if (unit === undefined || unit.control === null || unit.state === "offline" || unit.state === "down") {
+      this.carves.settle(current.id, Date.now());
+      return;
+    }
     try {
       const volume = this.store.volume(current.unit, current.volume);
       if (volume !== undefined) await this.syncGrants(current.unit, current.volume, false);
@@ -685,6 +819,7 @@ export class Station {
             if (!(error instanceof UnitCallError && error.unitCode === "NOT_FOUND")) throw error;
           }
           this.store.removeVolume(current.unit, current.volume);
+          this.carves.releaseVolume(current.unit, current.volume);
         });
       }
     } catch (error) {
@@ -692,6 +827,8 @@ export class Station {
         id: current.id,
         error: errorMessage(error),
       });
+    } finally {
+      this.carves.settle(current.id, Date.now());
     }
   }
 
@@ -714,7 +851,7 @@ export class Station {
           log.limited(`pending:${current.unit}`, "pending assignment not finished yet; retrying", { id: current.id, error: errorMessage(error) });
           return;
         }
-        await this.undo(current, errorMessage(error));
+        await this.undo(current, errorMessage(error), error);
       }
     });
   }
@@ -768,12 +905,35 @@ export class Station {
       throw new IpsanError("ALREADY_EXISTS", `volume ${JSON.stringify(name)} already exists on unit ${unit}`, { field: "name" });
     }
     return this.locks.run(`volume:${unit}/${name}`, async () => {
-      const created = await client.createVolume(name, sizeBytes);
+      const created = await this.countedCarve(unit, name, carveBytes(sizeBytes), sizeBytes, () => client.createVolume(name, sizeBytes));
       const volume = { unit, ...created, grants: created.grants.map(canonicalGrant) };
       this.store.putVolume(volume, "created");
       this.refreshQuietly(unit);
       return volume;
     });
+  }
+
+  /**
+   * An admin's create or grow, counted against the unit's free space like an
+   * allocation's carve: from before the call until the unit's report shows it
+   * (released at once if the unit refuses).
+   */
+  private async countedCarve(unit: string, volume: string, bytes: number, sizeBytes: number, call: () => Promise<VolumeInfo>): Promise<VolumeInfo> {
+    const id = `admin-${++this.adminCarveSeq}`;
+    this.carves.reserve({ id, unit, volume, bytes, sizeBytes });
+    try {
+      const result = await call();
+      this.carves.settle(id, Date.now());
+      return result;
+    } catch (error) {
+      if (error instanceof UnitCallError && error.failure === "refused") {
+        this.carves.release(id);
+        if (error.unitCode === "NO_SPACE") this.noteNoSpace(unit, bytes);
+      } else {
+        this.carves.settle(id, Date.now());
+      }
+      throw error;
+    }
   }
 
   async deleteVolume(unit: string, name: string): Promise<void> {
@@ -792,6 +952,7 @@ export class Station {
         if (!(error instanceof UnitCallError && error.unitCode === "NOT_FOUND")) throw error;
       }
       this.store.removeVolume(unit, name);
+      this.carves.releaseVolume(unit, name);
     });
     this.refreshQuietly(unit);
   }
@@ -800,7 +961,9 @@ export class Station {
     this.requireVolume(unit, name);
     const client = this.clientFor(unit);
     return this.locks.run(`volume:${unit}/${name}`, async () => {
-      const grown = await client.growVolume(name, sizeBytes);
+      const before = this.store.volume(unit, name)?.sizeBytes ?? sizeBytes;
+      const extra = Math.max(0, carveBytes(sizeBytes) - carveBytes(before));
+      const grown = await this.countedCarve(unit, name, extra, sizeBytes, () => client.growVolume(name, sizeBytes));
       const volume = { unit, ...grown, grants: grown.grants.map(canonicalGrant) };
       this.store.putVolume(volume, "grown");
       this.refreshQuietly(unit);

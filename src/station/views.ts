@@ -10,7 +10,8 @@ function iso(ms: number): string {
   return new Date(ms).toISOString();
 }
 
-export function unitView(unit: UnitRecord, volumeCount: number) {
+/** `freeBytes`: the unit's reported free space minus carves started there and not yet reported (Station.usableFreeBytes). */
+export function unitView(unit: UnitRecord, volumeCount: number, freeBytes: number = unit.freeBytes) {
   return {
     name: unit.name,
     dnsName: unit.dnsName,
@@ -19,7 +20,7 @@ export function unitView(unit: UnitRecord, volumeCount: number) {
     nbd: unit.nbd,
     control: unit.control,
     capacityBytes: unit.capacityBytes,
-    freeBytes: unit.freeBytes,
+    freeBytes,
     volumeCount,
     lastSeenAt: iso(unit.lastSeenAtMs),
   };

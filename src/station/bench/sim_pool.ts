@@ -30,12 +30,16 @@ const BODY_BYTES_MAX = 64 * 1024;
 const SECTOR = 512;
 const ALIGN_BYTES = 1024 * 1024;
 
-interface SimUnit {
+export interface SimUnit {
   readonly name: string;
   info: StorageInfo;
   readonly volumes: Map<string, VolumeInfo>;
   nextLba: number;
   agent: StationAgent | null;
+  /** Tests: answer every create with 507 NO_SPACE while still reporting free space (a unit whose report misleads). */
+  refuseCarves: boolean;
+  /** Creates asked for (tests count how often a refusing unit is tried). */
+  carveCalls: number;
 }
 
 function snapshot(unit: SimUnit): StorageInfo {
@@ -89,17 +93,31 @@ export class SimPool {
     return this.controlAddress;
   }
 
-  async start(count: number, volumesPerUnit: number): Promise<void> {
+  async start(count: number, volumesPerUnit: number, options: { capacityBytes?: number; prefix?: string } = {}): Promise<void> {
     const control = this.controlAddress;
     if (control === null) throw new Error("listenControl() first");
     for (let i = 0; i < Math.ceil(count / UNITS_PER_SOCKET); i++) {
       this.sockets.push(await openUdpSocket({ host: "127.0.0.1", port: 0 }, (bytes, from) => this.dispatch(bytes, from)));
     }
     for (let i = 0; i < count; i++) {
-      const name = `sim-${String(i + 1).padStart(5, "0")}`;
+      const name = `${options.prefix ?? "sim"}-${String(i + 1).padStart(5, "0")}`;
       const shared = this.sockets[Math.floor(i / UNITS_PER_SOCKET)] as DatagramSocket;
-      const info = sampleStorageInfo(name, { volumeCount: volumesPerUnit, volumeBytes: 1024 ** 3, nbd: { host: "127.0.0.1", port: 9 }, control: { host: control.address, port: control.port } });
-      const unit: SimUnit = { name, info, volumes: new Map(info.volumes.map((v) => [v.name, v])), nextLba: 2048 + volumesPerUnit * ((1024 ** 3) / SECTOR), agent: null };
+      const info = sampleStorageInfo(name, {
+        volumeCount: volumesPerUnit,
+        volumeBytes: 1024 ** 3,
+        nbd: { host: "127.0.0.1", port: 9 },
+        control: { host: control.address, port: control.port },
+        ...(options.capacityBytes === undefined ? {} : { capacityBytes: options.capacityBytes }),
+      });
+      const unit: SimUnit = {
+        name,
+        info,
+        volumes: new Map(info.volumes.map((v) => [v.name, v])),
+        nextLba: 2048 + volumesPerUnit * ((1024 ** 3) / SECTOR),
+        agent: null,
+        refuseCarves: false,
+        carveCalls: 0,
+      };
       this.units.set(name, unit);
       this.byToken.set(controlTokenFor(this.clusterKey, name), unit);
       const agent = new StationAgent({
@@ -145,9 +163,12 @@ export class SimPool {
         const body = await readJson(req);
         const volumeName = String(body["name"]);
         const sizeBytes = Number(body["sizeBytes"]);
+        unit.carveCalls += 1;
         if (unit.volumes.has(volumeName)) return fail(res, 409, "ALREADY_EXISTS", `volume ${volumeName} exists`);
         const allocated = Math.ceil(sizeBytes / ALIGN_BYTES) * ALIGN_BYTES;
-        if (allocated > unit.info.freeBytes) return fail(res, 507, "NO_SPACE", "full");
+        if (allocated > unit.info.freeBytes || unit.refuseCarves) {
+          return fail(res, 507, "NO_SPACE", `volume "${volumeName}": needs ${allocated} bytes, free space too fragmented`);
+        }
         const lengthLba = allocated / SECTOR;
         const volume: VolumeInfo = {
           name: volumeName,
