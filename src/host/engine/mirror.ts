@@ -115,6 +115,8 @@ class Leg {
   rebuild: { kind: "delta" | "full"; copiedBytes: number; totalBytes: number; startedMs: number } | undefined;
   /** Holds no mirror metadata: it gets a full copy. */
   blank = false;
+  /** The metadata write that records this leg's failure: no request it failed is answered before this settles (and succeeded). */
+  recorded: Promise<void> = Promise.resolve();
   reconnectDelayMs = 0;
   reconnectTimer: NodeJS.Timeout | undefined;
   lastError: string | undefined;
@@ -180,7 +182,7 @@ export class Mirror implements BlockDevice {
     this.#intent = intent;
     this.#options = { ...DEFAULTS, ...options };
     this.#now = options.now ?? (() => performance.now());
-    this.#intentTimer = setInterval(() => void this.#retireIntent().catch((error: unknown) => log.error("intent bitmap update failed", { error: errorMessage(error) })), Math.max(50, this.#options.intentIdleMs / 2));
+    this.#intentTimer = setInterval(() => void this.#retireIntent().catch((error: unknown) => log.limited("mirror_intent_failed", "intent bitmap update failed", { error: errorMessage(error) })), Math.max(50, this.#options.intentIdleMs / 2));
     this.#intentTimer.unref();
   }
 
@@ -247,6 +249,14 @@ export class Mirror implements BlockDevice {
       const bitmaps = Array.from({ length: LEGS_MAX + 1 }, () => new Bitmap());
       let header: MirrorHeader;
       const legs: Leg[] = [];
+      if (best === undefined && ios.some((io) => io === undefined)) {
+        // No reachable leg has a history, but one that cannot be reached may: starting a new mirror would discard it.
+        const away = specs.filter((_, i) => ios[i] === undefined).map((s) => s.id);
+        throw new IpsanError(
+          "UNAVAILABLE",
+          `no reachable leg of mirror ${mirrorId} holds its metadata and ${away.join(", ")} cannot be reached; it may hold the mirror's data, so the engine will not start a new mirror without it`,
+        );
+      }
       if (best === undefined) {
         // A new mirror: every reachable leg is blank (units zero new volumes), so they agree; an unreachable one gets a full copy later.
         header = { mirrorId, generation: 0, dataBytes, regionBytes, legs: specs.map((s, i) => ({ id: s.id, inSync: ios[i] !== undefined })) };
@@ -397,7 +407,12 @@ export class Mirror implements BlockDevice {
   async #writeLike(offsetBytes: number, lengthBytes: number, send: (io: LegIo) => Promise<void>): Promise<void> {
     if (lengthBytes === 0) return;
     const regions = this.#regionsOf(offsetBytes, lengthBytes);
-    for (const region of regions) while (this.#locked.has(region)) await new Promise<void>((resolve) => this.#waitUnlock(region, resolve));
+    // Every region unlocked at one moment, then counted in flight in the same step (a rebuild locks a region only when none is).
+    for (;;) {
+      const locked = regions.find((region) => this.#locked.has(region));
+      if (locked === undefined) break;
+      await new Promise<void>((resolve) => this.#waitUnlock(locked, resolve));
+    }
     for (const region of regions) {
       const use = this.#regions.get(region) ?? { inFlight: 0, lastWriteMs: 0 };
       use.inFlight += 1;
@@ -432,6 +447,8 @@ export class Mirror implements BlockDevice {
     });
     await Promise.all(failures);
     if (inSyncOk === 0) throw new IpsanError("IO_ERROR", `mirror ${this.mirrorId}: ${what} failed on every leg in sync`);
+    // A leg that failed earlier did not get this request either: its failure must be on record (durably) before the answer.
+    for (const leg of this.#legs) if (leg.state === "failed") await leg.recorded;
   }
 
   #checkRange(what: string, offsetBytes: number, lengthBytes: number): void {
@@ -473,6 +490,7 @@ export class Mirror implements BlockDevice {
    * the others.
    */
   #persist(header: boolean): Promise<void> {
+    let done: Promise<void> | undefined;
     const run = async (): Promise<void> => {
       const covered = [...this.#intentPending];
       for (;;) {
@@ -508,6 +526,8 @@ export class Mirror implements BlockDevice {
           if (result.status === "rejected") {
             const leg = targets[i] as Leg;
             this.#markFailed(leg, result.reason);
+            // This run goes on to record it: requests that failed on the leg wait for this run.
+            if (done !== undefined) leg.recorded = done;
             failed = true;
           }
         });
@@ -522,15 +542,16 @@ export class Mirror implements BlockDevice {
       }
     };
     const result = this.#metaQueue.then(run, run);
+    done = result;
     this.#metaQueue = result.catch(() => undefined);
     return result;
   }
 
   /** Records `leg` out of sync durably (on the legs that remain); the caller may answer its request after this. */
   async #fail(leg: Leg, error: unknown): Promise<void> {
-    const changed = this.#markFailed(leg, error);
-    if (changed) await this.#persist(true);
-    else await this.#metaQueue.catch(() => undefined);
+    if (this.#markFailed(leg, error)) leg.recorded = this.#persist(true);
+    // Already failed: its failure is (being) recorded by an earlier write; that one must have succeeded too.
+    await leg.recorded;
   }
 
   /** In memory: the leg leaves service, and may lack every region with a write in flight. True if its state changed. */
@@ -569,7 +590,7 @@ export class Mirror implements BlockDevice {
   #watch(leg: Leg, io: LegIo): void {
     io.onBroken((error) => {
       if (leg.io !== io || this.#closed) return;
-      void this.#fail(leg, error).catch((e: unknown) => log.error("recording a failed leg failed", { leg: leg.id, error: errorMessage(e) }));
+      void this.#fail(leg, error).catch((e: unknown) => log.limited("mirror_record_failed", "recording a failed leg failed", { leg: leg.id, error: errorMessage(e) }));
     });
   }
 
@@ -627,6 +648,8 @@ export class Mirror implements BlockDevice {
   }
 
   #startRebuild(leg: Leg, full = false): void {
+    // Writes still in flight (or not yet retired from the intent bitmap) went out without this leg: it lacks their regions too.
+    for (const region of this.#intent.setRegions(this.regions)) leg.missed.set(region);
     leg.state = "rebuilding";
     leg.rebuild = { kind: full ? "full" : "delta", copiedBytes: 0, totalBytes: this.#regionsBytes(leg.missed), startedMs: this.#now() };
     this.#options.onEvent?.({ type: "leg-rebuilding", leg: leg.id, kind: leg.rebuild.kind, totalBytes: leg.rebuild.totalBytes });
@@ -655,6 +678,14 @@ export class Mirror implements BlockDevice {
     if (target === undefined) return;
     let lastCheckpoint = this.#now();
     const started = this.#now();
+    /** Copied since the last checkpoint: their bits are cleared only once the target has flushed them. */
+    let copiedRegions: number[] = [];
+    const checkpoint = async (): Promise<void> => {
+      await target.flush();
+      for (const region of copiedRegions) leg.missed.clear(region);
+      copiedRegions = [];
+      await this.#persist(false);
+    };
     for (const region of [...leg.missed.setRegions(this.regions)]) {
       if (this.#closed || leg.state !== "rebuilding" || leg.io !== target) return;
       const [offset, length] = this.#regionRange(region);
@@ -673,13 +704,12 @@ export class Mirror implements BlockDevice {
       } finally {
         this.#unlock(region);
       }
-      leg.missed.clear(region);
+      copiedRegions.push(region);
       if (leg.rebuild !== undefined) leg.rebuild.copiedBytes += length;
       const now = this.#now();
       if (now - lastCheckpoint >= this.#options.rebuildCheckpointMs) {
         // The checkpoint: what was copied is durable on the target before its bits are cleared on record.
-        await target.flush();
-        await this.#persist(false);
+        await checkpoint();
         lastCheckpoint = now;
         this.#options.onEvent?.({ type: "rebuild-progress", leg: leg.id, progress: this.#progress(leg) });
       }
@@ -689,7 +719,7 @@ export class Mirror implements BlockDevice {
       if (due > now) await new Promise((resolve) => setTimeout(resolve, Math.min(1000, due - now)));
     }
     if (this.#closed || leg.state !== "rebuilding" || leg.io !== target) return;
-    await target.flush();
+    await checkpoint();
     // Promotion: the leg gets the whole metadata area, then a header naming it in sync goes to every in-sync leg.
     await this.#promote(leg, target);
   }
