@@ -8,7 +8,7 @@
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { closeSync, openSync, writeSync } from "node:fs";
+import { closeSync, openSync, readFileSync, writeSync } from "node:fs";
 import { nbdinfoJson, nbdsh } from "../testing/clients.ts";
 import { run, runOk } from "../testing/process.ts";
 import { makeTempDir } from "../testing/tmp.ts";
@@ -73,7 +73,9 @@ test("--device on a plain file; foreign data is not formatted over", async () =>
     closeSync(fd);
     const refused = await run(process.execPath, [IPSAN_BIN, "unit", "--data", dir.path, "--device", dir.file("foreign.img"), "--listen", "127.0.0.1:0"]);
     assert.equal(refused.code, 1);
-    assert.match(refused.stderr, /no valid volume table .*foreign\.img.*zero its first 4194304 bytes/);
+    assert.match(refused.stderr, /foreign\.img: no valid volume table .*not all zero.*ipsan unit format --data .* --device .*foreign\.img --force/);
+    // Nothing was written: the foreign bytes are still there.
+    assert.equal(readFileSync(dir.file("foreign.img")).subarray(0, 22).toString("latin1"), "\x7fELF not an ipsan disk");
   } finally {
     dir.remove();
   }
