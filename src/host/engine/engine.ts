@@ -5,6 +5,8 @@
 // and then one JSON line per leg event on stderr (logs). SIGTERM/SIGINT:
 // stop accepting, finish requests, flush every leg, exit 0.
 
+import { lstat, unlink } from "node:fs/promises";
+import { connect } from "node:net";
 import { UsageError } from "../../util/errors.ts";
 import type { BlockDevice, ExportProvider, ExportSummary, Peer } from "../../block/types.ts";
 import { IpsanError } from "../../util/errors.ts";
@@ -79,6 +81,8 @@ export async function engineMain(argv: readonly string[]): Promise<number> {
   if (!("path" in address) && !LOOPBACK.test(address.host)) throw new UsageError(`--listen: the engine serves this host only: a Unix socket or a loopback address, not ${address.host}`);
   const exportName = values.export ?? mirrorId;
 
+  // Before the legs are touched: a live engine on this socket must not have a second one beside it.
+  if ("path" in address) await removeStaleSocket(address.path);
   const specs: LegSpec[] = legs.map((leg) => ({ id: leg.id, connect: () => NbdClient.connect(leg.uri) }));
   const mirror = await Mirror.open(mirrorId, exportName, specs, {
     onEvent: (event) => log.info(`mirror event ${event.type}`, { mirror: mirrorId, ...flatten(event) }),
@@ -99,12 +103,45 @@ export async function engineMain(argv: readonly string[]): Promise<number> {
     process.once("SIGINT", onSignal);
     process.once("SIGTERM", onSignal);
   });
-  const bound = await server.listen(address);
+  let bound: Awaited<ReturnType<NbdServer["listen"]>>;
+  try {
+    bound = await server.listen(address);
+  } catch (error) {
+    // Nothing is served: give the legs back and exit non-zero rather than hold them.
+    await server.close().catch(() => undefined);
+    await mirror.shutdown();
+    throw error;
+  }
   const uri = "path" in bound ? `nbd+unix:///${encodeURIComponent(exportName)}?socket=${bound.path}` : `nbd://${bound.host}:${bound.port}/${encodeURIComponent(exportName)}`;
   process.stdout.write(`ipsan engine ${mirrorId} ready ${uri}\n`);
   log.info("mirror engine serving", { mirror: mirrorId, uri, legs: mirror.status().map((l) => `${l.id}:${l.state}`).join(",") });
   await done;
   return 0;
+}
+
+/**
+ * A socket file left by an engine that was killed: removed when nothing
+ * answers on it; an engine that still serves it is not disturbed.
+ */
+async function removeStaleSocket(path: string): Promise<void> {
+  let info;
+  try {
+    info = await lstat(path);
+  } catch {
+    return;
+  }
+  if (!info.isSocket()) throw new IpsanError("ALREADY_EXISTS", `--listen unix:${path}: the path exists and is not a socket; refusing to remove it`);
+  const live = await new Promise<boolean>((resolve) => {
+    const probe = connect(path);
+    probe.once("connect", () => {
+      probe.destroy();
+      resolve(true);
+    });
+    probe.once("error", () => resolve(false));
+  });
+  if (live) throw new IpsanError("ALREADY_EXISTS", `--listen unix:${path}: another process is serving that socket`);
+  log.info("removing a stale socket left by an engine that stopped", { path });
+  await unlink(path);
 }
 
 function flatten(event: object): Record<string, string | number> {
