@@ -126,17 +126,23 @@ const LISTINGS = {
   },
   assignments: {
     path: "/api/v1/assignments",
-    headers: ["ID", "HOST", "ADDRESS", "UNIT", "EXPORT", "SIZE", "STATE", "URI"],
-    row: (a: Row) => [
-      text(a["id"]),
-      text(a["host"]),
-      text(a["hostAddress"]),
-      text(a["unit"]),
-      text(a["export"]),
-      bytes(a["sizeBytes"]),
-      text(a["state"]),
-      text(a["uri"]),
-    ],
+    // COPIES last: the columns before it keep their places for whoever reads the table.
+    headers: ["ID", "HOST", "ADDRESS", "UNIT", "EXPORT", "SIZE", "STATE", "URI", "COPIES"],
+    row: (a: Row) => {
+      // A mirror: every leg's unit (leg 0 first); its URI is the host engine's, not the station's.
+      const legs = (a["legs"] as { unit: string; state: string }[] | undefined) ?? [];
+      return [
+        text(a["id"]),
+        text(a["host"]),
+        text(a["hostAddress"]),
+        legs.length > 0 ? legs.map((l) => l.unit).join("+") : text(a["unit"]),
+        text(a["export"]),
+        bytes(a["sizeBytes"]),
+        text(a["state"]),
+        legs.length > 0 ? "(mirror:host-engine)" : text(a["uri"]),
+        text(a["copies"] ?? 1),
+      ];
+    },
   },
 } as const;
 

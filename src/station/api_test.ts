@@ -292,7 +292,7 @@ test("state survives a restart; the database is WAL with its schema version", as
   assert.equal(code, 0, "clean stop on SIGTERM");
   const db = `${station.dataDir}/station.db`;
   const version = await runOk("sqlite3", [db, "SELECT max(version) FROM schema_version"], { timeoutMs: 10_000 });
-  assert.equal(version.stdout.trim(), "3");
+  assert.equal(version.stdout.trim(), "4");
   const mode = await runOk("sqlite3", [db, "PRAGMA journal_mode"], { timeoutMs: 10_000 });
   assert.equal(mode.stdout.trim(), "wal");
   const row = await runOk("sqlite3", [db, "SELECT address FROM hosts WHERE name = 'durable-host'"], { timeoutMs: 10_000 });

@@ -100,6 +100,23 @@ export const MIGRATIONS: readonly Migration[] = [
     description: "assignments remember whether the volume must be wiped before it is granted (automatic reuse)",
     sql: "ALTER TABLE assignments ADD COLUMN wipe INTEGER NOT NULL DEFAULT 0;",
   },
+  {
+    version: 4,
+    description: "mirrored assignments: copies, and one row per leg (recorded pending together, activated together)",
+    sql: `
+      ALTER TABLE assignments ADD COLUMN copies INTEGER NOT NULL DEFAULT 1;
+      CREATE TABLE assignment_legs (
+        assignment_id TEXT NOT NULL,
+        leg INTEGER NOT NULL,
+        unit TEXT NOT NULL,
+        volume TEXT NOT NULL,
+        size_bytes INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        detail TEXT,
+        PRIMARY KEY (assignment_id, leg)
+      ) WITHOUT ROWID;
+    `,
+  },
 ];
 
 export function schemaVersion(db: Db): number {

@@ -13,7 +13,7 @@ import type { AddressInfo } from "node:net";
 import { IpsanError, errorMessage } from "../util/errors.ts";
 import { logger } from "../util/log.ts";
 import { openApiDocument } from "./openapi.ts";
-import { NoSpaceError, type Station } from "./station.ts";
+import { COPIES_MAX, NoSpaceError, type Station } from "./station.ts";
 import { LIVE_ASSIGNMENT_STATES, type StationEvent, UNIT_STATES, HOST_STATES, ASSIGNMENT_STATES, type VolumeRecord } from "./types.ts";
 import { Body, checkAddress, checkBoolean, checkIndex, checkName, checkRequestId, checkSize, checkSizes, invalid, show } from "./validate.ts";
 import { assignmentView, hostView, unitView, volumeView } from "./views.ts";
@@ -489,17 +489,21 @@ export class ApiServer {
         return { status: 200, body: assignmentView(assignment, store) };
       }),
       r("POST", "/api/v1/allocations", async ({ body, callerAddress }) => {
-        const b = new Body(body, ["requestId", "host", "sizeBytes", "address", "dryRun"]);
+        const b = new Body(body, ["requestId", "host", "sizeBytes", "address", "dryRun", "copies"]);
         const requestId = checkRequestId(b.required("requestId"));
         const host = checkName(b.required("host"), "host");
         const sizeBytes = checkSize(b.required("sizeBytes"), "sizeBytes");
         const dryRun = b.has("dryRun") ? checkBoolean(b.required("dryRun"), "dryRun") : false;
+        const copies = b.has("copies") ? checkIndex(b.required("copies"), "copies", COPIES_MAX) : 1;
         const address = b.has("address") ? await checkAddress(b.required("address"), "address") : undefined;
         const answer = await station.allocate(
-          { requestId, host, sizeBytes, dryRun, ...(address === undefined ? {} : { address }) },
+          { requestId, host, sizeBytes, dryRun, copies, ...(address === undefined ? {} : { address }) },
           callerAddress,
         );
-        if (answer.kind === "dry_run") return { status: 200, body: { dryRun: true, placement: answer.placement, reasons: answer.reasons } };
+        if (answer.kind === "dry_run") {
+          const legs = answer.legs === undefined ? {} : { copies: answer.copies, legs: answer.legs };
+          return { status: 200, body: { dryRun: true, placement: answer.placement, ...legs, reasons: answer.reasons } };
+        }
         return { status: answer.status, body: assignmentView(answer.assignment, store) };
       }, true),
       r("POST", "/api/v1/assignments", async ({ body }) => {

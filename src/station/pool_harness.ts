@@ -47,6 +47,14 @@ export interface Assignment {
   uri: string;
   state: string;
   error: string | null;
+  /** 1 for a single copy; a mirror's legs (empty for a single copy). */
+  copies?: number;
+  legs?: { unit: string; volume: string; sizeBytes: number; uri: string | null; state: string }[];
+}
+
+/** The volumes an assignment holds: every leg of a mirror, else its volume. */
+export function heldVolumes(a: Assignment): { unit: string; volume: string }[] {
+  return a.legs !== undefined && a.legs.length > 0 ? a.legs.map((l) => ({ unit: l.unit, volume: l.volume })) : [{ unit: a.unit, volume: a.volume }];
 }
 
 export function joinArgs(station: RunningStation): string[] {
@@ -93,13 +101,14 @@ export async function liveAssignments(station: RunningStation, query = ""): Prom
   return (response.body as { items: Assignment[] }).items;
 }
 
-/** The unit's grants equal, volume by volume, the host addresses of the station's live assignments. */
+/** The unit's grants equal, volume by volume, the host addresses of the station's live assignments (every leg of a mirror). */
 export async function grantsMatch(station: RunningStation, units: readonly RunningUnit[]): Promise<string[]> {
   const problems: string[] = [];
   const live = await liveAssignments(station);
   for (const unit of units) {
     for (const volume of await unitVolumes(unit)) {
-      const want = [...new Set(live.filter((a) => a.unit === unit.name && a.volume === volume.name && a.state !== "revoking").map((a) => a.hostAddress))].sort();
+      const holders = live.filter((a) => a.state !== "revoking" && heldVolumes(a).some((h) => h.unit === unit.name && h.volume === volume.name));
+      const want = [...new Set(holders.map((a) => a.hostAddress))].sort();
       const have = [...volume.grants].sort();
       if (JSON.stringify(want) !== JSON.stringify(have)) problems.push(`${unit.name}/${volume.name}: unit grants ${JSON.stringify(have)}, station wants ${JSON.stringify(want)}`);
     }

@@ -25,6 +25,7 @@ import { formatSize } from "../util/size.ts";
 import {
   allocate,
   carveBytes,
+  placeLegs,
   compareFreeVolumes,
   type AllocatorUnit,
   type AllocatorVolume,
@@ -33,10 +34,10 @@ import {
 } from "./allocator.ts";
 import { CarveLedger } from "./carves.ts";
 import type { StationMetrics } from "./metrics.ts";
-import { newAssignmentId, type StationStore, type UnitChange } from "./store.ts";
-import type { AssignmentDetail, AssignmentRecord, HostState, UnitReport, UnitState, VolumeRecord } from "./types.ts";
+import { newAssignmentId, volumesOf, type StationStore, type UnitChange } from "./store.ts";
+import type { AssignmentDetail, AssignmentRecord, HostState, LegRecord, UnitReport, UnitState, VolumeRecord } from "./types.ts";
 import { UnitCallError, UnitClient } from "./unit_client.ts";
-import { assignedExtents, hostState, reachableNbd } from "./views.ts";
+import { SECTOR_BYTES, assignedExtents, hostState, mapRange, reachableNbd } from "./views.ts";
 
 const log = logger("station");
 
@@ -54,6 +55,25 @@ export const REPORT_LAG_MS = 5_000;
  * (a volume was deleted) or this long has passed.
  */
 export const REFUSAL_HOLD_MS = 60_000;
+/**
+ * Each leg of a mirror is this much larger than the mirror: the host's mirror
+ * engine keeps the mirror's metadata in a leg's last MiB (METADATA_BYTES in
+ * src/host/engine/metadata.ts; a test checks they agree).
+ */
+export const MIRROR_METADATA_BYTES = 1024 * 1024;
+/** Copies an allocation may ask for (legs on as many distinct units). */
+export const COPIES_MAX = 3;
+
+/** The size of each leg of a mirror of `sizeBytes`. */
+export function legBytesOf(sizeBytes: number): number {
+  return sizeBytes + MIRROR_METADATA_BYTES;
+}
+
+/** The carve ledger's key for one leg of a mirrored assignment (a single copy uses the assignment id). */
+export function legCarveId(assignmentId: string, index: number): string {
+  return `${assignmentId}/leg${index}`;
+}
+
 /** DNS names are resolved with this bound. */
 export const DNS_LOOKUP_TIMEOUT_MS = 2_000;
 export const DNS_CACHE_MS = 60_000;
@@ -102,6 +122,8 @@ export interface AllocationInput {
   readonly sizeBytes: number;
   readonly address?: string;
   readonly dryRun?: boolean;
+  /** 1 (default): one volume. 2..COPIES_MAX: a mirror, one leg per distinct unit. */
+  readonly copies?: number;
 }
 
 export interface AssignInput {
@@ -114,7 +136,14 @@ export interface AssignInput {
 
 export type AllocationAnswer =
   | { readonly kind: "assignment"; readonly status: 200 | 201; readonly assignment: AssignmentRecord }
-  | { readonly kind: "dry_run"; readonly placement: Placement; readonly reasons: readonly UnitReason[] };
+  | {
+      readonly kind: "dry_run";
+      readonly placement: Placement;
+      readonly reasons: readonly UnitReason[];
+      /** For copies > 1: every leg's placement (`placement` is the first). */
+      readonly legs?: readonly Placement[];
+      readonly copies?: number;
+    };
 
 export class NoSpaceError extends IpsanError {
   readonly reasons: readonly UnitReason[];
@@ -127,6 +156,19 @@ export class NoSpaceError extends IpsanError {
 /** The unit refused to create a volume (no space, volume limit, bad name): it made nothing. */
 function isCarveRefusal(error: unknown): error is UnitCallError {
   return error instanceof UnitCallError && error.failure === "refused" && error.call === "POST /v1/volumes";
+}
+
+/** The values of settled promises, or the most telling failure: a carve refusal, then a final one, then a transient one. */
+function settledValues<T>(results: readonly PromiseSettledResult<T>[]): T[] {
+  const failures = results.flatMap((r) => (r.status === "rejected" ? [r.reason as unknown] : []));
+  if (failures.length > 0) {
+    throw (
+      failures.find(isCarveRefusal) ??
+      failures.find((e) => !(e instanceof UnitCallError && e.transient)) ??
+      failures[0]
+    );
+  }
+  return results.map((r) => (r as PromiseFulfilledResult<T>).value);
 }
 
 function canonicalGrant(address: string): string {
@@ -187,7 +229,13 @@ export class Station {
     for (const host of store.hosts.values()) this.hostStates.set(host.name, hostState(host, nowMs, options.hostOfflineAfterMs));
     // Pending carves a kill -9 left: counted until reconcile finishes (the unit then reports them) or undoes them.
     for (const a of store.live.values()) {
-      if (a.state === "pending" && a.carved && store.volume(a.unit, a.volume) === undefined) {
+      if (a.state !== "pending" || !a.carved) continue;
+      for (const leg of a.legs) {
+        if (store.volume(leg.unit, leg.volume) === undefined) {
+          this.carves.reserve({ id: legCarveId(a.id, leg.index), unit: leg.unit, volume: leg.volume, bytes: carveBytes(leg.sizeBytes), sizeBytes: leg.sizeBytes });
+        }
+      }
+      if (a.legs.length === 0 && store.volume(a.unit, a.volume) === undefined) {
         this.carves.reserve({ id: a.id, unit: a.unit, volume: a.volume, bytes: carveBytes(a.sizeBytes), sizeBytes: a.sizeBytes });
       }
     }
@@ -404,7 +452,7 @@ export class Station {
     for (const assignment of this.store.listAssignments({ host: name })) {
       if (assignment.state === "revoking") continue;
       this.store.updateAssignment(assignment.id, assignment.state, { hostAddress: address });
-      volumes.add(JSON.stringify([assignment.unit, assignment.volume]));
+      for (const held of volumesOf(assignment)) volumes.add(JSON.stringify(held));
     }
     for (const key of volumes) {
       const [unit, volume] = JSON.parse(key) as [string, string];
@@ -520,6 +568,12 @@ export class Station {
   }
 
   private async allocateOnce(input: AllocationInput, callerAddress: string): Promise<AllocationAnswer> {
+    const copies = input.copies ?? 1;
+    if (input.dryRun === true && copies > 1) {
+      const result = placeLegs(this.allocatorUnits(), { sizeBytes: legBytesOf(input.sizeBytes), copies, reuse: false });
+      if (!result.ok) throw this.noSpace(input.sizeBytes, result.reasons, copies);
+      return { kind: "dry_run", placement: result.legs[0] as Placement, legs: result.legs, copies, reasons: result.reasons };
+    }
     if (input.dryRun === true) {
       const result = allocate(this.allocatorUnits(), { sizeBytes: input.sizeBytes });
       if (!result.ok) throw this.noSpace(input.sizeBytes, result.reasons);
@@ -530,7 +584,8 @@ export class Station {
       const answer = await running;
       return answer.kind === "assignment" ? { ...answer, status: 200 } : answer;
     }
-    const params = JSON.stringify({ kind: "allocation", host: input.host, sizeBytes: input.sizeBytes });
+    // A single copy's parameters are written as before copies existed, so old request ids still match.
+    const params = JSON.stringify({ kind: "allocation", host: input.host, sizeBytes: input.sizeBytes, ...(copies > 1 ? { copies } : {}) });
     const previous = this.store.findRequest(input.requestId);
     if (previous !== undefined) {
       if (previous.params !== params) {
@@ -551,11 +606,18 @@ export class Station {
     }
   }
 
-  private noSpace(sizeBytes: number, reasons: readonly UnitReason[]): NoSpaceError {
-    const message =
-      reasons.length === 0
-        ? `no unit in the pool can hold ${formatSize(sizeBytes)}: the pool has no units`
-        : `no unit in the pool can hold ${formatSize(sizeBytes)} (${reasons.length} unit${reasons.length === 1 ? "" : "s"}, reasons in "reasons")`;
+  private noSpace(sizeBytes: number, reasons: readonly UnitReason[], copies = 1): NoSpaceError {
+    const units = `${reasons.length} unit${reasons.length === 1 ? "" : "s"}`;
+    let message: string;
+    if (copies > 1) {
+      const what = `${copies} copies of ${formatSize(sizeBytes)} (a leg of ${formatSize(legBytesOf(sizeBytes))}, with the mirror's metadata, on each of ${copies} distinct units)`;
+      message = reasons.length === 0 ? `the pool cannot hold ${what}: it has no units` : `the pool cannot hold ${what} (${units}, reasons in "reasons")`;
+    } else {
+      message =
+        reasons.length === 0
+          ? `no unit in the pool can hold ${formatSize(sizeBytes)}: the pool has no units`
+          : `no unit in the pool can hold ${formatSize(sizeBytes)} (${units}, reasons in "reasons")`;
+    }
     return new NoSpaceError(message, reasons);
   }
 
@@ -567,6 +629,7 @@ export class Station {
     if (known === undefined) register = { name: input.host, address };
     else if (known.address !== address) await this.putHost(input.host, address);
     else this.heartbeat(input.host);
+    if ((input.copies ?? 1) > 1) return this.allocateMirror(input, address, params, register);
     // Units that refused this request's carve, with their words (the 507's reasons if no unit is left).
     const refusals = new Map<string, string>();
     for (;;) {
@@ -588,6 +651,8 @@ export class Station {
         carved: placement.kind === "carve",
         // A reused volume held another host's data: the unit wipes it before the grant.
         wipe: placement.kind === "reuse",
+        copies: 1,
+        legs: [],
         error: null,
         detail: null,
         createdAtMs: nowMs,
@@ -611,6 +676,78 @@ export class Station {
         if (!(assignment.carved && isCarveRefusal(error)) || refusals.has(assignment.unit) || refusals.size > this.store.units.size) throw error;
         refusals.set(assignment.unit, `refused the carve: ${error.message.replace(`unit ${assignment.unit}: `, "")}`);
         log.info("unit refused a carve; trying the next unit", { id, unit: assignment.unit, sizeBytes: assignment.sizeBytes, error: error.message });
+        continue;
+      }
+    }
+  }
+
+  /**
+   * A mirrored allocation (copies > 1): one leg of size + MIRROR_METADATA_BYTES
+   * carved on each of `copies` distinct units (never a reused volume: a leg
+   * must start blank, as the engine expects of a new mirror). All legs are
+   * recorded pending in one transaction, with their ledger entries, before
+   * any unit is called; they are finished together (active only when every
+   * unit made its leg and granted the host) or undone together. A unit that
+   * refuses its leg's carve is left out and all legs are placed again.
+   */
+  private async allocateMirror(
+    input: AllocationInput,
+    address: string,
+    params: string,
+    registerFirst: { name: string; address: string } | undefined,
+  ): Promise<AllocationAnswer> {
+    const copies = input.copies ?? 1;
+    const legBytes = legBytesOf(input.sizeBytes);
+    const refusals = new Map<string, string>();
+    let register = registerFirst;
+    for (;;) {
+      const result = placeLegs(this.allocatorUnits(), { sizeBytes: legBytes, copies, reuse: false, excludeReasons: refusals });
+      if (!result.ok) throw this.noSpace(input.sizeBytes, result.reasons, copies);
+      const nowMs = this.store.clock.nowMs();
+      const id = newAssignmentId();
+      const legs: LegRecord[] = result.legs.map((placement, index) => ({
+        index,
+        unit: placement.unit,
+        volume: `h-${id.slice(2)}-l${index}`,
+        sizeBytes: legBytes,
+        state: "pending",
+        detail: null,
+      }));
+      const first = legs[0] as LegRecord;
+      const assignment: AssignmentRecord = {
+        id,
+        requestId: input.requestId,
+        host: input.host,
+        hostAddress: address,
+        unit: first.unit,
+        volume: first.volume,
+        partition: null,
+        sizeBytes: input.sizeBytes,
+        state: "pending",
+        carved: true,
+        wipe: false,
+        copies,
+        legs,
+        error: null,
+        detail: null,
+        createdAtMs: nowMs,
+        updatedAtMs: nowMs,
+      };
+      // No await between placeLegs() above and this insert (as for one copy): every leg's carve is counted at once.
+      this.store.insertAssignment(assignment, { requestId: input.requestId, params }, register);
+      for (const leg of legs) {
+        this.carves.reserve({ id: legCarveId(id, leg.index), unit: leg.unit, volume: leg.volume, bytes: carveBytes(leg.sizeBytes), sizeBytes: leg.sizeBytes });
+      }
+      if (register !== undefined) {
+        this.noteHostState(register.name);
+        register = undefined;
+      }
+      try {
+        return { kind: "assignment", status: 201, assignment: await this.finishOrUndo(assignment) };
+      } catch (error) {
+        if (!isCarveRefusal(error) || refusals.has(error.unit) || refusals.size > this.store.units.size) throw error;
+        refusals.set(error.unit, `refused the carve: ${error.message.replace(`unit ${error.unit}: `, "")}`);
+        log.info("unit refused a mirror leg's carve; placing the legs again", { id, unit: error.unit, legBytes, error: error.message });
         continue;
       }
     }
@@ -681,6 +818,8 @@ export class Station {
       carved: false,
       // The admin's manual path keeps the data (a failed host's volume moved to a spare host).
       wipe: false,
+      copies: 1,
+      legs: [],
       error: null,
       detail: null,
       createdAtMs: nowMs,
@@ -719,6 +858,7 @@ export class Station {
   private async finish(assignment: AssignmentRecord): Promise<AssignmentRecord> {
     const current = this.store.getAssignment(assignment.id);
     if (current === undefined || current.state !== "pending") return current ?? assignment;
+    if (current.legs.length > 0) return this.finishMirror(current);
     const client = this.clientFor(current.unit);
     let volume = this.store.volume(current.unit, current.volume);
     if (volume === undefined && current.carved) {
@@ -764,6 +904,89 @@ export class Station {
   }
 
   /**
+   * Finishes a pending mirror: every leg's volume made (an existing one of the
+   * leg's size counts as made by an earlier attempt), then every leg granted
+   * to the host, then active with all legs "in-sync" and the units' answers in
+   * one commit. Any leg that fails fails the whole: the caller undoes every
+   * leg (or, in reconcile, retries later if the failure is transient). The
+   * error thrown is the most telling: a carve refusal first (the allocation
+   * then places the legs again without that unit), then a final failure, then
+   * a transient one. Caller holds the assignment lock.
+   */
+  private async finishMirror(current: AssignmentRecord): Promise<AssignmentRecord> {
+    // Every leg made first (all of them tried, so an undo knows what exists), then every leg granted.
+    settledValues(await Promise.allSettled(current.legs.map((leg) => this.makeLeg(current, leg))));
+    const volumes = await Promise.allSettled(
+      current.legs.map((leg) =>
+        this.locks.run(`volume:${leg.unit}/${leg.volume}`, async () => {
+          const granted = await this.clientFor(leg.unit).setGrants(leg.volume, this.desiredGrants(leg.unit, leg.volume));
+          return { unit: leg.unit, ...granted, grants: granted.grants.map(canonicalGrant) };
+        }),
+      ),
+    );
+    const granted = settledValues(volumes);
+    const legs: LegRecord[] = current.legs.map((leg, i) => {
+      const volume = granted[i] as VolumeRecord;
+      const unit = this.store.units.get(leg.unit);
+      return {
+        ...leg,
+        state: "in-sync",
+        detail: {
+          volumeNumber: volume.number,
+          sizeBytes: volume.sizeBytes,
+          extents: assignedExtents(volume, null)?.extents ?? [],
+          nbd: reachableNbd(unit?.nbd ?? null, unit?.addresses ?? []),
+        },
+      };
+    });
+    const first = granted[0] as VolumeRecord;
+    const firstUnit = this.store.units.get(first.unit);
+    const detail: AssignmentDetail = {
+      volumeNumber: first.number,
+      sizeBytes: current.sizeBytes,
+      // Where the mirror's data lies on the first leg (its last MiB, the mirror's metadata, left out).
+      extents: mapRange(first.extents, 0, Math.ceil(current.sizeBytes / SECTOR_BYTES)),
+      nbd: reachableNbd(firstUnit?.nbd ?? null, firstUnit?.addresses ?? []),
+    };
+    const active = this.store.updateAssignment(current.id, "active", { detail, error: null, legs, volumes: granted as VolumeRecord[] });
+    log.info("mirrored assignment active", {
+      id: active.id,
+      host: active.host,
+      copies: active.copies,
+      legs: active.legs.map((l) => `${l.unit}/${l.volume}`).join(","),
+    });
+    return active;
+  }
+
+  /** One leg's volume on its unit: created now, or found made by an earlier attempt. */
+  private async makeLeg(current: AssignmentRecord, leg: LegRecord): Promise<VolumeRecord> {
+    const known = this.store.volume(leg.unit, leg.volume);
+    const check = (volume: { sizeBytes: number }): void => {
+      if (volume.sizeBytes !== leg.sizeBytes) {
+        throw new IpsanError("CONFLICT", `mirror leg ${leg.unit}/${leg.volume} exists with ${volume.sizeBytes} bytes, not ${leg.sizeBytes}`);
+      }
+    };
+    if (known !== undefined) {
+      check(known);
+      return known;
+    }
+    const client = this.clientFor(leg.unit);
+    const carveId = legCarveId(current.id, leg.index);
+    let created: VolumeInfo;
+    try {
+      created = await client.createVolume(leg.volume, leg.sizeBytes);
+      this.carves.settle(carveId, Date.now());
+    } catch (error) {
+      if (error instanceof UnitCallError && error.unitCode === "NO_SPACE" && isCarveRefusal(error)) this.noteNoSpace(leg.unit, leg.sizeBytes);
+      if (!(error instanceof UnitCallError && error.unitCode === "ALREADY_EXISTS")) throw error;
+      this.carves.settle(carveId, Date.now());
+      created = await client.getVolume(leg.volume);
+    }
+    check(created);
+    return { unit: leg.unit, ...created, grants: created.grants.map(canonicalGrant) };
+  }
+
+  /**
    * Automatic allocation never hands out old data: the unit wipes a reused
    * volume before it is granted. Done on every finish() of the pending
    * assignment (so a station killed before the grant wipes again on
@@ -798,7 +1021,11 @@ export class Station {
     const current = this.store.getAssignment(assignment.id);
     if (current === undefined || current.state !== "pending") return;
     this.store.updateAssignment(current.id, "failed", { error: reason, dropRequest: true });
-    log.warn("assignment undone", { id: current.id, host: current.host, unit: current.unit, volume: current.volume, reason });
+    log.warn("assignment undone", { id: current.id, host: current.host, unit: current.unit, volume: current.volume, copies: current.copies, reason });
+    if (current.legs.length > 0) {
+      await Promise.all(current.legs.map((leg) => this.undoLeg(current, leg, cause)));
+      return;
+    }
     if (current.carved && isCarveRefusal(cause)) {
       this.carves.release(current.id);
       return;
@@ -832,6 +1059,48 @@ export class Station {
     }
   }
 
+  /**
+   * Cleans up one leg of an undone mirror (already failed in the database):
+   * its grant taken off and its volume deleted, best effort; a carve its unit
+   * refused was never made. What cannot be cleaned now (the unit is away) is
+   * left to reconcile's grant check; the volume then stays as a free volume.
+   */
+  private async undoLeg(current: AssignmentRecord, leg: LegRecord, cause: unknown): Promise<void> {
+    const carveId = legCarveId(current.id, leg.index);
+    if (isCarveRefusal(cause) && cause.unit === leg.unit) {
+      this.carves.release(carveId);
+      return;
+    }
+    const unit = this.store.units.get(leg.unit);
+    if (unit === undefined || unit.control === null || unit.state === "offline" || unit.state === "down") {
+      this.carves.settle(carveId, Date.now());
+      return;
+    }
+    try {
+      if (this.store.volume(leg.unit, leg.volume) !== undefined) await this.syncGrants(leg.unit, leg.volume, false);
+      if (!this.store.isVolumeAssigned(leg.unit, leg.volume)) {
+        await this.locks.run(`volume:${leg.unit}/${leg.volume}`, async () => {
+          try {
+            await this.clientFor(leg.unit).deleteVolume(leg.volume);
+          } catch (error) {
+            if (!(error instanceof UnitCallError && error.unitCode === "NOT_FOUND")) throw error;
+          }
+          this.store.removeVolume(leg.unit, leg.volume);
+          this.carves.releaseVolume(leg.unit, leg.volume);
+        });
+      }
+    } catch (error) {
+      log.limited(`undo:${leg.unit}`, "cleanup of an undone mirror leg failed; reconcile fixes grants later", {
+        id: current.id,
+        leg: leg.index,
+        unit: leg.unit,
+        error: errorMessage(error),
+      });
+    } finally {
+      this.carves.settle(carveId, Date.now());
+    }
+  }
+
   /** Reconcile of one pending assignment: finish it, or undo it if it is too old or already failed once. */
   private settlePending(assignment: AssignmentRecord): Promise<void> {
     return this.locks.run(`assignment:${assignment.id}`, async () => {
@@ -842,8 +1111,11 @@ export class Station {
         await this.undo(current, current.error ?? `not finished within ${this.options.pendingDeadlineMs} ms`);
         return;
       }
-      const unit = this.store.units.get(current.unit);
-      if (unit === undefined || unit.state === "offline" || unit.state === "down") return; // wait for it, until the deadline
+      // Wait for every unit it needs (each leg's of a mirror), until the deadline.
+      for (const [name] of volumesOf(current)) {
+        const unit = this.store.units.get(name);
+        if (unit === undefined || unit.state === "offline" || unit.state === "down") return;
+      }
       try {
         await this.finish(current);
       } catch (error) {
@@ -873,18 +1145,31 @@ export class Station {
     });
   }
 
-  /** Removes the grant of a revoking assignment and marks it released; null if the unit cannot be told now. */
+  /**
+   * Removes the grants of a revoking assignment (every leg's, for a mirror) and
+   * marks it released; null if a unit cannot be told now (reconcile retries
+   * the legs not yet told; a unit known to be away is not called).
+   */
   private async finishRevoke(assignment: AssignmentRecord): Promise<AssignmentRecord | null> {
-    try {
-      await this.syncGrants(assignment.unit, assignment.volume, true);
-    } catch (error) {
-      const gone = error instanceof UnitCallError && error.unitCode === "NOT_FOUND";
-      const noUnit = error instanceof IpsanError && error.code === "NOT_FOUND" && !(error instanceof UnitCallError);
-      if (!gone && !noUnit) {
-        log.limited(`revoke:${assignment.unit}`, "grant not revoked yet; reconcile retries", { id: assignment.id, error: errorMessage(error) });
-        return null;
+    let told = true;
+    for (const [unit, volume] of volumesOf(assignment)) {
+      const state = this.store.units.get(unit)?.state;
+      if (assignment.legs.length > 0 && (state === "offline" || state === "down")) {
+        told = false;
+        continue;
+      }
+      try {
+        await this.syncGrants(unit, volume, true);
+      } catch (error) {
+        const gone = error instanceof UnitCallError && error.unitCode === "NOT_FOUND";
+        const noUnit = error instanceof IpsanError && error.code === "NOT_FOUND" && !(error instanceof UnitCallError);
+        if (!gone && !noUnit) {
+          log.limited(`revoke:${unit}`, "grant not revoked yet; reconcile retries", { id: assignment.id, unit, volume, error: errorMessage(error) });
+          told = false;
+        }
       }
     }
+    if (!told) return null;
     const released = this.store.updateAssignment(assignment.id, "released");
     log.info("assignment released", { id: released.id, host: released.host, unit: released.unit, volume: released.volume });
     return released;
@@ -1041,9 +1326,13 @@ export class Station {
       if (this.stopped) return;
       if (assignment.state === "pending" && !this.isInflight(assignment)) await this.settlePending(assignment);
       else if (assignment.state === "revoking") {
-        // A unit that is away is told when it is back (its return triggers a pass).
-        const unitState = this.store.units.get(assignment.unit)?.state;
-        if (unitState === "offline" || unitState === "down") continue;
+        // A unit that is away is told when it is back (its return triggers a pass); a mirror's
+        // legs on units that are here are told now.
+        const away = volumesOf(assignment).every(([unit]) => {
+          const unitState = this.store.units.get(unit)?.state;
+          return unitState === "offline" || unitState === "down";
+        });
+        if (away) continue;
         await this.locks.run(`assignment:${assignment.id}`, async () => {
           const current = this.store.getAssignment(assignment.id);
           if (current?.state === "revoking") await this.finishRevoke(current);

@@ -20,6 +20,8 @@ import {
   type AssignmentState,
   type EventType,
   type HostRecord,
+  type LegRecord,
+  type LegState,
   type StationEvent,
   type UnitRecord,
   type UnitReport,
@@ -43,6 +45,11 @@ export const SYSTEM_CLOCK: Clock = { nowMs: () => Date.now() };
 
 export function volumeKey(unit: string, volume: string): string {
   return `${unit}/${volume}`;
+}
+
+/** The volumes an assignment holds: each leg's of a mirror, else its one volume. */
+export function volumesOf(assignment: Pick<AssignmentRecord, "unit" | "volume" | "legs">): [unit: string, volume: string][] {
+  return assignment.legs.length > 0 ? assignment.legs.map((leg) => [leg.unit, leg.volume]) : [[assignment.unit, assignment.volume]];
 }
 
 export function newAssignmentId(): string {
@@ -87,7 +94,19 @@ function volumeFromRow(row: Row): VolumeRecord {
   };
 }
 
-function assignmentFromRow(row: Row): AssignmentRecord {
+function legFromRow(row: Row): LegRecord {
+  return {
+    index: row["leg"] as number,
+    unit: row["unit"] as string,
+    volume: row["volume"] as string,
+    sizeBytes: row["size_bytes"] as number,
+    state: row["state"] as LegState,
+    detail: json<AssignmentDetail | null>(row["detail"], null),
+  };
+}
+
+/** `legs`: the assignment's leg rows (only looked up for copies > 1). */
+function assignmentFromRow(row: Row, legs: readonly LegRecord[] = []): AssignmentRecord {
   return {
     id: row["id"] as string,
     requestId: (row["request_id"] as string | null) ?? null,
@@ -100,6 +119,8 @@ function assignmentFromRow(row: Row): AssignmentRecord {
     state: row["state"] as AssignmentState,
     carved: row["carved"] === 1,
     wipe: row["wipe"] === 1,
+    copies: (row["copies"] as number | undefined) ?? 1,
+    legs,
     error: (row["error"] as string | null) ?? null,
     detail: json<AssignmentDetail | null>(row["detail"], null),
     createdAtMs: row["created_at"] as number,
@@ -185,13 +206,18 @@ function prepareStatements(db: Db) {
       ON CONFLICT (name) DO UPDATE SET address = excluded.address, last_seen_at = excluded.last_seen_at`),
     insertAssignment: db.prepare(`
       INSERT INTO assignments (id, request_id, host, host_address, unit, volume, partition, size_bytes,
-                               state, carved, wipe, error, detail, created_at, updated_at)
+                               state, carved, wipe, copies, error, detail, created_at, updated_at)
       VALUES (@id, @requestId, @host, @hostAddress, @unit, @volume, @partition, @sizeBytes,
-              @state, @carved, @wipe, @error, @detail, @createdAt, @updatedAt)`),
+              @state, @carved, @wipe, @copies, @error, @detail, @createdAt, @updatedAt)`),
     updateAssignment: db.prepare(`
       UPDATE assignments SET state = @state, error = @error, detail = @detail, updated_at = @updatedAt,
         host_address = @hostAddress WHERE id = @id`),
     selectAssignment: db.prepare("SELECT * FROM assignments WHERE id = ?"),
+    insertLeg: db.prepare(`
+      INSERT INTO assignment_legs (assignment_id, leg, unit, volume, size_bytes, state, detail)
+      VALUES (@assignmentId, @leg, @unit, @volume, @sizeBytes, @state, @detail)`),
+    updateLeg: db.prepare("UPDATE assignment_legs SET state = @state, detail = @detail WHERE assignment_id = @assignmentId AND leg = @leg"),
+    selectLegs: db.prepare("SELECT * FROM assignment_legs WHERE assignment_id = ? ORDER BY leg"),
     insertRequest: db.prepare(
       "INSERT INTO requests (request_id, assignment_id, params, created_at) VALUES (?, ?, ?, ?)",
     ),
@@ -252,7 +278,20 @@ export class StationStore {
     const liveRows = this.db
       .prepare("SELECT * FROM assignments WHERE state IN ('pending', 'active', 'revoking')")
       .all() as Row[];
-    for (const row of liveRows) this.indexLive(assignmentFromRow(row));
+    const legsOf = new Map<string, LegRecord[]>();
+    const legRows = this.db
+      .prepare(
+        `SELECT l.* FROM assignment_legs l JOIN assignments a ON a.id = l.assignment_id
+         WHERE a.state IN ('pending', 'active', 'revoking') ORDER BY l.assignment_id, l.leg`,
+      )
+      .all() as Row[];
+    for (const row of legRows) {
+      const id = row["assignment_id"] as string;
+      let legs = legsOf.get(id);
+      if (legs === undefined) legsOf.set(id, (legs = []));
+      legs.push(legFromRow(row));
+    }
+    for (const row of liveRows) this.indexLive(assignmentFromRow(row, legsOf.get(row["id"] as string)));
   }
 
   // ---- transactions and events ------------------------------------------------
@@ -588,20 +627,27 @@ export class StationStore {
   // ---- assignments and requests --------------------------------------------------
 
   private indexLive(assignment: AssignmentRecord): void {
-    this.bumpUnit(assignment.unit);
-    const key = volumeKey(assignment.unit, assignment.volume);
     const previous = this.live.get(assignment.id);
-    if (previous !== undefined) this.liveByVolume.get(volumeKey(previous.unit, previous.volume))?.delete(previous.id);
+    if (previous !== undefined) {
+      for (const [unit, volume] of volumesOf(previous)) {
+        const key = volumeKey(unit, volume);
+        const ids = this.liveByVolume.get(key);
+        ids?.delete(previous.id);
+        if (ids?.size === 0) this.liveByVolume.delete(key);
+      }
+    }
+    // Every volume the assignment holds (each leg of a mirror) is held by it: not free, granted to its host.
+    for (const [unit] of volumesOf(assignment)) this.bumpUnit(unit);
     if (LIVE_ASSIGNMENT_STATES.has(assignment.state)) {
       this.live.set(assignment.id, assignment);
-      let ids = this.liveByVolume.get(key);
-      if (ids === undefined) this.liveByVolume.set(key, (ids = new Set()));
-      ids.add(assignment.id);
+      for (const [unit, volume] of volumesOf(assignment)) {
+        const key = volumeKey(unit, volume);
+        let ids = this.liveByVolume.get(key);
+        if (ids === undefined) this.liveByVolume.set(key, (ids = new Set()));
+        ids.add(assignment.id);
+      }
     } else {
       this.live.delete(assignment.id);
-      const ids = this.liveByVolume.get(key);
-      ids?.delete(assignment.id);
-      if (ids?.size === 0) this.liveByVolume.delete(key);
     }
   }
 
@@ -641,11 +687,24 @@ export class StationStore {
         state: assignment.state,
         carved: assignment.carved ? 1 : 0,
         wipe: assignment.wipe ? 1 : 0,
+        copies: assignment.copies,
         error: assignment.error,
         detail: assignment.detail === null ? null : JSON.stringify(assignment.detail),
         createdAt: assignment.createdAtMs,
         updatedAt: assignment.updatedAtMs,
       });
+      // All legs of a mirror are recorded with it, in the same transaction: reconcile finds all or none.
+      for (const leg of assignment.legs) {
+        this.statements.insertLeg.run({
+          assignmentId: assignment.id,
+          leg: leg.index,
+          unit: leg.unit,
+          volume: leg.volume,
+          sizeBytes: leg.sizeBytes,
+          state: leg.state,
+          detail: leg.detail === null ? null : JSON.stringify(leg.detail),
+        });
+      }
       if (request !== undefined) {
         this.statements.insertRequest.run(request.requestId, assignment.id, request.params, assignment.createdAtMs);
       }
@@ -665,6 +724,10 @@ export class StationStore {
       dropRequest?: boolean;
       /** Written in the same transaction: the volume as the unit answered, the unit's new free space. */
       volume?: VolumeRecord;
+      /** More volumes as their units answered (a mirror's legs), in the same transaction. */
+      volumes?: readonly VolumeRecord[];
+      /** New state and detail of legs (matched by index), in the same transaction. */
+      legs?: readonly LegRecord[];
       unitFree?: { unit: string; freeBytes: number };
     } = {},
   ): AssignmentRecord {
@@ -680,10 +743,15 @@ export class StationStore {
       error: patch.error !== undefined ? patch.error : previous.error,
       detail: patch.detail !== undefined ? patch.detail : previous.detail,
       hostAddress: patch.hostAddress ?? previous.hostAddress,
+      legs: patch.legs === undefined ? previous.legs : previous.legs.map((leg) => patch.legs?.find((l) => l.index === leg.index) ?? leg),
       updatedAtMs: this.clock.nowMs(),
     };
     this.commit((batch) => {
       if (patch.volume !== undefined) this.stageVolume(batch, patch.volume, "grants");
+      for (const volume of patch.volumes ?? []) this.stageVolume(batch, volume, "grants");
+      for (const leg of patch.legs ?? []) {
+        this.statements.updateLeg.run({ assignmentId: id, leg: leg.index, state: leg.state, detail: leg.detail === null ? null : JSON.stringify(leg.detail) });
+      }
       if (patch.unitFree !== undefined) this.stageUnitFree(batch, patch.unitFree.unit, patch.unitFree.freeBytes);
       this.statements.updateAssignment.run({
         id,
@@ -706,7 +774,13 @@ export class StationStore {
     const live = this.live.get(id);
     if (live !== undefined) return live;
     const row = this.statements.selectAssignment.get(id) as Row | undefined;
-    return row === undefined ? undefined : assignmentFromRow(row);
+    return row === undefined ? undefined : this.fromRow(row);
+  }
+
+  /** A history row with its legs (looked up only for mirrors). */
+  private fromRow(row: Row): AssignmentRecord {
+    const copies = (row["copies"] as number | undefined) ?? 1;
+    return assignmentFromRow(row, copies > 1 ? (this.statements.selectLegs.all(row["id"]) as Row[]).map(legFromRow) : []);
   }
 
   /** Live assignments, or with `all` the history too (newest first, bounded). */
@@ -718,7 +792,7 @@ export class StationStore {
           ? this.db.prepare("SELECT * FROM assignments ORDER BY created_at DESC LIMIT ?").all(ASSIGNMENT_HISTORY_MAX)
           : this.db.prepare("SELECT * FROM assignments WHERE host = ? ORDER BY created_at DESC LIMIT ?").all(options.host, ASSIGNMENT_HISTORY_MAX)
       ) as Row[];
-      list = rows.map((row) => this.live.get(row["id"] as string) ?? assignmentFromRow(row));
+      list = rows.map((row) => this.live.get(row["id"] as string) ?? this.fromRow(row));
     } else {
       list = [...this.live.values()].filter((a) => options.host === undefined || a.host === options.host);
       list.sort((a, b) => a.createdAtMs - b.createdAtMs || (a.id < b.id ? -1 : 1));

@@ -7,14 +7,19 @@
 // state machine refuses illegal transitions; requests map to assignments and
 // a dropped request frees its id; events persist in order for replay; a
 // database made before migration 3 upgrades in place, its assignments read
-// back with wipe = false, and a new assignment's wipe flag survives a reopen.
+// back with wipe = false, and a new assignment's wipe flag survives a reopen;
+// a mirror's legs are recorded with it in one transaction, come back after a
+// reopen (live and in the history), and each leg's volume counts as held; a
+// database made before migration 4 reads its assignments as copies 1.
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { makeTempDir } from "../testing/tmp.ts";
 import { MIGRATIONS, migrate, openDatabase, schemaVersion } from "./db.ts";
 import { StationStore } from "./store.ts";
-import type { AssignmentRecord, UnitReport } from "./types.ts";
+import type { AssignmentRecord, LegRecord, UnitReport } from "./types.ts";
+import { MIRROR_METADATA_BYTES } from "./station.ts";
+import { METADATA_BYTES } from "../host/engine/metadata.ts";
 import Database from "better-sqlite3";
 
 function report(name: string, volumes: { name: string; sizeBytes: number; grants?: string[] }[], freeBytes = 1 << 30): UnitReport {
@@ -49,6 +54,8 @@ function pending(id: string, over: Partial<AssignmentRecord> = {}): AssignmentRe
     state: "pending",
     carved: false,
     wipe: false,
+    copies: 1,
+    legs: [],
     error: null,
     detail: null,
     createdAtMs: 1,
@@ -180,6 +187,81 @@ test("the assignment state machine refuses illegal moves; a dropped request free
     assert.throws(() => store.insertAssignment(pending("a-3"), { requestId: "r1", params: "{}" }), /UNIQUE|PRIMARY/);
     assert.equal(store.getAssignment("a-3"), undefined, "a failed transaction leaves nothing");
     assert.equal(store.live.has("a-3"), false, "nor anything in memory");
+    store.close();
+  } finally {
+    dir.remove();
+  }
+});
+
+function leg(index: number, unit: string, volume: string, over: Partial<LegRecord> = {}): LegRecord {
+  return { index, unit, volume, sizeBytes: (1 << 20) + MIRROR_METADATA_BYTES, state: "pending", detail: null, ...over };
+}
+
+test("the station sizes legs with the engine's metadata: MIRROR_METADATA_BYTES equals METADATA_BYTES", () => {
+  assert.equal(MIRROR_METADATA_BYTES, METADATA_BYTES);
+});
+
+test("a mirror's legs are recorded with it, survive a reopen, and hold every leg's volume", () => {
+  const dir = makeTempDir("store");
+  try {
+    const path = dir.file("legs.db");
+    const store = new StationStore(openDatabase(path));
+    store.applyUnitReport(report("u1", []));
+    store.applyUnitReport(report("u2", []));
+    const legs = [leg(0, "u1", "h-m1-l0"), leg(1, "u2", "h-m1-l1")];
+    store.insertAssignment(pending("a-m1", { unit: "u1", volume: "h-m1-l0", carved: true, copies: 2, legs }), { requestId: "rm1", params: "{}" });
+    assert.equal(store.isVolumeAssigned("u1", "h-m1-l0"), true);
+    assert.equal(store.isVolumeAssigned("u2", "h-m1-l1"), true, "the second leg's volume is held too");
+    assert.deepEqual(store.liveOnVolume("u2", "h-m1-l1").map((a) => a.id), ["a-m1"]);
+    const detail = { volumeNumber: 1, sizeBytes: legs[0]?.sizeBytes ?? 0, extents: [], nbd: null };
+    store.updateAssignment("a-m1", "active", { legs: legs.map((l) => ({ ...l, state: "in-sync" as const, detail })) });
+    // A second mirror that fails: its legs stay in the history.
+    store.insertAssignment(pending("a-m2", { unit: "u2", volume: "h-m2-l0", carved: true, copies: 2, legs: [leg(0, "u2", "h-m2-l0"), leg(1, "u1", "h-m2-l1")] }));
+    store.updateAssignment("a-m2", "failed", { error: "unit away" });
+    assert.equal(store.isVolumeAssigned("u1", "h-m2-l1"), false, "a failed mirror holds no leg");
+    store.close();
+
+    const again = new StationStore(openDatabase(path));
+    const live = again.live.get("a-m1");
+    assert.equal(live?.copies, 2);
+    assert.deepEqual(live?.legs.map((l) => [l.index, l.unit, l.volume, l.state]), [
+      [0, "u1", "h-m1-l0", "in-sync"],
+      [1, "u2", "h-m1-l1", "in-sync"],
+    ]);
+    assert.deepEqual(live?.legs[1]?.detail, detail);
+    assert.equal(again.isVolumeAssigned("u2", "h-m1-l1"), true, "legs are indexed after a reopen");
+    const failed = again.getAssignment("a-m2");
+    assert.equal(failed?.state, "failed");
+    assert.deepEqual(failed?.legs.map((l) => l.volume), ["h-m2-l0", "h-m2-l1"], "history keeps the legs");
+    assert.deepEqual(again.listAssignments({ all: true }).find((a) => a.id === "a-m2")?.legs.length, 2);
+    again.updateAssignment("a-m1", "revoking");
+    again.updateAssignment("a-m1", "released");
+    assert.equal(again.isVolumeAssigned("u1", "h-m1-l0"), false);
+    assert.equal(again.isVolumeAssigned("u2", "h-m1-l1"), false, "a released mirror frees every leg's volume");
+    again.close();
+  } finally {
+    dir.remove();
+  }
+});
+
+test("migration 4 upgrades an older database in place: its assignments are single copies", () => {
+  const dir = makeTempDir("store");
+  try {
+    const path = dir.file("old3.db");
+    const old = new Database(path);
+    migrate(old, MIGRATIONS.filter((m) => m.version <= 3));
+    old
+      .prepare(
+        `INSERT INTO assignments (id, request_id, host, host_address, unit, volume, partition, size_bytes, state, carved, wipe, error, detail, created_at, updated_at)
+         VALUES ('a-old', NULL, 'h1', '127.0.0.2', 'u1', 'v1', NULL, 1048576, 'active', 0, 0, NULL, NULL, 1, 1)`,
+      )
+      .run();
+    old.close();
+    const store = new StationStore(openDatabase(path));
+    const a = store.getAssignment("a-old");
+    assert.equal(a?.copies, 1);
+    assert.deepEqual(a?.legs, []);
+    assert.equal(store.isVolumeAssigned("u1", "v1"), true);
     store.close();
   } finally {
     dir.remove();

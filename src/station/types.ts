@@ -88,6 +88,27 @@ export interface AssignmentDetail {
   readonly nbd: HostPort | null;
 }
 
+/**
+ * A leg of a mirrored assignment (copies > 1), as the station knows it:
+ * "pending" until the unit made its volume and granted the host, then
+ * "in-sync" (the station's view at creation; the host's mirror engine keeps
+ * the legs' real sync state on the legs themselves, docs/adr/0009).
+ */
+export const LEG_STATES = ["pending", "in-sync"] as const;
+export type LegState = (typeof LEG_STATES)[number];
+
+export interface LegRecord {
+  /** 0-based; leg 0 is also the assignment's unit and volume. */
+  readonly index: number;
+  readonly unit: string;
+  readonly volume: string;
+  /** The leg volume's size: the mirror's size plus MIRROR_METADATA_BYTES. */
+  readonly sizeBytes: number;
+  readonly state: LegState;
+  /** What the unit answered when the leg was made (shown if its volume is not in the pool). */
+  readonly detail: AssignmentDetail | null;
+}
+
 export interface AssignmentRecord {
   readonly id: string;
   readonly requestId: string | null;
@@ -107,6 +128,10 @@ export interface AssignmentRecord {
    * admin's manual assign, which keeps the data on purpose.
    */
   readonly wipe: boolean;
+  /** 1: one volume, used directly. 2 or 3: a mirror over `legs`, each on its own unit (unit/volume are leg 0's). */
+  readonly copies: number;
+  /** The legs of a mirror (copies > 1), by index; empty for a single copy. */
+  readonly legs: readonly LegRecord[];
   readonly error: string | null;
   readonly detail: AssignmentDetail | null;
   readonly createdAtMs: number;

@@ -2,7 +2,7 @@
 // records. Pure functions: records in, plain objects out.
 
 import type { StationStore } from "./store.ts";
-import type { AssignmentRecord, ExtentRecord, HostPort, HostRecord, HostState, UnitRecord, VolumeRecord } from "./types.ts";
+import type { AssignmentRecord, ExtentRecord, HostPort, HostRecord, HostState, LegRecord, UnitRecord, VolumeRecord } from "./types.ts";
 
 export const SECTOR_BYTES = 512;
 
@@ -94,10 +94,41 @@ function uriHost(host: string): string {
   return host.includes(":") ? `[${host}]` : host;
 }
 
+function nbdUri(nbd: HostPort, exportName: string): string {
+  return `nbd://${uriHost(nbd.host)}:${nbd.port}/${encodeURI(exportName)}`;
+}
+
+/** One leg of a mirror: where its volume is, and its URI (for the host's mirror engine, not for applications). */
+export function legView(leg: LegRecord, store: StationStore) {
+  const unit = store.units.get(leg.unit);
+  const nbd = reachableNbd(unit?.nbd ?? leg.detail?.nbd ?? null, unit?.addresses ?? []);
+  return {
+    unit: leg.unit,
+    volume: leg.volume,
+    sizeBytes: leg.sizeBytes,
+    uri: nbd === null ? null : nbdUri(nbd, leg.volume),
+    state: leg.state,
+  };
+}
+
+/**
+ * An assignment as the API shows it. For a mirror (copies > 1): unit, volume,
+ * export, nbdHost/nbdPort and the extents are the first leg's (the extents
+ * only where the mirror's data lies, without the leg's last MiB of metadata),
+ * sizeBytes is the mirror's, `uri` is null (a leg's URI is not the volume:
+ * writes there would bypass the mirror; the host's engine serves it), and
+ * `legs` lists every leg.
+ */
 export function assignmentView(assignment: AssignmentRecord, store: StationStore) {
   const unit = store.units.get(assignment.unit);
   const volume = store.volume(assignment.unit, assignment.volume);
-  const live = volume === undefined ? null : assignedExtents(volume, assignment.partition);
+  const mirror = assignment.legs.length > 0;
+  const live =
+    volume === undefined
+      ? null
+      : mirror
+        ? { extents: mapRange(volume.extents, 0, Math.ceil(assignment.sizeBytes / SECTOR_BYTES)), sizeBytes: assignment.sizeBytes }
+        : assignedExtents(volume, assignment.partition);
   const extents = live?.extents ?? assignment.detail?.extents ?? [];
   const sizeBytes = live?.sizeBytes ?? assignment.detail?.sizeBytes ?? assignment.sizeBytes;
   const nbd = reachableNbd(unit?.nbd ?? assignment.detail?.nbd ?? null, unit?.addresses ?? []);
@@ -124,7 +155,9 @@ export function assignmentView(assignment: AssignmentRecord, store: StationStore
     lengthLba,
     endLba: last?.endLba ?? null,
     extents,
-    uri: nbd === null ? null : `nbd://${uriHost(nbd.host)}:${nbd.port}/${encodeURI(exportName)}`,
+    uri: nbd === null || mirror ? null : nbdUri(nbd, exportName),
+    copies: assignment.copies,
+    legs: assignment.legs.map((leg) => legView(leg, store)),
     state: assignment.state,
     createdAt: iso(assignment.createdAtMs),
     updatedAt: iso(assignment.updatedAtMs),
