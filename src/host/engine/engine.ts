@@ -139,7 +139,7 @@ async function removeStaleSocket(path: string): Promise<void> {
     });
     probe.once("error", () => resolve(false));
   });
-  if (live) throw new IpsanError("ALREADY_EXISTS", `--listen unix:${path}: another process is serving that socket`);
+  if (live) throw new IpsanError("ALREADY_EXISTS", `--listen unix:${path}: the socket is in use by another process`);
   log.info("removing a stale socket left by an engine that stopped", { path });
   await unlink(path);
 }

@@ -21,9 +21,8 @@
 //   in sync, and says which and why; with the leg back it starts. A leg
 //   recorded out of sync does not hold it back.
 // - A leg that returns right after writes it missed gets them too.
-// - Tests marked "ENGINE BUG" reproduce engine bugs found here; they run as
-//   `todo` (reported, not failing the suite) until the engine is fixed: then
-//   they pass and the todo marker goes.
+// - Two tests pin engine bugs this file found (a stale socket after kill -9
+//   blocked a restart; an engine that could not listen stayed running).
 
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
@@ -512,8 +511,7 @@ test("kill -9 of the engine with writes in flight: it starts again with the same
     const load = await fioRun;
     assert.notEqual(load.result.code, 0, "fio lost its server, so it reports errors");
 
-    // A killed engine leaves its socket file behind; remove it as whoever restarts the engine must today (see the ENGINE BUG test below).
-    rmSync(join(tmp.path, "crash.sock"), { force: true });
+    // A killed engine leaves its socket file behind: the new one removes it (nothing listens behind it).
     const second = await bed.startEngine();
     const serving = await second.waitForLine(/mirror engine serving /, { timeoutMs: LEG_EVENT_TIMEOUT_MS });
     assert.equal(logFields(serving.text)["legs"], "a:in-sync,b:in-sync", serving.text);
@@ -539,11 +537,11 @@ test("kill -9 of the engine with writes in flight: it starts again with the same
   }
 });
 
-// ---------------------------------------------------------------- ENGINE BUG 2: restart after kill -9
+// ---------------------------------------------------------------- restart after kill -9 (a bug this file found, fixed in aa14e42)
 
 test(
-  "ENGINE BUG: after kill -9 the engine cannot start again with the same --listen unix:PATH (its stale socket file is in the way)",
-  { timeout: 60_000, todo: "engine bug: engineMain does not remove a stale Unix socket (no live listener behind it) before listening" },
+  "after kill -9 the engine starts again with the same --listen unix:PATH (the stale socket file is removed)",
+  { timeout: 60_000 },
   async () => {
     const bed = await startBed("stale");
     try {
@@ -559,8 +557,8 @@ test(
 );
 
 test(
-  "ENGINE BUG: an engine that cannot listen stays running (holding the legs) instead of exiting non-zero",
-  { timeout: 60_000, todo: "engine bug: engineMain does not shut the mirror down (leg connections, reconnect timers) when server.listen() rejects" },
+  "an engine whose socket another process serves exits non-zero at once, without touching the legs (a bug this file found, fixed in aa14e42)",
+  { timeout: 60_000 },
   async () => {
     const bed = await startBed("busy");
     const socketPath = join(tmp.path, "busy-other.sock");
