@@ -631,3 +631,41 @@ test("an engine refuses to start without a leg its metadata lists in sync; start
     await bed.close();
   }
 });
+
+// ---------------------------------------------------------------- a leg that stops answering
+
+test("a leg whose unit stops answering (SIGSTOP: sockets open, no replies) is failed after requestTimeoutMs and I/O goes on", { timeout: 90_000 }, async (t: TestContext) => {
+  const bed = await startBed("frozen");
+  const frozen = bed.units[0] as RunningUnit;
+  try {
+    const engine = await bed.startEngine();
+    const client = await NbdClient.connect(engine.uri, { requestTimeoutMs: 30_000 });
+    try {
+      const before = randomBytes(64 * 1024);
+      await client.write(0, before, true);
+      process.kill(frozen.pid, "SIGSTOP");
+      const data = randomBytes(64 * 1024);
+      const started = Date.now();
+      // The unit holds its sockets open and answers nothing: only the engine's request timeout (5 s) can free this write.
+      await client.write(MIB, data, true);
+      const stalledMs = Date.now() - started;
+      t.diagnostic(`write stalled ${stalledMs} ms while leg a's unit was stopped`);
+      assert.ok(stalledMs >= 4_000 && stalledMs < 10_000, `the write waited for the leg's request timeout (5 s), not for ever: ${stalledMs} ms`);
+      const failed = await engine.waitForLine(/mirror leg failed .*leg=a/, { timeoutMs: LEG_EVENT_TIMEOUT_MS });
+      assert.match(failed.text, /timed out/);
+      // Later I/O does not wait again.
+      const quick = Date.now();
+      await client.write(2 * MIB, data, false);
+      assert.ok((await client.read(MIB, data.length)).equals(data));
+      assert.ok((await client.read(0, before.length)).equals(before));
+      assert.ok(Date.now() - quick < 2_000, "I/O after the leg was failed does not wait for it");
+    } finally {
+      process.kill(frozen.pid, "SIGCONT");
+      await client.close();
+    }
+    // Once the unit runs again, the leg comes back and is rebuilt.
+    await engine.waitForLine(/mirror leg in sync .*leg=a/, { timeoutMs: IN_SYNC_TIMEOUT_MS });
+  } finally {
+    await bed.close();
+  }
+});
