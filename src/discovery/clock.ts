@@ -67,17 +67,5 @@ export class ManualClock implements Clock {
   }
 }
 
-/** Random numbers in [0, 1) for jitter; injectable so a seed replays a run. */
-export type Random = () => number;
-
-/** A small seeded generator (mulberry32) for tests and simulations. */
-export function seededRandom(seed: number): Random {
-  let state = seed >>> 0;
-  return () => {
-    state = (state + 0x6d2b79f5) >>> 0;
-    let t = state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** Random numbers in [0, 1) for jitter, and the seeded generator: one of each, in util/random.ts. */
+export { type Random, seededRandom } from "../util/random.ts";

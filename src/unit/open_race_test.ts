@@ -46,6 +46,7 @@ import { RawNbdClient } from "../nbd/testing/raw_client.ts";
 import { controlOk, controlRequest } from "../testing/control.ts";
 import { sleep } from "../testing/process.ts";
 import { type RunningUnit, startUnit } from "../testing/unit.ts";
+import { seededRandom } from "../util/random.ts";
 
 const MiB = 1024 * 1024;
 const ROUNDS = 5;
@@ -77,17 +78,8 @@ const OLD_P2_START = 4 * MiB;
 
 const BASE_SEED = Number(process.env["IPSAN_OPEN_RACE_SEED"] ?? Math.floor(Math.random() * 1_000_000));
 
-/** mulberry32: small, seeded, good enough for timings. */
-function prng(seed: number): () => number {
-  let state = seed >>> 0;
-  return () => {
-    state = (state + 0x6d2b79f5) >>> 0;
-    let t = state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** mulberry32 (util/random.ts): small, seeded, good enough for timings. */
+const prng = seededRandom;
 
 function between(random: () => number, low: number, high: number): number {
   return low + Math.floor(random() * (high - low + 1));

@@ -10,6 +10,7 @@ import { fileURLToPath } from "node:url";
 import { SECTOR_SIZE } from "../block/types.ts";
 import { IpsanError } from "../util/errors.ts";
 import { setLogLevel } from "../util/log.ts";
+import { seededRandom } from "../util/random.ts";
 import { MIB } from "./layout.ts";
 import { type VolumeTable, extentsLengthLba, freeRanges } from "./table.ts";
 import { type TableChange, createVolume, deleteVolume, growVolume, setGrants, setPartitions } from "./volume_ops.ts";
@@ -25,14 +26,7 @@ export type ChurnAction =
   | { kind: "grant"; name: string; hosts: string[] };
 
 function random(seed: number, step: number): () => number {
-  let state = (seed ^ Math.imul(step + 1, 0x9e3779b1)) >>> 0;
-  return () => {
-    state = (state + 0x6d2b79f5) >>> 0;
-    let t = state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
+  return seededRandom((seed ^ Math.imul(step + 1, 0x9e3779b1)) >>> 0);
 }
 
 export function churnAction(table: VolumeTable, seed: number, step: number): ChurnAction {

@@ -27,6 +27,7 @@ import { fileURLToPath, pathToFileURL } from "node:url";
 import type { BlockDevice, Peer } from "../block/types.ts";
 import { makeTempDir, memoryTmpBase } from "../testing/tmp.ts";
 import { IpsanError } from "../util/errors.ts";
+import { seededRandom as prng } from "../util/random.ts";
 import { setLogLevel } from "../util/log.ts";
 import { parseCidr } from "./cidr.ts";
 import { MIB } from "./layout.ts";
@@ -69,17 +70,6 @@ interface ManagerClass {
   open(options: { dataDir: string; capacityBytes: number }): Promise<Manager>;
 }
 
-/** mulberry32: a small seeded PRNG, so a failing seed replays. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** The error an injected storage failure throws (a stand-in for EIO or ENOSPC). */
 class InjectedFailure extends Error {}

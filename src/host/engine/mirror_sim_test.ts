@@ -19,6 +19,7 @@ import { dirname, join } from "node:path";
 import { test } from "node:test";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import { IpsanError } from "../../util/errors.ts";
+import { seededRandom as prng } from "../../util/random.ts";
 import { setLogLevel } from "../../util/log.ts";
 import { METADATA_BYTES } from "./metadata.ts";
 import { type LegIo, type LegSpec, Mirror, type MirrorOptions } from "./mirror.ts";
@@ -35,16 +36,6 @@ interface MirrorClass {
   open(mirrorId: string, exportName: string, specs: readonly LegSpec[], options?: MirrorOptions): Promise<Mirror>;
 }
 
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** One leg's disk (it outlives connections, as a unit's volume does) and whether it can be reached. */
 class MemDisk {
