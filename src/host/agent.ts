@@ -1,7 +1,7 @@
 // `ipsan host agent`: keeps a host registered with the station (heartbeats,
 // so the station shows it online) and keeps the host's recorded attachments
-// attached: after a restart of the host, or when an nbdfuse process dies, it
-// re-attaches from the state dir. It needs the station only to register and
+// attached: after a restart of the host, or when an nbdfuse process or a
+// mirror's engine dies, it re-attaches (restarts the engine) from the state dir. It needs the station only to register and
 // heartbeat: re-attaching works from the records alone, so a host comes back
 // to its volumes even while the station is down (the out-of-band design).
 // When the station is reachable, a recorded attachment whose assignment the

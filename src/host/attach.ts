@@ -9,19 +9,27 @@
 //   own session, output to a log file) and record its pid: the `ipsan host
 //   attach` process exits while nbdfuse keeps serving, and a later `detach`
 //   (or the agent after a restart) finds it through the state record.
+// - "nbd": an NBD URI for the host's own clients (nbdinfo, qemu, fio). For a
+//   mirrored assignment it is served by the host's mirror engine (`ipsan host
+//   engine`, started detached like nbdfuse, recorded with everything needed
+//   to start it again, its socket under the state dir); for a single copy it
+//   is the unit's own URI and nothing is started.
+// A mirror in "fuse" mode is nbdfuse on top of the engine's socket; "kernel"
+// on a mirror is not built yet.
 //
 // The NBD connections come from this machine's address toward the unit, so
 // the unit admits them only if that address is the one the host registered
 // (the grant the station gave the unit).
 
 import { spawn, execFile } from "node:child_process";
-import { existsSync, openSync, closeSync, readFileSync } from "node:fs";
-import { mkdir, readFile, readdir, rm, rmdir } from "node:fs/promises";
-import { join } from "node:path";
-import { IpsanError, errorMessage } from "../util/errors.ts";
+import { existsSync, openSync, closeSync, readFileSync, fstatSync } from "node:fs";
+import { mkdir, open, readFile, readdir, rm, rmdir } from "node:fs/promises";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { IpsanError, UsageError, errorMessage } from "../util/errors.ts";
 import { logger } from "../util/log.ts";
-import { HostState, RECORD_VERSION, recordKey, type AttachMode, type AttachmentRecord } from "./state.ts";
-import type { Assignment } from "./station_client.ts";
+import { HostState, RECORD_VERSION, recordKey, type AttachMode, type AttachmentRecord, type EngineRecord } from "./state.ts";
+import { isMirror, type StationAssignment } from "./station_client.ts";
 
 const log = logger("host");
 
@@ -31,6 +39,18 @@ export const COMMAND_TIMEOUT_MS = 15_000;
 export const POLL_INTERVAL_MS = 50;
 const LOG_TAIL_BYTES = 2048;
 const FUSE_FILE_NAME = "nbd";
+/** bin/ipsan of this installation (dist/host/attach.js -> ../../bin/ipsan): what runs the mirror engine. */
+export const IPSAN_BIN = join(dirname(dirname(dirname(fileURLToPath(import.meta.url)))), "bin", "ipsan");
+/** How long a mirror engine may take to reach its legs and print its ready line. */
+export const ENGINE_READY_TIMEOUT_MS = 30_000;
+/** How long a mirror engine may take to flush every leg and exit after SIGTERM (then SIGKILL). */
+export const ENGINE_STOP_TIMEOUT_MS = 30_000;
+/** Longest Unix socket path (sun_path holds 108 bytes with the NUL); a longer one makes the engine listen on loopback. */
+export const SOCKET_PATH_BYTES_MAX = 107;
+/** The engine's log read while waiting for its ready line, at most. */
+const ENGINE_LOG_READ_BYTES_MAX = 256 * 1024;
+const ENGINE_READY = /^ipsan engine (\S+) ready (\S+)$/m;
+const MIRROR_ID = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
 
 export type ModeChoice = AttachMode | "auto";
 
@@ -97,8 +117,27 @@ export async function isMounted(mountpoint: string): Promise<boolean> {
   return (await mountPoints()).has(mountpoint);
 }
 
-/** Is the attachment still serving? (nbdfuse alive and mounted; the kernel device connected.) */
+/** True if `pid` is alive and is the mirror engine of `mirror` (`ipsan host engine --mirror MIRROR`). */
+export async function isEngineProcess(pid: number, mirror: string): Promise<boolean> {
+  if (!processAlive(pid)) return false;
+  try {
+    const args = (await readFile(`/proc/${pid}/cmdline`, "utf8")).split("\0");
+    const at = args.indexOf("--mirror");
+    return args.includes("engine") && at >= 0 && args[at + 1] === mirror;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Is the attachment still serving? (A mirror's engine alive, and for fuse its
+ * nbdfuse alive and mounted; the kernel device connected; a single copy in
+ * nbd mode runs nothing here.)
+ */
 export async function attachmentAlive(record: AttachmentRecord): Promise<boolean> {
+  const engine = record.engine ?? null;
+  if (engine !== null && !(await isEngineProcess(engine.pid, engine.mirror))) return false;
+  if (record.mode === "nbd") return true;
   if (record.mode === "fuse") {
     if (record.pid === null || record.mountpoint === null) return false;
     return (await isOurProcess(record.pid, "nbdfuse")) && (await isMounted(record.mountpoint));
@@ -108,7 +147,7 @@ export async function attachmentAlive(record: AttachmentRecord): Promise<boolean
 }
 
 export interface AttachRequest {
-  readonly assignment: Assignment;
+  readonly assignment: StationAssignment;
   readonly station: string;
   readonly host: string;
   readonly mode: AttachMode;
@@ -121,30 +160,193 @@ export async function attach(state: HostState, request: AttachRequest): Promise<
     return existing; // idempotent: attaching twice gives the same path
   }
   if (existing !== undefined) await cleanup(existing);
+  const assignment = request.assignment;
   const base = {
     version: RECORD_VERSION,
-    assignmentId: String(request.assignment.id),
+    assignmentId: String(assignment.id),
     station: request.station,
     host: request.host,
-    unit: request.assignment.unit,
-    volume: request.assignment.volume,
-    export: request.assignment.export,
-    uri: request.assignment.uri,
-    sizeBytes: request.assignment.sizeBytes,
+    unit: assignment.unit,
+    volume: assignment.volume,
+    export: assignment.export,
+    uri: assignment.uri ?? "",
+    sizeBytes: assignment.sizeBytes,
     state: "attached",
     attachedAt: new Date().toISOString(),
+    engine: null,
   } as const;
-  const record: AttachmentRecord =
-    request.mode === "fuse"
-      ? { ...base, mode: "fuse", ...(await attachFuse(state, base.assignmentId, base.uri)), device: null }
-      : { ...base, mode: "kernel", ...(await attachKernel(request.assignment)), pid: null, mountpoint: null };
+  let record: AttachmentRecord;
+  if (isMirror(assignment)) record = await attachMirror(state, base, assignment, request.mode);
+  else if (assignment.uri === null) throw new IpsanError("UNAVAILABLE", `assignment ${base.assignmentId} has no URI yet (its unit's NBD address is unknown to the station)`);
+  else if (request.mode === "nbd") record = { ...base, mode: "nbd", path: assignment.uri, pid: null, mountpoint: null, device: null };
+  else if (request.mode === "fuse") record = { ...base, mode: "fuse", ...(await attachFuse(state, base.assignmentId, assignment.uri)), device: null };
+  else record = { ...base, mode: "kernel", ...(await attachKernel({ uri: assignment.uri, export: assignment.export })), pid: null, mountpoint: null };
   await state.write(record);
   log.info("attached", { assignment: record.assignmentId, uri: record.uri, mode: record.mode, path: record.path });
   return record;
 }
 
+/** A mirrored assignment: its engine started, then (fuse) nbdfuse on the engine's socket. */
+async function attachMirror(
+  state: HostState,
+  base: Omit<AttachmentRecord, "mode" | "path" | "pid" | "mountpoint" | "device">,
+  assignment: StationAssignment,
+  mode: AttachMode,
+): Promise<AttachmentRecord> {
+  if (mode === "kernel") {
+    throw new UsageError(`--mode kernel: assignment ${base.assignmentId} is mirrored (copies ${assignment.copies ?? "?"}); the kernel client on its engine is not built yet: use --mode nbd or --mode fuse`);
+  }
+  const engine = await startEngine(state, engineSpec(state, assignment));
+  if (mode === "nbd") return { ...base, uri: engine.uri, mode: "nbd", path: engine.uri, pid: engine.pid, mountpoint: null, device: null, engine };
+  try {
+    // Recorded before nbdfuse starts: a crash in between leaves an engine that detach and the agent know.
+    await state.write({ ...base, uri: engine.uri, mode: "fuse", path: "", pid: null, mountpoint: null, device: null, engine });
+    const fuse = await attachFuse(state, base.assignmentId, engine.uri);
+    return { ...base, uri: engine.uri, mode: "fuse", ...fuse, device: null, engine };
+  } catch (error) {
+    await stopEngine(engine);
+    await state.remove(base.assignmentId);
+    throw error;
+  }
+}
+
+/** How the engine of a mirrored assignment is started: its legs by volume name, its socket under the state dir. */
+function engineSpec(state: HostState, assignment: StationAssignment): Omit<EngineRecord, "pid" | "uri"> {
+  const id = String(assignment.id);
+  if (!MIRROR_ID.test(id)) throw new IpsanError("IO_ERROR", `assignment id ${JSON.stringify(id)} cannot name a mirror (letters, digits, _ . -)`);
+  const legs = (assignment.legs ?? []).map((leg) => {
+    if (leg.uri === null) throw new IpsanError("UNAVAILABLE", `leg ${leg.unit}/${leg.volume} of assignment ${id} has no URI yet (its unit's NBD address is unknown to the station)`);
+    // The leg's name is its volume's: stable across restarts, so the engine matches it with its metadata.
+    return { name: leg.volume, uri: leg.uri };
+  });
+  const socket = state.socketPath(id);
+  const listen = Buffer.byteLength(socket) <= SOCKET_PATH_BYTES_MAX ? `unix:${socket}` : "127.0.0.1:0";
+  return { mirror: id, export: id, listen, legs };
+}
+
+/**
+ * Starts `ipsan host engine` detached (its own session; stdout and stderr to
+ * STATE/log/ID.engine.log) and waits, bounded, for its ready line there.
+ */
+async function startEngine(state: HostState, spec: Omit<EngineRecord, "pid" | "uri">): Promise<EngineRecord> {
+  await state.ensure();
+  const logPath = state.engineLogPath(spec.mirror);
+  const args = [IPSAN_BIN, "host", "engine", "--mirror", spec.mirror];
+  for (const leg of spec.legs) args.push("--leg", `${leg.name}=${leg.uri}`);
+  args.push("--listen", spec.listen, "--export", spec.export);
+  const logFd = openSync(logPath, "a", 0o600);
+  const from = fstatSync(logFd).size;
+  let child;
+  try {
+    child = spawn(process.execPath, args, { detached: true, stdio: ["ignore", logFd, logFd] });
+  } finally {
+    closeSync(logFd);
+  }
+  let exited: { code: number | null; signal: string | null } | undefined;
+  const spawnError = new Promise<Error>((resolve) => child.once("error", resolve));
+  child.once("exit", (code, signal) => {
+    exited = { code, signal };
+  });
+  const deadline = Date.now() + ENGINE_READY_TIMEOUT_MS;
+  let uri: string | undefined;
+  let failure: string | undefined;
+  for (;;) {
+    const error = await Promise.race([spawnError, sleep(POLL_INTERVAL_MS).then(() => undefined)]);
+    if (error !== undefined) {
+      failure = `cannot run the mirror engine: ${errorMessage(error)}`;
+      break;
+    }
+    const ready = ENGINE_READY.exec(await readFrom(logPath, from));
+    if (ready !== null && ready[1] === spec.mirror) {
+      uri = ready[2];
+      break;
+    }
+    if (exited !== undefined) {
+      failure = `the mirror engine exited (code ${exited.code ?? exited.signal})`;
+      break;
+    }
+    if (Date.now() > deadline) {
+      failure = `the mirror engine was not ready after ${ENGINE_READY_TIMEOUT_MS} ms`;
+      child.kill("SIGKILL");
+      break;
+    }
+  }
+  const pid = child.pid;
+  if (failure !== undefined || uri === undefined || pid === undefined) {
+    const tail = await logTail(logPath);
+    throw new IpsanError("UNAVAILABLE", `mirror ${spec.mirror}: ${failure ?? "no pid"}${tail === "" ? "" : `: ${tail}`}`);
+  }
+  child.unref();
+  log.info("mirror engine started", { mirror: spec.mirror, pid, uri, legs: spec.legs.map((l) => l.name).join(",") });
+  return { ...spec, pid, uri };
+}
+
+/** The text of a file from byte `from` on (bounded). */
+async function readFrom(path: string, from: number): Promise<string> {
+  const handle = await open(path, "r");
+  try {
+    const buffer = Buffer.alloc(ENGINE_LOG_READ_BYTES_MAX);
+    const { bytesRead } = await handle.read(buffer, 0, buffer.length, from);
+    return buffer.subarray(0, bytesRead).toString("utf8");
+  } finally {
+    await handle.close();
+  }
+}
+
+/** SIGTERM (the engine flushes every leg and exits), bounded wait, SIGKILL if it hangs. */
+async function stopEngine(engine: EngineRecord): Promise<void> {
+  if (await isEngineProcess(engine.pid, engine.mirror)) {
+    process.kill(engine.pid, "SIGTERM");
+    const deadline = Date.now() + ENGINE_STOP_TIMEOUT_MS;
+    while (processAlive(engine.pid) && Date.now() < deadline) await sleep(POLL_INTERVAL_MS);
+    if (processAlive(engine.pid)) {
+      log.warn("mirror engine did not exit after SIGTERM; killing it (its legs keep the state it needs to restart)", { mirror: engine.mirror, pid: engine.pid });
+      process.kill(engine.pid, "SIGKILL");
+      const hardDeadline = Date.now() + DETACH_TIMEOUT_MS;
+      while (processAlive(engine.pid) && Date.now() < hardDeadline) await sleep(POLL_INTERVAL_MS);
+    } else {
+      log.info("mirror engine stopped", { mirror: engine.mirror, pid: engine.pid });
+    }
+  }
+  // A socket a killed engine left behind (a clean exit removes it; the next engine would too).
+  if (engine.listen.startsWith("unix:") && !processAlive(engine.pid)) await rm(engine.listen.slice(5), { force: true });
+}
+
+/**
+ * Brings a mirror's attachment back from its record: a dead engine is started
+ * again with the same legs and socket (the legs tell it what it needs), and
+ * for fuse nbdfuse is (re)started on it. A live engine is left alone.
+ */
+async function reattachMirror(state: HostState, record: AttachmentRecord, engine: EngineRecord): Promise<AttachmentRecord> {
+  let current = engine;
+  const engineAlive = await isEngineProcess(engine.pid, engine.mirror);
+  if (!engineAlive) {
+    // Whatever used the dead engine lost its connection: take it down before the new engine comes.
+    if (record.mode === "fuse") await cleanupFuse(record);
+    current = await startEngine(state, { mirror: engine.mirror, export: engine.export, listen: engine.listen, legs: engine.legs });
+    log.info("mirror engine restarted", { assignment: record.assignmentId, was: engine.pid, pid: current.pid });
+    const withEngine: AttachmentRecord =
+      record.mode === "nbd" ? { ...record, uri: current.uri, path: current.uri, pid: current.pid, engine: current } : { ...record, uri: current.uri, engine: current };
+    await state.write(withEngine);
+    if (record.mode === "nbd") return withEngine;
+  } else if (record.mode === "fuse") {
+    await cleanupFuse(record);
+  }
+  const fuse = await attachFuse(state, record.assignmentId, current.uri);
+  const fresh: AttachmentRecord = { ...record, uri: current.uri, ...fuse, engine: current, attachedAt: new Date().toISOString() };
+  await state.write(fresh);
+  return fresh;
+}
+
 /** Re-attaches from a record alone (the agent after a restart): no station needed. */
 export async function reattach(state: HostState, record: AttachmentRecord): Promise<AttachmentRecord> {
+  const engine = record.engine ?? null;
+  if (engine !== null) {
+    const fresh = await reattachMirror(state, record, engine);
+    log.info("re-attached", { assignment: fresh.assignmentId, uri: fresh.uri, mode: fresh.mode, path: fresh.path });
+    return fresh;
+  }
+  if (record.mode === "nbd") return record; // a single copy's URI is the unit's: nothing runs here
   await cleanup(record);
   const fresh: AttachmentRecord =
     record.mode === "fuse"
@@ -238,7 +440,7 @@ async function freeNbdDevice(): Promise<string> {
 }
 
 /** UNTESTED here (no nbd kernel module on the build machines): see docs/host.md. */
-async function attachKernel(assignment: Pick<Assignment, "uri" | "export">): Promise<{ path: string; device: string }> {
+async function attachKernel(assignment: { readonly uri: string; readonly export: string }): Promise<{ path: string; device: string }> {
   const uri = new URL(assignment.uri);
   const device = await freeNbdDevice();
   const port = uri.port === "" ? "10809" : uri.port;
@@ -248,15 +450,21 @@ async function attachKernel(assignment: Pick<Assignment, "uri" | "export">): Pro
   return { path: device, device };
 }
 
-/** Stops whatever a record points at, ignoring what is already gone. */
+/** Stops whatever a record points at, ignoring what is already gone (nbdfuse or the device first, then a mirror's engine). */
 async function cleanup(record: AttachmentRecord): Promise<void> {
   if (record.mode === "kernel") {
     if (record.device !== null && existsSync(`/sys/block/${record.device.replace(/^\/dev\//, "")}/pid`)) {
       const result = await run("nbd-client", ["-d", record.device]);
       if (!result.ok) throw new IpsanError("IO_ERROR", `nbd-client -d ${record.device}: ${result.output}`);
     }
-    return;
+  } else if (record.mode === "fuse") {
+    await cleanupFuse(record);
   }
+  if (record.engine !== undefined && record.engine !== null) await stopEngine(record.engine);
+}
+
+/** Unmounts an nbdfuse attachment and waits for its nbdfuse to exit. */
+async function cleanupFuse(record: AttachmentRecord): Promise<void> {
   if (record.mountpoint !== null && (await isMounted(record.mountpoint))) {
     const result = await run("fusermount3", ["-u", record.mountpoint]);
     if (!result.ok) {

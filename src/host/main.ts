@@ -1,6 +1,7 @@
 // `ipsan host SUBCOMMAND`: the host side of the SAN (seed Fig. 1, modules 9).
 //   request  ask the station for a volume; print the assignment (nbd:// URI)
-//   attach   make an assigned volume a local block device (kernel NBD or nbdfuse file)
+//   attach   make an assigned volume a local block device (kernel NBD or nbdfuse file),
+//            or a local NBD URI (--mode nbd: a mirror's engine, started here)
 //   detach   undo attach
 //   release  detach if attached, then unassign at the station
 //   agent    register, heartbeat, keep recorded volumes attached
@@ -18,12 +19,14 @@ import {
   HostAgent,
 } from "./agent.ts";
 import { attach, attachmentAlive, chooseMode, detach, type ModeChoice } from "./attach.ts";
+import type { AttachMode } from "./state.ts";
 import { HostState, defaultStateDir, notAttached, type AttachmentRecord } from "./state.ts";
 import {
   StationClient,
+  isMirror,
   parseStationUrl,
   readTokenFile,
-  type Assignment,
+  type StationAssignment,
 } from "./station_client.ts";
 
 const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
@@ -31,10 +34,10 @@ const REQUEST_ID_PATTERN = /^[A-Za-z0-9_.:-]{1,128}$/;
 
 const USAGE = `usage: ipsan host SUBCOMMAND [flags]
 
-  request --station URL --token-file FILE --host NAME --size SIZE [--address IP]
-          [--request-id ID] [--dry-run] [--json]
+  request --station URL --token-file FILE --host NAME --size SIZE [--copies 1|2|3]
+          [--address IP] [--request-id ID] [--dry-run] [--json]
   attach  --station URL --token-file FILE --host NAME (--assignment ID | --volume UNIT/VOLUME)
-          [--mode auto|fuse|kernel] [--state-dir DIR] [--json]
+          [--mode auto|fuse|kernel|nbd] [--state-dir DIR] [--json]
   detach  (--assignment ID | --volume UNIT/VOLUME | --path PATH) [--state-dir DIR]
   release --station URL --token-file FILE --host NAME (--assignment ID | --volume UNIT/VOLUME)
           [--state-dir DIR] [--json]
@@ -101,6 +104,7 @@ async function requestMain(argv: readonly string[]): Promise<number> {
   const { values } = parseFlags(argv, {
     ...STATION_FLAGS,
     size: { type: "string" },
+    copies: { type: "string" },
     address: { type: "string" },
     "request-id": { type: "string" },
     "dry-run": { type: "boolean" },
@@ -111,6 +115,7 @@ async function requestMain(argv: readonly string[]): Promise<number> {
   if (sizeBytes <= 0 || sizeBytes % 512 !== 0) {
     throw new UsageError(`--size: "${values.size}" must be a positive multiple of 512 bytes`);
   }
+  const copies = values.copies === undefined ? undefined : parseCopies(values.copies);
   const requestId = values["request-id"] ?? `req-${randomUUID()}`;
   if (!REQUEST_ID_PATTERN.test(requestId)) {
     throw new UsageError(`--request-id: invalid "${requestId}" (1-128 of A-Z a-z 0-9 _ . : -)`);
@@ -124,6 +129,7 @@ async function requestMain(argv: readonly string[]): Promise<number> {
     sizeBytes,
     ...(values.address === undefined ? {} : { address: values.address }),
     ...(values["dry-run"] === true ? { dryRun: true } : {}),
+    ...(copies === undefined ? {} : { copies }),
   };
   if (values["dry-run"] === true) {
     const answer = await client.call("POST", "/api/v1/allocations", request);
@@ -135,9 +141,23 @@ async function requestMain(argv: readonly string[]): Promise<number> {
   return 0;
 }
 
-function describeAssignment(a: Assignment): string {
+/** --copies: 1, 2 or 3 (legs on as many distinct units). */
+function parseCopies(text: string): number {
+  if (!/^[1-3]$/.test(text)) throw new UsageError(`--copies: invalid "${text}" (expected 1, 2 or 3)`);
+  return Number(text);
+}
+
+function describeAssignment(a: StationAssignment): string {
   const lba = a.startLba === undefined ? "" : `, LBA ${a.startLba}-${a.endLba ?? "?"}`;
   const number = a.volumeNumber === undefined || a.volumeNumber === null ? "" : ` (number ${a.volumeNumber})`;
+  if (isMirror(a)) {
+    const legs = (a.legs ?? []).map((l, i) => `leg ${i}: volume ${l.volume} on unit ${l.unit}, ${formatSize(l.sizeBytes)}, ${l.state}, ${l.uri ?? "-"}\n`).join("");
+    return (
+      `assignment ${a.id} (request ${a.requestId ?? "-"}): host ${a.host} gets a mirrored volume of ` +
+      `${formatSize(a.sizeBytes)} (${a.sizeBytes} bytes), ${a.copies ?? legs.length} copies:\n${legs}` +
+      `use it through the mirror engine: ipsan host attach ... --assignment ${a.id} --mode nbd\n`
+    );
+  }
   return (
     `assignment ${a.id} (request ${a.requestId ?? "-"}): host ${a.host} gets volume ${a.volume}${number} ` +
     `on unit ${a.unit} at ${a.nbdHost}:${a.nbdPort}, ${formatSize(a.sizeBytes)} (${a.sizeBytes} bytes${lba})\n` +
@@ -160,17 +180,17 @@ async function findAssignment(
   client: StationClient,
   host: string,
   values: { assignment?: string | undefined; volume?: string | undefined },
-): Promise<Assignment> {
+): Promise<StationAssignment> {
   if ((values.assignment === undefined) === (values.volume === undefined)) {
     throw new UsageError("give exactly one of --assignment ID or --volume UNIT/VOLUME");
   }
-  let assignment: Assignment | undefined;
+  let assignment: StationAssignment | undefined;
   if (values.assignment !== undefined) {
-    assignment = (await client.call("GET", `/api/v1/assignments/${encodeURIComponent(values.assignment)}`)) as Assignment;
+    assignment = (await client.call("GET", `/api/v1/assignments/${encodeURIComponent(values.assignment)}`)) as StationAssignment;
   } else {
     const spec = parseVolumeSpec(values.volume ?? "");
     const all = await client.call("GET", `/api/v1/assignments?host=${encodeURIComponent(host)}`);
-    const items = (Array.isArray(all) ? all : ((all as { items?: Assignment[] }).items ?? [])) as Assignment[];
+    const items = (Array.isArray(all) ? all : ((all as { items?: StationAssignment[] }).items ?? [])) as StationAssignment[];
     assignment = items.find(
       (a) => a.host === host && a.unit === spec.unit && (a.export === spec.export || (a.volume === spec.export && a.partition === null)),
     );
@@ -189,14 +209,21 @@ async function findAssignment(
 
 function parseMode(text: string | undefined): ModeChoice {
   const mode = text ?? "auto";
-  if (mode !== "auto" && mode !== "fuse" && mode !== "kernel") {
-    throw new UsageError(`--mode: invalid "${mode}" (expected auto, fuse or kernel)`);
+  if (mode !== "auto" && mode !== "fuse" && mode !== "kernel" && mode !== "nbd") {
+    throw new UsageError(`--mode: invalid "${mode}" (expected auto, fuse, kernel or nbd)`);
   }
   return mode;
 }
 
+/** auto: the kernel client where it exists, else nbdfuse; for a mirror (no kernel mode yet) nbdfuse on its engine. */
+function modeFor(choice: ModeChoice, assignment: StationAssignment): AttachMode {
+  if (choice === "auto" && isMirror(assignment)) return "fuse";
+  return chooseMode(choice);
+}
+
 function recordView(r: AttachmentRecord): Record<string, unknown> {
   return {
+    assignment: r.assignmentId,
     assignmentId: r.assignmentId,
     path: r.path,
     mode: r.mode,
@@ -211,6 +238,7 @@ function recordView(r: AttachmentRecord): Record<string, unknown> {
     host: r.host,
     station: r.station,
     state: r.state,
+    engine: r.engine === undefined || r.engine === null ? null : { pid: r.engine.pid, uri: r.engine.uri, legs: r.engine.legs.map((l) => l.name) },
   };
 }
 
@@ -224,9 +252,10 @@ async function attachMain(argv: readonly string[]): Promise<number> {
     json: { type: "boolean" },
   });
   const host = hostName(values.host);
-  const mode = chooseMode(parseMode(values.mode));
+  const choice = parseMode(values.mode);
   const client = await stationClient(values);
   const assignment = await findAssignment(client, host, values);
+  const mode = modeFor(choice, assignment);
   const state = stateOf(values["state-dir"]);
   const record = await attach(state, { assignment, station: client.baseUrl.href, host, mode });
   print(values.json === true, recordView(record), `${record.path}\n`);

@@ -17,8 +17,25 @@ export const RECORD_BYTES_MAX = 64 * 1024;
 export const RECORDS_MAX = 4096;
 export const RECORD_VERSION = 1;
 
-export const ATTACH_MODES = ["fuse", "kernel"] as const;
+/**
+ * fuse: an nbdfuse file; kernel: /dev/nbdN; nbd: an NBD URI served on this
+ * host (a mirror's engine), or, for a single copy, the unit's own URI.
+ */
+export const ATTACH_MODES = ["fuse", "kernel", "nbd"] as const;
 export type AttachMode = (typeof ATTACH_MODES)[number];
+
+/** The mirror engine a record started (`ipsan host engine`), with what it takes to start it again. */
+export interface EngineRecord {
+  readonly pid: number;
+  /** --mirror: the assignment id. */
+  readonly mirror: string;
+  readonly export: string;
+  /** --listen: "unix:/PATH" (under the state dir), or "127.0.0.1:0" when that path is too long for a socket. */
+  readonly listen: string;
+  /** What the engine printed in its ready line: the URI this host's clients use. */
+  readonly uri: string;
+  readonly legs: readonly { readonly name: string; readonly uri: string }[];
+}
 
 /** "attached": should be kept attached (the agent re-attaches it); "detaching": being undone. */
 export type AttachmentState = "attached" | "detaching";
@@ -42,6 +59,8 @@ export interface AttachmentRecord {
   readonly device: string | null;
   readonly state: AttachmentState;
   readonly attachedAt: string;
+  /** A mirror's engine (absent or null for a single copy). For mode nbd, `pid` is the engine's too. */
+  readonly engine?: EngineRecord | null;
 }
 
 /** --state-dir, else $XDG_STATE_HOME/ipsan-host, else /var/lib/ipsan-host for root, else ~/.local/state/ipsan-host. */
@@ -76,10 +95,20 @@ export class HostState {
     return join(this.dir, "log", `${recordKey(assignmentId)}.log`);
   }
 
+  engineLogPath(assignmentId: string): string {
+    return join(this.dir, "log", `${recordKey(assignmentId)}.engine.log`);
+  }
+
+  /** Where a mirror's engine listens. */
+  socketPath(assignmentId: string): string {
+    return join(this.dir, "run", `${recordKey(assignmentId)}.sock`);
+  }
+
   async ensure(): Promise<void> {
     await mkdir(this.attachmentsDir, { recursive: true, mode: 0o700 });
     await mkdir(join(this.dir, "mnt"), { recursive: true, mode: 0o700 });
     await mkdir(join(this.dir, "log"), { recursive: true, mode: 0o700 });
+    await mkdir(join(this.dir, "run"), { recursive: true, mode: 0o700 });
   }
 
   async write(record: AttachmentRecord): Promise<void> {
@@ -160,7 +189,26 @@ export function decodeRecord(text: string): DecodedRecord {
   for (const key of ["mountpoint", "device"]) {
     if (r[key] !== null && typeof r[key] !== "string") return { kind: "invalid", reason: `${key} is not a string` };
   }
+  const engine = r["engine"];
+  if (engine !== undefined && engine !== null) {
+    const reason = engineProblem(engine);
+    if (reason !== null) return { kind: "invalid", reason: `engine: ${reason}` };
+  }
   return { kind: "record", record: value as AttachmentRecord };
+}
+
+function engineProblem(value: unknown): string | null {
+  if (typeof value !== "object" || value === null) return "not an object";
+  const e = value as Record<string, unknown>;
+  if (!(Number.isSafeInteger(e["pid"]) && (e["pid"] as number) > 0)) return `pid=${String(e["pid"])}`;
+  for (const key of ["mirror", "export", "listen", "uri"]) if (typeof e[key] !== "string") return `${key} is not a string`;
+  const legs = e["legs"];
+  if (!Array.isArray(legs) || legs.length === 0) return "no legs";
+  for (const leg of legs as unknown[]) {
+    const l = leg as Record<string, unknown> | null;
+    if (l === null || typeof l !== "object" || typeof l["name"] !== "string" || typeof l["uri"] !== "string") return "a leg without name or uri";
+  }
+  return null;
 }
 
 export function notAttached(what: string, stateDir: string): IpsanError {

@@ -13,6 +13,17 @@ export const STATION_REQUEST_TIMEOUT_MS = 10_000;
 export const RESPONSE_BYTES_MAX = 8 * 1024 * 1024;
 export const TOKEN_FILE_BYTES_MAX = 4096;
 
+/** One leg of a mirrored assignment (docs/api.md "A mirrored assignment"). */
+export interface AssignmentLeg {
+  readonly unit: string;
+  readonly volume: string;
+  /** The mirror's size plus the engine's 1 MiB of metadata. */
+  readonly sizeBytes: number;
+  /** The leg's own nbd:// URI: for the host's mirror engine only, never for applications. */
+  readonly uri: string | null;
+  readonly state: string;
+}
+
 /** The station's answer to an allocation or a manual assignment (contracts.md). */
 export interface Assignment {
   readonly id: string;
@@ -32,9 +43,25 @@ export interface Assignment {
   readonly startLba?: number;
   readonly lengthLba?: number;
   readonly endLba?: number;
+  /** Where clients read and write the volume (a single copy; see StationAssignment for a mirror's null). */
   readonly uri: string;
   readonly state?: string;
   readonly createdAt?: string;
+  /** 1 (absent from older stations) or the number of legs of a mirror. */
+  readonly copies?: number;
+  /** A mirror's legs; empty (or absent) for a single copy. */
+  readonly legs?: readonly AssignmentLeg[];
+}
+
+/**
+ * An assignment as the station may answer it: a single copy (`uri` set), or
+ * a mirror, whose `uri` is null (the host's engine serves it from `legs`).
+ */
+export type StationAssignment = Omit<Assignment, "uri"> & { readonly uri: string | null };
+
+/** True for a mirrored assignment: the host serves it through its mirror engine. */
+export function isMirror(assignment: Pick<Assignment, "legs">): boolean {
+  return (assignment.legs?.length ?? 0) > 0;
 }
 
 export interface UnitInfo {
@@ -69,6 +96,8 @@ export interface AllocationRequest {
   readonly sizeBytes: number;
   readonly address?: string;
   readonly dryRun?: boolean;
+  /** 2 or 3: a mirror, one leg per distinct unit (default 1). */
+  readonly copies?: number;
 }
 
 /** Error answered by the station, with what it said. */
@@ -210,7 +239,7 @@ export class StationClient {
     await this.call("POST", `/api/v1/hosts/${encodeURIComponent(name)}/heartbeat`, {});
   }
 
-  async allocate(request: AllocationRequest): Promise<Assignment> {
+  async allocate(request: AllocationRequest): Promise<StationAssignment> {
     return checkAssignment(await this.call("POST", "/api/v1/allocations", request), "POST /api/v1/allocations");
   }
 
@@ -265,20 +294,21 @@ function stationError(what: string, status: number, parsed: unknown, text: strin
   return new StationError(code, full, status, field, reasons);
 }
 
-function checkAssignment(body: unknown, what: string): Assignment {
-  const a = body as Partial<Assignment> | undefined;
-  if (
-    a === undefined ||
-    a === null ||
-    typeof a !== "object" ||
-    typeof a.uri !== "string" ||
-    typeof a.unit !== "string" ||
-    typeof a.volume !== "string" ||
-    typeof a.sizeBytes !== "number"
-  ) {
+function checkAssignment(body: unknown, what: string): StationAssignment {
+  const a = body as Partial<StationAssignment> | undefined;
+  if (a === undefined || a === null || typeof a !== "object" || typeof a.unit !== "string" || typeof a.volume !== "string" || typeof a.sizeBytes !== "number") {
     throw new IpsanError("IO_ERROR", `${what}: station answered an assignment without uri/unit/volume/sizeBytes`);
   }
-  return a as Assignment;
+  // A single copy has a URI; a mirror has none of its own but a URI per leg.
+  const legs = Array.isArray(a.legs) ? a.legs : [];
+  if (legs.length > 0) {
+    if (!legs.every((l) => l !== null && typeof l === "object" && typeof l.uri === "string" && typeof l.volume === "string")) {
+      throw new IpsanError("IO_ERROR", `${what}: station answered a mirrored assignment whose legs lack a uri or volume`);
+    }
+  } else if (typeof a.uri !== "string") {
+    throw new IpsanError("IO_ERROR", `${what}: station answered an assignment without uri/unit/volume/sizeBytes`);
+  }
+  return a as StationAssignment;
 }
 
 /**
