@@ -11,6 +11,16 @@
 // -xx prints every byte of a string as \xNN, also the fd annotations of -y
 // (`19<\x2f\x74...>` is fd 19 on /t...), so a string never contains a raw
 // quote, comma or bracket and the arguments split cleanly.
+//
+// Times: -tt prints HH:MM:SS.micros; `--absolute-timestamps=format:unix,precision:ns`
+// (TraceOptions.timestamps "unix-ns") prints seconds since the epoch with
+// nanoseconds, which compare across the logs of several strace processes on
+// one machine (they all read the same CLOCK_REALTIME). strace takes a line's
+// time when it handles the event, with the thread stopped: a call's entry
+// time is before the kernel ran it, and a line's time is later than the
+// return of every call whose return is reported above it. A call printed
+// whole on one line carries its ENTRY time; returnedByNs() gives a time by
+// which it had returned.
 
 /** One system call as strace reported it. */
 export interface Syscall {
@@ -20,7 +30,7 @@ export interface Syscall {
   readonly entryLine: number;
   /** 0-based line where it returned (the `resumed` line if split). */
   readonly exitLine: number;
-  /** -tt wall-clock times (HH:MM:SS.micros) of those lines. */
+  /** The times of those lines as printed: -tt wall clock (HH:MM:SS.micros) or unix seconds (SECONDS.nanos). */
   readonly entryTime: string;
   readonly exitTime: string;
   /** Top-level arguments as printed (strings still escaped), entry and resumed parts joined. */
@@ -43,7 +53,7 @@ export interface StraceLog {
   readonly lines: readonly string[];
 }
 
-const LINE = /^(\d+)\s+(\d\d:\d\d:\d\d\.\d+)\s+(.*)$/;
+const LINE = /^(\d+)\s+(\d\d:\d\d:\d\d\.\d+|\d+\.\d+)\s+(.*)$/;
 const RESUMED = /^<\.\.\. (\w+) resumed>(.*)$/;
 const UNFINISHED = /^(\w+)\((.*)<unfinished \.\.\.>$/;
 const CALL = /^(\w+)\((.*)$/;
@@ -144,7 +154,7 @@ function finish(pid: number, name: string, argsAndResult: string, entry: { line:
   };
 }
 
-/** Parses a whole `strace -f -tt -o FILE` log (lines `PID HH:MM:SS.micros EVENT`). */
+/** Parses a whole `strace -f -tt -o FILE` log (lines `PID HH:MM:SS.micros EVENT`, or `PID SECONDS.nanos EVENT`). */
 export function parseStraceLog(text: string): StraceLog {
   const lines = text.split("\n");
   const syscalls: Syscall[] = [];
@@ -188,6 +198,42 @@ export function parseStraceLog(text: string): StraceLog {
 /** A trace line shortened for a message, with -xx fd annotations decoded so paths and sockets are readable. */
 export function describeLine(line: string | undefined, maxChars = 220): string {
   if (line === undefined) return "(no line)";
-  const readable = line.replace(/(\d)<((?:\\x[0-9a-f]{2})+)>/g, (_, digit: string, hex: string) => `${digit}<${decodeStraceString(hex).toString("latin1")}>`);
+  const readable = line
+    .replace(/(\d)<((?:\\x[0-9a-f]{2})+)>/g, (_, digit: string, hex: string) => `${digit}<${decodeStraceString(hex).toString("latin1")}>`)
+    // A Unix socket's annotation holds its path as a quoted string: <UNIX-STREAM:[1->2,"\x2f..."]>.
+    .replace(/(\d<UNIX-\w+:\[[^\]"]*,)"((?:\\x[0-9a-f]{2})+)"\]>/g, (_, head: string, hex: string) => `${head}${decodeStraceString(hex).toString("latin1")}]>`);
   return readable.length > maxChars ? `${readable.slice(0, maxChars)}...` : readable;
+}
+
+/** A unix timestamp as strace printed it ("1796230818.823295762", any number of decimals) in nanoseconds. */
+export function stampNs(time: string): bigint {
+  const match = /^(\d+)\.(\d{1,9})$/.exec(time);
+  if (match === null) throw new Error(`not a unix timestamp: ${JSON.stringify(time)} (trace with timestamps "unix-ns")`);
+  return BigInt(match[1] ?? "0") * 1_000_000_000n + BigInt((match[2] ?? "0").padEnd(9, "0"));
+}
+
+/** The time of trace line `index`, in nanoseconds (unix timestamps only); undefined for a line without one. */
+export function lineStampNs(log: StraceLog, index: number): bigint | undefined {
+  const match = LINE.exec(log.lines[index] ?? "");
+  return match === null ? undefined : stampNs(match[2] ?? "");
+}
+
+/** When the call entered, in nanoseconds: before the kernel ran it (a lower bound for its start). */
+export function enteredAtNs(call: Syscall): bigint {
+  return stampNs(call.entryTime);
+}
+
+/**
+ * A time by which the call had certainly returned, in nanoseconds: the time
+ * of its `resumed` line when strace split it, else the time of the next line
+ * of the log (strace handled the call's return before the event on that
+ * line, or it would have split it). Undefined when nothing follows it.
+ */
+export function returnedByNs(log: StraceLog, call: Syscall): bigint | undefined {
+  if (call.exitLine !== call.entryLine) return stampNs(call.exitTime);
+  for (let index = call.exitLine + 1; index < log.lines.length; index++) {
+    const stamp = lineStampNs(log, index);
+    if (stamp !== undefined) return stamp;
+  }
+  return undefined;
 }

@@ -5,6 +5,7 @@
 // its log to a file:
 //   -f          every thread: the unit does disk I/O on libuv's worker threads
 //   -tt -T      wall-clock times and durations, for the humans reading a failure
+//               (or unix times in ns, TraceOptions.timestamps, to compare logs)
 //   -yy         fds annotated with their path, or the addresses of a TCP socket
 //   -xx -s N    buffers as hex, the first N bytes of each
 //   --seccomp-bpf  only the traced calls stop the unit (much less slowdown)
@@ -46,13 +47,19 @@ export interface TraceOptions {
   syscalls: readonly string[];
   /** Bytes of each buffer printed (-s); default 64. */
   stringBytes?: number;
+  /**
+   * "wall" (default): -tt, HH:MM:SS.micros. "unix-ns": seconds since the epoch
+   * with nanoseconds, comparable between the logs of several traced processes
+   * (strace.ts stampNs, returnedByNs).
+   */
+  timestamps?: "wall" | "unix-ns";
 }
 
 /** strace's command line for running `node IPSAN_BIN ARGS...`. */
 export function straceArgs(trace: TraceOptions, command: readonly string[]): string[] {
   return [
     "-f",
-    "-tt",
+    trace.timestamps === "unix-ns" ? "--absolute-timestamps=format:unix,precision:ns" : "-tt",
     "-T",
     "-yy",
     "-xx",
