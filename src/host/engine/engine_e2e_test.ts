@@ -669,3 +669,31 @@ test("a leg whose unit stops answering (SIGSTOP: sockets open, no replies) is fa
     await bed.close();
   }
 });
+
+// ---------------------------------------------------------------- a clean stop
+
+test("after a clean stop (SIGTERM) the next engine has nothing to reconcile, even with a leg failed", { timeout: 60_000 }, async () => {
+  const bed = await startBed("clean");
+  try {
+    const first = await bed.startEngine();
+    const client = await NbdClient.connect(first.uri);
+    try {
+      await client.write(0, randomBytes(256 * 1024), false);
+      await bed.units[0]?.kill9();
+      await first.waitForLine(/mirror leg failed .*leg=a/, { timeoutMs: LEG_EVENT_TIMEOUT_MS });
+      await client.write(5 * MIB, randomBytes(256 * 1024), false);
+    } finally {
+      await client.close();
+    }
+    await stopEngine(first);
+    await bed.restartUnit(0);
+    const second = await bed.startEngine();
+    await second.waitForLine(/mirror engine serving /, { timeoutMs: LEG_EVENT_TIMEOUT_MS });
+    assert.equal(second.logLines().find((l) => /reconciling regions/.test(l.text)), undefined, `a clean stop leaves no intent regions:\n${second.stderr()}`);
+    // The failed leg still gets what it missed.
+    await second.waitForLine(/mirror leg in sync .*leg=a/, { timeoutMs: IN_SYNC_TIMEOUT_MS });
+    await stopEngine(second);
+  } finally {
+    await bed.close();
+  }
+});

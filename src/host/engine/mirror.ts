@@ -397,6 +397,8 @@ export class Mirror implements BlockDevice {
   async shutdown(): Promise<void> {
     if (this.#closed) return;
     await this.flush().catch(() => undefined);
+    // Nothing is in flight any more: a clean stop leaves no intent regions for the next engine to reconcile.
+    await this.#retireIntent(true).catch(() => undefined);
     this.#closed = true;
     if (this.#intentTimer !== undefined) clearInterval(this.#intentTimer);
     for (const leg of this.#legs) if (leg.reconnectTimer !== undefined) clearTimeout(leg.reconnectTimer);
@@ -570,13 +572,14 @@ export class Mirror implements BlockDevice {
   }
 
   /** Regions idle long enough leave the intent bitmap; legs out of service get them as missed first. */
-  async #retireIntent(): Promise<void> {
+  async #retireIntent(idleOrNot = false): Promise<void> {
     if (this.#closed) return;
     const now = this.#now();
     let changed = false;
     for (const region of this.#intent.setRegions(this.regions)) {
       const use = this.#regions.get(region);
-      if (this.#intentPending.has(region) || (use !== undefined && (use.inFlight > 0 || now - use.lastWriteMs < this.#options.intentIdleMs))) continue;
+      const busy = use !== undefined && (use.inFlight > 0 || (!idleOrNot && now - use.lastWriteMs < this.#options.intentIdleMs));
+      if (this.#intentPending.has(region) || busy) continue;
       for (const leg of this.#legs) if (leg.state === "failed" || leg.state === "stale") leg.missed.set(region);
       this.#intent.clear(region);
       this.#regions.delete(region);
