@@ -74,6 +74,12 @@ export class NbdClient {
   #readingData: Pending | undefined;
   #timer: NodeJS.Timeout | undefined;
   readonly #closedListeners: ((error: Error) => void)[] = [];
+  #corked = false;
+
+  readonly #uncork = (): void => {
+    this.#corked = false;
+    if (!this.#socket.destroyed) this.#socket.uncork();
+  };
 
   private constructor(socket: net.Socket, queue: ByteQueue, sizeBytes: number, flags: number, options: Required<NbdClientOptions>) {
     this.#socket = socket;
@@ -222,8 +228,18 @@ export class NbdClient {
       this.#pending.set(cookie, { cookie, type, length: lengthBytes, resolve, reject, deadline: Date.now() + this.#requestTimeoutMs });
       this.#armTimer();
       const header = encodeRequest({ cookieHi: 0, cookieLo: cookie, flags, type, offset: offsetBytes, length: lengthBytes });
+      // Requests made in the same turn of the event loop leave in one writev (fewer syscalls
+      // here and fewer reads on the server); a lone request leaves at once.
+      if (!this.#corked && this.#pending.size > 1) {
+        this.#corked = true;
+        this.#socket.cork();
+        setImmediate(this.#uncork);
+      }
       if (payload === undefined) this.#socket.write(header);
-      else {
+      else if (this.#corked) {
+        this.#socket.write(header);
+        this.#socket.write(payload);
+      } else {
         this.#socket.cork();
         this.#socket.write(header);
         this.#socket.write(payload);
