@@ -40,7 +40,7 @@ import { type RunningUnit, startUnit } from "../testing/unit.ts";
 import { UsageError, errorMessage } from "../util/errors.ts";
 import { parseFlags } from "../util/flags.ts";
 import { formatSize, parseSize } from "../util/size.ts";
-import { type BenchJob, JOBS, fioArgs, median } from "./report.ts";
+import { type BenchJob, JOBS, fioArgs, median, pickList, positiveInteger } from "./report.ts";
 
 const MIB = 1024 * 1024;
 const UNIT_SPARE_BYTES = 64 * MIB;
@@ -86,19 +86,6 @@ export const MIRROR_BENCH_USAGE = `usage: node dist/bench/mirror_bench.js [--rou
            engine1 = the engine over a single leg on unit A, a diagnostic)
   phases:  ${PHASES.join(", ")} (default all)
   --rounds 3 --runtime 5 --size 1G; --rounds also sets the rebuild/nbdcopy pairs; --dir defaults to the OS temp dir`;
-
-function positiveInteger(text: string, field: string, max: number): number {
-  const value = Number(text);
-  if (!Number.isInteger(value) || value < 1 || value > max) throw new UsageError(`${field}: expected an integer 1..${max}, got "${text}"`);
-  return value;
-}
-
-function pickList<T extends string>(text: string, field: string, known: readonly T[]): T[] {
-  const names = text.split(",").map((name) => name.trim()).filter((name) => name !== "");
-  for (const name of names) if (!(known as readonly string[]).includes(name)) throw new UsageError(`${field}: unknown "${name}" (known: ${known.join(", ")})`);
-  if (names.length === 0) throw new UsageError(`${field}: empty list`);
-  return [...new Set(names)] as T[];
-}
 
 export function parseMirrorBenchOptions(argv: readonly string[]): MirrorBenchOptions {
   const { values } = parseFlags(argv, {

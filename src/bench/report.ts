@@ -49,13 +49,13 @@ export const BENCH_USAGE = `usage: node dist/bench/nbd_bench.js [--rounds N] [--
   --rounds 3 --runtime 8 --size 1G; --dir defaults to the OS temp dir
   --pin: fio on CPU 0, the servers on the other CPUs (taskset)`;
 
-function positiveInteger(text: string, field: string, max: number): number {
+export function positiveInteger(text: string, field: string, max: number): number {
   const value = Number(text);
   if (!Number.isInteger(value) || value < 1 || value > max) throw new UsageError(`${field}: expected an integer 1..${max}, got "${text}"`);
   return value;
 }
 
-function pickList<T extends string>(text: string, field: string, known: readonly T[]): T[] {
+export function pickList<T extends string>(text: string, field: string, known: readonly T[]): T[] {
   const names = text.split(",").map((name) => name.trim()).filter((name) => name !== "");
   for (const name of names) {
     if (!(known as readonly string[]).includes(name)) throw new UsageError(`${field}: unknown "${name}" (known: ${known.join(", ")})`);
