@@ -185,7 +185,13 @@ export class NbdClient {
   }
 
   async write(offsetBytes: number, data: Buffer, fua: boolean): Promise<void> {
-    await this.#request(NBD_CMD.WRITE, fua ? NBD_CMD_FLAG.FUA : 0, offsetBytes, data.length, data);
+    await this.#request(NBD_CMD.WRITE, fua ? NBD_CMD_FLAG.FUA : 0, offsetBytes, data.length, [data]);
+  }
+
+  /** One WRITE whose payload is `parts` in order, sent without joining them. */
+  async writev(offsetBytes: number, parts: readonly Buffer[], fua: boolean): Promise<void> {
+    const length = parts.reduce((sum, part) => sum + part.length, 0);
+    await this.#request(NBD_CMD.WRITE, fua ? NBD_CMD_FLAG.FUA : 0, offsetBytes, length, parts);
   }
 
   async flush(): Promise<void> {
@@ -217,7 +223,7 @@ export class NbdClient {
     this.#fail(new IpsanError("UNAVAILABLE", reason));
   }
 
-  async #request(type: number, flags: number, offsetBytes: number, lengthBytes: number, payload: Buffer | undefined): Promise<Buffer | undefined> {
+  async #request(type: number, flags: number, offsetBytes: number, lengthBytes: number, payload: readonly Buffer[] | undefined): Promise<Buffer | undefined> {
     while (this.#pending.size >= this.#inFlightMax && this.#broken === undefined) {
       await new Promise<void>((resolve) => this.#waiting.push(resolve));
     }
@@ -238,11 +244,11 @@ export class NbdClient {
       if (payload === undefined) this.#socket.write(header);
       else if (this.#corked) {
         this.#socket.write(header);
-        this.#socket.write(payload);
+        for (const part of payload) this.#socket.write(part);
       } else {
         this.#socket.cork();
         this.#socket.write(header);
-        this.#socket.write(payload);
+        for (const part of payload) this.#socket.write(part);
         this.#socket.uncork();
       }
     });

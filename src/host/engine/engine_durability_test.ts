@@ -548,6 +548,8 @@ test("a FUA write or FLUSH acknowledged by the mirror engine was fdatasync'ed on
 test("canary: an engine that drops FUA on the way to the legs and answers FLUSH without the legs fails the check on both legs", async () => {
   const build = patchedBuild("canary-engine-no-sync", [
     { file: "dist/host/engine/mirror.js", from: "(io) => io.write(offsetBytes, buffer, fua)", to: "(io) => io.write(offsetBytes, buffer, false)" },
+    // A payload that arrived in several chunks goes to the legs as they are (writev).
+    { file: "dist/host/engine/mirror.js", from: "io.writev(offsetBytes, parts, fua) : io.write(offsetBytes, (joined ??= Buffer.concat(parts)), fua)", to: "io.writev(offsetBytes, parts, false) : io.write(offsetBytes, (joined ??= Buffer.concat(parts)), false)" },
     { file: "dist/host/engine/mirror.js", from: "legs.map((l) => l.io.flush())", to: "legs.map(() => Promise.resolve())" },
   ]);
   let run: Run;

@@ -49,6 +49,8 @@ export interface LegIo {
   readonly sizeBytes: number;
   read(offsetBytes: number, lengthBytes: number): Promise<Buffer>;
   write(offsetBytes: number, data: Buffer, fua: boolean): Promise<void>;
+  /** One write from several buffers (no gather copy); optional. */
+  writev?(offsetBytes: number, parts: readonly Buffer[], fua: boolean): Promise<void>;
   flush(): Promise<void>;
   trim(offsetBytes: number, lengthBytes: number, fua: boolean): Promise<void>;
   zero(offsetBytes: number, lengthBytes: number, fua: boolean, mayTrim: boolean): Promise<void>;
@@ -97,6 +99,11 @@ export interface MirrorOptions {
   readonly now?: () => number;
   readonly onEvent?: (event: MirrorEvent) => void;
 }
+
+/** Regions marked ahead of a sequential stream of writes (see #markAhead). */
+export const INTENT_AHEAD_REGIONS = 16;
+/** Sequential streams recognised at once (the ends of the most recent writes). */
+const STREAMS_TRACKED = 16;
 
 const DEFAULTS = {
   reconnectMs: 200,
@@ -168,6 +175,8 @@ export class Mirror implements BlockDevice {
   readonly #locked = new Map<number, (() => void)[]>();
   readonly #unlockWaiters = new Map<number, (() => void)[]>();
   #readCursor = 0;
+  /** Where the most recent writes ended (oldest first), to recognise sequential streams. */
+  readonly #streamEnds: number[] = [];
   #closed = false;
   #intentTimer: NodeJS.Timeout | undefined;
 
@@ -362,7 +371,12 @@ export class Mirror implements BlockDevice {
   }
 
   async writev(parts: readonly Buffer[], offsetBytes: number, fua: boolean): Promise<void> {
-    await this.write(parts.length === 1 ? (parts[0] as Buffer) : Buffer.concat(parts), offsetBytes, fua);
+    if (parts.length === 1) return this.write(parts[0] as Buffer, offsetBytes, fua);
+    const lengthBytes = parts.reduce((sum, part) => sum + part.length, 0);
+    this.#checkRange("write", offsetBytes, lengthBytes);
+    // The received chunks go to every leg as they are: no gather copy of the payload.
+    let joined: Buffer | undefined;
+    await this.#writeLike(offsetBytes, lengthBytes, (io) => (io.writev !== undefined ? io.writev(offsetBytes, parts, fua) : io.write(offsetBytes, (joined ??= Buffer.concat(parts)), fua)));
   }
 
   async trim(offsetBytes: number, lengthBytes: number, fua: boolean): Promise<void> {
@@ -421,7 +435,7 @@ export class Mirror implements BlockDevice {
       this.#regions.set(region, use);
     }
     try {
-      await this.#markIntent(regions);
+      await this.#markIntent(regions, this.#continuesStream(offsetBytes, lengthBytes));
       const legs = this.#legs.filter((l) => (l.state === "in-sync" || l.state === "rebuilding") && l.io !== undefined);
       const results = await Promise.allSettled(legs.map((l) => send(l.io as LegIo)));
       await this.#settleLegs(legs, results, "write");
@@ -475,13 +489,51 @@ export class Mirror implements BlockDevice {
   // ---------------------------------------------------------------- metadata
 
   /** Sets the intent bits of `regions`; resolves once they are durable on every in-sync leg. */
-  async #markIntent(regions: readonly number[]): Promise<void> {
+  async #markIntent(regions: readonly number[], sequential: boolean): Promise<void> {
     let wait = false;
     for (const region of regions) {
       if (this.#intent.set(region)) this.#intentPending.add(region);
       if (this.#intentPending.has(region)) wait = true;
     }
+    const ahead = sequential && this.#markAhead(regions[regions.length - 1] ?? 0);
     if (wait) await this.#persist(false);
+    // Only the regions marked ahead changed: they become durable while the stream goes on (a leg that fails this write is handled by #persist).
+    else if (ahead) void this.#persist(false).catch(() => undefined);
+  }
+
+  /**
+   * A write that continues a sequential stream keeps the next
+   * INTENT_AHEAD_REGIONS regions marked as intent (counted as just written, so
+   * they stay for intentIdleMs), made durable while the stream writes the
+   * regions before them: the stream seldom waits for an intent write, and
+   * pays one per INTENT_AHEAD_REGIONS / 2 regions. A region marked but never
+   * written costs a needless copy after a crash or for a leg that failed
+   * meanwhile (at most INTENT_AHEAD_REGIONS per stream), never a missed one.
+   * True if a bit was set.
+   */
+  #markAhead(region: number): boolean {
+    // Extended in batches, when the marked run ahead is down to half: one intent write per INTENT_AHEAD_REGIONS / 2 regions.
+    const half = Math.min(region + INTENT_AHEAD_REGIONS / 2, this.regions - 1);
+    if (this.#intent.has(half)) return false;
+    const now = this.#now();
+    const last = Math.min(region + INTENT_AHEAD_REGIONS, this.regions - 1);
+    let changed = false;
+    for (let ahead = region + 1; ahead <= last; ahead++) {
+      if (!this.#intent.set(ahead)) continue;
+      changed = true;
+      this.#intentPending.add(ahead);
+      if (!this.#regions.has(ahead)) this.#regions.set(ahead, { inFlight: 0, lastWriteMs: now });
+    }
+    return changed;
+  }
+
+  /** True when a write at `offsetBytes` continues a recent write (a sequential stream); remembers where this one ends. */
+  #continuesStream(offsetBytes: number, lengthBytes: number): boolean {
+    const at = this.#streamEnds.indexOf(offsetBytes);
+    if (at >= 0) this.#streamEnds.splice(at, 1);
+    else if (this.#streamEnds.length >= STREAMS_TRACKED) this.#streamEnds.shift();
+    this.#streamEnds.push(offsetBytes + lengthBytes);
+    return at >= 0;
   }
 
   /**
