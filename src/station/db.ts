@@ -117,6 +117,39 @@ export const MIGRATIONS: readonly Migration[] = [
       ) WITHOUT ROWID;
     `,
   },
+  {
+    version: 5,
+    description:
+      "spare units and zones; each leg's reported state, rebuild progress and error, the engine generation of the last leg report; " +
+      "leg replacements in progress (finished or undone after a crash); old leg volumes to delete when their unit returns",
+    sql: `
+      ALTER TABLE units ADD COLUMN spare INTEGER NOT NULL DEFAULT 0;
+      ALTER TABLE units ADD COLUMN zone TEXT;
+      ALTER TABLE assignment_legs ADD COLUMN rebuild TEXT;
+      ALTER TABLE assignment_legs ADD COLUMN error TEXT;
+      ALTER TABLE assignments ADD COLUMN legs_generation INTEGER;
+      CREATE TABLE leg_replacements (
+        assignment_id TEXT NOT NULL,
+        leg INTEGER NOT NULL,
+        old_unit TEXT NOT NULL,
+        old_volume TEXT NOT NULL,
+        new_unit TEXT NOT NULL,
+        new_volume TEXT NOT NULL,
+        size_bytes INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (assignment_id, leg)
+      ) WITHOUT ROWID;
+      CREATE TABLE leg_volume_deletions (
+        unit TEXT NOT NULL,
+        volume TEXT NOT NULL,
+        assignment_id TEXT NOT NULL,
+        leg INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (unit, volume)
+      ) WITHOUT ROWID;
+    `,
+  },
 ];
 
 export function schemaVersion(db: Db): number {

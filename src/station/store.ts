@@ -20,7 +20,10 @@ import {
   type AssignmentState,
   type EventType,
   type HostRecord,
+  type LegDeletionRecord,
+  type LegRebuild,
   type LegRecord,
+  type LegReplacementRecord,
   type LegState,
   type StationEvent,
   type UnitRecord,
@@ -52,6 +55,23 @@ export function volumesOf(assignment: Pick<AssignmentRecord, "unit" | "volume" |
   return assignment.legs.length > 0 ? assignment.legs.map((leg) => [leg.unit, leg.volume]) : [[assignment.unit, assignment.volume]];
 }
 
+export function replacementKey(assignmentId: string, leg: number): string {
+  return `${assignmentId}/${leg}`;
+}
+
+function replacementFromRow(row: Record<string, unknown>): LegReplacementRecord {
+  return {
+    assignmentId: row["assignment_id"] as string,
+    leg: row["leg"] as number,
+    oldUnit: row["old_unit"] as string,
+    oldVolume: row["old_volume"] as string,
+    newUnit: row["new_unit"] as string,
+    newVolume: row["new_volume"] as string,
+    sizeBytes: row["size_bytes"] as number,
+    createdAtMs: row["created_at"] as number,
+  };
+}
+
 export function newAssignmentId(): string {
   return `a-${randomBytes(6).toString("hex")}`;
 }
@@ -79,6 +99,8 @@ function unitFromRow(row: Row): UnitRecord {
     state: "unknown",
     lastSeenAtMs: row["last_seen_at"] as number,
     createdAtMs: row["created_at"] as number,
+    spare: row["spare"] === 1,
+    zone: (row["zone"] as string | null | undefined) ?? null,
   };
 }
 
@@ -102,6 +124,8 @@ function legFromRow(row: Row): LegRecord {
     sizeBytes: row["size_bytes"] as number,
     state: row["state"] as LegState,
     detail: json<AssignmentDetail | null>(row["detail"], null),
+    rebuild: json<LegRebuild | null>(row["rebuild"], null),
+    error: (row["error"] as string | null | undefined) ?? null,
   };
 }
 
@@ -125,6 +149,7 @@ function assignmentFromRow(row: Row, legs: readonly LegRecord[] = []): Assignmen
     detail: json<AssignmentDetail | null>(row["detail"], null),
     createdAtMs: row["created_at"] as number,
     updatedAtMs: row["updated_at"] as number,
+    legsGeneration: (row["legs_generation"] as number | null | undefined) ?? null,
   };
 }
 
@@ -187,14 +212,14 @@ function prepareStatements(db: Db) {
   return {
     upsertUnit: db.prepare(`
       INSERT INTO units (name, dns_name, addresses, nbd_host, nbd_port, control_host, control_port,
-                         capacity_bytes, free_bytes, volumes_max, state, last_seen_at, created_at)
+                         capacity_bytes, free_bytes, volumes_max, state, last_seen_at, created_at, spare, zone)
       VALUES (@name, @dnsName, @addresses, @nbdHost, @nbdPort, @controlHost, @controlPort,
-              @capacityBytes, @freeBytes, @volumesMax, @state, @lastSeenAt, @createdAt)
+              @capacityBytes, @freeBytes, @volumesMax, @state, @lastSeenAt, @createdAt, @spare, @zone)
       ON CONFLICT (name) DO UPDATE SET dns_name = excluded.dns_name, addresses = excluded.addresses,
         nbd_host = excluded.nbd_host, nbd_port = excluded.nbd_port, control_host = excluded.control_host,
         control_port = excluded.control_port, capacity_bytes = excluded.capacity_bytes,
         free_bytes = excluded.free_bytes, volumes_max = excluded.volumes_max, state = excluded.state,
-        last_seen_at = excluded.last_seen_at`),
+        last_seen_at = excluded.last_seen_at, spare = excluded.spare, zone = excluded.zone`),
     upsertVolume: db.prepare(`
       INSERT INTO volumes (unit, name, number, size_bytes, extents, partitions, grants)
       VALUES (@unit, @name, @number, @sizeBytes, @extents, @partitions, @grants)
@@ -226,6 +251,21 @@ function prepareStatements(db: Db) {
     insertEvent: db.prepare("INSERT INTO events (at, type, action, subject, data) VALUES (?, ?, ?, ?, ?)"),
     pruneEvents: db.prepare("DELETE FROM events WHERE seq <= ?"),
     eventsAfter: db.prepare("SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?"),
+    // leg states and replacement (migration 5; src/station/replacement.ts)
+    reportLeg: db.prepare("UPDATE assignment_legs SET state = @state, rebuild = @rebuild, error = @error WHERE assignment_id = @assignmentId AND leg = @leg"),
+    setLegsGeneration: db.prepare("UPDATE assignments SET legs_generation = ?, updated_at = ? WHERE id = ?"),
+    insertReplacement: db.prepare(`
+      INSERT INTO leg_replacements (assignment_id, leg, old_unit, old_volume, new_unit, new_volume, size_bytes, created_at)
+      VALUES (@assignmentId, @leg, @oldUnit, @oldVolume, @newUnit, @newVolume, @sizeBytes, @createdAtMs)`),
+    deleteReplacement: db.prepare("DELETE FROM leg_replacements WHERE assignment_id = ? AND leg = ?"),
+    insertDeletion: db.prepare(`
+      INSERT OR REPLACE INTO leg_volume_deletions (unit, volume, assignment_id, leg, reason, created_at)
+      VALUES (@unit, @volume, @assignmentId, @leg, @reason, @createdAtMs)`),
+    deleteDeletion: db.prepare("DELETE FROM leg_volume_deletions WHERE unit = ? AND volume = ?"),
+    swapLeg: db.prepare(`
+      UPDATE assignment_legs SET unit = @unit, volume = @volume, size_bytes = @sizeBytes, state = @state, detail = @detail,
+        rebuild = NULL, error = NULL WHERE assignment_id = @assignmentId AND leg = @leg`),
+    moveFirstLeg: db.prepare("UPDATE assignments SET unit = ?, volume = ?, detail = ?, updated_at = ? WHERE id = ?"),
   };
 }
 
@@ -237,6 +277,10 @@ export class StationStore {
   /** Live (pending, active, revoking) assignments by id. */
   readonly live = new Map<string, AssignmentRecord>();
   private readonly liveByVolume = new Map<string, Set<string>>();
+  /** Leg replacements in progress, by "assignment/leg" (migration 5). */
+  readonly replacements = new Map<string, LegReplacementRecord>();
+  /** Volumes to delete when their unit is online, by volumeKey (migration 5). */
+  readonly legDeletions = new Map<string, LegDeletionRecord>();
   private readonly listeners = new Set<(event: StationEvent) => void>();
   private volumeCountTotal = 0;
   private readonly unitVersions = new Map<string, number>();
@@ -292,6 +336,21 @@ export class StationStore {
       legs.push(legFromRow(row));
     }
     for (const row of liveRows) this.indexLive(assignmentFromRow(row, legsOf.get(row["id"] as string)));
+    for (const row of this.db.prepare("SELECT * FROM leg_replacements").all() as Row[]) {
+      const r = replacementFromRow(row);
+      this.replacements.set(replacementKey(r.assignmentId, r.leg), r);
+    }
+    for (const row of this.db.prepare("SELECT * FROM leg_volume_deletions").all() as Row[]) {
+      const d: LegDeletionRecord = {
+        unit: row["unit"] as string,
+        volume: row["volume"] as string,
+        assignmentId: row["assignment_id"] as string,
+        leg: row["leg"] as number,
+        reason: row["reason"] as LegDeletionRecord["reason"],
+        createdAtMs: row["created_at"] as number,
+      };
+      this.legDeletions.set(volumeKey(d.unit, d.volume), d);
+    }
   }
 
   // ---- transactions and events ------------------------------------------------
@@ -375,6 +434,8 @@ export class StationStore {
       state: unit.state,
       lastSeenAt: unit.lastSeenAtMs,
       createdAt: unit.createdAtMs,
+      spare: unit.spare === true ? 1 : 0,
+      zone: unit.zone ?? null,
     });
   }
 
@@ -482,6 +543,9 @@ export class StationStore {
       state,
       lastSeenAtMs: nowMs,
       createdAtMs: previous?.createdAtMs ?? nowMs,
+      // A control-API read does not say: keep what discovery said.
+      spare: report.spare ?? previous?.spare ?? false,
+      zone: report.zone !== undefined ? report.zone : (previous?.zone ?? null),
     };
     const old = this.volumes.get(report.name) ?? new Map<string, VolumeRecord>();
     // Records are made only for what changed: most reports repeat what we have.
@@ -663,8 +727,9 @@ export class StationStore {
     return out;
   }
 
+  /** Held by a live assignment, or by a leg replacement or deletion (never a free volume: see heldByLegWork). */
   isVolumeAssigned(unit: string, volume: string): boolean {
-    return (this.liveByVolume.get(volumeKey(unit, volume))?.size ?? 0) > 0;
+    return (this.liveByVolume.get(volumeKey(unit, volume))?.size ?? 0) > 0 || this.heldByLegWork(unit, volume);
   }
 
   /**
@@ -804,6 +869,182 @@ export class StationStore {
     const row = this.statements.selectRequest.get(requestId) as Row | undefined;
     if (row === undefined) return undefined;
     return { requestId, assignmentId: row["assignment_id"] as string, params: row["params"] as string };
+  }
+
+  // ---- leg states and replacement (migration 5; src/station/replacement.ts) --------
+
+  /** A replacement leg being made, or a volume waiting to be deleted: not free, not reusable. */
+  heldByLegWork(unit: string, volume: string): boolean {
+    if (this.legDeletions.has(volumeKey(unit, volume))) return true;
+    return this.replacementOn(unit, volume) !== undefined;
+  }
+
+  /** The replacement in progress whose new leg is this volume. */
+  replacementOn(unit: string, volume: string): LegReplacementRecord | undefined {
+    if (this.replacements.size === 0) return undefined;
+    for (const r of this.replacements.values()) if (r.newUnit === unit && r.newVolume === volume) return r;
+    return undefined;
+  }
+
+  /** An event with no other change (e.g. leg-replacement-waiting); not fsynced on its own. */
+  recordEvent(action: string, subject: string, data: unknown): void {
+    this.commit((batch) => batch.event("assignment", action, subject, data), false);
+  }
+
+  /**
+   * A host's leg report, already matched to the station's legs: their states,
+   * rebuilds and errors and the report's generation, with the events, in one
+   * transaction.
+   */
+  applyLegReport(
+    id: string,
+    generation: number,
+    legs: readonly LegRecord[],
+    events: readonly { action: string; data: unknown }[],
+  ): AssignmentRecord {
+    const previous = this.getAssignment(id);
+    if (previous === undefined) throw new IpsanError("NOT_FOUND", `assignment ${id} not found`);
+    const next: AssignmentRecord = {
+      ...previous,
+      legs: previous.legs.map((leg) => legs.find((l) => l.index === leg.index) ?? leg),
+      legsGeneration: generation,
+      updatedAtMs: this.clock.nowMs(),
+    };
+    const durable = events.some((e) => e.action === "leg-state");
+    this.commit((batch) => {
+      for (const leg of legs) {
+        this.statements.reportLeg.run({
+          assignmentId: id,
+          leg: leg.index,
+          state: leg.state,
+          rebuild: leg.rebuild === undefined || leg.rebuild === null ? null : JSON.stringify(leg.rebuild),
+          error: leg.error ?? null,
+        });
+      }
+      this.statements.setLegsGeneration.run(generation, next.updatedAtMs, id);
+      for (const event of events) batch.event("assignment", event.action, id, event.data);
+      batch.apply.push(() => this.indexLive(next));
+    }, durable);
+    return next;
+  }
+
+  /** Records a replacement before any unit is called (event leg-replacing). */
+  beginReplacement(record: LegReplacementRecord, data: unknown): void {
+    this.commit((batch) => {
+      this.statements.insertReplacement.run(record);
+      batch.apply.push(() => {
+        this.replacements.set(replacementKey(record.assignmentId, record.leg), record);
+        this.bumpUnit(record.newUnit);
+      });
+      batch.event("assignment", "leg-replacing", record.assignmentId, data);
+    });
+  }
+
+  /** Undoes a replacement: its new volume (if made) is deleted when its unit is online (event leg-replacement-undone). */
+  undoReplacement(record: LegReplacementRecord, reason: string): void {
+    const deletion: LegDeletionRecord = {
+      unit: record.newUnit,
+      volume: record.newVolume,
+      assignmentId: record.assignmentId,
+      leg: record.leg,
+      reason: "undone",
+      createdAtMs: this.clock.nowMs(),
+    };
+    this.commit((batch) => {
+      this.statements.deleteReplacement.run(record.assignmentId, record.leg);
+      this.statements.insertDeletion.run(deletion);
+      batch.apply.push(() => {
+        this.replacements.delete(replacementKey(record.assignmentId, record.leg));
+        this.legDeletions.set(volumeKey(deletion.unit, deletion.volume), deletion);
+        this.bumpUnit(record.newUnit);
+      });
+      batch.event("assignment", "leg-replacement-undone", record.assignmentId, {
+        id: record.assignmentId,
+        leg: record.leg,
+        unit: record.newUnit,
+        volume: record.newVolume,
+        keeps: { unit: record.oldUnit, volume: record.oldVolume },
+        reason,
+      });
+    });
+  }
+
+  /**
+   * Swaps a made and granted replacement into the assignment at its index
+   * (state "rebuilding"), records the old leg's volume for deletion, and drops
+   * the replacement record: one transaction (event leg-replaced).
+   */
+  swapLeg(record: LegReplacementRecord, volume: VolumeRecord, detail: AssignmentDetail, assignmentDetail: AssignmentDetail | null): AssignmentRecord {
+    const previous = this.getAssignment(record.assignmentId);
+    if (previous === undefined) throw new IpsanError("NOT_FOUND", `assignment ${record.assignmentId} not found`);
+    const nowMs = this.clock.nowMs();
+    const leg: LegRecord = {
+      index: record.leg,
+      unit: record.newUnit,
+      volume: record.newVolume,
+      sizeBytes: record.sizeBytes,
+      state: "rebuilding",
+      detail,
+      rebuild: null,
+      error: null,
+    };
+    const first = record.leg === 0;
+    const next: AssignmentRecord = {
+      ...previous,
+      legs: previous.legs.map((l) => (l.index === record.leg ? leg : l)),
+      ...(first ? { unit: leg.unit, volume: leg.volume, detail: assignmentDetail } : {}),
+      updatedAtMs: nowMs,
+    };
+    const deletion: LegDeletionRecord = {
+      unit: record.oldUnit,
+      volume: record.oldVolume,
+      assignmentId: record.assignmentId,
+      leg: record.leg,
+      reason: "replaced",
+      createdAtMs: nowMs,
+    };
+    this.commit((batch) => {
+      this.stageVolume(batch, volume, "grants");
+      this.statements.swapLeg.run({
+        assignmentId: record.assignmentId,
+        leg: record.leg,
+        unit: leg.unit,
+        volume: leg.volume,
+        sizeBytes: leg.sizeBytes,
+        state: leg.state,
+        detail: JSON.stringify(detail),
+      });
+      if (first) this.statements.moveFirstLeg.run(leg.unit, leg.volume, assignmentDetail === null ? null : JSON.stringify(assignmentDetail), nowMs, record.assignmentId);
+      this.statements.deleteReplacement.run(record.assignmentId, record.leg);
+      this.statements.insertDeletion.run(deletion);
+      batch.apply.push(() => {
+        this.replacements.delete(replacementKey(record.assignmentId, record.leg));
+        this.legDeletions.set(volumeKey(deletion.unit, deletion.volume), deletion);
+        this.bumpUnit(record.oldUnit);
+        this.indexLive(next);
+      });
+      batch.event("assignment", "leg-replaced", record.assignmentId, {
+        id: record.assignmentId,
+        leg: record.leg,
+        unit: leg.unit,
+        volume: leg.volume,
+        replaced: { unit: record.oldUnit, volume: record.oldVolume },
+      });
+    });
+    return next;
+  }
+
+  /** The unit deleted (or no longer has) a volume the station was to delete (event leg-volume-deleted). */
+  finishLegDeletion(deletion: LegDeletionRecord, data: unknown): void {
+    this.commit((batch) => {
+      this.statements.deleteDeletion.run(deletion.unit, deletion.volume);
+      this.statements.deleteVolume.run(deletion.unit, deletion.volume);
+      batch.apply.push(() => {
+        this.legDeletions.delete(volumeKey(deletion.unit, deletion.volume));
+        this.deleteVolumeInMemory(deletion.unit, deletion.volume);
+      });
+      batch.event("assignment", "leg-volume-deleted", deletion.assignmentId, data);
+    });
   }
 
   close(): void {

@@ -71,6 +71,10 @@ export interface UnitRecord {
   readonly state: UnitState;
   readonly lastSeenAtMs: number;
   readonly createdAtMs: number;
+  /** Joined with --spare: ordinary allocation leaves it out; it takes replacement legs. */
+  readonly spare?: boolean;
+  /** Failure domain label (--zone); null or absent: none. */
+  readonly zone?: string | null;
 }
 
 export interface HostRecord {
@@ -91,11 +95,25 @@ export interface AssignmentDetail {
 /**
  * A leg of a mirrored assignment (copies > 1), as the station knows it:
  * "pending" until the unit made its volume and granted the host, then
- * "in-sync" (the station's view at creation; the host's mirror engine keeps
- * the legs' real sync state on the legs themselves, docs/adr/0009).
+ * "in-sync" (the station's view at creation). Once the host's agent reports
+ * (PUT /api/v1/assignments/ID/legs), the state is the reported one: the
+ * host's mirror engine keeps the legs' real sync state on the legs themselves
+ * (docs/adr/0009). A leg the station put in place of a failed one starts
+ * "rebuilding".
  */
-export const LEG_STATES = ["pending", "in-sync"] as const;
+export const LEG_STATES = ["pending", "in-sync", "stale", "rebuilding", "failed"] as const;
 export type LegState = (typeof LEG_STATES)[number];
+/** The states a host may report for a leg. */
+export const REPORTED_LEG_STATES = ["in-sync", "stale", "rebuilding", "failed"] as const satisfies readonly LegState[];
+
+/** A rebuild in progress, as the host's engine reports it. */
+export interface LegRebuild {
+  readonly kind: "delta" | "full";
+  readonly copiedBytes: number;
+  readonly totalBytes: number;
+  /** Null when the engine cannot tell yet. */
+  readonly etaSeconds: number | null;
+}
 
 export interface LegRecord {
   /** 0-based; leg 0 is also the assignment's unit and volume. */
@@ -107,6 +125,37 @@ export interface LegRecord {
   readonly state: LegState;
   /** What the unit answered when the leg was made (shown if its volume is not in the pool). */
   readonly detail: AssignmentDetail | null;
+  /** The rebuild the host reported last (null or absent: none). */
+  readonly rebuild?: LegRebuild | null;
+  /** Why the leg failed, as the host's engine saw it (null or absent: no error). */
+  readonly error?: string | null;
+}
+
+/** A leg being replaced (recorded before any unit is called; a restart finishes or undoes it). */
+export interface LegReplacementRecord {
+  readonly assignmentId: string;
+  readonly leg: number;
+  readonly oldUnit: string;
+  readonly oldVolume: string;
+  readonly newUnit: string;
+  readonly newVolume: string;
+  readonly sizeBytes: number;
+  readonly createdAtMs: number;
+}
+
+/**
+ * A volume the station deletes when its unit is online: "replaced" (an old
+ * leg, deleted only once the leg that replaced it is reported in-sync, or the
+ * assignment is over) or "undone" (a replacement leg that never went into the
+ * assignment).
+ */
+export interface LegDeletionRecord {
+  readonly unit: string;
+  readonly volume: string;
+  readonly assignmentId: string;
+  readonly leg: number;
+  readonly reason: "replaced" | "undone";
+  readonly createdAtMs: number;
 }
 
 export interface AssignmentRecord {
@@ -136,6 +185,8 @@ export interface AssignmentRecord {
   readonly detail: AssignmentDetail | null;
   readonly createdAtMs: number;
   readonly updatedAtMs: number;
+  /** The engine generation of the last leg report accepted (null or absent: none yet). */
+  readonly legsGeneration?: number | null;
 }
 
 /** A unit's own description of itself and its volumes (discovery storage info or GET /v1/info). */
@@ -149,6 +200,9 @@ export interface UnitReport {
   readonly freeBytes: number;
   readonly volumesMax?: number | null;
   readonly volumes: readonly Omit<VolumeRecord, "unit">[];
+  /** Absent (a control-API read): keep what discovery said. */
+  readonly spare?: boolean;
+  readonly zone?: string | null;
 }
 
 export const EVENT_TYPES = ["unit", "volumes", "host", "assignment"] as const;
