@@ -231,7 +231,17 @@ export interface StorageInfo {
   readonly freeBytes: number;
   readonly freeExtents: readonly LbaExtent[];
   readonly volumes: readonly VolumeInfo[];
+  /**
+   * `ipsan unit --spare`: kept out of ordinary allocation, takes replacement
+   * legs. Absent in older packets (= not spare).
+   */
+  readonly spare?: boolean;
+  /** `ipsan unit --zone NAME`: the unit's failure domain. Absent in older packets (= no zone). */
+  readonly zone?: string | null;
 }
+
+/** A zone label (`--zone`): what a unit name may be. */
+export const ZONE_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
 
 /** What a STORAGE_INFO message carries: the unit's report plus its generation. */
 export interface StorageInfoMessage {

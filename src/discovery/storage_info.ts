@@ -15,6 +15,7 @@ import {
   PARTITIONS_PER_VOLUME_MAX,
   UNIT_NAME_PATTERN,
   VOLUMES_PER_UNIT_MAX,
+  ZONE_PATTERN,
   type HostPort,
   type LbaExtent,
   type PartitionInfo,
@@ -116,6 +117,10 @@ function storageInfo(value: unknown, path: string): StorageInfo {
   if (extents > EXTENTS_PER_UNIT_MAX) fail(`${path}.volumes`, `at most ${EXTENTS_PER_UNIT_MAX} extents in all`, extents);
   const dnsName = o["dnsName"] ?? null;
   const control = o["control"] ?? null;
+  // Both absent in packets of units from before spares and zones: not spare, no zone (the station reads it so).
+  const spare = o["spare"] ?? false;
+  if (typeof spare !== "boolean") fail(`${path}.spare`, "true or false", spare);
+  const zone = o["zone"] ?? null;
   return {
     name: text(o["name"], `${path}.name`, 63, UNIT_NAME_PATTERN),
     dnsName: dnsName === null ? null : text(dnsName, `${path}.dnsName`, HOST_CHARS_MAX, HOST_PATTERN),
@@ -128,6 +133,9 @@ function storageInfo(value: unknown, path: string): StorageInfo {
       extent(e, `${path}.freeExtents[${i}]`),
     ),
     volumes,
+    // Carried only when the packet has them, so an old packet reads back exactly as it was sent.
+    ...(o["spare"] === undefined ? {} : { spare }),
+    ...(o["zone"] === undefined ? {} : { zone: zone === null ? null : text(zone, `${path}.zone`, 63, ZONE_PATTERN) }),
   };
 }
 

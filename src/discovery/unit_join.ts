@@ -9,7 +9,7 @@ import { UsageError } from "../util/errors.ts";
 import { parseHostPort, type FlagSpec } from "../util/flags.ts";
 import { logger } from "../util/log.ts";
 import { controlTokenFor, loadClusterKey, type ClusterKey } from "./keys.ts";
-import { FREE_EXTENTS_MAX, type HostPort, type LbaExtent, type StorageInfo, type VolumeInfo } from "./messages.ts";
+import { FREE_EXTENTS_MAX, ZONE_PATTERN, type HostPort, type LbaExtent, type StorageInfo, type VolumeInfo } from "./messages.ts";
 import { StationAgent } from "./unit_agent.ts";
 
 /** Flags to add to `ipsan unit`'s parseFlags options. */
@@ -17,9 +17,11 @@ export const JOIN_FLAGS = {
   station: { type: "string" },
   "cluster-key-file": { type: "string" },
   "dns-name": { type: "string" },
+  spare: { type: "boolean" },
+  zone: { type: "string" },
 } as const satisfies FlagSpec;
 
-export const JOIN_USAGE = "[--station HOST:PORT --cluster-key-file FILE [--dns-name NAME]]";
+export const JOIN_USAGE = "[--station HOST:PORT --cluster-key-file FILE [--dns-name NAME] [--spare] [--zone NAME]]";
 
 /** How often the unit looks at its table generation to push changes. */
 export const CHANGE_POLL_MS = 100;
@@ -30,11 +32,23 @@ export interface JoinConfig {
   readonly station: HostPort;
   readonly clusterKeyFile: string;
   readonly dnsName: string | null;
+  /** --spare: the station keeps this unit for replacement legs only. */
+  readonly spare: boolean;
+  /** --zone NAME: the unit's failure domain (legs of a mirror go to distinct zones first). */
+  readonly zone: string | null;
 }
 
 /** Checks the join flags; undefined when --station is not given. */
-export function parseJoinFlags(values: { station?: string; "cluster-key-file"?: string; "dns-name"?: string }): JoinConfig | undefined {
+export function parseJoinFlags(values: {
+  station?: string;
+  "cluster-key-file"?: string;
+  "dns-name"?: string;
+  spare?: boolean;
+  zone?: string;
+}): JoinConfig | undefined {
   if (values.station === undefined) {
+    if (values.spare !== undefined) throw new UsageError("--spare: only meaningful with --station HOST:PORT (a spare is kept by a station)");
+    if (values.zone !== undefined) throw new UsageError("--zone: only meaningful with --station HOST:PORT");
     if (values["cluster-key-file"] !== undefined) throw new UsageError("--cluster-key-file: only meaningful with --station HOST:PORT");
     if (values["dns-name"] !== undefined) throw new UsageError("--dns-name: only meaningful with --station HOST:PORT");
     return undefined;
@@ -49,7 +63,11 @@ export function parseJoinFlags(values: { station?: string; "cluster-key-file"?: 
   }
   const dnsName = values["dns-name"] ?? null;
   if (dnsName !== null && !DNS_NAME_PATTERN.test(dnsName)) throw new UsageError(`--dns-name: invalid DNS name "${dnsName}"`);
-  return { station, clusterKeyFile, dnsName };
+  const zone = values.zone ?? null;
+  if (zone !== null && !ZONE_PATTERN.test(zone)) {
+    throw new UsageError(`--zone: invalid zone "${zone}" (1..63 letters, digits, '.', '_' or '-', starting with a letter or digit)`);
+  }
+  return { station, clusterKeyFile, dnsName, spare: values.spare === true, zone };
 }
 
 /** Loads the cluster key named by --cluster-key-file (errors name the flag and the file). */
@@ -122,6 +140,8 @@ export async function startJoin(join: JoinConfig, key: ClusterKey, unit: JoinedU
       freeBytes: snapshot.freeBytes,
       freeExtents: largestFreeExtents(snapshot.freeExtents),
       volumes: snapshot.volumes,
+      spare: join.spare,
+      zone: join.zone,
     };
   };
   const agent = new StationAgent({ unitName: unit.name, station: join.station, clusterKey: key, storageInfo });

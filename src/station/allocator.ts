@@ -4,7 +4,8 @@
 // They never change anything, so the dry run is simply "call it and answer".
 //
 // Rules for one volume (`allocate`), in order:
-// 1. Only units that are online and have a control API are candidates.
+// 1. Only units that are online and have a control API are candidates; a spare
+//    unit (`--spare`) only for a request that says `spares` (a replacement leg).
 // 2. Reuse: the smallest free volume (no live assignment, no partitions) whose
 //    size is at least the request, on any candidate (ties: unit name, volume name).
 //    Each unit hands over its free volumes sorted by size, so a unit costs a
@@ -59,6 +60,8 @@ export interface AllocatorUnit {
   readonly refusedCarveBytes?: number | null;
   /** Failure domain label (`--zone`); legs of one volume go to distinct zones first. */
   readonly zone?: string | null;
+  /** Joined with `--spare`: only a request with `spares: true` (a replacement leg) may use it. */
+  readonly spare?: boolean;
 }
 
 export function compareFreeVolumes(a: AllocatorVolume, b: AllocatorVolume): number {
@@ -83,6 +86,8 @@ export interface AllocationRequest {
   readonly excludeUnits?: ReadonlySet<string>;
   /** Why each left-out unit is left out (its refusal), for the 507 reasons; default "refused the request just now". */
   readonly excludeReasons?: ReadonlyMap<string, string>;
+  /** Spare units may be used (replacement legs only); default false: spares are left out. */
+  readonly spares?: boolean;
 }
 
 export type Placement =
@@ -116,6 +121,7 @@ function offerOf(unit: AllocatorUnit, need: number, request: AllocationRequest):
   if (request.excludeUnits?.has(unit.name) === true || request.excludeReasons?.has(unit.name) === true) {
     return { fits: false, reason: request.excludeReasons?.get(unit.name) ?? "refused the request just now" };
   }
+  if (unit.spare === true && request.spares !== true) return { fits: false, reason: "spare (kept for replacing the legs of failed units)" };
   if (unit.state !== "online") return { fits: false, reason: unit.state };
   if (!unit.hasControl) return { fits: false, reason: "no control API" };
   const reuse = unit.freeVolumes[firstFitting(unit.freeVolumes, need)] ?? null;

@@ -329,6 +329,9 @@ export class Station {
       capacityBytes: info.capacityBytes,
       freeBytes: info.freeBytes,
       volumes: info.volumes.map((v) => (v.grants.length === 0 ? v : { ...v, grants: v.grants.map(canonicalGrant) })),
+      // A discovery packet without them (a unit from before spares and zones): not spare, no zone.
+      spare: info.spare ?? false,
+      zone: info.zone ?? null,
     };
     // A report that arrived earlier but finished resolving later is older than what is queued: drop it.
     if (mine < seq.queued) return;
@@ -396,7 +399,13 @@ export class Station {
     const state = unit?.state ?? "online";
     // GET /v1/info does not repeat the unit's own control address or DNS name: keep what discovery said.
     await this.applyStorageInfo(
-      { ...info, control: info.control ?? unit?.control ?? null, dnsName: info.dnsName ?? unit?.dnsName ?? null },
+      {
+        ...info,
+        control: info.control ?? unit?.control ?? null,
+        dnsName: info.dnsName ?? unit?.dnsName ?? null,
+        spare: info.spare ?? unit?.spare ?? false,
+        zone: info.zone !== undefined ? info.zone : (unit?.zone ?? null),
+      },
       null,
       state === "unknown" ? "online" : state,
       true,
@@ -488,6 +497,13 @@ export class Station {
         if (!out.includes(grant)) out.push(grant);
       }
     }
+    // A replacement leg being made (replacement.ts) is granted to its mirror's host before it is swapped in.
+    const replacing = this.store.replacementOn(unit, volume);
+    const holder = replacing === undefined ? undefined : this.store.live.get(replacing.assignmentId);
+    if (holder !== undefined && holder.state === "active") {
+      const grant = canonicalGrant(holder.hostAddress);
+      if (!out.includes(grant)) out.push(grant);
+    }
     return out.sort();
   }
 
@@ -547,6 +563,8 @@ export class Station {
         volumesMax: unit.volumesMax,
         freeVolumes: eligible ? this.freeVolumesOf(unit.name) : [],
         refusedCarveBytes: this.refusalOf(unit.name),
+        zone: unit.zone ?? null,
+        spare: unit.spare === true,
       });
     }
     return units;
