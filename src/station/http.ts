@@ -17,6 +17,7 @@ import { COPIES_MAX, NoSpaceError, type Station } from "./station.ts";
 import { LIVE_ASSIGNMENT_STATES, type StationEvent, UNIT_STATES, HOST_STATES, ASSIGNMENT_STATES, type VolumeRecord } from "./types.ts";
 import { Body, checkAddress, checkBoolean, checkIndex, checkName, checkRequestId, checkSize, checkSizes, invalid, show } from "./validate.ts";
 import { assignmentView, hostView, unitView, volumeView } from "./views.ts";
+import { LegReports, parseLegReport } from "./leg_reports.ts";
 import { renderGauge } from "./metrics.ts";
 
 export const BODY_BYTES_MAX = 64 * 1024;
@@ -110,11 +111,14 @@ export class ApiServer {
   private readonly routes: Route[];
   private readonly subscribers = new Set<ServerResponse>();
   private closing = false;
+  /** Host leg reports (PUT /api/v1/assignments/ID/legs). */
+  private readonly legReports: LegReports;
 
   constructor(options: ApiServerOptions) {
     this.station = options.station;
     this.tokenDigest = createHash("sha256").update(options.adminToken).digest();
     this.extraMetrics = options.extraMetrics;
+    this.legReports = new LegReports(options.station.store);
     this.routes = this.buildRoutes();
     this.server = createServer({ headersTimeout: HTTP_HEADERS_TIMEOUT_MS, requestTimeout: HTTP_REQUEST_TIMEOUT_MS }, (req, res) => {
       void this.handle(req, res);
@@ -521,6 +525,13 @@ export class ApiServer {
           ...(requestId === undefined ? {} : { requestId }),
         });
         return { status: answer.status, body: assignmentView(answer.assignment, store) };
+      }, true),
+      r("PUT", "/api/v1/assignments/:id/legs", ({ params, body }) => {
+        const id = params[0] ?? "";
+        if (!/^[A-Za-z0-9_.-]{1,64}$/.test(id)) throw invalid("id", `invalid assignment id ${show(id)}`);
+        const report = parseLegReport(body);
+        const answer = this.legReports.apply(id, report);
+        return { status: 200, body: answer.kind === "ignored" ? { ignored: true, reason: answer.reason } : assignmentView(answer.assignment, store) };
       }, true),
       r("DELETE", "/api/v1/assignments/:id", async ({ params }) => {
         const id = params[0] ?? "";

@@ -25,6 +25,8 @@ import { ApiServer } from "./http.ts";
 import { StationMetrics } from "./metrics.ts";
 import { DEFAULT_STATION_OPTIONS, Station } from "./station.ts";
 import { StationStore } from "./store.ts";
+import { LegReplacer, REPLACE_AFTER_DEFAULT_MS } from "./replacement.ts";
+import { formatDuration, parseDuration } from "../util/duration.ts";
 
 const log = logger("station");
 
@@ -39,12 +41,16 @@ const LAST_SEEN_SYNC_MS = 1_000;
 const USAGE = `usage: ipsan station --data DIR [--http HOST:PORT] [--discovery HOST:PORT]
                      [--snmp HOST:PORT] [--snmp-community NAME]
                      [--pending-deadline-ms MS] [--reconcile-interval-ms MS] [--host-offline-after-ms MS]
+                     [--replace-after DURATION]
 
   --data DIR             station state: admin.token, cluster.key, station.db (created on first start)
   --http HOST:PORT       REST API (default ${DEFAULT_HTTP}; port 0 picks a free port)
   --discovery HOST:PORT  UDP auto-configuration protocol (default ${DEFAULT_DISCOVERY})
   --snmp HOST:PORT       also listen for SNMPv2c traps (off by default)
   --snmp-community NAME  SNMP community accepted (default "public")
+  --replace-after DURATION
+                         a mirror leg whose unit has been away this long is replaced on a spare
+                         (else any unit with room); e.g. 30s, 5m (default ${formatDuration(REPLACE_AFTER_DEFAULT_MS)})
 `;
 
 /** Loads DATA/admin.token, creating it (0600, 32 random bytes hex) atomically on first start. */
@@ -85,6 +91,7 @@ export async function stationMain(argv: readonly string[]): Promise<number> {
       "pending-deadline-ms": { type: "string" },
       "reconcile-interval-ms": { type: "string" },
       "host-offline-after-ms": { type: "string" },
+      "replace-after": { type: "string" },
       help: { type: "boolean" },
     },
     true,
@@ -105,6 +112,8 @@ export async function stationMain(argv: readonly string[]): Promise<number> {
     reconcileIntervalMs: positiveMs(values["reconcile-interval-ms"], "--reconcile-interval-ms", DEFAULT_STATION_OPTIONS.reconcileIntervalMs),
     hostOfflineAfterMs: positiveMs(values["host-offline-after-ms"], "--host-offline-after-ms", DEFAULT_STATION_OPTIONS.hostOfflineAfterMs),
   };
+
+  const replaceAfterMs = values["replace-after"] === undefined ? REPLACE_AFTER_DEFAULT_MS : parseDuration(values["replace-after"], "--replace-after");
 
   const dataDir = resolve(values.data);
   await fs.mkdir(dataDir, { recursive: true, mode: 0o700 });
@@ -153,6 +162,8 @@ export async function stationMain(argv: readonly string[]): Promise<number> {
     throw new IpsanError("UNAVAILABLE", `cannot listen: ${errorMessage(error)}`, { cause: error });
   }
   station.start();
+  const replacer = new LegReplacer(station, { replaceAfterMs });
+  replacer.start();
   const lastSeenTimer = setInterval(() => {
     for (const unit of listener.units()) store.setUnitLastSeen(unit.name, unit.lastSeenMs);
   }, LAST_SEEN_SYNC_MS);
@@ -185,6 +196,7 @@ export async function stationMain(argv: readonly string[]): Promise<number> {
   await api.close();
   await listener.close();
   await snmpListener?.close();
+  await replacer.stop();
   await station.stop();
   await checkpointer.stop();
   store.close();

@@ -196,7 +196,8 @@ export class Station {
   readonly store: StationStore;
   readonly metrics: StationMetrics;
   readonly options: StationOptions;
-  private readonly locks = new KeyedMutex();
+  /** Per-assignment ("assignment:ID") and per-volume ("volume:UNIT/NAME") serialization, shared with replacement.ts. */
+  readonly locks = new KeyedMutex();
   private readonly inflight = new Map<string, Promise<AllocationAnswer>>();
   private readonly clients = new Map<string, UnitClient>();
   private readonly dnsCache = new Map<string, { addresses: string[]; atMs: number }>();
@@ -545,8 +546,8 @@ export class Station {
     return null;
   }
 
-  /** The pool as the allocator sees it. */
-  private allocatorUnits(): AllocatorUnit[] {
+  /** The pool as the allocator sees it (also replacement.ts's placement). */
+  allocatorUnits(): AllocatorUnit[] {
     const units: AllocatorUnit[] = [];
     for (const unit of this.store.units.values()) {
       const eligible = unit.state === "online" && unit.control !== null;

@@ -23,6 +23,8 @@ export function unitView(unit: UnitRecord, volumeCount: number, freeBytes: numbe
     freeBytes,
     volumeCount,
     lastSeenAt: iso(unit.lastSeenAtMs),
+    spare: unit.spare === true,
+    zone: unit.zone ?? null,
   };
 }
 
@@ -103,11 +105,14 @@ export function legView(leg: LegRecord, store: StationStore) {
   const unit = store.units.get(leg.unit);
   const nbd = reachableNbd(unit?.nbd ?? leg.detail?.nbd ?? null, unit?.addresses ?? []);
   return {
+    index: leg.index,
     unit: leg.unit,
     volume: leg.volume,
     sizeBytes: leg.sizeBytes,
     uri: nbd === null ? null : nbdUri(nbd, leg.volume),
     state: leg.state,
+    rebuild: leg.rebuild ?? null,
+    error: leg.error ?? null,
   };
 }
 
