@@ -178,6 +178,24 @@ export function listItems<T>(body: unknown, what: string): T[] {
   throw new IpsanError("IO_ERROR", `station answered a malformed ${what} list`);
 }
 
+/** One leg in a host's leg report (docs/api.md "PUT /api/v1/assignments/ID/legs"). */
+export interface LegReportEntry {
+  readonly unit: string;
+  readonly volume: string;
+  readonly state: "in-sync" | "stale" | "rebuilding" | "failed";
+  readonly rebuild?: { readonly kind: "delta" | "full"; readonly copiedBytes: number; readonly totalBytes: number; readonly etaSeconds: number | null } | null;
+  readonly error?: string | null;
+}
+
+/** A host's report of a mirror's legs, ordered by the engine's metadata generation. */
+export interface LegReport {
+  readonly generation: number;
+  readonly legs: readonly LegReportEntry[];
+}
+
+/** The station's answer: the assignment as it now stands, or why the report was ignored (an older generation). */
+export type LegReportAnswer = StationAssignment | { readonly ignored: true; readonly reason: string };
+
 export interface StationClientOptions {
   readonly baseUrl: URL;
   readonly token: string;
@@ -245,6 +263,11 @@ export class StationClient {
 
   async assignments(): Promise<Assignment[]> {
     return listItems<Assignment>(await this.call("GET", "/api/v1/assignments"), "assignments");
+  }
+
+  /** Reports a mirror's legs (PUT /api/v1/assignments/ID/legs). */
+  async reportLegs(assignmentId: string, report: LegReport): Promise<LegReportAnswer> {
+    return (await this.call("PUT", `/api/v1/assignments/${encodeURIComponent(assignmentId)}/legs`, report)) as LegReportAnswer;
   }
 
   async unassign(id: string): Promise<void> {

@@ -49,7 +49,58 @@ export interface Assignment {
   error: string | null;
   /** 1 for a single copy; a mirror's legs (empty for a single copy). */
   copies?: number;
-  legs?: { unit: string; volume: string; sizeBytes: number; uri: string | null; state: string }[];
+  legs?: {
+    index: number;
+    unit: string;
+    volume: string;
+    sizeBytes: number;
+    uri: string | null;
+    state: string;
+    rebuild: { kind: string; copiedBytes: number; totalBytes: number; etaSeconds: number | null } | null;
+    error: string | null;
+  }[];
+}
+
+export interface RecordedEvent {
+  seq: number;
+  type: string;
+  action: string;
+  subject: string;
+  data: Record<string, unknown>;
+}
+
+/** SSE_REPLAY_QUIET_MS without a new event ends a read of the stored events. */
+const SSE_REPLAY_QUIET_MS = 300;
+const SSE_REPLAY_TIMEOUT_MS = 10_000;
+
+/** The station's stored events after `since` (GET /api/v1/events?since=N, read until it goes quiet). */
+export async function recordedEvents(station: RunningStation, since = 0): Promise<RecordedEvent[]> {
+  const controller = new AbortController();
+  const deadline = setTimeout(() => controller.abort(), SSE_REPLAY_TIMEOUT_MS);
+  let text = "";
+  try {
+    const response = await fetch(`${station.url}/api/v1/events?since=${since}`, {
+      headers: { authorization: `Bearer ${station.token()}` },
+      signal: controller.signal,
+    });
+    const reader = response.body?.getReader();
+    const decoder = new TextDecoder();
+    for (;;) {
+      if (reader === undefined) break;
+      let quiet: NodeJS.Timeout | undefined;
+      const chunk = await Promise.race([
+        reader.read(),
+        new Promise<null>((resolve) => (quiet = setTimeout(() => resolve(null), SSE_REPLAY_QUIET_MS))),
+      ]);
+      clearTimeout(quiet);
+      if (chunk === null || chunk.done) break;
+      text += decoder.decode(chunk.value, { stream: true });
+    }
+  } finally {
+    clearTimeout(deadline);
+    controller.abort();
+  }
+  return [...text.matchAll(/^data: (.*)$/gm)].map((m) => JSON.parse(m[1] ?? "{}") as RecordedEvent);
 }
 
 /** The volumes an assignment holds: every leg of a mirror, else its volume. */
@@ -64,7 +115,14 @@ export function joinArgs(station: RunningStation): string[] {
 /** Starts a unit joined to the station; resolves once the station lists it online with its volumes. */
 export async function startJoinedUnit(
   station: RunningStation,
-  options: { name: string; capacity: string; volumes?: { name: string; size: string }[]; dataDir?: string; extraArgs?: string[] },
+  options: {
+    name: string;
+    capacity: string;
+    volumes?: { name: string; size: string }[];
+    dataDir?: string;
+    extraArgs?: string[];
+    env?: Readonly<Record<string, string>>;
+  },
 ): Promise<RunningUnit> {
   const unit = await startUnit({
     name: options.name,
@@ -73,6 +131,7 @@ export async function startJoinedUnit(
     volumes: options.volumes ?? [],
     extraArgs: [...joinArgs(station), ...(options.extraArgs ?? [])],
     ...(options.dataDir === undefined ? {} : { dataDir: options.dataDir }),
+    ...(options.env === undefined ? {} : { env: options.env }),
   });
   const expected = (options.volumes ?? []).length;
   await waitFor(
