@@ -72,6 +72,17 @@ export function openApiDocument(version: string): unknown {
             },
           },
         },
+        LegRebuild: {
+          type: "object",
+          required: ["kind", "copiedBytes", "totalBytes"],
+          additionalProperties: false,
+          properties: {
+            kind: { enum: ["delta", "full"] },
+            copiedBytes: { type: "integer", minimum: 0 },
+            totalBytes: { type: "integer", minimum: 0 },
+            etaSeconds: { type: ["integer", "null"], minimum: 0 },
+          },
+        },
         Unit: {
           type: "object",
           required: ["name", "state"],
@@ -86,6 +97,8 @@ export function openApiDocument(version: string): unknown {
             freeBytes: { type: "integer", description: "free space as the unit last reported it, minus carves the station has started there and the unit has not reported yet" },
             volumeCount: { type: "integer" },
             lastSeenAt: { type: "string", format: "date-time" },
+            spare: { type: "boolean", description: "joined with --spare: left out of ordinary allocation, takes replacement legs" },
+            zone: { type: ["string", "null"], description: "failure domain (--zone); legs of a mirror go to distinct zones first" },
           },
         },
         Volume: {
@@ -149,13 +162,19 @@ export function openApiDocument(version: string): unknown {
               description: "a mirror's legs (empty for copies 1); unit, volume, export, nbdHost/nbdPort and extents above are the first leg's",
               items: {
                 type: "object",
-                required: ["unit", "volume", "sizeBytes", "uri", "state"],
+                required: ["index", "unit", "volume", "sizeBytes", "uri", "state", "rebuild", "error"],
                 properties: {
+                  index: { type: "integer", minimum: 0, description: "the leg's place in the mirror; a replacement leg takes the index of the leg it replaces" },
                   unit: name,
                   volume: name,
                   sizeBytes: { type: "integer", description: "the mirror's sizeBytes plus 1 MiB of mirror metadata" },
                   uri: { type: ["string", "null"], description: "nbd://HOST:PORT/VOLUME of the leg, for the mirror engine only" },
-                  state: { enum: ["pending", "in-sync"] },
+                  state: {
+                    enum: ["pending", "in-sync", "stale", "rebuilding", "failed"],
+                    description: "pending: not made yet; then in-sync (the station's view at creation) until the host reports; a replacement leg starts rebuilding",
+                  },
+                  rebuild: { oneOf: [{ type: "null" }, ref("LegRebuild")] },
+                  error: { type: ["string", "null"], description: "why the leg failed, as the host's engine saw it" },
                 },
               },
             },
@@ -298,6 +317,44 @@ export function openApiDocument(version: string): unknown {
           summary: "Unassign: the unit's grant is revoked",
           parameters: [pathParam("id", "assignment id")],
           responses: { "204": ok("revoked"), "202": ok("recorded; the unit is told when reachable", ref("Assignment")), "404": error("no such assignment"), "409": error("still pending"), ...errors },
+        },
+      },
+      "/api/v1/assignments/{id}/legs": {
+        put: {
+          summary: "The host reports its mirror's legs (state, rebuild progress, error), ordered by the engine's generation",
+          parameters: [pathParam("id", "assignment id")],
+          requestBody: body({
+            type: "object",
+            required: ["generation", "legs"],
+            additionalProperties: false,
+            properties: {
+              generation: { type: "integer", minimum: 0, description: "the engine's metadata generation; a report older than the last accepted one is ignored" },
+              legs: {
+                type: "array",
+                maxItems: 8,
+                items: {
+                  type: "object",
+                  required: ["unit", "volume", "state"],
+                  additionalProperties: false,
+                  properties: {
+                    unit: name,
+                    volume: name,
+                    state: { enum: ["in-sync", "stale", "rebuilding", "failed"] },
+                    rebuild: { oneOf: [{ type: "null" }, ref("LegRebuild")] },
+                    error: { type: ["string", "null"], maxLength: 256 },
+                  },
+                },
+              },
+            },
+          }),
+          responses: {
+            "200": ok("recorded (the assignment), or ignored: an older generation", {
+              oneOf: [ref("Assignment"), { type: "object", required: ["ignored", "reason"], properties: { ignored: { const: true }, reason: { type: "string" } } }],
+            }),
+            "404": error("no such assignment"),
+            "409": error("not a mirror, or not active"),
+            ...errors,
+          },
         },
       },
       "/api/v1/allocations": {
