@@ -13,6 +13,7 @@ import { IPSAN_BIN } from "../testing/unit.ts";
 import type { RunningUnit } from "../testing/unit.ts";
 import { startStation, type RunningStation } from "../station/harness.ts";
 import { startJoinedUnit, unitVolume, unitVolumes } from "../station/pool_harness.ts";
+import { legCell } from "./main.ts";
 
 let station: RunningStation;
 let unit: RunningUnit;
@@ -41,8 +42,8 @@ async function ok(args: readonly string[]): Promise<string> {
 
 test("listings: tables, and --json equal to the API's items", async () => {
   const table = await ok(["units"]);
-  assert.match(table, /^NAME +STATE +ADDRESS +NBD +CAPACITY +FREE +VOLUMES +SEEN\n/);
-  assert.match(table, /\nadm1 +online +127\.0\.0\.1 +127\.0\.0\.1:[0-9]+ +124M +/);
+  assert.match(table, /^NAME +STATE +ADDRESS +NBD +CAPACITY +FREE +VOLUMES +SEEN +SPARE +ZONE\n/);
+  assert.match(table, /\nadm1 +online +127\.0\.0\.1 +127\.0\.0\.1:[0-9]+ +124M +.* +- +-\n/);
   const json = JSON.parse(await ok(["units", "--json"])) as { name: string }[];
   const api = (await station.api("GET", "/api/v1/units")).body as { items: { name: string }[] };
   assert.deepEqual(json.map((u) => u.name), api.items.map((u) => u.name));
@@ -113,4 +114,10 @@ test("usage errors exit 2 naming what was wrong; station refusals exit 1 with it
   const notMultiple = await ipsan(["volume", "create", "adm1", "v", "1000"]);
   assert.equal(notMultiple.code, 1);
   assert.match(notMultiple.stderr, /sizeBytes: size 1000 \(1000 bytes\) is not a multiple of 512/);
+});
+
+test("the LEGS column: each leg's unit and state, with a rebuild's progress", () => {
+  assert.equal(legCell({ unit: "u1", state: "in-sync", rebuild: null }), "u1:in-sync");
+  assert.equal(legCell({ unit: "u3", state: "rebuilding", rebuild: { copiedBytes: 42, totalBytes: 100 } }), "u3:rebuilding 42%");
+  assert.equal(legCell({ unit: "u3", state: "rebuilding" }), "u3:rebuilding");
 });

@@ -88,10 +88,24 @@ function ago(value: unknown): string {
 
 type Row = Record<string, unknown>;
 
+interface LegRow {
+  readonly unit: string;
+  readonly state: string;
+  readonly rebuild?: { readonly copiedBytes: number; readonly totalBytes: number } | null;
+}
+
+/** One leg in the LEGS column: "u1:in-sync", "u3:rebuilding 42%" while a rebuild reports progress. */
+export function legCell(leg: LegRow): string {
+  const rebuild = leg.rebuild;
+  const percent = rebuild === null || rebuild === undefined || rebuild.totalBytes <= 0 ? "" : ` ${Math.floor((100 * rebuild.copiedBytes) / rebuild.totalBytes)}%`;
+  return `${leg.unit}:${leg.state}${percent}`;
+}
+
 const LISTINGS = {
   units: {
     path: "/api/v1/units",
-    headers: ["NAME", "STATE", "ADDRESS", "NBD", "CAPACITY", "FREE", "VOLUMES", "SEEN"],
+    // SPARE and ZONE last: the columns before them keep their places.
+    headers: ["NAME", "STATE", "ADDRESS", "NBD", "CAPACITY", "FREE", "VOLUMES", "SEEN", "SPARE", "ZONE"],
     row: (u: Row) => {
       const nbd = u["nbd"] as { host: string; port: number } | null;
       return [
@@ -103,6 +117,8 @@ const LISTINGS = {
         bytes(u["freeBytes"]),
         text(u["volumeCount"]),
         ago(u["lastSeenAt"]),
+        u["spare"] === true ? "spare" : "-",
+        text(u["zone"]),
       ];
     },
   },
@@ -126,11 +142,11 @@ const LISTINGS = {
   },
   assignments: {
     path: "/api/v1/assignments",
-    // COPIES last: the columns before it keep their places for whoever reads the table.
-    headers: ["ID", "HOST", "ADDRESS", "UNIT", "EXPORT", "SIZE", "STATE", "URI", "COPIES"],
+    // COPIES, then LEGS, last: the columns before them keep their places for whoever reads the table.
+    headers: ["ID", "HOST", "ADDRESS", "UNIT", "EXPORT", "SIZE", "STATE", "URI", "COPIES", "LEGS"],
     row: (a: Row) => {
       // A mirror: every leg's unit (leg 0 first); its URI is the host engine's, not the station's.
-      const legs = (a["legs"] as { unit: string; state: string }[] | undefined) ?? [];
+      const legs = (a["legs"] as LegRow[] | undefined) ?? [];
       return [
         text(a["id"]),
         text(a["host"]),
@@ -141,6 +157,7 @@ const LISTINGS = {
         text(a["state"]),
         legs.length > 0 ? "(mirror:host-engine)" : text(a["uri"]),
         text(a["copies"] ?? 1),
+        legs.length > 0 ? legs.map(legCell).join(" ") : "-",
       ];
     },
   },

@@ -7,9 +7,9 @@
 
 import assert from "node:assert/strict";
 import { StationClient } from "../host/station_client.ts";
-import { waitFor } from "../testing/process.ts";
+import { run, waitFor } from "../testing/process.ts";
 import { makeTempDir, memoryTmpBase } from "../testing/tmp.ts";
-import type { RunningUnit } from "../testing/unit.ts";
+import { IPSAN_BIN, type RunningUnit } from "../testing/unit.ts";
 import { startStation, type RunningStation } from "./harness.ts";
 import { grantsMatch, recordedEvents, startJoinedUnit, unitVolume, unitVolumes, type Assignment, type RecordedEvent } from "./pool_harness.ts";
 
@@ -116,6 +116,13 @@ export async function runScenario(cleanup: (close: () => Promise<void>) => void,
       { unit: oldLeg.unit, volume: oldLeg.volume, state: "failed", error: "connection refused" },
     ],
   });
+  // The admin CLI shows it: `ipsan assignments` LEGS column.
+  const listing = await run(process.execPath, [IPSAN_BIN, "assignments"], {
+    timeoutMs: 30_000,
+    env: { IPSAN_STATION: station.url, IPSAN_TOKEN_FILE: `${station.dataDir}/admin.token` },
+  });
+  const percent = Math.floor((100 * (1 << 20)) / newLeg.sizeBytes);
+  assert.match(listing.stdout, new RegExp(`\\n${a.id} .* (sp:rebuilding ${percent}% u2:in-sync|u2:in-sync sp:rebuilding ${percent}%)\\n`), listing.stdout + listing.stderr);
   u1 = await start("u1", [], u1Data.path);
   const kept = await waitFor(
     "A's old leg volume on u1 kept, its grant taken off",
