@@ -30,6 +30,7 @@
 //
 // Time comes from an injected clock (the store's), so tests can decide it.
 
+import { VOLUMES_PER_UNIT_MAX } from "../discovery/messages.ts";
 import { errorMessage } from "../util/errors.ts";
 import { logger } from "../util/log.ts";
 import { formatDuration } from "../util/duration.ts";
@@ -208,7 +209,7 @@ export class LegReplacer {
         oldUnit: leg.unit,
         oldVolume: leg.volume,
         newUnit: placed.placement.unit,
-        newVolume: `h-${id.slice(2)}-l${index}-r${nowMs.toString(36)}`,
+        newVolume: this.newVolumeName(id, index, placed.placement.unit, nowMs),
         sizeBytes: leg.sizeBytes,
         createdAtMs: nowMs,
       };
@@ -228,6 +229,18 @@ export class LegReplacer {
       });
       await this.carryLocked(record);
     });
+  }
+
+  /** A name no volume on the unit has, and no replacement or deletion holds (an undone one may still be there). */
+  private newVolumeName(id: string, index: number, unit: string, nowMs: number): string {
+    const base = `h-${id.slice(2)}-l${index}-r${nowMs.toString(36)}`;
+    const taken = (name: string): boolean => this.station.store.volume(unit, name) !== undefined || this.station.store.heldByLegWork(unit, name);
+    // Bounded: each taken name is a volume or record of its own, and the unit holds at most VOLUMES_PER_UNIT_MAX.
+    for (let n = 0; n <= VOLUMES_PER_UNIT_MAX; n++) {
+      const name = n === 0 ? base : `${base}-${n}`;
+      if (!taken(name)) return name;
+    }
+    throw new Error(`no free volume name for a replacement leg on unit ${unit}`);
   }
 
   private carveId(record: LegReplacementRecord): string {
