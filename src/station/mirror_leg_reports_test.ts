@@ -15,7 +15,7 @@
 
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
-import { StationClient, type LegReportAnswer } from "../host/station_client.ts";
+import { StationClient, type LegReport } from "../host/station_client.ts";
 import type { RunningUnit } from "../testing/unit.ts";
 import { errorOf, startStation, type RunningStation } from "./harness.ts";
 import { recordedEvents, startJoinedUnit, type Assignment } from "./pool_harness.ts";
@@ -46,6 +46,12 @@ function legs(a: Assignment): NonNullable<Assignment["legs"]> {
 
 async function put(id: string, body: unknown) {
   return station.api("PUT", `/api/v1/assignments/${id}/legs`, body);
+}
+
+/** Reports as the host agent does (StationClient.reportLegs); the report must be taken; then the assignment as the station shows it. */
+async function report(id: string, body: LegReport): Promise<Assignment> {
+  assert.deepEqual(await client.reportLegs(id, body), { ignored: false });
+  return (await station.api("GET", `/api/v1/assignments/${id}`)).body as Assignment;
 }
 
 test("a new mirror's legs show index, in-sync, no rebuild and no error", () => {
@@ -110,14 +116,18 @@ test("reports are recorded in generation order; older ones are ignored; unknown 
   assert.ok(l0 !== undefined && l1 !== undefined);
   const startSeq = Math.max(0, ...(await recordedEvents(station)).map((e) => e.seq));
 
-  const failed = (await client.reportLegs(mirror.id, {
+  // The answer to an accepted report is the assignment view.
+  const answered = await put(mirror.id, { generation: 5, legs: [{ unit: l0.unit, volume: l0.volume, state: "in-sync" }] });
+  assert.equal(answered.status, 200, answered.text);
+  assert.equal((answered.body as Assignment).id, mirror.id);
+  const failed = await report(mirror.id, {
     generation: 5,
     legs: [
       { unit: l0.unit, volume: l0.volume, state: "in-sync" },
       { unit: l1.unit, volume: l1.volume, state: "failed", error: "read timed out after 5 s" },
       { unit: "elsewhere", volume: "not-a-leg", state: "failed" },
     ],
-  })) as Assignment;
+  });
   assert.deepEqual(
     legs(failed).map((l) => [l.unit, l.state, l.error]),
     [
@@ -127,7 +137,7 @@ test("reports are recorded in generation order; older ones are ignored; unknown 
   );
 
   // An older generation arriving late changes nothing.
-  const stale: LegReportAnswer = await client.reportLegs(mirror.id, {
+  const stale = await client.reportLegs(mirror.id, {
     generation: 4,
     legs: [{ unit: l1.unit, volume: l1.volume, state: "in-sync" }],
   });
@@ -137,10 +147,10 @@ test("reports are recorded in generation order; older ones are ignored; unknown 
 
   // The same generation is accepted (a rebuild starts and reports progress); then a newer one.
   const rebuild = (copiedBytes: number) => ({ kind: "delta" as const, copiedBytes, totalBytes: 1 << 20, etaSeconds: 3 });
-  const rebuilding = (await client.reportLegs(mirror.id, {
+  const rebuilding = await report(mirror.id, {
     generation: 5,
     legs: [{ unit: l1.unit, volume: l1.volume, state: "rebuilding", rebuild: rebuild(0) }],
-  })) as Assignment;
+  });
   assert.equal(legs(rebuilding)[1]?.state, "rebuilding");
   assert.equal(legs(rebuilding)[1]?.error, null);
   for (const copied of [1000, 2000, 3000, 4000]) {
@@ -149,13 +159,13 @@ test("reports are recorded in generation order; older ones are ignored; unknown 
   const listed = (await station.api("GET", "/api/v1/assignments")).body as { items: Assignment[] };
   const inList = listed.items.find((a) => a.id === mirror.id);
   assert.deepEqual(legs(inList as Assignment)[1]?.rebuild, rebuild(4000));
-  const done = (await client.reportLegs(mirror.id, {
+  const done = await report(mirror.id, {
     generation: 7,
     legs: [
       { unit: l0.unit, volume: l0.volume, state: "in-sync" },
       { unit: l1.unit, volume: l1.volume, state: "in-sync" },
     ],
-  })) as Assignment;
+  });
   assert.deepEqual(
     legs(done).map((l) => [l.state, l.rebuild]),
     [
