@@ -51,7 +51,7 @@ export interface StationOptions {
   readonly keepData?: boolean;
   /** UDP discovery address (default 127.0.0.1:0); a restart passes the old one so units find it again. */
   readonly discovery?: string;
-  /** bin/ipsan to run (default the repository's; a canary passes a patched build's, src/testing/patched_build.ts). */
+  /** Another bin/ipsan (a canary's patched build, src/testing/patched_build.ts with nodeModules). */
   readonly bin?: string;
 }
 

@@ -7,11 +7,10 @@
 // - a placement that does not leave out the units holding legs of the
 //   mirror: replacement_test.ts's checks must fail.
 // The copy runs the station, which needs better-sqlite3: node_modules is
-// linked into it.
+// linked into it (patchedBuild's nodeModules).
 
 import { after, test } from "node:test";
 import assert from "node:assert/strict";
-import { symlinkSync } from "node:fs";
 import { join } from "node:path";
 import { pathToFileURL } from "node:url";
 import { patchedBuild, type PatchedBuild } from "../testing/patched_build.ts";
@@ -27,18 +26,17 @@ after(async () => {
   for (const build of builds) build.remove();
 });
 
-function withModules(build: PatchedBuild): PatchedBuild {
+/** A patched copy that can run the station (node_modules linked in); removed after the tests. */
+function stationBuild(prefix: string, edits: Parameters<typeof patchedBuild>[1]): PatchedBuild {
+  const build = patchedBuild(prefix, edits, REPO_ROOT, { nodeModules: true });
   builds.push(build);
-  symlinkSync(join(REPO_ROOT, "node_modules"), join(build.root, "node_modules"), "dir");
   return build;
 }
 
 test("canary: a station that deletes the old leg volume before the new leg is in-sync fails the replacement scenario", async () => {
-  const build = withModules(
-    patchedBuild("canary-early-delete", [
-      { file: "dist/station/replacement.js", from: 'if (leg === undefined || leg.state === "in-sync")', to: "if (true)" },
-    ]),
-  );
+  const build = stationBuild("canary-early-delete", [
+    { file: "dist/station/replacement.js", from: 'if (leg === undefined || leg.state === "in-sync")', to: "if (true)" },
+  ]);
   await assert.rejects(
     runScenario((close) => closers.push(close), build.ipsanBin),
     /old leg volume must be kept|still kept/,
@@ -46,11 +44,9 @@ test("canary: a station that deletes the old leg volume before the new leg is in
 });
 
 test("canary: a placement that may pick a unit of the mirror fails the placement checks", async () => {
-  const build = withModules(
-    patchedBuild("canary-same-unit", [
-      { file: "dist/station/replacement.js", from: "units.filter((u) => !mirrorUnits.has(u.name))", to: "units.filter((u) => true)" },
-    ]),
-  );
+  const build = stationBuild("canary-same-unit", [
+    { file: "dist/station/replacement.js", from: "units.filter((u) => !mirrorUnits.has(u.name))", to: "units.filter((u) => true)" },
+  ]);
   const broken = (await import(pathToFileURL(join(build.root, "dist", "station", "replacement.js")).href)) as { placeReplacement: typeof placeReplacement };
   assert.throws(() => checkPlacement(broken.placeReplacement), /holds a leg of this mirror|never on the failed leg's own unit/);
 });
