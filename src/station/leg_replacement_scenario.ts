@@ -15,8 +15,8 @@ import { grantsMatch, recordedEvents, startJoinedUnit, unitVolume, unitVolumes, 
 
 const HOST = "127.0.0.2";
 export const REPLACE_AFTER_MS = 2_000;
-/** Fast liveness so a killed unit is offline within ~1.5 s (station and units read these). */
-export const FAST_DISCOVERY = { IPSAN_DISCOVERY_HEARTBEAT_MS: "200", IPSAN_DISCOVERY_SUSPECT_MS: "600", IPSAN_DISCOVERY_OFFLINE_MS: "1500" };
+/** Fast liveness so a killed unit is offline within ~3 s, yet a live one on loaded cores is not (station and units read these). */
+export const FAST_DISCOVERY = { IPSAN_DISCOVERY_HEARTBEAT_MS: "250", IPSAN_DISCOVERY_SUSPECT_MS: "1000", IPSAN_DISCOVERY_OFFLINE_MS: "3000" };
 const WAIT_MS = 20_000;
 
 type Legs = NonNullable<Assignment["legs"]>;
