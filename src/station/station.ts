@@ -492,26 +492,13 @@ export class Station {
   /** Grants a volume should carry: the addresses of the hosts of its live, not-being-revoked assignments. */
   desiredGrants(unit: string, volume: string): string[] {
     const out: string[] = [];
-    for (const a of this.holdersOf(unit, volume)) {
+    for (const a of this.store.liveOnVolume(unit, volume)) {
       if (a.state === "active" || (a.state === "pending" && a.error === null)) {
         const grant = canonicalGrant(a.hostAddress);
         if (!out.includes(grant)) out.push(grant);
       }
     }
     return out.sort();
-  }
-
-  /**
-   * The live assignments a volume's grants follow: those holding it, and the
-   * mirror whose replacement leg it is being made into (replacement.ts), so
-   * the new leg is granted to the mirror's host by the same rules before it is
-   * swapped in.
-   */
-  private holdersOf(unit: string, volume: string): AssignmentRecord[] {
-    const holders = this.store.liveOnVolume(unit, volume);
-    const replacing = this.store.replacementOn(unit, volume);
-    const mirror = replacing === undefined ? undefined : this.store.live.get(replacing.assignmentId);
-    return mirror === undefined || mirror.state !== "active" ? holders : [...holders, mirror];
   }
 
   /** Makes the unit's grants of one volume equal the desired ones (skipped when already equal, unless forced). */

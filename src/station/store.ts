@@ -715,15 +715,21 @@ export class StationStore {
     }
   }
 
-  /** Live assignments on one volume (any partition). */
+  /**
+   * Live assignments on one volume (any partition); for a replacement leg
+   * being made (replacement.ts), the mirror it is for: it is that mirror's
+   * volume already (granted to its host, shown as its host's, taken).
+   */
   liveOnVolume(unit: string, volume: string): AssignmentRecord[] {
     const ids = this.liveByVolume.get(volumeKey(unit, volume));
-    if (ids === undefined) return [];
     const out: AssignmentRecord[] = [];
-    for (const id of ids) {
+    for (const id of ids ?? []) {
       const assignment = this.live.get(id);
       if (assignment !== undefined) out.push(assignment);
     }
+    const replacing = this.replacementOn(unit, volume);
+    const mirror = replacing === undefined ? undefined : this.live.get(replacing.assignmentId);
+    if (mirror !== undefined && !out.includes(mirror)) out.push(mirror);
     return out;
   }
 
