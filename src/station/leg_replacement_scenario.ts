@@ -136,6 +136,8 @@ export async function runScenario(cleanup: (close: () => Promise<void>) => void,
   assert.equal(kept.sizeBytes, oldLeg.sizeBytes);
   await new Promise((resolve) => setTimeout(resolve, 1_500)); // several passes of the loop
   assert.ok((await unitVolumes(u1)).some((v) => v.name === oldLeg.volume), "still kept after more passes while rebuilding");
+  assert.match((await station.api("GET", "/metrics")).text, /^ipsan_station_leg_volumes_to_delete 1$/m);
+  assert.match((await station.api("GET", "/metrics")).text, /^ipsan_station_leg_replacements 0$/m);
   await waitFor(
     "leg-volume-kept for A's old leg",
     async () => ((await recordedEvents(station)).some((e) => e.subject === a.id && e.action === "leg-volume-kept") ? true : undefined),
@@ -150,6 +152,10 @@ export async function runScenario(cleanup: (close: () => Promise<void>) => void,
     { timeoutMs: WAIT_MS, intervalMs: 100 },
   );
   assert.ok((await unitVolumes(u1)).some((v) => legsOf(b).some((l) => l.volume === v.name)), "B's leg on u1 is untouched");
+  await waitFor("the deletion recorded done", async () => (/^ipsan_station_leg_volumes_to_delete 0$/m.test((await station.api("GET", "/metrics")).text) ? true : undefined), {
+    timeoutMs: WAIT_MS,
+    intervalMs: 100,
+  });
 
   const events: RecordedEvent[] = (await recordedEvents(station)).filter((e) => e.subject === a.id);
   const actions = events.map((e) => e.action).filter((x) => x.startsWith("leg-replac") || x.startsWith("leg-volume"));
