@@ -344,6 +344,6 @@ test("canary: an engine that reads from a rebuilding leg is caught", async () =>
 });
 
 test("canary: an engine that forgets writes in flight when a leg comes back is caught", async () => {
-  const merge = "for (const region of this.#intent.setRegions(this.regions))\n            leg.missed.set(region);\n        leg.state = \"rebuilding\";";
-  console.log(`canary caught: ${await canary(merge, 'leg.state = "rebuilding";', "a returning leg that misses writes in flight")}`);
+  const merge = "for (const region of this.#intent.setRegions(this.regions))\n            leg.missed.set(region);\n        leg.rebuild = {";
+  console.log(`canary caught: ${await canary(merge, "leg.rebuild = {", "a returning leg that misses writes in flight")}`);
 });
