@@ -366,8 +366,11 @@ export class Mirror implements BlockDevice {
       });
       // Legs the newest metadata does not list: replacements, which must be blank (checked below) or refused.
       const listed = new Set<string>((best as MirrorHeader | undefined)?.legs.map((l) => l.id) ?? specs.map((s) => s.id));
+      // A leg the metadata lists in sync must be usable; one out of sync on record that is refused stays out of service.
+      const recordOf = (id: string): LegRecord | undefined => (best as MirrorHeader | undefined)?.legs.find((l) => l.id === id);
       for (const [i, refusal] of refusals) {
-        if (listed.has(specs[i]?.id ?? "")) throw new IpsanError(refusal.includes("belongs to") ? "CONFLICT" : "CORRUPT", refusal);
+        const id = specs[i]?.id ?? "";
+        if (listed.has(id) && (best === undefined || recordOf(id)?.inSync === true)) throw new IpsanError(refusal.includes("belongs to") ? "CONFLICT" : "CORRUPT", refusal);
       }
       if (best !== undefined && (best as MirrorHeader).generation === 0) {
         throw new IpsanError("UNAVAILABLE", `the only reachable legs of mirror ${mirrorId} are being rebuilt (their metadata is a rebuild marker); the engine will not start without a leg in sync`);
