@@ -21,7 +21,32 @@ export interface AssignmentLeg {
   readonly sizeBytes: number;
   /** The leg's own nbd:// URI: for the host's mirror engine only, never for applications. */
   readonly uri: string | null;
+  /** "pending" | "in-sync" | "stale" | "rebuilding" | "failed" (docs/api.md). */
   readonly state: string;
+  readonly index?: number;
+  readonly rebuild?: LegRebuild | null;
+  readonly error?: string | null;
+}
+
+/** A leg's rebuild in progress (docs/api.md). */
+export interface LegRebuild {
+  readonly kind: "delta" | "full";
+  readonly copiedBytes: number;
+  readonly totalBytes: number;
+  readonly etaSeconds: number | null;
+}
+
+/** What a host's agent reports of a mirror's legs (PUT /api/v1/assignments/ID/legs). */
+export interface LegReport {
+  /** The engine's metadata generation: the station ignores a report older than one it accepted. */
+  readonly generation: number;
+  readonly legs: readonly {
+    readonly unit: string;
+    readonly volume: string;
+    readonly state: "in-sync" | "stale" | "rebuilding" | "failed";
+    readonly rebuild?: LegRebuild | null;
+    readonly error?: string | null;
+  }[];
 }
 
 /** The station's answer to an allocation or a manual assignment (contracts.md). */
@@ -245,6 +270,16 @@ export class StationClient {
 
   async assignments(): Promise<Assignment[]> {
     return listItems<Assignment>(await this.call("GET", "/api/v1/assignments"), "assignments");
+  }
+
+  /**
+   * Reports a mirror's leg states and rebuild progress to the station.
+   * Resolves with `ignored` when the station kept a newer report.
+   */
+  async reportLegs(assignmentId: string, report: LegReport): Promise<{ readonly ignored: boolean; readonly reason?: string }> {
+    const body = (await this.call("PUT", `/api/v1/assignments/${encodeURIComponent(assignmentId)}/legs`, report)) as { ignored?: unknown; reason?: unknown } | undefined;
+    if (body !== undefined && body !== null && body.ignored === true) return { ignored: true, ...(typeof body.reason === "string" ? { reason: body.reason } : {}) };
+    return { ignored: false };
   }
 
   async unassign(id: string): Promise<void> {
