@@ -890,8 +890,6 @@ export class Mirror implements BlockDevice {
   }
 
   #startRebuild(leg: Leg, full = false): void {
-    // Writes still in flight (or not yet retired from the intent bitmap) went out without this leg: it lacks their regions too.
-    for (const region of this.#intent.setRegions(this.regions)) leg.missed.set(region);
     leg.rebuild = { kind: full ? "full" : "delta", copiedBytes: 0, skippedBytes: 0, totalBytes: this.#regionsBytes(leg.missed), startedMs: this.#now() };
     this.#options.onEvent?.({ type: "leg-rebuilding", leg: leg.id, kind: leg.rebuild.kind, totalBytes: leg.rebuild.totalBytes });
     log.info("mirror leg rebuild started", { mirror: this.mirrorId, leg: leg.id, kind: leg.rebuild.kind, bytes: leg.rebuild.totalBytes });
@@ -932,7 +930,11 @@ export class Mirror implements BlockDevice {
       leg.fresh = false;
     }
     if (this.#closed || leg.io !== target || leg.state !== "stale") return;
+    // Writes still in flight (or not yet retired from the intent bitmap) went out without this leg, also those made while
+    // the marker was written: it lacks their regions too. From the next line on, every write goes to it as well.
+    for (const region of this.#intent.setRegions(this.regions)) leg.missed.set(region);
     leg.state = "rebuilding";
+    if (leg.rebuild !== undefined) leg.rebuild.totalBytes = this.#regionsBytes(leg.missed);
     // Writes sent before the leg joined did not go to it: they finish before any region is judged (BLOCK_STATUS below).
     await Promise.allSettled([...this.#writesInFlight]);
     let lastCheckpoint = this.#now();
