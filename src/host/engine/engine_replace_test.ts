@@ -15,7 +15,9 @@
 //   from its checkpoint. Bytes sent to c (counted by a TCP relay in front of
 //   its unit) over both engines stay under 1.2x the written part of a
 //   half-written volume: a full rebuild skips the never-written half
-//   (BLOCK_STATUS) and does not start again from zero.
+//   (BLOCK_STATUS) and does not start again from zero. Its canary: the same
+//   scenario on a build whose full rebuild writes no marker (so a restarted
+//   engine takes the leg for blank and copies it from zero) must fail.
 // - The status file shows c rebuilding (with progress) and then in sync.
 // - Refusal: a replacement leg holding another mirror's metadata, or data
 //   without metadata, is refused and not one byte of it changes.
@@ -29,6 +31,7 @@ import { after, before, test, type TestContext } from "node:test";
 import { NbdClient } from "../../nbd/client.ts";
 import { type RunningEngine, logFields, startEngine } from "../../testing/engine.ts";
 import { describeResult, run, runOk, sleep } from "../../testing/process.ts";
+import { patchedBuild } from "../../testing/patched_build.ts";
 import { makeTempDir, memoryTmpBase, type TempDir } from "../../testing/tmp.ts";
 import { type RunningUnit, startUnit } from "../../testing/unit.ts";
 import { type EngineStatus, type LegEntry, readStatusFile } from "../legs.ts";
@@ -106,7 +109,7 @@ interface Bed {
   /** Leg i's entry for the legs file (optionally through a relay port). */
   leg(i: number, viaPort?: number): LegEntry;
   writeLegs(legs: readonly LegEntry[]): void;
-  startEngine(extraArgs?: readonly string[]): Promise<RunningEngine>;
+  startEngine(extraArgs?: readonly string[], ipsanBin?: string): Promise<RunningEngine>;
   close(): Promise<void>;
 }
 
@@ -135,8 +138,9 @@ async function startBed(name: string): Promise<Bed> {
       rmSync(legsFile, { force: true });
       writeFileSync(legsFile, readFileSync(`${legsFile}.tmp`));
     },
-    async startEngine(extraArgs = []) {
+    async startEngine(extraArgs = [], ipsanBin = undefined) {
       const engine = await startEngine({
+        ...(ipsanBin === undefined ? {} : { ipsanBin }),
         mirror: `${name}-mirror`,
         legs: [],
         legsFile,
@@ -294,13 +298,29 @@ const SLOW_RATE = "6M";
 const KILL_AT_SHARE = 0.4;
 
 test("kill -9 of the engine mid full rebuild: the restarted engine resumes from its checkpoint; bytes sent to the new leg < 1.2x the written part", { timeout: 120_000 }, async (t: TestContext) => {
-  const bed = await startBed("resume");
+  await resumeAfterKill(t, "resume", undefined);
+});
+
+test("canary: an engine whose full rebuild writes no marker (a restart copies from zero) fails the resume test", { timeout: 120_000 }, async (t: TestContext) => {
+  const build = patchedBuild("engine-no-marker", [{ file: "dist/host/engine/mirror.js", from: "await target.write(headerSlotOffset(this.sizeBytes, slot), marker, true);", to: "void marker;" }]);
+  try {
+    await assert.rejects(resumeAfterKill(t, "canary", build.ipsanBin), (error: Error) => {
+      t.diagnostic(`canary caught: ${error.message.split("\n")[0]}`);
+      return error instanceof assert.AssertionError && /resumed, not restarted|not under 1\.2/.test(error.message);
+    });
+  } finally {
+    build.remove();
+  }
+});
+
+async function resumeAfterKill(t: TestContext, name: string, ipsanBin: string | undefined): Promise<void> {
+  const bed = await startBed(name);
   const relay = await startRelay((bed.units[2] as RunningUnit).port);
   try {
     const [a, b] = [bed.leg(0), bed.leg(1)];
     const c = bed.leg(2, relay.port);
     bed.writeLegs([a, b]);
-    let engine = await bed.startEngine(["--rebuild-rate", SLOW_RATE]);
+    let engine = await bed.startEngine(["--rebuild-rate", SLOW_RATE], ipsanBin);
     // Half the volume written (regions 0..31), the rest never written.
     const client = await NbdClient.connect(engine.uri);
     try {
@@ -328,7 +348,7 @@ test("kill -9 of the engine mid full rebuild: the restarted engine resumes from 
     t.diagnostic(`first engine killed after sending ${sentFirst} bytes to ${c.id} (status progress ${progress.join(" -> ")})`);
 
     // The agent would start it again with the same files.
-    engine = await bed.startEngine();
+    engine = await bed.startEngine([], ipsanBin);
     const resumed = await engine.waitForLine(new RegExp(`mirror leg rebuild started .*\\bleg=${c.id}\\b`), { timeoutMs: EVENT_TIMEOUT_MS });
     const resumedFields = logFields(resumed.text);
     const inSync = logFields((await engine.waitForLine(new RegExp(`mirror leg in sync .*\\bleg=${c.id}\\b`), { timeoutMs: IN_SYNC_TIMEOUT_MS })).text);
@@ -352,7 +372,7 @@ test("kill -9 of the engine mid full rebuild: the restarted engine resumes from 
     await relay.close();
     await bed.close();
   }
-});
+}
 
 // ---------------------------------------------------------------- (c) refusal
 
