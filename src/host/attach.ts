@@ -260,6 +260,13 @@ export function legChanges(recorded: readonly EngineLegRecord[], wanted: readonl
 export async function syncMirrorLegs(state: HostState, record: AttachmentRecord, assignment: StationAssignment): Promise<{ record: AttachmentRecord; changes: string[] }> {
   const engine = record.engine ?? null;
   if (engine === null || engine.legsFile === undefined || !isMirror(assignment)) return { record, changes: [] };
+  const stationLegs = assignment.legs ?? [];
+  // A leg the unit has not made yet (pending, or no URI) is waited for: the next check applies it.
+  const notReady = stationLegs.filter((leg, i) => leg.uri === null || (leg.state === "pending" && engine.legs[i]?.name !== leg.volume));
+  if (notReady.length > 0) {
+    log.limited(`legs:${record.assignmentId}`, "mirror legs changed at the station; waiting for the new leg to be made", { assignment: record.assignmentId, legs: notReady.map((l) => `${l.unit}/${l.volume}`).join(",") });
+    return { record, changes: [] };
+  }
   const wanted = engineLegs(assignment);
   const changes = legChanges(engine.legs, wanted);
   if (changes.length === 0) return { record, changes };

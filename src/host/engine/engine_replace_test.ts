@@ -21,6 +21,10 @@
 // - The status file shows c rebuilding (with progress) and then in sync.
 // - Refusal: a replacement leg holding another mirror's metadata, or data
 //   without metadata, is refused and not one byte of it changes.
+// - A move (the same leg at another address: its unit restarted on another
+//   port) reconnects there and resyncs by delta; a legs file that does not
+//   parse, or that would change the number of legs, is refused as a whole
+//   and the engine goes on serving.
 
 import assert from "node:assert/strict";
 import { createHash, randomBytes } from "node:crypto";
@@ -431,6 +435,52 @@ test("a replacement leg holding another mirror's metadata, or data without metad
     const stop2 = await second.stop();
     assert.equal(stop2.code, 0, second.stderr());
     assert.equal(await exportHash(bed, b.uri, LEG_BYTES, "b-after"), beforeB, "nothing was written to the leg that holds data");
+  } finally {
+    await bed.close();
+  }
+});
+
+// ---------------------------------------------------------------- a move, and legs files refused as a whole
+
+test("a leg moved to another address reconnects there (delta); a bad legs file or another number of legs is refused and the engine goes on", { timeout: 90_000 }, async () => {
+  const bed = await startBed("move");
+  try {
+    const [a, b] = [bed.leg(0), bed.leg(1)];
+    bed.writeLegs([a, b]);
+    const engine = await bed.startEngine();
+    const client = await NbdClient.connect(engine.uri);
+    const data = randomBytes(64 * 1024);
+    try {
+      let after = engine.nextLineIndex();
+      bed.writeLegs([a, b]);
+      writeFileSync(bed.legsFile, "[{");
+      process.kill(engine.pid, "SIGHUP");
+      await waitForLine(engine, /legs file not applied .*not JSON/, after);
+      after = engine.nextLineIndex();
+      applyLegs(bed, engine, [a]);
+      await waitForLine(engine, /legs file not applied .*has 2 legs, not 1/, after);
+
+      // b's unit restarts on another port: the station (or an operator) gives its new address.
+      const old = bed.units[1] as RunningUnit;
+      await old.stop();
+      await client.write(7 * REGION_BYTES, data, true);
+      bed.units[1] = await startUnit({ dataDir: old.dataDir, capacity: UNIT_CAPACITY, volumes: [{ name: VOLUME, size: LEG_BYTES }], name: old.name, listen: "127.0.0.1:0" });
+      const moved = bed.leg(1);
+      assert.notEqual(moved.uri, b.uri);
+      after = engine.nextLineIndex();
+      applyLegs(bed, engine, [a, moved]);
+      await waitForLine(engine, new RegExp(`mirror leg moved .*\\bleg=${b.id}\\b`), after);
+      const started = await waitForLine(engine, new RegExp(`mirror leg rebuild started .*\\bleg=${b.id}\\b`), after, IN_SYNC_TIMEOUT_MS);
+      assert.equal(started["kind"], "delta", "a moved leg keeps its metadata: only what it missed is copied");
+      await waitForLine(engine, new RegExp(`mirror leg in sync .*\\bleg=${b.id}\\b`), after, IN_SYNC_TIMEOUT_MS);
+      for (let k = 0; k < 2; k++) assert.ok((await client.read(7 * REGION_BYTES, data.length)).equals(data));
+    } finally {
+      await client.close();
+    }
+    const stop = await engine.stop();
+    assert.equal(stop.code, 0, engine.stderr());
+    const compare = await run("qemu-img", ["compare", "-f", "raw", "-F", "raw", a.uri, bed.leg(1).uri], { timeoutMs: 60_000 });
+    assert.equal(compare.code, 0, `legs a and b differ: ${describeResult(compare)}`);
   } finally {
     await bed.close();
   }

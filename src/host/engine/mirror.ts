@@ -1074,14 +1074,26 @@ async function readHeader(io: LegIo, dataBytes: number): Promise<ReturnType<type
 
 /**
  * True when BLOCK_STATUS shows bytes that do not read as zeroes in the data
- * area of a leg without mirror metadata (someone's data). A leg that cannot
- * answer BLOCK_STATUS is taken as blank (units zero new volumes).
+ * area of a leg without mirror metadata (someone's data), or when the answer
+ * takes more than BLOCK_STATUS_ASKS_MAX requests (so many runs: taken as
+ * data). A leg that cannot answer BLOCK_STATUS at all is taken as blank
+ * (units zero new volumes).
  */
 async function holdsData(io: LegIo, dataBytes: number): Promise<boolean> {
-  if (io.blockStatus === undefined) return false;
+  const status = io.blockStatus;
+  if (status === undefined) return false;
+  let at = 0;
   try {
-    const zero = await zeroRuns(io, 0, dataBytes);
-    return zero.some((run) => !run.zero);
+    for (let asks = 0; at < dataBytes; asks++) {
+      if (asks >= BLOCK_STATUS_ASKS_MAX) return true;
+      const runs = await status.call(io, at, dataBytes - at);
+      if (runs.length === 0) return true;
+      for (const run of runs) {
+        if (!run.zero) return true;
+        at += Math.max(1, run.lengthBytes);
+      }
+    }
+    return false;
   } catch (error) {
     log.limited("mirror_block_status", "BLOCK_STATUS failed; taking the leg as blank", { error: errorMessage(error) });
     return false;
