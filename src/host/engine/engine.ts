@@ -137,9 +137,18 @@ export async function engineMain(argv: readonly string[]): Promise<number> {
     void (async () => {
       const next = await readLegsFile(legsFile);
       log.info("legs file re-read", { mirror: mirrorId, legs: next.map((l) => `${l.id}=${l.uri}`).join(",") });
-      current = next;
-      await mirror.setLegs(toSpecs(next));
-      status?.changed(undefined);
+      const previous = current;
+      // While the change is applied, the status file finds new legs' unit and volume (and old ones' until they are gone).
+      current = [...next, ...previous];
+      try {
+        await mirror.setLegs(toSpecs(next));
+        current = next;
+      } catch (error) {
+        current = previous;
+        throw error;
+      } finally {
+        status?.changed(undefined);
+      }
     })().catch((error: unknown) => log.error("legs file not applied", { mirror: mirrorId, path: legsFile, error: errorMessage(error) }));
   };
   process.on("SIGHUP", onHangup);
