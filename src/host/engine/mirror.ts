@@ -122,6 +122,8 @@ export interface MirrorOptions {
 export const INTENT_AHEAD_REGIONS = 16;
 /** Regions a full rebuild asks BLOCK_STATUS about at once (on the source and the target). */
 export const REBUILD_STATUS_WINDOW_REGIONS = 64;
+/** Longest a rebuild waits, before each region, for the application's requests in flight to finish (it yields to them). */
+export const REBUILD_YIELD_MS_MAX = 4;
 /** BLOCK_STATUS requests one range may take (a server answers part of a range per request). */
 const BLOCK_STATUS_ASKS_MAX = 4096;
 /** Sequential streams recognised at once (the ends of the most recent writes). */
@@ -207,6 +209,8 @@ export class Mirror implements BlockDevice {
   #intentTimer: NodeJS.Timeout | undefined;
   /** Writes in flight (a rebuild waits for those sent before its target joined). */
   readonly #writesInFlight = new Set<Promise<void>>();
+  /** Application reads in flight (a rebuild yields to them, and to writes). */
+  #readsInFlight = 0;
   /** setLegs calls, one at a time. */
   #legsQueue: Promise<unknown> = Promise.resolve();
 
@@ -514,6 +518,15 @@ export class Mirror implements BlockDevice {
 
   async read(buffer: Buffer, offsetBytes: number): Promise<void> {
     this.#checkRange("read", offsetBytes, buffer.length);
+    this.#readsInFlight += 1;
+    try {
+      await this.#read(buffer, offsetBytes);
+    } finally {
+      this.#readsInFlight -= 1;
+    }
+  }
+
+  async #read(buffer: Buffer, offsetBytes: number): Promise<void> {
     for (let attempt = 0; attempt < LEGS_MAX + 1; attempt++) {
       const inSync = this.#legs.filter((l) => l.state === "in-sync" && l.io !== undefined);
       if (inSync.length === 0) break;
@@ -984,6 +997,8 @@ export class Mirror implements BlockDevice {
         copiedRegions.push(region);
         if (leg.rebuild !== undefined) leg.rebuild.skippedBytes += length;
       } else {
+        // Application I/O first: wait (briefly, bounded) while requests are in flight before taking the region.
+        for (let waited = 0; waited < REBUILD_YIELD_MS_MAX && this.#readsInFlight + this.#writesInFlight.size > 0; waited++) await new Promise((resolve) => setTimeout(resolve, 1));
         await this.#lock(region);
         try {
           const from = this.#legs.find((l) => l.state === "in-sync" && l.io !== undefined);
