@@ -382,7 +382,9 @@ async function reattachMirror(state: HostState, record: AttachmentRecord, engine
   if (!engineAlive) {
     // Whatever used the dead engine lost its connection: take it down before the new engine comes.
     if (record.mode === "fuse") await cleanupFuse(record);
-    const { pid: _pid, uri: _uri, ...spec } = engine;
+    const { pid: _pid, uri: _uri, ...recorded } = engine;
+    // A record from before legs files gets them now (the legs it names are the same).
+    const spec = { ...recorded, legsFile: recorded.legsFile ?? state.legsFilePath(record.assignmentId), statusFile: recorded.statusFile ?? state.statusFilePath(record.assignmentId) };
     current = await startEngine(state, spec);
     log.info("mirror engine restarted", { assignment: record.assignmentId, was: engine.pid, pid: current.pid });
     const withEngine: AttachmentRecord =
