@@ -16,12 +16,12 @@
 // --replace-after this test says so and is skipped.
 
 import assert from "node:assert/strict";
-import { createHash } from "node:crypto";
-import { readFileSync, rmSync } from "node:fs";
+import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { test, type TestContext } from "node:test";
 import { IpsanChild } from "../demo/child.ts";
-import { childEnv, describeResult, run, runOk, waitFor } from "../testing/process.ts";
+import { exportSha256 } from "../testing/mirror_bed.ts";
+import { childEnv, describeResult, run, waitFor } from "../testing/process.ts";
 import { describeFio, fio, ipsan, San, type UnitProcess, verifyJob } from "./harness.ts";
 
 const MIB = 1024 * 1024;
@@ -49,15 +49,6 @@ async function stationKnowsReplacement(): Promise<boolean> {
   return `${help.stdout}${help.stderr}`.includes("--replace-after");
 }
 
-async function exportSha(uri: string, file: string): Promise<string> {
-  rmSync(file, { force: true });
-  await runOk("nbdcopy", [uri, file], { timeoutMs: 60_000 });
-  try {
-    return createHash("sha256").update(readFileSync(file).subarray(0, SIZE)).digest("hex");
-  } finally {
-    rmSync(file, { force: true });
-  }
-}
 
 test("a unit that never returns: the station puts the leg on a spare, the agent and engine rebuild it while fio writes; identical legs; the data all on the new leg", { timeout: 240_000 }, async (t: TestContext) => {
   if (!(await stationKnowsReplacement())) {
@@ -123,7 +114,7 @@ test("a unit that never returns: the station puts the leg on a spare, the agent 
     const engineLog = readFileSync(join(stateDir, "log", `${mirror.id}.engine.log`), "utf8");
     assert.match(engineLog, /mirror leg rebuild started .*kind=full/, "the new leg got a full rebuild");
 
-    const viaEngine = await exportSha(attached.uri, san.tmp.file("engine.img"));
+    const viaEngine = await exportSha256(attached.uri, SIZE, san.tmp.file("engine.img"));
     await agent.stop("SIGTERM");
     agent = undefined;
     await san.host(["detach", "--assignment", mirror.id, "--state-dir", stateDir]);
@@ -134,7 +125,7 @@ test("a unit that never returns: the station puts the leg on a spare, the agent 
     const survivorUnit = san.units.get(survivor.unit) as UnitProcess;
     survivorUnit.child.signal("SIGKILL");
     await survivorUnit.child.exited;
-    assert.equal(await exportSha(newLeg.uri, san.tmp.file("new-leg.img")), viaEngine, "the new leg alone holds the volume's data");
+    assert.equal(await exportSha256(newLeg.uri, SIZE, san.tmp.file("new-leg.img")), viaEngine, "the new leg alone holds the volume's data");
   } finally {
     if (agent !== undefined) await agent.stop("SIGTERM");
     await san.close();

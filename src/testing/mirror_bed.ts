@@ -12,7 +12,7 @@ import { mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from "node
 import { createServer, connect, type Server, type Socket } from "node:net";
 import { join } from "node:path";
 import { type RunningEngine, logFields, startEngine } from "./engine.ts";
-import { run, runOk, sleep } from "./process.ts";
+import { describeResult, run, runOk, sleep } from "./process.ts";
 import type { TempDir } from "./tmp.ts";
 import { type RunningUnit, startUnit } from "./unit.ts";
 import { type EngineStatus, type LegEntry, readStatusFile } from "../host/legs.ts";
@@ -26,7 +26,6 @@ export const UNIT_CAPACITY = "96M";
 export const VOLUME = "m";
 export const IN_SYNC_TIMEOUT_MS = 40_000;
 export const EVENT_TIMEOUT_MS = 10_000;
-export const FIO_TIMEOUT_MS = 60_000;
 export const POLL_MS = 50;
 
 // ---------------------------------------------------------------- test bed
@@ -171,9 +170,13 @@ export function legState(status: EngineStatus, id: string): string | undefined {
   return status.legs.find((l) => l.id === id)?.state;
 }
 
-/** SHA-256 of an NBD export's bytes [0, length) read with nbdcopy (a real client) into a file. */
+/** SHA-256 of an NBD export's bytes [0, length) read with nbdcopy (a real client) into a file of the bed's. */
 export async function exportHash(bed: Bed, uri: string, length: number, label: string): Promise<string> {
-  const file = bed.tmp.file(`${bed.name}-${label}.img`);
+  return exportSha256(uri, length, bed.tmp.file(`${bed.name}-${label}.img`));
+}
+
+/** SHA-256 of an NBD export's bytes [0, length), copied with nbdcopy into `file` (removed after). */
+export async function exportSha256(uri: string, length: number, file: string): Promise<string> {
   rmSync(file, { force: true });
   await runOk("nbdcopy", [uri, file], { timeoutMs: 60_000 });
   try {
@@ -183,15 +186,10 @@ export async function exportHash(bed: Bed, uri: string, length: number, label: s
   }
 }
 
-export async function fio(tmp: TempDir, name: string, uri: string, args: readonly string[]): Promise<{ result: Awaited<ReturnType<typeof run>>; job: { error: number; read: { io_bytes: number }; write: { io_bytes: number } } | undefined }> {
-  const output = tmp.file(`${name}.fio.json`);
-  rmSync(output, { force: true });
-  const result = await run("fio", [`--name=${name}`, "--ioengine=nbd", `--uri=${uri}`, "--output-format=json", `--output=${output}`, "--verify_state_save=0", ...args], { timeoutMs: FIO_TIMEOUT_MS });
-  let job;
-  try {
-    job = (JSON.parse(readFileSync(output, "utf8").replace(/^[^{]*/, "")) as { jobs: { error: number; read: { io_bytes: number }; write: { io_bytes: number } }[] }).jobs[0];
-  } catch {
-    // no JSON: the caller's assertion shows fio's output
-  }
-  return { result, job };
+/** Stops the engine (it must exit 0), then legs a and c must be byte-identical on their units' exports (qemu-img compare). */
+export async function stopAndCompareLegs(bed: Bed, engine: RunningEngine): Promise<void> {
+  const stop = await engine.stop();
+  assert.equal(stop.code, 0, engine.stderr());
+  const compare = await run("qemu-img", ["compare", "-f", "raw", "-F", "raw", bed.leg(0).uri, bed.leg(2).uri], { timeoutMs: 60_000 });
+  assert.equal(compare.code, 0, `legs a and c differ: ${describeResult(compare)}`);
 }

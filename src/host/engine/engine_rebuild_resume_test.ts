@@ -22,9 +22,10 @@ import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
 import { after, before, test, type TestContext } from "node:test";
 import { NbdClient } from "../../nbd/client.ts";
-import { logFields } from "../../testing/engine.ts";
+import { type RunningEngine, logFields } from "../../testing/engine.ts";
 import {
   DATA_BYTES,
+  type Bed,
   EVENT_TIMEOUT_MS,
   IN_SYNC_TIMEOUT_MS,
   LEG_BYTES,
@@ -35,14 +36,14 @@ import {
   exportHash,
   startBed,
   startRelay,
+  stopAndCompareLegs,
   waitForLine,
   watchStatus,
 } from "../../testing/mirror_bed.ts";
 import { patchedBuild } from "../../testing/patched_build.ts";
-import { describeResult, run } from "../../testing/process.ts";
 import { makeTempDir, memoryTmpBase, type TempDir } from "../../testing/tmp.ts";
 import { type RunningUnit, startUnit } from "../../testing/unit.ts";
-import type { EngineStatus } from "../legs.ts";
+import type { EngineStatus, LegEntry } from "../legs.ts";
 
 let tmp: TempDir;
 before(() => {
@@ -59,6 +60,32 @@ const WRITTEN_REGIONS = 32;
 const SLOW_RATE = "6M";
 /** The first engine is killed once this share of the written part has been copied. */
 const KILL_AT_SHARE = 0.4;
+
+/**
+ * Half the volume written (regions 0..31, the rest never written) through a
+ * new engine on legs a and b; b's unit killed for good and c put in its place
+ * (legs file + SIGHUP). Returns the engine, the written bytes and the
+ * mirror's hash before, and the stderr index the replacement started at.
+ */
+async function replaceOnHalfWritten(bed: Bed, c: LegEntry, ipsanBin: string | undefined): Promise<{ engine: RunningEngine; written: number; expected: string; after: number }> {
+  const [a, b] = [bed.leg(0), bed.leg(1)];
+  bed.writeLegs([a, b]);
+  const engine = await bed.startEngine(["--rebuild-rate", SLOW_RATE], ipsanBin);
+  const client = await NbdClient.connect(engine.uri);
+  try {
+    for (let r = 0; r < WRITTEN_REGIONS; r++) await client.write(r * REGION_BYTES, randomBytes(REGION_BYTES), r === WRITTEN_REGIONS - 1);
+    await client.flush();
+  } finally {
+    await client.close();
+  }
+  const expected = await exportHash(bed, engine.uri, DATA_BYTES, "before");
+  let after = engine.nextLineIndex();
+  await (bed.units[1] as RunningUnit).kill9();
+  await waitForLine(engine, new RegExp(`mirror leg failed .*\\bleg=${b.id}\\b`), after);
+  after = engine.nextLineIndex();
+  applyLegs(bed, engine, [a, c]);
+  return { engine: engine, written: WRITTEN_REGIONS * REGION_BYTES, expected, after };
+}
 
 test("kill -9 of the engine mid full rebuild: the restarted engine resumes from its checkpoint; bytes sent to the new leg < 1.2x the written part", { timeout: 120_000 }, async (t: TestContext) => {
   await resumeAfterKill(t, "resume", undefined);
@@ -80,25 +107,10 @@ async function resumeAfterKill(t: TestContext, name: string, ipsanBin: string | 
   const bed = await startBed(tmp, name);
   const relay = await startRelay((bed.units[2] as RunningUnit).port);
   try {
-    const [a, b] = [bed.leg(0), bed.leg(1)];
     const c = bed.leg(2, relay.port);
-    bed.writeLegs([a, b]);
-    let engine = await bed.startEngine(["--rebuild-rate", SLOW_RATE], ipsanBin);
-    // Half the volume written (regions 0..31), the rest never written.
-    const client = await NbdClient.connect(engine.uri);
-    try {
-      for (let r = 0; r < WRITTEN_REGIONS; r++) await client.write(r * REGION_BYTES, randomBytes(REGION_BYTES), r === WRITTEN_REGIONS - 1);
-      await client.flush();
-    } finally {
-      await client.close();
-    }
-    const written = WRITTEN_REGIONS * REGION_BYTES;
-    const expected = await exportHash(bed, engine.uri, DATA_BYTES, "before");
-    let after = engine.nextLineIndex();
-    await (bed.units[1] as RunningUnit).kill9();
-    await waitForLine(engine, new RegExp(`mirror leg failed .*\\bleg=${b.id}\\b`), after);
-    after = engine.nextLineIndex();
-    applyLegs(bed, engine, [a, c]);
+    const replacing = await replaceOnHalfWritten(bed, c, ipsanBin);
+    let engine = replacing.engine;
+    const { written, expected, after } = replacing;
     const first = await waitForLine(engine, new RegExp(`mirror leg rebuild started .*\\bleg=${c.id}\\b`), after);
     assert.equal(first["kind"], "full");
     // (d) progress in the status file while it runs; killed once KILL_AT_SHARE of the written part is copied (checkpointed).
@@ -127,10 +139,7 @@ async function resumeAfterKill(t: TestContext, name: string, ipsanBin: string | 
     assert.ok(total < 1.2 * DATA_BYTES);
 
     assert.equal(await exportHash(bed, engine.uri, DATA_BYTES, "after"), expected, "the mirror reads the same after the rebuild");
-    const stop = await engine.stop();
-    assert.equal(stop.code, 0, engine.stderr());
-    const compare = await run("qemu-img", ["compare", "-f", "raw", "-F", "raw", a.uri, bed.leg(2).uri], { timeoutMs: 60_000 });
-    assert.equal(compare.code, 0, `legs a and c differ: ${describeResult(compare)}`);
+    await stopAndCompareLegs(bed, engine);
   } finally {
     await relay.close();
     await bed.close();
@@ -143,24 +152,10 @@ test("kill -9 of the new leg's unit mid full rebuild: back on the same port, the
   const bed = await startBed(tmp, "target");
   const relay = await startRelay((bed.units[2] as RunningUnit).port);
   try {
-    const [a, b] = [bed.leg(0), bed.leg(1)];
     const c = bed.leg(2, relay.port);
-    bed.writeLegs([a, b]);
-    const engine = await bed.startEngine(["--rebuild-rate", SLOW_RATE]);
-    const client = await NbdClient.connect(engine.uri);
-    try {
-      for (let r = 0; r < WRITTEN_REGIONS; r++) await client.write(r * REGION_BYTES, randomBytes(REGION_BYTES), r === WRITTEN_REGIONS - 1);
-    } finally {
-      await client.close();
-    }
-    const written = WRITTEN_REGIONS * REGION_BYTES;
-    const expected = await exportHash(bed, engine.uri, DATA_BYTES, "before");
-    let after = engine.nextLineIndex();
-    await (bed.units[1] as RunningUnit).kill9();
-    await waitForLine(engine, new RegExp(`mirror leg failed .*\\bleg=${b.id}\\b`), after);
-    applyLegs(bed, engine, [a, c]);
+    const { engine, written, expected } = await replaceOnHalfWritten(bed, c, undefined);
     await watchStatus(bed.statusFile, (s) => (s.legs.find((l) => l.id === c.id)?.rebuild?.copiedBytes ?? 0) >= KILL_AT_SHARE * written, IN_SYNC_TIMEOUT_MS, []);
-    after = engine.nextLineIndex();
+    const after = engine.nextLineIndex();
     const target = bed.units[2] as RunningUnit;
     await target.kill9();
     await waitForLine(engine, new RegExp(`mirror leg failed .*\\bleg=${c.id}\\b`), after);
@@ -174,10 +169,7 @@ test("kill -9 of the new leg's unit mid full rebuild: back on the same port, the
     assert.ok(Number(resumed["bytes"]) <= DATA_BYTES - (KILL_AT_SHARE / 2) * written, `resumed, not restarted: ${resumed["bytes"]} bytes left`);
     assert.ok(total < 1.2 * written, `bytes sent to the new leg: ${total}, not under 1.2 x ${written}`);
     assert.equal(await exportHash(bed, engine.uri, DATA_BYTES, "after"), expected);
-    const stop = await engine.stop();
-    assert.equal(stop.code, 0, engine.stderr());
-    const compare = await run("qemu-img", ["compare", "-f", "raw", "-F", "raw", a.uri, bed.leg(2).uri], { timeoutMs: 60_000 });
-    assert.equal(compare.code, 0, `legs a and c differ: ${describeResult(compare)}`);
+    await stopAndCompareLegs(bed, engine);
   } finally {
     await relay.close();
     await bed.close();

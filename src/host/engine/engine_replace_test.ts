@@ -34,12 +34,12 @@ import {
   VOLUME,
   applyLegs,
   exportHash,
-  fio,
   legState,
   startBed,
   waitForLine,
   watchStatus,
 } from "../../testing/mirror_bed.ts";
+import { describeFio, fio, verifyJob } from "../../e2e/harness.ts";
 import { describeResult, run, sleep } from "../../testing/process.ts";
 import { makeTempDir, memoryTmpBase, type TempDir } from "../../testing/tmp.ts";
 import { type RunningUnit, startUnit } from "../../testing/unit.ts";
@@ -64,18 +64,7 @@ test("a leg replaced by a blank leg on a third unit while fio randwrite crc32c r
     const [a, b, c] = [bed.leg(0), bed.leg(1), bed.leg(2)];
     bed.writeLegs([a, b]);
     const engine = await bed.startEngine();
-    const blocks = DATA_BYTES / 4096;
-    const fioRun = fio(tmp, "replace-verify", engine.uri, [
-      "--rw=randwrite",
-      "--bs=4k",
-      "--iodepth=16",
-      `--size=${DATA_BYTES}`,
-      "--verify=crc32c",
-      "--verify_fatal=1",
-      "--do_verify=1",
-      "--randrepeat=1",
-      `--rate_iops=,${Math.ceil(blocks / FIO_WRITE_S)}`,
-    ]);
+    const fioRun = fio("replace-verify", engine.uri, verifyJob(DATA_BYTES, FIO_WRITE_S));
     await sleep(1_500);
     // b's unit dies for good; the station would place c and tell the host.
     let after = engine.nextLineIndex();
@@ -91,11 +80,10 @@ test("a leg replaced by a blank leg on a third unit while fio randwrite crc32c r
     const inSync = await waitForLine(engine, new RegExp(`mirror leg in sync .*\\bleg=${c.id}\\b`), after, IN_SYNC_TIMEOUT_MS);
     t.diagnostic(`full rebuild of ${c.id}: copiedBytes=${inSync["copiedBytes"]} skippedBytes=${inSync["skippedBytes"]}`);
 
-    const { result, job } = await fioRun;
-    assert.equal(result.code, 0, describeResult(result));
-    assert.ok(job !== undefined, describeResult(result));
-    assert.equal(job.error, 0, describeResult(result));
-    assert.equal(job.read.io_bytes, DATA_BYTES, "fio's verify pass read back (and checked) every block");
+    const fioRun2 = await fioRun;
+    assert.equal(fioRun2.result.code, 0, describeFio(fioRun2));
+    assert.equal(fioRun2.totalErrors, 0, describeFio(fioRun2));
+    assert.equal(fioRun2.jobs[0]?.read.io_bytes, DATA_BYTES, "fio's verify pass read back (and checked) every block");
 
     // (d) The status file went through rebuilding (with progress) to in sync; b is gone from it.
     const states = seen.map((s) => legState(s, c.id));
