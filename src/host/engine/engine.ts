@@ -13,14 +13,13 @@ import { lstat, unlink } from "node:fs/promises";
 import { connect } from "node:net";
 import { UsageError } from "../../util/errors.ts";
 import type { BlockDevice, ExportProvider, ExportSummary, Peer } from "../../block/types.ts";
-import { IpsanError } from "../../util/errors.ts";
+import { IpsanError, errorMessage } from "../../util/errors.ts";
 import { parseFlags, parseHostPort } from "../../util/flags.ts";
 import { logger } from "../../util/log.ts";
 import { NbdClient, parseNbdUri } from "../../nbd/client.ts";
 import { NbdServer } from "../../nbd/server.ts";
 import { type LegSpec, Mirror, type MirrorEvent } from "./mirror.ts";
-import { type EngineStatus, type LegEntry, readLegsFile, writeFileAtomic } from "../legs.ts";
-import { errorMessage } from "../../util/errors.ts";
+import { type EngineStatus, LEG_ID_PATTERN, type LegEntry, readLegsFile, writeFileAtomic } from "../legs.ts";
 import { formatSize, parseSize } from "../../util/size.ts";
 
 const log = logger("engine");
@@ -67,7 +66,7 @@ export function parseLeg(text: string): { id: string; uri: string } {
   const at = text.indexOf("=");
   const id = text.slice(0, at);
   const uri = text.slice(at + 1);
-  if (at <= 0 || !/^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,62}$/.test(id)) throw new UsageError(`--leg: expected NAME=URI, got "${text}"`);
+  if (at <= 0 || !LEG_ID_PATTERN.test(id)) throw new UsageError(`--leg: expected NAME=URI, got "${text}"`);
   try {
     parseNbdUri(uri);
   } catch (error) {
