@@ -93,6 +93,12 @@ export async function engineMain(argv: readonly string[]): Promise<number> {
   const mirrorId = values.mirror;
   if (mirrorId === undefined || !/^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/.test(mirrorId)) throw new UsageError(`--mirror: a mirror id is required (letters, digits, _ . -)\n${ENGINE_USAGE}`);
   const legsFile = values["legs-file"];
+  // A SIGHUP while the engine starts would end the process (the default action): it is kept and applied once serving.
+  let hangupWhileStarting = false;
+  const hangupEarly = (): void => {
+    hangupWhileStarting = true;
+  };
+  process.on("SIGHUP", hangupEarly);
   if (legsFile !== undefined && values.leg !== undefined) throw new UsageError(`--leg and --legs-file: give one or the other\n${ENGINE_USAGE}`);
   let legs: LegEntry[];
   if (legsFile !== undefined) {
@@ -150,7 +156,9 @@ export async function engineMain(argv: readonly string[]): Promise<number> {
       }
     })().catch((error: unknown) => log.error("legs file not applied", { mirror: mirrorId, path: legsFile, error: errorMessage(error) }));
   };
+  process.off("SIGHUP", hangupEarly);
   process.on("SIGHUP", onHangup);
+  if (hangupWhileStarting) onHangup();
   const server = new NbdServer({ provider: new MirrorProvider(mirror) });
   let stopping: Promise<void> | undefined;
   const stop = (): Promise<void> => {
