@@ -17,6 +17,9 @@
 //   port) reconnects there and resyncs by delta; a legs file that does not
 //   parse, or that would change the number of legs, is refused as a whole
 //   and the engine goes on serving.
+// - An engine started with a changed leg set (the agent restarts it with the
+//   station's legs): a leg out of sync on record is replaced (full rebuild);
+//   leaving out a leg in sync on record is refused.
 // Resumed full rebuilds are in engine_rebuild_resume_test.ts.
 
 import assert from "node:assert/strict";
@@ -24,11 +27,13 @@ import { randomBytes } from "node:crypto";
 import { writeFileSync } from "node:fs";
 import { after, before, test, type TestContext } from "node:test";
 import { NbdClient } from "../../nbd/client.ts";
+import { logFields, runEngineToExit } from "../../testing/engine.ts";
 import {
   DATA_BYTES,
   EVENT_TIMEOUT_MS,
   IN_SYNC_TIMEOUT_MS,
   LEG_BYTES,
+  MIB,
   REGION_BYTES,
   UNIT_CAPACITY,
   VOLUME,
@@ -212,6 +217,50 @@ test("a leg moved to another address reconnects there (delta); a bad legs file o
     assert.equal(stop.code, 0, engine.stderr());
     const compare = await run("qemu-img", ["compare", "-f", "raw", "-F", "raw", a.uri, bed.leg(1).uri], { timeoutMs: 60_000 });
     assert.equal(compare.code, 0, `legs a and b differ: ${describeResult(compare)}`);
+  } finally {
+    await bed.close();
+  }
+});
+
+// ---------------------------------------------------------------- a changed leg set at start
+
+test("an engine started with a changed leg set: a leg out of sync on record is replaced (full rebuild); one in sync on record cannot be left out", { timeout: 90_000 }, async () => {
+  const bed = await startBed(tmp, "restart");
+  try {
+    const [a, b, c] = [bed.leg(0), bed.leg(1), bed.leg(2)];
+    bed.writeLegs([a, b]);
+    let engine = await bed.startEngine();
+    const data = randomBytes(MIB);
+    const client = await NbdClient.connect(engine.uri);
+    await client.write(2 * MIB, data, true);
+    await client.close();
+    const after = engine.nextLineIndex();
+    await (bed.units[1] as RunningUnit).kill9();
+    await waitForLine(engine, new RegExp(`mirror leg failed .*\\bleg=${b.id}\\b`), after);
+    const stop = await engine.stop();
+    assert.equal(stop.code, 0, engine.stderr());
+
+    // Leaving out a, in sync on record, is refused: it may hold writes the others lack. (b's unit back, with b's older metadata.)
+    const dead = bed.units[1] as RunningUnit;
+    bed.units[1] = await startUnit({ dataDir: dead.dataDir, capacity: UNIT_CAPACITY, volumes: [{ name: VOLUME, size: LEG_BYTES }], name: dead.name, listen: `127.0.0.1:${dead.port}` });
+    bed.writeLegs([c, b]);
+    const refused = await runEngineToExit({ mirror: `${bed.name}-mirror`, legs: [], legsFile: bed.legsFile, listen: `unix:${tmp.file(`${bed.name}-refused.sock`)}` }, 20_000);
+    assert.notEqual(refused.code, 0, refused.description);
+    assert.match(refused.stderr, new RegExp(`leg ${a.id} of mirror .* was in sync .* not among the legs given`), refused.description);
+
+    // b (out of sync on record, its unit gone) replaced by c at start: c is rebuilt in full.
+    bed.writeLegs([a, c]);
+    engine = await bed.startEngine();
+    const started = await engine.waitForLine(new RegExp(`mirror leg rebuild started .*\\bleg=${c.id}\\b`), { timeoutMs: EVENT_TIMEOUT_MS });
+    assert.equal(logFields(started.text)["kind"], "full");
+    await engine.waitForLine(new RegExp(`mirror leg in sync .*\\bleg=${c.id}\\b`), { timeoutMs: IN_SYNC_TIMEOUT_MS });
+    const back = await NbdClient.connect(engine.uri);
+    for (let k = 0; k < 2; k++) assert.ok((await back.read(2 * MIB, MIB)).equals(data), "both legs serve the data");
+    await back.close();
+    const stopped = await engine.stop();
+    assert.equal(stopped.code, 0, engine.stderr());
+    const compare = await run("qemu-img", ["compare", "-f", "raw", "-F", "raw", a.uri, c.uri], { timeoutMs: 60_000 });
+    assert.equal(compare.code, 0, `legs a and c differ: ${describeResult(compare)}`);
   } finally {
     await bed.close();
   }
