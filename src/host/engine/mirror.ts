@@ -124,6 +124,8 @@ export const INTENT_AHEAD_REGIONS = 16;
 export const REBUILD_STATUS_WINDOW_REGIONS = 64;
 /** Longest a rebuild waits, before each region, for the application's requests in flight to finish (it yields to them). */
 export const REBUILD_YIELD_MS_MAX = 4;
+/** A rebuild that fell behind its rate ceiling catches up at most this much time (then the ceiling holds again). */
+const REBUILD_CATCH_UP_MS_MAX = 1_000;
 /** BLOCK_STATUS requests one range may take (a server answers part of a range per request). */
 const BLOCK_STATUS_ASKS_MAX = 4096;
 /** Sequential streams recognised at once (the ends of the most recent writes). */
@@ -951,7 +953,8 @@ export class Mirror implements BlockDevice {
     // Writes sent before the leg joined did not go to it: they finish before any region is judged (BLOCK_STATUS below).
     await Promise.allSettled([...this.#writesInFlight]);
     let lastCheckpoint = this.#now();
-    const started = this.#now();
+    /** When the rate ceiling's clock started (moved forward when the copy falls behind: see below). */
+    let started = this.#now();
     /** Copied since the last checkpoint: their bits are cleared only once the target has flushed them. */
     let copiedRegions: number[] = [];
     const checkpoint = async (): Promise<void> => {
@@ -1028,6 +1031,8 @@ export class Mirror implements BlockDevice {
       const copied = leg.rebuild?.copiedBytes ?? 0;
       const due = started + (copied / this.#options.rebuildBytesPerSecond) * 1000;
       if (due > now) await new Promise((resolve) => setTimeout(resolve, Math.min(1000, due - now)));
+      // Behind by more than a second (stalled, or yielding): that time is not made up in a burst above the ceiling.
+      else if (now - due > REBUILD_CATCH_UP_MS_MAX) started += now - due - REBUILD_CATCH_UP_MS_MAX;
     }
     if (this.#closed || leg.state !== "rebuilding" || leg.io !== target) return;
     await checkpoint();
