@@ -28,8 +28,9 @@ import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { IpsanError, UsageError, errorMessage } from "../util/errors.ts";
 import { logger } from "../util/log.ts";
-import { HostState, RECORD_VERSION, recordKey, type AttachMode, type AttachmentRecord, type EngineRecord } from "./state.ts";
+import { HostState, RECORD_VERSION, recordKey, type AttachMode, type AttachmentRecord, type EngineLegRecord, type EngineRecord } from "./state.ts";
 import { isMirror, type StationAssignment } from "./station_client.ts";
+import { writeFileAtomic } from "./legs.ts";
 
 const log = logger("host");
 
@@ -210,18 +211,71 @@ async function attachMirror(
   }
 }
 
-/** How the engine of a mirrored assignment is started: its legs by volume name, its socket under the state dir. */
+/** The engine's legs for the station's legs, by index; throws when a leg has no URI yet. */
+function engineLegs(assignment: StationAssignment): EngineLegRecord[] {
+  const id = String(assignment.id);
+  return (assignment.legs ?? []).map((leg) => {
+    if (leg.uri === null) throw new IpsanError("UNAVAILABLE", `leg ${leg.unit}/${leg.volume} of assignment ${id} has no URI yet (its unit's NBD address is unknown to the station)`);
+    // The leg's name is its volume's: stable across restarts, so the engine matches it with its metadata; a replaced leg is another volume, so another name.
+    return { name: leg.volume, uri: leg.uri, unit: leg.unit, volume: leg.volume };
+  });
+}
+
+/** How the engine of a mirrored assignment is started: its legs by volume name (in a legs file), its socket and status file under the state dir. */
 function engineSpec(state: HostState, assignment: StationAssignment): Omit<EngineRecord, "pid" | "uri"> {
   const id = String(assignment.id);
   if (!MIRROR_ID.test(id)) throw new IpsanError("IO_ERROR", `assignment id ${JSON.stringify(id)} cannot name a mirror (letters, digits, _ . -)`);
-  const legs = (assignment.legs ?? []).map((leg) => {
-    if (leg.uri === null) throw new IpsanError("UNAVAILABLE", `leg ${leg.unit}/${leg.volume} of assignment ${id} has no URI yet (its unit's NBD address is unknown to the station)`);
-    // The leg's name is its volume's: stable across restarts, so the engine matches it with its metadata.
-    return { name: leg.volume, uri: leg.uri };
-  });
+  const legs = engineLegs(assignment);
   const socket = state.socketPath(id);
   const listen = Buffer.byteLength(socket) <= SOCKET_PATH_BYTES_MAX ? `unix:${socket}` : "127.0.0.1:0";
-  return { mirror: id, export: id, listen, legs };
+  return { mirror: id, export: id, listen, legs, legsFile: state.legsFilePath(id), statusFile: state.statusFilePath(id) };
+}
+
+/** The legs file's content for the engine (src/host/legs.ts parseLegsFile). */
+function legsFileText(legs: readonly EngineLegRecord[]): string {
+  return `${JSON.stringify(legs.map((l) => ({ id: l.name, uri: l.uri, ...(l.unit === undefined ? {} : { unit: l.unit }), ...(l.volume === undefined ? {} : { volume: l.volume }) })), null, 2)}\n`;
+}
+
+/** "1: u1/v1 -> u3/v9" for each leg position whose unit, volume or URI differ; empty when none does. */
+export function legChanges(recorded: readonly EngineLegRecord[], wanted: readonly EngineLegRecord[]): string[] {
+  const changes: string[] = [];
+  const name = (l: EngineLegRecord | undefined): string => (l === undefined ? "none" : `${l.unit ?? "?"}/${l.volume ?? l.name}`);
+  for (let i = 0; i < Math.max(recorded.length, wanted.length); i++) {
+    const was = recorded[i];
+    const now = wanted[i];
+    if (was?.name === now?.name && was?.uri === now?.uri && (was?.unit === undefined || was.unit === now?.unit)) continue;
+    changes.push(was?.name === now?.name ? `${i}: ${name(now)} moved to ${now?.uri ?? "?"}` : `${i}: ${name(was)} -> ${name(now)}`);
+  }
+  return changes;
+}
+
+/**
+ * Brings a mirror's engine to the station's legs (by index: same volume =
+ * same leg; another volume = a replaced leg the engine rebuilds in full):
+ * the legs file is rewritten and the record updated, then the engine gets
+ * SIGHUP (a dead one reads the file when the agent starts it again). Returns
+ * the record, and what changed (empty: nothing). Records from before legs
+ * files are left as they are.
+ */
+export async function syncMirrorLegs(state: HostState, record: AttachmentRecord, assignment: StationAssignment): Promise<{ record: AttachmentRecord; changes: string[] }> {
+  const engine = record.engine ?? null;
+  if (engine === null || engine.legsFile === undefined || !isMirror(assignment)) return { record, changes: [] };
+  const stationLegs = assignment.legs ?? [];
+  // A leg the unit has not made yet (pending, or no URI) is waited for: the next check applies it.
+  const notReady = stationLegs.filter((leg, i) => leg.uri === null || (leg.state === "pending" && engine.legs[i]?.name !== leg.volume));
+  if (notReady.length > 0) {
+    log.limited(`legs:${record.assignmentId}`, "mirror legs changed at the station; waiting for the new leg to be made", { assignment: record.assignmentId, legs: notReady.map((l) => `${l.unit}/${l.volume}`).join(",") });
+    return { record, changes: [] };
+  }
+  const wanted = engineLegs(assignment);
+  const changes = legChanges(engine.legs, wanted);
+  if (changes.length === 0) return { record, changes };
+  await writeFileAtomic(engine.legsFile, legsFileText(wanted));
+  const updated: AttachmentRecord = { ...record, engine: { ...engine, legs: wanted } };
+  await state.write(updated);
+  if (await isEngineProcess(engine.pid, engine.mirror)) process.kill(engine.pid, "SIGHUP");
+  log.info("mirror legs changed at the station: engine told", { assignment: record.assignmentId, changes: changes.join("; "), pid: engine.pid });
+  return { record: updated, changes };
 }
 
 /**
@@ -232,7 +286,12 @@ async function startEngine(state: HostState, spec: Omit<EngineRecord, "pid" | "u
   await state.ensure();
   const logPath = state.engineLogPath(spec.mirror);
   const args = [IPSAN_BIN, "host", "engine", "--mirror", spec.mirror];
-  for (const leg of spec.legs) args.push("--leg", `${leg.name}=${leg.uri}`);
+  if (spec.legsFile !== undefined) {
+    // The record's legs are the truth: the file is written from them before every start.
+    await writeFileAtomic(spec.legsFile, legsFileText(spec.legs));
+    args.push("--legs-file", spec.legsFile);
+  } else for (const leg of spec.legs) args.push("--leg", `${leg.name}=${leg.uri}`);
+  if (spec.statusFile !== undefined) args.push("--status-file", spec.statusFile);
   args.push("--listen", spec.listen, "--export", spec.export);
   const logFd = openSync(logPath, "a", 0o600);
   const from = fstatSync(logFd).size;
@@ -323,7 +382,10 @@ async function reattachMirror(state: HostState, record: AttachmentRecord, engine
   if (!engineAlive) {
     // Whatever used the dead engine lost its connection: take it down before the new engine comes.
     if (record.mode === "fuse") await cleanupFuse(record);
-    current = await startEngine(state, { mirror: engine.mirror, export: engine.export, listen: engine.listen, legs: engine.legs });
+    const { pid: _pid, uri: _uri, ...recorded } = engine;
+    // A record from before legs files gets them now (the legs it names are the same).
+    const spec = { ...recorded, legsFile: recorded.legsFile ?? state.legsFilePath(record.assignmentId), statusFile: recorded.statusFile ?? state.statusFilePath(record.assignmentId) };
+    current = await startEngine(state, spec);
     log.info("mirror engine restarted", { assignment: record.assignmentId, was: engine.pid, pid: current.pid });
     const withEngine: AttachmentRecord =
       record.mode === "nbd" ? { ...record, uri: current.uri, path: current.uri, pid: current.pid, engine: current } : { ...record, uri: current.uri, engine: current };
@@ -492,6 +554,7 @@ export async function detach(state: HostState, record: AttachmentRecord): Promis
   await cleanup(record);
   // rmdir, never a recursive rm: if the unmount somehow failed, this fails too and touches nothing.
   if (record.mountpoint !== null) await rmdir(record.mountpoint).catch(() => undefined);
+  for (const file of [record.engine?.legsFile, record.engine?.statusFile]) if (file !== undefined) await rm(file, { force: true });
   await state.remove(record.assignmentId);
   log.info("detached", { assignment: record.assignmentId, path: record.path });
 }

@@ -6,15 +6,28 @@
 // that cannot start (no leg reachable) fails the attach with the engine's own
 // words, leaves no record and no process; state records with an engine are
 // decoded, and a damaged engine part is refused, never half-trusted.
+// Leg replacement as the agent applies it (syncMirrorLegs), with real units
+// and the engine `attach` starts: the engine runs with a legs file and a
+// status file in the state dir; when the station's leg 1 becomes a volume on
+// a third unit, the legs file and the record change, the engine (SIGHUP)
+// rebuilds the new leg in full and its status file says in sync; after
+// kill -9 the agent's re-attach starts the engine on the new legs, with the
+// data; detach removes both files.
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { run } from "../testing/process.ts";
-import { IPSAN_BIN } from "../testing/unit.ts";
-import { attach, attachmentAlive, detach, reattach } from "./attach.ts";
+import { randomBytes } from "node:crypto";
+import { existsSync, readFileSync } from "node:fs";
+import { NbdClient } from "../nbd/client.ts";
+import { run, sleep } from "../testing/process.ts";
+import { IPSAN_BIN, type RunningUnit, startUnit } from "../testing/unit.ts";
+import { makeTempDir, memoryTmpBase } from "../testing/tmp.ts";
+import { METADATA_BYTES } from "./engine/metadata.ts";
+import { attach, attachmentAlive, detach, reattach, syncMirrorLegs } from "./attach.ts";
+import { readStatusFile } from "./legs.ts";
 import { HostState, decodeRecord } from "./state.ts";
 import type { StationAssignment } from "./station_client.ts";
 
@@ -102,5 +115,67 @@ test("records with an engine decode; a damaged engine part is refused", () => {
   for (const [input, reason] of cases) {
     const result = decodeRecord(JSON.stringify(input));
     assert.ok(result.kind === "invalid" && result.reason.includes(reason), `${JSON.stringify(input).slice(0, 80)} -> ${JSON.stringify(result)}`);
+  }
+});
+
+test("a leg the station replaced: syncMirrorLegs rewrites the legs file and the record, the engine rebuilds the new leg, a restarted engine uses the new legs", { timeout: 90_000 }, async () => {
+  const dir = makeTempDir("mirror-replace-host", memoryTmpBase());
+  const units: RunningUnit[] = [];
+  const state = new HostState(dir.file("state"));
+  const dataBytes = 16 * MIB;
+  try {
+    for (const name of ["ua", "ub", "uc"]) {
+      units.push(await startUnit({ dataDir: dir.file(name), capacity: "48M", volumes: [{ name: "m", size: dataBytes + METADATA_BYTES }], name, listen: "127.0.0.1:0" }));
+    }
+    const leg = (i: number): { unit: string; volume: string; sizeBytes: number; uri: string; state: string } => ({
+      unit: (units[i] as RunningUnit).name,
+      volume: `v-${(units[i] as RunningUnit).name}`,
+      sizeBytes: dataBytes + METADATA_BYTES,
+      uri: (units[i] as RunningUnit).uri("m"),
+      state: "in-sync",
+    });
+    const assignment = (legs: ReturnType<typeof leg>[]): StationAssignment => ({
+      id: "a-replace1", host: "h1", unit: "ua", volume: "v-ua", export: "v-ua", nbdHost: "127.0.0.1", nbdPort: 1, sizeBytes: dataBytes, uri: null, copies: 2, legs,
+    });
+    let record = await attach(state, { assignment: assignment([leg(0), leg(1)]), station: "http://127.0.0.1:1/", host: "h1", mode: "nbd" });
+    const engine = record.engine;
+    assert.ok(engine !== null && engine !== undefined && engine.legsFile !== undefined && engine.statusFile !== undefined, JSON.stringify(record));
+    assert.deepEqual(JSON.parse(readFileSync(engine.legsFile, "utf8")), [leg(0), leg(1)].map((l) => ({ id: l.volume, uri: l.uri, unit: l.unit, volume: l.volume })));
+    const data = randomBytes(MIB);
+    const client = await NbdClient.connect(record.uri);
+    await client.write(3 * MIB, data, true);
+    await client.close();
+
+    // Unchanged legs: nothing to do.
+    assert.deepEqual((await syncMirrorLegs(state, record, assignment([leg(0), leg(1)]))).changes, []);
+    // ub dies for good; the station puts leg 1 on uc.
+    await (units[1] as RunningUnit).kill9();
+    const synced = await syncMirrorLegs(state, record, assignment([leg(0), leg(2)]));
+    assert.deepEqual(synced.changes, ["1: ub/v-ub -> uc/v-uc"]);
+    record = synced.record;
+    assert.deepEqual((await state.get("a-replace1"))?.engine?.legs.map((l) => l.volume), ["v-ua", "v-uc"]);
+    assert.deepEqual((JSON.parse(readFileSync(engine.legsFile, "utf8")) as { id: string }[]).map((l) => l.id), ["v-ua", "v-uc"]);
+    const deadline = Date.now() + 30_000;
+    let status = await readStatusFile(engine.statusFile);
+    while (Date.now() < deadline && !(status?.legs.map((l) => `${l.volume}:${l.state}`).join(",") === "v-ua:in-sync,v-uc:in-sync")) {
+      await sleep(100);
+      status = await readStatusFile(engine.statusFile);
+    }
+    assert.deepEqual(status?.legs.map((l) => [l.unit, l.volume, l.state]), [["ua", "v-ua", "in-sync"], ["uc", "v-uc", "in-sync"]]);
+
+    // kill -9 of the engine: the agent's re-attach starts it on the new legs (ub is gone for good, so the old legs could not start).
+    process.kill(engine.pid, "SIGKILL");
+    const killedBy = Date.now() + 5_000;
+    while (Date.now() < killedBy && (await attachmentAlive(record))) await sleep(50);
+    record = await reattach(state, record);
+    const back = await NbdClient.connect(record.uri);
+    assert.ok((await back.read(3 * MIB, MIB)).equals(data), "the data reads back through the restarted engine");
+    await back.close();
+    await detach(state, record);
+    assert.equal(existsSync(engine.legsFile) || existsSync(engine.statusFile), false, "detach removes the legs and status files");
+  } finally {
+    for (const r of await state.list()) await detach(state, r).catch(() => undefined);
+    for (const unit of units) await unit.stop();
+    dir.remove();
   }
 });

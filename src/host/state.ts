@@ -34,7 +34,20 @@ export interface EngineRecord {
   readonly listen: string;
   /** What the engine printed in its ready line: the URI this host's clients use. */
   readonly uri: string;
-  readonly legs: readonly { readonly name: string; readonly uri: string }[];
+  /** By position (the station's leg index); unit and volume are the station's names (absent in records from before leg replacement). */
+  readonly legs: readonly EngineLegRecord[];
+  /** --legs-file (under the state dir): the agent rewrites it when the station changes a leg, then sends SIGHUP. Absent in older records. */
+  readonly legsFile?: string;
+  /** --status-file: the legs' states and rebuild progress, which the agent reports to the station. */
+  readonly statusFile?: string;
+}
+
+export interface EngineLegRecord {
+  /** The engine's id of the leg (the leg's volume name). */
+  readonly name: string;
+  readonly uri: string;
+  readonly unit?: string;
+  readonly volume?: string;
 }
 
 /** "attached": should be kept attached (the agent re-attaches it); "detaching": being undone. */
@@ -97,6 +110,16 @@ export class HostState {
 
   engineLogPath(assignmentId: string): string {
     return join(this.dir, "log", `${recordKey(assignmentId)}.engine.log`);
+  }
+
+  /** A mirror engine's legs file (--legs-file). */
+  legsFilePath(assignmentId: string): string {
+    return join(this.dir, "run", `${recordKey(assignmentId)}.legs.json`);
+  }
+
+  /** A mirror engine's status file (--status-file). */
+  statusFilePath(assignmentId: string): string {
+    return join(this.dir, "run", `${recordKey(assignmentId)}.status.json`);
   }
 
   /** Where a mirror's engine listens. */
@@ -202,11 +225,13 @@ function engineProblem(value: unknown): string | null {
   const e = value as Record<string, unknown>;
   if (!(Number.isSafeInteger(e["pid"]) && (e["pid"] as number) > 0)) return `pid=${String(e["pid"])}`;
   for (const key of ["mirror", "export", "listen", "uri"]) if (typeof e[key] !== "string") return `${key} is not a string`;
+  for (const key of ["legsFile", "statusFile"]) if (e[key] !== undefined && typeof e[key] !== "string") return `${key} is not a string`;
   const legs = e["legs"];
   if (!Array.isArray(legs) || legs.length === 0) return "no legs";
   for (const leg of legs as unknown[]) {
     const l = leg as Record<string, unknown> | null;
     if (l === null || typeof l !== "object" || typeof l["name"] !== "string" || typeof l["uri"] !== "string") return "a leg without name or uri";
+    for (const key of ["unit", "volume"]) if (l[key] !== undefined && typeof l[key] !== "string") return `a leg's ${key} is not a string`;
   }
   return null;
 }

@@ -7,12 +7,18 @@
 // in flight with the reason and is closed (the engine then marks the leg
 // failed). Bounded: at most `inFlightMax` requests queued on the socket, the
 // rest wait in order.
+//
+// blockStatus() (NBD_CMD_BLOCK_STATUS, base:allocation) goes over a second
+// connection of its own, opened on first use with structured replies and the
+// metadata context negotiated, so the data connection stays simple replies
+// only. The engine asks it which regions of a leg were never written (a full
+// rebuild skips them).
 
 import * as net from "node:net";
 import { IpsanError } from "../util/errors.ts";
 import { ByteQueue } from "./byte_queue.ts";
-import { decodeGreeting, decodeOptionReply, decodeTransmissionReply, encodeClientFlags, encodeInfoRequestData, encodeOption, encodeRequest } from "./peer_codec.ts";
-import { NBD_CMD, NBD_CMD_FLAG, NBD_FLAG, NBD_FLAG_C, NBD_INFO, NBD_OPT, NBD_REP, NBD_TFLAG, WIRE } from "./protocol.ts";
+import { decodeGreeting, decodeOptionReply, decodeTransmissionReply, encodeClientFlags, encodeInfoRequestData, encodeMetaContextRequestData, encodeOption, encodeRequest } from "./peer_codec.ts";
+import { BASE_ALLOCATION, NBD_CMD, NBD_CMD_FLAG, NBD_FLAG, NBD_FLAG_C, NBD_INFO, NBD_OPT, NBD_REP, NBD_REPLY_FLAG, NBD_REPLY_TYPE, NBD_STATE, NBD_TFLAG, WIRE } from "./protocol.ts";
 
 export type NbdTarget = { readonly host: string; readonly port: number; readonly exportName: string } | { readonly path: string; readonly exportName: string };
 
@@ -46,7 +52,21 @@ export interface NbdClientOptions {
   readonly requestTimeoutMs?: number;
   /** Requests on the wire at once; more wait in order. */
   readonly inFlightMax?: number;
+  /** Negotiate structured replies and base:allocation: a connection for blockStatus() only. */
+  readonly allocation?: boolean;
 }
+
+/** One run of a BLOCK_STATUS answer (base:allocation). */
+export interface AllocationExtent {
+  readonly lengthBytes: number;
+  /** Not allocated on the server. */
+  readonly hole: boolean;
+  /** Reads as zeroes. */
+  readonly zero: boolean;
+}
+
+/** Descriptors accepted in one BLOCK_STATUS answer (a server sending more is cut off). */
+export const BLOCK_STATUS_DESCRIPTORS_MAX = 1 << 16;
 
 interface Pending {
   readonly cookie: number;
@@ -55,9 +75,11 @@ interface Pending {
   readonly resolve: (data: Buffer | undefined) => void;
   readonly reject: (error: Error) => void;
   readonly deadline: number;
+  /** BLOCK_STATUS: the runs received so far (structured chunks until DONE). */
+  readonly extents?: AllocationExtent[];
 }
 
-const DEFAULTS = { connectTimeoutMs: 5_000, requestTimeoutMs: 5_000, inFlightMax: 64 };
+const DEFAULTS = { connectTimeoutMs: 5_000, requestTimeoutMs: 5_000, inFlightMax: 64, allocation: false };
 
 export class NbdClient {
   readonly sizeBytes: number;
@@ -75,13 +97,22 @@ export class NbdClient {
   #timer: NodeJS.Timeout | undefined;
   readonly #closedListeners: ((error: Error) => void)[] = [];
   #corked = false;
+  readonly #target: NbdTarget;
+  readonly #options: Required<NbdClientOptions>;
+  /** The metadata context id the server gave base:allocation (allocation connections only). */
+  readonly #contextId: number | undefined;
+  /** The second connection blockStatus() uses, opened on first use. */
+  #statusClient: Promise<NbdClient> | undefined;
 
   readonly #uncork = (): void => {
     this.#corked = false;
     if (!this.#socket.destroyed) this.#socket.uncork();
   };
 
-  private constructor(socket: net.Socket, queue: ByteQueue, sizeBytes: number, flags: number, options: Required<NbdClientOptions>) {
+  private constructor(socket: net.Socket, queue: ByteQueue, sizeBytes: number, flags: number, options: Required<NbdClientOptions>, target: NbdTarget, contextId: number | undefined) {
+    this.#target = target;
+    this.#options = options;
+    this.#contextId = contextId;
     this.#socket = socket;
     this.#queue = queue;
     this.sizeBytes = sizeBytes;
@@ -140,6 +171,20 @@ export class NbdClient {
       if ((greeting.handshakeFlags & NBD_FLAG.FIXED_NEWSTYLE) === 0) throw new IpsanError("UNAVAILABLE", `${where}: server is not fixed newstyle`);
       const noZeroes = (greeting.handshakeFlags & NBD_FLAG.NO_ZEROES) !== 0;
       socket.write(encodeClientFlags(NBD_FLAG_C.FIXED_NEWSTYLE | (noZeroes ? NBD_FLAG_C.NO_ZEROES : 0)));
+      let contextId: number | undefined;
+      if (settings.allocation) {
+        socket.write(encodeOption(NBD_OPT.STRUCTURED_REPLY));
+        const structured = await next((q) => decodeOptionReply(q, 64 * 1024));
+        if (structured.replyType !== NBD_REP.ACK) throw new IpsanError("NOT_SUPPORTED", `${where}: the server does not offer structured replies (needed for BLOCK_STATUS)`);
+        socket.write(encodeOption(NBD_OPT.SET_META_CONTEXT, encodeMetaContextRequestData(resolved.exportName, [BASE_ALLOCATION])));
+        for (;;) {
+          const reply = await next((q) => decodeOptionReply(q, 64 * 1024));
+          if (reply.replyType === NBD_REP.META_CONTEXT && reply.data.length >= 4 && reply.data.toString("utf8", 4) === BASE_ALLOCATION) contextId = reply.data.readUInt32BE(0);
+          else if (reply.replyType === NBD_REP.ACK) break;
+          else if (reply.replyType >= 0x8000_0000) break;
+        }
+        if (contextId === undefined) throw new IpsanError("NOT_SUPPORTED", `${where}: the server does not offer ${BASE_ALLOCATION}`);
+      }
       socket.write(encodeOption(NBD_OPT.GO, encodeInfoRequestData(resolved.exportName, [NBD_INFO.BLOCK_SIZE])));
       let sizeBytes: number | undefined;
       let flags = 0;
@@ -159,7 +204,7 @@ export class NbdClient {
       socket.off("data", onData);
       socket.removeAllListeners("error");
       socket.removeAllListeners("close");
-      return new NbdClient(socket, queue, sizeBytes, flags, settings);
+      return new NbdClient(socket, queue, sizeBytes, flags, settings, resolved, contextId);
     } catch (error) {
       socket.destroy();
       throw error;
@@ -181,6 +226,7 @@ export class NbdClient {
   }
 
   read(offsetBytes: number, lengthBytes: number): Promise<Buffer> {
+    if (this.#contextId !== undefined) return Promise.reject(new IpsanError("INVALID_ARGUMENT", "READ on a block-status connection"));
     return this.#request(NBD_CMD.READ, 0, offsetBytes, lengthBytes, undefined).then((data) => data ?? Buffer.alloc(0));
   }
 
@@ -207,8 +253,39 @@ export class NbdClient {
     await this.#request(NBD_CMD.WRITE_ZEROES, flags, offsetBytes, lengthBytes, undefined);
   }
 
+  /**
+   * The allocation of [offsetBytes, offsetBytes + lengthBytes) on the server
+   * (base:allocation), from the start of the range; the runs may cover less
+   * than asked (ask again from where they end). Goes over a second
+   * connection, opened on first use; rejects with NOT_SUPPORTED when the
+   * server does not offer it.
+   */
+  async blockStatus(offsetBytes: number, lengthBytes: number): Promise<readonly AllocationExtent[]> {
+    if (this.#contextId === undefined) {
+      if (this.#broken !== undefined) throw this.#broken;
+      this.#statusClient ??= NbdClient.connect(this.#target, { ...this.#options, allocation: true });
+      let status: NbdClient;
+      try {
+        status = await this.#statusClient;
+      } catch (error) {
+        this.#statusClient = undefined;
+        throw error;
+      }
+      if (status.broken !== undefined) {
+        this.#statusClient = undefined;
+        throw status.broken;
+      }
+      return status.blockStatus(offsetBytes, lengthBytes);
+    }
+    const extents: AllocationExtent[] = [];
+    await this.#request(NBD_CMD.BLOCK_STATUS, 0, offsetBytes, Math.min(lengthBytes, 0xffff_ffff), undefined, extents);
+    return extents;
+  }
+
   /** Sends NBD_CMD_DISC (after requests in flight) and closes. */
   async close(): Promise<void> {
+    void this.#statusClient?.then((c) => c.close()).catch(() => undefined);
+    this.#statusClient = undefined;
     if (this.#broken === undefined) {
       while (this.#pending.size > 0 && this.#broken === undefined) await new Promise((resolve) => setTimeout(resolve, 5));
       if (this.#broken === undefined) {
@@ -220,10 +297,12 @@ export class NbdClient {
 
   /** Cuts the connection now; requests in flight fail. */
   destroy(reason = "NBD connection cut by the client"): void {
+    void this.#statusClient?.then((c) => c.destroy(reason)).catch(() => undefined);
+    this.#statusClient = undefined;
     this.#fail(new IpsanError("UNAVAILABLE", reason));
   }
 
-  async #request(type: number, flags: number, offsetBytes: number, lengthBytes: number, payload: readonly Buffer[] | undefined): Promise<Buffer | undefined> {
+  async #request(type: number, flags: number, offsetBytes: number, lengthBytes: number, payload: readonly Buffer[] | undefined, extents?: AllocationExtent[]): Promise<Buffer | undefined> {
     while (this.#pending.size >= this.#inFlightMax && this.#broken === undefined) {
       await new Promise<void>((resolve) => this.#waiting.push(resolve));
     }
@@ -231,7 +310,7 @@ export class NbdClient {
     const cookie = this.#nextCookie;
     this.#nextCookie = this.#nextCookie >= 0xffff_fff0 ? 1 : this.#nextCookie + 1;
     return new Promise((resolve, reject) => {
-      this.#pending.set(cookie, { cookie, type, length: lengthBytes, resolve, reject, deadline: Date.now() + this.#requestTimeoutMs });
+      this.#pending.set(cookie, { cookie, type, length: lengthBytes, resolve, reject, deadline: Date.now() + this.#requestTimeoutMs, ...(extents === undefined ? {} : { extents }) });
       this.#armTimer();
       const header = encodeRequest({ cookieHi: 0, cookieLo: cookie, flags, type, offset: offsetBytes, length: lengthBytes });
       // Requests made in the same turn of the event loop leave in one writev (fewer syscalls
@@ -272,7 +351,11 @@ export class NbdClient {
         const reply = decoded.frame;
         const pending = this.#pending.get(reply.cookieLo);
         if (pending === undefined || reply.cookieHi !== 0) throw new IpsanError("UNAVAILABLE", `NBD reply for an unknown cookie ${reply.cookieHi}:${reply.cookieLo}`);
-        if (reply.kind !== "simple") throw new IpsanError("UNAVAILABLE", "NBD server sent a structured reply that was not negotiated");
+        if (reply.kind === "chunk") {
+          if (this.#contextId === undefined) throw new IpsanError("UNAVAILABLE", "NBD server sent a structured reply that was not negotiated");
+          this.#chunk(pending, reply.flags, reply.type, reply.payload);
+          continue;
+        }
         if (reply.errno !== 0) {
           this.#settled(pending.cookie);
           pending.reject(new IpsanError("IO_ERROR", `NBD request failed on the server: errno ${reply.errno}`));
@@ -287,6 +370,30 @@ export class NbdClient {
       }
     } catch (error) {
       this.#fail(error instanceof Error ? error : new Error(String(error)));
+    }
+  }
+
+  /** One structured reply chunk (allocation connections: BLOCK_STATUS answers, errors, NONE). */
+  #chunk(pending: Pending, flags: number, type: number, payload: Buffer): void {
+    if ((type & 0x8000) !== 0) {
+      this.#settled(pending.cookie);
+      const errno = payload.length >= 4 ? payload.readUInt32BE(0) : 0;
+      pending.reject(new IpsanError("IO_ERROR", `NBD request failed on the server: errno ${errno}`));
+      return;
+    }
+    if (type === NBD_REPLY_TYPE.BLOCK_STATUS) {
+      if (pending.extents === undefined || payload.length < 4 || (payload.length - 4) % 8 !== 0) throw new IpsanError("UNAVAILABLE", "NBD server sent an unexpected block status chunk");
+      if (payload.readUInt32BE(0) === this.#contextId) {
+        for (let at = 4; at < payload.length; at += 8) {
+          if (pending.extents.length >= BLOCK_STATUS_DESCRIPTORS_MAX) throw new IpsanError("UNAVAILABLE", `NBD server sent more than ${BLOCK_STATUS_DESCRIPTORS_MAX} block status descriptors`);
+          const state = payload.readUInt32BE(at + 4);
+          pending.extents.push({ lengthBytes: payload.readUInt32BE(at), hole: (state & NBD_STATE.HOLE) !== 0, zero: (state & NBD_STATE.ZERO) !== 0 });
+        }
+      }
+    } else if (type !== NBD_REPLY_TYPE.NONE) throw new IpsanError("UNAVAILABLE", `NBD server sent an unexpected chunk type ${type}`);
+    if ((flags & NBD_REPLY_FLAG.DONE) !== 0) {
+      this.#settled(pending.cookie);
+      pending.resolve(undefined);
     }
   }
 

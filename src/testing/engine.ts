@@ -28,6 +28,10 @@ export interface EngineLeg {
 export interface EngineOptions {
   readonly mirror: string;
   readonly legs: readonly EngineLeg[];
+  /** --legs-file PATH instead of one --leg per leg (the file is the test's to write). */
+  readonly legsFile?: string;
+  /** bin/ipsan to run (a patched build for a canary); default this build's. */
+  readonly ipsanBin?: string;
   /** "unix:/PATH" or "127.0.0.1:PORT". */
   readonly listen: string;
   readonly exportName?: string;
@@ -68,7 +72,8 @@ export interface RunningEngine {
 
 export function engineArgs(options: EngineOptions): string[] {
   const args = ["host", "engine", "--mirror", options.mirror];
-  for (const leg of options.legs) args.push("--leg", `${leg.name}=${leg.uri}`);
+  if (options.legsFile !== undefined) args.push("--legs-file", options.legsFile);
+  else for (const leg of options.legs) args.push("--leg", `${leg.name}=${leg.uri}`);
   args.push("--listen", options.listen);
   if (options.exportName !== undefined) args.push("--export", options.exportName);
   args.push(...(options.extraArgs ?? []));
@@ -105,8 +110,8 @@ interface Spawned {
   describe: () => string;
 }
 
-function spawnEngine(args: readonly string[], options: Pick<EngineOptions, "env" | "echoStderr">): Spawned {
-  const child = spawn(process.execPath, [IPSAN_BIN, ...args], { env: childEnv(options.env), stdio: ["ignore", "pipe", "pipe"] });
+function spawnEngine(args: readonly string[], options: Pick<EngineOptions, "env" | "echoStderr" | "ipsanBin">): Spawned {
+  const child = spawn(process.execPath, [options.ipsanBin ?? IPSAN_BIN, ...args], { env: childEnv(options.env), stdio: ["ignore", "pipe", "pipe"] });
   killOnExit(child);
   const echo = options.echoStderr === true || process.env["IPSAN_TEST_VERBOSE"] === "1";
   const lines: LogLine[] = [];

@@ -20,8 +20,17 @@
 //   it missed (delta), copied region by region under a region lock while
 //   the application keeps writing, at a bounded rate, checkpointed in its
 //   bitmap so a restart resumes rather than restarts.
+// - setLegs() replaces a leg on a running engine (the station moved it to
+//   another unit): the new leg must be blank (or already carry this mirror's
+//   metadata); the legs in sync record it first, out of sync and lacking
+//   every region, and only then is it written to. Its full rebuild first
+//   writes a generation-0 marker header on it, so an engine restarted mid-
+//   rebuild knows it as this mirror's leg and resumes from the checkpointed
+//   bitmap. Regions that read as zeroes on both the source and the target
+//   (NBD BLOCK_STATUS, base:allocation) are not copied.
 
 import type { BlockCapabilities, BlockDevice, Extent, ZeroOptions } from "../../block/types.ts";
+import type { AllocationExtent } from "../../nbd/client.ts";
 import { IpsanError, errorMessage } from "../../util/errors.ts";
 import { logger } from "../../util/log.ts";
 import {
@@ -31,6 +40,7 @@ import {
   HEADER_SLOT_BYTES,
   INTENT_BITMAP,
   LEGS_MAX,
+  type LegRecord,
   type MirrorHeader,
   bitmapOffset,
   dataBytesOf,
@@ -57,10 +67,14 @@ export interface LegIo {
   onBroken(listener: (error: Error) => void): void;
   destroy(reason?: string): void;
   close(): Promise<void>;
+  /** Allocation runs from offsetBytes on (NBD BLOCK_STATUS); optional: without it every region is copied. */
+  blockStatus?(offsetBytes: number, lengthBytes: number): Promise<readonly AllocationExtent[]>;
 }
 
 export interface LegSpec {
   readonly id: string;
+  /** Where the leg is (for status and to tell a move from no change); optional. */
+  readonly uri?: string;
   connect(): Promise<LegIo>;
 }
 
@@ -75,6 +89,7 @@ export interface RebuildProgress {
 
 export interface LegStatus {
   readonly id: string;
+  readonly uri: string | undefined;
   readonly state: LegState;
   readonly rebuild: RebuildProgress | undefined;
   readonly lastError: string | undefined;
@@ -84,7 +99,10 @@ export type MirrorEvent =
   | { readonly type: "leg-failed"; readonly leg: string; readonly reason: string; readonly generation: number }
   | { readonly type: "leg-rebuilding"; readonly leg: string; readonly kind: "delta" | "full"; readonly totalBytes: number }
   | { readonly type: "rebuild-progress"; readonly leg: string; readonly progress: RebuildProgress }
-  | { readonly type: "leg-in-sync"; readonly leg: string; readonly copiedBytes: number; readonly generation: number };
+  | { readonly type: "leg-in-sync"; readonly leg: string; readonly copiedBytes: number; readonly generation: number }
+  | { readonly type: "leg-replaced"; readonly leg: string; readonly was: string; readonly generation: number }
+  | { readonly type: "leg-moved"; readonly leg: string; readonly uri: string }
+  | { readonly type: "leg-refused"; readonly leg: string; readonly reason: string };
 
 export interface MirrorOptions {
   /** First reconnect delay for a failed leg; doubles up to reconnectMaxMs. */
@@ -102,6 +120,14 @@ export interface MirrorOptions {
 
 /** Regions marked ahead of a sequential stream of writes (see #markAhead). */
 export const INTENT_AHEAD_REGIONS = 16;
+/** Regions a full rebuild asks BLOCK_STATUS about at once (on the source and the target). */
+export const REBUILD_STATUS_WINDOW_REGIONS = 64;
+/** Longest a rebuild waits, before each region, for the application's requests in flight to finish (it yields to them). */
+export const REBUILD_YIELD_MS_MAX = 4;
+/** A rebuild that fell behind its rate ceiling catches up at most this much time (then the ceiling holds again). */
+const REBUILD_CATCH_UP_MS_MAX = 1_000;
+/** BLOCK_STATUS requests one range may take (a server answers part of a range per request). */
+const BLOCK_STATUS_ASKS_MAX = 4096;
 /** Sequential streams recognised at once (the ends of the most recent writes). */
 const STREAMS_TRACKED = 16;
 
@@ -115,13 +141,17 @@ const DEFAULTS = {
 
 class Leg {
   readonly index: number;
-  readonly spec: LegSpec;
+  spec: LegSpec;
   io: LegIo | undefined;
   state: LegState;
   readonly missed: Bitmap;
-  rebuild: { kind: "delta" | "full"; copiedBytes: number; totalBytes: number; startedMs: number } | undefined;
-  /** Holds no mirror metadata: it gets a full copy. */
+  rebuild: { kind: "delta" | "full"; copiedBytes: number; skippedBytes: number; totalBytes: number; startedMs: number } | undefined;
+  /** Holds no mirror metadata, or only the marker of a full rebuild: it gets a full copy. */
   blank = false;
+  /** Put in by setLegs (or a changed leg set at open): it must prove blank (or this mirror's) before anything is written to it. */
+  fresh = false;
+  /** Replaced by setLegs: no longer the mirror's; its reconnects stop. */
+  removed = false;
   /** The metadata write that records this leg's failure: no request it failed is answered before this settles (and succeeded). */
   recorded: Promise<void> = Promise.resolve();
   reconnectDelayMs = 0;
@@ -179,6 +209,12 @@ export class Mirror implements BlockDevice {
   readonly #streamEnds: number[] = [];
   #closed = false;
   #intentTimer: NodeJS.Timeout | undefined;
+  /** Writes in flight (a rebuild waits for those sent before its target joined). */
+  readonly #writesInFlight = new Set<Promise<void>>();
+  /** Application reads in flight (a rebuild yields to them, and to writes). */
+  #readsInFlight = 0;
+  /** setLegs calls, one at a time. */
+  #legsQueue: Promise<unknown> = Promise.resolve();
 
   private constructor(mirrorId: string, exportName: string, header: MirrorHeader, legs: Leg[], intent: Bitmap, options: MirrorOptions) {
     this.mirrorId = mirrorId;
@@ -204,7 +240,86 @@ export class Mirror implements BlockDevice {
   }
 
   status(): LegStatus[] {
-    return this.#legs.map((leg) => ({ id: leg.id, state: leg.state, rebuild: leg.rebuild === undefined ? undefined : this.#progress(leg), lastError: leg.lastError }));
+    // A replacement not yet connected (and not refused) is out of sync, not failed.
+    return this.#legs.map((leg) => ({ id: leg.id, uri: leg.spec.uri, state: leg.fresh && leg.state === "failed" && leg.lastError === undefined ? "stale" : leg.state, rebuild: leg.rebuild === undefined ? undefined : this.#progress(leg), lastError: leg.lastError }));
+  }
+
+  /**
+   * Changes the legs of the running mirror, by position: the same id with
+   * another URI is a move (the leg reconnects there); another id is a
+   * replacement. A replacement is recorded first, durably, on the legs in
+   * sync (the new id out of sync, lacking every region); then it is
+   * connected, checked (blank, or holding this mirror's metadata; anything
+   * else is refused and retried with backoff, never written to) and rebuilt
+   * in full. Refused: another number of legs, an id moving to another
+   * position, or a change that leaves no leg in sync.
+   */
+  setLegs(specs: readonly LegSpec[]): Promise<void> {
+    const run = (): Promise<void> => this.#setLegs(specs);
+    const result = this.#legsQueue.then(run, run);
+    this.#legsQueue = result.catch(() => undefined);
+    return result;
+  }
+
+  async #setLegs(specs: readonly LegSpec[]): Promise<void> {
+    if (this.#closed) throw new IpsanError("UNAVAILABLE", `mirror ${this.mirrorId} is stopping`);
+    if (specs.length !== this.#legs.length) {
+      throw new IpsanError("INVALID_ARGUMENT", `mirror ${this.mirrorId} has ${this.#legs.length} legs, not ${specs.length}: a leg can be replaced or moved, not added or removed`);
+    }
+    if (new Set(specs.map((s) => s.id)).size !== specs.length) throw new IpsanError("INVALID_ARGUMENT", "mirror leg ids must differ");
+    const replaced: number[] = [];
+    for (const [k, spec] of specs.entries()) {
+      const leg = this.#legs[k] as Leg;
+      if (spec.id === leg.id) continue;
+      const elsewhere = this.#legs.findIndex((l) => l.id === spec.id);
+      if (elsewhere >= 0) throw new IpsanError("INVALID_ARGUMENT", `leg ${spec.id} is at position ${elsewhere}, not ${k}: legs keep their positions`);
+      replaced.push(k);
+    }
+    if (replaced.length > 0 && !this.#legs.some((l, k) => l.state === "in-sync" && !replaced.includes(k))) {
+      throw new IpsanError("CONFLICT", `replacing ${replaced.map((k) => this.#legs[k]?.id).join(", ")} would leave mirror ${this.mirrorId} without a leg in sync; refused`);
+    }
+    // Moves: the leg reconnects at its new address (at once if it is out of service).
+    for (const [k, spec] of specs.entries()) {
+      const leg = this.#legs[k] as Leg;
+      if (spec.id !== leg.id || spec.uri === leg.spec.uri) continue;
+      leg.spec = spec;
+      log.info("mirror leg moved", { mirror: this.mirrorId, leg: leg.id, uri: spec.uri ?? "" });
+      this.#options.onEvent?.({ type: "leg-moved", leg: leg.id, uri: spec.uri ?? "" });
+      if (leg.state === "failed") {
+        if (leg.reconnectTimer !== undefined) clearTimeout(leg.reconnectTimer);
+        leg.reconnectTimer = undefined;
+        leg.reconnectDelayMs = 0;
+        void this.#reconnect(leg);
+      } else if (leg.state !== "in-sync" || this.#legs.some((l) => l !== leg && l.state === "in-sync")) {
+        await this.#fail(leg, new IpsanError("UNAVAILABLE", `moved to ${spec.uri ?? "another address"}`));
+      } else {
+        log.warn("mirror leg moved but is the only one in sync: it keeps its connection until that breaks", { mirror: this.mirrorId, leg: leg.id });
+      }
+    }
+    if (replaced.length === 0) return;
+    const fresh: { leg: Leg; was: string }[] = [];
+    for (const k of replaced) {
+      const old = this.#legs[k] as Leg;
+      // The old leg leaves service first, recorded out of sync on the others.
+      if (old.state !== "failed") await this.#fail(old, new IpsanError("UNAVAILABLE", `replaced by ${specs[k]?.id}`));
+      old.removed = true;
+      if (old.reconnectTimer !== undefined) clearTimeout(old.reconnectTimer);
+      old.reconnectTimer = undefined;
+      const missed = new Bitmap();
+      for (let r = 0; r < this.regions; r++) missed.set(r);
+      missed.markAllPagesDirty();
+      const leg = new Leg(k, specs[k] as LegSpec, "failed", missed);
+      leg.fresh = true;
+      this.#legs[k] = leg;
+      fresh.push({ leg, was: old.id });
+    }
+    // The new ids go on record, out of sync and lacking everything, before anything is written to them.
+    await this.#persist(true);
+    for (const { leg, was } of fresh) {
+      log.info("mirror leg replaced", { mirror: this.mirrorId, leg: leg.id, was, index: leg.index, generation: this.#generation });
+      this.#options.onEvent?.({ type: "leg-replaced", leg: leg.id, was, generation: this.#generation });
+      void this.#reconnect(leg);
+    }
   }
 
   /**
@@ -229,22 +344,24 @@ export class Mirror implements BlockDevice {
       }
       if (sizes.size > 1) throw new IpsanError("INVALID_ARGUMENT", `legs of mirror ${mirrorId} differ in size (${[...sizes].join(", ")} bytes)`);
       const dataBytes = dataBytesOf([...sizes][0] ?? 0);
-      // Each reachable leg's newest header.
-      const headers = await Promise.all(
-        ios.map(async (io, i) => {
-          if (io === undefined) return undefined;
-          const slots: Buffer[] = [];
-          for (let slot = 0; slot < HEADER_SLOTS; slot++) slots.push(await io.read(headerSlotOffset(dataBytes, slot), HEADER_SLOT_BYTES));
-          const decoded = newestHeader(slots);
-          if (decoded.kind === "invalid") {
-            throw new IpsanError("CORRUPT", `leg ${specs[i]?.id} holds mirror metadata that does not decode (${decoded.reason}); refusing to use it. Give the mirror a blank leg instead`);
-          }
-          if (decoded.kind === "valid" && (decoded.header.mirrorId !== mirrorId || decoded.header.dataBytes !== dataBytes)) {
-            throw new IpsanError("CONFLICT", `leg ${specs[i]?.id} belongs to mirror ${decoded.header.mirrorId} (${decoded.header.dataBytes} bytes), not ${mirrorId}; refusing to use it`);
-          }
-          return decoded.kind === "valid" ? decoded.header : undefined;
-        }),
-      );
+      // Each reachable leg's newest header. A leg the metadata does not list yet (a replacement) that is not blank is refused, not fatal.
+      const headers: (MirrorHeader | undefined)[] = [];
+      const refusals = new Map<number, string>();
+      for (const [i, io] of ios.entries()) {
+        headers.push(undefined);
+        if (io === undefined) continue;
+        const decoded = await readHeader(io, dataBytes);
+        let refusal: string | undefined;
+        if (decoded.kind === "invalid") refusal = `leg ${specs[i]?.id} holds mirror metadata that does not decode (${decoded.reason}); refusing to use it. Give the mirror a blank leg instead`;
+        else if (decoded.kind === "valid" && (decoded.header.mirrorId !== mirrorId || decoded.header.dataBytes !== dataBytes)) {
+          refusal = `leg ${specs[i]?.id} belongs to mirror ${decoded.header.mirrorId} (${decoded.header.dataBytes} bytes), not ${mirrorId}; refusing to use it`;
+        }
+        if (refusal !== undefined) {
+          refusals.set(i, refusal);
+          continue;
+        }
+        headers[i] = decoded.kind === "valid" ? decoded.header : undefined;
+      }
       let best: MirrorHeader | undefined;
       let bestIndex = -1;
       headers.forEach((h, i) => {
@@ -253,11 +370,32 @@ export class Mirror implements BlockDevice {
           bestIndex = i;
         }
       });
+      // Legs the newest metadata does not list: replacements, which must be blank (checked below) or refused.
+      const listed = new Set<string>((best as MirrorHeader | undefined)?.legs.map((l) => l.id) ?? specs.map((s) => s.id));
+      // A leg the metadata lists in sync must be usable; one out of sync on record that is refused stays out of service.
+      const recordOf = (id: string): LegRecord | undefined => (best as MirrorHeader | undefined)?.legs.find((l) => l.id === id);
+      for (const [i, refusal] of refusals) {
+        const id = specs[i]?.id ?? "";
+        if (listed.has(id) && (best === undefined || recordOf(id)?.inSync === true)) throw new IpsanError(refusal.includes("belongs to") ? "CONFLICT" : "CORRUPT", refusal);
+      }
+      if (best !== undefined && (best as MirrorHeader).generation === 0) {
+        throw new IpsanError("UNAVAILABLE", `the only reachable legs of mirror ${mirrorId} are being rebuilt (their metadata is a rebuild marker); the engine will not start without a leg in sync`);
+      }
+      for (const [i, spec] of specs.entries()) {
+        const io = ios[i];
+        if (best === undefined || listed.has(spec.id) || io === undefined || refusals.has(i) || headers[i] !== undefined) continue;
+        if (await holdsData(io, dataBytes)) refusals.set(i, `leg ${spec.id} has no mirror metadata but holds data; refusing to overwrite data the engine does not recognise. Give the mirror a blank leg`);
+      }
+      for (const i of refusals.keys()) {
+        ios[i]?.destroy("refused");
+        ios[i] = undefined;
+      }
       const regionBytes = best?.regionBytes ?? regionBytesFor(dataBytes);
       const regions = Math.ceil(dataBytes / regionBytes);
       const bitmaps = Array.from({ length: LEGS_MAX + 1 }, () => new Bitmap());
       let header: MirrorHeader;
       const legs: Leg[] = [];
+      const added = new Set<string>();
       if (best === undefined && ios.some((io) => io === undefined)) {
         // No reachable leg has a history, but one that cannot be reached may: starting a new mirror would discard it.
         const away = specs.filter((_, i) => ios[i] === undefined).map((s) => s.id);
@@ -267,23 +405,28 @@ export class Mirror implements BlockDevice {
         );
       }
       if (best === undefined) {
-        // A new mirror: every reachable leg is blank (units zero new volumes), so they agree; an unreachable one gets a full copy later.
-        header = { mirrorId, generation: 0, dataBytes, regionBytes, legs: specs.map((s, i) => ({ id: s.id, inSync: ios[i] !== undefined })) };
-        specs.forEach((spec, i) => {
-          if (ios[i] === undefined) for (let r = 0; r < regions; r++) bitmaps[i]?.set(r);
-          void spec;
-        });
+        // A new mirror: every reachable leg is blank (units zero new volumes), so they agree.
+        header = { mirrorId, generation: 0, dataBytes, regionBytes, legs: specs.map((s) => ({ id: s.id, inSync: true })) };
       } else {
         const newest: MirrorHeader = best;
-        header = newest;
-        const ids = newest.legs.map((l) => l.id);
-        if (ids.length !== specs.length || !specs.every((s) => ids.includes(s.id))) {
-          throw new IpsanError("INVALID_ARGUMENT", `mirror ${mirrorId} has legs ${ids.join(", ")} on record, not ${specs.map((s) => s.id).join(", ")}`);
+        const given = new Set(specs.map((s) => s.id));
+        const dropped = newest.legs.filter((l) => !given.has(l.id));
+        const newcomers = specs.filter((s) => !listed.has(s.id));
+        for (const record of dropped) {
+          if (record.inSync) {
+            throw new IpsanError(
+              "UNAVAILABLE",
+              `leg ${record.id} of mirror ${mirrorId} was in sync at generation ${newest.generation} and is not among the legs given (${specs.map((s) => s.id).join(", ")}); it may hold writes the other legs lack, so the engine will not start without it`,
+            );
+          }
+        }
+        if (newcomers.length < dropped.length || newest.legs.length - dropped.length + newcomers.length > LEGS_MAX) {
+          throw new IpsanError("INVALID_ARGUMENT", `mirror ${mirrorId} has legs ${newest.legs.map((l) => l.id).join(", ")} on record, not ${specs.map((s) => s.id).join(", ")}: a leg out of sync may be replaced, not removed`);
         }
         for (const record of newest.legs) {
           const i = specs.findIndex((s) => s.id === record.id);
-          if (record.inSync && ios[i] === undefined) {
-            const reason = connected[i]?.status === "rejected" ? errorMessage(connected[i].reason) : "unreachable";
+          if (i >= 0 && record.inSync && ios[i] === undefined) {
+            const reason = refusals.get(i) ?? (connected[i]?.status === "rejected" ? errorMessage(connected[i].reason) : "unreachable");
             throw new IpsanError(
               "UNAVAILABLE",
               `leg ${record.id} of mirror ${mirrorId} was in sync at generation ${newest.generation} and cannot be reached (${reason}); it may hold writes the other legs lack, so the engine will not start without it`,
@@ -296,18 +439,45 @@ export class Mirror implements BlockDevice {
           const bytes = await source.read(bitmapOffset(dataBytes, b), BITMAP_BYTES);
           bytes.copy(bitmaps[b]?.bits ?? Buffer.alloc(0));
         }
+        // A replacement takes a dropped leg's place (its bitmap), else the next free one; it lacks every region.
+        const records: LegRecord[] = [...newest.legs];
+        const queue = [...newcomers];
+        for (const [k, record] of records.entries()) {
+          if (given.has(record.id)) continue;
+          const spec = queue.shift() as LegSpec;
+          records[k] = { id: spec.id, inSync: false };
+          added.add(spec.id);
+        }
+        for (const spec of queue) {
+          records.push({ id: spec.id, inSync: false });
+          added.add(spec.id);
+        }
+        header = { ...newest, legs: records };
+        for (const [k, record] of records.entries()) {
+          if (!added.has(record.id)) continue;
+          const bitmap = bitmaps[k] as Bitmap;
+          bitmap.bits.fill(0);
+          for (let r = 0; r < regions; r++) bitmap.set(r);
+          bitmap.markAllPagesDirty();
+          log.info("mirror leg replaced (at start)", { mirror: mirrorId, leg: record.id, index: k });
+        }
       }
       // Order legs as the header lists them (bitmap k belongs to header leg k).
       for (const [k, record] of header.legs.entries()) {
         const i = specs.findIndex((s) => s.id === record.id);
         const spec = specs[i] as LegSpec;
-        const ownGeneration = headers[i]?.generation;
-        const inSync = record.inSync && ios[i] !== undefined && (best === undefined || ownGeneration === header.generation);
+        const own = headers[i];
+        const inSync = record.inSync && ios[i] !== undefined && (best === undefined || own?.generation === header.generation);
         const leg = new Leg(k, spec, inSync ? "in-sync" : ios[i] === undefined ? "failed" : "stale", bitmaps[k] as Bitmap);
         leg.io = ios[i];
-        // A blank leg in a mirror that has a history (its volume was replaced) lacks everything.
-        leg.blank = best !== undefined && ios[i] !== undefined && headers[i] === undefined;
-        if (leg.blank) for (let r = 0; r < regions; r++) leg.missed.set(r);
+        leg.fresh = added.has(record.id);
+        if (refusals.has(i)) leg.lastError = refusals.get(i);
+        if (best !== undefined && leg.io !== undefined && !inSync) {
+          // No metadata: nothing of this mirror was ever written to it (a new or replaced volume): it lacks everything.
+          if (own === undefined) for (let r = 0; r < regions; r++) leg.missed.set(r);
+          // A full copy: a blank leg, or one whose full rebuild was interrupted (its marker); the latter resumes from its bitmap.
+          leg.blank = own === undefined || own.generation === 0;
+        }
         legs.push(leg);
       }
       const mirror = new Mirror(mirrorId, exportName, header, legs, bitmaps[INTENT_BITMAP] as Bitmap, options);
@@ -350,6 +520,15 @@ export class Mirror implements BlockDevice {
 
   async read(buffer: Buffer, offsetBytes: number): Promise<void> {
     this.#checkRange("read", offsetBytes, buffer.length);
+    this.#readsInFlight += 1;
+    try {
+      await this.#read(buffer, offsetBytes);
+    } finally {
+      this.#readsInFlight -= 1;
+    }
+  }
+
+  async #read(buffer: Buffer, offsetBytes: number): Promise<void> {
     for (let attempt = 0; attempt < LEGS_MAX + 1; attempt++) {
       const inSync = this.#legs.filter((l) => l.state === "in-sync" && l.io !== undefined);
       if (inSync.length === 0) break;
@@ -434,12 +613,19 @@ export class Mirror implements BlockDevice {
       use.inFlight += 1;
       this.#regions.set(region, use);
     }
+    let finished: () => void = () => undefined;
+    const inFlight = new Promise<void>((resolve) => {
+      finished = resolve;
+    });
+    this.#writesInFlight.add(inFlight);
     try {
       await this.#markIntent(regions, this.#continuesStream(offsetBytes, lengthBytes));
       const legs = this.#legs.filter((l) => (l.state === "in-sync" || l.state === "rebuilding") && l.io !== undefined);
       const results = await Promise.allSettled(legs.map((l) => send(l.io as LegIo)));
       await this.#settleLegs(legs, results, "write");
     } finally {
+      this.#writesInFlight.delete(inFlight);
+      finished();
       const now = this.#now();
       for (const region of regions) {
         const use = this.#regions.get(region);
@@ -619,7 +805,7 @@ export class Mirror implements BlockDevice {
     for (const region of this.#intent.setRegions(this.regions)) leg.missed.set(region);
     log.warn("mirror leg failed", { mirror: this.mirrorId, leg: leg.id, was, error: leg.lastError });
     this.#options.onEvent?.({ type: "leg-failed", leg: leg.id, reason: leg.lastError, generation: this.#generation + 1 });
-    if (!this.#closed) this.#scheduleReconnect(leg);
+    if (!this.#closed && !leg.removed) this.#scheduleReconnect(leg);
     return was === "in-sync" || was === "rebuilding" || was === "stale";
   }
 
@@ -650,7 +836,7 @@ export class Mirror implements BlockDevice {
   }
 
   #scheduleReconnect(leg: Leg): void {
-    if (leg.reconnectTimer !== undefined || this.#closed) return;
+    if (leg.reconnectTimer !== undefined || this.#closed || leg.removed) return;
     leg.reconnectDelayMs = leg.reconnectDelayMs === 0 ? this.#options.reconnectMs : Math.min(leg.reconnectDelayMs * 2, this.#options.reconnectMaxMs);
     leg.reconnectTimer = setTimeout(() => {
       leg.reconnectTimer = undefined;
@@ -659,7 +845,7 @@ export class Mirror implements BlockDevice {
   }
 
   async #reconnect(leg: Leg): Promise<void> {
-    if (this.#closed || leg.state !== "failed") return;
+    if (this.#closed || leg.state !== "failed" || leg.removed) return;
     let io: LegIo;
     try {
       io = await leg.spec.connect();
@@ -668,48 +854,63 @@ export class Mirror implements BlockDevice {
       this.#scheduleReconnect(leg);
       return;
     }
-    const check = this.#closed ? { refusal: "engine stopping", blank: false } : await this.#checkReturning(io);
+    const check = this.#closed ? { refusal: "engine stopping", blank: false, empty: false } : await this.#checkReturning(io, leg);
     const refusal = check.refusal;
+    if (leg.removed || leg.state !== "failed") {
+      io.destroy("leg replaced meanwhile");
+      return;
+    }
     if (refusal !== undefined) {
       io.destroy(refusal);
+      if (leg.lastError !== refusal) {
+        log.warn("mirror leg refused", { mirror: this.mirrorId, leg: leg.id, reason: refusal });
+        this.#options.onEvent?.({ type: "leg-refused", leg: leg.id, reason: refusal });
+      }
       leg.lastError = refusal;
-      log.warn("mirror leg refused on return", { mirror: this.mirrorId, leg: leg.id, reason: refusal });
       this.#scheduleReconnect(leg);
       return;
     }
     leg.io = io;
     leg.reconnectDelayMs = 0;
     leg.state = "stale";
-    // A blank leg (its volume was replaced) lacks everything.
-    if (check.blank) for (let r = 0; r < this.regions; r++) leg.missed.set(r);
+    // A leg without metadata (new, or its volume was replaced) lacks everything; one with a rebuild marker lacks what its bitmap says.
+    if (check.empty) for (let r = 0; r < this.regions; r++) leg.missed.set(r);
     this.#watch(leg, io);
     log.info("mirror leg reachable again", { mirror: this.mirrorId, leg: leg.id, blank: check.blank });
     this.#startRebuild(leg, check.blank);
   }
 
-  /** Why a returning leg may not be used (another size, another mirror's metadata), or undefined. A blank leg gets a full copy. */
-  async #checkReturning(io: LegIo): Promise<{ refusal: string | undefined; blank: boolean }> {
-    if (io.sizeBytes - METADATA_BYTES !== this.sizeBytes) return { refusal: `leg now has ${io.sizeBytes} bytes, the mirror needs ${this.sizeBytes + METADATA_BYTES}`, blank: false };
+  /**
+   * Why a leg that connects may not be used (another size, another mirror's
+   * metadata, or, for a replacement, data without metadata), or undefined.
+   * blank: it gets a full copy (no metadata, or a rebuild marker); empty: no
+   * metadata at all.
+   */
+  async #checkReturning(io: LegIo, leg: Leg): Promise<{ refusal: string | undefined; blank: boolean; empty: boolean }> {
+    const no = (refusal: string): { refusal: string; blank: boolean; empty: boolean } => ({ refusal, blank: false, empty: false });
+    if (io.sizeBytes - METADATA_BYTES !== this.sizeBytes) return no(`leg has ${io.sizeBytes} bytes, the mirror needs ${this.sizeBytes + METADATA_BYTES}`);
     try {
-      const slots: Buffer[] = [];
-      for (let slot = 0; slot < HEADER_SLOTS; slot++) slots.push(await io.read(headerSlotOffset(this.sizeBytes, slot), HEADER_SLOT_BYTES));
-      const decoded = newestHeader(slots);
-      if (decoded.kind === "invalid") return { refusal: `its mirror metadata does not decode (${decoded.reason})`, blank: false };
-      if (decoded.kind === "valid" && decoded.header.mirrorId !== this.mirrorId) return { refusal: `it belongs to mirror ${decoded.header.mirrorId}`, blank: false };
-      return { refusal: undefined, blank: decoded.kind === "empty" };
+      const decoded = await readHeader(io, this.sizeBytes);
+      if (decoded.kind === "invalid") return no(`its mirror metadata does not decode (${decoded.reason}); refusing to overwrite it`);
+      if (decoded.kind === "valid" && (decoded.header.mirrorId !== this.mirrorId || decoded.header.dataBytes !== this.sizeBytes)) {
+        return no(`it belongs to mirror ${decoded.header.mirrorId}; refusing to overwrite it`);
+      }
+      if (decoded.kind === "empty" && leg.fresh && (await holdsData(io, this.sizeBytes))) return no("it has no mirror metadata but holds data; refusing to overwrite data the engine does not recognise");
+      // A replacement that already holds this mirror's metadata (an earlier attempt) still gets everything: its bitmap is all set.
+      const blank = decoded.kind === "empty" || decoded.header.generation === 0 || leg.fresh;
+      return { refusal: undefined, blank, empty: decoded.kind === "empty" };
     } catch (error) {
-      return { refusal: errorMessage(error), blank: false };
+      return no(errorMessage(error));
     }
   }
 
   #startRebuild(leg: Leg, full = false): void {
-    // Writes still in flight (or not yet retired from the intent bitmap) went out without this leg: it lacks their regions too.
-    for (const region of this.#intent.setRegions(this.regions)) leg.missed.set(region);
-    leg.state = "rebuilding";
-    leg.rebuild = { kind: full ? "full" : "delta", copiedBytes: 0, totalBytes: this.#regionsBytes(leg.missed), startedMs: this.#now() };
+    leg.rebuild = { kind: full ? "full" : "delta", copiedBytes: 0, skippedBytes: 0, totalBytes: this.#regionsBytes(leg.missed), startedMs: this.#now() };
     this.#options.onEvent?.({ type: "leg-rebuilding", leg: leg.id, kind: leg.rebuild.kind, totalBytes: leg.rebuild.totalBytes });
     log.info("mirror leg rebuild started", { mirror: this.mirrorId, leg: leg.id, kind: leg.rebuild.kind, bytes: leg.rebuild.totalBytes });
+    const target = leg.io;
     void this.#rebuild(leg).catch((error: unknown) => {
+      if (leg.io !== target || leg.state === "failed") return;
       void this.#fail(leg, error).catch(() => undefined);
     });
   }
@@ -724,15 +925,36 @@ export class Mirror implements BlockDevice {
     const r = leg.rebuild;
     if (r === undefined) return { kind: "delta", copiedBytes: 0, totalBytes: 0, etaSeconds: 0 };
     const elapsed = (this.#now() - r.startedMs) / 1000;
-    const rate = elapsed > 0 ? r.copiedBytes / elapsed : 0;
-    return { kind: r.kind, copiedBytes: r.copiedBytes, totalBytes: r.totalBytes, etaSeconds: rate > 0 ? Math.ceil((r.totalBytes - r.copiedBytes) / rate) : undefined };
+    // Progress counts regions skipped (zero on both sides) as done; copiedBytes in the "in sync" log line is what was sent.
+    const done = r.copiedBytes + r.skippedBytes;
+    const rate = elapsed > 0 ? done / elapsed : 0;
+    return { kind: r.kind, copiedBytes: done, totalBytes: r.totalBytes, etaSeconds: rate > 0 ? Math.ceil(Math.max(0, r.totalBytes - done) / rate) : undefined };
   }
 
   async #rebuild(leg: Leg): Promise<void> {
     const target = leg.io;
     if (target === undefined) return;
+    const full = leg.rebuild?.kind === "full";
+    if (full) {
+      // Before anything is written to it: the record says it lacks every region it lacks (durably), then the leg gets a marker
+      // (generation 0) saying it belongs to this mirror, so an engine restarted mid-rebuild resumes from that record.
+      await this.#persist(false);
+      if (this.#closed || leg.io !== target || leg.state !== "stale") return;
+      const marker = encodeHeader({ mirrorId: this.mirrorId, generation: 0, dataBytes: this.sizeBytes, regionBytes: this.regionBytes, legs: this.#legs.map((l) => ({ id: l.id, inSync: l.state === "in-sync" })) });
+      for (let slot = 0; slot < HEADER_SLOTS; slot++) await target.write(headerSlotOffset(this.sizeBytes, slot), marker, true);
+      leg.fresh = false;
+    }
+    if (this.#closed || leg.io !== target || leg.state !== "stale") return;
+    // Writes still in flight (or not yet retired from the intent bitmap) went out without this leg, also those made while
+    // the marker was written: it lacks their regions too. From the next line on, every write goes to it as well.
+    for (const region of this.#intent.setRegions(this.regions)) leg.missed.set(region);
+    leg.state = "rebuilding";
+    if (leg.rebuild !== undefined) leg.rebuild.totalBytes = this.#regionsBytes(leg.missed);
+    // Writes sent before the leg joined did not go to it: they finish before any region is judged (BLOCK_STATUS below).
+    await Promise.allSettled([...this.#writesInFlight]);
     let lastCheckpoint = this.#now();
-    const started = this.#now();
+    /** When the rate ceiling's clock started (moved forward when the copy falls behind: see below). */
+    let started = this.#now();
     /** Copied since the last checkpoint: their bits are cleared only once the target has flushed them. */
     let copiedRegions: number[] = [];
     const checkpoint = async (): Promise<void> => {
@@ -741,26 +963,63 @@ export class Mirror implements BlockDevice {
       copiedRegions = [];
       await this.#persist(false);
     };
+    /** Regions that read as zeroes on the source and on the target (both asked after the target joined): nothing to copy. */
+    let zeroWindow: { first: number; zero: boolean[] } | undefined;
+    let statusWorks = target.blockStatus !== undefined;
+    const bothZero = async (region: number, source: LegIo): Promise<boolean> => {
+      if (!statusWorks || source.blockStatus === undefined) return false;
+      if (zeroWindow === undefined || region < zeroWindow.first || region >= zeroWindow.first + zeroWindow.zero.length) {
+        const count = Math.min(REBUILD_STATUS_WINDOW_REGIONS, this.regions - region);
+        const offset = region * this.regionBytes;
+        const length = Math.min(count * this.regionBytes, this.sizeBytes - offset);
+        try {
+          const [a, b] = await Promise.all([zeroRuns(source, offset, length), zeroRuns(target, offset, length)]);
+          const zero = Array.from({ length: count }, () => true);
+          for (const run of [...a, ...b]) {
+            if (run.zero) continue;
+            const first = Math.floor(run.offsetBytes / this.regionBytes) - region;
+            const last = Math.floor((run.offsetBytes + run.lengthBytes - 1) / this.regionBytes) - region;
+            for (let k = Math.max(0, first); k <= Math.min(count - 1, last); k++) zero[k] = false;
+          }
+          zeroWindow = { first: region, zero };
+        } catch (error) {
+          statusWorks = false;
+          log.limited("mirror_block_status", "BLOCK_STATUS failed; the rebuild copies every region", { mirror: this.mirrorId, leg: leg.id, error: errorMessage(error) });
+          return false;
+        }
+      }
+      return zeroWindow.zero[region - zeroWindow.first] === true;
+    };
     for (const region of [...leg.missed.setRegions(this.regions)]) {
       if (this.#closed || leg.state !== "rebuilding" || leg.io !== target) return;
       const [offset, length] = this.#regionRange(region);
-      await this.#lock(region);
-      try {
-        const source = this.#legs.find((l) => l.state === "in-sync" && l.io !== undefined);
-        if (source === undefined) throw new IpsanError("IO_ERROR", "no leg in sync to copy from");
-        let data: Buffer;
+      const source = this.#legs.find((l) => l.state === "in-sync" && l.io !== undefined);
+      if (source === undefined) throw new IpsanError("IO_ERROR", "no leg in sync to copy from");
+      if (await bothZero(region, source.io as LegIo)) {
+        // Every write since both were asked went to both legs: the region is equal on them without a copy.
+        copiedRegions.push(region);
+        if (leg.rebuild !== undefined) leg.rebuild.skippedBytes += length;
+      } else {
+        // Application I/O first: wait (briefly, bounded) while requests are in flight before taking the region.
+        for (let waited = 0; waited < REBUILD_YIELD_MS_MAX && this.#readsInFlight + this.#writesInFlight.size > 0; waited++) await new Promise((resolve) => setTimeout(resolve, 1));
+        await this.#lock(region);
         try {
-          data = await (source.io as LegIo).read(offset, length);
-        } catch (error) {
-          await this.#fail(source, error);
-          throw error;
+          const from = this.#legs.find((l) => l.state === "in-sync" && l.io !== undefined);
+          if (from === undefined) throw new IpsanError("IO_ERROR", "no leg in sync to copy from");
+          let data: Buffer;
+          try {
+            data = await (from.io as LegIo).read(offset, length);
+          } catch (error) {
+            await this.#fail(from, error);
+            throw error;
+          }
+          await target.write(offset, data, false);
+        } finally {
+          this.#unlock(region);
         }
-        await target.write(offset, data, false);
-      } finally {
-        this.#unlock(region);
+        copiedRegions.push(region);
+        if (leg.rebuild !== undefined) leg.rebuild.copiedBytes += length;
       }
-      copiedRegions.push(region);
-      if (leg.rebuild !== undefined) leg.rebuild.copiedBytes += length;
       const now = this.#now();
       if (now - lastCheckpoint >= this.#options.rebuildCheckpointMs) {
         // The checkpoint: what was copied is durable on the target before its bits are cleared on record.
@@ -772,6 +1031,8 @@ export class Mirror implements BlockDevice {
       const copied = leg.rebuild?.copiedBytes ?? 0;
       const due = started + (copied / this.#options.rebuildBytesPerSecond) * 1000;
       if (due > now) await new Promise((resolve) => setTimeout(resolve, Math.min(1000, due - now)));
+      // Behind by more than a second (stalled, or yielding): that time is not made up in a burst above the ceiling.
+      else if (now - due > REBUILD_CATCH_UP_MS_MAX) started += now - due - REBUILD_CATCH_UP_MS_MAX;
     }
     if (this.#closed || leg.state !== "rebuilding" || leg.io !== target) return;
     await checkpoint();
@@ -792,8 +1053,9 @@ export class Mirror implements BlockDevice {
     await step;
     await this.#persist(true);
     const copied = leg.rebuild?.copiedBytes ?? 0;
+    const skipped = leg.rebuild?.skippedBytes ?? 0;
     leg.rebuild = undefined;
-    log.info("mirror leg in sync", { mirror: this.mirrorId, leg: leg.id, copiedBytes: copied, generation: this.#generation });
+    log.info("mirror leg in sync", { mirror: this.mirrorId, leg: leg.id, copiedBytes: copied, skippedBytes: skipped, generation: this.#generation });
     this.#options.onEvent?.({ type: "leg-in-sync", leg: leg.id, copiedBytes: copied, generation: this.#generation });
   }
 
@@ -821,4 +1083,61 @@ export class Mirror implements BlockDevice {
     if (list === undefined) wake();
     else list.push(wake);
   }
+}
+
+/** The newer of a leg's two header slots. */
+async function readHeader(io: LegIo, dataBytes: number): Promise<ReturnType<typeof newestHeader>> {
+  const slots: Buffer[] = [];
+  for (let slot = 0; slot < HEADER_SLOTS; slot++) slots.push(await io.read(headerSlotOffset(dataBytes, slot), HEADER_SLOT_BYTES));
+  return newestHeader(slots);
+}
+
+/**
+ * True when BLOCK_STATUS shows bytes that do not read as zeroes in the data
+ * area of a leg without mirror metadata (someone's data), or when the answer
+ * takes more than BLOCK_STATUS_ASKS_MAX requests (so many runs: taken as
+ * data). A leg that cannot answer BLOCK_STATUS at all is taken as blank
+ * (units zero new volumes).
+ */
+async function holdsData(io: LegIo, dataBytes: number): Promise<boolean> {
+  const status = io.blockStatus;
+  if (status === undefined) return false;
+  let at = 0;
+  try {
+    for (let asks = 0; at < dataBytes; asks++) {
+      if (asks >= BLOCK_STATUS_ASKS_MAX) return true;
+      const runs = await status.call(io, at, dataBytes - at);
+      if (runs.length === 0) return true;
+      for (const run of runs) {
+        if (!run.zero) return true;
+        at += Math.max(1, run.lengthBytes);
+      }
+    }
+    return false;
+  } catch (error) {
+    log.limited("mirror_block_status", "BLOCK_STATUS failed; taking the leg as blank", { error: errorMessage(error) });
+    return false;
+  }
+}
+
+/** BLOCK_STATUS runs covering [offsetBytes, offsetBytes + lengthBytes) exactly (asking again while the answer is short). */
+async function zeroRuns(io: LegIo, offsetBytes: number, lengthBytes: number): Promise<{ offsetBytes: number; lengthBytes: number; zero: boolean }[]> {
+  const status = io.blockStatus;
+  if (status === undefined) throw new IpsanError("NOT_SUPPORTED", "no BLOCK_STATUS");
+  const out: { offsetBytes: number; lengthBytes: number; zero: boolean }[] = [];
+  const end = offsetBytes + lengthBytes;
+  let at = offsetBytes;
+  for (let asks = 0; at < end; asks++) {
+    if (asks >= BLOCK_STATUS_ASKS_MAX) throw new IpsanError("IO_ERROR", `BLOCK_STATUS did not cover ${lengthBytes} bytes in ${BLOCK_STATUS_ASKS_MAX} requests`);
+    const runs = await status.call(io, at, end - at);
+    if (runs.length === 0) throw new IpsanError("IO_ERROR", "BLOCK_STATUS answered no extent");
+    for (const run of runs) {
+      if (run.lengthBytes <= 0) throw new IpsanError("IO_ERROR", "BLOCK_STATUS answered an empty extent");
+      const length = Math.min(run.lengthBytes, end - at);
+      out.push({ offsetBytes: at, lengthBytes: length, zero: run.zero });
+      at += length;
+      if (at >= end) break;
+    }
+  }
+  return out;
 }

@@ -10,8 +10,13 @@
 //   its old or its new bytes, the same from every leg (the intent bitmap);
 // - the mirror reports an I/O error only when no leg is in sync;
 // - once every leg is back in sync, every leg's data equals the shadow.
-// A canary runs the same simulation against a copy of the compiled engine
-// that reads from rebuilding legs too, and must fail.
+// A leg whose unit "never returns" is also replaced (Mirror.setLegs) by a
+// blank leg with a new id, racing writes, failures and engine crashes (the
+// restarted engine is given the new leg set, as the agent's legs file
+// would).
+// Canaries run the same simulation against copies of the compiled engine
+// that read from rebuilding legs, forget writes in flight for a returning
+// leg, or put a replacement leg in service without a rebuild; each must fail.
 
 import assert from "node:assert/strict";
 import { readFileSync, rmSync, writeFileSync } from "node:fs";
@@ -30,7 +35,8 @@ const SEEDS = 16;
 const STEPS = 160;
 const DATA_BYTES = 8 * 1024 * 1024;
 const LEG_COUNT = 2;
-const CANARY_SEEDS_MAX = 16;
+// A canary stops at the first seed that catches it; most catch within a few seeds, the bound keeps a rare miss from failing the run.
+const CANARY_SEEDS_MAX = 48;
 
 interface MirrorClass {
   open(mirrorId: string, exportName: string, specs: readonly LegSpec[], options?: MirrorOptions): Promise<Mirror>;
@@ -118,14 +124,15 @@ interface Run {
   readonly problems: string[];
   /** What happened, in order: printed when a seed fails. */
   readonly trace: string[];
-  readonly stats: { writes: number; reads: number; legDowns: number; blanks: number; crashes: number; refusals: number; rebuildsDone: number };
+  readonly stats: { writes: number; reads: number; legDowns: number; blanks: number; crashes: number; refusals: number; rebuildsDone: number; replacements: number };
 }
 
 async function simulate(MirrorImpl: MirrorClass, seed: number): Promise<Run> {
   const random = prng(seed);
   const disks = Array.from({ length: LEG_COUNT }, (_, i) => new MemDisk(`leg${i}`));
   const shadow = Buffer.alloc(DATA_BYTES);
-  const run: Run = { problems: [], trace: [], stats: { writes: 0, reads: 0, legDowns: 0, blanks: 0, crashes: 0, refusals: 0, rebuildsDone: 0 } };
+  const run: Run = { problems: [], trace: [], stats: { writes: 0, reads: 0, legDowns: 0, blanks: 0, crashes: 0, refusals: 0, rebuildsDone: 0, replacements: 0 } };
+  let nextDisk = LEG_COUNT;
   const trace = (text: string): void => {
     if (run.trace.length < 2000) run.trace.push(text);
   };
@@ -241,7 +248,7 @@ async function simulate(MirrorImpl: MirrorClass, seed: number): Promise<Run> {
         trace(`${disk.id} down`);
         run.stats.legDowns += 1;
       }
-    } else if (roll < 0.88) {
+    } else if (roll < 0.86) {
       const disk = disks.find((d) => !d.up);
       if (disk !== undefined) {
         if (random() < 0.2) {
@@ -251,7 +258,21 @@ async function simulate(MirrorImpl: MirrorClass, seed: number): Promise<Run> {
         disk.up = true;
         trace(`${disk.id} up`);
       }
-    } else if (roll < 0.93) {
+    } else if (roll < 0.91) {
+      // A leg's unit never returns: once its failure is on record (a flush waits for that), a blank leg takes its place.
+      const at = m.status().findIndex((l) => l.state === "failed");
+      const old = disks[at];
+      if (old !== undefined && !old.up) {
+        await m.flush().catch(() => undefined);
+        const disk = new MemDisk(`leg${nextDisk++}`);
+        disks[at] = disk;
+        run.stats.replacements += 1;
+        trace(`${old.id} replaced by ${disk.id}`);
+        // Not awaited: writes, failures and a crash may come while the new leg goes on record.
+        const change = m.setLegs(specs()).catch((error: unknown) => trace(`setLegs: ${String(error)}`));
+        if (random() < 0.5) await change;
+      }
+    } else if (roll < 0.96) {
       // The engine crashes (kill -9): its connections die, writes in flight become uncertain.
       epoch.alive = false;
       for (const d of disks) for (const c of [...d.connections]) c.destroy("engine killed");
@@ -307,24 +328,27 @@ async function simulate(MirrorImpl: MirrorClass, seed: number): Promise<Run> {
 
 test(`mirror engine: random leg failures, blank replacements and engine crashes never lose an acknowledged write (${SEEDS} seeds)`, async () => {
   const base = Number(process.env["IPSAN_MIRROR_SEED"] ?? Math.floor(Math.random() * 1e9));
-  const totals = { writes: 0, reads: 0, legDowns: 0, blanks: 0, crashes: 0, refusals: 0, rebuildsDone: 0 };
+  const totals = { writes: 0, reads: 0, legDowns: 0, blanks: 0, crashes: 0, refusals: 0, rebuildsDone: 0, replacements: 0 };
   for (let i = 0; i < SEEDS; i++) {
     const run = await simulate(Mirror, base + i);
     for (const key of Object.keys(totals) as (keyof typeof totals)[]) totals[key] += run.stats[key];
     if (run.problems.length > 0) console.log(`seed ${base + i} trace:\n${run.trace.join("\n")}`);
     assert.deepEqual(run.problems, [], `IPSAN_MIRROR_SEED=${base}`);
   }
-  assert.ok(totals.legDowns > 10 && totals.crashes > 3 && totals.reads > 100, `exercised: ${JSON.stringify(totals)}`);
+  assert.ok(totals.legDowns > 10 && totals.crashes > 3 && totals.reads > 100 && totals.replacements > 3, `exercised: ${JSON.stringify(totals)}`);
   console.log(`mirror sim: ${JSON.stringify(totals)} (IPSAN_MIRROR_SEED=${base})`);
 });
 
 /** Runs the simulation on a copy of the compiled engine with one edit; returns the first problem found. */
-async function canary(from: string, to: string, what: string): Promise<string> {
+async function canary(from: string, to: string, what: string, more: readonly (readonly [string, string])[] = []): Promise<string> {
   const here = dirname(fileURLToPath(import.meta.url));
-  const text = readFileSync(join(here, "mirror.js"), "utf8");
-  assert.equal(text.split(from).length, 2, `the compiled engine has exactly one "${from}" (update the canary if the code moved)`);
+  let text = readFileSync(join(here, "mirror.js"), "utf8");
+  for (const [a, b] of [[from, to] as const, ...more]) {
+    assert.equal(text.split(a).length, 2, `the compiled engine has exactly one "${a}" (update the canary if the code moved)`);
+    text = text.replace(a, b);
+  }
   const copy = join(here, `mirror_canary_${process.pid}_${Math.floor(Math.random() * 1e9)}.js`);
-  writeFileSync(copy, text.replace(from, to));
+  writeFileSync(copy, text);
   try {
     const broken = (await import(pathToFileURL(copy).href)) as { Mirror: MirrorClass };
     const base = Math.floor(Math.random() * 1e9);
@@ -346,4 +370,11 @@ test("canary: an engine that reads from a rebuilding leg is caught", async () =>
 test("canary: an engine that forgets writes in flight when a leg comes back is caught", async () => {
   const merge = "for (const region of this.#intent.setRegions(this.regions))\n            leg.missed.set(region);\n        leg.state = \"rebuilding\";";
   console.log(`canary caught: ${await canary(merge, 'leg.state = "rebuilding";', "a returning leg that misses writes in flight")}`);
+});
+
+test("canary: an engine that puts a replacement leg in service without a full rebuild is caught", async () => {
+  const missed = "const missed = new Bitmap();\n            for (let r = 0; r < this.regions; r++)\n                missed.set(r);";
+  // Both places that make a replacement lack every region: setLegs, and the check when it connects (no metadata on it).
+  const onConnect = "if (check.empty)\n            for (let r = 0; r < this.regions; r++)\n                leg.missed.set(r);";
+  console.log(`canary caught: ${await canary(missed, "const missed = new Bitmap();", "a replacement leg promoted before its rebuild", [[onConnect, ""]])}`);
 });
