@@ -117,6 +117,17 @@ export const MIGRATIONS: readonly Migration[] = [
       ) WITHOUT ROWID;
     `,
   },
+  // Numbered 6: migration 5 (leg replacement) is written in parallel on another branch; the
+  // runner applies whatever is newer than the database, so the gap is harmless until it lands.
+  {
+    version: 6,
+    description: "spare hosts, and assignments a host failover moved (from which host, when the move finished)",
+    sql: `
+      ALTER TABLE hosts ADD COLUMN spare INTEGER NOT NULL DEFAULT 0;
+      ALTER TABLE assignments ADD COLUMN moved_from TEXT;
+      ALTER TABLE assignments ADD COLUMN moved_at INTEGER;
+    `,
+  },
 ];
 
 export function schemaVersion(db: Db): number {

@@ -76,6 +76,8 @@ export interface UnitRecord {
 export interface HostRecord {
   readonly name: string;
   readonly address: string;
+  /** A spare host (`ipsan host agent --spare`): a failed host's assignments move to it (host_failover.ts). */
+  readonly spare?: boolean;
   readonly lastSeenAtMs: number;
   readonly createdAtMs: number;
 }
@@ -136,6 +138,13 @@ export interface AssignmentRecord {
   readonly detail: AssignmentDetail | null;
   readonly createdAtMs: number;
   readonly updatedAtMs: number;
+  /**
+   * Host failover (host_failover.ts): the host the assignment was moved from.
+   * Set with movedAtMs null while the old host is being fenced (no host is
+   * granted then); movedAtMs is when the move finished (the new host granted).
+   */
+  readonly movedFrom?: string | null;
+  readonly movedAtMs?: number | null;
 }
 
 /** A unit's own description of itself and its volumes (discovery storage info or GET /v1/info). */
