@@ -5,13 +5,17 @@
 // heartbeat: re-attaching works from the records alone, so a host comes back
 // to its volumes even while the station is down (the out-of-band design).
 // When the station is reachable, a recorded attachment whose assignment the
-// station no longer has (released by an admin) is detached instead.
+// station no longer has (released by an admin, or moved to a spare host after
+// this host went silent: docs/adr/0010) is detached instead. And an
+// assignment the station moved to this host (host failover: movedFrom set,
+// the move finished) that has no record here is attached (--takeover-mode),
+// then kept attached like any other.
 
 import { IpsanError, errorMessage } from "../util/errors.ts";
 import { logger } from "../util/log.ts";
-import { attachmentAlive, detach, reattach } from "./attach.ts";
-import type { HostState } from "./state.ts";
-import { sourceAddressToward, type StationClient } from "./station_client.ts";
+import { attach, attachmentAlive, detach, reattach } from "./attach.ts";
+import type { AttachMode, HostState } from "./state.ts";
+import { sourceAddressToward, type Assignment, type StationAssignment, type StationClient } from "./station_client.ts";
 
 const log = logger("host-agent");
 
@@ -28,6 +32,10 @@ export interface AgentOptions {
   readonly address: string | undefined;
   readonly heartbeatIntervalMs: number;
   readonly reattach: boolean;
+  /** Registers the host as a spare (failover target). */
+  readonly spare?: boolean;
+  /** How an assignment moved to this host is attached (default nbd). */
+  readonly takeoverMode?: Extract<AttachMode, "nbd" | "fuse">;
 }
 
 export class HostAgent {
@@ -71,14 +79,49 @@ export class HostAgent {
 
   async #check(): Promise<void> {
     await this.#register();
-    if (this.#options.reattach) await this.#reattachAll();
+    if (this.#options.reattach) {
+      await this.#takeOver();
+      await this.#reattachAll();
+    }
+  }
+
+  /** Attaches the assignments a host failover moved to this host that have no record here yet. */
+  async #takeOver(): Promise<void> {
+    const { client, host, state } = this.#options;
+    let moved: Assignment[];
+    try {
+      moved = (await client.assignments()).filter(
+        (a) => a.host === host && a.state === "active" && (a.movedFrom ?? null) !== null && (a.movedAt ?? null) !== null,
+      );
+    } catch {
+      return; // the station is away: nothing new can have been moved here meanwhile
+    }
+    for (const assignment of moved) {
+      if (this.#stopping) return;
+      try {
+        if ((await state.get(String(assignment.id))) !== undefined) continue;
+        const mode = this.#options.takeoverMode ?? "nbd";
+        const record = await attach(state, { assignment: assignment as StationAssignment, station: client.baseUrl.href, host, mode });
+        log.info("took over an assignment moved from a failed host", {
+          assignment: record.assignmentId,
+          from: assignment.movedFrom ?? "",
+          mode: record.mode,
+          path: record.path,
+        });
+      } catch (error) {
+        log.limited(`takeover:${assignment.id}`, "cannot attach an assignment moved to this host (will retry)", {
+          assignment: assignment.id,
+          error: errorMessage(error),
+        });
+      }
+    }
   }
 
   async #register(): Promise<void> {
     const { client, host } = this.#options;
     try {
       let address = this.#options.address;
-      if (address === undefined) {
+      if (address === undefined && this.#options.spare !== true) {
         // Without --address, a host the station knows keeps the address it has (a heartbeat
         // is enough); an unknown one is registered with the address our connections come from.
         try {
@@ -89,10 +132,11 @@ export class HostAgent {
         } catch (error) {
           if (!(error instanceof IpsanError && error.code === "NOT_FOUND")) throw error;
         }
-        address = await sourceAddressToward(client.baseUrl);
       }
-      await client.registerHost(host, address);
-      if (!this.#registered) log.info("registered", { host, address });
+      // A spare says so at every registration (the flag is recorded by the station).
+      address ??= await sourceAddressToward(client.baseUrl);
+      await client.registerHost(host, address, this.#options.spare === true ? true : undefined);
+      if (!this.#registered) log.info(this.#options.spare === true ? "registered as a spare host" : "registered", { host, address });
       this.#registered = true;
     } catch (error) {
       this.#registered = false;
@@ -112,7 +156,10 @@ export class HostAgent {
         log.limited("heartbeat", "heartbeat failed (will retry)", { error: errorMessage(error) });
       }
     }
-    if (this.#options.reattach && this.#beats % ATTACHMENT_CHECK_EVERY_BEATS === 0) await this.#reattachAll();
+    if (this.#options.reattach && this.#beats % ATTACHMENT_CHECK_EVERY_BEATS === 0) {
+      await this.#takeOver();
+      await this.#reattachAll();
+    }
   }
 
   async #reattachAll(): Promise<void> {

@@ -51,6 +51,9 @@ export interface Assignment {
   readonly copies?: number;
   /** A mirror's legs; empty (or absent) for a single copy. */
   readonly legs?: readonly AssignmentLeg[];
+  /** Host failover: the host it was moved from (null: never moved); movedAt null while that host is being fenced. */
+  readonly movedFrom?: string | null;
+  readonly movedAt?: string | null;
 }
 
 /**
@@ -79,6 +82,7 @@ export interface HostInfo {
   readonly name: string;
   readonly address?: string | null;
   readonly state: string;
+  readonly spare?: boolean;
   readonly lastSeenAt?: string | null;
 }
 
@@ -229,8 +233,10 @@ export class StationClient {
     return parsed;
   }
 
-  async registerHost(name: string, address: string | undefined): Promise<HostInfo | undefined> {
-    return (await this.call("PUT", `/api/v1/hosts/${encodeURIComponent(name)}`, address === undefined ? {} : { address })) as
+  /** PUT /api/v1/hosts/NAME; `spare` given: registers (true) or unregisters (false) a spare host. */
+  async registerHost(name: string, address: string | undefined, spare?: boolean): Promise<HostInfo | undefined> {
+    const body = { ...(address === undefined ? {} : { address }), ...(spare === undefined ? {} : { spare }) };
+    return (await this.call("PUT", `/api/v1/hosts/${encodeURIComponent(name)}`, body)) as
       | HostInfo
       | undefined;
   }
