@@ -15,6 +15,7 @@ import { connect } from "node:net";
 import fc from "fast-check";
 import { runOk } from "../testing/process.ts";
 import { errorOf, startStation, type RunningStation } from "./harness.ts";
+import { MIGRATIONS } from "./db.ts";
 
 let station: RunningStation;
 
@@ -292,7 +293,7 @@ test("state survives a restart; the database is WAL with its schema version", as
   assert.equal(code, 0, "clean stop on SIGTERM");
   const db = `${station.dataDir}/station.db`;
   const version = await runOk("sqlite3", [db, "SELECT max(version) FROM schema_version"], { timeoutMs: 10_000 });
-  assert.equal(version.stdout.trim(), "4");
+  assert.equal(version.stdout.trim(), String(MIGRATIONS.at(-1)?.version));
   const mode = await runOk("sqlite3", [db, "PRAGMA journal_mode"], { timeoutMs: 10_000 });
   assert.equal(mode.stdout.trim(), "wal");
   const row = await runOk("sqlite3", [db, "SELECT address FROM hosts WHERE name = 'durable-host'"], { timeoutMs: 10_000 });
