@@ -46,6 +46,8 @@ export interface NbdClientOptions {
   readonly requestTimeoutMs?: number;
   /** Requests on the wire at once; more wait in order. */
   readonly inFlightMax?: number;
+  /** Source address of the TCP connection (a test speaking as a given host, e.g. 127.0.0.2). */
+  readonly localAddress?: string;
 }
 
 interface Pending {
@@ -81,7 +83,7 @@ export class NbdClient {
     if (!this.#socket.destroyed) this.#socket.uncork();
   };
 
-  private constructor(socket: net.Socket, queue: ByteQueue, sizeBytes: number, flags: number, options: Required<NbdClientOptions>) {
+  private constructor(socket: net.Socket, queue: ByteQueue, sizeBytes: number, flags: number, options: Required<Omit<NbdClientOptions, "localAddress">>) {
     this.#socket = socket;
     this.#queue = queue;
     this.sizeBytes = sizeBytes;
@@ -100,7 +102,12 @@ export class NbdClient {
   static async connect(target: NbdTarget | string, options: NbdClientOptions = {}): Promise<NbdClient> {
     const resolved = typeof target === "string" ? parseNbdUri(target) : target;
     const settings = { ...DEFAULTS, ...options };
-    const socket = "path" in resolved ? net.connect(resolved.path) : net.connect({ host: resolved.host, port: resolved.port, noDelay: true });
+    const socket = "path" in resolved ? net.connect(resolved.path) : net.connect({
+            host: resolved.host,
+            port: resolved.port,
+            noDelay: true,
+            ...(options.localAddress === undefined ? {} : { localAddress: options.localAddress }),
+          });
     const queue = new ByteQueue();
     const where = "path" in resolved ? `nbd+unix:///${resolved.exportName}?socket=${resolved.path}` : `nbd://${resolved.host}:${resolved.port}/${resolved.exportName}`;
     let wake: (() => void) | undefined;
