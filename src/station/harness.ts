@@ -51,6 +51,8 @@ export interface StationOptions {
   readonly keepData?: boolean;
   /** UDP discovery address (default 127.0.0.1:0); a restart passes the old one so units find it again. */
   readonly discovery?: string;
+  /** Another bin/ipsan (a canary's patched build, src/testing/patched_build.ts with nodeModules). */
+  readonly bin?: string;
 }
 
 const READY = /^ipsan station ready http:\/\/(\S+)$/;
@@ -63,7 +65,7 @@ export async function startStation(options: StationOptions = {}): Promise<Runnin
   const args = ["station", "--data", dataDir, "--http", "127.0.0.1:0", "--discovery", options.discovery ?? "127.0.0.1:0", ...(options.extraArgs ?? [])];
   // IPSAN_STATION_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" profiles the station (benchmarks).
   const nodeArgs = (process.env["IPSAN_STATION_NODE_ARGS"] ?? "").split(" ").filter((a) => a !== "");
-  const child = spawn(process.execPath, [...nodeArgs, IPSAN_BIN, ...args], { env: childEnv(options.env), stdio: ["ignore", "pipe", "pipe"] });
+  const child = spawn(process.execPath, [...nodeArgs, options.bin ?? IPSAN_BIN, ...args], { env: childEnv(options.env), stdio: ["ignore", "pipe", "pipe"] });
   killOnExit(child);
   let stderr = "";
   child.stderr?.setEncoding("utf8");

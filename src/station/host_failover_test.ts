@@ -14,18 +14,23 @@
 //   the old host already fenced on the unit that answered, and the spare
 //   granted NOWHERE while it waits; SIGCONT: the move finishes;
 // - no spare online: failover-waiting, nothing moves; --host-failover-after is
-//   validated (a bare number is refused).
+//   validated (a bare number is refused);
+// - canaries: a station that grants the spare during the move (before every
+//   unit confirmed the fence), or that finishes the move without every
+//   unit's confirmation, fails the blocked-move check.
 
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { NbdClient } from "../nbd/client.ts";
 import { controlOk } from "../testing/control.ts";
 import { run, waitFor } from "../testing/process.ts";
-import { IPSAN_BIN, type RunningUnit } from "../testing/unit.ts";
+import { patchedBuild } from "../testing/patched_build.ts";
+import { IPSAN_BIN, REPO_ROOT, type RunningUnit } from "../testing/unit.ts";
 import { startStation, type RunningStation } from "./harness.ts";
 import { chooseSpare, failedHosts } from "./host_failover.ts";
 import { heldVolumes, startJoinedUnit, unitVolume, type Assignment } from "./pool_harness.ts";
 import type { AssignmentRecord, HostRecord } from "./types.ts";
+import { UNIT_CALL_TIMEOUT_MS } from "./unit_client.ts";
 
 const FAILOVER_AFTER_MS = 2_000;
 const H1 = "127.0.0.2";
@@ -35,57 +40,85 @@ const H4 = "127.0.0.5";
 
 type Moved = Assignment & { movedFrom: string | null; movedAt: string | null };
 
+/** A station with --host-failover-after 2s and units joined to it; the hosts in `beating` heartbeat like agents (every 300 ms). */
+class Pool {
+  readonly beating = new Set<string>();
+  readonly #timer: NodeJS.Timeout;
+  readonly station: RunningStation;
+  readonly units: RunningUnit[];
+
+  private constructor(station: RunningStation, units: RunningUnit[]) {
+    this.station = station;
+    this.units = units;
+    this.#timer = setInterval(() => {
+      for (const host of this.beating) void station.api("POST", `/api/v1/hosts/${host}/heartbeat`, {}).catch(() => undefined);
+    }, 300);
+  }
+
+  /** `bin`: another bin/ipsan for the station (a canary's patched build). */
+  static async start(unitNames: readonly string[], bin?: string): Promise<Pool> {
+    const station = await startStation({
+      extraArgs: ["--host-failover-after", "2s", "--host-offline-after-ms", "1500", "--reconcile-interval-ms", "500", "--pending-deadline-ms", "5000"],
+      ...(bin === undefined ? {} : { bin }),
+    });
+    const units = await Promise.all(unitNames.map((name) => startJoinedUnit(station, { name, capacity: "128M" })));
+    return new Pool(station, units);
+  }
+
+  async close(): Promise<void> {
+    clearInterval(this.#timer);
+    for (const unit of this.units) if (unit.pid > 0) process.kill(unit.pid, "SIGCONT");
+    await Promise.all(this.units.map((u) => u.close()));
+    await this.station.close();
+  }
+
+  unit(name: string): RunningUnit {
+    const unit = this.units.find((u) => u.name === name);
+    if (unit === undefined) throw new Error(`no unit ${name}`);
+    return unit;
+  }
+
+  async register(host: string, address: string, spare: boolean): Promise<void> {
+    const put = await this.station.api("PUT", `/api/v1/hosts/${host}`, { address, spare });
+    assert.ok(put.status === 200 || put.status === 201, put.text);
+    assert.equal((put.body as { spare?: boolean }).spare, spare);
+    this.beating.add(host);
+  }
+
+  async allocate(host: string, address: string, copies: number, requestId: string): Promise<Assignment> {
+    const response = await this.station.api("POST", "/api/v1/allocations", { requestId, host, sizeBytes: "8M", address, copies });
+    assert.equal(response.status, 201, response.text);
+    return response.body as Assignment;
+  }
+
+  async assignment(id: string): Promise<Moved> {
+    const response = await this.station.api("GET", `/api/v1/assignments/${id}`);
+    assert.equal(response.status, 200, response.text);
+    return response.body as Moved;
+  }
+}
+
+let pool: Pool;
 let station: RunningStation;
-let units: RunningUnit[] = [];
-const beating = new Set<string>();
-let beatTimer: NodeJS.Timeout | undefined;
 
 before(async () => {
-  station = await startStation({
-    extraArgs: ["--host-failover-after", "2s", "--host-offline-after-ms", "1500", "--reconcile-interval-ms", "500", "--pending-deadline-ms", "5000"],
-  });
-  units = await Promise.all(["f1", "f2", "f3"].map((name) => startJoinedUnit(station, { name, capacity: "128M" })));
-  // The hosts that are alive heartbeat like an agent would (every 300 ms).
+  pool = await Pool.start(["f1", "f2", "f3"]);
+  station = pool.station;
   await collectEvents();
-  beatTimer = setInterval(() => {
-    for (const host of beating) void station.api("POST", `/api/v1/hosts/${host}/heartbeat`, {}).catch(() => undefined);
-  }, 300);
 });
 after(async () => {
-  clearInterval(beatTimer);
   streamAbort.abort();
-  for (const unit of units) if (unit.pid > 0) process.kill(unit.pid, "SIGCONT");
-  await Promise.all(units.map((u) => u.close()));
-  await station?.close();
+  await pool?.close();
 });
 
-function unitNamed(name: string): RunningUnit {
-  const unit = units.find((u) => u.name === name);
-  if (unit === undefined) throw new Error(`no unit ${name}`);
-  return unit;
-}
-
-async function register(host: string, address: string, spare: boolean): Promise<void> {
-  const put = await station.api("PUT", `/api/v1/hosts/${host}`, { address, spare });
-  assert.ok(put.status === 200 || put.status === 201, put.text);
-  assert.equal((put.body as { spare?: boolean }).spare, spare);
-  beating.add(host);
-}
-
-async function allocate(host: string, address: string, copies: number, requestId: string): Promise<Assignment> {
-  const response = await station.api("POST", "/api/v1/allocations", { requestId, host, sizeBytes: "8M", address, copies });
-  assert.equal(response.status, 201, response.text);
-  return response.body as Assignment;
-}
-
-async function assignment(id: string): Promise<Moved> {
-  const response = await station.api("GET", `/api/v1/assignments/${id}`);
-  assert.equal(response.status, 200, response.text);
-  return response.body as Moved;
-}
+const unitNamed = (name: string): RunningUnit => pool.unit(name);
+const register = (host: string, address: string, spare: boolean): Promise<void> => pool.register(host, address, spare);
+const allocate = (host: string, address: string, copies: number, requestId: string): Promise<Assignment> => pool.allocate(host, address, copies, requestId);
+const assignment = (id: string): Promise<Moved> => pool.assignment(id);
 
 interface Event {
   seq: number;
+  at: string;
   type: string;
   action: string;
   subject: string;
@@ -180,7 +213,7 @@ test("a silent host's assignments move to the spare: fenced on every unit first 
   const since = lastSeq();
   const before = await refused(singleUnit);
   const silentFromMs = Date.now();
-  beating.delete("h1");
+  pool.beating.delete("h1");
 
   const moved = await waitFor(
     "both assignments moved to the spare",
@@ -210,8 +243,10 @@ test("a silent host's assignments move to the spare: fenced on every unit first 
     assert.ok(started.seq < fenced.seq && fenced.seq < done.seq, "started < fenced < moved");
   }
 
-  // The unit closed h1's idle connection at once (no request of h1's made it notice).
+  // The unit closed h1's idle connection at once (no request of h1's made it notice): before the fence was confirmed.
   assert.ok(closedAtMs !== undefined, "the old host's open connection was closed by the unit");
+  const fencedAt = Date.parse(list.find((e) => e.action === "failover-fenced" && e.subject === single.id)?.at ?? "");
+  assert.ok(closedAtMs <= fencedAt + 500, `closed at once: ${closedAtMs - fencedAt} ms after the fence was confirmed`);
   await assert.rejects(conn.write(0, Buffer.alloc(4096, 0x22), true), "the old connection takes no write");
   await conn.close().catch(() => undefined);
   // h1 comes back and tries again: refused, and counted.
@@ -227,49 +262,103 @@ test("a silent host's assignments move to the spare: fenced on every unit first 
   }
 });
 
-test("a unit that does not answer blocks the move: the spare is granted nowhere until every unit confirmed the old host is fenced", async () => {
-  await register("h3", H3, false);
-  const mirror = await allocate("h3", H3, 2, "hf-blocked");
+/**
+ * h (on `address`) holds a mirror over two units; one unit is frozen (SIGSTOP)
+ * and h falls silent. The move starts (movedFrom set), and for longer than
+ * the station's unit call timeout: the answering unit has fenced h and grants
+ * NOBODY, the spare is granted nowhere, the move is not finished. Then the
+ * frozen unit wakes: the move finishes and both units grant the spare only.
+ */
+async function blockedMove(p: Pool, host: string, address: string, spareAddress: string): Promise<string> {
+  await p.register(host, address, false);
+  const mirror = await p.allocate(host, address, 2, `hf-blocked-${host}`);
   const legs = heldVolumes(mirror);
-  const stopped = unitNamed(legs[1]?.unit ?? "");
-  const answering = unitNamed(legs[0]?.unit ?? "");
-  const since = lastSeq();
+  const stopped = p.unit(legs[1]?.unit ?? "");
+  const answering = p.unit(legs[0]?.unit ?? "");
   process.kill(stopped.pid, "SIGSTOP");
   try {
-    beating.delete("h3");
-    // Waiting: the answering unit has fenced h3 and grants nobody; the spare is granted nowhere.
-    await events(since, (e) => e.action === "failover-waiting" && e.data["assignment"] === mirror.id, FAILOVER_AFTER_MS + 15_000);
-    const watchUntil = Date.now() + 2_000;
+    p.beating.delete(host);
+    await waitFor(
+      "the move started",
+      async () => ((await p.assignment(mirror.id)).movedFrom === host ? true : undefined),
+      { timeoutMs: FAILOVER_AFTER_MS + 10_000, intervalMs: 100 },
+    );
+    // Longer than the unit call timeout (5 s): the frozen unit's answer is given up on while we watch.
+    const watchUntil = Date.now() + UNIT_CALL_TIMEOUT_MS + 2_000;
+    let fenced = false;
     while (Date.now() < watchUntil) {
       const grants = (await unitVolume(answering, legs[0]?.volume ?? "")).grants;
-      assert.deepEqual(grants, [], "fenced on the unit that answered, and the spare not granted while another unit waits");
-      const now = await assignment(mirror.id);
-      assert.equal(now.movedAt, null, "the move is not finished");
-      assert.equal(now.movedFrom, "h3");
+      assert.ok(!grants.includes(spareAddress), `the spare must not be granted while a unit has not confirmed the fence: ${answering.name} grants ${JSON.stringify(grants)}`);
+      if (grants.length === 0) fenced = true;
+      else assert.ok(!fenced, `fenced once, never granted again: ${JSON.stringify(grants)}`);
+      const now = await p.assignment(mirror.id);
+      assert.equal(now.movedAt, null, "the move is not finished while a unit has not confirmed");
       await new Promise((resolve) => setTimeout(resolve, 200));
     }
+    assert.ok(fenced, `the unit that answers fenced ${host} at once`);
   } finally {
     process.kill(stopped.pid, "SIGCONT");
   }
   const done = await waitFor(
     "the move finished once the unit answers",
     async () => {
-      const a = await assignment(mirror.id);
+      const a = await p.assignment(mirror.id);
       return a.movedAt !== null ? a : undefined;
     },
     { timeoutMs: 20_000, intervalMs: 200 },
   );
   assert.equal(done.host, "spare");
   for (const held of heldVolumes(done)) {
-    await waitFor(`${held.unit}/${held.volume} grants the spare`, async () => {
-      const grants = (await unitVolume(unitNamed(held.unit), held.volume)).grants;
-      return JSON.stringify(grants) === JSON.stringify([SPARE]) ? true : undefined;
-    }, { timeoutMs: 10_000, intervalMs: 200 });
+    await waitFor(
+      `${held.unit}/${held.volume} grants the spare only`,
+      async () => {
+        const grants = (await unitVolume(p.unit(held.unit), held.volume)).grants;
+        return JSON.stringify(grants) === JSON.stringify([spareAddress]) ? true : undefined;
+      },
+      { timeoutMs: 10_000, intervalMs: 200 },
+    );
   }
+  return mirror.id;
+}
+
+test("a unit that does not answer blocks the move: the spare is granted nowhere until every unit confirmed the old host is fenced", async () => {
+  const since = lastSeq();
+  const id = await blockedMove(pool, "h3", H3, SPARE);
+  const list = await events(since, (e) => e.action === "failover-moved" && e.subject === id);
+  const waiting = list.find((e) => e.action === "failover-waiting" && e.data["assignment"] === id);
+  assert.ok(waiting !== undefined && waiting.type === "host" && waiting.subject === "h3", JSON.stringify(list.map((e) => `${e.action}:${e.subject}`)));
+  assert.match(String(waiting.data["reason"]), /did not confirm/);
 });
 
+for (const canary of [
+  {
+    what: "grants the spare before the old host is fenced everywhere (desiredGrants counts a move in progress)",
+    edit: { file: "dist/station/station.js", from: "            if (isFencing(a))\n                continue;\n", to: "" },
+  },
+  {
+    what: "finishes the move without every unit's confirmation",
+    edit: { file: "dist/station/host_failover.js", from: "if (blocked.length > 0) {", to: "if (false) {" },
+  },
+]) {
+  test(`canary: a station that ${canary.what} fails the blocked-move check`, async () => {
+    const build = patchedBuild("canary-failover", [canary.edit], REPO_ROOT, { nodeModules: true });
+    let canaryPool: Pool | undefined;
+    try {
+      canaryPool = await Pool.start(["c1", "c2"], build.ipsanBin);
+      await canaryPool.register("spare", SPARE, true);
+      await assert.rejects(blockedMove(canaryPool, "hc", H1, SPARE), (error: Error) => {
+        assert.match(error.message, /must not be granted|not finished/, `the canary fails at the fencing check: ${error.message}`);
+        return true;
+      });
+    } finally {
+      await canaryPool?.close();
+      build.remove();
+    }
+  });
+}
+
 test("no spare online: failover-waiting, nothing moves", async () => {
-  beating.delete("spare");
+  pool.beating.delete("spare");
   await register("h4", H4, false);
   const single = await allocate("h4", H4, 1, "hf-nospare");
   await waitFor("the spare offline", async () => {
@@ -277,7 +366,7 @@ test("no spare online: failover-waiting, nothing moves", async () => {
     return (h.body as { state: string }).state === "offline" ? true : undefined;
   }, { timeoutMs: 10_000, intervalMs: 200 });
   const since = lastSeq();
-  beating.delete("h4");
+  pool.beating.delete("h4");
   const list = await events(since, (e) => e.action === "failover-waiting" && e.subject === "h4", FAILOVER_AFTER_MS + 10_000);
   assert.match(JSON.stringify(list.find((e) => e.action === "failover-waiting")?.data), /no spare host online/);
   const now = await assignment(single.id);

@@ -5,13 +5,14 @@
 // module), dist/ without the tests and source maps, and the native addon
 // build/Release/ipsan_io.node (dist/unit/native.js loads it by a relative
 // path). The unit imports no npm package, so node_modules is not copied; a
-// command that does (the station, better-sqlite3) would fail loudly in a copy.
+// command that does (the station, better-sqlite3) would fail loudly in a copy
+// unless `nodeModules` links the checkout's node_modules into it.
 //
 // Each edit replaces text of the compiled JavaScript and must find it exactly
 // as many times as it expects (once unless told): when the code moves, the
 // canary fails with a message saying so instead of silently testing nothing.
 
-import { cpSync, readFileSync, writeFileSync } from "node:fs";
+import { cpSync, readFileSync, realpathSync, symlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { makeTempDir } from "./tmp.ts";
 import { REPO_ROOT } from "./unit.ts";
@@ -37,9 +38,10 @@ export function occurrences(text: string, needle: string): number {
   return needle === "" ? 0 : text.split(needle).length - 1;
 }
 
-export function patchedBuild(prefix: string, edits: readonly BuildEdit[], source: string = REPO_ROOT): PatchedBuild {
+export function patchedBuild(prefix: string, edits: readonly BuildEdit[], source: string = REPO_ROOT, options: { nodeModules?: boolean } = {}): PatchedBuild {
   const dir = makeTempDir(prefix);
   try {
+    if (options.nodeModules === true) symlinkSync(realpathSync(join(source, "node_modules")), dir.file("node_modules"));
     cpSync(join(source, "package.json"), dir.file("package.json"));
     cpSync(join(source, "bin"), dir.file("bin"), { recursive: true });
     cpSync(join(source, "build", "Release", "ipsan_io.node"), join(dir.path, "build", "Release", "ipsan_io.node"));
