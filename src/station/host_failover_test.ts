@@ -37,6 +37,9 @@ const H1 = "127.0.0.2";
 const SPARE = "127.0.0.3";
 const H3 = "127.0.0.4";
 const H4 = "127.0.0.5";
+const H6 = "127.0.0.7";
+
+const FAILOVER_ARGS = ["--host-failover-after", "2s", "--host-offline-after-ms", "1500", "--reconcile-interval-ms", "500", "--pending-deadline-ms", "5000"];
 
 type Moved = Assignment & { movedFrom: string | null; movedAt: string | null };
 
@@ -44,23 +47,35 @@ type Moved = Assignment & { movedFrom: string | null; movedAt: string | null };
 class Pool {
   readonly beating = new Set<string>();
   readonly #timer: NodeJS.Timeout;
-  readonly station: RunningStation;
+  /** Replaced by restart(). */
+  station: RunningStation;
   readonly units: RunningUnit[];
+  readonly #old: RunningStation[] = [];
 
   private constructor(station: RunningStation, units: RunningUnit[]) {
     this.station = station;
     this.units = units;
     this.#timer = setInterval(() => {
-      for (const host of this.beating) void station.api("POST", `/api/v1/hosts/${host}/heartbeat`, {}).catch(() => undefined);
+      for (const host of this.beating) void this.station.api("POST", `/api/v1/hosts/${host}/heartbeat`, {}).catch(() => undefined);
     }, 300);
+  }
+
+  /** kill -9 of the station, then a new one on the same data and discovery address (the units find it again). */
+  async restart(): Promise<void> {
+    const old = this.station;
+    await old.kill9();
+    this.#old.push(old);
+    this.station = await startStation({
+      dataDir: old.dataDir,
+      keepData: true,
+      discovery: `${old.discovery.host}:${old.discovery.port}`,
+      extraArgs: FAILOVER_ARGS,
+    });
   }
 
   /** `bin`: another bin/ipsan for the station (a canary's patched build). */
   static async start(unitNames: readonly string[], bin?: string): Promise<Pool> {
-    const station = await startStation({
-      extraArgs: ["--host-failover-after", "2s", "--host-offline-after-ms", "1500", "--reconcile-interval-ms", "500", "--pending-deadline-ms", "5000"],
-      ...(bin === undefined ? {} : { bin }),
-    });
+    const station = await startStation({ extraArgs: FAILOVER_ARGS, ...(bin === undefined ? {} : { bin }) });
     const units = await Promise.all(unitNames.map((name) => startJoinedUnit(station, { name, capacity: "128M" })));
     return new Pool(station, units);
   }
@@ -70,6 +85,7 @@ class Pool {
     for (const unit of this.units) if (unit.pid > 0) process.kill(unit.pid, "SIGCONT");
     await Promise.all(this.units.map((u) => u.close()));
     await this.station.close();
+    for (const old of this.#old) await old.close();
   }
 
   unit(name: string): RunningUnit {
@@ -115,6 +131,7 @@ const unitNamed = (name: string): RunningUnit => pool.unit(name);
 const register = (host: string, address: string, spare: boolean): Promise<void> => pool.register(host, address, spare);
 const allocate = (host: string, address: string, copies: number, requestId: string): Promise<Assignment> => pool.allocate(host, address, copies, requestId);
 const assignment = (id: string): Promise<Moved> => pool.assignment(id);
+// `station` is the first station (the event collector's); the restart test, last, replaces pool.station.
 
 interface Event {
   seq: number;
@@ -373,4 +390,46 @@ test("no spare online: failover-waiting, nothing moves", async () => {
   assert.equal(now.host, "h4");
   assert.equal(now.movedFrom, null);
   assert.deepEqual((await unitVolume(unitNamed(single.unit), single.volume)).grants, [H4], "the silent host keeps its grant when nobody can take over");
+});
+
+test("a station killed during a move resumes it after its restart: fenced again, then the spare granted", async () => {
+  await register("h6", H6, false);
+  const mirror = await allocate("h6", H6, 2, "hf-restart");
+  const legs = heldVolumes(mirror);
+  const stopped = unitNamed(legs[1]?.unit ?? "");
+  pool.beating.add("spare");
+  process.kill(stopped.pid, "SIGSTOP");
+  try {
+    pool.beating.delete("h6");
+    await waitFor(
+      "the move started",
+      async () => ((await assignment(mirror.id)).movedFrom === "h6" ? true : undefined),
+      { timeoutMs: FAILOVER_AFTER_MS + 10_000, intervalMs: 100 },
+    );
+    await pool.restart();
+    const resumed = await assignment(mirror.id);
+    assert.equal(resumed.movedAt, null, "still fencing after the restart (the frozen unit never confirmed)");
+    assert.equal(resumed.host, "spare");
+  } finally {
+    process.kill(stopped.pid, "SIGCONT");
+  }
+  const done = await waitFor(
+    "the restarted station finishes the move",
+    async () => {
+      const a = await assignment(mirror.id);
+      return a.movedAt !== null ? a : undefined;
+    },
+    { timeoutMs: 30_000, intervalMs: 200 },
+  );
+  assert.equal(done.movedFrom, "h6");
+  for (const held of heldVolumes(done)) {
+    await waitFor(
+      `${held.unit}/${held.volume} grants the spare only`,
+      async () => {
+        const grants = (await unitVolume(unitNamed(held.unit), held.volume)).grants;
+        return JSON.stringify(grants) === JSON.stringify([SPARE]) ? true : undefined;
+      },
+      { timeoutMs: 10_000, intervalMs: 200 },
+    );
+  }
 });
