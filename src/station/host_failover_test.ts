@@ -216,6 +216,22 @@ test("--host-failover-after takes a DURATION; a bare number is refused", async (
   assert.match(bad.stderr, /--host-failover-after: invalid duration "60"/);
 });
 
+test("PUT /api/v1/hosts/NAME: spare must be a boolean (400 naming it); omitted (or null, as every field), it is kept", async () => {
+  for (const spare of ["yes", 1, "true", [true]]) {
+    const bad = await station.api("PUT", "/api/v1/hosts/hs-bad", { address: "127.0.0.9", spare });
+    assert.equal(bad.status, 400, bad.text);
+    assert.equal((bad.body as { error: { field: string } }).error.field, "spare");
+  }
+  assert.equal((await station.api("GET", "/api/v1/hosts/hs-bad")).status, 404, "nothing recorded");
+  assert.equal((await station.api("PUT", "/api/v1/hosts/hs-keep", { address: "127.0.0.9", spare: true })).status, 201);
+  const kept = await station.api("PUT", "/api/v1/hosts/hs-keep", { address: "127.0.0.9" });
+  assert.equal((kept.body as { spare: boolean }).spare, true, "an update without spare keeps it");
+  const nulled = await station.api("PUT", "/api/v1/hosts/hs-keep", { address: "127.0.0.9", spare: null });
+  assert.equal((nulled.body as { spare: boolean }).spare, true, "null is absent, as for every field");
+  const listed = (await station.api("GET", "/api/v1/hosts")).body as { items: { name: string; spare: boolean }[] };
+  assert.equal(listed.items.find((h) => h.name === "hs-keep")?.spare, true);
+});
+
 test("a silent host's assignments move to the spare: fenced on every unit first (open connection closed at once), then the spare granted", async () => {
   await register("spare", SPARE, true);
   await register("h1", H1, false);
