@@ -90,7 +90,7 @@ export class HostAgent {
     const { client, host, state } = this.#options;
     let moved: Assignment[];
     try {
-      moved = (await client.assignments()).filter(
+      moved = (await client.assignments(host)).filter(
         (a) => a.host === host && a.state === "active" && (a.movedFrom ?? null) !== null && (a.movedAt ?? null) !== null,
       );
     } catch {

@@ -249,8 +249,10 @@ export class StationClient {
     return checkAssignment(await this.call("POST", "/api/v1/allocations", request), "POST /api/v1/allocations");
   }
 
-  async assignments(): Promise<Assignment[]> {
-    return listItems<Assignment>(await this.call("GET", "/api/v1/assignments"), "assignments");
+  /** Live assignments (of one host, when given). */
+  async assignments(host?: string): Promise<Assignment[]> {
+    const query = host === undefined ? "" : `?host=${encodeURIComponent(host)}`;
+    return listItems<Assignment>(await this.call("GET", `/api/v1/assignments${query}`), "assignments");
   }
 
   async unassign(id: string): Promise<void> {
