@@ -5,17 +5,14 @@
 // heartbeat: re-attaching works from the records alone, so a host comes back
 // to its volumes even while the station is down (the out-of-band design).
 // When the station is reachable, a recorded attachment whose assignment the
-// station no longer has (released by an admin, or moved to a spare host after
-// this host went silent: docs/adr/0010) is detached instead. And an
-// assignment the station moved to this host (host failover: movedFrom set,
-// the move finished) that has no record here is attached (--takeover-mode),
-// then kept attached like any other.
+// station no longer has (released by an admin) is detached instead.
 
 import { IpsanError, errorMessage } from "../util/errors.ts";
+import { takeOverMoved, type TakeoverMode } from "./takeover.ts";
 import { logger } from "../util/log.ts";
-import { attach, attachmentAlive, detach, reattach } from "./attach.ts";
-import type { AttachMode, HostState } from "./state.ts";
-import { sourceAddressToward, type Assignment, type StationAssignment, type StationClient } from "./station_client.ts";
+import { attachmentAlive, detach, reattach } from "./attach.ts";
+import type { HostState } from "./state.ts";
+import { sourceAddressToward, type StationClient } from "./station_client.ts";
 
 const log = logger("host-agent");
 
@@ -32,10 +29,10 @@ export interface AgentOptions {
   readonly address: string | undefined;
   readonly heartbeatIntervalMs: number;
   readonly reattach: boolean;
-  /** Registers the host as a spare (failover target). */
+  /** Registers the host as a spare (failover target: takeover.ts). */
   readonly spare?: boolean;
   /** How an assignment moved to this host is attached (default nbd). */
-  readonly takeoverMode?: Extract<AttachMode, "nbd" | "fuse">;
+  readonly takeoverMode?: TakeoverMode;
 }
 
 export class HostAgent {
@@ -85,36 +82,10 @@ export class HostAgent {
     }
   }
 
-  /** Attaches the assignments a host failover moved to this host that have no record here yet. */
-  async #takeOver(): Promise<void> {
-    const { client, host, state } = this.#options;
-    let moved: Assignment[];
-    try {
-      moved = (await client.assignments(host)).filter(
-        (a) => a.host === host && a.state === "active" && (a.movedFrom ?? null) !== null && (a.movedAt ?? null) !== null,
-      );
-    } catch {
-      return; // the station is away: nothing new can have been moved here meanwhile
-    }
-    for (const assignment of moved) {
-      if (this.#stopping) return;
-      try {
-        if ((await state.get(String(assignment.id))) !== undefined) continue;
-        const mode = this.#options.takeoverMode ?? "nbd";
-        const record = await attach(state, { assignment: assignment as StationAssignment, station: client.baseUrl.href, host, mode });
-        log.info("took over an assignment moved from a failed host", {
-          assignment: record.assignmentId,
-          from: assignment.movedFrom ?? "",
-          mode: record.mode,
-          path: record.path,
-        });
-      } catch (error) {
-        log.limited(`takeover:${assignment.id}`, "cannot attach an assignment moved to this host (will retry)", {
-          assignment: assignment.id,
-          error: errorMessage(error),
-        });
-      }
-    }
+  /** Attaches what a host failover moved to this host (takeover.ts). */
+  #takeOver(): Promise<void> {
+    const { client, state, host } = this.#options;
+    return takeOverMoved({ client, state, host, mode: this.#options.takeoverMode ?? "nbd", stopping: () => this.#stopping });
   }
 
   async #register(): Promise<void> {

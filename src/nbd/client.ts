@@ -14,7 +14,10 @@ import { ByteQueue } from "./byte_queue.ts";
 import { decodeGreeting, decodeOptionReply, decodeTransmissionReply, encodeClientFlags, encodeInfoRequestData, encodeOption, encodeRequest } from "./peer_codec.ts";
 import { NBD_CMD, NBD_CMD_FLAG, NBD_FLAG, NBD_FLAG_C, NBD_INFO, NBD_OPT, NBD_REP, NBD_TFLAG, WIRE } from "./protocol.ts";
 
-export type NbdTarget = { readonly host: string; readonly port: number; readonly exportName: string } | { readonly path: string; readonly exportName: string };
+/** `localAddress`: the TCP connection's source address (a test speaking as a given host, e.g. 127.0.0.2). */
+export type NbdTarget =
+  | { readonly host: string; readonly port: number; readonly exportName: string; readonly localAddress?: string }
+  | { readonly path: string; readonly exportName: string };
 
 /** Parses nbd://HOST[:PORT]/EXPORT and nbd+unix:///EXPORT?socket=PATH (the URIs units print and libnbd takes). */
 export function parseNbdUri(uri: string): NbdTarget {
@@ -46,8 +49,6 @@ export interface NbdClientOptions {
   readonly requestTimeoutMs?: number;
   /** Requests on the wire at once; more wait in order. */
   readonly inFlightMax?: number;
-  /** Source address of the TCP connection (a test speaking as a given host, e.g. 127.0.0.2). */
-  readonly localAddress?: string;
 }
 
 interface Pending {
@@ -83,7 +84,7 @@ export class NbdClient {
     if (!this.#socket.destroyed) this.#socket.uncork();
   };
 
-  private constructor(socket: net.Socket, queue: ByteQueue, sizeBytes: number, flags: number, options: Required<Omit<NbdClientOptions, "localAddress">>) {
+  private constructor(socket: net.Socket, queue: ByteQueue, sizeBytes: number, flags: number, options: Required<NbdClientOptions>) {
     this.#socket = socket;
     this.#queue = queue;
     this.sizeBytes = sizeBytes;
@@ -106,7 +107,7 @@ export class NbdClient {
             host: resolved.host,
             port: resolved.port,
             noDelay: true,
-            ...(options.localAddress === undefined ? {} : { localAddress: options.localAddress }),
+            ...(resolved.localAddress === undefined ? {} : { localAddress: resolved.localAddress }),
           });
     const queue = new ByteQueue();
     const where = "path" in resolved ? `nbd+unix:///${resolved.exportName}?socket=${resolved.path}` : `nbd://${resolved.host}:${resolved.port}/${resolved.exportName}`;

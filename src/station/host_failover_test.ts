@@ -21,7 +21,7 @@
 
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
-import { NbdClient } from "../nbd/client.ts";
+import { NbdClient, parseNbdUri, type NbdTarget } from "../nbd/client.ts";
 import { controlOk } from "../testing/control.ts";
 import { run, waitFor } from "../testing/process.ts";
 import { patchedBuild } from "../testing/patched_build.ts";
@@ -31,6 +31,9 @@ import { chooseSpare, failedHosts } from "./host_failover.ts";
 import { heldVolumes, startJoinedUnit, unitVolume, type Assignment } from "./pool_harness.ts";
 import type { AssignmentRecord, HostRecord } from "./types.ts";
 import { UNIT_CALL_TIMEOUT_MS } from "./unit_client.ts";
+
+/** The NBD target of `uri`, connected from `address` (the test speaks as that host). */
+const from = (address: string, uri: string): NbdTarget => ({ ...parseNbdUri(uri), localAddress: address });
 
 const FAILOVER_AFTER_MS = 2_000;
 const H1 = "127.0.0.2";
@@ -239,7 +242,7 @@ test("a silent host's assignments move to the spare: fenced on every unit first 
   const single = await allocate("h1", H1, 1, "hf-single");
   // h1 is using its single copy: an open NBD connection from its address, idle (as if paused).
   const singleUnit = unitNamed(single.unit);
-  const conn = await NbdClient.connect(singleUnit.uri(single.volume), { localAddress: H1, requestTimeoutMs: 3_000 });
+  const conn = await NbdClient.connect(from(H1, singleUnit.uri(single.volume)), { requestTimeoutMs: 3_000 });
   await conn.write(0, Buffer.alloc(4096, 0x11), true);
   let closedAtMs: number | undefined;
   conn.onBroken(() => (closedAtMs ??= Date.now()));
@@ -283,11 +286,11 @@ test("a silent host's assignments move to the spare: fenced on every unit first 
   await assert.rejects(conn.write(0, Buffer.alloc(4096, 0x22), true), "the old connection takes no write");
   await conn.close().catch(() => undefined);
   // h1 comes back and tries again: refused, and counted.
-  await assert.rejects(NbdClient.connect(singleUnit.uri(single.volume), { localAddress: H1, connectTimeoutMs: 3_000 }));
+  await assert.rejects(NbdClient.connect(from(H1, singleUnit.uri(single.volume)), { connectTimeoutMs: 3_000 }));
   const after = await refused(singleUnit);
   assert.ok(after.opens + after.connections > before.opens + before.connections, `refusals counted: ${JSON.stringify({ before, after })}`);
   // The spare writes; every unit grants the spare and only the spare.
-  const spareConn = await NbdClient.connect(singleUnit.uri(single.volume), { localAddress: SPARE });
+  const spareConn = await NbdClient.connect(from(SPARE, singleUnit.uri(single.volume)));
   await spareConn.write(0, Buffer.alloc(4096, 0x33), true);
   await spareConn.close();
   for (const a of moved) {

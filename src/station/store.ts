@@ -121,12 +121,12 @@ function assignmentFromRow(row: Row, legs: readonly LegRecord[] = []): Assignmen
     wipe: row["wipe"] === 1,
     copies: (row["copies"] as number | undefined) ?? 1,
     legs,
+    movedFrom: (row["moved_from"] as string | null | undefined) ?? null,
+    movedAtMs: (row["moved_at"] as number | null | undefined) ?? null,
     error: (row["error"] as string | null) ?? null,
     detail: json<AssignmentDetail | null>(row["detail"], null),
     createdAtMs: row["created_at"] as number,
     updatedAtMs: row["updated_at"] as number,
-    movedFrom: (row["moved_from"] as string | null | undefined) ?? null,
-    movedAtMs: (row["moved_at"] as number | null | undefined) ?? null,
   };
 }
 

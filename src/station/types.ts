@@ -134,10 +134,6 @@ export interface AssignmentRecord {
   readonly copies: number;
   /** The legs of a mirror (copies > 1), by index; empty for a single copy. */
   readonly legs: readonly LegRecord[];
-  readonly error: string | null;
-  readonly detail: AssignmentDetail | null;
-  readonly createdAtMs: number;
-  readonly updatedAtMs: number;
   /**
    * Host failover (host_failover.ts): the host the assignment was moved from.
    * Set with movedAtMs null while the old host is being fenced (no host is
@@ -145,6 +141,10 @@ export interface AssignmentRecord {
    */
   readonly movedFrom?: string | null;
   readonly movedAtMs?: number | null;
+  readonly error: string | null;
+  readonly detail: AssignmentDetail | null;
+  readonly createdAtMs: number;
+  readonly updatedAtMs: number;
 }
 
 /** A unit's own description of itself and its volumes (discovery storage info or GET /v1/info). */

@@ -9,10 +9,13 @@
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { NbdClient } from "../nbd/client.ts";
+import { NbdClient, parseNbdUri, type NbdTarget } from "../nbd/client.ts";
 import { controlOk } from "../testing/control.ts";
 import { waitFor } from "../testing/process.ts";
 import { startUnit } from "../testing/unit.ts";
+
+/** The NBD target of `uri`, connected from `address` (the test speaks as that host). */
+const from = (address: string, uri: string): NbdTarget => ({ ...parseNbdUri(uri), localAddress: address });
 
 interface Refused {
   connections: number;
@@ -27,14 +30,14 @@ test("refused connections and opens are counted in GET /v1/info and logged; a re
     await controlOk(unit, "PUT", "/v1/volumes/v1/grants", { hosts: ["127.0.0.3"] });
 
     // 127.0.0.2: not allowed, no grant anywhere: refused at connect.
-    await assert.rejects(NbdClient.connect(unit.uri("v1"), { localAddress: "127.0.0.2", connectTimeoutMs: 3_000 }));
+    await assert.rejects(NbdClient.connect(from("127.0.0.2", unit.uri("v1")), { connectTimeoutMs: 3_000 }));
     assert.deepEqual(await refused(), { connections: 1, opens: 0 });
     // 127.0.0.3: granted v1, not v2: refused at open.
-    await assert.rejects(NbdClient.connect(unit.uri("v2"), { localAddress: "127.0.0.3", connectTimeoutMs: 3_000 }), /not granted|PERMISSION|policy/i);
+    await assert.rejects(NbdClient.connect(from("127.0.0.3", unit.uri("v2")), { connectTimeoutMs: 3_000 }), /not granted|PERMISSION|policy/i);
     assert.deepEqual(await refused(), { connections: 1, opens: 1 });
 
     // 127.0.0.3 holds v1 open and idle; the grant goes: the unit closes the connection without waiting for a request.
-    const held = await NbdClient.connect(unit.uri("v1"), { localAddress: "127.0.0.3" });
+    const held = await NbdClient.connect(from("127.0.0.3", unit.uri("v1")));
     await held.write(0, Buffer.alloc(4096, 7), true);
     let brokenAtMs: number | undefined;
     held.onBroken(() => (brokenAtMs = Date.now()));
@@ -44,7 +47,7 @@ test("refused connections and opens are counted in GET /v1/info and logged; a re
     assert.ok((brokenAtMs ?? Infinity) - revokedAtMs < 2_000);
     await held.close().catch(() => undefined);
     // It comes back: no grant left anywhere, so refused at connect, and counted.
-    await assert.rejects(NbdClient.connect(unit.uri("v1"), { localAddress: "127.0.0.3", connectTimeoutMs: 3_000 }));
+    await assert.rejects(NbdClient.connect(from("127.0.0.3", unit.uri("v1")), { connectTimeoutMs: 3_000 }));
     assert.deepEqual(await refused(), { connections: 2, opens: 1 });
 
     const log = unit.stderr();
