@@ -26,6 +26,7 @@
 // done (the records say where it was); heartbeats are kept in memory only, so
 // a host's silence is counted from the station's start at the earliest.
 
+import { formatDuration, parseDuration } from "../util/duration.ts";
 import { errorMessage } from "../util/errors.ts";
 import { logger } from "../util/log.ts";
 import type { Station } from "./station.ts";
@@ -36,6 +37,15 @@ const log = logger("host-failover");
 
 /** `ipsan station --host-failover-after` default. */
 export const HOST_FAILOVER_AFTER_MS_DEFAULT = 60_000;
+/** The flag's lines in `ipsan station --help`. */
+export const HOST_FAILOVER_AFTER_USAGE = `  --host-failover-after DURATION
+                         a host silent this long has its assignments moved to a spare host, fenced
+                         first (default ${formatDuration(HOST_FAILOVER_AFTER_MS_DEFAULT)}; e.g. 30s, 5m)`;
+
+/** `--host-failover-after DURATION` (absent: the default; a bare number is refused). */
+export function hostFailoverAfterFlag(value: string | undefined): number {
+  return value === undefined ? HOST_FAILOVER_AFTER_MS_DEFAULT : parseDuration(value, "--host-failover-after");
+}
 /** A failover-waiting event for the same assignment and reason is repeated at most this often. */
 export const FAILOVER_WAITING_REPEAT_MS = 30_000;
 

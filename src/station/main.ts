@@ -17,12 +17,11 @@ import { SnmpTrapListener } from "../discovery/snmp.ts";
 import { attachSnmp } from "../discovery/snmp_join.ts";
 import { DiscoveryListener } from "../discovery/station_listener.ts";
 import { IpsanError, UsageError, errorMessage } from "../util/errors.ts";
-import { formatDuration, parseDuration } from "../util/duration.ts";
 import { parseFlags, parseHostPort } from "../util/flags.ts";
-import { HOST_FAILOVER_AFTER_MS_DEFAULT } from "./host_failover.ts";
 import { logger } from "../util/log.ts";
 import { createSecretFileIfMissing } from "../util/secret_file.ts";
 import { openDatabase, startCheckpointer } from "./db.ts";
+import { HOST_FAILOVER_AFTER_USAGE, hostFailoverAfterFlag } from "./host_failover.ts";
 import { ApiServer } from "./http.ts";
 import { StationMetrics } from "./metrics.ts";
 import { DEFAULT_STATION_OPTIONS, Station } from "./station.ts";
@@ -39,18 +38,15 @@ const TOKEN_FILE_BYTES_MAX = 1024;
 const LAST_SEEN_SYNC_MS = 1_000;
 
 const USAGE = `usage: ipsan station --data DIR [--http HOST:PORT] [--discovery HOST:PORT]
-                     [--snmp HOST:PORT] [--snmp-community NAME]
+                     [--snmp HOST:PORT] [--snmp-community NAME] [--host-failover-after DURATION]
                      [--pending-deadline-ms MS] [--reconcile-interval-ms MS] [--host-offline-after-ms MS]
-                     [--host-failover-after DURATION]
 
   --data DIR             station state: admin.token, cluster.key, station.db (created on first start)
   --http HOST:PORT       REST API (default ${DEFAULT_HTTP}; port 0 picks a free port)
   --discovery HOST:PORT  UDP auto-configuration protocol (default ${DEFAULT_DISCOVERY})
+${HOST_FAILOVER_AFTER_USAGE}
   --snmp HOST:PORT       also listen for SNMPv2c traps (off by default)
   --snmp-community NAME  SNMP community accepted (default "public")
-  --host-failover-after DURATION
-                         a host silent this long has its assignments moved to a spare host, fenced
-                         first (default ${formatDuration(HOST_FAILOVER_AFTER_MS_DEFAULT)}; e.g. 30s, 5m)
 `;
 
 /** Loads DATA/admin.token, creating it (0600, 32 random bytes hex) atomically on first start. */
@@ -88,10 +84,10 @@ export async function stationMain(argv: readonly string[]): Promise<number> {
       discovery: { type: "string" },
       snmp: { type: "string" },
       "snmp-community": { type: "string" },
+      "host-failover-after": { type: "string" },
       "pending-deadline-ms": { type: "string" },
       "reconcile-interval-ms": { type: "string" },
       "host-offline-after-ms": { type: "string" },
-      "host-failover-after": { type: "string" },
       help: { type: "boolean" },
     },
     true,
@@ -108,11 +104,10 @@ export async function stationMain(argv: readonly string[]): Promise<number> {
   const community = values["snmp-community"] ?? "public";
   if (!/^[\x21-\x7e]{1,64}$/.test(community)) throw new UsageError(`--snmp-community: invalid community "${community}"`);
   const options = {
+    hostFailoverAfterMs: hostFailoverAfterFlag(values["host-failover-after"]),
     pendingDeadlineMs: positiveMs(values["pending-deadline-ms"], "--pending-deadline-ms", DEFAULT_STATION_OPTIONS.pendingDeadlineMs),
     reconcileIntervalMs: positiveMs(values["reconcile-interval-ms"], "--reconcile-interval-ms", DEFAULT_STATION_OPTIONS.reconcileIntervalMs),
     hostOfflineAfterMs: positiveMs(values["host-offline-after-ms"], "--host-offline-after-ms", DEFAULT_STATION_OPTIONS.hostOfflineAfterMs),
-    hostFailoverAfterMs:
-      values["host-failover-after"] === undefined ? HOST_FAILOVER_AFTER_MS_DEFAULT : parseDuration(values["host-failover-after"], "--host-failover-after"),
   };
 
   const dataDir = resolve(values.data);
