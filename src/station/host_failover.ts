@@ -168,7 +168,7 @@ export class HostFailover {
         silentMs,
         assignments: moving.length,
       });
-      store.recordEvent("host", "failover-started", failed.name, {
+      store.recordHostEvent(failed.name, "failover-started", {
         host: failed.name,
         address: failed.address,
         spare: spare.name,
@@ -180,7 +180,7 @@ export class HostFailover {
       // Phase 0: recorded before any unit is told; from here on nobody is granted these volumes.
       store.moveAssignments(
         moving.map((a) => ({ id: a.id, host: spare.name, hostAddress: spare.address, movedFrom: failed.name, movedAtMs: null })),
-        null,
+        [],
       );
     }
     for (const assignment of [...store.live.values()]) {
@@ -215,11 +215,16 @@ export class HostFailover {
       }
       this.#waiting.delete(id);
       const units = volumesOf(current).map(([unit]) => unit);
-      store.recordEvent("assignment", "failover-fenced", id, { id, host: from, address: oldAddress, spare: current.host, units });
       log.info("old host fenced on every unit", { id, host: from, units: units.join(",") });
-      // Phase 2: the move is finished in the records; from now on the spare is the one granted.
+      // Phase 2: the move is finished in the records (with the fence's event); from now on the spare is the one granted.
       const nowMs = this.#options.clock.nowMs();
-      const [moved] = store.moveAssignments([{ id, host: current.host, hostAddress: current.hostAddress, movedFrom: from, movedAtMs: nowMs }], "failover-moved");
+      const [moved] = store.moveAssignments(
+        [{ id, host: current.host, hostAddress: current.hostAddress, movedFrom: from, movedAtMs: nowMs }],
+        [
+          { action: "failover-fenced", data: { id, host: from, address: oldAddress, spare: current.host, units } },
+          { action: "failover-moved", data: { id, host: current.host, hostAddress: current.hostAddress, movedFrom: from, unit: current.unit, volume: current.volume } },
+        ],
+      );
       for (const [unit, volume] of volumesOf(current)) {
         await station.syncGrants(unit, volume, true).catch((error: unknown) =>
           log.limited(`failover-grant:${unit}`, "cannot grant the spare host yet; reconcile retries", { id, unit, volume, error: errorMessage(error) }),
@@ -259,6 +264,6 @@ export class HostFailover {
     if (last !== undefined && last.reason === data.reason && nowMs - last.atMs < FAILOVER_WAITING_REPEAT_MS) return;
     this.#waiting.set(key, { reason: data.reason, atMs: nowMs });
     log.warn("host failover waiting", { key, ...data });
-    this.#station.store.recordEvent("host", "failover-waiting", host, data);
+    this.#station.store.recordHostEvent(host, "failover-waiting", data);
   }
 }

@@ -626,9 +626,9 @@ export class StationStore {
     return true;
   }
 
-  /** An event that changes no record (host failover's progress: failover-started, failover-waiting). */
-  recordEvent(type: EventType, action: string, subject: string, data: unknown): void {
-    this.commit((batch) => batch.event(type, action, subject, data), false);
+  /** A host event that changes no record (host failover's progress: failover-started, failover-waiting). */
+  recordHostEvent(name: string, action: string, data: unknown): void {
+    this.commit((batch) => batch.event("host", action, name, data), false);
   }
 
   /**
@@ -636,9 +636,13 @@ export class StationStore {
    * `movedAtMs` null records the start of a move (host and address are the
    * new host's, but while movedFrom is set and movedAtMs is null the station
    * grants the volumes to nobody: the old host is being fenced); a time
-   * finishes it (the new host is granted from then on).
+   * finishes it (the new host is granted from then on). `events`: recorded
+   * for each moved assignment (subject: its id), in order, in the same commit.
    */
-  moveAssignments(moves: readonly { id: string; host: string; hostAddress: string; movedFrom: string; movedAtMs: number | null }[], action: string | null): AssignmentRecord[] {
+  moveAssignments(
+    moves: readonly { id: string; host: string; hostAddress: string; movedFrom: string; movedAtMs: number | null }[],
+    events: readonly { action: string; data: unknown }[],
+  ): AssignmentRecord[] {
     const nowMs = this.clock.nowMs();
     const next: AssignmentRecord[] = [];
     for (const move of moves) {
@@ -650,7 +654,7 @@ export class StationStore {
       for (const a of next) {
         this.statements.moveAssignment.run({ id: a.id, host: a.host, hostAddress: a.hostAddress, movedFrom: a.movedFrom ?? null, movedAt: a.movedAtMs ?? null, updatedAt: nowMs });
         batch.apply.push(() => this.indexLive(a));
-        if (action !== null) batch.event("assignment", action, a.id, { id: a.id, host: a.host, hostAddress: a.hostAddress, movedFrom: a.movedFrom, unit: a.unit, volume: a.volume });
+        for (const event of events) batch.event("assignment", event.action, a.id, event.data);
       }
     });
     return next;
