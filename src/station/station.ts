@@ -500,9 +500,9 @@ export class Station {
   desiredGrants(unit: string, volume: string): string[] {
     const out: string[] = [];
     for (const a of this.store.liveOnVolume(unit, volume)) {
-      // A host failover fencing the old host: neither it nor the new host is granted until every unit confirmed.
-      if (isFencing(a)) continue;
       if (a.state === "active" || (a.state === "pending" && a.error === null)) {
+        // A host failover fencing the old host: neither it nor the new host is granted until every unit confirmed.
+        if (isFencing(a)) continue;
         const grant = canonicalGrant(a.hostAddress);
         if (!out.includes(grant)) out.push(grant);
       }
