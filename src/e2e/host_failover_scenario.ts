@@ -16,7 +16,7 @@
 
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
-import { readFileSync, writeFileSync } from "node:fs";
+import { readFileSync, readdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { IpsanChild } from "../demo/child.ts";
 import { childEnv, describeResult, run, waitFor, type CommandResult } from "../testing/process.ts";
@@ -67,6 +67,27 @@ function signal(pid: number, sig: NodeJS.Signals): void {
   } catch {
     // gone already
   }
+}
+
+/** The last lines of every log of the scenario (station, units, agents, engines). */
+function logTails(san: San): string {
+  const out: string[] = [];
+  const files = [...["station", "u1", "u2", "agent-h1", "agent-h2"].map((n) => san.log(n))];
+  for (const host of ["h1", "h2"]) {
+    try {
+      for (const f of readdirSync(join(san.tmp.path, `state-${host}`, "log"))) files.push(join(san.tmp.path, `state-${host}`, "log", f));
+    } catch {
+      // no engine log
+    }
+  }
+  for (const file of files) {
+    try {
+      out.push(`--- ${file}\n${readFileSync(file, "utf8").split("\n").slice(-15).join("\n")}`);
+    } catch {
+      // not written
+    }
+  }
+  return out.join("\n");
 }
 
 export interface ScenarioResult {
@@ -202,6 +223,10 @@ export async function spareHostScenario(name: string, options: { unitBin?: strin
     // The volume holds h2's data.
     assert.ok((await nbdRead(h2, taken.path, MIB)).equals(patternB), "the volume holds h2's data, not h1's");
     return { movedWithinMs, refusedBefore, refusedAfter, h1WriteResult };
+  } catch (error) {
+    // The logs' tails go with the failure (the temp dir is removed below unless IPSAN_KEEP_TMP=1).
+    if (error instanceof Error) error.message += `\n${logTails(san)}`;
+    throw error;
   } finally {
     for (const pid of stopped) signal(pid, "SIGCONT");
     await Promise.all(agents.map((a) => a.stop("SIGTERM")));
