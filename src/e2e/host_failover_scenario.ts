@@ -152,13 +152,23 @@ export async function spareHostScenario(name: string, options: { unitBin?: strin
     };
     const spareAgent = agent(h2, ["--spare"]);
     await spareAgent.waitForLine(/^ipsan host agent h2 running .*\(spare\)/, 20_000);
+    // h1's agent runs from the start, as on a real host: h1 heartbeats while it requests and attaches
+    // (a loaded machine can take longer than --host-failover-after for that).
+    const h1Agent = agent(h1, []);
+    await h1Agent.waitForLine(/^ipsan host agent h1 running/, 20_000);
+    await waitFor(
+      "h1 registered by its agent",
+      async () => {
+        const host = (await getJson(h1, `${apiUrl}/api/v1/hosts/h1`, token).catch(() => undefined)) as { address?: string } | undefined;
+        return host?.address === h1.address ? true : undefined;
+      },
+      { timeoutMs: 20_000, intervalMs: 200 },
+    );
 
     const mirror = (await san.host(["request", ...common(h1), "--size", "32M", "--copies", "2", "--json"], h1.exec)).json as Moved;
     const attached = (await san.host(["attach", ...common(h1), "--assignment", mirror.id, "--mode", "nbd", "--state-dir", stateDir(h1), "--json"], h1.exec))
       .json as { uri: string; pid: number };
     engines.push(attached.pid);
-    const h1Agent = agent(h1, []);
-    await h1Agent.waitForLine(/^ipsan host agent h1 running/, 20_000);
     const patternA = randomBytes(MIB);
     const patternB = randomBytes(MIB);
     const patternC = randomBytes(MIB);
@@ -225,8 +235,7 @@ export async function spareHostScenario(name: string, options: { unitBin?: strin
     return { movedWithinMs, refusedBefore, refusedAfter, h1WriteResult };
   } catch (error) {
     // The logs' tails go with the failure (the temp dir is removed below unless IPSAN_KEEP_TMP=1).
-    if (error instanceof Error) error.message += `\n${logTails(san)}`;
-    throw error;
+    throw new Error(`${error instanceof Error ? error.message : String(error)}\n${logTails(san)}`, { cause: error });
   } finally {
     for (const pid of stopped) signal(pid, "SIGCONT");
     await Promise.all(agents.map((a) => a.stop("SIGTERM")));

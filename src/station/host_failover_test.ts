@@ -319,10 +319,13 @@ async function blockedMove(p: Pool, host: string, address: string, spareAddress:
       async () => ((await p.assignment(mirror.id)).movedFrom === host ? true : undefined),
       { timeoutMs: FAILOVER_AFTER_MS + 10_000, intervalMs: 100 },
     );
-    // Longer than the unit call timeout (5 s): the frozen unit's answer is given up on while we watch.
-    const watchUntil = Date.now() + UNIT_CALL_TIMEOUT_MS + 2_000;
+    // Until the station has given up on the frozen unit's answer (it logs failover-waiting after the
+    // unit call timeout, 5 s) and a little more; bounded for a station that never waits.
+    const deadline = Date.now() + 3 * UNIT_CALL_TIMEOUT_MS;
+    let waitingSeenAt: number | undefined;
     let fenced = false;
-    while (Date.now() < watchUntil) {
+    while (Date.now() < deadline && (waitingSeenAt === undefined || Date.now() < waitingSeenAt + 1_500)) {
+      if (waitingSeenAt === undefined && p.station.stderr().includes(`host failover waiting key=${mirror.id}`)) waitingSeenAt = Date.now();
       const grants = (await unitVolume(answering, legs[0]?.volume ?? "")).grants;
       assert.ok(!grants.includes(spareAddress), `the spare must not be granted while a unit has not confirmed the fence: ${answering.name} grants ${JSON.stringify(grants)}`);
       if (grants.length === 0) fenced = true;
@@ -332,6 +335,7 @@ async function blockedMove(p: Pool, host: string, address: string, spareAddress:
       await new Promise((resolve) => setTimeout(resolve, 200));
     }
     assert.ok(fenced, `the unit that answers fenced ${host} at once`);
+    assert.ok(waitingSeenAt !== undefined, "the station logged that the move waits for the frozen unit");
   } finally {
     process.kill(stopped.pid, "SIGCONT");
   }
