@@ -137,8 +137,9 @@ const LISTINGS = {
   },
   hosts: {
     path: "/api/v1/hosts",
-    headers: ["NAME", "ADDRESS", "STATE", "SEEN"],
-    row: (h: Row) => [text(h["name"]), text(h["address"]), text(h["state"]), ago(h["lastSeenAt"])],
+    // SPARE last: the columns before it keep their places (a spare host takes over a failed one's volumes).
+    headers: ["NAME", "ADDRESS", "STATE", "SEEN", "SPARE"],
+    row: (h: Row) => [text(h["name"]), text(h["address"]), text(h["state"]), ago(h["lastSeenAt"]), h["spare"] === true ? "spare" : "-"],
   },
   assignments: {
     path: "/api/v1/assignments",

@@ -32,6 +32,8 @@ export interface SpawnOptions {
   /** Also copy the child's stderr to ours. */
   readonly echoStderr?: boolean;
   readonly env?: NodeJS.ProcessEnv;
+  /** Another bin/ipsan (a canary's patched build, src/testing/patched_build.ts); default this checkout's. */
+  readonly bin?: string;
 }
 
 export class IpsanChild {
@@ -46,7 +48,7 @@ export class IpsanChild {
   constructor(args: readonly string[], options: SpawnOptions) {
     this.name = options.name;
     const prefix = options.prefix ?? [];
-    const [command, ...rest] = [...prefix, process.execPath, IPSAN_BIN, ...args];
+    const [command, ...rest] = [...prefix, process.execPath, options.bin ?? IPSAN_BIN, ...args];
     this.#log = options.logFile === undefined ? undefined : createWriteStream(options.logFile, { flags: "a" });
     this.process = spawn(command ?? process.execPath, rest, {
       detached: true,

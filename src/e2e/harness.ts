@@ -30,6 +30,8 @@ export interface UnitProcess {
   readonly child: IpsanChild;
   readonly nbd: string;
   readonly dataDir: string;
+  /** The control API's URL (http://HOST:PORT); its token is DATA/control.token. */
+  readonly control: string;
 }
 
 export interface StationOptions {
@@ -38,6 +40,8 @@ export interface StationOptions {
   readonly discovery?: string;
   readonly prefix?: readonly string[];
   readonly dataDir?: string;
+  /** More flags, e.g. --host-failover-after 3s. */
+  readonly extraArgs?: readonly string[];
 }
 
 export interface UnitOptions {
@@ -46,6 +50,8 @@ export interface UnitOptions {
   readonly address?: string;
   readonly prefix?: readonly string[];
   readonly extraArgs?: readonly string[];
+  /** Another bin/ipsan (a canary's patched build). */
+  readonly bin?: string;
 }
 
 export class San {
@@ -65,7 +71,7 @@ export class San {
   async startStation(options: StationOptions = {}): Promise<StationProcess> {
     const dataDir = options.dataDir ?? this.tmp.file("station");
     const child = new IpsanChild(
-      ["station", "--data", dataDir, "--http", options.http ?? "127.0.0.1:0", "--discovery", options.discovery ?? "127.0.0.1:0"],
+      ["station", "--data", dataDir, "--http", options.http ?? "127.0.0.1:0", "--discovery", options.discovery ?? "127.0.0.1:0", ...(options.extraArgs ?? [])],
       { name: "station", logFile: this.log("station"), env: childEnv(), ...(options.prefix === undefined ? {} : { prefix: options.prefix }) },
     );
     const apiUrl = (await child.waitForLine(/^ipsan station ready (http:\/\/\S+)/, START_TIMEOUT_MS))[1] ?? "";
@@ -99,10 +105,17 @@ export class San {
         "--cluster-key-file", station.keyFile,
         ...(options.extraArgs ?? []),
       ],
-      { name, logFile: this.log(name), env: childEnv(), ...(options.prefix === undefined ? {} : { prefix: options.prefix }) },
+      {
+        name,
+        logFile: this.log(name),
+        env: childEnv(),
+        ...(options.prefix === undefined ? {} : { prefix: options.prefix }),
+        ...(options.bin === undefined ? {} : { bin: options.bin }),
+      },
     );
     const nbd = (await child.waitForLine(/^ipsan unit \S+ ready (nbd:\/\/\S+)/, START_TIMEOUT_MS))[1] ?? "";
-    const unit = { name, child, nbd, dataDir };
+    const control = (await child.waitForLine(/^ipsan unit \S+ control (http:\/\/\S+)/, START_TIMEOUT_MS))[1] ?? "";
+    const unit = { name, child, nbd, dataDir, control };
     this.units.set(name, unit);
     return unit;
   }

@@ -14,6 +14,7 @@
 // LEG_PROGRESS_REPORT_MS, and every LEG_REPORT_INTERVAL_MS otherwise.
 
 import { IpsanError, errorMessage } from "../util/errors.ts";
+import { takeOverMoved, type TakeoverMode } from "./takeover.ts";
 import { logger } from "../util/log.ts";
 import { attachmentAlive, detach, reattach, syncMirrorLegs } from "./attach.ts";
 import { readStatusFile } from "./legs.ts";
@@ -49,6 +50,10 @@ export interface AgentOptions {
   readonly address: string | undefined;
   readonly heartbeatIntervalMs: number;
   readonly reattach: boolean;
+  /** Registers the host as a spare (failover target: takeover.ts). */
+  readonly spare?: boolean;
+  /** How an assignment moved to this host is attached (default nbd). */
+  readonly takeoverMode?: TakeoverMode;
 }
 
 export class HostAgent {
@@ -94,14 +99,23 @@ export class HostAgent {
 
   async #check(): Promise<void> {
     await this.#register();
-    if (this.#options.reattach) await this.#reattachAll();
+    if (this.#options.reattach) {
+      await this.#takeOver();
+      await this.#reattachAll();
+    }
+  }
+
+  /** Attaches what a host failover moved to this host (takeover.ts). */
+  #takeOver(): Promise<void> {
+    const { client, state, host } = this.#options;
+    return takeOverMoved({ client, state, host, mode: this.#options.takeoverMode ?? "nbd", stopping: () => this.#stopping });
   }
 
   async #register(): Promise<void> {
     const { client, host } = this.#options;
     try {
       let address = this.#options.address;
-      if (address === undefined) {
+      if (address === undefined && this.#options.spare !== true) {
         // Without --address, a host the station knows keeps the address it has (a heartbeat
         // is enough); an unknown one is registered with the address our connections come from.
         try {
@@ -112,10 +126,11 @@ export class HostAgent {
         } catch (error) {
           if (!(error instanceof IpsanError && error.code === "NOT_FOUND")) throw error;
         }
-        address = await sourceAddressToward(client.baseUrl);
       }
-      await client.registerHost(host, address);
-      if (!this.#registered) log.info("registered", { host, address });
+      // A spare says so at every registration (the flag is recorded by the station).
+      address ??= await sourceAddressToward(client.baseUrl);
+      await client.registerHost(host, address, this.#options.spare === true ? true : undefined);
+      if (!this.#registered) log.info(this.#options.spare === true ? "registered as a spare host" : "registered", { host, address });
       this.#registered = true;
     } catch (error) {
       this.#registered = false;
@@ -135,7 +150,10 @@ export class HostAgent {
         log.limited("heartbeat", "heartbeat failed (will retry)", { error: errorMessage(error) });
       }
     }
-    if (this.#options.reattach && this.#beats % ATTACHMENT_CHECK_EVERY_BEATS === 0) await this.#reattachAll();
+    if (this.#options.reattach && this.#beats % ATTACHMENT_CHECK_EVERY_BEATS === 0) {
+      await this.#takeOver();
+      await this.#reattachAll();
+    }
   }
 
   async #reattachAll(): Promise<void> {

@@ -42,7 +42,7 @@ const USAGE = `usage: ipsan host SUBCOMMAND [flags]
   release --station URL --token-file FILE --host NAME (--assignment ID | --volume UNIT/VOLUME)
           [--state-dir DIR] [--json]
   agent   --station URL --token-file FILE --host NAME [--address IP] [--heartbeat-ms N]
-          [--state-dir DIR] [--no-reattach]
+          [--state-dir DIR] [--no-reattach] [--spare] [--takeover-mode nbd|fuse]
   list    [--state-dir DIR] [--json]
 `;
 
@@ -343,8 +343,12 @@ async function agentMain(argv: readonly string[]): Promise<number> {
     "heartbeat-ms": { type: "string" },
     "state-dir": { type: "string" },
     "no-reattach": { type: "boolean" },
+    spare: { type: "boolean" },
+    "takeover-mode": { type: "string" },
   });
   const host = hostName(values.host);
+  const takeoverMode = values["takeover-mode"] ?? "nbd";
+  if (takeoverMode !== "nbd" && takeoverMode !== "fuse") throw new UsageError(`--takeover-mode: invalid "${takeoverMode}" (expected nbd or fuse)`);
   const heartbeatIntervalMs = Number(values["heartbeat-ms"] ?? HEARTBEAT_INTERVAL_MS_DEFAULT);
   if (
     !Number.isSafeInteger(heartbeatIntervalMs) ||
@@ -363,13 +367,15 @@ async function agentMain(argv: readonly string[]): Promise<number> {
     address: values.address,
     heartbeatIntervalMs,
     reattach: values["no-reattach"] !== true,
+    spare: values.spare === true,
+    takeoverMode,
   });
   const stop = (): void => {
     void agent.stop();
   };
   process.once("SIGTERM", stop);
   process.once("SIGINT", stop);
-  process.stdout.write(`ipsan host agent ${host} running station ${client.baseUrl.origin}\n`);
+  process.stdout.write(`ipsan host agent ${host} running station ${client.baseUrl.origin}${values.spare === true ? " (spare)" : ""}\n`);
   try {
     await agent.run();
   } finally {

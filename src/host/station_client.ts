@@ -76,6 +76,9 @@ export interface Assignment {
   readonly copies?: number;
   /** A mirror's legs; empty (or absent) for a single copy. */
   readonly legs?: readonly AssignmentLeg[];
+  /** Host failover: the host it was moved from (null: never moved); movedAt null while that host is being fenced. */
+  readonly movedFrom?: string | null;
+  readonly movedAt?: string | null;
 }
 
 /**
@@ -104,6 +107,7 @@ export interface HostInfo {
   readonly name: string;
   readonly address?: string | null;
   readonly state: string;
+  readonly spare?: boolean;
   readonly lastSeenAt?: string | null;
 }
 
@@ -254,8 +258,10 @@ export class StationClient {
     return parsed;
   }
 
-  async registerHost(name: string, address: string | undefined): Promise<HostInfo | undefined> {
-    return (await this.call("PUT", `/api/v1/hosts/${encodeURIComponent(name)}`, address === undefined ? {} : { address })) as
+  /** PUT /api/v1/hosts/NAME; `spare` given: registers (true) or unregisters (false) a spare host. */
+  async registerHost(name: string, address: string | undefined, spare?: boolean): Promise<HostInfo | undefined> {
+    const body = { ...(address === undefined ? {} : { address }), ...(spare === undefined ? {} : { spare }) };
+    return (await this.call("PUT", `/api/v1/hosts/${encodeURIComponent(name)}`, body)) as
       | HostInfo
       | undefined;
   }
@@ -268,8 +274,10 @@ export class StationClient {
     return checkAssignment(await this.call("POST", "/api/v1/allocations", request), "POST /api/v1/allocations");
   }
 
-  async assignments(): Promise<Assignment[]> {
-    return listItems<Assignment>(await this.call("GET", "/api/v1/assignments"), "assignments");
+  /** Live assignments (of one host, when given). */
+  async assignments(host?: string): Promise<Assignment[]> {
+    const query = host === undefined ? "" : `?host=${encodeURIComponent(host)}`;
+    return listItems<Assignment>(await this.call("GET", `/api/v1/assignments${query}`), "assignments");
   }
 
   /**

@@ -20,7 +20,10 @@ import { ByteQueue } from "./byte_queue.ts";
 import { decodeGreeting, decodeOptionReply, decodeTransmissionReply, encodeClientFlags, encodeInfoRequestData, encodeMetaContextRequestData, encodeOption, encodeRequest } from "./peer_codec.ts";
 import { BASE_ALLOCATION, NBD_CMD, NBD_CMD_FLAG, NBD_FLAG, NBD_FLAG_C, NBD_INFO, NBD_OPT, NBD_REP, NBD_REPLY_FLAG, NBD_REPLY_TYPE, NBD_STATE, NBD_TFLAG, WIRE } from "./protocol.ts";
 
-export type NbdTarget = { readonly host: string; readonly port: number; readonly exportName: string } | { readonly path: string; readonly exportName: string };
+/** `localAddress`: the TCP connection's source address (a test speaking as a given host, e.g. 127.0.0.2). */
+export type NbdTarget =
+  | { readonly host: string; readonly port: number; readonly exportName: string; readonly localAddress?: string }
+  | { readonly path: string; readonly exportName: string };
 
 /** Parses nbd://HOST[:PORT]/EXPORT and nbd+unix:///EXPORT?socket=PATH (the URIs units print and libnbd takes). */
 export function parseNbdUri(uri: string): NbdTarget {
@@ -131,7 +134,12 @@ export class NbdClient {
   static async connect(target: NbdTarget | string, options: NbdClientOptions = {}): Promise<NbdClient> {
     const resolved = typeof target === "string" ? parseNbdUri(target) : target;
     const settings = { ...DEFAULTS, ...options };
-    const socket = "path" in resolved ? net.connect(resolved.path) : net.connect({ host: resolved.host, port: resolved.port, noDelay: true });
+    const socket = "path" in resolved ? net.connect(resolved.path) : net.connect({
+            host: resolved.host,
+            port: resolved.port,
+            noDelay: true,
+            ...(resolved.localAddress === undefined ? {} : { localAddress: resolved.localAddress }),
+          });
     const queue = new ByteQueue();
     const where = "path" in resolved ? `nbd+unix:///${resolved.exportName}?socket=${resolved.path}` : `nbd://${resolved.host}:${resolved.port}/${resolved.exportName}`;
     let wake: (() => void) | undefined;

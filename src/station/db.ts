@@ -150,6 +150,15 @@ export const MIGRATIONS: readonly Migration[] = [
       ) WITHOUT ROWID;
     `,
   },
+  {
+    version: 6,
+    description: "spare hosts, and assignments a host failover moved (from which host, when the move finished)",
+    sql: `
+      ALTER TABLE hosts ADD COLUMN spare INTEGER NOT NULL DEFAULT 0;
+      ALTER TABLE assignments ADD COLUMN moved_from TEXT;
+      ALTER TABLE assignments ADD COLUMN moved_at INTEGER;
+    `,
+  },
 ];
 
 export function schemaVersion(db: Db): number {

@@ -458,10 +458,11 @@ export class ApiServer {
         return { status: 200, body: hostView(host, station.hostStateOf(name)) };
       }),
       r("PUT", "/api/v1/hosts/:name", async ({ params, body, callerAddress }) => {
-        const b = new Body(body, ["address"]);
+        const b = new Body(body, ["address", "spare"]);
         const name = checkName(params[0], "host");
         const address = b.has("address") ? await checkAddress(b.required("address"), "address") : callerAddress;
-        const { created } = await station.putHost(name, address);
+        const spare = b.has("spare") ? checkBoolean(b.required("spare"), "spare") : undefined;
+        const { created } = await station.putHost(name, address, spare);
         const host = store.hosts.get(name);
         return { status: created ? 201 : 200, body: host === undefined ? null : hostView(host, station.hostStateOf(name)) };
       }, true),

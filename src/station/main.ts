@@ -21,6 +21,7 @@ import { parseFlags, parseHostPort } from "../util/flags.ts";
 import { logger } from "../util/log.ts";
 import { createSecretFileIfMissing } from "../util/secret_file.ts";
 import { openDatabase, startCheckpointer } from "./db.ts";
+import { HOST_FAILOVER_AFTER_USAGE, hostFailoverAfterFlag } from "./host_failover.ts";
 import { ApiServer } from "./http.ts";
 import { StationMetrics } from "./metrics.ts";
 import { DEFAULT_STATION_OPTIONS, Station } from "./station.ts";
@@ -39,13 +40,14 @@ const TOKEN_FILE_BYTES_MAX = 1024;
 const LAST_SEEN_SYNC_MS = 1_000;
 
 const USAGE = `usage: ipsan station --data DIR [--http HOST:PORT] [--discovery HOST:PORT]
-                     [--snmp HOST:PORT] [--snmp-community NAME]
+                     [--snmp HOST:PORT] [--snmp-community NAME] [--host-failover-after DURATION]
                      [--pending-deadline-ms MS] [--reconcile-interval-ms MS] [--host-offline-after-ms MS]
                      [--replace-after DURATION]
 
   --data DIR             station state: admin.token, cluster.key, station.db (created on first start)
   --http HOST:PORT       REST API (default ${DEFAULT_HTTP}; port 0 picks a free port)
   --discovery HOST:PORT  UDP auto-configuration protocol (default ${DEFAULT_DISCOVERY})
+${HOST_FAILOVER_AFTER_USAGE}
   --snmp HOST:PORT       also listen for SNMPv2c traps (off by default)
   --snmp-community NAME  SNMP community accepted (default "public")
   --replace-after DURATION
@@ -88,6 +90,7 @@ export async function stationMain(argv: readonly string[]): Promise<number> {
       discovery: { type: "string" },
       snmp: { type: "string" },
       "snmp-community": { type: "string" },
+      "host-failover-after": { type: "string" },
       "pending-deadline-ms": { type: "string" },
       "reconcile-interval-ms": { type: "string" },
       "host-offline-after-ms": { type: "string" },
@@ -108,6 +111,7 @@ export async function stationMain(argv: readonly string[]): Promise<number> {
   const community = values["snmp-community"] ?? "public";
   if (!/^[\x21-\x7e]{1,64}$/.test(community)) throw new UsageError(`--snmp-community: invalid community "${community}"`);
   const options = {
+    hostFailoverAfterMs: hostFailoverAfterFlag(values["host-failover-after"]),
     pendingDeadlineMs: positiveMs(values["pending-deadline-ms"], "--pending-deadline-ms", DEFAULT_STATION_OPTIONS.pendingDeadlineMs),
     reconcileIntervalMs: positiveMs(values["reconcile-interval-ms"], "--reconcile-interval-ms", DEFAULT_STATION_OPTIONS.reconcileIntervalMs),
     hostOfflineAfterMs: positiveMs(values["host-offline-after-ms"], "--host-offline-after-ms", DEFAULT_STATION_OPTIONS.hostOfflineAfterMs),

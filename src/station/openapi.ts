@@ -129,6 +129,7 @@ export function openApiDocument(version: string): unknown {
             name,
             address: { type: "string" },
             state: { enum: ["online", "offline"] },
+            spare: { type: "boolean", description: "a spare host: a failed host's assignments move to it (docs/adr/0010)" },
             lastSeenAt: { type: "string", format: "date-time" },
             createdAt: { type: "string", format: "date-time" },
           },
@@ -182,6 +183,8 @@ export function openApiDocument(version: string): unknown {
             createdAt: { type: "string", format: "date-time" },
             updatedAt: { type: "string", format: "date-time" },
             error: { type: ["string", "null"] },
+            movedFrom: { type: ["string", "null"], description: "host failover: the host it was moved from; with movedAt null the old host is being fenced (nobody is granted)" },
+            movedAt: { type: ["string", "null"], format: "date-time", description: "when the host failover finished (the new host granted)" },
           },
         },
         DryRun: {
@@ -274,9 +277,16 @@ export function openApiDocument(version: string): unknown {
       "/api/v1/hosts/{host}": {
         get: { summary: "One host", parameters: [pathParam("host", "host name")], responses: { "200": ok("host", ref("Host")), "404": error("no such host"), ...errors } },
         put: {
-          summary: "Register a host or change its data-path address (default: the caller's address)",
+          summary: "Register a host or change its data-path address (default: the caller's address); spare: true registers a spare host",
           parameters: [pathParam("host", "host name")],
-          requestBody: body({ type: "object", additionalProperties: false, properties: { address: { type: "string", description: "IP address or DNS name" } } }),
+          requestBody: body({
+            type: "object",
+            additionalProperties: false,
+            properties: {
+              address: { type: "string", description: "IP address or DNS name" },
+              spare: { type: "boolean", description: "a spare host (failover target); omitted: unchanged (false for a new host)" },
+            },
+          }),
           responses: { "200": ok("updated", ref("Host")), "201": ok("registered", ref("Host")), ...errors },
         },
       },

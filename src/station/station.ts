@@ -33,6 +33,7 @@ import {
   type UnitReason,
 } from "./allocator.ts";
 import { CarveLedger } from "./carves.ts";
+import { HOST_FAILOVER_AFTER_MS_DEFAULT, HostFailover, failoverCheckIntervalMs, isFencing } from "./host_failover.ts";
 import type { StationMetrics } from "./metrics.ts";
 import { newAssignmentId, volumesOf, type StationStore, type UnitChange } from "./store.ts";
 import type { AssignmentDetail, AssignmentRecord, HostState, LegRecord, UnitReport, UnitState, VolumeRecord } from "./types.ts";
@@ -90,6 +91,8 @@ export interface StationOptions {
   readonly reconcileIntervalMs: number;
   readonly hostOfflineAfterMs: number;
   readonly unitCallTimeoutMs?: number;
+  /** A host silent this long has its assignments moved to a spare host (host_failover.ts). */
+  readonly hostFailoverAfterMs?: number;
 }
 
 export const DEFAULT_STATION_OPTIONS = {
@@ -221,11 +224,18 @@ export class Station {
   /** Units whose info is being re-read in the background (true: read once more after). */
   private readonly refreshing = new Map<string, boolean>();
   private adminCarveSeq = 0;
+  /** Moves a silent host's assignments to a spare host, old host fenced first (host_failover.ts). */
+  readonly failover: HostFailover;
 
   constructor(store: StationStore, metrics: StationMetrics, options: StationOptions) {
     this.store = store;
     this.metrics = metrics;
     this.options = options;
+    this.failover = new HostFailover(this, {
+      failoverAfterMs: options.hostFailoverAfterMs ?? HOST_FAILOVER_AFTER_MS_DEFAULT,
+      spareOnlineWithinMs: options.hostOfflineAfterMs,
+      clock: store.clock,
+    });
     const nowMs = store.clock.nowMs();
     for (const host of store.hosts.values()) this.hostStates.set(host.name, hostState(host, nowMs, options.hostOfflineAfterMs));
     // Pending carves a kill -9 left: counted until reconcile finishes (the unit then reports them) or undoes them.
@@ -246,6 +256,8 @@ export class Station {
   start(): void {
     this.timers.push(setInterval(() => void this.reconcile(true), this.options.reconcileIntervalMs).unref());
     this.timers.push(setInterval(() => this.sweepHosts(), Math.min(1000, this.options.hostOfflineAfterMs)).unref());
+    const failoverAfterMs = this.options.hostFailoverAfterMs ?? HOST_FAILOVER_AFTER_MS_DEFAULT;
+    this.timers.push(setInterval(() => void this.failover.check(), failoverCheckIntervalMs(failoverAfterMs)).unref());
     void this.reconcile();
   }
 
@@ -443,9 +455,9 @@ export class Station {
     return host === undefined ? "offline" : hostState(host, this.store.clock.nowMs(), this.options.hostOfflineAfterMs);
   }
 
-  /** Registers or updates a host; a changed address moves its grants along. */
-  async putHost(name: string, address: string): Promise<{ created: boolean }> {
-    const { created, changed } = this.store.putHost(name, address);
+  /** Registers or updates a host (`spare`: given, it is recorded); a changed address moves its grants along. */
+  async putHost(name: string, address: string, spare?: boolean): Promise<{ created: boolean }> {
+    const { created, changed } = this.store.putHost(name, address, spare);
     this.noteHostState(name);
     if (changed) await this.followHostAddress(name, address);
     return { created };
@@ -487,6 +499,11 @@ export class Station {
     for (const name of this.store.hosts.keys()) this.noteHostState(name);
   }
 
+  /** Runs `body` under an assignment's lock (host failover's moves wait for unassign and leg work, and the other way round). */
+  lockAssignment<T>(id: string, body: () => Promise<T>): Promise<T> {
+    return this.locks.run(`assignment:${id}`, body);
+  }
+
   // ---- grants ------------------------------------------------------------------
 
   /** Grants a volume should carry: the addresses of the hosts of its live, not-being-revoked assignments. */
@@ -494,6 +511,8 @@ export class Station {
     const out: string[] = [];
     for (const a of this.store.liveOnVolume(unit, volume)) {
       if (a.state === "active" || (a.state === "pending" && a.error === null)) {
+        // A host failover fencing the old host: neither it nor the new host is granted until every unit confirmed.
+        if (isFencing(a)) continue;
         const grant = canonicalGrant(a.hostAddress);
         if (!out.includes(grant)) out.push(grant);
       }

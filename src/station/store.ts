@@ -145,6 +145,8 @@ function assignmentFromRow(row: Row, legs: readonly LegRecord[] = []): Assignmen
     wipe: row["wipe"] === 1,
     copies: (row["copies"] as number | undefined) ?? 1,
     legs,
+    movedFrom: (row["moved_from"] as string | null | undefined) ?? null,
+    movedAtMs: (row["moved_at"] as number | null | undefined) ?? null,
     error: (row["error"] as string | null) ?? null,
     detail: json<AssignmentDetail | null>(row["detail"], null),
     createdAtMs: row["created_at"] as number,
@@ -227,8 +229,11 @@ function prepareStatements(db: Db) {
         extents = excluded.extents, partitions = excluded.partitions, grants = excluded.grants`),
     deleteVolume: db.prepare("DELETE FROM volumes WHERE unit = ? AND name = ?"),
     upsertHost: db.prepare(`
-      INSERT INTO hosts (name, address, last_seen_at, created_at) VALUES (@name, @address, @lastSeenAt, @createdAt)
-      ON CONFLICT (name) DO UPDATE SET address = excluded.address, last_seen_at = excluded.last_seen_at`),
+      INSERT INTO hosts (name, address, last_seen_at, created_at, spare) VALUES (@name, @address, @lastSeenAt, @createdAt, @spare)
+      ON CONFLICT (name) DO UPDATE SET address = excluded.address, last_seen_at = excluded.last_seen_at, spare = excluded.spare`),
+    moveAssignment: db.prepare(`
+      UPDATE assignments SET host = @host, host_address = @hostAddress, moved_from = @movedFrom, moved_at = @movedAt,
+        updated_at = @updatedAt WHERE id = @id`),
     insertAssignment: db.prepare(`
       INSERT INTO assignments (id, request_id, host, host_address, unit, volume, partition, size_bytes,
                                state, carved, wipe, copies, error, detail, created_at, updated_at)
@@ -316,6 +321,7 @@ export class StationStore {
         address: row["address"] as string,
         lastSeenAtMs: row["last_seen_at"] as number,
         createdAtMs: row["created_at"] as number,
+        spare: row["spare"] === 1,
       };
       this.hosts.set(host.name, host);
     }
@@ -657,20 +663,21 @@ export class StationStore {
 
   // ---- hosts --------------------------------------------------------------------
 
-  /** Registers or updates a host's data-path address; returns whether it was new / changed. */
-  putHost(name: string, address: string): { host: HostRecord; created: boolean; changed: boolean } {
-    return this.commit((batch) => this.stageHost(batch, name, address));
+  /** Registers or updates a host's data-path address (and, when given, whether it is a spare); returns whether it was new / changed. */
+  putHost(name: string, address: string, spare?: boolean): { host: HostRecord; created: boolean; changed: boolean } {
+    return this.commit((batch) => this.stageHost(batch, name, address, spare));
   }
 
-  private stageHost(batch: Batch, name: string, address: string): { host: HostRecord; created: boolean; changed: boolean } {
+  private stageHost(batch: Batch, name: string, address: string, spare?: boolean): { host: HostRecord; created: boolean; changed: boolean } {
     const nowMs = this.clock.nowMs();
     const previous = this.hosts.get(name);
-    const host: HostRecord = { name, address, lastSeenAtMs: nowMs, createdAtMs: previous?.createdAtMs ?? nowMs };
+    const isSpare = spare ?? previous?.spare ?? false;
+    const host: HostRecord = { name, address, lastSeenAtMs: nowMs, createdAtMs: previous?.createdAtMs ?? nowMs, spare: isSpare };
     const changed = previous !== undefined && previous.address !== address;
-    this.statements.upsertHost.run({ name, address, lastSeenAt: nowMs, createdAt: host.createdAtMs });
+    this.statements.upsertHost.run({ name, address, lastSeenAt: nowMs, createdAt: host.createdAtMs, spare: isSpare ? 1 : 0 });
     batch.apply.push(() => this.hosts.set(name, host));
-    if (previous === undefined || changed) {
-      batch.event("host", previous === undefined ? "added" : "updated", name, { name, address, previousAddress: previous?.address ?? null });
+    if (previous === undefined || changed || (previous.spare ?? false) !== isSpare) {
+      batch.event("host", previous === undefined ? "added" : "updated", name, { name, address, previousAddress: previous?.address ?? null, spare: isSpare });
     }
     return { host, created: previous === undefined, changed };
   }
@@ -681,6 +688,40 @@ export class StationStore {
     if (host === undefined) return false;
     this.hosts.set(name, { ...host, lastSeenAtMs: this.clock.nowMs() });
     return true;
+  }
+
+  /** A host event that changes no record (host failover's progress: failover-started, failover-waiting). */
+  recordHostEvent(name: string, action: string, data: unknown): void {
+    this.commit((batch) => batch.event("host", action, name, data), false);
+  }
+
+  /**
+   * Host failover (host_failover.ts), durably and in one transaction per call:
+   * `movedAtMs` null records the start of a move (host and address are the
+   * new host's, but while movedFrom is set and movedAtMs is null the station
+   * grants the volumes to nobody: the old host is being fenced); a time
+   * finishes it (the new host is granted from then on). `events`: recorded
+   * for each moved assignment (subject: its id), in order, in the same commit.
+   */
+  moveAssignments(
+    moves: readonly { id: string; host: string; hostAddress: string; movedFrom: string; movedAtMs: number | null }[],
+    events: readonly { action: string; data: unknown }[],
+  ): AssignmentRecord[] {
+    const nowMs = this.clock.nowMs();
+    const next: AssignmentRecord[] = [];
+    for (const move of moves) {
+      const previous = this.live.get(move.id);
+      if (previous === undefined) throw new IpsanError("NOT_FOUND", `live assignment ${move.id} not found`);
+      next.push({ ...previous, host: move.host, hostAddress: move.hostAddress, movedFrom: move.movedFrom, movedAtMs: move.movedAtMs, updatedAtMs: nowMs });
+    }
+    this.commit((batch) => {
+      for (const a of next) {
+        this.statements.moveAssignment.run({ id: a.id, host: a.host, hostAddress: a.hostAddress, movedFrom: a.movedFrom ?? null, movedAt: a.movedAtMs ?? null, updatedAt: nowMs });
+        batch.apply.push(() => this.indexLive(a));
+        for (const event of events) batch.event("assignment", event.action, a.id, event.data);
+      }
+    });
+    return next;
   }
 
   /** Records a host's online/offline change as an event (the state itself is derived). */

@@ -80,6 +80,8 @@ export interface UnitRecord {
 export interface HostRecord {
   readonly name: string;
   readonly address: string;
+  /** A spare host (`ipsan host agent --spare`): a failed host's assignments move to it (host_failover.ts). */
+  readonly spare?: boolean;
   readonly lastSeenAtMs: number;
   readonly createdAtMs: number;
 }
@@ -181,6 +183,13 @@ export interface AssignmentRecord {
   readonly copies: number;
   /** The legs of a mirror (copies > 1), by index; empty for a single copy. */
   readonly legs: readonly LegRecord[];
+  /**
+   * Host failover (host_failover.ts): the host the assignment was moved from.
+   * Set with movedAtMs null while the old host is being fenced (no host is
+   * granted then); movedAtMs is when the move finished (the new host granted).
+   */
+  readonly movedFrom?: string | null;
+  readonly movedAtMs?: number | null;
   readonly error: string | null;
   readonly detail: AssignmentDetail | null;
   readonly createdAtMs: number;

@@ -47,7 +47,7 @@ export function hostState(host: HostRecord, nowMs: number, offlineAfterMs: numbe
 }
 
 export function hostView(host: HostRecord, state: HostState) {
-  return { name: host.name, address: host.address, state, lastSeenAt: iso(host.lastSeenAtMs), createdAt: iso(host.createdAtMs) };
+  return { name: host.name, address: host.address, state, spare: host.spare ?? false, lastSeenAt: iso(host.lastSeenAtMs), createdAt: iso(host.createdAtMs) };
 }
 
 /**
@@ -167,5 +167,7 @@ export function assignmentView(assignment: AssignmentRecord, store: StationStore
     createdAt: iso(assignment.createdAtMs),
     updatedAt: iso(assignment.updatedAtMs),
     error: assignment.error,
+    movedFrom: assignment.movedFrom ?? null,
+    movedAt: assignment.movedAtMs === undefined || assignment.movedAtMs === null ? null : iso(assignment.movedAtMs),
   };
 }

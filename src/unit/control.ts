@@ -229,6 +229,7 @@ export class ControlServer {
           generation: snapshot.generation,
           freeExtents: snapshot.freeExtents,
           volumes: snapshot.volumes,
+          refused: { ...this.#options.provider.refused },
         },
       };
     }

@@ -9,12 +9,25 @@
 // match IPv4 CIDRs.
 
 import type { BlockDevice, ExportProvider, ExportSummary, Peer } from "../block/types.ts";
+import { IpsanError } from "../util/errors.ts";
+import { logger } from "../util/log.ts";
 import { type Cidr, anyContains, loopbackCidrs, parseCidr } from "./cidr.ts";
 import type { VolumeRecord } from "./table.ts";
 import { type VolumeManager, partitionName } from "./volumes.ts";
 
 export const UNIX_PEER_ADDRESS = "unix";
 
+const log = logger("access");
+
+/**
+ * Refused attempts since the unit started (GET /v1/info `refused`): a peer
+ * that holds no grant connecting, and a peer opening an export not granted
+ * to it. A fenced host that wakes up (docs/adr/0010) shows here.
+ */
+export interface RefusalCounts {
+  connections: number;
+  opens: number;
+}
 export interface AccessOptions {
   /** --allow CIDRs; default loopback. */
   readonly allow?: readonly Cidr[];
@@ -26,6 +39,7 @@ export class UnitExportProvider implements ExportProvider {
   readonly #manager: VolumeManager;
   readonly #allow: readonly Cidr[];
   readonly #joined: () => boolean;
+  readonly refused: RefusalCounts = { connections: 0, opens: 0 };
 
   constructor(manager: VolumeManager, options: AccessOptions = {}) {
     this.#manager = manager;
@@ -53,7 +67,10 @@ export class UnitExportProvider implements ExportProvider {
   /** True if the peer may connect at all: it matches --allow or some volume's grant. */
   admitsConnection(peer: Peer): boolean {
     if (peer.address === UNIX_PEER_ADDRESS || anyContains(this.#allow, peer.address)) return true;
-    return this.#manager.table.volumes.some((v) => v.grants.length > 0 && this.admits(v, peer));
+    if (this.#manager.table.volumes.some((v) => v.grants.length > 0 && this.admits(v, peer))) return true;
+    this.refused.connections += 1;
+    // The NBD server logs the refusal itself (rate-limited per address); the count is here.
+    return false;
   }
 
   list(peer: Peer): readonly ExportSummary[] {
@@ -70,6 +87,18 @@ export class UnitExportProvider implements ExportProvider {
 
   async open(name: string, peer: Peer): Promise<BlockDevice> {
     // The manager asks `admits` against the table it opens from, and again at every change of the volume.
-    return this.#manager.openDevice(name, (volume) => this.admits(volume, peer));
+    try {
+      return await this.#manager.openDevice(name, (volume) => this.admits(volume, peer));
+    } catch (error) {
+      if (error instanceof IpsanError && error.code === "PERMISSION_DENIED") {
+        this.refused.opens += 1;
+        log.limited(`open_refused:${peer.address}`, "open refused: export not granted to this peer", {
+          peer: `${peer.address}:${peer.port}`,
+          export: name,
+          refusedOpens: this.refused.opens,
+        });
+      }
+      throw error;
+    }
   }
 }

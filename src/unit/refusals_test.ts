@@ -1,0 +1,60 @@
+// A unit counts and logs every refused attempt (issue 6 section 4: a host
+// fenced by a host failover that wakes up shows here), through its real NBD
+// listener and control API: a peer that matches neither --allow nor any grant
+// is refused at connect (`refused.connections`), a peer that holds a grant on
+// one volume and opens another is refused at open (`refused.opens`); a peer
+// whose grant is taken away while its connection is idle has the connection
+// closed by the unit at once, and its next attempt is counted. Each refusal
+// is logged, rate-limited per address.
+
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { NbdClient, parseNbdUri, type NbdTarget } from "../nbd/client.ts";
+import { controlOk } from "../testing/control.ts";
+import { waitFor } from "../testing/process.ts";
+import { startUnit } from "../testing/unit.ts";
+
+/** The NBD target of `uri`, connected from `address` (the test speaks as that host). */
+const from = (address: string, uri: string): NbdTarget => ({ ...parseNbdUri(uri), localAddress: address });
+
+interface Refused {
+  connections: number;
+  opens: number;
+}
+
+test("refused connections and opens are counted in GET /v1/info and logged; a revoked idle connection is closed at once", { timeout: 60_000 }, async () => {
+  const unit = await startUnit({ capacity: "64M", control: true, allow: ["127.0.0.1/32"], volumes: [{ name: "v1", size: "4M" }, { name: "v2", size: "4M" }] });
+  try {
+    const refused = async (): Promise<Refused> => ((await controlOk(unit, "GET", "/v1/info")) as { refused: Refused }).refused;
+    assert.deepEqual(await refused(), { connections: 0, opens: 0 });
+    await controlOk(unit, "PUT", "/v1/volumes/v1/grants", { hosts: ["127.0.0.3"] });
+
+    // 127.0.0.2: not allowed, no grant anywhere: refused at connect.
+    await assert.rejects(NbdClient.connect(from("127.0.0.2", unit.uri("v1")), { connectTimeoutMs: 3_000 }));
+    assert.deepEqual(await refused(), { connections: 1, opens: 0 });
+    // 127.0.0.3: granted v1, not v2: refused at open.
+    await assert.rejects(NbdClient.connect(from("127.0.0.3", unit.uri("v2")), { connectTimeoutMs: 3_000 }), /not granted|PERMISSION|policy/i);
+    assert.deepEqual(await refused(), { connections: 1, opens: 1 });
+
+    // 127.0.0.3 holds v1 open and idle; the grant goes: the unit closes the connection without waiting for a request.
+    const held = await NbdClient.connect(from("127.0.0.3", unit.uri("v1")));
+    await held.write(0, Buffer.alloc(4096, 7), true);
+    let brokenAtMs: number | undefined;
+    held.onBroken(() => (brokenAtMs = Date.now()));
+    const revokedAtMs = Date.now();
+    await controlOk(unit, "PUT", "/v1/volumes/v1/grants", { hosts: [] });
+    await waitFor("the idle connection closed by the unit", () => (brokenAtMs === undefined ? undefined : true), { timeoutMs: 2_000, intervalMs: 10 });
+    assert.ok((brokenAtMs ?? Infinity) - revokedAtMs < 2_000);
+    await held.close().catch(() => undefined);
+    // It comes back: no grant left anywhere, so refused at connect, and counted.
+    await assert.rejects(NbdClient.connect(from("127.0.0.3", unit.uri("v1")), { connectTimeoutMs: 3_000 }));
+    assert.deepEqual(await refused(), { connections: 2, opens: 1 });
+
+    const log = unit.stderr();
+    assert.match(log, /connection refused: peer is not allowed and holds no grant peer=127\.0\.0\.2:/);
+    assert.match(log, /open refused: export not granted to this peer peer=127\.0\.0\.3:\d+ export=v2/);
+    assert.match(log, /export revoked: closing the connection peer=127\.0\.0\.3/);
+  } finally {
+    await unit.close();
+  }
+});
