@@ -99,16 +99,24 @@ export class HostAgent {
 
   async #check(): Promise<void> {
     await this.#register();
-    if (this.#options.reattach) {
-      await this.#takeOver();
-      await this.#reattachAll();
-    }
+    if (this.#options.reattach) await this.#checkAttachments();
   }
 
-  /** Attaches what a host failover moved to this host (takeover.ts). */
-  #takeOver(): Promise<void> {
+  /**
+   * One look at the station's assignments for this host (undefined while it is
+   * away: the records are trusted, out-of-band) serves both the takeover of
+   * what a host failover moved here (takeover.ts) and the re-attach pass.
+   */
+  async #checkAttachments(): Promise<void> {
     const { client, state, host } = this.#options;
-    return takeOverMoved({ client, state, host, mode: this.#options.takeoverMode ?? "nbd", stopping: () => this.#stopping });
+    let assignments: Assignment[] | undefined;
+    try {
+      assignments = await client.assignments(host);
+    } catch {
+      assignments = undefined;
+    }
+    await takeOverMoved({ client, state, host, mode: this.#options.takeoverMode ?? "nbd", assignments, stopping: () => this.#stopping });
+    await this.#reattachAll(assignments);
   }
 
   async #register(): Promise<void> {
@@ -150,13 +158,10 @@ export class HostAgent {
         log.limited("heartbeat", "heartbeat failed (will retry)", { error: errorMessage(error) });
       }
     }
-    if (this.#options.reattach && this.#beats % ATTACHMENT_CHECK_EVERY_BEATS === 0) {
-      await this.#takeOver();
-      await this.#reattachAll();
-    }
+    if (this.#options.reattach && this.#beats % ATTACHMENT_CHECK_EVERY_BEATS === 0) await this.#checkAttachments();
   }
 
-  async #reattachAll(): Promise<void> {
+  async #reattachAll(assignments: readonly Assignment[] | undefined): Promise<void> {
     let records;
     try {
       records = (await this.#options.state.list()).filter((r) => r.host === this.#options.host && r.state === "attached");
@@ -165,16 +170,15 @@ export class HostAgent {
       return;
     }
     if (records.length === 0) return;
-    let live: Map<string, Assignment> | undefined;
-    try {
-      live = new Map(
-        (await this.#options.client.assignments())
-          .filter((a) => a.host === this.#options.host && (a.state === undefined || a.state === "active" || a.state === "pending"))
-          .map((a) => [String(a.id), a]),
-      );
-    } catch {
-      live = undefined; // station unreachable: trust the records (out-of-band)
-    }
+    // undefined: the station is unreachable, so the records are trusted (out-of-band).
+    const live =
+      assignments === undefined
+        ? undefined
+        : new Map(
+            assignments
+              .filter((a) => a.host === this.#options.host && (a.state === undefined || a.state === "active" || a.state === "pending"))
+              .map((a) => [String(a.id), a]),
+          );
     for (const recorded of records) {
       if (this.#stopping) return;
       let record = recorded;

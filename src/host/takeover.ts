@@ -22,21 +22,21 @@ export function movedHere(assignment: Assignment, host: string): boolean {
   return assignment.host === host && assignment.state === "active" && (assignment.movedFrom ?? null) !== null && (assignment.movedAt ?? null) !== null;
 }
 
-/** Attaches every assignment moved to `host` that has no record in `state`; failures are logged and retried at the next check. */
+/**
+ * Attaches every assignment moved to `host` that has no record in `state`; failures are logged and retried at the next check.
+ * `assignments` is the station's list for this host, fetched once per agent check (undefined: the station is away, and
+ * nothing new can have been moved here meanwhile).
+ */
 export async function takeOverMoved(options: {
   readonly client: StationClient;
   readonly state: HostState;
   readonly host: string;
   readonly mode: TakeoverMode;
+  readonly assignments: readonly Assignment[] | undefined;
   readonly stopping: () => boolean;
 }): Promise<void> {
   const { client, state, host, mode } = options;
-  let moved: Assignment[];
-  try {
-    moved = (await client.assignments(host)).filter((a) => movedHere(a, host));
-  } catch {
-    return; // the station is away: nothing new can have been moved here meanwhile
-  }
+  const moved = (options.assignments ?? []).filter((a) => movedHere(a, host));
   for (const assignment of moved) {
     if (options.stopping()) return;
     try {
