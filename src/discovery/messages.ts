@@ -238,6 +238,31 @@ export interface StorageInfo {
   readonly spare?: boolean;
   /** `ipsan unit --zone NAME`: the unit's failure domain. Absent in older packets (= no zone). */
   readonly zone?: string | null;
+  /**
+   * The unit's NBD TLS mode (`ipsan unit --tls`): "require" answers nothing
+   * but STARTTLS in plaintext; "off" serves plaintext only. Absent in older
+   * answers (= unknown).
+   */
+  readonly tls?: NbdTlsMode;
+}
+
+export type NbdTlsMode = "off" | "on" | "require";
+export const NBD_TLS_MODES: readonly NbdTlsMode[] = ["off", "on", "require"];
+
+/**
+ * A grant by host identity as the station keeps it among a volume's grants
+ * (the unit reports it in `access`: {host, export, from}): "id:HOST@EXPORT",
+ * with "<CIDR,CIDR" appended when the host must also come from there.
+ * Address grants stay plain addresses or CIDRs.
+ */
+export function identityGrant(host: string, exportName: string, from: readonly string[] = []): string {
+  return `id:${host}@${exportName}${from.length === 0 ? "" : `<${[...from].sort().join(",")}`}`;
+}
+
+export function parseIdentityGrant(grant: string): { host: string; export: string; from: string[] } | undefined {
+  const match = /^id:([^@]+)@([^<]+)(?:<(.+))?$/.exec(grant);
+  if (match === null || match[1] === undefined || match[2] === undefined) return undefined;
+  return { host: match[1], export: match[2], from: match[3] === undefined ? [] : match[3].split(",") };
 }
 
 /** A zone label (`--zone`): what a unit name may be. */

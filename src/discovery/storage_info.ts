@@ -22,6 +22,9 @@ import {
   type StorageInfo,
   type StorageInfoMessage,
   type VolumeInfo,
+  NBD_TLS_MODES,
+  type NbdTlsMode,
+  identityGrant,
 } from "./messages.ts";
 
 export type ValidationResult<T> = { readonly kind: "ok"; readonly value: T } | { readonly kind: "invalid"; readonly detail: string };
@@ -103,10 +106,23 @@ function volume(value: unknown, path: string): VolumeInfo {
     partitions: list(o["partitions"] ?? [], `${path}.partitions`, PARTITIONS_PER_VOLUME_MAX).map((p, i) =>
       partition(p, `${path}.partitions[${i}]`),
     ),
-    grants: list(o["grants"] ?? [], `${path}.grants`, GRANTS_PER_VOLUME_MAX).map((g, i) =>
-      text(g, `${path}.grants[${i}]`, GRANT_CHARS_MAX, GRANT_PATTERN),
-    ),
+    // Address grants, then grants by host identity ("access", never with keys) in their station form.
+    grants: [
+      ...list(o["grants"] ?? [], `${path}.grants`, GRANTS_PER_VOLUME_MAX).map((g, i) => text(g, `${path}.grants[${i}]`, GRANT_CHARS_MAX, GRANT_PATTERN)),
+      ...list(o["access"] ?? [], `${path}.access`, GRANTS_PER_VOLUME_MAX).map((a, i) => access(a, `${path}.access[${i}]`)),
+    ],
   };
+}
+
+const EXPORT_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}(?:\/p[1-9][0-9]{0,2})?$/;
+
+/** One grant by host identity as a unit reports it: {host, export, from}, in the station's string form. */
+function access(value: unknown, path: string): string {
+  const o = object(value, path);
+  const host = text(o["host"], `${path}.host`, 63, UNIT_NAME_PATTERN);
+  const exportName = text(o["export"], `${path}.export`, 70, EXPORT_PATTERN);
+  const from = list(o["from"] ?? [], `${path}.from`, GRANTS_PER_VOLUME_MAX).map((g, i) => text(g, `${path}.from[${i}]`, GRANT_CHARS_MAX, GRANT_PATTERN));
+  return identityGrant(host, exportName, from);
 }
 
 function storageInfo(value: unknown, path: string): StorageInfo {
@@ -136,7 +152,13 @@ function storageInfo(value: unknown, path: string): StorageInfo {
     // Carried only when the packet has them, so an old packet reads back exactly as it was sent.
     ...(o["spare"] === undefined ? {} : { spare }),
     ...(o["zone"] === undefined ? {} : { zone: zone === null ? null : text(zone, `${path}.zone`, 63, ZONE_PATTERN) }),
+    ...(o["tls"] === undefined ? {} : { tls: tlsMode(o["tls"], `${path}.tls`) }),
   };
+}
+
+function tlsMode(value: unknown, path: string): NbdTlsMode {
+  if (typeof value !== "string" || !(NBD_TLS_MODES as readonly string[]).includes(value)) fail(path, NBD_TLS_MODES.join(" | "), value);
+  return value as NbdTlsMode;
 }
 
 /** Validates a storage info (for example a unit's GET /v1/info answer). */

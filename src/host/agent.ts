@@ -20,6 +20,7 @@ import { attachmentAlive, detach, reattach, syncMirrorLegs } from "./attach.ts";
 import { readStatusFile } from "./legs.ts";
 import type { AttachmentRecord, HostState } from "./state.ts";
 import { type Assignment, type LegReport, sourceAddressToward, type StationClient } from "./station_client.ts";
+import { localizeAssignments } from "./keys.ts";
 
 const log = logger("host-agent");
 
@@ -111,7 +112,8 @@ export class HostAgent {
     const { client, state, host } = this.#options;
     let assignments: Assignment[] | undefined;
     try {
-      assignments = await client.assignments(host);
+      // Units that speak TLS: the key files are (re)written and the URIs carry them (keys.ts).
+      assignments = await localizeAssignments(state, client, host, await client.assignments(host));
     } catch {
       assignments = undefined;
     }

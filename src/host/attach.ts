@@ -503,6 +503,11 @@ async function freeNbdDevice(): Promise<string> {
 
 /** UNTESTED here (no nbd kernel module on the build machines): see docs/host.md. */
 async function attachKernel(assignment: { readonly uri: string; readonly export: string }): Promise<{ path: string; device: string }> {
+  if (assignment.uri.startsWith("nbds://")) {
+    throw new UsageError(
+      "--mode kernel: the unit speaks NBD over TLS with pre-shared keys, which nbd-client cannot; use --mode fuse or --mode nbd (or run the unit with --insecure-plaintext)",
+    );
+  }
   const uri = new URL(assignment.uri);
   const device = await freeNbdDevice();
   const port = uri.port === "" ? "10809" : uri.port;

@@ -28,6 +28,7 @@ import {
   readTokenFile,
   type StationAssignment,
 } from "./station_client.ts";
+import { localizeAssignment } from "./keys.ts";
 
 const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
 const REQUEST_ID_PATTERN = /^[A-Za-z0-9_.:-]{1,128}$/;
@@ -35,7 +36,7 @@ const REQUEST_ID_PATTERN = /^[A-Za-z0-9_.:-]{1,128}$/;
 const USAGE = `usage: ipsan host SUBCOMMAND [flags]
 
   request --station URL --token-file FILE --host NAME --size SIZE [--copies 1|2|3]
-          [--address IP] [--request-id ID] [--dry-run] [--json]
+          [--address IP] [--request-id ID] [--dry-run] [--state-dir DIR] [--json]
   attach  --station URL --token-file FILE --host NAME (--assignment ID | --volume UNIT/VOLUME)
           [--mode auto|fuse|kernel|nbd] [--state-dir DIR] [--json]
   detach  (--assignment ID | --volume UNIT/VOLUME | --path PATH) [--state-dir DIR]
@@ -108,6 +109,7 @@ async function requestMain(argv: readonly string[]): Promise<number> {
     address: { type: "string" },
     "request-id": { type: "string" },
     "dry-run": { type: "boolean" },
+    "state-dir": { type: "string" },
     json: { type: "boolean" },
   });
   const host = hostName(values.host);
@@ -136,7 +138,8 @@ async function requestMain(argv: readonly string[]): Promise<number> {
     print(values.json === true, answer, `dry run (nothing recorded): ${JSON.stringify(answer)}\n`);
     return 0;
   }
-  const assignment = await client.allocate(request);
+  // A unit that speaks TLS: the host's key file is written under the state dir and the URIs carry it.
+  const assignment = await localizeAssignment(stateOf(values["state-dir"]), client, host, await client.allocate(request));
   print(values.json === true, assignment, describeAssignment(assignment));
   return 0;
 }
@@ -215,9 +218,12 @@ function parseMode(text: string | undefined): ModeChoice {
   return mode;
 }
 
-/** auto: the kernel client where it exists, else nbdfuse; for a mirror (no kernel mode yet) nbdfuse on its engine. */
+/**
+ * auto: the kernel client where it exists, else nbdfuse; for a mirror (no kernel mode yet) nbdfuse on its
+ * engine; for a unit that speaks TLS (nbd-client has no TLS-PSK) nbdfuse, which takes the key file.
+ */
 function modeFor(choice: ModeChoice, assignment: StationAssignment): AttachMode {
-  if (choice === "auto" && isMirror(assignment)) return "fuse";
+  if (choice === "auto" && (isMirror(assignment) || (assignment.uri ?? "").startsWith("nbds://"))) return "fuse";
   return chooseMode(choice);
 }
 
@@ -254,9 +260,9 @@ async function attachMain(argv: readonly string[]): Promise<number> {
   const host = hostName(values.host);
   const choice = parseMode(values.mode);
   const client = await stationClient(values);
-  const assignment = await findAssignment(client, host, values);
-  const mode = modeFor(choice, assignment);
   const state = stateOf(values["state-dir"]);
+  const assignment = await localizeAssignment(state, client, host, await findAssignment(client, host, values));
+  const mode = modeFor(choice, assignment);
   const record = await attach(state, { assignment, station: client.baseUrl.href, host, mode });
   print(values.json === true, recordView(record), `${record.path}\n`);
   return 0;

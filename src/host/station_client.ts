@@ -207,6 +207,13 @@ export function listItems<T>(body: unknown, what: string): T[] {
   throw new IpsanError("IO_ERROR", `station answered a malformed ${what} list`);
 }
 
+/** One of a host's NBD keys: TLS-PSK identity and key (64 hex digits) for one unit. */
+export interface HostKey {
+  readonly unit: string;
+  readonly identity: string;
+  readonly key: string;
+}
+
 export interface StationClientOptions {
   readonly baseUrl: URL;
   readonly token: string;
@@ -288,6 +295,22 @@ export class StationClient {
     const body = (await this.call("PUT", `/api/v1/assignments/${encodeURIComponent(assignmentId)}/legs`, report)) as { ignored?: unknown; reason?: unknown } | undefined;
     if (body !== undefined && body !== null && body.ignored === true) return { ignored: true, ...(typeof body.reason === "string" ? { reason: body.reason } : {}) };
     return { ignored: false };
+  }
+
+  /** GET /api/v1/hosts/NAME/keys: the host's NBD keys, one per unit it holds a volume on (host_keys.ts on the station). */
+  async hostKeys(name: string): Promise<HostKey[]> {
+    const items = listItems<HostKey>(await this.call("GET", `/api/v1/hosts/${encodeURIComponent(name)}/keys`), "host keys");
+    for (const item of items) {
+      if (typeof item?.unit !== "string" || typeof item.identity !== "string" || typeof item.key !== "string" || !/^[0-9a-f]{64}$/i.test(item.key)) {
+        throw new IpsanError("IO_ERROR", "station answered a malformed host key");
+      }
+    }
+    return items;
+  }
+
+  /** POST /api/v1/hosts/NAME/rotate-key: new NBD keys for that host on every unit. */
+  async rotateHostKey(name: string): Promise<{ host: string; keyEpoch: number }> {
+    return (await this.call("POST", `/api/v1/hosts/${encodeURIComponent(name)}/rotate-key`, {})) as { host: string; keyEpoch: number };
   }
 
   async unassign(id: string): Promise<void> {

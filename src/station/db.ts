@@ -159,6 +159,14 @@ export const MIGRATIONS: readonly Migration[] = [
       ALTER TABLE assignments ADD COLUMN moved_at INTEGER;
     `,
   },
+  {
+    version: 9,
+    description: "NBD over TLS: each unit's TLS mode as it last said, each host's key epoch (ipsan hosts rotate-key)",
+    sql: `
+      ALTER TABLE units ADD COLUMN nbd_tls TEXT;
+      ALTER TABLE hosts ADD COLUMN key_epoch INTEGER NOT NULL DEFAULT 0;
+    `,
+  },
 ];
 
 export function schemaVersion(db: Db): number {

@@ -26,6 +26,7 @@
 // done (the records say where it was); heartbeats are kept in memory only, so
 // a host's silence is counted from the station's start at the earliest.
 
+import { parseIdentityGrant } from "../discovery/messages.ts";
 import { formatDuration, parseDuration } from "../util/duration.ts";
 import { errorMessage } from "../util/errors.ts";
 import { logger } from "../util/log.ts";
@@ -200,7 +201,7 @@ export class HostFailover {
       // Phase 1: every unit, even after one failed (the reachable ones are fenced now, not later).
       const blocked: { unit: string; volume: string; reason: string }[] = [];
       for (const [unit, volume] of volumesOf(current)) {
-        const reason = await this.#fence(unit, volume, oldAddress);
+        const reason = await this.#fence(unit, volume, from, oldAddress);
         if (reason !== null) blocked.push({ unit, volume, reason });
       }
       if (blocked.length > 0) {
@@ -235,7 +236,7 @@ export class HostFailover {
   }
 
   /** Replaces one volume's grants with the desired ones (the old host's gone) and checks the unit's answer; null when confirmed. */
-  async #fence(unit: string, volume: string, oldAddress: string | null): Promise<string | null> {
+  async #fence(unit: string, volume: string, oldHost: string, oldAddress: string | null): Promise<string | null> {
     const station = this.#station;
     const record = station.store.units.get(unit);
     if (record === undefined) return "the unit is not in the pool";
@@ -254,6 +255,7 @@ export class HostFailover {
     if (oldAddress !== null && grants.some((g) => g === oldAddress || g === `${oldAddress}/32` || g === `${oldAddress}/128`)) {
       return `another live assignment of this volume grants ${oldAddress}`;
     }
+    if (grants.some((g) => parseIdentityGrant(g)?.host === oldHost)) return `another live assignment of this volume grants host ${oldHost}`;
     return null;
   }
 

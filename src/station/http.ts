@@ -476,6 +476,19 @@ export class ApiServer {
         else station.heartbeat(name);
         return { status: 204 };
       }, true),
+      // The host's NBD keys (TLS-PSK, one per unit it holds a volume on): for the host itself (or an admin acting for it).
+      r("GET", "/api/v1/hosts/:name/keys", ({ params, query }) => {
+        checkQuery(query, []);
+        const name = checkName(params[0], "host");
+        if (!store.hosts.has(name)) throw new IpsanError("NOT_FOUND", `host ${show(name)} not found`, { field: "host" });
+        return { status: 200, body: { host: name, keyEpoch: store.hosts.get(name)?.keyEpoch ?? 0, items: station.hostKeys(name) } };
+      }),
+      r("POST", "/api/v1/hosts/:name/rotate-key", async ({ params, body }) => {
+        new Body(body, []);
+        const name = checkName(params[0], "host");
+        if (!store.hosts.has(name)) throw new IpsanError("NOT_FOUND", `host ${show(name)} not found`, { field: "host" });
+        return { status: 200, body: { host: name, ...(await station.rotateHostKey(name)) } };
+      }, true),
       r("GET", "/api/v1/assignments", ({ query }) => {
         checkQuery(query, ["host", "all", "state", "offset", "limit"]);
         const range = page(query);

@@ -28,6 +28,7 @@ import { DEFAULT_STATION_OPTIONS, Station } from "./station.ts";
 import { StationStore } from "./store.ts";
 import { LegReplacer, REPLACE_AFTER_DEFAULT_MS } from "./replacement.ts";
 import { formatDuration, parseDuration } from "../util/duration.ts";
+import { HOST_KEYS_SECRET_FILE_NAME, loadOrCreateHostKeySecret } from "./host_keys.ts";
 
 const log = logger("station");
 
@@ -44,7 +45,7 @@ const USAGE = `usage: ipsan station --data DIR [--http HOST:PORT] [--discovery H
                      [--pending-deadline-ms MS] [--reconcile-interval-ms MS] [--host-offline-after-ms MS]
                      [--replace-after DURATION]
 
-  --data DIR             station state: admin.token, cluster.key, station.db (created on first start)
+  --data DIR             station state: admin.token, cluster.key, host-keys.secret, station.db (created on first start)
   --http HOST:PORT       REST API (default ${DEFAULT_HTTP}; port 0 picks a free port)
   --discovery HOST:PORT  UDP auto-configuration protocol (default ${DEFAULT_DISCOVERY})
 ${HOST_FAILOVER_AFTER_USAGE}
@@ -123,11 +124,12 @@ export async function stationMain(argv: readonly string[]): Promise<number> {
   await fs.mkdir(dataDir, { recursive: true, mode: 0o700 });
   const adminToken = await loadOrCreateAdminToken(join(dataDir, ADMIN_TOKEN_FILE_NAME));
   const clusterKey = await loadOrCreateClusterKey(join(dataDir, CLUSTER_KEY_FILE_NAME));
+  const hostKeySecret = await loadOrCreateHostKeySecret(join(dataDir, HOST_KEYS_SECRET_FILE_NAME));
   const databasePath = join(dataDir, DATABASE_FILE_NAME);
   const store = new StationStore(openDatabase(databasePath, { checkpointInWorker: true }));
   const checkpointer = startCheckpointer(databasePath, (message) => log.limited("checkpoint", "WAL checkpoint failed", { error: message }));
   const metrics = new StationMetrics();
-  const station = new Station(store, metrics, { clusterKey, ...options });
+  const station = new Station(store, metrics, { clusterKey, hostKeySecret, ...options });
 
   const listener = new DiscoveryListener({ clusterKey });
   listener.subscribe((event) => {

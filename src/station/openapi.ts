@@ -298,6 +298,42 @@ export function openApiDocument(version: string): unknown {
           responses: { "204": ok("noted"), "404": error("no such host"), ...errors },
         },
       },
+      "/api/v1/hosts/{host}/keys": {
+        get: {
+          summary: "The host's NBD TLS-PSK keys: one per unit holding a volume of its live assignments (identity = host name; a file line is IDENTITY:KEY)",
+          parameters: [pathParam("host", "host name")],
+          responses: {
+            "200": ok("keys", {
+              type: "object",
+              properties: {
+                host: { type: "string" },
+                keyEpoch: { type: "integer" },
+                items: {
+                  type: "array",
+                  items: {
+                    type: "object",
+                    properties: {
+                      unit: { type: "string" },
+                      identity: { type: "string" },
+                      key: { type: "string", description: "64 hex digits" },
+                      tls: { type: ["string", "null"], enum: ["off", "on", "require", null] },
+                    },
+                  },
+                },
+              },
+            }),
+            "404": error("no such host"),
+            ...errors,
+          },
+        },
+      },
+      "/api/v1/hosts/{host}/rotate-key": {
+        post: {
+          summary: "New NBD keys for every unit of this host (the units get them at once; the host's agent fetches them)",
+          parameters: [pathParam("host", "host name")],
+          responses: { "200": ok("rotated", { type: "object", properties: { host: { type: "string" }, keyEpoch: { type: "integer" } } }), "404": error("no such host"), ...errors },
+        },
+      },
       "/api/v1/assignments": {
         get: {
           summary: "Assignments (live ones; all=true adds released and failed)",

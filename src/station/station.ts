@@ -14,10 +14,11 @@
 // volume by a per-volume lock (each PUT of grants sends the whole desired list
 // computed inside the lock).
 
+import { randomBytes } from "node:crypto";
 import { lookup } from "node:dns/promises";
 import { isIP } from "node:net";
 import { controlTokenFor } from "../discovery/keys.ts";
-import type { StorageInfo, VolumeInfo } from "../discovery/messages.ts";
+import { type NbdTlsMode, type StorageInfo, type VolumeInfo, identityGrant } from "../discovery/messages.ts";
 import { parseCidr } from "../unit/cidr.ts";
 import { IpsanError, errorMessage } from "../util/errors.ts";
 import { logger } from "../util/log.ts";
@@ -33,6 +34,7 @@ import {
   type UnitReason,
 } from "./allocator.ts";
 import { CarveLedger } from "./carves.ts";
+import { type HostKeySecret, hostKeySecretFrom, hostUnitKey } from "./host_keys.ts";
 import { HOST_FAILOVER_AFTER_MS_DEFAULT, HostFailover, failoverCheckIntervalMs, isFencing } from "./host_failover.ts";
 import type { StationMetrics } from "./metrics.ts";
 import { newAssignmentId, volumesOf, type StationStore, type UnitChange } from "./store.ts";
@@ -93,6 +95,8 @@ export interface StationOptions {
   readonly unitCallTimeoutMs?: number;
   /** A host silent this long has its assignments moved to a spare host (host_failover.ts). */
   readonly hostFailoverAfterMs?: number;
+  /** What hosts' NBD keys are derived from (host_keys.ts); default: a random one for this process only. */
+  readonly hostKeySecret?: HostKeySecret;
 }
 
 export const DEFAULT_STATION_OPTIONS = {
@@ -226,11 +230,13 @@ export class Station {
   private adminCarveSeq = 0;
   /** Moves a silent host's assignments to a spare host, old host fenced first (host_failover.ts). */
   readonly failover: HostFailover;
+  private readonly hostKeySecret: HostKeySecret;
 
   constructor(store: StationStore, metrics: StationMetrics, options: StationOptions) {
     this.store = store;
     this.metrics = metrics;
     this.options = options;
+    this.hostKeySecret = options.hostKeySecret ?? hostKeySecretFrom(randomBytes(32));
     this.failover = new HostFailover(this, {
       failoverAfterMs: options.hostFailoverAfterMs ?? HOST_FAILOVER_AFTER_MS_DEFAULT,
       spareOnlineWithinMs: options.hostOfflineAfterMs,
@@ -287,6 +293,8 @@ export class Station {
         token: controlTokenFor(this.options.clusterKey, unitName),
         ...(this.options.unitCallTimeoutMs === undefined ? {} : { timeoutMs: this.options.unitCallTimeoutMs }),
         onCall: (result) => this.metrics.unitCalls.inc(result),
+        keyFor: (host) => this.hostKey(host, unitName),
+        tlsMode: () => this.store.units.get(unitName)?.tls ?? null,
       });
       this.clients.set(key, client);
     }
@@ -345,6 +353,8 @@ export class Station {
       // A discovery packet without them (a unit from before spares and zones): not spare, no zone.
       spare: info.spare ?? false,
       zone: info.zone ?? null,
+      // Absent (a unit from before TLS): keep what the station knew.
+      ...(info.tls === undefined ? {} : { tls: info.tls }),
     };
     // A report that arrived earlier but finished resolving later is older than what is queued: drop it.
     if (mine < seq.queued) return;
@@ -506,18 +516,63 @@ export class Station {
 
   // ---- grants ------------------------------------------------------------------
 
-  /** Grants a volume should carry: the addresses of the hosts of its live, not-being-revoked assignments. */
+  /**
+   * Grants a volume should carry, for the hosts of its live, not-being-revoked
+   * assignments: on a unit that speaks TLS (or is not known not to), a grant by
+   * host identity for exactly the export assigned ("id:HOST@VOL" or
+   * "id:HOST@VOL/pN"; the host proves it with its key); on a unit started
+   * with --insecure-plaintext, the host's address (which admits the whole
+   * volume: such a unit cannot tell hosts apart any better).
+   */
   desiredGrants(unit: string, volume: string): string[] {
+    const byIdentity = this.store.units.get(unit)?.tls !== "off";
     const out: string[] = [];
     for (const a of this.store.liveOnVolume(unit, volume)) {
       if (a.state === "active" || (a.state === "pending" && a.error === null)) {
         // A host failover fencing the old host: neither it nor the new host is granted until every unit confirmed.
         if (isFencing(a)) continue;
-        const grant = canonicalGrant(a.hostAddress);
+        const grant = byIdentity
+          ? identityGrant(a.host, a.partition === null ? volume : `${volume}/p${a.partition}`)
+          : canonicalGrant(a.hostAddress);
         if (!out.includes(grant)) out.push(grant);
       }
     }
     return out.sort();
+  }
+
+  /** Host `host`'s NBD key on unit `unit` (64 hex digits). */
+  hostKey(host: string, unit: string): string {
+    return hostUnitKey(this.hostKeySecret, host, unit, this.store.hosts.get(host)?.keyEpoch ?? 0);
+  }
+
+  /**
+   * The NBD keys host `host` needs: one per unit that holds a volume of its
+   * live assignments (every leg of a mirror), with the identity to use.
+   */
+  hostKeys(host: string): { unit: string; identity: string; key: string; tls: NbdTlsMode | null }[] {
+    const units = new Set<string>();
+    for (const assignment of this.store.listAssignments({ host })) {
+      if (assignment.state === "released" || assignment.state === "failed") continue;
+      for (const [unit] of volumesOf(assignment)) units.add(unit);
+    }
+    return [...units].sort().map((unit) => ({ unit, identity: host, key: this.hostKey(host, unit), tls: this.store.units.get(unit)?.tls ?? null }));
+  }
+
+  /** `ipsan hosts rotate-key NAME`: new keys for every unit of that host; the units get them with the grants now. */
+  async rotateHostKey(host: string): Promise<{ keyEpoch: number }> {
+    const keyEpoch = this.store.rotateHostKey(host);
+    const volumes = new Set<string>();
+    for (const assignment of this.store.listAssignments({ host })) {
+      if (assignment.state === "released" || assignment.state === "failed") continue;
+      for (const held of volumesOf(assignment)) volumes.add(JSON.stringify(held));
+    }
+    for (const key of volumes) {
+      const [unit, volume] = JSON.parse(key) as [string, string];
+      await this.syncGrants(unit, volume, true).catch((error: unknown) =>
+        log.limited(`grants:${unit}`, "cannot give a unit a host's new key yet; reconcile retries", { unit, volume, host, error: errorMessage(error) }),
+      );
+    }
+    return { keyEpoch };
   }
 
   /** Makes the unit's grants of one volume equal the desired ones (skipped when already equal, unless forced). */
@@ -825,12 +880,15 @@ export class Station {
         field: "partition",
       });
     }
+    // Different partitions of one volume may go to different hosts where the unit tells hosts apart by
+    // identity (each is granted its own export); a unit that admits by address admits a host to the whole volume.
+    const perExport = this.store.units.get(input.unit)?.tls !== "off";
     for (const other of this.store.liveOnVolume(input.unit, input.volume)) {
       const overlaps = other.partition === null || partition === null || other.partition === partition;
-      if (other.host !== input.host || overlaps) {
+      if (overlaps || (other.host !== input.host && !perExport)) {
         throw new IpsanError(
           "CONFLICT",
-          `volume ${input.unit}/${input.volume}${other.partition === null ? "" : ` partition ${other.partition}`} is already assigned to host ${other.host} (assignment ${other.id}); a volume belongs to one host`,
+          `volume ${input.unit}/${input.volume}${other.partition === null ? "" : ` partition ${other.partition}`} is already assigned to host ${other.host} (assignment ${other.id}); ${overlaps ? "an export belongs to one host" : `unit ${input.unit} runs with --insecure-plaintext and admits hosts by address to whole volumes, so a volume belongs to one host there`}`,
           { field: "volume" },
         );
       }

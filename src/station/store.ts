@@ -11,6 +11,7 @@
 import { randomBytes } from "node:crypto";
 import { assert } from "../util/assert.ts";
 import { IpsanError } from "../util/errors.ts";
+import type { NbdTlsMode } from "../discovery/messages.ts";
 import type { Db } from "./db.ts";
 import {
   ASSIGNMENT_TRANSITIONS,
@@ -101,6 +102,7 @@ function unitFromRow(row: Row): UnitRecord {
     createdAtMs: row["created_at"] as number,
     spare: row["spare"] === 1,
     zone: (row["zone"] as string | null | undefined) ?? null,
+    tls: (row["nbd_tls"] as NbdTlsMode | null | undefined) ?? null,
   };
 }
 
@@ -214,20 +216,21 @@ function prepareStatements(db: Db) {
   return {
     upsertUnit: db.prepare(`
       INSERT INTO units (name, dns_name, addresses, nbd_host, nbd_port, control_host, control_port,
-                         capacity_bytes, free_bytes, volumes_max, state, last_seen_at, created_at, spare, zone)
+                         capacity_bytes, free_bytes, volumes_max, state, last_seen_at, created_at, spare, zone, nbd_tls)
       VALUES (@name, @dnsName, @addresses, @nbdHost, @nbdPort, @controlHost, @controlPort,
-              @capacityBytes, @freeBytes, @volumesMax, @state, @lastSeenAt, @createdAt, @spare, @zone)
+              @capacityBytes, @freeBytes, @volumesMax, @state, @lastSeenAt, @createdAt, @spare, @zone, @nbdTls)
       ON CONFLICT (name) DO UPDATE SET dns_name = excluded.dns_name, addresses = excluded.addresses,
         nbd_host = excluded.nbd_host, nbd_port = excluded.nbd_port, control_host = excluded.control_host,
         control_port = excluded.control_port, capacity_bytes = excluded.capacity_bytes,
         free_bytes = excluded.free_bytes, volumes_max = excluded.volumes_max, state = excluded.state,
-        last_seen_at = excluded.last_seen_at, spare = excluded.spare, zone = excluded.zone`),
+        last_seen_at = excluded.last_seen_at, spare = excluded.spare, zone = excluded.zone, nbd_tls = excluded.nbd_tls`),
     upsertVolume: db.prepare(`
       INSERT INTO volumes (unit, name, number, size_bytes, extents, partitions, grants)
       VALUES (@unit, @name, @number, @sizeBytes, @extents, @partitions, @grants)
       ON CONFLICT (unit, name) DO UPDATE SET number = excluded.number, size_bytes = excluded.size_bytes,
         extents = excluded.extents, partitions = excluded.partitions, grants = excluded.grants`),
     deleteVolume: db.prepare("DELETE FROM volumes WHERE unit = ? AND name = ?"),
+    setHostKeyEpoch: db.prepare("UPDATE hosts SET key_epoch = @keyEpoch WHERE name = @name"),
     upsertHost: db.prepare(`
       INSERT INTO hosts (name, address, last_seen_at, created_at, spare) VALUES (@name, @address, @lastSeenAt, @createdAt, @spare)
       ON CONFLICT (name) DO UPDATE SET address = excluded.address, last_seen_at = excluded.last_seen_at, spare = excluded.spare`),
@@ -322,6 +325,7 @@ export class StationStore {
         lastSeenAtMs: row["last_seen_at"] as number,
         createdAtMs: row["created_at"] as number,
         spare: row["spare"] === 1,
+        keyEpoch: (row["key_epoch"] as number | undefined) ?? 0,
       };
       this.hosts.set(host.name, host);
     }
@@ -442,6 +446,7 @@ export class StationStore {
       createdAt: unit.createdAtMs,
       spare: unit.spare === true ? 1 : 0,
       zone: unit.zone ?? null,
+      nbdTls: unit.tls ?? null,
     });
   }
 
@@ -552,6 +557,7 @@ export class StationStore {
       // A control-API read does not say: keep what discovery said.
       spare: report.spare ?? previous?.spare ?? false,
       zone: report.zone !== undefined ? report.zone : (previous?.zone ?? null),
+      tls: report.tls !== undefined ? report.tls : (previous?.tls ?? null),
     };
     const old = this.volumes.get(report.name) ?? new Map<string, VolumeRecord>();
     // Records are made only for what changed: most reports repeat what we have.
@@ -672,7 +678,7 @@ export class StationStore {
     const nowMs = this.clock.nowMs();
     const previous = this.hosts.get(name);
     const isSpare = spare ?? previous?.spare ?? false;
-    const host: HostRecord = { name, address, lastSeenAtMs: nowMs, createdAtMs: previous?.createdAtMs ?? nowMs, spare: isSpare };
+    const host: HostRecord = { name, address, lastSeenAtMs: nowMs, createdAtMs: previous?.createdAtMs ?? nowMs, spare: isSpare, keyEpoch: previous?.keyEpoch ?? 0 };
     const changed = previous !== undefined && previous.address !== address;
     this.statements.upsertHost.run({ name, address, lastSeenAt: nowMs, createdAt: host.createdAtMs, spare: isSpare ? 1 : 0 });
     batch.apply.push(() => this.hosts.set(name, host));
@@ -680,6 +686,19 @@ export class StationStore {
       batch.event("host", previous === undefined ? "added" : "updated", name, { name, address, previousAddress: previous?.address ?? null, spare: isSpare });
     }
     return { host, created: previous === undefined, changed };
+  }
+
+  /** Raises a host's key epoch (`ipsan hosts rotate-key`): every NBD key of that host changes. Returns the new epoch. */
+  rotateHostKey(name: string): number {
+    return this.commit((batch) => {
+      const host = this.hosts.get(name);
+      if (host === undefined) throw new IpsanError("NOT_FOUND", `host ${JSON.stringify(name)} not found`);
+      const keyEpoch = (host.keyEpoch ?? 0) + 1;
+      this.statements.setHostKeyEpoch.run({ name, keyEpoch });
+      batch.apply.push(() => this.hosts.set(name, { ...(this.hosts.get(name) ?? host), keyEpoch }));
+      batch.event("host", "key-rotated", name, { name, keyEpoch });
+      return keyEpoch;
+    });
   }
 
   /** Heartbeat: memory only (the host's state is derived from lastSeenAt). */

@@ -1,3 +1,4 @@
+import type { NbdTlsMode } from "../discovery/messages.ts";
 // The station's domain: units, volumes, hosts and assignments as the station
 // keeps them (in SQLite and mirrored in memory). One word per concept, the same
 // as in docs/api.md: unit, pool, volume, partition, extent, host, grant,
@@ -75,6 +76,8 @@ export interface UnitRecord {
   readonly spare?: boolean;
   /** Failure domain label (--zone); null or absent: none. */
   readonly zone?: string | null;
+  /** The unit's NBD TLS mode as its info last said (`ipsan unit --tls`); null or absent: not known yet. */
+  readonly tls?: NbdTlsMode | null;
 }
 
 export interface HostRecord {
@@ -82,6 +85,8 @@ export interface HostRecord {
   readonly address: string;
   /** A spare host (`ipsan host agent --spare`): a failed host's assignments move to it (host_failover.ts). */
   readonly spare?: boolean;
+  /** Raised by `ipsan hosts rotate-key`: a new epoch derives new NBD keys (host_keys.ts). */
+  readonly keyEpoch?: number;
   readonly lastSeenAtMs: number;
   readonly createdAtMs: number;
 }
@@ -212,6 +217,8 @@ export interface UnitReport {
   /** Absent (a control-API read): keep what discovery said. */
   readonly spare?: boolean;
   readonly zone?: string | null;
+  /** Absent (a discovery packet): keep what the unit's info said. */
+  readonly tls?: NbdTlsMode | null;
 }
 
 export const EVENT_TYPES = ["unit", "volumes", "host", "assignment"] as const;

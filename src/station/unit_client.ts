@@ -11,7 +11,7 @@
 // unit's own error code when it answered one. Answers are validated before use.
 
 import { validateStorageInfo } from "../discovery/storage_info.ts";
-import type { StorageInfo, VolumeInfo } from "../discovery/messages.ts";
+import { type NbdTlsMode, type StorageInfo, type VolumeInfo, parseIdentityGrant } from "../discovery/messages.ts";
 import { ERROR_CODES, IpsanError, errorMessage, type ErrorCode } from "../util/errors.ts";
 import type { HostPort } from "./types.ts";
 
@@ -81,6 +81,23 @@ export interface UnitClientOptions {
   readonly attemptsMax?: number;
   /** Called once per HTTP exchange with its outcome (metrics). */
   readonly onCall?: (result: "ok" | UnitCallFailure) => void;
+  /** The NBD key of a host on this unit (host_keys.ts): sent with grants by identity, never logged. */
+  readonly keyFor?: (host: string) => string;
+  /** The unit's NBD TLS mode as the station knows it (null: not known yet, taken as the managed default, require). */
+  readonly tlsMode?: () => NbdTlsMode | null;
+}
+
+/** The body of PUT /v1/volumes/NAME/grants for the station's grant strings (identity grants carry their keys). */
+export function grantsBody(grants: readonly string[], tlsMode: NbdTlsMode | null, keyFor: (host: string) => string): unknown {
+  const identities = grants.flatMap((grant) => {
+    const parsed = parseIdentityGrant(grant);
+    return parsed === undefined ? [] : [parsed];
+  });
+  if (identities.length === 0 && (grants.length > 0 || tlsMode === "off")) return { hosts: grants };
+  if (identities.length !== grants.length) throw new Error("a volume's grants mix addresses and host identities");
+  return {
+    grants: identities.map((g) => ({ host: g.host, key: keyFor(g.host), export: g.export, ...(g.from.length === 0 ? {} : { from: g.from }) })),
+  };
 }
 
 function hostForUrl(host: string): string {
@@ -107,6 +124,8 @@ export class UnitClient {
   private readonly timeoutMs: number;
   private readonly attemptsMax: number;
   private readonly onCall: ((result: "ok" | UnitCallFailure) => void) | undefined;
+  private readonly keyFor: (host: string) => string;
+  private readonly tlsMode: () => NbdTlsMode | null;
 
   constructor(options: UnitClientOptions) {
     this.unit = options.unit;
@@ -115,6 +134,12 @@ export class UnitClient {
     this.timeoutMs = options.timeoutMs ?? UNIT_CALL_TIMEOUT_MS;
     this.attemptsMax = options.attemptsMax ?? UNIT_CALL_ATTEMPTS_MAX;
     this.onCall = options.onCall;
+    this.keyFor =
+      options.keyFor ??
+      ((host) => {
+        throw new Error(`no NBD key for host ${host}: this client was made without keys`);
+      });
+    this.tlsMode = options.tlsMode ?? (() => null);
   }
 
   private async once(method: string, path: string, body: unknown, timeoutMs: number): Promise<{ status: number; json: unknown }> {
@@ -242,8 +267,9 @@ export class UnitClient {
     return this.volumeFrom(`POST ${path}`, (await this.request("POST", path, undefined, Math.max(this.timeoutMs, UNIT_WIPE_TIMEOUT_MS))).json);
   }
 
-  async setGrants(name: string, hosts: readonly string[]): Promise<VolumeInfo> {
+  /** Replaces a volume's grants: address grants, or grants by host identity ("id:HOST@EXPORT", sent with the host's key). */
+  async setGrants(name: string, grants: readonly string[]): Promise<VolumeInfo> {
     const path = `/v1/volumes/${encodeURIComponent(name)}/grants`;
-    return this.volumeFrom(`PUT ${path}`, (await this.request("PUT", path, { hosts })).json);
+    return this.volumeFrom(`PUT ${path}`, (await this.request("PUT", path, grantsBody(grants, this.tlsMode(), this.keyFor))).json);
   }
 }

@@ -1,6 +1,7 @@
 // JSON shapes of the REST API (docs/api.md "Objects"), built from the store's
 // records. Pure functions: records in, plain objects out.
 
+import type { NbdTlsMode } from "../discovery/messages.ts";
 import type { StationStore } from "./store.ts";
 import type { AssignmentRecord, ExtentRecord, HostPort, HostRecord, HostState, LegRecord, UnitRecord, VolumeRecord } from "./types.ts";
 
@@ -25,6 +26,7 @@ export function unitView(unit: UnitRecord, volumeCount: number, freeBytes: numbe
     lastSeenAt: iso(unit.lastSeenAtMs),
     spare: unit.spare === true,
     zone: unit.zone ?? null,
+    tls: unit.tls ?? null,
   };
 }
 
@@ -96,12 +98,19 @@ function uriHost(host: string): string {
   return host.includes(":") ? `[${host}]` : host;
 }
 
-function nbdUri(nbd: HostPort, exportName: string): string {
-  return `nbd://${uriHost(nbd.host)}:${nbd.port}/${encodeURI(exportName)}`;
+/**
+ * The URI of an export for host `host`. A unit that speaks TLS (or is not
+ * known not to: the managed default is --tls require) gets `nbds://HOST@...`:
+ * libnbd takes the user part as the TLS-PSK identity; the host adds
+ * `?tls-psk-file=PATH` for its key file (ipsan host request/attach do).
+ */
+function nbdUri(nbd: HostPort, exportName: string, tls: NbdTlsMode | null | undefined, host: string): string {
+  const path = `${uriHost(nbd.host)}:${nbd.port}/${encodeURI(exportName)}`;
+  return tls === "off" ? `nbd://${path}` : `nbds://${encodeURIComponent(host)}@${path}`;
 }
 
 /** One leg of a mirror: where its volume is, and its URI (for the host's mirror engine, not for applications). */
-export function legView(leg: LegRecord, store: StationStore) {
+export function legView(leg: LegRecord, store: StationStore, host: string) {
   const unit = store.units.get(leg.unit);
   const nbd = reachableNbd(unit?.nbd ?? leg.detail?.nbd ?? null, unit?.addresses ?? []);
   return {
@@ -109,7 +118,7 @@ export function legView(leg: LegRecord, store: StationStore) {
     unit: leg.unit,
     volume: leg.volume,
     sizeBytes: leg.sizeBytes,
-    uri: nbd === null ? null : nbdUri(nbd, leg.volume),
+    uri: nbd === null ? null : nbdUri(nbd, leg.volume, unit?.tls, host),
     state: leg.state,
     rebuild: leg.rebuild ?? null,
     error: leg.error ?? null,
@@ -160,9 +169,9 @@ export function assignmentView(assignment: AssignmentRecord, store: StationStore
     lengthLba,
     endLba: last?.endLba ?? null,
     extents,
-    uri: nbd === null || mirror ? null : nbdUri(nbd, exportName),
+    uri: nbd === null || mirror ? null : nbdUri(nbd, exportName, unit?.tls, assignment.host),
     copies: assignment.copies,
-    legs: assignment.legs.map((leg) => legView(leg, store)),
+    legs: assignment.legs.map((leg) => legView(leg, store, assignment.host)),
     state: assignment.state,
     createdAt: iso(assignment.createdAtMs),
     updatedAt: iso(assignment.updatedAtMs),
