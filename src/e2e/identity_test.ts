@@ -97,7 +97,7 @@ test("identity: nbds:// URIs with the host's key; other identities, other keys a
     const client = await san.client();
     await client.registerHost("hA", "127.0.0.1");
     await client.registerHost("hB", "127.0.0.1");
-    const carved = (await client.call("POST", "/api/v1/volumes", { unit: "u1", sizeBytes: 32 * MIB })) as { unit: string; name: string };
+    const carved = (await client.call("POST", "/api/v1/volumes", { unit: "u1", name: "shared1", sizeBytes: 32 * MIB })) as { unit: string; name: string };
     await client.call("PUT", `/api/v1/volumes/${carved.unit}/${carved.name}/partitions`, { sizesBytes: [8 * MIB, 8 * MIB] });
     const stateA = san.tmp.file("hA-state");
     const stateB = san.tmp.file("hB-state");
