@@ -80,6 +80,8 @@ interface Pending {
   readonly deadline: number;
   /** BLOCK_STATUS: the runs received so far (structured chunks until DONE). */
   readonly extents?: AllocationExtent[];
+  /** READ: the caller's buffer the data goes into (one copy from the received chunks). */
+  readonly into?: Buffer;
 }
 
 const DEFAULTS = { connectTimeoutMs: 5_000, requestTimeoutMs: 5_000, inFlightMax: 64, allocation: false };
@@ -233,9 +235,15 @@ export class NbdClient {
     return (this.transmissionFlags & NBD_TFLAG.SEND_FLUSH) !== 0;
   }
 
-  read(offsetBytes: number, lengthBytes: number): Promise<Buffer> {
+  /**
+   * Reads `lengthBytes` at `offsetBytes`. With `into` (of that length), the
+   * data is copied once, from the received chunks straight into it, and
+   * `into` is what resolves; without, a buffer of its own.
+   */
+  read(offsetBytes: number, lengthBytes: number, into?: Buffer): Promise<Buffer> {
     if (this.#contextId !== undefined) return Promise.reject(new IpsanError("INVALID_ARGUMENT", "READ on a block-status connection"));
-    return this.#request(NBD_CMD.READ, 0, offsetBytes, lengthBytes, undefined).then((data) => data ?? Buffer.alloc(0));
+    if (into !== undefined && into.length !== lengthBytes) return Promise.reject(new IpsanError("INVALID_ARGUMENT", `READ into ${into.length} bytes of ${lengthBytes}`));
+    return this.#request(NBD_CMD.READ, 0, offsetBytes, lengthBytes, undefined, undefined, into).then((data) => data ?? Buffer.alloc(0));
   }
 
   async write(offsetBytes: number, data: Buffer, fua: boolean): Promise<void> {
@@ -310,7 +318,15 @@ export class NbdClient {
     this.#fail(new IpsanError("UNAVAILABLE", reason));
   }
 
-  async #request(type: number, flags: number, offsetBytes: number, lengthBytes: number, payload: readonly Buffer[] | undefined, extents?: AllocationExtent[]): Promise<Buffer | undefined> {
+  async #request(
+    type: number,
+    flags: number,
+    offsetBytes: number,
+    lengthBytes: number,
+    payload: readonly Buffer[] | undefined,
+    extents?: AllocationExtent[],
+    into?: Buffer,
+  ): Promise<Buffer | undefined> {
     while (this.#pending.size >= this.#inFlightMax && this.#broken === undefined) {
       await new Promise<void>((resolve) => this.#waiting.push(resolve));
     }
@@ -318,7 +334,7 @@ export class NbdClient {
     const cookie = this.#nextCookie;
     this.#nextCookie = this.#nextCookie >= 0xffff_fff0 ? 1 : this.#nextCookie + 1;
     return new Promise((resolve, reject) => {
-      this.#pending.set(cookie, { cookie, type, length: lengthBytes, resolve, reject, deadline: Date.now() + this.#requestTimeoutMs, ...(extents === undefined ? {} : { extents }) });
+      this.#pending.set(cookie, { cookie, type, length: lengthBytes, resolve, reject, deadline: Date.now() + this.#requestTimeoutMs, ...(extents === undefined ? {} : { extents }), ...(into === undefined ? {} : { into }) });
       this.#armTimer();
       const header = encodeRequest({ cookieHi: 0, cookieLo: cookie, flags, type, offset: offsetBytes, length: lengthBytes });
       // Requests made in the same turn of the event loop leave in one writev (fewer syscalls
@@ -348,7 +364,15 @@ export class NbdClient {
         if (reading !== undefined) {
           if (this.#queue.length < reading.length) return;
           this.#readingData = undefined;
-          const data = Buffer.from(this.#queue.take(reading.length));
+          const into = reading.into;
+          let data: Buffer;
+          if (into === undefined) data = Buffer.from(this.#queue.take(reading.length));
+          else {
+            // Spread over several chunks: copied into `into` by take; within one: a view, copied here.
+            const taken = this.#queue.take(reading.length, () => into);
+            if (taken !== into) taken.copy(into);
+            data = into;
+          }
           this.#settled(reading.cookie);
           reading.resolve(data);
           continue;

@@ -57,7 +57,8 @@ const log = logger("engine");
 /** What the engine needs of a leg's connection (NbdClient has it). */
 export interface LegIo {
   readonly sizeBytes: number;
-  read(offsetBytes: number, lengthBytes: number): Promise<Buffer>;
+  /** With `into` (lengthBytes long), the data may land there directly; what resolves is where it is. */
+  read(offsetBytes: number, lengthBytes: number, into?: Buffer): Promise<Buffer>;
   write(offsetBytes: number, data: Buffer, fua: boolean): Promise<void>;
   /** One write from several buffers (no gather copy); optional. */
   writev?(offsetBytes: number, parts: readonly Buffer[], fua: boolean): Promise<void>;
@@ -534,8 +535,9 @@ export class Mirror implements BlockDevice {
       if (inSync.length === 0) break;
       const leg = inSync[this.#readCursor++ % inSync.length] as Leg;
       try {
-        const data = await (leg.io as LegIo).read(offsetBytes, buffer.length);
-        data.copy(buffer);
+        // Straight into the reply's buffer (NbdClient copies once from the socket's chunks).
+        const data = await (leg.io as LegIo).read(offsetBytes, buffer.length, buffer);
+        if (data !== buffer) data.copy(buffer);
         return;
       } catch (error) {
         await this.#fail(leg, error);
