@@ -474,6 +474,11 @@ export class NbdSession implements BudgetWaiter {
     raw.on("error", () => undefined);
     this.socket = secure;
     this.readingPaused = false;
+    // A handshake that never completes (wrong key, garbage, a stall cut by the timer, shutdown)
+    // holds no option any more once the socket is gone: the session must still end.
+    secure.once("close", () => {
+      if (!this.negotiation.tls) this.optionBusy = false;
+    });
     secure.on("error", this.onError);
     secure.on("close", this.onClose);
     secure.on("drain", this.onDrain);
@@ -837,6 +842,11 @@ export class NbdSession implements BudgetWaiter {
 
   /** Server shutdown: handshaking clients are closed; transmitting ones finish in-flight requests (new ones get ESHUTDOWN). */
   shutdown(): void {
+    if (this.socket !== this.rawSocket && !this.negotiation.tls) {
+      // In the TLS handshake: nothing to finish.
+      this.hardDisconnect();
+      return;
+    }
     if (this.stateValue === "greeting" || this.stateValue === "options") {
       if (this.optionBusy) this.softClose();
       else this.hardDisconnect();
