@@ -14,6 +14,7 @@ import { after, before, test } from "node:test";
 import { waitFor } from "../testing/process.ts";
 import { makeTempDir, memoryTmpBase, type TempDir } from "../testing/tmp.ts";
 import { setLogLevel } from "../util/log.ts";
+import { seededRandom } from "../util/random.ts";
 import { NbdClient } from "./client.ts";
 import { NBD_OPT, NBD_OPTION_MAGIC, NBD_REP } from "./protocol.ts";
 import { NbdServer } from "./server.ts";
@@ -115,11 +116,16 @@ test("--tls on serves plaintext and TLS; --tls off answers STARTTLS with ERR_UNS
 test("failed TLS handshakes leave no session behind; close() during a stalled TLS handshake is prompt", async () => {
   const { server, port } = await serve("require", { handshakeTimeoutMs: 60_000 });
   try {
+    // Garbage in place of a ClientHello: seeded (IPSAN_TLS_FUZZ_SEED), sizes 1..4096, first byte any value.
+    const seed = Number(process.env["IPSAN_TLS_FUZZ_SEED"] ?? Date.now() % 1_000_000);
+    const random = seededRandom(seed);
+    const garbage = (): Buffer => Buffer.from(Array.from({ length: 1 + Math.floor(random() * 4096) }, () => Math.floor(random() * 256)));
+    console.log(`tls fuzz seed ${seed} (IPSAN_TLS_FUZZ_SEED)`);
     for (let i = 0; i < 10; i++) {
       await assert.rejects(NbdClient.connect({ host: "127.0.0.1", port, exportName: "disk" }, { tls: { identity: "h1", key: randomBytes(32) } }));
       await assert.rejects(NbdClient.connect({ host: "127.0.0.1", port, exportName: "disk" }, { tls: { identity: "nobody", key: KEY } }));
       const { socket } = await rawReplies(port, [option(NBD_OPT.STARTTLS)], 1);
-      socket.write(randomBytes(512));
+      socket.end(garbage());
       const vanish = await rawReplies(port, [option(NBD_OPT.STARTTLS)], 1);
       vanish.socket.destroy();
     }
