@@ -4,16 +4,20 @@
 // on 127.0.0.1 TCP. Rounds alternate the servers (the order rotates every
 // round) so drift in the machine hits all of them alike; the table shows
 // medians, ipsan's ratio to each, mean latency, and server CPU; and the
-// unit's peak RSS. See docs/benchmarks.md for the settings and results.
+// unit's peak RSS. ipsan-tls and nbdkit-tls are the same jobs over NBD with
+// TLS-PSK (nbds:// URIs; fio gets allow_local_file.c preloaded so libnbd
+// may read the key file). See docs/benchmarks.md for the settings and results.
 
+import { randomBytes } from "node:crypto";
 import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
 import { availableParallelism, cpus, release, tmpdir, totalmem } from "node:os";
 import { pathToFileURL } from "node:url";
 import { type Daemon, fileExists, freeTcpPort, startDaemon } from "../testing/daemon.ts";
 import { writeRandomFile } from "../testing/data.ts";
 import { describeResult, run, runOk } from "../testing/process.ts";
 import { makeTempDir, type TempDir } from "../testing/tmp.ts";
-import { startUnit, type RunningUnit } from "../testing/unit.ts";
+import { REPO_ROOT, startUnit, type RunningUnit } from "../testing/unit.ts";
 import { UsageError, errorMessage } from "../util/errors.ts";
 import { formatSize } from "../util/size.ts";
 import {
@@ -43,7 +47,28 @@ interface BenchServer {
   uri: string;
   pid: number;
   settings: string;
+  /** Environment for fio (the TLS jobs preload allow_local_file.so). */
+  env?: Record<string, string>;
   stop(): Promise<void>;
+}
+
+/** The TLS jobs' identity and key file (psktool format), and the fio preload that lets libnbd read it. */
+interface BenchTls {
+  identity: string;
+  pskFile: string;
+  fioEnv: Record<string, string>;
+}
+
+async function prepareTls(work: TempDir): Promise<BenchTls> {
+  const pskFile = work.file("bench.psk");
+  writeFileSync(pskFile, `bench:${randomBytes(32).toString("hex")}\n`, { mode: 0o600 });
+  const shim = work.file("allow_local_file.so");
+  await runOk("gcc", ["-shared", "-fPIC", "-O2", "-o", shim, join(REPO_ROOT, "src", "bench", "allow_local_file.c"), "-ldl"]);
+  return { identity: "bench", pskFile, fioEnv: { LD_PRELOAD: shim } };
+}
+
+function nbdsUri(tls: BenchTls, port: number): string {
+  return `nbds://${tls.identity}@127.0.0.1:${port}/${EXPORT_NAME}?tls-psk-file=${tls.pskFile}`;
 }
 
 /** utime+stime of a process in seconds (from /proc/PID/stat). */
@@ -59,17 +84,20 @@ function statusKib(pid: number, key: "VmRSS" | "VmHWM"): number {
   return Number(match?.[1] ?? Number.NaN);
 }
 
+/** One unit serves both "ipsan" (plaintext) and "ipsan-tls" (--tls on: STARTTLS offered, plaintext allowed). */
 async function startIpsan(
   work: TempDir,
   options: BenchOptions,
   dataPath: string,
-): Promise<{ server: BenchServer; unit: RunningUnit; fillHwmKib: number }> {
+  tls: BenchTls | undefined,
+): Promise<{ servers: BenchServer[]; unit: RunningUnit; fillHwmKib: number }> {
   const dataDir = work.file("unit");
   mkdirSync(dataDir);
   const unitOptions = {
     dataDir,
     capacity: options.sizeBytes + UNIT_SPARE_BYTES,
     volumes: [{ name: EXPORT_NAME, size: options.sizeBytes }],
+    ...(tls === undefined ? {} : { extraArgs: ["--tls", "on", "--tls-psk", tls.pskFile, "--allow", "127.0.0.0/8", "--allow", `id:${tls.identity}`] }),
   };
   const filler = await startUnit(unitOptions);
   process.stderr.write(`bench: filling the ipsan volume with ${formatSize(options.sizeBytes)} of data\n`);
@@ -78,20 +106,14 @@ async function startIpsan(
   // A fresh unit on the filled storage, so the RSS figures are those of the fio jobs alone.
   await filler.stop();
   const unit = await startUnit(unitOptions);
-  const uri = unit.uri(EXPORT_NAME);
-  return {
-    fillHwmKib,
-    unit,
-    server: {
-      name: "ipsan",
-      uri,
-      pid: unit.pid,
-      settings: `bin/ipsan ${unit.args.join(" ")}`,
-      stop: async () => {
-        await unit.stop();
-      },
-    },
+  const servers: BenchServer[] = [];
+  const stop = async (): Promise<void> => {
+    if (unit.running()) await unit.stop();
   };
+  const settings = `bin/ipsan ${unit.args.join(" ")}`;
+  if (options.servers.includes("ipsan")) servers.push({ name: "ipsan", uri: unit.uri(EXPORT_NAME), pid: unit.pid, settings, stop });
+  if (tls !== undefined) servers.push({ name: "ipsan-tls", uri: nbdsUri(tls, unit.port), pid: unit.pid, settings, env: tls.fioEnv, stop });
+  return { fillHwmKib, unit, servers };
 }
 
 /** Starts a daemon on a free port, retrying if another process took the port first. */
@@ -109,20 +131,23 @@ async function onFreePort(name: ServerName, start: (port: number) => Promise<Dae
   throw new Error(`cannot start ${name}: ${errorMessage(lastError)}`);
 }
 
-async function startNbdkit(work: TempDir, dataPath: string): Promise<BenchServer> {
-  const path = work.file("nbdkit.raw");
+async function startNbdkit(work: TempDir, dataPath: string, tls?: BenchTls): Promise<BenchServer> {
+  const name: ServerName = tls === undefined ? "nbdkit" : "nbdkit-tls";
+  const path = work.file(`${name}.raw`);
   copyFileSync(dataPath, path);
   let args: string[] = [];
-  const { daemon, port } = await onFreePort("nbdkit", (port) => {
-    const pidFile = work.file(`nbdkit-${port}.pid`);
+  const { daemon, port } = await onFreePort(name, (port) => {
+    const pidFile = work.file(`${name}-${port}.pid`);
     // Defaults otherwise: thread model parallel, 16 threads, page cache on (cache=default).
-    args = ["-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", String(port), "-P", pidFile, "file", path];
+    const tlsArgs = tls === undefined ? [] : ["--tls=require", `--tls-psk=${tls.pskFile}`];
+    args = ["-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", String(port), "-P", pidFile, ...tlsArgs, "file", path];
     return startDaemon("nbdkit", args, { ready: fileExists(pidFile) });
   });
   return {
-    name: "nbdkit",
-    uri: `nbd://127.0.0.1:${port}/${EXPORT_NAME}`,
+    name,
+    uri: tls === undefined ? `nbd://127.0.0.1:${port}/${EXPORT_NAME}` : nbdsUri(tls, port),
     pid: daemon.pid,
+    ...(tls === undefined ? {} : { env: tls.fioEnv }),
     settings: `nbdkit ${args.join(" ")}`,
     stop: async () => {
       await daemon.stop();
@@ -177,6 +202,7 @@ async function runJob(job: BenchJob, server: BenchServer, options: BenchOptions,
   const [command, args] = options.pin ? ["taskset", ["-c", "0", "fio", ...fio]] : ["fio", fio];
   const result = await run(command, args, {
     timeoutMs: options.runtimeS * 1000 + FIO_TIMEOUT_MARGIN_MS,
+    ...(server.env === undefined ? {} : { env: server.env }),
   });
   const wallS = (Date.now() - startMs) / 1000;
   const cpu = cpuSeconds(server.pid, ticksPerSecond) - cpuBefore;
@@ -247,20 +273,26 @@ export async function benchMain(argv: readonly string[]): Promise<number> {
     process.stderr.write(`bench: writing a ${formatSize(options.sizeBytes)} data file in ${work.path}\n`);
     const dataPath = work.file("data.raw");
     writeRandomFile(dataPath, options.sizeBytes, "ipsan-bench");
+    const tls = options.servers.some((name) => name.endsWith("-tls")) ? await prepareTls(work) : undefined;
     for (const name of options.servers) {
-      if (name === "ipsan") {
-        const started = await startIpsan(work, options, dataPath);
+      if (name === "ipsan" || name === "ipsan-tls") {
+        if (unit !== undefined) continue;
+        const started = await startIpsan(work, options, dataPath, options.servers.includes("ipsan-tls") ? tls : undefined);
         unit = started.unit;
         fillHwmKib = started.fillHwmKib;
-        servers.push(started.server);
+        servers.push(...started.servers);
       } else if (name === "nbdkit") {
         servers.push(await startNbdkit(work, dataPath));
+      } else if (name === "nbdkit-tls") {
+        servers.push(await startNbdkit(work, dataPath, tls));
       } else {
         servers.push(await startQemuNbd(work, dataPath));
       }
     }
     const cpuCount = availableParallelism();
     if (options.pin && cpuCount < 2) throw new UsageError(`--pin: needs at least 2 CPUs, this machine has ${cpuCount}`);
+    // The table's columns in the order the servers were asked for.
+    servers.sort((a, b) => options.servers.indexOf(a.name) - options.servers.indexOf(b.name));
     for (const server of servers) {
       // -a: every thread of the server, and the threads it starts later inherit the mask.
       if (options.pin) await runOk("taskset", ["-a", "-c", "-p", `1-${cpuCount - 1}`, String(server.pid)]);

@@ -5,7 +5,8 @@ import { UsageError } from "../util/errors.ts";
 import { parseFlags } from "../util/flags.ts";
 import { parseSize } from "../util/size.ts";
 
-export const SERVERS = ["ipsan", "nbdkit", "qemu-nbd"] as const;
+/** ipsan-tls and nbdkit-tls: the same servers with NBD over TLS-PSK (TLS 1.3), fio through nbds:// URIs. */
+export const SERVERS = ["ipsan", "nbdkit", "qemu-nbd", "ipsan-tls", "nbdkit-tls"] as const;
 export type ServerName = (typeof SERVERS)[number];
 
 export interface BenchJob {
@@ -172,14 +173,22 @@ function table(rows: readonly (readonly string[])[]): string {
 
 /** The result table: median per job and server, ipsan's ratio to each other server, server CPU. */
 export function formatSummary(summaries: readonly Summary[], servers: readonly ServerName[]): string {
-  const others = servers.filter((server) => server !== "ipsan");
-  const header = ["job", ...servers, ...(servers.includes("ipsan") ? others.map((other) => `ipsan/${other}`) : [])];
+  const plain = servers.filter((server) => !server.endsWith("-tls"));
+  const others = plain.filter((server) => server !== "ipsan");
+  // TLS servers are compared with TLS servers (and ipsan-tls with plaintext ipsan: what TLS costs).
+  const tlsRatios: [ServerName, ServerName][] = [];
+  if (servers.includes("ipsan-tls")) {
+    if (servers.includes("nbdkit-tls")) tlsRatios.push(["ipsan-tls", "nbdkit-tls"]);
+    if (servers.includes("ipsan")) tlsRatios.push(["ipsan-tls", "ipsan"]);
+  }
+  const header = ["job", ...servers, ...(plain.includes("ipsan") ? others.map((other) => `ipsan/${other}`) : []), ...tlsRatios.map(([a, b]) => `${a}/${b}`)];
   const rows: string[][] = [header];
   for (const summary of summaries) {
     rows.push([
       summary.job.name,
       ...servers.map((server) => formatValue(summary.values[server], summary.job.metric)),
-      ...(servers.includes("ipsan") ? others.map((other) => ratio(summary.values.ipsan, summary.values[other])) : []),
+      ...(plain.includes("ipsan") ? others.map((other) => ratio(summary.values.ipsan, summary.values[other])) : []),
+      ...tlsRatios.map(([a, b]) => ratio(summary.values[a], summary.values[b])),
     ]);
   }
   const cpuRows: string[][] = [["server CPU (cores)", ...servers]];
@@ -205,6 +214,15 @@ export function formatVerdict(summaries: readonly Summary[], unitRssBytes: numbe
       behind.length === 0
         ? `target ipsan >= 1.0x nbdkit on every job: met (${compared.length} jobs)`
         : `target ipsan >= 1.0x nbdkit on every job: NOT met, behind on ${behind.map((s) => s.job.name).join(", ")}`,
+    );
+  }
+  const tlsCompared = summaries.filter((s) => s.values["ipsan-tls"] !== undefined && s.values["nbdkit-tls"] !== undefined);
+  if (tlsCompared.length > 0) {
+    const tlsBehind = tlsCompared.filter((s) => (s.values["ipsan-tls"] ?? 0) < (s.values["nbdkit-tls"] ?? 0));
+    lines.push(
+      tlsBehind.length === 0
+        ? `target ipsan-tls >= 1.0x nbdkit-tls on every job: met (${tlsCompared.length} jobs)`
+        : `target ipsan-tls >= 1.0x nbdkit-tls on every job: NOT met, behind on ${tlsBehind.map((s) => s.job.name).join(", ")}`,
     );
   }
   if (unitRssBytes !== undefined && Number.isFinite(unitRssBytes)) {

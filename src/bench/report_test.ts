@@ -13,7 +13,7 @@ test("parseBenchOptions: defaults, lists, and errors that name the flag", () => 
   assert.equal(defaults.runtimeS, 8);
   assert.equal(defaults.sizeBytes, 1024 ** 3);
   assert.deepEqual(defaults.jobs.map((job) => job.name), JOBS.map((job) => job.name));
-  assert.deepEqual(defaults.servers, ["ipsan", "nbdkit", "qemu-nbd"]);
+  assert.deepEqual(defaults.servers, ["ipsan", "nbdkit", "qemu-nbd", "ipsan-tls", "nbdkit-tls"]);
   const picked = parseBenchOptions(["--rounds", "5", "--runtime", "2", "--jobs", "seqread1m,randread4k", "--servers", "ipsan,nbdkit", "--size", "256M"]);
   assert.deepEqual(picked.jobs.map((job) => job.name), ["randread4k", "seqread1m"]);
   assert.deepEqual([picked.rounds, picked.runtimeS, picked.sizeBytes], [5, 2, 256 * 1024 * 1024]);

@@ -96,6 +96,10 @@ export interface Peer {
   /** Remote IP address ("127.0.0.1", "::1", "10.0.0.5") or "unix" for a Unix socket. */
   readonly address: string;
   readonly port: number;
+  /** The TLS-PSK identity the peer proved (NBD_OPT_STARTTLS); undefined in plaintext. */
+  readonly identity?: string;
+  /** pskKeyId() of the key it proved it holds (tells a rotated key from the one in use). */
+  readonly keyId?: string;
 }
 
 export interface ExportSummary {

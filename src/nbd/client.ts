@@ -15,9 +15,11 @@
 // rebuild skips them).
 
 import * as net from "node:net";
+import * as tls from "node:tls";
 import { IpsanError } from "../util/errors.ts";
 import { ByteQueue } from "./byte_queue.ts";
 import { decodeGreeting, decodeOptionReply, decodeTransmissionReply, encodeClientFlags, encodeInfoRequestData, encodeMetaContextRequestData, encodeOption, encodeRequest } from "./peer_codec.ts";
+import { type NbdClientTls, PSK_CIPHERS } from "./tls.ts";
 import { BASE_ALLOCATION, NBD_CMD, NBD_CMD_FLAG, NBD_FLAG, NBD_FLAG_C, NBD_INFO, NBD_OPT, NBD_REP, NBD_REPLY_FLAG, NBD_REPLY_TYPE, NBD_STATE, NBD_TFLAG, WIRE } from "./protocol.ts";
 
 /** `localAddress`: the TCP connection's source address (a test speaking as a given host, e.g. 127.0.0.2). */
@@ -57,6 +59,8 @@ export interface NbdClientOptions {
   readonly inFlightMax?: number;
   /** Negotiate structured replies and base:allocation: a connection for blockStatus() only. */
   readonly allocation?: boolean;
+  /** NBD_OPT_STARTTLS, then TLS-PSK with this identity and key, before anything else is negotiated. */
+  readonly tls?: NbdClientTls | undefined;
 }
 
 /** One run of a BLOCK_STATUS answer (base:allocation). */
@@ -84,7 +88,7 @@ interface Pending {
   readonly into?: Buffer;
 }
 
-const DEFAULTS = { connectTimeoutMs: 5_000, requestTimeoutMs: 5_000, inFlightMax: 64, allocation: false };
+const DEFAULTS = { connectTimeoutMs: 5_000, requestTimeoutMs: 5_000, inFlightMax: 64, allocation: false, tls: undefined };
 
 export class NbdClient {
   readonly sizeBytes: number;
@@ -136,7 +140,7 @@ export class NbdClient {
   static async connect(target: NbdTarget | string, options: NbdClientOptions = {}): Promise<NbdClient> {
     const resolved = typeof target === "string" ? parseNbdUri(target) : target;
     const settings = { ...DEFAULTS, ...options };
-    const socket = "path" in resolved ? net.connect(resolved.path) : net.connect({
+    let socket: net.Socket = "path" in resolved ? net.connect(resolved.path) : net.connect({
             host: resolved.host,
             port: resolved.port,
             noDelay: true,
@@ -154,9 +158,10 @@ export class NbdClient {
       failure ??= new IpsanError("UNAVAILABLE", `${where}: ${error?.message ?? "connection closed during the handshake"}`);
       wake?.();
     };
+    const onClose = (): void => onEnd();
     socket.on("data", onData);
     socket.on("error", onEnd);
-    socket.on("close", () => onEnd());
+    socket.on("close", onClose);
     const deadline = Date.now() + settings.connectTimeoutMs;
     const next = async <T>(decode: (q: ByteQueue) => { kind: "need_more" } | { kind: "frame"; frame: T } | { kind: "invalid"; reason: string }): Promise<T> => {
       for (;;) {
@@ -181,6 +186,44 @@ export class NbdClient {
       if ((greeting.handshakeFlags & NBD_FLAG.FIXED_NEWSTYLE) === 0) throw new IpsanError("UNAVAILABLE", `${where}: server is not fixed newstyle`);
       const noZeroes = (greeting.handshakeFlags & NBD_FLAG.NO_ZEROES) !== 0;
       socket.write(encodeClientFlags(NBD_FLAG_C.FIXED_NEWSTYLE | (noZeroes ? NBD_FLAG_C.NO_ZEROES : 0)));
+      if (settings.tls !== undefined) {
+        socket.write(encodeOption(NBD_OPT.STARTTLS));
+        const reply = await next((q) => decodeOptionReply(q, 64 * 1024));
+        if (reply.replyType !== NBD_REP.ACK) {
+          const code = reply.replyType === NBD_REP.ERR_UNSUP ? "NOT_SUPPORTED" : "UNAVAILABLE";
+          throw new IpsanError(code, `${where}: the server refused NBD_OPT_STARTTLS (0x${reply.replyType.toString(16)}): ${reply.data.toString("utf8").slice(0, 200)}`);
+        }
+        if (queue.length > 0) throw new IpsanError("UNAVAILABLE", `${where}: data after the NBD_OPT_STARTTLS reply`);
+        const raw = socket;
+        raw.off("data", onData);
+        raw.off("error", onEnd);
+        raw.off("close", onClose);
+        raw.on("error", () => undefined);
+        const { identity, key } = settings.tls;
+        const secure = tls.connect({
+          socket: raw,
+          ciphers: PSK_CIPHERS,
+          minVersion: "TLSv1.2",
+          // No certificates with PSK: the key proves both sides.
+          checkServerIdentity: () => undefined,
+          pskCallback: () => ({ psk: key, identity }),
+        });
+        socket = secure;
+        secure.on("error", onEnd);
+        secure.on("close", onClose);
+        await new Promise<void>((resolve, reject) => {
+          const timer = setTimeout(() => reject(new IpsanError("UNAVAILABLE", `${where}: TLS handshake timed out`)), Math.max(0, deadline - Date.now()));
+          secure.once("secureConnect", () => {
+            clearTimeout(timer);
+            resolve();
+          });
+          secure.once("close", () => {
+            clearTimeout(timer);
+            reject(failure ?? new IpsanError("UNAVAILABLE", `${where}: closed during the TLS handshake`));
+          });
+        });
+        secure.on("data", onData);
+      }
       let contextId: number | undefined;
       if (settings.allocation) {
         socket.write(encodeOption(NBD_OPT.STRUCTURED_REPLY));
@@ -212,8 +255,8 @@ export class NbdClient {
       }
       if (sizeBytes === undefined || !Number.isSafeInteger(sizeBytes)) throw new IpsanError("UNAVAILABLE", `${where}: no export size in the GO reply`);
       socket.off("data", onData);
-      socket.removeAllListeners("error");
-      socket.removeAllListeners("close");
+      socket.off("error", onEnd);
+      socket.off("close", onClose);
       return new NbdClient(socket, queue, sizeBytes, flags, settings, resolved, contextId);
     } catch (error) {
       socket.destroy();

@@ -19,6 +19,7 @@ import {
   parseMetaContextRequest,
   utf8Bounded,
 } from "./handshake_codec.ts";
+import type { TlsMode } from "./tls.ts";
 import { BLOCK_SIZE_MIN_BYTES, BLOCK_SIZE_PREFERRED_BYTES, type NbdLimits } from "./limits.ts";
 import { BASE_ALLOCATION, NBD_INFO, NBD_OPT, NBD_REP, type NbdRepError, NBD_TFLAG, WIRE } from "./protocol.ts";
 
@@ -34,6 +35,8 @@ export interface Negotiation {
   /** The last NBD_OPT_SET_META_CONTEXT: the export it named and whether base:allocation was selected. */
   metaContext: { readonly exportName: string; readonly allocation: boolean } | undefined;
   optionsSeen: number;
+  /** NBD_OPT_STARTTLS succeeded: everything from here on is over TLS. */
+  tls: boolean;
 }
 
 /** An export the client has entered transmission with. */
@@ -56,6 +59,8 @@ export type OptionOutcome =
   | { readonly kind: "transmission"; readonly replies: readonly Buffer[]; readonly opened: OpenedExport }
   /** Send the replies, then close the connection (NBD_OPT_ABORT, or a limit). */
   | { readonly kind: "close"; readonly replies: readonly Buffer[]; readonly reason: string }
+  /** Send the ACK, then a TLS server handshake on the same connection; options go on over TLS. */
+  | { readonly kind: "starttls"; readonly replies: readonly Buffer[] }
   /** Close at once without a reply (NBD_OPT_EXPORT_NAME that cannot be served). */
   | { readonly kind: "drop"; readonly reason: string };
 
@@ -66,6 +71,8 @@ export interface HandshakeContext {
   readonly limits: NbdLimits;
   readonly negotiation: Negotiation;
   readonly shuttingDown: boolean;
+  /** The server's TLS mode (off: NBD_OPT_STARTTLS is not supported). */
+  readonly tls: TlsMode;
 }
 
 export function transmissionFlags(capabilities: BlockCapabilities, structuredReplies: boolean): number {
@@ -146,6 +153,12 @@ export async function negotiateOption(ctx: HandshakeContext, frame: OptionFrame)
     if (option === NBD_OPT.EXPORT_NAME) return { kind: "drop", reason: "server shutting down" };
     return { kind: "continue", replies: [errorReply(option, NBD_REP.ERR_SHUTDOWN, "server shutting down")] };
   }
+  if (option === NBD_OPT.STARTTLS) return startTls(ctx, data);
+  if (ctx.tls === "require" && !negotiation.tls && option !== NBD_OPT.ABORT) {
+    // doc/proto.md: before TLS, a server that requires it answers every option with NBD_REP_ERR_TLS_REQD.
+    if (option === NBD_OPT.EXPORT_NAME) return { kind: "drop", reason: "NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS: TLS is required" };
+    return { kind: "continue", replies: [errorReply(option, NBD_REP.ERR_TLS_REQD, "TLS is required: negotiate NBD_OPT_STARTTLS first")] };
+  }
   switch (option) {
     case NBD_OPT.EXPORT_NAME:
       return exportName(ctx, data);
@@ -171,6 +184,14 @@ export async function negotiateOption(ctx: HandshakeContext, frame: OptionFrame)
     default:
       return { kind: "continue", replies: [errorReply(option, NBD_REP.ERR_UNSUP, `option ${option} is not supported`)] };
   }
+}
+
+function startTls(ctx: HandshakeContext, data: Buffer): OptionOutcome {
+  const option = NBD_OPT.STARTTLS;
+  if (ctx.tls === "off") return { kind: "continue", replies: [errorReply(option, NBD_REP.ERR_UNSUP, "TLS is not enabled on this server")] };
+  if (ctx.negotiation.tls) return { kind: "continue", replies: [errorReply(option, NBD_REP.ERR_INVALID, "TLS is already negotiated")] };
+  if (data.length !== 0) return { kind: "continue", replies: [errorReply(option, NBD_REP.ERR_INVALID, "NBD_OPT_STARTTLS takes no data")] };
+  return { kind: "starttls", replies: [ack(option)] };
 }
 
 async function exportName(ctx: HandshakeContext, data: Buffer): Promise<OptionOutcome> {

@@ -12,6 +12,7 @@ import { ByteBudget } from "./budget.ts";
 import { BufferPool } from "./buffer_pool.ts";
 import { LIMITS_ENV, type NbdLimits, parseLimitOverrides, resolveLimits } from "./limits.ts";
 import { NbdSession, peerOf, type SessionHost } from "./session.ts";
+import type { NbdServerTls } from "./tls.ts";
 
 export { DEFAULT_NBD_LIMITS, LIMITS_ENV, type NbdLimits } from "./limits.ts";
 
@@ -23,6 +24,8 @@ export interface NbdServerOptions {
   limits?: Partial<NbdLimits>;
   /** Environment to read IPSAN_NBD_LIMITS from (default process.env). */
   env?: Readonly<Record<string, string | undefined>>;
+  /** NBD_OPT_STARTTLS with TLS-PSK (src/nbd/tls.ts); absent: TLS off. */
+  tls?: NbdServerTls;
 }
 
 export type NbdListenAddress = { host: string; port: number } | { path: string };
@@ -32,6 +35,7 @@ export class NbdServer implements SessionHost {
   readonly limits: NbdLimits;
   readonly budget: ByteBudget;
   readonly pool = new BufferPool();
+  readonly tls: NbdServerTls | undefined;
   private readonly sessions = new Set<NbdSession>();
   private readonly listeners: net.Server[] = [];
   private closing = false;
@@ -39,6 +43,7 @@ export class NbdServer implements SessionHost {
 
   constructor(options: NbdServerOptions) {
     this.provider = options.provider;
+    this.tls = options.tls;
     const fromEnv = parseLimitOverrides((options.env ?? process.env)[LIMITS_ENV] ?? "");
     this.limits = resolveLimits({ ...options.limits, ...fromEnv });
     this.budget = new ByteBudget(this.limits.serverBytesInFlightMax, { recentMs: this.limits.payloadTimeoutMs });

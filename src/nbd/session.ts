@@ -12,6 +12,7 @@
 // limits, never by what a client sends.
 
 import type { Socket } from "node:net";
+import { TLSSocket } from "node:tls";
 import type { ExportProvider, Peer } from "../block/types.ts";
 import { assert } from "../util/assert.ts";
 import { NBD_ERRNO, errorMessage, toNbdErrno } from "../util/errors.ts";
@@ -24,6 +25,7 @@ import { decodeClientFlags, decodeOption, encodeGreeting, encodeOptionReply, utf
 import { useLargeReads } from "./large_reads.ts";
 import type { NbdLimits } from "./limits.ts";
 import { NBD_CMD, NBD_REP, WIRE } from "./protocol.ts";
+import { type NbdServerTls, PSK_CIPHERS, pskKeyId } from "./tls.ts";
 import { type RequestFrame, decodeRequest, encodeErrorChunk, encodeSimpleReply } from "./request_codec.ts";
 import { commandName, performRequest, readReplyNow, requestCostBytes, validateRequest, writeReplyNow } from "./transmission.ts";
 
@@ -41,6 +43,8 @@ export interface SessionHost {
   readonly budget: ByteBudget;
   readonly pool: BufferPool;
   readonly shuttingDown: boolean;
+  /** NBD_OPT_STARTTLS with TLS-PSK; undefined: TLS off. */
+  readonly tls: NbdServerTls | undefined;
   sessionEnded(session: NbdSession): void;
 }
 
@@ -54,17 +58,22 @@ export function peerOf(socket: Socket): Peer {
 
 export class NbdSession implements BudgetWaiter {
   private stateValue: SessionState = "greeting";
-  private readonly socket: Socket;
+  /** The connection: the TCP socket, or after NBD_OPT_STARTTLS the TLS socket over it. */
+  private socket: Socket;
+  /** The TCP socket itself. */
+  private readonly rawSocket: Socket;
   private readonly host: SessionHost;
   private readonly limits: NbdLimits;
   private readonly queue = new ByteQueue();
-  readonly peer: Peer;
+  /** Gains the TLS-PSK identity once TLS is up. */
+  peer: Peer;
   readonly peerText: string;
   private readonly negotiation: Negotiation = {
     noZeroes: false,
     structuredReplies: false,
     metaContext: undefined,
     optionsSeen: 0,
+    tls: false,
   };
   private opened: OpenedExport | undefined;
   /** An option is being handled (the client may not send another before its final reply). */
@@ -108,6 +117,7 @@ export class NbdSession implements BudgetWaiter {
     this.host = host;
     this.limits = host.limits;
     this.socket = socket;
+    this.rawSocket = socket;
     this.peer = peerOf(socket);
     this.peerText = this.peer.address === "unix" ? "unix" : `${this.peer.address}:${this.peer.port}`;
     this.account = host.budget.join(this.peer.address);
@@ -121,7 +131,8 @@ export class NbdSession implements BudgetWaiter {
     // a broken invariant costs this connection, never the process.
     socket.on("data", this.onData);
     // Reads of up to 2 MiB per read(2) instead of Node's 64 KiB (large_reads.ts); falls back to 'data'.
-    useLargeReads(socket, this.onData, this.mayReuseReadMemory);
+    // With TLS offered, the TCP socket may yet be handed to TLS: plaintext switches at transmission.
+    if (host.tls === undefined) useLargeReads(socket, this.onData, this.mayReuseReadMemory);
     socket.on("error", this.onError);
     socket.on("close", this.onClose);
     socket.on("drain", this.onDrain);
@@ -362,6 +373,7 @@ export class NbdSession implements BudgetWaiter {
         limits: this.limits,
         negotiation: this.negotiation,
         shuttingDown: this.host.shuttingDown,
+        tls: this.host.tls?.mode ?? "off",
       },
       decoded.frame,
     ).then(this.afterOption, this.optionFailed);
@@ -400,9 +412,16 @@ export class NbdSession implements BudgetWaiter {
         log.limited("handshake_drop", "dropping client in handshake", { peer: this.peerText, reason: outcome.reason });
         this.hardDisconnect();
         return;
+      case "starttls":
+        this.startTls(outcome.replies);
+        return;
       case "transmission":
         for (const reply of outcome.replies) this.send(reply);
         this.opened = outcome.opened;
+        // Plaintext on a server that offers TLS: large reads from here (nothing may sit unread in the stream).
+        if (this.host.tls !== undefined && !this.negotiation.tls && this.socket.readableLength === 0) {
+          useLargeReads(this.socket, this.onData, this.mayReuseReadMemory);
+        }
         if (this.handshakeTimer !== undefined) clearTimeout(this.handshakeTimer);
         this.handshakeTimer = undefined;
         this.transition(["options"], "transmission");
@@ -412,6 +431,77 @@ export class NbdSession implements BudgetWaiter {
         if ((this.stateValue as SessionState) === "transmission") this.pump();
         return;
     }
+  }
+
+  /**
+   * NBD_OPT_STARTTLS was accepted: ACK it in plaintext, then a TLS server
+   * handshake (TLS-PSK) on the same TCP connection. Options go on over TLS
+   * once it is up; the handshake timer covers the TLS handshake too. Bytes
+   * the client sent after the option and before our ACK would be plaintext
+   * smuggled past TLS: that is a protocol error.
+   */
+  private startTls(replies: readonly Buffer[]): void {
+    const config = this.host.tls;
+    assert(config !== undefined && this.socket === this.rawSocket, "STARTTLS without TLS or twice");
+    if (this.queue.length > 0) {
+      this.protocolError("data after NBD_OPT_STARTTLS", { pendingBytes: this.queue.length });
+      return;
+    }
+    const raw = this.rawSocket;
+    // From here nothing is read as plaintext: what comes next is the client's TLS handshake.
+    raw.off("data", this.onData);
+    raw.pause();
+    this.optionBusy = true;
+    for (const reply of replies) this.send(reply);
+    this.handshakeTimer?.refresh();
+    let offered: { identity: string; key: Buffer } | undefined;
+    const secure = new TLSSocket(raw, {
+      isServer: true,
+      ciphers: PSK_CIPHERS,
+      minVersion: "TLSv1.2",
+      dhparam: "auto",
+      honorCipherOrder: true,
+      pskCallback: (_socket: TLSSocket, identity: string): Buffer | null => {
+        const key = config.keyFor(identity);
+        offered = key === undefined ? undefined : { identity, key };
+        if (key === undefined) log.limited("tls_unknown_identity", "TLS: unknown PSK identity", { peer: this.peerText, identity: identity.slice(0, 64) });
+        return key ?? null;
+      },
+    } as ConstructorParameters<typeof TLSSocket>[1]);
+    raw.off("error", this.onError);
+    raw.off("close", this.onClose);
+    raw.off("drain", this.onDrain);
+    raw.on("error", () => undefined);
+    this.socket = secure;
+    this.readingPaused = false;
+    // A handshake that never completes (wrong key, garbage, a stall cut by the timer, shutdown)
+    // holds no option any more once the socket is gone: the session must still end.
+    secure.once("close", () => {
+      if (!this.negotiation.tls) this.optionBusy = false;
+    });
+    secure.on("error", this.onError);
+    secure.on("close", this.onClose);
+    secure.on("drain", this.onDrain);
+    secure.once("secure", () => {
+      this.guard(() => {
+        if (this.stateValue !== "options") return;
+        if (offered === undefined) {
+          this.protocolError("TLS up without a PSK identity", {});
+          return;
+        }
+        this.peer = { ...this.peer, identity: offered.identity, keyId: pskKeyId(offered.key) };
+        // doc/proto.md: nothing negotiated before TLS carries over.
+        this.negotiation.tls = true;
+        this.negotiation.structuredReplies = false;
+        this.negotiation.metaContext = undefined;
+        this.optionBusy = false;
+        this.handshakeTimer?.refresh();
+        const cipher = secure.getCipher();
+        log.debug("tls up", { peer: this.peerText, identity: offered.identity, protocol: secure.getProtocol() ?? "", cipher: cipher.name });
+        secure.on("data", this.onData);
+        this.pump();
+      });
+    });
   }
 
   private readonly optionFailed = (error: unknown): void => {
@@ -714,6 +804,7 @@ export class NbdSession implements BudgetWaiter {
   readonly hardDisconnect = (): void => {
     if (this.stateValue === "closed") return;
     this.socket.destroy();
+    if (this.rawSocket !== this.socket) this.rawSocket.destroy();
   };
 
   /** Ends the socket once nothing is in flight; closes the device once the socket is gone too. */
@@ -751,6 +842,11 @@ export class NbdSession implements BudgetWaiter {
 
   /** Server shutdown: handshaking clients are closed; transmitting ones finish in-flight requests (new ones get ESHUTDOWN). */
   shutdown(): void {
+    if (this.socket !== this.rawSocket && !this.negotiation.tls) {
+      // In the TLS handshake: nothing to finish.
+      this.hardDisconnect();
+      return;
+    }
     if (this.stateValue === "greeting" || this.stateValue === "options") {
       if (this.optionBusy) this.softClose();
       else this.hardDisconnect();

@@ -91,7 +91,9 @@ function onlineTarget(baseUrl: string, token: string): Target {
 function describeVolume(v: VolumeView): string {
   const extents = v.extents.map((e) => `${e.startLba}-${e.endLba}`).join(",");
   const partitions = v.partitions.map((p) => `${p.name}=${formatSize(p.sizeBytes)}`).join(",") || "-";
-  return `${v.name}\t${v.number}\t${v.sizeBytes}\t${formatSize(v.sizeBytes)}\t${extents}\t${partitions}\t${v.grants.join(",") || "-"}`;
+  // Identity grants as id:HOST@EXPORT (with [from,...] when they name addresses).
+  const access = v.access.map((a) => `id:${a.host}@${a.export}${a.from.length === 0 ? "" : `[${a.from.join(",")}]`}`);
+  return `${v.name}\t${v.number}\t${v.sizeBytes}\t${formatSize(v.sizeBytes)}\t${extents}\t${partitions}\t${[...v.grants, ...access].join(",") || "-"}`;
 }
 
 export async function volumeMain(argv: readonly string[]): Promise<number> {

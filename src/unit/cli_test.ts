@@ -39,6 +39,12 @@ test("bad flags and values: exit 2, message names the flag and the value", async
     [[...base, "--capacity", "64M", "--device", dir.file("missing-device")], [/--device/, /missing-device/]],
     [["unit", "volume", "create", "--data", dir.path, "x", "12Q"], [/SIZE/, /12Q/]],
     [["unit", "volume", "frobnicate"], [/frobnicate/]],
+    [[...base, "--capacity", "64M", "--tls", "maybe"], [/--tls/, /maybe/]],
+    [[...base, "--capacity", "64M", "--insecure-plaintext"], [/--insecure-plaintext/, /--station/]],
+    [[...base, "--capacity", "64M", "--allow", "id:h1"], [/--allow id:NAME/, /--tls-psk/]],
+    [[...base, "--capacity", "64M", "--allow", "id:bad name"], [/--allow/, /id:bad name/]],
+    [[...base, "--capacity", "64M", "--tls-psk", dir.file("keys.psk")], [/--tls-psk/, /--tls on/]],
+    [[...base, "--capacity", "64M", "--tls", "on", "--tls-psk", dir.file("missing.psk")], [/--tls-psk/, /missing\.psk/]],
   ];
   try {
     for (const [args, patterns] of cases) {

@@ -9,7 +9,7 @@
 //   GET    /v1/volumes/NAME             POST   /v1/volumes            {name, sizeBytes}
 //   DELETE /v1/volumes/NAME             POST   /v1/volumes/NAME/grow  {sizeBytes}
 //   PUT    /v1/volumes/NAME/partitions  {sizesBytes:[...]}
-//   PUT    /v1/volumes/NAME/grants      {hosts:[...]}
+//   PUT    /v1/volumes/NAME/grants      {hosts:[...]} or {grants:[{host, key, export?, from?}]}
 //   POST   /v1/volumes/NAME/wipe        (no body, or {})
 
 import { createHash, timingSafeEqual } from "node:crypto";
@@ -18,6 +18,7 @@ import { AssertionError } from "../util/assert.ts";
 import { IpsanError, errorMessage } from "../util/errors.ts";
 import { logger } from "../util/log.ts";
 import type { UnitExportProvider } from "./provider.ts";
+import { parseIdentityGrants } from "./volume_ops.ts";
 import { type VolumeManager, volumeView } from "./volumes.ts";
 
 const log = logger("control");
@@ -279,8 +280,16 @@ export class ControlServer {
       return { status: 200, body: volumeView(await manager.wipe(name)) };
     }
     if (parts.length === 4 && parts[3] === "grants" && method === "PUT") {
-      const body = objectBody(await this.#readBody(request), ["hosts"]);
-      return { status: 200, body: volumeView(await manager.setGrants(name, body["hosts"])) };
+      // {hosts:[...]} (address grants, as before) or {grants:[{host, key, export, from}]} (identity grants).
+      const raw = await this.#readBody(request);
+      const identity = typeof raw === "object" && raw !== null && !Array.isArray(raw) && "grants" in raw;
+      if (!identity) {
+        const body = objectBody(raw, ["hosts"]);
+        return { status: 200, body: volumeView(await manager.setGrants(name, body["hosts"])) };
+      }
+      const body = objectBody(raw, ["grants"]);
+      const grants = parseIdentityGrants(name, body["grants"]);
+      return { status: 200, body: volumeView(await manager.setIdentityGrants(name, grants)) };
     }
     throw notFound();
   }

@@ -31,6 +31,12 @@ export const VOLUMES_MAX = 256;
 export const EXTENTS_PER_VOLUME_MAX = 64;
 export const PARTITIONS_PER_VOLUME_MAX = 16;
 export const GRANTS_PER_VOLUME_MAX = 32;
+/** Identity grants (host, export, from) per volume, apart from the address grants. */
+export const ACCESS_PER_VOLUME_MAX = 16;
+/** Source addresses or CIDRs one identity grant may require. */
+export const ACCESS_FROM_MAX = 2;
+/** Station host names: the TLS-PSK identity of a host. */
+export const HOST_NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
 export const VOLUME_NAME_LENGTH_MAX = 63;
 /** Byte offsets stay below 2^53 so they are exact JavaScript numbers. */
 export const STORAGE_BYTES_MAX = 2 ** 53 - EXTENT_ALIGNMENT_BYTES;

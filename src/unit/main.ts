@@ -17,18 +17,27 @@ import { ControlServer } from "./control.ts";
 import { VOLUME_NAME_PATTERN } from "./layout.ts";
 import { UnitExportProvider } from "./provider.ts";
 import { VolumeManager } from "./volumes.ts";
+import { type NbdServerTls, PSK_IDENTITY_PATTERN, TLS_MODES, type TlsMode, parsePskFile } from "../nbd/tls.ts";
 // discovery (--station): flags, cluster key, derived control token, agent — see src/discovery/unit_join.ts
 import { JOIN_FLAGS, JOIN_USAGE, joinTokens, loadJoinKey, parseJoinFlags, startJoin, type JoinConfig } from "../discovery/unit_join.ts";
 
 const log = logger("unit");
 
 export const CONTROL_TOKEN_FILE_NAME = "control.token";
+/**
+ * --tls when joined to a station and not given. The contract (docs/unit.md) is
+ * "require"; it stays "off" until the station hands hosts their keys and
+ * sends identity grants (issue 7, the lead's part): with "require" and only
+ * address grants, no host could open anything.
+ */
+export const JOINED_TLS_DEFAULT: TlsMode = "off";
 export const UNIT_NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
 /** How long a stopping unit waits for its cleanup before exiting anyway. */
 export const SHUTDOWN_TIMEOUT_MS = 15_000;
 
 const USAGE = `usage: ipsan unit --data DIR --capacity SIZE --listen HOST:PORT [--name NAME] [--device PATH]
-                  [--volume NAME:SIZE]... [--allow CIDR]... [--control HOST:PORT] [--control-token-file FILE]
+                  [--volume NAME:SIZE]... [--allow CIDR|id:NAME]... [--control HOST:PORT] [--control-token-file FILE]
+                  [--tls off|on|require] [--tls-psk FILE] [--insecure-plaintext]
                   ${JOIN_USAGE}
        ipsan unit volume list|create|delete|grow|partition|grant ...   (see "ipsan unit volume help")
        ipsan unit format --data DIR [--device PATH] [--capacity SIZE] [--from-slot 0|1] [--force]   (see "ipsan unit format --help")
@@ -44,6 +53,14 @@ export interface UnitConfig {
   readonly listen: NbdListenAddress;
   readonly volumes: readonly { name: string; sizeBytes: number }[];
   readonly allow: readonly Cidr[];
+  /** --allow id:NAME: identities from --tls-psk served the volumes without grants. */
+  readonly allowIdentities: readonly string[];
+  /** --tls (default: require with --station, off standalone; off with --insecure-plaintext). */
+  readonly tls: TlsMode;
+  /** --insecure-plaintext: joined, and the operator chose plaintext (warned loudly at start). */
+  readonly insecurePlaintext: boolean;
+  /** --tls-psk FILE: identities and keys (psktool format) beyond those of identity grants. */
+  readonly tlsPskFile: string | undefined;
   readonly control: { host: string; port: number } | undefined;
   readonly controlTokenFile: string | undefined;
   /** More control tokens to accept (the station's derived token, when joined). */
@@ -103,6 +120,9 @@ export function parseUnitArgs(argv: readonly string[]): UnitConfig {
       device: { type: "string" },
       volume: { type: "string", multiple: true },
       allow: { type: "string", multiple: true },
+      tls: { type: "string" },
+      "tls-psk": { type: "string" },
+      "insecure-plaintext": { type: "boolean" },
       control: { type: "string" },
       "control-token-file": { type: "string" },
       ...JOIN_FLAGS, // discovery (--station)
@@ -123,15 +143,29 @@ export function parseUnitArgs(argv: readonly string[]): UnitConfig {
     if (seen.has(v.name)) throw new UsageError(`--volume: volume "${v.name}" given twice`);
     seen.add(v.name);
   }
+  const allowIdentities = (values.allow ?? []).filter((text) => text.startsWith("id:")).map((text) => {
+    const identity = text.slice(3);
+    if (!PSK_IDENTITY_PATTERN.test(identity)) throw new UsageError(`--allow: invalid identity in "${text}" (expected id:NAME)`);
+    return identity;
+  });
+  const allowAddresses = (values.allow ?? []).filter((text) => !text.startsWith("id:"));
   const allow =
     values.allow === undefined
       ? loopbackCidrs()
-      : values.allow.map((text) => {
+      : allowAddresses.map((text) => {
           const parsed = parseCidr(text);
           if (!parsed.ok) throw new UsageError(`--allow: invalid CIDR "${text}": ${parsed.reason}`);
           return parsed.cidr;
         });
   const join = parseJoinFlags(values); // discovery (--station)
+  const insecurePlaintext = values["insecure-plaintext"] === true;
+  if (insecurePlaintext && join === undefined) throw new UsageError("--insecure-plaintext: only with --station (a standalone unit is plaintext unless --tls says otherwise)");
+  if (values.tls !== undefined && !(TLS_MODES as readonly string[]).includes(values.tls)) {
+    throw new UsageError(`--tls: invalid "${values.tls}" (expected off, on or require)`);
+  }
+  const tls: TlsMode = (values.tls as TlsMode | undefined) ?? (join !== undefined && !insecurePlaintext ? JOINED_TLS_DEFAULT : "off");
+  if (allowIdentities.length > 0 && values["tls-psk"] === undefined) throw new UsageError("--allow id:NAME needs --tls-psk FILE (where NAME's key is)");
+  if (values["tls-psk"] !== undefined && tls === "off") throw new UsageError("--tls-psk needs --tls on or --tls require");
   return {
     ...(join === undefined ? {} : { join }),
     name,
@@ -141,6 +175,10 @@ export function parseUnitArgs(argv: readonly string[]): UnitConfig {
     listen: parseListen(values.listen),
     volumes,
     allow,
+    allowIdentities,
+    tls,
+    insecurePlaintext,
+    tlsPskFile: values["tls-psk"],
     control: values.control === undefined ? undefined : parseHostPort(values.control, "--control"),
     controlTokenFile: values["control-token-file"],
   };
@@ -164,6 +202,24 @@ export async function loadControlToken(dataDir: string, tokenFile: string | unde
   return token;
 }
 
+/** The NBD server's TLS: keys of identity grants (DATA/host-keys.psk) first, then --tls-psk. */
+function serverTls(config: UnitConfig, manager: VolumeManager): NbdServerTls | undefined {
+  if (config.tls === "off") return undefined;
+  let fileKeys = new Map<string, Buffer>();
+  if (config.tlsPskFile !== undefined) {
+    let text: string;
+    try {
+      text = readFileSync(config.tlsPskFile, "utf8");
+    } catch (error) {
+      throw new IpsanError("INVALID_ARGUMENT", `--tls-psk: cannot read "${config.tlsPskFile}": ${errorMessage(error)}`, { field: "--tls-psk" });
+    }
+    const parsed = parsePskFile(text);
+    if (!parsed.ok) throw new IpsanError("INVALID_ARGUMENT", `--tls-psk: "${config.tlsPskFile}": ${parsed.reason}`, { field: "--tls-psk" });
+    fileKeys = parsed.keys;
+  }
+  return { mode: config.tls, keyFor: (identity) => manager.hostKeys.get(identity) ?? fileKeys.get(identity) };
+}
+
 /** Opens the storage, makes sure the --volume volumes exist, and starts serving. */
 export async function startUnit(config: UnitConfig): Promise<RunningUnit> {
   const manager = await VolumeManager.open({ dataDir: config.dataDir, capacityBytes: config.capacityBytes, devicePath: config.devicePath });
@@ -171,8 +227,17 @@ export async function startUnit(config: UnitConfig): Promise<RunningUnit> {
   let controlServer: ControlServer | undefined;
   try {
     for (const v of config.volumes) await manager.ensure(v.name, v.sizeBytes);
-    const provider = new UnitExportProvider(manager, { allow: config.allow, ...(config.joined === undefined ? {} : { joined: config.joined }) });
-    nbdServer = new NbdServer({ provider });
+    const provider = new UnitExportProvider(manager, {
+      allow: config.allow,
+      allowIdentities: config.allowIdentities,
+      tls: config.tls !== "off",
+      ...(config.joined === undefined ? {} : { joined: config.joined }),
+    });
+    const tls = serverTls(config, manager);
+    if (config.insecurePlaintext) {
+      log.warn("INSECURE: --insecure-plaintext: NBD data to and from hosts is not encrypted and hosts do not prove who they are; anyone on the storage network who can use a granted address can read and write its volumes");
+    }
+    nbdServer = new NbdServer({ provider, ...(tls === undefined ? {} : { tls }) });
     const nbd = await nbdServer.listen(config.listen);
     let control: { host: string; port: number } | undefined;
     if (config.control !== undefined) {

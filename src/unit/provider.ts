@@ -13,7 +13,14 @@ import { IpsanError } from "../util/errors.ts";
 import { logger } from "../util/log.ts";
 import { type Cidr, anyContains, loopbackCidrs, parseCidr } from "./cidr.ts";
 import type { VolumeRecord } from "./table.ts";
-import { type VolumeManager, partitionName } from "./volumes.ts";
+import { type VolumeManager, parseExportName, partitionName } from "./volumes.ts";
+
+function fromContains(from: readonly string[], address: string): boolean {
+  return from.some((text) => {
+    const parsed = parseCidr(text);
+    return parsed.ok && anyContains([parsed.cidr], address);
+  });
+}
 
 export const UNIX_PEER_ADDRESS = "unix";
 
@@ -31,6 +38,10 @@ export interface RefusalCounts {
 export interface AccessOptions {
   /** --allow CIDRs; default loopback. */
   readonly allow?: readonly Cidr[];
+  /** --allow id:NAME: TLS-PSK identities (from --tls-psk) served the volumes without grants. */
+  readonly allowIdentities?: readonly string[];
+  /** The NBD server offers STARTTLS: peers may yet prove an identity, so identity grants admit connections. */
+  readonly tls?: boolean;
   /** True when joined to a station (--station): volumes without grants are served to nobody. */
   readonly joined?: () => boolean;
 }
@@ -39,35 +50,66 @@ export class UnitExportProvider implements ExportProvider {
   readonly #manager: VolumeManager;
   readonly #allow: readonly Cidr[];
   readonly #joined: () => boolean;
+  readonly #allowIdentities: ReadonlySet<string>;
+  readonly #tls: boolean;
   readonly refused: RefusalCounts = { connections: 0, opens: 0 };
 
   constructor(manager: VolumeManager, options: AccessOptions = {}) {
     this.#manager = manager;
     this.#allow = options.allow ?? loopbackCidrs();
     this.#joined = options.joined ?? (() => false);
+    this.#allowIdentities = new Set(options.allowIdentities ?? []);
+    this.#tls = options.tls ?? false;
   }
 
   get defaultExport(): string | undefined {
     return undefined;
   }
 
-  /** True if `peer` may list and open `volume` (and its partitions). */
-  admits(volume: VolumeRecord, peer: Peer): boolean {
-    if (volume.grants.length > 0) {
-      if (peer.address === UNIX_PEER_ADDRESS) return false;
-      return volume.grants.some((grant) => {
-        const parsed = parseCidr(grant);
-        return parsed.ok && anyContains([parsed.cidr], peer.address);
-      });
+  /**
+   * True if `peer` may open export `partition` of `volume` (undefined: the
+   * whole volume). An address grant admits the volume and its partitions to
+   * that address. An identity grant admits a peer that proved the host's
+   * identity over TLS with the key the grant was made with (keyId), from an
+   * address in `from` when that is given: the volume and its partitions, or
+   * one partition only.
+   */
+  admits(volume: VolumeRecord, partition: number | undefined, peer: Peer): boolean {
+    if (volume.grants.length > 0 || volume.access.length > 0) {
+      const unix = peer.address === UNIX_PEER_ADDRESS;
+      const byAddress =
+        !unix &&
+        volume.grants.some((grant) => {
+          const parsed = parseCidr(grant);
+          return parsed.ok && anyContains([parsed.cidr], peer.address);
+        });
+      if (byAddress) return true;
+      if (peer.identity === undefined) return false;
+      return volume.access.some(
+        (a) =>
+          a.host === peer.identity &&
+          a.keyId === peer.keyId &&
+          (a.partition === undefined || a.partition === partition) &&
+          (a.from.length === 0 || (!unix && fromContains(a.from, peer.address))),
+      );
     }
     if (this.#joined()) return false;
+    if (peer.identity !== undefined && this.#allowIdentities.has(peer.identity)) return true;
     return peer.address === UNIX_PEER_ADDRESS || anyContains(this.#allow, peer.address);
   }
 
-  /** True if the peer may connect at all: it matches --allow or some volume's grant. */
+  /** True if `peer` may open `volume` itself or one of its partitions (to let it connect at all). */
+  #mayOpenSomething(volume: VolumeRecord, peer: Peer): boolean {
+    if (this.admits(volume, undefined, peer)) return true;
+    // Before TLS nobody has an identity: an identity grant lets through any address it could come from.
+    return this.#tls && volume.access.some((a) => a.from.length === 0 || fromContains(a.from, peer.address));
+  }
+
+  /** True if the peer may connect at all: it matches --allow, an --allow id: (with TLS), or some volume's grant. */
   admitsConnection(peer: Peer): boolean {
     if (peer.address === UNIX_PEER_ADDRESS || anyContains(this.#allow, peer.address)) return true;
-    if (this.#manager.table.volumes.some((v) => v.grants.length > 0 && this.admits(v, peer))) return true;
+    if (this.#tls && this.#allowIdentities.size > 0) return true;
+    if (this.#manager.table.volumes.some((v) => (v.grants.length > 0 || v.access.length > 0) && this.#mayOpenSomething(v, peer))) return true;
     this.refused.connections += 1;
     // The NBD server logs the refusal itself (rate-limited per address); the count is here.
     return false;
@@ -76,9 +118,11 @@ export class UnitExportProvider implements ExportProvider {
   list(peer: Peer): readonly ExportSummary[] {
     const out: ExportSummary[] = [];
     for (const volume of this.#manager.table.volumes) {
-      if (!this.admits(volume, peer)) continue;
-      out.push({ name: volume.name, description: `volume ${volume.name} (number ${volume.number}, ${volume.sizeBytes} bytes)` });
+      if (this.admits(volume, undefined, peer)) {
+        out.push({ name: volume.name, description: `volume ${volume.name} (number ${volume.number}, ${volume.sizeBytes} bytes)` });
+      }
       volume.partitions.forEach((p, i) => {
+        if (!this.admits(volume, i + 1, peer)) return;
         out.push({ name: partitionName(volume.name, i + 1), description: `partition ${i + 1} of volume ${volume.name} (${p.lengthLba * 512} bytes)` });
       });
     }
@@ -88,7 +132,8 @@ export class UnitExportProvider implements ExportProvider {
   async open(name: string, peer: Peer): Promise<BlockDevice> {
     // The manager asks `admits` against the table it opens from, and again at every change of the volume.
     try {
-      return await this.#manager.openDevice(name, (volume) => this.admits(volume, peer));
+      const partition = parseExportName(name)?.partition;
+      return await this.#manager.openDevice(name, (volume) => this.admits(volume, partition, peer));
     } catch (error) {
       if (error instanceof IpsanError && error.code === "PERMISSION_DENIED") {
         this.refused.opens += 1;

@@ -21,7 +21,10 @@ import {
   DATA_START_LBA,
   EXTENT_ALIGNMENT_LBA,
   EXTENTS_PER_VOLUME_MAX,
+  ACCESS_FROM_MAX,
+  ACCESS_PER_VOLUME_MAX,
   GRANTS_PER_VOLUME_MAX,
+  HOST_NAME_PATTERN,
   PARTITIONS_PER_VOLUME_MAX,
   SLOT_HEADER_BYTES,
   STORAGE_BYTES_MAX,
@@ -52,6 +55,23 @@ export interface VolumeRecord {
   readonly partitions: readonly LbaRange[];
   /** Canonical addresses or CIDRs ("10.1.0.5", "fd00::/64"); empty = no grant. */
   readonly grants: readonly string[];
+  /** Identity grants: a host that proved its TLS-PSK identity; empty = none. */
+  readonly access: readonly AccessGrant[];
+}
+
+/**
+ * A grant to a host identity. The key itself is not in the table (it lives
+ * in DATA/host-keys.psk, 0600: host_keys.ts); keyId names it, so a rotated
+ * key changes the record and the change revokes connections made with the old one.
+ */
+export interface AccessGrant {
+  readonly host: string;
+  /** Undefined: the whole volume and its partitions; N: partition N only. */
+  readonly partition: number | undefined;
+  /** Canonical CIDRs the host must connect from; empty = any address. */
+  readonly from: readonly string[];
+  /** pskKeyId() of the host's key when the grant was made. */
+  readonly keyId: string;
 }
 
 export interface VolumeTable {
@@ -100,6 +120,10 @@ function encodeBody(table: VolumeTable, bothSlots: boolean): Buffer {
         extents: pairs(v.extents),
         partitions: pairs(v.partitions),
         grants: v.grants,
+        // Absent when empty: a table without identity grants stays byte-identical to older units' (they ignore the field).
+        ...(v.access.length === 0
+          ? {}
+          : { access: v.access.map((a) => ({ host: a.host, ...(a.partition === undefined ? {} : { partition: a.partition }), from: a.from, keyId: a.keyId })) }),
       })),
     }),
     "utf8",
@@ -171,6 +195,20 @@ function parseRanges(value: unknown): LbaRange[] | undefined {
   return out;
 }
 
+function parseAccess(value: unknown): AccessGrant[] | undefined {
+  if (value === undefined) return [];
+  if (!Array.isArray(value)) return undefined;
+  const out: AccessGrant[] = [];
+  for (const a of value) {
+    if (!isRecord(a)) return undefined;
+    const { host, partition, from, keyId } = a;
+    if (typeof host !== "string" || typeof keyId !== "string" || !Array.isArray(from) || !from.every((f) => typeof f === "string")) return undefined;
+    if (partition !== undefined && !isCount(partition)) return undefined;
+    out.push({ host, partition, from, keyId });
+  }
+  return out;
+}
+
 function decodeBody(body: Buffer): BodyParse {
   let json: unknown;
   try {
@@ -200,7 +238,9 @@ function decodeBody(body: Buffer): BodyParse {
     ) {
       return { ok: false, reason: `volume entry ${JSON.stringify(v["name"])} has a bad field` };
     }
-    volumes.push({ name: v["name"], number: v["number"], sizeBytes: v["sizeBytes"], extents, partitions, grants });
+    const access = parseAccess(v["access"]);
+    if (access === undefined) return { ok: false, reason: `volume entry ${JSON.stringify(v["name"])} has a bad access field` };
+    volumes.push({ name: v["name"], number: v["number"], sizeBytes: v["sizeBytes"], extents, partitions, grants, access });
   }
   return { ok: true, table: { storageBytes: json["storageBytes"], nextVolumeNumber: json["nextVolumeNumber"], volumes }, bothSlots: bothSlots === true };
 }
@@ -259,6 +299,22 @@ export function validateTable(table: VolumeTable): string[] {
       const parsed = parseCidr(g);
       if (!parsed.ok || parsed.cidr.text !== g) problems.push(`${at}: grant ${JSON.stringify(g)} not a canonical CIDR`);
     }
+    if (v.access.length > ACCESS_PER_VOLUME_MAX) problems.push(`${at}: ${v.access.length} identity grants`);
+    const accessSeen = new Set<string>();
+    for (const a of v.access) {
+      const what = `${at}: identity grant ${JSON.stringify(a.host)}`;
+      if (!HOST_NAME_PATTERN.test(a.host)) problems.push(`${what}: bad host name`);
+      if (!/^[0-9a-f]{16}$/.test(a.keyId)) problems.push(`${what}: bad keyId`);
+      if (a.partition !== undefined && !(a.partition >= 1 && a.partition <= PARTITIONS_PER_VOLUME_MAX)) problems.push(`${what}: bad partition ${a.partition}`);
+      if (a.from.length > ACCESS_FROM_MAX) problems.push(`${what}: ${a.from.length} from entries`);
+      for (const f of a.from) {
+        const parsed = parseCidr(f);
+        if (!parsed.ok || parsed.cidr.text !== f) problems.push(`${what}: from ${JSON.stringify(f)} not a canonical CIDR`);
+      }
+      const key = `${a.host}/${a.partition ?? ""}`;
+      if (accessSeen.has(key)) problems.push(`${what}: export granted twice`);
+      accessSeen.add(key);
+    }
   }
   all.sort((a, b) => a.startLba - b.startLba);
   for (let i = 1; i < all.length; i++) {
@@ -291,6 +347,12 @@ function worstCaseTable(): VolumeTable {
   const extents: LbaRange[] = Array.from({ length: EXTENTS_PER_VOLUME_MAX }, () => ({ startLba: lbaMax, lengthLba: lbaMax }));
   const partitions: LbaRange[] = Array.from({ length: PARTITIONS_PER_VOLUME_MAX }, () => ({ startLba: lbaMax, lengthLba: lbaMax }));
   const grants = Array.from({ length: GRANTS_PER_VOLUME_MAX }, () => "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128");
+  const access: AccessGrant[] = Array.from({ length: ACCESS_PER_VOLUME_MAX }, () => ({
+    host: "h".repeat(63),
+    partition: PARTITIONS_PER_VOLUME_MAX,
+    from: Array.from({ length: ACCESS_FROM_MAX }, () => "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128"),
+    keyId: "f".repeat(16),
+  }));
   const volumes = Array.from({ length: VOLUMES_MAX }, (_, i) => ({
     name: `${i}`.padStart(63, "x"),
     number: Number.MAX_SAFE_INTEGER,
@@ -298,6 +360,7 @@ function worstCaseTable(): VolumeTable {
     extents,
     partitions,
     grants,
+    access,
   }));
   return { storageBytes: STORAGE_BYTES_MAX, nextVolumeNumber: Number.MAX_SAFE_INTEGER, volumes };
 }

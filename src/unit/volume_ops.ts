@@ -13,17 +13,21 @@ import { assert } from "../util/assert.ts";
 import { IpsanError } from "../util/errors.ts";
 import { formatSize } from "../util/size.ts";
 import { parseCidr } from "./cidr.ts";
+import { PSK_KEY_HEX_PATTERN, pskKeyId } from "../nbd/tls.ts";
 import {
+  ACCESS_FROM_MAX,
+  ACCESS_PER_VOLUME_MAX,
   EXTENT_ALIGNMENT_BYTES,
   EXTENT_ALIGNMENT_LBA,
   EXTENTS_PER_VOLUME_MAX,
   GRANTS_PER_VOLUME_MAX,
+  HOST_NAME_PATTERN,
   PARTITIONS_PER_VOLUME_MAX,
   STORAGE_BYTES_MAX,
   VOLUME_NAME_PATTERN,
   VOLUMES_MAX,
 } from "./layout.ts";
-import { type LbaRange, type VolumeRecord, type VolumeTable, extentsLengthLba, freeRanges, validateTable } from "./table.ts";
+import { type AccessGrant, type LbaRange, type VolumeRecord, type VolumeTable, extentsLengthLba, freeRanges, validateTable } from "./table.ts";
 
 export interface TableChange {
   readonly table: VolumeTable;
@@ -151,7 +155,7 @@ export function createVolume(table: VolumeTable, nameValue: unknown, sizeValue: 
   const allocated = allocate(table, unitsFor(sizeBytes), undefined, name);
   const extents = appendExtents([], allocated);
   checkExtentCount(extents, name);
-  const volume: VolumeRecord = { name, number: table.nextVolumeNumber, sizeBytes, extents, partitions: [], grants: [] };
+  const volume: VolumeRecord = { name, number: table.nextVolumeNumber, sizeBytes, extents, partitions: [], grants: [], access: [] };
   return finish({
     table: { ...table, nextVolumeNumber: table.nextVolumeNumber + 1, volumes: [...table.volumes, volume] },
     volume,
@@ -173,10 +177,11 @@ export function deleteVolume(table: VolumeTable, nameValue: unknown): TableChang
 export function wipeRanges(table: VolumeTable, nameValue: unknown): { volume: VolumeRecord; ranges: readonly LbaRange[] } {
   const name = checkVolumeName(nameValue);
   const volume = findVolume(table, name);
-  if (volume.grants.length > 0) {
+  if (volume.grants.length > 0 || volume.access.length > 0) {
+    const holders = [...volume.grants, ...volume.access.map((a) => `host ${a.host}`)];
     throw new IpsanError(
       "CONFLICT",
-      `volume ${name} has grants (${volume.grants.join(", ")}): a host may be using it; revoke them first (PUT /v1/volumes/${name}/grants {"hosts": []})`,
+      `volume ${name} has grants (${holders.join(", ")}): a host may be using it; revoke them first (PUT /v1/volumes/${name}/grants {"hosts": []})`,
       { field: "name" },
     );
   }
@@ -242,6 +247,90 @@ export function setPartitions(table: VolumeTable, nameValue: unknown, sizesValue
   return finish({ table: replaceVolume(table, changed), volume: changed, allocated: [] });
 }
 
+/** One entry of `PUT /v1/volumes/NAME/grants {"grants": [...]}`, checked (parseIdentityGrants). */
+export interface IdentityGrantInput {
+  readonly host: string;
+  readonly key: Buffer;
+  readonly partition: number | undefined;
+  readonly from: readonly string[];
+}
+
+/**
+ * Checks the new grants body of volume `volumeName`: a list of
+ * {host, key, export?, from?}. Every entry naming one host carries the same
+ * key; one export is granted to one host once. Errors name the field.
+ */
+export function parseIdentityGrants(volumeName: string, value: unknown): IdentityGrantInput[] {
+  if (!Array.isArray(value)) throw invalid("grants", `grants: expected a list of {host, key, export, from}, got ${typeof value}`);
+  if (value.length > ACCESS_PER_VOLUME_MAX) throw invalid("grants", `grants: ${value.length} entries, limit ACCESS_PER_VOLUME_MAX=${ACCESS_PER_VOLUME_MAX}`);
+  const out: IdentityGrantInput[] = [];
+  const keys = new Map<string, string>();
+  value.forEach((entry: unknown, i) => {
+    const at = `grants[${i}]`;
+    if (typeof entry !== "object" || entry === null || Array.isArray(entry)) throw invalid(at, `${at}: expected an object {host, key, export, from}`);
+    const record = entry as Record<string, unknown>;
+    for (const field of Object.keys(record)) {
+      if (!["host", "key", "export", "from"].includes(field)) throw invalid(`${at}.${field}`, `${at}.${field}: unknown field (expected host, key, export, from)`);
+    }
+    const host = record["host"];
+    if (typeof host !== "string" || !HOST_NAME_PATTERN.test(host)) {
+      throw invalid(`${at}.host`, `${at}.host: required, a host name matching [A-Za-z0-9][A-Za-z0-9_.-]{0,62}`);
+    }
+    const key = record["key"];
+    // The key never goes into a message.
+    if (typeof key !== "string" || !PSK_KEY_HEX_PATTERN.test(key)) throw invalid(`${at}.key`, `${at}.key: required, 64 hex digits (32 bytes)`);
+    const lower = key.toLowerCase();
+    const earlier = keys.get(host);
+    if (earlier !== undefined && earlier !== lower) throw invalid(`${at}.key`, `${at}.key: host ${host} is given two different keys`);
+    keys.set(host, lower);
+    const exportValue = record["export"] ?? volumeName;
+    let partition: number | undefined;
+    if (exportValue !== volumeName) {
+      const match = typeof exportValue === "string" && exportValue.startsWith(`${volumeName}/p`) ? /^([1-9][0-9]{0,2})$/.exec(exportValue.slice(volumeName.length + 2)) : null;
+      const n = match === null ? NaN : Number(match[1]);
+      if (!(n >= 1 && n <= PARTITIONS_PER_VOLUME_MAX)) {
+        throw invalid(`${at}.export`, `${at}.export: ${JSON.stringify(exportValue)} is neither ${volumeName} nor ${volumeName}/pN (N 1..${PARTITIONS_PER_VOLUME_MAX})`);
+      }
+      partition = n;
+    }
+    const fromValue = record["from"] ?? [];
+    if (!Array.isArray(fromValue) || fromValue.length > ACCESS_FROM_MAX) {
+      throw invalid(`${at}.from`, `${at}.from: expected a list of at most ${ACCESS_FROM_MAX} addresses or CIDRs`);
+    }
+    const from: string[] = [];
+    fromValue.forEach((f: unknown, j) => {
+      const parsed = typeof f === "string" ? parseCidr(f) : { ok: false as const, reason: "expected a string" };
+      if (!parsed.ok) throw invalid(`${at}.from[${j}]`, `${at}.from[${j}]: ${JSON.stringify(f)}: ${parsed.reason}`);
+      if (!from.includes(parsed.cidr.text)) from.push(parsed.cidr.text);
+    });
+    if (out.some((g) => g.host === host && g.partition === partition)) {
+      throw invalid(`${at}.export`, `${at}: export ${partition === undefined ? volumeName : `${volumeName}/p${partition}`} granted to host ${host} twice`);
+    }
+    out.push({ host, key: Buffer.from(lower, "hex"), partition, from });
+  });
+  return out;
+}
+
+/**
+ * Replaces every grant of the volume with identity grants (the address
+ * grants go). A host's key is one per unit: a new key for a host rotates it
+ * on every volume granted to that host (their records change, so the
+ * manager revokes connections made with the old key).
+ */
+export function setIdentityGrants(table: VolumeTable, nameValue: unknown, grants: readonly IdentityGrantInput[]): TableChange {
+  const name = checkVolumeName(nameValue);
+  const volume = findVolume(table, name);
+  const keyIds = new Map(grants.map((g) => [g.host, pskKeyId(g.key)]));
+  const access: AccessGrant[] = grants.map((g) => ({ host: g.host, partition: g.partition, from: g.from, keyId: keyIds.get(g.host) ?? "" }));
+  const changed: VolumeRecord = { ...volume, grants: [], access };
+  const volumes = table.volumes.map((v) => {
+    if (v.name === name) return changed;
+    if (!v.access.some((a) => keyIds.has(a.host) && keyIds.get(a.host) !== a.keyId)) return v;
+    return { ...v, access: v.access.map((a) => ({ ...a, keyId: keyIds.get(a.host) ?? a.keyId })) };
+  });
+  return finish({ table: { ...table, volumes }, volume: changed, allocated: [] });
+}
+
 /** Replaces the grants (hosts or CIDRs that may open the volume); stored canonical and de-duplicated. */
 export function setGrants(table: VolumeTable, nameValue: unknown, hostsValue: unknown): TableChange {
   const name = checkVolumeName(nameValue);
@@ -256,7 +345,8 @@ export function setGrants(table: VolumeTable, nameValue: unknown, hostsValue: un
     if (!parsed.ok) throw invalid(`hosts[${i}]`, `hosts[${i}]: ${JSON.stringify(value)}: ${parsed.reason}`);
     if (!grants.includes(parsed.cidr.text)) grants.push(parsed.cidr.text);
   });
-  const changed: VolumeRecord = { ...volume, grants };
+  // The legacy body replaces every grant of the volume, identity grants too.
+  const changed: VolumeRecord = { ...volume, grants, access: [] };
   return finish({ table: replaceVolume(table, changed), volume: changed, allocated: [] });
 }
 

@@ -16,7 +16,20 @@ import { DATA_START_LBA, dataAreaEndLba } from "./layout.ts";
 import { Storage, UnitLock } from "./storage.ts";
 import { type LbaRange, type VolumeRecord, type VolumeTable, emptyTable, extentsLengthLba, freeRanges, validateTable } from "./table.ts";
 import { TableStore } from "./table_store.ts";
-import { type TableChange, checkVolumeName, createVolume, deleteVolume, growStorage, growVolume, setGrants, setPartitions, wipeRanges } from "./volume_ops.ts";
+import { HostKeys } from "./host_keys.ts";
+import {
+  type IdentityGrantInput,
+  type TableChange,
+  checkVolumeName,
+  createVolume,
+  deleteVolume,
+  growStorage,
+  growVolume,
+  setGrants,
+  setIdentityGrants,
+  setPartitions,
+  wipeRanges,
+} from "./volume_ops.ts";
 import { type Segment, VolumeDevice, mapRange, subSegments, volumeSegments } from "./volume_device.ts";
 
 const log = logger("unit");
@@ -45,7 +58,17 @@ export interface VolumeView {
   readonly sizeBytes: number;
   readonly extents: readonly LbaExtentView[];
   readonly partitions: readonly PartitionView[];
+  /** Address grants (legacy `{hosts}` body). */
   readonly grants: readonly string[];
+  /** Identity grants: which host may open which export, from where (never the key). */
+  readonly access: readonly AccessView[];
+}
+
+export interface AccessView {
+  readonly host: string;
+  /** "VOL" (the volume and its partitions) or "VOL/pN". */
+  readonly export: string;
+  readonly from: readonly string[];
 }
 
 export interface StorageInfoSnapshot {
@@ -80,6 +103,11 @@ export function volumeView(volume: VolumeRecord): VolumeView {
       sizeBytes: p.lengthLba * SECTOR_SIZE,
     })),
     grants: [...volume.grants],
+    access: volume.access.map((a) => ({
+      host: a.host,
+      export: a.partition === undefined ? volume.name : partitionName(volume.name, a.partition),
+      from: [...a.from],
+    })),
   };
 }
 
@@ -101,6 +129,8 @@ export interface VolumeManagerOptions {
 
 export class VolumeManager {
   readonly storage: Storage;
+  /** DATA/host-keys.psk: the keys of the hosts identity grants name (host_keys.ts). */
+  readonly hostKeys: HostKeys;
   readonly #lock: UnitLock;
   readonly #store: TableStore;
   #table: VolumeTable;
@@ -111,8 +141,9 @@ export class VolumeManager {
   readonly #gates = new Map<string, Gate>();
   #closed = false;
 
-  private constructor(storage: Storage, lock: UnitLock, store: TableStore, table: VolumeTable) {
+  private constructor(storage: Storage, lock: UnitLock, store: TableStore, table: VolumeTable, hostKeys: HostKeys) {
     this.storage = storage;
+    this.hostKeys = hostKeys;
     this.#lock = lock;
     this.#store = store;
     this.#table = table;
@@ -158,7 +189,7 @@ export class VolumeManager {
           await store.write(table);
         }
       }
-      return new VolumeManager(storage, lock, store, table);
+      return new VolumeManager(storage, lock, store, table, HostKeys.load(options.dataDir));
     } catch (error) {
       storage?.closeSync();
       lock.release();
@@ -228,6 +259,27 @@ export class VolumeManager {
   /** Replaces the grants; open devices whose peer the new grants do not admit are revoked. */
   setGrants(name: unknown, hosts: unknown): Promise<VolumeRecord> {
     return this.#change((table) => setGrants(table, name, hosts)).then(mustHave);
+  }
+
+  /**
+   * Replaces every grant of the volume with identity grants (parseIdentityGrants
+   * checked them). The hosts' keys are written (durably) before the table that
+   * grants them; keys no grant names any more are dropped after it.
+   */
+  setIdentityGrants(name: unknown, grants: readonly IdentityGrantInput[]): Promise<VolumeRecord> {
+    const keys = new Map(grants.map((g) => [g.host, g.key]));
+    return this.#change((table) => setIdentityGrants(table, name, grants), keys).then(mustHave);
+  }
+
+  /** Keeps in DATA/host-keys.psk exactly the keys of hosts some identity grant names. */
+  async #pruneKeys(): Promise<void> {
+    const named = new Set(this.#table.volumes.flatMap((v) => v.access.map((a) => a.host)));
+    const kept = new Map([...this.hostKeys.entries()].filter(([host]) => named.has(host)));
+    try {
+      await this.hostKeys.replace(kept);
+    } catch (error) {
+      log.warn("could not drop unused host keys (retried at the next grant change)", { path: this.hostKeys.path, error: error instanceof Error ? error.message : String(error) });
+    }
   }
 
   /**
@@ -306,7 +358,8 @@ export class VolumeManager {
     };
   }
 
-  #change(compute: (table: VolumeTable) => TableChange): Promise<VolumeRecord | undefined> {
+  /** `keys`: host keys the new table's grants need, written before the table (host_keys.ts). */
+  #change(compute: (table: VolumeTable) => TableChange, keys?: ReadonlyMap<string, Buffer>): Promise<VolumeRecord | undefined> {
     return this.#enqueue(async (): Promise<VolumeRecord | undefined> => {
       // Step 1, synchronous from here to the first await: compute, gate, revoke.
       const change = compute(this.#table);
@@ -333,11 +386,14 @@ export class VolumeManager {
           }
           await this.storage.sync();
         }
+        if (keys !== undefined) await this.hostKeys.replace(new Map([...this.hostKeys.entries(), ...keys]));
         await this.#store.write(change.table);
         this.#table = change.table;
       } finally {
         release();
       }
+      // A delete or a legacy grant may have dropped a host's last identity grant: its key goes too.
+      if (this.hostKeys.size > 0) await this.#pruneKeys();
       return change.volume;
     });
   }
