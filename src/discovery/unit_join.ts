@@ -9,7 +9,7 @@ import { UsageError } from "../util/errors.ts";
 import { parseHostPort, type FlagSpec } from "../util/flags.ts";
 import { logger } from "../util/log.ts";
 import { controlTokenFor, loadClusterKey, type ClusterKey } from "./keys.ts";
-import { FREE_EXTENTS_MAX, ZONE_PATTERN, type HostPort, type LbaExtent, type StorageInfo, type VolumeInfo } from "./messages.ts";
+import { FREE_EXTENTS_MAX, ZONE_PATTERN, type HostPort, type LbaExtent, type NbdTlsMode, type StorageInfo, type VolumeInfo } from "./messages.ts";
 import { StationAgent } from "./unit_agent.ts";
 
 /** Flags to add to `ipsan unit`'s parseFlags options. */
@@ -102,6 +102,8 @@ export interface JoinedUnit {
   readonly nbd: { host: string; port: number } | { path: string };
   readonly control: HostPort | undefined;
   readonly manager: { snapshot(): TableSnapshot; readonly generation: number };
+  /** The NBD server's TLS mode, in every storage info (the station grants by host identity unless it is "off"). */
+  readonly tls?: NbdTlsMode;
 }
 
 export interface RunningJoin {
@@ -142,6 +144,7 @@ export async function startJoin(join: JoinConfig, key: ClusterKey, unit: JoinedU
       volumes: snapshot.volumes,
       spare: join.spare,
       zone: join.zone,
+      ...(unit.tls === undefined ? {} : { tls: unit.tls }),
     };
   };
   const agent = new StationAgent({ unitName: unit.name, station: join.station, clusterKey: key, storageInfo });

@@ -14,20 +14,49 @@
 // only. The engine asks it which regions of a leg were never written (a full
 // rebuild skips them).
 
+import { readFileSync, statSync } from "node:fs";
 import * as net from "node:net";
 import * as tls from "node:tls";
-import { IpsanError } from "../util/errors.ts";
+import { IpsanError, errorMessage } from "../util/errors.ts";
 import { ByteQueue } from "./byte_queue.ts";
 import { decodeGreeting, decodeOptionReply, decodeTransmissionReply, encodeClientFlags, encodeInfoRequestData, encodeMetaContextRequestData, encodeOption, encodeRequest } from "./peer_codec.ts";
-import { type NbdClientTls, PSK_CIPHERS } from "./tls.ts";
+import { type NbdClientTls, PSK_CIPHERS, parsePskFile } from "./tls.ts";
 import { BASE_ALLOCATION, NBD_CMD, NBD_CMD_FLAG, NBD_FLAG, NBD_FLAG_C, NBD_INFO, NBD_OPT, NBD_REP, NBD_REPLY_FLAG, NBD_REPLY_TYPE, NBD_STATE, NBD_TFLAG, WIRE } from "./protocol.ts";
 
-/** `localAddress`: the TCP connection's source address (a test speaking as a given host, e.g. 127.0.0.2). */
+/**
+ * `localAddress`: the TCP connection's source address (a test speaking as a given host, e.g. 127.0.0.2).
+ * `tls`: STARTTLS then TLS-PSK with this identity and key (from an nbds:// URI; options.tls wins).
+ */
 export type NbdTarget =
-  | { readonly host: string; readonly port: number; readonly exportName: string; readonly localAddress?: string }
-  | { readonly path: string; readonly exportName: string };
+  | { readonly host: string; readonly port: number; readonly exportName: string; readonly localAddress?: string; readonly tls?: NbdClientTls }
+  | { readonly path: string; readonly exportName: string; readonly tls?: NbdClientTls };
 
-/** Parses nbd://HOST[:PORT]/EXPORT and nbd+unix:///EXPORT?socket=PATH (the URIs units print and libnbd takes). */
+/** A key file is a few lines of identity:hexkey; anything much larger is not one. */
+const PSK_FILE_BYTES_MAX = 1024 * 1024;
+
+/** The key of `identity` in a psktool-format file (libnbd's tls-psk-file); errors name the URI's file. */
+function pskFromFile(path: string, identity: string, uri: string): NbdClientTls {
+  let text: string;
+  try {
+    const stat = statSync(path);
+    if (stat.size > PSK_FILE_BYTES_MAX) throw new Error(`${stat.size} bytes is not a key file`);
+    text = readFileSync(path, "utf8");
+  } catch (error) {
+    throw new IpsanError("INVALID_ARGUMENT", `${uri}: tls-psk-file ${path}: ${errorMessage(error)}`);
+  }
+  const parsed = parsePskFile(text);
+  if (!parsed.ok) throw new IpsanError("INVALID_ARGUMENT", `${uri}: tls-psk-file ${path}: ${parsed.reason}`);
+  const key = parsed.keys.get(identity);
+  if (key === undefined) throw new IpsanError("INVALID_ARGUMENT", `${uri}: tls-psk-file ${path} has no key for identity ${JSON.stringify(identity)}`);
+  return { identity, key };
+}
+
+/**
+ * Parses nbd://HOST[:PORT]/EXPORT and nbd+unix:///EXPORT?socket=PATH (the URIs units print and
+ * libnbd takes), and their TLS forms nbds://IDENTITY@HOST[:PORT]/EXPORT?tls-psk-file=PATH and
+ * nbds+unix://IDENTITY@/EXPORT?socket=PATH&tls-psk-file=PATH: the identity is the URI's user
+ * part (as libnbd takes it), the key is read from the file now.
+ */
 export function parseNbdUri(uri: string): NbdTarget {
   let url: URL;
   try {
@@ -36,18 +65,26 @@ export function parseNbdUri(uri: string): NbdTarget {
     throw new IpsanError("INVALID_ARGUMENT", `not an NBD URI: ${JSON.stringify(uri)}`);
   }
   const exportName = decodeURIComponent(url.pathname.replace(/^\//, ""));
-  if (url.protocol === "nbd+unix:") {
+  const secure = url.protocol === "nbds:" || url.protocol === "nbds+unix:";
+  let tls: NbdClientTls | undefined;
+  if (secure) {
+    const identity = decodeURIComponent(url.username);
+    const file = url.searchParams.get("tls-psk-file");
+    if (identity === "" || file === null || file === "") throw new IpsanError("INVALID_ARGUMENT", `${uri}: an nbds:// URI needs IDENTITY@ and ?tls-psk-file=PATH (TLS-PSK)`);
+    tls = pskFromFile(file, identity, uri);
+  }
+  if (url.protocol === "nbd+unix:" || url.protocol === "nbds+unix:") {
     const path = url.searchParams.get("socket");
     if (path === null || path === "") throw new IpsanError("INVALID_ARGUMENT", `${uri}: nbd+unix needs ?socket=PATH`);
-    return { path, exportName };
+    return { path, exportName, ...(tls === undefined ? {} : { tls }) };
   }
-  if (url.protocol === "nbd:") {
+  if (url.protocol === "nbd:" || url.protocol === "nbds:") {
     const host = url.hostname.replace(/^\[(.*)\]$/, "$1");
     const port = url.port === "" ? 10809 : Number(url.port);
     if (host === "" || !(port > 0 && port < 65536)) throw new IpsanError("INVALID_ARGUMENT", `${uri}: needs HOST[:PORT]`);
-    return { host, port, exportName };
+    return { host, port, exportName, ...(tls === undefined ? {} : { tls }) };
   }
-  throw new IpsanError("INVALID_ARGUMENT", `${uri}: unsupported scheme ${url.protocol} (nbd:// or nbd+unix://)`);
+  throw new IpsanError("INVALID_ARGUMENT", `${uri}: unsupported scheme ${url.protocol} (nbd://, nbds://, nbd+unix:// or nbds+unix://)`);
 }
 
 export interface NbdClientOptions {
@@ -139,7 +176,7 @@ export class NbdClient {
   /** Connects, negotiates and opens the export; rejects with the server's reason when it refuses. */
   static async connect(target: NbdTarget | string, options: NbdClientOptions = {}): Promise<NbdClient> {
     const resolved = typeof target === "string" ? parseNbdUri(target) : target;
-    const settings = { ...DEFAULTS, ...options };
+    const settings = { ...DEFAULTS, ...options, tls: options.tls ?? resolved.tls };
     let socket: net.Socket = "path" in resolved ? net.connect(resolved.path) : net.connect({
             host: resolved.host,
             port: resolved.port,

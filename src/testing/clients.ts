@@ -87,9 +87,14 @@ export function mergeExtents(extents: readonly MapExtent[]): { offset: number; l
   return merged;
 }
 
-/** Runs a Python script in nbdsh connected to `uri` (the handle is `h`). */
+/**
+ * Runs a Python script in nbdsh connected to `uri` (the handle is `h`). An
+ * nbds:// URI's tls-psk-file is a local file, which libnbd reads only when
+ * allowed (nbdinfo and nbdcopy allow it themselves; nbdsh -u does not).
+ */
 export function nbdsh(uri: string, script: string, timeoutMs = CLIENT_TIMEOUT_MS): Promise<CommandResult> {
-  return runOk("nbdsh", ["-u", uri, "-c", script], { timeoutMs });
+  const connect = uri.startsWith("nbds") ? ["-c", "h.set_uri_allow_local_file(True)", "-c", `h.connect_uri(${JSON.stringify(uri)})`] : ["-u", uri];
+  return runOk("nbdsh", [...connect, "-c", script], { timeoutMs });
 }
 
 /** Runs qemu-io commands on a raw NBD image; qemu-io exits 1 if any command failed (pattern mismatch too). */

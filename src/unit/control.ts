@@ -20,6 +20,7 @@ import { logger } from "../util/log.ts";
 import type { UnitExportProvider } from "./provider.ts";
 import { parseIdentityGrants } from "./volume_ops.ts";
 import { type VolumeManager, volumeView } from "./volumes.ts";
+import type { TlsMode } from "../nbd/tls.ts";
 
 const log = logger("control");
 
@@ -41,6 +42,8 @@ export interface ControlServerOptions {
   readonly extraTokens?: () => readonly string[];
   /** The NBD address reported by GET /v1/info. */
   readonly nbd: () => { host: string; port: number } | { path: string } | undefined;
+  /** The NBD server's TLS mode, reported by GET /v1/info (the station gives a unit that is not "off" grants by host identity). */
+  readonly tls?: TlsMode;
 }
 
 interface Reply {
@@ -227,6 +230,7 @@ export class ControlServer {
           freeBytes: snapshot.freeBytes,
           sectorSize: snapshot.sectorSize,
           nbd: this.#options.nbd() ?? null,
+          tls: this.#options.tls ?? "off",
           generation: snapshot.generation,
           freeExtents: snapshot.freeExtents,
           volumes: snapshot.volumes,

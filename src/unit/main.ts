@@ -25,12 +25,11 @@ const log = logger("unit");
 
 export const CONTROL_TOKEN_FILE_NAME = "control.token";
 /**
- * --tls when joined to a station and not given. The contract (docs/unit.md) is
- * "require"; it stays "off" until the station hands hosts their keys and
- * sends identity grants (issue 7, the lead's part): with "require" and only
- * address grants, no host could open anything.
+ * --tls when joined to a station and not given: the station hands hosts their
+ * keys and the unit grants by host identity (ADR 0012). --insecure-plaintext
+ * makes it "off" (the station then gives address grants).
  */
-export const JOINED_TLS_DEFAULT: TlsMode = "off";
+export const JOINED_TLS_DEFAULT: TlsMode = "require";
 export const UNIT_NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
 /** How long a stopping unit waits for its cleanup before exiting anyway. */
 export const SHUTDOWN_TIMEOUT_MS = 15_000;
@@ -249,6 +248,7 @@ export async function startUnit(config: UnitConfig): Promise<RunningUnit> {
         tokens: [token],
         ...(config.extraTokens === undefined ? {} : { extraTokens: config.extraTokens }),
         nbd: () => nbd,
+        tls: config.tls,
       });
       control = await controlServer.listen(config.control.host, config.control.port);
     }
@@ -322,7 +322,7 @@ export async function unitMain(argv: readonly string[]): Promise<number> {
         process.stdout.write(`ipsan unit ${config.name} control http://${hostForUrl(unit.control.host)}:${unit.control.port}\n`);
       }
       // ---- discovery (--station): join the station's pool (STARTUP, storage info, heartbeats) ----
-      join = config.join === undefined || joinKey === undefined ? undefined : await startJoin(config.join, joinKey, { name: config.name, nbd: unit.nbd, control: unit.control, manager: unit.manager });
+      join = config.join === undefined || joinKey === undefined ? undefined : await startJoin(config.join, joinKey, { name: config.name, nbd: unit.nbd, control: unit.control, manager: unit.manager, tls: config.tls });
       // ---- end discovery ----
       const snapshot = unit.manager.snapshot();
       log.info("serving", { name: config.name, storage: unit.manager.storage.path, capacityBytes: snapshot.capacityBytes, volumes: snapshot.volumes.length });
