@@ -28,7 +28,7 @@ import { run, runOk, sleep } from "../testing/process.ts";
 import { makeTempDir, memoryTmpBase, type TempDir } from "../testing/tmp.ts";
 import { IPSAN_BIN, REPO_ROOT, type RunningUnit } from "../testing/unit.ts";
 import { AuditLog, GENESIS_HASH, entryHash, verifyAudit } from "./auth/audit.ts";
-import { HOST_SUBTREE, authorize, permissionFor } from "./auth/permissions.ts";
+import { HOST_SUBTREE, PERMISSIONS, authorize, permissionFor } from "./auth/permissions.ts";
 import { errorOf, startStation, type RunningStation } from "./harness.ts";
 import { startJoinedUnit } from "./pool_harness.ts";
 
@@ -236,6 +236,19 @@ test("the permission table: a host's own /api/v1/hosts/H/... routes (e.g. keys, 
   assert.throws(() => authorize({ name: "ops", role: "operator", host: null }, request("h1")), /role operator \(token ops\) may not/);
   assert.throws(() => authorize({ name: "v", role: "viewer", host: null }, request("h1")), /role viewer/);
   assert.equal(permissionFor("POST", "/api/v1/something/new").roles.join(), "admin", "an unlisted route is the admin's only");
+});
+
+test("every route the OpenAPI document lists has its own line in the permission table", async () => {
+  const doc = (await station.api("GET", "/api/v1/openapi.json")).body as { paths: Record<string, Record<string, unknown>> };
+  const table = new Set(Object.keys(PERMISSIONS).map((k) => k.replace(/:[a-z]+/g, ":")));
+  const missing: string[] = [];
+  for (const [path, methods] of Object.entries(doc.paths)) {
+    for (const method of Object.keys(methods)) {
+      const key = `${method.toUpperCase()} ${path.replace(/\{[^}]+\}/g, ":")}`;
+      if (!table.has(key)) missing.push(key);
+    }
+  }
+  assert.deepEqual(missing, []);
 });
 
 test("CLI: tokens create/list/revoke, hosts token create, host register then request/release with --state-dir alone", { timeout: 60_000 }, async () => {

@@ -39,6 +39,7 @@ export const PERMISSIONS: Readonly<Record<string, Permission>> = {
   "GET /api/v1/events": { roles: READERS },
   "GET /api/v1/units": { roles: READERS },
   "GET /api/v1/units/:name": { roles: READERS },
+  "POST /api/v1/units/:name/refresh": { roles: WRITERS },
   "GET /api/v1/volumes": { roles: READERS },
   "GET /api/v1/volumes/:unit/:name": { roles: READERS },
   "POST /api/v1/volumes": { roles: WRITERS },
