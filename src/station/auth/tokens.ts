@@ -38,6 +38,8 @@ export const JOIN_TOKEN_TTL_MS_MAX = 7 * 24 * 3_600_000;
 /** Credentials of all kinds the station keeps (bounds the table and each request's scan). */
 export const CREDENTIALS_MAX = 100_000;
 const SECRET_BYTES = 32;
+/** A used or expired join token stays listed this long (who enrolled when), then is dropped. */
+export const SPENT_JOIN_KEPT_MS = 7 * 24 * 3_600_000;
 
 /** Who made a request: a credential's name and role (and, for a host credential, its host). */
 export interface Principal {
@@ -137,6 +139,7 @@ export class TokenStore {
 
   /** A one-time join token, valid for `ttlMs`, for `host` only when given. */
   createJoin(host: string | null, ttlMs: number): { record: TokenRecord; secret: string } {
+    this.#purgeSpentJoinTokens();
     let name: string;
     do name = `join-${randomBytes(4).toString("hex")}`;
     while (this.#cache.has(name));
@@ -189,6 +192,16 @@ export class TokenStore {
     this.#db.prepare("DELETE FROM tokens WHERE name = ?").run(name);
     this.#cache.delete(name);
     return true;
+  }
+
+  /** Join tokens used or expired more than SPENT_JOIN_KEPT_MS ago are forgotten (they open nothing). */
+  #purgeSpentJoinTokens(): void {
+    const cutoff = this.#clock.nowMs() - SPENT_JOIN_KEPT_MS;
+    for (const record of [...this.#cache.values()]) {
+      if (record.kind !== "join") continue;
+      const spentAt = record.usedAtMs ?? record.expiresAtMs;
+      if (spentAt !== null && spentAt < cutoff) this.revoke(record.name);
+    }
   }
 
   #insert(fields: { name: string; kind: TokenKind; role: Role; host: string | null; expiresAtMs: number | null }): { record: TokenRecord; secret: string } {
