@@ -426,3 +426,18 @@ test("HTTPS: the CLI trusts the station's certificate from --ca-file or $IPSAN_C
     await secure.close();
   }
 });
+
+test("audit log file: concurrent appends go out in batches, chained in call order, each resolved once on disk", async () => {
+  const path = tmp.file("batch-audit.log");
+  const log = await AuditLog.open(path);
+  const entries = await Promise.all(Array.from({ length: 200 }, (_, i) => log.append({ actor: `a${i}`, role: "admin", action: "POST /x", ids: {}, from: "", status: 200 })));
+  assert.deepEqual(entries.map((e) => e.seq), Array.from({ length: 200 }, (_, i) => i + 1));
+  assert.deepEqual(entries.map((e) => e.actor), Array.from({ length: 200 }, (_, i) => `a${i}`));
+  const more = await log.append({ actor: "late", role: "admin", action: "POST /y", ids: {}, from: "", status: 200 });
+  assert.equal(more.seq, 201);
+  await log.close();
+  const lines = readFileSync(path, "utf8").trim().split("\n");
+  assert.equal(lines.length, 201);
+  const verdict = await verifyAudit(lines);
+  assert.equal(verdict.ok, true);
+});

@@ -13,7 +13,11 @@
 // secret can reach the file.
 //
 // The file is the station's own: opened O_APPEND (0600), each line written
-// and fdatasync'd before the API answer is sent, one append at a time.
+// and fdatasync'd before the API answer is sent. Appends that arrive while a
+// write is on its way go out together in the next write, with one fdatasync
+// (group commit), in arrival order. If a write or fdatasync fails, the log
+// takes no more entries (every later change is answered 500) until the
+// station restarts and checks the tail: the chain on disk is never guessed at.
 // On start the station checks the tail: a last line without its newline is
 // what a crash in the middle of an append leaves (the request it recorded was
 // never answered); it is cut off and an "audit.torn-tail-dropped" entry says
@@ -151,12 +155,20 @@ export async function tailEntries(path: string, limit: number): Promise<AuditEnt
   return ring;
 }
 
+interface PendingAppend {
+  readonly fields: AuditFields;
+  readonly resolve: (entry: AuditEntry) => void;
+  readonly reject: (error: unknown) => void;
+}
+
 export class AuditLog {
   readonly path: string;
   readonly #handle: fs.FileHandle;
   readonly #clock: Clock;
   #head: AuditHead;
-  #queue: Promise<unknown> = Promise.resolve();
+  #pending: PendingAppend[] = [];
+  #writing: Promise<void> | null = null;
+  #failed: unknown = null;
 
   private constructor(path: string, handle: fs.FileHandle, head: AuditHead, clock: Clock) {
     this.path = path;
@@ -181,22 +193,60 @@ export class AuditLog {
     return this.#head;
   }
 
-  /** Appends one entry and fdatasyncs it; resolves when it is on disk. Appends are one at a time, in call order. */
+  /** Appends one entry; resolves when it is on disk (fdatasync'd). Entries are chained in call order. */
   append(fields: AuditFields): Promise<AuditEntry> {
-    const next = this.#queue.then(async () => {
-      const body = { seq: this.#head.seq + 1, time: new Date(this.#clock.nowMs()).toISOString(), ...fields, prev: this.#head.hash };
-      const entry: AuditEntry = { ...body, hash: entryHash(body) };
-      await this.#handle.write(line(entry));
-      await this.#handle.datasync();
-      this.#head = { seq: entry.seq, hash: entry.hash };
-      return entry;
+    return new Promise((resolve, reject) => {
+      if (this.#failed !== null) {
+        reject(new IpsanError("IO_ERROR", `audit log ${this.path} failed earlier (${errorMessage(this.#failed)}); restart the station`));
+        return;
+      }
+      this.#pending.push({ fields, resolve, reject });
+      this.#kick();
     });
-    this.#queue = next.catch(() => undefined);
-    return next;
+  }
+
+  /** Starts the writer unless it runs; it restarts itself for appends that came as it finished. */
+  #kick(): void {
+    if (this.#writing !== null) return;
+    this.#writing = this.#drain().finally(() => {
+      this.#writing = null;
+      if (this.#pending.length > 0) this.#kick();
+    });
+  }
+
+  /** Writes what is pending, in batches: one write and one fdatasync per batch. */
+  async #drain(): Promise<void> {
+    while (this.#pending.length > 0) {
+      const batch = this.#pending.splice(0);
+      if (this.#failed !== null) {
+        for (const p of batch) p.reject(new IpsanError("IO_ERROR", `audit log ${this.path} failed earlier (${errorMessage(this.#failed)}); restart the station`));
+        continue;
+      }
+      let head = this.#head;
+      const entries: AuditEntry[] = [];
+      const time = new Date(this.#clock.nowMs()).toISOString();
+      for (const p of batch) {
+        const body = { seq: head.seq + 1, time, ...p.fields, prev: head.hash };
+        const entry: AuditEntry = { ...body, hash: entryHash(body) };
+        entries.push(entry);
+        head = { seq: entry.seq, hash: entry.hash };
+      }
+      try {
+        await this.#handle.write(entries.map(line).join(""));
+        await this.#handle.datasync();
+      } catch (error) {
+        this.#failed = error;
+        log.error("cannot write the audit log: changes are refused until the station restarts", { path: this.path, error: errorMessage(error) });
+        for (const p of batch) p.reject(new IpsanError("IO_ERROR", `audit log ${this.path}: ${errorMessage(error)}`, { cause: error }));
+        continue;
+      }
+      this.#head = head;
+      batch.forEach((p, i) => p.resolve(entries[i] as AuditEntry));
+    }
   }
 
   async close(): Promise<void> {
-    await this.#queue;
+    await this.#writing;
     await this.#handle.close();
   }
 }
