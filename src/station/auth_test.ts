@@ -184,6 +184,7 @@ async function crossHostViolations(target: RunningStation): Promise<string[]> {
   await mustRefuse("move its own address", "PUT", "/api/v1/hosts/h1", { address: "127.0.0.9" });
   await mustRefuse("move its address by heartbeat", "POST", "/api/v1/hosts/h1/heartbeat", { address: "127.0.0.9" });
   await mustRefuse("move h2's address", "PUT", "/api/v1/hosts/h2", { address: "127.0.0.2" });
+  await mustRefuse("move its address by allocation", "POST", "/api/v1/allocations", { requestId: "moveme", host: "h1", sizeBytes: "4M", address: "127.0.0.9" });
   await mustRefuse("heartbeat as h2", "POST", "/api/v1/hosts/h2/heartbeat", {});
   await mustRefuse("make a token", "POST", "/api/v1/tokens", { name: "mine", role: "admin" });
   await mustRefuse("make a join token", "POST", "/api/v1/join-tokens", {});
@@ -196,6 +197,8 @@ async function crossHostViolations(target: RunningStation): Promise<string[]> {
   if ((still.body as { host?: string; state?: string }).host !== "h2") violations.push(`h2's assignment changed hands: ${still.text}`);
   const h2Host = await target.api("GET", "/api/v1/hosts/h2");
   if ((h2Host.body as { address?: string }).address !== "127.0.0.3") violations.push(`h2's address moved: ${h2Host.text}`);
+  const h1Host = await target.api("GET", "/api/v1/hosts/h1");
+  if ((h1Host.body as { address?: string }).address !== "127.0.0.2") violations.push(`h1's address moved: ${h1Host.text}`);
   return violations;
 }
 

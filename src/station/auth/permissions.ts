@@ -127,6 +127,8 @@ export function authorize(principal: Principal, request: AccessRequest): void {
       const host = (request.body as { host?: unknown } | null | undefined)?.host;
       // A body without a string host is the handler's 400, naming the field.
       if (typeof host === "string" && host !== own) throw denied(principal, `${action} for host ${host}: only for its own host ${own}`);
+      // An allocation's `address` would move the host's registered address too.
+      checkAddressKept(principal, request, own);
       return;
     }
     case "assignment": {
@@ -145,8 +147,9 @@ function checkAddressKept(principal: Principal, request: AccessRequest, host: st
   if (registered === undefined) return;
   const body = request.body as { address?: unknown } | null | undefined;
   const route = request.route;
-  // PUT without an address means "the caller's address" (docs/api.md); a heartbeat without one changes nothing.
-  const wanted = body?.address !== undefined ? body.address : route.endsWith("/heartbeat") ? registered : request.callerAddress;
+  // PUT without an address means "the caller's address" (docs/api.md); a heartbeat or an allocation without one changes nothing.
+  const keeps = route.endsWith("/heartbeat") || route === "/api/v1/allocations";
+  const wanted = body?.address !== undefined ? body.address : keeps ? registered : request.callerAddress;
   if (wanted !== registered) {
     throw denied(principal, `change host ${host}'s registered address (${registered} -> ${String(wanted)}); an admin or operator can`);
   }
