@@ -10,8 +10,8 @@
 // 20's fetch takes no CA of its own).
 
 import { readFile } from "node:fs/promises";
-import { request as httpRequest, type IncomingMessage } from "node:http";
-import { request as httpsRequest } from "node:https";
+import { Agent as HttpAgent, request as httpRequest, type IncomingMessage } from "node:http";
+import { Agent as HttpsAgent, request as httpsRequest } from "node:https";
 import { connect } from "node:net";
 import { ERROR_CODES, IpsanError, UsageError, errorMessage, type ErrorCode } from "../util/errors.ts";
 
@@ -243,13 +243,18 @@ export class StationClient {
   readonly baseUrl: URL;
   readonly #token: string;
   readonly #timeoutMs: number;
-  readonly #ca: Buffer | undefined;
+  /**
+   * One connection per call (Connection: close): a kept-alive socket that the
+   * station closes after its idle timeout (5 s) just as the agent's next
+   * heartbeat reuses it would fail that call with ECONNRESET.
+   */
+  readonly #agent: HttpAgent;
 
   constructor(options: StationClientOptions) {
     this.baseUrl = options.baseUrl;
     this.#token = options.token;
     this.#timeoutMs = options.timeoutMs ?? STATION_REQUEST_TIMEOUT_MS;
-    this.#ca = options.ca;
+    this.#agent = options.baseUrl.protocol === "https:" ? new HttpsAgent({ keepAlive: false, ...(options.ca === undefined ? {} : { ca: options.ca }) }) : new HttpAgent({ keepAlive: false });
   }
 
   /** One API call; resolves with the parsed JSON body (undefined for 204). */
@@ -312,7 +317,7 @@ export class StationClient {
         res.on("error", fail);
         res.on("aborted", () => fail(new Error("the station closed the connection mid-answer")));
       };
-      const options = { method, headers, ...(https && this.#ca !== undefined ? { ca: this.#ca } : {}) };
+      const options = { method, headers, agent: this.#agent };
       const req = https ? httpsRequest(url, options, onResponse) : httpRequest(url, options, onResponse);
       // Unlike an unref'd timer, this one keeps a waiting CLI alive until the deadline.
       const timer = setTimeout(() => fail(new Error(`no answer within ${this.#timeoutMs} ms`)), this.#timeoutMs);
