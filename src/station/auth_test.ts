@@ -444,3 +444,24 @@ test("audit log file: concurrent appends go out in batches, chained in call orde
   const verdict = await verifyAudit(lines);
   assert.equal(verdict.ok, true);
 });
+
+test("audit log: the running station's verify catches a file cut short (an offline verify cannot)", { timeout: 60_000 }, async () => {
+  const own = await startStation();
+  try {
+    for (const name of ["c1", "c2", "c3"]) assert.equal((await own.api("PUT", `/api/v1/hosts/${name}`, { address: "127.0.0.2" })).status, 201);
+    const path = join(own.dataDir, "audit.log");
+    const lines = readFileSync(path, "utf8").trim().split("\n");
+    assert.equal(lines.length, 3);
+    writeFileSync(path, `${lines.slice(0, 2).join("\n")}\n`);
+    const verdict = (await own.api("GET", "/api/v1/audit/verify")).body as { ok: boolean; line: number; reason: string };
+    assert.equal(verdict.ok, false);
+    assert.equal(verdict.line, 3);
+    assert.match(verdict.reason, /cut off the end/);
+    const cli = await ipsan(["audit", "verify", "--station", own.url, "--token-file", join(own.dataDir, "admin.token")]);
+    assert.equal(cli.code, 1);
+    assert.match(cli.stdout, /BROKEN at line 3/);
+    assert.equal((await ipsan(["audit", "verify", "--file", path])).code, 0, "offline, a clean cut is not visible (docs/security.md)");
+  } finally {
+    await own.close();
+  }
+});
