@@ -117,7 +117,20 @@ test("role matrix: viewer reads only, operator cannot manage tokens, a revoked t
   assert.equal((await station.api("POST", "/api/v1/tokens", { name: "matrix-viewer", role: "viewer" })).status, 409);
   assert.equal((await station.api("DELETE", "/api/v1/tokens/admin")).status, 409, "DATA/admin.token is not revoked through the API");
 
+  // The viewer's open event stream ends when its token is revoked.
+  const abort = new AbortController();
+  const stream = await fetch(`${station.url}/api/v1/events`, { headers: { authorization: `Bearer ${viewer}` }, signal: abort.signal });
+  assert.equal(stream.status, 200);
+  const reader = stream.body?.getReader();
+  await reader?.read();
   assert.equal((await station.api("DELETE", "/api/v1/tokens/matrix-viewer")).status, 204);
+  const ended = setTimeout(() => abort.abort(), 5_000);
+  try {
+    for (;;) if ((await reader?.read())?.done !== false) break;
+  } finally {
+    clearTimeout(ended);
+  }
+  assert.equal(abort.signal.aborted, false, "the stream ended at the revocation, not at the test's deadline");
   const after = await station.api("GET", "/api/v1/units", undefined, { token: viewer });
   assert.equal(after.status, 401, "revoked: refused at once");
   assert.equal(errorOf(after.body).code, "UNAUTHENTICATED");

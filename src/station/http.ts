@@ -1,6 +1,8 @@
-// The station's REST API over node:http (docs/api.md). Thin handlers: check
-// the token, read a bounded body, validate every field, call the station core,
-// answer. Errors become {error:{code, message, field?, reasons?}} with the
+// The station's REST API over node:http or node:https (docs/api.md). Thin
+// handlers: authenticate the bearer token, match the route, read a bounded
+// body, authorize (src/station/auth/permissions.ts), validate every field,
+// call the station core, write the audit line (src/station/auth/audit.ts) for
+// a change or a refusal, answer. Errors become {error:{code, message, field?, reasons?}} with the
 // status from the error catalogue, in exactly one place (`sendError`).
 //
 // Limits: BODY_BYTES_MAX per body (413 beyond), HTTP_CONNECTIONS_MAX sockets,
@@ -129,7 +131,8 @@ export class ApiServer {
   private readonly extraMetrics: (() => string) | undefined;
   private readonly server: Server;
   private readonly routes: Route[];
-  private readonly subscribers = new Set<ServerResponse>();
+  /** Open event streams, with the credential that opened each (revoking it ends them). */
+  private readonly subscribers = new Map<ServerResponse, string>();
   private closing = false;
   /** Host leg reports (PUT /api/v1/assignments/ID/legs). */
   private readonly legReports: LegReports;
@@ -169,7 +172,7 @@ export class ApiServer {
 
   async close(): Promise<void> {
     this.closing = true;
-    for (const res of this.subscribers) res.end();
+    for (const res of this.subscribers.keys()) res.end();
     this.subscribers.clear();
     await new Promise<void>((resolve) => {
       this.server.close(() => resolve());
@@ -650,6 +653,8 @@ export class ApiServer {
           throw new IpsanError("CONFLICT", "the admin token is DATA/admin.token: replace that file and restart the station to change it", { field: "name" });
         }
         if (!this.tokens.revoke(name)) throw new IpsanError("NOT_FOUND", `no token named ${show(name)}`, { field: "name" });
+        // Its open event streams end too: a revoked credential reads nothing more.
+        for (const [stream, opener] of this.subscribers) if (opener === name) stream.end();
         return { status: 204 };
       }),
       r("POST", "/api/v1/join-tokens", ({ body }) => {
@@ -683,7 +688,7 @@ export class ApiServer {
         const verdict = await verifyAuditFile(this.audit.path, this.audit.head);
         return { status: 200, body: { file: this.audit.path, ...verdict } };
       }),
-      r("GET", "/api/v1/events", ({ req, res, query }) => {
+      r("GET", "/api/v1/events", ({ req, res, query, principal }) => {
         checkQuery(query, ["since"]);
         const since = query.get("since") ?? req.headers["last-event-id"];
         let after: number | null = null;
@@ -691,7 +696,7 @@ export class ApiServer {
           if (!/^[0-9]{1,15}$/.test(since)) throw invalid("Last-Event-ID", `expected an event number, got ${show(since)}`);
           after = Number(since);
         }
-        this.subscribe(res, after);
+        this.subscribe(res, after, principal.name);
         return null;
       }),
       r("GET", "/metrics", ({ res, query }) => {
@@ -707,7 +712,7 @@ export class ApiServer {
 
   // ---- event stream --------------------------------------------------------------
 
-  private subscribe(res: ServerResponse, after: number | null): void {
+  private subscribe(res: ServerResponse, after: number | null, opener: string): void {
     if (this.subscribers.size >= SSE_SUBSCRIBERS_MAX) {
       throw new IpsanError("SHUTTING_DOWN", `too many event stream subscribers (SSE_SUBSCRIBERS_MAX=${SSE_SUBSCRIBERS_MAX}); try again later`);
     }
@@ -719,7 +724,7 @@ export class ApiServer {
       "x-accel-buffering": "no",
     });
     res.write(`: ipsan station event stream\nretry: 2000\n\n`);
-    this.subscribers.add(res);
+    this.subscribers.set(res, opener);
     const write = (event: StationEvent): void => {
       if (res.writableLength > SSE_BUFFER_BYTES_MAX) {
         log.limited("sse-slow", "event stream subscriber does not read; disconnecting it");
