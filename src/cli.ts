@@ -17,6 +17,8 @@ const COMMANDS: Readonly<Record<string, () => Promise<Command>>> = {
   volume: async () => (await import("./admin/main.ts")).volumeMain,
   assign: async () => (await import("./admin/main.ts")).assignMain,
   unassign: async () => (await import("./admin/main.ts")).unassignMain,
+  tokens: async () => (await import("./admin/main.ts")).tokensMain,
+  audit: async () => (await import("./admin/main.ts")).auditMain,
 };
 
 const USAGE = `usage: ipsan COMMAND [flags]
@@ -33,6 +35,10 @@ admin (over the station's API; --station URL --token-file FILE, or $IPSAN_STATIO
   volume create|delete|grow|partition UNIT NAME ...  change a unit's volumes
   assign HOST UNIT VOLUME [--partition N]           give a host a volume (or partition)
   unassign ID                                       take it back (the unit revokes the grant)
+  tokens create|list|revoke                          API tokens with a role (admin, operator, viewer)
+  hosts token create [--host NAME] [--expires D]     a one-time join token for "ipsan host register"
+  audit verify [--file PATH] | audit list            check or read the station's audit log
+  (every admin command also takes --ca-file FILE or $IPSAN_CA_FILE for an https:// station)
 `;
 
 export async function main(argv: readonly string[]): Promise<number> {

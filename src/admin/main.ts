@@ -13,7 +13,9 @@
 // names the flag or argument), 1 when the station refuses (its code, message
 // and field are printed).
 
-import { StationClient, listItems, parseStationUrl, readTokenFile } from "../host/station_client.ts";
+import { StationClient, listItems, parseStationUrl, readCaFile, readTokenFile } from "../host/station_client.ts";
+import { verifyAuditFile } from "../station/auth/audit.ts";
+import { parseDuration } from "../util/duration.ts";
 import { UsageError } from "../util/errors.ts";
 import { parseFlags, type FlagSpec } from "../util/flags.ts";
 import { formatSize, parseSize } from "../util/size.ts";
@@ -21,24 +23,27 @@ import { formatSize, parseSize } from "../util/size.ts";
 const COMMON_FLAGS = {
   station: { type: "string" },
   "token-file": { type: "string" },
+  "ca-file": { type: "string" },
   help: { type: "boolean" },
 } as const satisfies FlagSpec;
 
 const COMMON_USAGE = `common flags:
   --station URL       the station's API (default $IPSAN_STATION), e.g. http://127.0.0.1:8640
-  --token-file FILE   the admin token, STATION_DATA/admin.token (default $IPSAN_TOKEN_FILE)
+  --token-file FILE   a token: STATION_DATA/admin.token, or one from "ipsan tokens create" (default $IPSAN_TOKEN_FILE)
+  --ca-file FILE      CA certificate (PEM) of an https:// station (default $IPSAN_CA_FILE; else the system's CAs)
 `;
 
 const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
 /** Pages a listing follows (10,000 items each by default: a million in all). */
 const LIST_PAGES_MAX = 100;
 
-async function client(values: { station?: string | undefined; "token-file"?: string | undefined }): Promise<StationClient> {
+async function client(values: { station?: string | undefined; "token-file"?: string | undefined; "ca-file"?: string | undefined }): Promise<StationClient> {
   const station = values.station ?? process.env["IPSAN_STATION"];
   if (station === undefined || station === "") throw new UsageError("--station URL is required (or set IPSAN_STATION)");
   const tokenFile = values["token-file"] ?? process.env["IPSAN_TOKEN_FILE"];
   if (tokenFile === undefined || tokenFile === "") throw new UsageError("--token-file FILE is required (or set IPSAN_TOKEN_FILE): the station's DATA/admin.token");
-  return new StationClient({ baseUrl: parseStationUrl(station), token: await readTokenFile(tokenFile) });
+  const ca = await readCaFile(values["ca-file"]);
+  return new StationClient({ baseUrl: parseStationUrl(station), token: await readTokenFile(tokenFile), ...(ca === undefined ? {} : { ca }) });
 }
 
 function name(value: string | undefined, what: string): string {
@@ -214,7 +219,7 @@ async function listing(which: ListingName, argv: readonly string[]): Promise<num
 
 export const unitsMain = (argv: readonly string[]): Promise<number> => listing("units", argv);
 export const volumesMain = (argv: readonly string[]): Promise<number> => listing("volumes", argv);
-export const hostsMain = (argv: readonly string[]): Promise<number> => listing("hosts", argv);
+export const hostsMain = (argv: readonly string[]): Promise<number> => (argv[0] === "token" ? hostsTokenMain(argv.slice(1)) : listing("hosts", argv));
 export const assignmentsMain = (argv: readonly string[]): Promise<number> => listing("assignments", argv);
 
 const VOLUME_USAGE = `usage: ipsan volume create UNIT NAME SIZE
@@ -342,4 +347,147 @@ export async function unassignMain(argv: readonly string[]): Promise<number> {
     answer === undefined ? `unassigned ${id}: the unit revoked the grant\n` : `unassign ${id} recorded; the unit is told when it is reachable\n`,
   );
   return 0;
+}
+
+// ---------------------------------------------------------------- credentials and audit (docs/security.md)
+
+const TOKENS_USAGE = `usage: ipsan tokens create --name NAME --role admin|operator|viewer [--json]
+       ipsan tokens list [--json]
+       ipsan tokens revoke NAME
+  [--station URL] [--token-file FILE] [--ca-file FILE]    (an admin token)
+`;
+
+const TOKEN_HEADERS = ["NAME", "KIND", "ROLE", "HOST", "CREATED", "EXPIRES", "USED"];
+const tokenRow = (t: Row): string[] => [text(t["name"]), text(t["kind"]), text(t["role"]), text(t["host"]), text(t["createdAt"]), text(t["expiresAt"]), text(t["usedAt"])];
+
+/** The secret goes alone to stdout (so `> FILE` keeps it), what it is to stderr: it is shown this once. */
+function printSecret(answer: Row, json: boolean, what: string): void {
+  if (json) {
+    process.stdout.write(`${JSON.stringify(answer, null, 2)}\n`);
+    return;
+  }
+  process.stderr.write(`${what}; its secret follows, shown this once (the station keeps only its SHA-256):\n`);
+  process.stdout.write(`${text(answer["token"])}\n`);
+}
+
+export async function tokensMain(argv: readonly string[]): Promise<number> {
+  const { values, positionals } = parseFlags(argv, { ...COMMON_FLAGS, json: { type: "boolean" }, name: { type: "string" }, role: { type: "string" } }, true);
+  if (values.help === true) {
+    process.stdout.write(`${TOKENS_USAGE}${COMMON_USAGE}`);
+    return 0;
+  }
+  const [action, ...rest] = positionals;
+  const json = values.json === true;
+  switch (action) {
+    case "create": {
+      noMore(rest, 0, "ipsan tokens create --name NAME --role ROLE");
+      const tokenName = name(values.name, "--name");
+      const role = values.role;
+      if (role !== "admin" && role !== "operator" && role !== "viewer") throw new UsageError(`--role: expected admin, operator or viewer, got "${role ?? ""}"`);
+      const answer = (await (await client(values)).call("POST", "/api/v1/tokens", { name: tokenName, role })) as Row;
+      printSecret(answer, json, `token ${tokenName} (role ${role}) created`);
+      return 0;
+    }
+    case "list": {
+      noMore(rest, 0, "ipsan tokens list");
+      const items = listItems<Row>(await (await client(values)).call("GET", "/api/v1/tokens"), "tokens");
+      process.stdout.write(json ? `${JSON.stringify(items, null, 2)}\n` : table(TOKEN_HEADERS, items.map(tokenRow)));
+      return 0;
+    }
+    case "revoke": {
+      const tokenName = rest[0];
+      if (tokenName === undefined || !/^[A-Za-z0-9][A-Za-z0-9_.:-]{0,80}$/.test(tokenName)) throw new UsageError(`NAME: missing or invalid token name "${tokenName ?? ""}"\n${TOKENS_USAGE}`);
+      noMore(rest, 1, "ipsan tokens revoke NAME");
+      await (await client(values)).call("DELETE", `/api/v1/tokens/${encodeURIComponent(tokenName)}`);
+      process.stdout.write(`revoked ${tokenName}: the station refuses it from now on\n`);
+      return 0;
+    }
+    case undefined:
+      throw new UsageError(`missing action (create, list, revoke)\n${TOKENS_USAGE}`);
+    default:
+      throw new UsageError(`unknown action "${action}" (create, list, revoke)\n${TOKENS_USAGE}`);
+  }
+}
+
+const HOSTS_TOKEN_USAGE = `usage: ipsan hosts token create [--host NAME] [--expires DURATION] [--json] [--station URL] [--token-file FILE] [--ca-file FILE]
+  a one-time join token for "ipsan host register"; --host: only that host may use it;
+  --expires: how long it stays valid (e.g. 30m, 2h; default 1h, at most 7 days)
+`;
+
+async function hostsTokenMain(argv: readonly string[]): Promise<number> {
+  const { values, positionals } = parseFlags(argv, { ...COMMON_FLAGS, json: { type: "boolean" }, host: { type: "string" }, expires: { type: "string" } }, true);
+  if (values.help === true) {
+    process.stdout.write(`${HOSTS_TOKEN_USAGE}${COMMON_USAGE}`);
+    return 0;
+  }
+  if (positionals[0] !== "create") throw new UsageError(`expected "ipsan hosts token create"\n${HOSTS_TOKEN_USAGE}`);
+  noMore(positionals, 1, "ipsan hosts token create [--host NAME] [--expires DURATION]");
+  const host = values.host === undefined ? undefined : name(values.host, "--host");
+  if (values.expires !== undefined) parseDuration(values.expires, "--expires");
+  const answer = (await (await client(values)).call("POST", "/api/v1/join-tokens", {
+    ...(host === undefined ? {} : { host }),
+    ...(values.expires === undefined ? {} : { expires: values.expires }),
+  })) as Row;
+  printSecret(answer, values.json === true, `join token ${text(answer["name"])}${host === undefined ? "" : ` for host ${host}`}, one use, valid until ${text(answer["expiresAt"])}`);
+  return 0;
+}
+
+const AUDIT_USAGE = `usage: ipsan audit verify [--file PATH] [--json]     (without --file: the station's DATA/audit.log, through its API)
+       ipsan audit list [--limit N] [--json]
+  [--station URL] [--token-file FILE] [--ca-file FILE]    (an admin token)
+  verify exits 1 and names the first bad entry when the chain is broken
+`;
+
+export async function auditMain(argv: readonly string[]): Promise<number> {
+  const { values, positionals } = parseFlags(argv, { ...COMMON_FLAGS, json: { type: "boolean" }, file: { type: "string" }, limit: { type: "string" } }, true);
+  if (values.help === true) {
+    process.stdout.write(`${AUDIT_USAGE}${COMMON_USAGE}`);
+    return 0;
+  }
+  const [action, ...rest] = positionals;
+  const json = values.json === true;
+  switch (action) {
+    case "verify": {
+      noMore(rest, 0, "ipsan audit verify [--file PATH]");
+      const verdict = (values.file !== undefined ? await verifyAuditFile(values.file) : await (await client(values)).call("GET", "/api/v1/audit/verify")) as Row;
+      const where = values.file ?? text(verdict["file"]);
+      if (json) process.stdout.write(`${JSON.stringify(verdict, null, 2)}\n`);
+      else if (verdict["ok"] === true) process.stdout.write(`audit log ${where}: ${text(verdict["entries"])} entries, chain intact\n`);
+      else {
+        process.stdout.write(
+          `audit log ${where}: BROKEN at line ${text(verdict["line"])}${verdict["seq"] === null ? "" : ` (seq ${text(verdict["seq"])})`}: ${text(verdict["reason"])}; ` +
+            `${text(verdict["entries"])} entries before it are intact\n`,
+        );
+      }
+      return verdict["ok"] === true ? 0 : 1;
+    }
+    case "list": {
+      noMore(rest, 0, "ipsan audit list");
+      if (values.limit !== undefined && !/^[1-9][0-9]{0,5}$/.test(values.limit)) throw new UsageError(`--limit: invalid "${values.limit}" (a whole number 1..10000)`);
+      const items = listItems<Row>(await (await client(values)).call("GET", `/api/v1/audit${values.limit === undefined ? "" : `?limit=${values.limit}`}`), "audit");
+      if (json) process.stdout.write(`${JSON.stringify(items, null, 2)}\n`);
+      else {
+        process.stdout.write(
+          table(
+            ["SEQ", "TIME", "ACTOR", "ROLE", "ACTION", "IDS", "FROM", "STATUS"],
+            items.map((e) => [
+              text(e["seq"]),
+              text(e["time"]),
+              text(e["actor"]),
+              text(e["role"]),
+              text(e["action"]),
+              Object.entries((e["ids"] as Record<string, string> | undefined) ?? {}).map(([k, v]) => `${k}=${v}`).join(",") || "-",
+              text(e["from"]),
+              text(e["status"]),
+            ]),
+          ),
+        );
+      }
+      return 0;
+    }
+    case undefined:
+      throw new UsageError(`missing action (verify, list)\n${AUDIT_USAGE}`);
+    default:
+      throw new UsageError(`unknown action "${action}" (verify, list)\n${AUDIT_USAGE}`);
+  }
 }

@@ -11,15 +11,22 @@
 //   and hide the outcome): h1's next write through its engine fails, and the
 //   units count refused attempts of h1 (GET /v1/info refused);
 // - the volume holds h2's data (B, not h1's C), read through h2's engine.
+// Both hosts run with their own host credentials (issue 7): each registers
+// with a one-time join token (`ipsan host register`, from its namespace), and
+// its agent, request and attach then run with --state-dir alone: the whole
+// agent loop (register, heartbeat, re-attach, leg reports, the spare's
+// takeover of the moved assignment, which is then its own) works with a
+// credential that reaches that host's records only.
 // `unitBin` runs the units from another build (the canary's, whose units keep
 // a revoked host's open connections working): the scenario must then fail.
 
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
 import { readFileSync, readdirSync, writeFileSync } from "node:fs";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { IpsanChild } from "../demo/child.ts";
 import { childEnv, describeResult, run, waitFor, type CommandResult } from "../testing/process.ts";
+import { IPSAN_BIN } from "../testing/unit.ts";
 import { San, type UnitProcess } from "./harness.ts";
 import { PrivateNetwork, type NetNode } from "./netns.ts";
 
@@ -138,10 +145,20 @@ export async function spareHostScenario(name: string, options: { unitBin?: strin
       return total;
     };
 
-    const common = (node: NetNode) => ["--station", apiUrl, "--token-file", station.tokenFile, "--host", node.name];
     const stateDir = (node: NetNode) => san.tmp.file(`state-${node.name}`);
+    // Enrolment: the admin makes a join token per host; the host registers with it from its own address.
+    for (const node of [h1, h2]) {
+      const made = await inNs(st, process.execPath, [IPSAN_BIN, "hosts", "token", "create", "--host", node.name, "--expires", "10m", "--json", "--station", apiUrl, "--token-file", station.tokenFile]);
+      assert.equal(made.code, 0, describeResult(made));
+      const joinFile = san.tmp.file(`join-${node.name}.token`);
+      writeFileSync(joinFile, `${(JSON.parse(made.stdout) as { token: string }).token}\n`, { mode: 0o600 });
+      const registered = await inNs(node, process.execPath, [IPSAN_BIN, "host", "register", "--station", apiUrl, "--token-file", joinFile, "--host", node.name, "--state-dir", stateDir(node)]);
+      assert.equal(registered.code, 0, describeResult(registered));
+    }
+    // From here on each host speaks with its own credential, from its state dir.
+    const common = (node: NetNode) => ["--state-dir", stateDir(node)];
     const agent = (node: NetNode, extra: readonly string[]): IpsanChild => {
-      const child = new IpsanChild(["host", "agent", ...common(node), "--heartbeat-ms", "300", "--state-dir", stateDir(node), ...extra], {
+      const child = new IpsanChild(["host", "agent", ...common(node), "--heartbeat-ms", "300", ...extra], {
         name: `agent-${node.name}`,
         logFile: san.log(`agent-${node.name}`),
         env: childEnv(),
@@ -166,7 +183,7 @@ export async function spareHostScenario(name: string, options: { unitBin?: strin
     );
 
     const mirror = (await san.host(["request", ...common(h1), "--size", "32M", "--copies", "2", "--json"], h1.exec)).json as Moved;
-    const attached = (await san.host(["attach", ...common(h1), "--assignment", mirror.id, "--mode", "nbd", "--state-dir", stateDir(h1), "--json"], h1.exec))
+    const attached = (await san.host(["attach", ...common(h1), "--assignment", mirror.id, "--mode", "nbd", "--json"], h1.exec))
       .json as { uri: string; pid: number };
     engines.push(attached.pid);
     const patternA = randomBytes(MIB);
@@ -232,6 +249,13 @@ export async function spareHostScenario(name: string, options: { unitBin?: strin
 
     // The volume holds h2's data.
     assert.ok((await nbdRead(h2, taken.path, MIB)).equals(patternB), "the volume holds h2's data, not h1's");
+    // The hosts' credentials were enough for the whole loop: the audit log holds no refusal of either, and their own changes.
+    const audit = readFileSync(join(dirname(station.tokenFile), "audit.log"), "utf8").trim().split("\n").map((l) => JSON.parse(l) as { actor: string; action: string; status: number });
+    const refused = audit.filter((e) => e.actor.startsWith("host:") && e.status >= 400);
+    assert.deepEqual(refused, [], "no request of a host credential was refused");
+    for (const [actor, action] of [["host:h1", "POST /api/v1/allocations"], ["host:h2", "PUT /api/v1/hosts/:name"], ["host:h2", "PUT /api/v1/assignments/:id/legs"]]) {
+      assert.ok(audit.some((e) => e.actor === actor && e.action === action && e.status < 300), `${actor} ${action} in the audit log`);
+    }
     return { movedWithinMs, refusedBefore, refusedAfter, h1WriteResult };
   } catch (error) {
     // The logs' tails go with the failure (the temp dir is removed below unless IPSAN_KEEP_TMP=1).

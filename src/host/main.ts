@@ -4,11 +4,13 @@
 //            or a local NBD URI (--mode nbd: a mirror's engine, started here)
 //   detach   undo attach
 //   release  detach if attached, then unassign at the station
+//   register enrol this host with a one-time join token; store its own credential
 //   agent    register, heartbeat, keep recorded volumes attached
 //   list     this host's recorded attachments
 // docs/host.md is the user's guide; every flag error names the flag and value.
 
 import { randomUUID } from "node:crypto";
+import { resolve } from "node:path";
 import { IpsanError, UsageError } from "../util/errors.ts";
 import { parseFlags } from "../util/flags.ts";
 import { formatSize, parseSize } from "../util/size.ts";
@@ -25,6 +27,7 @@ import {
   StationClient,
   isMirror,
   parseStationUrl,
+  readCaFile,
   readTokenFile,
   type StationAssignment,
 } from "./station_client.ts";
@@ -35,6 +38,8 @@ const REQUEST_ID_PATTERN = /^[A-Za-z0-9_.:-]{1,128}$/;
 
 const USAGE = `usage: ipsan host SUBCOMMAND [flags]
 
+  register --station URL --token-file JOIN_TOKEN_FILE --host NAME [--address IP] [--state-dir DIR]
+          [--ca-file FILE] [--json]
   request --station URL --token-file FILE --host NAME --size SIZE [--copies 1|2|3]
           [--address IP] [--request-id ID] [--dry-run] [--state-dir DIR] [--json]
   attach  --station URL --token-file FILE --host NAME (--assignment ID | --volume UNIT/VOLUME)
@@ -45,15 +50,22 @@ const USAGE = `usage: ipsan host SUBCOMMAND [flags]
   agent   --station URL --token-file FILE --host NAME [--address IP] [--heartbeat-ms N]
           [--state-dir DIR] [--no-reattach] [--spare] [--takeover-mode nbd|fuse]
   list    [--state-dir DIR] [--json]
+
+After "register", request/attach/release/agent read the station URL, the host name and the
+host's credential from the state dir: --station, --token-file and --host may be left out
+(given, they win). --ca-file FILE (or $IPSAN_CA_FILE): the CA of an https:// station.
 `;
 
 const STATION_FLAGS = {
   station: { type: "string" },
   "token-file": { type: "string" },
   host: { type: "string" },
+  "ca-file": { type: "string" },
+  "state-dir": { type: "string" },
 } as const;
 
 const SUBCOMMANDS: Readonly<Record<string, (argv: readonly string[]) => Promise<number>>> = {
+  register: registerMain,
   request: requestMain,
   attach: attachMain,
   detach: detachMain,
@@ -79,16 +91,39 @@ function required(value: string | undefined, flag: string): string {
   return value;
 }
 
-function hostName(value: string | undefined): string {
-  const name = required(value, "host");
+function hostName(value: string | undefined, hint = ""): string {
+  if (value === undefined || value === "") throw new UsageError(`--host is required${hint}`);
+  const name = value;
   if (!NAME_PATTERN.test(name)) throw new UsageError(`--host: invalid host name "${name}" (letters, digits, _ . -; at most 63)`);
   return name;
 }
 
-async function stationClient(values: { station?: string | undefined; "token-file"?: string | undefined }): Promise<StationClient> {
-  const baseUrl = parseStationUrl(required(values.station, "station"));
-  const token = await readTokenFile(required(values["token-file"], "token-file"));
-  return new StationClient({ baseUrl, token });
+interface StationValues {
+  station?: string | undefined;
+  "token-file"?: string | undefined;
+  host?: string | undefined;
+  "ca-file"?: string | undefined;
+  "state-dir"?: string | undefined;
+}
+
+/**
+ * The station client and this host's name: from the flags, else from the
+ * credential `ipsan host register` stored in the state dir (flags win, so
+ * --token-file with the admin token keeps working).
+ */
+async function connectStation(values: StationValues): Promise<{ client: StationClient; host: string; address: string | null }> {
+  const stored = await stateOf(values["state-dir"]).readCredential();
+  const hint = stored === undefined ? " (or register this host first: ipsan host register)" : "";
+  const station = values.station ?? stored?.station;
+  if (station === undefined || station === "") throw new UsageError(`--station is required${hint}`);
+  const host = hostName(values.host ?? stored?.host, hint);
+  let token: string;
+  if (values["token-file"] !== undefined) token = await readTokenFile(values["token-file"]);
+  else if (stored !== undefined && stored.host === host) token = stored.token;
+  else throw new UsageError(`--token-file is required${stored === undefined ? hint : ` (the stored credential is host ${stored.host}'s, not ${host}'s)`}`);
+  const ca = await readCaFile(values["ca-file"] ?? stored?.caFile ?? undefined);
+  const client = new StationClient({ baseUrl: parseStationUrl(station), token, ...(ca === undefined ? {} : { ca }) });
+  return { client, host, address: stored !== undefined && stored.host === host ? stored.address : null };
 }
 
 function stateOf(dir: string | undefined): HostState {
@@ -97,6 +132,41 @@ function stateOf(dir: string | undefined): HostState {
 
 function print(json: boolean, value: unknown, text: string): void {
   process.stdout.write(json ? `${JSON.stringify(value)}\n` : text);
+}
+
+// ---------------------------------------------------------------- register
+
+async function registerMain(argv: readonly string[]): Promise<number> {
+  const { values } = parseFlags(argv, { ...STATION_FLAGS, address: { type: "string" }, json: { type: "boolean" } });
+  const baseUrl = parseStationUrl(required(values.station, "station"));
+  const host = hostName(values.host);
+  const joinToken = await readTokenFile(required(values["token-file"], "token-file"));
+  const caFile = values["ca-file"] ?? process.env["IPSAN_CA_FILE"];
+  const ca = await readCaFile(values["ca-file"]);
+  const client = new StationClient({ baseUrl, token: joinToken, ...(ca === undefined ? {} : { ca }) });
+  const answer = (await client.call("POST", `/api/v1/hosts/${encodeURIComponent(host)}/register`, values.address === undefined ? {} : { address: values.address })) as {
+    host?: { address?: unknown } | null;
+    credential?: { name?: unknown };
+    token?: unknown;
+  };
+  if (typeof answer?.token !== "string" || answer.token === "") throw new IpsanError("IO_ERROR", "the station answered a registration without a credential");
+  const state = stateOf(values["state-dir"]);
+  const address = typeof answer.host?.address === "string" ? answer.host.address : null;
+  await state.writeCredential({
+    version: 1,
+    station: baseUrl.href,
+    host,
+    token: answer.token,
+    address,
+    caFile: caFile === undefined || caFile === "" ? null : resolve(caFile),
+  });
+  const credentialName = typeof answer.credential?.name === "string" ? answer.credential.name : `host:${host}`;
+  print(
+    values.json === true,
+    { host, station: baseUrl.href, address, credential: credentialName, file: state.credentialPath },
+    `registered host ${host} (address ${address ?? "-"}) with station ${baseUrl.origin}; credential ${credentialName} in ${state.credentialPath}\n`,
+  );
+  return 0;
 }
 
 // ---------------------------------------------------------------- request
@@ -109,10 +179,9 @@ async function requestMain(argv: readonly string[]): Promise<number> {
     address: { type: "string" },
     "request-id": { type: "string" },
     "dry-run": { type: "boolean" },
-    "state-dir": { type: "string" },
     json: { type: "boolean" },
   });
-  const host = hostName(values.host);
+  const { client, host } = await connectStation(values);
   const sizeBytes = parseSize(required(values.size, "size"), "--size");
   if (sizeBytes <= 0 || sizeBytes % 512 !== 0) {
     throw new UsageError(`--size: "${values.size}" must be a positive multiple of 512 bytes`);
@@ -122,7 +191,6 @@ async function requestMain(argv: readonly string[]): Promise<number> {
   if (!REQUEST_ID_PATTERN.test(requestId)) {
     throw new UsageError(`--request-id: invalid "${requestId}" (1-128 of A-Z a-z 0-9 _ . : -)`);
   }
-  const client = await stationClient(values);
   // The host's data-path address is registered first, so the grant the unit gets names it.
   if (values.address !== undefined) await client.registerHost(host, values.address);
   const request = {
@@ -254,12 +322,10 @@ async function attachMain(argv: readonly string[]): Promise<number> {
     assignment: { type: "string" },
     volume: { type: "string" },
     mode: { type: "string" },
-    "state-dir": { type: "string" },
     json: { type: "boolean" },
   });
-  const host = hostName(values.host);
   const choice = parseMode(values.mode);
-  const client = await stationClient(values);
+  const { client, host } = await connectStation(values);
   const state = stateOf(values["state-dir"]);
   const assignment = await localizeAssignment(state, client, host, await findAssignment(client, host, values));
   const mode = modeFor(choice, assignment);
@@ -289,7 +355,6 @@ async function detachMain(argv: readonly string[]): Promise<number> {
     assignment: { type: "string" },
     volume: { type: "string" },
     path: { type: "string" },
-    "state-dir": { type: "string" },
     json: { type: "boolean" },
   });
   const state = stateOf(values["state-dir"]);
@@ -307,11 +372,9 @@ async function releaseMain(argv: readonly string[]): Promise<number> {
     ...STATION_FLAGS,
     assignment: { type: "string" },
     volume: { type: "string" },
-    "state-dir": { type: "string" },
     json: { type: "boolean" },
   });
-  const host = hostName(values.host);
-  const client = await stationClient(values);
+  const { client, host } = await connectStation(values);
   const state = stateOf(values["state-dir"]);
   const assignment = await findAssignment(client, host, values);
   const id = String(assignment.id);
@@ -347,12 +410,11 @@ async function agentMain(argv: readonly string[]): Promise<number> {
     ...STATION_FLAGS,
     address: { type: "string" },
     "heartbeat-ms": { type: "string" },
-    "state-dir": { type: "string" },
     "no-reattach": { type: "boolean" },
     spare: { type: "boolean" },
     "takeover-mode": { type: "string" },
   });
-  const host = hostName(values.host);
+  const { client, host, address: storedAddress } = await connectStation(values);
   const takeoverMode = values["takeover-mode"] ?? "nbd";
   if (takeoverMode !== "nbd" && takeoverMode !== "fuse") throw new UsageError(`--takeover-mode: invalid "${takeoverMode}" (expected nbd or fuse)`);
   const heartbeatIntervalMs = Number(values["heartbeat-ms"] ?? HEARTBEAT_INTERVAL_MS_DEFAULT);
@@ -365,12 +427,12 @@ async function agentMain(argv: readonly string[]): Promise<number> {
       `--heartbeat-ms: invalid "${values["heartbeat-ms"]}" (integer ${HEARTBEAT_INTERVAL_MS_MIN}..${HEARTBEAT_INTERVAL_MS_MAX})`,
     );
   }
-  const client = await stationClient(values);
   const agent = new HostAgent({
     client,
     state: stateOf(values["state-dir"]),
     host,
-    address: values.address,
+    // A registered host keeps the address the station has for it (its credential may not move it).
+    address: values.address ?? storedAddress ?? undefined,
     heartbeatIntervalMs,
     reattach: values["no-reattach"] !== true,
     spare: values.spare === true,

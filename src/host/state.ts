@@ -16,6 +16,22 @@ const log = logger("host");
 export const RECORD_BYTES_MAX = 64 * 1024;
 export const RECORDS_MAX = 4096;
 export const RECORD_VERSION = 1;
+/** STATE_DIR/credential.json: the host's own station credential (`ipsan host register`), 0600. */
+export const CREDENTIAL_FILE_NAME = "credential.json";
+export const CREDENTIAL_BYTES_MAX = 16 * 1024;
+
+/** What `ipsan host register` stores: enough for request/attach/release/agent to need no station flags. */
+export interface HostCredential {
+  readonly version: 1;
+  readonly station: string;
+  readonly host: string;
+  /** The host credential's secret (role host, this host only). */
+  readonly token: string;
+  /** The address the station registered for this host (the agent keeps it). */
+  readonly address: string | null;
+  /** --ca-file given at registration (absolute), for an https:// station. */
+  readonly caFile: string | null;
+}
 
 /**
  * fuse: an nbdfuse file; kernel: /dev/nbdN; nbd: an NBD URI served on this
@@ -125,6 +141,41 @@ export class HostState {
   /** Where a mirror's engine listens. */
   socketPath(assignmentId: string): string {
     return join(this.dir, "run", `${recordKey(assignmentId)}.sock`);
+  }
+
+  get credentialPath(): string {
+    return join(this.dir, CREDENTIAL_FILE_NAME);
+  }
+
+  /** Writes the credential 0600 (a temporary file renamed into place). */
+  async writeCredential(credential: HostCredential): Promise<void> {
+    await mkdir(this.dir, { recursive: true, mode: 0o700 });
+    const temporary = `${this.credentialPath}.tmp-${process.pid}`;
+    await writeFile(temporary, `${JSON.stringify(credential, null, 2)}\n`, { mode: 0o600 });
+    await rename(temporary, this.credentialPath);
+  }
+
+  /** The stored credential; undefined when the host never registered here. A damaged file is an error that names it. */
+  async readCredential(): Promise<HostCredential | undefined> {
+    let bytes: Buffer;
+    try {
+      bytes = await readFile(this.credentialPath);
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code === "ENOENT") return undefined;
+      throw new IpsanError("IO_ERROR", `host credential ${this.credentialPath}: ${errorMessage(error)}`);
+    }
+    const bad = (why: string): IpsanError => new IpsanError("CORRUPT", `host credential ${this.credentialPath}: ${why}; register again (ipsan host register)`);
+    if (bytes.length > CREDENTIAL_BYTES_MAX) throw bad("too large");
+    let value: Record<string, unknown>;
+    try {
+      value = JSON.parse(bytes.toString("utf8")) as Record<string, unknown>;
+    } catch (error) {
+      throw bad(`not JSON (${errorMessage(error)})`);
+    }
+    if (value === null || typeof value !== "object" || value["version"] !== 1) throw bad("not a version 1 credential");
+    for (const key of ["station", "host", "token"]) if (typeof value[key] !== "string" || value[key] === "") throw bad(`${key} missing`);
+    for (const key of ["address", "caFile"]) if (value[key] !== null && value[key] !== undefined && typeof value[key] !== "string") throw bad(`${key} is not a string`);
+    return { version: 1, station: value["station"] as string, host: value["host"] as string, token: value["token"] as string, address: (value["address"] as string | undefined) ?? null, caFile: (value["caFile"] as string | undefined) ?? null };
   }
 
   async ensure(): Promise<void> {

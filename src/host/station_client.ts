@@ -1,11 +1,17 @@
 // The host side's client of the station's REST API (/api/v1, docs/api.md).
-// Every call carries the admin bearer token, has a timeout, and reads at most
+// Every call carries a bearer token (the admin token, a named token or the
+// host's own credential), has a timeout, and reads at most
 // RESPONSE_BYTES_MAX of the answer, so a confused or hostile station cannot
 // hang or exhaust a host. Station errors ({error:{code,message,field,reasons}})
 // become IpsanError with the station's code and a message that names the
 // call, the field and, for NO_SPACE, the reasons unit by unit.
+// It speaks node:http, or node:https for an https:// station, trusting the
+// CA in --ca-file ($IPSAN_CA_FILE) when given, else the system's CAs (Node
+// 20's fetch takes no CA of its own).
 
 import { readFile } from "node:fs/promises";
+import { Agent as HttpAgent, request as httpRequest, type IncomingMessage } from "node:http";
+import { Agent as HttpsAgent, request as httpsRequest } from "node:https";
 import { connect } from "node:net";
 import { ERROR_CODES, IpsanError, UsageError, errorMessage, type ErrorCode } from "../util/errors.ts";
 
@@ -154,6 +160,24 @@ export function parseStationUrl(text: string, field = "--station"): URL {
   return url;
 }
 
+/** Most bytes of a --ca-file (PEM). */
+export const CA_FILE_BYTES_MAX = 1024 * 1024;
+
+/** The CA certificate(s) to trust for an https:// station: --ca-file, else $IPSAN_CA_FILE, else none (the system's CAs). */
+export async function readCaFile(path: string | undefined, env: NodeJS.ProcessEnv = process.env): Promise<Buffer | undefined> {
+  const file = path ?? env["IPSAN_CA_FILE"];
+  if (file === undefined || file === "") return undefined;
+  const field = path === undefined ? "$IPSAN_CA_FILE" : "--ca-file";
+  let bytes: Buffer;
+  try {
+    bytes = await readFile(file);
+  } catch (error) {
+    throw new UsageError(`${field}: cannot read "${file}": ${errorMessage(error)}`);
+  }
+  if (bytes.length > CA_FILE_BYTES_MAX || !bytes.includes("-----BEGIN CERTIFICATE-----")) throw new UsageError(`${field}: "${file}" is not a PEM certificate file`);
+  return bytes;
+}
+
 export async function readTokenFile(path: string, field = "--token-file"): Promise<string> {
   let text: string;
   try {
@@ -218,51 +242,95 @@ export interface StationClientOptions {
   readonly baseUrl: URL;
   readonly token: string;
   readonly timeoutMs?: number;
+  /** CA certificate(s) (PEM) to trust for an https:// station instead of the system's. */
+  readonly ca?: Buffer;
 }
 
 export class StationClient {
   readonly baseUrl: URL;
   readonly #token: string;
   readonly #timeoutMs: number;
+  /**
+   * One connection per call (Connection: close): a kept-alive socket that the
+   * station closes after its idle timeout (5 s) just as the agent's next
+   * heartbeat reuses it would fail that call with ECONNRESET.
+   */
+  readonly #agent: HttpAgent;
 
   constructor(options: StationClientOptions) {
     this.baseUrl = options.baseUrl;
     this.#token = options.token;
     this.#timeoutMs = options.timeoutMs ?? STATION_REQUEST_TIMEOUT_MS;
+    this.#agent = options.baseUrl.protocol === "https:" ? new HttpsAgent({ keepAlive: false, ...(options.ca === undefined ? {} : { ca: options.ca }) }) : new HttpAgent({ keepAlive: false });
   }
 
   /** One API call; resolves with the parsed JSON body (undefined for 204). */
   async call(method: string, path: string, body?: unknown): Promise<unknown> {
     const url = new URL(path, this.baseUrl);
     const what = `${method} ${url.pathname}`;
-    let response: Response;
-    try {
-      response = await fetch(url, {
-        method,
-        headers: {
-          authorization: `Bearer ${this.#token}`,
-          accept: "application/json",
-          ...(body === undefined ? {} : { "content-type": "application/json" }),
-        },
-        ...(body === undefined ? {} : { body: JSON.stringify(body) }),
-        signal: AbortSignal.timeout(this.#timeoutMs),
-      });
-    } catch (error) {
-      const cause = (error as { cause?: { code?: string; message?: string } }).cause;
-      const detail = cause?.code ?? cause?.message ?? errorMessage(error);
-      throw new IpsanError("UNAVAILABLE", `${what}: station ${this.baseUrl.origin} unreachable (${detail})`, { cause: error });
-    }
-    const text = await readBounded(response, what);
+    const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
+    const { status, text } = await this.#exchange(url, method, what, payload);
+    const ok = status >= 200 && status < 300;
     let parsed: unknown = undefined;
     if (text !== "") {
       try {
         parsed = JSON.parse(text);
       } catch {
-        if (response.ok) throw new IpsanError("IO_ERROR", `${what}: station answered non-JSON (status ${response.status})`);
+        if (ok) throw new IpsanError("IO_ERROR", `${what}: station answered non-JSON (status ${status})`);
       }
     }
-    if (!response.ok) throw stationError(what, response.status, parsed, text);
+    if (!ok) throw stationError(what, status, parsed, text);
     return parsed;
+  }
+
+  /** One request and its whole (bounded) answer, within the timeout. */
+  #exchange(url: URL, method: string, what: string, payload: Buffer | undefined): Promise<{ status: number; text: string }> {
+    const headers: Record<string, string> = { authorization: `Bearer ${this.#token}`, accept: "application/json" };
+    if (payload !== undefined) {
+      headers["content-type"] = "application/json";
+      headers["content-length"] = String(payload.length);
+    }
+    const https = url.protocol === "https:";
+    return new Promise((resolve, reject) => {
+      let settled = false;
+      const fail = (error: unknown): void => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        req.destroy();
+        if (error instanceof IpsanError) reject(error);
+        else {
+          const detail = (error as NodeJS.ErrnoException).code ?? errorMessage(error);
+          reject(new IpsanError("UNAVAILABLE", `${what}: station ${this.baseUrl.origin} unreachable (${detail}: ${errorMessage(error)})`, { cause: error }));
+        }
+      };
+      const onResponse = (res: IncomingMessage): void => {
+        const chunks: Buffer[] = [];
+        let total = 0;
+        res.on("data", (chunk: Buffer) => {
+          total += chunk.length;
+          if (total > RESPONSE_BYTES_MAX) {
+            fail(new IpsanError("TOO_LARGE", `${what}: station answer exceeds ${RESPONSE_BYTES_MAX} bytes`));
+            return;
+          }
+          chunks.push(chunk);
+        });
+        res.on("end", () => {
+          if (settled) return;
+          settled = true;
+          clearTimeout(timer);
+          resolve({ status: res.statusCode ?? 0, text: Buffer.concat(chunks).toString("utf8") });
+        });
+        res.on("error", fail);
+        res.on("aborted", () => fail(new Error("the station closed the connection mid-answer")));
+      };
+      const options = { method, headers, agent: this.#agent };
+      const req = https ? httpsRequest(url, options, onResponse) : httpRequest(url, options, onResponse);
+      // Unlike an unref'd timer, this one keeps a waiting CLI alive until the deadline.
+      const timer = setTimeout(() => fail(new Error(`no answer within ${this.#timeoutMs} ms`)), this.#timeoutMs);
+      req.on("error", fail);
+      req.end(payload);
+    });
   }
 
   /** PUT /api/v1/hosts/NAME; `spare` given: registers (true) or unregisters (false) a spare host. */
@@ -328,24 +396,6 @@ export class StationClient {
   async volumes(): Promise<VolumeInfo[]> {
     return listItems<VolumeInfo>(await this.call("GET", "/api/v1/volumes"), "volumes");
   }
-}
-
-async function readBounded(response: Response, what: string): Promise<string> {
-  const reader = response.body?.getReader();
-  if (reader === undefined) return "";
-  const chunks: Buffer[] = [];
-  let totalBytes = 0;
-  for (;;) {
-    const { done, value } = await reader.read();
-    if (done) break;
-    totalBytes += value.byteLength;
-    if (totalBytes > RESPONSE_BYTES_MAX) {
-      await reader.cancel();
-      throw new IpsanError("TOO_LARGE", `${what}: station answer exceeds ${RESPONSE_BYTES_MAX} bytes`);
-    }
-    chunks.push(Buffer.from(value));
-  }
-  return Buffer.concat(chunks).toString("utf8");
 }
 
 function stationError(what: string, status: number, parsed: unknown, text: string): StationError {

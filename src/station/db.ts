@@ -160,6 +160,24 @@ export const MIGRATIONS: readonly Migration[] = [
     `,
   },
   {
+    version: 7,
+    description:
+      "API credentials (src/station/auth): named tokens with a role (admin, operator, viewer), host credentials (role host, one per host), " +
+      "one-time join tokens; only the SHA-256 digest of each secret is kept",
+    sql: `
+      CREATE TABLE tokens (
+        name TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        role TEXT NOT NULL,
+        host TEXT,
+        digest BLOB NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER,
+        used_at INTEGER
+      ) WITHOUT ROWID;
+    `,
+  },
+  {
     version: 9,
     description: "NBD over TLS: each unit's TLS mode as it last said, each host's key epoch (ipsan hosts rotate-key)",
     sql: `

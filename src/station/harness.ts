@@ -55,7 +55,7 @@ export interface StationOptions {
   readonly bin?: string;
 }
 
-const READY = /^ipsan station ready http:\/\/(\S+)$/;
+const READY = /^ipsan station ready (https?):\/\/(\S+)$/;
 const DISCOVERY = /^ipsan station discovery udp:\/\/(\[[0-9a-fA-F:.]+\]|[^\s:]+):([0-9]+)$/;
 const SNMP = /^ipsan station snmp udp:\/\/(\[[0-9a-fA-F:.]+\]|[^\s:]+):([0-9]+)$/;
 
@@ -89,7 +89,7 @@ export async function startStation(options: StationOptions = {}): Promise<Runnin
         partial = partial.slice(newline + 1);
         lines.push(line);
         const ready = READY.exec(line);
-        if (ready !== null) url = `http://${ready[1]}`;
+        if (ready !== null) url = `${ready[1]}://${ready[2]}`;
         const udp = DISCOVERY.exec(line);
         if (udp !== null) discovery = { host: (udp[1] ?? "").replace(/^\[(.*)\]$/, "$1"), port: Number(udp[2]) };
         const trap = SNMP.exec(line);

@@ -1,14 +1,16 @@
-// The station's REST API over node:http (docs/api.md). Thin handlers: check
-// the token, read a bounded body, validate every field, call the station core,
-// answer. Errors become {error:{code, message, field?, reasons?}} with the
+// The station's REST API over node:http or node:https (docs/api.md). Thin
+// handlers: authenticate the bearer token, match the route, read a bounded
+// body, authorize (src/station/auth/permissions.ts), validate every field,
+// call the station core, write the audit line (src/station/auth/audit.ts) for
+// a change or a refusal, answer. Errors become {error:{code, message, field?, reasons?}} with the
 // status from the error catalogue, in exactly one place (`sendError`).
 //
 // Limits: BODY_BYTES_MAX per body (413 beyond), HTTP_CONNECTIONS_MAX sockets,
 // header and request timeouts, SSE_SUBSCRIBERS_MAX event streams, each with a
 // bounded send buffer.
 
-import { createHash, timingSafeEqual } from "node:crypto";
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
+import { createServer as createHttpsServer } from "node:https";
 import type { AddressInfo } from "node:net";
 import { IpsanError, errorMessage } from "../util/errors.ts";
 import { logger } from "../util/log.ts";
@@ -19,6 +21,10 @@ import { Body, checkAddress, checkBoolean, checkIndex, checkName, checkRequestId
 import { assignmentView, hostView, unitView, volumeView } from "./views.ts";
 import { LegReports, parseLegReport } from "./leg_reports.ts";
 import { renderGauge } from "./metrics.ts";
+import { AUDIT_LIST_LIMIT_DEFAULT, AUDIT_LIST_LIMIT_MAX, tailEntries, verifyAuditFile, type AuditLog } from "./auth/audit.ts";
+import { authorize } from "./auth/permissions.ts";
+import { ADMIN_TOKEN_NAME, JOIN_TOKEN_TTL_MS_DEFAULT, JOIN_TOKEN_TTL_MS_MAX, TOKEN_ROLES, tokenView, type Principal, type TokenRole, type TokenStore } from "./auth/tokens.ts";
+import { parseDuration } from "../util/duration.ts";
 
 export const BODY_BYTES_MAX = 64 * 1024;
 /** After a 413, bytes read and discarded before the connection is cut. */
@@ -46,6 +52,8 @@ interface Context {
   readonly query: Query;
   readonly body: unknown;
   readonly callerAddress: string;
+  /** Who is calling (src/station/auth): already authorized for this route. */
+  readonly principal: Principal;
 }
 interface Answer {
   readonly status: number;
@@ -55,6 +63,10 @@ type Handler = (ctx: Context) => Promise<Answer | null> | Answer | null;
 
 interface Route {
   readonly method: string;
+  /** The route as declared, e.g. "/api/v1/assignments/:id": the key of the permission table and the audit's action. */
+  readonly path: string;
+  /** Names of the path's parameters, in order (the audit's ids). */
+  readonly paramNames: readonly string[];
   readonly pattern: RegExp;
   readonly handler: Handler;
   /** Reads a JSON body. */
@@ -62,6 +74,10 @@ interface Route {
 }
 
 const SEGMENT = "([^/]+)";
+
+function callerAddressOf(req: IncomingMessage): string {
+  return (req.socket.remoteAddress ?? "").replace(/^::ffff:/, "");
+}
 
 /** Which query parameters each listing accepts. */
 function checkQuery(query: Query, allowed: readonly string[]): void {
@@ -98,31 +114,42 @@ function paged<T, U>(all: readonly T[], range: { offset: number; limit: number }
 
 export interface ApiServerOptions {
   readonly station: Station;
-  readonly adminToken: string;
+  /** Credentials (DATA/admin.token is the built-in admin among them). */
+  readonly tokens: TokenStore;
+  /** DATA/audit.log: every change, and every refused credential, before its answer. */
+  readonly audit: AuditLog;
+  /** HTTPS with this certificate chain and key (PEM); plain HTTP without. */
+  readonly tls?: { readonly cert: Buffer; readonly key: Buffer };
   /** Extra Prometheus text appended to /metrics (the discovery listener's counters). */
   readonly extraMetrics?: () => string;
 }
 
 export class ApiServer {
   private readonly station: Station;
-  private readonly tokenDigest: Buffer;
+  private readonly tokens: TokenStore;
+  private readonly audit: AuditLog;
   private readonly extraMetrics: (() => string) | undefined;
   private readonly server: Server;
   private readonly routes: Route[];
-  private readonly subscribers = new Set<ServerResponse>();
+  /** Open event streams, with the credential that opened each (revoking it ends them). */
+  private readonly subscribers = new Map<ServerResponse, string>();
   private closing = false;
   /** Host leg reports (PUT /api/v1/assignments/ID/legs). */
   private readonly legReports: LegReports;
 
   constructor(options: ApiServerOptions) {
     this.station = options.station;
-    this.tokenDigest = createHash("sha256").update(options.adminToken).digest();
+    this.tokens = options.tokens;
+    this.audit = options.audit;
     this.extraMetrics = options.extraMetrics;
     this.legReports = new LegReports(options.station.store);
     this.routes = this.buildRoutes();
-    this.server = createServer({ headersTimeout: HTTP_HEADERS_TIMEOUT_MS, requestTimeout: HTTP_REQUEST_TIMEOUT_MS }, (req, res) => {
+    const serverOptions = { headersTimeout: HTTP_HEADERS_TIMEOUT_MS, requestTimeout: HTTP_REQUEST_TIMEOUT_MS };
+    const onRequest = (req: IncomingMessage, res: ServerResponse): void => {
       void this.handle(req, res);
-    });
+    };
+    this.server =
+      options.tls === undefined ? createServer(serverOptions, onRequest) : createHttpsServer({ ...serverOptions, cert: options.tls.cert, key: options.tls.key }, onRequest);
     this.server.keepAliveTimeout = HTTP_KEEP_ALIVE_TIMEOUT_MS;
     this.server.maxConnections = HTTP_CONNECTIONS_MAX;
     this.server.on("clientError", (error, socket) => {
@@ -145,7 +172,7 @@ export class ApiServer {
 
   async close(): Promise<void> {
     this.closing = true;
-    for (const res of this.subscribers) res.end();
+    for (const res of this.subscribers.keys()) res.end();
     this.subscribers.clear();
     await new Promise<void>((resolve) => {
       this.server.close(() => resolve());
@@ -156,14 +183,31 @@ export class ApiServer {
 
   // ---- plumbing ----------------------------------------------------------------
 
-  private authorized(req: IncomingMessage): boolean {
+  /** The caller, from the bearer token (src/station/auth/tokens.ts), or why not. */
+  private authenticate(req: IncomingMessage): { principal: Principal } | { reason: string } {
     const header = req.headers.authorization;
-    if (typeof header !== "string") return false;
+    if (typeof header !== "string") return { reason: "missing bearer token" };
     const match = /^Bearer\s+(\S+)\s*$/i.exec(header);
-    if (match === null) return false;
-    // Compare digests: constant time and independent of the length of what was sent.
-    const digest = createHash("sha256").update(match[1] ?? "").digest();
-    return timingSafeEqual(digest, this.tokenDigest);
+    if (match === null) return { reason: "missing bearer token" };
+    const result = this.tokens.authenticate(match[1] ?? "");
+    return result.kind === "ok" ? { principal: result.principal } : { reason: result.reason };
+  }
+
+  /**
+   * Records a change (any method but GET/HEAD) or a refused credential (401/403)
+   * in the audit log, durably, before the answer goes out.
+   */
+  private async record(req: IncomingMessage, principal: Principal | null, action: string, ids: Record<string, string>, status: number): Promise<void> {
+    const method = req.method ?? "";
+    if ((method === "GET" || method === "HEAD") && status !== 401 && status !== 403) return;
+    await this.audit.append({
+      actor: principal?.name ?? "-",
+      role: principal?.role ?? "-",
+      action,
+      ids,
+      from: callerAddressOf(req),
+      status,
+    });
   }
 
   private send(res: ServerResponse, status: number, body?: unknown, headers: Record<string, string> = {}): void {
@@ -206,13 +250,14 @@ export class ApiServer {
    * before it reads the answer. Past the cap the answer goes out and the
    * connection is cut once it is written.
    */
-  private rejectOversized(req: IncomingMessage, res: ServerResponse): void {
+  private rejectOversized(req: IncomingMessage, res: ServerResponse, recorded: Promise<void>): void {
     let drained = 0;
     let answered = false;
     const answer = (): void => {
       if (answered) return;
       answered = true;
-      this.send(res, 413, { error: { code: "TOO_LARGE", message: `request body over ${BODY_BYTES_MAX} bytes`, field: "body" } }, { connection: "close" });
+      // The audit entry is on disk before the answer goes out.
+      void recorded.catch((error: unknown) => log.error("cannot write the audit log", { error: errorMessage(error) })).finally(() => this.send(res, 413, { error: { code: "TOO_LARGE", message: `request body over ${BODY_BYTES_MAX} bytes`, field: "body" } }, { connection: "close" }));
     };
     req.removeAllListeners("data");
     req.on("data", (chunk: Buffer) => {
@@ -263,16 +308,22 @@ export class ApiServer {
   }
 
   private async handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    let principal: Principal | null = null;
+    let action = `${req.method ?? "?"} ${(req.url ?? "/").split("?")[0]?.slice(0, 200) ?? "/"}`;
+    let ids: Record<string, string> = {};
     try {
       if (this.closing) throw new IpsanError("SHUTTING_DOWN", "the station is stopping");
       const url = new URL(req.url ?? "/", "http://station.invalid");
-      if (!this.authorized(req)) {
+      const who = this.authenticate(req);
+      if ("reason" in who) {
         req.resume();
-        this.send(res, 401, { error: { code: "UNAUTHENTICATED", message: "missing or wrong bearer token (Authorization: Bearer $(cat DATA/admin.token))" } }, {
+        await this.record(req, null, action, {}, 401);
+        this.send(res, 401, { error: { code: "UNAUTHENTICATED", message: `${who.reason} (Authorization: Bearer TOKEN: DATA/admin.token, a token from ipsan tokens create, or a host credential)` } }, {
           "www-authenticate": 'Bearer realm="ipsan"',
         });
         return;
       }
+      principal = who.principal;
       const path = url.pathname;
       let allowed: string[] = [];
       let matched: { route: Route; params: string[] } | null = null;
@@ -298,19 +349,24 @@ export class ApiServer {
         req.resume();
         allowed = [...new Set(allowed)];
         if (allowed.length > 0) {
+          await this.record(req, principal, action, {}, 405);
           this.send(res, 405, { error: { code: "INVALID_ARGUMENT", message: `method ${req.method} not allowed on ${path} (allowed: ${allowed.join(", ")})`, field: "method" } }, {
             allow: allowed.join(", "),
           });
         } else {
+          await this.record(req, principal, action, {}, 404);
           this.send(res, 404, { error: { code: "NOT_FOUND", message: `no such path: ${req.method} ${path}`, field: "path" } });
         }
         return;
       }
+      const { route, params } = matched;
+      action = `${route.method} ${route.path}`;
+      ids = Object.fromEntries(route.paramNames.map((name, i) => [name, (params[i] ?? "").slice(0, 200)]));
       let body: unknown = undefined;
-      if (matched.route.hasBody) {
+      if (route.hasBody) {
         const bytes = await this.readBody(req);
         if (bytes === null) {
-          this.rejectOversized(req, res);
+          this.rejectOversized(req, res, this.record(req, principal, action, ids, 413));
           return;
         }
         const text = bytes.toString("utf8").trim();
@@ -325,10 +381,32 @@ export class ApiServer {
       } else {
         req.resume();
       }
-      const callerAddress = (req.socket.remoteAddress ?? "").replace(/^::ffff:/, "");
-      const answer = await matched.route.handler({ req, res, params: matched.params, query: url.searchParams, body, callerAddress });
-      if (answer !== null) this.send(res, answer.status, answer.body);
+      const callerAddress = callerAddressOf(req);
+      const store = this.station.store;
+      authorize(principal, {
+        method: route.method,
+        route: route.path,
+        params,
+        query: url.searchParams,
+        body,
+        callerAddress,
+        assignmentHost: (id) => store.getAssignment(id)?.host,
+        hostAddress: (name) => store.hosts.get(name)?.address,
+      });
+      const answer = await route.handler({ req, res, params, query: url.searchParams, body, callerAddress, principal });
+      if (answer !== null) {
+        await this.record(req, principal, action, ids, answer.status);
+        this.send(res, answer.status, answer.body);
+      }
     } catch (error) {
+      const status = error instanceof IpsanError ? error.httpStatus : 500;
+      try {
+        await this.record(req, principal, action, ids, status);
+      } catch (auditError) {
+        log.error("cannot write the audit log", { error: errorMessage(auditError) });
+        this.sendError(res, new IpsanError("IO_ERROR", `the audit log cannot be written: ${errorMessage(auditError)}`));
+        return;
+      }
       this.sendError(res, error);
     }
   }
@@ -340,6 +418,8 @@ export class ApiServer {
     const store = station.store;
     const r = (method: string, path: string, handler: Handler, hasBody = false): Route => ({
       method,
+      path,
+      paramNames: (path.match(/:[a-z]+/g) ?? []).map((p) => p.slice(1)),
       pattern: new RegExp(`^${path.replace(/:[a-z]+/g, SEGMENT)}$`),
       handler,
       hasBody,
@@ -553,7 +633,75 @@ export class ApiServer {
         const answer = await station.unassign(id);
         return answer.status === 204 ? { status: 204 } : { status: 202, body: assignmentView(answer.assignment, store) };
       }),
-      r("GET", "/api/v1/events", ({ req, res, query }) => {
+      // ---- credentials and audit (src/station/auth; docs/api.md "Authentication") ----
+      r("POST", "/api/v1/hosts/:name/register", async ({ params, body, callerAddress, principal }) => {
+        const b = new Body(body, ["address", "spare"]);
+        const name = checkName(params[0], "host");
+        const address = b.has("address") ? await checkAddress(b.required("address"), "address") : callerAddress;
+        const spare = b.has("spare") ? checkBoolean(b.required("spare"), "spare") : undefined;
+        // The join token is checked (unused, unexpired, for this host) and spent before the host is written.
+        const issued = principal.role === "join" ? this.tokens.register(principal.name, name) : this.tokens.issueHostCredential(name);
+        const { created } = await station.putHost(name, address, spare);
+        const host = store.hosts.get(name);
+        return {
+          status: created ? 201 : 200,
+          body: { host: host === undefined ? null : hostView(host, station.hostStateOf(name)), credential: tokenView(issued.record), token: issued.secret },
+        };
+      }, true),
+      r("GET", "/api/v1/tokens", ({ query }) => {
+        checkQuery(query, []);
+        return { status: 200, body: { items: this.tokens.list().map(tokenView) } };
+      }),
+      r("POST", "/api/v1/tokens", ({ body }) => {
+        const b = new Body(body, ["name", "role"]);
+        const name = checkName(b.required("name"), "name");
+        const role = b.required("role");
+        if (!(TOKEN_ROLES as readonly unknown[]).includes(role)) throw invalid("role", `expected one of ${TOKEN_ROLES.join(", ")}, got ${show(role)}`);
+        const { record, secret } = this.tokens.create(name, role as TokenRole);
+        return { status: 201, body: { ...tokenView(record), token: secret } };
+      }, true),
+      r("DELETE", "/api/v1/tokens/:name", ({ params }) => {
+        const name = params[0] ?? "";
+        if (name === ADMIN_TOKEN_NAME) {
+          throw new IpsanError("CONFLICT", "the admin token is DATA/admin.token: replace that file and restart the station to change it", { field: "name" });
+        }
+        if (!this.tokens.revoke(name)) throw new IpsanError("NOT_FOUND", `no token named ${show(name)}`, { field: "name" });
+        // Its open event streams end too: a revoked credential reads nothing more.
+        for (const [stream, opener] of this.subscribers) if (opener === name) stream.end();
+        return { status: 204 };
+      }),
+      r("POST", "/api/v1/join-tokens", ({ body }) => {
+        const b = new Body(body, ["host", "expires"]);
+        const host = b.has("host") ? checkName(b.required("host"), "host") : null;
+        let ttlMs = JOIN_TOKEN_TTL_MS_DEFAULT;
+        if (b.has("expires")) {
+          const text = b.required("expires");
+          if (typeof text !== "string") throw invalid("expires", `expected a duration such as "1h" or "30m", got ${show(text)}`);
+          try {
+            ttlMs = parseDuration(text, "expires");
+          } catch (error) {
+            throw invalid("expires", errorMessage(error));
+          }
+          if (ttlMs > JOIN_TOKEN_TTL_MS_MAX) throw invalid("expires", `at most 7 days, got ${show(text)}`);
+        }
+        const { record, secret } = this.tokens.createJoin(host, ttlMs);
+        return { status: 201, body: { ...tokenView(record), token: secret } };
+      }, true),
+      r("GET", "/api/v1/audit", async ({ query }) => {
+        checkQuery(query, ["limit"]);
+        const text = query.get("limit");
+        if (text !== null && (!/^[0-9]{1,6}$/.test(text) || Number(text) < 1 || Number(text) > AUDIT_LIST_LIMIT_MAX)) {
+          throw invalid("limit", `expected a whole number 1..${AUDIT_LIST_LIMIT_MAX}, got ${show(text)}`);
+        }
+        const items = await tailEntries(this.audit.path, text === null ? AUDIT_LIST_LIMIT_DEFAULT : Number(text));
+        return { status: 200, body: { items } };
+      }),
+      r("GET", "/api/v1/audit/verify", async ({ query }) => {
+        checkQuery(query, []);
+        const verdict = await verifyAuditFile(this.audit.path, this.audit.head);
+        return { status: 200, body: { file: this.audit.path, ...verdict } };
+      }),
+      r("GET", "/api/v1/events", ({ req, res, query, principal }) => {
         checkQuery(query, ["since"]);
         const since = query.get("since") ?? req.headers["last-event-id"];
         let after: number | null = null;
@@ -561,7 +709,7 @@ export class ApiServer {
           if (!/^[0-9]{1,15}$/.test(since)) throw invalid("Last-Event-ID", `expected an event number, got ${show(since)}`);
           after = Number(since);
         }
-        this.subscribe(res, after);
+        this.subscribe(res, after, principal.name);
         return null;
       }),
       r("GET", "/metrics", ({ res, query }) => {
@@ -577,7 +725,7 @@ export class ApiServer {
 
   // ---- event stream --------------------------------------------------------------
 
-  private subscribe(res: ServerResponse, after: number | null): void {
+  private subscribe(res: ServerResponse, after: number | null, opener: string): void {
     if (this.subscribers.size >= SSE_SUBSCRIBERS_MAX) {
       throw new IpsanError("SHUTTING_DOWN", `too many event stream subscribers (SSE_SUBSCRIBERS_MAX=${SSE_SUBSCRIBERS_MAX}); try again later`);
     }
@@ -589,7 +737,7 @@ export class ApiServer {
       "x-accel-buffering": "no",
     });
     res.write(`: ipsan station event stream\nretry: 2000\n\n`);
-    this.subscribers.add(res);
+    this.subscribers.set(res, opener);
     const write = (event: StationEvent): void => {
       if (res.writableLength > SSE_BUFFER_BYTES_MAX) {
         log.limited("sse-slow", "event stream subscriber does not read; disconnecting it");

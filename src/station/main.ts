@@ -5,8 +5,9 @@
 //
 //   ipsan station --data DIR [--http HOST:PORT] [--discovery HOST:PORT]
 //                 [--snmp HOST:PORT] [--snmp-community NAME]
+//                 [--tls-cert FILE --tls-key FILE]
 //
-// Prints "ipsan station ready http://HOST:PORT" and
+// Prints "ipsan station ready http://HOST:PORT" (https:// with --tls-cert) and
 // "ipsan station discovery udp://HOST:PORT" on stdout when serving.
 // SIGINT/SIGTERM: stop accepting, close listeners and the database, exit 0.
 
@@ -29,6 +30,8 @@ import { StationStore } from "./store.ts";
 import { LegReplacer, REPLACE_AFTER_DEFAULT_MS } from "./replacement.ts";
 import { formatDuration, parseDuration } from "../util/duration.ts";
 import { HOST_KEYS_SECRET_FILE_NAME, loadOrCreateHostKeySecret } from "./host_keys.ts";
+import { AUDIT_FILE_NAME, AuditLog } from "./auth/audit.ts";
+import { TokenStore } from "./auth/tokens.ts";
 
 const log = logger("station");
 
@@ -43,9 +46,9 @@ const LAST_SEEN_SYNC_MS = 1_000;
 const USAGE = `usage: ipsan station --data DIR [--http HOST:PORT] [--discovery HOST:PORT]
                      [--snmp HOST:PORT] [--snmp-community NAME] [--host-failover-after DURATION]
                      [--pending-deadline-ms MS] [--reconcile-interval-ms MS] [--host-offline-after-ms MS]
-                     [--replace-after DURATION]
+                     [--replace-after DURATION] [--tls-cert FILE --tls-key FILE]
 
-  --data DIR             station state: admin.token, cluster.key, host-keys.secret, station.db (created on first start)
+  --data DIR             station state: admin.token, cluster.key, host-keys.secret, station.db, audit.log (created on first start)
   --http HOST:PORT       REST API (default ${DEFAULT_HTTP}; port 0 picks a free port)
   --discovery HOST:PORT  UDP auto-configuration protocol (default ${DEFAULT_DISCOVERY})
 ${HOST_FAILOVER_AFTER_USAGE}
@@ -54,7 +57,26 @@ ${HOST_FAILOVER_AFTER_USAGE}
   --replace-after DURATION
                          a mirror leg whose unit has been away this long is replaced on a spare
                          (else any unit with room); e.g. 30s, 5m (default ${formatDuration(REPLACE_AFTER_DEFAULT_MS)})
+  --tls-cert FILE        serve the API over HTTPS with this certificate (PEM, chain first); needs --tls-key
+  --tls-key FILE         the certificate's private key (PEM)
 `;
+
+/** Reads --tls-cert and --tls-key (both or neither); a PEM file is at most 1 MiB. */
+async function readTls(certPath: string | undefined, keyPath: string | undefined): Promise<{ cert: Buffer; key: Buffer } | undefined> {
+  if (certPath === undefined && keyPath === undefined) return undefined;
+  if (certPath === undefined || keyPath === undefined) throw new UsageError("--tls-cert and --tls-key go together");
+  const read = async (path: string, flag: string): Promise<Buffer> => {
+    let bytes: Buffer;
+    try {
+      bytes = await fs.readFile(path);
+    } catch (error) {
+      throw new UsageError(`${flag}: cannot read "${path}": ${errorMessage(error)}`);
+    }
+    if (bytes.length > 1024 * 1024 || !bytes.includes("-----BEGIN ")) throw new UsageError(`${flag}: "${path}" is not a PEM file`);
+    return bytes;
+  };
+  return { cert: await read(certPath, "--tls-cert"), key: await read(keyPath, "--tls-key") };
+}
 
 /** Loads DATA/admin.token, creating it (0600, 32 random bytes hex) atomically on first start. */
 export async function loadOrCreateAdminToken(path: string): Promise<string> {
@@ -96,6 +118,8 @@ export async function stationMain(argv: readonly string[]): Promise<number> {
       "reconcile-interval-ms": { type: "string" },
       "host-offline-after-ms": { type: "string" },
       "replace-after": { type: "string" },
+      "tls-cert": { type: "string" },
+      "tls-key": { type: "string" },
       help: { type: "boolean" },
     },
     true,
@@ -120,13 +144,17 @@ export async function stationMain(argv: readonly string[]): Promise<number> {
 
   const replaceAfterMs = values["replace-after"] === undefined ? REPLACE_AFTER_DEFAULT_MS : parseDuration(values["replace-after"], "--replace-after");
 
+  const tls = await readTls(values["tls-cert"], values["tls-key"]);
   const dataDir = resolve(values.data);
   await fs.mkdir(dataDir, { recursive: true, mode: 0o700 });
   const adminToken = await loadOrCreateAdminToken(join(dataDir, ADMIN_TOKEN_FILE_NAME));
   const clusterKey = await loadOrCreateClusterKey(join(dataDir, CLUSTER_KEY_FILE_NAME));
   const hostKeySecret = await loadOrCreateHostKeySecret(join(dataDir, HOST_KEYS_SECRET_FILE_NAME));
   const databasePath = join(dataDir, DATABASE_FILE_NAME);
-  const store = new StationStore(openDatabase(databasePath, { checkpointInWorker: true }));
+  const db = openDatabase(databasePath, { checkpointInWorker: true });
+  const store = new StationStore(db);
+  const tokens = new TokenStore(db, adminToken);
+  const audit = await AuditLog.open(join(dataDir, AUDIT_FILE_NAME));
   const checkpointer = startCheckpointer(databasePath, (message) => log.limited("checkpoint", "WAL checkpoint failed", { error: message }));
   const metrics = new StationMetrics();
   const station = new Station(store, metrics, { clusterKey, hostKeySecret, ...options });
@@ -150,7 +178,9 @@ export async function stationMain(argv: readonly string[]): Promise<number> {
   const snmpListener = snmp === null ? null : await startSnmp(listener, clusterKey, community, snmp);
   const api = new ApiServer({
     station,
-    adminToken,
+    tokens,
+    audit,
+    ...(tls === undefined ? {} : { tls }),
     extraMetrics: () => listener.metricsText() + (snmpListener?.metricsText() ?? ""),
   });
 
@@ -164,6 +194,7 @@ export async function stationMain(argv: readonly string[]): Promise<number> {
     await listener.close().catch(() => undefined);
     await snmpListener?.close().catch(() => undefined);
     await checkpointer.stop();
+    await audit.close();
     store.close();
     throw new IpsanError("UNAVAILABLE", `cannot listen: ${errorMessage(error)}`, { cause: error });
   }
@@ -175,7 +206,7 @@ export async function stationMain(argv: readonly string[]): Promise<number> {
   }, LAST_SEEN_SYNC_MS);
   lastSeenTimer.unref();
 
-  process.stdout.write(`ipsan station ready http://${urlHost(httpAddress.address)}:${httpAddress.port}\n`);
+  process.stdout.write(`ipsan station ready ${tls === undefined ? "http" : "https"}://${urlHost(httpAddress.address)}:${httpAddress.port}\n`);
   process.stdout.write(`ipsan station discovery udp://${urlHost(udpAddress.host)}:${udpAddress.port}\n`);
   if (snmpListener !== null) process.stdout.write(`ipsan station snmp udp://${urlHost(snmpListener.address.host)}:${snmpListener.address.port}\n`);
   log.info("station ready", {
@@ -205,6 +236,7 @@ export async function stationMain(argv: readonly string[]): Promise<number> {
   await replacer.stop();
   await station.stop();
   await checkpointer.stop();
+  await audit.close();
   store.close();
   log.info("stopped");
   return 0;

@@ -24,7 +24,8 @@ const queryParam = (name: string, description: string, schema: unknown = { type:
 
 const errors = {
   "400": error("a field has a bad value; error.field names it"),
-  "401": error("missing or wrong bearer token"),
+  "401": error("missing, wrong, revoked or (join token) used or expired bearer token"),
+  "403": error("PERMISSION_DENIED: the token's role may not do this; the message names the role (docs/api.md \"Authentication\")"),
 };
 
 const size = {
@@ -49,7 +50,9 @@ export function openApiDocument(version: string): unknown {
       version,
       description:
         "The control station of ipsan: the pool of SAN units, their volumes, hosts and assignments. " +
-        "Every request needs Authorization: Bearer TOKEN (the content of DATA/admin.token). See docs/api.md.",
+        "Every request needs Authorization: Bearer TOKEN: DATA/admin.token (role admin), a named token (ipsan tokens create: " +
+        "admin, operator or viewer), a host's own credential (role host: its own records only) or, to register a host, a one-time join token. " +
+        "Every change and every refusal is appended to DATA/audit.log. See docs/api.md \"Authentication\".",
     },
     servers: [{ url: "/" }],
     security: [{ bearer: [] }],
@@ -185,6 +188,35 @@ export function openApiDocument(version: string): unknown {
             error: { type: ["string", "null"] },
             movedFrom: { type: ["string", "null"], description: "host failover: the host it was moved from; with movedAt null the old host is being fenced (nobody is granted)" },
             movedAt: { type: ["string", "null"], format: "date-time", description: "when the host failover finished (the new host granted)" },
+          },
+        },
+        Token: {
+          type: "object",
+          required: ["name", "kind", "role"],
+          properties: {
+            name: { type: "string", description: "a token's name; host:HOST for a host credential; join-XXXXXXXX for a join token" },
+            kind: { enum: ["token", "host", "join"] },
+            role: { enum: ["admin", "operator", "viewer", "host", "join"] },
+            host: { type: ["string", "null"] },
+            createdAt: { type: "string", format: "date-time" },
+            expiresAt: { type: ["string", "null"], format: "date-time" },
+            usedAt: { type: ["string", "null"], format: "date-time" },
+          },
+        },
+        AuditEntry: {
+          type: "object",
+          required: ["seq", "time", "actor", "role", "action", "ids", "from", "status", "prev", "hash"],
+          properties: {
+            seq: { type: "integer" },
+            time: { type: "string", format: "date-time" },
+            actor: { type: "string", description: "the credential's name; - when none was accepted" },
+            role: { type: "string" },
+            action: { type: "string", description: "METHOD /route/:pattern" },
+            ids: { type: "object", additionalProperties: { type: "string" }, description: "the route's parameters" },
+            from: { type: "string", description: "the caller's address" },
+            status: { type: "integer" },
+            prev: { type: "string", description: "hash of the previous entry (64 zeros for the first)" },
+            hash: { type: "string", description: "SHA-256 of this entry's other fields" },
           },
         },
         DryRun: {
@@ -434,6 +466,70 @@ export function openApiDocument(version: string): unknown {
           summary: "Server-Sent Events of every change (Last-Event-ID replays)",
           parameters: [queryParam("since", "replay events after this number")],
           responses: { "200": { description: "event stream", content: { "text/event-stream": { schema: { type: "string" } } } }, "503": error("too many subscribers"), ...errors },
+        },
+      },
+      "/api/v1/hosts/{name}/register": {
+        post: {
+          summary: "Enrol a host with a one-time join token (or as the admin): answers the host's own credential, once",
+          parameters: [pathParam("name", "host name")],
+          requestBody: body({ type: "object", additionalProperties: false, properties: { address: { type: "string", description: "default: the caller's address" }, spare: { type: "boolean" } } }),
+          responses: {
+            "201": ok("registered", { type: "object", properties: { host: ref("Host"), credential: ref("Token"), token: { type: "string", description: "the host credential's secret: shown this once" } } }),
+            "200": ok("registered again: a new credential, the old one stops working"),
+            ...errors,
+          },
+        },
+      },
+      "/api/v1/tokens": {
+        get: { summary: "Every credential (named tokens, host credentials, join tokens), never a secret (admin)", responses: { "200": ok("tokens", list("Token")), ...errors } },
+        post: {
+          summary: "Create a named token with a role (admin); the answer holds its secret, once",
+          requestBody: body({ type: "object", required: ["name", "role"], additionalProperties: false, properties: { name, role: { enum: ["admin", "operator", "viewer"] } } }),
+          responses: { "201": ok("created", { allOf: [ref("Token"), { type: "object", properties: { token: { type: "string" } } }] }), "409": error("the name is taken"), ...errors },
+        },
+      },
+      "/api/v1/tokens/{name}": {
+        delete: {
+          summary: "Revoke a credential (admin): refused from the next request on",
+          parameters: [pathParam("name", "token name, host:HOST or join-XXXXXXXX")],
+          responses: { "204": ok("revoked"), "404": error("no such token"), "409": error("admin: DATA/admin.token is changed by replacing the file"), ...errors },
+        },
+      },
+      "/api/v1/join-tokens": {
+        post: {
+          summary: "A one-time join token for ipsan host register (admin)",
+          requestBody: body({
+            type: "object",
+            additionalProperties: false,
+            properties: { host: { ...name, description: "only this host may register with it" }, expires: { type: "string", description: "how long it is valid: 30m, 2h (default 1h, at most 7 days)" } },
+          }),
+          responses: { "201": ok("created", { allOf: [ref("Token"), { type: "object", properties: { token: { type: "string" } } }] }), ...errors },
+        },
+      },
+      "/api/v1/audit": {
+        get: {
+          summary: "The last entries of DATA/audit.log, oldest first (admin)",
+          parameters: [queryParam("limit", "how many (default 100, at most 10000)", { type: "integer" })],
+          responses: { "200": ok("entries", list("AuditEntry")), ...errors },
+        },
+      },
+      "/api/v1/audit/verify": {
+        get: {
+          summary: "Check DATA/audit.log's hash chain (admin)",
+          responses: {
+            "200": ok("verdict", {
+              type: "object",
+              properties: {
+                ok: { type: "boolean" },
+                entries: { type: "integer", description: "entries checked and intact" },
+                line: { type: "integer", description: "not ok: the first bad line (1-based)" },
+                seq: { type: ["integer", "null"] },
+                reason: { type: "string" },
+                file: { type: "string" },
+              },
+            }),
+            ...errors,
+          },
         },
       },
       "/metrics": {
