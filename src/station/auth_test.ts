@@ -234,8 +234,9 @@ test("a host credential acts on its own records only (and its own work is not re
   assert.equal((h2List.body as { items: unknown[] }).items.length, 1);
 });
 
-test("the permission table: a host's own /api/v1/hosts/H/... routes (e.g. keys, added later) admit that host and the admin only", () => {
-  assert.equal(permissionFor("GET", "/api/v1/hosts/:name/keys"), HOST_SUBTREE);
+test("the permission table: a host's own /api/v1/hosts/H/... routes (its keys, and any route added later) admit that host and the admin only", () => {
+  assert.equal(permissionFor("GET", "/api/v1/hosts/:name/later"), HOST_SUBTREE);
+  assert.deepEqual(permissionFor("GET", "/api/v1/hosts/:name/keys"), HOST_SUBTREE);
   const request = (host: string) => ({
     method: "GET",
     route: "/api/v1/hosts/:name/keys",

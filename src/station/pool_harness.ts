@@ -17,7 +17,15 @@ export interface UnitVolume {
   sizeBytes: number;
   extents: { startLba: number; lengthLba: number; endLba: number }[];
   partitions: { index: number; name: string; startLba: number; lengthLba: number; endLba: number; sizeBytes: number }[];
+  /** Address grants (units started with --insecure-plaintext, or standalone). */
   grants: string[];
+  /** Grants by host identity (units that speak TLS): never the key. */
+  access?: { host: string; export: string; from: string[] }[];
+}
+
+/** A volume's grants in one comparable form: addresses as they are, identity grants as "id:HOST@EXPORT". */
+export function grantsOf(volume: UnitVolume): string[] {
+  return [...volume.grants, ...(volume.access ?? []).map((a) => `id:${a.host}@${a.export}`)].sort();
 }
 
 export interface StationUnit {
@@ -122,6 +130,13 @@ export async function startJoinedUnit(
     dataDir?: string;
     extraArgs?: string[];
     env?: Readonly<Record<string, string>>;
+    /**
+     * true: the managed default, NBD over TLS with grants by host identity. Default false
+     * (--insecure-plaintext): the station tests check placement and grants with address
+     * grants, which hosts reach by source address alone; grants by identity are proved
+     * end to end (src/e2e/identity_test.ts, host failover and leg replacement e2e tests).
+     */
+    tls?: boolean;
   },
 ): Promise<RunningUnit> {
   const unit = await startUnit({
@@ -129,7 +144,7 @@ export async function startJoinedUnit(
     capacity: options.capacity,
     control: true,
     volumes: options.volumes ?? [],
-    extraArgs: [...joinArgs(station), ...(options.extraArgs ?? [])],
+    extraArgs: [...joinArgs(station), ...(options.tls === true ? [] : ["--insecure-plaintext"]), ...(options.extraArgs ?? [])],
     ...(options.dataDir === undefined ? {} : { dataDir: options.dataDir }),
     ...(options.env === undefined ? {} : { env: options.env }),
   });
@@ -144,6 +159,11 @@ export async function startJoinedUnit(
     { timeoutMs: JOIN_TIMEOUT_MS },
   );
   return unit;
+}
+
+/** The unit's NBD TLS mode, as its GET /v1/info says. */
+export async function unitTlsMode(unit: RunningUnit): Promise<string> {
+  return ((await controlOk(unit, "GET", "/v1/info")) as { tls?: string }).tls ?? "off";
 }
 
 export async function unitVolumes(unit: RunningUnit): Promise<UnitVolume[]> {
@@ -167,8 +187,10 @@ export async function grantsMatch(station: RunningStation, units: readonly Runni
   for (const unit of units) {
     for (const volume of await unitVolumes(unit)) {
       const holders = live.filter((a) => a.state !== "revoking" && heldVolumes(a).some((h) => h.unit === unit.name && h.volume === volume.name));
-      const want = [...new Set(holders.map((a) => a.hostAddress))].sort();
-      const have = [...volume.grants].sort();
+      // A unit that speaks TLS grants by identity and export; a plaintext one by address.
+      const byIdentity = (volume.access ?? []).length > 0 || (await unitTlsMode(unit)) !== "off";
+      const want = [...new Set(holders.map((a) => (byIdentity ? `id:${a.host}@${a.legs !== undefined && a.legs.length > 0 ? volume.name : a.export}` : a.hostAddress)))].sort();
+      const have = grantsOf(volume);
       if (JSON.stringify(want) !== JSON.stringify(have)) problems.push(`${unit.name}/${volume.name}: unit grants ${JSON.stringify(have)}, station wants ${JSON.stringify(want)}`);
     }
   }
