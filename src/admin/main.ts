@@ -18,13 +18,13 @@ import { UsageError } from "../util/errors.ts";
 import { parseFlags, type FlagSpec } from "../util/flags.ts";
 import { formatSize, parseSize } from "../util/size.ts";
 
-const COMMON_FLAGS = {
+export const COMMON_FLAGS = {
   station: { type: "string" },
   "token-file": { type: "string" },
   help: { type: "boolean" },
 } as const satisfies FlagSpec;
 
-const COMMON_USAGE = `common flags:
+export const COMMON_USAGE = `common flags:
   --station URL       the station's API (default $IPSAN_STATION), e.g. http://127.0.0.1:8640
   --token-file FILE   the admin token, STATION_DATA/admin.token (default $IPSAN_TOKEN_FILE)
 `;
@@ -33,7 +33,7 @@ const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
 /** Pages a listing follows (10,000 items each by default: a million in all). */
 const LIST_PAGES_MAX = 100;
 
-async function client(values: { station?: string | undefined; "token-file"?: string | undefined }): Promise<StationClient> {
+export async function client(values: { station?: string | undefined; "token-file"?: string | undefined }): Promise<StationClient> {
   const station = values.station ?? process.env["IPSAN_STATION"];
   if (station === undefined || station === "") throw new UsageError("--station URL is required (or set IPSAN_STATION)");
   const tokenFile = values["token-file"] ?? process.env["IPSAN_TOKEN_FILE"];
@@ -41,7 +41,7 @@ async function client(values: { station?: string | undefined; "token-file"?: str
   return new StationClient({ baseUrl: parseStationUrl(station), token: await readTokenFile(tokenFile) });
 }
 
-function name(value: string | undefined, what: string): string {
+export function name(value: string | undefined, what: string): string {
   if (value === undefined) throw new UsageError(`missing ${what}`);
   if (!NAME_PATTERN.test(value)) throw new UsageError(`${what}: invalid name "${value}" (1-63 of A-Z a-z 0-9 _ . -, starting with a letter or digit)`);
   return value;
@@ -212,7 +212,11 @@ async function listing(which: ListingName, argv: readonly string[]): Promise<num
   return 0;
 }
 
-export const unitsMain = (argv: readonly string[]): Promise<number> => listing("units", argv);
+export const unitsMain = async (argv: readonly string[]): Promise<number> => {
+  // ipsan units identity|rotate-secret|forget NAME: unit identities (issue 7), src/admin/unit_identity.ts
+  if (argv[0] !== undefined && !argv[0].startsWith("-")) return (await import("./unit_identity.ts")).unitIdentityMain(argv);
+  return listing("units", argv);
+};
 export const volumesMain = (argv: readonly string[]): Promise<number> => listing("volumes", argv);
 export const hostsMain = (argv: readonly string[]): Promise<number> => listing("hosts", argv);
 export const assignmentsMain = (argv: readonly string[]): Promise<number> => listing("assignments", argv);

@@ -159,6 +159,23 @@ export const MIGRATIONS: readonly Migration[] = [
       ALTER TABLE assignments ADD COLUMN moved_at INTEGER;
     `,
   },
+  // 7 is the station API's users and tokens (issue 7, auth); written as if it exists.
+  {
+    version: 8,
+    description: "unit identities: each enrolled unit's id and its own secret (issue 7; src/station/unit_identities.ts)",
+    sql: `
+      CREATE TABLE unit_identities (
+        name TEXT PRIMARY KEY,
+        unit_id TEXT NOT NULL,
+        epoch INTEGER NOT NULL,
+        secret BLOB NOT NULL,
+        next_secret BLOB,
+        confirmed INTEGER NOT NULL DEFAULT 0,
+        enrolled_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+      ) WITHOUT ROWID;
+    `,
+  },
 ];
 
 export function schemaVersion(db: Db): number {

@@ -16,6 +16,8 @@ import { CLUSTER_KEY_FILE_NAME, loadOrCreateClusterKey } from "../discovery/keys
 import { SnmpTrapListener } from "../discovery/snmp.ts";
 import { attachSnmp } from "../discovery/snmp_join.ts";
 import { DiscoveryListener } from "../discovery/station_listener.ts";
+import { UnitIdentities } from "../discovery/identities.ts";
+import { identityPersistence } from "./unit_identities.ts";
 import { IpsanError, UsageError, errorMessage } from "../util/errors.ts";
 import { parseFlags, parseHostPort } from "../util/flags.ts";
 import { logger } from "../util/log.ts";
@@ -82,6 +84,8 @@ function urlHost(host: string): string {
 }
 
 export async function stationMain(argv: readonly string[]): Promise<number> {
+  // ipsan station rotate-cluster-key --data DIR (issue 7): src/station/rotate_cluster_key.ts
+  if (argv[0] === "rotate-cluster-key") return (await import("./rotate_cluster_key.ts")).rotateClusterKeyMain(argv.slice(1));
   const { values, positionals } = parseFlags(
     argv,
     {
@@ -127,11 +131,19 @@ export async function stationMain(argv: readonly string[]): Promise<number> {
   const store = new StationStore(openDatabase(databasePath, { checkpointInWorker: true }));
   const checkpointer = startCheckpointer(databasePath, (message) => log.limited("checkpoint", "WAL checkpoint failed", { error: message }));
   const metrics = new StationMetrics();
-  const station = new Station(store, metrics, { clusterKey, ...options });
-
-  const listener = new DiscoveryListener({ clusterKey });
+  // Unit identities (issue 7): enrolled units' ids and own secrets, in the database (migration 8).
+  const identities = new UnitIdentities({ persistence: identityPersistence(store.database) });
+  const listener = new DiscoveryListener({ clusterKey, identities });
+  const station = new Station(store, metrics, { clusterKey, ...options, unitIdentities: { identities, rotate: (unit) => listener.rotateSecret(unit) } });
   listener.subscribe((event) => {
     switch (event.kind) {
+      case "unit_identity":
+        store.recordUnitEvent(IDENTITY_EVENT_ACTIONS[event.action], event.unit, {
+          from: `${event.from.host}:${event.from.port}`,
+          unitId: event.unitId,
+          detail: event.detail,
+        });
+        return;
       case "unit_storage_info":
         station
           .applyStorageInfo(event.info, event.from.host, listener.unit(event.unit)?.state ?? "online")
@@ -207,6 +219,15 @@ export async function stationMain(argv: readonly string[]): Promise<number> {
   log.info("stopped");
   return 0;
 }
+
+/** Station event actions (type "unit") for the discovery listener's identity events. */
+const IDENTITY_EVENT_ACTIONS = {
+  enrolled: "unit-enrolling",
+  confirmed: "unit-enrolled",
+  rotated: "unit-secret-rotated",
+  impostor: "unit-impostor",
+  key_refused: "unit-key-refused",
+} as const;
 
 interface SnmpHandle {
   readonly address: { host: string; port: number };
