@@ -131,7 +131,8 @@ export function forge(type: "SHUTDOWN" | "HEARTBEAT", unitName: string, packetKe
       sessionId: randomBytes(8).toString("hex"),
       sequence: 1,
       messageId: 1,
-      timestampMs: Date.now(),
+      // A little ahead (within the ±30 s skew), as an attacker would: later than anything the real unit sent.
+      timestampMs: Date.now() + 5_000,
       fragmentIndex: 0,
       fragmentCount: 1,
       payload: type === "SHUTDOWN" ? encodeShutdown(0) : encodeHeartbeat({ generation: 1 }),
@@ -215,14 +216,13 @@ export async function impostorScenario(register: Register, options: { stationBin
   const impostor = await joinUnit(bed, register, "unit1", { volumes: [{ name: "x1", size: "4M" }], waitOnline: false });
   const impostorId = (await unitInfo(impostor)).unitId;
   assert.notEqual(impostorId, realId, "another data dir is another identity");
-  await waitFor("the impostor prints the station's refusal", () => (impostor.stderr().includes("station refused: unit name unit1 is enrolled with another identity") ? true : undefined), {
-    timeoutMs: 5_000,
-  });
-  assert.match(impostor.stderr(), /pick another --name, or .*ipsan units forget unit1/i);
+  // The pool first, during and after the impostor's life (that is the promise), then how it was refused.
   await watchPool(station, "unit1", assignmentId, expected, WATCH_MS, "while the impostor runs");
   const exit = await impostor.stop();
   assert.equal(exit.code, 0, "the impostor stops cleanly");
   await watchPool(station, "unit1", assignmentId, expected, WATCH_MS, "after the impostor stopped");
+  assert.match(impostor.stderr(), /station refused: unit name unit1 is enrolled with another identity/, "the impostor printed the refusal");
+  assert.match(impostor.stderr(), /pick another --name, or .*ipsan units forget unit1/i);
   const events = await eventsText(station);
   assert.match(events, /unit-impostor/, "a unit-impostor event");
   assert.ok(events.includes(impostorId), "the event names the impostor's id");
@@ -263,13 +263,17 @@ export async function perUnitKeyScenario(register: Register, options: { stationB
   const badHmacBefore = await rejectedCount(station, "bad_hmac");
   await sendDatagram(station, forge("SHUTDOWN", "unit1", packetKeyFor(clusterKey), false));
   await sendDatagram(station, forge("SHUTDOWN", "unit1", unitPacketKeyFor(unit2Secret.secret), true));
-  await waitFor("both forged datagrams refused", async () =>
-    (await rejectedCount(station, "unit_key_required")) > keyRefusedBefore && (await rejectedCount(station, "bad_hmac")) > badHmacBefore ? true : undefined,
-  { timeoutMs: 3_000 });
+  // The state first (that is the promise), then that both were counted as refused. A SHUTDOWN
+  // taken for unit1's would show in the event stream even if its next heartbeat revived it at once.
   const deadline = Date.now() + 800;
   while (Date.now() < deadline) {
     assert.equal((await poolUnit(station, "unit1"))?.state, "online", "a forged SHUTDOWN must not mark unit1 down");
     await new Promise((resolve) => setTimeout(resolve, 50));
   }
+  const downs = (await eventsText(station)).split("\n").filter((line) => line.startsWith("data:") && line.includes('"unit1"') && line.includes('"state":"down"'));
+  assert.deepEqual(downs, [], "a forged SHUTDOWN must not mark unit1 down (event stream)");
+  await waitFor("both forged datagrams refused", async () =>
+    (await rejectedCount(station, "unit_key_required")) > keyRefusedBefore && (await rejectedCount(station, "bad_hmac")) > badHmacBefore ? true : undefined,
+  { timeoutMs: 3_000 });
   assert.match(await eventsText(station), /unit-key-refused/, "a unit-key-refused event");
 }
