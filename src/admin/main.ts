@@ -214,7 +214,7 @@ async function listing(which: ListingName, argv: readonly string[]): Promise<num
 
 export const unitsMain = async (argv: readonly string[]): Promise<number> => {
   // ipsan units identity|rotate-secret|forget NAME: unit identities (issue 7), src/admin/unit_identity.ts
-  if (argv[0] !== undefined && !argv[0].startsWith("-")) return (await import("./unit_identity.ts")).unitIdentityMain(argv);
+  if (argv[0] === "identity" || argv[0] === "rotate-secret" || argv[0] === "forget") return (await import("./unit_identity.ts")).unitIdentityMain(argv);
   return listing("units", argv);
 };
 export const volumesMain = (argv: readonly string[]): Promise<number> => listing("volumes", argv);
