@@ -257,6 +257,8 @@ export async function unitMain(argv: readonly string[]): Promise<number> {
       if (unit.control !== undefined) {
         process.stdout.write(`ipsan unit ${config.name} control http://${hostForUrl(unit.control.host)}:${unit.control.port}\n`);
       }
+      // The unit's identity (issue 7), on a line of its own after the contract lines above.
+      process.stdout.write(`ipsan unit ${config.name} id ${unit.manager.unitId}\n`);
       // ---- discovery (--station): join the station's pool (STARTUP, storage info, heartbeats) ----
       join = config.join === undefined || joinKey === undefined ? undefined : await startJoin(config.join, joinKey, { name: config.name, nbd: unit.nbd, control: unit.control, manager: unit.manager, dataDir: config.dataDir, ...(stationTokens === undefined ? {} : { tokens: stationTokens }) });
       // ---- end discovery ----
