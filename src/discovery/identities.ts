@@ -12,9 +12,15 @@
 //   next --a datagram signed with the next secret--> confirmed (next becomes the secret, epoch + 1)
 //   any --forget()--> (none)   (`ipsan units forget NAME`: lets a replacement with a new id enrol)
 // Every change is persisted (the station: SQLite, migration 8) before it is
-// acted on, so a station restart never forgets a secret it gave out.
+// acted on, so a station restart never forgets a secret it gave out. First
+// enrolments are group-committed: those issued within one turn of the event
+// loop are written in one transaction (one fsync), and their ENROLs go out
+// after it (whenDurable), so a fleet joining at once costs a few fsyncs, not
+// one per unit.
 
 import { randomBytes } from "node:crypto";
+import { errorMessage } from "../util/errors.ts";
+import { logger } from "../util/log.ts";
 import { UNIT_SECRET_BYTES, unitControlTokenFor, unitPacketKeyFor } from "./keys.ts";
 
 export interface UnitIdentity {
@@ -32,10 +38,16 @@ export interface UnitIdentity {
   readonly updatedAtMs: number;
 }
 
-/** Where identities live (the station's database); every call is durable before it returns. */
+/**
+ * Where identities live (the station's database). save() is durable before it
+ * returns unless `durable` is false (a confirmation: if a power cut loses it,
+ * the unit's next datagram signed with its secret confirms it again).
+ */
 export interface IdentityPersistence {
   load(): readonly UnitIdentity[];
-  save(identity: UnitIdentity): void;
+  save(identity: UnitIdentity, durable: boolean): void;
+  /** Several first enrolments in one durable transaction (one fsync for a burst of new units). */
+  saveMany(identities: readonly UnitIdentity[]): void;
   remove(name: string): void;
 }
 
@@ -47,6 +59,10 @@ export class UnitIdentities {
   private readonly persistence: IdentityPersistence | undefined;
   private readonly listeners = new Set<(name: string, change: IdentityChange) => void>();
   private readonly nowMs: () => number;
+  /** First enrolments issued in memory, not yet on disk (their ENROL waits: whenDurable). */
+  private readonly unsaved = new Map<string, UnitIdentity>();
+  private readonly waiting = new Map<string, (() => void)[]>();
+  private flushScheduled = false;
 
   constructor(options: { persistence?: IdentityPersistence; nowMs?: () => number } = {}) {
     this.persistence = options.persistence;
@@ -108,21 +124,60 @@ export class UnitIdentities {
       enrolledAtMs: nowMs,
       updatedAtMs: nowMs,
     };
-    this.put(identity, "enrolled");
+    this.byName.set(name, identity);
+    this.unsaved.set(name, identity);
+    if (!this.flushScheduled) {
+      this.flushScheduled = true;
+      setImmediate(() => this.flush());
+    }
+    this.notify(name, "enrolled");
     return identity;
+  }
+
+  /** Runs `then` once the name's first enrolment is on disk (at once if nothing of it is waiting). Dropped if the write fails. */
+  whenDurable(name: string, then: () => void): void {
+    if (!this.unsaved.has(name)) return then();
+    const list = this.waiting.get(name) ?? [];
+    list.push(then);
+    this.waiting.set(name, list);
+  }
+
+  /** Writes the enrolments issued since the last flush in one transaction, then runs what waited for them. */
+  flush(): void {
+    this.flushScheduled = false;
+    const batch = [...this.unsaved.values()];
+    this.unsaved.clear();
+    if (batch.length === 0) return;
+    try {
+      this.persistence?.saveMany(batch);
+    } catch (error) {
+      // Not on disk: forget them in memory too (their ENROL never left); the units' next STARTUP enrols again.
+      logger("discovery").error("cannot store unit enrolments; the units will retry", { units: batch.length, error: errorMessage(error) });
+      for (const identity of batch) {
+        if (this.byName.get(identity.name) === identity) this.byName.delete(identity.name);
+        this.waiting.delete(identity.name);
+      }
+      return;
+    }
+    for (const identity of batch) {
+      const list = this.waiting.get(identity.name) ?? [];
+      this.waiting.delete(identity.name);
+      for (const then of list) then();
+    }
   }
 
   /** The unit signed with its secret: it holds it. */
   confirm(name: string): void {
     const identity = this.byName.get(name);
     if (identity === undefined || identity.confirmed) return;
-    this.put({ ...identity, confirmed: true, updatedAtMs: this.nowMs() }, "confirmed");
+    if (this.unsaved.has(name)) this.flush(); // the unit cannot hold an unsent secret, but keep the order of writes
+    this.put({ ...identity, confirmed: true, updatedAtMs: this.nowMs() }, "confirmed", false);
   }
 
   /** Starts a rotation (idempotent while one is under way: the same next secret is offered again). */
   rotate(name: string): UnitIdentity | undefined {
     const identity = this.byName.get(name);
-    if (identity === undefined) return undefined;
+    if (identity === undefined || !identity.confirmed) return undefined;
     if (identity.next !== null) return identity;
     const rotated = { ...identity, next: randomBytes(UNIT_SECRET_BYTES), updatedAtMs: this.nowMs() };
     this.put(rotated, "rotation-started");
@@ -139,6 +194,7 @@ export class UnitIdentities {
   /** Forgets a name: the next unit to claim it enrols afresh. False if it was not enrolled. */
   forget(name: string): boolean {
     if (!this.byName.has(name)) return false;
+    if (this.unsaved.has(name)) this.flush();
     this.persistence?.remove(name);
     this.byName.delete(name);
     this.packetKeys.delete(name);
@@ -146,8 +202,8 @@ export class UnitIdentities {
     return true;
   }
 
-  private put(identity: UnitIdentity, change: IdentityChange): void {
-    this.persistence?.save(identity);
+  private put(identity: UnitIdentity, change: IdentityChange, durable = true): void {
+    this.persistence?.save(identity, durable);
     this.byName.set(identity.name, identity);
     this.notify(identity.name, change);
   }

@@ -509,11 +509,11 @@ export class DiscoveryListener {
       const issued = identities.enrol(name, claimedId);
       this.log.info("unit enrolling: secret issued", { unit: name, unitId: claimedId, from: `${from.host}:${from.port}` });
       this.emit({ kind: "unit_identity", unit: name, action: "enrolled", from, unitId: claimedId, detail: "secret issued, sealed under the cluster key" });
-      this.sendEnrol(issued, from);
+      identities.whenDurable(name, () => this.sendEnrol(issued, from)); // the secret is on disk before it leaves
       return true;
     }
     if (claimedId !== undefined && claimedId === identity.unitId && !identity.confirmed) {
-      this.sendEnrol(identity, from); // our ENROL was lost: the same secret again
+      identities.whenDurable(name, () => this.sendEnrol(identity, from)); // our ENROL was lost: the same secret again
       return true;
     }
     if (claimedId !== undefined && claimedId !== identity.unitId) {
@@ -530,7 +530,8 @@ export class DiscoveryListener {
       (claimedId === undefined ? " (this unit sent no identity: an ipsan older than issue 7?)" : "") +
       `. If its data dir was lost, run: ipsan units forget ${name}`;
     this.reject("unit_key_required", from, `unit ${name} is enrolled; ${frame.typeName} signed with the cluster key only`);
-    this.noticeIdentity(name, from, "key_refused", claimedId ?? null, message);
+    // While the enrolment is pending, the enrolling unit's own cluster-key datagrams are expected: no event for those.
+    if (identity.confirmed) this.noticeIdentity(name, from, "key_refused", claimedId ?? null, message);
     if (frame.typeName === "STARTUP") this.refuse(name, from, REFUSE_CODE.UNIT_KEY_REQUIRED, message);
     return true;
   }

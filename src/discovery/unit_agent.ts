@@ -487,7 +487,9 @@ export class StationAgent {
     this.heartbeatTimer = this.clock.setTimeout(() => {
       this.heartbeatTimer = null;
       if (this.currentState !== "starting" && this.currentState !== "joined") return;
-      this.sendFrame(MESSAGE_TYPE.HEARTBEAT, this.session.nextMessageId(), encodeHeartbeat({ generation: this.generation }));
+      // A unit waiting for its first secret has nothing to say yet (a cluster-key heartbeat would be refused).
+      const enrolling = this.currentState === "starting" && this.credentials !== undefined && !this.credentials.enrolled;
+      if (!enrolling) this.sendFrame(MESSAGE_TYPE.HEARTBEAT, this.session.nextMessageId(), encodeHeartbeat({ generation: this.generation }));
       this.scheduleHeartbeat();
     }, this.heartbeatIntervalMs);
   }

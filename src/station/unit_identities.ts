@@ -28,10 +28,31 @@ export function identityPersistence(db: Db): IdentityPersistence {
       next_secret = excluded.next_secret, confirmed = excluded.confirmed, updated_at = excluded.updated_at`);
   const remove = db.prepare("DELETE FROM unit_identities WHERE name = ?");
   // FULL is always safe here: the store switches the mode back when it wants NORMAL (it only ever lowers it on purpose).
-  const durable = (body: () => void): void => {
-    db.pragma("synchronous = FULL");
-    db.transaction(body)();
+  // A write that need not be durable runs in whatever mode the connection is in (never lowered here).
+  const write = (body: () => void, durable = true): void => {
+    if (durable) {
+      db.pragma("synchronous = FULL");
+      db.transaction(body)();
+      return;
+    }
+    // NORMAL for this one write (survives kill -9, not a power cut), then FULL again: never left lower than found.
+    db.pragma("synchronous = NORMAL");
+    try {
+      db.transaction(body)();
+    } finally {
+      db.pragma("synchronous = FULL");
+    }
   };
+  const row = (identity: UnitIdentity) => ({
+    name: identity.name,
+    unitId: identity.unitId,
+    epoch: identity.epoch,
+    secret: identity.secret,
+    next: identity.next,
+    confirmed: identity.confirmed ? 1 : 0,
+    enrolledAt: identity.enrolledAtMs,
+    updatedAt: identity.updatedAtMs,
+  });
   return {
     load: () =>
       (select.all() as Row[]).map((row) => ({
@@ -44,20 +65,12 @@ export function identityPersistence(db: Db): IdentityPersistence {
         enrolledAtMs: row.enrolled_at,
         updatedAtMs: row.updated_at,
       })),
-    save: (identity: UnitIdentity) =>
-      durable(() => {
-        upsert.run({
-          name: identity.name,
-          unitId: identity.unitId,
-          epoch: identity.epoch,
-          secret: identity.secret,
-          next: identity.next,
-          confirmed: identity.confirmed ? 1 : 0,
-          enrolledAt: identity.enrolledAtMs,
-          updatedAt: identity.updatedAtMs,
-        });
+    save: (identity: UnitIdentity, durable: boolean) => write(() => void upsert.run(row(identity)), durable),
+    saveMany: (identities: readonly UnitIdentity[]) =>
+      write(() => {
+        for (const identity of identities) upsert.run(row(identity));
       }),
-    remove: (name: string) => durable(() => void remove.run(name)),
+    remove: (name: string) => write(() => void remove.run(name)),
   };
 }
 
