@@ -157,3 +157,36 @@ test("listener and agent: enrolment, an impostor refused without touching the un
   await a.agent.abort();
   await bed.listener.close();
 });
+
+test("identities: first enrolments are written together, ENROL waits for the write; a failed write forgets them", async () => {
+  const writes: string[][] = [];
+  let fail = false;
+  const identities = new UnitIdentities({
+    persistence: {
+      load: () => [],
+      save: (identity) => void writes.push([`save ${identity.name}`]),
+      saveMany: (batch) => {
+        if (fail) throw new Error("disk full");
+        writes.push(batch.map((i) => i.name));
+      },
+      remove: () => undefined,
+    },
+  });
+  const sent: string[] = [];
+  for (const name of ["a", "b", "c"]) {
+    identities.enrol(name, ID_A);
+    identities.whenDurable(name, () => sent.push(name));
+  }
+  assert.deepEqual([writes, sent], [[], []], "nothing leaves before the write");
+  await new Promise((resolve) => setImmediate(resolve));
+  assert.deepEqual(writes, [["a", "b", "c"]], "one transaction for the burst");
+  assert.deepEqual(sent, ["a", "b", "c"]);
+  identities.whenDurable("a", () => sent.push("a again"));
+  assert.equal(sent.at(-1), "a again", "at once when nothing is waiting");
+  fail = true;
+  identities.enrol("d", ID_B);
+  identities.whenDurable("d", () => sent.push("d"));
+  await new Promise((resolve) => setImmediate(resolve));
+  assert.equal(identities.get("d"), undefined, "not on disk: not enrolled");
+  assert.ok(!sent.includes("d"), "its ENROL never left");
+});
