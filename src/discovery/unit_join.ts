@@ -1,6 +1,7 @@
 // The glue between `ipsan unit` (src/unit/main.ts) and the discovery agent:
 // the --station / --cluster-key-file / --dns-name flags, their checks, the
-// derived control token the unit accepts from the station, the storage-info
+// control tokens the unit accepts from the station (its credentials: the
+// cluster key's before enrolment, its own secret's after), the storage-info
 // callback built from the unit's table snapshot, and change detection.
 // main.ts calls these from one delimited block so the unit's own code stays
 // the unit helper's.
@@ -9,7 +10,7 @@ import { join as joinPath } from "node:path";
 import { UsageError } from "../util/errors.ts";
 import { parseHostPort, type FlagSpec } from "../util/flags.ts";
 import { logger } from "../util/log.ts";
-import { controlTokenFor, loadClusterKey, type ClusterKey } from "./keys.ts";
+import { loadClusterKey, type ClusterKey } from "./keys.ts";
 import { FREE_EXTENTS_MAX, ZONE_PATTERN, type HostPort, type LbaExtent, type StorageInfo, type VolumeInfo } from "./messages.ts";
 import { StationAgent } from "./unit_agent.ts";
 import { UNIT_SECRET_FILE_NAME, UnitCredentials, loadUnitSecret, saveUnitSecret } from "./unit_identity.ts";
@@ -99,10 +100,6 @@ export function joinTokens(): JoinTokens {
   return source;
 }
 
-/** The token the station derives from the cluster key for a unit that is not enrolled (units before issue 7). */
-export function clusterControlToken(key: ClusterKey, unitName: string): string {
-  return controlTokenFor(key, unitName);
-}
 
 /** What the unit's table snapshot looks like (src/unit/volumes.ts StorageInfoSnapshot). */
 export interface TableSnapshot {
