@@ -6,9 +6,11 @@
 //   scenario must fail (the known unit's state, volumes or assignment change);
 // - a station that accepts datagrams in an enrolled unit's name signed with
 //   the cluster key (only STARTUP still checked): the per-unit key scenario
-//   must fail (a forged SHUTDOWN marks the unit down).
-// Only the station runs from the copy (it needs better-sqlite3: node_modules
-// is linked in); units run from the build.
+//   must fail (a forged SHUTDOWN marks the unit down);
+// - a unit that still accepts the cluster-key token on its control API once
+//   enrolled: the per-unit key scenario must fail (401 expected).
+// The copies run the station (it needs better-sqlite3: node_modules is linked
+// in) or the units, as each defect needs.
 
 import { after, test } from "node:test";
 import assert from "node:assert/strict";
@@ -50,4 +52,15 @@ test("canary: a station that takes cluster-key datagrams for an enrolled unit ac
     },
   ]);
   await assert.rejects(perUnitKeyScenario(register, { stationBin: build.ipsanBin }), /must not mark unit1 down/);
+});
+
+test("canary: a unit that keeps accepting the cluster-key token after enrolment opens to the cluster key", async () => {
+  const build = stationBuild("canary-unit-token", [
+    {
+      file: "dist/discovery/unit_identity.js",
+      from: "if (this.current === null)\n            return [this.clusterToken];",
+      to: "if (this.current !== null)\n            return [this.current.token, this.clusterToken];\n        if (this.current === null)\n            return [this.clusterToken];",
+    },
+  ]);
+  await assert.rejects(perUnitKeyScenario(register, { unitBin: build.ipsanBin }), /the cluster-key token no longer opens an enrolled unit/);
 });

@@ -27,12 +27,20 @@ export type Register = (close: () => Promise<void>) => void;
 export interface Bed {
   readonly station: RunningStation;
   readonly units: Map<string, RunningUnit>;
+  readonly unitBin?: string;
 }
 
-export async function startBed(register: Register, options: { stationBin?: string } = {}): Promise<Bed> {
+export interface BedOptions {
+  /** The station from another build (canaries). */
+  readonly stationBin?: string;
+  /** The units from another build (canaries). */
+  readonly unitBin?: string;
+}
+
+export async function startBed(register: Register, options: BedOptions = {}): Promise<Bed> {
   const station = await startStation({ env: TIMERS, ...(options.stationBin === undefined ? {} : { bin: options.stationBin }) });
   register(() => station.close());
-  return { station, units: new Map() };
+  return { station, units: new Map(), ...(options.unitBin === undefined ? {} : { unitBin: options.unitBin }) };
 }
 
 export async function joinUnit(
@@ -52,6 +60,7 @@ export async function joinUnit(
     extraArgs: args,
     env: TIMERS,
     ...(options.dataDir === undefined ? {} : { dataDir: options.dataDir }),
+    ...(bed.unitBin === undefined ? {} : { bin: bed.unitBin }),
   });
   register(() => unit.close());
   if (options.waitOnline !== false) {
@@ -199,7 +208,7 @@ async function watchPool(station: RunningStation, unit: string, assignmentId: st
  * known unit1 stays online with its volumes and assignment while the
  * impostor runs and after it stops.
  */
-export async function impostorScenario(register: Register, options: { stationBin?: string } = {}): Promise<void> {
+export async function impostorScenario(register: Register, options: BedOptions = {}): Promise<void> {
   const bed = await startBed(register, options);
   const { station } = bed;
   const real = await joinUnit(bed, register, "unit1");
@@ -237,7 +246,7 @@ export async function impostorScenario(register: Register, options: { stationBin
  * unit1's name is accepted: a SHUTDOWN signed with the cluster key, or with
  * unit2's own secret, leaves unit1 online.
  */
-export async function perUnitKeyScenario(register: Register, options: { stationBin?: string } = {}): Promise<void> {
+export async function perUnitKeyScenario(register: Register, options: BedOptions = {}): Promise<void> {
   const bed = await startBed(register, options);
   const { station } = bed;
   const unit1 = await joinUnit(bed, register, "unit1");
