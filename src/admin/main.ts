@@ -18,13 +18,13 @@ import { UsageError } from "../util/errors.ts";
 import { parseFlags, type FlagSpec } from "../util/flags.ts";
 import { formatSize, parseSize } from "../util/size.ts";
 
-export const COMMON_FLAGS = {
+const COMMON_FLAGS = {
   station: { type: "string" },
   "token-file": { type: "string" },
   help: { type: "boolean" },
 } as const satisfies FlagSpec;
 
-export const COMMON_USAGE = `common flags:
+const COMMON_USAGE = `common flags:
   --station URL       the station's API (default $IPSAN_STATION), e.g. http://127.0.0.1:8640
   --token-file FILE   the admin token, STATION_DATA/admin.token (default $IPSAN_TOKEN_FILE)
 `;
@@ -33,7 +33,7 @@ const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
 /** Pages a listing follows (10,000 items each by default: a million in all). */
 const LIST_PAGES_MAX = 100;
 
-export async function client(values: { station?: string | undefined; "token-file"?: string | undefined }): Promise<StationClient> {
+async function client(values: { station?: string | undefined; "token-file"?: string | undefined }): Promise<StationClient> {
   const station = values.station ?? process.env["IPSAN_STATION"];
   if (station === undefined || station === "") throw new UsageError("--station URL is required (or set IPSAN_STATION)");
   const tokenFile = values["token-file"] ?? process.env["IPSAN_TOKEN_FILE"];
@@ -41,7 +41,7 @@ export async function client(values: { station?: string | undefined; "token-file
   return new StationClient({ baseUrl: parseStationUrl(station), token: await readTokenFile(tokenFile) });
 }
 
-export function name(value: string | undefined, what: string): string {
+function name(value: string | undefined, what: string): string {
   if (value === undefined) throw new UsageError(`missing ${what}`);
   if (!NAME_PATTERN.test(value)) throw new UsageError(`${what}: invalid name "${value}" (1-63 of A-Z a-z 0-9 _ . -, starting with a letter or digit)`);
   return value;
@@ -55,6 +55,9 @@ function size(value: string | undefined, what: string): number {
 function noMore(rest: readonly string[], count: number, usage: string): void {
   if (rest.length > count) throw new UsageError(`unexpected argument "${rest[count]}"\nusage: ${usage}`);
 }
+
+// For the other admin commands kept in files of their own (unit_identity.ts).
+export { COMMON_FLAGS, COMMON_USAGE, client, name };
 
 /** Aligned columns; every cell already a string. */
 export function table(headers: readonly string[], rows: readonly (readonly string[])[]): string {

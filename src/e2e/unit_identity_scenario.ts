@@ -60,7 +60,7 @@ export async function joinUnit(
     extraArgs: args,
     env: TIMERS,
     ...(options.dataDir === undefined ? {} : { dataDir: options.dataDir }),
-    ...(bed.unitBin === undefined ? {} : { bin: bed.unitBin }),
+    ...(bed.unitBin === undefined ? {} : { ipsanBin: bed.unitBin }),
   });
   register(() => unit.close());
   if (options.waitOnline !== false) {

@@ -72,11 +72,11 @@ export interface UnitOptions {
   control?: boolean | string;
   extraArgs?: readonly string[];
   env?: Readonly<Record<string, string>>;
+  /** bin/ipsan to run (default this checkout's; a canary passes a patched build's). */
+  ipsanBin?: string;
   readyTimeoutMs?: number;
   /** Copy the unit's stderr to ours as it comes (also IPSAN_TEST_VERBOSE=1). */
   echoStderr?: boolean;
-  /** Another bin/ipsan (a canary's patched build, src/testing/patched_build.ts). */
-  bin?: string;
 }
 
 export interface ExitStatus {
@@ -150,7 +150,7 @@ export async function startUnit(options: UnitOptions): Promise<RunningUnit> {
   const ownDir: TempDir | undefined = options.dataDir === undefined ? makeTempDir("unit") : undefined;
   const dataDir = options.dataDir ?? ownDir?.path ?? "";
   const args = unitArgs(options, dataDir);
-  const child = spawn(process.execPath, [options.bin ?? IPSAN_BIN, ...args], {
+  const child = spawn(process.execPath, [options.ipsanBin ?? IPSAN_BIN, ...args], {
     env: childEnv(options.env),
     stdio: ["ignore", "pipe", "pipe"],
   });
