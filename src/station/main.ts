@@ -45,11 +45,11 @@ const USAGE = `usage: ipsan station --data DIR [--http HOST:PORT] [--discovery H
                      [--snmp HOST:PORT] [--snmp-community NAME] [--host-failover-after DURATION]
                      [--pending-deadline-ms MS] [--reconcile-interval-ms MS] [--host-offline-after-ms MS]
                      [--replace-after DURATION]
-       ipsan station rotate-cluster-key --data DIR   (new cluster key; enrolled units keep working)
 
   --data DIR             station state: admin.token, cluster.key, station.db (created on first start)
   --http HOST:PORT       REST API (default ${DEFAULT_HTTP}; port 0 picks a free port)
-  --discovery HOST:PORT  UDP auto-configuration protocol (default ${DEFAULT_DISCOVERY})
+  --discovery HOST:PORT  UDP auto-configuration protocol (default ${DEFAULT_DISCOVERY}); units enrol with
+                         DATA/cluster.key, which "ipsan station rotate-cluster-key --data DIR" replaces
 ${HOST_FAILOVER_AFTER_USAGE}
   --snmp HOST:PORT       also listen for SNMPv2c traps (off by default)
   --snmp-community NAME  SNMP community accepted (default "public")
