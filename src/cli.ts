@@ -32,6 +32,7 @@ commands:
 
 admin (over the station's API; --station URL --token-file FILE, or $IPSAN_STATION $IPSAN_TOKEN_FILE):
   units | volumes | hosts | assignments [--json]     list the pool
+  units identity|rotate-secret|forget NAME          a unit's enrolled identity, rotate its secret, forget it
   volume create|delete|grow|partition UNIT NAME ...  change a unit's volumes
   assign HOST UNIT VOLUME [--partition N]           give a host a volume (or partition)
   unassign ID                                       take it back (the unit revokes the grant)

@@ -61,6 +61,9 @@ function noMore(rest: readonly string[], count: number, usage: string): void {
   if (rest.length > count) throw new UsageError(`unexpected argument "${rest[count]}"\nusage: ${usage}`);
 }
 
+// For the other admin commands kept in files of their own (unit_identity.ts).
+export { COMMON_FLAGS, COMMON_USAGE, client, name };
+
 /** Aligned columns; every cell already a string. */
 export function table(headers: readonly string[], rows: readonly (readonly string[])[]): string {
   const widths = headers.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? "").length)));
@@ -217,7 +220,11 @@ async function listing(which: ListingName, argv: readonly string[]): Promise<num
   return 0;
 }
 
-export const unitsMain = (argv: readonly string[]): Promise<number> => listing("units", argv);
+export const unitsMain = async (argv: readonly string[]): Promise<number> => {
+  // ipsan units identity|rotate-secret|forget NAME: unit identities (issue 7), src/admin/unit_identity.ts
+  if (argv[0] === "identity" || argv[0] === "rotate-secret" || argv[0] === "forget") return (await import("./unit_identity.ts")).unitIdentityMain(argv);
+  return listing("units", argv);
+};
 export const volumesMain = (argv: readonly string[]): Promise<number> => listing("volumes", argv);
 export const hostsMain = (argv: readonly string[]): Promise<number> => (argv[0] === "token" ? hostsTokenMain(argv.slice(1)) : listing("hosts", argv));
 export const assignmentsMain = (argv: readonly string[]): Promise<number> => listing("assignments", argv);

@@ -5,7 +5,9 @@
 // Latency per unit = when the listener emitted unit_storage_info for it minus
 // when the simulator started its agent (both preciseNowMs(), same machine).
 //
-//   node dist/discovery/bench.js [--units 1000] [--volumes 100] [--spread-ms 0]
+//   node dist/discovery/bench.js [--units 1000] [--volumes 100] [--spread-ms 0] [--enrol]
+// --enrol: units enrol first (issue 7): the listener keeps identities in a
+// station database (SQLite, durable writes) in a temp dir on disk.
 //
 // Prints one JSON object: p50/p99/max latency, time until all are visible,
 // datagrams, rejects, retransmissions and the listener's RSS.
@@ -20,6 +22,9 @@ import { setLogLevel } from "../util/log.ts";
 import { loadOrCreateClusterKey } from "./keys.ts";
 import { preciseNowMs } from "./sim_units.ts";
 import { DiscoveryListener } from "./station_listener.ts";
+import { UnitIdentities } from "./identities.ts";
+import { openDatabase } from "../station/db.ts";
+import { identityPersistence } from "../station/unit_identities.ts";
 
 function percentile(sorted: readonly number[], p: number): number {
   if (sorted.length === 0) return NaN;
@@ -32,6 +37,7 @@ async function main(): Promise<void> {
     volumes: { type: "string" },
     "spread-ms": { type: "string" },
     "timeout-ms": { type: "string" },
+    enrol: { type: "boolean" },
   });
   const units = Number(values.units ?? "1000");
   const volumes = Number(values.volumes ?? "100");
@@ -40,7 +46,10 @@ async function main(): Promise<void> {
   const dir = mkdtempSync(join(tmpdir(), "ipsan-discovery-bench-"));
   const keyFile = join(dir, "cluster.key");
   const key = await loadOrCreateClusterKey(keyFile);
-  const listener = new DiscoveryListener({ clusterKey: key });
+  const enrol = values.enrol === true;
+  const db = enrol ? openDatabase(join(dir, "station.db")) : undefined;
+  const identities = db === undefined ? undefined : new UnitIdentities({ persistence: identityPersistence(db) });
+  const listener = new DiscoveryListener({ clusterKey: key, ...(identities === undefined ? {} : { identities }) });
   const station = await listener.listen({ host: "127.0.0.1", port: 0 });
   const visibleAtMs = new Map<string, number>();
   const volumesSeen = new Map<string, number>();
@@ -54,7 +63,7 @@ async function main(): Promise<void> {
   const child = spawn(
     process.execPath,
     [simScript, "--station", `${station.host}:${station.port}`, "--cluster-key-file", keyFile, "--units", String(units),
-      "--volumes", String(volumes), "--spread-ms", values["spread-ms"] ?? "0", "--start-times", startTimesFile],
+      "--volumes", String(volumes), "--spread-ms", values["spread-ms"] ?? "0", "--start-times", startTimesFile, ...(enrol ? ["--enrol"] : [])],
     { stdio: ["ignore", "pipe", "inherit"], env: { ...process.env, IPSAN_LOG: "error" } },
   );
   const t0 = preciseNowMs();
@@ -87,6 +96,8 @@ async function main(): Promise<void> {
   const stats = listener.stats();
   const result = {
     units,
+    enrol,
+    enrolled: identities?.list().filter((i) => i.confirmed).length ?? 0,
     volumesPerUnit: volumes,
     visible: visibleAtMs.size,
     volumesVisible: [...volumesSeen.values()].reduce((a, b) => a + b, 0),
@@ -107,6 +118,7 @@ async function main(): Promise<void> {
   };
   process.stdout.write(`${JSON.stringify(result)}\n`);
   await listener.close();
+  db?.close();
   rmSync(dir, { recursive: true, force: true });
 }
 

@@ -21,7 +21,9 @@ import {
   MESSAGE_TYPE,
   PAYLOAD_BYTES,
   PROTOCOL_VERSION,
+  REFUSE_BYTES_MAX,
   SENDER_OF,
+  STARTUP_WITH_ID_BYTES,
   SEQUENCE_MAX,
   STORAGE_INFO_JSON_BYTES_MAX,
   TAG_BYTES,
@@ -30,7 +32,10 @@ import {
   messageTypeName,
   type AckPayload,
   type DecodeResult,
+  type EnrolPayload,
   type Frame,
+  type KeySelector,
+  type RefusePayload,
   type FrameFields,
   type HeartbeatPayload,
   type MessageType,
@@ -96,7 +101,7 @@ export function encodeFrame(fields: FrameFields, key: Buffer): Buffer {
   out.writeUInt32BE(MAGIC, OFFSET.magic);
   out.writeUInt8(PROTOCOL_VERSION, OFFSET.version);
   out.writeUInt8(fields.type, OFFSET.type);
-  out.writeUInt8(fields.fromStation ? FLAG.FROM_STATION : 0, OFFSET.flags);
+  out.writeUInt8((fields.fromStation ? FLAG.FROM_STATION : 0) | (fields.unitKey === true ? FLAG.UNIT_KEY : 0), OFFSET.flags);
   out.writeUInt8(name.length, OFFSET.nameLength);
   out.write(fields.sessionId, OFFSET.sessionId, 8, "hex");
   out.writeUInt32BE(fields.sequence, OFFSET.sequence);
@@ -117,7 +122,7 @@ export function encodeFrame(fields: FrameFields, key: Buffer): Buffer {
  * structure (lengths, type, flags, reserved, fragments, name), then the tag.
  * Cheap structural checks come first so garbage costs no HMAC.
  */
-export function decodeFrame(bytes: Uint8Array, key: Buffer): DecodeResult {
+export function decodeFrame(bytes: Uint8Array, keys: Buffer | KeySelector): DecodeResult {
   if (bytes.length > DATAGRAM_BYTES_MAX) return invalid("too_large", `datagram ${bytes.length} bytes > ${DATAGRAM_BYTES_MAX}`);
   if (bytes.length < DATAGRAM_BYTES_MIN) return invalid("truncated", `datagram ${bytes.length} bytes < ${DATAGRAM_BYTES_MIN}`);
   const view = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.length);
@@ -161,7 +166,11 @@ export function decodeFrame(bytes: Uint8Array, key: Buffer): DecodeResult {
   if (typeName !== "STORAGE_INFO") {
     if (fragmentCount !== 1) return invalid("malformed", `${typeName} in ${fragmentCount} fragments`);
     const expected = PAYLOAD_BYTES[typeName];
-    if (payloadLength !== expected) return invalid("malformed", `${typeName} payload ${payloadLength} bytes, expected ${expected}`);
+    const fits =
+      payloadLength === expected ||
+      (typeName === "STARTUP" && payloadLength === STARTUP_WITH_ID_BYTES) ||
+      (typeName === "REFUSE" && payloadLength >= expected && payloadLength <= REFUSE_BYTES_MAX);
+    if (!fits) return invalid("malformed", `${typeName} payload ${payloadLength} bytes, expected ${expected}`);
   } else if (payloadLength === 0) {
     return invalid("malformed", "empty STORAGE_INFO fragment");
   }
@@ -173,10 +182,16 @@ export function decodeFrame(bytes: Uint8Array, key: Buffer): DecodeResult {
   const unitName = view.toString("latin1", HEADER_BYTES, HEADER_BYTES + nameLength);
   if (!UNIT_NAME_PATTERN.test(unitName)) return invalid("malformed", `unit name ${JSON.stringify(unitName)}`);
 
-  const expectedTag = tagOf(key, view.subarray(0, bodyBytes));
-  if (!timingSafeEqual(expectedTag, view.subarray(bodyBytes, bodyBytes + TAG_BYTES))) {
-    return invalid("bad_hmac", `tag mismatch unit=${unitName}`);
-  }
+  const unitKey = (flags & FLAG.UNIT_KEY) !== 0;
+  const offered = Buffer.isBuffer(keys) ? [keys] : keys(unitName, unitKey);
+  if (offered.length === 0) return invalid("unknown_unit", `no secret known for unit ${unitName}`);
+  const presented = view.subarray(bodyBytes, bodyBytes + TAG_BYTES);
+  let keyIndex = -1;
+  // Every offered key is tried (at most two: a secret and its successor during a rotation).
+  offered.forEach((key, index) => {
+    if (timingSafeEqual(tagOf(key, view.subarray(0, bodyBytes)), presented) && keyIndex < 0) keyIndex = index;
+  });
+  if (keyIndex < 0) return invalid("bad_hmac", `tag mismatch unit=${unitName}${unitKey ? " (unit key)" : ""}`);
   const frame: Frame = {
     version,
     type: type as MessageType,
@@ -191,6 +206,8 @@ export function decodeFrame(bytes: Uint8Array, key: Buffer): DecodeResult {
     fragmentCount,
     // A copy: the caller may keep it (reassembly) after the socket reuses its buffer.
     payload: Buffer.from(view.subarray(HEADER_BYTES + nameLength, bodyBytes)),
+    unitKey,
+    keyIndex,
   };
   return { kind: "frame", frame };
 }
@@ -206,17 +223,85 @@ function zeroes(bytes: Buffer, from: number, to: number): boolean {
   return true;
 }
 
+const UUID_PATTERN = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+
+function uuidBytes(uuid: string): Buffer {
+  assert(UUID_PATTERN.test(uuid), `unit id ${uuid}`);
+  return Buffer.from(uuid.replace(/-/g, ""), "hex");
+}
+
+function uuidText(bytes: Buffer): string {
+  const hex = bytes.toString("hex");
+  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20, 32)}`;
+}
+
+/** 8 bytes (no identity, as units before issue 7) or 24 (the unit's UUID at 8..23). */
 export function encodeStartup(payload: StartupPayload): Buffer {
-  const out = Buffer.alloc(PAYLOAD_BYTES.STARTUP);
+  const out = Buffer.alloc(payload.unitId === undefined ? PAYLOAD_BYTES.STARTUP : STARTUP_WITH_ID_BYTES);
   out.writeUInt32BE(payload.generation, 0);
+  if (payload.unitId !== undefined) uuidBytes(payload.unitId).copy(out, 8);
   return out;
 }
 
 export function decodeStartup(bytes: Buffer): PayloadResult<StartupPayload> {
-  if (bytes.length !== PAYLOAD_BYTES.STARTUP || !zeroes(bytes, 4, 8)) {
+  if ((bytes.length !== PAYLOAD_BYTES.STARTUP && bytes.length !== STARTUP_WITH_ID_BYTES) || !zeroes(bytes, 4, 8)) {
     return { kind: "invalid", reason: "bad_payload", detail: "STARTUP payload reserved bytes" };
   }
-  return { kind: "ok", value: { generation: bytes.readUInt32BE(0) } };
+  const generation = bytes.readUInt32BE(0);
+  if (bytes.length === PAYLOAD_BYTES.STARTUP) return { kind: "ok", value: { generation } };
+  const unitId = uuidText(bytes.subarray(8, 24));
+  if (zeroes(bytes, 8, 24)) return { kind: "invalid", reason: "bad_payload", detail: "STARTUP unit id is all zero" };
+  return { kind: "ok", value: { generation, unitId } };
+}
+
+/** ENROL: u32 epoch, u32 reserved, 16 bytes unit id, 12 nonce, 32 sealed secret, 16 GCM tag. */
+export function encodeEnrol(payload: EnrolPayload): Buffer {
+  assert(payload.nonce.length === 12 && payload.sealed.length === 32 && payload.tag.length === 16, "enrol payload sizes");
+  assert(Number.isInteger(payload.epoch) && payload.epoch >= 1 && payload.epoch <= SEQUENCE_MAX, "enrol epoch");
+  const out = Buffer.alloc(PAYLOAD_BYTES.ENROL);
+  out.writeUInt32BE(payload.epoch, 0);
+  uuidBytes(payload.unitId).copy(out, 8);
+  payload.nonce.copy(out, 24);
+  payload.sealed.copy(out, 36);
+  payload.tag.copy(out, 68);
+  return out;
+}
+
+export function decodeEnrol(bytes: Buffer): PayloadResult<EnrolPayload> {
+  if (bytes.length !== PAYLOAD_BYTES.ENROL || !zeroes(bytes, 4, 8)) {
+    return { kind: "invalid", reason: "bad_payload", detail: "ENROL payload reserved bytes" };
+  }
+  const epoch = bytes.readUInt32BE(0);
+  if (epoch === 0) return { kind: "invalid", reason: "bad_payload", detail: "ENROL epoch 0" };
+  return {
+    kind: "ok",
+    value: {
+      epoch,
+      unitId: uuidText(bytes.subarray(8, 24)),
+      nonce: Buffer.from(bytes.subarray(24, 36)),
+      sealed: Buffer.from(bytes.subarray(36, 68)),
+      tag: Buffer.from(bytes.subarray(68, 84)),
+    },
+  };
+}
+
+/** REFUSE: u8 code, 3 reserved bytes, then the reason as UTF-8 text (cut to fit). */
+export function encodeRefuse(payload: RefusePayload): Buffer {
+  let text = Buffer.from(payload.message, "utf8");
+  if (text.length > REFUSE_BYTES_MAX - 4) text = text.subarray(0, REFUSE_BYTES_MAX - 4);
+  const out = Buffer.alloc(4 + text.length);
+  out.writeUInt8(payload.code, 0);
+  text.copy(out, 4);
+  return out;
+}
+
+export function decodeRefuse(bytes: Buffer): PayloadResult<RefusePayload> {
+  if (bytes.length < PAYLOAD_BYTES.REFUSE || bytes.length > REFUSE_BYTES_MAX || !zeroes(bytes, 1, 4)) {
+    return { kind: "invalid", reason: "bad_payload", detail: "REFUSE payload reserved bytes" };
+  }
+  // Control characters are replaced: the text is printed on the unit's terminal.
+  const message = bytes.toString("utf8", 4).replace(/[\u0000-\u001f\u007f]/g, "?");
+  return { kind: "ok", value: { code: bytes.readUInt8(0), message } };
 }
 
 export function encodeHeartbeat(payload: HeartbeatPayload): Buffer {

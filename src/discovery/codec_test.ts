@@ -47,6 +47,8 @@ const FROM_STATION: Record<MessageTypeName, boolean> = {
   ACK: true,
   HEARTBEAT: false,
   SHUTDOWN: false,
+  ENROL: true,
+  REFUSE: true,
 };
 
 const unitName = fc.stringMatching(/^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/);

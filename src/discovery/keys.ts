@@ -3,9 +3,15 @@
 // a copy through --cluster-key-file). Everything else is derived from it with
 // HMAC-SHA256 and a label, so one secret never serves two purposes:
 //   packet key    = HMAC(clusterKey, "ipsan-discovery-packet-v1")  (discovery HMAC tags)
-//   control token = hex(HMAC(clusterKey, "ipsan-control-token:" + unitName))  (contracts.md)
+//   control token = hex(HMAC(clusterKey, "ipsan-control-token:" + unitName))  (contracts.md;
+//                   accepted by a unit only until it is enrolled)
+//   enrol key     = HMAC(clusterKey, "ipsan-unit-enrol-v1")  (seals a unit's first secret)
+// Each enrolled unit has its own 32-byte secret (issue 7, ADR 0004 amended):
+//   unit packet key    = HMAC(secret, "ipsan-unit-packet-v1")
+//   unit control token = hex(HMAC(secret, "ipsan-unit-control-token:" + unitName))
+//   rotate key         = HMAC(secret, "ipsan-unit-rotate-v1")  (seals the next secret)
 
-import { createHmac } from "node:crypto";
+import { createCipheriv, createDecipheriv, createHmac, randomBytes } from "node:crypto";
 import { promises as fs } from "node:fs";
 import type { FileHandle } from "node:fs/promises";
 import { IpsanError, errorMessage } from "../util/errors.ts";
@@ -85,4 +91,60 @@ export function packetKeyFor(clusterKey: Buffer): Buffer {
 /** The bearer token a unit accepts from the station on its control API (contracts.md). */
 export function controlTokenFor(clusterKey: Buffer, unitName: string): string {
   return createHmac("sha256", clusterKey).update(`ipsan-control-token:${unitName}`).digest("hex");
+}
+
+/** A unit's own secret: 32 random bytes the station gives it at first join (issue 7). */
+export const UNIT_SECRET_BYTES = 32;
+
+/** The key that signs an enrolled unit's discovery datagrams (both ways). */
+export function unitPacketKeyFor(secret: Buffer): Buffer {
+  return createHmac("sha256", secret).update("ipsan-unit-packet-v1").digest();
+}
+
+/** The bearer token an enrolled unit accepts from the station on its control API. */
+export function unitControlTokenFor(secret: Buffer, unitName: string): string {
+  return createHmac("sha256", secret).update(`ipsan-unit-control-token:${unitName}`).digest("hex");
+}
+
+/** Seals a unit's first secret (ENROL under the cluster key). */
+export function enrolKeyFor(clusterKey: Buffer): Buffer {
+  return createHmac("sha256", clusterKey).update("ipsan-unit-enrol-v1").digest();
+}
+
+/** Seals a unit's next secret (ENROL of a rotation, under its current secret). */
+export function rotateKeyFor(secret: Buffer): Buffer {
+  return createHmac("sha256", secret).update("ipsan-unit-rotate-v1").digest();
+}
+
+/** What a sealed secret is bound to: the unit's name, identity and the secret's epoch. */
+export interface SealBinding {
+  readonly unitName: string;
+  readonly unitId: string;
+  readonly epoch: number;
+}
+
+function aadOf(binding: SealBinding): Buffer {
+  return Buffer.from(`ipsan-unit-secret-v1\0${binding.unitName}\0${binding.unitId}\0${binding.epoch}`, "utf8");
+}
+
+/** AES-256-GCM with a random 96-bit nonce; the name, id and epoch are authenticated data. */
+export function sealUnitSecret(wrapKey: Buffer, binding: SealBinding, secret: Buffer): { nonce: Buffer; sealed: Buffer; tag: Buffer } {
+  const nonce = randomBytes(12);
+  const cipher = createCipheriv("aes-256-gcm", wrapKey, nonce);
+  cipher.setAAD(aadOf(binding));
+  const sealed = Buffer.concat([cipher.update(secret), cipher.final()]);
+  return { nonce, sealed, tag: cipher.getAuthTag() };
+}
+
+/** The secret, or null if it was not sealed with this key for this binding. */
+export function openUnitSecret(wrapKey: Buffer, binding: SealBinding, box: { nonce: Buffer; sealed: Buffer; tag: Buffer }): Buffer | null {
+  try {
+    const decipher = createDecipheriv("aes-256-gcm", wrapKey, box.nonce);
+    decipher.setAAD(aadOf(binding));
+    decipher.setAuthTag(box.tag);
+    const secret = Buffer.concat([decipher.update(box.sealed), decipher.final()]);
+    return secret.length === UNIT_SECRET_BYTES ? secret : null;
+  } catch {
+    return null;
+  }
 }

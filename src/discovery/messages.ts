@@ -16,6 +16,10 @@ export const MESSAGE_TYPE = {
   ACK: 4,
   HEARTBEAT: 5,
   SHUTDOWN: 6,
+  /** Station -> unit: the unit's own secret, sealed (first join under the cluster key, rotation under the old secret). */
+  ENROL: 7,
+  /** Station -> unit: why its datagrams are refused (a name enrolled with another identity, ...). */
+  REFUSE: 8,
 } as const;
 export type MessageTypeName = keyof typeof MESSAGE_TYPE;
 export type MessageType = (typeof MESSAGE_TYPE)[MessageTypeName];
@@ -31,8 +35,13 @@ export function messageTypeName(type: number): MessageTypeName | undefined {
 export const FLAG = {
   /** Set on datagrams the station sends, clear on datagrams a unit sends. */
   FROM_STATION: 0x01,
+  /**
+   * The tag is made with the packet key of the named unit's own secret
+   * (issue 7), not the cluster key's.
+   */
+  UNIT_KEY: 0x02,
 } as const;
-export const FLAGS_KNOWN = FLAG.FROM_STATION;
+export const FLAGS_KNOWN = FLAG.FROM_STATION | FLAG.UNIT_KEY;
 
 /** Which side may send each type (a unit never sends NEED_STORAGE_INFO, ...). */
 export const SENDER_OF: Readonly<Record<MessageTypeName, "unit" | "station" | "both">> = {
@@ -42,6 +51,8 @@ export const SENDER_OF: Readonly<Record<MessageTypeName, "unit" | "station" | "b
   ACK: "both",
   HEARTBEAT: "unit",
   SHUTDOWN: "unit",
+  ENROL: "station",
+  REFUSE: "station",
 };
 
 // ---- Layout and limits (checked against each other at load, below) ----
@@ -71,7 +82,22 @@ export const PAYLOAD_BYTES = {
   ACK: 16,
   HEARTBEAT: 8,
   SHUTDOWN: 8,
+  ENROL: 84,
+  /** The shortest REFUSE (code and reserved bytes, no text); REFUSE_BYTES_MAX the longest. */
+  REFUSE: 4,
 } as const;
+/** A STARTUP that carries the unit's identity (UUID) after the generation: 8 + 16 bytes. */
+export const STARTUP_WITH_ID_BYTES = 24;
+/** REFUSE: 4 bytes then at most this much UTF-8 text in all. */
+export const REFUSE_BYTES_MAX = 4 + 400;
+/** REFUSE codes. */
+export const REFUSE_CODE = {
+  /** The name is enrolled with another identity (UUID). */
+  IMPOSTOR: 1,
+  /** The name is enrolled: datagrams signed with the cluster key alone are not accepted for it. */
+  UNIT_KEY_REQUIRED: 2,
+} as const;
+export type RefuseCode = (typeof REFUSE_CODE)[keyof typeof REFUSE_CODE];
 
 // Storage-info content limits.
 export const VOLUMES_PER_UNIT_MAX = 4096;
@@ -128,9 +154,23 @@ export interface Frame {
   readonly fragmentIndex: number;
   readonly fragmentCount: number;
   readonly payload: Buffer;
+  /** Signed with the named unit's own secret (FLAG.UNIT_KEY) rather than the cluster key. */
+  readonly unitKey: boolean;
+  /** Which of the keys the receiver offered verified the tag (0: the first). */
+  readonly keyIndex: number;
 }
 
-export type FrameFields = Omit<Frame, "version" | "typeName" | "payload"> & { readonly payload: Uint8Array };
+export type FrameFields = Omit<Frame, "version" | "typeName" | "payload" | "unitKey" | "keyIndex"> & {
+  readonly payload: Uint8Array;
+  readonly unitKey?: boolean;
+};
+
+/**
+ * The keys a receiver offers for a datagram, chosen from its header before
+ * the tag is checked: the cluster packet key, or (UNIT_KEY set) the packet
+ * keys of that unit's secret(s). Empty: no key for it (`unknown_unit`).
+ */
+export type KeySelector = (unitName: string, unitKey: boolean) => readonly Buffer[];
 
 /** Why a datagram was rejected; each has a counter. */
 export const REJECT_REASONS = [
@@ -152,6 +192,12 @@ export const REJECT_REASONS = [
   "too_many_units",
   "bad_community",
   "bad_trap",
+  /** A datagram in the name of an enrolled unit signed with the cluster key only. */
+  "unit_key_required",
+  /** A STARTUP claiming an enrolled name with another identity. */
+  "impostor",
+  /** UNIT_KEY set for a name the receiver holds no unit secret for. */
+  "unknown_unit",
 ] as const;
 export type RejectReason = (typeof REJECT_REASONS)[number];
 
@@ -182,6 +228,23 @@ export interface HeartbeatPayload {
 
 export interface StartupPayload {
   readonly generation: number;
+  /** The unit's identity (lowercase UUID); absent from units older than issue 7 (8-byte STARTUP). */
+  readonly unitId?: string;
+}
+
+export interface EnrolPayload {
+  /** The secret's epoch: 1 at first join, +1 per rotation. */
+  readonly epoch: number;
+  readonly unitId: string;
+  /** AES-256-GCM nonce, sealed secret and tag (keys.ts sealUnitSecret). */
+  readonly nonce: Buffer;
+  readonly sealed: Buffer;
+  readonly tag: Buffer;
+}
+
+export interface RefusePayload {
+  readonly code: number;
+  readonly message: string;
 }
 
 export const SHUTDOWN_REASON = { STOP: 0, RESTART: 1 } as const;

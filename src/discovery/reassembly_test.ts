@@ -22,6 +22,8 @@ function fragmentFrames(payload: Buffer, messageId: number, sessionId = "0000000
     typeName: "STORAGE_INFO",
     fromStation: false,
     unitName: "u",
+    unitKey: false,
+    keyIndex: 0,
     sessionId,
     sequence: index + 1,
     messageId,

@@ -11,7 +11,9 @@ import { SEQUENCE_MAX, type MessageType } from "./messages.ts";
 const COUNTER_RENEW_AT = SEQUENCE_MAX - 1_000_000;
 
 export class SendSession {
-  private readonly packetKey: Buffer;
+  private packetKey: Buffer;
+  /** Frames carry FLAG.UNIT_KEY: signed with a unit's own secret. */
+  private unitKey = false;
   private readonly clock: Clock;
   private readonly fromStation: boolean;
   sessionId = randomBytes(8).toString("hex");
@@ -22,6 +24,12 @@ export class SendSession {
     this.packetKey = options.packetKey;
     this.clock = options.clock;
     this.fromStation = options.fromStation;
+  }
+
+  /** Signs from now on with `packetKey` (a unit's own key when `unitKey`); the session goes on. */
+  setKey(packetKey: Buffer, unitKey: boolean): void {
+    this.packetKey = packetKey;
+    this.unitKey = unitKey;
   }
 
   /** True once the counters are near wrapping: the owner should renew() (a unit re-sends STARTUP). */
@@ -48,6 +56,8 @@ export class SendSession {
     payload: Uint8Array;
     fragmentIndex?: number;
     fragmentCount?: number;
+    /** Sign this frame with another key (the station's ENROL/REFUSE for a unit), `unitKey` telling which kind. */
+    key?: { packetKey: Buffer; unitKey: boolean };
   }): Buffer {
     this.sequence += 1;
     return encodeFrame(
@@ -62,8 +72,9 @@ export class SendSession {
         fragmentIndex: options.fragmentIndex ?? 0,
         fragmentCount: options.fragmentCount ?? 1,
         payload: options.payload,
+        unitKey: options.key?.unitKey ?? this.unitKey,
       },
-      this.packetKey,
+      options.key?.packetKey ?? this.packetKey,
     );
   }
 }

@@ -8,10 +8,12 @@
 //
 // As a program:
 //   node dist/discovery/sim_units.js --station HOST:PORT --cluster-key-file FILE
-//        --units N --volumes M [--prefix sim] [--spread-ms MS] [--start-times FILE]
+//        --units N --volumes M [--prefix sim] [--spread-ms MS] [--start-times FILE] [--enrol]
+// (--enrol: each unit has an identity and enrols, issue 7; secrets kept in memory)
 // prints "ipsan sim-units started N" once every agent has sent STARTUP and
 // stops on SIGINT/SIGTERM (each unit sends SHUTDOWN).
 
+import { randomUUID } from "node:crypto";
 import { writeFileSync } from "node:fs";
 import { performance } from "node:perf_hooks";
 import { pathToFileURL } from "node:url";
@@ -22,6 +24,7 @@ import { peekUnitName } from "./codec.ts";
 import { sampleStorageInfo } from "./sample_info.ts";
 import { openUdpSocket, type Address, type DatagramSocket } from "./transport.ts";
 import { StationAgent } from "./unit_agent.ts";
+import { UnitCredentials } from "./unit_identity.ts";
 import type { BackoffPolicy } from "./timers.ts";
 
 /** Units per shared UDP socket. */
@@ -38,6 +41,8 @@ export interface SimUnitsOptions {
   readonly spreadMs?: number;
   readonly bindHost?: string;
   readonly backoff?: BackoffPolicy;
+  /** Each unit has an identity and enrols (issue 7); secrets are kept in memory. */
+  readonly enrol?: boolean;
 }
 
 /** Wall-clock ms with sub-ms precision, comparable across processes on one machine. */
@@ -100,6 +105,9 @@ export class SimulatedUnits {
         clusterKey: this.options.clusterKey,
         storageInfo: () => info,
         ...(this.options.backoff === undefined ? {} : { backoff: this.options.backoff }),
+        ...(this.options.enrol === true
+          ? { credentials: new UnitCredentials({ unitName: name, unitId: randomUUID(), clusterKey: this.options.clusterKey, stored: null, save: async () => {} }) }
+          : {}),
         // Shared: closing one agent must not close the socket under the others.
         socket: { local: shared.local, send: (b, to) => shared.send(b, to), close: async () => {} },
       });
@@ -132,6 +140,7 @@ async function main(argv: readonly string[]): Promise<number> {
     prefix: { type: "string" },
     "spread-ms": { type: "string" },
     "start-times": { type: "string" },
+    enrol: { type: "boolean" },
   });
   if (values.station === undefined || values["cluster-key-file"] === undefined) {
     throw new UsageError("usage: sim_units --station HOST:PORT --cluster-key-file FILE --units N --volumes M [--prefix P] [--spread-ms MS] [--start-times FILE]");
@@ -143,6 +152,7 @@ async function main(argv: readonly string[]): Promise<number> {
     volumesPerUnit: Number(values.volumes ?? "0"),
     ...(values.prefix === undefined ? {} : { prefix: values.prefix }),
     spreadMs: Number(values["spread-ms"] ?? "0"),
+    enrol: values.enrol === true,
   });
   await sim.start();
   if (values["start-times"] !== undefined) writeFileSync(values["start-times"], JSON.stringify(Object.fromEntries(sim.startedAtMs)));

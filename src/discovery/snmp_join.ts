@@ -100,12 +100,21 @@ export function attachSnmp(options: SnmpJoinOptions): () => void {
       log.limited("snmp-unnamed", "trap names no unit and its address matches none", { from: event.from.host, kind: event.kind });
       return;
     }
+    // An enrolled unit speaks only with its own secret (issue 7): a trap (community string, no key)
+    // may at most make the station ask it over the authenticated UDP protocol; it never marks it
+    // down, and the station never sends its control token to an address a trap names.
+    const enrolled = discovery.isEnrolled(unit);
     if (event.kind === "shutdown") {
-      if (!discovery.markDown(unit, "snmp linkDown")) log.limited("snmp-unknown", "linkDown for an unknown unit", { unit });
+      if (enrolled) log.limited("snmp-enrolled", "linkDown for an enrolled unit ignored (traps do not speak for enrolled units)", { unit });
+      else if (!discovery.markDown(unit, "snmp linkDown")) log.limited("snmp-unknown", "linkDown for an unknown unit", { unit });
       return;
     }
     const known = discovery.unit(unit);
     if (known !== undefined && known.mode === "discovery" && known.sessionId !== null && discovery.requestStorageInfo(unit)) return;
+    if (enrolled) {
+      log.limited("snmp-enrolled", "trap for an enrolled unit not followed (it joins over the discovery protocol with its own secret)", { unit });
+      return;
+    }
     if (event.control === null) {
       log.limited("snmp-no-control", "cannot fetch storage info: the trap names no control address (ipsanUnitControl.0)", { unit });
       return;

@@ -20,12 +20,16 @@ import {
   decodeStartup,
   decodeStorageInfo,
   encodeAck,
+  encodeEnrol,
   encodeNeedStorageInfo,
+  encodeRefuse,
 } from "./codec.ts";
-import { packetKeyFor } from "./keys.ts";
+import type { UnitIdentities, UnitIdentity } from "./identities.ts";
+import { enrolKeyFor, packetKeyFor, rotateKeyFor, sealUnitSecret } from "./keys.ts";
 import {
   ACK_STATUS,
   MESSAGE_TYPE,
+  REFUSE_CODE,
   REJECT_REASONS,
   TIMESTAMP_SKEW_MS_MAX,
   UNITS_MAX,
@@ -84,7 +88,31 @@ export type DiscoveryEvent =
       readonly previous: UnitState | null;
       readonly reason: string;
     }
-  | { readonly kind: "packet_rejected"; readonly reason: RejectReason; readonly from: Address; readonly detail: string };
+  | { readonly kind: "packet_rejected"; readonly reason: RejectReason; readonly from: Address; readonly detail: string }
+  /**
+   * Unit identities (issue 7): a first secret issued (enrolled), the unit
+   * holding it (confirmed), a rotation finished (rotated), a STARTUP claiming
+   * an enrolled name with another id (impostor), a datagram in an enrolled
+   * name signed with the cluster key only (key_refused). Impostor and
+   * key_refused are reported at most once per name and sender per
+   * IDENTITY_EVENT_HOLD_MS.
+   */
+  | {
+      readonly kind: "unit_identity";
+      readonly unit: string;
+      readonly action: "enrolled" | "confirmed" | "rotated" | "impostor" | "key_refused";
+      readonly from: Address;
+      /** The id the datagram claimed (impostor), or the unit's. */
+      readonly unitId: string | null;
+      readonly detail: string;
+    };
+
+/** An impostor's or a stale key's retries are reported (event, REFUSE) at most this often per name and sender. */
+export const IDENTITY_EVENT_HOLD_MS = 10_000;
+/** REFUSE answers to one sender are sent at most this often (its STARTUP retries back off anyway). */
+export const REFUSE_HOLD_MS = 1_000;
+/** ENROL of a rotation is re-sent at most this often while the unit still signs with its old secret. */
+export const ROTATION_RESEND_MS = 250;
 
 export type DiscoveryEventHandler = (event: DiscoveryEvent) => void;
 
@@ -124,6 +152,13 @@ export interface DiscoveryListenerOptions {
   readonly wrapSocket?: (socket: DatagramSocket) => DatagramSocket;
   /** Use this socket instead of binding one (in-memory networks); feed handleDatagram(). */
   readonly socket?: DatagramSocket;
+  /**
+   * Enrolled units (issue 7). With it, a STARTUP carrying a unit id enrols
+   * the unit (ENROL), enrolled units are heard only with their own secret, and
+   * a second unit claiming an enrolled name is refused. Without it (protocol
+   * simulations), every unit uses the cluster key as before.
+   */
+  readonly identities?: UnitIdentities;
 }
 
 interface UnitRecord {
@@ -151,6 +186,12 @@ const UNSPECIFIED_HOSTS = new Set(["0.0.0.0", "::", ""]);
 
 export class DiscoveryListener {
   private readonly packetKey: Buffer;
+  private readonly enrolKey: Buffer;
+  private readonly identities: UnitIdentities | undefined;
+  /** When an identity event or REFUSE last went to each "unit|sender" (rate limits). */
+  private readonly identityNoticeAtMs = new Map<string, number>();
+  private readonly refuseAtMs = new Map<string, number>();
+  private readonly rotationSentAtMs = new Map<string, number>();
   private readonly timers: LivenessTimers;
   private readonly backoff: BackoffPolicy;
   private readonly clock: Clock;
@@ -177,6 +218,8 @@ export class DiscoveryListener {
 
   constructor(options: DiscoveryListenerOptions) {
     this.packetKey = packetKeyFor(options.clusterKey);
+    this.enrolKey = enrolKeyFor(options.clusterKey);
+    this.identities = options.identities;
     this.timers = checkLivenessTimers(options.timers ?? livenessTimersFromEnv());
     this.backoff = options.backoff ?? backoffFromEnv();
     this.clock = options.clock ?? realClock;
@@ -297,6 +340,7 @@ export class DiscoveryListener {
           unitName: record.name,
           messageId,
           payload: encodeNeedStorageInfo(record.generation),
+          ...this.signingFor(record.name),
         }));
       },
       // Given up for now; the next heartbeat (generation mismatch) asks again.
@@ -313,6 +357,7 @@ export class DiscoveryListener {
 
   /** Records a unit learnt outside the UDP protocol (SNMP) and emits what a STARTUP would. */
   noteExternalStartup(unitName: string, from: Address, reason: "snmp"): void {
+    if (this.isEnrolled(unitName)) return; // an SNMP trap never speaks for an enrolled unit
     let record = this.records.get(unitName);
     if (record === undefined) {
       if (this.records.size >= this.unitsMax) return;
@@ -328,6 +373,7 @@ export class DiscoveryListener {
 
   /** Emits storage info obtained outside the UDP protocol (the unit's control API). */
   ingestStorageInfo(unitName: string, info: StorageInfo, from: Address): void {
+    if (this.isEnrolled(unitName)) return;
     const record = this.records.get(unitName);
     if (record !== undefined) this.touch(record, "control_api");
     this.emit({ kind: "unit_storage_info", unit: unitName, info: this.fillAddresses(info, from), generation: 0, from, source: "control_api" });
@@ -336,7 +382,7 @@ export class DiscoveryListener {
   /** Marks a unit down for a reason outside the UDP protocol (SNMP linkDown). */
   markDown(unitName: string, reason: string): boolean {
     const record = this.records.get(unitName);
-    if (record === undefined) return false;
+    if (record === undefined || this.isEnrolled(unitName)) return false;
     record.infoRequest?.stop();
     record.shutdownSessionId = record.sessionId;
     this.transition(record, "down", reason);
@@ -360,11 +406,40 @@ export class DiscoveryListener {
     }
   }
 
+  /** True if the name is enrolled: only datagrams signed with its own secret speak for it (SNMP traps do not). */
+  isEnrolled(unitName: string): boolean {
+    return this.identities?.get(unitName) !== undefined;
+  }
+
+  /**
+   * Starts (or repeats) the rotation of a unit's secret: ENROL of the next
+   * secret, sealed under the current one, now if the unit is known and again
+   * at each datagram it signs with the old secret. False if not enrolled.
+   */
+  rotateSecret(unitName: string): UnitIdentity | undefined {
+    const identity = this.identities?.rotate(unitName);
+    if (identity === undefined) return undefined;
+    const record = this.records.get(unitName);
+    if (record !== undefined) this.sendRotation(identity, record.address);
+    return identity;
+  }
+
+  private readonly selectKeys = (unitName: string, unitKey: boolean): readonly Buffer[] =>
+    unitKey ? (this.identities?.keysFor(unitName) ?? []) : [this.packetKey];
+
+  /** Datagrams to an enrolled unit are signed with its own secret. */
+  private signingFor(unitName: string): { key?: { packetKey: Buffer; unitKey: boolean } } {
+    const key = this.identities?.sendKey(unitName);
+    return key === undefined ? {} : { key: { packetKey: key, unitKey: true } };
+  }
+
   private receive(bytes: Buffer, from: Address): void {
-    const decoded = decodeFrame(bytes, this.packetKey);
+    const decoded = decodeFrame(bytes, this.selectKeys);
     if (decoded.kind === "invalid") return this.reject(decoded.reason, from, decoded.detail);
     const frame = decoded.frame;
     if (frame.fromStation) return this.reject("wrong_direction", from, `${frame.typeName} from a station`);
+    // Identities first: a refused datagram must touch no state (not even the replay window).
+    if (this.identities !== undefined && this.screen(this.identities, frame, from)) return;
     const nowMs = this.clock.nowMs();
     let record = this.records.get(frame.unitName);
     if (record === undefined && this.records.size >= this.unitsMax) {
@@ -385,9 +460,143 @@ export class DiscoveryListener {
         return this.onShutdown(record, frame, from);
       case "ACK":
       case "NEED_STORAGE_INFO":
+      case "ENROL":
+      case "REFUSE":
         // Units do not ACK (their STORAGE_INFO answers NEED_STORAGE_INFO); nothing to do.
         return;
     }
+  }
+
+  /**
+   * The identity rules (issue 7). True when the datagram was handled here
+   * (an enrolment) or refused; false to go on as an ordinary datagram.
+   */
+  private screen(identities: UnitIdentities, frame: Frame, from: Address): boolean {
+    const name = frame.unitName;
+    const identity = identities.get(name);
+    if (frame.unitKey) {
+      // decodeFrame verified it with this unit's secret (index 0) or the next one of a rotation (index 1).
+      if (identity === undefined) {
+        this.reject("unknown_unit", from, `unit ${name} is not enrolled`);
+        return true;
+      }
+      if (frame.keyIndex === 1) {
+        identities.promote(name);
+        this.log.info("unit secret rotated", { unit: name, epoch: identity.epoch + 1 });
+        this.emit({ kind: "unit_identity", unit: name, action: "rotated", from, unitId: identity.unitId, detail: `epoch ${identity.epoch + 1}` });
+      } else if (!identity.confirmed) {
+        identities.confirm(name);
+        this.log.info("unit enrolled", { unit: name, unitId: identity.unitId });
+        this.emit({ kind: "unit_identity", unit: name, action: "confirmed", from, unitId: identity.unitId, detail: "the unit signs with its own secret" });
+      } else if (identity.next !== null) {
+        this.sendRotation(identity, from);
+      }
+      return false;
+    }
+    const startup = frame.typeName === "STARTUP" ? decodeStartup(frame.payload) : undefined;
+    if (startup?.kind === "invalid") {
+      this.reject(startup.reason, from, `unit ${name} ${startup.detail}`);
+      return true;
+    }
+    const claimedId = startup?.value.unitId;
+    if (identity === undefined) {
+      // Not enrolled: a STARTUP with an id enrols; anything else is a unit from before issue 7 (cluster key, as before).
+      if (claimedId === undefined) return false;
+      if (!this.records.has(name) && this.records.size + identities.size >= this.unitsMax) {
+        this.reject("too_many_units", from, `unit ${name}: ${this.records.size} units known`);
+        return true;
+      }
+      const issued = identities.enrol(name, claimedId);
+      this.log.info("unit enrolling: secret issued", { unit: name, unitId: claimedId, from: `${from.host}:${from.port}` });
+      this.emit({ kind: "unit_identity", unit: name, action: "enrolled", from, unitId: claimedId, detail: "secret issued, sealed under the cluster key" });
+      identities.whenDurable(name, () => this.sendEnrol(issued, from)); // the secret is on disk before it leaves
+      return true;
+    }
+    if (claimedId !== undefined && claimedId === identity.unitId && !identity.confirmed) {
+      identities.whenDurable(name, () => this.sendEnrol(identity, from)); // our ENROL was lost: the same secret again
+      return true;
+    }
+    if (claimedId !== undefined && claimedId !== identity.unitId) {
+      const message =
+        `unit name ${name} is enrolled with another identity (${identity.unitId}); this unit is ${claimedId}. ` +
+        `Pick another --name, or if this unit replaces one whose data dir was lost, run: ipsan units forget ${name}`;
+      this.reject("impostor", from, `unit ${name}: STARTUP with id ${claimedId}, enrolled with ${identity.unitId}`);
+      this.noticeIdentity(name, from, "impostor", claimedId, message);
+      this.refuse(name, from, REFUSE_CODE.IMPOSTOR, message);
+      return true;
+    }
+    const message =
+      `unit name ${name} is enrolled: its datagrams must be signed with its own secret (DATA/unit.secret), not the cluster key` +
+      (claimedId === undefined ? " (this unit sent no identity: an ipsan older than issue 7?)" : "") +
+      `. If its data dir was lost, run: ipsan units forget ${name}`;
+    this.reject("unit_key_required", from, `unit ${name} is enrolled; ${frame.typeName} signed with the cluster key only`);
+    // While the enrolment is pending, the enrolling unit's own cluster-key datagrams are expected: no event for those.
+    if (identity.confirmed) this.noticeIdentity(name, from, "key_refused", claimedId ?? null, message);
+    if (frame.typeName === "STARTUP") this.refuse(name, from, REFUSE_CODE.UNIT_KEY_REQUIRED, message);
+    return true;
+  }
+
+  private noticeIdentity(name: string, from: Address, action: "impostor" | "key_refused", unitId: string | null, detail: string): void {
+    const key = `${action}|${name}|${from.host}:${from.port}|${unitId ?? ""}`;
+    const nowMs = this.clock.nowMs();
+    const last = this.identityNoticeAtMs.get(key);
+    if (last !== undefined && nowMs - last < IDENTITY_EVENT_HOLD_MS) return;
+    if (this.identityNoticeAtMs.size > 10_000) this.identityNoticeAtMs.clear();
+    this.identityNoticeAtMs.set(key, nowMs);
+    this.log.warn(action === "impostor" ? "refused a unit claiming an enrolled name with another identity" : "refused a datagram signed with the cluster key for an enrolled unit", {
+      unit: name,
+      from: `${from.host}:${from.port}`,
+      ...(unitId === null ? {} : { unitId }),
+    });
+    this.emit({ kind: "unit_identity", unit: name, action, from, unitId, detail });
+  }
+
+  /** REFUSE, signed with the cluster key (the refused sender holds nothing else), at most once per REFUSE_HOLD_MS per sender. */
+  private refuse(name: string, to: Address, code: number, message: string): void {
+    const key = `${name}|${to.host}:${to.port}`;
+    const nowMs = this.clock.nowMs();
+    const last = this.refuseAtMs.get(key);
+    if (last !== undefined && nowMs - last < REFUSE_HOLD_MS) return;
+    if (this.refuseAtMs.size > 10_000) this.refuseAtMs.clear();
+    this.refuseAtMs.set(key, nowMs);
+    this.send(to, this.session.frame({
+      type: MESSAGE_TYPE.REFUSE,
+      unitName: name,
+      messageId: this.session.nextMessageId(),
+      payload: encodeRefuse({ code, message }),
+      key: { packetKey: this.packetKey, unitKey: false },
+    }));
+  }
+
+  /** ENROL of a first secret: sealed under the cluster key's enrol key, signed with the cluster key. */
+  private sendEnrol(identity: UnitIdentity, to: Address): void {
+    const binding = { unitName: identity.name, unitId: identity.unitId, epoch: identity.epoch };
+    const box = sealUnitSecret(this.enrolKey, binding, identity.secret);
+    this.send(to, this.session.frame({
+      type: MESSAGE_TYPE.ENROL,
+      unitName: identity.name,
+      messageId: this.session.nextMessageId(),
+      payload: encodeEnrol({ epoch: identity.epoch, unitId: identity.unitId, ...box }),
+      key: { packetKey: this.packetKey, unitKey: false },
+    }));
+  }
+
+  /** ENROL of the next secret: sealed under the current secret's rotate key, signed with the current secret. */
+  private sendRotation(identity: UnitIdentity, to: Address): void {
+    if (identity.next === null) return;
+    const nowMs = this.clock.nowMs();
+    const last = this.rotationSentAtMs.get(identity.name);
+    if (last !== undefined && nowMs - last < ROTATION_RESEND_MS) return;
+    this.rotationSentAtMs.set(identity.name, nowMs);
+    const epoch = identity.epoch + 1;
+    const box = sealUnitSecret(rotateKeyFor(identity.secret), { unitName: identity.name, unitId: identity.unitId, epoch }, identity.next);
+    this.send(to, this.session.frame({
+      ...this.signingFor(identity.name),
+      type: MESSAGE_TYPE.ENROL,
+      unitName: identity.name,
+      messageId: this.session.nextMessageId(),
+      payload: encodeEnrol({ epoch, unitId: identity.unitId, ...box }),
+    }));
   }
 
   /** A datagram from a session we have not seen: the unit (re)started, or we did. */
@@ -534,6 +743,7 @@ export class DiscoveryListener {
     this.send(
       record.address,
       this.session.frame({
+        ...this.signingFor(record.name),
         type: MESSAGE_TYPE.ACK,
         unitName: record.name,
         messageId: this.session.nextMessageId(),

@@ -16,15 +16,18 @@ import { logger, type Logger } from "../util/log.ts";
 import { realClock, type Clock, type Random, type TimerHandle } from "./clock.ts";
 import {
   decodeAck,
+  decodeEnrol,
   decodeFrame,
   decodeNeedStorageInfo,
+  decodeRefuse,
   encodeHeartbeat,
   encodeShutdown,
   encodeStartup,
   encodeStorageInfo,
   splitFragments,
 } from "./codec.ts";
-import { packetKeyFor } from "./keys.ts";
+import { openUnitSecret, packetKeyFor } from "./keys.ts";
+import type { UnitCredentials } from "./unit_identity.ts";
 import {
   MESSAGE_TYPE,
   REJECT_REASONS,
@@ -53,7 +56,11 @@ export type AgentEvent =
   | { readonly kind: "joined"; readonly station: Address }
   | { readonly kind: "storage_info_sent"; readonly generation: number; readonly fragments: number; readonly bytes: number }
   | { readonly kind: "storage_info_acked"; readonly generation: number }
-  | { readonly kind: "packet_rejected"; readonly reason: RejectReason; readonly detail: string };
+  | { readonly kind: "packet_rejected"; readonly reason: RejectReason; readonly detail: string }
+  /** The station gave this unit its own secret (epoch 1) or a rotated one; it is stored and in use. */
+  | { readonly kind: "enrolled"; readonly epoch: number }
+  /** The station refused this unit (REFUSE): its text says why and what to do. */
+  | { readonly kind: "refused"; readonly code: number; readonly message: string };
 
 export interface StationAgentOptions {
   readonly unitName: string;
@@ -76,6 +83,13 @@ export interface StationAgentOptions {
   readonly wrapSocket?: (socket: DatagramSocket) => DatagramSocket;
   /** DNS resolution (injectable for tests). */
   readonly resolve?: (host: string) => Promise<string>;
+  /**
+   * The unit's identity and secret (issue 7): STARTUP carries its id, the
+   * station's ENROL is stored, and once enrolled every datagram is signed
+   * with the unit's own key. Without it the unit speaks with the cluster key
+   * only (simulations; units before issue 7).
+   */
+  readonly credentials?: UnitCredentials;
 }
 
 /** Changes within this time are sent as one STORAGE_INFO. */
@@ -90,6 +104,9 @@ export class StationAgent {
   private readonly unitName: string;
   private readonly stationSpec: Address;
   private readonly packetKey: Buffer;
+  private readonly credentials: UnitCredentials | undefined;
+  /** An ENROL's secret is being written to DATA/unit.secret. */
+  private installing = false;
   private readonly storageInfo: () => StorageInfo;
   private readonly backoff: BackoffPolicy;
   private readonly shutdownAckTimeoutMs: number;
@@ -125,6 +142,7 @@ export class StationAgent {
     this.unitName = options.unitName;
     this.stationSpec = options.station;
     this.packetKey = packetKeyFor(options.clusterKey);
+    this.credentials = options.credentials;
     this.storageInfo = options.storageInfo;
     this.heartbeatIntervalMs = options.heartbeatIntervalMs ?? DEFAULT_LIVENESS_TIMERS.heartbeatIntervalMs;
     this.backoff = options.backoff ?? backoffFromEnv();
@@ -138,6 +156,10 @@ export class StationAgent {
     this.ownsSocket = options.socket === undefined;
     this.replay = new ReplayGuard({ skewMsMax: options.skewMsMax ?? TIMESTAMP_SKEW_MS_MAX });
     this.session = new SendSession({ packetKey: this.packetKey, clock: this.clock, fromStation: false });
+    if (this.credentials !== undefined) {
+      const key = this.credentials.sendKey();
+      this.session.setKey(key.packetKey, key.unitKey);
+    }
   }
 
   get state(): AgentState {
@@ -272,7 +294,8 @@ export class StationAgent {
   }
 
   private receive(bytes: Buffer): void {
-    const decoded = decodeFrame(bytes, this.packetKey);
+    const credentials = this.credentials;
+    const decoded = decodeFrame(bytes, credentials === undefined ? this.packetKey : (_name, unitKey) => credentials.receiveKeys(unitKey));
     if (decoded.kind === "invalid") return this.reject(decoded.reason, decoded.detail);
     const frame = decoded.frame;
     if (!frame.fromStation) return this.reject("wrong_direction", `${frame.typeName} from a unit`);
@@ -307,7 +330,48 @@ export class StationAgent {
       else if (this.clock.nowMs() - this.info.lastSentMs >= this.backoff.initialMs) this.info.retransmitter.nudge();
       return;
     }
+    if (frame.typeName === "ENROL") return this.onEnrol(frame.payload, frame.unitKey);
+    if (frame.typeName === "REFUSE") {
+      const refusal = decodeRefuse(frame.payload);
+      if (refusal.kind === "invalid") return this.reject(refusal.reason, refusal.detail);
+      this.log.limited("agent-refused", "station refused this unit", { unit: this.unitName, message: refusal.value.message });
+      this.emit({ kind: "refused", code: refusal.value.code, message: refusal.value.message });
+      return;
+    }
     // Any other type was refused by decodeFrame (wrong direction).
+  }
+
+  /** ENROL: the station's secret for this unit, sealed; stored durably, then used for every datagram. */
+  private onEnrol(payload: Buffer, rotation: boolean): void {
+    const credentials = this.credentials;
+    if (credentials === undefined) return this.reject("bad_payload", "ENROL to a unit without an identity");
+    const enrol = decodeEnrol(payload);
+    if (enrol.kind === "invalid") return this.reject(enrol.reason, enrol.detail);
+    const { epoch, unitId } = enrol.value;
+    if (unitId !== credentials.unitId) return this.reject("bad_payload", `ENROL for unit id ${unitId}, this unit is ${credentials.unitId}`);
+    if (epoch <= credentials.epoch || this.installing) return; // already stored (a repeated ENROL), or being stored
+    if (rotation && epoch !== credentials.epoch + 1) return this.reject("bad_payload", `ENROL of epoch ${epoch}, this unit holds ${credentials.epoch}`);
+    const wrapKey = credentials.unwrapKey(rotation);
+    const secret = wrapKey === null ? null : openUnitSecret(wrapKey, { unitName: this.unitName, unitId, epoch }, enrol.value);
+    if (secret === null) return this.reject("bad_payload", "ENROL secret does not open with this unit's key");
+    this.installing = true;
+    credentials
+      .install(epoch, secret)
+      .then(() => {
+        const key = credentials.sendKey();
+        this.session.setKey(key.packetKey, key.unitKey);
+        this.log.info(rotation ? "unit secret rotated" : "enrolled: the station gave this unit its own secret", { unit: this.unitName, epoch });
+        this.emit({ kind: "enrolled", epoch });
+        // Show the station at once that we hold it: STARTUP again while joining, else a heartbeat.
+        if (this.currentState === "starting") this.startup?.retransmitter.nudge();
+        else if (this.currentState === "joined") this.sendFrame(MESSAGE_TYPE.HEARTBEAT, this.session.nextMessageId(), encodeHeartbeat({ generation: this.generation }));
+      })
+      .catch((error: unknown) => {
+        this.log.error("cannot store the unit secret; the station will offer it again", { unit: this.unitName, error: errorMessage(error) });
+      })
+      .finally(() => {
+        this.installing = false;
+      });
   }
 
   private joined(): void {
@@ -353,7 +417,7 @@ export class StationAgent {
     }
     if (this.currentState !== "starting") return;
     const messageId = this.session.nextMessageId();
-    const payload = encodeStartup({ generation: this.generation });
+    const payload = encodeStartup({ generation: this.generation, ...(this.credentials === undefined ? {} : { unitId: this.credentials.unitId }) });
     const retransmitter = new Retransmitter({
       clock: this.clock,
       policy: this.backoff,
@@ -423,7 +487,9 @@ export class StationAgent {
     this.heartbeatTimer = this.clock.setTimeout(() => {
       this.heartbeatTimer = null;
       if (this.currentState !== "starting" && this.currentState !== "joined") return;
-      this.sendFrame(MESSAGE_TYPE.HEARTBEAT, this.session.nextMessageId(), encodeHeartbeat({ generation: this.generation }));
+      // A unit waiting for its first secret has nothing to say yet (a cluster-key heartbeat would be refused).
+      const enrolling = this.currentState === "starting" && this.credentials !== undefined && !this.credentials.enrolled;
+      if (!enrolling) this.sendFrame(MESSAGE_TYPE.HEARTBEAT, this.session.nextMessageId(), encodeHeartbeat({ generation: this.generation }));
       this.scheduleHeartbeat();
     }, this.heartbeatIntervalMs);
   }

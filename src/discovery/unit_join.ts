@@ -1,16 +1,19 @@
 // The glue between `ipsan unit` (src/unit/main.ts) and the discovery agent:
 // the --station / --cluster-key-file / --dns-name flags, their checks, the
-// derived control token the unit accepts from the station, the storage-info
+// control tokens the unit accepts from the station (its credentials: the
+// cluster key's before enrolment, its own secret's after), the storage-info
 // callback built from the unit's table snapshot, and change detection.
 // main.ts calls these from one delimited block so the unit's own code stays
 // the unit helper's.
 
+import { join as joinPath } from "node:path";
 import { UsageError } from "../util/errors.ts";
 import { parseHostPort, type FlagSpec } from "../util/flags.ts";
 import { logger } from "../util/log.ts";
-import { controlTokenFor, loadClusterKey, type ClusterKey } from "./keys.ts";
+import { loadClusterKey, type ClusterKey } from "./keys.ts";
 import { FREE_EXTENTS_MAX, ZONE_PATTERN, type HostPort, type LbaExtent, type NbdTlsMode, type StorageInfo, type VolumeInfo } from "./messages.ts";
 import { StationAgent } from "./unit_agent.ts";
+import { UNIT_SECRET_FILE_NAME, UnitCredentials, loadUnitSecret, saveUnitSecret } from "./unit_identity.ts";
 
 /** Flags to add to `ipsan unit`'s parseFlags options. */
 export const JOIN_FLAGS = {
@@ -81,11 +84,22 @@ export async function loadJoinKey(join: JoinConfig): Promise<ClusterKey> {
   }
 }
 
-/** The extra control token the unit accepts when joined: the one the station derives for it. */
-export function joinTokens(key: ClusterKey, unitName: string): () => readonly string[] {
-  const tokens = [controlTokenFor(key, unitName)];
-  return () => tokens;
+/**
+ * The extra control tokens the unit accepts when joined: the station's.
+ * Until startJoin has read DATA/unit.secret, none; then the one derived from
+ * the unit's own secret once enrolled, or from the cluster key before
+ * (UnitCredentials.controlTokens).
+ */
+export interface JoinTokens {
+  readonly tokens: () => readonly string[];
+  credentials: UnitCredentials | undefined;
 }
+
+export function joinTokens(): JoinTokens {
+  const source: JoinTokens = { tokens: () => source.credentials?.controlTokens() ?? [], credentials: undefined };
+  return source;
+}
+
 
 /** What the unit's table snapshot looks like (src/unit/volumes.ts StorageInfoSnapshot). */
 export interface TableSnapshot {
@@ -101,7 +115,11 @@ export interface JoinedUnit {
   readonly name: string;
   readonly nbd: { host: string; port: number } | { path: string };
   readonly control: HostPort | undefined;
-  readonly manager: { snapshot(): TableSnapshot; readonly generation: number };
+  readonly manager: { snapshot(): TableSnapshot; readonly generation: number; readonly unitId: string };
+  /** DATA: holds unit.secret once the station has enrolled the unit. */
+  readonly dataDir: string;
+  /** Filled with the unit's credentials, for the control API's tokens. */
+  readonly tokens?: JoinTokens;
   /** The NBD server's TLS mode, in every storage info (the station grants by host identity unless it is "off"). */
   readonly tls?: NbdTlsMode;
 }
@@ -147,7 +165,33 @@ export async function startJoin(join: JoinConfig, key: ClusterKey, unit: JoinedU
       ...(unit.tls === undefined ? {} : { tls: unit.tls }),
     };
   };
-  const agent = new StationAgent({ unitName: unit.name, station: join.station, clusterKey: key, storageInfo });
+  const secretPath = joinPath(unit.dataDir, UNIT_SECRET_FILE_NAME);
+  const stored = await loadUnitSecret(secretPath);
+  if (stored !== null && !UnitCredentials.matches(stored, unit.name, unit.manager.unitId)) {
+    log.warn("unit.secret belongs to another unit name or identity; enrolling afresh", {
+      unit: unit.name,
+      unitId: unit.manager.unitId,
+      file: secretPath,
+      fileUnit: stored.unit,
+      fileUnitId: stored.unitId,
+    });
+  }
+  const credentials = new UnitCredentials({
+    unitName: unit.name,
+    unitId: unit.manager.unitId,
+    clusterKey: key,
+    stored,
+    save: (secret) => saveUnitSecret(secretPath, secret),
+  });
+  if (unit.tokens !== undefined) unit.tokens.credentials = credentials;
+  const agent = new StationAgent({ unitName: unit.name, station: join.station, clusterKey: key, storageInfo, credentials });
+  let lastRefusal = "";
+  agent.subscribe((event) => {
+    if (event.kind !== "refused" || event.message === lastRefusal) return;
+    lastRefusal = event.message;
+    // Printed once per distinct reason: what the operator must read.
+    process.stderr.write(`ipsan unit ${unit.name}: station refused: ${event.message}\n`);
+  });
   await agent.start();
   let generation = unit.manager.generation;
   const poll = setInterval(() => {
@@ -157,7 +201,12 @@ export async function startJoin(join: JoinConfig, key: ClusterKey, unit: JoinedU
     agent.notifyChanged();
   }, CHANGE_POLL_MS);
   poll.unref();
-  log.info("joining station", { unit: unit.name, station: `${join.station.host}:${join.station.port}` });
+  log.info("joining station", {
+    unit: unit.name,
+    unitId: unit.manager.unitId,
+    enrolled: credentials.enrolled,
+    station: `${join.station.host}:${join.station.port}`,
+  });
   return {
     agent,
     async stop() {

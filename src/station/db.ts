@@ -178,6 +178,22 @@ export const MIGRATIONS: readonly Migration[] = [
     `,
   },
   {
+    version: 8,
+    description: "unit identities: each enrolled unit's id and its own secret (issue 7; src/station/unit_identities.ts)",
+    sql: `
+      CREATE TABLE unit_identities (
+        name TEXT PRIMARY KEY,
+        unit_id TEXT NOT NULL,
+        epoch INTEGER NOT NULL,
+        secret BLOB NOT NULL,
+        next_secret BLOB,
+        confirmed INTEGER NOT NULL DEFAULT 0,
+        enrolled_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+      ) WITHOUT ROWID;
+    `,
+  },
+  {
     version: 9,
     description: "NBD over TLS: each unit's TLS mode as it last said, each host's key epoch (ipsan hosts rotate-key)",
     sql: `

@@ -14,6 +14,7 @@ import { createServer as createHttpsServer } from "node:https";
 import type { AddressInfo } from "node:net";
 import { IpsanError, errorMessage } from "../util/errors.ts";
 import { logger } from "../util/log.ts";
+import { forgetIdentity, identityOf, rotateSecret } from "./unit_identities.ts";
 import { openApiDocument } from "./openapi.ts";
 import { COPIES_MAX, NoSpaceError, type Station } from "./station.ts";
 import { LIVE_ASSIGNMENT_STATES, type StationEvent, UNIT_STATES, HOST_STATES, ASSIGNMENT_STATES, type VolumeRecord } from "./types.ts";
@@ -464,6 +465,19 @@ export class ApiServer {
         await station.refreshUnit(unit.name);
         return { status: 200, body: unitView(store.units.get(unit.name) ?? unit, store.unitVolumes(unit.name).size, station.usableFreeBytes(unit.name)) };
       }, true),
+      // Unit identities (issue 7; src/station/unit_identities.ts)
+      r("GET", "/api/v1/units/:name/identity", ({ params, query }) => {
+        checkQuery(query, []);
+        return { status: 200, body: identityOf(station.options.unitIdentities, checkName(params[0], "unit")) };
+      }),
+      r("POST", "/api/v1/units/:name/rotate-secret", ({ params, body }) => {
+        new Body(body, []);
+        return { status: 202, body: rotateSecret(station.options.unitIdentities, store, checkName(params[0], "unit")) };
+      }, true),
+      r("DELETE", "/api/v1/units/:name/identity", ({ params, query }) => {
+        checkQuery(query, []);
+        return { status: 200, body: forgetIdentity(station.options.unitIdentities, store, checkName(params[0], "unit")) };
+      }),
       r("GET", "/api/v1/volumes", ({ query }) => {
         checkQuery(query, ["unit", "free", "offset", "limit"]);
         const unitFilter = query.get("unit");

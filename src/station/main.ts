@@ -17,6 +17,8 @@ import { CLUSTER_KEY_FILE_NAME, loadOrCreateClusterKey } from "../discovery/keys
 import { SnmpTrapListener } from "../discovery/snmp.ts";
 import { attachSnmp } from "../discovery/snmp_join.ts";
 import { DiscoveryListener } from "../discovery/station_listener.ts";
+import { UnitIdentities } from "../discovery/identities.ts";
+import { identityPersistence } from "./unit_identities.ts";
 import { IpsanError, UsageError, errorMessage } from "../util/errors.ts";
 import { parseFlags, parseHostPort } from "../util/flags.ts";
 import { logger } from "../util/log.ts";
@@ -50,7 +52,8 @@ const USAGE = `usage: ipsan station --data DIR [--http HOST:PORT] [--discovery H
 
   --data DIR             station state: admin.token, cluster.key, host-keys.secret, station.db, audit.log (created on first start)
   --http HOST:PORT       REST API (default ${DEFAULT_HTTP}; port 0 picks a free port)
-  --discovery HOST:PORT  UDP auto-configuration protocol (default ${DEFAULT_DISCOVERY})
+  --discovery HOST:PORT  UDP auto-configuration protocol (default ${DEFAULT_DISCOVERY}); units enrol with
+                         DATA/cluster.key, which "ipsan station rotate-cluster-key --data DIR" replaces
 ${HOST_FAILOVER_AFTER_USAGE}
   --snmp HOST:PORT       also listen for SNMPv2c traps (off by default)
   --snmp-community NAME  SNMP community accepted (default "public")
@@ -105,6 +108,8 @@ function urlHost(host: string): string {
 }
 
 export async function stationMain(argv: readonly string[]): Promise<number> {
+  // ipsan station rotate-cluster-key --data DIR (issue 7): src/station/rotate_cluster_key.ts
+  if (argv[0] === "rotate-cluster-key") return (await import("./rotate_cluster_key.ts")).rotateClusterKeyMain(argv.slice(1));
   const { values, positionals } = parseFlags(
     argv,
     {
@@ -157,11 +162,19 @@ export async function stationMain(argv: readonly string[]): Promise<number> {
   const audit = await AuditLog.open(join(dataDir, AUDIT_FILE_NAME));
   const checkpointer = startCheckpointer(databasePath, (message) => log.limited("checkpoint", "WAL checkpoint failed", { error: message }));
   const metrics = new StationMetrics();
-  const station = new Station(store, metrics, { clusterKey, hostKeySecret, ...options });
-
-  const listener = new DiscoveryListener({ clusterKey });
+  // Unit identities (issue 7): enrolled units' ids and own secrets, in the database (migration 8).
+  const identities = new UnitIdentities({ persistence: identityPersistence(store.database) });
+  const listener = new DiscoveryListener({ clusterKey, identities });
+  const station = new Station(store, metrics, { clusterKey, hostKeySecret, ...options, unitIdentities: { identities, rotate: (unit) => listener.rotateSecret(unit) } });
   listener.subscribe((event) => {
     switch (event.kind) {
+      case "unit_identity":
+        store.recordUnitEvent(IDENTITY_EVENT_ACTIONS[event.action], event.unit, {
+          from: `${event.from.host}:${event.from.port}`,
+          unitId: event.unitId,
+          detail: event.detail,
+        });
+        return;
       case "unit_storage_info":
         station
           .applyStorageInfo(event.info, event.from.host, listener.unit(event.unit)?.state ?? "online")
@@ -241,6 +254,15 @@ export async function stationMain(argv: readonly string[]): Promise<number> {
   log.info("stopped");
   return 0;
 }
+
+/** Station event actions (type "unit") for the discovery listener's identity events. */
+const IDENTITY_EVENT_ACTIONS = {
+  enrolled: "unit-enrolling",
+  confirmed: "unit-enrolled",
+  rotated: "unit-secret-rotated",
+  impostor: "unit-impostor",
+  key_refused: "unit-key-refused",
+} as const;
 
 interface SnmpHandle {
   readonly address: { host: string; port: number };

@@ -42,6 +42,19 @@ const extent = {
   properties: { startLba: { type: "integer" }, lengthLba: { type: "integer" }, endLba: { type: "integer", description: "inclusive" } },
 };
 
+/** GET /api/v1/units/NAME/identity (src/station/unit_identities.ts IdentityView). */
+const IDENTITY_SCHEMA = {
+  type: "object",
+  properties: {
+    unit: { type: "string" },
+    unitId: { type: "string", description: "the unit's UUID (its volume table's unitId)" },
+    epoch: { type: "integer", description: "1 at first join, +1 per rotation" },
+    state: { type: "string", enum: ["pending", "enrolled", "rotating"] },
+    enrolledAt: { type: "string", format: "date-time" },
+    updatedAt: { type: "string", format: "date-time" },
+  },
+} as const;
+
 export function openApiDocument(version: string): unknown {
   return {
     openapi: "3.1.0",
@@ -256,6 +269,25 @@ export function openApiDocument(version: string): unknown {
           summary: "Read the unit's info through its control API now",
           parameters: [pathParam("unit", "unit name")],
           responses: { "200": ok("unit", ref("Unit")), "404": error("no such unit"), "503": error("unit unreachable"), ...errors },
+        },
+      },
+      "/api/v1/units/{unit}/identity": {
+        get: {
+          summary: "The unit's enrolled identity (issue 7): its id, secret epoch and state; never the secret",
+          parameters: [pathParam("unit", "unit name")],
+          responses: { "200": ok("identity", IDENTITY_SCHEMA), "404": error("not enrolled"), ...errors },
+        },
+        delete: {
+          summary: "Forget the unit's identity: the next unit claiming the name enrols afresh (replacing a unit whose data dir was lost)",
+          parameters: [pathParam("unit", "unit name")],
+          responses: { "200": ok("forgotten", { type: "object", properties: { unit: { type: "string" }, unitId: { type: "string" }, forgotten: { type: "boolean" } } }), "404": error("not enrolled"), ...errors },
+        },
+      },
+      "/api/v1/units/{unit}/rotate-secret": {
+        post: {
+          summary: "Rotate the unit's own secret: the next one goes to the unit sealed under the current one; the unit switches at its next datagram",
+          parameters: [pathParam("unit", "unit name")],
+          responses: { "202": ok("rotation started", IDENTITY_SCHEMA), "404": error("not enrolled"), "409": error("still enrolling"), ...errors },
         },
       },
       "/api/v1/volumes": {

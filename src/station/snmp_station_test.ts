@@ -4,11 +4,15 @@
 // --control-token-file) is announced by net-snmp's real `snmptrap` (coldStart
 // naming the unit and its control address); the station fetches its storage
 // info over the control API, lists it online with its volumes, allocates on it
-// (the unit's grant shows the host), and a linkDown trap marks it down.
+// (the unit's grant shows the host), and a linkDown trap marks it down. A trap
+// never speaks for an enrolled unit (issue 7): a linkDown does not mark it
+// down, and a coldStart naming it never makes the station send a token to the
+// control address the trap names.
 
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { writeFileSync } from "node:fs";
+import { createServer } from "node:http";
 import { readFile } from "node:fs/promises";
 import { OID } from "../discovery/snmp.ts";
 import { controlTokenFor, parseClusterKey } from "../discovery/keys.ts";
@@ -17,7 +21,7 @@ import { makeTempDir } from "../testing/tmp.ts";
 import { startUnit, type RunningUnit } from "../testing/unit.ts";
 import { startStation, type RunningStation } from "./harness.ts";
 import { controlRequest } from "../testing/control.ts";
-import type { Assignment } from "./pool_harness.ts";
+import { joinArgs, type Assignment } from "./pool_harness.ts";
 
 const COMMUNITY = "ipsan-test";
 const tmp = makeTempDir("snmp-station");
@@ -83,4 +87,34 @@ test("a coldStart trap brings a unit into the pool; allocation works on it; link
   );
   const metrics = (await station.api("GET", "/metrics")).text;
   assert.match(metrics, /snmp/);
+});
+
+test("traps never speak for an enrolled unit: no linkDown, no control fetch to the address a trap names", async () => {
+  const enrolled = await startUnit({ name: "enrolled1", capacity: "64M", control: true, volumes: [{ name: "e1", size: "4M" }], extraArgs: joinArgs(station) });
+  const requests: string[] = [];
+  const capture = createServer((request, response) => {
+    requests.push(`${request.method} ${request.url} ${request.headers.authorization ?? ""}`);
+    response.writeHead(500).end();
+  });
+  await new Promise<void>((resolve) => capture.listen(0, "127.0.0.1", resolve));
+  try {
+    const state = async (): Promise<string | undefined> => ((await station.api("GET", "/api/v1/units/enrolled1")).body as { state?: string }).state;
+    await waitFor("enrolled1 online and enrolled", async () => {
+      const identity = await station.api("GET", "/api/v1/units/enrolled1/identity");
+      return (await state()) === "online" && (identity.body as { state?: string }).state === "enrolled" ? true : undefined;
+    }, { timeoutMs: 10_000 });
+    await trap(OID.linkDown, [OID.ipsanUnitName0, "s", "enrolled1"]);
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    assert.equal(await state(), "online", "a linkDown trap does not mark an enrolled unit down");
+    await enrolled.stop();
+    await waitFor("enrolled1 down after its SHUTDOWN", async () => ((await state()) === "down" ? true : undefined), { timeoutMs: 5_000 });
+    const address = capture.address() as { port: number };
+    await trap(OID.coldStart, [OID.ipsanUnitName0, "s", "enrolled1", OID.ipsanUnitControl0, "s", `127.0.0.1:${address.port}`]);
+    await new Promise((resolve) => setTimeout(resolve, 1_500));
+    assert.deepEqual(requests, [], "the station sent nothing (no token) to the address the trap named");
+    assert.equal(await state(), "down", "the trap did not bring it back");
+  } finally {
+    capture.close();
+    await enrolled.close();
+  }
 });

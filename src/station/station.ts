@@ -17,6 +17,7 @@
 import { randomBytes } from "node:crypto";
 import { lookup } from "node:dns/promises";
 import { isIP } from "node:net";
+import type { UnitIdentities, UnitIdentity } from "../discovery/identities.ts";
 import { controlTokenFor } from "../discovery/keys.ts";
 import { type NbdTlsMode, type StorageInfo, type VolumeInfo, identityGrant } from "../discovery/messages.ts";
 import { parseCidr } from "../unit/cidr.ts";
@@ -97,6 +98,12 @@ export interface StationOptions {
   readonly hostFailoverAfterMs?: number;
   /** What hosts' NBD keys are derived from (host_keys.ts); default: a random one for this process only. */
   readonly hostKeySecret?: HostKeySecret;
+  /**
+   * Enrolled units (issue 7): their control API is called with the token of
+   * their own secret; `rotate` starts a rotation (the discovery listener
+   * delivers the next secret). Without it every unit gets the cluster-key token.
+   */
+  readonly unitIdentities?: { readonly identities: UnitIdentities; rotate(unit: string): UnitIdentity | undefined };
 }
 
 export const DEFAULT_STATION_OPTIONS = {
@@ -283,14 +290,16 @@ export class Station {
       throw new IpsanError("CONFLICT", `unit ${unitName} has no control API (it reported none): cannot change its volumes`, { field: "unit" });
     }
     const control = reachableNbd(unit.control, unit.addresses) ?? unit.control;
-    const key = `${unitName}@${control.host}:${control.port}`;
+    // An enrolled unit accepts only the token of its own secret; others (units before issue 7) the cluster key's.
+    const token = this.options.unitIdentities?.identities.controlToken(unitName) ?? controlTokenFor(this.options.clusterKey, unitName);
+    const key = `${unitName}@${control.host}:${control.port}#${token.slice(0, 16)}`;
     let client = this.clients.get(key);
     if (client === undefined) {
       for (const old of this.clients.keys()) if (old.startsWith(`${unitName}@`)) this.clients.delete(old);
       client = new UnitClient({
         unit: unitName,
         control,
-        token: controlTokenFor(this.options.clusterKey, unitName),
+        token,
         ...(this.options.unitCallTimeoutMs === undefined ? {} : { timeoutMs: this.options.unitCallTimeoutMs }),
         onCall: (result) => this.metrics.unitCalls.inc(result),
         keyFor: (host) => this.hostKey(host, unitName),

@@ -399,6 +399,16 @@ export class StationStore {
     return result;
   }
 
+  /** The connection, for tables kept by their own module (unit identities, src/station/unit_identities.ts). */
+  get database(): Db {
+    return this.db;
+  }
+
+  /** Records one unit event on its own (identity events: enrolled, impostor, ...), durably. */
+  recordUnitEvent(action: string, subject: string, data: unknown): void {
+    this.commit((batch) => batch.event("unit", action, subject, data));
+  }
+
   subscribe(listener: (event: StationEvent) => void): () => void {
     this.listeners.add(listener);
     return () => this.listeners.delete(listener);

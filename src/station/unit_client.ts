@@ -1,7 +1,8 @@
 // The station's client of a unit's control API (contracts.md, "Unit control
 // API"): create, delete, grow and partition volumes, put grants, read info.
-// It authenticates with the token derived from the cluster key for that unit
-// (controlTokenFor), so the station never stores per-unit secrets.
+// It authenticates with the token the station core gives it: derived from the
+// unit's own secret once the unit is enrolled (issue 7, unitControlTokenFor),
+// else from the cluster key (controlTokenFor, units that never enrolled).
 //
 // Every call has a timeout; network failures, timeouts and 5xx answers (but 507, no space) are
 // retried a bounded number of times with backoff (every call here is

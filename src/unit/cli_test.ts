@@ -10,7 +10,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { run } from "../testing/process.ts";
+import { run, waitFor } from "../testing/process.ts";
 import { makeTempDir } from "../testing/tmp.ts";
 import { IPSAN_BIN, startUnit } from "../testing/unit.ts";
 
@@ -65,6 +65,8 @@ test("ready line, control line, SIGTERM exits 0; capacity never shrinks; one uni
     assert.match(lines[0] ?? "", new RegExp(`^ipsan unit clitest ready nbd://127\\.0\\.0\\.1:${unit.port}$`));
     assert.ok(unit.port > 0);
     assert.match(lines[1] ?? "", /^ipsan unit clitest control http:\/\/127\.0\.0\.1:[1-9][0-9]*$/);
+    await waitFor("the id line", () => (unit.stdoutLines().length >= 3 ? true : undefined), { timeoutMs: 5_000 });
+    assert.match(unit.stdoutLines()[2] ?? "", /^ipsan unit clitest id [0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/);
     const second = await ipsan(["unit", "--data", unit.dataDir, "--capacity", "64M", "--listen", "127.0.0.1:0"]);
     assert.equal(second.code, 1);
     assert.match(second.stderr, new RegExp(`locked: another unit \\(pid ${unit.pid}\\)`));

@@ -226,6 +226,7 @@ export class ControlServer {
         status: 200,
         body: {
           name: this.#options.unitName,
+          unitId: manager.unitId,
           capacityBytes: snapshot.capacityBytes,
           freeBytes: snapshot.freeBytes,
           sectorSize: snapshot.sectorSize,

@@ -18,7 +18,7 @@ import { logger } from "../util/log.ts";
 import { formatSize, parseSize } from "../util/size.ts";
 import { METADATA_AREA_BYTES, TABLE_SLOT_COUNT } from "./layout.ts";
 import { Storage, UnitLock } from "./storage.ts";
-import { type VolumeTable, emptyTable } from "./table.ts";
+import { type VolumeTable, emptyTable, newUnitId } from "./table.ts";
 import { type Inspection, TableStore, describeSlot } from "./table_store.ts";
 import { growStorage } from "./volume_ops.ts";
 import { LOCK_FILE_NAME, STORAGE_FILE_NAME } from "./volumes.ts";
@@ -86,7 +86,8 @@ export async function formatUnitStorage(options: FormatOptions): Promise<FormatR
         : Storage.openFile(finalPath, options.capacityBytes);
     storage = opened.storage;
     const inspection = opened.created ? undefined : await TableStore.inspect(storage);
-    let table: VolumeTable = emptyTable(storage.sizeBytes);
+    // A new identity unless the kept table has one (--from-slot keeps the unit's identity).
+    let table: VolumeTable = { ...emptyTable(storage.sizeBytes), unitId: newUnitId() };
     let kept = "";
     if (options.fromSlot !== undefined) {
       const chosen = inspection?.slots[options.fromSlot];
@@ -97,6 +98,7 @@ export async function formatUnitStorage(options: FormatOptions): Promise<FormatR
         throw new UsageError(`--from-slot ${options.fromSlot}: its table was written for ${chosen.decoded.table.storageBytes} bytes but ${storage.path} is ${storage.sizeBytes} bytes`);
       }
       table = storage.sizeBytes > chosen.decoded.table.storageBytes ? growStorage(chosen.decoded.table, storage.sizeBytes).table : chosen.decoded.table;
+      if (table.unitId === undefined) table = { ...table, unitId: newUnitId() };
       kept = `slot ${options.fromSlot}'s table (${volumesText(table)})`;
     }
     const there = inspection === undefined ? "" : whatIsThere(inspection);

@@ -288,7 +288,8 @@ export async function unitMain(argv: readonly string[]): Promise<number> {
   let config = parseUnitArgs(argv);
   // ---- discovery (--station): accept the station's derived token; unassigned volumes go to nobody ----
   const joinKey = config.join === undefined ? undefined : await loadJoinKey(config.join);
-  if (joinKey !== undefined) config = { ...config, extraTokens: joinTokens(joinKey, config.name), joined: () => true };
+  const stationTokens = joinKey === undefined ? undefined : joinTokens();
+  if (stationTokens !== undefined) config = { ...config, extraTokens: stationTokens.tokens, joined: () => true };
   // ---- end discovery ----
   // Signal handlers go in before anything starts: a SIGTERM that arrives while
   // the unit is starting (or right after its ready line) still stops it cleanly.
@@ -321,11 +322,13 @@ export async function unitMain(argv: readonly string[]): Promise<number> {
       if (unit.control !== undefined) {
         process.stdout.write(`ipsan unit ${config.name} control http://${hostForUrl(unit.control.host)}:${unit.control.port}\n`);
       }
+      // The unit's identity (issue 7), on a line of its own after the contract lines above.
+      process.stdout.write(`ipsan unit ${config.name} id ${unit.manager.unitId}\n`);
       // ---- discovery (--station): join the station's pool (STARTUP, storage info, heartbeats) ----
-      join = config.join === undefined || joinKey === undefined ? undefined : await startJoin(config.join, joinKey, { name: config.name, nbd: unit.nbd, control: unit.control, manager: unit.manager, tls: config.tls });
+      join = config.join === undefined || joinKey === undefined ? undefined : await startJoin(config.join, joinKey, { name: config.name, nbd: unit.nbd, control: unit.control, manager: unit.manager, dataDir: config.dataDir, tls: config.tls, ...(stationTokens === undefined ? {} : { tokens: stationTokens }) });
       // ---- end discovery ----
       const snapshot = unit.manager.snapshot();
-      log.info("serving", { name: config.name, storage: unit.manager.storage.path, capacityBytes: snapshot.capacityBytes, volumes: snapshot.volumes.length });
+      log.info("serving", { name: config.name, unitId: unit.manager.unitId, storage: unit.manager.storage.path, capacityBytes: snapshot.capacityBytes, volumes: snapshot.volumes.length });
       if (signalled === undefined) {
         await new Promise<void>((resolve) => {
           onStopRequest = resolve;

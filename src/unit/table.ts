@@ -12,9 +12,12 @@
 // Body: UTF-8 JSON of the VolumeTable with extents as [startLba, lengthLba] pairs,
 // and "bothSlots": true when the writer keeps every acknowledged change in
 // both slots (table_store.ts; absent in slots written before that, which
-// older decoders ignore, so the format stays version 1 both ways).
+// older decoders ignore, so the format stays version 1 both ways), and
+// "unitId": the unit's stable identity, a random UUID written when the
+// storage is formatted (absent in tables written before issue 7: the unit
+// writes one on its next start; older decoders ignore it).
 
-import { createHash } from "node:crypto";
+import { createHash, randomUUID } from "node:crypto";
 import { SECTOR_SIZE } from "../block/types.ts";
 import { assert } from "../util/assert.ts";
 import {
@@ -79,6 +82,20 @@ export interface VolumeTable {
   readonly storageBytes: number;
   readonly nextVolumeNumber: number;
   readonly volumes: readonly VolumeRecord[];
+  /**
+   * The unit's stable identity (lowercase UUID), written when the storage is
+   * formatted; absent in tables written before issue 7 (the unit adds one on
+   * its next start, VolumeManager.open).
+   */
+  readonly unitId?: string;
+}
+
+/** A unit identity as the table stores it: a lowercase RFC 4122 UUID. */
+export const UNIT_ID_PATTERN = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+
+/** A new unit identity (random UUID). */
+export function newUnitId(): string {
+  return randomUUID();
 }
 
 export type SlotDecode =
@@ -113,6 +130,7 @@ function encodeBody(table: VolumeTable, bothSlots: boolean): Buffer {
       storageBytes: table.storageBytes,
       nextVolumeNumber: table.nextVolumeNumber,
       ...(bothSlots ? { bothSlots: true } : {}),
+      ...(table.unitId === undefined ? {} : { unitId: table.unitId }),
       volumes: table.volumes.map((v) => ({
         name: v.name,
         number: v.number,
@@ -221,6 +239,10 @@ function decodeBody(body: Buffer): BodyParse {
   }
   const bothSlots = json["bothSlots"];
   if (bothSlots !== undefined && bothSlots !== true) return { ok: false, reason: "bothSlots is neither absent nor true" };
+  const unitId = json["unitId"];
+  if (unitId !== undefined && (typeof unitId !== "string" || !UNIT_ID_PATTERN.test(unitId))) {
+    return { ok: false, reason: "unitId is not a lowercase UUID" };
+  }
   const volumes: VolumeRecord[] = [];
   for (const v of json["volumes"] as unknown[]) {
     if (!isRecord(v)) return { ok: false, reason: "volume entry is not an object" };
@@ -242,7 +264,8 @@ function decodeBody(body: Buffer): BodyParse {
     if (access === undefined) return { ok: false, reason: `volume entry ${JSON.stringify(v["name"])} has a bad access field` };
     volumes.push({ name: v["name"], number: v["number"], sizeBytes: v["sizeBytes"], extents, partitions, grants, access });
   }
-  return { ok: true, table: { storageBytes: json["storageBytes"], nextVolumeNumber: json["nextVolumeNumber"], volumes }, bothSlots: bothSlots === true };
+  const table: VolumeTable = { storageBytes: json["storageBytes"], nextVolumeNumber: json["nextVolumeNumber"], volumes, ...(unitId === undefined ? {} : { unitId }) };
+  return { ok: true, table, bothSlots: bothSlots === true };
 }
 
 /**
@@ -252,6 +275,7 @@ function decodeBody(body: Buffer): BodyParse {
  */
 export function validateTable(table: VolumeTable): string[] {
   const problems: string[] = [];
+  if (table.unitId !== undefined && !UNIT_ID_PATTERN.test(table.unitId)) problems.push(`unitId ${JSON.stringify(table.unitId)} is not a lowercase UUID`);
   if (!(table.storageBytes >= STORAGE_BYTES_MIN && table.storageBytes <= STORAGE_BYTES_MAX)) {
     problems.push(`storageBytes ${table.storageBytes} out of range`);
   }
@@ -362,7 +386,7 @@ function worstCaseTable(): VolumeTable {
     grants,
     access,
   }));
-  return { storageBytes: STORAGE_BYTES_MAX, nextVolumeNumber: Number.MAX_SAFE_INTEGER, volumes };
+  return { storageBytes: STORAGE_BYTES_MAX, nextVolumeNumber: Number.MAX_SAFE_INTEGER, volumes, unitId: "ffffffff-ffff-4fff-bfff-ffffffffffff" };
 }
 
 const worstCaseBodyBytes = encodeBody(worstCaseTable(), true).length;

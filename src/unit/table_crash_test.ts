@@ -77,13 +77,14 @@ test("kill -9 during table updates: the table is always the last acknowledged on
     let totalSteps = 0;
     let landedOnNext = 0;
     for (let round = 0; round < ROUNDS; round++) {
-      const before = (await loadTable(dir.path)) ?? emptyTable(CHURN_CAPACITY_BYTES);
+      const previous = await loadTable(dir.path);
       const seed = randomInt(1, 2 ** 31);
       const delayMs = randomInt(20, 250);
       const lastAcked = await churnAndKill(dir.path, seed, delayMs);
       const found = await loadTable(dir.path);
       assert.ok(found !== undefined, `round ${round} seed ${seed}: storage exists`);
-      let acknowledged = before;
+      // The unit's identity is drawn when the child formats the storage (round 0): the replay takes it from the table found.
+      let acknowledged = previous ?? { ...emptyTable(CHURN_CAPACITY_BYTES), ...(found?.unitId === undefined ? {} : { unitId: found.unitId }) };
       for (let step = 0; step <= lastAcked; step++) acknowledged = applyAction(acknowledged, churnAction(acknowledged, seed, step));
       const inFlight = applyAction(acknowledged, churnAction(acknowledged, seed, lastAcked + 1));
       const matches = JSON.stringify(found) === JSON.stringify(acknowledged) || JSON.stringify(found) === JSON.stringify(inFlight);

@@ -9,13 +9,14 @@
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
 import { closeSync, openSync, writeSync } from "node:fs";
 import fc from "fast-check";
 import { makeTempDir } from "../testing/tmp.ts";
 import { IpsanError } from "../util/errors.ts";
 import { DATA_START_LBA, EXTENT_ALIGNMENT_LBA, MIB, SLOT_HEADER_BYTES, TABLE_BODY_BYTES_MAX, TABLE_SLOT_BYTES } from "./layout.ts";
 import { Storage } from "./storage.ts";
-import { TABLE_BODY_BYTES_WORST_CASE, type VolumeTable, decodeSlot, emptyTable, encodeSlot, freeRanges, validateTable } from "./table.ts";
+import { TABLE_BODY_BYTES_WORST_CASE, UNIT_ID_PATTERN, type VolumeTable, decodeSlot, emptyTable, encodeSlot, freeRanges, newUnitId, validateTable } from "./table.ts";
 import { TableStore } from "./table_store.ts";
 import { createVolume, deleteVolume, growVolume, setGrants, setPartitions } from "./volume_ops.ts";
 
@@ -195,4 +196,25 @@ test("fresh all-zero storage loads as fresh; a foreign header is not formatted o
     scribble(path, 0, Buffer.from("\x7fELF some other data"));
     await assert.rejects(TableStore.load(storage), (error: unknown) => error instanceof IpsanError && error.code === "CORRUPT");
   });
+});
+
+test("the unit identity (issue 7): round-trips in a slot, is optional (tables before it), and a bad one is refused", () => {
+  const id = newUnitId();
+  assert.match(id, UNIT_ID_PATTERN);
+  const withId: VolumeTable = { ...emptyTable(64 * MIB), unitId: id };
+  const decoded = decodeSlot(encodeSlot(withId, 3));
+  assert.ok(decoded.kind === "valid");
+  assert.equal(decoded.table.unitId, id);
+  const old = decodeSlot(encodeSlot(emptyTable(64 * MIB), 3));
+  assert.ok(old.kind === "valid");
+  assert.equal("unitId" in old.table, false, "a table without an identity reads back without one");
+  assert.deepEqual(validateTable({ ...withId, unitId: "NOT-A-UUID" }), ['unitId "NOT-A-UUID" is not a lowercase UUID']);
+  // A slot whose body names a bad identity is refused like any other bad field (the checksum is valid).
+  const image = encodeSlot(withId, 3);
+  const body = image.subarray(SLOT_HEADER_BYTES).toString("utf8").replace(id, id.toUpperCase());
+  const header = Buffer.from(image.subarray(0, SLOT_HEADER_BYTES));
+  header.writeUInt32LE(Buffer.byteLength(body), 24);
+  createHash("sha256").update(header.subarray(0, 32)).update(body).digest().copy(header, 32);
+  const bad = decodeSlot(Buffer.concat([header, Buffer.from(body)]));
+  assert.deepEqual(bad, { kind: "invalid", reason: "unitId is not a lowercase UUID" });
 });

@@ -14,7 +14,7 @@ import { IpsanError } from "../util/errors.ts";
 import { logger } from "../util/log.ts";
 import { DATA_START_LBA, dataAreaEndLba } from "./layout.ts";
 import { Storage, UnitLock } from "./storage.ts";
-import { type LbaRange, type VolumeRecord, type VolumeTable, emptyTable, extentsLengthLba, freeRanges, validateTable } from "./table.ts";
+import { type LbaRange, type VolumeRecord, type VolumeTable, emptyTable, extentsLengthLba, newUnitId, freeRanges, validateTable } from "./table.ts";
 import { TableStore } from "./table_store.ts";
 import { HostKeys } from "./host_keys.ts";
 import {
@@ -170,7 +170,7 @@ export class VolumeManager {
       let store: TableStore;
       let table: VolumeTable;
       if (loaded.kind === "fresh") {
-        table = emptyTable(storage.sizeBytes);
+        table = { ...emptyTable(storage.sizeBytes), unitId: newUnitId() };
         store = await TableStore.format(storage, table);
         if (opened.created) storage.commitCreatedFile(finalPath);
         log.info("storage formatted", { path: storage.path, sizeBytes: storage.sizeBytes, was: opened.created ? "created now" : "all zero" });
@@ -188,6 +188,13 @@ export class VolumeManager {
           table = growStorage(table, storage.sizeBytes).table;
           await store.write(table);
         }
+        if (table.unitId === undefined) {
+          // A table written before unit identities (issue 7): give it one now,
+          // through the ordinary durable write (both slots, fdatasync each; ADR 0008).
+          table = { ...table, unitId: newUnitId() };
+          await store.write(table);
+          log.info("unit identity written into the volume table", { path: storage.path, unitId: table.unitId });
+        }
       }
       return new VolumeManager(storage, lock, store, table, HostKeys.load(options.dataDir));
     } catch (error) {
@@ -203,6 +210,13 @@ export class VolumeManager {
 
   get generation(): number {
     return this.#store.generation;
+  }
+
+  /** The unit's stable identity from its volume table (always set once open). */
+  get unitId(): string {
+    const id = this.#table.unitId;
+    assert(id !== undefined, "an open unit's table has an identity");
+    return id;
   }
 
   volume(name: string): VolumeRecord | undefined {

@@ -38,3 +38,31 @@ export async function createSecretFileIfMissing(path: string, bytes: number = SE
     await directory.close();
   }
 }
+
+/**
+ * Replaces `path` with `text` atomically: written (0600) and fsynced to a
+ * temporary file in the same directory, renamed over `path`, then the
+ * directory fsynced. A crash leaves the old file or the new one, never a mix.
+ */
+export async function writeSecretFileAtomic(path: string, text: string): Promise<void> {
+  const temporary = join(dirname(path), `.${basename(path)}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`);
+  const handle = await fs.open(temporary, "wx", 0o600);
+  try {
+    await handle.writeFile(text);
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
+  try {
+    await fs.rename(temporary, path);
+  } catch (error) {
+    await fs.unlink(temporary).catch(() => undefined);
+    throw error;
+  }
+  const directory = await fs.open(dirname(path), "r");
+  try {
+    await directory.sync();
+  } finally {
+    await directory.close();
+  }
+}
