@@ -358,7 +358,13 @@ export class Station {
       control: info.control,
       capacityBytes: info.capacityBytes,
       freeBytes: info.freeBytes,
-      volumes: info.volumes.map((v) => (v.grants.length === 0 ? v : { ...v, grants: v.grants.map(canonicalGrant) })),
+      volumes: info.volumes.map((v) => {
+        const grants = v.grants.map(canonicalGrant);
+        // A discovery packet carries address grants only (identity grants would grow it toward its
+        // limit): the identity grants the unit confirmed over its control API are kept.
+        if (requestedAtMs === undefined) for (const held of this.store.volume(info.name, v.name)?.grants ?? []) if (held.startsWith("id:") && !grants.includes(held)) grants.push(held);
+        return grants.length === 0 ? v : { ...v, grants };
+      }),
       // A discovery packet without them (a unit from before spares and zones): not spare, no zone.
       spare: info.spare ?? false,
       zone: info.zone ?? null,
