@@ -22,7 +22,8 @@ import * as net from "node:net";
 import * as tls from "node:tls";
 import { after, before, test } from "node:test";
 import { NbdClient } from "../nbd/client.ts";
-import { NBD_OPT, NBD_OPTION_MAGIC, NBD_REP } from "../nbd/protocol.ts";
+import { encodeOption } from "../nbd/peer_codec.ts";
+import { NBD_OPT, NBD_REP } from "../nbd/protocol.ts";
 import { PSK_CIPHERS } from "../nbd/tls.ts";
 import { controlOk } from "../testing/control.ts";
 import { patchedBuild } from "../testing/patched_build.ts";
@@ -252,20 +253,13 @@ async function startTlsRaw(port: number): Promise<net.Socket> {
   socket.on("data", onData);
   await need(18);
   socket.write(Buffer.from([0, 0, 0, 1]));
-  socket.write(option(NBD_OPT.STARTTLS));
+  socket.write(encodeOption(NBD_OPT.STARTTLS));
   await need(18 + 20);
   assert.equal(received.readUInt32BE(18 + 12), NBD_REP.ACK, "STARTTLS acknowledged");
   socket.off("data", onData);
   return socket;
 }
 
-function option(type: number, data: Buffer = Buffer.alloc(0)): Buffer {
-  const header = Buffer.alloc(16);
-  header.writeBigUInt64BE(NBD_OPTION_MAGIC, 0);
-  header.writeUInt32BE(type, 8);
-  header.writeUInt32BE(data.length, 12);
-  return Buffer.concat([header, data]);
-}
 
 function closed(socket: net.Socket): Promise<void> {
   return new Promise((resolve) => {
@@ -293,7 +287,7 @@ test("hostile: garbage instead of a ClientHello, STARTTLS then a stall, a second
   assert.equal(secure.getProtocol(), "TLSv1.3");
   let reply = Buffer.alloc(0);
   secure.on("data", (chunk: Buffer) => (reply = Buffer.concat([reply, chunk])));
-  secure.write(option(NBD_OPT.STARTTLS));
+  secure.write(encodeOption(NBD_OPT.STARTTLS));
   await waitFor("the reply to a second STARTTLS", () => (reply.length >= 20 ? true : undefined), { timeoutMs: 5_000, intervalMs: 10 });
   assert.equal(reply.readUInt32BE(12), NBD_REP.ERR_INVALID);
   secure.destroy();
