@@ -26,6 +26,7 @@ import { encodeOption } from "../nbd/peer_codec.ts";
 import { NBD_OPT, NBD_REP } from "../nbd/protocol.ts";
 import { PSK_CIPHERS } from "../nbd/tls.ts";
 import { controlOk } from "../testing/control.ts";
+import { fioTlsEnv } from "../testing/fio_tls.ts";
 import { patchedBuild } from "../testing/patched_build.ts";
 import { childEnv, run, runOk, sleep, waitFor } from "../testing/process.ts";
 import { makeTempDir, memoryTmpBase, type TempDir } from "../testing/tmp.ts";
@@ -148,38 +149,21 @@ test("nbdcopy writes each partition through its own host; qemu-img reads p1 back
   assert.ok(readFileSync(tmp.file("a.back")).equals(a), "qemu-img reads p1 back as h1 wrote it");
 });
 
-test("fio over TLS-PSK (through nbdkit's nbd plugin as the TLS client: fio's engine may not read a tls-psk-file): written and verified", async () => {
-  // fio 3.33's nbd engine calls nbd_connect_uri without nbd_set_uri_allow_local_file, so libnbd
-  // refuses ?tls-psk-file=; nbdkit-nbd-plugin (libnbd too) speaks TLS-PSK to the unit and fio
-  // talks to it over a Unix socket ($uri).
+test("fio through the nbds URI (libnbd allowed to read the tls-psk-file: fio_tls.ts): written and verified", async () => {
   const result = await run(
-    "nbdkit",
+    "fio",
     [
-      "-U",
-      "-",
-      "--exit-with-parent",
-      "nbd",
-      "hostname=127.0.0.1",
-      `port=${unit.port}`,
-      "export=vol/p1",
-      "tls=require",
-      `tls-psk=${h1File}`,
-      "tls-username=h1",
-      "--run",
-      [
-        "fio",
-        "--name=tls",
-        "--ioengine=nbd",
-        '--uri="$uri"',
+      "--name=tls",
+      "--ioengine=nbd",
+      `--uri=${nbds(unit, "h1", "vol/p1", h1File)}`,
       "--rw=randwrite",
       "--bs=64k",
       "--size=4M",
       "--iodepth=8",
-        "--verify=crc32c",
-        "--do_verify=1",
-      ].join(" "),
+      "--verify=crc32c",
+      "--do_verify=1",
     ],
-    { timeoutMs: 60_000 },
+    { timeoutMs: 60_000, env: await fioTlsEnv(tmp.path) },
   );
   assert.equal(result.code, 0, `fio: ${result.stdout}\n${result.stderr}`);
   // 64 writes of 64 KiB, then 64 reads that verify them (crc32c), no error.
