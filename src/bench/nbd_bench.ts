@@ -5,19 +5,19 @@
 // round) so drift in the machine hits all of them alike; the table shows
 // medians, ipsan's ratio to each, mean latency, and server CPU; and the
 // unit's peak RSS. ipsan-tls and nbdkit-tls are the same jobs over NBD with
-// TLS-PSK (nbds:// URIs; fio gets allow_local_file.c preloaded so libnbd
-// may read the key file). See docs/benchmarks.md for the settings and results.
+// TLS-PSK (nbds:// URIs; fio gets src/testing/allow_local_file.c preloaded,
+// src/testing/fio_tls.ts, so libnbd may read the key file). See docs/benchmarks.md for the settings and results.
 
 import { randomBytes } from "node:crypto";
 import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
-import { join } from "node:path";
 import { availableParallelism, cpus, release, tmpdir, totalmem } from "node:os";
 import { pathToFileURL } from "node:url";
 import { type Daemon, fileExists, freeTcpPort, startDaemon } from "../testing/daemon.ts";
 import { writeRandomFile } from "../testing/data.ts";
 import { describeResult, run, runOk } from "../testing/process.ts";
 import { makeTempDir, type TempDir } from "../testing/tmp.ts";
-import { REPO_ROOT, startUnit, type RunningUnit } from "../testing/unit.ts";
+import { fioTlsEnv } from "../testing/fio_tls.ts";
+import { startUnit, type RunningUnit } from "../testing/unit.ts";
 import { UsageError, errorMessage } from "../util/errors.ts";
 import { formatSize } from "../util/size.ts";
 import {
@@ -62,9 +62,7 @@ interface BenchTls {
 async function prepareTls(work: TempDir): Promise<BenchTls> {
   const pskFile = work.file("bench.psk");
   writeFileSync(pskFile, `bench:${randomBytes(32).toString("hex")}\n`, { mode: 0o600 });
-  const shim = work.file("allow_local_file.so");
-  await runOk("gcc", ["-shared", "-fPIC", "-O2", "-o", shim, join(REPO_ROOT, "src", "bench", "allow_local_file.c"), "-ldl"]);
-  return { identity: "bench", pskFile, fioEnv: { LD_PRELOAD: shim } };
+  return { identity: "bench", pskFile, fioEnv: await fioTlsEnv(work.path) };
 }
 
 function nbdsUri(tls: BenchTls, port: number): string {

@@ -159,7 +159,8 @@ export async function startJoin(join: JoinConfig, key: ClusterKey, unit: JoinedU
       capacityBytes: snapshot.capacityBytes,
       freeBytes: snapshot.freeBytes,
       freeExtents: largestFreeExtents(snapshot.freeExtents),
-      volumes: snapshot.volumes,
+      // The fields of the storage-info packet only: identity grants (`access`) stay on the unit's control API.
+      volumes: snapshot.volumes.map((v) => ({ name: v.name, number: v.number, sizeBytes: v.sizeBytes, extents: v.extents, partitions: v.partitions, grants: v.grants })),
       spare: join.spare,
       zone: join.zone,
       ...(unit.tls === undefined ? {} : { tls: unit.tls }),

@@ -16,7 +16,8 @@ import { makeTempDir, memoryTmpBase, type TempDir } from "../testing/tmp.ts";
 import { setLogLevel } from "../util/log.ts";
 import { seededRandom } from "../util/random.ts";
 import { NbdClient } from "./client.ts";
-import { NBD_OPT, NBD_OPTION_MAGIC, NBD_REP } from "./protocol.ts";
+import { encodeOption } from "./peer_codec.ts";
+import { NBD_OPT, NBD_REP } from "./protocol.ts";
 import { NbdServer } from "./server.ts";
 import { FileExportProvider } from "./testing/file_provider.ts";
 import type { TlsMode } from "./tls.ts";
@@ -45,13 +46,6 @@ async function serve(mode: TlsMode, limits: Record<string, number> = {}): Promis
   return { server, port: bound.port };
 }
 
-function option(type: number, data: Buffer = Buffer.alloc(0)): Buffer {
-  const header = Buffer.alloc(16);
-  header.writeBigUInt64BE(NBD_OPTION_MAGIC, 0);
-  header.writeUInt32BE(type, 8);
-  header.writeUInt32BE(data.length, 12);
-  return Buffer.concat([header, data]);
-}
 
 /** Sends the client flags and the options; resolves with the reply types, in order, once `count` replies are in. */
 async function rawReplies(port: number, options: readonly Buffer[], count: number): Promise<{ types: number[]; socket: net.Socket }> {
@@ -82,7 +76,7 @@ test("TLS-PSK round trip with NbdClient; plaintext to a TLS-required server gets
     assert.ok((await client.read(4096, 65536)).equals(data));
     await client.close();
     await assert.rejects(NbdClient.connect({ host: "127.0.0.1", port, exportName: "disk" }), /0x80000005/);
-    const { types, socket } = await rawReplies(port, [option(NBD_OPT.LIST), option(NBD_OPT.STARTTLS, Buffer.from("x"))], 2);
+    const { types, socket } = await rawReplies(port, [encodeOption(NBD_OPT.LIST), encodeOption(NBD_OPT.STARTTLS, Buffer.from("x"))], 2);
     assert.deepEqual(types, [NBD_REP.ERR_TLS_REQD, NBD_REP.ERR_INVALID]);
     socket.destroy();
   } finally {
@@ -105,7 +99,7 @@ test("--tls on serves plaintext and TLS; --tls off answers STARTTLS with ERR_UNS
   const off = await serve("off");
   try {
     await assert.rejects(NbdClient.connect({ host: "127.0.0.1", port: off.port, exportName: "disk" }, { tls: { identity: "h1", key: KEY } }), /STARTTLS \(0x80000001\)/);
-    const { types, socket } = await rawReplies(off.port, [option(NBD_OPT.STARTTLS), option(NBD_OPT.LIST)], 2);
+    const { types, socket } = await rawReplies(off.port, [encodeOption(NBD_OPT.STARTTLS), encodeOption(NBD_OPT.LIST)], 2);
     assert.deepEqual(types, [NBD_REP.ERR_UNSUP, NBD_REP.SERVER]);
     socket.destroy();
   } finally {
@@ -124,13 +118,13 @@ test("failed TLS handshakes leave no session behind; close() during a stalled TL
     for (let i = 0; i < 10; i++) {
       await assert.rejects(NbdClient.connect({ host: "127.0.0.1", port, exportName: "disk" }, { tls: { identity: "h1", key: randomBytes(32) } }));
       await assert.rejects(NbdClient.connect({ host: "127.0.0.1", port, exportName: "disk" }, { tls: { identity: "nobody", key: KEY } }));
-      const { socket } = await rawReplies(port, [option(NBD_OPT.STARTTLS)], 1);
+      const { socket } = await rawReplies(port, [encodeOption(NBD_OPT.STARTTLS)], 1);
       socket.end(garbage());
-      const vanish = await rawReplies(port, [option(NBD_OPT.STARTTLS)], 1);
+      const vanish = await rawReplies(port, [encodeOption(NBD_OPT.STARTTLS)], 1);
       vanish.socket.destroy();
     }
     await waitFor("every failed session ended", () => (server.connectionCount === 0 ? true : undefined), { timeoutMs: 10_000, intervalMs: 20 });
-    const stalled = await rawReplies(port, [option(NBD_OPT.STARTTLS)], 1);
+    const stalled = await rawReplies(port, [encodeOption(NBD_OPT.STARTTLS)], 1);
     await waitFor("the stalled session", () => (server.connectionCount === 1 ? true : undefined), { timeoutMs: 5_000, intervalMs: 5 });
     const started = Date.now();
     await server.close();

@@ -22,9 +22,11 @@ import * as net from "node:net";
 import * as tls from "node:tls";
 import { after, before, test } from "node:test";
 import { NbdClient } from "../nbd/client.ts";
-import { NBD_OPT, NBD_OPTION_MAGIC, NBD_REP } from "../nbd/protocol.ts";
+import { encodeOption } from "../nbd/peer_codec.ts";
+import { NBD_OPT, NBD_REP } from "../nbd/protocol.ts";
 import { PSK_CIPHERS } from "../nbd/tls.ts";
 import { controlOk } from "../testing/control.ts";
+import { fioTlsEnv } from "../testing/fio_tls.ts";
 import { patchedBuild } from "../testing/patched_build.ts";
 import { childEnv, run, runOk, sleep, waitFor } from "../testing/process.ts";
 import { makeTempDir, memoryTmpBase, type TempDir } from "../testing/tmp.ts";
@@ -147,38 +149,21 @@ test("nbdcopy writes each partition through its own host; qemu-img reads p1 back
   assert.ok(readFileSync(tmp.file("a.back")).equals(a), "qemu-img reads p1 back as h1 wrote it");
 });
 
-test("fio over TLS-PSK (through nbdkit's nbd plugin as the TLS client: fio's engine may not read a tls-psk-file): written and verified", async () => {
-  // fio 3.33's nbd engine calls nbd_connect_uri without nbd_set_uri_allow_local_file, so libnbd
-  // refuses ?tls-psk-file=; nbdkit-nbd-plugin (libnbd too) speaks TLS-PSK to the unit and fio
-  // talks to it over a Unix socket ($uri).
+test("fio through the nbds URI (libnbd allowed to read the tls-psk-file: fio_tls.ts): written and verified", async () => {
   const result = await run(
-    "nbdkit",
+    "fio",
     [
-      "-U",
-      "-",
-      "--exit-with-parent",
-      "nbd",
-      "hostname=127.0.0.1",
-      `port=${unit.port}`,
-      "export=vol/p1",
-      "tls=require",
-      `tls-psk=${h1File}`,
-      "tls-username=h1",
-      "--run",
-      [
-        "fio",
-        "--name=tls",
-        "--ioengine=nbd",
-        '--uri="$uri"',
+      "--name=tls",
+      "--ioengine=nbd",
+      `--uri=${nbds(unit, "h1", "vol/p1", h1File)}`,
       "--rw=randwrite",
       "--bs=64k",
       "--size=4M",
       "--iodepth=8",
-        "--verify=crc32c",
-        "--do_verify=1",
-      ].join(" "),
+      "--verify=crc32c",
+      "--do_verify=1",
     ],
-    { timeoutMs: 60_000 },
+    { timeoutMs: 60_000, env: await fioTlsEnv(tmp.path) },
   );
   assert.equal(result.code, 0, `fio: ${result.stdout}\n${result.stderr}`);
   // 64 writes of 64 KiB, then 64 reads that verify them (crc32c), no error.
@@ -252,20 +237,13 @@ async function startTlsRaw(port: number): Promise<net.Socket> {
   socket.on("data", onData);
   await need(18);
   socket.write(Buffer.from([0, 0, 0, 1]));
-  socket.write(option(NBD_OPT.STARTTLS));
+  socket.write(encodeOption(NBD_OPT.STARTTLS));
   await need(18 + 20);
   assert.equal(received.readUInt32BE(18 + 12), NBD_REP.ACK, "STARTTLS acknowledged");
   socket.off("data", onData);
   return socket;
 }
 
-function option(type: number, data: Buffer = Buffer.alloc(0)): Buffer {
-  const header = Buffer.alloc(16);
-  header.writeBigUInt64BE(NBD_OPTION_MAGIC, 0);
-  header.writeUInt32BE(type, 8);
-  header.writeUInt32BE(data.length, 12);
-  return Buffer.concat([header, data]);
-}
 
 function closed(socket: net.Socket): Promise<void> {
   return new Promise((resolve) => {
@@ -293,7 +271,7 @@ test("hostile: garbage instead of a ClientHello, STARTTLS then a stall, a second
   assert.equal(secure.getProtocol(), "TLSv1.3");
   let reply = Buffer.alloc(0);
   secure.on("data", (chunk: Buffer) => (reply = Buffer.concat([reply, chunk])));
-  secure.write(option(NBD_OPT.STARTTLS));
+  secure.write(encodeOption(NBD_OPT.STARTTLS));
   await waitFor("the reply to a second STARTTLS", () => (reply.length >= 20 ? true : undefined), { timeoutMs: 5_000, intervalMs: 10 });
   assert.equal(reply.readUInt32BE(12), NBD_REP.ERR_INVALID);
   secure.destroy();

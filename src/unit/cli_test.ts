@@ -41,6 +41,7 @@ test("bad flags and values: exit 2, message names the flag and the value", async
     [["unit", "volume", "frobnicate"], [/frobnicate/]],
     [[...base, "--capacity", "64M", "--tls", "maybe"], [/--tls/, /maybe/]],
     [[...base, "--capacity", "64M", "--insecure-plaintext"], [/--insecure-plaintext/, /--station/]],
+    [[...base, "--capacity", "64M", "--station", "127.0.0.1:9", "--cluster-key-file", dir.file("k"), "--insecure-plaintext", "--tls", "require"], [/--insecure-plaintext/, /--tls require/]],
     [[...base, "--capacity", "64M", "--allow", "id:h1"], [/--allow id:NAME/, /--tls-psk/]],
     [[...base, "--capacity", "64M", "--allow", "id:bad name"], [/--allow/, /id:bad name/]],
     [[...base, "--capacity", "64M", "--tls-psk", dir.file("keys.psk")], [/--tls-psk/, /--tls on/]],

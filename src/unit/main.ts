@@ -162,6 +162,9 @@ export function parseUnitArgs(argv: readonly string[]): UnitConfig {
   if (values.tls !== undefined && !(TLS_MODES as readonly string[]).includes(values.tls)) {
     throw new UsageError(`--tls: invalid "${values.tls}" (expected off, on or require)`);
   }
+  if (insecurePlaintext && values.tls !== undefined && values.tls !== "off") {
+    throw new UsageError(`--insecure-plaintext: contradicts --tls ${values.tls} (give one of them)`);
+  }
   const tls: TlsMode = (values.tls as TlsMode | undefined) ?? (join !== undefined && !insecurePlaintext ? JOINED_TLS_DEFAULT : "off");
   if (allowIdentities.length > 0 && values["tls-psk"] === undefined) throw new UsageError("--allow id:NAME needs --tls-psk FILE (where NAME's key is)");
   if (values["tls-psk"] !== undefined && tls === "off") throw new UsageError("--tls-psk needs --tls on or --tls require");

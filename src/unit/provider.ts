@@ -140,6 +140,7 @@ export class UnitExportProvider implements ExportProvider {
         log.limited(`open_refused:${peer.address}`, "open refused: export not granted to this peer", {
           peer: `${peer.address}:${peer.port}`,
           export: name,
+          identity: peer.identity ?? "(plaintext)",
           refusedOpens: this.refused.opens,
         });
       }

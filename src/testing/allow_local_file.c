@@ -1,7 +1,7 @@
 /* LD_PRELOAD shim for the benchmark's TLS jobs: fio's nbd engine (fio 3.33)
  * calls nbd_connect_uri without nbd_set_uri_allow_local_file, so libnbd
  * refuses the ?tls-psk-file= of an nbds:// URI. This calls it first, then the
- * real nbd_connect_uri. Built by src/bench/nbd_bench.ts into its work dir. */
+ * real nbd_connect_uri. Built by src/testing/fio_tls.ts (benchmark and tests) into a work dir. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <stdbool.h>
