@@ -40,6 +40,10 @@ export const PERMISSIONS: Readonly<Record<string, Permission>> = {
   "GET /api/v1/units": { roles: READERS },
   "GET /api/v1/units/:name": { roles: READERS },
   "POST /api/v1/units/:name/refresh": { roles: WRITERS },
+  // A unit's identity (never its secret) is read like the pool; forgetting it or rotating its secret is the admin's (keys).
+  "GET /api/v1/units/:name/identity": { roles: READERS },
+  "DELETE /api/v1/units/:name/identity": { roles: ADMIN },
+  "POST /api/v1/units/:name/rotate-secret": { roles: ADMIN },
   "GET /api/v1/volumes": { roles: READERS },
   "GET /api/v1/volumes/:unit/:name": { roles: READERS },
   "POST /api/v1/volumes": { roles: WRITERS },
