@@ -20,6 +20,7 @@ import { decodeRecord, recordKey } from "../host/state.ts";
 import { isMounted, processAlive } from "../host/attach.ts";
 import { childEnv, describeResult, run, runOk, waitFor } from "../testing/process.ts";
 import { San, ipsan } from "./harness.ts";
+import { nbdsh } from "../testing/clients.ts";
 
 const MIB = 1024 * 1024;
 
@@ -36,13 +37,15 @@ test("host request/attach (nbdfuse)/agent re-attach/detach/release against a rea
     await san.waitUnits(["u1"]);
     const stateDir = san.tmp.file("host-state");
     const common = ["--station", station.apiUrl, "--token-file", station.tokenFile, "--host", "h1"];
-    const assignment = (await san.host(["request", ...common, "--size", "32M", "--json"])).json as Assignment;
+    const assignment = (await san.host(["request", ...common, "--size", "32M", "--state-dir", stateDir, "--json"])).json as Assignment;
+    // The unit speaks TLS (the managed default): the URI names the host and carries its key file.
+    assert.match(assignment.uri, /^nbds:\/\/h1@127\.0\.0\.1:\d+\/\S+\?tls-psk-file=/);
     assert.equal(assignment.sizeBytes, 32 * MIB);
     assert.equal(assignment.hostAddress, "127.0.0.1");
 
     // Human-readable form of the same command names the URI.
-    const readable = await san.host(["request", ...common, "--size", "32M", "--request-id", String(assignment.requestId)]);
-    assert.match(readable.result.stdout, new RegExp(`uri ${assignment.uri.replace(/[./]/g, "\\$&")}`), "a retried request id gives the same assignment");
+    const readable = await san.host(["request", ...common, "--size", "32M", "--state-dir", stateDir, "--request-id", String(assignment.requestId)]);
+    assert.ok(readable.result.stdout.includes(`uri ${assignment.uri}`), `a retried request id gives the same assignment: ${readable.result.stdout}`);
 
     const attached = await san.host(["attach", ...common, "--assignment", String(assignment.id), "--state-dir", stateDir]);
     const path = attached.result.stdout.trim();
@@ -50,9 +53,7 @@ test("host request/attach (nbdfuse)/agent re-attach/detach/release against a rea
     const pattern = randomBytes(MIB);
     writeFileSync(san.tmp.file("pattern"), pattern);
     await runOk("dd", [`if=${san.tmp.file("pattern")}`, `of=${path}`, "bs=64K", "seek=16", "conv=notrunc,fsync", "status=none"]);
-    const direct = await runOk("nbdsh", [
-      "-u", assignment.uri, "-c", `import hashlib; print(hashlib.sha256(h.pread(${MIB}, ${MIB})).hexdigest())`,
-    ]);
+    const direct = await nbdsh(assignment.uri, `import hashlib; print(hashlib.sha256(h.pread(${MIB}, ${MIB})).hexdigest())`);
     assert.equal(direct.stdout.trim(), sha256(pattern), "bytes written into the attached file are on the unit");
 
     const byVolume = await san.host(["attach", ...common, "--volume", `u1/${assignment.export}`, "--state-dir", stateDir]);

@@ -438,7 +438,7 @@ async function attachFuse(
   let child;
   try {
     // detached: its own session, so neither a Ctrl-C of the caller nor its exit stops it.
-    child = spawn("nbdfuse", ["-P", pidFile, mountpoint, uri], { detached: true, stdio: ["ignore", logFd, logFd] });
+    child = spawn("nbdfuse", ["-P", pidFile, mountpoint, ...nbdfuseSource(uri)], { detached: true, stdio: ["ignore", logFd, logFd] });
   } finally {
     closeSync(logFd);
   }
@@ -502,6 +502,28 @@ async function freeNbdDevice(): Promise<string> {
 }
 
 /** UNTESTED here (no nbd kernel module on the build machines): see docs/host.md. */
+/**
+ * What nbdfuse serves: the URI itself, or for nbds:// (TLS-PSK) an nbdkit
+ * over stdin/stdout that speaks TLS to the unit with the key file. nbdfuse's
+ * libnbd refuses a URI's tls-psk-file (local file access is off in nbdfuse);
+ * nbdkit's nbd plugin takes the key file as a parameter.
+ */
+export function nbdfuseSource(uri: string): string[] {
+  if (!uri.startsWith("nbds://")) return [uri];
+  const url = new URL(uri);
+  const keyFile = url.searchParams.get("tls-psk-file");
+  if (keyFile === null || url.username === "") throw new IpsanError("INVALID_ARGUMENT", `${uri}: an nbds:// URI needs IDENTITY@ and ?tls-psk-file=PATH`);
+  return [
+    "--command", "nbdkit", "-s", "--exit-with-parent", "nbd",
+    `hostname=${url.hostname.replace(/^\[(.*)\]$/, "$1")}`,
+    `port=${url.port === "" ? "10809" : url.port}`,
+    `export=${decodeURIComponent(url.pathname.replace(/^\//, ""))}`,
+    "tls=require",
+    `tls-psk=${keyFile}`,
+    `tls-username=${decodeURIComponent(url.username)}`,
+  ];
+}
+
 async function attachKernel(assignment: { readonly uri: string; readonly export: string }): Promise<{ path: string; device: string }> {
   if (assignment.uri.startsWith("nbds://")) {
     throw new UsageError(
