@@ -173,14 +173,16 @@ class Demo {
     if (this.#stopping) return;
     const capacityBytes = units.reduce((sum, u) => sum + (u.capacityBytes ?? 0), 0);
     const bin = IPSAN_BIN;
-    const request = `${bin} host request --station ${apiUrl} --token-file ${tokenFile} --host demo-host --size 64M --json`;
+    const hostState = join(dataDir, "host");
+    const copy = join(dataDir, "demo-copy.img");
+    const request = `${bin} host request --station ${apiUrl} --token-file ${tokenFile} --host demo-host --size 64M --state-dir ${hostState} --json`;
     const uriOf = `node -pe 'JSON.parse(require("fs").readFileSync(0, "utf8")).uri'`;
     process.stdout.write(
       `ipsan demo ready ${apiUrl}\n` +
         `ipsan demo units ${names.join(" ")} online, pool ${formatSize(capacityBytes)}\n` +
         `ipsan demo token ${tokenFile}\n` +
         `ipsan demo data ${dataDir} (logs in ${join(dataDir, "logs")})\n` +
-        `ipsan demo example URI=$(${request} | ${uriOf}) && nbdinfo "$URI" && qemu-img info "$URI"\n` +
+        `ipsan demo example URI=$(${request} | ${uriOf}) && nbdinfo "$URI" && nbdcopy "$URI" ${copy} && ls -l ${copy}\n` +
         `ipsan demo api curl -H "Authorization: Bearer $(cat ${tokenFile})" ${apiUrl}/api/v1/units\n` +
         `ipsan demo Ctrl-C stops the units, then the station\n`,
     );

@@ -1,6 +1,6 @@
 // `ipsan demo`, the README's main job: `ipsan demo --units 3` prints its ready
 // lines; the station it started lists all three units online; the printed
-// one-line example (host request | uri, then nbdinfo and qemu-img on it), run
+// one-line example (host request | uri, then nbdinfo and nbdcopy on it, over TLS), run
 // as printed by bash, works; SIGINT makes the demo exit 0 after the units went
 // down, which we see in the station's own event stream (three unit "down"
 // events arrive before the stream ends, i.e. while the station still ran).
@@ -88,7 +88,9 @@ test("ipsan demo --units 3: ready, example works, Ctrl-C stops units then statio
 
     const ran = await run("bash", ["-c", example], { timeoutMs: 60_000 });
     assert.equal(ran.code, 0, describeResult(ran));
-    assert.match(ran.stdout, /virtual size: 64 MiB/, "qemu-img info on the printed URI");
+    assert.match(ran.stdout, /protocol: newstyle-fixed with TLS/, "nbdinfo speaks TLS to the unit with the printed URI");
+    assert.match(ran.stdout, /export-size: 67108864/, "nbdinfo on the printed URI");
+    assert.match(ran.stdout, / 67108864 .*demo-copy\.img/, "nbdcopy read the whole volume through the printed URI");
     assert.equal((await client.assignments()).length, 1);
 
     const stream = collectEvents(apiUrl, token);
