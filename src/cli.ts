@@ -38,6 +38,7 @@ admin (over the station's API; --station URL --token-file FILE, or $IPSAN_STATIO
   unassign ID                                       take it back (the unit revokes the grant)
   tokens create|list|revoke                          API tokens with a role (admin, operator, viewer)
   hosts token create [--host NAME] [--expires D]     a one-time join token for "ipsan host register"
+  hosts rotate-key NAME                             new NBD keys (TLS-PSK) for that host on every unit
   audit verify [--file PATH] | audit list            check or read the station's audit log
   (every admin command also takes --ca-file FILE or $IPSAN_CA_FILE for an https:// station)
 `;

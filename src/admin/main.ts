@@ -226,7 +226,8 @@ export const unitsMain = async (argv: readonly string[]): Promise<number> => {
   return listing("units", argv);
 };
 export const volumesMain = (argv: readonly string[]): Promise<number> => listing("volumes", argv);
-export const hostsMain = (argv: readonly string[]): Promise<number> => (argv[0] === "token" ? hostsTokenMain(argv.slice(1)) : listing("hosts", argv));
+export const hostsMain = (argv: readonly string[]): Promise<number> =>
+  argv[0] === "token" ? hostsTokenMain(argv.slice(1)) : argv[0] === "rotate-key" ? hostsRotateKeyMain(argv.slice(1)) : listing("hosts", argv);
 export const assignmentsMain = (argv: readonly string[]): Promise<number> => listing("assignments", argv);
 
 const VOLUME_USAGE = `usage: ipsan volume create UNIT NAME SIZE
@@ -436,6 +437,26 @@ async function hostsTokenMain(argv: readonly string[]): Promise<number> {
     ...(values.expires === undefined ? {} : { expires: values.expires }),
   })) as Row;
   printSecret(answer, values.json === true, `join token ${text(answer["name"])}${host === undefined ? "" : ` for host ${host}`}, one use, valid until ${text(answer["expiresAt"])}`);
+  return 0;
+}
+
+const HOSTS_ROTATE_KEY_USAGE = `usage: ipsan hosts rotate-key NAME [--json] [--station URL] [--token-file FILE] [--ca-file FILE]
+  new NBD keys (TLS-PSK) for every unit the host holds a volume on: the units get them at once,
+  connections made with the old keys stay until they close; the host's agent (or its next
+  "ipsan host attach") writes the new key files
+`;
+
+async function hostsRotateKeyMain(argv: readonly string[]): Promise<number> {
+  const { values, positionals } = parseFlags(argv, { ...COMMON_FLAGS, json: { type: "boolean" } }, true);
+  if (values.help === true) {
+    process.stdout.write(`${HOSTS_ROTATE_KEY_USAGE}${COMMON_USAGE}`);
+    return 0;
+  }
+  if (positionals[0] === undefined) throw new UsageError(`a host NAME is required\n${HOSTS_ROTATE_KEY_USAGE}`);
+  noMore(positionals, 1, "ipsan hosts rotate-key NAME");
+  const host = name(positionals[0], "NAME");
+  const answer = await (await client(values)).rotateHostKey(host);
+  process.stdout.write(values.json === true ? `${JSON.stringify(answer)}\n` : `host ${answer.host}: NBD keys rotated (epoch ${answer.keyEpoch})\n`);
   return 0;
 }
 

@@ -9,7 +9,7 @@
 //   identity with h2's key.
 // - Partitions: p1 to hA and p2 to hB (`ipsan assign --partition`): each
 //   reads and writes its own; neither opens the whole volume nor the other's.
-// - `POST /api/v1/hosts/h1/rotate-key`: the old key file is refused at once;
+// - `ipsan hosts rotate-key h1`: the old key file is refused at once;
 //   `attach` again writes the new key and the URI works again.
 
 import { test } from "node:test";
@@ -19,7 +19,7 @@ import { readFileSync, statSync, writeFileSync } from "node:fs";
 import type { Assignment } from "../host/station_client.ts";
 import { nbdRead } from "../testing/clients.ts";
 import { run, runOk } from "../testing/process.ts";
-import { San } from "./harness.ts";
+import { San, ipsan } from "./harness.ts";
 
 const MIB = 1024 * 1024;
 
@@ -117,7 +117,9 @@ test("identity: nbds:// URIs with the host's key; other identities, other keys a
     // Rotation: the old key stops working at once; attaching again fetches the new one.
     const oldKey = san.tmp.file("old.psk");
     writeFileSync(oldKey, readFileSync(keyFile1), { mode: 0o600 });
-    await client.call("POST", "/api/v1/hosts/h1/rotate-key", {});
+    const rotated = await ipsan(["hosts", "rotate-key", "h1", ...admin, "--json"]);
+    assert.equal(rotated.code, 0, rotated.stderr);
+    assert.equal((JSON.parse(rotated.stdout) as { keyEpoch: number }).keyEpoch, 1);
     await refused(asIdentity(a1.uri, "h1", oldKey), "h1's key from before the rotation");
     await san.host(["attach", ...admin, "--host", "h1", "--assignment", String(a1.id), "--mode", "nbd", "--state-dir", state1, "--json"]);
     assert.notEqual(readFileSync(keyFile1, "utf8"), readFileSync(oldKey, "utf8"), "attach wrote the new key");
