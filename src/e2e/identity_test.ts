@@ -10,7 +10,8 @@
 // - Partitions: p1 to hA and p2 to hB (`ipsan assign --partition`): each
 //   reads and writes its own; neither opens the whole volume nor the other's.
 // - `ipsan hosts rotate-key h1`: the old key file is refused at once;
-//   `attach` again writes the new key and the URI works again.
+//   `attach` again writes the new key and the URI works again; a running
+//   `ipsan host agent` rewrites the key file by itself after the next rotation.
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
@@ -18,7 +19,8 @@ import { randomBytes } from "node:crypto";
 import { readFileSync, statSync, writeFileSync } from "node:fs";
 import type { Assignment } from "../host/station_client.ts";
 import { nbdRead } from "../testing/clients.ts";
-import { run, runOk } from "../testing/process.ts";
+import { childEnv, run, runOk, waitFor } from "../testing/process.ts";
+import { IpsanChild } from "../demo/child.ts";
 import { San, ipsan } from "./harness.ts";
 
 const MIB = 1024 * 1024;
@@ -124,6 +126,22 @@ test("identity: nbds:// URIs with the host's key; other identities, other keys a
     await san.host(["attach", ...admin, "--host", "h1", "--assignment", String(a1.id), "--mode", "nbd", "--state-dir", state1, "--json"]);
     assert.notEqual(readFileSync(keyFile1, "utf8"), readFileSync(oldKey, "utf8"), "attach wrote the new key");
     assert.equal(Number((await runOk("nbdinfo", ["--size", a1.uri])).stdout.trim()), 16 * MIB, "the same URI works with the new key file");
+
+    // The host's agent follows a rotation by itself: it rewrites the key file at its next check.
+    const agent = new IpsanChild(["host", "agent", ...admin, "--host", "h1", "--heartbeat-ms", "200", "--state-dir", state1], {
+      name: "agent",
+      logFile: san.log("agent"),
+      env: childEnv(),
+    });
+    try {
+      await agent.waitForLine(/^ipsan host agent h1 running/, 10_000);
+      const before = readFileSync(keyFile1, "utf8");
+      await client.rotateHostKey("h1");
+      await waitFor("the agent writes the rotated key", () => (readFileSync(keyFile1, "utf8") !== before ? true : undefined), { timeoutMs: 15_000, intervalMs: 100 });
+      assert.equal(Number((await runOk("nbdinfo", ["--size", a1.uri])).stdout.trim()), 16 * MIB, "the URI works with the key the agent wrote");
+    } finally {
+      await agent.stop("SIGTERM");
+    }
   } finally {
     await san.close();
   }
