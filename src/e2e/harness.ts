@@ -195,10 +195,16 @@ export interface FioRun {
   readonly totalErrors: number;
 }
 
-/** fio ioengine=nbd on `uri`; JSON output parsed. Never rejects for fio's own failure. */
-export async function fio(name: string, uri: string, args: readonly string[], timeoutMs = 120_000): Promise<FioRun> {
+/**
+ * fio ioengine=nbd on `uri`; JSON output parsed. Never rejects for fio's own failure.
+ * An nbds:// URI with a tls-psk-file needs `env` from fioTlsEnv (src/testing/fio_tls.ts).
+ */
+export async function fio(name: string, uri: string, args: readonly string[], timeoutMs = 120_000, env?: Readonly<Record<string, string>>): Promise<FioRun> {
   // No verify state file: fio would drop local-NAME-verify.state into the working directory.
-  const result = await run("fio", [`--name=${name}`, "--ioengine=nbd", `--uri=${uri}`, "--output-format=json", "--verify_state_save=0", ...args], { timeoutMs });
+  const result = await run("fio", [`--name=${name}`, "--ioengine=nbd", `--uri=${uri}`, "--output-format=json", "--verify_state_save=0", ...args], {
+    timeoutMs,
+    ...(env === undefined ? {} : { env }),
+  });
   let jobs: FioJob[] = [];
   try {
     const start = result.stdout.indexOf("{");

@@ -1,8 +1,10 @@
 // A minimal NBD client for the sharing tests, written from the protocol
 // document (fixed newstyle, NBD_OPT_GO, simple replies), whose one reason to
 // exist is what libnbd cannot do: choose the source address of the TCP
-// connection (`localAddress`). The unit identifies a host by that address,
-// so with 127.0.0.2 and 127.0.0.3 two "hosts" can share one loopback.
+// connection (`localAddress`). A unit with address grants (plaintext: a
+// standalone unit, or one joined with --insecure-plaintext) identifies a host
+// by that address, so with 127.0.0.2 and 127.0.0.3 two "hosts" can share one
+// loopback.
 // Every read is bounded by a timeout; a server that closes the connection or
 // refuses the export is an answer, not an exception.
 

@@ -2,13 +2,16 @@
 // their own network namespace, joined by veth pairs on a bridge, each with its
 // own 10.231.X.Y address that exists only inside these namespaces. So the
 // unit's join (UDP discovery to the station's address), the station's calls to
-// the unit's control API, the hosts' API calls and their NBD traffic all cross
-// a network, and the unit tells hosts apart by their real source addresses.
+// the unit's control API, the hosts' API calls and their NBD traffic (NBD over
+// TLS-PSK, the unit's default) all cross a network.
 // Host 1 asks for a volume without --address: the station must register the
 // address it sees (10.231.X.3); host 1 then reads and writes the volume with
-// nbdinfo and nbdsh from its namespace; host 2 is refused on it, gets its own,
-// and host 1 is refused on that one. The namespaces are deleted in a finally
-// block and the test checks that none is left.
+// nbdinfo and nbdsh from its namespace, on the nbds:// URI and key file its
+// request wrote to its state dir; host 2 is refused on it (plaintext, having
+// no key yet), gets its own volume (and key), and is refused on host 1's
+// volume with its own identity and key; host 1 is refused on host 2's volume
+// the same way. The namespaces are deleted in a finally block and the test
+// checks that none is left.
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
@@ -24,6 +27,15 @@ function inNs(node: NetNode, command: string, args: readonly string[]) {
 }
 
 /** GET an API path from inside a namespace (the root namespace cannot reach these addresses). */
+/** `uri` (nbds://) as another host would try it: its identity and key file, from `own` (that host's URI). */
+function withIdentityOf(uri: string, own: string): string {
+  const url = new URL(uri);
+  const mine = new URL(own);
+  url.username = mine.username;
+  url.search = mine.search;
+  return url.href;
+}
+
 async function apiGet(node: NetNode, apiUrl: string, tokenFile: string, path: string): Promise<unknown> {
   const script = `
     const token = require("fs").readFileSync(process.argv[2], "utf8").trim();
@@ -64,7 +76,10 @@ test("network namespaces: discovery, allocation and access control across a netw
 
     const request = async (node: NetNode): Promise<Assignment> => {
       const { json } = await san.host(
-        ["request", "--station", station.apiUrl, "--token-file", station.tokenFile, "--host", node.name, "--size", "32M", "--json"],
+        [
+          "request", "--station", station.apiUrl, "--token-file", station.tokenFile, "--host", node.name, "--size", "32M",
+          "--state-dir", san.tmp.file(`state-${node.name}`), "--json",
+        ],
         node.exec,
       );
       return json as Assignment;
@@ -72,12 +87,14 @@ test("network namespaces: discovery, allocation and access control across a netw
     const a1 = await request(h1);
     assert.equal(a1.hostAddress, h1.address, "without --address the station registers the address it sees");
     assert.equal(new URL(a1.uri).hostname, u1.address);
+    assert.match(a1.uri, /^nbds:\/\/h1@[^?]+\?tls-psk-file=/, "TLS-PSK with host 1's key file");
 
     const size = await inNs(h1, "nbdinfo", ["--size", a1.uri]);
     assert.equal(size.code, 0, describeResult(size));
     assert.equal(Number(size.stdout.trim()), 32 * MIB);
+    // nbdsh reads a URI's tls-psk-file only when allowed (nbdinfo allows it itself).
     const io = await inNs(h1, "nbdsh", [
-      "-u", a1.uri, "-c",
+      "-c", "h.set_uri_allow_local_file(True)", "-c", `h.connect_uri(${JSON.stringify(a1.uri)})`, "-c",
       [
         "data = bytes(range(256)) * 4096",
         "h.pwrite(data, 4096)",
@@ -89,15 +106,24 @@ test("network namespaces: discovery, allocation and access control across a netw
     assert.equal(io.code, 0, describeResult(io));
     assert.equal(io.stdout.trim(), "ok 1048576");
 
-    const refused = await inNs(h2, "nbdinfo", ["--size", a1.uri]);
-    assert.notEqual(refused.code, 0, `host 2 must be refused on host 1's volume: ${describeResult(refused)}`);
+    const plain = new URL(a1.uri);
+    const plainUri = `nbd://${plain.host}${plain.pathname}`;
+    const refused = await inNs(h2, "nbdinfo", ["--size", plainUri]);
+    assert.notEqual(refused.code, 0, `host 2 must be refused on host 1's volume (plaintext): ${describeResult(refused)}`);
+    assert.match(refused.stderr, /TLS/, "the unit requires TLS");
 
     const a2 = await request(h2);
     assert.equal(a2.hostAddress, h2.address);
+    assert.match(a2.uri, /^nbds:\/\/h2@[^?]+\?tls-psk-file=/, "TLS-PSK with host 2's key file");
     const own = await inNs(h2, "nbdinfo", ["--size", a2.uri]);
     assert.equal(own.code, 0, describeResult(own));
-    const cross = await inNs(h1, "nbdinfo", ["--size", a2.uri]);
-    assert.notEqual(cross.code, 0, "host 1 must be refused on host 2's volume");
+    const h2OnA1 = await inNs(h2, "nbdinfo", ["--size", withIdentityOf(a1.uri, a2.uri)]);
+    assert.notEqual(h2OnA1.code, 0, `host 2 must be refused on host 1's volume with its own key: ${describeResult(h2OnA1)}`);
+    // Past the TLS handshake (its key is good on this unit), refused on the export.
+    assert.match(h2OnA1.stderr, /policy/, describeResult(h2OnA1));
+    const cross = await inNs(h1, "nbdinfo", ["--size", withIdentityOf(a2.uri, a1.uri)]);
+    assert.notEqual(cross.code, 0, `host 1 must be refused on host 2's volume: ${describeResult(cross)}`);
+    assert.match(cross.stderr, /policy/, describeResult(cross));
   } finally {
     await san.close();
     await net.destroy();

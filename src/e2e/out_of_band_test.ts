@@ -2,16 +2,20 @@
 // the data path. A station and two units (joined over the discovery protocol)
 // give host h1 a 64 MiB volume; fio (ioengine=nbd, 4 KiB random writes at
 // QD 16, crc32c in every block, paced to last ~4 s) runs on the assigned URI
-// straight against the unit; one second in, the station is killed with
-// kill -9. fio must still be running at that moment, and must finish with
-// zero errors and its verify pass clean. The station is then restarted on the
-// same data dir and ports: the pool must be whole again (the same units
-// online, the same volumes with the same extents, the same assignments), and a
-// second, read-only fio verify pass proves every block written survived.
+// straight against the unit, over NBD with TLS-PSK (the default: the URI is
+// nbds://h1@... with the key file `ipsan host request` wrote to its state
+// dir, which fio reads through fioTlsEnv's preload); one second in, the
+// station is killed with kill -9. fio must still be running at that moment,
+// and must finish with zero errors and its verify pass clean. The station is
+// then restarted on the same data dir and ports: the pool must be whole again
+// (the same units online, the same volumes with the same extents, the same
+// assignments), and a second, read-only fio verify pass proves every block
+// written survived.
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import type { Assignment, StationClient } from "../host/station_client.ts";
+import { fioTlsEnv } from "../testing/fio_tls.ts";
 import { sleep } from "../testing/process.ts";
 import { San, describeFio, fio, verifyJob, verifyOnlyJob } from "./harness.ts";
 
@@ -45,15 +49,16 @@ test("out-of-band: fio on an assigned volume survives kill -9 of the station; th
     await san.waitUnits(["u1", "u2"]);
     const { json } = await san.host([
       "request", "--station", station.apiUrl, "--token-file", station.tokenFile,
-      "--host", "h1", "--size", "64M", "--json",
+      "--host", "h1", "--size", "64M", "--state-dir", san.tmp.file("state-h1"), "--json",
     ]);
     const assignment = json as Assignment;
     assert.equal(assignment.sizeBytes, VOLUME_BYTES);
-    assert.match(assignment.uri, /^nbd:\/\/127\.0\.0\.1:[0-9]+\/\S+$/);
+    assert.match(assignment.uri, /^nbds:\/\/h1@127\.0\.0\.1:[0-9]+\/[^?\s]+\?tls-psk-file=\S+$/);
+    const fioEnv = await fioTlsEnv(san.tmp.path);
     const before = await poolSnapshot(await san.client());
 
     let fioDone = false;
-    const fioRun = fio("oob", assignment.uri, verifyJob(VOLUME_BYTES, WRITE_PHASE_S)).finally(() => {
+    const fioRun = fio("oob", assignment.uri, verifyJob(VOLUME_BYTES, WRITE_PHASE_S), undefined, fioEnv).finally(() => {
       fioDone = true;
     });
     await sleep(KILL_AFTER_MS);
@@ -75,7 +80,7 @@ test("out-of-band: fio on an assigned volume survives kill -9 of the station; th
     const after = await poolSnapshot(await san.client());
     assert.deepEqual(after, before, "units, volumes and assignments after the restart match those before");
 
-    const verify = await fio("oob-verify", assignment.uri, verifyOnlyJob(VOLUME_BYTES));
+    const verify = await fio("oob-verify", assignment.uri, verifyOnlyJob(VOLUME_BYTES), undefined, fioEnv);
     assert.equal(verify.result.code, 0, describeFio(verify));
     assert.equal(verify.totalErrors, 0, describeFio(verify));
     assert.equal(verify.jobs[0]?.read.io_bytes, VOLUME_BYTES, describeFio(verify));

@@ -181,7 +181,7 @@ async function requestMain(argv: readonly string[]): Promise<number> {
     "dry-run": { type: "boolean" },
     json: { type: "boolean" },
   });
-  const { client, host } = await connectStation(values);
+  // Flags first: a bad --size or --copies is named even when the token file cannot be read.
   const sizeBytes = parseSize(required(values.size, "size"), "--size");
   if (sizeBytes <= 0 || sizeBytes % 512 !== 0) {
     throw new UsageError(`--size: "${values.size}" must be a positive multiple of 512 bytes`);
@@ -191,6 +191,7 @@ async function requestMain(argv: readonly string[]): Promise<number> {
   if (!REQUEST_ID_PATTERN.test(requestId)) {
     throw new UsageError(`--request-id: invalid "${requestId}" (1-128 of A-Z a-z 0-9 _ . : -)`);
   }
+  const { client, host } = await connectStation(values);
   // The host's data-path address is registered first, so the grant the unit gets names it.
   if (values.address !== undefined) await client.registerHost(host, values.address);
   const request = {
