@@ -2,7 +2,8 @@
 // station and three units that join it; `ipsan host request --copies 2` gets
 // two legs on two different units, each a volume 1 MiB larger than asked
 // (the engine's metadata) and granted to this host, as the units themselves
-// say. `ipsan host attach --mode nbd --json` starts the mirror engine
+// say (grants by the host's identity: the units speak NBD over TLS, the
+// legs' URIs are nbds:// with the host's key files under its state dir). `ipsan host attach --mode nbd --json` starts the mirror engine
 // detached and prints {assignment, mode, uri, pid}: nbdinfo on that URI shows
 // the requested size; a pattern written with nbdsh reads back, and is on
 // both legs (read straight from each unit). The agent restarts the engine
@@ -22,6 +23,7 @@ import { IpsanChild } from "../demo/child.ts";
 import { isEngineProcess, processAlive } from "../host/attach.ts";
 import { decodeRecord, recordKey } from "../host/state.ts";
 import { childEnv, runOk, waitFor } from "../testing/process.ts";
+import { nbdsh } from "../testing/clients.ts";
 import { San, type UnitProcess } from "./harness.ts";
 
 const MIB = 1024 * 1024;
@@ -48,7 +50,10 @@ interface Mirror {
 interface UnitVolume {
   name: string;
   sizeBytes: number;
+  /** Address grants (none on a unit that speaks TLS). */
   grants: string[];
+  /** Identity grants: which host may open which export. */
+  access: { host: string; export: string; from: string[] }[];
 }
 
 function sha256(data: Buffer): string {
@@ -56,13 +61,12 @@ function sha256(data: Buffer): string {
 }
 
 async function nbdWrite(uri: string, file: string, offset: number): Promise<void> {
-  await runOk("nbdsh", ["-u", uri, "-c", `h.pwrite(open(${JSON.stringify(file)}, "rb").read(), ${offset}); h.flush()`], { timeoutMs: 30_000 });
+  await nbdsh(uri, `h.pwrite(open(${JSON.stringify(file)}, "rb").read(), ${offset}); h.flush()`, 30_000);
 }
 
+/** sha256 of a range, read with nbdsh (an engine's nbd+unix:// URI or a leg's nbds:// one with its key file). */
 async function nbdSha(uri: string, offset: number, length: number): Promise<string> {
-  const result = await runOk("nbdsh", ["-u", uri, "-c", `import hashlib; print(hashlib.sha256(h.pread(${length}, ${offset})).hexdigest())`], {
-    timeoutMs: 30_000,
-  });
+  const result = await nbdsh(uri, `import hashlib; print(hashlib.sha256(h.pread(${length}, ${offset})).hexdigest())`, 30_000);
   return result.stdout.trim();
 }
 
@@ -85,8 +89,9 @@ test("mirror: request --copies 2, attach --mode nbd (engine), agent restarts it,
     const stateDir = san.tmp.file("host-state");
     const common = ["--station", station.apiUrl, "--token-file", station.tokenFile, "--host", "h1"];
 
-    // request: two legs on two units, each 1 MiB larger than asked, granted to this host.
-    const mirror = (await san.host(["request", ...common, "--size", "32M", "--copies", "2", "--json"])).json as Mirror;
+    // request: two legs on two units, each 1 MiB larger than asked, granted to this host (by its
+    // identity: the units speak NBD over TLS, the legs' URIs are nbds:// with the host's key files).
+    const mirror = (await san.host(["request", ...common, "--size", "32M", "--copies", "2", "--state-dir", stateDir, "--json"])).json as Mirror;
     assert.equal(mirror.copies, 2);
     assert.equal(mirror.sizeBytes, SIZE);
     assert.equal(mirror.uri, null, "a mirror has no direct URI");
@@ -95,10 +100,12 @@ test("mirror: request --copies 2, attach --mode nbd (engine), agent restarts it,
     for (const leg of mirror.legs) {
       const onUnit = await unitVolume(san.units.get(leg.unit) as UnitProcess, leg.volume);
       assert.equal(onUnit.sizeBytes, SIZE + MIB, `${leg.unit}/${leg.volume}: the size + 1 MiB of metadata`);
-      assert.deepEqual(onUnit.grants, ["127.0.0.1"], `${leg.unit}/${leg.volume}: granted to the host`);
+      assert.deepEqual(onUnit.grants, [], `${leg.unit}/${leg.volume}: no address grants`);
+      assert.deepEqual(onUnit.access.map((a) => [a.host, a.export]), [["h1", leg.volume]], `${leg.unit}/${leg.volume}: granted to the host`);
+      assert.match(leg.uri, new RegExp(`^nbds://h1@.*\\?tls-psk-file=${stateDir.replace(/[.*+?^${}()|[\]\\/]/g, "\\$&")}/keys/${leg.unit}\\.psk$`), "the leg's URI with the host's key file");
       assert.equal(leg.state, "in-sync");
     }
-    const readable = await san.host(["request", ...common, "--size", "32M", "--copies", "2", "--request-id", String((mirror as unknown as { requestId: string }).requestId)]);
+    const readable = await san.host(["request", ...common, "--size", "32M", "--copies", "2", "--request-id", String((mirror as unknown as { requestId: string }).requestId), "--state-dir", stateDir]);
     assert.match(readable.result.stdout, /mirrored volume of 32M .*2 copies/, "the readable form says it is a mirror");
     assert.match(readable.result.stdout, /--mode nbd/);
 
@@ -194,7 +201,7 @@ test("mirror: request --copies 2, attach --mode nbd (engine), agent restarts it,
         `grant of ${leg.unit}/${leg.volume} revoked`,
         async () => {
           const v = await unitVolume(san.units.get(leg.unit) as UnitProcess, leg.volume);
-          return v.grants.length === 0 ? v : undefined;
+          return v.grants.length === 0 && v.access.length === 0 ? v : undefined;
         },
         { timeoutMs: 15_000 },
       );
