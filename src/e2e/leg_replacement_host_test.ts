@@ -7,7 +7,8 @@
 // legs file and sends SIGHUP, the engine rebuilds the new leg in full while
 // fio writes, and the agent reports it in sync (the station shows the leg
 // in-sync). fio finishes with zero errors; after detach the survivor and the
-// new leg are byte-identical (qemu-img compare on the units' exports); then
+// new leg are byte-identical (qemu-img compare on the units' exports, over
+// NBD TLS with the host's keys: qemu takes them as tls-creds-psk); then
 // the survivor's unit is killed too and the volume's data is all on the new
 // leg, read from the spare's own export.
 //
@@ -21,6 +22,7 @@ import { join } from "node:path";
 import { test, type TestContext } from "node:test";
 import { IpsanChild } from "../demo/child.ts";
 import { exportSha256 } from "../testing/mirror_bed.ts";
+import { adminLocalUri, qemuCompareArgs } from "../testing/tls_uri.ts";
 import { childEnv, describeResult, run, waitFor } from "../testing/process.ts";
 import { describeFio, fio, ipsan, San, type UnitProcess, verifyJob } from "./harness.ts";
 
@@ -76,7 +78,7 @@ test("a unit that never returns: the station puts the leg on a spare, the agent 
     const stateDir = san.tmp.file("host-state");
     const common = ["--station", apiUrl, "--token-file", san.station.tokenFile, "--host", "h1"];
 
-    const mirror = (await san.host(["request", ...common, "--size", "32M", "--copies", "2", "--json"])).json as Mirror;
+    const mirror = (await san.host(["request", ...common, "--size", "32M", "--copies", "2", "--state-dir", stateDir, "--json"])).json as Mirror;
     assert.deepEqual(mirror.legs.map((l) => l.unit).sort(), ["u1", "u2"], "ordinary allocation does not use the spare");
     const attached = (await san.host(["attach", ...common, "--assignment", mirror.id, "--mode", "nbd", "--state-dir", stateDir, "--json"])).json as { uri: string };
     agent = new IpsanChild(["host", "agent", ...common, "--heartbeat-ms", "200", "--state-dir", stateDir], { name: "agent", logFile: san.log("agent"), env: childEnv() });
@@ -118,8 +120,11 @@ test("a unit that never returns: the station puts the leg on a spare, the agent 
     await agent.stop("SIGTERM");
     agent = undefined;
     await san.host(["detach", "--assignment", mirror.id, "--state-dir", stateDir]);
+    // The survivor's URI (from `request --json`) carries the host's key file; the new leg's, as the
+    // station answers it (nbds://h1@sp...), gets the host's key for sp fetched with the admin token.
     const newLeg = replaced.legs[1] as Leg;
-    const compare = await run("qemu-img", ["compare", "-f", "raw", "-F", "raw", survivor.uri, newLeg.uri], { timeoutMs: 60_000 });
+    newLeg.uri = await adminLocalUri(client, newLeg.uri, newLeg.unit, san.tmp.file("admin-keys"));
+    const compare = await run("qemu-img", qemuCompareArgs(survivor.uri, newLeg.uri), { timeoutMs: 60_000 });
     assert.equal(compare.code, 0, `the survivor and the new leg differ: ${describeResult(compare)}`);
     // The survivor's unit dies too: the data is all on the new leg.
     const survivorUnit = san.units.get(survivor.unit) as UnitProcess;

@@ -55,3 +55,15 @@ function readKey(file: string, identity: string): string {
   if (line === undefined) throw new Error(`${file}: no key for ${identity}`);
   return line.slice(identity.length + 1).trim();
 }
+
+/**
+ * `qemu-img compare` arguments for two raw NBD exports, either nbd:// or
+ * nbds://...?tls-psk-file=F. qemu-img's --image-opts applies to both images,
+ * so when either is nbds:// both are given as options (an nbd:// URI as
+ * file.filename) with the TLS objects before them.
+ */
+export function qemuCompareArgs(a: string, b: string): string[] {
+  if (!a.startsWith("nbds://") && !b.startsWith("nbds://")) return ["compare", "-f", "raw", "-F", "raw", a, b];
+  const images = [a, b].map((uri) => (uri.startsWith("nbds://") ? qemuImage(uri) : { objects: [], image: ["--image-opts", `driver=raw,file.filename=${uri.replace(/,/g, ",,")}`] }));
+  return ["compare", ...images.flatMap((i) => i.objects), "--image-opts", ...images.map((i) => i.image[1] as string)];
+}
