@@ -5,7 +5,9 @@
 // spare on 127.0.0.1. After --host-failover-after the station moves the volume
 // to the spare and its agent mounts it with nbdfuse by itself (no record of
 // it before), recorded like any attachment: bytes written into the file are
-// on the unit. A bad --takeover-mode is refused naming the flag.
+// on the unit. The unit speaks NBD over TLS (the default): the volume moves
+// to the spare's identity, and nbdfuse reaches it with the spare's key
+// (through `nbdkit -s nbd`, as nbdfuse cannot read a tls-psk-file itself). A bad --takeover-mode is refused naming the flag.
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
@@ -13,7 +15,9 @@ import { createHash, randomBytes } from "node:crypto";
 import { writeFileSync } from "node:fs";
 import { IpsanChild } from "../demo/child.ts";
 import type { Assignment } from "../host/station_client.ts";
+import { nbdsh } from "../testing/clients.ts";
 import { childEnv, runOk, waitFor } from "../testing/process.ts";
+import { adminLocalUri } from "../testing/tls_uri.ts";
 import { San, ipsan } from "./harness.ts";
 
 const MIB = 1024 * 1024;
@@ -47,7 +51,7 @@ test("a spare's agent (--takeover-mode fuse) mounts a single copy moved to it an
     );
     assert.deepEqual([spare.spare, spare.address], [true, "127.0.0.1"]);
 
-    const held = (await san.host(["request", ...common("h1"), "--address", "127.0.0.2", "--size", "16M", "--json"])).json as Assignment;
+    const held = (await san.host(["request", ...common("h1"), "--address", "127.0.0.2", "--size", "16M", "--state-dir", san.tmp.file("h1-state"), "--json"])).json as Assignment;
     heldId = held.id;
     const moved = await waitFor(
       "the volume moved to the spare",
@@ -71,7 +75,9 @@ test("a spare's agent (--takeover-mode fuse) mounts a single copy moved to it an
     const pattern = randomBytes(MIB);
     writeFileSync(san.tmp.file("pattern"), pattern);
     await runOk("dd", [`if=${san.tmp.file("pattern")}`, `of=${listed.path}`, "bs=64K", "conv=notrunc,fsync", "status=none"]);
-    const direct = await runOk("nbdsh", ["-u", moved.uri, "-c", `import hashlib; print(hashlib.sha256(h.pread(${MIB}, 0)).hexdigest())`]);
+    // The unit's export read directly, as the spare (its identity and key, fetched with the admin token).
+    assert.match(moved.uri ?? "", /^nbds:\/\/spare@/, "the moved volume is granted to the spare's identity");
+    const direct = await nbdsh(await adminLocalUri(client, moved.uri ?? "", "u1", san.tmp.file("admin-keys")), `import hashlib; print(hashlib.sha256(h.pread(${MIB}, 0)).hexdigest())`);
     assert.equal(direct.stdout.trim(), createHash("sha256").update(pattern).digest("hex"), "bytes written into the spare's file are on the unit");
     assert.equal((await agent.stop("SIGTERM")).code, 0);
     agent = undefined;
