@@ -205,7 +205,7 @@ export async function loadControlToken(dataDir: string, tokenFile: string | unde
 }
 
 /** The NBD server's TLS: keys of identity grants (DATA/host-keys.psk) first, then --tls-psk. */
-function serverTls(config: UnitConfig, manager: VolumeManager): NbdServerTls | undefined {
+function serverTls(config: UnitConfig, manager: VolumeManager, provider: UnitExportProvider): NbdServerTls | undefined {
   if (config.tls === "off") return undefined;
   let fileKeys = new Map<string, Buffer>();
   if (config.tlsPskFile !== undefined) {
@@ -219,7 +219,15 @@ function serverTls(config: UnitConfig, manager: VolumeManager): NbdServerTls | u
     if (!parsed.ok) throw new IpsanError("INVALID_ARGUMENT", `--tls-psk: "${config.tlsPskFile}": ${parsed.reason}`, { field: "--tls-psk" });
     fileKeys = parsed.keys;
   }
-  return { mode: config.tls, keyFor: (identity) => manager.hostKeys.get(identity) ?? fileKeys.get(identity) };
+  return {
+    mode: config.tls,
+    keyFor: (identity) => {
+      const key = manager.hostKeys.get(identity) ?? fileKeys.get(identity);
+      // An identity with no key here (e.g. a host fenced off every volume of this unit) is a refused attempt.
+      if (key === undefined) provider.identityRefused();
+      return key;
+    },
+  };
 }
 
 /** Opens the storage, makes sure the --volume volumes exist, and starts serving. */
@@ -235,7 +243,7 @@ export async function startUnit(config: UnitConfig): Promise<RunningUnit> {
       tls: config.tls !== "off",
       ...(config.joined === undefined ? {} : { joined: config.joined }),
     });
-    const tls = serverTls(config, manager);
+    const tls = serverTls(config, manager, provider);
     if (config.insecurePlaintext) {
       log.warn("INSECURE: --insecure-plaintext: NBD data to and from hosts is not encrypted and hosts do not prove who they are; anyone on the storage network who can use a granted address can read and write its volumes");
     }

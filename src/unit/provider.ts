@@ -28,8 +28,10 @@ const log = logger("access");
 
 /**
  * Refused attempts since the unit started (GET /v1/info `refused`): a peer
- * that holds no grant connecting, and a peer opening an export not granted
- * to it. A fenced host that wakes up (docs/adr/0010) shows here.
+ * that holds no grant connecting (or, over TLS, offering a PSK identity the
+ * unit has no key for: a host whose grants here were all revoked), and a
+ * peer opening an export not granted to it. A fenced host that wakes up
+ * (docs/adr/0010) shows here.
  */
 export interface RefusalCounts {
   connections: number;
@@ -113,6 +115,11 @@ export class UnitExportProvider implements ExportProvider {
     this.refused.connections += 1;
     // The NBD server logs the refusal itself (rate-limited per address); the count is here.
     return false;
+  }
+
+  /** A TLS handshake offered an identity without a key here (the NBD server logs it): counted as a refused connection. */
+  identityRefused(): void {
+    this.refused.connections += 1;
   }
 
   list(peer: Peer): readonly ExportSummary[] {

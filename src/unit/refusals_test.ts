@@ -5,13 +5,18 @@
 // one volume and opens another is refused at open (`refused.opens`); a peer
 // whose grant is taken away while its connection is idle has the connection
 // closed by the unit at once, and its next attempt is counted. Each refusal
-// is logged, rate-limited per address.
+// is logged, rate-limited per address. Over TLS, a PSK identity the unit has
+// no key for (a host whose grants here were all revoked) is a refused
+// connection too.
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import { randomBytes } from "node:crypto";
+import { writeFileSync } from "node:fs";
 import { NbdClient, parseNbdUri, type NbdTarget } from "../nbd/client.ts";
 import { controlOk } from "../testing/control.ts";
 import { waitFor } from "../testing/process.ts";
+import { makeTempDir } from "../testing/tmp.ts";
 import { startUnit } from "../testing/unit.ts";
 
 /** The NBD target of `uri`, connected from `address` (the test speaks as that host). */
@@ -56,5 +61,25 @@ test("refused connections and opens are counted in GET /v1/info and logged; a re
     assert.match(log, /export revoked: closing the connection peer=127\.0\.0\.3/);
   } finally {
     await unit.close();
+  }
+});
+
+test("over TLS, a PSK identity the unit has no key for (a host fenced off all its volumes here) is counted as a refused connection", { timeout: 60_000 }, async () => {
+  const dir = makeTempDir("refusals-tls");
+  const key = randomBytes(32);
+  writeFileSync(dir.file("keys.psk"), `h1:${key.toString("hex")}\n`, { mode: 0o600 });
+  const unit = await startUnit({ capacity: "64M", control: true, volumes: [{ name: "v1", size: "4M" }], extraArgs: ["--tls", "require", "--tls-psk", dir.file("keys.psk"), "--allow", "id:h1"] });
+  try {
+    const refused = async (): Promise<Refused> => ((await controlOk(unit, "GET", "/v1/info")) as { refused: Refused }).refused;
+    const target = { ...parseNbdUri(unit.uri("v1")) };
+    const known = await NbdClient.connect(target, { tls: { identity: "h1", key } });
+    await known.close();
+    assert.deepEqual(await refused(), { connections: 0, opens: 0 }, "a known identity is not a refusal");
+    await assert.rejects(NbdClient.connect(target, { tls: { identity: "h2", key }, connectTimeoutMs: 3_000 }));
+    assert.deepEqual(await refused(), { connections: 1, opens: 0 });
+    assert.match(unit.stderr(), /TLS: unknown PSK identity .*identity=h2/);
+  } finally {
+    await unit.close();
+    dir.remove();
   }
 });
