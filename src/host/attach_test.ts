@@ -4,18 +4,21 @@
 // (written with dd, read back with nbdsh straight from the server); attaching
 // twice is idempotent; after nbdfuse is killed (what a host restart does) the
 // attachment reads as dead and reattach() brings the same data back; detach
-// unmounts, waits for nbdfuse to exit and removes the record. Also: records
+// unmounts, waits for nbdfuse to exit and removes the record. fuse on an
+// nbds:// URI (nbdkit serving TLS-PSK) works with the key file. Also: records
 // that are garbage are refused by the pure decoder, never half-trusted.
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, execFileSync } from "node:child_process";
-import { existsSync, mkdtempSync, rmSync, readFileSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync, readFileSync, writeFileSync } from "node:fs";
+import { createServer, type AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { createHash } from "node:crypto";
+import { createHash, randomBytes } from "node:crypto";
+import { nbdsh } from "../testing/clients.ts";
 import { runOk } from "../testing/process.ts";
-import { attach, attachmentAlive, detach, isMounted, processAlive, reattach } from "./attach.ts";
+import { attach, attachmentAlive, detach, isMounted, nbdfuseSource, processAlive, reattach } from "./attach.ts";
 import { HostState, decodeRecord, recordKey } from "./state.ts";
 import type { Assignment } from "./station_client.ts";
 
@@ -110,6 +113,49 @@ test("attach reports nbdfuse's own error when the server is not there", { timeou
     assert.deepEqual(await state.list(), [], "no record of a failed attach");
     assert.equal(await isMounted(state.mountDir("a-missing")), false);
   } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+/** A TCP port free on 127.0.0.1 right now. */
+async function freePort(): Promise<number> {
+  const server = createServer();
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const port = (server.address() as AddressInfo).port;
+  await new Promise((resolve) => server.close(resolve));
+  return port;
+}
+
+test("fuse on an nbds:// URI with a tls-psk-file: nbdfuse reaches a TLS-PSK server (through nbdkit -s nbd), the bytes are the server's", { timeout: 60_000 }, async () => {
+  const dir = mkdtempSync(join(tmpdir(), "ipsan-attach-tls-"));
+  const pskFile = join(dir, "keys.psk");
+  writeFileSync(pskFile, `h1:${randomBytes(32).toString("hex")}\n`, { mode: 0o600 });
+  const port = await freePort();
+  const server = spawn("nbdkit", ["--foreground", "--exit-with-parent", "--tls=require", `--tls-psk=${pskFile}`, "-i", "127.0.0.1", "-p", String(port), "memory", "16M"], { stdio: "ignore" });
+  const state = new HostState(join(dir, "state"));
+  try {
+    const uri = `nbds://h1@127.0.0.1:${port}/?tls-psk-file=${pskFile}`;
+    await until("nbdkit listening", () => {
+      try {
+        execFileSync("nbdinfo", ["--size", uri], { stdio: "ignore" });
+        return true;
+      } catch {
+        return false;
+      }
+    });
+    assert.deepEqual(nbdfuseSource(`nbd://127.0.0.1:${port}/v1`), [`nbd://127.0.0.1:${port}/v1`], "a plaintext URI goes to nbdfuse as it is");
+    const assignment: Assignment = { id: "a-tls", host: "h1", unit: "u1", nbdHost: "127.0.0.1", nbdPort: port, export: "", volume: "v1", sizeBytes: 16 * 1024 * 1024, uri };
+    const record = await attach(state, { assignment, station: "http://127.0.0.1:1/", host: "h1", mode: "fuse" });
+    assert.equal(await attachmentAlive(record), true);
+    execFileSync("dd", ["if=/dev/urandom", `of=${join(dir, "pattern")}`, "bs=64K", "count=4", "status=none"]);
+    execFileSync("dd", [`if=${join(dir, "pattern")}`, `of=${record.path}`, "bs=64K", "seek=2", "conv=notrunc,fsync", "status=none"]);
+    const fromServer = await nbdsh(uri, "import hashlib; print(hashlib.sha256(h.pread(256*1024, 2*64*1024)).hexdigest())");
+    assert.equal(fromServer.stdout.trim(), sha256(readFileSync(join(dir, "pattern"))), "bytes written through the nbdfuse file are on the TLS server");
+    await detach(state, record);
+    assert.equal(processAlive(record.pid ?? 0), false, "nbdfuse exited after detach");
+  } finally {
+    for (const r of await state.list().catch(() => [])) await detach(state, r).catch(() => undefined);
+    server.kill("SIGTERM");
     rmSync(dir, { recursive: true, force: true });
   }
 });
