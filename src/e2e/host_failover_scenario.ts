@@ -250,9 +250,15 @@ export async function spareHostScenario(name: string, options: { unitBin?: strin
     // The volume holds h2's data.
     assert.ok((await nbdRead(h2, taken.path, MIB)).equals(patternB), "the volume holds h2's data, not h1's");
     // The hosts' credentials were enough for the whole loop: the audit log holds no refusal of either, and their own changes.
-    const audit = readFileSync(join(dirname(station.tokenFile), "audit.log"), "utf8").trim().split("\n").map((l) => JSON.parse(l) as { actor: string; action: string; status: number });
-    const refused = audit.filter((e) => e.actor.startsWith("host:") && e.status >= 400);
-    assert.deepEqual(refused, [], "no request of a host credential was refused");
+    // One exception is the fence working: h1, woken after its mirror moved to h2, may report that mirror's legs once
+    // more before its agent sees the move; the station refuses it (403: the assignment is h2's now).
+    const audit = readFileSync(join(dirname(station.tokenFile), "audit.log"), "utf8")
+      .trim()
+      .split("\n")
+      .map((l) => JSON.parse(l) as { actor: string; action: string; status: number; ids?: { id?: string } });
+    const fenced = (e: (typeof audit)[number]): boolean => e.actor === "host:h1" && e.status === 403 && e.ids?.id === mirror.id;
+    const refused = audit.filter((e) => e.actor.startsWith("host:") && e.status >= 400 && !fenced(e));
+    assert.deepEqual(refused, [], "no request of a host credential was refused (but the fenced h1's, on the mirror moved away)");
     for (const [actor, action] of [["host:h1", "POST /api/v1/allocations"], ["host:h2", "PUT /api/v1/hosts/:name"], ["host:h2", "PUT /api/v1/assignments/:id/legs"]]) {
       assert.ok(audit.some((e) => e.actor === actor && e.action === action && e.status < 300), `${actor} ${action} in the audit log`);
     }
