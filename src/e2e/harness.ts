@@ -42,6 +42,8 @@ export interface StationOptions {
   readonly dataDir?: string;
   /** More flags, e.g. --host-failover-after 3s. */
   readonly extraArgs?: readonly string[];
+  /** Another bin/ipsan (a canary's patched build). */
+  readonly bin?: string;
 }
 
 export interface UnitOptions {
@@ -72,7 +74,13 @@ export class San {
     const dataDir = options.dataDir ?? this.tmp.file("station");
     const child = new IpsanChild(
       ["station", "--data", dataDir, "--http", options.http ?? "127.0.0.1:0", "--discovery", options.discovery ?? "127.0.0.1:0", ...(options.extraArgs ?? [])],
-      { name: "station", logFile: this.log("station"), env: childEnv(), ...(options.prefix === undefined ? {} : { prefix: options.prefix }) },
+      {
+        name: "station",
+        logFile: this.log("station"),
+        env: childEnv(),
+        ...(options.prefix === undefined ? {} : { prefix: options.prefix }),
+        ...(options.bin === undefined ? {} : { bin: options.bin }),
+      },
     );
     const apiUrl = (await child.waitForLine(/^ipsan station ready (http:\/\/\S+)/, START_TIMEOUT_MS))[1] ?? "";
     const discovery = (await child.waitForLine(/^ipsan station discovery udp:\/\/(\S+)/, START_TIMEOUT_MS))[1] ?? "";

@@ -15,36 +15,13 @@
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { randomBytes } from "node:crypto";
 import { readFileSync, statSync, writeFileSync } from "node:fs";
 import type { Assignment } from "../host/station_client.ts";
-import { nbdRead } from "../testing/clients.ts";
-import { childEnv, run, runOk, waitFor } from "../testing/process.ts";
+import { childEnv, runOk, waitFor } from "../testing/process.ts";
 import { IpsanChild } from "../demo/child.ts";
 import { San, ipsan } from "./harness.ts";
+import { MIB, asIdentity, partitionsToTwoHosts, readsBack, refused } from "./identity_scenario.ts";
 
-const MIB = 1024 * 1024;
-
-/** `uri` with another TLS-PSK identity (the URI's user part) and key file. */
-function asIdentity(uri: string, identity: string, keyFile: string): string {
-  const url = new URL(uri);
-  url.username = identity;
-  url.searchParams.set("tls-psk-file", keyFile);
-  return url.href;
-}
-
-async function refused(uri: string, why: string): Promise<void> {
-  const result = await run("nbdinfo", ["--size", uri], { timeoutMs: 30_000 });
-  assert.notEqual(result.code, 0, `${why}: nbdinfo must fail, got ${result.stdout}`);
-}
-
-async function readsBack(uri: string, tmp: (name: string) => string, tag: string): Promise<void> {
-  const pattern = randomBytes(MIB);
-  writeFileSync(tmp(`${tag}.in`), pattern);
-  // nbdcopy writes the file's 1 MiB at the start of the export (--destination-is-zero is not claimed).
-  await runOk("nbdcopy", ["--flush", tmp(`${tag}.in`), uri], { timeoutMs: 30_000 });
-  assert.ok((await nbdRead(uri, 0, MIB)).equals(pattern), `${tag}: the bytes nbdcopy wrote through ${uri} read back with nbdsh`);
-}
 
 test("identity: nbds:// URIs with the host's key; other identities, other keys and plaintext refused; partitions per host; key rotation", { timeout: 180_000 }, async () => {
   const san = new San("identity");
@@ -92,29 +69,9 @@ test("identity: nbds:// URIs with the host's key; other identities, other keys a
     // h2's own export still works with h2's key.
     assert.equal(Number((await runOk("nbdinfo", ["--size", a2.uri])).stdout.trim()), 16 * MIB);
 
-    // Partitions of one volume to two hosts.
+    // Partitions of one volume to two hosts (identity_scenario.ts; its canary breaks the station's per-export grants).
+    await partitionsToTwoHosts(san, admin);
     const client = await san.client();
-    await client.registerHost("hA", "127.0.0.1");
-    await client.registerHost("hB", "127.0.0.1");
-    const carved = (await client.call("POST", "/api/v1/volumes", { unit: "u1", name: "shared1", sizeBytes: 32 * MIB })) as { unit: string; name: string };
-    await client.call("PUT", `/api/v1/volumes/${carved.unit}/${carved.name}/partitions`, { sizesBytes: [8 * MIB, 8 * MIB] });
-    const stateA = san.tmp.file("hA-state");
-    const stateB = san.tmp.file("hB-state");
-    const assignTo = async (host: string, partition: number, state: string): Promise<string> => {
-      const assigned = (await client.call("POST", "/api/v1/assignments", { host, unit: "u1", volume: carved.name, partition })) as Assignment;
-      const local = (await san.host(["attach", ...admin, "--host", host, "--assignment", String(assigned.id), "--mode", "nbd", "--state-dir", state, "--json"])).json as { uri: string };
-      return local.uri;
-    };
-    const pA = await assignTo("hA", 1, stateA);
-    const pB = await assignTo("hB", 2, stateB);
-    assert.match(pA, new RegExp(`/${carved.name}/p1\\?`));
-    await readsBack(pA, (n) => san.tmp.file(n), "pA");
-    await readsBack(pB, (n) => san.tmp.file(n), "pB");
-    const whole = (uri: string): string => uri.replace(/\/p[12]\?/, "?");
-    await refused(whole(pA), "hA on the whole volume");
-    await refused(whole(pB), "hB on the whole volume");
-    await refused(pA.replace("/p1?", "/p2?"), "hA on hB's partition");
-    await refused(pB.replace("/p2?", "/p1?"), "hB on hA's partition");
 
     // Rotation: the old key stops working at once; attaching again fetches the new one.
     const oldKey = san.tmp.file("old.psk");

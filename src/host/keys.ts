@@ -7,9 +7,9 @@
 // the URIs it hands its clients carry `?tls-psk-file=PATH`, so nbdinfo,
 // nbdcopy, nbdfuse, fio and the mirror engine use them as they are.
 
-import { randomBytes } from "node:crypto";
-import { mkdir, open, readFile, rename, rm } from "node:fs/promises";
-import { join } from "node:path";
+import { mkdir, readFile } from "node:fs/promises";
+import { dirname, join } from "node:path";
+import { writeSecretFileAtomic } from "../util/secret_file.ts";
 import type { HostState } from "./state.ts";
 import type { HostKey, StationAssignment, StationClient } from "./station_client.ts";
 
@@ -20,21 +20,8 @@ export function keyFilePath(state: HostState, unit: string): string {
 
 /** Writes one key file (0600, fsynced, renamed into place: never half a key). */
 export async function writeKeyFile(path: string, key: HostKey): Promise<void> {
-  const directory = join(path, "..");
-  await mkdir(directory, { recursive: true, mode: 0o700 });
-  const temporary = `${path}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`;
-  const handle = await open(temporary, "wx", 0o600);
-  try {
-    await handle.writeFile(`${key.identity}:${key.key}\n`);
-    await handle.sync();
-  } catch (error) {
-    await handle.close();
-    await rm(temporary, { force: true });
-    throw error;
-  } finally {
-    await handle.close().catch(() => undefined);
-  }
-  await rename(temporary, path);
+  await mkdir(dirname(path), { recursive: true, mode: 0o700 });
+  await writeSecretFileAtomic(path, `${key.identity}:${key.key}\n`);
 }
 
 /** `uri` with `tls-psk-file=PATH` (for an nbds:// URI; others are returned as they are). */

@@ -10,6 +10,7 @@ import { homedir } from "node:os";
 import { join } from "node:path";
 import { IpsanError, errorMessage } from "../util/errors.ts";
 import { logger } from "../util/log.ts";
+import { writeSecretFileAtomic } from "../util/secret_file.ts";
 
 const log = logger("host");
 
@@ -147,12 +148,10 @@ export class HostState {
     return join(this.dir, CREDENTIAL_FILE_NAME);
   }
 
-  /** Writes the credential 0600 (a temporary file renamed into place). */
+  /** Writes the credential 0600 (fsynced, renamed into place: never half a credential). */
   async writeCredential(credential: HostCredential): Promise<void> {
     await mkdir(this.dir, { recursive: true, mode: 0o700 });
-    const temporary = `${this.credentialPath}.tmp-${process.pid}`;
-    await writeFile(temporary, `${JSON.stringify(credential, null, 2)}\n`, { mode: 0o600 });
-    await rename(temporary, this.credentialPath);
+    await writeSecretFileAtomic(this.credentialPath, `${JSON.stringify(credential, null, 2)}\n`);
   }
 
   /** The stored credential; undefined when the host never registered here. A damaged file is an error that names it. */

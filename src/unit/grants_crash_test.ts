@@ -10,7 +10,6 @@
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
 import { randomInt } from "node:crypto";
 import { statSync } from "node:fs";
 import { fileURLToPath } from "node:url";
@@ -20,6 +19,7 @@ import { makeTempDir, memoryTmpBase } from "../testing/tmp.ts";
 import { setLogLevel } from "../util/log.ts";
 import { HOST_KEYS_FILE_NAME } from "./host_keys.ts";
 import { VolumeManager } from "./volumes.ts";
+import { churnAndKill } from "../testing/churn_kill.ts";
 
 setLogLevel("error");
 const ROUNDS = 12;
@@ -31,37 +31,7 @@ const KEYS_AFTER_TABLE = {
   from: "                if (keys !== undefined)\n                    await this.hostKeys.replace(new Map([...this.hostKeys.entries(), ...keys]));\n                await this.#store.write(change.table);",
   to: "                await this.#store.write(change.table);\n                await new Promise((r) => setTimeout(r, 5));\n                if (keys !== undefined)\n                    await this.hostKeys.replace(new Map([...this.hostKeys.entries(), ...keys]));",
 };
-const READY_TIMEOUT_MS = 10_000;
 
-function churnAndKill(dataDir: string, seed: number, delayMs: number, child_: string = CHILD): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [child_, dataDir, String(seed)], { stdio: ["ignore", "pipe", "pipe"] });
-    let out = "";
-    let err = "";
-    let killTimer: NodeJS.Timeout | undefined;
-    const readyTimer = setTimeout(() => {
-      child.kill("SIGKILL");
-      reject(new Error(`grants churn not ready within ${READY_TIMEOUT_MS} ms: ${err}`));
-    }, READY_TIMEOUT_MS);
-    child.stdout.setEncoding("utf8");
-    child.stderr.setEncoding("utf8");
-    child.stderr.on("data", (chunk: string) => (err += chunk));
-    child.stdout.on("data", (chunk: string) => {
-      out += chunk;
-      if (killTimer === undefined && out.includes("ready\n")) {
-        clearTimeout(readyTimer);
-        killTimer = setTimeout(() => child.kill("SIGKILL"), delayMs);
-      }
-    });
-    child.on("exit", (code, signal) => {
-      clearTimeout(readyTimer);
-      clearTimeout(killTimer);
-      if (signal !== "SIGKILL") return reject(new Error(`grants churn exited code=${code} signal=${signal}: ${err}`));
-      const acked = [...out.matchAll(/^acked (\d+)$/gm)].map((m) => Number(m[1]));
-      resolve(acked.length === 0 ? -1 : Math.max(...acked));
-    });
-  });
-}
 
 async function crashRounds(child: string): Promise<void> {
   const dir = makeTempDir("grants-crash", memoryTmpBase());
@@ -72,7 +42,7 @@ async function crashRounds(child: string): Promise<void> {
     for (let round = 0; round < ROUNDS; round++) {
       const seed = randomInt(1, 2 ** 31);
       const delayMs = randomInt(30, 250);
-      acked += (await churnAndKill(dir.path, seed, delayMs, child)) + 1;
+      acked += (await churnAndKill(child, dir.path, seed, delayMs)) + 1;
       const manager = await VolumeManager.open({ dataDir: dir.path });
       try {
         for (const volume of manager.table.volumes) {

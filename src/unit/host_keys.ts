@@ -9,11 +9,11 @@
 // durable without its key; a key whose grant did not make it is pruned at
 // the next change. Keys are never logged and never in an answer.
 
-import { randomBytes } from "node:crypto";
-import { promises as fs, readFileSync } from "node:fs";
-import { dirname, join } from "node:path";
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
 import { IpsanError, errorMessage } from "../util/errors.ts";
 import { formatPskFile, parsePskFile } from "../nbd/tls.ts";
+import { writeSecretFileAtomic } from "../util/secret_file.ts";
 
 export const HOST_KEYS_FILE_NAME = "host-keys.psk";
 
@@ -57,26 +57,7 @@ export class HostKeys {
   /** Replaces the file with exactly `keys` (durably) and then serves them. Nothing is written when they are the same. */
   async replace(keys: ReadonlyMap<string, Buffer>): Promise<void> {
     if (sameKeys(this.#keys, keys)) return;
-    const temporary = join(dirname(this.path), `.${HOST_KEYS_FILE_NAME}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`);
-    const handle = await fs.open(temporary, "wx", 0o600);
-    try {
-      await handle.writeFile(formatPskFile(keys));
-      await handle.sync();
-    } finally {
-      await handle.close();
-    }
-    try {
-      await fs.rename(temporary, this.path);
-    } catch (error) {
-      await fs.unlink(temporary).catch(() => undefined);
-      throw error;
-    }
-    const directory = await fs.open(dirname(this.path), "r");
-    try {
-      await directory.sync();
-    } finally {
-      await directory.close();
-    }
+    await writeSecretFileAtomic(this.path, formatPskFile(keys));
     this.#keys = new Map(keys);
   }
 }

@@ -8,7 +8,6 @@
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
 import { randomInt } from "node:crypto";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -18,10 +17,10 @@ import { type VolumeTable, emptyTable } from "./table.ts";
 import { TableStore } from "./table_store.ts";
 import { CHURN_CAPACITY_BYTES, applyAction, churnAction } from "./table_churn.ts";
 import { STORAGE_FILE_NAME } from "./volumes.ts";
+import { churnAndKill } from "../testing/churn_kill.ts";
 
 const ROUNDS = 20;
 const CHILD = fileURLToPath(new URL("./table_churn.js", import.meta.url));
-const READY_TIMEOUT_MS = 10_000;
 
 async function loadTable(dataDir: string): Promise<VolumeTable | undefined> {
   const path = join(dataDir, STORAGE_FILE_NAME);
@@ -40,36 +39,6 @@ async function loadTable(dataDir: string): Promise<VolumeTable | undefined> {
   }
 }
 
-/** Runs the child until ready, lets it churn for `delayMs`, SIGKILLs it; returns the last acked step (-1 if none). */
-function churnAndKill(dataDir: string, seed: number, delayMs: number): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [CHILD, dataDir, String(seed)], { stdio: ["ignore", "pipe", "pipe"] });
-    let out = "";
-    let err = "";
-    let killTimer: NodeJS.Timeout | undefined;
-    const readyTimer = setTimeout(() => {
-      child.kill("SIGKILL");
-      reject(new Error(`churn child not ready within ${READY_TIMEOUT_MS} ms: ${err}`));
-    }, READY_TIMEOUT_MS);
-    child.stdout.setEncoding("utf8");
-    child.stderr.setEncoding("utf8");
-    child.stderr.on("data", (chunk: string) => (err += chunk));
-    child.stdout.on("data", (chunk: string) => {
-      out += chunk;
-      if (killTimer === undefined && out.startsWith("ready\n")) {
-        clearTimeout(readyTimer);
-        killTimer = setTimeout(() => child.kill("SIGKILL"), delayMs);
-      }
-    });
-    child.on("exit", (code, signal) => {
-      clearTimeout(readyTimer);
-      clearTimeout(killTimer);
-      if (signal !== "SIGKILL") return reject(new Error(`churn child exited code=${code} signal=${signal}: ${err}`));
-      const acked = [...out.matchAll(/^acked (\d+)$/gm)].map((m) => Number(m[1]));
-      resolve(acked.length === 0 ? -1 : Math.max(...acked));
-    });
-  });
-}
 
 test("kill -9 during table updates: the table is always the last acknowledged one or the one being written", async () => {
   const dir = makeTempDir("table-crash");
@@ -80,7 +49,7 @@ test("kill -9 during table updates: the table is always the last acknowledged on
       const previous = await loadTable(dir.path);
       const seed = randomInt(1, 2 ** 31);
       const delayMs = randomInt(20, 250);
-      const lastAcked = await churnAndKill(dir.path, seed, delayMs);
+      const lastAcked = await churnAndKill(CHILD, dir.path, seed, delayMs);
       const found = await loadTable(dir.path);
       assert.ok(found !== undefined, `round ${round} seed ${seed}: storage exists`);
       // The unit's identity is drawn when the child formats the storage (round 0): the replay takes it from the table found.
