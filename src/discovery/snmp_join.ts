@@ -18,9 +18,13 @@ import type { HostPort, StorageInfo } from "./messages.ts";
 import type { SnmpEvent, SnmpTrapEvent, SnmpTrapListener } from "./snmp.ts";
 import type { DiscoveryListener } from "./station_listener.ts";
 import { validateStorageInfo } from "./storage_info.ts";
+import { httpExchange } from "../util/http_client.ts";
+import { retry, type BackoffPolicy } from "../util/retry.ts";
 
 export const CONTROL_FETCH_TIMEOUT_MS = 5000;
 export const CONTROL_FETCH_ATTEMPTS_MAX = 3;
+/** The project's retry policy (src/util/retry.ts): 400 ms, then 800 ms, jittered. */
+export const CONTROL_FETCH_BACKOFF: BackoffPolicy = { initialMs: 400, maxMs: 3_200, attemptsMax: CONTROL_FETCH_ATTEMPTS_MAX, jitterRatio: 0.2 };
 export const CONTROL_RESPONSE_BYTES_MAX = 8 * 1024 * 1024;
 
 export type FetchInfo = (unit: string, control: HostPort, token: string) => Promise<StorageInfo>;
@@ -32,21 +36,14 @@ function urlHost(host: string): string {
 /** GET http://CONTROL/v1/info with the bearer token; bounded time and size; validated. */
 export async function fetchInfoOverControl(unit: string, control: HostPort, token: string): Promise<StorageInfo> {
   const url = `http://${urlHost(control.host)}:${control.port}/v1/info`;
-  const response = await fetch(url, {
+  const answer = await httpExchange({
+    url,
     headers: { authorization: `Bearer ${token}`, accept: "application/json" },
-    signal: AbortSignal.timeout(CONTROL_FETCH_TIMEOUT_MS),
+    timeoutMs: CONTROL_FETCH_TIMEOUT_MS,
+    maxBytes: CONTROL_RESPONSE_BYTES_MAX,
   });
-  const declared = Number(response.headers.get("content-length") ?? "0");
-  if (declared > CONTROL_RESPONSE_BYTES_MAX) throw new Error(`${url}: answer of ${declared} bytes is over ${CONTROL_RESPONSE_BYTES_MAX}`);
-  const chunks: Buffer[] = [];
-  let total = 0;
-  for await (const chunk of response.body ?? []) {
-    total += (chunk as Uint8Array).length;
-    if (total > CONTROL_RESPONSE_BYTES_MAX) throw new Error(`${url}: answer over ${CONTROL_RESPONSE_BYTES_MAX} bytes`);
-    chunks.push(Buffer.from(chunk as Uint8Array));
-  }
-  if (response.status !== 200) throw new Error(`${url}: HTTP ${response.status} ${Buffer.concat(chunks).toString("utf8").slice(0, 200)}`);
-  const body = JSON.parse(Buffer.concat(chunks).toString("utf8")) as Record<string, unknown>;
+  if (answer.status !== 200) throw new Error(`${url}: HTTP ${answer.status} ${answer.text().slice(0, 200)}`);
+  const body = JSON.parse(answer.text()) as Record<string, unknown>;
   // GET /v1/info has no control or dnsName fields: we know the first, the second is not reported.
   const result = validateStorageInfo({ ...body, control, dnsName: null });
   if (result.kind === "invalid") throw new Error(`${url}: ${result.detail}`);
@@ -76,20 +73,26 @@ export function attachSnmp(options: SnmpJoinOptions): () => void {
 
   const fetchWithRetries = async (unit: string, control: HostPort, event: SnmpTrapEvent): Promise<void> => {
     const token = controlTokenFor(options.clusterKey, unit);
-    for (let attempt = 1; attempt <= CONTROL_FETCH_ATTEMPTS_MAX; attempt++) {
-      try {
-        const info = await fetchInfo(unit, control, token);
-        discovery.ingestStorageInfo(unit, info, event.from);
-        return;
-      } catch (error) {
-        log.limited("snmp-fetch", "cannot fetch storage info over the control API", {
-          unit,
-          control: `${control.host}:${control.port}`,
-          attempt,
-          error: errorMessage(error),
-        });
-        await new Promise((resolve) => setTimeout(resolve, 200 * 2 ** attempt));
-      }
+    try {
+      const info = await retry(() => fetchInfo(unit, control, token), {
+        policy: CONTROL_FETCH_BACKOFF,
+        retryable: () => true,
+        onRetry: (error, attempt) =>
+          log.limited("snmp-fetch", "cannot fetch storage info over the control API; retrying", {
+            unit,
+            control: `${control.host}:${control.port}`,
+            attempt,
+            error: errorMessage(error),
+          }),
+      });
+      discovery.ingestStorageInfo(unit, info, event.from);
+    } catch (error) {
+      log.limited("snmp-fetch-gave-up", "cannot fetch storage info over the control API; waiting for the next trap", {
+        unit,
+        control: `${control.host}:${control.port}`,
+        attempts: CONTROL_FETCH_ATTEMPTS_MAX,
+        error: errorMessage(error),
+      });
     }
   };
 

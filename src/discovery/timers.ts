@@ -1,12 +1,16 @@
 // Timers of the discovery protocol, in one place, checked against each other
 // once, and overridable from the environment so tests can run the real
 // programs with short timers (docs/protocol/discovery.md, "Timers").
-// Also the retransmission schedule: exponential backoff with jitter, a bounded
-// number of attempts, after which the caller starts over.
+// Also the retransmission schedule: the project's backoff policy
+// (src/util/retry.ts) with discovery's defaults, after which the caller starts over.
 
 import { assert } from "../util/assert.ts";
 import { UsageError } from "../util/errors.ts";
 import type { Clock, Random, TimerHandle } from "./clock.ts";
+import { backoffDelayMs, type BackoffPolicy } from "../util/retry.ts";
+
+// The backoff policy is the project's one (src/util/retry.ts); re-exported for discovery's callers.
+export { backoffDelayMs, type BackoffPolicy };
 
 export interface LivenessTimers {
   /** How often a unit sends HEARTBEAT (the station tells its units this value in ACKs). */
@@ -15,15 +19,6 @@ export interface LivenessTimers {
   readonly suspectAfterMs: number;
   /** Silent this long: offline. */
   readonly offlineAfterMs: number;
-}
-
-export interface BackoffPolicy {
-  readonly initialMs: number;
-  readonly maxMs: number;
-  /** Sends per round, the first included; then the caller starts over (after maxMs). */
-  readonly attemptsMax: number;
-  /** Each delay is scaled by a random factor in [1 - jitterRatio, 1 + jitterRatio]. */
-  readonly jitterRatio: number;
 }
 
 export const DEFAULT_LIVENESS_TIMERS: LivenessTimers = {
@@ -94,13 +89,6 @@ export function backoffFromEnv(env: NodeJS.ProcessEnv = process.env): BackoffPol
   const initialMs = envInt(env, TIMER_ENV.retransmitInitialMs);
   if (initialMs === undefined) return DEFAULT_BACKOFF;
   return { ...DEFAULT_BACKOFF, initialMs, maxMs: Math.max(initialMs, Math.min(DEFAULT_BACKOFF.maxMs, initialMs * 16)) };
-}
-
-/** Delay before send number `attempt + 1` (attempt 0 is the first send). */
-export function backoffDelayMs(policy: BackoffPolicy, attempt: number, random: Random): number {
-  const base = Math.min(policy.maxMs, policy.initialMs * 2 ** Math.min(attempt, 30));
-  const factor = 1 - policy.jitterRatio + 2 * policy.jitterRatio * random();
-  return Math.max(1, Math.round(base * factor));
 }
 
 /**

@@ -10,8 +10,9 @@
 // 20's fetch takes no CA of its own).
 
 import { readFile } from "node:fs/promises";
-import { Agent as HttpAgent, request as httpRequest, type IncomingMessage } from "node:http";
-import { Agent as HttpsAgent, request as httpsRequest } from "node:https";
+import { Agent as HttpAgent } from "node:http";
+import { Agent as HttpsAgent } from "node:https";
+import { HttpExchangeError, httpExchange } from "../util/http_client.ts";
 import { connect } from "node:net";
 import { ERROR_CODES, IpsanError, UsageError, errorMessage, type ErrorCode } from "../util/errors.ts";
 
@@ -283,54 +284,27 @@ export class StationClient {
     return parsed;
   }
 
-  /** One request and its whole (bounded) answer, within the timeout. */
-  #exchange(url: URL, method: string, what: string, payload: Buffer | undefined): Promise<{ status: number; text: string }> {
+  /** One request and its whole (bounded) answer, within the timeout (src/util/http_client.ts). */
+  async #exchange(url: URL, method: string, what: string, payload: Buffer | undefined): Promise<{ status: number; text: string }> {
     const headers: Record<string, string> = { authorization: `Bearer ${this.#token}`, accept: "application/json" };
-    if (payload !== undefined) {
-      headers["content-type"] = "application/json";
-      headers["content-length"] = String(payload.length);
+    if (payload !== undefined) headers["content-type"] = "application/json";
+    try {
+      const answer = await httpExchange({
+        url,
+        method,
+        headers,
+        ...(payload === undefined ? {} : { body: payload }),
+        timeoutMs: this.#timeoutMs,
+        maxBytes: RESPONSE_BYTES_MAX,
+        agent: this.#agent,
+      });
+      return { status: answer.status, text: answer.text() };
+    } catch (error) {
+      if (!(error instanceof HttpExchangeError)) throw error;
+      if (error.failure === "too-large") throw new IpsanError("TOO_LARGE", `${what}: station answer exceeds ${RESPONSE_BYTES_MAX} bytes`, { cause: error });
+      const detail = error.failure === "timeout" ? `no answer within ${this.#timeoutMs} ms` : errorMessage(error.cause ?? error);
+      throw new IpsanError("UNAVAILABLE", `${what}: station ${this.baseUrl.origin} unreachable (${error.errno ?? error.failure}: ${detail})`, { cause: error });
     }
-    const https = url.protocol === "https:";
-    return new Promise((resolve, reject) => {
-      let settled = false;
-      const fail = (error: unknown): void => {
-        if (settled) return;
-        settled = true;
-        clearTimeout(timer);
-        req.destroy();
-        if (error instanceof IpsanError) reject(error);
-        else {
-          const detail = (error as NodeJS.ErrnoException).code ?? errorMessage(error);
-          reject(new IpsanError("UNAVAILABLE", `${what}: station ${this.baseUrl.origin} unreachable (${detail}: ${errorMessage(error)})`, { cause: error }));
-        }
-      };
-      const onResponse = (res: IncomingMessage): void => {
-        const chunks: Buffer[] = [];
-        let total = 0;
-        res.on("data", (chunk: Buffer) => {
-          total += chunk.length;
-          if (total > RESPONSE_BYTES_MAX) {
-            fail(new IpsanError("TOO_LARGE", `${what}: station answer exceeds ${RESPONSE_BYTES_MAX} bytes`));
-            return;
-          }
-          chunks.push(chunk);
-        });
-        res.on("end", () => {
-          if (settled) return;
-          settled = true;
-          clearTimeout(timer);
-          resolve({ status: res.statusCode ?? 0, text: Buffer.concat(chunks).toString("utf8") });
-        });
-        res.on("error", fail);
-        res.on("aborted", () => fail(new Error("the station closed the connection mid-answer")));
-      };
-      const options = { method, headers, agent: this.#agent };
-      const req = https ? httpsRequest(url, options, onResponse) : httpRequest(url, options, onResponse);
-      // Unlike an unref'd timer, this one keeps a waiting CLI alive until the deadline.
-      const timer = setTimeout(() => fail(new Error(`no answer within ${this.#timeoutMs} ms`)), this.#timeoutMs);
-      req.on("error", fail);
-      req.end(payload);
-    });
   }
 
   /** PUT /api/v1/hosts/NAME; `spare` given: registers (true) or unregisters (false) a spare host. */

@@ -15,10 +15,14 @@ import { validateStorageInfo } from "../discovery/storage_info.ts";
 import { type NbdTlsMode, type StorageInfo, type VolumeInfo, parseIdentityGrant } from "../discovery/messages.ts";
 import { ERROR_CODES, IpsanError, errorMessage, type ErrorCode } from "../util/errors.ts";
 import type { HostPort } from "./types.ts";
+import { HttpExchangeError, httpExchange, type HttpAnswer } from "../util/http_client.ts";
+import { retry, type BackoffPolicy } from "../util/retry.ts";
 
 export const UNIT_CALL_TIMEOUT_MS = 5_000;
 export const UNIT_CALL_ATTEMPTS_MAX = 3;
 export const UNIT_CALL_BACKOFF_MS = 100;
+/** Retries of a failed unit call: 100 ms, then 200 ms (jittered), within UNIT_CALL_ATTEMPTS_MAX attempts. */
+export const UNIT_CALL_BACKOFF: BackoffPolicy = { initialMs: UNIT_CALL_BACKOFF_MS, maxMs: 2_000, attemptsMax: UNIT_CALL_ATTEMPTS_MAX, jitterRatio: 0.2 };
 /**
  * A wipe punches holes (fast) on file storage but may write zeroes over a
  * whole block device (BLKZEROOUT without offload): it gets longer than the
@@ -105,10 +109,6 @@ function hostForUrl(host: string): string {
   return host.includes(":") ? `[${host}]` : host;
 }
 
-function delay(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
-
 /** Validates one Volume of the unit's answer with the discovery validator (one rule set for both paths). */
 function parseVolume(unit: string, value: unknown): VolumeInfo | string {
   const wrapped = validateStorageInfo({ name: unit, nbd: { host: "0.0.0.0", port: 0 }, capacityBytes: 0, freeBytes: 0, volumes: [value] });
@@ -145,82 +145,73 @@ export class UnitClient {
 
   private async once(method: string, path: string, body: unknown, timeoutMs: number): Promise<{ status: number; json: unknown }> {
     const call = `${method} ${path}`;
-    let response: Response;
+    let answer: HttpAnswer;
     try {
-      response = await fetch(`${this.baseUrl}${path}`, {
+      answer = await httpExchange({
+        url: `${this.baseUrl}${path}`,
         method,
-        headers: {
-          authorization: `Bearer ${this.token}`,
-          ...(body === undefined ? {} : { "content-type": "application/json" }),
-        },
-        ...(body === undefined ? {} : { body: JSON.stringify(body) }),
-        signal: AbortSignal.timeout(timeoutMs),
+        headers: { authorization: `Bearer ${this.token}`, accept: "application/json" },
+        ...(body === undefined ? {} : { json: body }),
+        timeoutMs,
+        maxBytes: UNIT_RESPONSE_BYTES_MAX,
       });
     } catch (error) {
-      const timedOut = (error as Error).name === "TimeoutError" || (error as Error).name === "AbortError";
-      const cause = (error as { cause?: { code?: string; message?: string } }).cause;
-      const detail = cause?.code ?? cause?.message ?? errorMessage(error);
-      throw new UnitCallError(
-        this.unit,
-        call,
-        timedOut ? "timeout" : "unreachable",
-        timedOut ? `no answer within ${timeoutMs} ms from ${this.baseUrl}` : `${this.baseUrl} unreachable (${detail})`,
-        { cause: error },
-      );
+      if (!(error instanceof HttpExchangeError)) throw error;
+      const details = { cause: error, ...(error.status === undefined ? {} : { status: error.status }) };
+      switch (error.failure) {
+        case "timeout":
+          throw new UnitCallError(this.unit, call, "timeout", `no answer within ${timeoutMs} ms from ${this.baseUrl}`, details);
+        case "unreachable":
+          throw new UnitCallError(this.unit, call, "unreachable", `${this.baseUrl} unreachable (${error.errno ?? errorMessage(error.cause ?? error)})`, details);
+        default:
+          throw new UnitCallError(this.unit, call, "protocol", error.message, details);
+      }
     }
-    let text: string;
-    try {
-      const length = Number(response.headers.get("content-length") ?? "0");
-      if (length > UNIT_RESPONSE_BYTES_MAX) throw new Error(`answer of ${length} bytes is over ${UNIT_RESPONSE_BYTES_MAX}`);
-      text = await response.text();
-      if (text.length > UNIT_RESPONSE_BYTES_MAX) throw new Error(`answer of ${text.length} bytes is over ${UNIT_RESPONSE_BYTES_MAX}`);
-    } catch (error) {
-      throw new UnitCallError(this.unit, call, "protocol", errorMessage(error), { status: response.status, cause: error });
-    }
+    const text = answer.text();
     let json: unknown = undefined;
     if (text !== "") {
       try {
         json = JSON.parse(text);
       } catch {
-        throw new UnitCallError(this.unit, call, response.ok ? "protocol" : "failed", `answered ${response.status} with non-JSON`, {
-          status: response.status,
-        });
+        const ok = answer.status >= 200 && answer.status < 300;
+        throw new UnitCallError(this.unit, call, ok ? "protocol" : "failed", `answered ${answer.status} with non-JSON`, { status: answer.status });
       }
     }
-    if (!response.ok) {
+    if (answer.status < 200 || answer.status >= 300) {
       const error = (json as { error?: { code?: unknown; message?: unknown; field?: unknown } } | undefined)?.error;
-      const message = typeof error?.message === "string" ? error.message : `status ${response.status}`;
+      const message = typeof error?.message === "string" ? error.message : `status ${answer.status}`;
       const details = {
-        status: response.status,
+        status: answer.status,
         ...(typeof error?.code === "string" ? { unitCode: error.code } : {}),
         ...(typeof error?.field === "string" ? { field: error.field } : {}),
       };
       // 507 Insufficient Storage (NO_SPACE) is the unit's final answer about this request, like a 4xx:
       // the station moves on to another unit instead of retrying or reporting the unit as failing.
-      const refused = response.status < 500 || response.status === 507;
+      const refused = answer.status < 500 || answer.status === 507;
       throw new UnitCallError(this.unit, call, refused ? "refused" : "failed", message, details);
     }
-    return { status: response.status, json };
+    return { status: answer.status, json };
   }
 
-  /** One call with bounded retries of transient failures. */
+  /** One call with bounded retries of transient failures (the project's retry policy, src/util/retry.ts). */
   private async request(method: string, path: string, body?: unknown, timeoutMs = this.timeoutMs): Promise<{ status: number; json: unknown }> {
-    let lastError: UnitCallError | undefined;
-    for (let attempt = 1; attempt <= this.attemptsMax; attempt++) {
-      try {
-        const result = await this.once(method, path, body, timeoutMs);
-        this.onCall?.("ok");
-        return result;
-      } catch (error) {
-        if (!(error instanceof UnitCallError)) throw error;
-        this.onCall?.(error.failure);
-        lastError = error;
+    return retry(
+      async () => {
+        try {
+          const result = await this.once(method, path, body, timeoutMs);
+          this.onCall?.("ok");
+          return result;
+        } catch (error) {
+          if (error instanceof UnitCallError) this.onCall?.(error.failure);
+          throw error;
+        }
+      },
+      {
+        policy: { ...UNIT_CALL_BACKOFF, attemptsMax: this.attemptsMax },
         // A timeout already cost timeoutMs; "refused" is the unit's final word.
-        if (!error.transient || error.failure === "timeout" || attempt === this.attemptsMax) break;
-        await delay(UNIT_CALL_BACKOFF_MS * 3 ** (attempt - 1));
-      }
-    }
-    throw lastError as UnitCallError;
+        retryable: (error) => error instanceof UnitCallError && error.transient && error.failure !== "timeout",
+      },
+    );
   }
 
   private volumeFrom(call: string, json: unknown): VolumeInfo {

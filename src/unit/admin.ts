@@ -11,11 +11,14 @@ import { join } from "node:path";
 import { IpsanError, UsageError, errorMessage, type ErrorCode, ERROR_CODES } from "../util/errors.ts";
 import { parseFlags } from "../util/flags.ts";
 import { formatSize, parseSize } from "../util/size.ts";
+import { HttpExchangeError, answerJson, httpExchange, type HttpAnswer } from "../util/http_client.ts";
 import { CONTROL_TOKEN_FILE_NAME } from "./main.ts";
 import { STORAGE_FILE_NAME, type VolumeView, VolumeManager, volumeView } from "./volumes.ts";
 
 /** Time allowed for one control API call. */
 export const ADMIN_REQUEST_TIMEOUT_MS = 30_000;
+/** The most of a unit's answer `ipsan unit volume` reads (a listing of 4096 volumes fits easily). */
+export const ADMIN_RESPONSE_BYTES_MAX = 16 * 1024 * 1024;
 
 const USAGE = `usage: ipsan unit volume COMMAND (--data DIR [--device PATH] | --control http://HOST:PORT [--token-file FILE]) [--json]
 commands:
@@ -58,18 +61,30 @@ async function offlineTarget(dataDir: string, devicePath: string | undefined): P
 
 function onlineTarget(baseUrl: string, token: string): Target {
   const call = async (method: string, path: string, body?: unknown): Promise<unknown> => {
-    const response = await fetch(new URL(path, baseUrl), {
-      method,
-      headers: { authorization: `Bearer ${token}`, ...(body === undefined ? {} : { "content-type": "application/json" }) },
-      ...(body === undefined ? {} : { body: JSON.stringify(body) }),
-      signal: AbortSignal.timeout(ADMIN_REQUEST_TIMEOUT_MS),
-    });
-    const text = await response.text();
-    const json = text === "" ? undefined : (JSON.parse(text) as unknown);
-    if (!response.ok) {
+    let answer: HttpAnswer;
+    try {
+      answer = await httpExchange({
+        url: new URL(path, baseUrl),
+        method,
+        headers: { authorization: `Bearer ${token}`, accept: "application/json" },
+        ...(body === undefined ? {} : { json: body }),
+        timeoutMs: ADMIN_REQUEST_TIMEOUT_MS,
+        maxBytes: ADMIN_RESPONSE_BYTES_MAX,
+      });
+    } catch (error) {
+      if (error instanceof HttpExchangeError && error.failure === "too-large") throw new IpsanError("TOO_LARGE", error.message, { cause: error });
+      throw new IpsanError("UNAVAILABLE", `unit control API ${baseUrl}: ${errorMessage(error)}`, { cause: error });
+    }
+    let json: unknown;
+    try {
+      json = answerJson(answer);
+    } catch {
+      throw new IpsanError("IO_ERROR", `unit control API ${baseUrl}: ${method} ${path} answered ${answer.status} with non-JSON`);
+    }
+    if (answer.status < 200 || answer.status >= 300) {
       const error = (json as { error?: { code?: string; message?: string; field?: string } } | undefined)?.error;
       const code = error?.code !== undefined && error.code in ERROR_CODES ? (error.code as ErrorCode) : "IO_ERROR";
-      throw new IpsanError(code, error?.message ?? `HTTP ${response.status}`, error?.field === undefined ? {} : { field: error.field });
+      throw new IpsanError(code, error?.message ?? `HTTP ${answer.status}`, error?.field === undefined ? {} : { field: error.field });
     }
     return json;
   };

@@ -33,6 +33,7 @@ import type { BlockCapabilities, BlockDevice, Extent, ZeroOptions } from "../../
 import type { AllocationExtent } from "../../nbd/client.ts";
 import { IpsanError, errorMessage } from "../../util/errors.ts";
 import { logger } from "../../util/log.ts";
+import { backoffDelayMs } from "../../util/retry.ts";
 import {
   BITMAP_PAGE_BYTES,
   Bitmap,
@@ -132,6 +133,9 @@ const BLOCK_STATUS_ASKS_MAX = 4096;
 /** Sequential streams recognised at once (the ends of the most recent writes). */
 const STREAMS_TRACKED = 16;
 
+/** Failed legs retry at jittered times, so legs of many mirrors on one dead unit do not come back in lockstep. */
+const RECONNECT_JITTER_RATIO = 0.2;
+
 const DEFAULTS = {
   reconnectMs: 200,
   reconnectMaxMs: 5_000,
@@ -155,7 +159,8 @@ class Leg {
   removed = false;
   /** The metadata write that records this leg's failure: no request it failed is answered before this settles (and succeeded). */
   recorded: Promise<void> = Promise.resolve();
-  reconnectDelayMs = 0;
+  /** Reconnect attempts since the leg last came back (the retry policy's attempt number). */
+  reconnectAttempts = 0;
   reconnectTimer: NodeJS.Timeout | undefined;
   lastError: string | undefined;
 
@@ -289,7 +294,7 @@ export class Mirror implements BlockDevice {
       if (leg.state === "failed") {
         if (leg.reconnectTimer !== undefined) clearTimeout(leg.reconnectTimer);
         leg.reconnectTimer = undefined;
-        leg.reconnectDelayMs = 0;
+        leg.reconnectAttempts = 0;
         void this.#reconnect(leg);
       } else if (leg.state !== "in-sync" || this.#legs.some((l) => l !== leg && l.state === "in-sync")) {
         await this.#fail(leg, new IpsanError("UNAVAILABLE", `moved to ${spec.uri ?? "another address"}`));
@@ -839,11 +844,13 @@ export class Mirror implements BlockDevice {
 
   #scheduleReconnect(leg: Leg): void {
     if (leg.reconnectTimer !== undefined || this.#closed || leg.removed) return;
-    leg.reconnectDelayMs = leg.reconnectDelayMs === 0 ? this.#options.reconnectMs : Math.min(leg.reconnectDelayMs * 2, this.#options.reconnectMaxMs);
+    // The project's backoff (src/util/retry.ts): reconnectMs doubling up to reconnectMaxMs, jittered; never gives up.
+    const policy = { initialMs: this.#options.reconnectMs, maxMs: this.#options.reconnectMaxMs, attemptsMax: Number.MAX_SAFE_INTEGER, jitterRatio: RECONNECT_JITTER_RATIO };
+    const delayMs = backoffDelayMs(policy, leg.reconnectAttempts++, Math.random);
     leg.reconnectTimer = setTimeout(() => {
       leg.reconnectTimer = undefined;
       void this.#reconnect(leg);
-    }, leg.reconnectDelayMs);
+    }, delayMs);
   }
 
   async #reconnect(leg: Leg): Promise<void> {
@@ -873,7 +880,7 @@ export class Mirror implements BlockDevice {
       return;
     }
     leg.io = io;
-    leg.reconnectDelayMs = 0;
+    leg.reconnectAttempts = 0;
     leg.state = "stale";
     // A leg without metadata (new, or its volume was replaced) lacks everything; one with a rebuild marker lacks what its bitmap says.
     if (check.empty) for (let r = 0; r < this.regions; r++) leg.missed.set(r);
