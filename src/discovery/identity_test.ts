@@ -9,7 +9,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
-import { ManualClock, seededRandom } from "./clock.ts";
+import { ManualClock, seededRandom } from "../util/clock.ts";
 import { decodeEnrol, decodeFrame, decodeRefuse, decodeStartup, encodeEnrol, encodeFrame, encodeRefuse, encodeShutdown, encodeStartup } from "./codec.ts";
 import { UnitIdentities } from "./identities.ts";
 import { enrolKeyFor, openUnitSecret, packetKeyFor, rotateKeyFor, sealUnitSecret, unitPacketKeyFor } from "./keys.ts";

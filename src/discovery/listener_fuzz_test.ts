@@ -11,7 +11,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { createHmac, randomBytes } from "node:crypto";
 import fc from "fast-check";
-import { ManualClock, seededRandom } from "./clock.ts";
+import { ManualClock, seededRandom } from "../util/clock.ts";
 import { DiscoveryListener, type DiscoveryEvent } from "./station_listener.ts";
 import { StationAgent } from "./unit_agent.ts";
 import { SimNetwork } from "./sim_network.ts";

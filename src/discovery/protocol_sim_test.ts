@@ -13,7 +13,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
-import { ManualClock, seededRandom } from "./clock.ts";
+import { ManualClock, seededRandom } from "../util/clock.ts";
 import { DiscoveryListener, type DiscoveryEvent } from "./station_listener.ts";
 import { StationAgent } from "./unit_agent.ts";
 import { SimNetwork, PERFECT_LINK, type LinkFaults } from "./sim_network.ts";

@@ -4,7 +4,7 @@
 
 import { randomBytes } from "node:crypto";
 import { encodeFrame } from "./codec.ts";
-import type { Clock } from "./clock.ts";
+import type { Clock } from "../util/clock.ts";
 import { SEQUENCE_MAX, type MessageType } from "./messages.ts";
 
 /** Renew the session well before a counter could wrap. */

@@ -5,7 +5,7 @@
 // Not a mock of anything a user runs: the listener and agents under test are
 // the real classes; only the wire between them is simulated.
 
-import type { Clock, Random } from "./clock.ts";
+import type { Clock, Random } from "../util/clock.ts";
 import type { Address, DatagramHandler, DatagramSocket } from "./transport.ts";
 
 export interface LinkFaults {

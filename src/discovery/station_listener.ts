@@ -12,7 +12,7 @@
 import { logger, type Logger } from "../util/log.ts";
 import { assert } from "../util/assert.ts";
 import { errorMessage } from "../util/errors.ts";
-import { realClock, type Clock, type Random, type TimerHandle } from "./clock.ts";
+import { realClock, type Clock, type Random, type TimerHandle } from "../util/clock.ts";
 import {
   decodeFrame,
   decodeHeartbeat,

@@ -6,7 +6,7 @@
 
 import { assert } from "../util/assert.ts";
 import { UsageError } from "../util/errors.ts";
-import type { Clock, Random, TimerHandle } from "./clock.ts";
+import type { Clock, Random, TimerHandle } from "../util/clock.ts";
 import { backoffDelayMs, type BackoffPolicy } from "../util/retry.ts";
 
 // The backoff policy is the project's one (src/util/retry.ts); re-exported for discovery's callers.

@@ -13,7 +13,7 @@ import { isIP } from "node:net";
 import { assert } from "../util/assert.ts";
 import { errorMessage } from "../util/errors.ts";
 import { logger, type Logger } from "../util/log.ts";
-import { realClock, type Clock, type Random, type TimerHandle } from "./clock.ts";
+import { realClock, type Clock, type Random, type TimerHandle } from "../util/clock.ts";
 import {
   decodeAck,
   decodeEnrol,

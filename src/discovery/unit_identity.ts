@@ -9,8 +9,8 @@
 import { promises as fs } from "node:fs";
 import { IpsanError, errorMessage } from "../util/errors.ts";
 import { writeSecretFileAtomic } from "../util/secret_file.ts";
-import type { Clock } from "./clock.ts";
-import { realClock } from "./clock.ts";
+import type { Clock } from "../util/clock.ts";
+import { realClock } from "../util/clock.ts";
 import {
   UNIT_SECRET_BYTES,
   controlTokenFor,

@@ -37,7 +37,7 @@ import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { describe, test, type TestContext } from "node:test";
-import { type Random, seededRandom } from "../discovery/clock.ts";
+import { type Random, seededRandom } from "../util/clock.ts";
 import { controlRequest } from "../testing/control.ts";
 import { sleep } from "../testing/process.ts";
 import { type RunningUnit, startUnit } from "../testing/unit.ts";

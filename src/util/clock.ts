@@ -1,4 +1,5 @@
-// Injectable time for the discovery state machines: the listener and the agent
+// The project's injectable time (the discovery state machines, the station's
+// store, reconcile, failover and replacement loops): they
 // read the time and arm timers only through a Clock, so tests can drive them
 // with ManualClock (deterministic, no sleeping) and production uses realClock.
 
@@ -68,4 +69,4 @@ export class ManualClock implements Clock {
 }
 
 /** Random numbers in [0, 1) for jitter, and the seeded generator: one of each, in util/random.ts. */
-export { type Random, seededRandom } from "../util/random.ts";
+export { type Random, seededRandom } from "./random.ts";
