@@ -313,7 +313,7 @@ export class LegReplacer {
       const made = await client.getVolume(record.newVolume);
       if (made.sizeBytes !== record.sizeBytes) throw new Error(`volume ${record.newUnit}/${record.newVolume} exists with ${made.sizeBytes} bytes, not ${record.sizeBytes}`);
     } finally {
-      this.station.carves.settle(this.carveId(record), Date.now());
+      this.station.carves.settle(this.carveId(record), this.clock.nowMs());
     }
     const granted = await this.station.locks.run(`volume:${record.newUnit}/${record.newVolume}`, () =>
       client.setGrants(record.newVolume, this.station.desiredGrants(record.newUnit, record.newVolume)),
@@ -324,7 +324,7 @@ export class LegReplacer {
   private undo(record: LegReplacementRecord, reason: string): void {
     log.warn("leg replacement undone", { id: record.assignmentId, leg: record.leg, unit: record.newUnit, volume: record.newVolume, reason });
     this.station.store.undoReplacement(record, reason);
-    this.station.carves.settle(this.carveId(record), Date.now());
+    this.station.carves.settle(this.carveId(record), this.clock.nowMs());
   }
 
   // ---- old legs -----------------------------------------------------------------

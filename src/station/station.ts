@@ -313,7 +313,7 @@ export class Station {
   private async resolve(name: string): Promise<string[]> {
     if (isIP(name) !== 0) return [name];
     const cached = this.dnsCache.get(name);
-    const nowMs = Date.now();
+    const nowMs = this.store.clock.nowMs();
     if (cached !== undefined && nowMs - cached.atMs < DNS_CACHE_MS) return cached.addresses;
     try {
       const results = await withTimeout(lookup(name, { all: true }), DNS_LOOKUP_TIMEOUT_MS, `resolve ${name}`);
@@ -374,7 +374,7 @@ export class Station {
     // A report that arrived earlier but finished resolving later is older than what is queued: drop it.
     if (mine < seq.queued) return;
     seq.queued = mine;
-    const nowMs = Date.now();
+    const nowMs = this.store.clock.nowMs();
     if (requestedAtMs === undefined) this.discoveryReportAtMs.set(info.name, nowMs);
     this.reportObservedAtMs.set(info.name, requestedAtMs ?? nowMs - REPORT_LAG_MS);
     this.queueUnitChange(info.name, { report, state });
@@ -409,11 +409,11 @@ export class Station {
         if (change.report === undefined) continue;
         // The report is one snapshot: carves it lists are in its free space now.
         const sizes = new Map(change.report.volumes.map((v) => [v.name, v.sizeBytes]));
-        this.carves.noteReport(name, sizes, this.reportObservedAtMs.get(name) ?? Date.now() - REPORT_LAG_MS);
+        this.carves.noteReport(name, sizes, this.reportObservedAtMs.get(name) ?? this.store.clock.nowMs() - REPORT_LAG_MS);
         // A refusal holds while the unit has no more free space than when it refused.
         const refusal = this.refusedCarves.get(name);
         if (refusal !== undefined) {
-          if (change.report.freeBytes > refusal.freeBytes || Date.now() - refusal.atMs > REFUSAL_HOLD_MS) this.refusedCarves.delete(name);
+          if (change.report.freeBytes > refusal.freeBytes || this.store.clock.nowMs() - refusal.atMs > REFUSAL_HOLD_MS) this.refusedCarves.delete(name);
           else refusal.freeBytes = change.report.freeBytes;
         }
       }
@@ -430,7 +430,7 @@ export class Station {
    * dropped rather than put an older free space over it).
    */
   async refreshUnit(name: string): Promise<void> {
-    const requestedAtMs = Date.now();
+    const requestedAtMs = this.store.clock.nowMs();
     const info = await this.clientFor(name).info();
     if ((this.discoveryReportAtMs.get(name) ?? -Infinity) >= requestedAtMs) return;
     const unit = this.store.units.get(name);
@@ -623,7 +623,7 @@ export class Station {
   private refusalOf(unit: string): number | null {
     const refusal = this.refusedCarves.get(unit);
     if (refusal === undefined) return null;
-    if (Date.now() - refusal.atMs <= REFUSAL_HOLD_MS) return refusal.bytes;
+    if (this.store.clock.nowMs() - refusal.atMs <= REFUSAL_HOLD_MS) return refusal.bytes;
     this.refusedCarves.delete(unit);
     return null;
   }
@@ -863,7 +863,7 @@ export class Station {
     const bytes = carveBytes(sizeBytes);
     const previous = this.refusedCarves.get(unit);
     const freeBytes = this.store.units.get(unit)?.freeBytes ?? 0;
-    this.refusedCarves.set(unit, { bytes: Math.min(bytes, previous?.bytes ?? bytes), atMs: Date.now(), freeBytes: Math.min(freeBytes, previous?.freeBytes ?? freeBytes) });
+    this.refusedCarves.set(unit, { bytes: Math.min(bytes, previous?.bytes ?? bytes), atMs: this.store.clock.nowMs(), freeBytes: Math.min(freeBytes, previous?.freeBytes ?? freeBytes) });
     this.refreshQuietly(unit);
   }
 
@@ -971,12 +971,12 @@ export class Station {
         created = await client.createVolume(current.volume, current.sizeBytes);
         // The unit made it; its free space in the station's eyes drops when its next report lists it
         // (until then the ledger keeps counting it: no free-space estimate to go stale).
-        this.carves.settle(current.id, Date.now());
+        this.carves.settle(current.id, this.store.clock.nowMs());
       } catch (error) {
         if (error instanceof UnitCallError && error.unitCode === "NO_SPACE" && isCarveRefusal(error)) this.noteNoSpace(current.unit, current.sizeBytes);
         // Made by an earlier attempt (a retry after a lost answer, or before a station crash).
         if (!(error instanceof UnitCallError && error.unitCode === "ALREADY_EXISTS")) throw error;
-        this.carves.settle(current.id, Date.now());
+        this.carves.settle(current.id, this.store.clock.nowMs());
         created = await client.getVolume(current.volume);
         if (created.sizeBytes < current.sizeBytes) {
           throw new IpsanError("CONFLICT", `volume ${current.unit}/${current.volume} exists with ${created.sizeBytes} bytes, less than ${current.sizeBytes}`);
@@ -1079,11 +1079,11 @@ export class Station {
     let created: VolumeInfo;
     try {
       created = await client.createVolume(leg.volume, leg.sizeBytes);
-      this.carves.settle(carveId, Date.now());
+      this.carves.settle(carveId, this.store.clock.nowMs());
     } catch (error) {
       if (error instanceof UnitCallError && error.unitCode === "NO_SPACE" && isCarveRefusal(error)) this.noteNoSpace(leg.unit, leg.sizeBytes);
       if (!(error instanceof UnitCallError && error.unitCode === "ALREADY_EXISTS")) throw error;
-      this.carves.settle(carveId, Date.now());
+      this.carves.settle(carveId, this.store.clock.nowMs());
       created = await client.getVolume(leg.volume);
     }
     check(created);
@@ -1101,7 +1101,7 @@ export class Station {
    * holds the assignment and volume locks.
    */
   private async wipeBeforeGrant(client: UnitClient, current: AssignmentRecord): Promise<void> {
-    const startedMs = Date.now();
+    const startedMs = this.store.clock.nowMs();
     try {
       await client.wipeVolume(current.volume);
     } catch (error) {
@@ -1110,7 +1110,7 @@ export class Station {
       await client.setGrants(current.volume, []);
       await client.wipeVolume(current.volume);
     }
-    log.info("volume wiped before reuse", { id: current.id, host: current.host, unit: current.unit, volume: current.volume, ms: Date.now() - startedMs });
+    log.info("volume wiped before reuse", { id: current.id, host: current.host, unit: current.unit, volume: current.volume, ms: this.store.clock.nowMs() - startedMs });
   }
 
   /**
@@ -1136,7 +1136,7 @@ export class Station {
     }
     const unit = this.store.units.get(current.unit);
     if (unit === undefined || unit.control === null || unit.state === "offline" || unit.state === "down") {
-      this.carves.settle(current.id, Date.now());
+      this.carves.settle(current.id, this.store.clock.nowMs());
       return;
     }
     try {
@@ -1159,7 +1159,7 @@ export class Station {
         error: errorMessage(error),
       });
     } finally {
-      this.carves.settle(current.id, Date.now());
+      this.carves.settle(current.id, this.store.clock.nowMs());
     }
   }
 
@@ -1177,7 +1177,7 @@ export class Station {
     }
     const unit = this.store.units.get(leg.unit);
     if (unit === undefined || unit.control === null || unit.state === "offline" || unit.state === "down") {
-      this.carves.settle(carveId, Date.now());
+      this.carves.settle(carveId, this.store.clock.nowMs());
       return;
     }
     try {
@@ -1201,7 +1201,7 @@ export class Station {
         error: errorMessage(error),
       });
     } finally {
-      this.carves.settle(carveId, Date.now());
+      this.carves.settle(carveId, this.store.clock.nowMs());
     }
   }
 
@@ -1312,14 +1312,14 @@ export class Station {
     this.carves.reserve({ id, unit, volume, bytes, sizeBytes });
     try {
       const result = await call();
-      this.carves.settle(id, Date.now());
+      this.carves.settle(id, this.store.clock.nowMs());
       return result;
     } catch (error) {
       if (error instanceof UnitCallError && error.failure === "refused") {
         this.carves.release(id);
         if (error.unitCode === "NO_SPACE") this.noteNoSpace(unit, bytes);
       } else {
-        this.carves.settle(id, Date.now());
+        this.carves.settle(id, this.store.clock.nowMs());
       }
       throw error;
     }

@@ -8,6 +8,7 @@
 // Units' lastSeenAt is kept in memory between reports (heartbeats are too
 // frequent to fsync) and written with every state change or report.
 
+import { realClock, type TimeSource } from "../util/clock.ts";
 import { randomBytes } from "node:crypto";
 import { assert } from "../util/assert.ts";
 import { IpsanError } from "../util/errors.ts";
@@ -42,10 +43,9 @@ export const EVENTS_REPLAY_MAX = 1_000;
 /** Assignments answered by a history query (all=true). */
 export const ASSIGNMENT_HISTORY_MAX = 10_000;
 
-export interface Clock {
-  nowMs(): number;
-}
-export const SYSTEM_CLOCK: Clock = { nowMs: () => Date.now() };
+/** The store reads time only through this (util/clock.ts; tests inject a ManualClock or their own). */
+export type Clock = TimeSource;
+export const SYSTEM_CLOCK: Clock = realClock;
 
 export function volumeKey(unit: string, volume: string): string {
   return `${unit}/${volume}`;

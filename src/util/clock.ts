@@ -13,6 +13,9 @@ export interface Clock {
   setTimeout(callback: () => void, delayMs: number): TimerHandle;
 }
 
+/** What only reads the time (the station's store, tokens and audit log stamp records with it): the nowMs half of a Clock. */
+export type TimeSource = Pick<Clock, "nowMs">;
+
 export const realClock: Clock = {
   nowMs: () => Date.now(),
   setTimeout(callback, delayMs) {

@@ -29,12 +29,11 @@ import { createReadStream, promises as fs } from "node:fs";
 import { createInterface } from "node:readline";
 import { IpsanError, errorMessage } from "../../util/errors.ts";
 import { logger } from "../../util/log.ts";
+import { realClock, type TimeSource } from "../../util/clock.ts";
 
-/** The time each entry is stamped with (injected in tests); the store's Clock shape, not imported so offline `ipsan audit verify` loads no database code. */
-export interface Clock {
-  nowMs(): number;
-}
-const SYSTEM_CLOCK: Clock = { nowMs: () => Date.now() };
+/** The time each entry is stamped with (injected in tests). */
+export type Clock = TimeSource;
+const SYSTEM_CLOCK: Clock = realClock;
 
 const log = logger("station-audit");
 
