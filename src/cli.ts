@@ -1,7 +1,9 @@
 // ipsan command-line entry: dispatches to subcommands. Every subcommand parses
 // its own flags with src/util/flags.ts and throws UsageError on bad input.
 
+import { readFileSync } from "node:fs";
 import { UsageError, errorMessage } from "./util/errors.ts";
+import { LOG_FORMATS, setLogFormat, type LogFormat } from "./util/log.ts";
 
 type Command = (argv: readonly string[]) => Promise<number | void>;
 
@@ -30,6 +32,9 @@ commands:
   station   run the control station: the pool of units, allocation, REST API
   help      show this text
 
+global flags (any command): --log-format text|json (or $IPSAN_LOG_FORMAT): log lines as text or JSON;
+  --version: print the version
+
 admin (over the station's API; --station URL --token-file FILE, or $IPSAN_STATION $IPSAN_TOKEN_FILE):
   units | volumes | hosts | assignments [--json]     list the pool
   units identity|rotate-secret|forget NAME          a unit's enrolled identity, rotate its secret, forget it
@@ -43,8 +48,47 @@ admin (over the station's API; --station URL --token-file FILE, or $IPSAN_STATIO
   (every admin command also takes --ca-file FILE or $IPSAN_CA_FILE for an https:// station)
 `;
 
+/** The package's version, from its package.json (one directory above src/ and dist/). */
+export function packageVersion(): string {
+  const text = readFileSync(new URL("../package.json", import.meta.url), "utf8");
+  return (JSON.parse(text) as { version: string }).version;
+}
+
+/**
+ * Takes the global --log-format flag out of argv (it may stand anywhere) and
+ * applies it, for this process and, through the environment, the processes it starts.
+ */
+function takeLogFormat(argv: readonly string[]): string[] {
+  const rest: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i] as string;
+    let value: string | undefined;
+    if (arg === "--log-format") value = argv[++i] ?? "";
+    else if (arg.startsWith("--log-format=")) value = arg.slice("--log-format=".length);
+    else {
+      rest.push(arg);
+      continue;
+    }
+    if (!(LOG_FORMATS as readonly string[]).includes(value)) throw new UsageError(`--log-format: expected ${LOG_FORMATS.join(" or ")}, got "${value}"`);
+    setLogFormat(value as LogFormat);
+    process.env["IPSAN_LOG_FORMAT"] = value;
+  }
+  return rest;
+}
+
 export async function main(argv: readonly string[]): Promise<number> {
-  const [name, ...rest] = argv;
+  let args: string[];
+  try {
+    args = takeLogFormat(argv);
+  } catch (error) {
+    process.stderr.write(`ipsan: ${errorMessage(error)}\n`);
+    return 2;
+  }
+  if (args[0] === "--version" || args[0] === "version") {
+    process.stdout.write(`ipsan ${packageVersion()}\n`);
+    return 0;
+  }
+  const [name, ...rest] = args;
   if (name === undefined || name === "help" || name === "--help" || name === "-h") {
     process.stdout.write(USAGE);
     return name === undefined ? 2 : 0;

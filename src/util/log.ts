@@ -1,4 +1,7 @@
-// Logging: one line per event on stderr, "LEVEL component: message key=value".
+// Logging: one line per event on stderr, "TIME LEVEL component: message key=value"
+// (TIME in ISO 8601, UTC, milliseconds), or with IPSAN_LOG_FORMAT=json /
+// `--log-format json` one JSON object per line for log shippers:
+// {"time","level","component","msg",...fields} (docs/ARCHITECTURE.md "Logs").
 // stdout is reserved for the contract lines ("ipsan unit NAME ready ...").
 // Noisy events (rejected packets, hostile clients) go through a rate limiter
 // so a flood cannot fill the disk or stall the event loop.
@@ -13,6 +16,19 @@ export function setLogLevel(level: LogLevel): void {
   threshold = level;
 }
 
+export const LOG_FORMATS = ["text", "json"] as const;
+export type LogFormat = (typeof LOG_FORMATS)[number];
+
+let format: LogFormat = process.env["IPSAN_LOG_FORMAT"] === "json" ? "json" : "text";
+
+export function setLogFormat(value: LogFormat): void {
+  format = value;
+}
+
+export function logFormat(): LogFormat {
+  return format;
+}
+
 export type Fields = Readonly<Record<string, string | number | boolean | bigint | undefined | null>>;
 
 function formatFields(fields: Fields | undefined): string {
@@ -24,6 +40,19 @@ function formatFields(fields: Fields | undefined): string {
     out += ` ${key}=${/[\s"]/.test(text) ? JSON.stringify(text) : text}`;
   }
   return out;
+}
+
+/** One log line, newline included, in the current format. */
+export function formatLine(time: string, level: LogLevel, component: string, message: string, fields?: Fields): string {
+  if (format === "text") return `${time} ${level.toUpperCase()} ${component}: ${message}${formatFields(fields)}\n`;
+  const record: Record<string, unknown> = { time, level, component, msg: message };
+  if (fields !== undefined) {
+    for (const [key, value] of Object.entries(fields)) {
+      if (value === undefined || key in record) continue;
+      record[key] = typeof value === "bigint" ? value.toString() : value;
+    }
+  }
+  return `${JSON.stringify(record)}\n`;
 }
 
 export interface Logger {
@@ -43,7 +72,7 @@ export function logger(component: string): Logger {
   const windows = new Map<string, { startMs: number; count: number; dropped: number }>();
   const emit = (level: LogLevel, message: string, fields?: Fields): void => {
     if (LEVEL_ORDER[level] < LEVEL_ORDER[threshold]) return;
-    process.stderr.write(`${level.toUpperCase()} ${component}: ${message}${formatFields(fields)}\n`);
+    process.stderr.write(formatLine(new Date().toISOString(), level, component, message, fields));
   };
   return {
     debug: (m, f) => emit("debug", m, f),
