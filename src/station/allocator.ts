@@ -24,7 +24,7 @@
 // Several legs (`placeLegs`, mirrors): the same per-unit rules, N distinct
 // units or none; units in distinct zones first.
 
-import { formatSize } from "../util/size.ts";
+import { formatSize, formatSizesDistinct } from "../util/size.ts";
 import type { UnitState } from "./types.ts";
 
 /** Units allocate storage in whole MiB (the unit's EXTENT_ALIGNMENT_BYTES): a carve uses this much free space. */
@@ -131,14 +131,15 @@ function offerOf(unit: AllocatorUnit, need: number, request: AllocationRequest):
   const refused = unit.refusedCarveBytes !== undefined && unit.refusedCarveBytes !== null && carve >= unit.refusedCarveBytes;
   const canCarve = !limitReached && !refused && usableBytes >= carve;
   if (reuse !== null || canCarve) return { fits: true, reuse, carveLeftBytes: canCarve ? usableBytes - carve : null };
-  const needText = carve === need ? formatSize(need) : `${formatSize(carve)} (${need} bytes rounded up to whole MiB)`;
+  const [carveText, usableText] = formatSizesDistinct([carve, usableBytes]);
+  const needText = carve === need ? carveText : `${carveText} (${need} bytes rounded up to whole MiB)`;
   let reason: string;
   if (limitReached && usableBytes >= carve) reason = `volume limit reached (${unit.volumesMax}) and no free volume of ${formatSize(need)}`;
   else if (refused && usableBytes >= carve) {
     reason = `refused a carve of ${formatSize(unit.refusedCarveBytes ?? 0)} for lack of space since its last report, and no free volume of ${formatSize(need)}`;
   } else {
     reason =
-      `not enough free space: need ${needText}, free ${formatSize(usableBytes)}` +
+      `not enough free space: need ${needText}, free ${usableText}` +
       (unit.reservedBytes > 0 ? ` (${formatSize(unit.reservedBytes)} reserved by pending requests)` : "") +
       ", and no free volume that large";
   }

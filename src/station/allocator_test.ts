@@ -154,6 +154,12 @@ test("reasons say why, unit by unit", () => {
   ]);
 });
 
+test("a refusal never prints two different sizes alike (issue 9 item 8: need 4G, free 4G with 4092 MiB free)", () => {
+  const unit: AllocatorUnit = { name: "a", state: "online", hasControl: true, freeBytes: 4092 * 2 ** 20, reservedBytes: 0, volumeCount: 0, volumesMax: null, freeVolumes: [] };
+  const result = allocate([unit], { sizeBytes: 4 * 2 ** 30 });
+  assert.deepEqual(result.reasons, [{ unit: "a", reason: "not enough free space: need 4G, free 4092M, and no free volume that large" }]);
+});
+
 test("a carve takes whole MiB: a unit with less than the rounded-up size is not asked", () => {
   const unit: AllocatorUnit = {
     name: "a",

@@ -40,3 +40,27 @@ export function formatSize(bytes: number): string {
   }
   return `${bytes}`;
 }
+
+/** The size in the largest unit that holds it exactly (4G, 4092M, 1536K), else in bytes. */
+export function formatSizeExact(bytes: number): string {
+  for (const suffix of ["T", "G", "M", "K"] as const) {
+    const multiplier = SUFFIX_MULTIPLIER[suffix] ?? 1;
+    if (bytes >= multiplier && bytes % multiplier === 0) return `${bytes / multiplier}${suffix}`;
+  }
+  return `${bytes}`;
+}
+
+/**
+ * Sizes printed side by side (a refusal's "need X, free Y"): rounded as formatSize
+ * does, unless two different sizes would print the same, then exactly, so that
+ * numbers that differ never read alike ("need 4G, free 4092M", not "need 4G, free 4G").
+ */
+export function formatSizesDistinct(sizes: readonly number[]): string[] {
+  const rounded = sizes.map(formatSize);
+  for (let i = 0; i < sizes.length; i++) {
+    for (let j = i + 1; j < sizes.length; j++) {
+      if (sizes[i] !== sizes[j] && rounded[i] === rounded[j]) return sizes.map(formatSizeExact);
+    }
+  }
+  return rounded;
+}

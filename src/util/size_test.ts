@@ -4,7 +4,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import fc from "fast-check";
-import { formatSize, parseSize } from "./size.ts";
+import { formatSize, formatSizeExact, formatSizesDistinct, parseSize } from "./size.ts";
 import { UsageError } from "./errors.ts";
 
 test("parseSize accepts bytes and binary suffixes", () => {
@@ -39,4 +39,18 @@ test("formatSize is exact on whole multiples and parses back", () => {
   assert.equal(formatSize(1536), "1.5K");
   assert.equal(formatSize(1025), "1K");
   assert.equal(formatSize(0), "0");
+});
+
+test("sizes side by side differ in print when they differ in bytes", () => {
+  assert.deepEqual(formatSizesDistinct([4 * 2 ** 30, 4092 * 2 ** 20]), ["4G", "4092M"]);
+  assert.deepEqual(formatSizesDistinct([80 * 2 ** 30, 20 * 2 ** 30]), ["80G", "20G"]);
+  assert.equal(formatSizeExact(1536 * 1024), "1536K");
+  assert.equal(formatSizeExact(1000), "1000");
+  fc.assert(
+    fc.property(fc.integer({ min: 0, max: 2 ** 44 }), fc.integer({ min: 0, max: 2 ** 44 }), (a, b) => {
+      const [x, y] = formatSizesDistinct([a, b]);
+      if (a !== b) assert.notEqual(x, y);
+      assert.equal(parseSize(formatSizeExact(a), "--size"), a);
+    }),
+  );
 });
