@@ -14,7 +14,7 @@ import { spawn, execFileSync } from "node:child_process";
 import { existsSync, mkdtempSync, rmSync, readFileSync, writeFileSync } from "node:fs";
 import { createServer, type AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { isAbsolute, join, relative } from "node:path";
 import { createHash, randomBytes } from "node:crypto";
 import { nbdsh } from "../testing/clients.ts";
 import { runOk } from "../testing/process.ts";
@@ -42,7 +42,9 @@ test("attach/detach/reattach with nbdfuse against a real NBD server", { timeout:
   const dir = mkdtempSync(join(tmpdir(), "ipsan-attach-"));
   const socket = join(dir, "nbd.sock");
   const server = spawn("nbdkit", ["--foreground", "--exit-with-parent", "-U", socket, "memory", "16M"], { stdio: "ignore" });
-  const state = new HostState(join(dir, "state"));
+  // A relative --state-dir (issue 9 item 9: list said "stale" while nbdfuse served, detach hung): resolved at start.
+  const state = new HostState(relative(process.cwd(), join(dir, "state")));
+  assert.ok(isAbsolute(state.dir));
   try {
     await until("nbdkit socket", () => existsSync(socket));
     const uri = `nbd+unix:///?socket=${socket}`;

@@ -7,7 +7,7 @@
 
 import { mkdir, readFile, readdir, rename, rm, writeFile } from "node:fs/promises";
 import { homedir } from "node:os";
-import { join } from "node:path";
+import { join, resolve } from "node:path";
 import { IpsanError, errorMessage } from "../util/errors.ts";
 import { logger } from "../util/log.ts";
 import { writeSecretFileAtomic } from "../util/secret_file.ts";
@@ -108,9 +108,10 @@ export function recordKey(assignmentId: string): string {
 }
 
 export class HostState {
+  /** Always absolute: a relative --state-dir is resolved once, at start, so records, mount points and the detached processes started from them agree whatever their working directory (issue 9 item 9). */
   readonly dir: string;
   constructor(dir: string) {
-    this.dir = dir;
+    this.dir = resolve(dir);
   }
 
   get attachmentsDir(): string {
