@@ -23,7 +23,7 @@
 
 import { spawn, execFile } from "node:child_process";
 import { existsSync, openSync, closeSync, readFileSync, fstatSync } from "node:fs";
-import { mkdir, open, readFile, readdir, rm, rmdir } from "node:fs/promises";
+import { mkdir, open, readFile, readdir, readlink, rm, rmdir } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { IpsanError, UsageError, errorMessage } from "../util/errors.ts";
@@ -160,7 +160,7 @@ export async function attach(state: HostState, request: AttachRequest): Promise<
   if (existing !== undefined && existing.state === "attached" && (await attachmentAlive(existing))) {
     return existing; // idempotent: attaching twice gives the same path
   }
-  if (existing !== undefined) await cleanup(existing);
+  if (existing !== undefined) await cleanup(existing, true);
   const assignment = request.assignment;
   const base = {
     version: RECORD_VERSION,
@@ -381,7 +381,7 @@ async function reattachMirror(state: HostState, record: AttachmentRecord, engine
   const engineAlive = await isEngineProcess(engine.pid, engine.mirror);
   if (!engineAlive) {
     // Whatever used the dead engine lost its connection: take it down before the new engine comes.
-    if (record.mode === "fuse") await cleanupFuse(record);
+    if (record.mode === "fuse") await cleanupFuse(record, true);
     const { pid: _pid, uri: _uri, ...recorded } = engine;
     // A record from before legs files gets them now (the legs it names are the same).
     const spec = { ...recorded, legsFile: recorded.legsFile ?? state.legsFilePath(record.assignmentId), statusFile: recorded.statusFile ?? state.statusFilePath(record.assignmentId) };
@@ -392,7 +392,7 @@ async function reattachMirror(state: HostState, record: AttachmentRecord, engine
     await state.write(withEngine);
     if (record.mode === "nbd") return withEngine;
   } else if (record.mode === "fuse") {
-    await cleanupFuse(record);
+    await cleanupFuse(record, true);
   }
   const fuse = await attachFuse(state, record.assignmentId, current.uri);
   const fresh: AttachmentRecord = { ...record, uri: current.uri, ...fuse, engine: current, attachedAt: new Date().toISOString() };
@@ -409,7 +409,7 @@ export async function reattach(state: HostState, record: AttachmentRecord): Prom
     return fresh;
   }
   if (record.mode === "nbd") return record; // a single copy's URI is the unit's: nothing runs here
-  await cleanup(record);
+  await cleanup(record, true);
   const fresh: AttachmentRecord =
     record.mode === "fuse"
       ? { ...record, ...(await attachFuse(state, record.assignmentId, record.uri)), attachedAt: new Date().toISOString() }
@@ -540,25 +540,26 @@ async function attachKernel(assignment: { readonly uri: string; readonly export:
 }
 
 /** Stops whatever a record points at, ignoring what is already gone (nbdfuse or the device first, then a mirror's engine). */
-async function cleanup(record: AttachmentRecord): Promise<void> {
+async function cleanup(record: AttachmentRecord, force: boolean): Promise<void> {
   if (record.mode === "kernel") {
     if (record.device !== null && existsSync(`/sys/block/${record.device.replace(/^\/dev\//, "")}/pid`)) {
       const result = await run("nbd-client", ["-d", record.device]);
       if (!result.ok) throw new IpsanError("IO_ERROR", `nbd-client -d ${record.device}: ${result.output}`);
     }
   } else if (record.mode === "fuse") {
-    await cleanupFuse(record);
+    await cleanupFuse(record, force);
   }
   if (record.engine !== undefined && record.engine !== null) await stopEngine(record.engine);
 }
 
 /** Unmounts an nbdfuse attachment and waits for its nbdfuse to exit. */
-async function cleanupFuse(record: AttachmentRecord): Promise<void> {
+async function cleanupFuse(record: AttachmentRecord, force: boolean): Promise<void> {
   if (record.mountpoint !== null && (await isMounted(record.mountpoint))) {
     const result = await run("fusermount3", ["-u", record.mountpoint]);
     if (!result.ok) {
-      // Busy (a process has the file open) or the daemon is gone: lazy unmount as the last resort.
-      log.warn("fusermount3 -u failed, unmounting lazily", { mountpoint: record.mountpoint, output: result.output });
+      // Busy: something opened the file after the check (or the check could not see it).
+      if (!force) throw busyError(record, `fusermount3 -u ${record.mountpoint}: ${result.output}`);
+      log.warn("fusermount3 -u failed; --force: unmounting lazily (whatever still uses the file gets I/O errors)", { mountpoint: record.mountpoint, output: result.output });
       await run("fusermount3", ["-u", "-z", record.mountpoint]);
     }
   }
@@ -576,9 +577,106 @@ async function cleanupFuse(record: AttachmentRecord): Promise<void> {
   }
 }
 
-export async function detach(state: HostState, record: AttachmentRecord): Promise<void> {
+/** The most /proc/PID/fd entries looked at when searching who holds an attachment open. */
+const BUSY_SCAN_FDS_MAX = 200_000;
+
+/**
+ * Why the attachment's file or device is in use, or null: loop devices backed
+ * by it (and where they are mounted), a mount of the device itself, processes
+ * holding it open. Like `rbd unmap`, detach refuses a busy device (issue 9
+ * item 1): a lazy unmount under a mounted filesystem leaves it failing with
+ * I/O errors.
+ */
+export async function busyReason(record: AttachmentRecord): Promise<string | null> {
+  const target = record.mode === "kernel" ? record.device : record.mode === "fuse" ? record.path : null;
+  if (target === null || target === undefined || target === "") return null;
+  if (record.mode === "fuse" && (record.mountpoint === null || !(await isMounted(record.mountpoint)))) return null;
+  const reasons: string[] = [];
+  const mounts = await mountTable();
+  const loops = record.mode === "fuse" ? await loopDevicesOf(target) : [];
+  for (const loop of loops) {
+    const where = mounts.filter((m) => m.source === loop).map((m) => m.target);
+    reasons.push(`loop device ${loop} is backed by it${where.length > 0 ? ` and mounted on ${where.join(", ")}` : ""} (umount, then losetup -d ${loop})`);
+  }
+  const devices = [target, ...loops];
+  for (const m of mounts) if (m.source === target) reasons.push(`it is mounted on ${m.target} (umount ${m.target})`);
+  const holders = await openers(devices, new Set(record.pid === null ? [process.pid] : [process.pid, record.pid]));
+  if (holders.length > 0) reasons.push(`open in ${holders.slice(0, 5).join(", ")}${holders.length > 5 ? ` and ${holders.length - 5} more` : ""}`);
+  return reasons.length === 0 ? null : reasons.join("; ");
+}
+
+function busyError(record: AttachmentRecord, why: string): IpsanError {
+  return new IpsanError(
+    "CONFLICT",
+    `${record.path} (assignment ${record.assignmentId}) is busy: ${why}. Stop using it and run detach again; ` +
+      "detach --force detaches anyway (a lazy unmount: a filesystem or program still using it gets I/O errors and may lose unwritten data)",
+  );
+}
+
+async function mountTable(): Promise<{ source: string; target: string }[]> {
+  const text = await readFile("/proc/self/mounts", "utf8").catch(() => "");
+  const unescape = (field: string): string => field.replace(/\\([0-7]{3})/g, (_m, octal: string) => String.fromCharCode(parseInt(octal, 8)));
+  return text
+    .split("\n")
+    .filter((line) => line !== "")
+    .map((line) => {
+      const [source = "", target = ""] = line.split(" ");
+      return { source: unescape(source), target: unescape(target) };
+    });
+}
+
+/** Loop devices whose backing file is `file` (from /sys/block/loopN/loop/backing_file). */
+async function loopDevicesOf(file: string): Promise<string[]> {
+  const found: string[] = [];
+  const names = await readdir("/sys/block").catch(() => [] as string[]);
+  for (const name of names) {
+    if (!name.startsWith("loop")) continue;
+    const backing = await readFile(`/sys/block/${name}/loop/backing_file`, "utf8").catch(() => null);
+    if (backing !== null && backing.trim() === file) found.push(`/dev/${name}`);
+  }
+  return found;
+}
+
+/** "comm (pid N)" of the processes (but `except`) with one of `paths` open, bounded. */
+async function openers(paths: readonly string[], except: ReadonlySet<number>): Promise<string[]> {
+  const wanted = new Set(paths);
+  const found: string[] = [];
+  let looked = 0;
+  for (const entry of await readdir("/proc").catch(() => [] as string[])) {
+    if (!/^[0-9]+$/.test(entry) || except.has(Number(entry))) continue;
+    const fds = await readdir(`/proc/${entry}/fd`).catch(() => [] as string[]);
+    for (const fd of fds) {
+      if (++looked > BUSY_SCAN_FDS_MAX) return found;
+      const link = await readlink(`/proc/${entry}/fd/${fd}`).catch(() => null);
+      if (link !== null && wanted.has(link)) {
+        const comm = (await readFile(`/proc/${entry}/comm`, "utf8").catch(() => "?")).trim();
+        found.push(`${comm} (pid ${entry})`);
+        break;
+      }
+    }
+  }
+  return found;
+}
+
+export interface DetachOptions {
+  /** Detach a busy attachment anyway (lazy unmount, processes cut off): `ipsan host detach --force`. */
+  readonly force?: boolean;
+}
+
+export async function detach(state: HostState, record: AttachmentRecord, options: DetachOptions = {}): Promise<void> {
+  const force = options.force === true;
+  if (!force) {
+    const busy = await busyReason(record);
+    if (busy !== null) throw busyError(record, busy);
+  }
   await state.write({ ...record, state: "detaching" });
-  await cleanup(record);
+  try {
+    await cleanup(record, force);
+  } catch (error) {
+    // Refused (busy) or failed: the attachment stays as it was, recorded as attached.
+    await state.write(record);
+    throw error;
+  }
   // rmdir, never a recursive rm: if the unmount somehow failed, this fails too and touches nothing.
   if (record.mountpoint !== null) await rmdir(record.mountpoint).catch(() => undefined);
   for (const file of [record.engine?.legsFile, record.engine?.statusFile]) if (file !== undefined) await rm(file, { force: true });

@@ -44,9 +44,9 @@ const USAGE = `usage: ipsan host SUBCOMMAND [flags]
           [--address IP] [--request-id ID] [--dry-run] [--state-dir DIR] [--json]
   attach  --station URL --token-file FILE --host NAME (--assignment ID | --volume UNIT/VOLUME)
           [--mode auto|fuse|kernel|nbd] [--state-dir DIR] [--json]
-  detach  (--assignment ID | --volume UNIT/VOLUME | --path PATH) [--state-dir DIR]
+  detach  (--assignment ID | --volume UNIT/VOLUME | --path PATH) [--force] [--state-dir DIR]
   release --station URL --token-file FILE --host NAME (--assignment ID | --volume UNIT/VOLUME)
-          [--state-dir DIR] [--json]
+          [--force] [--state-dir DIR] [--json]
   agent   --station URL --token-file FILE --host NAME [--address IP] [--heartbeat-ms N]
           [--state-dir DIR] [--no-reattach] [--spare] [--takeover-mode nbd|fuse]
   list    [--state-dir DIR] [--json]
@@ -356,6 +356,7 @@ async function detachMain(argv: readonly string[]): Promise<number> {
     assignment: { type: "string" },
     volume: { type: "string" },
     path: { type: "string" },
+    force: { type: "boolean" },
     json: { type: "boolean" },
   });
   const state = stateOf(values["state-dir"]);
@@ -363,7 +364,7 @@ async function detachMain(argv: readonly string[]): Promise<number> {
   if (record === undefined) {
     throw notAttached(values.assignment ?? values.volume ?? values.path ?? "?", state.dir);
   }
-  await detach(state, record);
+  await detach(state, record, { force: values.force === true });
   print(values.json === true, { detached: record.assignmentId, path: record.path }, `detached ${record.path}\n`);
   return 0;
 }
@@ -373,6 +374,7 @@ async function releaseMain(argv: readonly string[]): Promise<number> {
     ...STATION_FLAGS,
     assignment: { type: "string" },
     volume: { type: "string" },
+    force: { type: "boolean" },
     json: { type: "boolean" },
   });
   const { client, host } = await connectStation(values);
@@ -380,7 +382,8 @@ async function releaseMain(argv: readonly string[]): Promise<number> {
   const assignment = await findAssignment(client, host, values);
   const id = String(assignment.id);
   const record = await state.get(id);
-  if (record !== undefined) await detach(state, record);
+  // A busy attachment is refused before the station is told anything: the volume stays assigned and attached.
+  if (record !== undefined) await detach(state, record, { force: values.force === true });
   await client.unassign(id);
   print(
     values.json === true,
