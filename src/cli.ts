@@ -4,6 +4,7 @@
 import { readFileSync } from "node:fs";
 import { UsageError, errorMessage } from "./util/errors.ts";
 import { LOG_FORMATS, setLogFormat, type LogFormat } from "./util/log.ts";
+import { HelpRequested, describeFlags, wantsHelp } from "./util/flags.ts";
 
 type Command = (argv: readonly string[]) => Promise<number | void>;
 
@@ -22,6 +23,15 @@ const COMMANDS: Readonly<Record<string, () => Promise<Command>>> = {
   tokens: async () => (await import("./admin/main.ts")).tokensMain,
   audit: async () => (await import("./admin/main.ts")).auditMain,
 };
+
+/** Each command's own usage text, where it has one (the rest are described by the lines of USAGE that name them). */
+const COMMAND_USAGE: Readonly<Record<string, () => Promise<string>>> = {
+  unit: async () => (await import("./unit/main.ts")).USAGE,
+  host: async () => (await import("./host/main.ts")).USAGE,
+  station: async () => (await import("./station/main.ts")).USAGE,
+  demo: async () => (await import("./demo/main.ts")).USAGE,
+};
+const UNIT_VOLUME_USAGE = async (): Promise<string> => (await import("./unit/admin.ts")).USAGE;
 
 const USAGE = `usage: ipsan COMMAND [flags]
 
@@ -102,6 +112,11 @@ export async function main(argv: readonly string[]): Promise<number> {
     const result = await (await load())(rest);
     return typeof result === "number" ? result : 0;
   } catch (error) {
+    // --help anywhere: the command's usage on stdout, exit 0, even where the command checked its arguments first.
+    if (error instanceof HelpRequested || (error instanceof UsageError && wantsHelp(rest))) {
+      process.stdout.write(await helpText(name, rest, error instanceof HelpRequested ? error : undefined));
+      return 0;
+    }
     if (error instanceof UsageError) {
       process.stderr.write(`ipsan ${name}: ${error.message}\n`);
       return 2;
@@ -110,4 +125,33 @@ export async function main(argv: readonly string[]): Promise<number> {
     if (process.env["IPSAN_DEBUG"]) process.stderr.write(`${(error as Error).stack ?? ""}\n`);
     return 1;
   }
+}
+
+/** The usage of `ipsan NAME SUB...`: the command's usage lines for that subcommand, then its flags. */
+async function helpText(name: string, rest: readonly string[], help: HelpRequested | undefined): Promise<string> {
+  const words = [name];
+  for (const arg of rest) {
+    if (arg.startsWith("-")) break;
+    words.push(arg);
+  }
+  let usage = name === "unit" && words[1] === "volume" ? await UNIT_VOLUME_USAGE() : ((await COMMAND_USAGE[name]?.()) ?? "");
+  if (usage === "") usage = USAGE.split("\n").filter((line) => line.trimStart().split(/\s+/)[0]?.split("|").includes(name)).join("\n");
+  const sub = words[words.length - 1];
+  if (words.length > 1 && sub !== undefined) {
+    // Only the lines about this subcommand (and their indented continuations), when the usage has them.
+    const lines = usage.split("\n");
+    const picked: string[] = [];
+    let inside = false;
+    for (const line of lines) {
+      const first = line.trimStart().split(/\s+/)[0] ?? "";
+      const starts = first.split("|").includes(sub) && /^\s{0,4}\S/.test(line);
+      if (starts) inside = true;
+      else if (inside && !/^\s{6,}/.test(line)) inside = false;
+      if (inside) picked.push(line);
+    }
+    if (picked.length > 0) usage = picked.join("\n");
+  }
+  const flags = help === undefined ? "" : `\nflags:\n${describeFlags(help.flags)}\n`;
+  const header = usage.startsWith("usage:") ? "" : `usage: ipsan ${words.join(" ")} [flags]\n`;
+  return `${header}${usage.trimEnd()}\n${flags}`;
 }

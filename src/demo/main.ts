@@ -27,7 +27,7 @@ export const UNITS_ONLINE_TIMEOUT_MS = 30_000;
 export const POLL_INTERVAL_MS = 100;
 const LOG_TAIL_LINES = 15;
 
-const USAGE = `usage: ipsan demo [--units N] [--capacity SIZE] [--data DIR] [--http HOST:PORT]
+export const USAGE = `usage: ipsan demo [--units N] [--capacity SIZE] [--data DIR] [--http HOST:PORT]
   a control station and N file-backed SAN units on loopback (defaults: 3 units of 1G,
   data in ./ipsan-demo, API on a free port of 127.0.0.1). Ctrl-C stops everything.
 `;

@@ -24,7 +24,7 @@ import { IpsanChild } from "../demo/child.ts";
 import { exportSha256 } from "../testing/mirror_bed.ts";
 import { adminLocalUri, qemuCompareArgs } from "../testing/tls_uri.ts";
 import { childEnv, describeResult, run, waitFor } from "../testing/process.ts";
-import { describeFio, fio, ipsan, San, type UnitProcess, verifyJob } from "./harness.ts";
+import { describeFio, fio, San, type UnitProcess, verifyJob } from "./harness.ts";
 
 const MIB = 1024 * 1024;
 const SIZE = 32 * MIB;
@@ -46,17 +46,8 @@ interface Mirror {
   legs: Leg[];
 }
 
-async function stationKnowsReplacement(): Promise<boolean> {
-  const help = await ipsan(["station", "--help"]);
-  return `${help.stdout}${help.stderr}`.includes("--replace-after");
-}
-
 
 test("a unit that never returns: the station puts the leg on a spare, the agent and engine rebuild it while fio writes; identical legs; the data all on the new leg", { timeout: 240_000 }, async (t: TestContext) => {
-  if (!(await stationKnowsReplacement())) {
-    t.skip("this station has no --replace-after (the station's part of leg replacement is not in this build)");
-    return;
-  }
   for (const [key, value] of Object.entries(FAST_DISCOVERY)) process.env[key] = value;
   const san = new San("legrepl");
   let agent: IpsanChild | undefined;

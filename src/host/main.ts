@@ -36,7 +36,7 @@ import { localizeAssignment } from "./keys.ts";
 const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
 const REQUEST_ID_PATTERN = /^[A-Za-z0-9_.:-]{1,128}$/;
 
-const USAGE = `usage: ipsan host SUBCOMMAND [flags]
+export const USAGE = `usage: ipsan host SUBCOMMAND [flags]
 
   register --station URL --token-file JOIN_TOKEN_FILE --host NAME [--address IP] [--state-dir DIR]
           [--ca-file FILE] [--json]
@@ -50,6 +50,8 @@ const USAGE = `usage: ipsan host SUBCOMMAND [flags]
   agent   --station URL --token-file FILE --host NAME [--address IP] [--heartbeat-ms N]
           [--state-dir DIR] [--no-reattach] [--spare] [--takeover-mode nbd|fuse]
   list    [--state-dir DIR] [--json]
+  engine  --mirror ID (--leg NAME=URI... | --legs-file PATH) --listen ADDRESS ...
+          the mirror engine, started by attach (see "ipsan host engine --help" text in docs/host.md)
 
 After "register", request/attach/release/agent read the station URL, the host name and the
 host's credential from the state dir: --station, --token-file and --host may be left out

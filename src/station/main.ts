@@ -45,7 +45,7 @@ const TOKEN_FILE_BYTES_MAX = 1024;
 /** How often the listener's lastSeen times are copied into the pool (memory only). */
 const LAST_SEEN_SYNC_MS = 1_000;
 
-const USAGE = `usage: ipsan station --data DIR [--http HOST:PORT] [--discovery HOST:PORT]
+export const USAGE = `usage: ipsan station --data DIR [--http HOST:PORT] [--discovery HOST:PORT]
                      [--snmp HOST:PORT] [--snmp-community NAME] [--host-failover-after DURATION]
                      [--pending-deadline-ms MS] [--reconcile-interval-ms MS] [--host-offline-after-ms MS]
                      [--replace-after DURATION] [--tls-cert FILE --tls-key FILE]

@@ -20,7 +20,7 @@ export const ADMIN_REQUEST_TIMEOUT_MS = 30_000;
 /** The most of a unit's answer `ipsan unit volume` reads (a listing of 4096 volumes fits easily). */
 export const ADMIN_RESPONSE_BYTES_MAX = 16 * 1024 * 1024;
 
-const USAGE = `usage: ipsan unit volume COMMAND (--data DIR [--device PATH] | --control http://HOST:PORT [--token-file FILE]) [--json]
+export const USAGE = `usage: ipsan unit volume COMMAND (--data DIR [--device PATH] | --control http://HOST:PORT [--token-file FILE]) [--json]
 commands:
   list                       list volumes (extents in absolute LBAs; partitions relative to the volume)
   create NAME SIZE           create a volume

@@ -34,7 +34,7 @@ export const UNIT_NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
 /** How long a stopping unit waits for its cleanup before exiting anyway. */
 export const SHUTDOWN_TIMEOUT_MS = 15_000;
 
-const USAGE = `usage: ipsan unit --data DIR --capacity SIZE --listen HOST:PORT [--name NAME] [--device PATH]
+export const USAGE = `usage: ipsan unit --data DIR --capacity SIZE --listen HOST:PORT [--name NAME] [--device PATH]
                   [--volume NAME:SIZE]... [--allow CIDR|id:NAME]... [--control HOST:PORT] [--control-token-file FILE]
                   [--tls off|on|require] [--tls-psk FILE] [--insecure-plaintext]
                   ${JOIN_USAGE}

@@ -6,7 +6,39 @@ import { UsageError, errorMessage } from "./errors.ts";
 
 export type FlagSpec = NonNullable<ParseArgsConfig["options"]>;
 
+/**
+ * `--help` or `-h` among a command's flags: the CLI answers with the command's
+ * usage and its flags on stdout, exit 0 (src/cli.ts), whatever else was given.
+ */
+export class HelpRequested extends Error {
+  readonly flags: FlagSpec;
+  constructor(flags: FlagSpec) {
+    super("help requested");
+    this.name = "HelpRequested";
+    this.flags = flags;
+  }
+}
+
+/** True if argv asks for help (before a "--" that ends the flags). */
+export function wantsHelp(argv: readonly string[]): boolean {
+  for (const arg of argv) {
+    if (arg === "--") return false;
+    if (arg === "--help" || arg === "-h") return true;
+  }
+  return false;
+}
+
+/** "  --name VALUE" / "  --flag" lines for a usage text. */
+export function describeFlags(flags: FlagSpec): string {
+  const lines = Object.entries(flags)
+    .filter(([name]) => name !== "help")
+    .sort(([a], [b]) => a.localeCompare(b))
+    .map(([name, spec]) => `  --${name}${spec.type === "string" ? " VALUE" : ""}${spec.multiple === true ? " (repeatable)" : ""}`);
+  return [...lines, "  -h, --help   this text"].join("\n");
+}
+
 export function parseFlags<T extends FlagSpec>(argv: readonly string[], options: T, allowPositionals = false) {
+  if (wantsHelp(argv)) throw new HelpRequested(options);
   try {
     return parseArgs({ args: [...argv], options, strict: true, allowPositionals });
   } catch (error) {
