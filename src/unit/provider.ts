@@ -150,6 +150,9 @@ export class UnitExportProvider implements ExportProvider {
           identity: peer.identity ?? "(plaintext)",
           refusedOpens: this.refused.opens,
         });
+        // What the client reads (NBD_REP_ERR_POLICY's message): which peer, as the unit saw it, was refused (issue 9 item 7).
+        const who = peer.identity === undefined || peer.identity === null ? `${peer.address} (no TLS identity)` : `${peer.address} (identity ${peer.identity})`;
+        throw new IpsanError("PERMISSION_DENIED", `${error.message.replace(/ to this peer$/, "")} to peer ${who}`, { cause: error });
       }
       throw error;
     }

@@ -38,7 +38,8 @@ test("refused connections and opens are counted in GET /v1/info and logged; a re
     await assert.rejects(NbdClient.connect(from("127.0.0.2", unit.uri("v1")), { connectTimeoutMs: 3_000 }));
     assert.deepEqual(await refused(), { connections: 1, opens: 0 });
     // 127.0.0.3: granted v1, not v2: refused at open.
-    await assert.rejects(NbdClient.connect(from("127.0.0.3", unit.uri("v2")), { connectTimeoutMs: 3_000 }), /not granted|PERMISSION|policy/i);
+    // The client reads which peer was refused (NBD_REP_ERR_POLICY's message), not just "policy".
+    await assert.rejects(NbdClient.connect(from("127.0.0.3", unit.uri("v2")), { connectTimeoutMs: 3_000 }), /export "v2" is not granted to peer 127\.0\.0\.3 \(no TLS identity\)/);
     assert.deepEqual(await refused(), { connections: 1, opens: 1 });
 
     // 127.0.0.3 holds v1 open and idle; the grant goes: the unit closes the connection without waiting for a request.
