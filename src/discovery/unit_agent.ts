@@ -426,7 +426,17 @@ export class StationAgent {
         if (attempt > 0) this.retransmissions += 1;
         this.sendFrame(MESSAGE_TYPE.STARTUP, messageId, payload);
       },
-      onExhausted: () => this.scheduleRound(),
+      onExhausted: () => {
+        // A round of STARTUPs without an ACK: say so, naming the address (issue 9 item 2: a unit pointed at
+        // the station's HTTP port used to log "joining station" and then nothing, for ever).
+        this.log.limited("agent-no-answer", "no answer from the station; still trying", {
+          unit: this.unitName,
+          station: `udp://${this.stationSpec.host}:${this.stationSpec.port}`,
+          attempts: this.backoff.attemptsMax,
+          hint: "--station must be the station's discovery address (it prints: ipsan station discovery udp://HOST:PORT), not its HTTP API; and the unit's --cluster-key-file must be the station's DATA/cluster.key",
+        });
+        this.scheduleRound();
+      },
     });
     this.startup = { messageId, retransmitter };
     retransmitter.start();
