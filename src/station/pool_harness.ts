@@ -137,12 +137,14 @@ export async function startJoinedUnit(
      * end to end (src/e2e/identity_test.ts, host failover and leg replacement e2e tests).
      */
     tls?: boolean;
+    /** Default true (--control 127.0.0.1:0); false: no --control flag (a joined unit opens one by itself). */
+    control?: boolean;
   },
 ): Promise<RunningUnit> {
   const unit = await startUnit({
     name: options.name,
     capacity: options.capacity,
-    control: true,
+    control: options.control !== false,
     volumes: options.volumes ?? [],
     extraArgs: [...joinArgs(station), ...(options.tls === true ? [] : ["--insecure-plaintext"]), ...(options.extraArgs ?? [])],
     ...(options.dataDir === undefined ? {} : { dataDir: options.dataDir }),

@@ -36,6 +36,7 @@ export const SHUTDOWN_TIMEOUT_MS = 15_000;
 
 export const USAGE = `usage: ipsan unit --data DIR --capacity SIZE --listen HOST:PORT [--name NAME] [--device PATH]
                   [--volume NAME:SIZE]... [--allow CIDR|id:NAME]... [--control HOST:PORT] [--control-token-file FILE]
+                  (with --station, the control API opens by itself on the --listen host and a free port)
                   [--tls off|on|require] [--tls-psk FILE] [--insecure-plaintext]
                   ${JOIN_USAGE}
        ipsan unit volume list|create|delete|grow|partition|grant ...   (see "ipsan unit volume help")
@@ -181,9 +182,19 @@ export function parseUnitArgs(argv: readonly string[]): UnitConfig {
     tls,
     insecurePlaintext,
     tlsPskFile: values["tls-psk"],
-    control: values.control === undefined ? undefined : parseHostPort(values.control, "--control"),
+    control: values.control !== undefined ? parseHostPort(values.control, "--control") : join !== undefined ? autoControl(parseListen(values.listen)) : undefined,
     controlTokenFile: values["control-token-file"],
   };
+}
+
+/**
+ * A unit joined to a station opens its control API by itself when --control is
+ * not given (the station allocates through it; without one the unit's space is
+ * unusable, issue 9 item 3): on the --listen host (127.0.0.1 for a Unix socket),
+ * a free port, reported to the station and printed on the control line.
+ */
+function autoControl(listen: NbdListenAddress): { host: string; port: number } {
+  return { host: "path" in listen ? "127.0.0.1" : listen.host, port: 0 };
 }
 
 /** Reads the control token from FILE, or DATA/control.token (created 0600 with 32 random bytes on first use). */
