@@ -1,7 +1,8 @@
 // Runs the compiled test files (dist/**/*_test.js) with node's test runner.
 // Usage: node scripts/test.mjs [SUBSTRING...]   (only files whose path contains one)
 // IPSAN_TEST_CONCURRENCY sets how many test files run at once (default 2).
-import { readdirSync, statSync } from "node:fs";
+import { mkdtempSync, readdirSync, rmSync, statSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { spawnSync } from "node:child_process";
 
@@ -23,9 +24,11 @@ if (files.length === 0) {
   process.exit(1);
 }
 const concurrency = process.env.IPSAN_TEST_CONCURRENCY ?? "2";
-const result = spawnSync(
-  process.execPath,
-  ["--test", `--test-concurrency=${concurrency}`, "--test-reporter=spec", ...files],
-  { stdio: "inherit", env: { ...process.env, UV_THREADPOOL_SIZE: process.env.UV_THREADPOOL_SIZE ?? "16" } },
-);
+// Hermetic CLI settings: no config file of the machine's user (~/.config/ipsan/config) and no
+// IPSAN_STATION & co. from the caller's shell reach the commands the tests run (src/util/config.ts).
+const configHome = mkdtempSync(join(tmpdir(), "ipsan-test-config-"));
+const env = { ...process.env, UV_THREADPOOL_SIZE: process.env.UV_THREADPOOL_SIZE ?? "16", XDG_CONFIG_HOME: configHome };
+for (const name of ["IPSAN_CONFIG", "IPSAN_STATION", "IPSAN_TOKEN_FILE", "IPSAN_CA_FILE", "IPSAN_STATE_DIR", "IPSAN_HOST"]) delete env[name];
+const result = spawnSync(process.execPath, ["--test", `--test-concurrency=${concurrency}`, "--test-reporter=spec", ...files], { stdio: "inherit", env });
+rmSync(configHome, { recursive: true, force: true });
 process.exit(result.status ?? 1);

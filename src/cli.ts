@@ -2,6 +2,8 @@
 // its own flags with src/util/flags.ts and throws UsageError on bad input.
 
 import { readFileSync } from "node:fs";
+import { resolve } from "node:path";
+import { CONFIG_ENV } from "./util/config.ts";
 import { UsageError, errorMessage } from "./util/errors.ts";
 import { LOG_FORMATS, setLogFormat, type LogFormat } from "./util/log.ts";
 import { HelpRequested, describeFlags, wantsHelp } from "./util/flags.ts";
@@ -43,9 +45,11 @@ commands:
   help      show this text
 
 global flags (any command): --log-format text|json (or $IPSAN_LOG_FORMAT): log lines as text or JSON;
+  --config FILE (or $IPSAN_CONFIG): station, token-file, ca-file, state-dir, host as "key = value" lines
+  (default ~/.config/ipsan/config, then /etc/ipsan/ipsan.conf; a flag or an environment variable wins);
   --version: print the version
 
-admin (over the station's API; --station URL --token-file FILE, or $IPSAN_STATION $IPSAN_TOKEN_FILE):
+admin (over the station's API; --station URL --token-file FILE, or $IPSAN_STATION $IPSAN_TOKEN_FILE, or the config file):
   units | volumes | hosts | assignments [--json]     list the pool
   units identity|rotate-secret|forget NAME          a unit's enrolled identity, rotate its secret, forget it
   volume create|delete|grow|partition UNIT NAME ...  change a unit's volumes
@@ -65,18 +69,23 @@ export function packageVersion(): string {
 }
 
 /**
- * Takes the global --log-format flag out of argv (it may stand anywhere) and
- * applies it, for this process and, through the environment, the processes it starts.
+ * Takes the global flags out of argv (they may stand anywhere) and applies
+ * them, for this process and, through the environment, the processes it
+ * starts: --log-format text|json and --config FILE (src/util/config.ts).
  */
-function takeLogFormat(argv: readonly string[]): string[] {
+function takeGlobalFlags(argv: readonly string[]): string[] {
   const rest: string[] = [];
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i] as string;
-    let value: string | undefined;
-    if (arg === "--log-format") value = argv[++i] ?? "";
-    else if (arg.startsWith("--log-format=")) value = arg.slice("--log-format=".length);
-    else {
+    const flag = ["--log-format", "--config"].find((name) => arg === name || arg.startsWith(`${name}=`));
+    if (flag === undefined) {
       rest.push(arg);
+      continue;
+    }
+    const value = arg === flag ? (argv[++i] ?? "") : arg.slice(flag.length + 1);
+    if (flag === "--config") {
+      if (value === "") throw new UsageError("--config: expected a file");
+      process.env[CONFIG_ENV] = resolve(value);
       continue;
     }
     if (!(LOG_FORMATS as readonly string[]).includes(value)) throw new UsageError(`--log-format: expected ${LOG_FORMATS.join(" or ")}, got "${value}"`);
@@ -89,7 +98,7 @@ function takeLogFormat(argv: readonly string[]): string[] {
 export async function main(argv: readonly string[]): Promise<number> {
   let args: string[];
   try {
-    args = takeLogFormat(argv);
+    args = takeGlobalFlags(argv);
   } catch (error) {
     process.stderr.write(`ipsan: ${errorMessage(error)}\n`);
     return 2;

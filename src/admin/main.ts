@@ -13,6 +13,7 @@
 // names the flag or argument), 1 when the station refuses (its code, message
 // and field are printed).
 
+import { setting, settingSources } from "../util/config.ts";
 import { StationClient, listItems, parseStationUrl, readCaFile, readTokenFile } from "../host/station_client.ts";
 import { verifyAuditFile } from "../station/auth/audit.ts";
 import { parseDuration } from "../util/duration.ts";
@@ -38,10 +39,10 @@ const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
 const LIST_PAGES_MAX = 100;
 
 async function client(values: { station?: string | undefined; "token-file"?: string | undefined; "ca-file"?: string | undefined }): Promise<StationClient> {
-  const station = values.station ?? process.env["IPSAN_STATION"];
-  if (station === undefined || station === "") throw new UsageError("--station URL is required (or set IPSAN_STATION)");
-  const tokenFile = values["token-file"] ?? process.env["IPSAN_TOKEN_FILE"];
-  if (tokenFile === undefined || tokenFile === "") throw new UsageError("--token-file FILE is required (or set IPSAN_TOKEN_FILE): the station's DATA/admin.token");
+  const station = setting("station", values.station);
+  if (station === undefined || station === "") throw new UsageError(`the station's URL is required: ${settingSources("station")}`);
+  const tokenFile = setting("token-file", values["token-file"]);
+  if (tokenFile === undefined || tokenFile === "") throw new UsageError(`a token file is required (the station's DATA/admin.token, or a named token's): ${settingSources("token-file")}`);
   const ca = await readCaFile(values["ca-file"]);
   return new StationClient({ baseUrl: parseStationUrl(station), token: await readTokenFile(tokenFile), ...(ca === undefined ? {} : { ca }) });
 }

@@ -11,8 +11,9 @@
 // volumes; only the ports change (all are picked free by the kernel).
 
 import { existsSync } from "node:fs";
-import { mkdir, readFile } from "node:fs/promises";
-import { join, resolve } from "node:path";
+import { mkdir, readFile, rm, writeFile } from "node:fs/promises";
+import { dirname, join, resolve } from "node:path";
+import { formatConfig, userConfigPath, type ConfigKey } from "../util/config.ts";
 import { IpsanError, UsageError, errorMessage } from "../util/errors.ts";
 import { parseFlags, parseHostPort } from "../util/flags.ts";
 import { formatSize, parseSize } from "../util/size.ts";
@@ -31,6 +32,9 @@ export const USAGE = `usage: ipsan demo [--units N] [--capacity SIZE] [--data DI
   a control station and N file-backed SAN units on loopback (defaults: 3 units of 1G,
   data in ./ipsan-demo, API on a free port of 127.0.0.1). Ctrl-C stops everything.
 `;
+
+/** The first line of a config file the demo wrote: it may rewrite or remove such a file, never another. */
+const DEMO_CONFIG_MARK = "written by ipsan demo";
 
 function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
@@ -74,6 +78,8 @@ class Demo {
   #stopping = false;
   #failure: string | undefined;
   #wakeStop: (() => void) | undefined;
+  /** The user's config file, when this demo wrote it (removed again at the stop, if still the demo's). */
+  #userConfig: string | undefined;
 
   constructor(options: DemoOptions) {
     this.#o = options;
@@ -103,6 +109,7 @@ class Demo {
     } finally {
       this.#stopping = true;
       await this.#stopAll();
+      await this.#removeUserConfig();
       process.off("SIGINT", onSignal);
       process.off("SIGTERM", onSignal);
       process.off("exit", killAll);
@@ -177,8 +184,10 @@ class Demo {
     const copy = join(dataDir, "demo-copy.img");
     const request = `${bin} host request --station ${apiUrl} --token-file ${tokenFile} --host demo-host --size 64M --state-dir ${hostState} --json`;
     const uriOf = `node -pe 'JSON.parse(require("fs").readFileSync(0, "utf8")).uri'`;
+    const config = await this.#writeConfig({ station: apiUrl, "token-file": tokenFile, "state-dir": hostState });
     process.stdout.write(
       `ipsan demo ready ${apiUrl}\n` +
+        `ipsan demo config ${config} (ipsan units, ipsan volumes, ipsan tasks ... now reach this demo)\n` +
         `ipsan demo units ${names.join(" ")} online, pool ${formatSize(capacityBytes)}\n` +
         `ipsan demo token ${tokenFile}\n` +
         `ipsan demo data ${dataDir} (logs in ${join(dataDir, "logs")})\n` +
@@ -186,6 +195,37 @@ class Demo {
         `ipsan demo api curl -H "Authorization: Bearer $(cat ${tokenFile})" ${apiUrl}/api/v1/units\n` +
         `ipsan demo Ctrl-C stops the units, then the station\n`,
     );
+  }
+
+  /**
+   * DATA/ipsan.conf points at this demo; so does the user's config file
+   * (~/.config/ipsan/config) when there is none or the one there is a demo's,
+   * so that `ipsan units` works right after the demo (issue 9 item 5). A
+   * config file someone else wrote is never touched: the demo says how to use
+   * its own instead. Answers the path that applies.
+   */
+  async #writeConfig(values: Partial<Record<ConfigKey, string>>): Promise<string> {
+    const own = join(this.#o.dataDir, "ipsan.conf");
+    const text = formatConfig(values, `${DEMO_CONFIG_MARK} (${this.#o.dataDir}); remove this file or write your own`);
+    await writeFile(own, text, { mode: 0o600 });
+    const user = userConfigPath();
+    const existing = await readFile(user, "utf8").catch(() => null);
+    if (existing !== null && !existing.startsWith(`# ${DEMO_CONFIG_MARK}`)) {
+      process.stdout.write(`ipsan demo note ${user} is yours and stays as it is: run admin commands with --config ${own} (or IPSAN_CONFIG=${own})\n`);
+      return own;
+    }
+    await mkdir(dirname(user), { recursive: true });
+    await writeFile(user, text, { mode: 0o600 });
+    this.#userConfig = user;
+    return user;
+  }
+
+  /** The user's config file goes with the demo that wrote it (unless someone rewrote it meanwhile). */
+  async #removeUserConfig(): Promise<void> {
+    const user = this.#userConfig;
+    if (user === undefined) return;
+    const text = await readFile(user, "utf8").catch(() => null);
+    if (text !== null && text.startsWith(`# ${DEMO_CONFIG_MARK} (${this.#o.dataDir})`)) await rm(user, { force: true });
   }
 
   async #stopAll(): Promise<void> {

@@ -10,7 +10,8 @@
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { readFileSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
+import { IPSAN_BIN } from "../testing/unit.ts";
 import { IpsanChild } from "../demo/child.ts";
 import { StationClient, readTokenFile } from "../host/station_client.ts";
 import { childEnv, describeResult, run } from "../testing/process.ts";
@@ -72,10 +73,12 @@ test("ipsan demo --units 3: ready, example works, Ctrl-C stops units then statio
   let demo: IpsanChild | undefined;
   try {
     const dataDir = tmp.file("data");
+    // The user's config dir of this test (the demo writes ~/.config/ipsan/config there).
+    const env = childEnv({ XDG_CONFIG_HOME: tmp.file("config") });
     demo = new IpsanChild(["demo", "--units", "3", "--data", dataDir, "--capacity", "256M", "--http", "127.0.0.1:0"], {
       name: "demo",
       logFile: tmp.file("demo.log"),
-      env: childEnv(),
+      env,
     });
     const apiUrl = (await demo.waitForLine(/^ipsan demo ready (http:\/\/\S+)$/, 60_000))[1] ?? "";
     const tokenFile = (await demo.waitForLine(/^ipsan demo token (\S+)$/, 1_000))[1] ?? "";
@@ -85,6 +88,13 @@ test("ipsan demo --units 3: ready, example works, Ctrl-C stops units then statio
     const client = new StationClient({ baseUrl: new URL(apiUrl), token });
     const units = await client.units();
     assert.deepEqual(units.filter((u) => u.state === "online").map((u) => u.name).sort(), ["u1", "u2", "u3"]);
+
+    // Issue 9 item 5: the demo wrote a config file pointing at itself: `ipsan units` works with no flag.
+    const configLine = demo.lines.find((line) => line.startsWith("ipsan demo config "));
+    assert.equal(configLine?.split(" ")[3], tmp.file("config/ipsan/config"));
+    const listed = await run(process.execPath, [IPSAN_BIN, "units", "--json"], { env: { XDG_CONFIG_HOME: tmp.file("config") }, timeoutMs: 20_000 });
+    assert.equal(listed.code, 0, describeResult(listed));
+    assert.deepEqual((JSON.parse(listed.stdout) as { name: string }[]).map((u) => u.name).sort(), ["u1", "u2", "u3"]);
 
     const ran = await run("bash", ["-c", example], { timeoutMs: 60_000 });
     assert.equal(ran.code, 0, describeResult(ran));
@@ -99,6 +109,7 @@ test("ipsan demo --units 3: ready, example works, Ctrl-C stops units then statio
     const exit = await demo.exited;
     assert.equal(exit.code, 0, `demo exit: ${JSON.stringify(exit)}\n${readFileSync(tmp.file("demo.log"), "utf8").slice(-3000)}`);
     assert.ok(demo.lines.includes("ipsan demo stopped"));
+    assert.equal(existsSync(tmp.file("config/ipsan/config")), false, "the demo's config file goes with it");
     await stream.ended;
     const down = stream.events.map(unitDown).filter((n) => n !== undefined).sort();
     assert.deepEqual(down, ["u1", "u2", "u3"], `unit down events seen by the station before it stopped: ${JSON.stringify(stream.events)}`);
@@ -107,7 +118,7 @@ test("ipsan demo --units 3: ready, example works, Ctrl-C stops units then statio
     demo = new IpsanChild(["demo", "--units", "3", "--data", dataDir, "--capacity", "256M", "--http", "127.0.0.1:0"], {
       name: "demo-again",
       logFile: tmp.file("demo2.log"),
-      env: childEnv(),
+      env,
     });
     const apiUrl2 = (await demo.waitForLine(/^ipsan demo ready (http:\/\/\S+)$/, 60_000))[1] ?? "";
     assert.equal(await readTokenFile(tokenFile), token, "the admin token is reused");

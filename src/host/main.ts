@@ -9,6 +9,7 @@
 //   list     this host's recorded attachments
 // docs/host.md is the user's guide; every flag error names the flag and value.
 
+import { CONFIG_SETTINGS, setting, type ConfigKey } from "../util/config.ts";
 import { randomUUID } from "node:crypto";
 import { resolve } from "node:path";
 import { IpsanError, UsageError } from "../util/errors.ts";
@@ -116,20 +117,30 @@ interface StationValues {
 async function connectStation(values: StationValues): Promise<{ client: StationClient; host: string; address: string | null }> {
   const stored = await stateOf(values["state-dir"]).readCredential();
   const hint = stored === undefined ? " (or register this host first: ipsan host register)" : "";
-  const station = values.station ?? stored?.station;
+  // Each: the flag, its environment variable, the host's stored credential, then the config file (src/util/config.ts).
+  const env = (key: ConfigKey): string | undefined => {
+    const value = process.env[CONFIG_SETTINGS[key].env];
+    return value === undefined || value === "" ? undefined : value;
+  };
+  const station = values.station ?? env("station") ?? stored?.station ?? setting("station", undefined);
   if (station === undefined || station === "") throw new UsageError(`--station is required${hint}`);
-  const host = hostName(values.host ?? stored?.host, hint);
+  const host = hostName(values.host ?? env("host") ?? stored?.host ?? setting("host", undefined), hint);
   let token: string;
-  if (values["token-file"] !== undefined) token = await readTokenFile(values["token-file"]);
+  const tokenFile = values["token-file"] ?? env("token-file");
+  if (tokenFile !== undefined) token = await readTokenFile(tokenFile);
   else if (stored !== undefined && stored.host === host) token = stored.token;
-  else throw new UsageError(`--token-file is required${stored === undefined ? hint : ` (the stored credential is host ${stored.host}'s, not ${host}'s)`}`);
+  else {
+    const fromConfig = setting("token-file", undefined);
+    if (fromConfig === undefined) throw new UsageError(`--token-file is required${stored === undefined ? hint : ` (the stored credential is host ${stored.host}'s, not ${host}'s)`}`);
+    token = await readTokenFile(fromConfig);
+  }
   const ca = await readCaFile(values["ca-file"] ?? stored?.caFile ?? undefined);
   const client = new StationClient({ baseUrl: parseStationUrl(station), token, ...(ca === undefined ? {} : { ca }) });
   return { client, host, address: stored !== undefined && stored.host === host ? stored.address : null };
 }
 
 function stateOf(dir: string | undefined): HostState {
-  return new HostState(dir ?? defaultStateDir());
+  return new HostState(setting("state-dir", dir) ?? defaultStateDir());
 }
 
 function print(json: boolean, value: unknown, text: string): void {
@@ -140,7 +151,7 @@ function print(json: boolean, value: unknown, text: string): void {
 
 async function registerMain(argv: readonly string[]): Promise<number> {
   const { values } = parseFlags(argv, { ...STATION_FLAGS, address: { type: "string" }, json: { type: "boolean" } });
-  const baseUrl = parseStationUrl(required(values.station, "station"));
+  const baseUrl = parseStationUrl(required(setting("station", values.station), "station"));
   const host = hostName(values.host);
   const joinToken = await readTokenFile(required(values["token-file"], "token-file"));
   const caFile = values["ca-file"] ?? process.env["IPSAN_CA_FILE"];

@@ -13,6 +13,7 @@ import { readFile } from "node:fs/promises";
 import { Agent as HttpAgent } from "node:http";
 import { Agent as HttpsAgent } from "node:https";
 import { HttpExchangeError, httpExchange } from "../util/http_client.ts";
+import { setting } from "../util/config.ts";
 import { connect } from "node:net";
 import { ERROR_CODES, IpsanError, UsageError, errorMessage, type ErrorCode } from "../util/errors.ts";
 
@@ -166,9 +167,9 @@ export const CA_FILE_BYTES_MAX = 1024 * 1024;
 
 /** The CA certificate(s) to trust for an https:// station: --ca-file, else $IPSAN_CA_FILE, else none (the system's CAs). */
 export async function readCaFile(path: string | undefined, env: NodeJS.ProcessEnv = process.env): Promise<Buffer | undefined> {
-  const file = path ?? env["IPSAN_CA_FILE"];
+  const file = setting("ca-file", path, env);
   if (file === undefined || file === "") return undefined;
-  const field = path === undefined ? "$IPSAN_CA_FILE" : "--ca-file";
+  const field = path !== undefined ? "--ca-file" : env["IPSAN_CA_FILE"] !== undefined && env["IPSAN_CA_FILE"] !== "" ? "$IPSAN_CA_FILE" : "ca-file (config)";
   let bytes: Buffer;
   try {
     bytes = await readFile(file);
