@@ -14,6 +14,7 @@
 // and field are printed).
 
 import { setting, settingSources } from "../util/config.ts";
+import { parsePartitionSizes } from "../util/size.ts";
 import { StationClient, listItems, parseStationUrl, readCaFile, readTokenFile } from "../host/station_client.ts";
 import { verifyAuditFile } from "../station/auth/audit.ts";
 import { parseDuration } from "../util/duration.ts";
@@ -40,9 +41,9 @@ const LIST_PAGES_MAX = 100;
 
 async function client(values: { station?: string | undefined; "token-file"?: string | undefined; "ca-file"?: string | undefined }): Promise<StationClient> {
   const station = setting("station", values.station);
-  if (station === undefined || station === "") throw new UsageError(`the station's URL is required: ${settingSources("station")}`);
+  if (station === undefined || station === "") throw new UsageError(`--station URL is required (${settingSources("station")})`);
   const tokenFile = setting("token-file", values["token-file"]);
-  if (tokenFile === undefined || tokenFile === "") throw new UsageError(`a token file is required (the station's DATA/admin.token, or a named token's): ${settingSources("token-file")}`);
+  if (tokenFile === undefined || tokenFile === "") throw new UsageError(`--token-file FILE is required (${settingSources("token-file")}): the station's DATA/admin.token, or a named token's`);
   const ca = await readCaFile(values["ca-file"]);
   return new StationClient({ baseUrl: parseStationUrl(station), token: await readTokenFile(tokenFile), ...(ca === undefined ? {} : { ca }) });
 }
@@ -234,7 +235,7 @@ export const assignmentsMain = (argv: readonly string[]): Promise<number> => lis
 const VOLUME_USAGE = `usage: ipsan volume create UNIT NAME SIZE
        ipsan volume delete UNIT NAME
        ipsan volume grow UNIT NAME SIZE          (SIZE: the new total size)
-       ipsan volume partition UNIT NAME SIZE,SIZE...   ("none": no partitions)
+       ipsan volume partition UNIT NAME SIZE...       (sizes as arguments or comma-separated; "none": no partitions)
   [--json] [--station URL] [--token-file FILE]
 `;
 
@@ -282,10 +283,9 @@ export async function volumeMain(argv: readonly string[]): Promise<number> {
     case "partition": {
       const unit = name(rest[0], "UNIT");
       const volume = name(rest[1], "NAME");
-      const list = rest[2];
-      if (list === undefined) throw new UsageError(`missing SIZE,SIZE... (or "none")\n${VOLUME_USAGE}`);
-      noMore(rest, 3, "ipsan volume partition UNIT NAME SIZE,SIZE...");
-      const sizesBytes = list === "none" ? [] : list.split(",").map((s, i) => size(s, `SIZE #${i + 1}`));
+      if (rest[2] === undefined) throw new UsageError(`missing SIZE... (or "none")\n${VOLUME_USAGE}`);
+      // One grammar with ipsan unit volume partition: sizes as separate arguments, comma-separated, or both.
+      const sizesBytes = parsePartitionSizes(rest.slice(2));
       const answer = await (await client(values)).call("PUT", `/api/v1/volumes/${unit}/${volume}/partitions`, { sizesBytes });
       if (json) process.stdout.write(`${JSON.stringify(answer, null, 2)}\n`);
       else {

@@ -10,7 +10,7 @@ import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { IpsanError, UsageError, errorMessage, type ErrorCode, ERROR_CODES } from "../util/errors.ts";
 import { parseFlags } from "../util/flags.ts";
-import { formatSize, parseSize } from "../util/size.ts";
+import { formatSize, parsePartitionSizes, parseSize } from "../util/size.ts";
 import { HttpExchangeError, answerJson, httpExchange, type HttpAnswer } from "../util/http_client.ts";
 import { CONTROL_TOKEN_FILE_NAME } from "./main.ts";
 import { STORAGE_FILE_NAME, type VolumeView, VolumeManager, volumeView } from "./volumes.ts";
@@ -26,7 +26,7 @@ commands:
   create NAME SIZE           create a volume
   delete NAME                delete a volume (its data is gone)
   grow NAME SIZE             grow a volume to SIZE in total
-  partition NAME [SIZE...]   replace the volume's partitions (none: remove them); exported as NAME/p1, NAME/p2, ...
+  partition NAME [SIZE...]   replace the volume's partitions (sizes as arguments or comma-separated; none: remove them); exported as NAME/p1, NAME/p2, ...
   grant NAME [HOST|CIDR...]  replace the hosts that may open the volume (none: back to --allow)
   wipe NAME                  make the whole volume read as zeroes (refused while it has grants or is open)
 --data works only while no unit runs on DIR; use --control to change a running unit.`;
@@ -158,7 +158,8 @@ export async function volumeMain(argv: readonly string[]): Promise<number> {
     }
     case "partition": {
       if (positionals.length < 1) need(1, "NAME [SIZE...]");
-      const partitionSizes = sizes(positionals.slice(1), (i) => `SIZE ${i + 1}`);
+      // One grammar with ipsan volume partition: separate arguments, comma-separated, or both; "none" clears.
+      const partitionSizes = parsePartitionSizes(positionals.slice(1));
       run = (t) => t.partition(nameArg(), partitionSizes);
       break;
     }

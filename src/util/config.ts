@@ -91,9 +91,9 @@ export function setting(key: ConfigKey, flagValue: string | undefined, env: Node
   return cached.values[key];
 }
 
-/** Where a setting would come from (for error messages): "--station, $IPSAN_STATION or `station =` in the config file". */
+/** Where else a setting may come from (for error messages): 'or $IPSAN_STATION, or "station = ..." in FILE'. */
 export function settingSources(key: ConfigKey): string {
-  return `--${key}, $${CONFIG_SETTINGS[key].env} or "${key} = ..." in ${cached?.path ?? `${userConfigPath()} or ${SYSTEM_CONFIG_PATH}`}`;
+  return `or $${CONFIG_SETTINGS[key].env}, or "${key} = ..." in ${cached?.path ?? `${userConfigPath()} or ${SYSTEM_CONFIG_PATH}`}`;
 }
 
 /** The text of a config file with these settings (ipsan demo writes one). */

@@ -38,7 +38,7 @@ test("precedence for admin and host commands: the flag, then the environment, th
     // No setting anywhere: a usage error that says where a setting can come from.
     const none = await ipsan(["units"]);
     assert.equal(none.code, 2);
-    assert.match(none.stderr, /the station's URL is required: --station, \$IPSAN_STATION or "station = \.\.\." in /);
+    assert.match(none.stderr, /--station URL is required \(or \$IPSAN_STATION, or "station = \.\.\." in /);
 
     for (const command of [["units"], ["host", "request", "--size", "1M"]]) {
       const file = await ipsan(["--config", dir.file("ipsan.conf"), ...command]);

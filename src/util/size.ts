@@ -64,3 +64,15 @@ export function formatSizesDistinct(sizes: readonly number[]): string[] {
   }
   return rounded;
 }
+
+/**
+ * Partition sizes on a command line, one grammar for `ipsan volume partition`
+ * and `ipsan unit volume partition` (issue 9 item 12): sizes separated by
+ * spaces (separate arguments), commas, or both: `1G 2G`, `1G,2G`, `1G, 2G`.
+ * `none` (alone) or nothing: no partitions. Each bad size names its place.
+ */
+export function parsePartitionSizes(args: readonly string[], field = "SIZE"): number[] {
+  const texts = args.flatMap((arg) => arg.split(",")).map((text) => text.trim()).filter((text) => text !== "");
+  if (texts.length === 1 && texts[0] === "none") return [];
+  return texts.map((text, i) => parseSize(text, `${field} #${i + 1}`));
+}

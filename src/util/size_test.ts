@@ -4,7 +4,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import fc from "fast-check";
-import { formatSize, formatSizeExact, formatSizesDistinct, parseSize } from "./size.ts";
+import { formatSize, formatSizeExact, formatSizesDistinct, parsePartitionSizes, parseSize } from "./size.ts";
 import { UsageError } from "./errors.ts";
 
 test("parseSize accepts bytes and binary suffixes", () => {
@@ -53,4 +53,12 @@ test("sizes side by side differ in print when they differ in bytes", () => {
       assert.equal(parseSize(formatSizeExact(a), "--size"), a);
     }),
   );
+});
+
+test("partition sizes: one grammar for both commands (arguments, commas, or both; none clears)", () => {
+  const G = 2 ** 30;
+  for (const args of [["1G", "2G"], ["1G,2G"], ["1G,", "2G"], ["1G, 2G"]]) assert.deepEqual(parsePartitionSizes(args), [G, 2 * G], JSON.stringify(args));
+  assert.deepEqual(parsePartitionSizes(["none"]), []);
+  assert.deepEqual(parsePartitionSizes([]), []);
+  assert.throws(() => parsePartitionSizes(["1G", "2X"]), /SIZE #2/);
 });
