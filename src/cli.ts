@@ -24,6 +24,7 @@ const COMMANDS: Readonly<Record<string, () => Promise<Command>>> = {
   unassign: async () => (await import("./admin/main.ts")).unassignMain,
   tokens: async () => (await import("./admin/main.ts")).tokensMain,
   audit: async () => (await import("./admin/main.ts")).auditMain,
+  completion: async () => async (argv) => (await import("./admin/completion.ts")).completionMain(argv, Object.keys(COMMANDS)),
 };
 
 /** Each command's own usage text, where it has one (the rest are described by the lines of USAGE that name them). */
@@ -43,6 +44,7 @@ commands:
   demo      a whole SAN on loopback: a station and N units (Ctrl-C stops it)
   station   run the control station: the pool of units, allocation, REST API
   help      show this text
+  completion bash|zsh  shell completion: source <(ipsan completion bash)
 
 global flags (any command): --log-format text|json (or $IPSAN_LOG_FORMAT): log lines as text or JSON;
   --config FILE (or $IPSAN_CONFIG): station, token-file, ca-file, state-dir, host as "key = value" lines
