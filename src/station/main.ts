@@ -25,7 +25,7 @@ import { logger } from "../util/log.ts";
 import { createSecretFileIfMissing } from "../util/secret_file.ts";
 import { openDatabase, startCheckpointer } from "./db.ts";
 import { HOST_FAILOVER_AFTER_USAGE, hostFailoverAfterFlag } from "./host_failover.ts";
-import { ApiServer } from "./http.ts";
+import { ApiServer } from "./api/server.ts";
 import { StationMetrics } from "./metrics.ts";
 import { DEFAULT_STATION_OPTIONS, Station } from "./station.ts";
 import { StationStore } from "./store.ts";

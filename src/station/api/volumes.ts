@@ -1,0 +1,134 @@
+// Volumes: list, read, create, delete, grow, partition (docs/api.md "Volumes").
+
+import { Type, type Static } from "@sinclair/typebox";
+import { IpsanError } from "../../util/errors.ts";
+import type { VolumeRecord } from "../types.ts";
+import { checkName, checkSize, checkSizes, show } from "../validate.ts";
+import { volumeView } from "../views.ts";
+import { page, paged, queryFlag, type Api } from "./route.ts";
+import { Errors, Flag, Name, NoContent, Page, PageQuery, Params, Ref, Size, Volume } from "./schemas.ts";
+
+const VolumeQuery = Type.Object(
+  { unit: Type.Optional(Type.String({ description: "only this unit's" })), free: Flag("only unassigned ones"), ...PageQuery },
+  { additionalProperties: false },
+);
+const NoQuery = Type.Object({}, { additionalProperties: false });
+export const CreateVolume = Type.Object({ unit: Name, name: Name, sizeBytes: Size }, { additionalProperties: false });
+export const GrowVolume = Type.Object({ sizeBytes: Size }, { additionalProperties: false, description: "the new total size" });
+export const PartitionVolume = Type.Object(
+  { sizesBytes: Type.Array(Size, { description: "partition sizes, back to back from the volume's start; [] = none" }) },
+  { additionalProperties: false },
+);
+
+export function volumeRoutes(api: Api): void {
+  const { station } = api;
+  const store = station.store;
+  const unitOr404 = (name: string) => {
+    const unit = store.units.get(name);
+    if (unit === undefined) throw new IpsanError("NOT_FOUND", `unit ${show(name)} not found`, { field: "unit" });
+    return unit;
+  };
+  const assignedTo = (unit: string, volume: string): string | null => store.liveOnVolume(unit, volume)[0]?.host ?? null;
+
+  api.add({
+    method: "GET",
+    url: "/api/v1/volumes",
+    schema: { summary: "Volumes of all units, paged", querystring: VolumeQuery, response: { 200: Page(Volume), ...Errors() } },
+    handler: ({ query }) => {
+      const unitFilter = query.get("unit");
+      if (unitFilter !== null) unitOr404(checkName(unitFilter, "unit"));
+      const free = queryFlag(query, "free");
+      const range = page(query);
+      const matching: { volume: VolumeRecord; holder: string | null }[] = [];
+      for (const unit of [...store.units.keys()].sort()) {
+        if (unitFilter !== null && unit !== unitFilter) continue;
+        for (const volume of store.unitVolumes(unit).values()) {
+          const holder = assignedTo(unit, volume.name);
+          if (free && holder !== null) continue;
+          matching.push({ volume, holder });
+        }
+      }
+      return { status: 200, body: paged(matching, range, (m) => volumeView(m.volume, m.holder)) };
+    },
+  });
+  api.add({
+    method: "GET",
+    url: "/api/v1/volumes/:unit/:name",
+    schema: { summary: "One volume", params: Params("unit", "name"), querystring: NoQuery, response: { 200: Ref(Volume), ...Errors({ 404: "no such unit or volume" }) } },
+    handler: ({ params }) => {
+      const unit = unitOr404(checkName(params[0], "unit"));
+      const name = checkName(params[1], "name");
+      const volume = store.volume(unit.name, name);
+      if (volume === undefined) throw new IpsanError("NOT_FOUND", `volume ${show(name)} not found on unit ${unit.name}`, { field: "name" });
+      return { status: 200, body: volumeView(volume, assignedTo(unit.name, name)) };
+    },
+  });
+  api.add({
+    method: "POST",
+    url: "/api/v1/volumes",
+    body: true,
+    schema: {
+      summary: "Create a volume on a unit",
+      body: CreateVolume,
+      response: { 201: Ref(Volume, "created"), ...Errors({ 404: "no such unit", 409: "exists", 503: "unit unreachable", 507: "no space on the unit" }) },
+    },
+    handler: async ({ body }) => {
+      const b = body as Static<typeof CreateVolume>;
+      const unit = checkName(b.unit, "unit");
+      const name = checkName(b.name, "name");
+      const sizeBytes = checkSize(b.sizeBytes, "sizeBytes");
+      unitOr404(unit);
+      const volume = await station.createVolume(unit, name, sizeBytes);
+      return { status: 201, body: volumeView(volume, null) };
+    },
+  });
+  api.add({
+    method: "DELETE",
+    url: "/api/v1/volumes/:unit/:name",
+    schema: {
+      summary: "Delete a volume (not while assigned)",
+      params: Params("unit", "name"),
+      response: { 204: NoContent("deleted"), ...Errors({ 404: "no such unit or volume", 409: "assigned", 503: "unit unreachable" }) },
+    },
+    handler: async ({ params }) => {
+      await station.deleteVolume(checkName(params[0], "unit"), checkName(params[1], "name"));
+      return { status: 204 };
+    },
+  });
+  api.add({
+    method: "POST",
+    url: "/api/v1/volumes/:unit/:name/grow",
+    body: true,
+    schema: {
+      summary: "Grow a volume to a new total size",
+      params: Params("unit", "name"),
+      body: GrowVolume,
+      response: { 200: Ref(Volume, "grown"), ...Errors({ 404: "no such unit or volume", 409: "smaller than now", 507: "no space" }) },
+    },
+    handler: async ({ params, body }) => {
+      const unit = checkName(params[0], "unit");
+      const name = checkName(params[1], "name");
+      const sizeBytes = checkSize((body as Static<typeof GrowVolume>).sizeBytes, "sizeBytes");
+      const volume = await station.growVolume(unit, name, sizeBytes);
+      return { status: 200, body: volumeView(volume, assignedTo(unit, name)) };
+    },
+  });
+  api.add({
+    method: "PUT",
+    url: "/api/v1/volumes/:unit/:name/partitions",
+    body: true,
+    schema: {
+      summary: "Replace a volume's partitions (back to back from its start; [] = none)",
+      params: Params("unit", "name"),
+      body: PartitionVolume,
+      response: { 200: Ref(Volume, "partitioned"), ...Errors({ 404: "no such unit or volume", 409: "a partition is assigned" }) },
+    },
+    handler: async ({ params, body }) => {
+      const unit = checkName(params[0], "unit");
+      const name = checkName(params[1], "name");
+      const sizes = checkSizes((body as Static<typeof PartitionVolume>).sizesBytes, "sizesBytes");
+      const volume = await station.partitionVolume(unit, name, sizes);
+      return { status: 200, body: volumeView(volume, assignedTo(unit, name)) };
+    },
+  });
+}
