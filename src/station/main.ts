@@ -48,7 +48,7 @@ const LAST_SEEN_SYNC_MS = 1_000;
 const USAGE = `usage: ipsan station --data DIR [--http HOST:PORT] [--discovery HOST:PORT]
                      [--snmp HOST:PORT] [--snmp-community NAME] [--host-failover-after DURATION]
                      [--pending-deadline-ms MS] [--reconcile-interval-ms MS] [--host-offline-after-ms MS]
-                     [--replace-after DURATION] [--tls-cert FILE --tls-key FILE]
+                     [--replace-after DURATION] [--tls-cert FILE --tls-key FILE] [--console-dir DIR]
 
   --data DIR             station state: admin.token, cluster.key, host-keys.secret, station.db, audit.log (created on first start)
   --http HOST:PORT       REST API (default ${DEFAULT_HTTP}; port 0 picks a free port)
@@ -62,6 +62,8 @@ ${HOST_FAILOVER_AFTER_USAGE}
                          (else any unit with room); e.g. 30s, 5m (default ${formatDuration(REPLACE_AFTER_DEFAULT_MS)})
   --tls-cert FILE        serve the API over HTTPS with this certificate (PEM, chain first); needs --tls-key
   --tls-key FILE         the certificate's private key (PEM)
+  --console-dir DIR      serve the web console from DIR (index.html, assets/) at / without a token
+                         (default: dist/console of this installation, built by npm run build:console)
 `;
 
 /** Reads --tls-cert and --tls-key (both or neither); a PEM file is at most 1 MiB. */
@@ -125,6 +127,7 @@ export async function stationMain(argv: readonly string[]): Promise<number> {
       "replace-after": { type: "string" },
       "tls-cert": { type: "string" },
       "tls-key": { type: "string" },
+      "console-dir": { type: "string" },
       help: { type: "boolean" },
     },
     true,
@@ -194,6 +197,7 @@ export async function stationMain(argv: readonly string[]): Promise<number> {
     tokens,
     audit,
     ...(tls === undefined ? {} : { tls }),
+    ...(values["console-dir"] === undefined ? {} : { consoleDir: resolve(values["console-dir"]) }),
     extraMetrics: () => listener.metricsText() + (snmpListener?.metricsText() ?? ""),
   });
 

@@ -58,7 +58,10 @@ export const LegReport = Type.Object(
 const DryRun = Type.Object(
   {
     dryRun: Type.Literal(true),
-    placement: Type.Object({ kind: Enum(["reuse", "carve"]), unit: Type.String(), volume: Type.String(), sizeBytes: Type.Integer() }, { additionalProperties: true }),
+    placement: Type.Object(
+      { kind: Enum(["reuse", "carve"]), unit: Type.String(), volume: Type.Optional(Type.String({ description: "reuse only" })), sizeBytes: Type.Integer() },
+      { additionalProperties: true },
+    ),
     copies: Type.Optional(Type.Integer({ description: "copies > 1 only" })),
     legs: Type.Optional(Type.Array(Type.Object({}, { additionalProperties: true }), { description: "copies > 1 only: every leg's placement (placement is the first)" })),
     reasons: Type.Array(Type.Object({}, { additionalProperties: true })),

@@ -42,6 +42,13 @@ const join = (parent: string, child: string, root: boolean): string => (root ? c
 export function validationError(errors: readonly AjvError[], context: string): IpsanError {
   const last = errors[errors.length - 1];
   if (last === undefined) return new IpsanError("INVALID_ARGUMENT", "invalid request", { field: context });
+  if (last.keyword === "anyOf") {
+    // A union whose object branch was taken (the value is an object) but failed inside: name that field.
+    const inner = errors.find(
+      (e) => e.instancePath.startsWith(`${last.instancePath}/`) || (e.instancePath === last.instancePath && (e.keyword === "required" || e.keyword === "additionalProperties")),
+    );
+    if (inner !== undefined) return validationError([inner], context);
+  }
   const base = fieldOf(last.instancePath, context);
   const root = last.instancePath === "";
   if (last.keyword === "required") {
