@@ -33,7 +33,7 @@ const SEGMENT = /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$/;
 
 export const NOT_BUILT_PAGE =
   "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>ipsan station</title></head>\n" +
-  "<body><h1>ipsan station</h1><p>The console is not built: run <code>npm run build:console</code> " +
+  "<body><h1>ipsan station</h1><p>The console is not built: run npm run build:console " +
   "(scripts/setup does), or start the station with <code>--console-dir DIR</code>. " +
   "The REST API is at <code>/api/v1</code> (docs/api.md).</p></body></html>\n";
 

@@ -115,6 +115,10 @@ export class ApiServer {
       routerOptions: { maxParamLength: PARAM_CHARS_MAX },
       // Validation only checks: it never removes, coerces or defaults a field (the handlers see what was sent).
       ajv: { customOptions: { removeAdditional: false, coerceTypes: false, useDefaults: false, allErrors: false, verbose: true } },
+      // A path fastify cannot route (bad percent-encoding): the same error path as the rest.
+      frameworkErrors: (error, request, reply) => {
+        void this.fail(error, request, reply);
+      },
       clientErrorHandler: (error: Error, socket: Socket) => {
         log.limited("client-error", "bad HTTP request", { error: errorMessage(error) });
         if (socket.writable) socket.end("HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
