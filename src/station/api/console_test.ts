@@ -10,6 +10,7 @@ import { request } from "node:http";
 import { join } from "node:path";
 import { makeTempDir, memoryTmpBase, type TempDir } from "../../testing/tmp.ts";
 import { startStation, type RunningStation } from "../harness.ts";
+import { CONSOLE_FILE_BYTES_MAX } from "./limits.ts";
 
 const INDEX = "<!doctype html><title>ipsan console</title><div id=app></div>\n";
 const SCRIPT = "console.log('ipsan');\n";
@@ -26,6 +27,7 @@ before(async () => {
   writeFileSync(join(dir, "assets", "nested", "deep.css"), "body{}\n");
   writeFileSync(join(dir, "favicon.svg"), "<svg xmlns='http://www.w3.org/2000/svg'/>\n");
   writeFileSync(join(dir, ".env"), "SECRET=1\n");
+  writeFileSync(join(dir, "assets", "huge.js"), Buffer.alloc(CONSOLE_FILE_BYTES_MAX + 1, 0x20));
   writeFileSync(join(tmp.path, "outside.txt"), "outside the console dir\n");
   symlinkSync(join(tmp.path, "outside.txt"), join(dir, "assets", "escape.txt"));
   station = await startStation({ extraArgs: ["--console-dir", dir] });
@@ -56,6 +58,7 @@ test("/, /assets/* and top-level files are served without a token", async () => 
   assert.equal(index.status, 200);
   assert.match(index.type, /^text\/html/);
   assert.equal(index.body, INDEX);
+  assert.equal(index.cache, "no-cache");
   assert.equal((await rawGet("/index.html")).body, INDEX);
   const script = await rawGet("/assets/index-abc123.js");
   assert.equal(script.status, 200);
@@ -83,6 +86,7 @@ test("no directory listing, nothing outside the directory, no hidden files", asy
     "/.env",
     "/assets/%00",
     "/assets/nope.js",
+    "/assets/huge.js",
     "/assets/%ZZ",
     "/nope.html",
   ];
