@@ -7,9 +7,8 @@ import { AUDIT_LIST_LIMIT_DEFAULT, AUDIT_LIST_LIMIT_MAX, tailEntries, verifyAudi
 import { ADMIN_TOKEN_NAME, JOIN_TOKEN_TTL_MS_DEFAULT, JOIN_TOKEN_TTL_MS_MAX, TOKEN_ROLES, tokenView, type TokenRole } from "../auth/tokens.ts";
 import { checkName, invalid, show } from "../validate.ts";
 import { given, type Api } from "./route.ts";
-import { AuditEntry, Enum, Errors, List, Name, NoContent, Optional, Params, Ref, Token } from "./schemas.ts";
+import { AuditEntry, Enum, Errors, List, Name, NoContent, NoQuery, Optional, Params, Ref, Token } from "./schemas.ts";
 
-const NoQuery = Type.Object({}, { additionalProperties: false });
 export const CreateToken = Type.Object({ name: Name, role: Enum(TOKEN_ROLES) }, { additionalProperties: false });
 export const CreateJoinToken = Type.Object(
   {

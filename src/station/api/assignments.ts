@@ -9,7 +9,7 @@ import { checkAddress, checkBoolean, checkIndex, checkName, checkRequestId, chec
 import { assignmentView } from "../views.ts";
 import { GENERATION_MAX, LEG_REPORT_LEGS_MAX, parseLegReport } from "../leg_reports.ts";
 import { given, page, paged, queryFlag, type Api } from "./route.ts";
-import { Assignment, Enum, Errors, Flag, LegRebuild, Name, NoContent, Optional, Page, PageQuery, Params, Ref, RequestId, Size } from "./schemas.ts";
+import { Assignment, Enum, Errors, Flag, LegRebuild, Name, NoContent, NoQuery, Optional, Page, PageQuery, Params, Ref, RequestId, Size } from "./schemas.ts";
 
 const AssignmentQuery = Type.Object(
   {
@@ -20,7 +20,6 @@ const AssignmentQuery = Type.Object(
   },
   { additionalProperties: false },
 );
-const NoQuery = Type.Object({}, { additionalProperties: false });
 export const Allocate = Type.Object(
   {
     requestId: RequestId,

@@ -7,10 +7,9 @@ import { checkAddress, checkBoolean, checkName, show } from "../validate.ts";
 import { hostView } from "../views.ts";
 import { tokenView } from "../auth/tokens.ts";
 import { given, type Api } from "./route.ts";
-import { Enum, Errors, Host, List, NoBody, NoContent, Optional, Params, Ref, Token } from "./schemas.ts";
+import { Enum, Errors, Host, List, NoBody, NoContent, NoQuery, Optional, Params, Ref, Token } from "./schemas.ts";
 
 const HostQuery = Type.Object({ state: Type.Optional(Enum(HOST_STATES, { description: "online or offline" })) }, { additionalProperties: false });
-const NoQuery = Type.Object({}, { additionalProperties: false });
 const Address = Type.String({ description: "IP address or DNS name" });
 export const PutHost = Type.Object(
   {

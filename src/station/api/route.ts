@@ -10,6 +10,8 @@ import type { Station } from "../station.ts";
 import type { AuditLog } from "../auth/audit.ts";
 import type { Principal, TokenStore } from "../auth/tokens.ts";
 import type { LegReports } from "../leg_reports.ts";
+import { IpsanError } from "../../util/errors.ts";
+import type { StationStore } from "../store.ts";
 import { invalid, show } from "../validate.ts";
 import { LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX } from "./limits.ts";
 
@@ -92,4 +94,16 @@ export function paged<T, U>(all: readonly T[], range: { offset: number; limit: n
 /** An optional body field: absent and null mean the same. */
 export function given<T>(value: T | null | undefined): value is T {
   return value !== undefined && value !== null;
+}
+
+/** The unit named, or 404 naming the field `unit`. */
+export function unitOrNotFound(store: StationStore, name: string) {
+  const unit = store.units.get(name);
+  if (unit === undefined) throw new IpsanError("NOT_FOUND", `unit ${show(name)} not found`, { field: "unit" });
+  return unit;
+}
+
+/** The host a volume is assigned to (its first live assignment), or null. */
+export function assignedHost(store: StationStore, unit: string, volume: string): string | null {
+  return store.liveOnVolume(unit, volume)[0]?.host ?? null;
 }

@@ -226,6 +226,8 @@ export const Errors = (extra: Record<number, string> = {}) => {
   return out;
 };
 export const NoContent = (description: string) => Type.Null({ description });
+/** A route that takes no query parameters (any is a 400 naming it). */
+export const NoQuery = Type.Object({}, { additionalProperties: false });
 export const NoBody = Type.Object({}, { additionalProperties: false, description: "an empty object (or no body)" });
 export const Params = <T extends string>(...names: T[]) =>
   Type.Object(Object.fromEntries(names.map((n) => [n, Type.String()])) as Record<T, ReturnType<typeof Type.String>>);

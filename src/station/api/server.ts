@@ -18,7 +18,7 @@
 // sockets, header/request/keep-alive timeouts, SSE_SUBSCRIBERS_MAX event
 // streams, each with a bounded send buffer.
 
-import type { IncomingMessage } from "node:http";
+import { STATUS_CODES, type IncomingMessage } from "node:http";
 import type { AddressInfo, Socket } from "node:net";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -235,10 +235,17 @@ export class ApiServer {
   private add(spec: RouteSpec): void {
     const key = `${spec.method} ${spec.url}`;
     this.routes.set(key, { spec, ...compile(spec.url) });
+    // Every answer in the document says what it is (the status's reason phrase unless the schema says more).
+    const response = Object.fromEntries(
+      Object.entries((spec.schema.response ?? {}) as Record<string, { description?: string }>).map(([status, schema]) => [
+        status,
+        schema.description === undefined ? { ...schema, description: STATUS_CODES[Number(status)] ?? status } : schema,
+      ]),
+    );
     this.app.route({
       method: spec.method,
       url: spec.url,
-      schema: spec.schema,
+      schema: { ...spec.schema, response },
       config: { ipsanRoute: key },
       handler: async (request, reply) => {
         const ctx: Context = {

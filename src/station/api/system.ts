@@ -9,11 +9,10 @@ import { HOST_STATES, LIVE_ASSIGNMENT_STATES, UNIT_STATES, type StationEvent } f
 import { renderGauge } from "../metrics.ts";
 import { invalid, show } from "../validate.ts";
 import type { Api } from "./route.ts";
-import { Errors, Ref, ErrorBody } from "./schemas.ts";
+import { ErrorBody, Errors, NoQuery, Ref } from "./schemas.ts";
 import { SSE_BUFFER_BYTES_MAX, SSE_HEARTBEAT_MS, SSE_SUBSCRIBERS_MAX, VERSION } from "./limits.ts";
 
 const log = logger("station-api");
-const NoQuery = Type.Object({}, { additionalProperties: false });
 const EventsQuery = Type.Object({ since: Type.Optional(Type.String({ description: "replay events after this number (or header Last-Event-ID)" })) }, { additionalProperties: false });
 
 export function systemRoutes(api: Api, openApiDocument: () => unknown): void {

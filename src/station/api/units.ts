@@ -1,26 +1,20 @@
 // Units of the pool and their identities (docs/api.md "Units").
 
 import { Type, type Static } from "@sinclair/typebox";
-import { IpsanError } from "../../util/errors.ts";
 import { forgetIdentity, identityOf, rotateSecret } from "../unit_identities.ts";
 import { UNIT_STATES } from "../types.ts";
-import { checkName, show } from "../validate.ts";
+import { checkName } from "../validate.ts";
 import { unitView, volumeView } from "../views.ts";
-import type { Api } from "./route.ts";
-import { Enum, Errors, Identity, List, NoBody, Params, Ref, Unit, Volume } from "./schemas.ts";
+import { assignedHost, unitOrNotFound, type Api } from "./route.ts";
+import { Enum, Errors, Identity, List, NoBody, NoQuery, Params, Ref, Unit, Volume } from "./schemas.ts";
 
 const UnitQuery = Type.Object({ state: Type.Optional(Enum(UNIT_STATES, { description: "only units in this state" })) }, { additionalProperties: false });
-const NoQuery = Type.Object({}, { additionalProperties: false });
 
 export function unitRoutes(api: Api): void {
   const { station } = api;
   const store = station.store;
-  const unitOr404 = (name: string) => {
-    const unit = store.units.get(name);
-    if (unit === undefined) throw new IpsanError("NOT_FOUND", `unit ${show(name)} not found`, { field: "unit" });
-    return unit;
-  };
-  const assignedTo = (unit: string, volume: string): string | null => store.liveOnVolume(unit, volume)[0]?.host ?? null;
+  const unitOr404 = (name: string) => unitOrNotFound(store, name);
+  const assignedTo = (unit: string, volume: string) => assignedHost(store, unit, volume);
 
   api.add({
     method: "GET",

@@ -5,14 +5,13 @@ import { IpsanError } from "../../util/errors.ts";
 import type { VolumeRecord } from "../types.ts";
 import { checkName, checkSize, checkSizes, show } from "../validate.ts";
 import { volumeView } from "../views.ts";
-import { page, paged, queryFlag, type Api } from "./route.ts";
-import { Errors, Flag, Name, NoContent, Page, PageQuery, Params, Ref, Size, Volume } from "./schemas.ts";
+import { assignedHost, page, paged, queryFlag, unitOrNotFound, type Api } from "./route.ts";
+import { Errors, Flag, Name, NoContent, NoQuery, Page, PageQuery, Params, Ref, Size, Volume } from "./schemas.ts";
 
 const VolumeQuery = Type.Object(
   { unit: Type.Optional(Type.String({ description: "only this unit's" })), free: Flag("only unassigned ones"), ...PageQuery },
   { additionalProperties: false },
 );
-const NoQuery = Type.Object({}, { additionalProperties: false });
 export const CreateVolume = Type.Object({ unit: Name, name: Name, sizeBytes: Size }, { additionalProperties: false });
 export const GrowVolume = Type.Object({ sizeBytes: Size }, { additionalProperties: false, description: "the new total size" });
 export const PartitionVolume = Type.Object(
@@ -23,12 +22,8 @@ export const PartitionVolume = Type.Object(
 export function volumeRoutes(api: Api): void {
   const { station } = api;
   const store = station.store;
-  const unitOr404 = (name: string) => {
-    const unit = store.units.get(name);
-    if (unit === undefined) throw new IpsanError("NOT_FOUND", `unit ${show(name)} not found`, { field: "unit" });
-    return unit;
-  };
-  const assignedTo = (unit: string, volume: string): string | null => store.liveOnVolume(unit, volume)[0]?.host ?? null;
+  const unitOr404 = (name: string) => unitOrNotFound(store, name);
+  const assignedTo = (unit: string, volume: string) => assignedHost(store, unit, volume);
 
   api.add({
     method: "GET",
