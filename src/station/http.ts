@@ -26,6 +26,10 @@ import { AUDIT_LIST_LIMIT_DEFAULT, AUDIT_LIST_LIMIT_MAX, tailEntries, verifyAudi
 import { authorize } from "./auth/permissions.ts";
 import { ADMIN_TOKEN_NAME, JOIN_TOKEN_TTL_MS_DEFAULT, JOIN_TOKEN_TTL_MS_MAX, TOKEN_ROLES, tokenView, type Principal, type TokenRole, type TokenStore } from "./auth/tokens.ts";
 import { parseDuration } from "../util/duration.ts";
+import { StationTasks } from "./tasks/operations.ts";
+import { TaskConflictError } from "./tasks/runner.ts";
+import { answerTask, TASK_WAIT_MS } from "./tasks/answer.ts";
+import { TASK_KINDS, TASK_STATES, taskView, type TaskKind, type TaskState } from "./tasks/types.ts";
 
 export const BODY_BYTES_MAX = 64 * 1024;
 /** After a 413, bytes read and discarded before the connection is cut. */
@@ -59,6 +63,7 @@ interface Context {
 interface Answer {
   readonly status: number;
   readonly body?: unknown;
+  readonly headers?: Record<string, string>;
 }
 type Handler = (ctx: Context) => Promise<Answer | null> | Answer | null;
 
@@ -123,6 +128,15 @@ export interface ApiServerOptions {
   readonly tls?: { readonly cert: Buffer; readonly key: Buffer };
   /** Extra Prometheus text appended to /metrics (the discovery listener's counters). */
   readonly extraMetrics?: () => string;
+  /** The station's tasks (src/station/tasks); default: a runner of its own on the station's store. */
+  readonly tasks?: StationTasks;
+  /** How long a state-changing route waits for its task before answering 202 (TASK_WAIT_MS). */
+  readonly taskWaitMs?: number;
+}
+
+function checkTaskId(value: string | undefined): string {
+  if (value === undefined || !/^t-[0-9a-f]{1,32}$/.test(value)) throw invalid("id", `invalid task id ${show(value)} (expected t-HEX)`);
+  return value;
 }
 
 export class ApiServer {
@@ -137,9 +151,13 @@ export class ApiServer {
   private closing = false;
   /** Host leg reports (PUT /api/v1/assignments/ID/legs). */
   private readonly legReports: LegReports;
+  readonly tasks: StationTasks;
+  private readonly taskWaitMs: number;
 
   constructor(options: ApiServerOptions) {
     this.station = options.station;
+    this.tasks = options.tasks ?? new StationTasks(options.station);
+    this.taskWaitMs = options.taskWaitMs ?? TASK_WAIT_MS;
     this.tokens = options.tokens;
     this.audit = options.audit;
     this.extraMetrics = options.extraMetrics;
@@ -237,6 +255,7 @@ export class ApiServer {
       const body: Record<string, unknown> = { code: error.code, message: error.message };
       if (error.field !== undefined) body["field"] = error.field;
       if (error instanceof NoSpaceError) body["reasons"] = error.reasons;
+      if (error instanceof TaskConflictError) body["task"] = error.task;
       this.send(res, error.httpStatus, { error: body }, headers);
       return;
     }
@@ -393,11 +412,12 @@ export class ApiServer {
         callerAddress,
         assignmentHost: (id) => store.getAssignment(id)?.host,
         hostAddress: (name) => store.hosts.get(name)?.address,
+        taskStarter: (id) => this.tasks.runner.get(id)?.startedBy,
       });
       const answer = await route.handler({ req, res, params, query: url.searchParams, body, callerAddress, principal });
       if (answer !== null) {
         await this.record(req, principal, action, ids, answer.status);
-        this.send(res, answer.status, answer.body);
+        this.send(res, answer.status, answer.body, answer.headers);
       }
     } catch (error) {
       const status = error instanceof IpsanError ? error.httpStatus : 500;
@@ -503,36 +523,38 @@ export class ApiServer {
         if (volume === undefined) throw new IpsanError("NOT_FOUND", `volume ${show(name)} not found on unit ${unit.name}`, { field: "name" });
         return { status: 200, body: volumeView(volume, assignedTo(unit.name, name)) };
       }),
-      r("POST", "/api/v1/volumes", async ({ body }) => {
+      r("POST", "/api/v1/volumes", ({ req, body, principal }) => {
         const b = new Body(body, ["unit", "name", "sizeBytes"]);
         const unit = checkName(b.required("unit"), "unit");
         const name = checkName(b.required("name"), "name");
         const sizeBytes = checkSize(b.required("sizeBytes"), "sizeBytes");
         unitOr404(unit);
-        const volume = await station.createVolume(unit, name, sizeBytes);
-        return { status: 201, body: volumeView(volume, null) };
+        return this.answerTask(req, this.tasks.createVolume(principal, unit, name, sizeBytes));
       }, true),
-      r("DELETE", "/api/v1/volumes/:unit/:name", async ({ params }) => {
+      r("DELETE", "/api/v1/volumes/:unit/:name", ({ req, params, principal }) => {
         const unit = checkName(params[0], "unit");
         const name = checkName(params[1], "name");
-        await station.deleteVolume(unit, name);
-        return { status: 204 };
+        return this.answerTask(req, this.tasks.deleteVolume(principal, unit, name));
       }),
-      r("POST", "/api/v1/volumes/:unit/:name/grow", async ({ params, body }) => {
+      r("POST", "/api/v1/volumes/:unit/:name/wipe", ({ req, params, body, principal }) => {
+        new Body(body, []);
+        const unit = checkName(params[0], "unit");
+        const name = checkName(params[1], "name");
+        return this.answerTask(req, this.tasks.wipeVolume(principal, unit, name));
+      }, true),
+      r("POST", "/api/v1/volumes/:unit/:name/grow", ({ req, params, body, principal }) => {
         const b = new Body(body, ["sizeBytes"]);
         const unit = checkName(params[0], "unit");
         const name = checkName(params[1], "name");
         const sizeBytes = checkSize(b.required("sizeBytes"), "sizeBytes");
-        const volume = await station.growVolume(unit, name, sizeBytes);
-        return { status: 200, body: volumeView(volume, assignedTo(unit, name)) };
+        return this.answerTask(req, this.tasks.growVolume(principal, unit, name, sizeBytes));
       }, true),
-      r("PUT", "/api/v1/volumes/:unit/:name/partitions", async ({ params, body }) => {
+      r("PUT", "/api/v1/volumes/:unit/:name/partitions", ({ req, params, body, principal }) => {
         const b = new Body(body, ["sizesBytes"]);
         const unit = checkName(params[0], "unit");
         const name = checkName(params[1], "name");
         const sizes = checkSizes(b.required("sizesBytes"), "sizesBytes");
-        const volume = await station.partitionVolume(unit, name, sizes);
-        return { status: 200, body: volumeView(volume, assignedTo(unit, name)) };
+        return this.answerTask(req, this.tasks.partitionVolume(principal, unit, name, sizes));
       }, true),
       r("GET", "/api/v1/hosts", ({ query }) => {
         checkQuery(query, ["state"]);
@@ -600,7 +622,7 @@ export class ApiServer {
         if (assignment === undefined) throw new IpsanError("NOT_FOUND", `assignment ${show(params[0])} not found`, { field: "id" });
         return { status: 200, body: assignmentView(assignment, store) };
       }),
-      r("POST", "/api/v1/allocations", async ({ body, callerAddress }) => {
+      r("POST", "/api/v1/allocations", async ({ req, body, callerAddress, principal }) => {
         const b = new Body(body, ["requestId", "host", "sizeBytes", "address", "dryRun", "copies"]);
         const requestId = checkRequestId(b.required("requestId"));
         const host = checkName(b.required("host"), "host");
@@ -608,31 +630,25 @@ export class ApiServer {
         const dryRun = b.has("dryRun") ? checkBoolean(b.required("dryRun"), "dryRun") : false;
         const copies = b.has("copies") ? checkIndex(b.required("copies"), "copies", COPIES_MAX) : 1;
         const address = b.has("address") ? await checkAddress(b.required("address"), "address") : undefined;
-        const answer = await station.allocate(
-          { requestId, host, sizeBytes, dryRun, copies, ...(address === undefined ? {} : { address }) },
-          callerAddress,
-        );
+        const input = { requestId, host, sizeBytes, dryRun, copies, ...(address === undefined ? {} : { address }) };
+        // A dry run changes nothing: no task.
+        if (!dryRun) return this.answerTask(req, this.tasks.allocate(principal, input, callerAddress));
+        const answer = await station.allocate(input, callerAddress);
         if (answer.kind === "dry_run") {
           const legs = answer.legs === undefined ? {} : { copies: answer.copies, legs: answer.legs };
           return { status: 200, body: { dryRun: true, placement: answer.placement, ...legs, reasons: answer.reasons } };
         }
         return { status: answer.status, body: assignmentView(answer.assignment, store) };
       }, true),
-      r("POST", "/api/v1/assignments", async ({ body }) => {
+      r("POST", "/api/v1/assignments", ({ req, body, principal }) => {
         const b = new Body(body, ["host", "unit", "volume", "partition", "requestId"]);
         const host = checkName(b.required("host"), "host");
         const unit = checkName(b.required("unit"), "unit");
         const volume = checkName(b.required("volume"), "volume");
         const partition = b.has("partition") ? checkIndex(b.required("partition"), "partition", 1024) : undefined;
         const requestId = b.has("requestId") ? checkRequestId(b.required("requestId")) : undefined;
-        const answer = await station.assign({
-          host,
-          unit,
-          volume,
-          ...(partition === undefined ? {} : { partition }),
-          ...(requestId === undefined ? {} : { requestId }),
-        });
-        return { status: answer.status, body: assignmentView(answer.assignment, store) };
+        const input = { host, unit, volume, ...(partition === undefined ? {} : { partition }), ...(requestId === undefined ? {} : { requestId }) };
+        return this.answerTask(req, this.tasks.assign(principal, input));
       }, true),
       r("PUT", "/api/v1/assignments/:id/legs", ({ params, body }) => {
         const id = params[0] ?? "";
@@ -641,12 +657,35 @@ export class ApiServer {
         const answer = this.legReports.apply(id, report);
         return { status: 200, body: answer.kind === "ignored" ? { ignored: true, reason: answer.reason } : assignmentView(answer.assignment, store) };
       }, true),
-      r("DELETE", "/api/v1/assignments/:id", async ({ params }) => {
+      r("DELETE", "/api/v1/assignments/:id", ({ req, params, principal }) => {
         const id = params[0] ?? "";
         if (!/^[A-Za-z0-9_.-]{1,64}$/.test(id)) throw invalid("id", `invalid assignment id ${show(id)}`);
-        const answer = await station.unassign(id);
-        return answer.status === 204 ? { status: 204 } : { status: 202, body: assignmentView(answer.assignment, store) };
+        return this.answerTask(req, this.tasks.unassign(principal, id));
       }),
+      // ---- tasks (src/station/tasks; docs/api.md "Tasks") ----
+      r("GET", "/api/v1/tasks", ({ query }) => {
+        checkQuery(query, ["state", "kind", "offset", "limit"]);
+        const state = query.get("state");
+        if (state !== null && !(TASK_STATES as readonly string[]).includes(state)) throw invalid("state", `unknown task state ${show(state)} (${TASK_STATES.join(", ")})`);
+        const kind = query.get("kind");
+        if (kind !== null && !(TASK_KINDS as readonly string[]).includes(kind)) throw invalid("kind", `unknown task kind ${show(kind)} (${TASK_KINDS.join(", ")})`);
+        const all = this.tasks.runner.list({ ...(state === null ? {} : { state: state as TaskState }), ...(kind === null ? {} : { kind: kind as TaskKind }) });
+        return { status: 200, body: paged(all, page(query), taskView) };
+      }),
+      r("GET", "/api/v1/tasks/:id", ({ params, query }) => {
+        checkQuery(query, []);
+        const task = this.tasks.runner.get(checkTaskId(params[0]));
+        if (task === undefined) throw new IpsanError("NOT_FOUND", `task ${show(params[0])} not found`, { field: "id" });
+        return { status: 200, body: taskView(task) };
+      }),
+      r("POST", "/api/v1/tasks/:id/cancel", async ({ params, body, principal }) => {
+        new Body(body, []);
+        const id = checkTaskId(params[0]);
+        this.tasks.runner.cancel(id, principal);
+        // A running task stops at its next safe point: wait for it a little, then answer what it is.
+        const task = await this.tasks.runner.wait(id, this.taskWaitMs);
+        return { status: 200, body: task === undefined ? null : taskView(task) };
+      }, true),
       // ---- credentials and audit (src/station/auth; docs/api.md "Authentication") ----
       r("POST", "/api/v1/hosts/:name/register", async ({ params, body, callerAddress, principal }) => {
         const b = new Body(body, ["address", "spare"]);
@@ -735,6 +774,11 @@ export class ApiServer {
         return null;
       }),
     ];
+  }
+
+  /** A state-changing route's answer: its task's (src/station/tasks/answer.ts). */
+  private async answerTask(req: IncomingMessage, task: ReturnType<StationTasks["createVolume"]>): Promise<Answer> {
+    return answerTask(this.tasks.runner, task, req.headers.prefer, this.taskWaitMs);
   }
 
   // ---- event stream --------------------------------------------------------------

@@ -28,6 +28,12 @@ const errors = {
   "403": error("PERMISSION_DENIED: the token's role may not do this; the message names the role (docs/api.md \"Authentication\")"),
 };
 
+/** Every state-changing route runs as a task (docs/api.md "Tasks"). */
+const accepted = {
+  "202": ok("the task, still running after TASK_WAIT_MS (2 s) or at once with Prefer: respond-async; Location: /api/v1/tasks/ID", ref("Task")),
+};
+const taskHeader = "Ipsan-Task: ID on every answer of a route that ran as a task; ";
+
 const size = {
   oneOf: [
     { type: "integer", minimum: 512, multipleOf: 512 },
@@ -86,6 +92,31 @@ export function openApiDocument(version: string): unknown {
                 reasons: { type: "array", items: { type: "object", properties: { unit: { type: "string" }, reason: { type: "string" } } } },
               },
             },
+          },
+        },
+        Task: {
+          type: "object",
+          required: ["id", "kind", "state", "target", "objects", "progress", "startedBy", "role", "createdAt", "startedAt", "finishedAt", "cancellable", "result", "error", "message"],
+          properties: {
+            id: { type: "string", pattern: "^t-[0-9a-f]+$" },
+            kind: { type: "string", enum: ["volume.create", "volume.delete", "volume.grow", "volume.partition", "volume.wipe", "assignment.create", "assignment.delete", "allocation"] },
+            state: { type: "string", enum: ["queued", "running", "succeeded", "failed", "cancelled"] },
+            target: { type: "object", properties: { type: { type: "string", enum: ["volume", "unit", "host", "assignment"] }, id: { type: "string" } } },
+            objects: { type: "array", items: { type: "string" }, description: "lock keys it holds while unfinished, e.g. volume:u1/v1" },
+            progress: {
+              type: ["object", "null"],
+              properties: { done: { type: "integer" }, total: { type: "integer" }, unit: { type: "string", enum: ["bytes", "steps"] } },
+            },
+            startedBy: { type: "string", description: "the token's name" },
+            role: { type: "string" },
+            createdAt: { type: "string", format: "date-time" },
+            startedAt: { type: ["string", "null"], format: "date-time" },
+            finishedAt: { type: ["string", "null"], format: "date-time" },
+            cancellable: { type: "boolean" },
+            resultStatus: { type: ["integer", "null"], description: "the status the synchronous answer has (201, 204, ...)" },
+            result: { description: "the body the synchronous answer has (null for 204)" },
+            error: { type: ["object", "null"], properties: { code: { type: "string" }, message: { type: "string" }, field: { type: "string" } } },
+            message: { type: ["string", "null"] },
           },
         },
         LegRebuild: {
@@ -304,7 +335,7 @@ export function openApiDocument(version: string): unknown {
         post: {
           summary: "Create a volume on a unit",
           requestBody: body({ type: "object", required: ["unit", "name", "sizeBytes"], additionalProperties: false, properties: { unit: name, name, sizeBytes: size } }),
-          responses: { "201": ok("created", ref("Volume")), "404": error("no such unit"), "409": error("exists"), "503": error("unit unreachable"), "507": error("no space on the unit"), ...errors },
+          responses: { ...accepted, "201": ok("created", ref("Volume")), "404": error("no such unit"), "409": error("exists"), "503": error("unit unreachable"), "507": error("no space on the unit"), ...errors },
         },
       },
       "/api/v1/volumes/{unit}/{name}": {
@@ -314,25 +345,62 @@ export function openApiDocument(version: string): unknown {
           responses: { "200": ok("volume", ref("Volume")), "404": error("no such unit or volume"), ...errors },
         },
         delete: {
-          summary: "Delete a volume (not while assigned)",
+          summary: "Delete a volume (not while assigned); task volume.delete",
           parameters: [pathParam("unit", "unit name"), pathParam("name", "volume name")],
-          responses: { "204": ok("deleted"), "404": error("no such unit or volume"), "409": error("assigned"), "503": error("unit unreachable"), ...errors },
+          responses: { ...accepted, "204": ok("deleted"), "404": error("no such unit or volume"), "409": error("assigned"), "503": error("unit unreachable"), ...errors },
         },
       },
       "/api/v1/volumes/{unit}/{name}/grow": {
         post: {
-          summary: "Grow a volume to a new total size",
+          summary: "Grow a volume to a new total size; task volume.grow",
           parameters: [pathParam("unit", "unit name"), pathParam("name", "volume name")],
           requestBody: body({ type: "object", required: ["sizeBytes"], additionalProperties: false, properties: { sizeBytes: size } }),
-          responses: { "200": ok("grown", ref("Volume")), "404": error("no such unit or volume"), "409": error("smaller than now"), "507": error("no space"), ...errors },
+          responses: { ...accepted, "200": ok("grown", ref("Volume")), "404": error("no such unit or volume"), "409": error("smaller than now"), "507": error("no space"), ...errors },
+        },
+      },
+      "/api/v1/volumes/{unit}/{name}/wipe": {
+        post: {
+          summary: "Zero a volume through its unit, chunk by chunk; task volume.wipe (progress in bytes, cancellable between chunks)",
+          parameters: [pathParam("unit", "unit name"), pathParam("name", "volume name")],
+          requestBody: body({ type: "object", additionalProperties: false, properties: {} }),
+          responses: {
+            ...accepted,
+            "200": ok(`${taskHeader}wiped: {unit, name, wipedBytes}`, { type: "object", properties: { unit: { type: "string" }, name: { type: "string" }, wipedBytes: { type: "integer" } } }),
+            "404": error("no such unit or volume"),
+            "409": error("assigned or granted, or another task holds the volume (error.task names it)"),
+            ...errors,
+          },
+        },
+      },
+      "/api/v1/tasks": {
+        get: {
+          summary: "Tasks, newest first (unfinished ones and the last 1,000 finished)",
+          parameters: [
+            queryParam("state", "queued, running, succeeded, failed or cancelled"),
+            queryParam("kind", "a task kind, e.g. volume.wipe"),
+            queryParam("offset", "first item (default 0)", { type: "integer", minimum: 0 }),
+            queryParam("limit", "items per page", { type: "integer", minimum: 0 }),
+          ],
+          responses: { "200": ok("tasks", list("Task")), ...errors },
+        },
+      },
+      "/api/v1/tasks/{id}": {
+        get: { summary: "One task", parameters: [pathParam("id", "task id (t-HEX)")], responses: { "200": ok("task", ref("Task")), "404": error("no such task"), ...errors } },
+      },
+      "/api/v1/tasks/{id}/cancel": {
+        post: {
+          summary: "Cancel a task where that is safe (docs/api.md \"Tasks\": per kind); answers the task after waiting up to 2 s for it to stop",
+          parameters: [pathParam("id", "task id (t-HEX)")],
+          requestBody: body({ type: "object", additionalProperties: false, properties: {} }),
+          responses: { "200": ok("the task (cancelled, or still stopping)", ref("Task")), "404": error("no such task"), "409": error("finished already, or its kind cannot be cancelled (the message says why)"), ...errors },
         },
       },
       "/api/v1/volumes/{unit}/{name}/partitions": {
         put: {
-          summary: "Replace a volume's partitions (back to back from its start; [] = none)",
+          summary: "Replace a volume's partitions (back to back from its start; [] = none); task volume.partition",
           parameters: [pathParam("unit", "unit name"), pathParam("name", "volume name")],
           requestBody: body({ type: "object", required: ["sizesBytes"], additionalProperties: false, properties: { sizesBytes: { type: "array", items: size } } }),
-          responses: { "200": ok("partitioned", ref("Volume")), "404": error("no such unit or volume"), "409": error("a partition is assigned"), ...errors },
+          responses: { ...accepted, "200": ok("partitioned", ref("Volume")), "404": error("no such unit or volume"), "409": error("a partition is assigned"), ...errors },
         },
       },
       "/api/v1/hosts": {
@@ -418,7 +486,7 @@ export function openApiDocument(version: string): unknown {
             additionalProperties: false,
             properties: { host: name, unit: name, volume: name, partition: { type: "integer", minimum: 1 }, requestId: { type: "string" } },
           }),
-          responses: { "200": ok("retried requestId", ref("Assignment")), "201": ok("assigned", ref("Assignment")), "404": error("no such host, unit, volume or partition"), "409": error("volume taken"), "503": error("unit unreachable"), ...errors },
+          responses: { ...accepted, "200": ok("retried requestId", ref("Assignment")), "201": ok("assigned", ref("Assignment")), "404": error("no such host, unit, volume or partition"), "409": error("volume taken"), "503": error("unit unreachable"), ...errors },
         },
       },
       "/api/v1/assignments/{id}": {
@@ -426,7 +494,9 @@ export function openApiDocument(version: string): unknown {
         delete: {
           summary: "Unassign: the unit's grant is revoked",
           parameters: [pathParam("id", "assignment id")],
-          responses: { "204": ok("revoked"), "202": ok("recorded; the unit is told when reachable", ref("Assignment")), "404": error("no such assignment"), "409": error("still pending"), ...errors },
+          responses: {
+            "204": ok("revoked"),
+            "202": ok("recorded; the unit is told when reachable (an Assignment, with Ipsan-Task and no Location); or the task, still running (Location: /api/v1/tasks/ID)", { oneOf: [ref("Assignment"), ref("Task")] }), "404": error("no such assignment"), "409": error("still pending"), ...errors },
         },
       },
       "/api/v1/assignments/{id}/legs": {
@@ -484,6 +554,7 @@ export function openApiDocument(version: string): unknown {
             },
           }),
           responses: {
+            ...accepted,
             "201": ok("allocated", ref("Assignment")),
             "200": ok("retried requestId (the same assignment) or dry run", { oneOf: [ref("Assignment"), ref("DryRun")] }),
             "409": error("requestId reused with other parameters"),
