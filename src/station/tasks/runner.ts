@@ -220,8 +220,9 @@ export class TaskRunner {
     for (const key of spec.objects) {
       const holder = this.holderOf(key);
       if (holder !== undefined) {
+        const held = holder.objects.find((k) => keysConflict(k, key)) ?? key;
         throw new TaskConflictError(
-          `${describeKey(key)} is busy: task ${holder.id} (${holder.kind}, started by ${holder.startedBy}) holds it`,
+          `${describeKey(held)} is busy: task ${holder.id} (${holder.kind}, started by ${holder.startedBy}) holds it`,
           holder.id,
         );
       }
@@ -268,10 +269,7 @@ export class TaskRunner {
       const live = this.live.get(id);
       if (live === undefined || live.record.state !== "queued") continue;
       this.running += 1;
-      void this.execute(live).finally(() => {
-        this.running -= 1;
-        this.pump();
-      });
+      void this.execute(live);
     }
   }
 
@@ -321,8 +319,10 @@ export class TaskRunner {
     this.write(live.record, to, true);
     if (!finished) return;
     this.live.delete(live.record.id);
+    if (from === "running") this.running -= 1;
     this.prune();
     for (const waiter of [...live.waiters]) waiter();
+    this.pump();
   }
 
   /** Writes the task's row and publishes the event, in one transaction. */
