@@ -11,6 +11,8 @@
 //   starter; a viewer may read tasks and may not cancel; a cancelled wipe
 //   ends cancelled and its progress stops; finished or uncancellable tasks
 //   refuse cancel with 409 saying why;
+// - the CLI: `ipsan volume wipe` follows a task the station answered 202
+//   for until it finishes; `ipsan tasks`, `tasks show`, `tasks cancel`;
 // - a station killed with kill -9 in the middle of a long wipe and started
 //   again finishes the task as failed, "interrupted by a station restart",
 //   and frees the volume for the next task.
@@ -20,8 +22,8 @@
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { rmSync } from "node:fs";
-import { waitFor } from "../testing/process.ts";
-import type { RunningUnit } from "../testing/unit.ts";
+import { run, waitFor } from "../testing/process.ts";
+import { IPSAN_BIN, type RunningUnit } from "../testing/unit.ts";
 import { errorOf, startStation, type ApiResponse, type RunningStation } from "./harness.ts";
 import { recordedEvents, startJoinedUnit } from "./pool_harness.ts";
 
@@ -274,6 +276,29 @@ test("a task that cannot be cancelled says why", async () => {
   const refused = await station.api("POST", `/api/v1/tasks/${started.id}/cancel`, {});
   assert.equal(refused.status, 409);
   assert.match(errorOf(refused.body).message ?? "", /cannot be cancelled: it is one call to the unit|already finished: succeeded/);
+});
+
+test("CLI: volume wipe follows its task past the station's wait; tasks, tasks show, tasks cancel", async () => {
+  const ipsan = (args: readonly string[]) =>
+    run(process.execPath, [IPSAN_BIN, ...args], { timeoutMs: 60_000, env: { IPSAN_STATION: station.url, IPSAN_TOKEN_FILE: `${station.dataDir}/admin.token` } });
+  assert.equal((await ipsan(["volume", "create", "t1", "cliw", "2G"])).code, 0);
+  const wiped = await ipsan(["volume", "wipe", "t1", "cliw"]);
+  assert.equal(wiped.code, 0, wiped.stderr);
+  assert.equal(wiped.stdout, "wiped volume t1/cliw (2G)\n");
+  const listed = JSON.parse((await ipsan(["tasks", "--kind", "volume.wipe", "--state", "succeeded", "--json"])).stdout) as Task[];
+  const mine = listed.find((t) => t.target.id === "t1/cliw");
+  assert.ok(mine !== undefined);
+  const tookMs = Date.parse(mine.finishedAt ?? "") - Date.parse(mine.createdAt);
+  assert.ok(tookMs > 2_000, `the wipe took ${tookMs} ms: longer than the station's wait, so the CLI followed a 202`);
+  const table = (await ipsan(["tasks"])).stdout;
+  assert.match(table, /^ID +KIND +TARGET +STATE +PROGRESS +BY +CREATED +MESSAGE\n/);
+  assert.match(table, new RegExp(`\n${mine.id} +volume\.wipe +volume t1/cliw +succeeded +100% \\(2G of 2G\\) +admin `));
+  assert.match((await ipsan(["tasks", "show", mine.id])).stdout, new RegExp(`\n${mine.id} +volume\.wipe `));
+  const again = await ipsan(["tasks", "cancel", mine.id]);
+  assert.equal(again.code, 1);
+  assert.match(again.stderr, /409 CONFLICT: task t-[0-9a-f]+ \(volume\.wipe\) already finished: succeeded/);
+  assert.equal((await ipsan(["tasks", "show", "nope"])).code, 2);
+  assert.equal((await ipsan(["volume", "wipe", "t1"])).code, 2);
 });
 
 test("kill -9 in the middle of a long wipe: the restarted station says the restart interrupted it", async () => {
