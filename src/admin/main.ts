@@ -315,7 +315,8 @@ export async function volumeMain(argv: readonly string[]): Promise<number> {
       const unit = name(rest[0], "UNIT");
       const volume = name(rest[1], "NAME");
       noMore(rest, 2, "ipsan volume wipe UNIT NAME");
-      const answer = (await (await client(values)).call("POST", `/api/v1/volumes/${unit}/${volume}/wipe`, {})) as Row;
+      // A wipe can take long: ask for its task at once and follow it (progress on a TTY).
+      const answer = (await (await client(values)).call("POST", `/api/v1/volumes/${unit}/${volume}/wipe`, {}, { respondAsync: true })) as Row;
       if (json) process.stdout.write(`${JSON.stringify(answer, null, 2)}\n`);
       else process.stdout.write(`wiped volume ${unit}/${volume} (${bytes(answer["wipedBytes"])})\n`);
       return 0;

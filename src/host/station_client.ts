@@ -302,13 +302,14 @@ export class StationClient {
    * state-changing call the station runs as a task and answers 202 with
    * `Location: /api/v1/tasks/ID` (still running after the station's wait) is
    * followed until the task finishes: its result is returned, or its error
-   * thrown, as if the station had answered at once.
+   * thrown, as if the station had answered at once. `respondAsync` asks for
+   * the task at once (Prefer: respond-async), for operations known to be long.
    */
-  async call(method: string, path: string, body?: unknown): Promise<unknown> {
+  async call(method: string, path: string, body?: unknown, options: { readonly respondAsync?: boolean } = {}): Promise<unknown> {
     const url = new URL(path, this.baseUrl);
     const what = `${method} ${url.pathname}`;
     const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
-    const { status, text, location } = await this.#exchange(url, method, what, payload);
+    const { status, text, location } = await this.#exchange(url, method, what, payload, options.respondAsync === true);
     if (status === 202 && location !== undefined && /^\/api\/v1\/tasks\/t-[0-9a-f]+$/.test(location)) {
       return this.#taskAnswer(what, await this.followTask(location.slice("/api/v1/tasks/".length)));
     }
@@ -359,8 +360,9 @@ export class StationClient {
   }
 
   /** One request and its whole (bounded) answer, within the timeout. */
-  #exchange(url: URL, method: string, what: string, payload: Buffer | undefined): Promise<{ status: number; text: string; location: string | undefined }> {
+  #exchange(url: URL, method: string, what: string, payload: Buffer | undefined, respondAsync = false): Promise<{ status: number; text: string; location: string | undefined }> {
     const headers: Record<string, string> = { authorization: `Bearer ${this.#token}`, accept: "application/json" };
+    if (respondAsync) headers["prefer"] = "respond-async";
     if (payload !== undefined) {
       headers["content-type"] = "application/json";
       headers["content-length"] = String(payload.length);

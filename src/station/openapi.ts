@@ -30,7 +30,7 @@ const errors = {
 
 /** Every state-changing route runs as a task (docs/api.md "Tasks"). */
 const accepted = {
-  "202": ok("the task, still running after TASK_WAIT_MS (2 s) or at once with Prefer: respond-async; Location: /api/v1/tasks/ID", ref("Task")),
+  "202": ok("the task, still running after TASK_WAIT_MS (5 s) or at once with Prefer: respond-async; Location: /api/v1/tasks/ID", ref("Task")),
 };
 const taskHeader = "Ipsan-Task: ID on every answer of a route that ran as a task; ";
 
@@ -389,7 +389,7 @@ export function openApiDocument(version: string): unknown {
       },
       "/api/v1/tasks/{id}/cancel": {
         post: {
-          summary: "Cancel a task where that is safe (docs/api.md \"Tasks\": per kind); answers the task after waiting up to 2 s for it to stop",
+          summary: "Cancel a task where that is safe (docs/api.md \"Tasks\": per kind); answers the task after waiting up to 5 s for it to stop",
           parameters: [pathParam("id", "task id (t-HEX)")],
           requestBody: body({ type: "object", additionalProperties: false, properties: {} }),
           responses: { "200": ok("the task (cancelled, or still stopping)", ref("Task")), "404": error("no such task"), "409": error("finished already, or its kind cannot be cancelled (the message says why)"), ...errors },

@@ -9,8 +9,14 @@
 import { statusOfTaskError, type TaskRunner } from "./runner.ts";
 import { taskView, type TaskRecord } from "./types.ts";
 
-/** How long a route waits for its task before it answers 202. */
-export const TASK_WAIT_MS = 2_000;
+/**
+ * How long a route waits for its task before it answers 202. Long enough that
+ * every operation but a wipe of a big volume answers as it did before tasks,
+ * even on a loaded machine (an allocation under a burst of 50 took over 2 s on
+ * 2 busy cores), and shorter than the station client's 10 s timeout
+ * (STATION_REQUEST_TIMEOUT_MS) so a client from before tasks gets an answer.
+ */
+export const TASK_WAIT_MS = 5_000;
 export const TASK_HEADER = "ipsan-task";
 
 export interface TaskHttpAnswer {
