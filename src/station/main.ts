@@ -26,6 +26,8 @@ import { createSecretFileIfMissing } from "../util/secret_file.ts";
 import { openDatabase, startCheckpointer } from "./db.ts";
 import { HOST_FAILOVER_AFTER_USAGE, hostFailoverAfterFlag } from "./host_failover.ts";
 import { ApiServer } from "./api/server.ts";
+import { StationTasks } from "./tasks/operations.ts";
+import { wipeChunkBytesFrom } from "./tasks/wipe.ts";
 import { StationMetrics } from "./metrics.ts";
 import { DEFAULT_STATION_OPTIONS, Station } from "./station.ts";
 import { StationStore } from "./store.ts";
@@ -192,10 +194,13 @@ export async function stationMain(argv: readonly string[]): Promise<number> {
     }
   });
   const snmpListener = snmp === null ? null : await startSnmp(listener, clusterKey, community, snmp);
+  // Tasks (migration 10): those a restart interrupted are finished as failed here, saying what reconcile does.
+  const tasks = new StationTasks(station, { wipeChunkBytes: wipeChunkBytesFrom(process.env) });
   const api = new ApiServer({
     station,
     tokens,
     audit,
+    tasks,
     ...(tls === undefined ? {} : { tls }),
     ...(values["console-dir"] === undefined ? {} : { consoleDir: resolve(values["console-dir"]) }),
     extraMetrics: () => listener.metricsText() + (snmpListener?.metricsText() ?? ""),

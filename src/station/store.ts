@@ -404,6 +404,18 @@ export class StationStore {
     return this.db;
   }
 
+  /**
+   * Runs `write` (statements on a table kept by its own module: tasks,
+   * src/station/tasks/) and records one event, in one transaction; `durable`
+   * as in commit (a task's progress is written with NORMAL).
+   */
+  recordChange(type: EventType, action: string, subject: string, data: unknown, write: () => void, durable = true): void {
+    this.commit((batch) => {
+      write();
+      batch.event(type, action, subject, data);
+    }, durable);
+  }
+
   /** Records one unit event on its own (identity events: enrolled, impostor, ...), durably. */
   recordUnitEvent(action: string, subject: string, data: unknown): void {
     this.commit((batch) => batch.event("unit", action, subject, data));

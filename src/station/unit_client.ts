@@ -268,6 +268,12 @@ export class UnitClient {
     return this.volumeFrom(`POST ${path}`, (await this.request("POST", path, undefined, Math.max(this.timeoutMs, UNIT_WIPE_TIMEOUT_MS))).json);
   }
 
+  /** Zeroes part of a volume: `length` bytes from `offset` over its extents (the volume.wipe task's chunks). */
+  async wipeVolumeRange(name: string, offset: number, length: number): Promise<VolumeInfo> {
+    const path = `/v1/volumes/${encodeURIComponent(name)}/wipe`;
+    return this.volumeFrom(`POST ${path}`, (await this.request("POST", path, { offset, length }, Math.max(this.timeoutMs, UNIT_WIPE_TIMEOUT_MS))).json);
+  }
+
   /** Replaces a volume's grants: address grants, or grants by host identity ("id:HOST@EXPORT", sent with the host's key). */
   async setGrants(name: string, grants: readonly string[]): Promise<VolumeInfo> {
     const path = `/v1/volumes/${encodeURIComponent(name)}/grants`;

@@ -10,7 +10,7 @@
 //   DELETE /v1/volumes/NAME             POST   /v1/volumes/NAME/grow  {sizeBytes}
 //   PUT    /v1/volumes/NAME/partitions  {sizesBytes:[...]}
 //   PUT    /v1/volumes/NAME/grants      {hosts:[...]} or {grants:[{host, key, export?, from?}]}
-//   POST   /v1/volumes/NAME/wipe        (no body, or {})
+//   POST   /v1/volumes/NAME/wipe        (no body, or {}: all of it; or {offset, length}: that part)
 
 import { createHash, timingSafeEqual } from "node:crypto";
 import * as http from "node:http";
@@ -201,13 +201,14 @@ export class ControlServer {
   }
 
   /** A route without fields: no body at all, or the empty object `{}`. */
-  async #readEmptyBody(request: http.IncomingMessage): Promise<void> {
+  /** A body that may be absent (undefined then). */
+  async #readOptionalBody(request: http.IncomingMessage): Promise<unknown> {
     const declared = request.headers["content-length"];
     if (request.headers["transfer-encoding"] === undefined && (declared === undefined || declared === "0")) {
       request.resume();
-      return;
+      return undefined;
     }
-    objectBody(await this.#readBody(request), []);
+    return this.#readBody(request);
   }
 
   async #route(request: http.IncomingMessage): Promise<Reply> {
@@ -281,8 +282,13 @@ export class ControlServer {
       return { status: 200, body: volumeView(await manager.setPartitions(name, body["sizesBytes"])) };
     }
     if (parts.length === 4 && parts[3] === "wipe" && method === "POST") {
-      await this.#readEmptyBody(request);
-      return { status: 200, body: volumeView(await manager.wipe(name)) };
+      // No body or {}: the whole volume. {offset, length}: that part of it (bytes, sector multiples, WIPE_RANGE_BYTES_MAX at most).
+      const raw = await this.#readOptionalBody(request);
+      if (raw === undefined || (typeof raw === "object" && raw !== null && !Array.isArray(raw) && Object.keys(raw).length === 0)) {
+        return { status: 200, body: volumeView(await manager.wipe(name)) };
+      }
+      const body = objectBody(raw, ["offset", "length"]);
+      return { status: 200, body: volumeView(await manager.wipe(name, { offset: body["offset"], length: body["length"] })) };
     }
     if (parts.length === 4 && parts[3] === "grants" && method === "PUT") {
       // {hosts:[...]} (address grants, as before) or {grants:[{host, key, export, from}]} (identity grants).

@@ -9,7 +9,7 @@ import { checkAddress, checkBoolean, checkIndex, checkName, checkRequestId, chec
 import { assignmentView } from "../views.ts";
 import { GENERATION_MAX, LEG_REPORT_LEGS_MAX, parseLegReport } from "../leg_reports.ts";
 import { given, page, paged, queryFlag, type Api } from "./route.ts";
-import { Assignment, Enum, Errors, Flag, LegRebuild, Name, NoContent, NoQuery, Optional, Page, PageQuery, Params, Ref, RequestId, Size } from "./schemas.ts";
+import { Accepted, Assignment, Enum, Errors, Flag, LegRebuild, Name, NoContent, NoQuery, Optional, Page, PageQuery, Params, Ref, RequestId, Size, Task } from "./schemas.ts";
 
 const AssignmentQuery = Type.Object(
   {
@@ -110,18 +110,22 @@ export function assignmentRoutes(api: Api): void {
       response: {
         201: Ref(Assignment, "allocated"),
         200: Type.Union([Ref(Assignment), DryRun], { description: "retried requestId (the same assignment) or dry run" }),
+        ...Accepted,
         ...Errors({ 409: "requestId reused with other parameters", 503: "unit unreachable; nothing left half-made", 507: "no fit; error.reasons says why, unit by unit" }),
       },
     },
-    handler: async ({ body, callerAddress }) => {
-      const b = body as Static<typeof Allocate>;
+    handler: async (ctx) => {
+      const b = ctx.body as Static<typeof Allocate>;
       const requestId = checkRequestId(b.requestId);
       const host = checkName(b.host, "host");
       const sizeBytes = checkSize(b.sizeBytes, "sizeBytes");
       const dryRun = given(b.dryRun) ? checkBoolean(b.dryRun, "dryRun") : false;
       const copies = given(b.copies) ? checkIndex(b.copies, "copies", COPIES_MAX) : 1;
       const address = given(b.address) ? await checkAddress(b.address, "address") : undefined;
-      const answer = await station.allocate({ requestId, host, sizeBytes, dryRun, copies, ...(address === undefined ? {} : { address }) }, callerAddress);
+      const input = { requestId, host, sizeBytes, dryRun, copies, ...(address === undefined ? {} : { address }) };
+      // A dry run changes nothing: no task.
+      if (!dryRun) return api.answerTask(ctx, api.tasks.allocate(ctx.principal, input, ctx.callerAddress));
+      const answer = await station.allocate(input, ctx.callerAddress);
       if (answer.kind === "dry_run") {
         const legs = answer.legs === undefined ? {} : { copies: answer.copies, legs: answer.legs };
         return { status: 200, body: { dryRun: true, placement: answer.placement, ...legs, reasons: answer.reasons } };
@@ -139,18 +143,19 @@ export function assignmentRoutes(api: Api): void {
       response: {
         200: Ref(Assignment, "retried requestId"),
         201: Ref(Assignment, "assigned"),
-        ...Errors({ 404: "no such host, unit, volume or partition", 409: "volume taken", 503: "unit unreachable" }),
+        ...Accepted,
+        ...Errors({ 404: "no such host, unit, volume or partition", 409: "volume taken, or another task holds it", 503: "unit unreachable" }),
       },
     },
-    handler: async ({ body }) => {
-      const b = body as Static<typeof Assign>;
+    handler: (ctx) => {
+      const b = ctx.body as Static<typeof Assign>;
       const host = checkName(b.host, "host");
       const unit = checkName(b.unit, "unit");
       const volume = checkName(b.volume, "volume");
       const partition = given(b.partition) ? checkIndex(b.partition, "partition", 1024) : undefined;
       const requestId = given(b.requestId) ? checkRequestId(b.requestId) : undefined;
-      const answer = await station.assign({ host, unit, volume, ...(partition === undefined ? {} : { partition }), ...(requestId === undefined ? {} : { requestId }) });
-      return { status: answer.status, body: assignmentView(answer.assignment, store) };
+      const input = { host, unit, volume, ...(partition === undefined ? {} : { partition }), ...(requestId === undefined ? {} : { requestId }) };
+      return api.answerTask(ctx, api.tasks.assign(ctx.principal, input));
     },
   });
   api.add({
@@ -178,13 +183,16 @@ export function assignmentRoutes(api: Api): void {
     method: "DELETE",
     url: "/api/v1/assignments/:id",
     schema: {
-      summary: "Unassign: the unit's grant is revoked",
+      summary: "Unassign: the unit's grant is revoked; task assignment.delete",
       params: Params("id"),
-      response: { 204: NoContent("revoked"), 202: Ref(Assignment, "recorded; the unit is told when reachable"), ...Errors({ 404: "no such assignment", 409: "still pending" }) },
+      response: {
+        204: NoContent("revoked"),
+        202: Type.Union([Ref(Assignment), Ref(Task)], {
+          description: "recorded, the unit is told when reachable (an Assignment, with Ipsan-Task and no Location); or the task, still running (Location: /api/v1/tasks/ID)",
+        }),
+        ...Errors({ 404: "no such assignment", 409: "still pending, or another task holds it" }),
+      },
     },
-    handler: async ({ params }) => {
-      const answer = await station.unassign(checkId(params[0] ?? ""));
-      return answer.status === 204 ? { status: 204 } : { status: 202, body: assignmentView(answer.assignment, store) };
-    },
+    handler: (ctx) => api.answerTask(ctx, api.tasks.unassign(ctx.principal, checkId(ctx.params[0] ?? ""))),
   });
 }

@@ -5,6 +5,7 @@
 
 import { IpsanError, errorMessage } from "../../util/errors.ts";
 import { NoSpaceError } from "../station.ts";
+import { TaskConflictError } from "../tasks/runner.ts";
 import { show } from "../validate.ts";
 import { BODY_BYTES_MAX } from "./limits.ts";
 
@@ -89,5 +90,7 @@ export function errorReply(error: unknown): ErrorReply {
   const body: Record<string, unknown> = { code: mapped.code, message: mapped.message };
   if (mapped.field !== undefined) body["field"] = mapped.field;
   if (mapped instanceof NoSpaceError) body["reasons"] = mapped.reasons;
+  // Another task holds the object: its id, so a client can follow it.
+  if (mapped instanceof TaskConflictError) body["task"] = mapped.task;
   return { status: mapped.httpStatus, body: { error: body }, internal: false };
 }

@@ -63,7 +63,7 @@ test("every path and method in the document answers as the document says", { tim
     return fn;
   };
   const seen = new Set<string>();
-  const call = async (method: string, path: string, body?: unknown, options: { token?: string | null } = {}, expect?: number): Promise<ApiResponse> => {
+  const call = async (method: string, path: string, body?: unknown, options: { token?: string | null; headers?: Record<string, string> } = {}, expect?: number): Promise<ApiResponse> => {
     const response = await station.api(method, path, body, options);
     const what = `${method} ${path} -> ${response.status} ${response.text.slice(0, 300)}`;
     if (expect !== undefined) assert.equal(response.status, expect, what);
@@ -131,6 +131,21 @@ test("every path and method in the document answers as the document says", { tim
   const released = await call("DELETE", `/api/v1/assignments/${id}`);
   assert.ok(released.status === 204 || released.status === 202, released.text);
 
+  // Tasks: a wipe (answered when done, with its task's id), one started with Prefer: respond-async (202 + the task).
+  const wiped = await call("POST", "/api/v1/volumes/u1/v1/wipe", {});
+  assert.ok(wiped.status === 200 || wiped.status === 202, wiped.text);
+  const taskId = wiped.headers.get("ipsan-task") ?? "";
+  assert.match(taskId, /^t-[0-9a-f]+$/);
+  const later = await call("POST", "/api/v1/volumes", { unit: "u1", name: "v4", sizeBytes: "1M" }, { headers: { prefer: "respond-async" } }, 202);
+  assert.equal(later.headers.get("location"), `/api/v1/tasks/${(later.body as { id: string }).id}`);
+  await call("GET", "/api/v1/tasks", undefined, {}, 200);
+  await call("GET", "/api/v1/tasks?state=succeeded&kind=volume.wipe&offset=0&limit=5", undefined, {}, 200);
+  await call("GET", "/api/v1/tasks?state=done", undefined, {}, 400);
+  await call("GET", `/api/v1/tasks/${taskId}`, undefined, {}, 200);
+  await call("GET", "/api/v1/tasks/t-00", undefined, {}, 404);
+  const cancel = await call("POST", `/api/v1/tasks/${taskId}/cancel`, {});
+  assert.ok(cancel.status === 409 || cancel.status === 200, cancel.text);
+
   await call("POST", "/api/v1/allocations", { requestId: "oa-dry", host: "h1", sizeBytes: "4M", dryRun: true }, {}, 200);
   const allocated = await call("POST", "/api/v1/allocations", { requestId: "oa-1", host: "h1", sizeBytes: "4M" }, {}, 201);
   await call("POST", "/api/v1/allocations", { requestId: "oa-1", host: "h1", sizeBytes: "4M" }, {}, 200);
@@ -166,5 +181,5 @@ test("the generated document is valid OpenAPI 3.1", async () => {
       assert.ok(Object.keys(op.responses).some((s) => s.startsWith("2")), `${method} ${path} documents a success`);
     }
   }
-  assert.deepEqual(Object.keys(doc.components.schemas).sort(), ["Assignment", "AuditEntry", "Error", "Host", "Identity", "LegRebuild", "Token", "Unit", "Volume"]);
+  assert.deepEqual(Object.keys(doc.components.schemas).sort(), ["Assignment", "AuditEntry", "Error", "Host", "Identity", "LegRebuild", "Task", "Token", "Unit", "Volume"]);
 });

@@ -10,6 +10,8 @@ import type { Station } from "../station.ts";
 import type { AuditLog } from "../auth/audit.ts";
 import type { Principal, TokenStore } from "../auth/tokens.ts";
 import type { LegReports } from "../leg_reports.ts";
+import type { StationTasks } from "../tasks/operations.ts";
+import type { TaskRecord } from "../tasks/types.ts";
 import { IpsanError } from "../../util/errors.ts";
 import type { StationStore } from "../store.ts";
 import { invalid, show } from "../validate.ts";
@@ -62,7 +64,13 @@ export interface Api {
   readonly subscribers: Subscribers;
   readonly extraMetrics: (() => string) | undefined;
   readonly consoleDir: string;
+  /** The station's tasks (src/station/tasks): every state-changing route runs as one. */
+  readonly tasks: StationTasks;
+  /** How long a route waits for its task before answering 202 (TASK_WAIT_MS). */
+  readonly taskWaitMs: number;
   add(spec: RouteSpec): void;
+  /** A state-changing route's answer: its task's (src/station/tasks/answer.ts), honouring Prefer: respond-async. */
+  answerTask(ctx: Context, task: TaskRecord): Promise<Answer>;
 }
 
 export function queryFlag(query: URLSearchParams, key: string): boolean {

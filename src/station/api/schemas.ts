@@ -11,6 +11,7 @@
 import { Type, type TSchema } from "@sinclair/typebox";
 import { COPIES_MAX } from "../station.ts";
 import { LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX } from "./limits.ts";
+import { TASK_KINDS, TASK_STATES, TASK_TARGET_TYPES } from "../tasks/types.ts";
 
 export const NAME_REGEX = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$";
 export const Name = Type.String({ pattern: NAME_REGEX, description: "1-63 of A-Z a-z 0-9 _ . -, starting with a letter or digit" });
@@ -194,8 +195,31 @@ export const AuditEntry = Answer(
   { $id: "AuditEntry" },
 );
 
+export const Task = Answer(
+  {
+    id: Type.String({ pattern: "^t-[0-9a-f]+$" }),
+    kind: Enum(TASK_KINDS),
+    state: Enum(TASK_STATES),
+    target: Answer({ type: Enum(TASK_TARGET_TYPES), id: Type.String() }),
+    objects: Type.Array(Type.String(), { description: "lock keys it holds while unfinished, e.g. volume:u1/v1" }),
+    progress: Nullable(Answer({ done: Type.Integer(), total: Type.Integer(), unit: Enum(["bytes", "steps"]) })),
+    startedBy: Type.String({ description: "the token's name" }),
+    role: Type.String(),
+    createdAt: DateTime,
+    startedAt: Nullable(DateTime),
+    finishedAt: Nullable(DateTime),
+    cancellable: Type.Boolean(),
+    resultStatus: Nullable(Type.Integer(), { description: "the status the synchronous answer has (201, 204, ...)" }),
+    result: Type.Unknown({ description: "the body the synchronous answer has (null for 204)" }),
+    error: Nullable(Answer({ code: Type.String(), message: Type.String(), field: Type.Optional(Type.String()) })),
+    message: Nullable(Type.String()),
+  },
+  { $id: "Task" },
+);
+
 /** Every schema referenced by $id (added to the server once; components.schemas of the document). */
-export const SHARED_SCHEMAS = [ErrorBody, LegRebuild, Unit, Volume, Host, Assignment, Token, Identity, AuditEntry];
+export const SHARED_SCHEMAS = [ErrorBody, LegRebuild, Unit, Volume, Host, Assignment, Token, Identity, AuditEntry, Task];
+
 
 export const Ref = (schema: { $id?: string }, description?: string) => Type.Ref(schema.$id ?? "", description === undefined ? {} : { description });
 
@@ -231,3 +255,8 @@ export const NoQuery = Type.Object({}, { additionalProperties: false });
 export const NoBody = Type.Object({}, { additionalProperties: false, description: "an empty object (or no body)" });
 export const Params = <T extends string>(...names: T[]) =>
   Type.Object(Object.fromEntries(names.map((n) => [n, Type.String()])) as Record<T, ReturnType<typeof Type.String>>);
+
+/** A state-changing route runs as a task (docs/api.md "Tasks"): 202 with the task when it is not done in time. */
+export const Accepted = {
+  202: Ref(Task, "the task, still running after TASK_WAIT_MS (5 s), or at once with Prefer: respond-async; Location: /api/v1/tasks/ID; every answer of such a route has Ipsan-Task: ID"),
+};

@@ -32,6 +32,8 @@ import { LegReports } from "../leg_reports.ts";
 import type { AuditLog } from "../auth/audit.ts";
 import { authorize } from "../auth/permissions.ts";
 import type { Principal, TokenStore } from "../auth/tokens.ts";
+import { StationTasks } from "../tasks/operations.ts";
+import { answerTask, TASK_WAIT_MS } from "../tasks/answer.ts";
 import { errorReply } from "./errors.ts";
 import {
   BODY_BYTES_MAX,
@@ -48,6 +50,7 @@ import { unitRoutes } from "./units.ts";
 import { volumeRoutes } from "./volumes.ts";
 import { hostRoutes } from "./hosts.ts";
 import { assignmentRoutes } from "./assignments.ts";
+import { taskRoutes } from "./tasks.ts";
 import { accessRoutes } from "./access.ts";
 import { metricsText, systemRoutes } from "./system.ts";
 import { consoleRoutes } from "./console.ts";
@@ -75,6 +78,10 @@ export interface ApiServerOptions {
   readonly extraMetrics?: () => string;
   /** The web console's built files (index.html, assets/); default CONSOLE_DIR_DEFAULT. */
   readonly consoleDir?: string;
+  /** The station's tasks (src/station/tasks); default: a runner of its own on the station's store. */
+  readonly tasks?: StationTasks;
+  /** How long a state-changing route waits for its task before answering 202 (TASK_WAIT_MS). */
+  readonly taskWaitMs?: number;
 }
 
 function callerAddressOf(req: IncomingMessage): string {
@@ -191,7 +198,10 @@ export class ApiServer {
       subscribers: this.subscribers,
       extraMetrics: options.extraMetrics,
       consoleDir: options.consoleDir ?? CONSOLE_DIR_DEFAULT,
+      tasks: options.tasks ?? new StationTasks(options.station),
+      taskWaitMs: options.taskWaitMs ?? TASK_WAIT_MS,
       add: (spec) => this.add(spec),
+      answerTask: (ctx, task) => answerTask(this.api.tasks.runner, task, ctx.request.headers.prefer, this.api.taskWaitMs),
     };
     void app.register(async () => {
       systemRoutes(this.api, () => app.swagger());
@@ -199,6 +209,7 @@ export class ApiServer {
       volumeRoutes(this.api);
       hostRoutes(this.api);
       assignmentRoutes(this.api);
+      taskRoutes(this.api);
       accessRoutes(this.api);
       consoleRoutes(this.api);
     });
@@ -220,6 +231,11 @@ export class ApiServer {
     } finally {
       clearTimeout(force);
     }
+  }
+
+  /** The station's tasks (the runner the routes use). */
+  get tasks(): StationTasks {
+    return this.api.tasks;
   }
 
   get subscriberCount(): number {
@@ -319,6 +335,7 @@ export class ApiServer {
       callerAddress: callerAddressOf(request.raw),
       assignmentHost: (id) => store.getAssignment(id)?.host,
       hostAddress: (name) => store.hosts.get(name)?.address,
+      taskStarter: (id) => this.api.tasks.runner.get(id)?.startedBy,
     });
   }
 

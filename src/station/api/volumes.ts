@@ -6,7 +6,7 @@ import type { VolumeRecord } from "../types.ts";
 import { checkName, checkSize, checkSizes, show } from "../validate.ts";
 import { volumeView } from "../views.ts";
 import { assignedHost, page, paged, queryFlag, unitOrNotFound, type Api } from "./route.ts";
-import { Errors, Flag, Name, NoContent, NoQuery, Page, PageQuery, Params, Ref, Size, Volume } from "./schemas.ts";
+import { Accepted, Errors, Flag, Name, NoBody, NoContent, NoQuery, Page, PageQuery, Params, Ref, Size, Volume } from "./schemas.ts";
 
 const VolumeQuery = Type.Object(
   { unit: Type.Optional(Type.String({ description: "only this unit's" })), free: Flag("only unassigned ones"), ...PageQuery },
@@ -65,47 +65,42 @@ export function volumeRoutes(api: Api): void {
     schema: {
       summary: "Create a volume on a unit",
       body: CreateVolume,
-      response: { 201: Ref(Volume, "created"), ...Errors({ 404: "no such unit", 409: "exists", 503: "unit unreachable", 507: "no space on the unit" }) },
+      response: { 201: Ref(Volume, "created"), ...Accepted, ...Errors({ 404: "no such unit", 409: "exists, or another task holds the volume (error.task names it)", 503: "unit unreachable", 507: "no space on the unit" }) },
     },
-    handler: async ({ body }) => {
-      const b = body as Static<typeof CreateVolume>;
+    handler: (ctx) => {
+      const b = ctx.body as Static<typeof CreateVolume>;
       const unit = checkName(b.unit, "unit");
       const name = checkName(b.name, "name");
       const sizeBytes = checkSize(b.sizeBytes, "sizeBytes");
       unitOr404(unit);
-      const volume = await station.createVolume(unit, name, sizeBytes);
-      return { status: 201, body: volumeView(volume, null) };
+      return api.answerTask(ctx, api.tasks.createVolume(ctx.principal, unit, name, sizeBytes));
     },
   });
   api.add({
     method: "DELETE",
     url: "/api/v1/volumes/:unit/:name",
     schema: {
-      summary: "Delete a volume (not while assigned)",
+      summary: "Delete a volume (not while assigned); task volume.delete",
       params: Params("unit", "name"),
-      response: { 204: NoContent("deleted"), ...Errors({ 404: "no such unit or volume", 409: "assigned", 503: "unit unreachable" }) },
+      response: { 204: NoContent("deleted"), ...Accepted, ...Errors({ 404: "no such unit or volume", 409: "assigned, or another task holds the volume", 503: "unit unreachable" }) },
     },
-    handler: async ({ params }) => {
-      await station.deleteVolume(checkName(params[0], "unit"), checkName(params[1], "name"));
-      return { status: 204 };
-    },
+    handler: (ctx) => api.answerTask(ctx, api.tasks.deleteVolume(ctx.principal, checkName(ctx.params[0], "unit"), checkName(ctx.params[1], "name"))),
   });
   api.add({
     method: "POST",
     url: "/api/v1/volumes/:unit/:name/grow",
     body: true,
     schema: {
-      summary: "Grow a volume to a new total size",
+      summary: "Grow a volume to a new total size; task volume.grow",
       params: Params("unit", "name"),
       body: GrowVolume,
-      response: { 200: Ref(Volume, "grown"), ...Errors({ 404: "no such unit or volume", 409: "smaller than now", 507: "no space" }) },
+      response: { 200: Ref(Volume, "grown"), ...Accepted, ...Errors({ 404: "no such unit or volume", 409: "smaller than now, or another task holds the volume", 507: "no space" }) },
     },
-    handler: async ({ params, body }) => {
-      const unit = checkName(params[0], "unit");
-      const name = checkName(params[1], "name");
-      const sizeBytes = checkSize((body as Static<typeof GrowVolume>).sizeBytes, "sizeBytes");
-      const volume = await station.growVolume(unit, name, sizeBytes);
-      return { status: 200, body: volumeView(volume, assignedTo(unit, name)) };
+    handler: (ctx) => {
+      const unit = checkName(ctx.params[0], "unit");
+      const name = checkName(ctx.params[1], "name");
+      const sizeBytes = checkSize((ctx.body as Static<typeof GrowVolume>).sizeBytes, "sizeBytes");
+      return api.answerTask(ctx, api.tasks.growVolume(ctx.principal, unit, name, sizeBytes));
     },
   });
   api.add({
@@ -113,17 +108,32 @@ export function volumeRoutes(api: Api): void {
     url: "/api/v1/volumes/:unit/:name/partitions",
     body: true,
     schema: {
-      summary: "Replace a volume's partitions (back to back from its start; [] = none)",
+      summary: "Replace a volume's partitions (back to back from its start; [] = none); task volume.partition",
       params: Params("unit", "name"),
       body: PartitionVolume,
-      response: { 200: Ref(Volume, "partitioned"), ...Errors({ 404: "no such unit or volume", 409: "a partition is assigned" }) },
+      response: { 200: Ref(Volume, "partitioned"), ...Accepted, ...Errors({ 404: "no such unit or volume", 409: "a partition is assigned, or another task holds the volume" }) },
     },
-    handler: async ({ params, body }) => {
-      const unit = checkName(params[0], "unit");
-      const name = checkName(params[1], "name");
-      const sizes = checkSizes((body as Static<typeof PartitionVolume>).sizesBytes, "sizesBytes");
-      const volume = await station.partitionVolume(unit, name, sizes);
-      return { status: 200, body: volumeView(volume, assignedTo(unit, name)) };
+    handler: (ctx) => {
+      const unit = checkName(ctx.params[0], "unit");
+      const name = checkName(ctx.params[1], "name");
+      const sizes = checkSizes((ctx.body as Static<typeof PartitionVolume>).sizesBytes, "sizesBytes");
+      return api.answerTask(ctx, api.tasks.partitionVolume(ctx.principal, unit, name, sizes));
     },
+  });
+  api.add({
+    method: "POST",
+    url: "/api/v1/volumes/:unit/:name/wipe",
+    body: true,
+    schema: {
+      summary: "Zero a volume through its unit, chunk by chunk; task volume.wipe (progress in bytes, cancellable between chunks)",
+      params: Params("unit", "name"),
+      body: NoBody,
+      response: {
+        200: Type.Object({ unit: Type.String(), name: Type.String(), wipedBytes: Type.Integer() }, { additionalProperties: true, description: "wiped" }),
+        ...Accepted,
+        ...Errors({ 404: "no such unit or volume", 409: "assigned or granted, or another task holds the volume (error.task names it)" }),
+      },
+    },
+    handler: (ctx) => api.answerTask(ctx, api.tasks.wipeVolume(ctx.principal, checkName(ctx.params[0], "unit"), checkName(ctx.params[1], "name"))),
   });
 }

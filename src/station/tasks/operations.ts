@@ -1,0 +1,208 @@
+// The station's state-changing operations as tasks (docs/api.md "Tasks",
+// kinds table): what each kind locks, whether it can be cancelled, what it
+// answers when done (exactly what the synchronous API answered before tasks),
+// and what a restart that interrupted it leaves to reconcile. The HTTP layer
+// validates the request, calls one of these, and answers with answerTask.
+
+import type { Principal } from "../auth/tokens.ts";
+import type { AllocationInput, AssignInput, Station } from "../station.ts";
+import type { StationStore } from "../store.ts";
+import { assignmentView, volumeView } from "../views.ts";
+import { TaskRunner, type TaskRunnerOptions, type TaskSpec } from "./runner.ts";
+import type { TaskRecord } from "./types.ts";
+import { WIPE_CHUNK_BYTES_DEFAULT, checkWipeAllowed, wipeVolume } from "./wipe.ts";
+
+const ONE_UNIT_CALL = "it is one call to the unit, which the unit makes whole or not at all";
+const PENDING_ASSIGNMENT = "a pending assignment is finished or undone by reconcile, never left half made";
+
+export interface StationTasksOptions extends Omit<TaskRunnerOptions, "interrupted"> {
+  /** Bytes per call of a volume.wipe (WIPE_CHUNK_BYTES_DEFAULT; $IPSAN_WIPE_CHUNK_BYTES in the station). */
+  readonly wipeChunkBytes?: number;
+}
+
+/** What reconcile does for a task of `task.kind` that a restart interrupted (the end of its message). */
+export function interruptedDetail(store: StationStore, task: TaskRecord): string {
+  const target = `${task.target.type} ${task.target.id}`;
+  switch (task.kind) {
+    case "volume.create":
+    case "volume.delete":
+    case "volume.grow":
+    case "volume.partition":
+      return `the unit's next report shows whether ${target} was changed (the station keeps what the unit reports)`;
+    case "volume.wipe": {
+      const progress = task.progress;
+      const how = progress === null ? "" : ` (at least ${progress.done} of ${progress.total} bytes were zeroed)`;
+      return `${target} is partly zeroed${how}; start the wipe again to finish it`;
+    }
+    case "assignment.delete": {
+      const assignment = store.getAssignment(task.target.id);
+      if (assignment === undefined) return `reconcile finishes the revoke of ${target}`;
+      if (assignment.state === "released") return `${target} was released before the restart`;
+      if (assignment.state === "revoking") return `reconcile finishes the revoke of ${target} (its grant is taken off when its unit answers)`;
+      return `${target} is still ${assignment.state}: nothing was revoked; unassign it again`;
+    }
+    case "allocation":
+    case "assignment.create": {
+      const requestId = typeof task.params?.["requestId"] === "string" ? task.params["requestId"] : null;
+      const assignmentId = requestId === null ? null : (store.findRequest(requestId)?.assignmentId ?? null);
+      const assignment = assignmentId === null ? undefined : store.getAssignment(assignmentId);
+      if (assignment === undefined) {
+        return requestId === null
+          ? "reconcile finishes or undoes any pending assignment it recorded"
+          : `no assignment was recorded for request ${requestId} (or it was undone): ask again`;
+      }
+      if (assignment.state === "pending") return `reconcile finishes or undoes pending assignment ${assignment.id}`;
+      if (assignment.state === "failed") return `assignment ${assignment.id} was undone: ${assignment.error ?? "failed"}`;
+      return `assignment ${assignment.id} was finished (${assignment.state}); ask again with requestId ${requestId} for its answer`;
+    }
+  }
+}
+
+/** The station's operations started as tasks: one method per kind. */
+export class StationTasks {
+  readonly runner: TaskRunner;
+  private readonly station: Station;
+  private readonly wipeChunkBytes: number;
+
+  constructor(station: Station, options: StationTasksOptions = {}) {
+    this.station = station;
+    this.wipeChunkBytes = options.wipeChunkBytes ?? WIPE_CHUNK_BYTES_DEFAULT;
+    this.runner = new TaskRunner(station.store, { ...options, interrupted: (task) => interruptedDetail(station.store, task) });
+  }
+
+  private assignedTo(unit: string, volume: string): string | null {
+    return this.station.store.liveOnVolume(unit, volume)[0]?.host ?? null;
+  }
+
+  private start(spec: TaskSpec, principal: Principal): TaskRecord {
+    return this.runner.start(spec, principal);
+  }
+
+  createVolume(principal: Principal, unit: string, name: string, sizeBytes: number): TaskRecord {
+    return this.start(
+      {
+        kind: "volume.create",
+        target: { type: "volume", id: `${unit}/${name}` },
+        objects: [`volume:${unit}/${name}`],
+        notCancellable: ONE_UNIT_CALL,
+        run: async () => ({ status: 201, body: volumeView(await this.station.createVolume(unit, name, sizeBytes), null) }),
+      },
+      principal,
+    );
+  }
+
+  deleteVolume(principal: Principal, unit: string, name: string): TaskRecord {
+    return this.start(
+      {
+        kind: "volume.delete",
+        target: { type: "volume", id: `${unit}/${name}` },
+        objects: [`volume:${unit}/${name}`],
+        notCancellable: ONE_UNIT_CALL,
+        run: async () => {
+          await this.station.deleteVolume(unit, name);
+          return { status: 204 };
+        },
+      },
+      principal,
+    );
+  }
+
+  growVolume(principal: Principal, unit: string, name: string, sizeBytes: number): TaskRecord {
+    return this.start(
+      {
+        kind: "volume.grow",
+        target: { type: "volume", id: `${unit}/${name}` },
+        objects: [`volume:${unit}/${name}`],
+        notCancellable: ONE_UNIT_CALL,
+        run: async () => ({ status: 200, body: volumeView(await this.station.growVolume(unit, name, sizeBytes), this.assignedTo(unit, name)) }),
+      },
+      principal,
+    );
+  }
+
+  partitionVolume(principal: Principal, unit: string, name: string, sizesBytes: readonly number[]): TaskRecord {
+    return this.start(
+      {
+        kind: "volume.partition",
+        target: { type: "volume", id: `${unit}/${name}` },
+        objects: [`volume:${unit}/${name}`],
+        notCancellable: ONE_UNIT_CALL,
+        run: async () => ({ status: 200, body: volumeView(await this.station.partitionVolume(unit, name, sizesBytes), this.assignedTo(unit, name)) }),
+      },
+      principal,
+    );
+  }
+
+  /** Refused at once (404, 409) for a volume that is not there or is assigned; else a cancellable task. */
+  wipeVolume(principal: Principal, unit: string, name: string): TaskRecord {
+    checkWipeAllowed(this.station, unit, name);
+    return this.start(
+      {
+        kind: "volume.wipe",
+        target: { type: "volume", id: `${unit}/${name}` },
+        objects: [`volume:${unit}/${name}`],
+        notCancellable: null,
+        run: (ctx) => wipeVolume(this.station, unit, name, this.wipeChunkBytes, ctx),
+      },
+      principal,
+    );
+  }
+
+  /** A manual assignment: holds the volume (or only the partition it assigns). */
+  assign(principal: Principal, input: AssignInput): TaskRecord {
+    const volumeKey = `volume:${input.unit}/${input.volume}`;
+    return this.start(
+      {
+        kind: "assignment.create",
+        target: { type: "volume", id: `${input.unit}/${input.volume}` },
+        objects: [input.partition === undefined ? volumeKey : `${volumeKey}/p${input.partition}`],
+        notCancellable: PENDING_ASSIGNMENT,
+        params: { host: input.host, ...(input.requestId === undefined ? {} : { requestId: input.requestId }) },
+        run: async () => {
+          const answer = await this.station.assign(input);
+          return { status: answer.status, body: assignmentView(answer.assignment, this.station.store) };
+        },
+      },
+      principal,
+    );
+  }
+
+  unassign(principal: Principal, id: string): TaskRecord {
+    return this.start(
+      {
+        kind: "assignment.delete",
+        target: { type: "assignment", id },
+        objects: [`assignment:${id}`],
+        notCancellable: "a revoke is recorded first and finished by reconcile if a unit cannot be told now",
+        run: async () => {
+          const answer = await this.station.unassign(id);
+          return answer.status === 204 ? { status: 204 } : { status: 202, body: assignmentView(answer.assignment, this.station.store) };
+        },
+      },
+      principal,
+    );
+  }
+
+  /**
+   * A host's allocation. It holds no object: the volume is chosen inside, and
+   * the allocator's own accounting keeps concurrent allocations apart; a retry
+   * with the same requestId joins the first (and answers 200).
+   */
+  allocate(principal: Principal, input: AllocationInput, callerAddress: string): TaskRecord {
+    return this.start(
+      {
+        kind: "allocation",
+        target: { type: "host", id: input.host },
+        objects: [],
+        notCancellable: PENDING_ASSIGNMENT,
+        params: { requestId: input.requestId, sizeBytes: input.sizeBytes, copies: input.copies ?? 1 },
+        run: async () => {
+          const answer = await this.station.allocate(input, callerAddress);
+          if (answer.kind === "dry_run") return { status: 200, body: { dryRun: true } };
+          return { status: answer.status, body: assignmentView(answer.assignment, this.station.store) };
+        },
+      },
+      principal,
+    );
+  }
+}
