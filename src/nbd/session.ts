@@ -12,6 +12,7 @@
 // limits, never by what a client sends.
 
 import type { Socket } from "node:net";
+import { performance } from "node:perf_hooks";
 import { TLSSocket } from "node:tls";
 import type { ExportProvider, Peer } from "../block/types.ts";
 import { assert } from "../util/assert.ts";
@@ -22,6 +23,7 @@ import type { BufferPool } from "./buffer_pool.ts";
 import { ByteQueue } from "./byte_queue.ts";
 import { type Negotiation, type OpenedExport, type OptionOutcome, negotiateOption } from "./handshake.ts";
 import { decodeClientFlags, decodeOption, encodeGreeting, encodeOptionReply, utf8Bounded } from "./handshake_codec.ts";
+import type { ExportCounters, IoStats } from "./io_stats.ts";
 import { useLargeReads } from "./large_reads.ts";
 import type { NbdLimits } from "./limits.ts";
 import { NBD_CMD, NBD_REP, WIRE } from "./protocol.ts";
@@ -45,6 +47,8 @@ export interface SessionHost {
   readonly shuttingDown: boolean;
   /** NBD_OPT_STARTTLS with TLS-PSK; undefined: TLS off. */
   readonly tls: NbdServerTls | undefined;
+  /** I/O counters per export (io_stats.ts). */
+  readonly stats: IoStats;
   sessionEnded(session: NbdSession): void;
 }
 
@@ -76,6 +80,8 @@ export class NbdSession implements BudgetWaiter {
     tls: false,
   };
   private opened: OpenedExport | undefined;
+  /** The opened export's I/O counters (set with `opened`). */
+  private counters: ExportCounters | undefined;
   /** An option is being handled (the client may not send another before its final reply). */
   private optionBusy = false;
   private inFlight = 0;
@@ -418,6 +424,8 @@ export class NbdSession implements BudgetWaiter {
       case "transmission":
         for (const reply of outcome.replies) this.send(reply);
         this.opened = outcome.opened;
+        this.counters = this.host.stats.forExport(outcome.opened.name);
+        this.counters.connections += 1;
         // Plaintext on a server that offers TLS: large reads from here (nothing may sit unread in the stream).
         if (this.host.tls !== undefined && !this.negotiation.tls && this.socket.readableLength === 0) {
           useLargeReads(this.socket, this.onData, this.mayReuseReadMemory);
@@ -514,13 +522,16 @@ export class NbdSession implements BudgetWaiter {
     const opened = this.opened;
     assert(opened !== undefined, "transmission without an export");
     const limits = this.limits;
+    // The clock for requests' latency (io_stats.ts): read once when the first request of this pump
+    // is dispatched, then again as each request answered synchronously ends.
+    let clockMs = -1;
     while (this.stateValue === "transmission") {
       if (this.blocked !== undefined) {
         const reservation = this.reserve(this.blocked.costBytes);
         if (reservation === undefined) return;
         const { frame } = this.blocked;
         this.blocked = undefined;
-        this.dispatch(frame, reservation);
+        clockMs = this.dispatch(frame, reservation, clockMs < 0 ? performance.now() : clockMs);
         continue;
       }
       if (this.inFlight >= limits.requestsInFlightMax) return;
@@ -574,6 +585,7 @@ export class NbdSession implements BudgetWaiter {
           reason: rejection.message,
         });
         this.replyError(frame, rejection.errno, rejection.message);
+        if (this.counters !== undefined) this.counters.errors += 1;
         if (held !== undefined) this.releaseReservation(held);
         if (frame.type === NBD_CMD.WRITE) this.writesHoldingPayload -= 1;
         continue;
@@ -587,7 +599,7 @@ export class NbdSession implements BudgetWaiter {
           return;
         }
       }
-      this.dispatch(frame, reservation);
+      clockMs = this.dispatch(frame, reservation, clockMs < 0 ? performance.now() : clockMs);
     }
   }
 
@@ -628,7 +640,8 @@ export class NbdSession implements BudgetWaiter {
     this.releaseReservation(this.takePayloadReservation());
   }
 
-  private dispatch(frame: RequestFrame, reservation: Reservation | undefined): void {
+  /** Answers a validated request (synchronously when the device can); returns the clock reading after it (`startMs` if none was taken). */
+  private dispatch(frame: RequestFrame, reservation: Reservation | undefined, startMs: number): number {
     if (frame.type === NBD_CMD.READ || frame.type === NBD_CMD.WRITE) {
       const opened = this.opened;
       assert(opened !== undefined, "dispatch without an export");
@@ -645,15 +658,18 @@ export class NbdSession implements BudgetWaiter {
           if (frame.payload !== undefined) this.host.pool.release(frame.payload);
           this.writesHoldingPayload -= 1;
         }
-        return;
+        const endMs = performance.now();
+        this.counters?.completed(frame.type, frame.length, endMs - startMs);
+        return endMs;
       }
     }
     this.inFlight += 1;
-    void this.execute(frame, reservation);
+    void this.execute(frame, reservation, startMs);
+    return startMs;
   }
 
   /** Runs one request on the device. Whatever happens, the request leaves inFlight and gives its bytes back exactly once. */
-  private async execute(frame: RequestFrame, reservation: Reservation | undefined): Promise<void> {
+  private async execute(frame: RequestFrame, reservation: Reservation | undefined, startMs: number): Promise<void> {
     let reply: Buffer | undefined;
     let failure: unknown;
     try {
@@ -666,12 +682,14 @@ export class NbdSession implements BudgetWaiter {
     try {
       if (reply !== undefined) {
         this.send(reply);
+        this.counters?.completed(frame.type, frame.length, performance.now() - startMs);
         // Written: the payload may be reused (after a failure it is dropped: the device may still read it).
         if (frame.type === NBD_CMD.WRITE) {
           if (frame.payload !== undefined) this.host.pool.release(frame.payload);
           this.writesHoldingPayload -= 1;
         }
       } else {
+        if (this.counters !== undefined) this.counters.errors += 1;
         this.replyFailure(frame, failure);
       }
     } catch (error) {
@@ -820,6 +838,7 @@ export class NbdSession implements BudgetWaiter {
     if (this.stateValue !== "closed") return;
     if (!this.deviceClosed) {
       this.deviceClosed = true;
+      if (this.counters !== undefined) this.counters.connections -= 1;
       const device = this.opened?.device;
       if (device !== undefined) {
         device.close().catch((error: unknown) => {
