@@ -26,6 +26,9 @@ import { AUDIT_LIST_LIMIT_DEFAULT, AUDIT_LIST_LIMIT_MAX, tailEntries, verifyAudi
 import { authorize } from "./auth/permissions.ts";
 import { ADMIN_TOKEN_NAME, JOIN_TOKEN_TTL_MS_DEFAULT, JOIN_TOKEN_TTL_MS_MAX, TOKEN_ROLES, tokenView, type Principal, type TokenRole, type TokenStore } from "./auth/tokens.ts";
 import { parseDuration } from "../util/duration.ts";
+import { StationStats } from "./stats/collector.ts";
+import { realClock } from "../discovery/clock.ts";
+import { poolStats, unitStats, unitsStats } from "./stats/api.ts";
 
 export const BODY_BYTES_MAX = 64 * 1024;
 /** After a 413, bytes read and discarded before the connection is cut. */
@@ -123,6 +126,8 @@ export interface ApiServerOptions {
   readonly tls?: { readonly cert: Buffer; readonly key: Buffer };
   /** Extra Prometheus text appended to /metrics (the discovery listener's counters). */
   readonly extraMetrics?: () => string;
+  /** I/O and capacity series (src/station/stats/); absent: empty series. */
+  readonly stats?: StationStats;
 }
 
 export class ApiServer {
@@ -137,6 +142,7 @@ export class ApiServer {
   private closing = false;
   /** Host leg reports (PUT /api/v1/assignments/ID/legs). */
   private readonly legReports: LegReports;
+  private readonly stats: StationStats;
 
   constructor(options: ApiServerOptions) {
     this.station = options.station;
@@ -144,6 +150,8 @@ export class ApiServer {
     this.audit = options.audit;
     this.extraMetrics = options.extraMetrics;
     this.legReports = new LegReports(options.station.store);
+    this.stats =
+      options.stats ?? new StationStats({ pollable: () => [], fetch: () => Promise.reject(new Error("no statistics")), pool: () => ({ capacityBytes: 0, usedBytes: 0, freeBytes: 0, units: 0, unitsOnline: 0 }) }, { clock: realClock });
     this.routes = this.buildRoutes();
     const serverOptions = { headersTimeout: HTTP_HEADERS_TIMEOUT_MS, requestTimeout: HTTP_REQUEST_TIMEOUT_MS };
     const onRequest = (req: IncomingMessage, res: ServerResponse): void => {
@@ -725,6 +733,20 @@ export class ApiServer {
         }
         this.subscribe(res, after, principal.name);
         return null;
+      }),
+      // ---- I/O and capacity statistics (src/station/stats/; docs/api.md "Statistics") ----
+      r("GET", "/api/v1/stats/units", ({ query }) => {
+        checkQuery(query, ["window"]);
+        return { status: 200, body: unitsStats(this.stats, query.get("window")) };
+      }),
+      r("GET", "/api/v1/stats/units/:name", ({ params, query }) => {
+        checkQuery(query, ["window"]);
+        const unit = unitOr404(checkName(params[0], "unit"));
+        return { status: 200, body: unitStats(this.stats, unit.name, query.get("window")) };
+      }),
+      r("GET", "/api/v1/stats/pool", ({ query }) => {
+        checkQuery(query, ["window"]);
+        return { status: 200, body: poolStats(this.stats, query.get("window")) };
       }),
       r("GET", "/metrics", ({ res, query }) => {
         checkQuery(query, []);

@@ -55,6 +55,26 @@ const IDENTITY_SCHEMA = {
   },
 } as const;
 
+/** One step of a unit's or volume's I/O series (src/station/stats/series.ts RatePoint). */
+const RATE_POINTS = {
+  type: "array",
+  items: {
+    type: "object",
+    required: ["t", "readOps", "writeOps", "readBytes", "writeBytes", "readLatencyMs", "writeLatencyMs"],
+    properties: {
+      t: { type: "integer", description: "milliseconds since the epoch (when the station read the unit's counters)" },
+      readOps: { type: "number", description: "reads per second over the step" },
+      writeOps: { type: "number", description: "writes per second over the step" },
+      readBytes: { type: "number", description: "bytes read per second" },
+      writeBytes: { type: "number", description: "bytes written per second" },
+      readLatencyMs: { type: "number", description: "mean read latency over the step at the unit (0: no reads)" },
+      writeLatencyMs: { type: "number", description: "mean write latency over the step at the unit (0: no writes)" },
+    },
+  },
+} as const;
+const STATS_WINDOW = (fallback: string) =>
+  queryParam("window", `how far back: a duration such as 30s, 10m or 24h (default ${fallback}, at most what the series keep: 10m of unit points, 24h of pool points)`);
+
 export function openApiDocument(version: string): unknown {
   return {
     openapi: "3.1.0",
@@ -558,6 +578,61 @@ export function openApiDocument(version: string): unknown {
                 seq: { type: ["integer", "null"] },
                 reason: { type: "string" },
                 file: { type: "string" },
+              },
+            }),
+            ...errors,
+          },
+        },
+      },
+      "/api/v1/stats/units": {
+        get: {
+          summary: "I/O rates of every unit (polled from each unit's GET /v1/stats; docs/api.md \"Statistics\")",
+          parameters: [STATS_WINDOW("10m")],
+          responses: {
+            "200": ok("one series per unit", { type: "object", required: ["items"], properties: { items: { type: "array", items: { type: "object", required: ["unit", "points"], properties: { unit: name, points: RATE_POINTS } } } } }),
+            ...errors,
+          },
+        },
+      },
+      "/api/v1/stats/units/{name}": {
+        get: {
+          summary: "I/O rates of one unit and of each of its volumes (a volume's series sums its partitions)",
+          parameters: [pathParam("name", "unit name"), STATS_WINDOW("10m")],
+          responses: {
+            "200": ok("the unit's series and its volumes'", {
+              type: "object",
+              required: ["unit", "points", "volumes"],
+              properties: { unit: name, points: RATE_POINTS, volumes: { type: "array", items: { type: "object", required: ["volume", "points"], properties: { volume: name, points: RATE_POINTS } } } },
+            }),
+            ...errors,
+            "404": error("no such unit"),
+          },
+        },
+      },
+      "/api/v1/stats/pool": {
+        get: {
+          summary: "The pool's capacity, used and free bytes and unit counts, one point a minute",
+          parameters: [STATS_WINDOW("24h")],
+          responses: {
+            "200": ok("the pool's series", {
+              type: "object",
+              required: ["points"],
+              properties: {
+                points: {
+                  type: "array",
+                  items: {
+                    type: "object",
+                    required: ["t", "capacityBytes", "usedBytes", "freeBytes", "units", "unitsOnline"],
+                    properties: {
+                      t: { type: "integer", description: "milliseconds since the epoch" },
+                      capacityBytes: { type: "integer" },
+                      usedBytes: { type: "integer" },
+                      freeBytes: { type: "integer" },
+                      units: { type: "integer" },
+                      unitsOnline: { type: "integer" },
+                    },
+                  },
+                },
               },
             }),
             ...errors,
