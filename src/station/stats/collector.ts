@@ -30,8 +30,6 @@ export const STATS_POOL_STEP_MS = 60_000;
 export const STATS_POOL_POINTS = 1_440;
 /** Units polled at once. */
 export const STATS_POLL_CONCURRENCY = 16;
-/** A unit's previous answer older than this many poll intervals is not differenced with (the unit was away): the next answer starts again. */
-export const STATS_BASELINE_STALE_POLLS = 3;
 
 /** What the collector needs of the station. */
 export interface StatsSource {
@@ -145,7 +143,9 @@ export class StationStats {
     this.polls.ok += 1;
     const nowMs = this.#clock.nowMs();
     const last = this.#last.get(unit);
-    const fresh = last !== undefined && nowMs - last.atMs <= STATS_BASELINE_STALE_POLLS * this.pollIntervalMs;
+    // An answer older than the series' span is not differenced with (the unit was away that long): the next answer starts again.
+    // Within it, a point after an absence holds the mean rate over the absence.
+    const fresh = last !== undefined && nowMs - last.atMs <= this.unitPoints * this.pollIntervalMs;
     this.#last.set(unit, { sample, atMs: nowMs });
     const step = unitStep(fresh ? last.sample : undefined, sample);
     if (step === undefined) return;
@@ -181,8 +181,16 @@ export class StationStats {
     return { unit, points: series?.unitPoints(sinceMs) ?? [], volumes: series?.volumePoints(sinceMs) ?? [] };
   }
 
+  /** The pool's points in the window, one per step, and last the pool now (a chart of capacity ends at the present). */
   poolView(windowMs: number): { points: PoolPoint[] } {
-    return { points: this.#pool.pointsSince(this.#clock.nowMs() - windowMs) };
+    const nowMs = this.#clock.nowMs();
+    const points = this.#pool.pointsSince(nowMs - windowMs);
+    try {
+      points.push({ t: nowMs, ...this.#source.pool() });
+    } catch (error) {
+      log.limited("pool-sample", "cannot sample the pool", { error: errorMessage(error) });
+    }
+    return { points };
   }
 
   /** Bytes held by the series' typed arrays (the bulk of the memory; docs/api.md gives the figure at scale). */

@@ -2,8 +2,8 @@
 // scripted source (units whose counters the test moves): polls come every
 // pollIntervalMs and the pool every poolStepMs; the series keep exactly
 // their bounded number of points and the windows cut them; a unit that fails
-// a poll leaves a gap and one away longer than STATS_BASELINE_STALE_POLLS
-// intervals starts again without a point spanning its absence; no more than
+// a poll leaves a gap and one away longer than the series' span starts again
+// without a point spanning its absence; no more than
 // `concurrency` polls run at once; a unit gone for a whole series' span is
 // forgotten; a volume that stops being listed ages out. And the memory
 // figure docs/api.md gives: the series of 1,000 units with 10,000 volumes.
@@ -11,7 +11,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { ManualClock } from "../../discovery/clock.ts";
-import { STATS_BASELINE_STALE_POLLS, STATS_POOL_POINTS, STATS_UNIT_POINTS, StationStats, type StatsSource } from "./collector.ts";
+import { STATS_POOL_POINTS, STATS_UNIT_POINTS, StationStats, type StatsSource } from "./collector.ts";
 import type { IoTotals, UnitSample } from "./rates.ts";
 import { parseWindow, unitsStats } from "./api.ts";
 import { setLogLevel } from "../../util/log.ts";
@@ -104,8 +104,12 @@ test("collector: polls on the interval, keeps STATS_UNIT_POINTS points, cuts by 
   assert.equal(times.at(-1), clock.nowMs());
   assert.equal(stats.unitView("u1", 60_000).points.length, 13, "a one-minute window: the points at or after now-60s");
   assert.equal(unitsStats(stats, "30s").items[0]?.points.length, 7);
-  // 150 polls x 5 s = 750 s: the pool was sampled at the start and each minute since.
-  assert.equal(stats.poolView(24 * 3_600_000).points.length, 1 + Math.floor(((STATS_UNIT_POINTS + 30) * 5_000) / 60_000));
+  // 150 polls x 5 s = 750 s: the pool was sampled at the start and each minute since; the last point is now.
+  const poolPoints = stats.poolView(24 * 3_600_000).points;
+  assert.equal(poolPoints.length, 1 + Math.floor(((STATS_UNIT_POINTS + 30) * 5_000) / 60_000) + 1);
+  assert.equal(poolPoints.at(-1)?.t, clock.nowMs());
+  pool.capacityBytes = 5000;
+  assert.equal(stats.poolView(60_000).points.at(-1)?.capacityBytes, 5000, "the last point is the pool now");
   assert.deepEqual(Object.keys(stats.poolView(3_600_000).points[0] ?? {}), ["t", "capacityBytes", "usedBytes", "freeBytes", "units", "unitsOnline"]);
   await stats.stop();
 });
@@ -114,7 +118,7 @@ test("collector: restarts, failed polls and long absences never give negative ra
   const clock = new ManualClock();
   const pool = new Pool();
   const u1 = pool.add("u1");
-  const stats = new StationStats(pool, { clock, pollIntervalMs: 1_000 });
+  const stats = new StationStats(pool, { clock, pollIntervalMs: 1_000, unitPoints: 10 });
   await stats.poll();
   await tick(clock, pool, stats, 1_000, (u) => (u.reads += 100));
   // Restart: new boot id, counters and uptime from zero.
@@ -132,9 +136,9 @@ test("collector: restarts, failed polls and long absences never give negative ra
   points = stats.unitView("u1", 600_000).points;
   assert.deepEqual(points.map((p) => p.readOps), [100, 30, 100]);
   assert.equal(stats.polls.failed, 1);
-  // Away longer than the stale limit: the next answer is a new baseline.
+  // Away longer than the series' span (10 points): the next answer is a new baseline.
   u1.failing = true;
-  for (let i = 0; i <= STATS_BASELINE_STALE_POLLS; i++) await tick(clock, pool, stats, 1_000, (u) => (u.reads += 1_000));
+  for (let i = 0; i < 10; i++) await tick(clock, pool, stats, 1_000, (u) => (u.reads += 1_000));
   u1.failing = false;
   await tick(clock, pool, stats, 1_000, (u) => (u.reads += 7));
   await tick(clock, pool, stats, 1_000, (u) => (u.reads += 7));
