@@ -14,6 +14,8 @@
 import { validateStorageInfo } from "../discovery/storage_info.ts";
 import { type NbdTlsMode, type StorageInfo, type VolumeInfo, parseIdentityGrant } from "../discovery/messages.ts";
 import { ERROR_CODES, IpsanError, errorMessage, type ErrorCode } from "../util/errors.ts";
+import type { UnitSample } from "./stats/rates.ts";
+import { parseUnitStats } from "./stats/wire.ts";
 import type { HostPort } from "./types.ts";
 
 export const UNIT_CALL_TIMEOUT_MS = 5_000;
@@ -204,9 +206,15 @@ export class UnitClient {
   }
 
   /** One call with bounded retries of transient failures. */
-  private async request(method: string, path: string, body?: unknown, timeoutMs = this.timeoutMs): Promise<{ status: number; json: unknown }> {
+  private async request(
+    method: string,
+    path: string,
+    body?: unknown,
+    timeoutMs = this.timeoutMs,
+    attemptsMax = this.attemptsMax,
+  ): Promise<{ status: number; json: unknown }> {
     let lastError: UnitCallError | undefined;
-    for (let attempt = 1; attempt <= this.attemptsMax; attempt++) {
+    for (let attempt = 1; attempt <= attemptsMax; attempt++) {
       try {
         const result = await this.once(method, path, body, timeoutMs);
         this.onCall?.("ok");
@@ -216,7 +224,7 @@ export class UnitClient {
         this.onCall?.(error.failure);
         lastError = error;
         // A timeout already cost timeoutMs; "refused" is the unit's final word.
-        if (!error.transient || error.failure === "timeout" || attempt === this.attemptsMax) break;
+        if (!error.transient || error.failure === "timeout" || attempt === attemptsMax) break;
         await delay(UNIT_CALL_BACKOFF_MS * 3 ** (attempt - 1));
       }
     }
@@ -237,6 +245,14 @@ export class UnitClient {
       throw new UnitCallError(this.unit, "GET /v1/info", "protocol", `answered as unit ${JSON.stringify(result.value.name)}`);
     }
     return result.value;
+  }
+
+  /** The unit's cumulative I/O counters (GET /v1/stats): one attempt, `timeoutMs` at most (a poller's missed answer is a gap). */
+  async stats(timeoutMs = this.timeoutMs): Promise<UnitSample> {
+    const { json } = await this.request("GET", "/v1/stats", undefined, timeoutMs, 1);
+    const sample = parseUnitStats(json);
+    if (typeof sample === "string") throw new UnitCallError(this.unit, "GET /v1/stats", "protocol", `answered invalid stats: ${sample}`);
+    return sample;
   }
 
   async getVolume(name: string): Promise<VolumeInfo> {

@@ -11,18 +11,24 @@
 //   PUT    /v1/volumes/NAME/partitions  {sizesBytes:[...]}
 //   PUT    /v1/volumes/NAME/grants      {hosts:[...]} or {grants:[{host, key, export?, from?}]}
 //   POST   /v1/volumes/NAME/wipe        (no body, or {}: all of it; or {offset, length}: that part)
+//   GET    /v1/stats                    GET    /metrics (Prometheus text)    (io_report.ts)
 
 import { createHash, timingSafeEqual } from "node:crypto";
 import * as http from "node:http";
 import { AssertionError } from "../util/assert.ts";
 import { IpsanError, errorMessage } from "../util/errors.ts";
 import { logger } from "../util/log.ts";
+import { type IoSource, type UnitStatsView, unitMetricsText, unitStats } from "./io_report.ts";
 import type { UnitExportProvider } from "./provider.ts";
 import { parseIdentityGrants } from "./volume_ops.ts";
 import { type VolumeManager, volumeView } from "./volumes.ts";
 import type { TlsMode } from "../nbd/tls.ts";
+import { IoStats } from "../nbd/io_stats.ts";
 
 const log = logger("control");
+
+/** Counters of a unit whose NBD server is not up (never the case once the unit serves). */
+const EMPTY_STATS = new IoStats();
 
 export const CONTROL_BODY_BYTES_MAX = 64 * 1024;
 /** Past the body limit, bytes read and discarded before the 413 goes out and the connection is cut. */
@@ -44,11 +50,15 @@ export interface ControlServerOptions {
   readonly nbd: () => { host: string; port: number } | { path: string } | undefined;
   /** The NBD server's TLS mode, reported by GET /v1/info (the station gives a unit that is not "off" grants by host identity). */
   readonly tls?: TlsMode;
+  /** The NBD server's I/O counters, for GET /v1/stats and GET /metrics (absent: zeroes). */
+  readonly io?: () => IoSource | undefined;
 }
 
 interface Reply {
   readonly status: number;
   readonly body?: unknown;
+  /** A text answer instead of JSON (GET /metrics). */
+  readonly text?: { readonly contentType: string; readonly body: string };
 }
 
 function digest(token: string): Buffer {
@@ -178,12 +188,17 @@ export class ControlServer {
   }
 
   #send(response: http.ServerResponse, reply: Reply, close = false): void {
-    const text = reply.body === undefined ? "" : `${JSON.stringify(reply.body)}\n`;
+    const text = reply.text?.body ?? (reply.body === undefined ? "" : `${JSON.stringify(reply.body)}\n`);
     response.statusCode = reply.status;
-    if (text !== "") response.setHeader("Content-Type", "application/json");
+    if (text !== "") response.setHeader("Content-Type", reply.text?.contentType ?? "application/json");
     response.setHeader("Content-Length", Buffer.byteLength(text));
     if (close) response.setHeader("Connection", "close");
     response.end(text);
+  }
+
+  #stats(): UnitStatsView {
+    const io = this.#options.io?.() ?? { stats: EMPTY_STATS, connectionCount: 0 };
+    return unitStats(this.#options.unitName, io, this.#options.manager);
   }
 
   async #readBody(request: http.IncomingMessage): Promise<unknown> {
@@ -219,7 +234,15 @@ export class ControlServer {
     const parts = path.split("/").filter((p) => p !== "");
     const { manager } = this.#options;
     const notFound = (): IpsanError => new IpsanError("NOT_FOUND", `no route ${method} ${path}`);
+    if (parts.length === 1 && parts[0] === "metrics" && method === "GET") {
+      request.resume();
+      return { status: 200, text: { contentType: "text/plain; version=0.0.4; charset=utf-8", body: unitMetricsText(this.#stats(), this.#options.provider.refused) } };
+    }
     if (parts[0] !== "v1") throw notFound();
+    if (parts.length === 2 && parts[1] === "stats" && method === "GET") {
+      request.resume();
+      return { status: 200, body: this.#stats() };
+    }
     if (parts.length === 2 && parts[1] === "info" && method === "GET") {
       request.resume();
       const snapshot = manager.snapshot();

@@ -260,6 +260,7 @@ export async function startUnit(config: UnitConfig): Promise<RunningUnit> {
         ...(config.extraTokens === undefined ? {} : { extraTokens: config.extraTokens }),
         nbd: () => nbd,
         tls: config.tls,
+        io: () => nbdServer,
       });
       control = await controlServer.listen(config.control.host, config.control.port);
     }

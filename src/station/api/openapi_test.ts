@@ -160,6 +160,12 @@ test("every path and method in the document answers as the document says", { tim
   await call("GET", "/api/v1/units", undefined, { token: null }, 401);
   const join = await call("POST", "/api/v1/join-tokens", { host: "h2", expires: "10m" }, {}, 201);
   await call("POST", "/api/v1/hosts/h2/register", { address: "127.0.0.3" }, { token: (join.body as { token: string }).token }, 201);
+  await call("GET", "/api/v1/stats/units", undefined, {}, 200);
+  await call("GET", "/api/v1/stats/units?window=5m", undefined, {}, 200);
+  await call("GET", "/api/v1/stats/units?window=soon", undefined, {}, 400);
+  await call("GET", "/api/v1/stats/units/u1", undefined, {}, 200);
+  await call("GET", "/api/v1/stats/units/ghost", undefined, {}, 404);
+  await call("GET", "/api/v1/stats/pool?window=1h", undefined, {}, 200);
   await call("GET", "/api/v1/audit?limit=5", undefined, {}, 200);
   await call("GET", "/api/v1/audit/verify", undefined, {}, 200);
 

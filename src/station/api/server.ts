@@ -33,6 +33,8 @@ import type { AuditLog } from "../auth/audit.ts";
 import { authorize } from "../auth/permissions.ts";
 import type { Principal, TokenStore } from "../auth/tokens.ts";
 import { StationTasks } from "../tasks/operations.ts";
+import { StationStats } from "../stats/collector.ts";
+import { realClock } from "../../discovery/clock.ts";
 import { answerTask, TASK_WAIT_MS } from "../tasks/answer.ts";
 import { errorReply } from "./errors.ts";
 import {
@@ -51,6 +53,7 @@ import { volumeRoutes } from "./volumes.ts";
 import { hostRoutes } from "./hosts.ts";
 import { assignmentRoutes } from "./assignments.ts";
 import { taskRoutes } from "./tasks.ts";
+import { statsRoutes } from "./stats.ts";
 import { accessRoutes } from "./access.ts";
 import { metricsText, systemRoutes } from "./system.ts";
 import { consoleRoutes } from "./console.ts";
@@ -82,6 +85,8 @@ export interface ApiServerOptions {
   readonly tasks?: StationTasks;
   /** How long a state-changing route waits for its task before answering 202 (TASK_WAIT_MS). */
   readonly taskWaitMs?: number;
+  /** I/O and capacity series (src/station/stats/); absent: empty series. */
+  readonly stats?: StationStats;
 }
 
 function callerAddressOf(req: IncomingMessage): string {
@@ -203,6 +208,12 @@ export class ApiServer {
       add: (spec) => this.add(spec),
       answerTask: (ctx, task) => answerTask(this.api.tasks.runner, task, ctx.request.headers.prefer, this.api.taskWaitMs),
     };
+    const stats =
+      options.stats ??
+      new StationStats(
+        { pollable: () => [], fetch: () => Promise.reject(new Error("no statistics")), pool: () => ({ capacityBytes: 0, usedBytes: 0, freeBytes: 0, units: 0, unitsOnline: 0 }) },
+        { clock: realClock },
+      );
     void app.register(async () => {
       systemRoutes(this.api, () => app.swagger());
       unitRoutes(this.api);
@@ -210,6 +221,7 @@ export class ApiServer {
       hostRoutes(this.api);
       assignmentRoutes(this.api);
       taskRoutes(this.api);
+      statsRoutes(this.api, stats);
       accessRoutes(this.api);
       consoleRoutes(this.api);
     });

@@ -78,6 +78,10 @@ export const PERMISSIONS: Readonly<Record<string, Permission>> = {
   "POST /api/v1/join-tokens": { roles: ADMIN },
   "GET /api/v1/audit": { roles: ADMIN },
   "GET /api/v1/audit/verify": { roles: ADMIN },
+  // I/O and capacity statistics (src/station/stats/): read like the pool.
+  "GET /api/v1/stats/units": { roles: READERS },
+  "GET /api/v1/stats/units/:name": { roles: READERS },
+  "GET /api/v1/stats/pool": { roles: READERS },
 };
 
 /**
