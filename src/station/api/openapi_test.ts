@@ -81,6 +81,8 @@ test("every path and method in the document answers as the document says", { tim
 
   await call("GET", "/api/v1/health", undefined, {}, 200);
   await call("GET", "/api/v1/openapi.json", undefined, {}, 200);
+  const me = await call("GET", "/api/v1/whoami", undefined, {}, 200);
+  assert.deepEqual(me.body, { name: "admin", role: "admin", host: null });
   const metrics = await call("GET", "/metrics", undefined, {}, 200);
   assert.match(metrics.text, /^ipsan_station_units/m);
   // The event stream: its head, then closed.
@@ -154,6 +156,7 @@ test("every path and method in the document answers as the document says", { tim
 
   const created = await call("POST", "/api/v1/tokens", { name: "oa-viewer", role: "viewer" }, {}, 201);
   await call("GET", "/api/v1/units", undefined, { token: (created.body as { token: string }).token }, 200);
+  assert.deepEqual((await call("GET", "/api/v1/whoami", undefined, { token: (created.body as { token: string }).token }, 200)).body, { name: "oa-viewer", role: "viewer", host: null });
   await call("POST", "/api/v1/volumes", { unit: "u1", name: "v3", sizeBytes: "1M" }, { token: (created.body as { token: string }).token }, 403);
   await call("GET", "/api/v1/tokens", undefined, {}, 200);
   await call("DELETE", "/api/v1/tokens/oa-viewer", undefined, {}, 204);

@@ -9,7 +9,7 @@ import { HOST_STATES, LIVE_ASSIGNMENT_STATES, UNIT_STATES, type StationEvent } f
 import { renderGauge } from "../metrics.ts";
 import { invalid, show } from "../validate.ts";
 import type { Api } from "./route.ts";
-import { ErrorBody, Errors, NoQuery, Ref } from "./schemas.ts";
+import { Enum, ErrorBody, Errors, NoQuery, Ref } from "./schemas.ts";
 import { SSE_BUFFER_BYTES_MAX, SSE_HEARTBEAT_MS, SSE_SUBSCRIBERS_MAX, VERSION } from "./limits.ts";
 
 const log = logger("station-api");
@@ -31,6 +31,20 @@ export function systemRoutes(api: Api, openApiDocument: () => unknown): void {
       },
     },
     handler: () => ({ status: 200, body: { status: "ok", version: VERSION, units: store.units.size, volumes: store.volumeCount, assignments: store.live.size } }),
+  });
+  // Who the caller is (the console disables what its role may not do; docs/console.md).
+  api.add({
+    method: "GET",
+    url: "/api/v1/whoami",
+    schema: {
+      summary: "The caller's credential: name, role and bound host (the console reads its role here)",
+      querystring: NoQuery,
+      response: {
+        200: Type.Object({ name: Type.String(), role: Enum(["admin", "operator", "viewer", "host", "join"]), host: Type.Union([Type.String(), Type.Null()]) }, { additionalProperties: true, description: "caller" }),
+        ...Errors(),
+      },
+    },
+    handler: ({ principal }) => ({ status: 200, body: { name: principal.name, role: principal.role, host: principal.host } }),
   });
   api.add({
     method: "GET",
