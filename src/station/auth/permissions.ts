@@ -32,7 +32,7 @@ export interface Permission {
   readonly host?: HostScope;
 }
 
-/** The table: "METHOD /route/:pattern" as http.ts declares each route. */
+/** The table: "METHOD /route/:pattern" as the route modules (src/station/api/) declare each route. */
 export const PERMISSIONS: Readonly<Record<string, Permission>> = {
   "GET /api/v1/health": { roles: ALL },
   "GET /api/v1/openapi.json": { roles: ALL },

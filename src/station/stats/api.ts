@@ -1,4 +1,4 @@
-// The statistics routes' logic (docs/api.md "Statistics"); http.ts only
+// The statistics routes' logic (docs/api.md "Statistics"); src/station/api/stats.ts only
 // registers them. ?window= is a duration (util/duration.ts: 30s, 10m, 24h),
 // at most what the series hold; anything else is a 400 naming `window`.
 
