@@ -8,7 +8,8 @@ import type { Principal } from "../auth/tokens.ts";
 import type { AllocationInput, AssignInput, Station } from "../station.ts";
 import type { StationStore } from "../store.ts";
 import { assignmentView, volumeView } from "../views.ts";
-import { TaskRunner, type TaskRunnerOptions, type TaskSpec } from "./runner.ts";
+import type { AssignmentRecord } from "../types.ts";
+import { INTERRUPTED_MESSAGE, TaskRunner, type TaskRunnerOptions, type TaskSpec } from "./runner.ts";
 import type { TaskRecord } from "./types.ts";
 import { WIPE_CHUNK_BYTES_DEFAULT, checkWipeAllowed, wipeVolume } from "./wipe.ts";
 
@@ -18,6 +19,13 @@ const PENDING_ASSIGNMENT = "a pending assignment is finished or undone by reconc
 export interface StationTasksOptions extends Omit<TaskRunnerOptions, "interrupted"> {
   /** Bytes per call of a volume.wipe (WIPE_CHUNK_BYTES_DEFAULT; $IPSAN_WIPE_CHUNK_BYTES in the station). */
   readonly wipeChunkBytes?: number;
+}
+
+/** The assignment an allocation or manual assignment task recorded (found by its requestId), if any. */
+function assignmentOf(store: StationStore, task: TaskRecord): AssignmentRecord | undefined {
+  const requestId = typeof task.params?.["requestId"] === "string" ? task.params["requestId"] : null;
+  const assignmentId = requestId === null ? null : (store.findRequest(requestId)?.assignmentId ?? null);
+  return assignmentId === null ? undefined : store.getAssignment(assignmentId);
 }
 
 /** What reconcile does for a task of `task.kind` that a restart interrupted (the end of its message). */
@@ -44,8 +52,7 @@ export function interruptedDetail(store: StationStore, task: TaskRecord): string
     case "allocation":
     case "assignment.create": {
       const requestId = typeof task.params?.["requestId"] === "string" ? task.params["requestId"] : null;
-      const assignmentId = requestId === null ? null : (store.findRequest(requestId)?.assignmentId ?? null);
-      const assignment = assignmentId === null ? undefined : store.getAssignment(assignmentId);
+      const assignment = assignmentOf(store, task);
       if (assignment === undefined) {
         return requestId === null
           ? "reconcile finishes or undoes any pending assignment it recorded"
@@ -67,7 +74,43 @@ export class StationTasks {
   constructor(station: Station, options: StationTasksOptions = {}) {
     this.station = station;
     this.wipeChunkBytes = options.wipeChunkBytes ?? WIPE_CHUNK_BYTES_DEFAULT;
-    this.runner = new TaskRunner(station.store, { ...options, interrupted: (task) => interruptedDetail(station.store, task) });
+    const store = station.store;
+    const interrupted: TaskRecord[] = [];
+    this.runner = new TaskRunner(store, {
+      ...options,
+      interrupted: (task) => {
+        interrupted.push(task);
+        return interruptedDetail(store, task);
+      },
+    });
+    this.followReconcile(interrupted);
+  }
+
+  /**
+   * An interrupted allocation or assignment whose assignment is still pending:
+   * when reconcile finishes or undoes it, the task's message says which.
+   */
+  private followReconcile(interrupted: readonly TaskRecord[]): void {
+    const store = this.station.store;
+    const awaiting = new Map<string, string>();
+    for (const task of interrupted) {
+      const assignment = task.kind === "allocation" || task.kind === "assignment.create" ? assignmentOf(store, task) : undefined;
+      if (assignment?.state === "pending") awaiting.set(assignment.id, task.id);
+    }
+    if (awaiting.size === 0) return;
+    const unsubscribe = store.subscribe((event) => {
+      const taskId = event.type === "assignment" ? awaiting.get(event.subject) : undefined;
+      if (taskId === undefined || (event.action !== "active" && event.action !== "failed")) return;
+      awaiting.delete(event.subject);
+      if (awaiting.size === 0) unsubscribe();
+      const error = (event.data as { error?: unknown } | null)?.error;
+      const outcome =
+        event.action === "active"
+          ? `reconcile finished assignment ${event.subject} (active)`
+          : `reconcile undid assignment ${event.subject} (failed${typeof error === "string" ? `: ${error}` : ""})`;
+      // After this event has reached every subscriber: the task's change is published after it.
+      queueMicrotask(() => this.runner.amendMessage(taskId, `${INTERRUPTED_MESSAGE}: ${outcome}`));
+    });
   }
 
   private assignedTo(unit: string, volume: string): string | null {

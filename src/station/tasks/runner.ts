@@ -347,6 +347,15 @@ export class TaskRunner {
     }
   }
 
+  /** Replaces the message of a finished task (what reconcile later did for one a restart interrupted); published like a change. */
+  amendMessage(id: string, message: string): TaskRecord | undefined {
+    const task = this.tasks.get(id);
+    if (task === undefined || !FINISHED_TASK_STATES.has(task.state)) return task;
+    const amended = { ...task, message };
+    this.write(amended, amended.state, true);
+    return amended;
+  }
+
   // ---- cancelling ---------------------------------------------------------------
 
   /**
