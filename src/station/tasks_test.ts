@@ -342,6 +342,9 @@ test("kill -9 in the middle of a long wipe: the restarted station says the resta
   assert.ok(before.progress !== null);
   const events = (await recordedEvents(station)).filter((e) => e.type === "task" && e.subject === started.id);
   assert.equal(events.at(-1)?.action, "failed");
+  const metrics = await station.api("GET", "/metrics");
+  assert.match(metrics.text, /\nipsan_station_tasks\{state="failed"\} [1-9][0-9]*\n/);
+  assert.match(metrics.text, /\nipsan_station_tasks\{state="running"\} 0\n/);
   // The volume is no longer held: once the unit is back, a new task on it runs.
   await waitFor("unit t1 online again", async () => ((await station.api("GET", "/api/v1/units/t1")).body as { state?: string }).state === "online" || undefined, { timeoutMs: 15_000 });
   await checkSync(await station.api("DELETE", "/api/v1/volumes/t1/big4"), 204, "volume.delete");

@@ -27,6 +27,7 @@ import type { StationStore } from "../store.ts";
 import { TaskTable } from "./table.ts";
 import {
   FINISHED_TASK_STATES,
+  TASK_STATES,
   TASK_TRANSITIONS,
   taskView,
   type TaskError,
@@ -177,6 +178,13 @@ export class TaskRunner {
       out.push(task);
     }
     return out.sort((a, b) => b.seq - a.seq);
+  }
+
+  /** How many tasks are kept in each state (every state listed). */
+  countByState(): [TaskState, number][] {
+    const counts = new Map<TaskState, number>(TASK_STATES.map((state) => [state, 0]));
+    for (const task of this.tasks.values()) counts.set(task.state, (counts.get(task.state) ?? 0) + 1);
+    return [...counts];
   }
 
   get unfinishedCount(): number {
