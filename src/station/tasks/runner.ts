@@ -259,15 +259,26 @@ export class TaskRunner {
       startedAtMs: null,
       finishedAtMs: null,
     };
+    // With a free slot and nobody waiting, it is recorded queued and running in one transaction (one fsync).
+    const runNow = this.running < this.runningMax && this.queue.length === 0;
+    const written: TaskRecord = runNow ? { ...record, state: "running", startedAtMs: nowMs } : record;
+    const events = [{ type: "task" as const, action: "queued", subject: record.id, data: taskView(record) }];
+    if (runNow) events.push({ type: "task", action: "running", subject: record.id, data: taskView(written) });
     let seq = 0;
-    this.store.recordChange("task", "queued", record.id, taskView(record), () => {
-      seq = this.table.insert(record);
+    this.store.recordChanges(events, () => {
+      seq = this.table.insert(written);
     });
-    const inserted = { ...record, seq };
+    const inserted = { ...written, seq };
     this.tasks.set(inserted.id, inserted);
-    this.live.set(inserted.id, { record: inserted, spec, controller: new AbortController(), waiters: new Set(), lastProgressWriteMs: 0, cancelledBy: null });
-    this.queue.push(inserted.id);
-    this.pump();
+    const live: Live = { record: inserted, spec, controller: new AbortController(), waiters: new Set(), lastProgressWriteMs: 0, cancelledBy: null };
+    this.live.set(inserted.id, live);
+    if (runNow) {
+      this.running += 1;
+      void this.execute(live);
+    } else {
+      this.queue.push(inserted.id);
+      this.pump();
+    }
     return this.tasks.get(inserted.id) ?? inserted;
   }
 
@@ -284,7 +295,7 @@ export class TaskRunner {
   private async execute(live: Live): Promise<void> {
     const spec = live.spec;
     assert(spec !== null, "a live task has its spec");
-    this.transition(live, "running", { startedAtMs: this.store.clock.nowMs() });
+    if (live.record.state === "queued") this.transition(live, "running", { startedAtMs: this.store.clock.nowMs() });
     const ctx: TaskContext = {
       signal: live.controller.signal,
       progress: (done, total, unit) => this.progress(live, { done, total, unit }),
