@@ -145,6 +145,11 @@ test("every kind runs as a task and answers what the synchronous API answered", 
   const again = await station.api("POST", "/api/v1/allocations", { requestId: "r-tasks-1", host: "h1", sizeBytes: 16 * MIB });
   assert.equal(again.status, 200);
   assert.equal((again.body as { id: string }).id, (allocated.result as { id: string }).id);
+  // Two at once with one requestId: no conflict between allocation tasks; one 201, one 200, one assignment.
+  const pair = await Promise.all([1, 2].map(() => station.api("POST", "/api/v1/allocations", { requestId: "r-tasks-2", host: "h1", sizeBytes: 16 * MIB })));
+  assert.deepEqual(pair.map((r) => r.status).sort(), [200, 201], pair.map((r) => r.text).join(""));
+  assert.equal((pair[0]?.body as { id: string }).id, (pair[1]?.body as { id: string }).id);
+  assert.notEqual(taskIdOf(pair[0] as ApiResponse), taskIdOf(pair[1] as ApiResponse));
   await checkSync(await station.api("DELETE", "/api/v1/volumes/t1/k1"), 204, "volume.delete");
   // A failing task answers the same error as before, with its task.
   const missing = await station.api("DELETE", "/api/v1/volumes/t1/nope");

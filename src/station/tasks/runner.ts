@@ -78,6 +78,8 @@ export interface TaskSpec {
 export interface TaskRunnerOptions {
   readonly historyMax?: number;
   readonly runningMax?: number;
+  /** TASKS_UNFINISHED_MAX unless given (tests). */
+  readonly unfinishedMax?: number;
   readonly progressIntervalMs?: number;
   /** For a task a restart interrupted: what reconcile does for it (appended to INTERRUPTED_MESSAGE). */
   readonly interrupted?: (task: TaskRecord) => string;
@@ -125,6 +127,7 @@ export class TaskRunner {
   private readonly table: TaskTable;
   private readonly historyMax: number;
   private readonly runningMax: number;
+  private readonly unfinishedMax: number;
   private readonly progressIntervalMs: number;
   /** Every task kept, by id (finished ones up to historyMax). */
   private readonly tasks = new Map<string, TaskRecord>();
@@ -138,8 +141,9 @@ export class TaskRunner {
     this.table = new TaskTable(store.database);
     this.historyMax = options.historyMax ?? TASKS_HISTORY_MAX;
     this.runningMax = options.runningMax ?? TASKS_RUNNING_MAX;
+    this.unfinishedMax = options.unfinishedMax ?? TASKS_UNFINISHED_MAX;
     this.progressIntervalMs = options.progressIntervalMs ?? TASK_PROGRESS_INTERVAL_MS;
-    assert(this.historyMax >= 1 && this.runningMax >= 1, "task limits must be positive");
+    assert(this.historyMax >= 1 && this.runningMax >= 1 && this.unfinishedMax >= this.runningMax, "task limits must be positive, and unfinishedMax >= runningMax");
     for (const task of this.table.all()) this.tasks.set(task.id, task);
     this.finishInterrupted(options.interrupted ?? (() => ""));
   }
@@ -235,8 +239,8 @@ export class TaskRunner {
         );
       }
     }
-    if (this.live.size >= TASKS_UNFINISHED_MAX) {
-      throw new IpsanError("UNAVAILABLE", `too many unfinished tasks (TASKS_UNFINISHED_MAX=${TASKS_UNFINISHED_MAX}); try again when some have finished`);
+    if (this.live.size >= this.unfinishedMax) {
+      throw new IpsanError("UNAVAILABLE", `too many unfinished tasks (TASKS_UNFINISHED_MAX=${this.unfinishedMax}); try again when some have finished`);
     }
     const nowMs = this.store.clock.nowMs();
     const record: TaskRecord = {

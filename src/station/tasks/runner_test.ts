@@ -1,7 +1,8 @@
 // Proves the task runner on a real SQLite database (the station's own store,
 // with an injected clock): finished tasks beyond the history bound are
 // deleted oldest first, in memory and on disk; past TASKS_RUNNING_MAX tasks
-// wait queued and a queued task is cancelled at once; object keys conflict
+// wait queued and a queued task is cancelled at once; past
+// TASKS_UNFINISHED_MAX a new one is refused with UNAVAILABLE; object keys conflict
 // with themselves and with the keys below them, and a refusal names the
 // holder; progress events are written at most once per interval of the
 // injected clock; a second runner on the same database (what a restart
@@ -15,6 +16,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { makeTempDir, memoryTmpBase } from "../../testing/tmp.ts";
+import { IpsanError } from "../../util/errors.ts";
 import type { Principal } from "../auth/tokens.ts";
 import { openDatabase } from "../db.ts";
 import { StationStore } from "../store.ts";
@@ -70,7 +72,7 @@ test("history bound, queue, cancel of a queued task, conflicts, progress throttl
     const store = openStore(join(dir.path, "station.db"), { nowMs: () => nowMs });
     const events: StationEvent[] = [];
     store.subscribe((event) => events.push(event));
-    const runner = new TaskRunner(store, { historyMax: 3, runningMax: 1, progressIntervalMs: 1_000 });
+    const runner = new TaskRunner(store, { historyMax: 3, runningMax: 1, unfinishedMax: 3, progressIntervalMs: 1_000 });
 
     // History: 5 tasks finish, the 3 newest are kept.
     const ids: string[] = [];
@@ -89,6 +91,12 @@ test("history bound, queue, cancel of a queued task, conflicts, progress throttl
     assert.equal(runner.get(running.id)?.state, "running");
     const queued = runner.start(spec(["volume:u1/v2"]), ADMIN);
     assert.equal(runner.get(queued.id)?.state, "queued");
+    // Past unfinishedMax (3 here): refused with 503 UNAVAILABLE, nothing recorded.
+    const third = runner.start(spec(["volume:u1/v5"]), ADMIN);
+    const before = runner.list().length;
+    assert.throws(() => runner.start(spec(["volume:u1/v6"]), ADMIN), (error: unknown) => error instanceof IpsanError && error.code === "UNAVAILABLE" && /too many unfinished tasks/.test(error.message));
+    assert.equal(runner.list().length, before);
+    runner.cancel(third.id, ADMIN);
     assert.throws(
       () => runner.start(spec(["volume:u1/v1/p1"]), ADMIN),
       (error: unknown) =>
