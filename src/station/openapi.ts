@@ -99,7 +99,7 @@ export function openApiDocument(version: string): unknown {
           required: ["id", "kind", "state", "target", "objects", "progress", "startedBy", "role", "createdAt", "startedAt", "finishedAt", "cancellable", "result", "error", "message"],
           properties: {
             id: { type: "string", pattern: "^t-[0-9a-f]+$" },
-            kind: { type: "string", enum: ["volume.create", "volume.delete", "volume.grow", "volume.partition", "volume.wipe", "assignment.create", "assignment.delete", "allocation"] },
+            kind: { type: "string", enum: ["volume.create", "volume.delete", "volume.grow", "volume.partition", "volume.wipe", "assignment.create", "assignment.delete", "allocation", "leg.replace"] },
             state: { type: "string", enum: ["queued", "running", "succeeded", "failed", "cancelled"] },
             target: { type: "object", properties: { type: { type: "string", enum: ["volume", "unit", "host", "assignment"] }, id: { type: "string" } } },
             objects: { type: "array", items: { type: "string" }, description: "lock keys it holds while unfinished, e.g. volume:u1/v1" },

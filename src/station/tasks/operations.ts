@@ -9,9 +9,16 @@ import type { AllocationInput, AssignInput, Station } from "../station.ts";
 import type { StationStore } from "../store.ts";
 import { assignmentView, volumeView } from "../views.ts";
 import type { AssignmentRecord } from "../types.ts";
-import { INTERRUPTED_MESSAGE, TaskRunner, type TaskRunnerOptions, type TaskSpec } from "./runner.ts";
+import { IpsanError, errorMessage } from "../../util/errors.ts";
+import { logger } from "../../util/log.ts";
+import { INTERRUPTED_MESSAGE, TaskRunner, type TaskActor, type TaskAnswer, type TaskRunnerOptions, type TaskSpec } from "./runner.ts";
 import type { TaskRecord } from "./types.ts";
 import { WIPE_CHUNK_BYTES_DEFAULT, checkWipeAllowed, wipeVolume } from "./wipe.ts";
+
+const log = logger("tasks");
+
+/** The starter of the tasks the station starts by itself (leg replacements). */
+export const STATION_ACTOR: TaskActor = { name: "station", role: "station" };
 
 const ONE_UNIT_CALL = "it is one call to the unit, which the unit makes whole or not at all";
 const PENDING_ASSIGNMENT = "a pending assignment is finished or undone by reconcile, never left half made";
@@ -42,6 +49,8 @@ export function interruptedDetail(store: StationStore, task: TaskRecord): string
       const how = progress === null ? "" : ` (at least ${progress.done} of ${progress.total} bytes were zeroed)`;
       return `${target} is partly zeroed${how}; start the wipe again to finish it`;
     }
+    case "leg.replace":
+      return `the replacement loop carries it on from what it recorded: finished (event leg-replaced) or undone (event leg-replacement-undone)`;
     case "assignment.delete": {
       const assignment = store.getAssignment(task.target.id);
       if (assignment === undefined) return `reconcile finishes the revoke of ${target}`;
@@ -84,6 +93,62 @@ export class StationTasks {
       },
     });
     this.followReconcile(interrupted);
+    this.followLegReplacements();
+  }
+
+  /** Replacements under way, by "assignment/leg": how their leg.replace task ends. */
+  private readonly replacing = new Map<string, { resolve(answer: TaskAnswer): void; reject(error: unknown): void }>();
+
+  /**
+   * Leg replacements (replacement.ts) are started by the station's own loop:
+   * each shows as a task "leg.replace" (started by "station") from its
+   * leg-replacing event to its leg-replaced (succeeded) or
+   * leg-replacement-undone (failed) event. It holds no object (the loop owns
+   * the assignment's lock while it works) and cannot be cancelled.
+   */
+  private followLegReplacements(): void {
+    this.station.store.subscribe((event) => {
+      if (event.type !== "assignment") return;
+      const data = (event.data ?? {}) as { leg?: unknown; reason?: unknown };
+      const key = `${event.subject}/${String(data.leg)}`;
+      if (event.action === "leg-replacing") {
+        if (this.replacing.has(key)) return;
+        let settle = { resolve: (_: TaskAnswer): void => undefined, reject: (_: unknown): void => undefined };
+        const outcome = new Promise<TaskAnswer>((resolve, reject) => (settle = { resolve, reject }));
+        this.replacing.set(key, settle);
+        // After this event has reached every subscriber.
+        queueMicrotask(() => {
+          try {
+            this.runner.start(
+            {
+              kind: "leg.replace",
+              target: { type: "assignment", id: event.subject },
+              objects: [],
+              notCancellable: "the replacement loop owns it: it finishes or undoes the replacement itself",
+              params: { assignment: event.subject, leg: data.leg ?? null },
+              run: () => outcome,
+            },
+            STATION_ACTOR,
+          );
+          } catch (error) {
+            // Only the bound on unfinished tasks can refuse it: the replacement goes on without its task.
+            this.replacing.delete(key);
+            log.warn("cannot show a leg replacement as a task", { assignment: event.subject, leg: String(data.leg), error: errorMessage(error) });
+          }
+        });
+        return;
+      }
+      const waiting = this.replacing.get(key);
+      if (waiting === undefined) return;
+      if (event.action === "leg-replaced") {
+        this.replacing.delete(key);
+        waiting.resolve({ status: 200, body: event.data });
+      } else if (event.action === "leg-replacement-undone") {
+        this.replacing.delete(key);
+        const reason = typeof data.reason === "string" ? `: ${data.reason}` : "";
+        waiting.reject(new IpsanError("CONFLICT", `replacement of leg ${String(data.leg)} of assignment ${event.subject} undone${reason}`));
+      }
+    });
   }
 
   /**

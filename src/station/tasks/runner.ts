@@ -22,7 +22,6 @@ import { randomBytes } from "node:crypto";
 import { assert } from "../../util/assert.ts";
 import { ERROR_CODES, IpsanError, errorMessage } from "../../util/errors.ts";
 import { logger } from "../../util/log.ts";
-import type { Principal } from "../auth/tokens.ts";
 import type { StationStore } from "../store.ts";
 import { TaskTable } from "./table.ts";
 import {
@@ -92,6 +91,12 @@ interface Live {
   readonly waiters: Set<() => void>;
   lastProgressWriteMs: number;
   cancelledBy: string | null;
+}
+
+/** Who starts or cancels a task: a token (src/station/auth Principal), or the station itself ({name: "station", role: "station"}). */
+export interface TaskActor {
+  readonly name: string;
+  readonly role: string;
 }
 
 /** True when key `a` and key `b` name the same object or one contains the other ("volume:u/v" and "volume:u/v/p1"). */
@@ -228,7 +233,7 @@ export class TaskRunner {
    * Refuses at once (409 CONFLICT) when an unfinished task holds one of its
    * objects, naming that task, its kind and its starter.
    */
-  start(spec: TaskSpec, principal: Principal): TaskRecord {
+  start(spec: TaskSpec, principal: TaskActor): TaskRecord {
     for (const key of spec.objects) {
       const holder = this.holderOf(key);
       if (holder !== undefined) {
@@ -386,7 +391,7 @@ export class TaskRunner {
    * signalled (its work stops where it is safe). Refused (409) when the task is
    * finished or its kind cannot be cancelled, saying why.
    */
-  cancel(id: string, principal: Principal): TaskRecord {
+  cancel(id: string, principal: TaskActor): TaskRecord {
     const task = this.tasks.get(id);
     if (task === undefined) throw new IpsanError("NOT_FOUND", `task ${JSON.stringify(id)} not found`, { field: "id" });
     const live = this.live.get(id);
