@@ -410,9 +410,14 @@ export class StationStore {
    * as in commit (a task's progress is written with NORMAL).
    */
   recordChange(type: EventType, action: string, subject: string, data: unknown, write: () => void, durable = true): void {
+    this.recordChanges([{ type, action, subject, data }], write, durable);
+  }
+
+  /** As recordChange, with several events (a task recorded queued and started at once: one fsync). */
+  recordChanges(events: readonly PendingEvent[], write: () => void, durable = true): void {
     this.commit((batch) => {
       write();
-      batch.event(type, action, subject, data);
+      for (const event of events) batch.event(event.type, event.action, event.subject, event.data);
     }, durable);
   }
 

@@ -145,6 +145,11 @@ test("every kind runs as a task and answers what the synchronous API answered", 
   const again = await station.api("POST", "/api/v1/allocations", { requestId: "r-tasks-1", host: "h1", sizeBytes: 16 * MIB });
   assert.equal(again.status, 200);
   assert.equal((again.body as { id: string }).id, (allocated.result as { id: string }).id);
+  // Two at once with one requestId: no conflict between allocation tasks; one 201, one 200, one assignment.
+  const pair = await Promise.all([1, 2].map(() => station.api("POST", "/api/v1/allocations", { requestId: "r-tasks-2", host: "h1", sizeBytes: 16 * MIB })));
+  assert.deepEqual(pair.map((r) => r.status).sort(), [200, 201], pair.map((r) => r.text).join(""));
+  assert.equal((pair[0]?.body as { id: string }).id, (pair[1]?.body as { id: string }).id);
+  assert.notEqual(taskIdOf(pair[0] as ApiResponse), taskIdOf(pair[1] as ApiResponse));
   await checkSync(await station.api("DELETE", "/api/v1/volumes/t1/k1"), 204, "volume.delete");
   // A failing task answers the same error as before, with its task.
   const missing = await station.api("DELETE", "/api/v1/volumes/t1/nope");
@@ -342,6 +347,9 @@ test("kill -9 in the middle of a long wipe: the restarted station says the resta
   assert.ok(before.progress !== null);
   const events = (await recordedEvents(station)).filter((e) => e.type === "task" && e.subject === started.id);
   assert.equal(events.at(-1)?.action, "failed");
+  const metrics = await station.api("GET", "/metrics");
+  assert.match(metrics.text, /\nipsan_station_tasks\{state="failed"\} [1-9][0-9]*\n/);
+  assert.match(metrics.text, /\nipsan_station_tasks\{state="running"\} 0\n/);
   // The volume is no longer held: once the unit is back, a new task on it runs.
   await waitFor("unit t1 online again", async () => ((await station.api("GET", "/api/v1/units/t1")).body as { state?: string }).state === "online" || undefined, { timeoutMs: 15_000 });
   await checkSync(await station.api("DELETE", "/api/v1/volumes/t1/big4"), 204, "volume.delete");

@@ -310,6 +310,10 @@ export class ControlServer {
       if (raw === undefined || (typeof raw === "object" && raw !== null && !Array.isArray(raw) && Object.keys(raw).length === 0)) {
         return { status: 200, body: volumeView(await manager.wipe(name)) };
       }
+      if (typeof raw === "object" && raw !== null && !Array.isArray(raw)) {
+        const unknown = Object.keys(raw).find((key) => key !== "offset" && key !== "length");
+        if (unknown !== undefined) throw fieldError(unknown, `${unknown}: unknown field (expected no fields, or offset and length)`);
+      }
       const body = objectBody(raw, ["offset", "length"]);
       return { status: 200, body: volumeView(await manager.wipe(name, { offset: body["offset"], length: body["length"] })) };
     }

@@ -160,6 +160,7 @@ export function metricsText(api: Api): string {
     renderGauge("ipsan_station_hosts", "Registered hosts, by state", [...hostsByState].map(([state, n]) => [{ state }, n] as const)),
     renderGauge("ipsan_station_assignments", "Live assignments, by state", [...assignmentsByState].map(([state, n]) => [{ state }, n] as const)),
     renderGauge("ipsan_station_event_subscribers", "Open event streams", [[{}, api.subscribers.size]]),
+    renderGauge("ipsan_station_tasks", "Tasks kept (unfinished, and the last TASKS_HISTORY_MAX finished), by state", api.tasks.runner.countByState().map(([state, n]) => [{ state }, n] as const)),
     renderGauge("ipsan_station_leg_replacements", "Mirror leg replacements recorded and not yet finished or undone", [[{}, store.replacements.size]]),
     renderGauge("ipsan_station_leg_volumes_to_delete", "Old or undone leg volumes waiting for their unit (and, for an old leg, its replacement in-sync)", [[{}, store.legDeletions.size]]),
     renderGauge("ipsan_station_resident_memory_bytes", "Resident set size of the station process", [[{}, process.memoryUsage.rss()]]),

@@ -8,9 +8,17 @@ import type { Principal } from "../auth/tokens.ts";
 import type { AllocationInput, AssignInput, Station } from "../station.ts";
 import type { StationStore } from "../store.ts";
 import { assignmentView, volumeView } from "../views.ts";
-import { TaskRunner, type TaskRunnerOptions, type TaskSpec } from "./runner.ts";
+import type { AssignmentRecord } from "../types.ts";
+import { IpsanError, errorMessage } from "../../util/errors.ts";
+import { logger } from "../../util/log.ts";
+import { INTERRUPTED_MESSAGE, TaskRunner, type TaskActor, type TaskAnswer, type TaskRunnerOptions, type TaskSpec } from "./runner.ts";
 import type { TaskRecord } from "./types.ts";
 import { WIPE_CHUNK_BYTES_DEFAULT, checkWipeAllowed, wipeVolume } from "./wipe.ts";
+
+const log = logger("tasks");
+
+/** The starter of the tasks the station starts by itself (leg replacements). */
+export const STATION_ACTOR: TaskActor = { name: "station", role: "station" };
 
 const ONE_UNIT_CALL = "it is one call to the unit, which the unit makes whole or not at all";
 const PENDING_ASSIGNMENT = "a pending assignment is finished or undone by reconcile, never left half made";
@@ -18,6 +26,13 @@ const PENDING_ASSIGNMENT = "a pending assignment is finished or undone by reconc
 export interface StationTasksOptions extends Omit<TaskRunnerOptions, "interrupted"> {
   /** Bytes per call of a volume.wipe (WIPE_CHUNK_BYTES_DEFAULT; $IPSAN_WIPE_CHUNK_BYTES in the station). */
   readonly wipeChunkBytes?: number;
+}
+
+/** The assignment an allocation or manual assignment task recorded (found by its requestId), if any. */
+function assignmentOf(store: StationStore, task: TaskRecord): AssignmentRecord | undefined {
+  const requestId = typeof task.params?.["requestId"] === "string" ? task.params["requestId"] : null;
+  const assignmentId = requestId === null ? null : (store.findRequest(requestId)?.assignmentId ?? null);
+  return assignmentId === null ? undefined : store.getAssignment(assignmentId);
 }
 
 /** What reconcile does for a task of `task.kind` that a restart interrupted (the end of its message). */
@@ -34,6 +49,8 @@ export function interruptedDetail(store: StationStore, task: TaskRecord): string
       const how = progress === null ? "" : ` (at least ${progress.done} of ${progress.total} bytes were zeroed)`;
       return `${target} is partly zeroed${how}; start the wipe again to finish it`;
     }
+    case "leg.replace":
+      return `the replacement loop carries it on from what it recorded: finished (event leg-replaced) or undone (event leg-replacement-undone)`;
     case "assignment.delete": {
       const assignment = store.getAssignment(task.target.id);
       if (assignment === undefined) return `reconcile finishes the revoke of ${target}`;
@@ -44,8 +61,7 @@ export function interruptedDetail(store: StationStore, task: TaskRecord): string
     case "allocation":
     case "assignment.create": {
       const requestId = typeof task.params?.["requestId"] === "string" ? task.params["requestId"] : null;
-      const assignmentId = requestId === null ? null : (store.findRequest(requestId)?.assignmentId ?? null);
-      const assignment = assignmentId === null ? undefined : store.getAssignment(assignmentId);
+      const assignment = assignmentOf(store, task);
       if (assignment === undefined) {
         return requestId === null
           ? "reconcile finishes or undoes any pending assignment it recorded"
@@ -67,7 +83,99 @@ export class StationTasks {
   constructor(station: Station, options: StationTasksOptions = {}) {
     this.station = station;
     this.wipeChunkBytes = options.wipeChunkBytes ?? WIPE_CHUNK_BYTES_DEFAULT;
-    this.runner = new TaskRunner(station.store, { ...options, interrupted: (task) => interruptedDetail(station.store, task) });
+    const store = station.store;
+    const interrupted: TaskRecord[] = [];
+    this.runner = new TaskRunner(store, {
+      ...options,
+      interrupted: (task) => {
+        interrupted.push(task);
+        return interruptedDetail(store, task);
+      },
+    });
+    this.followReconcile(interrupted);
+    this.followLegReplacements();
+  }
+
+  /** Replacements under way, by "assignment/leg": how their leg.replace task ends. */
+  private readonly replacing = new Map<string, { resolve(answer: TaskAnswer): void; reject(error: unknown): void }>();
+
+  /**
+   * Leg replacements (replacement.ts) are started by the station's own loop:
+   * each shows as a task "leg.replace" (started by "station") from its
+   * leg-replacing event to its leg-replaced (succeeded) or
+   * leg-replacement-undone (failed) event. It holds no object (the loop owns
+   * the assignment's lock while it works) and cannot be cancelled.
+   */
+  private followLegReplacements(): void {
+    this.station.store.subscribe((event) => {
+      if (event.type !== "assignment") return;
+      const data = (event.data ?? {}) as { leg?: unknown; reason?: unknown };
+      const key = `${event.subject}/${String(data.leg)}`;
+      if (event.action === "leg-replacing") {
+        if (this.replacing.has(key)) return;
+        let settle = { resolve: (_: TaskAnswer): void => undefined, reject: (_: unknown): void => undefined };
+        const outcome = new Promise<TaskAnswer>((resolve, reject) => (settle = { resolve, reject }));
+        this.replacing.set(key, settle);
+        // After this event has reached every subscriber.
+        queueMicrotask(() => {
+          try {
+            this.runner.start(
+            {
+              kind: "leg.replace",
+              target: { type: "assignment", id: event.subject },
+              objects: [],
+              notCancellable: "the replacement loop owns it: it finishes or undoes the replacement itself",
+              params: { assignment: event.subject, leg: data.leg ?? null },
+              run: () => outcome,
+            },
+            STATION_ACTOR,
+          );
+          } catch (error) {
+            // Only the bound on unfinished tasks can refuse it: the replacement goes on without its task.
+            this.replacing.delete(key);
+            log.warn("cannot show a leg replacement as a task", { assignment: event.subject, leg: String(data.leg), error: errorMessage(error) });
+          }
+        });
+        return;
+      }
+      const waiting = this.replacing.get(key);
+      if (waiting === undefined) return;
+      if (event.action === "leg-replaced") {
+        this.replacing.delete(key);
+        waiting.resolve({ status: 200, body: event.data });
+      } else if (event.action === "leg-replacement-undone") {
+        this.replacing.delete(key);
+        const reason = typeof data.reason === "string" ? `: ${data.reason}` : "";
+        waiting.reject(new IpsanError("CONFLICT", `replacement of leg ${String(data.leg)} of assignment ${event.subject} undone${reason}`));
+      }
+    });
+  }
+
+  /**
+   * An interrupted allocation or assignment whose assignment is still pending:
+   * when reconcile finishes or undoes it, the task's message says which.
+   */
+  private followReconcile(interrupted: readonly TaskRecord[]): void {
+    const store = this.station.store;
+    const awaiting = new Map<string, string>();
+    for (const task of interrupted) {
+      const assignment = task.kind === "allocation" || task.kind === "assignment.create" ? assignmentOf(store, task) : undefined;
+      if (assignment?.state === "pending") awaiting.set(assignment.id, task.id);
+    }
+    if (awaiting.size === 0) return;
+    const unsubscribe = store.subscribe((event) => {
+      const taskId = event.type === "assignment" ? awaiting.get(event.subject) : undefined;
+      if (taskId === undefined || (event.action !== "active" && event.action !== "failed")) return;
+      awaiting.delete(event.subject);
+      if (awaiting.size === 0) unsubscribe();
+      const error = (event.data as { error?: unknown } | null)?.error;
+      const outcome =
+        event.action === "active"
+          ? `reconcile finished assignment ${event.subject} (active)`
+          : `reconcile undid assignment ${event.subject} (failed${typeof error === "string" ? `: ${error}` : ""})`;
+      // After this event has reached every subscriber: the task's change is published after it.
+      queueMicrotask(() => this.runner.amendMessage(taskId, `${INTERRUPTED_MESSAGE}: ${outcome}`));
+    });
   }
 
   private assignedTo(unit: string, volume: string): string | null {

@@ -22,11 +22,11 @@ import { randomBytes } from "node:crypto";
 import { assert } from "../../util/assert.ts";
 import { ERROR_CODES, IpsanError, errorMessage } from "../../util/errors.ts";
 import { logger } from "../../util/log.ts";
-import type { Principal } from "../auth/tokens.ts";
 import type { StationStore } from "../store.ts";
 import { TaskTable } from "./table.ts";
 import {
   FINISHED_TASK_STATES,
+  TASK_STATES,
   TASK_TRANSITIONS,
   taskView,
   type TaskError,
@@ -77,6 +77,8 @@ export interface TaskSpec {
 export interface TaskRunnerOptions {
   readonly historyMax?: number;
   readonly runningMax?: number;
+  /** TASKS_UNFINISHED_MAX unless given (tests). */
+  readonly unfinishedMax?: number;
   readonly progressIntervalMs?: number;
   /** For a task a restart interrupted: what reconcile does for it (appended to INTERRUPTED_MESSAGE). */
   readonly interrupted?: (task: TaskRecord) => string;
@@ -89,6 +91,12 @@ interface Live {
   readonly waiters: Set<() => void>;
   lastProgressWriteMs: number;
   cancelledBy: string | null;
+}
+
+/** Who starts or cancels a task: a token (src/station/auth Principal), or the station itself ({name: "station", role: "station"}). */
+export interface TaskActor {
+  readonly name: string;
+  readonly role: string;
 }
 
 /** True when key `a` and key `b` name the same object or one contains the other ("volume:u/v" and "volume:u/v/p1"). */
@@ -124,6 +132,7 @@ export class TaskRunner {
   private readonly table: TaskTable;
   private readonly historyMax: number;
   private readonly runningMax: number;
+  private readonly unfinishedMax: number;
   private readonly progressIntervalMs: number;
   /** Every task kept, by id (finished ones up to historyMax). */
   private readonly tasks = new Map<string, TaskRecord>();
@@ -137,8 +146,9 @@ export class TaskRunner {
     this.table = new TaskTable(store.database);
     this.historyMax = options.historyMax ?? TASKS_HISTORY_MAX;
     this.runningMax = options.runningMax ?? TASKS_RUNNING_MAX;
+    this.unfinishedMax = options.unfinishedMax ?? TASKS_UNFINISHED_MAX;
     this.progressIntervalMs = options.progressIntervalMs ?? TASK_PROGRESS_INTERVAL_MS;
-    assert(this.historyMax >= 1 && this.runningMax >= 1, "task limits must be positive");
+    assert(this.historyMax >= 1 && this.runningMax >= 1 && this.unfinishedMax >= this.runningMax, "task limits must be positive, and unfinishedMax >= runningMax");
     for (const task of this.table.all()) this.tasks.set(task.id, task);
     this.finishInterrupted(options.interrupted ?? (() => ""));
   }
@@ -179,6 +189,13 @@ export class TaskRunner {
     return out.sort((a, b) => b.seq - a.seq);
   }
 
+  /** How many tasks are kept in each state (every state listed). */
+  countByState(): [TaskState, number][] {
+    const counts = new Map<TaskState, number>(TASK_STATES.map((state) => [state, 0]));
+    for (const task of this.tasks.values()) counts.set(task.state, (counts.get(task.state) ?? 0) + 1);
+    return [...counts];
+  }
+
   get unfinishedCount(): number {
     return this.live.size;
   }
@@ -216,7 +233,7 @@ export class TaskRunner {
    * Refuses at once (409 CONFLICT) when an unfinished task holds one of its
    * objects, naming that task, its kind and its starter.
    */
-  start(spec: TaskSpec, principal: Principal): TaskRecord {
+  start(spec: TaskSpec, principal: TaskActor): TaskRecord {
     for (const key of spec.objects) {
       const holder = this.holderOf(key);
       if (holder !== undefined) {
@@ -227,8 +244,8 @@ export class TaskRunner {
         );
       }
     }
-    if (this.live.size >= TASKS_UNFINISHED_MAX) {
-      throw new IpsanError("UNAVAILABLE", `too many unfinished tasks (TASKS_UNFINISHED_MAX=${TASKS_UNFINISHED_MAX}); try again when some have finished`);
+    if (this.live.size >= this.unfinishedMax) {
+      throw new IpsanError("UNAVAILABLE", `too many unfinished tasks (TASKS_UNFINISHED_MAX=${this.unfinishedMax}); try again when some have finished`);
     }
     const nowMs = this.store.clock.nowMs();
     const record: TaskRecord = {
@@ -251,15 +268,26 @@ export class TaskRunner {
       startedAtMs: null,
       finishedAtMs: null,
     };
+    // With a free slot and nobody waiting, it is recorded queued and running in one transaction (one fsync).
+    const runNow = this.running < this.runningMax && this.queue.length === 0;
+    const written: TaskRecord = runNow ? { ...record, state: "running", startedAtMs: nowMs } : record;
+    const events = [{ type: "task" as const, action: "queued", subject: record.id, data: taskView(record) }];
+    if (runNow) events.push({ type: "task", action: "running", subject: record.id, data: taskView(written) });
     let seq = 0;
-    this.store.recordChange("task", "queued", record.id, taskView(record), () => {
-      seq = this.table.insert(record);
+    this.store.recordChanges(events, () => {
+      seq = this.table.insert(written);
     });
-    const inserted = { ...record, seq };
+    const inserted = { ...written, seq };
     this.tasks.set(inserted.id, inserted);
-    this.live.set(inserted.id, { record: inserted, spec, controller: new AbortController(), waiters: new Set(), lastProgressWriteMs: 0, cancelledBy: null });
-    this.queue.push(inserted.id);
-    this.pump();
+    const live: Live = { record: inserted, spec, controller: new AbortController(), waiters: new Set(), lastProgressWriteMs: 0, cancelledBy: null };
+    this.live.set(inserted.id, live);
+    if (runNow) {
+      this.running += 1;
+      void this.execute(live);
+    } else {
+      this.queue.push(inserted.id);
+      this.pump();
+    }
     return this.tasks.get(inserted.id) ?? inserted;
   }
 
@@ -276,7 +304,7 @@ export class TaskRunner {
   private async execute(live: Live): Promise<void> {
     const spec = live.spec;
     assert(spec !== null, "a live task has its spec");
-    this.transition(live, "running", { startedAtMs: this.store.clock.nowMs() });
+    if (live.record.state === "queued") this.transition(live, "running", { startedAtMs: this.store.clock.nowMs() });
     const ctx: TaskContext = {
       signal: live.controller.signal,
       progress: (done, total, unit) => this.progress(live, { done, total, unit }),
@@ -347,6 +375,15 @@ export class TaskRunner {
     }
   }
 
+  /** Replaces the message of a finished task (what reconcile later did for one a restart interrupted); published like a change. */
+  amendMessage(id: string, message: string): TaskRecord | undefined {
+    const task = this.tasks.get(id);
+    if (task === undefined || !FINISHED_TASK_STATES.has(task.state)) return task;
+    const amended = { ...task, message };
+    this.write(amended, amended.state, true);
+    return amended;
+  }
+
   // ---- cancelling ---------------------------------------------------------------
 
   /**
@@ -354,7 +391,7 @@ export class TaskRunner {
    * signalled (its work stops where it is safe). Refused (409) when the task is
    * finished or its kind cannot be cancelled, saying why.
    */
-  cancel(id: string, principal: Principal): TaskRecord {
+  cancel(id: string, principal: TaskActor): TaskRecord {
     const task = this.tasks.get(id);
     if (task === undefined) throw new IpsanError("NOT_FOUND", `task ${JSON.stringify(id)} not found`, { field: "id" });
     const live = this.live.get(id);

@@ -1,25 +1,30 @@
 // Proves the task runner on a real SQLite database (the station's own store,
 // with an injected clock): finished tasks beyond the history bound are
 // deleted oldest first, in memory and on disk; past TASKS_RUNNING_MAX tasks
-// wait queued and a queued task is cancelled at once; object keys conflict
+// wait queued and a queued task is cancelled at once; past
+// TASKS_UNFINISHED_MAX a new one is refused with UNAVAILABLE; object keys conflict
 // with themselves and with the keys below them, and a refusal names the
 // holder; progress events are written at most once per interval of the
 // injected clock; a second runner on the same database (what a restart
 // makes) finishes the tasks the first left unfinished as failed,
 // "interrupted by a station restart", with what reconcile does for their
-// kind; a task whose kind cannot be cancelled refuses cancel, saying why,
+// kind, and an interrupted allocation's message later says whether reconcile
+// finished or undid its pending assignment; a task whose kind cannot be cancelled refuses cancel, saying why,
 // and runs to its end.
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { makeTempDir, memoryTmpBase } from "../../testing/tmp.ts";
+import { IpsanError } from "../../util/errors.ts";
 import type { Principal } from "../auth/tokens.ts";
 import { openDatabase } from "../db.ts";
 import { StationStore } from "../store.ts";
 import type { StationEvent } from "../types.ts";
 import { INTERRUPTED_MESSAGE, TaskConflictError, TaskRunner, keysConflict, type TaskSpec } from "./runner.ts";
-import { interruptedDetail } from "./operations.ts";
+import { StationTasks, interruptedDetail } from "./operations.ts";
+import { StationMetrics } from "../metrics.ts";
+import { DEFAULT_STATION_OPTIONS, Station } from "../station.ts";
 
 const ADMIN: Principal = { name: "admin", role: "admin", host: null };
 const OPERATOR: Principal = { name: "op1", role: "operator", host: null };
@@ -67,7 +72,7 @@ test("history bound, queue, cancel of a queued task, conflicts, progress throttl
     const store = openStore(join(dir.path, "station.db"), { nowMs: () => nowMs });
     const events: StationEvent[] = [];
     store.subscribe((event) => events.push(event));
-    const runner = new TaskRunner(store, { historyMax: 3, runningMax: 1, progressIntervalMs: 1_000 });
+    const runner = new TaskRunner(store, { historyMax: 3, runningMax: 1, unfinishedMax: 3, progressIntervalMs: 1_000 });
 
     // History: 5 tasks finish, the 3 newest are kept.
     const ids: string[] = [];
@@ -86,6 +91,12 @@ test("history bound, queue, cancel of a queued task, conflicts, progress throttl
     assert.equal(runner.get(running.id)?.state, "running");
     const queued = runner.start(spec(["volume:u1/v2"]), ADMIN);
     assert.equal(runner.get(queued.id)?.state, "queued");
+    // Past unfinishedMax (3 here): refused with 503 UNAVAILABLE, nothing recorded.
+    const third = runner.start(spec(["volume:u1/v5"]), ADMIN);
+    const before = runner.list().length;
+    assert.throws(() => runner.start(spec(["volume:u1/v6"]), ADMIN), (error: unknown) => error instanceof IpsanError && error.code === "UNAVAILABLE" && /too many unfinished tasks/.test(error.message));
+    assert.equal(runner.list().length, before);
+    runner.cancel(third.id, ADMIN);
     assert.throws(
       () => runner.start(spec(["volume:u1/v1/p1"]), ADMIN),
       (error: unknown) =>
@@ -178,6 +189,40 @@ test("a restart finishes the tasks it interrupted as failed, saying what reconci
     assert.equal(allocated?.message, `${INTERRUPTED_MESSAGE}: no assignment was recorded for request r9 (or it was undone): ask again`);
     // The new runner holds nothing: the volume is free for a new task.
     assert.equal(second.holderOf("volume:u1/v1"), undefined);
+    store.close();
+  } finally {
+    dir.remove();
+  }
+});
+
+test("an interrupted allocation says what reconcile did with its pending assignment", async () => {
+  const dir = makeTempDir("tasks-runner", memoryTmpBase());
+  try {
+    const clock = { nowMs: () => Date.now() };
+    const store = openStore(join(dir.path, "station.db"), clock);
+    const first = new TaskRunner(store);
+    const never = gate();
+    const task = first.start({ kind: "allocation", target: { type: "host", id: "h1" }, objects: [], notCancellable: "x", params: { requestId: "r1" }, run: never.run }, ADMIN);
+    const nowMs = clock.nowMs();
+    store.insertAssignment(
+      { id: "a-1", requestId: "r1", host: "h1", hostAddress: "127.0.0.2", unit: "u1", volume: "v1", partition: null, sizeBytes: 1 << 20, state: "pending", carved: false, wipe: false, copies: 1, legs: [], error: null, detail: null, createdAtMs: nowMs, updatedAtMs: nowMs },
+      { requestId: "r1", params: "{}" },
+      { name: "h1", address: "127.0.0.2" },
+    );
+    // What a restart makes: a store and a station core on the same database, then their tasks.
+    const restarted = new StationStore(store.database, clock);
+    const station = new Station(restarted, new StationMetrics(), { clusterKey: Buffer.alloc(32, 1), ...DEFAULT_STATION_OPTIONS });
+    const tasks = new StationTasks(station);
+    assert.equal(tasks.runner.get(task.id)?.message, `${INTERRUPTED_MESSAGE}: reconcile finishes or undoes pending assignment a-1`);
+    const events: StationEvent[] = [];
+    restarted.subscribe((event) => events.push(event));
+    restarted.updateAssignment("a-1", "failed", { error: "unit u1 is gone" });
+    await new Promise((resolve) => setImmediate(resolve));
+    assert.equal(tasks.runner.get(task.id)?.message, `${INTERRUPTED_MESSAGE}: reconcile undid assignment a-1 (failed: unit u1 is gone)`);
+    assert.deepEqual(events.map((e) => `${e.type} ${e.action}`), ["assignment failed", "task failed"]);
+    // The new message is on disk.
+    const reread = new TaskRunner(new StationStore(store.database, clock));
+    assert.equal(reread.get(task.id)?.message, `${INTERRUPTED_MESSAGE}: reconcile undid assignment a-1 (failed: unit u1 is gone)`);
     store.close();
   } finally {
     dir.remove();

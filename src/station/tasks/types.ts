@@ -25,6 +25,7 @@ export const TASK_KINDS = [
   "assignment.create",
   "assignment.delete",
   "allocation",
+  "leg.replace",
 ] as const;
 export type TaskKind = (typeof TASK_KINDS)[number];
 
