@@ -6,8 +6,11 @@
 // open connection is counted while it is open; GET /metrics is Prometheus
 // text whose every family has HELP and TYPE and whose samples parse; both
 // need the control token; and a restarted unit answers a new bootId with its
-// counters back at zero.
+// counters back at zero; a token from --metrics-token-file reads /metrics and
+// /v1/stats and nothing else (403).
 
+import { writeFileSync } from "node:fs";
+import { join } from "node:path";
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { controlOk, controlRequest } from "../testing/control.ts";
@@ -153,15 +156,28 @@ test("a unit counts I/O per export and volume; /v1/stats and /metrics report it;
     assert.equal(buckets.length, LATENCY_BUCKETS_US.length + 1);
     for (let i = 1; i < buckets.length; i++) assert.ok((buckets[i]?.value ?? 0) >= (buckets[i - 1]?.value ?? 0), "buckets are cumulative");
 
-    // A restart: a new bootId, counters from zero.
+    // A restart: a new bootId, counters from zero. With --metrics-token-file, a token that reads the statistics only.
     const stopped = await unit.stop();
     assert.equal(stopped.code, 0);
-    const again = await startUnit({ capacity: "128M", dataDir: unit.dataDir, control: true });
+    const metricsTokenFile = join(unit.dataDir, "metrics.token");
+    const metricsToken = "scrape-only-token-0123456789";
+    writeFileSync(metricsTokenFile, `${metricsToken}\n`, { mode: 0o600 });
+    const again = await startUnit({ capacity: "128M", dataDir: unit.dataDir, control: true, extraArgs: ["--metrics-token-file", metricsTokenFile] });
     try {
       const fresh = (await controlOk(again, "GET", "/v1/stats")) as UnitStatsView;
       assert.notEqual(fresh.bootId, stats.bootId);
       assert.equal(fresh.totals.writes, 0);
       assert.ok(fresh.uptimeMs < stats.uptimeMs + 60_000);
+      assert.equal((await controlRequest(again, "GET", "/v1/stats", undefined, metricsToken)).status, 200);
+      const scrape = await fetchText(`${again.controlUrl}/metrics`, { headers: { authorization: `Bearer ${metricsToken}` } }, 10_000);
+      assert.equal(scrape.response.status, 200);
+      assert.match(scrape.text, /^# TYPE ipsan_unit_requests_total counter$/m);
+      for (const [method, path] of [["GET", "/v1/info"], ["GET", "/v1/volumes"], ["POST", "/v1/volumes"], ["DELETE", "/v1/volumes/v2"]] as const) {
+        const refused = await controlRequest(again, method, path, method === "POST" ? { name: "x1", sizeBytes: MIB } : undefined, metricsToken);
+        assert.equal(refused.status, 403, `${method} ${path} with the metrics token`);
+        assert.equal((refused.body as { error?: { code?: string } }).error?.code, "PERMISSION_DENIED");
+      }
+      assert.ok(((await controlOk(again, "GET", "/v1/volumes")) as { items: { name: string }[] }).items.some((v) => v.name === "v2"), "nothing changed");
     } finally {
       await again.close();
     }
