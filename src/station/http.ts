@@ -26,8 +26,7 @@ import { AUDIT_LIST_LIMIT_DEFAULT, AUDIT_LIST_LIMIT_MAX, tailEntries, verifyAudi
 import { authorize } from "./auth/permissions.ts";
 import { ADMIN_TOKEN_NAME, JOIN_TOKEN_TTL_MS_DEFAULT, JOIN_TOKEN_TTL_MS_MAX, TOKEN_ROLES, tokenView, type Principal, type TokenRole, type TokenStore } from "./auth/tokens.ts";
 import { parseDuration } from "../util/duration.ts";
-import { StationStats } from "./stats/collector.ts";
-import { realClock } from "../discovery/clock.ts";
+import { type StationStats, idleStats } from "./stats/collector.ts";
 import { poolStats, unitStats, unitsStats } from "./stats/api.ts";
 
 export const BODY_BYTES_MAX = 64 * 1024;
@@ -150,8 +149,7 @@ export class ApiServer {
     this.audit = options.audit;
     this.extraMetrics = options.extraMetrics;
     this.legReports = new LegReports(options.station.store);
-    this.stats =
-      options.stats ?? new StationStats({ pollable: () => [], fetch: () => Promise.reject(new Error("no statistics")), pool: () => ({ capacityBytes: 0, usedBytes: 0, freeBytes: 0, units: 0, unitsOnline: 0 }) }, { clock: realClock });
+    this.stats = options.stats ?? idleStats();
     this.routes = this.buildRoutes();
     const serverOptions = { headersTimeout: HTTP_HEADERS_TIMEOUT_MS, requestTimeout: HTTP_REQUEST_TIMEOUT_MS };
     const onRequest = (req: IncomingMessage, res: ServerResponse): void => {

@@ -14,7 +14,7 @@
 // Time comes from an injected clock (src/discovery/clock.ts): tests drive
 // polls and the pool step with ManualClock.
 
-import type { Clock, TimerHandle } from "../../discovery/clock.ts";
+import { type Clock, type TimerHandle, realClock } from "../../discovery/clock.ts";
 import { errorMessage } from "../../util/errors.ts";
 import { logger } from "../../util/log.ts";
 import { type UnitSample, unitStep } from "./rates.ts";
@@ -211,4 +211,14 @@ export class StationStats {
     for (const series of this.#units.values()) bytes += series.capacity * (8 + RATE_FIELDS.length * 4 * (1 + series.volumeCount));
     return bytes;
   }
+}
+
+/** Statistics that never poll (an API server made without a collector): empty series. */
+export function idleStats(): StationStats {
+  const source: StatsSource = {
+    pollable: () => [],
+    fetch: () => Promise.reject(new Error("no statistics collector")),
+    pool: () => ({ capacityBytes: 0, usedBytes: 0, freeBytes: 0, units: 0, unitsOnline: 0 }),
+  };
+  return new StationStats(source, { clock: realClock });
 }
