@@ -10,12 +10,13 @@
 // from zero) and does a little more I/O: no point of any series is negative,
 // and points after the restart show the new I/O. The pool's series has the
 // unit's capacity; a viewer's token reads the statistics; a bad ?window= is a
-// 400 naming `window`.
+// 400 naming `window`; the station's /metrics counts the polls.
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import type { Assignment } from "../host/station_client.ts";
 import { StationClient, StationError } from "../host/station_client.ts";
+import { fetchText } from "../testing/fetch.ts";
 import { fioTlsEnv } from "../testing/fio_tls.ts";
 import { sleep, waitFor } from "../testing/process.ts";
 import type { RatePoint } from "../station/stats/series.ts";
@@ -133,6 +134,13 @@ test("stats: the station's series show what real clients did on a unit, survive 
       await assert.rejects(viewer.call("GET", path), (error: unknown) => error instanceof StationError && error.status === 400 && error.field === field, path);
     }
     await assert.rejects(viewer.call("GET", "/api/v1/stats/units/nope"), (error: unknown) => error instanceof StationError && error.status === 404);
+
+    // The collector's own counters on the station's /metrics.
+    const metrics = await fetchText(`${station.apiUrl}/metrics`, { headers: { authorization: `Bearer ${viewerToken}` } }, 10_000);
+    const polled = /^ipsan_station_stats_polls_total\{result="ok"\} ([0-9]+)$/m.exec(metrics.text);
+    assert.ok(polled !== null && Number(polled[1]) >= 10, `polls counted: ${polled?.[0]}`);
+    assert.match(metrics.text, /^ipsan_station_stats_polls_total\{result="failed"\} [0-9]+$/m);
+    assert.match(metrics.text, /^ipsan_station_stats_series_bytes [1-9][0-9]*$/m);
   } finally {
     await san.close();
   }

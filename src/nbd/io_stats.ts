@@ -171,6 +171,8 @@ export class IoStats {
   readonly bootId = randomBytes(8).toString("hex");
   readonly #startedAtMs = performance.now();
   readonly #exports = new Map<string, ExportCounters>();
+  /** The counters of exports dropped by prune: kept in the totals, so the totals never go back within one boot. */
+  readonly #retired = zeroCounters();
 
   /** Milliseconds since this process started counting (monotonic). */
   uptimeMs(): number {
@@ -190,7 +192,18 @@ export class IoStats {
 
   /** Drops the counters of exports with no connection that `exists` says are gone (a deleted volume, a partition no more). */
   prune(exists: (name: string) => boolean): void {
-    for (const [name, counters] of this.#exports) if (counters.connections === 0 && !exists(name)) this.#exports.delete(name);
+    for (const [name, counters] of this.#exports) {
+      if (counters.connections !== 0 || exists(name)) continue;
+      addCounters(this.#retired, counters.view());
+      this.#exports.delete(name);
+    }
+  }
+
+  /** Every export's counters summed, those dropped by prune included: they never go back within one boot. */
+  totals(): IoCountersView {
+    const sum = addCounters(zeroCounters(), this.#retired);
+    for (const counters of this.#exports.values()) addCounters(sum, counters.view());
+    return sum;
   }
 
   exports(): IterableIterator<ExportCounters> {

@@ -50,6 +50,8 @@ export interface ControlServerOptions {
   readonly nbd: () => { host: string; port: number } | { path: string } | undefined;
   /** The NBD server's TLS mode, reported by GET /v1/info (the station gives a unit that is not "off" grants by host identity). */
   readonly tls?: TlsMode;
+  /** Tokens that may only read GET /metrics and GET /v1/stats (--metrics-token-file: a Prometheus scrape). */
+  readonly readTokens?: readonly string[];
   /** The NBD server's I/O counters, for GET /v1/stats and GET /metrics (absent: zeroes). */
   readonly io?: () => IoSource | undefined;
 }
@@ -162,7 +164,17 @@ export class ControlServer {
     const authorization = request.headers.authorization ?? "";
     const match = /^Bearer ([\x21-\x7e]{1,512})$/.exec(authorization);
     const accepted = [...this.#options.tokens, ...(this.#options.extraTokens?.() ?? [])];
-    if (match === null || match[1] === undefined || !tokenAccepted(match[1], accepted)) {
+    const presented = match?.[1];
+    const readOnly = presented !== undefined && !tokenAccepted(presented, accepted) && tokenAccepted(presented, this.#options.readTokens ?? []);
+    if (readOnly) {
+      const path = (request.url ?? "/").split("?")[0];
+      if (request.method !== "GET" || (path !== "/metrics" && path !== "/v1/stats")) {
+        log.limited("control-read-token", "the metrics token may only read GET /metrics and GET /v1/stats", { peer });
+        request.resume();
+        this.#send(response, errorReply(new IpsanError("PERMISSION_DENIED", "the metrics token may only read GET /metrics and GET /v1/stats")));
+        return;
+      }
+    } else if (presented === undefined || !tokenAccepted(presented, accepted)) {
       log.limited("control-unauthenticated", "control request without a valid token", { peer });
       request.resume();
       response.setHeader("WWW-Authenticate", 'Bearer realm="ipsan-unit"');

@@ -28,6 +28,7 @@ export interface UnitStatsView {
   /** NBD connections open (in the handshake or serving an export). */
   connections: number;
   latencyBucketsUs: readonly number[];
+  /** Every export's counters since the start, those of exports since deleted included (never decreasing within one boot). */
   totals: IoCountersView;
   volumes: VolumeStatsView[];
 }
@@ -49,7 +50,6 @@ function exportExists(manager: VolumeManager, name: string): boolean {
 export function unitStats(unit: string, source: IoSource, manager: VolumeManager): UnitStatsView {
   source.stats.prune((name) => exportExists(manager, name));
   const volumes = new Map<string, VolumeStatsView>();
-  const totals = zeroCounters();
   for (const counters of source.stats.exports()) {
     const view = counters.view();
     const volumeName = parseExportName(counters.name)?.volume ?? counters.name;
@@ -60,7 +60,6 @@ export function unitStats(unit: string, source: IoSource, manager: VolumeManager
     }
     addCounters(volume, view);
     volume.exports.push({ export: counters.name, ...view });
-    addCounters(totals, view);
   }
   const items = [...volumes.values()].sort((a, b) => (a.volume < b.volume ? -1 : 1));
   for (const item of items) item.exports.sort((a, b) => (a.export < b.export ? -1 : 1));
@@ -70,7 +69,7 @@ export function unitStats(unit: string, source: IoSource, manager: VolumeManager
     uptimeMs: Math.round(source.stats.uptimeMs()),
     connections: source.connectionCount,
     latencyBucketsUs: LATENCY_BUCKETS_US,
-    totals,
+    totals: source.stats.totals(),
     volumes: items,
   };
 }

@@ -3,11 +3,15 @@
 // requests (writes, reads, a flush, trims, a zero, one out-of-range read that
 // the unit refuses) on a volume and on one of its partitions shows up exactly
 // in GET /v1/stats, summed per volume with the partition's export apart; an
-// open connection is counted while it is open; GET /metrics is Prometheus
+// open connection is counted while it is open; a deleted volume leaves the
+// answer but not the totals; GET /metrics is Prometheus
 // text whose every family has HELP and TYPE and whose samples parse; both
 // need the control token; and a restarted unit answers a new bootId with its
-// counters back at zero.
+// counters back at zero; a token from --metrics-token-file reads /metrics and
+// /v1/stats and nothing else (403).
 
+import { writeFileSync } from "node:fs";
+import { join } from "node:path";
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { controlOk, controlRequest } from "../testing/control.ts";
@@ -123,6 +127,16 @@ test("a unit counts I/O per export and volume; /v1/stats and /metrics report it;
     assert.equal(open, 1, "the open connection on v2 is counted");
     await holder;
 
+    // A volume deleted: its counters leave the answer, and stay in the totals (they never go back within one boot).
+    const beforeDelete = (await controlOk(unit, "GET", "/v1/stats")) as UnitStatsView;
+    assert.equal(volumeOf(beforeDelete, "v2").reads, 1);
+    await controlOk(unit, "DELETE", "/v1/volumes/v2");
+    const afterDelete = (await controlOk(unit, "GET", "/v1/stats")) as UnitStatsView;
+    assert.equal(afterDelete.volumes.some((v) => v.volume === "v2"), false, "the deleted volume's counters are dropped");
+    const { connections: _c1, ...totalsBefore } = beforeDelete.totals;
+    const { connections: _c2, ...totalsAfter } = afterDelete.totals;
+    assert.deepEqual(totalsAfter, totalsBefore, "the totals keep the deleted volume's I/O");
+
     // Prometheus text, with the control token only.
     assert.equal((await controlRequest(unit, "GET", "/metrics", undefined, "not-the-token-0123456789")).status, 401);
     assert.equal((await controlRequest(unit, "GET", "/v1/stats", undefined, "not-the-token-0123456789")).status, 401);
@@ -153,15 +167,28 @@ test("a unit counts I/O per export and volume; /v1/stats and /metrics report it;
     assert.equal(buckets.length, LATENCY_BUCKETS_US.length + 1);
     for (let i = 1; i < buckets.length; i++) assert.ok((buckets[i]?.value ?? 0) >= (buckets[i - 1]?.value ?? 0), "buckets are cumulative");
 
-    // A restart: a new bootId, counters from zero.
+    // A restart: a new bootId, counters from zero. With --metrics-token-file, a token that reads the statistics only.
     const stopped = await unit.stop();
     assert.equal(stopped.code, 0);
-    const again = await startUnit({ capacity: "128M", dataDir: unit.dataDir, control: true });
+    const metricsTokenFile = join(unit.dataDir, "metrics.token");
+    const metricsToken = "scrape-only-token-0123456789";
+    writeFileSync(metricsTokenFile, `${metricsToken}\n`, { mode: 0o600 });
+    const again = await startUnit({ capacity: "128M", dataDir: unit.dataDir, control: true, extraArgs: ["--metrics-token-file", metricsTokenFile] });
     try {
       const fresh = (await controlOk(again, "GET", "/v1/stats")) as UnitStatsView;
       assert.notEqual(fresh.bootId, stats.bootId);
       assert.equal(fresh.totals.writes, 0);
       assert.ok(fresh.uptimeMs < stats.uptimeMs + 60_000);
+      assert.equal((await controlRequest(again, "GET", "/v1/stats", undefined, metricsToken)).status, 200);
+      const scrape = await fetchText(`${again.controlUrl}/metrics`, { headers: { authorization: `Bearer ${metricsToken}` } }, 10_000);
+      assert.equal(scrape.response.status, 200);
+      assert.match(scrape.text, /^# TYPE ipsan_unit_requests_total counter$/m);
+      for (const [method, path] of [["GET", "/v1/info"], ["GET", "/v1/volumes"], ["POST", "/v1/volumes"], ["DELETE", "/v1/volumes/v1"]] as const) {
+        const refused = await controlRequest(again, method, path, method === "POST" ? { name: "x1", sizeBytes: MIB } : undefined, metricsToken);
+        assert.equal(refused.status, 403, `${method} ${path} with the metrics token`);
+        assert.equal((refused.body as { error?: { code?: string } }).error?.code, "PERMISSION_DENIED");
+      }
+      assert.ok(((await controlOk(again, "GET", "/v1/volumes")) as { items: { name: string }[] }).items.some((v) => v.name === "v1"), "nothing changed");
     } finally {
       await again.close();
     }

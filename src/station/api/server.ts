@@ -34,8 +34,7 @@ import type { AuditLog } from "../auth/audit.ts";
 import { authorize } from "../auth/permissions.ts";
 import type { Principal, TokenStore } from "../auth/tokens.ts";
 import { StationTasks } from "../tasks/operations.ts";
-import { StationStats } from "../stats/collector.ts";
-import { realClock } from "../../discovery/clock.ts";
+import { idleStats, type StationStats } from "../stats/collector.ts";
 import { answerTask, TASK_WAIT_MS } from "../tasks/answer.ts";
 import { errorReply } from "./errors.ts";
 import {
@@ -223,12 +222,7 @@ export class ApiServer {
       add: (spec) => this.add(spec),
       answerTask: (ctx, task) => answerTask(this.api.tasks.runner, task, ctx.request.headers.prefer, this.api.taskWaitMs),
     };
-    const stats =
-      options.stats ??
-      new StationStats(
-        { pollable: () => [], fetch: () => Promise.reject(new Error("no statistics")), pool: () => ({ capacityBytes: 0, usedBytes: 0, freeBytes: 0, units: 0, unitsOnline: 0 }) },
-        { clock: realClock },
-      );
+    const stats = options.stats ?? idleStats();
     void app.register(async () => {
       systemRoutes(this.api, () => app.swagger());
       unitRoutes(this.api);

@@ -2,7 +2,7 @@
 // every pollIntervalMs it reads GET /v1/stats of each online unit (through
 // the one unit client, src/station/unit_client.ts; at most `concurrency`
 // at once, each bounded by the client's timeout, one attempt: a missed poll
-// is a gap, not a retry), turns two answers into rates (rates.ts) and keeps
+// is a gap, not a retry; a unit failing again and again is asked less often), turns two answers into rates (rates.ts) and keeps
 // them in bounded rings (series.ts): per unit and per volume, `unitPoints`
 // points (10 minutes at the default 5 s); and every poolStepMs the pool's
 // capacity, used and free bytes and unit counts, `poolPoints` points (24 h at
@@ -14,7 +14,7 @@
 // Time comes from an injected clock (src/discovery/clock.ts): tests drive
 // polls and the pool step with ManualClock.
 
-import type { Clock, TimerHandle } from "../../discovery/clock.ts";
+import { type Clock, type TimerHandle, realClock } from "../../discovery/clock.ts";
 import { errorMessage } from "../../util/errors.ts";
 import { logger } from "../../util/log.ts";
 import { type UnitSample, unitStep } from "./rates.ts";
@@ -30,6 +30,8 @@ export const STATS_POOL_STEP_MS = 60_000;
 export const STATS_POOL_POINTS = 1_440;
 /** Units polled at once. */
 export const STATS_POLL_CONCURRENCY = 16;
+/** A unit whose poll failed k times in a row is skipped for min(2^(k-1), this) rounds (a dead control API costs little). */
+export const STATS_FAILED_SKIP_ROUNDS_MAX = 12;
 
 /** What the collector needs of the station. */
 export interface StatsSource {
@@ -64,6 +66,9 @@ export class StationStats {
   #poolTimer: TimerHandle | undefined;
   #polling: Promise<void> | undefined;
   #stopped = false;
+  #round = 0;
+  /** Units whose last polls failed: how many in a row, and the first round to poll them again. */
+  readonly #failing = new Map<string, { failures: number; nextRound: number }>();
   /** Polls answered and failed since the start (the station's /metrics). */
   readonly polls = { ok: 0, failed: 0 };
 
@@ -119,27 +124,33 @@ export class StationStats {
   }
 
   async #pollAll(): Promise<void> {
-    const units = [...this.#source.pollable()];
+    const round = ++this.#round;
+    const pollable = this.#source.pollable();
+    const units = pollable.filter((unit) => (this.#failing.get(unit)?.nextRound ?? 0) <= round);
     let nextIndex = 0;
     const worker = async (): Promise<void> => {
       while (nextIndex < units.length && !this.#stopped) {
         const unit = units[nextIndex++] as string;
-        await this.#pollUnit(unit);
+        await this.#pollUnit(unit, round);
       }
     };
     await Promise.all(Array.from({ length: Math.min(this.#concurrency, units.length) }, worker));
-    this.#expire(new Set(units));
+    this.#expire(new Set(pollable), round);
   }
 
-  async #pollUnit(unit: string): Promise<void> {
+  async #pollUnit(unit: string, round: number): Promise<void> {
     let sample: UnitSample;
     try {
       sample = await this.#source.fetch(unit);
     } catch (error) {
       this.polls.failed += 1;
-      log.limited(`poll:${unit}`, "cannot read a unit's I/O statistics", { unit, error: errorMessage(error) });
+      const failures = (this.#failing.get(unit)?.failures ?? 0) + 1;
+      this.#failing.set(unit, { failures, nextRound: round + Math.min(2 ** (failures - 1), STATS_FAILED_SKIP_ROUNDS_MAX) });
+      // One rate-limited key for all units: a thousand dead control APIs log ten lines per 10 s, not ten thousand.
+      log.limited("stats-poll", "cannot read a unit's I/O statistics", { unit, failures, error: errorMessage(error) });
       return;
     }
+    this.#failing.delete(unit);
     this.polls.ok += 1;
     const nowMs = this.#clock.nowMs();
     const last = this.#last.get(unit);
@@ -158,7 +169,8 @@ export class StationStats {
   }
 
   /** Units not polled for a whole series' span (gone, or away that long) are forgotten. */
-  #expire(polled: ReadonlySet<string>): void {
+  #expire(polled: ReadonlySet<string>, round: number): void {
+    for (const [unit, failing] of this.#failing) if (!polled.has(unit) && failing.nextRound < round) this.#failing.delete(unit);
     const horizonMs = this.#clock.nowMs() - this.unitPoints * this.pollIntervalMs;
     for (const [unit, series] of this.#units) {
       if (!polled.has(unit) && (series.lastMs ?? 0) < horizonMs) this.#units.delete(unit);
@@ -199,4 +211,14 @@ export class StationStats {
     for (const series of this.#units.values()) bytes += series.capacity * (8 + RATE_FIELDS.length * 4 * (1 + series.volumeCount));
     return bytes;
   }
+}
+
+/** Statistics that never poll (an API server made without a collector): empty series. */
+export function idleStats(): StationStats {
+  const source: StatsSource = {
+    pollable: () => [],
+    fetch: () => Promise.reject(new Error("no statistics collector")),
+    pool: () => ({ capacityBytes: 0, usedBytes: 0, freeBytes: 0, units: 0, unitsOnline: 0 }),
+  };
+  return new StationStats(source, { clock: realClock });
 }

@@ -3,7 +3,8 @@
 // pollIntervalMs and the pool every poolStepMs; the series keep exactly
 // their bounded number of points and the windows cut them; a unit that fails
 // a poll leaves a gap and one away longer than the series' span starts again
-// without a point spanning its absence; no more than
+// without a point spanning its absence, and a failing unit is asked less and
+// less often (after 1, 2, 4, 8 rounds); no more than
 // `concurrency` polls run at once; a unit gone for a whole series' span is
 // forgotten; a volume that stops being listed ages out. And the memory
 // figure docs/api.md gives: the series of 1,000 units with 10,000 volumes.
@@ -136,14 +137,17 @@ test("collector: restarts, failed polls and long absences never give negative ra
   points = stats.unitView("u1", 600_000).points;
   assert.deepEqual(points.map((p) => p.readOps), [100, 30, 100]);
   assert.equal(stats.polls.failed, 1);
-  // Away longer than the series' span (10 points): the next answer is a new baseline.
+  // Away longer than the series' span (10 points): the next answer is a new baseline. While it fails,
+  // the unit is asked after 1, 2, 4, 8, then every STATS_FAILED_SKIP_ROUNDS_MAX rounds.
   u1.failing = true;
-  for (let i = 0; i < 10; i++) await tick(clock, pool, stats, 1_000, (u) => (u.reads += 1_000));
+  const failedBefore = stats.polls.failed;
+  for (let i = 0; i < 12; i++) await tick(clock, pool, stats, 1_000, (u) => (u.reads += 1_000));
+  assert.equal(stats.polls.failed - failedBefore, 4, "rounds 1, 2, 4 and 8 of 12 asked the failing unit");
   u1.failing = false;
-  await tick(clock, pool, stats, 1_000, (u) => (u.reads += 7));
-  await tick(clock, pool, stats, 1_000, (u) => (u.reads += 7));
+  for (let i = 0; i < 8; i++) await tick(clock, pool, stats, 1_000, (u) => (u.reads += 7));
   points = stats.unitView("u1", 600_000).points;
-  assert.deepEqual(points.map((p) => p.readOps), [100, 30, 100, 7]);
+  assert.deepEqual(points.slice(0, 3).map((p) => p.readOps), [100, 30, 100]);
+  assert.ok(points.length >= 4 && points.slice(3).every((p) => p.readOps === 7), `no point spans the absence: ${JSON.stringify(points.map((p) => p.readOps))}`);
   assert.ok(points.every((p) => Object.values(p).every((v) => v >= 0)));
 });
 
