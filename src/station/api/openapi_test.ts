@@ -121,6 +121,10 @@ test("every path and method in the document answers as the document says", { tim
   await call("GET", "/api/v1/hosts/h1", undefined, {}, 200);
   await call("POST", "/api/v1/hosts/h1/heartbeat", {}, {}, 204);
   await call("POST", "/api/v1/hosts/ghost/heartbeat", {}, {}, 404);
+  // An optional field sent as null is the same as absent (docs/api.md "Basics").
+  const nulls = await call("PUT", "/api/v1/hosts/h3", { address: null, spare: null }, {}, 201);
+  assert.equal((nulls.body as { address: string; spare: boolean }).address, "127.0.0.1");
+  assert.equal((nulls.body as { address: string; spare: boolean }).spare, false);
 
   const assigned = await call("POST", "/api/v1/assignments", { host: "h1", unit: "u1", volume: "v1", partition: 1 }, {}, 201);
   const id = (assigned.body as { id: string }).id;
