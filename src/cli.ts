@@ -24,6 +24,7 @@ const COMMANDS: Readonly<Record<string, () => Promise<Command>>> = {
   unassign: async () => (await import("./admin/main.ts")).unassignMain,
   tokens: async () => (await import("./admin/main.ts")).tokensMain,
   audit: async () => (await import("./admin/main.ts")).auditMain,
+  tasks: async () => (await import("./admin/tasks.ts")).tasksMain,
   completion: async () => async (argv) => (await import("./admin/completion.ts")).completionMain(argv, Object.keys(COMMANDS)),
 };
 
@@ -55,6 +56,8 @@ admin (over the station's API; --station URL --token-file FILE, or $IPSAN_STATIO
   units | volumes | hosts | assignments [--json]     list the pool
   units identity|rotate-secret|forget NAME          a unit's enrolled identity, rotate its secret, forget it
   volume create|delete|grow|partition UNIT NAME ...  change a unit's volumes
+  volume wipe UNIT NAME                             zero a volume (a task; progress on a TTY)
+  tasks [--state S] | tasks show|cancel ID          the station's tasks: state, progress, cancel
   assign HOST UNIT VOLUME [--partition N]           give a host a volume (or partition)
   unassign ID                                       take it back (the unit revokes the grant)
   tokens create|list|revoke                          API tokens with a role (admin, operator, viewer)

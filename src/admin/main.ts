@@ -5,6 +5,8 @@
 //   ipsan volume delete UNIT NAME
 //   ipsan volume grow UNIT NAME SIZE                    SIZE is the new total
 //   ipsan volume partition UNIT NAME SIZE,SIZE...       "none" removes the partitions
+//   ipsan volume wipe UNIT NAME                         zero it (a task: progress on a TTY)
+//   ipsan tasks [show ID | cancel ID]                   the station's tasks (src/admin/tasks.ts)
 //   ipsan assign HOST UNIT VOLUME [--partition N]
 //   ipsan unassign ID
 //
@@ -16,6 +18,7 @@
 import { setting, settingSources } from "../util/config.ts";
 import { parsePartitionSizes } from "../util/size.ts";
 import { StationClient, listItems, parseStationUrl, readCaFile, readTokenFile } from "../host/station_client.ts";
+import { ttyProgress } from "./tasks.ts";
 import { verifyAuditFile } from "../station/auth/audit.ts";
 import { parseDuration } from "../util/duration.ts";
 import { UsageError } from "../util/errors.ts";
@@ -45,7 +48,14 @@ async function client(values: { station?: string | undefined; "token-file"?: str
   const tokenFile = setting("token-file", values["token-file"]);
   if (tokenFile === undefined || tokenFile === "") throw new UsageError(`--token-file FILE is required (${settingSources("token-file")}): the station's DATA/admin.token, or a named token's`);
   const ca = await readCaFile(values["ca-file"]);
-  return new StationClient({ baseUrl: parseStationUrl(station), token: await readTokenFile(tokenFile), ...(ca === undefined ? {} : { ca }) });
+  // A change the station runs as a long task is followed until it finishes, with its progress on a TTY.
+  const onTask = ttyProgress(process.stderr);
+  return new StationClient({
+    baseUrl: parseStationUrl(station),
+    token: await readTokenFile(tokenFile),
+    ...(ca === undefined ? {} : { ca }),
+    ...(onTask === undefined ? {} : { onTask }),
+  });
 }
 
 function name(value: string | undefined, what: string): string {
@@ -64,7 +74,7 @@ function noMore(rest: readonly string[], count: number, usage: string): void {
 }
 
 // For the other admin commands kept in files of their own (unit_identity.ts).
-export { COMMON_FLAGS, COMMON_USAGE, client, name };
+export { COMMON_FLAGS, COMMON_USAGE, client, listItems, name };
 
 /** Aligned columns; every cell already a string. */
 export function table(headers: readonly string[], rows: readonly (readonly string[])[]): string {
@@ -236,6 +246,7 @@ const VOLUME_USAGE = `usage: ipsan volume create UNIT NAME SIZE
        ipsan volume delete UNIT NAME
        ipsan volume grow UNIT NAME SIZE          (SIZE: the new total size)
        ipsan volume partition UNIT NAME SIZE...       (sizes as arguments or comma-separated; "none": no partitions)
+       ipsan volume wipe UNIT NAME               (zero it all; refused while assigned)
   [--json] [--station URL] [--token-file FILE]
 `;
 
@@ -301,10 +312,20 @@ export async function volumeMain(argv: readonly string[]): Promise<number> {
       }
       return 0;
     }
+    case "wipe": {
+      const unit = name(rest[0], "UNIT");
+      const volume = name(rest[1], "NAME");
+      noMore(rest, 2, "ipsan volume wipe UNIT NAME");
+      // A wipe can take long: ask for its task at once and follow it (progress on a TTY).
+      const answer = (await (await client(values)).call("POST", `/api/v1/volumes/${unit}/${volume}/wipe`, {}, { respondAsync: true })) as Row;
+      if (json) process.stdout.write(`${JSON.stringify(answer, null, 2)}\n`);
+      else process.stdout.write(`wiped volume ${unit}/${volume} (${bytes(answer["wipedBytes"])})\n`);
+      return 0;
+    }
     case undefined:
-      throw new UsageError(`missing action (create, delete, grow, partition)\n${VOLUME_USAGE}`);
+      throw new UsageError(`missing action (create, delete, grow, partition, wipe)\n${VOLUME_USAGE}`);
     default:
-      throw new UsageError(`unknown action "${action}" (create, delete, grow, partition)\n${VOLUME_USAGE}`);
+      throw new UsageError(`unknown action "${action}" (create, delete, grow, partition, wipe)\n${VOLUME_USAGE}`);
   }
 }
 

@@ -71,7 +71,6 @@ async function httpStatus(host: string, port: number, method: string, path: stri
 }
 
 const HTTP_PROBES: readonly [string, string][] = [
-  ["GET", "/"],
   ["GET", "/metrics"],
   ["GET", "/api/v1/units"],
   ["GET", "/api/v1/hosts"],
@@ -93,6 +92,8 @@ const HTTP_PROBES: readonly [string, string][] = [
 
 /** Health endpoints may answer a stranger, with nothing secret in them. */
 const HEALTH_PATHS = new Set(["/api/v1/health", "/healthz", "/v1/health"]);
+/** The station's web console (static files, docs/console.md) is public too: a page, never the pool's data or a secret. */
+const CONSOLE_PATHS = new Set(["/", "/index.html"]);
 
 /** What a stranger gets from an NBD port before TLS: a list of what answered (empty = nothing but TLS required). */
 async function nbdStrangerAnswers(host: string, port: number): Promise<string[]> {
@@ -203,6 +204,11 @@ test("a port scan of a station and two units finds nothing that answers without 
         const { status, body } = await httpStatus(host, socket.port, "GET", path);
         if (status === 401 || status === 404) continue;
         if (/[0-9a-f]{32,}/i.test(body) || /token|secret|"key"/i.test(body)) problems.push(`http ${host}:${socket.port}: ${path} says too much: ${body.slice(0, 200)}`);
+      }
+      for (const path of CONSOLE_PATHS) {
+        const { status, body } = await httpStatus(host, socket.port, "GET", path);
+        if (status === 401 || status === 404) continue;
+        if (/[0-9a-f]{32,}/i.test(body) || /secret|"key"|"items"|"capacityBytes"/i.test(body)) problems.push(`http ${host}:${socket.port}: ${path} says too much: ${body.slice(0, 200)}`);
       }
     }
     assert.equal(nbdPorts, 2, "both units' NBD ports were found");

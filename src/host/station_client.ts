@@ -20,6 +20,31 @@ import { ERROR_CODES, IpsanError, UsageError, errorMessage, type ErrorCode } fro
 export const STATION_REQUEST_TIMEOUT_MS = 10_000;
 export const RESPONSE_BYTES_MAX = 8 * 1024 * 1024;
 export const TOKEN_FILE_BYTES_MAX = 4096;
+/** A task the station answered 202 for is polled at this interval, doubling up to the max. */
+export const TASK_POLL_INTERVAL_MS = 250;
+export const TASK_POLL_INTERVAL_MS_MAX = 2_000;
+/** How long a call follows its task before it gives up (the task goes on at the station). */
+export const TASK_FOLLOW_MS_DEFAULT = 30 * 60_000;
+
+/** A station task (docs/api.md "Tasks"). */
+export interface StationTask {
+  readonly id: string;
+  readonly kind: string;
+  readonly state: "queued" | "running" | "succeeded" | "failed" | "cancelled";
+  readonly target: { readonly type: string; readonly id: string };
+  readonly objects: readonly string[];
+  readonly progress: { readonly done: number; readonly total: number; readonly unit: "bytes" | "steps" } | null;
+  readonly startedBy: string;
+  readonly role: string;
+  readonly createdAt: string;
+  readonly startedAt: string | null;
+  readonly finishedAt: string | null;
+  readonly cancellable: boolean;
+  readonly resultStatus?: number | null;
+  readonly result: unknown;
+  readonly error: { readonly code: string; readonly message: string; readonly field?: string; readonly reasons?: readonly unknown[] } | null;
+  readonly message: string | null;
+}
 
 /** One leg of a mirrored assignment (docs/api.md "A mirrored assignment"). */
 export interface AssignmentLeg {
@@ -246,6 +271,10 @@ export interface StationClientOptions {
   readonly timeoutMs?: number;
   /** CA certificate(s) (PEM) to trust for an https:// station instead of the system's. */
   readonly ca?: Buffer;
+  /** How long a call follows a task the station answered 202 for (TASK_FOLLOW_MS_DEFAULT). */
+  readonly taskFollowMs?: number;
+  /** Told of each poll of a task a call follows (the CLI shows progress on a TTY). */
+  readonly onTask?: (task: StationTask) => void;
 }
 
 export class StationClient {
@@ -258,20 +287,34 @@ export class StationClient {
    * heartbeat reuses it would fail that call with ECONNRESET.
    */
   readonly #agent: HttpAgent;
+  readonly #taskFollowMs: number;
+  readonly #onTask: ((task: StationTask) => void) | undefined;
 
   constructor(options: StationClientOptions) {
     this.baseUrl = options.baseUrl;
+    this.#taskFollowMs = options.taskFollowMs ?? TASK_FOLLOW_MS_DEFAULT;
+    this.#onTask = options.onTask;
     this.#token = options.token;
     this.#timeoutMs = options.timeoutMs ?? STATION_REQUEST_TIMEOUT_MS;
     this.#agent = options.baseUrl.protocol === "https:" ? new HttpsAgent({ keepAlive: false, ...(options.ca === undefined ? {} : { ca: options.ca }) }) : new HttpAgent({ keepAlive: false });
   }
 
-  /** One API call; resolves with the parsed JSON body (undefined for 204). */
-  async call(method: string, path: string, body?: unknown): Promise<unknown> {
+  /**
+   * One API call; resolves with the parsed JSON body (undefined for 204). A
+   * state-changing call the station runs as a task and answers 202 with
+   * `Location: /api/v1/tasks/ID` (still running after the station's wait) is
+   * followed until the task finishes: its result is returned, or its error
+   * thrown, as if the station had answered at once. `respondAsync` asks for
+   * the task at once (Prefer: respond-async), for operations known to be long.
+   */
+  async call(method: string, path: string, body?: unknown, options: { readonly respondAsync?: boolean } = {}): Promise<unknown> {
     const url = new URL(path, this.baseUrl);
     const what = `${method} ${url.pathname}`;
     const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
-    const { status, text } = await this.#exchange(url, method, what, payload);
+    const { status, text, location } = await this.#exchange(url, method, what, payload, options.respondAsync === true);
+    if (status === 202 && location !== undefined && /^\/api\/v1\/tasks\/t-[0-9a-f]+$/.test(location)) {
+      return this.#taskAnswer(what, await this.followTask(location.slice("/api/v1/tasks/".length)));
+    }
     const ok = status >= 200 && status < 300;
     let parsed: unknown = undefined;
     if (text !== "") {
@@ -285,9 +328,43 @@ export class StationClient {
     return parsed;
   }
 
+  /** GET /api/v1/tasks/ID. */
+  async task(id: string): Promise<StationTask> {
+    const task = (await this.call("GET", `/api/v1/tasks/${encodeURIComponent(id)}`)) as StationTask | undefined;
+    if (task === undefined || task === null || typeof task.id !== "string" || typeof task.state !== "string") {
+      throw new IpsanError("IO_ERROR", `GET /api/v1/tasks/${id}: station answered something that is not a task`);
+    }
+    return task;
+  }
+
+  /** Polls a task until it is finished (at most taskFollowMs; onTask hears every poll). */
+  async followTask(id: string): Promise<StationTask> {
+    const deadlineMs = Date.now() + this.#taskFollowMs;
+    let intervalMs = TASK_POLL_INTERVAL_MS;
+    for (;;) {
+      const task = await this.task(id);
+      this.#onTask?.(task);
+      if (task.finishedAt !== null) return task;
+      if (Date.now() + intervalMs > deadlineMs) {
+        throw new IpsanError("UNAVAILABLE", `task ${id} (${task.kind}) still ${task.state} after ${this.#taskFollowMs} ms; it goes on at the station (ipsan tasks show ${id})`);
+      }
+      await new Promise((resolve) => setTimeout(resolve, intervalMs));
+      intervalMs = Math.min(intervalMs * 2, TASK_POLL_INTERVAL_MS_MAX);
+    }
+  }
+
+  /** What a finished task answers, as the synchronous call would have. */
+  #taskAnswer(what: string, task: StationTask): unknown {
+    if (task.state === "succeeded") return task.result ?? undefined;
+    const error = task.error ?? { code: "CONFLICT", message: `task ${task.id} (${task.kind}) ${task.message ?? task.state}` };
+    const status = isErrorCode(error.code) ? ERROR_CODES[error.code][1] : 500;
+    throw stationError(`${what} (task ${task.id})`, status, { error }, "");
+  }
+
   /** One request and its whole (bounded) answer, within the timeout (src/util/http_client.ts). */
-  async #exchange(url: URL, method: string, what: string, payload: Buffer | undefined): Promise<{ status: number; text: string }> {
+  async #exchange(url: URL, method: string, what: string, payload: Buffer | undefined, respondAsync = false): Promise<{ status: number; text: string; location: string | undefined }> {
     const headers: Record<string, string> = { authorization: `Bearer ${this.#token}`, accept: "application/json" };
+    if (respondAsync) headers["prefer"] = "respond-async";
     if (payload !== undefined) headers["content-type"] = "application/json";
     try {
       const answer = await httpExchange({
@@ -299,7 +376,8 @@ export class StationClient {
         maxBytes: RESPONSE_BYTES_MAX,
         agent: this.#agent,
       });
-      return { status: answer.status, text: answer.text() };
+      const location = answer.headers.location;
+      return { status: answer.status, text: answer.text(), location: typeof location === "string" ? location : undefined };
     } catch (error) {
       if (!(error instanceof HttpExchangeError)) throw error;
       if (error.failure === "too-large") throw new IpsanError("TOO_LARGE", `${what}: station answer exceeds ${RESPONSE_BYTES_MAX} bytes`, { cause: error });

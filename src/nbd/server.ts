@@ -10,6 +10,7 @@ import { assert } from "../util/assert.ts";
 import { logger } from "../util/log.ts";
 import { ByteBudget } from "./budget.ts";
 import { BufferPool } from "./buffer_pool.ts";
+import { IoStats } from "./io_stats.ts";
 import { LIMITS_ENV, type NbdLimits, parseLimitOverrides, resolveLimits } from "./limits.ts";
 import { NbdSession, peerOf, type SessionHost } from "./session.ts";
 import type { NbdServerTls } from "./tls.ts";
@@ -26,6 +27,8 @@ export interface NbdServerOptions {
   env?: Readonly<Record<string, string | undefined>>;
   /** NBD_OPT_STARTTLS with TLS-PSK (src/nbd/tls.ts); absent: TLS off. */
   tls?: NbdServerTls;
+  /** Where to count I/O per export (io_stats.ts); default a new IoStats, read at `server.stats`. */
+  stats?: IoStats;
 }
 
 export type NbdListenAddress = { host: string; port: number } | { path: string };
@@ -36,6 +39,7 @@ export class NbdServer implements SessionHost {
   readonly budget: ByteBudget;
   readonly pool = new BufferPool();
   readonly tls: NbdServerTls | undefined;
+  readonly stats: IoStats;
   private readonly sessions = new Set<NbdSession>();
   private readonly listeners: net.Server[] = [];
   private closing = false;
@@ -44,6 +48,7 @@ export class NbdServer implements SessionHost {
   constructor(options: NbdServerOptions) {
     this.provider = options.provider;
     this.tls = options.tls;
+    this.stats = options.stats ?? new IoStats();
     const fromEnv = parseLimitOverrides((options.env ?? process.env)[LIMITS_ENV] ?? "");
     this.limits = resolveLimits({ ...options.limits, ...fromEnv });
     this.budget = new ByteBudget(this.limits.serverBytesInFlightMax, { recentMs: this.limits.payloadTimeoutMs });

@@ -12,6 +12,7 @@
 // limits, never by what a client sends.
 
 import type { Socket } from "node:net";
+import { performance } from "node:perf_hooks";
 import { TLSSocket } from "node:tls";
 import type { ExportProvider, Peer } from "../block/types.ts";
 import { assert } from "../util/assert.ts";
@@ -22,6 +23,7 @@ import type { BufferPool } from "./buffer_pool.ts";
 import { ByteQueue } from "./byte_queue.ts";
 import { type Negotiation, type OpenedExport, type OptionOutcome, negotiateOption } from "./handshake.ts";
 import { decodeClientFlags, decodeOption, encodeGreeting, encodeOptionReply, utf8Bounded } from "./handshake_codec.ts";
+import type { ExportCounters, IoStats } from "./io_stats.ts";
 import { useLargeReads } from "./large_reads.ts";
 import type { NbdLimits } from "./limits.ts";
 import { NBD_CMD, NBD_REP, WIRE } from "./protocol.ts";
@@ -45,6 +47,8 @@ export interface SessionHost {
   readonly shuttingDown: boolean;
   /** NBD_OPT_STARTTLS with TLS-PSK; undefined: TLS off. */
   readonly tls: NbdServerTls | undefined;
+  /** I/O counters per export (io_stats.ts). */
+  readonly stats: IoStats;
   sessionEnded(session: NbdSession): void;
 }
 
@@ -76,6 +80,18 @@ export class NbdSession implements BudgetWaiter {
     tls: false,
   };
   private opened: OpenedExport | undefined;
+  /** The opened export's I/O counters (set with `opened`). */
+  private counters: ExportCounters | undefined;
+  /**
+   * The clock when the running pump dispatched its first request (-1: none yet): the start of
+   * every request that pump dispatches (one clock reading per pump, not per request).
+   */
+  private pumpStartMs = -1;
+  /** READs and WRITEs the running pump answered at once: they share the pump's time (countAnsweredNow). */
+  private answeredReads = 0;
+  private answeredReadBytes = 0;
+  private answeredWrites = 0;
+  private answeredWriteBytes = 0;
   /** An option is being handled (the client may not send another before its final reply). */
   private optionBusy = false;
   private inFlight = 0;
@@ -418,6 +434,8 @@ export class NbdSession implements BudgetWaiter {
       case "transmission":
         for (const reply of outcome.replies) this.send(reply);
         this.opened = outcome.opened;
+        this.counters = this.host.stats.forExport(outcome.opened.name);
+        this.counters.connections += 1;
         // Plaintext on a server that offers TLS: large reads from here (nothing may sit unread in the stream).
         if (this.host.tls !== undefined && !this.negotiation.tls && this.socket.readableLength === 0) {
           useLargeReads(this.socket, this.onData, this.mayReuseReadMemory);
@@ -511,6 +529,34 @@ export class NbdSession implements BudgetWaiter {
   };
 
   private pumpRequests(): void {
+    try {
+      this.decodeAndDispatch();
+    } finally {
+      this.countAnsweredNow();
+    }
+  }
+
+  /**
+   * Counts the READs and WRITEs this pump answered at once, each with an equal share of the
+   * time from the pump's first dispatch to now (they ran one after another, microseconds
+   * each): one more clock reading per pump, none per request.
+   */
+  private countAnsweredNow(): void {
+    if (this.pumpStartMs < 0) return;
+    const answered = this.answeredReads + this.answeredWrites;
+    if (answered > 0 && this.counters !== undefined) {
+      const eachMs = (performance.now() - this.pumpStartMs) / answered;
+      if (this.answeredReads > 0) this.counters.completedMany(NBD_CMD.READ, this.answeredReads, this.answeredReadBytes, eachMs);
+      if (this.answeredWrites > 0) this.counters.completedMany(NBD_CMD.WRITE, this.answeredWrites, this.answeredWriteBytes, eachMs);
+    }
+    this.pumpStartMs = -1;
+    this.answeredReads = 0;
+    this.answeredReadBytes = 0;
+    this.answeredWrites = 0;
+    this.answeredWriteBytes = 0;
+  }
+
+  private decodeAndDispatch(): void {
     const opened = this.opened;
     assert(opened !== undefined, "transmission without an export");
     const limits = this.limits;
@@ -574,6 +620,7 @@ export class NbdSession implements BudgetWaiter {
           reason: rejection.message,
         });
         this.replyError(frame, rejection.errno, rejection.message);
+        if (this.counters !== undefined) this.counters.errors += 1;
         if (held !== undefined) this.releaseReservation(held);
         if (frame.type === NBD_CMD.WRITE) this.writesHoldingPayload -= 1;
         continue;
@@ -628,7 +675,9 @@ export class NbdSession implements BudgetWaiter {
     this.releaseReservation(this.takePayloadReservation());
   }
 
+  /** Answers a validated request: at once when the device can, else through execute. */
   private dispatch(frame: RequestFrame, reservation: Reservation | undefined): void {
+    if (this.pumpStartMs < 0) this.pumpStartMs = performance.now();
     if (frame.type === NBD_CMD.READ || frame.type === NBD_CMD.WRITE) {
       const opened = this.opened;
       assert(opened !== undefined, "dispatch without an export");
@@ -645,15 +694,22 @@ export class NbdSession implements BudgetWaiter {
           if (frame.payload !== undefined) this.host.pool.release(frame.payload);
           this.writesHoldingPayload -= 1;
         }
+        if (frame.type === NBD_CMD.READ) {
+          this.answeredReads += 1;
+          this.answeredReadBytes += frame.length;
+        } else {
+          this.answeredWrites += 1;
+          this.answeredWriteBytes += frame.length;
+        }
         return;
       }
     }
     this.inFlight += 1;
-    void this.execute(frame, reservation);
+    void this.execute(frame, reservation, this.pumpStartMs);
   }
 
   /** Runs one request on the device. Whatever happens, the request leaves inFlight and gives its bytes back exactly once. */
-  private async execute(frame: RequestFrame, reservation: Reservation | undefined): Promise<void> {
+  private async execute(frame: RequestFrame, reservation: Reservation | undefined, startMs: number): Promise<void> {
     let reply: Buffer | undefined;
     let failure: unknown;
     try {
@@ -666,12 +722,14 @@ export class NbdSession implements BudgetWaiter {
     try {
       if (reply !== undefined) {
         this.send(reply);
+        this.counters?.completed(frame.type, frame.length, performance.now() - startMs);
         // Written: the payload may be reused (after a failure it is dropped: the device may still read it).
         if (frame.type === NBD_CMD.WRITE) {
           if (frame.payload !== undefined) this.host.pool.release(frame.payload);
           this.writesHoldingPayload -= 1;
         }
       } else {
+        if (this.counters !== undefined) this.counters.errors += 1;
         this.replyFailure(frame, failure);
       }
     } catch (error) {
@@ -820,6 +878,7 @@ export class NbdSession implements BudgetWaiter {
     if (this.stateValue !== "closed") return;
     if (!this.deviceClosed) {
       this.deviceClosed = true;
+      if (this.counters !== undefined) this.counters.connections -= 1;
       const device = this.opened?.device;
       if (device !== undefined) {
         device.close().catch((error: unknown) => {

@@ -201,6 +201,36 @@ export const MIGRATIONS: readonly Migration[] = [
       ALTER TABLE hosts ADD COLUMN key_epoch INTEGER NOT NULL DEFAULT 0;
     `,
   },
+  {
+    version: 10,
+    description:
+      "tasks (src/station/tasks): every state-changing operation with its state, progress, starter, result or error; " +
+      "finished ones kept up to TASKS_HISTORY_MAX; ones a restart interrupted are finished as failed at the next start",
+    sql: `
+      CREATE TABLE tasks (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        kind TEXT NOT NULL,
+        state TEXT NOT NULL,
+        target_type TEXT NOT NULL,
+        target_id TEXT NOT NULL,
+        objects TEXT NOT NULL,
+        progress TEXT,
+        started_by TEXT NOT NULL,
+        role TEXT NOT NULL,
+        cancellable INTEGER NOT NULL,
+        params TEXT,
+        result_status INTEGER,
+        result TEXT,
+        error TEXT,
+        message TEXT,
+        created_at INTEGER NOT NULL,
+        started_at INTEGER,
+        finished_at INTEGER
+      );
+      CREATE INDEX tasks_unfinished ON tasks (state) WHERE finished_at IS NULL;
+    `,
+  },
 ];
 
 export function schemaVersion(db: Db): number {

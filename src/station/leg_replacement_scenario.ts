@@ -27,6 +27,9 @@ function legsOf(a: Assignment): Legs {
 
 export interface ScenarioResult {
   readonly replacedAfterMs: number;
+  /** The station, still running (the cleanup closes it), and mirror A's assignment id. */
+  readonly station: RunningStation;
+  readonly replaced: { readonly assignment: string; readonly leg: number };
 }
 
 /**
@@ -170,5 +173,5 @@ export async function runScenario(cleanup: (close: () => Promise<void>) => void,
     timeoutMs: WAIT_MS,
     intervalMs: 200,
   });
-  return { replacedAfterMs };
+  return { replacedAfterMs, station, replaced: { assignment: a.id, leg: Number(replacedEvent?.data["leg"]) } };
 }

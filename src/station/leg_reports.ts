@@ -25,7 +25,7 @@ export const LEG_REPORT_LEGS_MAX = 8;
 /** Characters of a leg's error kept. */
 export const LEG_ERROR_CHARS_MAX = 256;
 /** Largest generation accepted (the engine's is a u32 or a safe integer). */
-const GENERATION_MAX = Number.MAX_SAFE_INTEGER;
+export const GENERATION_MAX = Number.MAX_SAFE_INTEGER;
 
 export type ReportedLegState = (typeof REPORTED_LEG_STATES)[number];
 

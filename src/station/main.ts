@@ -25,7 +25,9 @@ import { logger } from "../util/log.ts";
 import { createSecretFileIfMissing } from "../util/secret_file.ts";
 import { openDatabase, startCheckpointer } from "./db.ts";
 import { HOST_FAILOVER_AFTER_USAGE, hostFailoverAfterFlag } from "./host_failover.ts";
-import { ApiServer } from "./http.ts";
+import { ApiServer } from "./api/server.ts";
+import { StationTasks } from "./tasks/operations.ts";
+import { wipeChunkBytesFrom } from "./tasks/wipe.ts";
 import { StationMetrics } from "./metrics.ts";
 import { DEFAULT_STATION_OPTIONS, Station } from "./station.ts";
 import { StationStore } from "./store.ts";
@@ -34,6 +36,10 @@ import { formatDuration, parseDuration } from "../util/duration.ts";
 import { HOST_KEYS_SECRET_FILE_NAME, loadOrCreateHostKeySecret } from "./host_keys.ts";
 import { AUDIT_FILE_NAME, AuditLog } from "./auth/audit.ts";
 import { TokenStore } from "./auth/tokens.ts";
+import { realClock } from "../util/clock.ts";
+import { STATS_POLL_INTERVAL_MS_DEFAULT, StationStats } from "./stats/collector.ts";
+import { stationStatsSource } from "./stats/source.ts";
+import { renderCounter, renderGauge } from "../util/prometheus.ts";
 
 const log = logger("station");
 
@@ -48,7 +54,8 @@ const LAST_SEEN_SYNC_MS = 1_000;
 export const USAGE = `usage: ipsan station --data DIR [--http HOST:PORT] [--discovery HOST:PORT]
                      [--snmp HOST:PORT] [--snmp-community NAME] [--host-failover-after DURATION]
                      [--pending-deadline-ms MS] [--reconcile-interval-ms MS] [--host-offline-after-ms MS]
-                     [--replace-after DURATION] [--tls-cert FILE --tls-key FILE]
+                     [--replace-after DURATION] [--stats-interval DURATION] [--tls-cert FILE --tls-key FILE]
+                     [--console-dir DIR]
 
   --data DIR             station state: admin.token, cluster.key, host-keys.secret, station.db, audit.log (created on first start)
   --http HOST:PORT       REST API (default ${DEFAULT_HTTP}; port 0 picks a free port)
@@ -60,8 +67,13 @@ ${HOST_FAILOVER_AFTER_USAGE}
   --replace-after DURATION
                          a mirror leg whose unit has been away this long is replaced on a spare
                          (else any unit with room); e.g. 30s, 5m (default ${formatDuration(REPLACE_AFTER_DEFAULT_MS)})
+  --stats-interval DURATION
+                         how often each online unit's I/O counters are read for the statistics
+                         (GET /api/v1/stats/...; default ${formatDuration(STATS_POLL_INTERVAL_MS_DEFAULT)}); 120 points are kept per unit and volume
   --tls-cert FILE        serve the API over HTTPS with this certificate (PEM, chain first); needs --tls-key
   --tls-key FILE         the certificate's private key (PEM)
+  --console-dir DIR      serve the web console from DIR (index.html, assets/) at / without a token
+                         (default: dist/console of this installation, built by npm run build:console)
 `;
 
 /** Reads --tls-cert and --tls-key (both or neither); a PEM file is at most 1 MiB. */
@@ -123,8 +135,10 @@ export async function stationMain(argv: readonly string[]): Promise<number> {
       "reconcile-interval-ms": { type: "string" },
       "host-offline-after-ms": { type: "string" },
       "replace-after": { type: "string" },
+      "stats-interval": { type: "string" },
       "tls-cert": { type: "string" },
       "tls-key": { type: "string" },
+      "console-dir": { type: "string" },
       help: { type: "boolean" },
     },
     true,
@@ -148,6 +162,7 @@ export async function stationMain(argv: readonly string[]): Promise<number> {
   };
 
   const replaceAfterMs = values["replace-after"] === undefined ? REPLACE_AFTER_DEFAULT_MS : parseDuration(values["replace-after"], "--replace-after");
+  const statsIntervalMs = values["stats-interval"] === undefined ? STATS_POLL_INTERVAL_MS_DEFAULT : parseDuration(values["stats-interval"], "--stats-interval");
 
   const tls = await readTls(values["tls-cert"], values["tls-key"]);
   const dataDir = resolve(values.data);
@@ -189,12 +204,22 @@ export async function stationMain(argv: readonly string[]): Promise<number> {
     }
   });
   const snmpListener = snmp === null ? null : await startSnmp(listener, clusterKey, community, snmp);
+  // Tasks (migration 10): those a restart interrupted are finished as failed here, saying what reconcile does.
+  const tasks = new StationTasks(station, { wipeChunkBytes: wipeChunkBytesFrom(process.env) });
+  const stats = new StationStats(stationStatsSource(station), { clock: realClock, pollIntervalMs: statsIntervalMs });
   const api = new ApiServer({
     station,
     tokens,
     audit,
+    tasks,
     ...(tls === undefined ? {} : { tls }),
-    extraMetrics: () => listener.metricsText() + (snmpListener?.metricsText() ?? ""),
+    ...(values["console-dir"] === undefined ? {} : { consoleDir: resolve(values["console-dir"]) }),
+    stats,
+    extraMetrics: () =>
+      listener.metricsText() +
+      (snmpListener?.metricsText() ?? "") +
+      renderCounter("ipsan_station_stats_polls_total", "Reads of units' I/O counters, by result", [[{ result: "ok" }, stats.polls.ok], [{ result: "failed" }, stats.polls.failed]]) +
+      renderGauge("ipsan_station_stats_series_bytes", "Memory held by the I/O and capacity series", [[{}, stats.seriesBytes()]]),
   });
 
   let httpAddress;
@@ -212,6 +237,7 @@ export async function stationMain(argv: readonly string[]): Promise<number> {
     throw new IpsanError("UNAVAILABLE", `cannot listen: ${errorMessage(error)}`, { cause: error });
   }
   station.start();
+  stats.start();
   const replacer = new LegReplacer(station, { replaceAfterMs });
   replacer.start();
   const lastSeenTimer = setInterval(() => {
@@ -247,6 +273,7 @@ export async function stationMain(argv: readonly string[]): Promise<number> {
   await listener.close();
   await snmpListener?.close();
   await replacer.stop();
+  await stats.stop();
   await station.stop();
   await checkpointer.stop();
   await audit.close();

@@ -3,6 +3,8 @@
 // come only from fixed sets (states, status codes, reasons named by code), so
 // the number of series stays bounded.
 
+import { escapeLabel } from "../util/prometheus.ts";
+
 /** Distinct label sets one counter keeps; more are folded into "other". */
 export const COUNTER_SERIES_MAX = 64;
 
@@ -57,21 +59,8 @@ export class Histogram {
   }
 }
 
-export function escapeLabel(value: string): string {
-  return value.replace(/\\/g, "\\\\").replace(/"/g, '\\"').replace(/\n/g, "\\n");
-}
-
-/** A gauge family computed at scrape time. */
-export function renderGauge(name: string, help: string, samples: Iterable<readonly [Record<string, string>, number]>): string {
-  let out = `# HELP ${name} ${help}\n# TYPE ${name} gauge\n`;
-  for (const [labels, value] of samples) {
-    const text = Object.entries(labels)
-      .map(([k, v]) => `${k}="${escapeLabel(v)}"`)
-      .join(",");
-    out += `${name}${text === "" ? "" : `{${text}}`} ${value}\n`;
-  }
-  return out;
-}
+// The renderers shared with the unit's /metrics (src/util/prometheus.ts).
+export { escapeLabel, renderGauge } from "../util/prometheus.ts";
 
 export class StationMetrics {
   readonly httpRequests = new Counter("ipsan_station_http_requests_total", "HTTP requests answered, by status code", "status");

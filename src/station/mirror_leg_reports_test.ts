@@ -85,7 +85,7 @@ test("bad reports are 400 naming the field; unknown assignment 404; single copy 
     [{ generation: 1, legs: [{ ...ok, error: 5 }] }, "legs[0].error"],
     [{ generation: 1, legs: [{ ...ok, state: "rebuilding", rebuild: { kind: "copy", copiedBytes: 0, totalBytes: 1 } }] }, "legs[0].rebuild.kind"],
     [{ generation: 1, legs: [{ ...ok, state: "rebuilding", rebuild: { kind: "full", copiedBytes: 5, totalBytes: 1 } }] }, "legs[0].rebuild.copiedBytes"],
-    [{ generation: 1, legs: [{ ...ok, state: "rebuilding", rebuild: { kind: "full", copiedBytes: 0 } }] }, "totalBytes"],
+    [{ generation: 1, legs: [{ ...ok, state: "rebuilding", rebuild: { kind: "full", copiedBytes: 0 } }] }, "legs[0].rebuild.totalBytes"],
     [{ generation: 1, legs: [ok, ok] }, "legs[1]"],
   ];
   for (const [body, field] of cases) {

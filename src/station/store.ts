@@ -404,6 +404,23 @@ export class StationStore {
     return this.db;
   }
 
+  /**
+   * Runs `write` (statements on a table kept by its own module: tasks,
+   * src/station/tasks/) and records one event, in one transaction; `durable`
+   * as in commit (a task's progress is written with NORMAL).
+   */
+  recordChange(type: EventType, action: string, subject: string, data: unknown, write: () => void, durable = true): void {
+    this.recordChanges([{ type, action, subject, data }], write, durable);
+  }
+
+  /** As recordChange, with several events (a task recorded queued and started at once: one fsync). */
+  recordChanges(events: readonly PendingEvent[], write: () => void, durable = true): void {
+    this.commit((batch) => {
+      write();
+      for (const event of events) batch.event(event.type, event.action, event.subject, event.data);
+    }, durable);
+  }
+
   /** Records one unit event on its own (identity events: enrolled, impostor, ...), durably. */
   recordUnitEvent(action: string, subject: string, data: unknown): void {
     this.commit((batch) => batch.event("unit", action, subject, data));

@@ -221,7 +221,7 @@ export interface UnitReport {
   readonly tls?: NbdTlsMode | null;
 }
 
-export const EVENT_TYPES = ["unit", "volumes", "host", "assignment"] as const;
+export const EVENT_TYPES = ["unit", "volumes", "host", "assignment", "task"] as const;
 export type EventType = (typeof EVENT_TYPES)[number];
 
 export interface StationEvent {

@@ -14,6 +14,8 @@
 import { validateStorageInfo } from "../discovery/storage_info.ts";
 import { type NbdTlsMode, type StorageInfo, type VolumeInfo, parseIdentityGrant } from "../discovery/messages.ts";
 import { ERROR_CODES, IpsanError, errorMessage, type ErrorCode } from "../util/errors.ts";
+import type { UnitSample } from "./stats/rates.ts";
+import { parseUnitStats } from "./stats/wire.ts";
 import type { HostPort } from "./types.ts";
 import { HttpExchangeError, httpExchange, type HttpAnswer } from "../util/http_client.ts";
 import { retry, type BackoffPolicy } from "../util/retry.ts";
@@ -194,7 +196,13 @@ export class UnitClient {
   }
 
   /** One call with bounded retries of transient failures (the project's retry policy, src/util/retry.ts). */
-  private async request(method: string, path: string, body?: unknown, timeoutMs = this.timeoutMs): Promise<{ status: number; json: unknown }> {
+  private async request(
+    method: string,
+    path: string,
+    body?: unknown,
+    timeoutMs = this.timeoutMs,
+    attemptsMax = this.attemptsMax,
+  ): Promise<{ status: number; json: unknown }> {
     return retry(
       async () => {
         try {
@@ -207,7 +215,7 @@ export class UnitClient {
         }
       },
       {
-        policy: { ...UNIT_CALL_BACKOFF, attemptsMax: this.attemptsMax },
+        policy: { ...UNIT_CALL_BACKOFF, attemptsMax },
         // A timeout already cost timeoutMs; "refused" is the unit's final word.
         retryable: (error) => error instanceof UnitCallError && error.transient && error.failure !== "timeout",
       },
@@ -228,6 +236,14 @@ export class UnitClient {
       throw new UnitCallError(this.unit, "GET /v1/info", "protocol", `answered as unit ${JSON.stringify(result.value.name)}`);
     }
     return result.value;
+  }
+
+  /** The unit's cumulative I/O counters (GET /v1/stats): one attempt, `timeoutMs` at most (a poller's missed answer is a gap). */
+  async stats(timeoutMs = this.timeoutMs): Promise<UnitSample> {
+    const { json } = await this.request("GET", "/v1/stats", undefined, timeoutMs, 1);
+    const sample = parseUnitStats(json);
+    if (typeof sample === "string") throw new UnitCallError(this.unit, "GET /v1/stats", "protocol", `answered invalid stats: ${sample}`);
+    return sample;
   }
 
   async getVolume(name: string): Promise<VolumeInfo> {
@@ -257,6 +273,12 @@ export class UnitClient {
   async wipeVolume(name: string): Promise<VolumeInfo> {
     const path = `/v1/volumes/${encodeURIComponent(name)}/wipe`;
     return this.volumeFrom(`POST ${path}`, (await this.request("POST", path, undefined, Math.max(this.timeoutMs, UNIT_WIPE_TIMEOUT_MS))).json);
+  }
+
+  /** Zeroes part of a volume: `length` bytes from `offset` over its extents (the volume.wipe task's chunks). */
+  async wipeVolumeRange(name: string, offset: number, length: number): Promise<VolumeInfo> {
+    const path = `/v1/volumes/${encodeURIComponent(name)}/wipe`;
+    return this.volumeFrom(`POST ${path}`, (await this.request("POST", path, { offset, length }, Math.max(this.timeoutMs, UNIT_WIPE_TIMEOUT_MS))).json);
   }
 
   /** Replaces a volume's grants: address grants, or grants by host identity ("id:HOST@EXPORT", sent with the host's key). */

@@ -10,19 +10,25 @@
 //   DELETE /v1/volumes/NAME             POST   /v1/volumes/NAME/grow  {sizeBytes}
 //   PUT    /v1/volumes/NAME/partitions  {sizesBytes:[...]}
 //   PUT    /v1/volumes/NAME/grants      {hosts:[...]} or {grants:[{host, key, export?, from?}]}
-//   POST   /v1/volumes/NAME/wipe        (no body, or {})
+//   POST   /v1/volumes/NAME/wipe        (no body, or {}: all of it; or {offset, length}: that part)
+//   GET    /v1/stats                    GET    /metrics (Prometheus text)    (io_report.ts)
 
 import { createHash, timingSafeEqual } from "node:crypto";
 import * as http from "node:http";
 import { AssertionError } from "../util/assert.ts";
 import { IpsanError, errorMessage } from "../util/errors.ts";
 import { logger } from "../util/log.ts";
+import { type IoSource, type UnitStatsView, unitMetricsText, unitStats } from "./io_report.ts";
 import type { UnitExportProvider } from "./provider.ts";
 import { parseIdentityGrants } from "./volume_ops.ts";
 import { type VolumeManager, volumeView } from "./volumes.ts";
 import type { TlsMode } from "../nbd/tls.ts";
+import { IoStats } from "../nbd/io_stats.ts";
 
 const log = logger("control");
+
+/** Counters of a unit whose NBD server is not up (never the case once the unit serves). */
+const EMPTY_STATS = new IoStats();
 
 export const CONTROL_BODY_BYTES_MAX = 64 * 1024;
 /** Past the body limit, bytes read and discarded before the 413 goes out and the connection is cut. */
@@ -44,11 +50,17 @@ export interface ControlServerOptions {
   readonly nbd: () => { host: string; port: number } | { path: string } | undefined;
   /** The NBD server's TLS mode, reported by GET /v1/info (the station gives a unit that is not "off" grants by host identity). */
   readonly tls?: TlsMode;
+  /** Tokens that may only read GET /metrics and GET /v1/stats (--metrics-token-file: a Prometheus scrape). */
+  readonly readTokens?: readonly string[];
+  /** The NBD server's I/O counters, for GET /v1/stats and GET /metrics (absent: zeroes). */
+  readonly io?: () => IoSource | undefined;
 }
 
 interface Reply {
   readonly status: number;
   readonly body?: unknown;
+  /** A text answer instead of JSON (GET /metrics). */
+  readonly text?: { readonly contentType: string; readonly body: string };
 }
 
 function digest(token: string): Buffer {
@@ -152,7 +164,17 @@ export class ControlServer {
     const authorization = request.headers.authorization ?? "";
     const match = /^Bearer ([\x21-\x7e]{1,512})$/.exec(authorization);
     const accepted = [...this.#options.tokens, ...(this.#options.extraTokens?.() ?? [])];
-    if (match === null || match[1] === undefined || !tokenAccepted(match[1], accepted)) {
+    const presented = match?.[1];
+    const readOnly = presented !== undefined && !tokenAccepted(presented, accepted) && tokenAccepted(presented, this.#options.readTokens ?? []);
+    if (readOnly) {
+      const path = (request.url ?? "/").split("?")[0];
+      if (request.method !== "GET" || (path !== "/metrics" && path !== "/v1/stats")) {
+        log.limited("control-read-token", "the metrics token may only read GET /metrics and GET /v1/stats", { peer });
+        request.resume();
+        this.#send(response, errorReply(new IpsanError("PERMISSION_DENIED", "the metrics token may only read GET /metrics and GET /v1/stats")));
+        return;
+      }
+    } else if (presented === undefined || !tokenAccepted(presented, accepted)) {
       log.limited("control-unauthenticated", "control request without a valid token", { peer });
       request.resume();
       response.setHeader("WWW-Authenticate", 'Bearer realm="ipsan-unit"');
@@ -178,12 +200,17 @@ export class ControlServer {
   }
 
   #send(response: http.ServerResponse, reply: Reply, close = false): void {
-    const text = reply.body === undefined ? "" : `${JSON.stringify(reply.body)}\n`;
+    const text = reply.text?.body ?? (reply.body === undefined ? "" : `${JSON.stringify(reply.body)}\n`);
     response.statusCode = reply.status;
-    if (text !== "") response.setHeader("Content-Type", "application/json");
+    if (text !== "") response.setHeader("Content-Type", reply.text?.contentType ?? "application/json");
     response.setHeader("Content-Length", Buffer.byteLength(text));
     if (close) response.setHeader("Connection", "close");
     response.end(text);
+  }
+
+  #stats(): UnitStatsView {
+    const io = this.#options.io?.() ?? { stats: EMPTY_STATS, connectionCount: 0 };
+    return unitStats(this.#options.unitName, io, this.#options.manager);
   }
 
   async #readBody(request: http.IncomingMessage): Promise<unknown> {
@@ -201,13 +228,14 @@ export class ControlServer {
   }
 
   /** A route without fields: no body at all, or the empty object `{}`. */
-  async #readEmptyBody(request: http.IncomingMessage): Promise<void> {
+  /** A body that may be absent (undefined then). */
+  async #readOptionalBody(request: http.IncomingMessage): Promise<unknown> {
     const declared = request.headers["content-length"];
     if (request.headers["transfer-encoding"] === undefined && (declared === undefined || declared === "0")) {
       request.resume();
-      return;
+      return undefined;
     }
-    objectBody(await this.#readBody(request), []);
+    return this.#readBody(request);
   }
 
   async #route(request: http.IncomingMessage): Promise<Reply> {
@@ -218,7 +246,15 @@ export class ControlServer {
     const parts = path.split("/").filter((p) => p !== "");
     const { manager } = this.#options;
     const notFound = (): IpsanError => new IpsanError("NOT_FOUND", `no route ${method} ${path}`);
+    if (parts.length === 1 && parts[0] === "metrics" && method === "GET") {
+      request.resume();
+      return { status: 200, text: { contentType: "text/plain; version=0.0.4; charset=utf-8", body: unitMetricsText(this.#stats(), this.#options.provider.refused) } };
+    }
     if (parts[0] !== "v1") throw notFound();
+    if (parts.length === 2 && parts[1] === "stats" && method === "GET") {
+      request.resume();
+      return { status: 200, body: this.#stats() };
+    }
     if (parts.length === 2 && parts[1] === "info" && method === "GET") {
       request.resume();
       const snapshot = manager.snapshot();
@@ -281,8 +317,17 @@ export class ControlServer {
       return { status: 200, body: volumeView(await manager.setPartitions(name, body["sizesBytes"])) };
     }
     if (parts.length === 4 && parts[3] === "wipe" && method === "POST") {
-      await this.#readEmptyBody(request);
-      return { status: 200, body: volumeView(await manager.wipe(name)) };
+      // No body or {}: the whole volume. {offset, length}: that part of it (bytes, sector multiples, WIPE_RANGE_BYTES_MAX at most).
+      const raw = await this.#readOptionalBody(request);
+      if (raw === undefined || (typeof raw === "object" && raw !== null && !Array.isArray(raw) && Object.keys(raw).length === 0)) {
+        return { status: 200, body: volumeView(await manager.wipe(name)) };
+      }
+      if (typeof raw === "object" && raw !== null && !Array.isArray(raw)) {
+        const unknown = Object.keys(raw).find((key) => key !== "offset" && key !== "length");
+        if (unknown !== undefined) throw fieldError(unknown, `${unknown}: unknown field (expected no fields, or offset and length)`);
+      }
+      const body = objectBody(raw, ["offset", "length"]);
+      return { status: 200, body: volumeView(await manager.wipe(name, { offset: body["offset"], length: body["length"] })) };
     }
     if (parts.length === 4 && parts[3] === "grants" && method === "PUT") {
       // {hosts:[...]} (address grants, as before) or {grants:[{host, key, export, from}]} (identity grants).

@@ -37,7 +37,7 @@ export const SHUTDOWN_TIMEOUT_MS = 15_000;
 export const USAGE = `usage: ipsan unit --data DIR --capacity SIZE --listen HOST:PORT [--name NAME] [--device PATH]
                   [--volume NAME:SIZE]... [--allow CIDR|id:NAME]... [--control HOST:PORT] [--control-token-file FILE]
                   (with --station, the control API opens by itself on the --listen host and a free port)
-                  [--tls off|on|require] [--tls-psk FILE] [--insecure-plaintext]
+                  [--metrics-token-file FILE] [--tls off|on|require] [--tls-psk FILE] [--insecure-plaintext]
                   ${JOIN_USAGE}
        ipsan unit volume list|create|delete|grow|partition|grant ...   (see "ipsan unit volume help")
        ipsan unit format --data DIR [--device PATH] [--capacity SIZE] [--from-slot 0|1] [--force]   (see "ipsan unit format --help")
@@ -63,6 +63,8 @@ export interface UnitConfig {
   readonly tlsPskFile: string | undefined;
   readonly control: { host: string; port: number } | undefined;
   readonly controlTokenFile: string | undefined;
+  /** --metrics-token-file: a token that may read GET /metrics and GET /v1/stats only (a Prometheus scrape). */
+  readonly metricsTokenFile?: string | undefined;
   /** More control tokens to accept (the station's derived token, when joined). */
   readonly extraTokens?: () => readonly string[];
   /** Joined to a station: volumes without grants are served to nobody. */
@@ -125,6 +127,7 @@ export function parseUnitArgs(argv: readonly string[]): UnitConfig {
       "insecure-plaintext": { type: "boolean" },
       control: { type: "string" },
       "control-token-file": { type: "string" },
+      "metrics-token-file": { type: "string" },
       ...JOIN_FLAGS, // discovery (--station)
       help: { type: "boolean", short: "h" },
     },
@@ -184,6 +187,7 @@ export function parseUnitArgs(argv: readonly string[]): UnitConfig {
     tlsPskFile: values["tls-psk"],
     control: values.control !== undefined ? parseHostPort(values.control, "--control") : join !== undefined ? autoControl(parseListen(values.listen)) : undefined,
     controlTokenFile: values["control-token-file"],
+    metricsTokenFile: values["metrics-token-file"],
   };
 }
 
@@ -201,16 +205,19 @@ function autoControl(listen: NbdListenAddress): { host: string; port: number } {
 export async function loadControlToken(dataDir: string, tokenFile: string | undefined): Promise<string> {
   const path = tokenFile ?? join(dataDir, CONTROL_TOKEN_FILE_NAME);
   if (tokenFile === undefined) await createSecretFileIfMissing(path);
+  return readTokenFile(path, "--control-token-file");
+}
+
+/** One token of 16..512 printable characters from `path`; errors name `flag`. */
+function readTokenFile(path: string, flag: string): string {
   let token: string;
   try {
     token = readFileSync(path, "utf8").trim();
   } catch (error) {
-    throw new IpsanError("INVALID_ARGUMENT", `--control-token-file: cannot read "${path}": ${errorMessage(error)}`, { field: "--control-token-file" });
+    throw new IpsanError("INVALID_ARGUMENT", `${flag}: cannot read "${path}": ${errorMessage(error)}`, { field: flag });
   }
   if (!/^[\x21-\x7e]{16,512}$/.test(token)) {
-    throw new IpsanError("INVALID_ARGUMENT", `--control-token-file: "${path}" must hold one token of 16..512 printable characters`, {
-      field: "--control-token-file",
-    });
+    throw new IpsanError("INVALID_ARGUMENT", `${flag}: "${path}" must hold one token of 16..512 printable characters`, { field: flag });
   }
   return token;
 }
@@ -263,6 +270,7 @@ export async function startUnit(config: UnitConfig): Promise<RunningUnit> {
     let control: { host: string; port: number } | undefined;
     if (config.control !== undefined) {
       const token = await loadControlToken(config.dataDir, config.controlTokenFile);
+      const metricsToken = config.metricsTokenFile === undefined ? undefined : readTokenFile(config.metricsTokenFile, "--metrics-token-file");
       controlServer = new ControlServer({
         manager,
         provider,
@@ -271,6 +279,8 @@ export async function startUnit(config: UnitConfig): Promise<RunningUnit> {
         ...(config.extraTokens === undefined ? {} : { extraTokens: config.extraTokens }),
         nbd: () => nbd,
         tls: config.tls,
+        io: () => nbdServer,
+        ...(metricsToken === undefined ? {} : { readTokens: [metricsToken] }),
       });
       control = await controlServer.listen(config.control.host, config.control.port);
     }

@@ -174,7 +174,7 @@ export function deleteVolume(table: VolumeTable, nameValue: unknown): TableChang
  * too). Refused while the volume has grants: a granted host may be using it,
  * and a wipe under a running host is data loss, not hygiene.
  */
-export function wipeRanges(table: VolumeTable, nameValue: unknown): { volume: VolumeRecord; ranges: readonly LbaRange[] } {
+export function wipeRanges(table: VolumeTable, nameValue: unknown, range?: WipeRange): { volume: VolumeRecord; ranges: readonly LbaRange[] } {
   const name = checkVolumeName(nameValue);
   const volume = findVolume(table, name);
   if (volume.grants.length > 0 || volume.access.length > 0) {
@@ -185,7 +185,52 @@ export function wipeRanges(table: VolumeTable, nameValue: unknown): { volume: Vo
       { field: "name" },
     );
   }
-  return { volume, ranges: volume.extents };
+  return { volume, ranges: range === undefined ? volume.extents : sliceExtents(volume.extents, range.offset / SECTOR_SIZE, range.length / SECTOR_SIZE) };
+}
+
+/** The most one ranged wipe zeroes (the station drives a long wipe chunk by chunk, src/station/tasks/wipe.ts). */
+export const WIPE_RANGE_BYTES_MAX = 1024 * 1024 * 1024;
+
+/** Part of a volume's address space (its extents, slack included) to zero: bytes from the volume's start. */
+export interface WipeRange {
+  readonly offset: number;
+  readonly length: number;
+}
+
+/** Checks a wipe's {offset, length} body against the volume's extents (sector multiples, at most WIPE_RANGE_BYTES_MAX). */
+export function checkWipeRange(table: VolumeTable, nameValue: unknown, offsetValue: unknown, lengthValue: unknown): WipeRange {
+  const name = checkVolumeName(nameValue);
+  const volume = findVolume(table, name);
+  const spaceBytes = extentsLengthLba(volume.extents) * SECTOR_SIZE;
+  if (typeof offsetValue !== "number" || !Number.isSafeInteger(offsetValue) || offsetValue < 0 || offsetValue % SECTOR_SIZE !== 0) {
+    throw invalid("offset", `offset: ${JSON.stringify(offsetValue)} is not a whole, non-negative multiple of ${SECTOR_SIZE} bytes`);
+  }
+  const length = checkSizeBytes(lengthValue, "length");
+  if (length > WIPE_RANGE_BYTES_MAX) throw invalid("length", `length: ${length} is over the limit WIPE_RANGE_BYTES_MAX=${WIPE_RANGE_BYTES_MAX}`);
+  if (offsetValue + length > spaceBytes) {
+    throw new IpsanError("OUT_OF_RANGE", `offset ${offsetValue} + length ${length} is past the end of volume ${name}'s extents (${spaceBytes} bytes)`, { field: "length" });
+  }
+  return { offset: offsetValue, length };
+}
+
+/** The LBA ranges of `extents` that hold the volume's sectors [startLba, startLba + lengthLba). */
+function sliceExtents(extents: readonly LbaRange[], startLba: number, lengthLba: number): LbaRange[] {
+  const out: LbaRange[] = [];
+  let skip = startLba;
+  let left = lengthLba;
+  for (const extent of extents) {
+    if (left === 0) break;
+    if (skip >= extent.lengthLba) {
+      skip -= extent.lengthLba;
+      continue;
+    }
+    const take = Math.min(extent.lengthLba - skip, left);
+    out.push({ startLba: extent.startLba + skip, lengthLba: take });
+    left -= take;
+    skip = 0;
+  }
+  assert(left === 0, "a checked wipe range lies within the volume's extents");
+  return out;
 }
 
 /** Grows a volume to `sizeValue` bytes in total; open devices keep their old size. */

@@ -29,6 +29,7 @@ import {
   setIdentityGrants,
   setPartitions,
   wipeRanges,
+  checkWipeRange,
 } from "./volume_ops.ts";
 import { type Segment, VolumeDevice, mapRange, subSegments, volumeSegments } from "./volume_device.ts";
 
@@ -304,9 +305,10 @@ export class VolumeManager {
    * is gated). Closed or revoked devices still draining are waited for first.
    * The table does not change. Repeating it is harmless.
    */
-  wipe(name: unknown): Promise<VolumeRecord> {
+  wipe(name: unknown, range?: { readonly offset: unknown; readonly length: unknown }): Promise<VolumeRecord> {
     return this.#enqueue(async () => {
-      const { volume, ranges } = wipeRanges(this.#table, name);
+      const checked = range === undefined ? undefined : checkWipeRange(this.#table, name, range.offset, range.length);
+      const { volume, ranges } = wipeRanges(this.#table, name, checked);
       const devices = this.#devicesOf(volume.name);
       // Closed devices and revoked ones are no one's any more; their last calls are waited for below.
       const open = devices.filter((d) => !d.revoked && !d.closed).length;
@@ -324,7 +326,7 @@ export class VolumeManager {
       } finally {
         release();
       }
-      log.info("volume wiped", { volume: volume.name, bytes: extentsLengthLba(ranges) * SECTOR_SIZE, ms: Date.now() - startedMs });
+      log.info(checked === undefined ? "volume wiped" : "volume range wiped", { volume: volume.name, ...(checked === undefined ? {} : checked), bytes: extentsLengthLba(ranges) * SECTOR_SIZE, ms: Date.now() - startedMs });
       return volume;
     });
   }

@@ -7,7 +7,10 @@
 // or an open connection (raw NBD probe holding the export), and succeeds once
 // the connection is gone. 401 without or with a wrong token, 404 for an
 // unknown volume or a wrong method, 400 naming the field for a bad name or a
-// body with fields. The offline admin (`--data`) wipes a stopped unit's
+// body with other fields. A ranged wipe ({offset, length}, what the
+// station's volume.wipe task sends chunk by chunk) zeroes exactly that part
+// and nothing around it; bad or out-of-bounds ranges are 400 naming offset or
+// length, and it is refused while granted like a whole wipe. The offline admin (`--data`) wipes a stopped unit's
 // volume, and the data is still zeroes after the unit starts again.
 
 import { after, before, test } from "node:test";
@@ -100,6 +103,36 @@ test("409 while the volume has a grant or an open connection; the data is kept",
   await qemuIoOk(unit.uri("c"), ["read -P 0 0 3M"]);
 });
 
+test("a ranged wipe zeroes exactly {offset, length} of the volume; bad ranges are 400 naming the field", async () => {
+  assert.equal((await controlRequest(unit, "POST", "/v1/volumes", { name: "d", sizeBytes: 4 * MIB })).status, 201);
+  await qemuIoOk(unit.uri("d"), ["write -P 0xd4 0 4M"]);
+  const ranged = await controlRequest(unit, "POST", "/v1/volumes/d/wipe", { offset: MIB, length: MIB + 512 });
+  assert.equal(ranged.status, 200, JSON.stringify(ranged.body));
+  await qemuIoOk(unit.uri("d"), ["read -P 0xd4 0 1M", `read -P 0 1M ${MIB + 512}`, `read -P 0xd4 ${2 * MIB + 512} ${2 * MIB - 512}`]);
+  const cases: [unknown, string, RegExp][] = [
+    [{ offset: 1, length: MIB }, "offset", /offset: 1 is not a whole, non-negative multiple of 512 bytes/],
+    [{ offset: -512, length: MIB }, "offset", /offset: -512/],
+    [{ offset: 0, length: 100 }, "length", /length: 100 is not a multiple of 512/],
+    [{ offset: 0, length: 2 * 1024 * MIB }, "length", /WIPE_RANGE_BYTES_MAX/],
+    [{ offset: 3 * MIB, length: 2 * MIB }, "length", /past the end of volume d's extents \(4194304 bytes\)/],
+    [{ offset: 0 }, "length", /length: required/],
+  ];
+  for (const [body, field, message] of cases) {
+    const refused = await controlRequest(unit, "POST", "/v1/volumes/d/wipe", body);
+    assert.equal(refused.status, 400, JSON.stringify(body));
+    assert.equal(errorOf(refused.body).field, field, JSON.stringify(body));
+    assert.match(errorOf(refused.body).message ?? "", message);
+  }
+  assert.equal((await controlRequest(unit, "PUT", "/v1/volumes/d/grants", { hosts: ["127.0.0.1"] })).status, 200);
+  const granted = await controlRequest(unit, "POST", "/v1/volumes/d/wipe", { offset: 0, length: MIB });
+  assert.equal(granted.status, 409);
+  assert.match(errorOf(granted.body).message ?? "", /volume d has grants/);
+  assert.equal((await controlRequest(unit, "PUT", "/v1/volumes/d/grants", { hosts: [] })).status, 200);
+  // Nothing refused touched a byte.
+  await qemuIoOk(unit.uri("d"), ["read -P 0xd4 0 1M", `read -P 0 1M ${MIB + 512}`, `read -P 0xd4 ${2 * MIB + 512} ${2 * MIB - 512}`]);
+  assert.equal((await controlRequest(unit, "DELETE", "/v1/volumes/d")).status, 204);
+});
+
 test("401, 404 and 400 answers", async () => {
   for (const token of ["", "wrong-token-0123456789"]) {
     const r = await controlRequest(unit, "POST", "/v1/volumes/b/wipe", undefined, token);
@@ -116,7 +149,7 @@ test("401, 404 and 400 answers", async () => {
   const withField = await controlRequest(unit, "POST", "/v1/volumes/b/wipe", { sizeBytes: 1 });
   assert.equal(withField.status, 400);
   assert.equal(errorOf(withField.body).field, "sizeBytes");
-  assert.match(errorOf(withField.body).message ?? "", /unknown field \(expected no fields\)/);
+  assert.match(errorOf(withField.body).message ?? "", /unknown field \(expected no fields, or offset and length\)/);
   // None of these touched b.
   await qemuIoOk(unit.uri("b"), ["read -P 0x5b 0 8M"]);
 });

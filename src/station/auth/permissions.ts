@@ -21,9 +21,10 @@ const ADMIN: RoleList = ["admin"];
  * - "query": a listing, whose ?host= must be H;
  * - "body": a request whose body's `host` must be H;
  * - "assignment": the route's first parameter is an assignment id, whose host must be H.
+ * - "task": the route's first parameter is a task id, which that host credential must have started.
  * A route without `host` is refused to every host credential.
  */
-export type HostScope = "name" | "query" | "body" | "assignment";
+export type HostScope = "name" | "query" | "body" | "assignment" | "task";
 
 export interface Permission {
   /** Roles allowed (a host credential also needs `host`). */
@@ -31,10 +32,11 @@ export interface Permission {
   readonly host?: HostScope;
 }
 
-/** The table: "METHOD /route/:pattern" as http.ts declares each route. */
+/** The table: "METHOD /route/:pattern" as the route modules (src/station/api/) declare each route. */
 export const PERMISSIONS: Readonly<Record<string, Permission>> = {
   "GET /api/v1/health": { roles: ALL },
   "GET /api/v1/openapi.json": { roles: ALL },
+  "GET /api/v1/whoami": { roles: ALL },
   "GET /metrics": { roles: READERS },
   "GET /api/v1/events": { roles: READERS },
   "GET /api/v1/units": { roles: READERS },
@@ -50,6 +52,11 @@ export const PERMISSIONS: Readonly<Record<string, Permission>> = {
   "DELETE /api/v1/volumes/:unit/:name": { roles: WRITERS },
   "POST /api/v1/volumes/:unit/:name/grow": { roles: WRITERS },
   "PUT /api/v1/volumes/:unit/:name/partitions": { roles: WRITERS },
+  "POST /api/v1/volumes/:unit/:name/wipe": { roles: WRITERS },
+  // Tasks (src/station/tasks): read like the pool; a host reads the tasks it started (its allocation's 202 points there).
+  "GET /api/v1/tasks": { roles: READERS },
+  "GET /api/v1/tasks/:id": { roles: ALL, host: "task" },
+  "POST /api/v1/tasks/:id/cancel": { roles: WRITERS },
   "GET /api/v1/hosts": { roles: READERS },
   "GET /api/v1/hosts/:name": { roles: ALL, host: "name" },
   // A host credential may heartbeat and set its spare flag, never move its address (checked below).
@@ -72,6 +79,10 @@ export const PERMISSIONS: Readonly<Record<string, Permission>> = {
   "POST /api/v1/join-tokens": { roles: ADMIN },
   "GET /api/v1/audit": { roles: ADMIN },
   "GET /api/v1/audit/verify": { roles: ADMIN },
+  // I/O and capacity statistics (src/station/stats/): read like the pool.
+  "GET /api/v1/stats/units": { roles: READERS },
+  "GET /api/v1/stats/units/:name": { roles: READERS },
+  "GET /api/v1/stats/pool": { roles: READERS },
 };
 
 /**
@@ -101,6 +112,8 @@ export interface AccessRequest {
   assignmentHost(id: string): string | undefined;
   /** A host's registered address (undefined: not registered). */
   hostAddress(name: string): string | undefined;
+  /** Who started a task (undefined: no such task). */
+  taskStarter?(id: string): string | undefined;
 }
 
 function denied(principal: Principal, what: string): IpsanError {
@@ -143,6 +156,13 @@ export function authorize(principal: Principal, request: AccessRequest): void {
       const holder = request.assignmentHost(id);
       // No such assignment: the handler answers 404 as to anyone else.
       if (holder !== undefined && holder !== own) throw denied(principal, `${action} on assignment ${id}: it is not host ${own}'s`);
+      return;
+    }
+    case "task": {
+      const id = request.params[0] ?? "";
+      const starter = request.taskStarter?.(id);
+      // No such task: the handler answers 404 as to anyone else.
+      if (starter !== undefined && starter !== principal.name) throw denied(principal, `${action} on task ${id}: host ${own} did not start it`);
       return;
     }
   }
