@@ -5,7 +5,8 @@
 //   LIST, INFO, GO and EXPORT_NAME before STARTTLS get NBD_REP_ERR_TLS_REQD
 //   (or the connection closes), and STARTTLS is the one option acknowledged.
 // - An HTTP port answers 401 to every path and method but the health
-//   endpoint, whose answer holds no secret (no long hex run, no key or token).
+//   endpoint and the web console's static files (GET / and /assets/*, issue
+//   8), whose answers hold no secret (no long hex run, no key or token).
 // - A UDP port answers no datagram: neither garbage nor an unsigned packet.
 // Canary: the same probe of a plaintext unit's NBD port must find answers.
 
@@ -71,7 +72,8 @@ async function httpStatus(host: string, port: number, method: string, path: stri
 }
 
 const HTTP_PROBES: readonly [string, string][] = [
-  ["GET", "/"],
+  ["POST", "/"],
+  ["GET", "/assets/../api/v1/units"],
   ["GET", "/metrics"],
   ["GET", "/api/v1/units"],
   ["GET", "/api/v1/hosts"],
@@ -93,6 +95,8 @@ const HTTP_PROBES: readonly [string, string][] = [
 
 /** Health endpoints may answer a stranger, with nothing secret in them. */
 const HEALTH_PATHS = new Set(["/api/v1/health", "/healthz", "/v1/health"]);
+/** The console's static files (the station's; public, like a health answer: nothing secret in them). */
+const PUBLIC_PATHS = new Set([...HEALTH_PATHS, "/", "/index.html", "/assets/index.js", "/assets/.env", "/assets/%2e%2e%2fadmin.token"]);
 
 /** What a stranger gets from an NBD port before TLS: a list of what answered (empty = nothing but TLS required). */
 async function nbdStrangerAnswers(host: string, port: number): Promise<string[]> {
@@ -199,7 +203,7 @@ test("a port scan of a station and two units finds nothing that answers without 
         const { status } = await httpStatus(host, socket.port, method, path);
         if (status !== 401) problems.push(`http ${host}:${socket.port}: ${method} ${path} answered ${status} without a token`);
       }
-      for (const path of HEALTH_PATHS) {
+      for (const path of PUBLIC_PATHS) {
         const { status, body } = await httpStatus(host, socket.port, "GET", path);
         if (status === 401 || status === 404) continue;
         if (/[0-9a-f]{32,}/i.test(body) || /token|secret|"key"/i.test(body)) problems.push(`http ${host}:${socket.port}: ${path} says too much: ${body.slice(0, 200)}`);

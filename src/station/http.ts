@@ -26,6 +26,7 @@ import { AUDIT_LIST_LIMIT_DEFAULT, AUDIT_LIST_LIMIT_MAX, tailEntries, verifyAudi
 import { authorize } from "./auth/permissions.ts";
 import { ADMIN_TOKEN_NAME, JOIN_TOKEN_TTL_MS_DEFAULT, JOIN_TOKEN_TTL_MS_MAX, TOKEN_ROLES, tokenView, type Principal, type TokenRole, type TokenStore } from "./auth/tokens.ts";
 import { parseDuration } from "../util/duration.ts";
+import { CONSOLE_DIR_DEFAULT, consoleFile, isConsolePath } from "./console_static.ts";
 
 export const BODY_BYTES_MAX = 64 * 1024;
 /** After a 413, bytes read and discarded before the connection is cut. */
@@ -123,6 +124,8 @@ export interface ApiServerOptions {
   readonly tls?: { readonly cert: Buffer; readonly key: Buffer };
   /** Extra Prometheus text appended to /metrics (the discovery listener's counters). */
   readonly extraMetrics?: () => string;
+  /** The web console's built files, served at / and /assets/* without a token (default dist/console). */
+  readonly consoleDir?: string;
 }
 
 export class ApiServer {
@@ -130,6 +133,7 @@ export class ApiServer {
   private readonly tokens: TokenStore;
   private readonly audit: AuditLog;
   private readonly extraMetrics: (() => string) | undefined;
+  private readonly consoleDir: string;
   private readonly server: Server;
   private readonly routes: Route[];
   /** Open event streams, with the credential that opened each (revoking it ends them). */
@@ -143,6 +147,7 @@ export class ApiServer {
     this.tokens = options.tokens;
     this.audit = options.audit;
     this.extraMetrics = options.extraMetrics;
+    this.consoleDir = options.consoleDir ?? CONSOLE_DIR_DEFAULT;
     this.legReports = new LegReports(options.station.store);
     this.routes = this.buildRoutes();
     const serverOptions = { headersTimeout: HTTP_HEADERS_TIMEOUT_MS, requestTimeout: HTTP_REQUEST_TIMEOUT_MS };
@@ -315,6 +320,15 @@ export class ApiServer {
     try {
       if (this.closing) throw new IpsanError("SHUTTING_DOWN", "the station is stopping");
       const url = new URL(req.url ?? "/", "http://station.invalid");
+      if (isConsolePath(req.method, url.pathname)) {
+        // The console's static files are public (src/station/console_static.ts); its API calls are not.
+        req.resume();
+        const file = await consoleFile(this.consoleDir, url.pathname);
+        this.station.metrics.httpRequests.inc(String(file.status));
+        res.writeHead(file.status, { ...file.headers, "content-length": String(file.body.length) });
+        res.end(req.method === "HEAD" ? undefined : file.body);
+        return;
+      }
       const who = this.authenticate(req);
       if ("reason" in who) {
         req.resume();
