@@ -453,6 +453,11 @@ export class ApiServer {
           body: { status: "ok", version: VERSION, units: store.units.size, volumes: store.volumeCount, assignments: store.live.size },
         };
       }),
+      // Who the caller is (the console disables what its role may not do; docs/console.md).
+      r("GET", "/api/v1/whoami", ({ query, principal }) => {
+        checkQuery(query, []);
+        return { status: 200, body: { name: principal.name, role: principal.role, host: principal.host } };
+      }),
       r("GET", "/api/v1/openapi.json", ({ query }) => {
         checkQuery(query, []);
         return { status: 200, body: openApiDocument(VERSION) };

@@ -249,6 +249,15 @@ export function openApiDocument(version: string): unknown {
     },
     paths: {
       "/api/v1/health": { get: { summary: "Liveness and counts", responses: { "200": ok("ok", { type: "object" }), ...errors } } },
+      "/api/v1/whoami": {
+        get: {
+          summary: "The caller's credential: name, role and bound host (the console reads its role here)",
+          responses: {
+            "200": ok("caller", { type: "object", required: ["name", "role", "host"], properties: { name: { type: "string" }, role: { type: "string", enum: ["admin", "operator", "viewer", "host", "join"] }, host: { type: ["string", "null"] } } }),
+            ...errors,
+          },
+        },
+      },
       "/api/v1/openapi.json": { get: { summary: "This document", responses: { "200": ok("OpenAPI 3.1", { type: "object" }), ...errors } } },
       "/api/v1/units": {
         get: {

@@ -35,6 +35,7 @@ export interface Permission {
 export const PERMISSIONS: Readonly<Record<string, Permission>> = {
   "GET /api/v1/health": { roles: ALL },
   "GET /api/v1/openapi.json": { roles: ALL },
+  "GET /api/v1/whoami": { roles: ALL },
   "GET /metrics": { roles: READERS },
   "GET /api/v1/events": { roles: READERS },
   "GET /api/v1/units": { roles: READERS },
