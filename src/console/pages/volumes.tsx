@@ -180,7 +180,8 @@ export function VolumesPage({ model, denied }: { model: Model; denied: string | 
                 <td>{v.partitions.length === 0 ? "-" : v.partitions.map((p) => `p${p.index} ${formatBytes(p.sizeBytes)}`).join(", ")}</td>
                 <td>{v.assignedTo ?? "-"}</td>
                 <td>{v.grants.length === 0 ? "-" : v.grants.join(", ")}</td>
-                <td class="actions">
+                <td>
+                  <div class="actions">
                   <ActionButton denied={denied} label={`Grow ${v.id}`} onClick={() => setPanel({ kind: "grow", volume: v })}>
                     Grow
                   </ActionButton>
@@ -196,6 +197,7 @@ export function VolumesPage({ model, denied }: { model: Model; denied: string | 
                   <ActionButton denied={denied} kind="danger" label={`Delete ${v.id}`} onClick={() => setPanel({ kind: "delete", volume: v })}>
                     Delete
                   </ActionButton>
+                  </div>
                 </td>
               </tr>
             ))}
