@@ -11,6 +11,7 @@
 // Prints the figures as JSON (docs/benchmarks.md "Web console at scale").
 //
 //   npm run bench:console -- [--units 1000] [--volumes 10] [--runs 3]
+// (IPSAN_LOG=warn there: the simulated units in this process log every join)
 
 import { pathToFileURL } from "node:url";
 import { loadClusterKey } from "../discovery/keys.ts";
@@ -148,7 +149,6 @@ export async function measureConsoleAtScale(options: { units: number; volumesPer
 }
 
 async function main(argv: readonly string[]): Promise<number> {
-  process.env["IPSAN_LOG"] ??= "warn"; // 1,000 simulated units in this process log every join
   const { values } = parseFlags(argv, { units: { type: "string" }, volumes: { type: "string" }, runs: { type: "string" } });
   const figures = await measureConsoleAtScale({
     units: Number(values.units ?? "1000"),

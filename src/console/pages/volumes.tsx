@@ -2,7 +2,7 @@
 // 10,000 volumes cost one small read), with unit, size, extents, partitions,
 // legs of mirrors, assigned host and grants; and the actions: "Create volume"
 // (form fields "Unit", "Name", "Size", button "Create"), delete, grow,
-// partition/repartition, assign/unassign, and allocate for a host.
+// partition/repartition, wipe, assign/unassign, and allocate for a host.
 
 import type { JSX } from "preact";
 import { useEffect, useState } from "preact/hooks";
@@ -14,7 +14,7 @@ import { ActionButton, Pager, Status, formatBytes } from "../ui.tsx";
 
 export const VOLUMES_PAGE_SIZE = 100;
 type Message = { kind: "ok" | "error" | "info"; text: string } | null;
-type Panel = { kind: "create" } | { kind: "allocate" } | { kind: "grow" | "partition" | "assign" | "delete" | "assignments"; volume: Volume } | null;
+type Panel = { kind: "create" } | { kind: "allocate" } | { kind: "grow" | "partition" | "assign" | "delete" | "wipe" | "assignments"; volume: Volume } | null;
 
 function Field(props: { id: string; label: string; value: string; onInput: (v: string) => void; hint?: string; list?: string; required?: boolean; placeholder?: string }): JSX.Element {
   return (
@@ -194,6 +194,9 @@ export function VolumesPage({ model, denied }: { model: Model; denied: string | 
                   <button type="button" class="btn" aria-label={`Assignments of ${v.id}`} onClick={() => setPanel({ kind: "assignments", volume: v })}>
                     Assignments
                   </button>
+                  <ActionButton denied={denied} kind="danger" label={`Wipe ${v.id}`} onClick={() => setPanel({ kind: "wipe", volume: v })}>
+                    Wipe
+                  </ActionButton>
                   <ActionButton denied={denied} kind="danger" label={`Delete ${v.id}`} onClick={() => setPanel({ kind: "delete", volume: v })}>
                     Delete
                   </ActionButton>
@@ -293,6 +296,12 @@ function ActionPanel(props: {
       return (
         <Form title={`Delete ${panel.volume.id}?`} submit="Delete" denied={denied} onCancel={onCancel} onSubmit={() => act(`Delete ${panel.volume.id}`, "DELETE", `/api/v1/volumes${seg(panel.volume.unit, panel.volume.name)}`)}>
           <p>Its data is gone for good. A volume that is assigned is refused.</p>
+        </Form>
+      );
+    case "wipe":
+      return (
+        <Form title={`Wipe ${panel.volume.id}?`} submit="Wipe" denied={denied} onCancel={onCancel} onSubmit={() => act(`Wipe ${panel.volume.id}`, "POST", `/api/v1/volumes${seg(panel.volume.unit, panel.volume.name)}/wipe`, {})}>
+          <p>Every byte of the volume becomes zero, in chunks (a task with progress on the Tasks page). Cancelling it leaves the volume partly zeroed. A granted volume is refused.</p>
         </Form>
       );
     case "assignments":
