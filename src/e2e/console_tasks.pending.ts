@@ -13,7 +13,7 @@
 //   task id and name in the page's alert;
 // - the admin cancels its own wipe with "Cancel": both contexts show it
 //   cancelled, without a reload, while the other goes on.
-// Long wipes: 64 GiB sparse volumes wiped in 4 MiB chunks
+// Long wipes: 4 GiB sparse volumes wiped in 4 MiB chunks
 // (IPSAN_WIPE_CHUNK_BYTES), each chunk a real call to the unit.
 
 import { after, before, test } from "node:test";
@@ -27,7 +27,7 @@ import { waitFor } from "../testing/process.ts";
 import type { RunningUnit } from "../testing/unit.ts";
 
 const GIB = 1024 * 1024 * 1024;
-const LONG_WIPE_BYTES = 64 * GIB;
+const LONG_WIPE_BYTES = 4 * GIB;
 let station: RunningStation;
 let unit: RunningUnit;
 let browser: Browser;

@@ -70,6 +70,8 @@ test("the console's files are public, nothing else is", async () => {
   const index = await fetch(`${station.url}/`);
   assert.equal(index.status, 200);
   assert.match(index.headers.get("content-type") ?? "", /^text\/html/);
+  assert.match(index.headers.get("content-security-policy") ?? "", /default-src 'self'/);
+  assert.equal(index.headers.get("x-frame-options"), "DENY");
   const html = await index.text();
   const asset = /src="(\/assets\/[^"]+\.js)"/.exec(html)?.[1];
   assert.ok(asset !== undefined, html);
@@ -110,8 +112,11 @@ test("sign in, live units, create + partition + assign through the forms, nbdinf
     assert.ok(appearedMs <= 3_000);
     await shot(page, "units");
 
-    // Volumes: create through the form.
+    // Volumes: create through the form (Escape closes a form).
     await gotoPage(page, "Volumes");
+    await page.getByRole("button", { name: "Create volume" }).click();
+    await page.getByLabel("Name", { exact: true }).press("Escape");
+    await page.getByRole("form", { name: "Create a volume" }).waitFor({ state: "detached", timeout: 2_000 }); // Escape closed it
     await page.getByRole("button", { name: "Create volume" }).click();
     await page.getByLabel("Unit", { exact: true }).fill("u1");
     await page.getByLabel("Name", { exact: true }).fill("cv1");
@@ -217,6 +222,9 @@ test("a viewer sees everything and every action is disabled with a reason; the s
       return response.status;
     });
     assert.equal(status, 403);
+    await page.getByRole("button", { name: "Sign out" }).click();
+    await page.getByLabel("Token").waitFor();
+    assert.equal(await page.evaluate(() => sessionStorage.getItem("ipsan.token")), null, "signing out forgets the token");
   } finally {
     await context.close();
   }

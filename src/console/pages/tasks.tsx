@@ -84,7 +84,7 @@ export function TasksPage({ model, denied }: { model: Model; denied: string | nu
                 </td>
                 <td>{t.startedBy}</td>
                 <td>{formatTime(t.createdAt)}</td>
-                <td>{t.error?.message ?? t.message ?? ""}</td>
+                <td class="msg">{t.error?.message ?? t.message ?? ""}</td>
                 <td>
                   {t.cancellable && (t.state === "queued" || t.state === "running") ? (
                     <ActionButton
