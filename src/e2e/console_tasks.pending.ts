@@ -106,7 +106,9 @@ test("two long tasks from two browser contexts, both progressing in both; a conf
       },
       { timeoutMs: 30_000, intervalMs: 200 },
     );
+    await pa.setViewportSize({ width: 1280, height: 240 });
     await pa.screenshot({ path: join(shots, "tasks-running.png"), fullPage: true });
+    await pa.setViewportSize({ width: 1280, height: 860 });
 
     // A conflicting task from the admin's context: refused at once, naming op1's task.
     const held = await wipeRow(pa, "big2").getByRole("rowheader").getAttribute("title");

@@ -10,7 +10,10 @@
 //   reload (live from the event stream);
 // - "Create volume" (fields "Unit", "Name", "Size", button "Create"), then
 //   partition it, then assign partition 2 to host h1 through the forms, and
-//   nbdinfo reaches that partition with h1's key over TLS (16 MiB);
+//   nbdinfo reaches that partition with h1's key over TLS (16 MiB), and
+//   nbdcopy writes 16 MiB into it and reads the same back; the unit's page
+//   shows its LBA map (volumes, partitions, free extents) and I/O charts when
+//   the station keeps statistics (else "No statistics yet.");
 // - kill -9 of a unit: its row turns suspect, then offline, without a reload
 //   (short discovery timers from the environment);
 // - a viewer's action buttons are disabled with a visible reason, and the
@@ -21,7 +24,8 @@
 
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
-import { existsSync } from "node:fs";
+import { randomBytes } from "node:crypto";
+import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import type { Browser, Page } from "playwright-core";
 import { StationClient } from "../host/station_client.ts";
@@ -57,8 +61,12 @@ after(async () => {
   tmp?.remove();
 });
 
+/** A full-page screenshot as tall as the content (a short viewport while it is taken). */
 async function shot(page: Page, name: string): Promise<void> {
+  const size = page.viewportSize() ?? { width: 1280, height: 860 };
+  await page.setViewportSize({ width: size.width, height: 240 });
   await page.screenshot({ path: join(shots, `${name}.png`), fullPage: true });
+  await page.setViewportSize(size);
 }
 
 async function gotoPage(page: Page, label: string): Promise<void> {
@@ -150,6 +158,14 @@ test("sign in, live units, create + partition + assign through the forms, nbdinf
     const info = await run("nbdinfo", ["--size", uri], { timeoutMs: 15_000 });
     assert.equal(info.code, 0, info.stderr);
     assert.equal(info.stdout.trim(), String(16 * MIB));
+    // Some I/O through it (data in, the same data back), for the unit's I/O charts.
+    const data = randomBytes(16 * MIB);
+    writeFileSync(tmp.file("in.img"), data);
+    const copied = await run("nbdcopy", [tmp.file("in.img"), uri], { timeoutMs: 30_000 });
+    assert.equal(copied.code, 0, copied.stderr);
+    const back = await run("nbdcopy", [uri, tmp.file("out.img")], { timeoutMs: 30_000 });
+    assert.equal(back.code, 0, back.stderr);
+    assert.ok(readFileSync(tmp.file("out.img")).equals(data), "the partition holds what was written");
 
     // Every page, shot with its data.
     await gotoPage(page, "Pool");
@@ -160,6 +176,13 @@ test("sign in, live units, create + partition + assign through the forms, nbdinf
     await page.getByRole("img", { name: "LBA map of unit u1" }).waitFor({ timeout: 5_000 });
     await page.getByRole("table", { name: "Extents of unit u1" }).getByText("partition cv1/p2").waitFor();
     await page.getByRole("table", { name: "Extents of unit u1" }).getByText("free extent").first().waitFor();
+    // I/O charts where the station keeps statistics (GET /api/v1/stats/units/NAME), else says there are none.
+    const stats = await station.api("GET", "/api/v1/stats/units/u1?window=10m");
+    if (stats.status === 200) await page.getByRole("img", { name: "IOPS chart" }).waitFor({ timeout: 20_000 });
+    else {
+      assert.equal(stats.status, 404, stats.text);
+      await page.getByText("No statistics yet.").waitFor();
+    }
     await shot(page, "unit");
     await gotoPage(page, "Hosts");
     await rowOf(page, "Hosts", "h1").waitFor();
@@ -214,7 +237,7 @@ test("a viewer sees everything and every action is disabled with a reason; the s
     for (const name of ["Delete u1/cv1", "Grow u1/cv1", "Partition u1/cv1", "Assign u1/cv1", "Allocate for a host"]) {
       assert.equal(await page.getByRole("button", { name }).isDisabled(), true, name);
     }
-    await shot(page, "viewer-narrow");
+    await page.screenshot({ path: join(shots, "viewer-narrow.png") });
     // The station is the authority: the same request from the viewer's page is refused.
     const status = await page.evaluate(async () => {
       const token = sessionStorage.getItem("ipsan.token") ?? "";

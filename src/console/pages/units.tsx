@@ -192,22 +192,32 @@ function LbaMap({ unit, volumes }: { unit: Unit; volumes: readonly Volume[] }): 
   );
 }
 
-function IoCharts({ name, version }: { name: string; version: number }): JSX.Element {
-  const [points, setPoints] = useState<readonly StatsPoint[] | null | undefined>(undefined);
+interface UnitStats {
+  readonly points: readonly StatsPoint[];
+  readonly volumes?: readonly { readonly volume: string; readonly points: readonly StatsPoint[] }[];
+}
+
+/** The unit's I/O rates (GET /api/v1/stats/units/NAME), for the whole unit or one volume, re-read every STATS_REFRESH_MS. */
+export const STATS_REFRESH_MS = 5_000;
+
+function IoCharts({ name }: { name: string }): JSX.Element {
+  const [stats, setStats] = useState<UnitStats | null | undefined>(undefined);
+  const [series, setSeries] = useState("");
   useEffect(() => {
     let stop = false;
     const read = (): void => {
-      void call<{ points: StatsPoint[] }>("GET", `/api/v1/stats/units${seg(name)}?window=10m`, { accept: [400, 404] })
-        .then((a) => !stop && setPoints(a.status === 200 ? a.body.points : null))
-        .catch(() => !stop && setPoints(null));
+      void call<UnitStats>("GET", `/api/v1/stats/units${seg(name)}?window=10m`, { accept: [400, 404] })
+        .then((a) => !stop && setStats(a.status === 200 ? a.body : null))
+        .catch(() => !stop && setStats(null));
     };
     read();
-    const timer = setInterval(read, 5_000);
+    const timer = setInterval(read, STATS_REFRESH_MS);
     return () => {
       stop = true;
       clearInterval(timer);
     };
-  }, [name, version]);
+  }, [name]);
+  const points = series === "" ? stats?.points : stats?.volumes?.find((v) => v.volume === series)?.points;
   const data = useMemo(() => {
     const p = points ?? [];
     const t = p.map((q) => toSeconds(q.t));
@@ -217,18 +227,31 @@ function IoCharts({ name, version }: { name: string; version: number }): JSX.Ele
       latency: [t, p.map((q) => q.readLatencyMs), p.map((q) => q.writeLatencyMs)],
     };
   }, [points]);
-  if (points === undefined) return <p role="status">Loading statistics…</p>;
-  if (points === null || points.length === 0) return <p>No statistics yet.</p>;
+  if (stats === undefined) return <p role="status">Loading statistics…</p>;
+  if (stats === null || stats.points.length === 0) return <p>No statistics yet.</p>;
   const rw = [
     { label: "read", color: "#2563eb" },
     { label: "write", color: "#c2410c" },
   ];
   return (
-    <div class="charts">
-      <Chart title="IOPS" unit="ops/s" series={rw} data={data.ops} />
-      <Chart title="Throughput" unit="bytes/s" series={rw} data={data.bytes} />
-      <Chart title="Latency" unit="ms" series={rw} data={data.latency} />
-    </div>
+    <>
+      <div class="toolbar">
+        <label for="io-series">Series</label>
+        <select id="io-series" value={series} onChange={(e) => setSeries(e.currentTarget.value)}>
+          <option value="">whole unit</option>
+          {(stats.volumes ?? []).map((v) => (
+            <option key={v.volume} value={v.volume}>
+              volume {v.volume}
+            </option>
+          ))}
+        </select>
+      </div>
+      <div class="charts" key={series}>
+        <Chart title="IOPS" unit="ops/s" series={rw} data={data.ops} />
+        <Chart title="Throughput" unit="bytes/s" series={rw} data={data.bytes} />
+        <Chart title="Latency" unit="ms" series={rw} data={data.latency} />
+      </div>
+    </>
   );
 }
 
@@ -283,7 +306,7 @@ export function UnitPage({ model, name }: { model: Model; name: string }): JSX.E
           <h2>Volumes and free extents</h2>
           <LbaMap unit={unit} volumes={unit.volumes} />
           <h2>I/O</h2>
-          <IoCharts name={name} version={s.volumesVersion} />
+          <IoCharts name={name} />
         </>
       )}
     </section>
