@@ -98,7 +98,7 @@ export interface ChartSeries {
 }
 
 /** A uPlot line chart of x = seconds since epoch and one array per series; resizes with its box. */
-export function Chart(props: { title: string; series: readonly ChartSeries[]; data: readonly (readonly number[])[]; unit: string }): JSX.Element {
+export function Chart(props: { title: string; series: readonly ChartSeries[]; data: readonly (readonly number[])[]; unit: string; bytes?: boolean }): JSX.Element {
   const box = useRef<HTMLDivElement>(null);
   const plot = useRef<uPlot | null>(null);
   useEffect(() => {
@@ -108,7 +108,7 @@ export function Chart(props: { title: string; series: readonly ChartSeries[]; da
       width: Math.max(240, element.clientWidth),
       height: 180,
       series: [{}, ...props.series.map((s) => ({ label: s.label, stroke: s.color, width: 1.5 }))],
-      axes: [{}, { label: props.unit, size: 70 }],
+      axes: [{}, { label: props.unit, size: 80, ...(props.bytes === true ? { values: (_u: uPlot, values: number[]) => values.map((v) => formatBytes(v)) } : {}) }],
       legend: { show: true },
     };
     plot.current = new uPlot(options, props.data as uPlot.AlignedData, element);

@@ -108,7 +108,8 @@ export function PoolPage({ model }: { model: Model }): JSX.Element {
         ) : (
           <Chart
             title="Pool capacity"
-            unit="bytes"
+            unit="space"
+            bytes
             series={[
               { label: "used", color: "#c2410c" },
               { label: "free", color: "#15803d" },

@@ -248,7 +248,7 @@ function IoCharts({ name }: { name: string }): JSX.Element {
       </div>
       <div class="charts" key={series}>
         <Chart title="IOPS" unit="ops/s" series={rw} data={data.ops} />
-        <Chart title="Throughput" unit="bytes/s" series={rw} data={data.bytes} />
+        <Chart title="Throughput" unit="per second" series={rw} data={data.bytes} bytes />
         <Chart title="Latency" unit="ms" series={rw} data={data.latency} />
       </div>
     </>

@@ -7,13 +7,13 @@
 import type { JSX } from "preact";
 import { useEffect, useState } from "preact/hooks";
 import { call, describeError, seg } from "../api.ts";
-import { newRequestId, runAction } from "../actions.ts";
+import { type ActionOutcome, newRequestId, runAction } from "../actions.ts";
 import { type Model, useModel } from "../model.ts";
-import type { Assignment, Page, Volume } from "../types.ts";
+import type { Assignment, Page, Task, Volume } from "../types.ts";
 import { ActionButton, Pager, Status, formatBytes } from "../ui.tsx";
 
 export const VOLUMES_PAGE_SIZE = 100;
-type Message = { kind: "ok" | "error" | "info"; text: string } | null;
+type Message = { kind: "ok" | "error" | "info"; text: string; taskId?: string } | null;
 type Panel = { kind: "create" } | { kind: "allocate" } | { kind: "grow" | "partition" | "assign" | "delete" | "wipe" | "assignments"; volume: Volume } | null;
 
 function Field(props: { id: string; label: string; value: string; onInput: (v: string) => void; hint?: string; list?: string; required?: boolean; placeholder?: string }): JSX.Element {
@@ -36,6 +36,14 @@ function Field(props: { id: string; label: string; value: string; onInput: (v: s
       )}
     </div>
   );
+}
+
+/** An action's message, with its task's state now (the task's events keep it current). */
+function withTaskState(message: Message, task: Task | undefined): Message {
+  if (message === null || task === undefined) return message;
+  const failed = task.state === "failed" || task.state === "cancelled";
+  const detail = task.error?.message ?? task.message;
+  return { kind: failed ? "error" : "ok", text: `${message.text.replace(/ (queued|running|succeeded|failed|cancelled)$/, "")} ${task.state}${detail === null || detail === undefined ? "" : `: ${detail}`}` };
 }
 
 /** "64M, 32M" -> ["64M", "32M"]; "none" or "" -> []. Numbers stay numbers (bytes). */
@@ -102,8 +110,8 @@ export function VolumesPage({ model, denied }: { model: Model; denied: string | 
     return () => controller.abort();
   }, [offset, filter, s.volumesVersion, reload, s.units.has(filter)]);
 
-  const done = (outcome: { kind: "ok" | "error"; text: string }): void => {
-    setMessage(outcome);
+  const done = (outcome: ActionOutcome): void => {
+    setMessage(outcome.task === null ? { kind: outcome.kind, text: outcome.text } : { kind: outcome.kind, text: outcome.text, taskId: outcome.task.id });
     if (outcome.kind === "ok") {
       setPanel(null);
       setReload((n) => n + 1);
@@ -147,7 +155,7 @@ export function VolumesPage({ model, denied }: { model: Model; denied: string | 
           <option key={h.name} value={h.name} />
         ))}
       </datalist>
-      <Status message={message} />
+      <Status message={withTaskState(message, message?.taskId === undefined ? undefined : s.tasks.get(message.taskId))} />
       {panel === null ? null : <ActionPanel key={"volume" in panel ? `${panel.kind}:${panel.volume.id}` : panel.kind} panel={panel} denied={denied} onCancel={() => setPanel(null)} act={act} />}
       {loadError === null ? null : (
         <p class="status status-error" role="alert">
