@@ -1,4 +1,5 @@
-// Units: a table (name, state word, address, capacity, used, free, volumes),
+// Units: a table (name, state word, address, capacity, used, free, volumes,
+// current IOPS and throughput where the station keeps statistics),
 // paged and filterable so 1,000 units render at once; and one unit's page:
 // its volumes and partitions drawn as a map of LBA ranges with the free
 // extents between them (after the seed's Fig. 5), and its I/O charts.
@@ -12,6 +13,8 @@ import { Chart, Pager, StateWord, formatBytes, formatTime } from "../ui.tsx";
 import { toSeconds } from "./pool.tsx";
 
 export const UNITS_PAGE_SIZE = 100;
+/** Statistics are re-read this often (the station polls its units every 5 s by default). */
+export const STATS_REFRESH_MS = 5_000;
 /** The unit's metadata area: its first 4 MiB (docs/unit.md); volume extents are absolute LBAs after it. */
 export const METADATA_LBAS = 8192;
 const LBA_BYTES = 512;
@@ -21,8 +24,37 @@ export function unitAddress(unit: Unit): string {
   return unit.addresses[0] ?? "-";
 }
 
+/** Each unit's latest I/O rates (GET /api/v1/stats/units?window=30s), re-read every STATS_REFRESH_MS; empty where the station keeps none. */
+function useLatestRates(): ReadonlyMap<string, StatsPoint> {
+  const [rates, setRates] = useState<ReadonlyMap<string, StatsPoint>>(new Map());
+  useEffect(() => {
+    let stop = false;
+    const read = (): void => {
+      void call<{ items: { unit: string; points: StatsPoint[] }[] }>("GET", "/api/v1/stats/units?window=30s", { accept: [400, 404] })
+        .then((a) => {
+          if (stop || a.status !== 200) return;
+          const latest = new Map<string, StatsPoint>();
+          for (const item of a.body.items) {
+            const last = item.points.at(-1);
+            if (last !== undefined) latest.set(item.unit, last);
+          }
+          setRates(latest);
+        })
+        .catch(() => undefined);
+    };
+    read();
+    const timer = setInterval(read, STATS_REFRESH_MS);
+    return () => {
+      stop = true;
+      clearInterval(timer);
+    };
+  }, []);
+  return rates;
+}
+
 export function UnitsPage({ model }: { model: Model }): JSX.Element {
   const s = useModel(model);
+  const rates = useLatestRates();
   const [filter, setFilter] = useState("");
   const [offset, setOffset] = useState(0);
   const all = [...s.units.values()];
@@ -57,6 +89,8 @@ export function UnitsPage({ model }: { model: Model }): JSX.Element {
               <th scope="col" class="num">Used</th>
               <th scope="col" class="num">Free</th>
               <th scope="col" class="num">Volumes</th>
+              <th scope="col" class="num">IOPS</th>
+              <th scope="col" class="num">Throughput</th>
               <th scope="col">Zone</th>
             </tr>
           </thead>
@@ -75,6 +109,8 @@ export function UnitsPage({ model }: { model: Model }): JSX.Element {
                 <td class="num">{formatBytes(u.capacityBytes - u.freeBytes)}</td>
                 <td class="num">{formatBytes(u.freeBytes)}</td>
                 <td class="num">{u.volumeCount}</td>
+                <td class="num">{rateText(rates.get(u.name), (p) => Math.round(p.readOps + p.writeOps).toString())}</td>
+                <td class="num">{rateText(rates.get(u.name), (p) => `${formatBytes(p.readBytes + p.writeBytes)}/s`)}</td>
                 <td>{u.zone ?? "-"}</td>
               </tr>
             ))}
@@ -84,6 +120,10 @@ export function UnitsPage({ model }: { model: Model }): JSX.Element {
       <Pager offset={offset} pageSize={UNITS_PAGE_SIZE} total={shown.length} onOffset={setOffset} what="units" />
     </section>
   );
+}
+
+function rateText(point: StatsPoint | undefined, show: (p: StatsPoint) => string): string {
+  return point === undefined ? "-" : show(point);
 }
 
 interface MapPiece {
@@ -197,8 +237,6 @@ interface UnitStats {
   readonly volumes?: readonly { readonly volume: string; readonly points: readonly StatsPoint[] }[];
 }
 
-/** The unit's I/O rates (GET /api/v1/stats/units/NAME), for the whole unit or one volume, re-read every STATS_REFRESH_MS. */
-export const STATS_REFRESH_MS = 5_000;
 
 function IoCharts({ name }: { name: string }): JSX.Element {
   const [stats, setStats] = useState<UnitStats | null | undefined>(undefined);
