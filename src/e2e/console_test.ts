@@ -17,7 +17,8 @@
 // - kill -9 of a unit: its row turns suspect, then offline, without a reload
 //   (short discovery timers from the environment);
 // - a viewer's action buttons are disabled with a visible reason, and the
-//   station refuses the viewer's request anyway;
+//   station refuses the viewer's request anyway; revoking its token ends its
+//   event stream, and the console, trying again, shows "refused";
 // - a screenshot of every page is saved in the artifacts dir
 //   (test-artifacts/console/ or $IPSAN_ARTIFACTS/console), each checked to
 //   show the data (the page's table has the rows).
@@ -245,6 +246,10 @@ test("a viewer sees everything and every action is disabled with a reason; the s
       return response.status;
     });
     assert.equal(status, 403);
+    // Revoking the token ends its event stream; the console tries again, is refused, and says so.
+    await page.getByRole("status").filter({ hasText: /^live$/ }).waitFor({ timeout: 5_000 });
+    assert.equal((await station.api("DELETE", "/api/v1/tokens/look")).status, 204);
+    await page.getByRole("status").filter({ hasText: /^refused$/ }).waitFor({ timeout: 10_000 });
     await page.getByRole("button", { name: "Sign out" }).click();
     await page.getByLabel("Token").waitFor();
     assert.equal(await page.evaluate(() => sessionStorage.getItem("ipsan.token")), null, "signing out forgets the token");
