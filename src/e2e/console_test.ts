@@ -126,11 +126,19 @@ test("sign in, live units, create + partition + assign through the forms, nbdinf
     await page.getByRole("button", { name: "Create volume" }).click();
     await page.getByLabel("Name", { exact: true }).press("Escape");
     await page.getByRole("form", { name: "Create a volume" }).waitFor({ state: "detached", timeout: 2_000 }); // Escape closed it
+    // From the keyboard: the form opens with its first field focused; Tab moves on, Enter submits.
     await page.getByRole("button", { name: "Create volume" }).click();
-    await page.getByLabel("Unit", { exact: true }).fill("u1");
-    await page.getByLabel("Name", { exact: true }).fill("cv1");
-    await page.getByLabel("Size", { exact: true }).fill("64M");
-    await page.getByRole("button", { name: "Create", exact: true }).click();
+    assert.equal(await page.evaluate(() => document.activeElement?.id), "new-unit", "the Unit field has the focus");
+    await page.keyboard.type("u1");
+    await page.keyboard.press("Tab");
+    await page.keyboard.type("cv1");
+    await page.keyboard.press("Tab");
+    await page.keyboard.type("64M");
+    assert.deepEqual(
+      [await page.getByLabel("Unit", { exact: true }).inputValue(), await page.getByLabel("Name", { exact: true }).inputValue(), await page.getByLabel("Size", { exact: true }).inputValue()],
+      ["u1", "cv1", "64M"],
+    );
+    await page.keyboard.press("Enter");
     await rowOf(page, "Volumes", "cv1").waitFor({ timeout: 10_000 });
     const created = await station.api("GET", "/api/v1/volumes/u1/cv1");
     assert.equal(created.status, 200, created.text);

@@ -5,7 +5,7 @@
 // partition/repartition, wipe, assign/unassign, and allocate for a host.
 
 import type { JSX } from "preact";
-import { useEffect, useState } from "preact/hooks";
+import { useEffect, useRef, useState } from "preact/hooks";
 import { call, describeError, seg } from "../api.ts";
 import { type ActionOutcome, newRequestId, runAction } from "../actions.ts";
 import { type Model, useModel } from "../model.ts";
@@ -59,8 +59,12 @@ function sizeValue(text: string): string | number {
 
 function Form(props: { title: string; submit: string; onSubmit: () => Promise<void>; onCancel: () => void; denied: string | null; children: JSX.Element | JSX.Element[] }): JSX.Element {
   const [busy, setBusy] = useState(false);
+  const ref = useRef<HTMLFormElement>(null);
+  // Keyboard users land in the form's first field (or its first button) when it opens.
+  useEffect(() => ref.current?.querySelector<HTMLElement>("input, select, button")?.focus(), []);
   return (
     <form
+      ref={ref}
       class="panel"
       aria-label={props.title}
       onSubmit={(e) => {
