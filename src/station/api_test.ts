@@ -35,6 +35,7 @@ test("401 without the admin token, on every kind of path", async () => {
     ["POST", "/api/v1/allocations"],
     ["GET", "/api/v1/events"],
     ["GET", "/api/v1/openapi.json"],
+    ["GET", "/api/v1/whoami"],
     ["GET", "/metrics"],
     ["GET", "/no/such/path"],
   ];
@@ -50,6 +51,7 @@ test("401 without the admin token, on every kind of path", async () => {
     assert.equal(basic.status, 401);
   }
   assert.equal((await station.api("GET", "/api/v1/units")).status, 200);
+  assert.deepEqual((await station.api("GET", "/api/v1/whoami")).body, { name: "admin", role: "admin", host: null });
 });
 
 test("malformed requests name the field and the value", async () => {

@@ -72,7 +72,10 @@ export function consoleRoutes(api: Api): void {
       .header("content-type", CONTENT_TYPES[extname(file.path).toLowerCase()] ?? "application/octet-stream")
       .header("content-length", String(file.size))
       .header("cache-control", immutable ? "public, max-age=31536000, immutable" : "no-cache")
-      .header("x-content-type-options", "nosniff");
+      .header("x-content-type-options", "nosniff")
+      .header("x-frame-options", "DENY")
+      .header("referrer-policy", "no-referrer")
+      .header("content-security-policy", "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'");
     await ctx.reply.send(createReadStream(file.path));
     return null;
   };
