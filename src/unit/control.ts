@@ -185,8 +185,19 @@ export class ControlServer {
     try {
       reply = await this.#route(request);
     } catch (error) {
+      const errno = (error as NodeJS.ErrnoException | undefined)?.code;
       if (error instanceof IpsanError) {
         reply = errorReply(error);
+      } else if (errno === "ENOSPC" || errno === "EDQUOT") {
+        // The file system under the unit's storage is full (its storage file is sparse): the same 507 as a full unit,
+        // with what to do, never a 500 "internal error" (issue 9 item 10).
+        log.warn("storage file system full: a change was refused", { error: errorMessage(error) });
+        reply = errorReply(
+          new IpsanError(
+            "NO_SPACE",
+            `the file system under this unit's storage is full (${errno}): free space there, or start the unit with a --capacity the file system can hold; nothing was changed`,
+          ),
+        );
       } else {
         // Assertion failures and unexpected errors: a bug or a storage failure; the daemon keeps serving.
         log.error(error instanceof AssertionError ? "control request hit an assertion" : "control request failed", {

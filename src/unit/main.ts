@@ -3,15 +3,15 @@
 // (admin.ts), or with `ipsan unit format ...` formats its storage
 // (format.ts). The stable CLI contract is in issue 2 and docs/unit.md.
 
-import { readFileSync } from "node:fs";
+import { readFileSync, statSync, statfsSync } from "node:fs";
 import { hostname } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { NbdServer, type NbdListenAddress } from "../nbd/server.ts";
 import { IpsanError, UsageError, errorMessage } from "../util/errors.ts";
 import { parseFlags, parseHostPort } from "../util/flags.ts";
 import { logger } from "../util/log.ts";
 import { createSecretFileIfMissing } from "../util/secret_file.ts";
-import { parseSize } from "../util/size.ts";
+import { formatSize, parseSize } from "../util/size.ts";
 import { type Cidr, loopbackCidrs, parseCidr } from "./cidr.ts";
 import { ControlServer } from "./control.ts";
 import { VOLUME_NAME_PATTERN } from "./layout.ts";
@@ -248,9 +248,34 @@ function serverTls(config: UnitConfig, manager: VolumeManager, provider: UnitExp
   };
 }
 
+/**
+ * A storage file is sparse: a --capacity larger than what its file system can
+ * still hold starts fine and fails later, when writes meet ENOSPC. Say so at
+ * start (issue 9 item 10), with the figures.
+ */
+function warnIfFileSystemTooSmall(storagePath: string, sizeBytes: number): void {
+  try {
+    const fsStat = statfsSync(dirname(storagePath));
+    const freeBytes = fsStat.bavail * fsStat.bsize;
+    const allocatedBytes = statSync(storagePath).blocks * 512;
+    const unallocatedBytes = Math.max(0, sizeBytes - allocatedBytes);
+    if (unallocatedBytes > freeBytes) {
+      log.warn("the storage file is larger than its file system can hold: writes will fail (ENOSPC, answered as NO_SPACE) once it fills; free space there or lower --capacity", {
+        storage: storagePath,
+        capacity: formatSize(sizeBytes),
+        allocated: formatSize(allocatedBytes),
+        fileSystemFree: formatSize(freeBytes),
+      });
+    }
+  } catch (error) {
+    log.debug("cannot check the storage file system's free space", { error: errorMessage(error) });
+  }
+}
+
 /** Opens the storage, makes sure the --volume volumes exist, and starts serving. */
 export async function startUnit(config: UnitConfig): Promise<RunningUnit> {
   const manager = await VolumeManager.open({ dataDir: config.dataDir, capacityBytes: config.capacityBytes, devicePath: config.devicePath });
+  if (config.devicePath === undefined) warnIfFileSystemTooSmall(manager.storage.path, manager.storage.sizeBytes);
   let nbdServer: NbdServer | undefined;
   let controlServer: ControlServer | undefined;
   try {
