@@ -17,6 +17,7 @@
 
 import { setting, settingSources } from "../util/config.ts";
 import { parsePartitionSizes } from "../util/size.ts";
+import { reachableNbd } from "../station/views.ts";
 import { StationClient, listItems, parseStationUrl, readCaFile, readTokenFile } from "../host/station_client.ts";
 import { ttyProgress } from "./tasks.ts";
 import { verifyAuditFile } from "../station/auth/audit.ts";
@@ -128,10 +129,13 @@ const LISTINGS = {
     headers: ["NAME", "STATE", "ADDRESS", "NBD", "CAPACITY", "FREE", "VOLUMES", "SEEN", "SPARE", "ZONE"],
     row: (u: Row) => {
       const nbd = u["nbd"] as { host: string; port: number } | null;
+      // ADDRESS: where the unit serves (its NBD listener's address unless that is a wildcard), not its packets' source.
+      const addresses = (u["addresses"] as string[] | undefined) ?? [];
+      const serving = nbd === null || nbd === undefined ? null : reachableNbd(nbd, addresses);
       return [
         text(u["name"]),
         text(u["state"]),
-        text((u["addresses"] as string[] | undefined)?.[0]),
+        text(serving?.host ?? addresses[0]),
         nbd === null || nbd === undefined ? "-" : `${nbd.host}:${nbd.port}`,
         bytes(u["capacityBytes"]),
         bytes(u["freeBytes"]),
@@ -228,8 +232,17 @@ async function listing(which: ListingName, argv: readonly string[]): Promise<num
     process.stdout.write(`${JSON.stringify(items, null, 2)}\n`);
     return 0;
   }
-  process.stdout.write(table(spec.headers, items.map((item) => spec.row(item))));
+  const rows = items.map((item) => spec.row(item));
+  if (which === "units" && items.length > 0) rows.push(poolTotalRow(items));
+  process.stdout.write(table(spec.headers, rows));
   return 0;
+}
+
+/** The last row of `ipsan units`: the pool's totals (issue 9 item 13); --json stays the API's items. */
+function poolTotalRow(units: readonly Row[]): string[] {
+  const sum = (field: string): number => units.reduce((total, u) => total + (typeof u[field] === "number" ? (u[field] as number) : 0), 0);
+  const online = units.filter((u) => u["state"] === "online").length;
+  return ["TOTAL", `${online}/${units.length} online`, "-", "-", bytes(sum("capacityBytes")), bytes(sum("freeBytes")), text(sum("volumeCount")), "-", "-", "-"];
 }
 
 export const unitsMain = async (argv: readonly string[]): Promise<number> => {

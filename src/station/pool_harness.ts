@@ -139,11 +139,14 @@ export async function startJoinedUnit(
     tls?: boolean;
     /** Default true (--control 127.0.0.1:0); false: no --control flag (a joined unit opens one by itself). */
     control?: boolean;
+    /** --listen (default 127.0.0.1:0). */
+    listen?: string;
   },
 ): Promise<RunningUnit> {
   const unit = await startUnit({
     name: options.name,
     capacity: options.capacity,
+    ...(options.listen === undefined ? {} : { listen: options.listen }),
     control: options.control !== false,
     volumes: options.volumes ?? [],
     extraArgs: [...joinArgs(station), ...(options.tls === true ? [] : ["--insecure-plaintext"]), ...(options.extraArgs ?? [])],

@@ -157,7 +157,8 @@ export function assignmentView(assignment: AssignmentRecord, store: StationStore
     hostAddress: assignment.hostAddress,
     unit: assignment.unit,
     unitDnsName: unit?.dnsName ?? null,
-    unitAddress: unit?.addresses[0] ?? nbd?.host ?? null,
+    // The address the unit serves on (its NBD listener's, when it names one), not the one its discovery packets came from (issue 9 item 13).
+    unitAddress: nbd?.host ?? unit?.addresses[0] ?? null,
     nbdHost: nbd?.host ?? null,
     nbdPort: nbd?.port ?? null,
     export: exportName,
