@@ -179,5 +179,57 @@ export function assignmentView(assignment: AssignmentRecord, store: StationStore
     error: assignment.error,
     movedFrom: assignment.movedFrom ?? null,
     movedAt: assignment.movedAtMs === undefined || assignment.movedAtMs === null ? null : iso(assignment.movedAtMs),
+    ...servingView(assignment, store),
   };
+}
+
+/**
+ * Whether the assignment's data can be served now (issue 9 item 14: an
+ * assignment on a down unit used to read "active" and nothing else):
+ * `serving` "ok" (its unit online; for a mirror every leg in sync on an online
+ * unit), "degraded" (a mirror with at least one in-sync leg on an online unit,
+ * but not all), "down" (no unit that holds its data in sync is online), or null
+ * for an assignment that is over (released, failed); `servingReasons` says why
+ * when it is not "ok".
+ */
+export function servingView(assignment: AssignmentRecord, store: StationStore): { serving: "ok" | "degraded" | "down" | null; servingReasons: string[] } {
+  if (assignment.state === "released" || assignment.state === "failed") return { serving: null, servingReasons: [] };
+  const unitState = (name: string): string => store.units.get(name)?.state ?? "unknown";
+  if (assignment.legs.length === 0) {
+    const state = unitState(assignment.unit);
+    return state === "online" ? { serving: "ok", servingReasons: [] } : { serving: "down", servingReasons: [`unit ${assignment.unit} is ${state}`] };
+  }
+  const reasons: string[] = [];
+  let good = 0;
+  for (const leg of assignment.legs) {
+    const state = unitState(leg.unit);
+    if (state !== "online") reasons.push(`leg ${leg.index} on unit ${leg.unit}: the unit is ${state}`);
+    else if (leg.state !== "in-sync") reasons.push(`leg ${leg.index} on unit ${leg.unit} is ${leg.state}`);
+    else good += 1;
+  }
+  return { serving: good === assignment.legs.length ? "ok" : good > 0 ? "degraded" : "down", servingReasons: reasons };
+}
+
+/** The most reasons the health answer lists (`reasonsTotal` counts them all). */
+export const HEALTH_REASONS_MAX = 100;
+
+/**
+ * The pool's health (GET /api/v1/health): "ok", or "degraded" with reasons
+ * (issue 9 item 14): a unit not online, a host offline that holds live
+ * assignments, an assignment that cannot be served now or is degraded.
+ */
+export function poolHealth(store: StationStore, hostStateOf: (host: HostRecord) => HostState): { status: "ok" | "degraded"; reasons: string[]; reasonsTotal: number } {
+  const reasons: string[] = [];
+  for (const unit of store.units.values()) if (unit.state !== "online") reasons.push(`unit ${unit.name} is ${unit.state}`);
+  const liveByHost = new Map<string, number>();
+  for (const assignment of store.live.values()) {
+    liveByHost.set(assignment.host, (liveByHost.get(assignment.host) ?? 0) + 1);
+    const { serving, servingReasons } = servingView(assignment, store);
+    if (serving === "down" || serving === "degraded") reasons.push(`assignment ${assignment.id} (host ${assignment.host}) is ${serving === "down" ? "not served" : "degraded"}: ${servingReasons.join("; ")}`);
+  }
+  for (const host of store.hosts.values()) {
+    const count = liveByHost.get(host.name) ?? 0;
+    if (count > 0 && hostStateOf(host) !== "online") reasons.push(`host ${host.name} is offline with ${count} assignment${count === 1 ? "" : "s"}`);
+  }
+  return { status: reasons.length === 0 ? "ok" : "degraded", reasons: reasons.slice(0, HEALTH_REASONS_MAX), reasonsTotal: reasons.length };
 }

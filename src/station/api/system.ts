@@ -7,6 +7,7 @@ import { IpsanError } from "../../util/errors.ts";
 import { logger } from "../../util/log.ts";
 import { HOST_STATES, LIVE_ASSIGNMENT_STATES, UNIT_STATES, type StationEvent } from "../types.ts";
 import { renderGauge } from "../metrics.ts";
+import { HEALTH_REASONS_MAX, poolHealth } from "../views.ts";
 import { invalid, show } from "../validate.ts";
 import type { Api } from "./route.ts";
 import { Enum, ErrorBody, Errors, NoQuery, Ref } from "./schemas.ts";
@@ -26,11 +27,25 @@ export function systemRoutes(api: Api, openApiDocument: () => unknown): void {
       summary: "Liveness and counts",
       querystring: NoQuery,
       response: {
-        200: Type.Object({ status: Type.Literal("ok"), version: Type.String(), units: Type.Integer(), volumes: Type.Integer(), assignments: Type.Integer() }, { additionalProperties: true }),
+        200: Type.Object(
+          {
+            status: Enum(["ok", "degraded"]),
+            reasons: Type.Array(Type.String(), { description: `why the pool is degraded (at most ${HEALTH_REASONS_MAX})` }),
+            reasonsTotal: Type.Integer(),
+            version: Type.String(),
+            units: Type.Integer(),
+            volumes: Type.Integer(),
+            assignments: Type.Integer(),
+          },
+          { additionalProperties: true, description: "the station answers; the pool is ok or degraded (a unit not online, a host offline with assignments, an assignment not served or degraded)" },
+        ),
         ...Errors(),
       },
     },
-    handler: () => ({ status: 200, body: { status: "ok", version: VERSION, units: store.units.size, volumes: store.volumeCount, assignments: store.live.size } }),
+    handler: () => {
+      const health = poolHealth(store, (host) => station.hostStateOf(host.name));
+      return { status: 200, body: { ...health, version: VERSION, units: store.units.size, volumes: store.volumeCount, assignments: store.live.size } };
+    },
   });
   // Who the caller is (the console disables what its role may not do; docs/console.md).
   api.add({
