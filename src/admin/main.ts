@@ -375,8 +375,8 @@ export async function assignMain(argv: readonly string[]): Promise<number> {
 }
 
 export async function unassignMain(argv: readonly string[]): Promise<number> {
-  const usage = "ipsan unassign ID [--station URL] [--token-file FILE]";
-  const { values, positionals } = parseFlags(argv, COMMON_FLAGS, true);
+  const usage = "ipsan unassign ID [--json] [--station URL] [--token-file FILE]";
+  const { values, positionals } = parseFlags(argv, { ...COMMON_FLAGS, json: { type: "boolean" } }, true);
   if (values.help === true) {
     process.stdout.write(`usage: ${usage}\n${COMMON_USAGE}`);
     return 0;
@@ -386,9 +386,9 @@ export async function unassignMain(argv: readonly string[]): Promise<number> {
   if (!/^[A-Za-z0-9_.-]{1,64}$/.test(id)) throw new UsageError(`ID: invalid assignment id "${id}"`);
   noMore(positionals, 1, usage);
   const answer = await (await client(values)).call("DELETE", `/api/v1/assignments/${id}`);
-  process.stdout.write(
-    answer === undefined ? `unassigned ${id}: the unit revoked the grant\n` : `unassign ${id} recorded; the unit is told when it is reachable\n`,
-  );
+  // --json: {id, state}: "released" (the unit revoked the grant) or the assignment as the station keeps it (revoking).
+  if (values.json === true) process.stdout.write(`${JSON.stringify(answer === undefined ? { id, state: "released" } : answer, null, 2)}\n`);
+  else process.stdout.write(answer === undefined ? `unassigned ${id}: the unit revoked the grant\n` : `unassign ${id} recorded; the unit is told when it is reachable\n`);
   return 0;
 }
 

@@ -217,13 +217,31 @@ async function requestMain(argv: readonly string[]): Promise<number> {
   };
   if (values["dry-run"] === true) {
     const answer = await client.call("POST", "/api/v1/allocations", request);
-    print(values.json === true, answer, `dry run (nothing recorded): ${JSON.stringify(answer)}\n`);
+    print(values.json === true, answer, describeDryRun(answer));
     return 0;
   }
   // A unit that speaks TLS: the host's key file is written under the state dir and the URIs carry it.
   const assignment = await localizeAssignment(stateOf(values["state-dir"]), client, host, await client.allocate(request));
   print(values.json === true, assignment, describeAssignment(assignment));
   return 0;
+}
+
+interface Placement {
+  readonly kind?: string;
+  readonly unit?: string;
+  readonly volume?: string | null;
+  readonly sizeBytes?: number;
+}
+
+/** A dry run's answer as text (docs/api.md: {dryRun, placement, legs?, reasons}), never raw JSON (issue 9 item 11). */
+function describeDryRun(answer: unknown): string {
+  const plan = answer as { placement?: Placement | null; legs?: Placement[]; reasons?: { unit?: string; reason?: string }[] } | undefined;
+  const one = (p: Placement): string =>
+    p.kind === "reuse" ? `reuse volume ${p.volume ?? "?"} on unit ${p.unit ?? "?"} (${formatSize(p.sizeBytes ?? 0)})` : `carve ${formatSize(p.sizeBytes ?? 0)} on unit ${p.unit ?? "?"}`;
+  const legs = plan?.legs ?? (plan?.placement === undefined || plan.placement === null ? [] : [plan.placement]);
+  const reasons = (plan?.reasons ?? []).map((r) => `  ${r.unit ?? "?"}: ${r.reason ?? "?"}\n`).join("");
+  if (legs.length === 0) return `dry run (nothing recorded): no placement\n${reasons}`;
+  return `dry run (nothing recorded): would ${legs.map(one).join("; ")}\n${reasons === "" ? "" : `units not chosen:\n${reasons}`}`;
 }
 
 /** --copies: 1, 2 or 3 (legs on as many distinct units). */
