@@ -150,6 +150,8 @@ export const Assignment = Answer(
     error: Nullable(Type.String()),
     movedFrom: Nullable(Type.String(), { description: "host failover: the host it was moved from; with movedAt null the old host is being fenced" }),
     movedAt: Nullable(DateTime, { description: "when the host failover finished (the new host granted)" }),
+    serving: Nullable(Enum(["ok", "degraded", "down"]), { description: "whether the data can be served now (null: the assignment is over)" }),
+    servingReasons: Type.Array(Type.String(), { description: "why serving is not ok" }),
   },
   { $id: "Assignment" },
 );
