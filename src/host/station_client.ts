@@ -14,6 +14,8 @@ import { Agent as HttpAgent } from "node:http";
 import { Agent as HttpsAgent } from "node:https";
 import { HttpExchangeError, httpExchange } from "../util/http_client.ts";
 import { setting } from "../util/config.ts";
+import type { Static } from "@sinclair/typebox";
+import type { Host as HostSchema, Task as TaskSchema, Unit as UnitSchema, Volume as VolumeSchema } from "../station/api/schemas.ts";
 import { connect } from "node:net";
 import { ERROR_CODES, IpsanError, UsageError, errorMessage, type ErrorCode } from "../util/errors.ts";
 
@@ -27,24 +29,6 @@ export const TASK_POLL_INTERVAL_MS_MAX = 2_000;
 export const TASK_FOLLOW_MS_DEFAULT = 30 * 60_000;
 
 /** A station task (docs/api.md "Tasks"). */
-export interface StationTask {
-  readonly id: string;
-  readonly kind: string;
-  readonly state: "queued" | "running" | "succeeded" | "failed" | "cancelled";
-  readonly target: { readonly type: string; readonly id: string };
-  readonly objects: readonly string[];
-  readonly progress: { readonly done: number; readonly total: number; readonly unit: "bytes" | "steps" } | null;
-  readonly startedBy: string;
-  readonly role: string;
-  readonly createdAt: string;
-  readonly startedAt: string | null;
-  readonly finishedAt: string | null;
-  readonly cancellable: boolean;
-  readonly resultStatus?: number | null;
-  readonly result: unknown;
-  readonly error: { readonly code: string; readonly message: string; readonly field?: string; readonly reasons?: readonly unknown[] } | null;
-  readonly message: string | null;
-}
 
 /** One leg of a mirrored assignment (docs/api.md "A mirrored assignment"). */
 export interface AssignmentLeg {
@@ -81,6 +65,17 @@ export interface LegReport {
     readonly error?: string | null;
   }[];
 }
+
+// The station's objects, typed from the very schemas its API validates and documents with
+// (src/station/api/schemas.ts; type-only imports: no schema code loads on the host).
+/** A task (docs/api.md "Tasks"). */
+export type StationTask = Static<typeof TaskSchema>;
+/** A unit as GET /api/v1/units lists it. */
+export type UnitInfo = Static<typeof UnitSchema>;
+/** A host as GET /api/v1/hosts lists it. */
+export type HostInfo = Static<typeof HostSchema>;
+/** A volume as GET /api/v1/volumes lists it. */
+export type VolumeInfo = Static<typeof VolumeSchema>;
 
 /** The station's answer to an allocation or a manual assignment (contracts.md). */
 export interface Assignment {
@@ -125,32 +120,8 @@ export function isMirror(assignment: Pick<Assignment, "legs">): boolean {
   return (assignment.legs?.length ?? 0) > 0;
 }
 
-export interface UnitInfo {
-  readonly name: string;
-  readonly state: string;
-  readonly capacityBytes?: number;
-  readonly freeBytes?: number;
-  readonly volumeCount?: number;
-  readonly nbd?: { host: string; port: number } | null;
-  readonly control?: { host: string; port: number } | null;
-  readonly addresses?: readonly string[];
-}
 
-export interface HostInfo {
-  readonly name: string;
-  readonly address?: string | null;
-  readonly state: string;
-  readonly spare?: boolean;
-  readonly lastSeenAt?: string | null;
-}
 
-export interface VolumeInfo {
-  readonly id: string;
-  readonly unit: string;
-  readonly name: string;
-  readonly sizeBytes: number;
-  readonly assignedTo?: unknown;
-}
 
 export interface AllocationRequest {
   readonly requestId: string;
