@@ -3,10 +3,11 @@
 // through it the clock), the metrics, the options, the per-key locks and the carve
 // ledger. Nothing here is global: two stations in one process share nothing.
 
+import { randomBytes } from "node:crypto";
 import type { UnitIdentities, UnitIdentity } from "../discovery/identities.ts";
-import type { CarveLedger } from "./carves.ts";
-import type { HostKeySecret } from "./host_keys.ts";
-import type { KeyedMutex } from "./keyed_mutex.ts";
+import { CarveLedger } from "./carves.ts";
+import { type HostKeySecret, hostKeySecretFrom } from "./host_keys.ts";
+import { KeyedMutex } from "./keyed_mutex.ts";
 import type { StationMetrics } from "./metrics.ts";
 import type { StationStore } from "./store.ts";
 
@@ -41,4 +42,17 @@ export interface StationContext {
   readonly hostKeySecret: HostKeySecret;
   /** Set once by Station.stop(): passes and background reads end. */
   stopped: boolean;
+}
+
+/** A station's context: fresh locks and carve ledger; hosts' keys from options.hostKeySecret, else a random secret for this process only. */
+export function newStationContext(store: StationStore, metrics: StationMetrics, options: StationOptions): StationContext {
+  return {
+    store,
+    metrics,
+    options,
+    locks: new KeyedMutex(),
+    carves: new CarveLedger(),
+    hostKeySecret: options.hostKeySecret ?? hostKeySecretFrom(randomBytes(32)),
+    stopped: false,
+  };
 }

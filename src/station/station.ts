@@ -23,7 +23,6 @@
 // allocation/allocation.ts (choosing and recording placements) and
 // volumes/volume_operations.ts (create, delete, grow, partition).
 
-import { randomBytes } from "node:crypto";
 import type { NbdTlsMode, StorageInfo } from "../discovery/messages.ts";
 import { Allocation, type AllocationAnswer, type AllocationInput } from "./allocation/allocation.ts";
 import { legCarveId } from "./allocation/legs.ts";
@@ -31,12 +30,11 @@ import { carveBytes, type AllocatorUnit } from "./allocator.ts";
 import { Grants } from "./assignments/grants.ts";
 import { AssignmentLifecycle, type AssignInput } from "./assignments/lifecycle.ts";
 import { Reconciler } from "./assignments/reconcile.ts";
-import { CarveLedger } from "./carves.ts";
-import type { StationContext, StationOptions } from "./context.ts";
-import { hostKeySecretFrom } from "./host_keys.ts";
+import type { CarveLedger } from "./carves.ts";
+import { newStationContext, type StationContext, type StationOptions } from "./context.ts";
 import { HOST_FAILOVER_AFTER_MS_DEFAULT, HostFailover, failoverCheckIntervalMs } from "./host_failover.ts";
 import { HostRegistry } from "./hosts/host_registry.ts";
-import { KeyedMutex } from "./keyed_mutex.ts";
+import type { KeyedMutex } from "./keyed_mutex.ts";
 import type { StationMetrics } from "./metrics.ts";
 import { UnitPool } from "./pool/unit_pool.ts";
 import type { StationStore } from "./store.ts";
@@ -64,9 +62,9 @@ export class Station {
   readonly metrics: StationMetrics;
   readonly options: StationOptions;
   /** Per-assignment ("assignment:ID") and per-volume ("volume:UNIT/NAME") serialization, shared with replacement.ts. */
-  readonly locks = new KeyedMutex();
+  readonly locks: KeyedMutex;
   /** Carves (and grows) started on each unit and not yet in its reports: placement subtracts them. */
-  readonly carves = new CarveLedger();
+  readonly carves: CarveLedger;
   /** Moves a silent host's assignments to a spare host, old host fenced first (host_failover.ts). */
   readonly failover: HostFailover;
   private readonly ctx: StationContext;
@@ -83,15 +81,9 @@ export class Station {
     this.store = store;
     this.metrics = metrics;
     this.options = options;
-    this.ctx = {
-      store,
-      metrics,
-      options,
-      locks: this.locks,
-      carves: this.carves,
-      hostKeySecret: options.hostKeySecret ?? hostKeySecretFrom(randomBytes(32)),
-      stopped: false,
-    };
+    this.ctx = newStationContext(store, metrics, options);
+    this.locks = this.ctx.locks;
+    this.carves = this.ctx.carves;
     this.pool = new UnitPool(this.ctx, (units) => this.reconcileSoon(units));
     this.grants = new Grants(this.ctx, this.pool);
     this.hosts = new HostRegistry(this.ctx, this.grants);
