@@ -19,7 +19,7 @@ after(() => {
 test("canary: a station that grants a partition's host the whole volume fails the partitions scenario", { timeout: 120_000 }, async () => {
   const build = patchedBuild(
     "canary-whole-volume-grant",
-    [{ file: "dist/station/station.js", from: "a.partition === null ? volume : `${volume}/p${a.partition}`", to: "volume" }],
+    [{ file: "dist/station/assignments/grants.js", from: "a.partition === null ? volume : `${volume}/p${a.partition}`", to: "volume" }],
     REPO_ROOT,
     { nodeModules: true },
   );

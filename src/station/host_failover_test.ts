@@ -373,7 +373,7 @@ test("a unit that does not answer blocks the move: the spare is granted nowhere 
 for (const canary of [
   {
     what: "grants the spare before the old host is fenced everywhere (desiredGrants counts a move in progress)",
-    edit: { file: "dist/station/station.js", from: "                if (isFencing(a))\n                    continue;\n", to: "" },
+    edit: { file: "dist/station/assignments/grants.js", from: "                if (isFencing(a))\n                    continue;\n", to: "" },
   },
   {
     what: "finishes the move without every unit's confirmation",
