@@ -2,8 +2,8 @@
 // passes `systemd-analyze verify` without a warning, and the station and a unit
 // work under the hardening their files ask for. No systemd runs here, so the
 // test builds the same confinement by hand: a private mount namespace where
-// the whole file system is read-only but the daemon's state directory, a
-// private /tmp, an unprivileged user (nobody, like DynamicUser=), no new
+// the whole file system is read-only but the daemon's state directory, an
+// unprivileged user (nobody, like DynamicUser=), no new
 // privileges (setpriv), the cluster key handed over as a file of its own
 // (LoadCredential=). The unit joins the station, the station creates a volume
 // on it, and a write outside the state directory is refused in the same
@@ -25,12 +25,14 @@ const NOBODY = 65534;
 /** Runs `node bin/ipsan ARGS` as systemd would with the units' hardening, the state dir `data` the only writable place. */
 function confined(data: readonly string[]): string[] {
   const binds = data.map((dir) => `mount --bind '${dir}' '${dir}'`).join(" && ");
-  const script = `mount -t tmpfs -o mode=1777 tmpfs /tmp && ${binds} && mount -o remount,bind,ro / && mount -o remount,bind,ro /dev/shm && exec setpriv --reuid ${NOBODY} --regid ${NOBODY} --clear-groups --no-new-privs "$0" "$@"`;
+  // PrivateTmp= is not rebuilt here: the checkout the test runs from may itself live under /tmp
+  // (CI's fresh clone), and a tmpfs there would hide it. /tmp stays, read-only like the rest.
+  const script = `${binds} && mount -o remount,bind,ro / && mount -o remount,bind,ro /dev/shm && exec setpriv --reuid ${NOBODY} --regid ${NOBODY} --clear-groups --no-new-privs "$0" "$@"`;
   return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script];
 }
 
 function stateDir(name: string): string {
-  // Not under /tmp: the confinement puts a private tmpfs there. /var/tmp is on the root file system.
+  // On the root file system (which the confinement makes read-only, but for this directory).
   const dir = mkdtempSync(join("/var/tmp", `ipsan-systemd-${name}-`));
   chownSync(dir, NOBODY, NOBODY);
   return dir;
