@@ -61,6 +61,7 @@ admin (over the station's API; --station URL --token-file FILE, or $IPSAN_STATIO
   assign HOST UNIT VOLUME [--partition N]           give a host a volume (or partition)
   unassign ID                                       take it back (the unit revokes the grant)
   tokens create|list|revoke                          API tokens with a role (admin, operator, viewer)
+  hosts register NAME --address IP [--spare]        record a host (or change its address) with an admin token
   hosts token create [--host NAME] [--expires D]     a one-time join token for "ipsan host register"
   hosts rotate-key NAME                             new NBD keys (TLS-PSK) for that host on every unit
   audit verify [--file PATH] | audit list            check or read the station's audit log

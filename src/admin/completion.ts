@@ -10,7 +10,7 @@ export const SUBCOMMANDS: Readonly<Record<string, readonly string[]>> = {
   unit: ["volume", "format"],
   host: ["register", "request", "attach", "detach", "release", "agent", "list", "engine"],
   units: ["identity", "rotate-secret", "forget"],
-  hosts: ["token", "rotate-key"],
+  hosts: ["register", "token", "rotate-key"],
   volume: ["create", "delete", "grow", "partition", "wipe"],
   tokens: ["create", "list", "revoke"],
   audit: ["verify", "list"],

@@ -31,6 +31,7 @@ const COMMANDS = [
   "units identity",
   "volumes",
   "hosts",
+  "hosts register",
   "hosts token create",
   "hosts rotate-key",
   "assignments",

@@ -1,6 +1,7 @@
-// Issue 9 item 11: `ipsan unassign --json` was refused; `ipsan host request
-// --dry-run` without --json printed raw JSON. Now unassign has --json and the
-// dry run prints text (and JSON only with --json).
+// Issue 9 items 6 and 11: no command registered a host; `ipsan unassign --json`
+// was refused; `ipsan host request --dry-run` without --json printed raw JSON.
+// Now `ipsan hosts register` does, unassign has --json, and the dry run prints
+// text (JSON only with --json).
 
 import assert from "node:assert/strict";
 import { test } from "node:test";
@@ -10,7 +11,7 @@ import { IPSAN_BIN } from "../testing/unit.ts";
 import { startStation } from "../station/harness.ts";
 import { startJoinedUnit } from "../station/pool_harness.ts";
 
-test("unassign --json and a dry run in text", { timeout: 60_000 }, async () => {
+test("hosts register, unassign --json and a dry run in text", { timeout: 60_000 }, async () => {
   const station = await startStation({});
   const dir = makeTempDir("json-output");
   try {
@@ -24,7 +25,16 @@ test("unassign --json and a dry run in text", { timeout: 60_000 }, async () => {
       const dryJson = await ipsan("host", "request", ...admin, "--host", "h1", "--size", "16M", "--dry-run", "--json", "--state-dir", dir.path);
       assert.equal((JSON.parse(dryJson.stdout) as { dryRun: boolean }).dryRun, true);
 
-      assert.equal((await station.api("PUT", "/api/v1/hosts/h1", { address: "127.0.0.5" })).status, 201);
+      // Issue 9 item 6: a command registers a host (the error used to say to use curl).
+      const registered = await ipsan("hosts", "register", "h1", "--address", "127.0.0.5", ...admin);
+      assert.equal(registered.code, 0, registered.stderr);
+      assert.equal(registered.stdout, "host h1 registered at 127.0.0.5\n");
+      const spare = await ipsan("hosts", "register", "h2", "--address", "127.0.0.6", "--spare", "--json", ...admin);
+      assert.equal(spare.code, 0, spare.stderr);
+      assert.deepEqual([JSON.parse(spare.stdout).name, JSON.parse(spare.stdout).address, JSON.parse(spare.stdout).spare], ["h2", "127.0.0.6", true]);
+      const noAddress = await ipsan("hosts", "register", "h3", ...admin);
+      assert.equal(noAddress.code, 2);
+      assert.match(noAddress.stderr, /--address IP is required/);
       assert.equal((await station.api("POST", "/api/v1/volumes", { unit: "u1", name: "v1", sizeBytes: 16 * 1024 * 1024 })).status, 201);
       const id = ((await station.api("POST", "/api/v1/assignments", { host: "h1", unit: "u1", volume: "v1" })).body as { id: string }).id;
       const unassigned = await ipsan("unassign", id, "--json", ...admin);

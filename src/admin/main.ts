@@ -252,7 +252,13 @@ export const unitsMain = async (argv: readonly string[]): Promise<number> => {
 };
 export const volumesMain = (argv: readonly string[]): Promise<number> => listing("volumes", argv);
 export const hostsMain = (argv: readonly string[]): Promise<number> =>
-  argv[0] === "token" ? hostsTokenMain(argv.slice(1)) : argv[0] === "rotate-key" ? hostsRotateKeyMain(argv.slice(1)) : listing("hosts", argv);
+  argv[0] === "token"
+    ? hostsTokenMain(argv.slice(1))
+    : argv[0] === "rotate-key"
+      ? hostsRotateKeyMain(argv.slice(1))
+      : argv[0] === "register"
+        ? hostsRegisterMain(argv.slice(1))
+        : listing("hosts", argv);
 export const assignmentsMain = (argv: readonly string[]): Promise<number> => listing("assignments", argv);
 
 const VOLUME_USAGE = `usage: ipsan volume create UNIT NAME SIZE
@@ -480,6 +486,30 @@ const HOSTS_ROTATE_KEY_USAGE = `usage: ipsan hosts rotate-key NAME [--json] [--s
   connections made with the old keys stay until they close; the host's agent (or its next
   "ipsan host attach") writes the new key files
 `;
+
+const HOSTS_REGISTER_USAGE = `usage: ipsan hosts register NAME --address IP [--spare] [--json]
+  records a host (or changes its address) with an admin or operator token: PUT /api/v1/hosts/NAME.
+  A host that registers itself uses a join token instead: ipsan hosts token create, then on the host
+  ipsan host register (docs/host.md "Identity").
+`;
+
+/** `ipsan hosts register NAME --address IP [--spare]` (issue 9 item 6: the error used to say to use curl). */
+async function hostsRegisterMain(argv: readonly string[]): Promise<number> {
+  const { values, positionals } = parseFlags(argv, { ...COMMON_FLAGS, address: { type: "string" }, spare: { type: "boolean" }, json: { type: "boolean" } }, true);
+  if (values.help === true) {
+    process.stdout.write(`${HOSTS_REGISTER_USAGE}${COMMON_USAGE}`);
+    return 0;
+  }
+  if (positionals[0] === undefined) throw new UsageError(`a host NAME is required\n${HOSTS_REGISTER_USAGE}`);
+  noMore(positionals, 1, "ipsan hosts register NAME --address IP");
+  const host = name(positionals[0], "NAME");
+  if (values.address === undefined || values.address === "") throw new UsageError(`--address IP is required (where the host's NBD connections come from)\n${HOSTS_REGISTER_USAGE}`);
+  const answer = await (await client(values)).registerHost(host, values.address, values.spare === true ? true : undefined);
+  const view = (answer ?? (await (await client(values)).call("GET", `/api/v1/hosts/${encodeURIComponent(host)}`))) as Row;
+  if (values.json === true) process.stdout.write(`${JSON.stringify(view, null, 2)}\n`);
+  else process.stdout.write(`host ${text(view["name"])} registered at ${text(view["address"])}${view["spare"] === true ? " (spare)" : ""}\n`);
+  return 0;
+}
 
 async function hostsRotateKeyMain(argv: readonly string[]): Promise<number> {
   const { values, positionals } = parseFlags(argv, { ...COMMON_FLAGS, json: { type: "boolean" } }, true);
