@@ -100,6 +100,11 @@ export interface Peer {
   readonly identity?: string;
   /** pskKeyId() of the key it proved it holds (tells a rotated key from the one in use). */
   readonly keyId?: string;
+  /**
+   * iSCSI only: the InitiatorName the peer logged in with (lowercase). An
+   * identity grant that names an initiator (AccessGrant.iqn) admits only it.
+   */
+  readonly initiator?: string;
 }
 
 export interface ExportSummary {
