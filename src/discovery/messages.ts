@@ -307,7 +307,18 @@ export interface StorageInfo {
    * answers (= unknown).
    */
   readonly tls?: NbdTlsMode;
+  /**
+   * The unit's volume-table generation when the report was taken: it rises
+   * with every change of the table and survives restarts (the table keeps it).
+   * The station drops a report older than a generation it has already seen,
+   * so a report in flight never undoes a change the station made and stored.
+   * Absent in older reports (= unknown: applied as before).
+   */
+  readonly tableGeneration?: number;
 }
+
+/** Every answer of a unit's control API carries its volume-table generation after the request (docs/unit.md). */
+export const TABLE_GENERATION_HEADER = "Ipsan-Table-Generation";
 
 export type NbdTlsMode = "off" | "on" | "require";
 export const NBD_TLS_MODES: readonly NbdTlsMode[] = ["off", "on", "require"];

@@ -153,6 +153,7 @@ function storageInfo(value: unknown, path: string): StorageInfo {
     ...(o["spare"] === undefined ? {} : { spare }),
     ...(o["zone"] === undefined ? {} : { zone: zone === null ? null : text(zone, `${path}.zone`, 63, ZONE_PATTERN) }),
     ...(o["tls"] === undefined ? {} : { tls: tlsMode(o["tls"], `${path}.tls`) }),
+    ...(o["tableGeneration"] === undefined ? {} : { tableGeneration: count(o["tableGeneration"], `${path}.tableGeneration`) }),
   };
 }
 

@@ -163,6 +163,7 @@ export async function startJoin(join: JoinConfig, key: ClusterKey, unit: JoinedU
       volumes: snapshot.volumes.map((v) => ({ name: v.name, number: v.number, sizeBytes: v.sizeBytes, extents: v.extents, partitions: v.partitions, grants: v.grants })),
       spare: join.spare,
       zone: join.zone,
+      tableGeneration: snapshot.generation,
       ...(unit.tls === undefined ? {} : { tls: unit.tls }),
     };
   };

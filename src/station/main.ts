@@ -199,6 +199,8 @@ export async function stationMain(argv: readonly string[]): Promise<number> {
         station.setUnitState(event.unit, event.state);
         return;
       case "unit_startup":
+        station.unitStarted(event.unit);
+        return;
       case "packet_rejected":
         return; // a state event follows a startup; rejections are counted by the listener
     }

@@ -132,6 +132,11 @@ export class Station {
     return this.pool.clientFor(unitName);
   }
 
+  /** A unit sent STARTUP (or a cold-start trap): its table generations may start anew. */
+  unitStarted(name: string): void {
+    this.pool.unitStarted(name);
+  }
+
   /**
    * A unit's storage info (discovery, or its control API): the unit is the truth
    * for its volumes. Queued and written with everything else discovery said in

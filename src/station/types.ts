@@ -219,6 +219,8 @@ export interface UnitReport {
   readonly zone?: string | null;
   /** Absent (a discovery packet): keep what the unit's info said. */
   readonly tls?: NbdTlsMode | null;
+  /** The unit's volume-table generation the report was taken at (StorageInfo.tableGeneration); not stored. */
+  readonly tableGeneration?: number;
 }
 
 export const EVENT_TYPES = ["unit", "volumes", "host", "assignment", "task"] as const;

@@ -12,7 +12,7 @@
 // unit's own error code when it answered one. Answers are validated before use.
 
 import { validateStorageInfo } from "../discovery/storage_info.ts";
-import { type NbdTlsMode, type StorageInfo, type VolumeInfo, parseIdentityGrant } from "../discovery/messages.ts";
+import { TABLE_GENERATION_HEADER, type NbdTlsMode, type StorageInfo, type VolumeInfo, parseIdentityGrant } from "../discovery/messages.ts";
 import { ERROR_CODES, IpsanError, errorMessage, type ErrorCode } from "../util/errors.ts";
 import type { UnitSample } from "./stats/rates.ts";
 import { parseUnitStats } from "./stats/wire.ts";
@@ -92,6 +92,8 @@ export interface UnitClientOptions {
   readonly keyFor?: (host: string) => string;
   /** The unit's NBD TLS mode as the station knows it (null: not known yet, taken as the managed default, require). */
   readonly tlsMode?: () => NbdTlsMode | null;
+  /** Called with the unit's volume-table generation every answer carries (TABLE_GENERATION_HEADER). */
+  readonly onTableGeneration?: (generation: number) => void;
 }
 
 /** The body of PUT /v1/volumes/NAME/grants for the station's grant strings (identity grants carry their keys). */
@@ -129,6 +131,7 @@ export class UnitClient {
   private readonly onCall: ((result: "ok" | UnitCallFailure) => void) | undefined;
   private readonly keyFor: (host: string) => string;
   private readonly tlsMode: () => NbdTlsMode | null;
+  private readonly onTableGeneration: ((generation: number) => void) | undefined;
 
   constructor(options: UnitClientOptions) {
     this.unit = options.unit;
@@ -143,6 +146,7 @@ export class UnitClient {
         throw new Error(`no NBD key for host ${host}: this client was made without keys`);
       });
     this.tlsMode = options.tlsMode ?? (() => null);
+    this.onTableGeneration = options.onTableGeneration;
   }
 
   private async once(method: string, path: string, body: unknown, timeoutMs: number): Promise<{ status: number; json: unknown }> {
@@ -169,6 +173,8 @@ export class UnitClient {
           throw new UnitCallError(this.unit, call, "protocol", error.message, details);
       }
     }
+    const generation = Number(answer.headers[TABLE_GENERATION_HEADER.toLowerCase()]);
+    if (Number.isSafeInteger(generation) && generation > 0) this.onTableGeneration?.(generation);
     const text = answer.text();
     let json: unknown = undefined;
     if (text !== "") {

@@ -24,6 +24,7 @@ import { parseIdentityGrants } from "./volume_ops.ts";
 import { type VolumeManager, volumeView } from "./volumes.ts";
 import type { TlsMode } from "../nbd/tls.ts";
 import { IoStats } from "../nbd/io_stats.ts";
+import { TABLE_GENERATION_HEADER } from "../discovery/messages.ts";
 
 const log = logger("control");
 
@@ -216,6 +217,8 @@ export class ControlServer {
     if (text !== "") response.setHeader("Content-Type", reply.text?.contentType ?? "application/json");
     response.setHeader("Content-Length", Buffer.byteLength(text));
     if (close) response.setHeader("Connection", "close");
+    // The table generation after this request: the station drops storage reports older than an answer it stored.
+    response.setHeader(TABLE_GENERATION_HEADER, String(this.#options.manager.generation));
     response.end(text);
   }
 
@@ -280,6 +283,7 @@ export class ControlServer {
           nbd: this.#options.nbd() ?? null,
           tls: this.#options.tls ?? "off",
           generation: snapshot.generation,
+          tableGeneration: snapshot.generation,
           freeExtents: snapshot.freeExtents,
           volumes: snapshot.volumes,
           refused: { ...this.#options.provider.refused },

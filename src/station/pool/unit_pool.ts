@@ -64,6 +64,11 @@ export class UnitPool {
   private readonly discoveryReportAtMs = new Map<string, number>();
   /** Order of storage reports per unit as they arrive (before DNS resolution may reorder them). */
   private readonly reportSeq = new Map<string, { issued: number; queued: number }>();
+  /**
+   * The highest volume-table generation seen of each unit (its reports, its control answers):
+   * a report older than it was taken before a change the station already stored, and is dropped.
+   */
+  private readonly tableGenerations = new Map<string, number>();
   /** Units whose info is being re-read in the background (true: read once more after). */
   private readonly refreshing = new Map<string, boolean>();
 
@@ -91,6 +96,7 @@ export class UnitPool {
         token,
         ...(this.ctx.options.unitCallTimeoutMs === undefined ? {} : { timeoutMs: this.ctx.options.unitCallTimeoutMs }),
         onCall: (result) => this.ctx.metrics.unitCalls.inc(result),
+        onTableGeneration: (generation) => this.noteTableGeneration(unitName, generation),
         keyFor: (host) => hostKeyOf(this.ctx, host, unitName),
         tlsMode: () => this.ctx.store.units.get(unitName)?.tls ?? null,
       });
@@ -114,6 +120,24 @@ export class UnitPool {
       log.limited(`dns:${name}`, "cannot resolve a unit's DNS name", { name, error: errorMessage(error) });
       return cached?.addresses ?? [];
     }
+  }
+
+  /** Records a table generation the unit answered or reported (only ever rises, until the unit starts anew). */
+  noteTableGeneration(unit: string, generation: number): void {
+    if (generation > (this.tableGenerations.get(unit) ?? 0)) this.tableGenerations.set(unit, generation);
+  }
+
+  /**
+   * The unit (re)started: it may run on other storage now, whose generations
+   * start anew, so what was seen before no longer orders its reports.
+   */
+  unitStarted(unit: string): void {
+    this.tableGenerations.delete(unit);
+  }
+
+  /** True if this report was taken before a table generation already seen (a change since then is stored). */
+  private staleReport(unit: string, generation: number | undefined): boolean {
+    return generation !== undefined && generation < (this.tableGenerations.get(unit) ?? 0);
   }
 
   /**
@@ -159,9 +183,20 @@ export class UnitPool {
       zone: info.zone ?? null,
       // Absent (a unit from before TLS): keep what the station knew.
       ...(info.tls === undefined ? {} : { tls: info.tls }),
+      ...(info.tableGeneration === undefined ? {} : { tableGeneration: info.tableGeneration }),
     };
     // A report that arrived earlier but finished resolving later is older than what is queued: drop it.
     if (mine < seq.queued) return;
+    // A report taken before a table change the station has seen (and may have stored) would undo it: drop it.
+    if (this.staleReport(info.name, info.tableGeneration)) {
+      log.debug("dropped a unit's report older than its table generation already seen", {
+        unit: info.name,
+        generation: info.tableGeneration,
+        seen: this.tableGenerations.get(info.name),
+      });
+      return;
+    }
+    if (info.tableGeneration !== undefined) this.noteTableGeneration(info.name, info.tableGeneration);
     seq.queued = mine;
     const nowMs = this.ctx.store.clock.nowMs();
     if (requestedAtMs === undefined) this.discoveryReportAtMs.set(info.name, nowMs);
@@ -190,6 +225,12 @@ export class UnitPool {
     if (this.unitQueue.size === 0) return;
     const changes = new Map(this.unitQueue);
     this.unitQueue.clear();
+    // A control answer may have shown a newer table since the report was queued (and its change been stored).
+    for (const [name, change] of changes) {
+      if (change.report === undefined || !this.staleReport(name, change.report.tableGeneration)) continue;
+      const { report: _stale, ...rest } = change;
+      changes.set(name, rest);
+    }
     try {
       // A unit whose volumes, address or state changed gets its grants checked (its return may also
       // let pending and revoking assignments finish: every pass looks at those).
