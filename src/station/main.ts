@@ -56,6 +56,9 @@ export const USAGE = `usage: ipsan station --data DIR [--http HOST:PORT] [--disc
                      [--pending-deadline-ms MS] [--reconcile-interval-ms MS] [--host-offline-after-ms MS]
                      [--replace-after DURATION] [--stats-interval DURATION] [--tls-cert FILE --tls-key FILE]
                      [--console-dir DIR]
+       ipsan station backup DEST --data DIR            a consistent copy of a running station's state
+       ipsan station restore BACKUP --data DIR [--force]
+       ipsan station rotate-cluster-key --data DIR
 
   --data DIR             station state: admin.token, cluster.key, host-keys.secret, station.db, audit.log (created on first start)
   --http HOST:PORT       REST API (default ${DEFAULT_HTTP}; port 0 picks a free port)
@@ -122,6 +125,9 @@ function urlHost(host: string): string {
 export async function stationMain(argv: readonly string[]): Promise<number> {
   // ipsan station rotate-cluster-key --data DIR (issue 7): src/station/rotate_cluster_key.ts
   if (argv[0] === "rotate-cluster-key") return (await import("./rotate_cluster_key.ts")).rotateClusterKeyMain(argv.slice(1));
+  // ipsan station backup DEST --data DIR / restore BACKUP --data DIR (issue 9, ADR 0016): src/station/backup.ts
+  if (argv[0] === "backup") return (await import("./backup.ts")).backupMain(argv.slice(1));
+  if (argv[0] === "restore") return (await import("./backup.ts")).restoreMain(argv.slice(1));
   const { values, positionals } = parseFlags(
     argv,
     {
