@@ -56,9 +56,7 @@ export const USAGE = `usage: ipsan station --data DIR [--http HOST:PORT] [--disc
                      [--pending-deadline-ms MS] [--reconcile-interval-ms MS] [--host-offline-after-ms MS]
                      [--replace-after DURATION] [--stats-interval DURATION] [--tls-cert FILE --tls-key FILE]
                      [--console-dir DIR]
-       ipsan station backup DEST --data DIR            a consistent copy of a running station's state
-       ipsan station restore BACKUP --data DIR [--force]
-       ipsan station rotate-cluster-key --data DIR
+       ipsan station backup|restore|rotate-cluster-key ...
 
   --data DIR             station state: admin.token, cluster.key, host-keys.secret, station.db, audit.log (created on first start)
   --http HOST:PORT       REST API (default ${DEFAULT_HTTP}; port 0 picks a free port)
@@ -77,6 +75,12 @@ ${HOST_FAILOVER_AFTER_USAGE}
   --tls-key FILE         the certificate's private key (PEM)
   --console-dir DIR      serve the web console from DIR (index.html, assets/) at / without a token
                          (default: dist/console of this installation, built by npm run build:console)
+
+subcommands (each reads the data directory itself):
+  backup DEST --data DIR              a consistent copy of the station's state into the new directory DEST,
+                                      while the station runs (SQLite online backup; ADR 0016)
+  restore BACKUP --data DIR [--force] check a backup and write it into an empty DIR (--force: replace)
+  rotate-cluster-key --data DIR       a new cluster key for units that have not enrolled yet
 `;
 
 /** Reads --tls-cert and --tls-key (both or neither); a PEM file is at most 1 MiB. */
