@@ -6,6 +6,8 @@
 //   <!-- newcomer: MACHINE [expect="REGEX"] [retry=SECONDS] -->
 //       run the block on MACHINE (bash -e -o pipefail); it must exit 0 and, with
 //       expect, its output must match (retry: again until it does, bounded)
+//   <!-- newcomer: MACHINE fails="REGEX" -->
+//       a troubleshooting example: it must exit non-zero and print a match
 //   <!-- newcomer: MACHINE service=NAME ready="TEXT" -->
 //       the command line systemd's NAME.service runs on MACHINE: not run here,
 //       but where a later block says `systemctl enable --now|start|restart|stop NAME`
@@ -208,19 +210,22 @@ for (const source of operands) fs.copyFileSync(source, fs.existsSync(target) && 
   async check(block: Block): Promise<void> {
     const machine = this.machine(block.directive.machine);
     const expect = block.directive.attrs["expect"];
-    const pattern = expect === undefined ? undefined : new RegExp(this.substitute(expect, machine, true));
+    const fails = block.directive.attrs["fails"];
+    assert.ok(expect === undefined || fails === undefined, `docs/OPERATIONS.md:${block.line}: expect= or fails=, not both`);
+    const wanted = expect ?? fails;
+    const pattern = wanted === undefined ? undefined : new RegExp(this.substitute(wanted, machine, true));
     const retrySeconds = Number(block.directive.attrs["retry"] ?? "0");
     assert.ok(retrySeconds >= 0 && retrySeconds <= RETRY_SECONDS_MAX, `docs/OPERATIONS.md:${block.line}: retry=${retrySeconds}`);
     const deadline = Date.now() + retrySeconds * 1000;
     for (;;) {
       const result = await this.runBlock(block);
       const output = `${result.stdout}\n${result.stderr}`;
-      const ok = result.code === 0 && (pattern === undefined || pattern.test(output));
-      if (ok) return;
+      if (process.env["NEWCOMER_TRACE"] === "1") process.stderr.write(`=== ${block.line} ${machine.name}\n${describeResult(result)}\n`);
+      const exitOk = fails === undefined ? result.code === 0 : result.code !== 0 && !result.timedOut;
+      if (exitOk && (pattern === undefined || pattern.test(output))) return;
       if (Date.now() >= deadline) {
-        assert.fail(
-          `docs/OPERATIONS.md:${block.line} on ${machine.name} ${result.code === 0 ? `printed no match for ${String(pattern)}` : "failed"}:\n${block.text}\n${describeResult(result)}\n${this.serviceLogs()}`,
-        );
+        const why = !exitOk ? (fails === undefined ? "failed" : "succeeded, but the document says it fails") : `printed no match for ${String(pattern)}`;
+        assert.fail(`docs/OPERATIONS.md:${block.line} on ${machine.name} ${why}:\n${block.text}\n${describeResult(result)}\n${this.serviceLogs()}`);
       }
       await new Promise((resolve) => setTimeout(resolve, RETRY_INTERVAL_MS));
     }
