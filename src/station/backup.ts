@@ -115,6 +115,8 @@ async function ipsanVersion(): Promise<string> {
  * it sits in the database file or still in the WAL. Returns the copy's schema version.
  */
 export async function backupDatabase(source: string, dest: string): Promise<number> {
+  // Created 0600 first: SQLite would make it with the umask's mode (0644), and it holds token digests and unit secrets.
+  await (await fs.open(dest, "wx", 0o600)).close();
   const db = new Database(source, { fileMustExist: true, timeout: DB_BUSY_TIMEOUT_MS });
   try {
     const started = Date.now();

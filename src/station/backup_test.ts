@@ -159,6 +159,8 @@ test("station backup under write load with a hot WAL: the restored station holds
     const manifest = JSON.parse(await fs.readFile(join(outcome.backupDir, "manifest.json"), "utf8")) as { schemaVersion: number; files: { name: string }[] };
     assert.equal(manifest.schemaVersion, MIGRATIONS.at(-1)?.version);
     assert.deepEqual(manifest.files.map((f) => f.name).sort(), ["admin.token", "audit.log", "cluster.key", "host-keys.secret", "station.db"]);
+    assert.equal((await fs.stat(outcome.backupDir)).mode & 0o777, 0o700, "the backup directory is the owner's only");
+    for (const file of manifest.files) assert.equal((await fs.stat(join(outcome.backupDir, file.name))).mode & 0o077, 0, `${file.name} is the owner's only`);
 
     // Refusals, each on a copy of the good backup.
     const copy = async (label: string): Promise<string> => {
