@@ -14,7 +14,8 @@
 //
 // Then: a backup with one flipped byte, a manifest claiming a newer schema, a
 // non-empty data directory, and a DEST that exists are each refused with a
-// message saying what to do.
+// message saying what to do; and a backup that fails part way leaves neither
+// DEST nor its partial directory.
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
@@ -26,7 +27,8 @@ import { patchedBuild } from "../testing/patched_build.ts";
 import { describeResult, run, type CommandResult } from "../testing/process.ts";
 import { IPSAN_BIN } from "../demo/child.ts";
 import { San } from "../e2e/harness.ts";
-import { MIGRATIONS } from "./db.ts";
+import { makeTempDir } from "../testing/tmp.ts";
+import { MIGRATIONS, openDatabase } from "./db.ts";
 
 const MIB = 1024 * 1024;
 const LOAD_ACKS_BEFORE_BACKUP = 6;
@@ -222,5 +224,24 @@ test("canary: a backup that copies station.db as a plain file loses the commits 
     }
   } finally {
     build.remove();
+  }
+});
+
+test("a backup that fails part way leaves no DEST and no partial directory behind", { timeout: 30_000 }, async () => {
+  const dir = makeTempDir("backup-partial");
+  try {
+    const data = dir.file("station");
+    await fs.mkdir(data);
+    openDatabase(join(data, "station.db")).close();
+    for (const name of ["admin.token", "cluster.key", "host-keys.secret"]) await fs.writeFile(join(data, name), `${"ab".repeat(32)}\n`, { mode: 0o600 });
+    // The audit log is read last, after the secrets and the database were copied: make that read fail.
+    await fs.mkdir(join(data, "audit.log"));
+    const dest = dir.file("backup");
+    const failed = await ipsanWith(IPSAN_BIN, ["station", "backup", dest, "--data", data]);
+    assert.equal(failed.code, 1, describeResult(failed));
+    assert.match(failed.stderr, /EISDIR/);
+    assert.deepEqual((await fs.readdir(dir.path)).sort(), ["station"], "neither DEST nor a partial directory is left");
+  } finally {
+    dir.remove();
   }
 });
