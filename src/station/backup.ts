@@ -20,7 +20,7 @@
 // over the restored database.
 
 import { createHash, randomBytes } from "node:crypto";
-import { promises as fs } from "node:fs";
+import { createReadStream, promises as fs } from "node:fs";
 import { basename, dirname, join, resolve } from "node:path";
 import Database from "better-sqlite3";
 import { CLUSTER_KEY_FILE_NAME } from "../discovery/keys.ts";
@@ -74,8 +74,15 @@ export const BACKUP_USAGE = `usage: ipsan station backup DEST --data DIR
   --data-dir DIR is accepted for --data.
 `;
 
-function sha256(bytes: Buffer): string {
-  return createHash("sha256").update(bytes).digest("hex");
+/** Size and SHA-256 of a file, read as a stream (a database may be large; a hostile backup's files, any size). */
+async function hashFile(path: string): Promise<{ bytes: number; sha256: string }> {
+  const hash = createHash("sha256");
+  let bytes = 0;
+  for await (const chunk of createReadStream(path)) {
+    bytes += (chunk as Buffer).length;
+    hash.update(chunk as Buffer);
+  }
+  return { bytes, sha256: hash.digest("hex") };
 }
 
 async function fsyncPath(path: string): Promise<void> {
@@ -178,8 +185,7 @@ export async function backupStation(dataDir: string, dest: string): Promise<Back
   try {
     const files: ManifestFile[] = [];
     const add = async (name: string): Promise<void> => {
-      const bytes = await fs.readFile(join(partial, name));
-      files.push({ name, bytes: bytes.length, sha256: sha256(bytes) });
+      files.push({ name, ...(await hashFile(join(partial, name))) });
     };
     // Secrets first: a backup never holds a database newer than its keys.
     for (const name of SECRET_FILES) {
@@ -264,14 +270,16 @@ export async function verifyBackup(backup: string): Promise<BackupManifest> {
     if (!(BACKUP_FILES as readonly string[]).includes(file?.name)) throw corrupt(backup, `the manifest lists an unknown file ${JSON.stringify(file?.name)}`);
     if (names.has(file.name)) throw corrupt(backup, `the manifest lists ${file.name} twice`);
     names.add(file.name);
-    let bytes: Buffer;
+    let found: { bytes: number; sha256: string };
     try {
-      bytes = await fs.readFile(join(backup, file.name));
+      const { size } = await fs.stat(join(backup, file.name));
+      // A size that differs is refused before anything is read.
+      found = size === file.bytes ? await hashFile(join(backup, file.name)) : { bytes: size, sha256: "" };
     } catch (error) {
       throw corrupt(backup, `cannot read ${file.name}: ${errorMessage(error)}`);
     }
-    if (bytes.length !== file.bytes || sha256(bytes) !== file.sha256) {
-      throw corrupt(backup, `${file.name} does not match its checksum in ${MANIFEST_FILE_NAME} (${bytes.length} bytes, expected ${String(file.bytes)})`);
+    if (found.bytes !== file.bytes || found.sha256 !== file.sha256) {
+      throw corrupt(backup, `${file.name} does not match its checksum in ${MANIFEST_FILE_NAME} (${found.bytes} bytes, expected ${String(file.bytes)})`);
     }
   }
   for (const name of [DATABASE, ...SECRET_FILES]) if (!names.has(name)) throw corrupt(backup, `the manifest does not list ${name}`);
@@ -312,7 +320,9 @@ export async function restoreStation(backup: string, dataDir: string, force: boo
   for (const file of manifest.files) {
     const temporary = join(dataDir, `.${file.name}.restore-${process.pid}.tmp`);
     await fs.rm(temporary, { force: true });
-    await writeFileSynced(temporary, await fs.readFile(join(backup, file.name)), 0o600);
+    await fs.copyFile(join(backup, file.name), temporary, fs.constants.COPYFILE_EXCL);
+    await fs.chmod(temporary, 0o600);
+    await fsyncPath(temporary);
     await fs.rename(temporary, join(dataDir, file.name));
   }
   await fsyncPath(dataDir);
