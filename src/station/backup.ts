@@ -71,7 +71,7 @@ export const BACKUP_USAGE = `usage: ipsan station backup DEST --data DIR
   restore  checks BACKUP (checksums, database integrity, schema not newer than this ipsan) and writes
            it into DIR, which must be empty or absent unless --force (then its station files are
            replaced). Stop the station that uses DIR first; start it on DIR afterwards.
-  --data-dir DIR is accepted for --data.
+  --data-dir DIR is accepted for --data. --json prints {"path", and the manifest's fields} instead of a sentence.
 `;
 
 /** Size and SHA-256 of a file, read as a stream (a database may be large; a hostile backup's files, any size). */
