@@ -15,7 +15,7 @@ export const SUBCOMMANDS: Readonly<Record<string, readonly string[]>> = {
   tokens: ["create", "list", "revoke"],
   audit: ["verify", "list"],
   tasks: ["show", "cancel"],
-  station: ["rotate-cluster-key"],
+  station: ["rotate-cluster-key", "backup", "restore"],
   completion: ["bash", "zsh"],
 };
 

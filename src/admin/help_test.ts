@@ -26,6 +26,8 @@ const COMMANDS = [
   "host list",
   "host engine",
   "station",
+  "station backup",
+  "station restore",
   "demo",
   "units",
   "units identity",

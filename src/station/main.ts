@@ -56,6 +56,7 @@ export const USAGE = `usage: ipsan station --data DIR [--http HOST:PORT] [--disc
                      [--pending-deadline-ms MS] [--reconcile-interval-ms MS] [--host-offline-after-ms MS]
                      [--replace-after DURATION] [--stats-interval DURATION] [--tls-cert FILE --tls-key FILE]
                      [--console-dir DIR]
+       ipsan station backup|restore|rotate-cluster-key ...
 
   --data DIR             station state: admin.token, cluster.key, host-keys.secret, station.db, audit.log (created on first start)
   --http HOST:PORT       REST API (default ${DEFAULT_HTTP}; port 0 picks a free port)
@@ -74,6 +75,12 @@ ${HOST_FAILOVER_AFTER_USAGE}
   --tls-key FILE         the certificate's private key (PEM)
   --console-dir DIR      serve the web console from DIR (index.html, assets/) at / without a token
                          (default: dist/console of this installation, built by npm run build:console)
+
+subcommands (each reads the data directory itself):
+  backup DEST --data DIR              a consistent copy of the station's state into the new directory DEST,
+                                      while the station runs (SQLite online backup; ADR 0016)
+  restore BACKUP --data DIR [--force] check a backup and write it into an empty DIR (--force: replace)
+  rotate-cluster-key --data DIR       a new cluster key for units that have not enrolled yet
 `;
 
 /** Reads --tls-cert and --tls-key (both or neither); a PEM file is at most 1 MiB. */
@@ -122,6 +129,9 @@ function urlHost(host: string): string {
 export async function stationMain(argv: readonly string[]): Promise<number> {
   // ipsan station rotate-cluster-key --data DIR (issue 7): src/station/rotate_cluster_key.ts
   if (argv[0] === "rotate-cluster-key") return (await import("./rotate_cluster_key.ts")).rotateClusterKeyMain(argv.slice(1));
+  // ipsan station backup DEST --data DIR / restore BACKUP --data DIR (issue 9, ADR 0016): src/station/backup.ts
+  if (argv[0] === "backup") return (await import("./backup.ts")).backupMain(argv.slice(1));
+  if (argv[0] === "restore") return (await import("./backup.ts")).restoreMain(argv.slice(1));
   const { values, positionals } = parseFlags(
     argv,
     {

@@ -218,3 +218,11 @@ test("the unit identity (issue 7): round-trips in a slot, is optional (tables be
   const bad = decodeSlot(Buffer.concat([header, Buffer.from(body)]));
   assert.deepEqual(bad, { kind: "invalid", reason: "unitId is not a lowercase UUID" });
 });
+
+test("a slot in a format version this unit does not know is invalid, naming the version (docs/OPERATIONS.md \"Upgrade\")", () => {
+  const table = buildTable(64 * MIB, [{ kind: "create", size: MIB }]);
+  const image = Buffer.from(encodeSlot(table, 3));
+  assert.equal(decodeSlot(image).kind, "valid");
+  image.writeUInt32LE(2, 8);
+  assert.deepEqual(decodeSlot(image), { kind: "invalid", reason: "unknown format version 2" });
+});
