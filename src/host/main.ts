@@ -33,6 +33,7 @@ import {
   type StationAssignment,
 } from "./station_client.ts";
 import { localizeAssignment } from "./keys.ts";
+import { progressLine, taskProgress } from "../util/progress.ts";
 
 const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
 const REQUEST_ID_PATTERN = /^[A-Za-z0-9_.:-]{1,128}$/;
@@ -114,7 +115,7 @@ interface StationValues {
  * credential `ipsan host register` stored in the state dir (flags win, so
  * --token-file with the admin token keeps working).
  */
-async function connectStation(values: StationValues): Promise<{ client: StationClient; host: string; address: string | null }> {
+async function connectStation(values: StationValues & { json?: boolean | undefined }): Promise<{ client: StationClient; host: string; address: string | null }> {
   const stored = await stateOf(values["state-dir"]).readCredential();
   const hint = stored === undefined ? " (or register this host first: ipsan host register)" : "";
   // Each: the flag, its environment variable, the host's stored credential, then the config file (src/util/config.ts).
@@ -135,7 +136,9 @@ async function connectStation(values: StationValues): Promise<{ client: StationC
     token = await readTokenFile(fromConfig);
   }
   const ca = await readCaFile(values["ca-file"] ?? stored?.caFile ?? undefined);
-  const client = new StationClient({ baseUrl: parseStationUrl(station), token, ...(ca === undefined ? {} : { ca }) });
+  // A task the station answers 202 for (an allocation, an unassign) is followed with its progress on a TTY (not with --json).
+  const onTask = taskProgress({ json: values.json === true });
+  const client = new StationClient({ baseUrl: parseStationUrl(station), token, ...(ca === undefined ? {} : { ca }), ...(onTask === undefined ? {} : { onTask }) });
   return { client, host, address: stored !== undefined && stored.host === host ? stored.address : null };
 }
 
@@ -395,7 +398,7 @@ async function detachMain(argv: readonly string[]): Promise<number> {
   if (record === undefined) {
     throw notAttached(values.assignment ?? values.volume ?? values.path ?? "?", state.dir);
   }
-  await detach(state, record, { force: values.force === true });
+  await detach(state, record, { force: values.force === true, progress: progressLine(`detach ${record.path}:`, { json: values.json === true }) });
   print(values.json === true, { detached: record.assignmentId, path: record.path }, `detached ${record.path}\n`);
   return 0;
 }
@@ -414,7 +417,7 @@ async function releaseMain(argv: readonly string[]): Promise<number> {
   const id = String(assignment.id);
   const record = await state.get(id);
   // A busy attachment is refused before the station is told anything: the volume stays assigned and attached.
-  if (record !== undefined) await detach(state, record, { force: values.force === true });
+  if (record !== undefined) await detach(state, record, { force: values.force === true, progress: progressLine(`detach ${record.path}:`, { json: values.json === true }) });
   await client.unassign(id);
   print(
     values.json === true,
@@ -449,7 +452,8 @@ async function agentMain(argv: readonly string[]): Promise<number> {
     spare: { type: "boolean" },
     "takeover-mode": { type: "string" },
   });
-  const { client, host, address: storedAddress } = await connectStation(values);
+  // A daemon: logs, never a progress line.
+  const { client, host, address: storedAddress } = await connectStation({ ...values, json: true });
   const takeoverMode = values["takeover-mode"] ?? "nbd";
   if (takeoverMode !== "nbd" && takeoverMode !== "fuse") throw new UsageError(`--takeover-mode: invalid "${takeoverMode}" (expected nbd or fuse)`);
   const heartbeatIntervalMs = Number(values["heartbeat-ms"] ?? HEARTBEAT_INTERVAL_MS_DEFAULT);
