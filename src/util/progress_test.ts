@@ -10,6 +10,13 @@ import { IPSAN_BIN } from "../testing/unit.ts";
 import { startStation } from "../station/harness.ts";
 import { startJoinedUnit } from "../station/pool_harness.ts";
 import { describeAmount, describeElapsed, progressLine, taskProgress } from "./progress.ts";
+import { spawn } from "node:child_process";
+import { existsSync } from "node:fs";
+import { makeTempDir } from "../testing/tmp.ts";
+import { waitFor } from "../testing/process.ts";
+import { attach } from "../host/attach.ts";
+import { HostState } from "../host/state.ts";
+import type { Assignment } from "../host/station_client.ts";
 
 /** A shell word. */
 const quote = (word: string): string => `'${word.replace(/'/g, "'\\''")}'`;
@@ -51,6 +58,13 @@ test("volume wipe: a progress line on a terminal; nothing but the output without
       assert.equal(json.code, 0, describeResult(json));
       assert.doesNotMatch(json.stdout, /\x1b\[K|task t-/);
       assert.equal((JSON.parse(json.stdout.replace(/\r\n/g, "\n")) as { wipedBytes: number }).wipedBytes, 6 * 1024 ** 3);
+
+      // ipsan tasks wait ID: follows a task to its end; exit 0 when it succeeded, the task as JSON.
+      const taskId = /task (t-[0-9a-f]+) volume\.wipe/.exec(tty.stdout)?.[1] ?? "";
+      const waited = await ipsan("tasks", "wait", taskId, "--json", ...admin);
+      assert.equal(waited.code, 0, describeResult(waited));
+      assert.deepEqual([JSON.parse(waited.stdout).id, JSON.parse(waited.stdout).state], [taskId, "succeeded"]);
+      assert.equal(waited.stderr, "");
     } finally {
       await unit.close();
     }
@@ -87,4 +101,35 @@ test("progressLine: rewritten in place at most every PROGRESS_REFRESH_MS, ended 
   assert.equal(describeAmount({ done: 3, total: 5, unit: "steps" }), "3/5 steps");
   assert.equal(describeAmount(null), "");
   assert.equal(describeElapsed(185_000), "3m05s");
+});
+
+test("host detach: what it waits for on a terminal's progress line, ended once; nothing in pipes", { timeout: 90_000 }, async () => {
+  const dir = makeTempDir("detach-progress");
+  const socket = dir.file("nbd.sock");
+  const server = spawn("nbdkit", ["--foreground", "--exit-with-parent", "-U", socket, "memory", "64M"], { stdio: "ignore" });
+  try {
+    await waitFor("nbdkit's socket", () => (existsSync(socket) ? true : undefined), { timeoutMs: 10_000 });
+    const state = new HostState(dir.file("state"));
+    const attachOne = async (id: string) => {
+      const assignment: Assignment = { id, host: "h1", unit: "u1", nbdHost: "unix", nbdPort: 0, export: "", volume: "v1", sizeBytes: 64 * 1024 * 1024, uri: `nbd+unix:///?socket=${socket}` };
+      return attach(state, { assignment, station: "http://127.0.0.1:1/", host: "h1", mode: "fuse" });
+    };
+    const first = await attachOne("a-tty");
+    const tty = await underTerminal(["host", "detach", "--assignment", "a-tty", "--state-dir", state.dir]);
+    assert.equal(tty.code, 0, describeResult(tty));
+    const frames = tty.stdout.split("\r").filter((frame) => frame.startsWith("detach "));
+    assert.match(frames[0] ?? "", new RegExp(`^detach ${first.path}: unmounting ${first.path} [0-9.]+s\\x1b\\[K$`));
+    assert.equal(frames.filter((frame) => frame.includes(": done ")).length, 1, JSON.stringify(tty.stdout));
+    assert.match(tty.stdout, /: done [0-9.]+s\x1b\[K\r\n/);
+    assert.ok(tty.stdout.endsWith(`\r\ndetached ${first.path}\r\n`), JSON.stringify(tty.stdout));
+
+    const second = await attachOne("a-pipe");
+    const piped = await run(process.execPath, [IPSAN_BIN, "host", "detach", "--assignment", "a-pipe", "--state-dir", state.dir], { timeoutMs: 60_000 });
+    assert.equal(piped.code, 0, describeResult(piped));
+    assert.equal(piped.stdout, `detached ${second.path}\n`);
+    assert.doesNotMatch(piped.stderr, /\r|\x1b\[K|unmounting/);
+  } finally {
+    server.kill("SIGTERM");
+    dir.remove();
+  }
 });
