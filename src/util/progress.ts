@@ -7,6 +7,7 @@
 // allocation, unassign, `ipsan tasks wait`), `ipsan host detach|release`
 // waiting for nbdfuse or the mirror engine to exit.
 
+import { setLogLineGuard } from "./log.ts";
 import { formatSize } from "./size.ts";
 
 /** The line is rewritten at most this often (the last state is always shown at the end). */
@@ -60,8 +61,15 @@ export function progressLine(label: string, options: ProgressOptions = {}): Prog
   const startedMs = now();
   let lastWrittenMs = -Infinity;
   let last = "";
+  let lastLine = "";
   let shown = false;
   let ended = false;
+  // A log line while the progress line shows: clear it, let the log line through, redraw it.
+  const guard = (writeLog: () => void): void => {
+    stream.write("\r\x1b[K");
+    writeLog();
+    stream.write(`\r${lastLine}\x1b[K`);
+  };
   const render = (what: string, amount: ProgressAmount | null | undefined): string => {
     const parts = [label, what, describeAmount(amount), describeElapsed(now() - startedMs)].filter((part) => part !== "");
     return parts.join(" ").slice(0, PROGRESS_LINE_CHARS_MAX);
@@ -69,6 +77,8 @@ export function progressLine(label: string, options: ProgressOptions = {}): Prog
   // \r back to the start, ESC [K clears what a longer line before left.
   const write = (text: string): void => {
     stream.write(`\r${text}\x1b[K`);
+    lastLine = text;
+    if (!shown && stream === process.stderr) setLogLineGuard(guard);
     shown = true;
     lastWrittenMs = now();
   };
@@ -86,6 +96,7 @@ export function progressLine(label: string, options: ProgressOptions = {}): Prog
       else if (!shown) return;
       else write(render(last, null));
       stream.write("\n");
+      if (stream === process.stderr) setLogLineGuard(undefined);
     },
   };
 }

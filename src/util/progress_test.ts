@@ -10,6 +10,7 @@ import { IPSAN_BIN } from "../testing/unit.ts";
 import { startStation } from "../station/harness.ts";
 import { startJoinedUnit } from "../station/pool_harness.ts";
 import { describeAmount, describeElapsed, progressLine, taskProgress } from "./progress.ts";
+import { logger } from "./log.ts";
 import { spawn } from "node:child_process";
 import { existsSync } from "node:fs";
 import { makeTempDir } from "../testing/tmp.ts";
@@ -132,4 +133,37 @@ test("host detach: what it waits for on a terminal's progress line, ended once; 
     server.kill("SIGTERM");
     dir.remove();
   }
+});
+
+test("a log line while the progress line shows gets a line of its own; the progress line is redrawn after it", () => {
+  const written: string[] = [];
+  const stderr = process.stderr;
+  const originalWrite = stderr.write;
+  const originalTty = Object.getOwnPropertyDescriptor(stderr, "isTTY");
+  stderr.write = ((text: string | Uint8Array) => {
+    written.push(String(text));
+    return true;
+  }) as typeof stderr.write;
+  Object.defineProperty(stderr, "isTTY", { value: true, configurable: true });
+  try {
+    const line = progressLine("wipe:", { now: () => 0 });
+    line.update("running");
+    logger("progress-test").warn("something happened");
+    line.end("done");
+    logger("progress-test").warn("after the end");
+  } finally {
+    stderr.write = originalWrite;
+    if (originalTty === undefined) delete (stderr as { isTTY?: boolean }).isTTY;
+    else Object.defineProperty(stderr, "isTTY", originalTty);
+  }
+  const shown = written.map((text) => text.replace(/^[0-9T:.Z-]+ /, "TIME "));
+  assert.deepEqual(shown, [
+    "\rwipe: running 0.0s\x1b[K",
+    "\r\x1b[K",
+    "TIME WARN progress-test: something happened\n",
+    "\rwipe: running 0.0s\x1b[K",
+    "\rwipe: done 0.0s\x1b[K",
+    "\n",
+    "TIME WARN progress-test: after the end\n",
+  ]);
 });
