@@ -38,6 +38,11 @@ test("a host whose address is not the one granted is told why and how to proceed
         "To proceed: run it on the machine at 127.0.0.5, or, if this machine is host far, record the address its NBD connections come from: " +
         "ipsan hosts register far --address 127.0.0.1 (or ipsan host request ... --address 127.0.0.1); the station then grants that address";
       assert.ok(requested.stderr.includes(`ipsan host request: note: the volume is assigned, but from this machine: ${explanation}`), requested.stderr);
+      // With --json: the assignment alone on stdout, as always; the note on stderr.
+      const asJson = await ipsan("host", "request", ...admin, "--host", "far", "--size", "16M", "--state-dir", state, "--json");
+      assert.equal(asJson.code, 0, describeResult(asJson));
+      assert.equal((JSON.parse(asJson.stdout) as { host: string }).host, "far");
+      assert.match(asJson.stderr, /note: the volume is assigned, but from this machine: unit u1 refuses this host \(peer 127\.0\.0\.1\) for export \S+: the grant is for 127\.0\.0\.5/);
       // The real client agrees: nbdinfo from this machine is refused.
       const uri = /^uri (\S+)$/m.exec(requested.stdout)?.[1] ?? "";
       const nbdinfo = await run("nbdinfo", [uri], { timeoutMs: 20_000 });
