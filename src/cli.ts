@@ -166,7 +166,7 @@ async function helpText(name: string, rest: readonly string[], help: HelpRequest
     }
     if (picked.length > 0) usage = picked.join("\n");
   }
-  const flags = help === undefined ? "" : `\nflags:\n${describeFlags(help.flags)}\n`;
+  const flags = help === undefined ? "" : `\nflags:\n${describeFlags(help.flags, help.notes)}\n`;
   const header = usage.startsWith("usage:") ? "" : `usage: ipsan ${words.join(" ")} [flags]\n`;
   return `${header}${usage.trimEnd()}\n${flags}`;
 }

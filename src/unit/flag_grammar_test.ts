@@ -99,6 +99,10 @@ test("the wrong kind of value is refused at once, exit 2, naming the right flag"
     assert.match(result.stderr, pattern, args.join(" "));
     assert.ok(Date.now() - startedMs < 10_000, "refused at once");
   }
+  // --help marks the old spellings as such.
+  const help = await run(process.execPath, [IPSAN_BIN, "unit", "--help"], { timeoutMs: 20_000 });
+  assert.match(help.stdout, /\n  --station VALUE   \(old spelling of --discovery HOST:PORT\)\n/);
+  assert.match(help.stdout, /\n  --control VALUE   \(old spelling of --control-listen HOST:PORT\)\n/);
   // --control URL keeps its one meaning where a command talks to a unit: `ipsan unit volume --control URL`.
   const unit = await startUnit({ name: "standalone", capacity: "64M", control: true });
   try {

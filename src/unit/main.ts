@@ -137,6 +137,7 @@ export function parseUnitArgs(argv: readonly string[]): UnitConfig {
       help: { type: "boolean", short: "h" },
     },
     true,
+    { station: "old spelling of --discovery HOST:PORT", control: "old spelling of --control-listen HOST:PORT" },
   );
   if (values.help === true) throw new UsageError(USAGE.trimEnd());
   if (positionals.length > 0) throw new UsageError(`unexpected argument "${positionals[0]}"\n${USAGE.trimEnd()}`);
