@@ -72,6 +72,13 @@ test("a host whose address is not the one granted is told why and how to proceed
       assert.equal(near.code, 0, describeResult(near));
       assert.match(near.stdout, /\nuse it: nbdinfo nbd:\/\/127\.0\.0\.1:[0-9]+\/\S+ +or: ipsan host attach \.\.\. --assignment \S+\n$/);
       assert.equal(near.stderr.includes("note:"), false, near.stderr);
+
+      // A unit that cannot be reached is not a refusal: attach goes on (--mode nbd records the URI; a client meets the outage).
+      const nearId = /^assignment (\S+) /.exec(near.stdout)?.[1] ?? "";
+      await unit.stop();
+      const unreachable = await ipsan("host", "attach", ...admin, "--host", "near", "--assignment", nearId, "--mode", "nbd", "--state-dir", dir.file("near-state"), "--json");
+      assert.equal(unreachable.code, 0, describeResult(unreachable));
+      assert.doesNotMatch(unreachable.stderr, /refuses/);
     } finally {
       await unit.close();
     }
