@@ -57,7 +57,7 @@ admin (over the station's API; --station URL --token-file FILE, or $IPSAN_STATIO
   units identity|rotate-secret|forget NAME          a unit's enrolled identity, rotate its secret, forget it
   volume create|delete|grow|partition UNIT NAME ...  change a unit's volumes
   volume wipe UNIT NAME                             zero a volume (a task; progress on a TTY)
-  tasks [--state S] | tasks show|cancel ID          the station's tasks: state, progress, cancel
+  tasks [--state S] | tasks show|cancel|wait ID     the station's tasks: state, progress, cancel, follow to the end
   assign HOST UNIT VOLUME [--partition N]           give a host a volume (or partition)
   unassign ID                                       take it back (the unit revokes the grant)
   tokens create|list|revoke                          API tokens with a role (admin, operator, viewer)
@@ -166,7 +166,7 @@ async function helpText(name: string, rest: readonly string[], help: HelpRequest
     }
     if (picked.length > 0) usage = picked.join("\n");
   }
-  const flags = help === undefined ? "" : `\nflags:\n${describeFlags(help.flags)}\n`;
+  const flags = help === undefined ? "" : `\nflags:\n${describeFlags(help.flags, help.notes)}\n`;
   const header = usage.startsWith("usage:") ? "" : `usage: ipsan ${words.join(" ")} [flags]\n`;
   return `${header}${usage.trimEnd()}\n${flags}`;
 }

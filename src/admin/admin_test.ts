@@ -44,13 +44,13 @@ test("listings: tables, and --json equal to the API's items", async () => {
   const table = await ok(["units"]);
   assert.match(table, /^NAME +STATE +ADDRESS +NBD +CAPACITY +FREE +VOLUMES +SEEN +SPARE +ZONE\n/);
   assert.match(table, /\nadm1 +online +127\.0\.0\.1 +127\.0\.0\.1:[0-9]+ +124M +.* +- +-\n/);
-  const json = JSON.parse(await ok(["units", "--json"])) as { name: string }[];
+  const json = (JSON.parse(await ok(["units", "--json"])) as { items: { name: string }[] }).items;
   const api = (await station.api("GET", "/api/v1/units")).body as { items: { name: string }[] };
   assert.deepEqual(json.map((u) => u.name), api.items.map((u) => u.name));
   assert.match(await ok(["volumes"]), /\nadm1 +base +1 +8M +[0-9]+-[0-9]+ +- +-\n/);
-  assert.deepEqual(JSON.parse(await ok(["volumes", "--json", "--free"])).map((v: { id: string }) => v.id), ["adm1/base"]);
+  assert.deepEqual(JSON.parse(await ok(["volumes", "--json", "--free"])).items.map((v: { id: string }) => v.id), ["adm1/base"]);
   assert.match(await ok(["hosts"]), /^NAME +ADDRESS +STATE +SEEN +SPARE\n$/);
-  assert.deepEqual(JSON.parse(await ok(["assignments", "--json"])), []);
+  assert.deepEqual(JSON.parse(await ok(["assignments", "--json"])), { items: [] });
 });
 
 test("volume create, partition, grow and delete change the unit", async () => {

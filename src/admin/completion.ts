@@ -14,7 +14,7 @@ export const SUBCOMMANDS: Readonly<Record<string, readonly string[]>> = {
   volume: ["create", "delete", "grow", "partition", "wipe"],
   tokens: ["create", "list", "revoke"],
   audit: ["verify", "list"],
-  tasks: ["show", "cancel"],
+  tasks: ["show", "cancel", "wait"],
   station: ["rotate-cluster-key", "backup", "restore"],
   completion: ["bash", "zsh"],
 };

@@ -45,6 +45,7 @@ const COMMANDS = [
   "tasks",
   "tasks show",
   "tasks cancel",
+  "tasks wait",
   "completion",
   "assign",
   "unassign",

@@ -19,12 +19,13 @@ import { setting, settingSources } from "../util/config.ts";
 import { parsePartitionSizes } from "../util/size.ts";
 import { reachableNbd } from "../station/views.ts";
 import { StationClient, listItems, parseStationUrl, readCaFile, readTokenFile } from "../host/station_client.ts";
-import { ttyProgress } from "./tasks.ts";
+import { taskProgress } from "../util/progress.ts";
 import { verifyAuditFile } from "../station/auth/audit.ts";
 import { parseDuration } from "../util/duration.ts";
 import { UsageError } from "../util/errors.ts";
 import { parseFlags, type FlagSpec } from "../util/flags.ts";
 import { formatSize, parseSize } from "../util/size.ts";
+import { printItems } from "../util/output.ts";
 
 const COMMON_FLAGS = {
   station: { type: "string" },
@@ -43,14 +44,14 @@ const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
 /** Pages a listing follows (10,000 items each by default: a million in all). */
 const LIST_PAGES_MAX = 100;
 
-async function client(values: { station?: string | undefined; "token-file"?: string | undefined; "ca-file"?: string | undefined }): Promise<StationClient> {
+async function client(values: { station?: string | undefined; "token-file"?: string | undefined; "ca-file"?: string | undefined; json?: boolean | undefined }): Promise<StationClient> {
   const station = setting("station", values.station);
   if (station === undefined || station === "") throw new UsageError(`--station URL is required (${settingSources("station")})`);
   const tokenFile = setting("token-file", values["token-file"]);
   if (tokenFile === undefined || tokenFile === "") throw new UsageError(`--token-file FILE is required (${settingSources("token-file")}): the station's DATA/admin.token, or a named token's`);
   const ca = await readCaFile(values["ca-file"]);
-  // A change the station runs as a long task is followed until it finishes, with its progress on a TTY.
-  const onTask = ttyProgress(process.stderr);
+  // A change the station runs as a long task is followed until it finishes, with its progress on a TTY (not with --json).
+  const onTask = taskProgress({ json: values.json === true });
   return new StationClient({
     baseUrl: parseStationUrl(station),
     token: await readTokenFile(tokenFile),
@@ -229,7 +230,7 @@ async function listing(which: ListingName, argv: readonly string[]): Promise<num
     offset = next;
   }
   if (values.json === true) {
-    process.stdout.write(`${JSON.stringify(items, null, 2)}\n`);
+    printItems(items);
     return 0;
   }
   const rows = items.map((item) => spec.row(item));
@@ -299,7 +300,7 @@ export async function volumeMain(argv: readonly string[]): Promise<number> {
       const volume = name(rest[1], "NAME");
       noMore(rest, 2, "ipsan volume delete UNIT NAME");
       await (await client(values)).call("DELETE", `/api/v1/volumes/${unit}/${volume}`);
-      process.stdout.write(`deleted volume ${unit}/${volume}\n`);
+      process.stdout.write(json ? `${JSON.stringify({ unit, name: volume, deleted: true }, null, 2)}\n` : `deleted volume ${unit}/${volume}\n`);
       return 0;
     }
     case "grow": {
@@ -402,7 +403,7 @@ export async function unassignMain(argv: readonly string[]): Promise<number> {
 
 const TOKENS_USAGE = `usage: ipsan tokens create --name NAME --role admin|operator|viewer [--json]
        ipsan tokens list [--json]
-       ipsan tokens revoke NAME
+       ipsan tokens revoke NAME [--json]
   [--station URL] [--token-file FILE] [--ca-file FILE]    (an admin token)
 `;
 
@@ -440,7 +441,8 @@ export async function tokensMain(argv: readonly string[]): Promise<number> {
     case "list": {
       noMore(rest, 0, "ipsan tokens list");
       const items = listItems<Row>(await (await client(values)).call("GET", "/api/v1/tokens"), "tokens");
-      process.stdout.write(json ? `${JSON.stringify(items, null, 2)}\n` : table(TOKEN_HEADERS, items.map(tokenRow)));
+      if (json) printItems(items);
+      else process.stdout.write(table(TOKEN_HEADERS, items.map(tokenRow)));
       return 0;
     }
     case "revoke": {
@@ -448,7 +450,7 @@ export async function tokensMain(argv: readonly string[]): Promise<number> {
       if (tokenName === undefined || !/^[A-Za-z0-9][A-Za-z0-9_.:-]{0,80}$/.test(tokenName)) throw new UsageError(`NAME: missing or invalid token name "${tokenName ?? ""}"\n${TOKENS_USAGE}`);
       noMore(rest, 1, "ipsan tokens revoke NAME");
       await (await client(values)).call("DELETE", `/api/v1/tokens/${encodeURIComponent(tokenName)}`);
-      process.stdout.write(`revoked ${tokenName}: the station refuses it from now on\n`);
+      process.stdout.write(json ? `${JSON.stringify({ name: tokenName, revoked: true }, null, 2)}\n` : `revoked ${tokenName}: the station refuses it from now on\n`);
       return 0;
     }
     case undefined:
@@ -558,7 +560,7 @@ export async function auditMain(argv: readonly string[]): Promise<number> {
       noMore(rest, 0, "ipsan audit list");
       if (values.limit !== undefined && !/^[1-9][0-9]{0,5}$/.test(values.limit)) throw new UsageError(`--limit: invalid "${values.limit}" (a whole number 1..10000)`);
       const items = listItems<Row>(await (await client(values)).call("GET", `/api/v1/audit${values.limit === undefined ? "" : `?limit=${values.limit}`}`), "audit");
-      if (json) process.stdout.write(`${JSON.stringify(items, null, 2)}\n`);
+      if (json) printItems(items);
       else {
         process.stdout.write(
           table(

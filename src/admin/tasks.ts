@@ -2,38 +2,30 @@
 //   tasks [--state S] [--kind K] [--json]   newest first
 //   tasks show ID [--json]                  one task
 //   tasks cancel ID [--json]                cancel it where its kind allows (the station says why not)
+//   tasks wait ID [--json]                  follow it until it finishes (progress on a TTY); exit 1 unless it succeeded
 // and the progress line that long admin commands (volume wipe, ...) show on a
 // TTY while the CLI follows their task.
 
 import type { StationTask } from "../host/station_client.ts";
 import { UsageError } from "../util/errors.ts";
 import { parseFlags } from "../util/flags.ts";
-import { formatSize } from "../util/size.ts";
+import { describeAmount } from "../util/progress.ts";
+import { printItems } from "../util/output.ts";
 import { COMMON_FLAGS, COMMON_USAGE, client, listItems, table } from "./main.ts";
 
 const USAGE = `usage: ipsan tasks [--state queued|running|succeeded|failed|cancelled] [--kind KIND] [--json]
        ipsan tasks show ID [--json]
        ipsan tasks cancel ID [--json]
+       ipsan tasks wait ID [--json]     follow it until it finishes (a wipe, a leg.replace, ...): progress on a
+                                        terminal; prints the task; exit 0 if it succeeded, 1 if not
 `;
 const TASK_ID = /^t-[0-9a-f]{1,32}$/;
 /** Tasks the listing shows (the station keeps up to 1,000 finished ones). */
 const TASKS_LISTED_MAX = 1_000;
 
-/** "42% (27 GiB of 64 GiB)", "3/5 steps", or "-". */
+/** "42% (27M of 64M)", "3/5 steps", or "-" (the progress line says the same: src/util/progress.ts). */
 export function progressCell(task: Pick<StationTask, "progress">): string {
-  const p = task.progress;
-  if (p === null || p.total <= 0) return "-";
-  const percent = Math.floor((100 * p.done) / p.total);
-  return p.unit === "bytes" ? `${percent}% (${formatSize(p.done)} of ${formatSize(p.total)})` : `${p.done}/${p.total} steps`;
-}
-
-/** The progress line a TTY shows while the CLI follows a task (rewritten in place, ended when it finishes). */
-export function ttyProgress(stream: NodeJS.WriteStream): ((task: StationTask) => void) | undefined {
-  if (stream.isTTY !== true) return undefined;
-  return (task) => {
-    const line = `task ${task.id} ${task.kind} ${task.state} ${progressCell(task)}`;
-    stream.write(`\r${line.padEnd(78).slice(0, 100)}${task.finishedAt === null ? "" : "\n"}`);
-  };
+  return describeAmount(task.progress) || "-";
 }
 
 const HEADERS = ["ID", "KIND", "TARGET", "STATE", "PROGRESS", "BY", "CREATED", "MESSAGE"];
@@ -67,12 +59,18 @@ export async function tasksMain(argv: readonly string[]): Promise<number> {
       if (values.state !== undefined) query.set("state", values.state);
       if (values.kind !== undefined) query.set("kind", values.kind);
       const items = listItems<StationTask>(await (await client(values)).call("GET", `/api/v1/tasks?${query}`), "tasks");
-      process.stdout.write(json ? `${JSON.stringify(items, null, 2)}\n` : table(HEADERS, items.map(row)));
+      if (json) printItems(items);
+      else process.stdout.write(table(HEADERS, items.map(row)));
       return 0;
     }
     case "show":
       print(await (await client(values)).task(taskId(idArg)), json);
       return 0;
+    case "wait": {
+      const task = await (await client(values)).followTask(taskId(idArg));
+      print(task, json);
+      return task.state === "succeeded" ? 0 : 1;
+    }
     case "cancel": {
       const id = taskId(idArg);
       const task = (await (await client(values)).call("POST", `/api/v1/tasks/${id}/cancel`, {})) as StationTask;
@@ -80,6 +78,6 @@ export async function tasksMain(argv: readonly string[]): Promise<number> {
       return 0;
     }
     default:
-      throw new UsageError(`unknown action "${action}" (show, cancel; none: list)\n${USAGE.trimEnd()}`);
+      throw new UsageError(`unknown action "${action}" (show, cancel, wait; none: list)\n${USAGE.trimEnd()}`);
   }
 }

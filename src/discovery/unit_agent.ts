@@ -1,5 +1,5 @@
 // The unit side of the auto-configuration protocol (seed Fig. 3), run by
-// `ipsan unit --station HOST:PORT --cluster-key-file FILE`:
+// `ipsan unit --discovery HOST:PORT --cluster-key-file FILE`:
 //   STARTUP, retransmitted with backoff until the station ACKs it (rounds of
 //   attempts, then start over: a lost datagram delays a join, never loses it);
 //   NEED_STORAGE_INFO -> STORAGE_INFO (the unit's table, fragmented,
@@ -433,7 +433,7 @@ export class StationAgent {
           unit: this.unitName,
           station: `udp://${this.stationSpec.host}:${this.stationSpec.port}`,
           attempts: this.backoff.attemptsMax,
-          hint: "--station must be the station's discovery address (it prints: ipsan station discovery udp://HOST:PORT), not its HTTP API; and the unit's --cluster-key-file must be the station's DATA/cluster.key",
+          hint: "--discovery (old spelling --station HOST:PORT) must be the station's discovery address (it prints: ipsan station discovery udp://HOST:PORT), not its HTTP API; and the unit's --cluster-key-file must be the station's DATA/cluster.key",
         });
         this.scheduleRound();
       },

@@ -215,6 +215,6 @@ test("--station without --cluster-key-file is a usage error naming where the key
     timeoutMs: 20_000,
   });
   assert.equal(result.code, 2);
-  assert.match(result.stderr, /--cluster-key-file FILE is required with --station .*STATION_DATA\/cluster\.key/);
+  assert.match(result.stderr, /--cluster-key-file FILE is required with --discovery .*STATION_DATA\/cluster\.key/);
 });
 

@@ -1,5 +1,5 @@
 // The glue between `ipsan unit` (src/unit/main.ts) and the discovery agent:
-// the --station / --cluster-key-file / --dns-name flags, their checks, the
+// the --discovery (old spelling --station HOST:PORT) / --cluster-key-file / --dns-name flags, their checks, the
 // control tokens the unit accepts from the station (its credentials: the
 // cluster key's before enrolment, its own secret's after), the storage-info
 // callback built from the unit's table snapshot, and change detection.
@@ -17,6 +17,8 @@ import { UNIT_SECRET_FILE_NAME, UnitCredentials, loadUnitSecret, saveUnitSecret 
 
 /** Flags to add to `ipsan unit`'s parseFlags options. */
 export const JOIN_FLAGS = {
+  discovery: { type: "string" },
+  /** The old spelling of --discovery (docs/cli.md): HOST:PORT only; a URL is refused naming --discovery. */
   station: { type: "string" },
   "cluster-key-file": { type: "string" },
   "dns-name": { type: "string" },
@@ -24,7 +26,10 @@ export const JOIN_FLAGS = {
   zone: { type: "string" },
 } as const satisfies FlagSpec;
 
-export const JOIN_USAGE = "[--station HOST:PORT --cluster-key-file FILE [--dns-name NAME] [--spare] [--zone NAME]]";
+export const JOIN_USAGE = "[--discovery HOST:PORT --cluster-key-file FILE [--dns-name NAME] [--spare] [--zone NAME]]";
+
+/** The station's discovery port when it runs with its defaults (src/station/main.ts DEFAULT_DISCOVERY). */
+const DISCOVERY_PORT_HINT = "the station prints it at start: \"ipsan station discovery udp://HOST:PORT\"; 8641 by default";
 
 /** How often the unit looks at its table generation to push changes. */
 export const CHANGE_POLL_MS = 100;
@@ -41,27 +46,57 @@ export interface JoinConfig {
   readonly zone: string | null;
 }
 
-/** Checks the join flags; undefined when --station is not given. */
+/**
+ * The station's UDP discovery address to join: --discovery HOST:PORT, or the
+ * old spelling --station HOST:PORT (a one-line deprecation note on stderr).
+ * --station with a URL is the station's HTTP API, which a unit cannot join
+ * through: refused at once, naming --discovery (issue 9 item 2).
+ */
+export function discoveryAddress(values: { discovery?: string; station?: string }, warn: (line: string) => void = (line) => process.stderr.write(`${line}\n`)): string | undefined {
+  if (values.discovery !== undefined && values.station !== undefined) {
+    throw new UsageError("--station HOST:PORT is the old spelling of --discovery HOST:PORT: give one of them");
+  }
+  if (values.discovery !== undefined) {
+    if (/^[a-z][a-z0-9+.-]*:\/\//i.test(values.discovery)) {
+      throw new UsageError(`--discovery: "${values.discovery}" is a URL; a unit joins through the station's UDP discovery address, HOST:PORT (${DISCOVERY_PORT_HINT})`);
+    }
+    return values.discovery;
+  }
+  if (values.station === undefined) return undefined;
+  if (/^[a-z][a-z0-9+.-]*:\/\//i.test(values.station)) {
+    throw new UsageError(
+      `--station: "${values.station}" is a URL (the station's HTTP API, what --station means on the host and admin commands); ` +
+        `a unit joins through the station's UDP discovery address: --discovery HOST:PORT (${DISCOVERY_PORT_HINT})`,
+    );
+  }
+  warn(`ipsan unit: --station HOST:PORT is deprecated; use --discovery ${values.station} (--station now means the station's HTTP API URL, docs/cli.md)`);
+  return values.station;
+}
+
+/** Checks the join flags; undefined when neither --discovery nor its old spelling --station is given. */
 export function parseJoinFlags(values: {
+  discovery?: string;
   station?: string;
   "cluster-key-file"?: string;
   "dns-name"?: string;
   spare?: boolean;
   zone?: string;
-}): JoinConfig | undefined {
-  if (values.station === undefined) {
-    if (values.spare !== undefined) throw new UsageError("--spare: only meaningful with --station HOST:PORT (a spare is kept by a station)");
-    if (values.zone !== undefined) throw new UsageError("--zone: only meaningful with --station HOST:PORT");
-    if (values["cluster-key-file"] !== undefined) throw new UsageError("--cluster-key-file: only meaningful with --station HOST:PORT");
-    if (values["dns-name"] !== undefined) throw new UsageError("--dns-name: only meaningful with --station HOST:PORT");
+}, warn?: (line: string) => void): JoinConfig | undefined {
+  const address = discoveryAddress(values, warn);
+  if (address === undefined) {
+    if (values.spare !== undefined) throw new UsageError("--spare: only meaningful with --discovery HOST:PORT (a spare is kept by a station)");
+    if (values.zone !== undefined) throw new UsageError("--zone: only meaningful with --discovery HOST:PORT");
+    if (values["cluster-key-file"] !== undefined) throw new UsageError("--cluster-key-file: only meaningful with --discovery HOST:PORT");
+    if (values["dns-name"] !== undefined) throw new UsageError("--dns-name: only meaningful with --discovery HOST:PORT");
     return undefined;
   }
-  const station = parseHostPort(values.station, "--station");
-  if (station.port === 0) throw new UsageError(`--station: port 0 in "${values.station}" (give the port the station printed)`);
+  const flag = values.discovery !== undefined ? "--discovery" : "--station";
+  const station = parseHostPort(address, flag);
+  if (station.port === 0) throw new UsageError(`${flag}: port 0 in "${address}" (give the port the station printed)`);
   const clusterKeyFile = values["cluster-key-file"];
   if (clusterKeyFile === undefined || clusterKeyFile === "") {
     throw new UsageError(
-      "--cluster-key-file FILE is required with --station (the station keeps the cluster key in STATION_DATA/cluster.key; copy it to the unit)",
+      "--cluster-key-file FILE is required with --discovery (the station keeps the cluster key in STATION_DATA/cluster.key; copy it to the unit)",
     );
   }
   const dnsName = values["dns-name"] ?? null;
@@ -147,7 +182,7 @@ export function largestFreeExtents(extents: readonly LbaExtent[]): readonly LbaE
 export async function startJoin(join: JoinConfig, key: ClusterKey, unit: JoinedUnit): Promise<RunningJoin> {
   const log = logger("unit");
   const nbd = unit.nbd;
-  if ("path" in nbd) throw new UsageError("--station: the unit must --listen on HOST:PORT (not a Unix socket) for hosts to reach it");
+  if ("path" in nbd) throw new UsageError("--discovery: the unit must --listen on HOST:PORT (not a Unix socket) for hosts to reach it");
   const storageInfo = (): StorageInfo => {
     const snapshot = unit.manager.snapshot();
     return {

@@ -94,7 +94,7 @@ test("ipsan demo --units 3: ready, example works, Ctrl-C stops units then statio
     assert.equal(configLine?.split(" ")[3], tmp.file("config/ipsan/config"));
     const listed = await run(process.execPath, [IPSAN_BIN, "units", "--json"], { env: { XDG_CONFIG_HOME: tmp.file("config") }, timeoutMs: 20_000 });
     assert.equal(listed.code, 0, describeResult(listed));
-    assert.deepEqual((JSON.parse(listed.stdout) as { name: string }[]).map((u) => u.name).sort(), ["u1", "u2", "u3"]);
+    assert.deepEqual((JSON.parse(listed.stdout) as { items: { name: string }[] }).items.map((u) => u.name).sort(), ["u1", "u2", "u3"]);
 
     const ran = await run("bash", ["-c", example], { timeoutMs: 60_000 });
     assert.equal(ran.code, 0, describeResult(ran));

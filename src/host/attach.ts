@@ -30,6 +30,7 @@ import { IpsanError, UsageError, errorMessage } from "../util/errors.ts";
 import { logger } from "../util/log.ts";
 import { HostState, RECORD_VERSION, recordKey, type AttachMode, type AttachmentRecord, type EngineLegRecord, type EngineRecord } from "./state.ts";
 import { isMirror, type StationAssignment } from "./station_client.ts";
+import type { ProgressLine } from "../util/progress.ts";
 import { writeFileAtomic } from "./legs.ts";
 
 const log = logger("host");
@@ -353,11 +354,14 @@ async function readFrom(path: string, from: number): Promise<string> {
 }
 
 /** SIGTERM (the engine flushes every leg and exits), bounded wait, SIGKILL if it hangs. */
-async function stopEngine(engine: EngineRecord): Promise<void> {
+async function stopEngine(engine: EngineRecord, progress?: ProgressLine): Promise<void> {
   if (await isEngineProcess(engine.pid, engine.mirror)) {
     process.kill(engine.pid, "SIGTERM");
     const deadline = Date.now() + ENGINE_STOP_TIMEOUT_MS;
-    while (processAlive(engine.pid) && Date.now() < deadline) await sleep(POLL_INTERVAL_MS);
+    while (processAlive(engine.pid) && Date.now() < deadline) {
+      progress?.update(`waiting for the mirror engine (pid ${engine.pid}) to flush its legs and exit (at most ${ENGINE_STOP_TIMEOUT_MS / 1000}s)`);
+      await sleep(POLL_INTERVAL_MS);
+    }
     if (processAlive(engine.pid)) {
       log.warn("mirror engine did not exit after SIGTERM; killing it (its legs keep the state it needs to restart)", { mirror: engine.mirror, pid: engine.pid });
       process.kill(engine.pid, "SIGKILL");
@@ -540,20 +544,20 @@ async function attachKernel(assignment: { readonly uri: string; readonly export:
 }
 
 /** Stops whatever a record points at, ignoring what is already gone (nbdfuse or the device first, then a mirror's engine). */
-async function cleanup(record: AttachmentRecord, force: boolean): Promise<void> {
+async function cleanup(record: AttachmentRecord, force: boolean, progress?: ProgressLine): Promise<void> {
   if (record.mode === "kernel") {
     if (record.device !== null && existsSync(`/sys/block/${record.device.replace(/^\/dev\//, "")}/pid`)) {
       const result = await run("nbd-client", ["-d", record.device]);
       if (!result.ok) throw new IpsanError("IO_ERROR", `nbd-client -d ${record.device}: ${result.output}`);
     }
   } else if (record.mode === "fuse") {
-    await cleanupFuse(record, force);
+    await cleanupFuse(record, force, progress);
   }
-  if (record.engine !== undefined && record.engine !== null) await stopEngine(record.engine);
+  if (record.engine !== undefined && record.engine !== null) await stopEngine(record.engine, progress);
 }
 
 /** Unmounts an nbdfuse attachment and waits for its nbdfuse to exit. */
-async function cleanupFuse(record: AttachmentRecord, force: boolean): Promise<void> {
+async function cleanupFuse(record: AttachmentRecord, force: boolean, progress?: ProgressLine): Promise<void> {
   if (record.mountpoint !== null && (await isMounted(record.mountpoint))) {
     const result = await run("fusermount3", ["-u", record.mountpoint]);
     if (!result.ok) {
@@ -566,12 +570,18 @@ async function cleanupFuse(record: AttachmentRecord, force: boolean): Promise<vo
   if (record.pid !== null && (await isOurProcess(record.pid, "nbdfuse"))) {
     const pid = record.pid;
     const deadline = Date.now() + DETACH_TIMEOUT_MS;
-    while (processAlive(pid) && Date.now() < deadline) await sleep(POLL_INTERVAL_MS);
+    while (processAlive(pid) && Date.now() < deadline) {
+      progress?.update(`waiting for nbdfuse (pid ${pid}) to exit (at most ${DETACH_TIMEOUT_MS / 1000}s, then SIGTERM)`);
+      await sleep(POLL_INTERVAL_MS);
+    }
     if (processAlive(pid)) {
       log.warn("nbdfuse still running after unmount, terminating", { pid });
       process.kill(pid, "SIGTERM");
       const hardDeadline = Date.now() + DETACH_TIMEOUT_MS;
-      while (processAlive(pid) && Date.now() < hardDeadline) await sleep(POLL_INTERVAL_MS);
+      while (processAlive(pid) && Date.now() < hardDeadline) {
+        progress?.update(`nbdfuse (pid ${pid}) sent SIGTERM; waiting (at most ${DETACH_TIMEOUT_MS / 1000}s, then SIGKILL)`);
+        await sleep(POLL_INTERVAL_MS);
+      }
       if (processAlive(pid)) process.kill(pid, "SIGKILL");
     }
   }
@@ -661,6 +671,8 @@ async function openers(paths: readonly string[], except: ReadonlySet<number>): P
 export interface DetachOptions {
   /** Detach a busy attachment anyway (lazy unmount, processes cut off): `ipsan host detach --force`. */
   readonly force?: boolean;
+  /** Where to say what detach waits for (a terminal's progress line, src/util/progress.ts). */
+  readonly progress?: ProgressLine;
 }
 
 export async function detach(state: HostState, record: AttachmentRecord, options: DetachOptions = {}): Promise<void> {
@@ -670,13 +682,16 @@ export async function detach(state: HostState, record: AttachmentRecord, options
     if (busy !== null) throw busyError(record, busy);
   }
   await state.write({ ...record, state: "detaching" });
+  options.progress?.update(`unmounting ${record.path}`);
   try {
-    await cleanup(record, force);
+    await cleanup(record, force, options.progress);
   } catch (error) {
     // Refused (busy) or failed: the attachment stays as it was, recorded as attached.
     await state.write(record);
+    options.progress?.end("failed");
     throw error;
   }
+  options.progress?.end("done");
   // rmdir, never a recursive rm: if the unmount somehow failed, this fails too and touches nothing.
   if (record.mountpoint !== null) await rmdir(record.mountpoint).catch(() => undefined);
   for (const file of [record.engine?.legsFile, record.engine?.statusFile]) if (file !== undefined) await rm(file, { force: true });

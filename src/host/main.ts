@@ -33,6 +33,8 @@ import {
   type StationAssignment,
 } from "./station_client.ts";
 import { localizeAssignment } from "./keys.ts";
+import { progressLine, taskProgress } from "../util/progress.ts";
+import { checkExport, type ExportToCheck } from "./preflight.ts";
 
 const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
 const REQUEST_ID_PATTERN = /^[A-Za-z0-9_.:-]{1,128}$/;
@@ -114,7 +116,7 @@ interface StationValues {
  * credential `ipsan host register` stored in the state dir (flags win, so
  * --token-file with the admin token keeps working).
  */
-async function connectStation(values: StationValues): Promise<{ client: StationClient; host: string; address: string | null }> {
+async function connectStation(values: StationValues & { json?: boolean | undefined }): Promise<{ client: StationClient; host: string; address: string | null }> {
   const stored = await stateOf(values["state-dir"]).readCredential();
   const hint = stored === undefined ? " (or register this host first: ipsan host register)" : "";
   // Each: the flag, its environment variable, the host's stored credential, then the config file (src/util/config.ts).
@@ -135,7 +137,9 @@ async function connectStation(values: StationValues): Promise<{ client: StationC
     token = await readTokenFile(fromConfig);
   }
   const ca = await readCaFile(values["ca-file"] ?? stored?.caFile ?? undefined);
-  const client = new StationClient({ baseUrl: parseStationUrl(station), token, ...(ca === undefined ? {} : { ca }) });
+  // A task the station answers 202 for (an allocation, an unassign) is followed with its progress on a TTY (not with --json).
+  const onTask = taskProgress({ json: values.json === true });
+  const client = new StationClient({ baseUrl: parseStationUrl(station), token, ...(ca === undefined ? {} : { ca }), ...(onTask === undefined ? {} : { onTask }) });
   return { client, host, address: stored !== undefined && stored.host === host ? stored.address : null };
 }
 
@@ -222,8 +226,31 @@ async function requestMain(argv: readonly string[]): Promise<number> {
   }
   // A unit that speaks TLS: the host's key file is written under the state dir and the URIs carry it.
   const assignment = await localizeAssignment(stateOf(values["state-dir"]), client, host, await client.allocate(request));
-  print(values.json === true, assignment, describeAssignment(assignment));
+  // Before handing out a command: does the unit admit this machine, as the client will connect (issue 9 item 7)?
+  // The request may be made for another machine (--host h1 from an admin's desk): a note, not a failure.
+  const refusal = await firstRefusal(assignment, host);
+  if (refusal !== null) process.stderr.write(`ipsan host request: note: the volume is assigned, but from this machine: ${refusal.message}\n`);
+  print(values.json === true, assignment, describeAssignment(assignment, refusal === null));
   return 0;
+}
+
+/** The exports a host's client opens for an assignment: its URI, or each leg's for a mirror (the engine's). */
+function exportsOf(a: StationAssignment, host: string): ExportToCheck[] {
+  const hostAddress = a.hostAddress ?? null;
+  if (isMirror(a)) return (a.legs ?? []).filter((l) => l.uri !== null).map((l) => ({ uri: l.uri ?? "", unit: l.unit, export: l.volume, host, hostAddress }));
+  return a.uri === null ? [] : [{ uri: a.uri, unit: a.unit, export: a.export, host, hostAddress }];
+}
+
+/** The first refusal, explained, of an export of the assignment opened from this machine (null: none refused). */
+async function firstRefusal(a: StationAssignment, host: string): Promise<IpsanError | null> {
+  for (const target of exportsOf(a, host)) {
+    const refusal = await checkExport(target);
+    if (refusal === null) continue;
+    // A pending assignment's grant may not have reached the unit yet.
+    if (a.state === "pending") return new IpsanError("UNAVAILABLE", `${refusal.message}. The assignment is still pending: the station may not have told the unit yet; try again in a few seconds`);
+    return refusal;
+  }
+  return null;
 }
 
 interface Placement {
@@ -250,7 +277,7 @@ function parseCopies(text: string): number {
   return Number(text);
 }
 
-function describeAssignment(a: StationAssignment): string {
+function describeAssignment(a: StationAssignment, usable = true): string {
   const lba = a.startLba === undefined ? "" : `, LBA ${a.startLba}-${a.endLba ?? "?"}`;
   const number = a.volumeNumber === undefined || a.volumeNumber === null ? "" : ` (number ${a.volumeNumber})`;
   if (isMirror(a)) {
@@ -258,14 +285,14 @@ function describeAssignment(a: StationAssignment): string {
     return (
       `assignment ${a.id} (request ${a.requestId ?? "-"}): host ${a.host} gets a mirrored volume of ` +
       `${formatSize(a.sizeBytes)} (${a.sizeBytes} bytes), ${a.copies ?? legs.length} copies:\n${legs}` +
-      `use it through the mirror engine: ipsan host attach ... --assignment ${a.id} --mode nbd\n`
+      (usable ? `use it through the mirror engine: ipsan host attach ... --assignment ${a.id} --mode nbd\n` : `not usable from this machine (see the note on stderr)\n`)
     );
   }
   return (
     `assignment ${a.id} (request ${a.requestId ?? "-"}): host ${a.host} gets volume ${a.volume}${number} ` +
     `on unit ${a.unit} at ${a.nbdHost}:${a.nbdPort}, ${formatSize(a.sizeBytes)} (${a.sizeBytes} bytes${lba})\n` +
     `uri ${a.uri}\n` +
-    `use it: nbdinfo ${a.uri}    or: ipsan host attach ... --assignment ${a.id}\n`
+    (usable ? `use it: nbdinfo ${a.uri}    or: ipsan host attach ... --assignment ${a.id}\n` : `not usable from this machine (see the note on stderr)\n`)
   );
 }
 
@@ -360,6 +387,9 @@ async function attachMain(argv: readonly string[]): Promise<number> {
   const { client, host } = await connectStation(values);
   const state = stateOf(values["state-dir"]);
   const assignment = await localizeAssignment(state, client, host, await findAssignment(client, host, values));
+  // Refused by a unit? Say why and how to proceed, before starting nbdfuse, nbd-client or an engine (issue 9 item 7).
+  const refusal = await firstRefusal(assignment, host);
+  if (refusal !== null) throw refusal;
   const mode = modeFor(choice, assignment);
   const record = await attach(state, { assignment, station: client.baseUrl.href, host, mode });
   print(values.json === true, recordView(record), `${record.path}\n`);
@@ -395,7 +425,7 @@ async function detachMain(argv: readonly string[]): Promise<number> {
   if (record === undefined) {
     throw notAttached(values.assignment ?? values.volume ?? values.path ?? "?", state.dir);
   }
-  await detach(state, record, { force: values.force === true });
+  await detach(state, record, { force: values.force === true, progress: progressLine(`detach ${record.path}:`, { json: values.json === true }) });
   print(values.json === true, { detached: record.assignmentId, path: record.path }, `detached ${record.path}\n`);
   return 0;
 }
@@ -414,7 +444,7 @@ async function releaseMain(argv: readonly string[]): Promise<number> {
   const id = String(assignment.id);
   const record = await state.get(id);
   // A busy attachment is refused before the station is told anything: the volume stays assigned and attached.
-  if (record !== undefined) await detach(state, record, { force: values.force === true });
+  if (record !== undefined) await detach(state, record, { force: values.force === true, progress: progressLine(`detach ${record.path}:`, { json: values.json === true }) });
   await client.unassign(id);
   print(
     values.json === true,
@@ -449,7 +479,8 @@ async function agentMain(argv: readonly string[]): Promise<number> {
     spare: { type: "boolean" },
     "takeover-mode": { type: "string" },
   });
-  const { client, host, address: storedAddress } = await connectStation(values);
+  // A daemon: logs, never a progress line.
+  const { client, host, address: storedAddress } = await connectStation({ ...values, json: true });
   const takeoverMode = values["takeover-mode"] ?? "nbd";
   if (takeoverMode !== "nbd" && takeoverMode !== "fuse") throw new UsageError(`--takeover-mode: invalid "${takeoverMode}" (expected nbd or fuse)`);
   const heartbeatIntervalMs = Number(values["heartbeat-ms"] ?? HEARTBEAT_INTERVAL_MS_DEFAULT);

@@ -347,7 +347,7 @@ test("audit log: every change and refusal, chained and secret-free; verify names
   assert.ok(!entries.some((e) => e.action.startsWith("GET ") && e.status < 400), "reads are not audited");
   const listed = await ipsan(["audit", "list", "--limit", "3", "--json", "--station", station.url, "--token-file", join(station.dataDir, "admin.token")]);
   assert.equal(listed.code, 0, listed.stderr);
-  assert.equal((JSON.parse(listed.stdout) as unknown[]).length, 3);
+  assert.equal((JSON.parse(listed.stdout) as { items: unknown[] }).items.length, 3);
   const cli = await ipsan(["audit", "verify", "--station", station.url, "--token-file", join(station.dataDir, "admin.token")]);
   assert.equal(cli.code, 0, cli.stdout + cli.stderr);
   assert.match(cli.stdout, /chain intact/);

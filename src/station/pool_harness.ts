@@ -1,5 +1,5 @@
 // Test harness for a small pool: a real station and real `ipsan unit`
-// processes joined to it with --station and the station's cluster key, each
+// processes joined to it with --discovery and the station's cluster key, each
 // with a control API. Helpers read what the unit itself says (its control API,
 // with the unit's own token) so tests can compare the unit's truth with the
 // station's.
@@ -117,7 +117,7 @@ export function heldVolumes(a: Assignment): { unit: string; volume: string }[] {
 }
 
 export function joinArgs(station: RunningStation): string[] {
-  return ["--station", `${station.discovery.host}:${station.discovery.port}`, "--cluster-key-file", station.clusterKeyFile()];
+  return ["--discovery", `${station.discovery.host}:${station.discovery.port}`, "--cluster-key-file", station.clusterKeyFile()];
 }
 
 /** Starts a unit joined to the station; resolves once the station lists it online with its volumes. */
@@ -137,7 +137,7 @@ export async function startJoinedUnit(
      * end to end (src/e2e/identity_test.ts, host failover and leg replacement e2e tests).
      */
     tls?: boolean;
-    /** Default true (--control 127.0.0.1:0); false: no --control flag (a joined unit opens one by itself). */
+    /** Default true (--control-listen 127.0.0.1:0); false: no --control-listen flag (a joined unit opens one by itself). */
     control?: boolean;
     /** --listen (default 127.0.0.1:0). */
     listen?: string;

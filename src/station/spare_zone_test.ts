@@ -107,10 +107,10 @@ test("--spare and --zone are checked", () => {
   const run = (args: string[]) => spawnSync(process.execPath, [IPSAN_BIN, "unit", "--data", "/nonexistent-ipsan-test", "--capacity", "16M", "--listen", "127.0.0.1:0", ...args], { encoding: "utf8", timeout: 20_000 });
   const alone = run(["--spare"]);
   assert.notEqual(alone.status, 0);
-  assert.match(alone.stderr, /--spare: only meaningful with --station/);
+  assert.match(alone.stderr, /--spare: only meaningful with --discovery/);
   const zone = run(["--zone", "a"]);
   assert.notEqual(zone.status, 0);
-  assert.match(zone.stderr, /--zone: only meaningful with --station/);
+  assert.match(zone.stderr, /--zone: only meaningful with --discovery/);
   const bad = run(["--station", "127.0.0.1:9", "--cluster-key-file", "/nonexistent", "--zone", "no spaces"]);
   assert.notEqual(bad.status, 0);
   assert.match(bad.stderr, /--zone: invalid zone "no spaces"/);

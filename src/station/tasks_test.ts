@@ -316,7 +316,7 @@ test("CLI: volume wipe asks for its task and follows it; tasks, tasks show, task
   const wiped = await ipsan(["volume", "wipe", "t1", "cliw"]);
   assert.equal(wiped.code, 0, wiped.stderr);
   assert.equal(wiped.stdout, "wiped volume t1/cliw (512M)\n");
-  const listed = JSON.parse((await ipsan(["tasks", "--kind", "volume.wipe", "--state", "succeeded", "--json"])).stdout) as Task[];
+  const listed = (JSON.parse((await ipsan(["tasks", "--kind", "volume.wipe", "--state", "succeeded", "--json"])).stdout) as { items: Task[] }).items;
   const mine = listed.find((t) => t.target.id === "t1/cliw");
   assert.ok(mine !== undefined);
   // The CLI asked for the task at once (202) and printed only once it had succeeded: the station's audit shows the 202.

@@ -140,8 +140,8 @@ export function unitArgs(options: UnitOptions, dataDir: string): string[] {
   if (options.name !== undefined) args.push("--name", options.name);
   for (const volume of options.volumes ?? []) args.push("--volume", `${volume.name}:${volume.size}`);
   for (const cidr of options.allow ?? []) args.push("--allow", cidr);
-  if (options.control === true) args.push("--control", "127.0.0.1:0");
-  else if (typeof options.control === "string") args.push("--control", options.control);
+  if (options.control === true) args.push("--control-listen", "127.0.0.1:0");
+  else if (typeof options.control === "string") args.push("--control-listen", options.control);
   args.push(...(options.extraArgs ?? []));
   return args;
 }

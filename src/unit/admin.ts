@@ -10,6 +10,7 @@ import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { IpsanError, UsageError, errorMessage, type ErrorCode, ERROR_CODES } from "../util/errors.ts";
 import { parseFlags } from "../util/flags.ts";
+import { printItems } from "../util/output.ts";
 import { formatSize, parsePartitionSizes, parseSize } from "../util/size.ts";
 import { HttpExchangeError, answerJson, httpExchange, type HttpAnswer } from "../util/http_client.ts";
 import { CONTROL_TOKEN_FILE_NAME } from "./main.ts";
@@ -207,7 +208,9 @@ export async function volumeMain(argv: readonly string[]): Promise<number> {
       throw error;
     }
     if (values.json === true) {
-      if (result !== undefined) process.stdout.write(`${JSON.stringify(result, null, 2)}\n`);
+      // A listing is {"items": [...]}, as every listing's --json (src/util/output.ts).
+      if (Array.isArray(result)) printItems(result);
+      else process.stdout.write(`${JSON.stringify(result ?? { name: nameArg(), deleted: true }, null, 2)}\n`);
     } else if (Array.isArray(result)) {
       process.stdout.write("NAME\tNUMBER\tBYTES\tSIZE\tEXTENTS(LBA)\tPARTITIONS\tGRANTS\n");
       for (const v of result as VolumeView[]) process.stdout.write(`${describeVolume(v)}\n`);

@@ -40,7 +40,7 @@ test("bad flags and values: exit 2, message names the flag and the value", async
     [["unit", "volume", "create", "--data", dir.path, "x", "12Q"], [/SIZE/, /12Q/]],
     [["unit", "volume", "frobnicate"], [/frobnicate/]],
     [[...base, "--capacity", "64M", "--tls", "maybe"], [/--tls/, /maybe/]],
-    [[...base, "--capacity", "64M", "--insecure-plaintext"], [/--insecure-plaintext/, /--station/]],
+    [[...base, "--capacity", "64M", "--insecure-plaintext"], [/--insecure-plaintext/, /--discovery/]],
     [[...base, "--capacity", "64M", "--station", "127.0.0.1:9", "--cluster-key-file", dir.file("k"), "--insecure-plaintext", "--tls", "require"], [/--insecure-plaintext/, /--tls require/]],
     [[...base, "--capacity", "64M", "--allow", "id:h1"], [/--allow id:NAME/, /--tls-psk/]],
     [[...base, "--capacity", "64M", "--allow", "id:bad name"], [/--allow/, /id:bad name/]],
@@ -126,7 +126,7 @@ test("ipsan unit volume: offline on a stopped unit, refused while one runs, onli
     assert.equal((await ipsan(["unit", "volume", "partition", ...data, "v1", "2M", "2M"])).code, 0);
     assert.equal((await ipsan(["unit", "volume", "grant", ...data, "v1", "10.0.0.0/8"])).code, 0);
     const listed = await ipsan(["unit", "volume", "list", ...data, "--json"]);
-    const volumes = JSON.parse(listed.stdout) as { name: string; partitions: { name: string }[]; grants: string[] }[];
+    const volumes = (JSON.parse(listed.stdout) as { items: { name: string; partitions: { name: string }[]; grants: string[] }[] }).items;
     assert.deepEqual(volumes.map((v) => [v.name, v.partitions.map((p) => p.name), v.grants]), [["v1", ["v1/p1", "v1/p2"], ["10.0.0.0/8"]]]);
     const duplicate = await ipsan(["unit", "volume", "create", ...data, "v1", "8M"]);
     assert.equal(duplicate.code, 1);

@@ -25,7 +25,7 @@ import { LOCK_FILE_NAME, STORAGE_FILE_NAME } from "./volumes.ts";
 
 const log = logger("unit");
 
-export const FORMAT_USAGE = `usage: ipsan unit format --data DIR [--device PATH] [--capacity SIZE] [--from-slot 0|1] [--force]
+export const FORMAT_USAGE = `usage: ipsan unit format --data DIR [--device PATH] [--capacity SIZE] [--from-slot 0|1] [--force] [--json]
 Writes a new volume table over the unit's metadata area (the first ${METADATA_AREA_BYTES / 1024 / 1024} MiB of its storage):
 an empty one, or with --from-slot N the table found in slot N (to accept an older copy).
 Without --force it only says what it would destroy, and formats only when that is nothing.
@@ -138,6 +138,7 @@ export async function formatMain(argv: readonly string[]): Promise<number> {
       capacity: { type: "string" },
       "from-slot": { type: "string" },
       force: { type: "boolean" },
+      json: { type: "boolean" },
       help: { type: "boolean", short: "h" },
     },
     true,
@@ -165,6 +166,10 @@ export async function formatMain(argv: readonly string[]): Promise<number> {
       throw new UsageError(error.message);
     }
     throw error;
+  }
+  if (values.json === true) {
+    process.stdout.write(`${JSON.stringify(result, null, 2)}\n`);
+    return 0;
   }
   process.stdout.write(
     `formatted ${result.storagePath}: ${result.storageBytes} bytes, generation ${result.generation}, ${result.volumes} volume${result.volumes === 1 ? "" : "s"}; overwrote ${result.destroyed}\n`,

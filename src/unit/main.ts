@@ -18,7 +18,7 @@ import { VOLUME_NAME_PATTERN } from "./layout.ts";
 import { UnitExportProvider } from "./provider.ts";
 import { VolumeManager } from "./volumes.ts";
 import { type NbdServerTls, PSK_IDENTITY_PATTERN, TLS_MODES, type TlsMode, parsePskFile } from "../nbd/tls.ts";
-// discovery (--station): flags, cluster key, derived control token, agent — see src/discovery/unit_join.ts
+// discovery (--discovery): flags, cluster key, derived control token, agent — see src/discovery/unit_join.ts
 import { JOIN_FLAGS, JOIN_USAGE, joinTokens, loadJoinKey, parseJoinFlags, startJoin, type JoinConfig } from "../discovery/unit_join.ts";
 
 const log = logger("unit");
@@ -35,14 +35,17 @@ export const UNIT_NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
 export const SHUTDOWN_TIMEOUT_MS = 15_000;
 
 export const USAGE = `usage: ipsan unit --data DIR --capacity SIZE --listen HOST:PORT [--name NAME] [--device PATH]
-                  [--volume NAME:SIZE]... [--allow CIDR|id:NAME]... [--control HOST:PORT] [--control-token-file FILE]
-                  (with --station, the control API opens by itself on the --listen host and a free port)
+                  [--volume NAME:SIZE]... [--allow CIDR|id:NAME]... [--control-listen HOST:PORT] [--control-token-file FILE]
+                  (with --discovery, the control API opens by itself on the --listen host and a free port)
                   [--metrics-token-file FILE] [--tls off|on|require] [--tls-psk FILE] [--insecure-plaintext]
                   ${JOIN_USAGE}
        ipsan unit volume list|create|delete|grow|partition|grant ...   (see "ipsan unit volume help")
        ipsan unit format --data DIR [--device PATH] [--capacity SIZE] [--from-slot 0|1] [--force]   (see "ipsan unit format --help")
 
 SIZE is bytes or a number with K, M, G or T (powers of 1024). --listen also takes unix:/PATH.
+--discovery HOST:PORT is the station's UDP discovery address (old spelling: --station HOST:PORT);
+--control-listen HOST:PORT is where this unit opens its control API (old spelling: --control HOST:PORT).
+Every flag's one meaning across the CLI: docs/cli.md.
 `;
 
 export interface UnitConfig {
@@ -55,7 +58,7 @@ export interface UnitConfig {
   readonly allow: readonly Cidr[];
   /** --allow id:NAME: identities from --tls-psk served the volumes without grants. */
   readonly allowIdentities: readonly string[];
-  /** --tls (default: require with --station, off standalone; off with --insecure-plaintext). */
+  /** --tls (default: require with --discovery, off standalone; off with --insecure-plaintext). */
   readonly tls: TlsMode;
   /** --insecure-plaintext: joined, and the operator chose plaintext (warned loudly at start). */
   readonly insecurePlaintext: boolean;
@@ -69,7 +72,7 @@ export interface UnitConfig {
   readonly extraTokens?: () => readonly string[];
   /** Joined to a station: volumes without grants are served to nobody. */
   readonly joined?: () => boolean;
-  /** discovery (--station): where to join, with which cluster key file. */
+  /** discovery (--discovery): where to join, with which cluster key file. */
   readonly join?: JoinConfig;
 }
 
@@ -125,13 +128,16 @@ export function parseUnitArgs(argv: readonly string[]): UnitConfig {
       tls: { type: "string" },
       "tls-psk": { type: "string" },
       "insecure-plaintext": { type: "boolean" },
+      "control-listen": { type: "string" },
+      /** The old spelling of --control-listen (docs/cli.md). */
       control: { type: "string" },
       "control-token-file": { type: "string" },
       "metrics-token-file": { type: "string" },
-      ...JOIN_FLAGS, // discovery (--station)
+      ...JOIN_FLAGS, // discovery (--discovery)
       help: { type: "boolean", short: "h" },
     },
     true,
+    { station: "old spelling of --discovery HOST:PORT", control: "old spelling of --control-listen HOST:PORT" },
   );
   if (values.help === true) throw new UsageError(USAGE.trimEnd());
   if (positionals.length > 0) throw new UsageError(`unexpected argument "${positionals[0]}"\n${USAGE.trimEnd()}`);
@@ -160,9 +166,9 @@ export function parseUnitArgs(argv: readonly string[]): UnitConfig {
           if (!parsed.ok) throw new UsageError(`--allow: invalid CIDR "${text}": ${parsed.reason}`);
           return parsed.cidr;
         });
-  const join = parseJoinFlags(values); // discovery (--station)
+  const join = parseJoinFlags(values); // discovery (--discovery)
   const insecurePlaintext = values["insecure-plaintext"] === true;
-  if (insecurePlaintext && join === undefined) throw new UsageError("--insecure-plaintext: only with --station (a standalone unit is plaintext unless --tls says otherwise)");
+  if (insecurePlaintext && join === undefined) throw new UsageError("--insecure-plaintext: only with --discovery (a standalone unit is plaintext unless --tls says otherwise)");
   if (values.tls !== undefined && !(TLS_MODES as readonly string[]).includes(values.tls)) {
     throw new UsageError(`--tls: invalid "${values.tls}" (expected off, on or require)`);
   }
@@ -185,10 +191,34 @@ export function parseUnitArgs(argv: readonly string[]): UnitConfig {
     tls,
     insecurePlaintext,
     tlsPskFile: values["tls-psk"],
-    control: values.control !== undefined ? parseHostPort(values.control, "--control") : join !== undefined ? autoControl(parseListen(values.listen)) : undefined,
+    control: controlListen(values) ?? (join !== undefined ? autoControl(parseListen(values.listen)) : undefined),
     controlTokenFile: values["control-token-file"],
     metricsTokenFile: values["metrics-token-file"],
   };
+}
+
+/**
+ * Where the control API listens: --control-listen HOST:PORT, or its old
+ * spelling --control HOST:PORT (a one-line deprecation note on stderr). A URL
+ * there is the other meaning of --control (a unit's control API URL, as in
+ * `ipsan unit volume --control URL`): refused naming the right flag.
+ */
+function controlListen(values: { "control-listen"?: string; control?: string }, warn: (line: string) => void = (line) => process.stderr.write(`${line}\n`)): { host: string; port: number } | undefined {
+  if (values["control-listen"] !== undefined && values.control !== undefined) {
+    throw new UsageError("--control HOST:PORT is the old spelling of --control-listen HOST:PORT: give one of them");
+  }
+  const flag = values["control-listen"] !== undefined ? "--control-listen" : "--control";
+  const text = values["control-listen"] ?? values.control;
+  if (text === undefined) return undefined;
+  if (/^[a-z][a-z0-9+.-]*:\/\//i.test(text)) {
+    throw new UsageError(
+      `${flag}: "${text}" is a URL; a unit opens its control API at --control-listen HOST:PORT (e.g. 127.0.0.1:0 for a free port). ` +
+        `A running unit's control API URL is for "ipsan unit volume --control URL"`,
+    );
+  }
+  const address = parseHostPort(text, flag);
+  if (flag === "--control") warn(`ipsan unit: --control HOST:PORT is deprecated; use --control-listen ${text} (--control URL names a unit's control API, docs/cli.md)`);
+  return address;
 }
 
 /**
@@ -343,7 +373,7 @@ export async function unitMain(argv: readonly string[]): Promise<number> {
     return formatMain(argv.slice(1));
   }
   let config = parseUnitArgs(argv);
-  // ---- discovery (--station): accept the station's derived token; unassigned volumes go to nobody ----
+  // ---- discovery (--discovery): accept the station's derived token; unassigned volumes go to nobody ----
   const joinKey = config.join === undefined ? undefined : await loadJoinKey(config.join);
   const stationTokens = joinKey === undefined ? undefined : joinTokens();
   if (stationTokens !== undefined) config = { ...config, extraTokens: stationTokens.tokens, joined: () => true };
@@ -381,7 +411,7 @@ export async function unitMain(argv: readonly string[]): Promise<number> {
       }
       // The unit's identity (issue 7), on a line of its own after the contract lines above.
       process.stdout.write(`ipsan unit ${config.name} id ${unit.manager.unitId}\n`);
-      // ---- discovery (--station): join the station's pool (STARTUP, storage info, heartbeats) ----
+      // ---- discovery (--discovery): join the station's pool (STARTUP, storage info, heartbeats) ----
       join = config.join === undefined || joinKey === undefined ? undefined : await startJoin(config.join, joinKey, { name: config.name, nbd: unit.nbd, control: unit.control, manager: unit.manager, dataDir: config.dataDir, tls: config.tls, ...(stationTokens === undefined ? {} : { tokens: stationTokens }) });
       // ---- end discovery ----
       const snapshot = unit.manager.snapshot();
@@ -393,7 +423,7 @@ export async function unitMain(argv: readonly string[]): Promise<number> {
       }
     }
     try {
-      // discovery (--station): SHUTDOWN to the station first (bounded wait for its ACK), then stop serving.
+      // discovery (--discovery): SHUTDOWN to the station first (bounded wait for its ACK), then stop serving.
       await (join?.stop() ?? Promise.resolve()).catch(() => undefined);
       await unit.stop();
     } catch (error) {

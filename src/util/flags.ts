@@ -12,10 +12,13 @@ export type FlagSpec = NonNullable<ParseArgsConfig["options"]>;
  */
 export class HelpRequested extends Error {
   readonly flags: FlagSpec;
-  constructor(flags: FlagSpec) {
+  /** A note after a flag's line, by flag name (e.g. an old spelling: "old spelling of --discovery"). */
+  readonly notes: Readonly<Record<string, string>>;
+  constructor(flags: FlagSpec, notes: Readonly<Record<string, string>> = {}) {
     super("help requested");
     this.name = "HelpRequested";
     this.flags = flags;
+    this.notes = notes;
   }
 }
 
@@ -29,16 +32,16 @@ export function wantsHelp(argv: readonly string[]): boolean {
 }
 
 /** "  --name VALUE" / "  --flag" lines for a usage text. */
-export function describeFlags(flags: FlagSpec): string {
+export function describeFlags(flags: FlagSpec, notes: Readonly<Record<string, string>> = {}): string {
   const lines = Object.entries(flags)
     .filter(([name]) => name !== "help")
     .sort(([a], [b]) => a.localeCompare(b))
-    .map(([name, spec]) => `  --${name}${spec.type === "string" ? " VALUE" : ""}${spec.multiple === true ? " (repeatable)" : ""}`);
+    .map(([name, spec]) => `  --${name}${spec.type === "string" ? " VALUE" : ""}${spec.multiple === true ? " (repeatable)" : ""}${notes[name] === undefined ? "" : `   (${notes[name]})`}`);
   return [...lines, "  -h, --help   this text"].join("\n");
 }
 
-export function parseFlags<T extends FlagSpec>(argv: readonly string[], options: T, allowPositionals = false) {
-  if (wantsHelp(argv)) throw new HelpRequested(options);
+export function parseFlags<T extends FlagSpec>(argv: readonly string[], options: T, allowPositionals = false, notes: Readonly<Record<string, string>> = {}) {
+  if (wantsHelp(argv)) throw new HelpRequested(options, notes);
   try {
     return parseArgs({ args: [...argv], options, strict: true, allowPositionals });
   } catch (error) {

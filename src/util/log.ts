@@ -68,11 +68,26 @@ const RATE_LIMIT_WINDOW_MS = 10_000;
 const RATE_LIMIT_PER_WINDOW = 10;
 const RATE_LIMIT_KEYS_MAX = 1024;
 
+let lineGuard: ((write: () => void) => void) | undefined;
+
+/**
+ * A terminal's progress line (src/util/progress.ts) wraps each log line while
+ * it shows: it clears itself first and redraws after, so the two never share
+ * a line. undefined removes the guard.
+ */
+export function setLogLineGuard(guard: ((write: () => void) => void) | undefined): void {
+  lineGuard = guard;
+}
+
 export function logger(component: string): Logger {
   const windows = new Map<string, { startMs: number; count: number; dropped: number }>();
   const emit = (level: LogLevel, message: string, fields?: Fields): void => {
     if (LEVEL_ORDER[level] < LEVEL_ORDER[threshold]) return;
-    process.stderr.write(formatLine(new Date().toISOString(), level, component, message, fields));
+    const write = (): void => {
+      process.stderr.write(formatLine(new Date().toISOString(), level, component, message, fields));
+    };
+    if (lineGuard === undefined) write();
+    else lineGuard(write);
   };
   return {
     debug: (m, f) => emit("debug", m, f),
