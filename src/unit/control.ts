@@ -9,7 +9,7 @@
 //   GET    /v1/volumes/NAME             POST   /v1/volumes            {name, sizeBytes}
 //   DELETE /v1/volumes/NAME             POST   /v1/volumes/NAME/grow  {sizeBytes}
 //   PUT    /v1/volumes/NAME/partitions  {sizesBytes:[...]}
-//   PUT    /v1/volumes/NAME/grants      {hosts:[...]} or {grants:[{host, key, export?, from?}]}
+//   PUT    /v1/volumes/NAME/grants      {hosts:[...]} or {grants:[{host, key, export?, from?, iqn?}]}
 //   POST   /v1/volumes/NAME/wipe        (no body, or {}: all of it; or {offset, length}: that part)
 //   GET    /v1/stats                    GET    /metrics (Prometheus text)    (io_report.ts)
 
