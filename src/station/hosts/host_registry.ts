@@ -35,11 +35,16 @@ export class HostRegistry {
     return host === undefined ? "offline" : hostState(host, this.ctx.store.clock.nowMs(), this.ctx.options.hostOfflineAfterMs);
   }
 
-  /** Registers or updates a host (`spare`: given, it is recorded); a changed address moves its grants along. */
-  async putHost(name: string, address: string, spare?: boolean): Promise<{ created: boolean }> {
-    const { created, changed } = this.ctx.store.putHost(name, address, spare);
+  /**
+   * Registers or updates a host (`spare`, `iqn`: given, they are recorded; iqn
+   * null removes it); a changed address moves its grants along, a changed
+   * iqn changes the grants of its iSCSI assignments.
+   */
+  async putHost(name: string, address: string, spare?: boolean, iqn?: string | null): Promise<{ created: boolean }> {
+    const { created, changed, iqnChanged } = this.ctx.store.putHost(name, address, spare, iqn);
     this.noteHostState(name);
     if (changed) await this.followHostAddress(name, address);
+    else if (iqnChanged && !created) await this.followHostAddress(name, undefined);
     return { created };
   }
 
@@ -49,11 +54,13 @@ export class HostRegistry {
     return ok;
   }
 
-  private async followHostAddress(name: string, address: string): Promise<void> {
+  /** `address` undefined: the address did not change (the iqn did): only the grants are put again. */
+  private async followHostAddress(name: string, address: string | undefined): Promise<void> {
     const volumes = new Set<string>();
     for (const assignment of this.ctx.store.listAssignments({ host: name })) {
       if (assignment.state === "revoking") continue;
-      this.ctx.store.updateAssignment(assignment.id, assignment.state, { hostAddress: address });
+      if (address === undefined && assignment.protocol !== "iscsi") continue;
+      if (address !== undefined) this.ctx.store.updateAssignment(assignment.id, assignment.state, { hostAddress: address });
       for (const held of volumesOf(assignment)) volumes.add(JSON.stringify(held));
     }
     for (const key of volumes) {

@@ -159,6 +159,8 @@ export class UnitPool {
       zone: info.zone ?? null,
       // Absent (a unit from before TLS): keep what the station knew.
       ...(info.tls === undefined ? {} : { tls: info.tls }),
+      // Absent (a discovery packet, a unit from before iSCSI): keep what the station knew.
+      ...(info.iscsi === undefined ? {} : { iscsi: info.iscsi }),
     };
     // A report that arrived earlier but finished resolving later is older than what is queued: drop it.
     if (mine < seq.queued) return;
