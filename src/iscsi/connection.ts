@@ -104,6 +104,8 @@ interface R2tState {
   readonly offset: number;
   readonly length: number;
   received: number;
+  /** DataSN the next Data-Out of this R2T's sequence must carry (RFC 7143 section 11.7.5: from 0 per sequence). */
+  dataSN: number;
 }
 
 interface Task {
@@ -123,6 +125,7 @@ interface Task {
   /** Unsolicited bytes the initiator will send (immediate + Data-Out with TTT 0xffffffff). */
   unsolicitedEnd: number;
   unsolicitedReceived: number;
+  unsolicitedDataSN: number;
   /** Bytes of [0, wanted) received. */
   received: number;
   nextR2tOffset: number;
@@ -695,7 +698,7 @@ export class IscsiConnection implements BudgetWaiter {
     this.#reader.dataDigest = this.#params.dataDigest;
     this.#reader.dataSegmentBytesMax = this.#limits.recvDataSegmentBytes;
     if (this.#sessionType === "Normal" && this.#unit !== undefined) {
-      this.#nexus = { initiatorName: this.#initiatorName, isid: this.#isid.toString("hex"), targetPortalGroupTag: 1, relativeTargetPort: 1 };
+      this.#nexus = { initiatorName: this.#initiatorName, isid: this.#isid.toString("hex"), targetPortalGroupTag: 1, relativeTargetPort: 1, targetName: this.#targetName };
       this.#unit.nexusAdded(this.#nexus);
       this.#device?.onRevoked?.((error) => this.revoked(error));
     }
@@ -979,7 +982,8 @@ export class IscsiConnection implements BudgetWaiter {
     }
     cdb = Buffer.from(cdb);
     const unit = this.#unit;
-    const cdbDataOut = write ? unit.dataOutLength(cdb) : 0;
+    // The CDB's own Data-Out length, W bit or not: a write CDB with EDTL 0 (and no W) is an overflow, not "no data".
+    const cdbDataOut = unit.dataOutLength(cdb);
     const wanted = write ? Math.min(expectedLength, cdbDataOut) : 0;
     const immediate = pdu.data;
     if (!write && immediate.length > 0) {
@@ -1009,6 +1013,7 @@ export class IscsiConnection implements BudgetWaiter {
       buffer: undefined,
       unsolicitedEnd,
       unsolicitedReceived: immediate.length,
+      unsolicitedDataSN: 0,
       received: 0,
       nextR2tOffset: 0,
       r2tSN: 0,
@@ -1102,7 +1107,7 @@ export class IscsiConnection implements BudgetWaiter {
     if (task.nextR2tOffset < task.unsolicitedEnd) task.nextR2tOffset = Math.min(task.unsolicitedEnd, task.wanted);
     while (task.nextR2tOffset < task.wanted && task.r2ts.size < this.#params.maxOutstandingR2t) {
       const length = Math.min(this.#params.maxBurstBytes, task.wanted - task.nextR2tOffset);
-      const r2t: R2tState = { ttt: this.#newTtt(), offset: task.nextR2tOffset, length, received: 0 };
+      const r2t: R2tState = { ttt: this.#newTtt(), offset: task.nextR2tOffset, length, received: 0, dataSN: 0 };
       task.r2ts.set(r2t.ttt, r2t);
       task.nextR2tOffset += length;
       const bhs = newBhs(Op.R2T, 0x80);
@@ -1123,6 +1128,7 @@ export class IscsiConnection implements BudgetWaiter {
     const itt = ittOf(bhs);
     const ttt = bhs.readUInt32BE(20);
     const offset = bhs.readUInt32BE(40);
+    const dataSN = bhs.readUInt32BE(36);
     const data = pdu.data;
     const task = this.#tasks.get(itt);
     if (task === undefined || task.state !== "data-out") {
@@ -1137,6 +1143,12 @@ export class IscsiConnection implements BudgetWaiter {
         this.#drop(`unsolicited Data-Out at offset ${offset} length ${data.length}: expected offset ${task.unsolicitedReceived}, at most up to ${task.unsolicitedEnd} (FirstBurstLength)`);
         return;
       }
+      if (dataSN !== task.unsolicitedDataSN) {
+        this.#reject(bhs, RejectReason.PROTOCOL_ERROR);
+        this.#drop(`unsolicited Data-Out with DataSN ${dataSN}, expected ${task.unsolicitedDataSN} (ERL 0: no recovery)`);
+        return;
+      }
+      task.unsolicitedDataSN += 1;
       this.#storeData(task, offset, data);
       task.unsolicitedReceived += data.length;
     } else {
@@ -1151,6 +1163,12 @@ export class IscsiConnection implements BudgetWaiter {
         this.#drop(`Data-Out at offset ${offset} length ${data.length} outside its R2T (offset ${r2t.offset + r2t.received} expected, ${r2t.length - r2t.received} bytes left)`);
         return;
       }
+      if (dataSN !== r2t.dataSN) {
+        this.#reject(bhs, RejectReason.PROTOCOL_ERROR);
+        this.#drop(`Data-Out with DataSN ${dataSN}, expected ${r2t.dataSN} in the sequence of R2T 0x${ttt.toString(16)} (ERL 0: no recovery)`);
+        return;
+      }
+      r2t.dataSN += 1;
       this.#storeData(task, offset, data);
       r2t.received += data.length;
       if (r2t.received >= r2t.length) {
@@ -1175,7 +1193,7 @@ export class IscsiConnection implements BudgetWaiter {
       nexus: this.#nexus!,
       attribute: task.attribute,
       expectedLength: task.expectedLength,
-      dataOut: task.write ? (task.buffer ?? Buffer.alloc(0)) : undefined,
+      dataOut: task.write || task.cdbDataOut > 0 ? (task.buffer ?? Buffer.alloc(0)) : undefined,
     };
     task.settled = unit.execute(request).then(
       (response) => this.#complete(task, response),
@@ -1213,7 +1231,15 @@ export class IscsiConnection implements BudgetWaiter {
     let dataIn = task.read && response.dataIn !== undefined ? response.dataIn : undefined;
     let residualFlag = 0;
     let residual = 0;
-    if (task.read) {
+    if (task.cdbDataOut > 0 || task.write) {
+      if (task.cdbDataOut < expected) {
+        residualFlag = 0x02;
+        residual = expected - task.cdbDataOut;
+      } else if (task.cdbDataOut > expected) {
+        residualFlag = 0x04;
+        residual = task.cdbDataOut - expected;
+      }
+    } else if (task.read) {
       const produced = dataIn?.length ?? 0;
       if (produced < expected) {
         residualFlag = 0x02;
@@ -1222,14 +1248,6 @@ export class IscsiConnection implements BudgetWaiter {
         residualFlag = 0x04;
         residual = produced - expected;
         dataIn = dataIn!.subarray(0, expected);
-      }
-    } else if (task.write) {
-      if (task.cdbDataOut < expected) {
-        residualFlag = 0x02;
-        residual = expected - task.cdbDataOut;
-      } else if (task.cdbDataOut > expected) {
-        residualFlag = 0x04;
-        residual = task.cdbDataOut - expected;
       }
     } else if (expected > 0) {
       residualFlag = 0x02;
