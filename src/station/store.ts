@@ -29,6 +29,7 @@ import {
   type LegState,
   type StationEvent,
   type UnitRecord,
+  type HostPort,
   type UnitReport,
   type UnitState,
   type VolumeRecord,
@@ -644,6 +645,22 @@ export class StationStore {
       }
     };
     return { unit, volumesChanged, stage };
+  }
+
+  /**
+   * A unit's iSCSI portal as its GET /v1/info said (discovery packets do not
+   * carry it): recorded even when the rest of that read is dropped for a
+   * newer discovery report. Null: it serves no iSCSI.
+   */
+  setUnitIscsi(name: string, iscsi: HostPort | null): void {
+    const unit = this.units.get(name);
+    if (unit === undefined || JSON.stringify(unit.iscsi ?? null) === JSON.stringify(iscsi)) return;
+    const changed: UnitRecord = { ...unit, iscsi };
+    this.commit((batch) => {
+      this.writeUnit(changed);
+      batch.apply.push(() => this.units.set(name, { ...(this.units.get(name) ?? changed), iscsi }));
+      batch.event("unit", "updated", name, { name, state: unit.state, previousState: unit.state, iscsi });
+    });
   }
 
   /** The discovery listener's last-heard time (memory only; written with the next change). */
