@@ -17,11 +17,12 @@
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { readFileSync, statSync } from "node:fs";
+import { readFileSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import type { Assignment, StationClient } from "../host/station_client.ts";
 import { chapSecret, iscsiTargetName } from "../iscsi/names.ts";
 import { type CommandResult, describeResult, run, waitFor } from "../testing/process.ts";
+import { IPSAN_BIN } from "../testing/unit.ts";
 import { San, ipsan } from "./harness.ts";
 
 const IQN = "iqn.1994-05.com.redhat:h1-initiator";
@@ -87,6 +88,19 @@ test("iSCSI refusals: bad IQN, no IQN, a mirror, no unit serving iSCSI, --mode i
     const listed = await ipsan(["hosts", ...admin]);
     assert.match(listed.stdout, /^NAME\s+ADDRESS\s+STATE\s+SEEN\s+SPARE\s+IQN$/m);
 
+    // The config file's "iqn" (and $IPSAN_IQN) for host commands: a heartbeat records it, the address stays.
+    await client.registerHost("h3", "127.0.0.9");
+    const config = san.tmp.file("ipsan.conf");
+    writeFileSync(config, "iqn = iqn.1998-01.com.vmware:h3-esx\n");
+    const fromConfig = await run(process.execPath, [IPSAN_BIN, "host", "request", ...admin, "--host", "h3", "--size", "8M", "--protocol", "iscsi"], {
+      env: { IPSAN_CONFIG: config },
+      timeoutMs: COMMAND_TIMEOUT_MS,
+    });
+    failed(fromConfig, 1, /409 CONFLICT.*no unit in the pool serves iSCSI/);
+    const h3 = (await client.hosts()).find((h) => h.name === "h3");
+    assert.deepEqual([h3?.iqn, h3?.address], ["iqn.1998-01.com.vmware:h3-esx", "127.0.0.9"]);
+    failed(await run(process.execPath, [IPSAN_BIN, "host", "request", ...admin, "--host", "h3", "--size", "8M"], { env: { IPSAN_IQN: "h3" } }), 2, /--iqn: "h3" is not an iSCSI name/);
+
     const mirror = await refusal(allocate(client, { protocol: "iscsi", copies: 2 }));
     assert.deepEqual([mirror.status, mirror.field], [400, "protocol"], mirror.message);
     assert.match(mirror.message, /single copy only.*mirror engine, which speaks NBD/);
@@ -134,7 +148,9 @@ test(
       // u2 (smaller, no iSCSI) is the best fit for NBD; protocol iscsi must go to u1.
       await san.startUnit("u1", { capacity: "256M", extraArgs: ["--iscsi", "127.0.0.1:0"] });
       await san.startUnit("u2", { capacity: "64M" });
-      await san.waitUnits(["u1", "u2"]);
+      // u3: iSCSI without TLS (--insecure-plaintext: address grants, no CHAP); larger, so u1 fits best.
+      await san.startUnit("u3", { capacity: "1G", extraArgs: ["--iscsi", "127.0.0.1:0", "--insecure-plaintext"] });
+      await san.waitUnits(["u1", "u2", "u3"]);
       const client = await san.client();
       const admin = ["--station", station.apiUrl, "--token-file", station.tokenFile];
       const info = (await unitControl(san, "u1", "/v1/info")) as { iscsi: { portal: string } | null };
@@ -157,6 +173,29 @@ test(
       assert.equal(a.uri, `iscsi://${portal}/${target}/0`);
       for (const field of ["nbdHost", "nbdPort", "export", "volume", "extents", "sizeBytes", "startLba", "copies", "legs", "state"]) assert.ok(field in a, `the answer keeps ${field}`);
       assert.equal((await client.hosts()).find((h) => h.name === "h1")?.iqn, IQN, "request --iqn registered the IQN");
+      const table = await ipsan(["assignments", ...admin]);
+      assert.match(table.stdout, /^ID .* COPIES +LEGS +PROTOCOL\n/);
+      assert.match(table.stdout, new RegExp(`\\n${a.id} .* iscsi\\n`));
+      // Too large for u1: the 507 names u2's reason (no portal), not its free space.
+      const tooLarge = await refusal(allocate(client, { protocol: "iscsi", sizeBytes: "1G" }));
+      assert.equal(tooLarge.status, 507, tooLarge.message);
+      const noSpace = (await client.call("POST", "/api/v1/allocations", { requestId: "r-big", host: "h1", sizeBytes: "1G", protocol: "iscsi", dryRun: true }).catch((e: unknown) => e)) as {
+        reasons: { unit: string; reason: string }[];
+      };
+      assert.deepEqual(
+        noSpace.reasons.find((r) => r.unit === "u2")?.reason,
+        "serves no iSCSI (its /v1/info reports no portal: start it with --iscsi HOST:PORT)",
+      );
+      // On u3 (plaintext): no CHAP, so no secret file.
+      const plain = (await san.host(["request", ...admin, "--host", "h1", "--size", "300M", "--protocol", "iscsi", "--state-dir", state, "--json"])).json as typeof a;
+      assert.equal(plain.unit, "u3");
+      assert.equal(plain.iscsi.chapUser, null);
+      const plainAttach = (await san.host(["attach", ...admin, "--host", "h1", "--assignment", plain.id, "--state-dir", state, "--json"])).json as Record<string, unknown>;
+      assert.deepEqual(plainAttach, { assignment: plain.id, mode: "iscsi", uri: plain.uri, chapUser: null, chapSecretFile: null });
+      // A requestId used for NBD is not an iSCSI request.
+      await client.call("POST", "/api/v1/allocations", { requestId: "r-nbd", host: "h1", sizeBytes: "8M" });
+      const reused = await refusal(client.call("POST", "/api/v1/allocations", { requestId: "r-nbd", host: "h1", sizeBytes: "8M", protocol: "iscsi" }));
+      assert.deepEqual([reused.status, reused.field], [409, "requestId"], reused.message);
 
       // The unit's grant names the host's IQN; a new IQN moves it.
       const access = async (): Promise<unknown> => ((await unitControl(san, "u1", `/v1/volumes/${a.volume}`)) as { access: unknown }).access;
@@ -179,6 +218,13 @@ test(
       assert.match(text.result.stdout, new RegExp(`iscsiadm -m node -T ${target.replaceAll(".", "\\.")} -p ${portal.replaceAll(".", "\\.")} --login`));
       assert.match(text.result.stdout, /LIBISCSI_CHAP_PASSWORD="\$\(cat .*u1\.chap\)" iscsi-ls -i IQN/);
       assert.ok(!text.result.stdout.includes(secret), "the secret is never printed");
+      // A rotated key: attach again writes the new secret.
+      await client.rotateHostKey("h1");
+      await san.host(["attach", ...admin, "--host", "h1", "--assignment", a.id, "--state-dir", state, "--json"]);
+      const rotated = (await client.hostKeys("h1")).find((k) => k.unit === "u1")?.key ?? "";
+      assert.notEqual(rotated, key);
+      assert.equal(readFileSync(secretFile, "utf8"), chapSecret(Buffer.from(rotated, "hex"), "initiator"));
+      const secretNow = readFileSync(secretFile, "utf8");
       failed(
         await ipsan(["host", "attach", ...admin, "--host", "h1", "--assignment", a.id, "--mode", "fuse", "--state-dir", state]),
         2,
@@ -186,7 +232,7 @@ test(
       );
 
       // Real initiators (libiscsi's tools, qemu) log in as IQN2 with the derived secret.
-      const env = { LIBISCSI_CHAP_PASSWORD: secret };
+      const env = { LIBISCSI_CHAP_PASSWORD: secretNow };
       const ls = await run("iscsi-ls", ["-i", IQN2, "-s", `iscsi://h1@${portal}`], { timeoutMs: COMMAND_TIMEOUT_MS, env });
       assert.equal(ls.code, 0, describeResult(ls));
       assert.match(ls.stdout, new RegExp(`Target:${target.replaceAll(".", "\\.")} Portal:`));
