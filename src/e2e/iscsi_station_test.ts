@@ -199,6 +199,9 @@ test(
       assert.equal(renamed.code, 0, describeResult(renamed));
       await waitFor("the grant follows the new IQN", async () => (JSON.stringify(await access()).includes(IQN2) ? true : undefined), { timeoutMs: 10_000 });
       assert.deepEqual(await access(), [{ host: "h1", export: a.volume, from: [], iqn: IQN2 }]);
+      const removed = await refusal(client.registerHost("h1", "127.0.0.1", undefined, ""));
+      assert.deepEqual([removed.status, removed.field], [409, "iqn"], removed.message);
+      assert.match(removed.message, /host h1 holds 2 iSCSI assignments \(\S+, \S+\) granted to its IQN: release them first, or give a new IQN/);
 
       // attach: the CHAP secret in a 0600 file, derived from the host's key for u1; no daemon.
       const attached = (await san.host(["attach", ...admin, "--host", "h1", "--assignment", a.id, "--state-dir", state, "--json"])).json as Record<string, unknown>;

@@ -2,7 +2,7 @@
 // host's new address with its grants, and the NBD keys derived for it (rotation).
 
 import type { NbdTlsMode } from "../../discovery/messages.ts";
-import { errorMessage } from "../../util/errors.ts";
+import { IpsanError, errorMessage } from "../../util/errors.ts";
 import { logger } from "../../util/log.ts";
 import type { Grants } from "../assignments/grants.ts";
 import type { StationContext } from "../context.ts";
@@ -41,6 +41,17 @@ export class HostRegistry {
    * iqn changes the grants of its iSCSI assignments.
    */
   async putHost(name: string, address: string, spare?: boolean, iqn?: string | null): Promise<{ created: boolean }> {
+    if (iqn === null && (this.ctx.store.hosts.get(name)?.iqn ?? null) !== null) {
+      const iscsi = this.ctx.store.listAssignments({ host: name }).filter((a) => a.protocol === "iscsi" && a.state !== "revoking");
+      if (iscsi.length > 0) {
+        throw new IpsanError(
+          "CONFLICT",
+          `host ${name} holds ${iscsi.length} iSCSI assignment${iscsi.length === 1 ? "" : "s"} (${iscsi.map((a) => a.id).join(", ")}) granted to its IQN: ` +
+            "release them first, or give a new IQN instead of removing it (the grants follow it)",
+          { field: "iqn" },
+        );
+      }
+    }
     const { created, changed, iqnChanged } = this.ctx.store.putHost(name, address, spare, iqn);
     this.noteHostState(name);
     if (changed) await this.followHostAddress(name, address);
