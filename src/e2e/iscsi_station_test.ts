@@ -102,6 +102,17 @@ test("iSCSI refusals: bad IQN, no IQN, a mirror, no unit serving iSCSI, --mode i
     assert.deepEqual([h3?.iqn, h3?.address], ["iqn.1998-01.com.vmware:h3-esx", "127.0.0.9"]);
     failed(await run(process.execPath, [IPSAN_BIN, "host", "request", ...admin, "--host", "h3", "--size", "8M"], { env: { IPSAN_IQN: "h3" } }), 2, /--iqn: "h3" is not an iSCSI name/);
 
+    // A host with its own credential (join token): register --iqn records it; request --iqn changes it (a heartbeat, address kept).
+    const join = await ipsan(["hosts", "token", "create", ...admin, "--host", "h4"]);
+    assert.equal(join.code, 0, describeResult(join));
+    writeFileSync(san.tmp.file("h4.join"), join.stdout.trim());
+    const state4 = san.tmp.file("h4-state");
+    await san.host(["register", "--station", station.apiUrl, "--token-file", san.tmp.file("h4.join"), "--host", "h4", "--address", "127.0.0.4", "--iqn", "iqn.1991-05.com.microsoft:h4", "--state-dir", state4]);
+    assert.equal((await client.hosts()).find((h) => h.name === "h4")?.iqn, "iqn.1991-05.com.microsoft:h4");
+    failed(await ipsan(["host", "request", "--state-dir", state4, "--size", "8M", "--protocol", "iscsi", "--iqn", "iqn.1991-05.com.microsoft:h4.example.com"]), 1, /no unit in the pool serves iSCSI/);
+    const h4 = (await client.hosts()).find((h) => h.name === "h4");
+    assert.deepEqual([h4?.iqn, h4?.address], ["iqn.1991-05.com.microsoft:h4.example.com", "127.0.0.4"]);
+
     const mirror = await refusal(allocate(client, { protocol: "iscsi", copies: 2 }));
     assert.deepEqual([mirror.status, mirror.field], [400, "protocol"], mirror.message);
     assert.match(mirror.message, /single copy only.*mirror engine, which speaks NBD/);
