@@ -49,7 +49,7 @@ test("listings: tables, and --json equal to the API's items", async () => {
   assert.deepEqual(json.map((u) => u.name), api.items.map((u) => u.name));
   assert.match(await ok(["volumes"]), /\nadm1 +base +1 +8M +[0-9]+-[0-9]+ +- +-\n/);
   assert.deepEqual(JSON.parse(await ok(["volumes", "--json", "--free"])).items.map((v: { id: string }) => v.id), ["adm1/base"]);
-  assert.match(await ok(["hosts"]), /^NAME +ADDRESS +STATE +SEEN +SPARE\n$/);
+  assert.match(await ok(["hosts"]), /^NAME +ADDRESS +STATE +SEEN +SPARE +IQN\n$/);
   assert.deepEqual(JSON.parse(await ok(["assignments", "--json"])), { items: [] });
 });
 
@@ -69,7 +69,7 @@ test("volume create, partition, grow and delete change the unit", async () => {
 test("assign a partition to a host, then unassign: the unit's grant follows", async () => {
   assert.equal((await station.api("PUT", "/api/v1/hosts/clihost", { address: "127.0.0.7" })).status, 201);
   assert.equal((await station.api("PUT", "/api/v1/hosts/clispare", { address: "127.0.0.8", spare: true })).status, 201);
-  assert.match(await ok(["hosts"]), /\nclihost +127\.0\.0\.7 +online +\S+ +-\nclispare +127\.0\.0\.8 +online +\S+ +spare\n/);
+  assert.match(await ok(["hosts"]), /\nclihost +127\.0\.0\.7 +online +\S+ +- +-\nclispare +127\.0\.0\.8 +online +\S+ +spare +-\n/);
   await ok(["volume", "partition", "adm1", "base", "4M,4M"]);
   const out = await ok(["assign", "clihost", "adm1", "base", "--partition", "2"]);
   const id = /^assignment (a-[0-9a-f]+): host clihost \(127\.0\.0\.7\) gets adm1\/base\/p2, 4M, LBA [0-9]+-[0-9]+\nuri nbd:\/\/127\.0\.0\.1:[0-9]+\/base\/p2\n$/.exec(out)?.[1];

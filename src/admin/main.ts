@@ -163,13 +163,13 @@ const LISTINGS = {
   hosts: {
     path: "/api/v1/hosts",
     // SPARE last: the columns before it keep their places (a spare host takes over a failed one's volumes).
-    headers: ["NAME", "ADDRESS", "STATE", "SEEN", "SPARE"],
-    row: (h: Row) => [text(h["name"]), text(h["address"]), text(h["state"]), ago(h["lastSeenAt"]), h["spare"] === true ? "spare" : "-"],
+    headers: ["NAME", "ADDRESS", "STATE", "SEEN", "SPARE", "IQN"],
+    row: (h: Row) => [text(h["name"]), text(h["address"]), text(h["state"]), ago(h["lastSeenAt"]), h["spare"] === true ? "spare" : "-", text(h["iqn"])],
   },
   assignments: {
     path: "/api/v1/assignments",
-    // COPIES, then LEGS, last: the columns before them keep their places for whoever reads the table.
-    headers: ["ID", "HOST", "ADDRESS", "UNIT", "EXPORT", "SIZE", "STATE", "URI", "COPIES", "LEGS"],
+    // COPIES, then LEGS, then PROTOCOL, last: the columns before them keep their places for whoever reads the table.
+    headers: ["ID", "HOST", "ADDRESS", "UNIT", "EXPORT", "SIZE", "STATE", "URI", "COPIES", "LEGS", "PROTOCOL"],
     row: (a: Row) => {
       // A mirror: every leg's unit (leg 0 first); its URI is the host engine's, not the station's.
       const legs = (a["legs"] as LegRow[] | undefined) ?? [];
@@ -184,6 +184,7 @@ const LISTINGS = {
         legs.length > 0 ? "(mirror:host-engine)" : text(a["uri"]),
         text(a["copies"] ?? 1),
         legs.length > 0 ? legs.map(legCell).join(" ") : "-",
+        text(a["protocol"] ?? "nbd"),
       ];
     },
   },
@@ -350,8 +351,8 @@ export async function volumeMain(argv: readonly string[]): Promise<number> {
 }
 
 export async function assignMain(argv: readonly string[]): Promise<number> {
-  const usage = "ipsan assign HOST UNIT VOLUME [--partition N] [--json] [--station URL] [--token-file FILE]";
-  const { values, positionals } = parseFlags(argv, { ...COMMON_FLAGS, json: { type: "boolean" }, partition: { type: "string" } }, true);
+  const usage = "ipsan assign HOST UNIT VOLUME [--partition N] [--protocol nbd|iscsi] [--json] [--station URL] [--token-file FILE]";
+  const { values, positionals } = parseFlags(argv, { ...COMMON_FLAGS, json: { type: "boolean" }, partition: { type: "string" }, protocol: { type: "string" } }, true);
   if (values.help === true) {
     process.stdout.write(`usage: ${usage}\n${COMMON_USAGE}`);
     return 0;
@@ -365,11 +366,15 @@ export async function assignMain(argv: readonly string[]): Promise<number> {
     if (!/^[1-9][0-9]{0,3}$/.test(values.partition)) throw new UsageError(`--partition: invalid partition number "${values.partition}" (1, 2, ...)`);
     partition = Number(values.partition);
   }
+  if (values.protocol !== undefined && values.protocol !== "nbd" && values.protocol !== "iscsi") {
+    throw new UsageError(`--protocol: invalid "${values.protocol}" (expected nbd or iscsi)`);
+  }
   const answer = (await (await client(values)).call("POST", "/api/v1/assignments", {
     host,
     unit,
     volume,
     ...(partition === undefined ? {} : { partition }),
+    ...(values.protocol === undefined ? {} : { protocol: values.protocol }),
   })) as Row;
   if (values.json === true) process.stdout.write(`${JSON.stringify(answer, null, 2)}\n`);
   else {
@@ -489,15 +494,20 @@ const HOSTS_ROTATE_KEY_USAGE = `usage: ipsan hosts rotate-key NAME [--json] [--s
   "ipsan host attach") writes the new key files
 `;
 
-const HOSTS_REGISTER_USAGE = `usage: ipsan hosts register NAME --address IP [--spare] [--json]
+const HOSTS_REGISTER_USAGE = `usage: ipsan hosts register NAME --address IP [--spare] [--iqn IQN] [--json]
   records a host (or changes its address) with an admin or operator token: PUT /api/v1/hosts/NAME.
+  --iqn: the host's iSCSI initiator name (iscsi assignments need it; "" removes it).
   A host that registers itself uses a join token instead: ipsan hosts token create, then on the host
   ipsan host register (docs/host.md "Identity").
 `;
 
 /** `ipsan hosts register NAME --address IP [--spare]` (issue 9 item 6: the error used to say to use curl). */
 async function hostsRegisterMain(argv: readonly string[]): Promise<number> {
-  const { values, positionals } = parseFlags(argv, { ...COMMON_FLAGS, address: { type: "string" }, spare: { type: "boolean" }, json: { type: "boolean" } }, true);
+  const { values, positionals } = parseFlags(
+    argv,
+    { ...COMMON_FLAGS, address: { type: "string" }, spare: { type: "boolean" }, iqn: { type: "string" }, json: { type: "boolean" } },
+    true,
+  );
   if (values.help === true) {
     process.stdout.write(`${HOSTS_REGISTER_USAGE}${COMMON_USAGE}`);
     return 0;
@@ -506,10 +516,13 @@ async function hostsRegisterMain(argv: readonly string[]): Promise<number> {
   noMore(positionals, 1, "ipsan hosts register NAME --address IP");
   const host = name(positionals[0], "NAME");
   if (values.address === undefined || values.address === "") throw new UsageError(`--address IP is required (where the host's NBD connections come from)\n${HOSTS_REGISTER_USAGE}`);
-  const answer = await (await client(values)).registerHost(host, values.address, values.spare === true ? true : undefined);
+  const answer = await (await client(values)).registerHost(host, values.address, values.spare === true ? true : undefined, values.iqn);
   const view = (answer ?? (await (await client(values)).call("GET", `/api/v1/hosts/${encodeURIComponent(host)}`))) as Row;
   if (values.json === true) process.stdout.write(`${JSON.stringify(view, null, 2)}\n`);
-  else process.stdout.write(`host ${text(view["name"])} registered at ${text(view["address"])}${view["spare"] === true ? " (spare)" : ""}\n`);
+  else {
+    const iqn = typeof view["iqn"] === "string" ? `, iSCSI initiator ${view["iqn"]}` : "";
+    process.stdout.write(`host ${text(view["name"])} registered at ${text(view["address"])}${view["spare"] === true ? " (spare)" : ""}${iqn}\n`);
+  }
   return 0;
 }
 

@@ -47,6 +47,8 @@ export interface Host {
   readonly address: string;
   readonly state: string;
   readonly spare?: boolean;
+  /** The host's iSCSI initiator name (null or absent: none). */
+  readonly iqn?: string | null;
   readonly lastSeenAt: string | null;
   readonly createdAt?: string;
 }

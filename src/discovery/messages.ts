@@ -315,6 +315,13 @@ export interface StorageInfo {
    * Absent in older reports (= unknown: applied as before).
    */
   readonly tableGeneration?: number;
+  /**
+   * The unit's iSCSI portal (`ipsan unit --iscsi HOST:PORT`; GET /v1/info
+   * `iscsi: {"portal": "HOST:PORT"} | null`): null when it serves no iSCSI.
+   * Absent in discovery packets and older answers (= unknown: keep what the
+   * station knew).
+   */
+  readonly iscsi?: HostPort | null;
 }
 
 /** Every answer of a unit's control API carries its volume-table generation after the request (docs/unit.md). */
@@ -326,17 +333,19 @@ export const NBD_TLS_MODES: readonly NbdTlsMode[] = ["off", "on", "require"];
 /**
  * A grant by host identity as the station keeps it among a volume's grants
  * (the unit reports it in `access`: {host, export, from}): "id:HOST@EXPORT",
- * with "<CIDR,CIDR" appended when the host must also come from there.
+ * with "<CIDR,CIDR" appended when the host must also come from there, and
+ * "#IQN" when only that iSCSI initiator is admitted.
  * Address grants stay plain addresses or CIDRs.
  */
-export function identityGrant(host: string, exportName: string, from: readonly string[] = []): string {
-  return `id:${host}@${exportName}${from.length === 0 ? "" : `<${[...from].sort().join(",")}`}`;
+export function identityGrant(host: string, exportName: string, from: readonly string[] = [], iqn?: string): string {
+  return `id:${host}@${exportName}${from.length === 0 ? "" : `<${[...from].sort().join(",")}`}${iqn === undefined ? "" : `#${iqn}`}`;
 }
 
-export function parseIdentityGrant(grant: string): { host: string; export: string; from: string[] } | undefined {
-  const match = /^id:([^@]+)@([^<]+)(?:<(.+))?$/.exec(grant);
+/** The parts of an identity grant string; `iqn` (after "#": iSCSI names have no "#") only when the grant names an initiator. */
+export function parseIdentityGrant(grant: string): { host: string; export: string; from: string[]; iqn?: string } | undefined {
+  const match = /^id:([^@]+)@([^<#]+)(?:<([^#]+))?(?:#(.+))?$/.exec(grant);
   if (match === null || match[1] === undefined || match[2] === undefined) return undefined;
-  return { host: match[1], export: match[2], from: match[3] === undefined ? [] : match[3].split(",") };
+  return { host: match[1], export: match[2], from: match[3] === undefined ? [] : match[3].split(","), ...(match[4] === undefined ? {} : { iqn: match[4] }) };
 }
 
 /** A zone label (`--zone`): what a unit name may be. */

@@ -4,6 +4,7 @@
 // Unknown fields are ignored (forward compatibility inside version 1);
 // every list is bounded by a limit from messages.ts.
 
+import { ISCSI_NAME_BYTES_MAX, ISCSI_NAME_PATTERN } from "../iscsi/names.ts";
 import {
   EXTENTS_PER_UNIT_MAX,
   EXTENTS_PER_VOLUME_MAX,
@@ -122,7 +123,8 @@ function access(value: unknown, path: string): string {
   const host = text(o["host"], `${path}.host`, 63, UNIT_NAME_PATTERN);
   const exportName = text(o["export"], `${path}.export`, 70, EXPORT_PATTERN);
   const from = list(o["from"] ?? [], `${path}.from`, GRANTS_PER_VOLUME_MAX).map((g, i) => text(g, `${path}.from[${i}]`, GRANT_CHARS_MAX, GRANT_PATTERN));
-  return identityGrant(host, exportName, from);
+  const iqn = o["iqn"] === undefined || o["iqn"] === null ? undefined : text(o["iqn"], `${path}.iqn`, ISCSI_NAME_BYTES_MAX, ISCSI_NAME_PATTERN);
+  return identityGrant(host, exportName, from, iqn);
 }
 
 function storageInfo(value: unknown, path: string): StorageInfo {
@@ -154,7 +156,20 @@ function storageInfo(value: unknown, path: string): StorageInfo {
     ...(o["zone"] === undefined ? {} : { zone: zone === null ? null : text(zone, `${path}.zone`, 63, ZONE_PATTERN) }),
     ...(o["tls"] === undefined ? {} : { tls: tlsMode(o["tls"], `${path}.tls`) }),
     ...(o["tableGeneration"] === undefined ? {} : { tableGeneration: count(o["tableGeneration"], `${path}.tableGeneration`) }),
+    ...(o["iscsi"] === undefined ? {} : { iscsi: iscsiPortal(o["iscsi"], `${path}.iscsi`) }),
   };
+}
+
+/** GET /v1/info `iscsi`: null, or {portal: "HOST:PORT"} ("[v6]:PORT"). */
+function iscsiPortal(value: unknown, path: string): HostPort | null {
+  if (value === null) return null;
+  const o = object(value, path);
+  const portal = text(o["portal"], `${path}.portal`, HOST_CHARS_MAX + 8);
+  const match = /^(?:\[([0-9A-Fa-f:.]+)\]|([^:[\]]+)):([0-9]{1,5})$/.exec(portal);
+  const port = Number(match?.[3]);
+  const host = match?.[1] ?? match?.[2];
+  if (match === null || host === undefined || !HOST_PATTERN.test(host) || !(port >= 1 && port <= 65535)) fail(`${path}.portal`, "HOST:PORT ([v6]:PORT), port 1..65535", portal);
+  return { host, port };
 }
 
 function tlsMode(value: unknown, path: string): NbdTlsMode {

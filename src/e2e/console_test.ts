@@ -40,6 +40,7 @@ import { REPO_ROOT, startUnit, type RunningUnit } from "../testing/unit.ts";
 
 const TIMERS = { IPSAN_DISCOVERY_HEARTBEAT_MS: "100", IPSAN_DISCOVERY_SUSPECT_MS: "400", IPSAN_DISCOVERY_OFFLINE_MS: "1000" };
 const MIB = 1024 * 1024;
+const H1_IQN = "iqn.1994-05.com.redhat:h1";
 let station: RunningStation;
 let browser: Browser;
 let tmp: TempDir;
@@ -51,7 +52,7 @@ before(async () => {
   tmp = makeTempDir("console", memoryTmpBase());
   station = await startStation({ env: TIMERS });
   units.push(await startJoinedUnit(station, { name: "u1", capacity: "256M", volumes: [{ name: "base", size: "32M" }], tls: true, env: TIMERS }));
-  const host = await station.api("PUT", "/api/v1/hosts/h1", { address: "127.0.0.1" });
+  const host = await station.api("PUT", "/api/v1/hosts/h1", { address: "127.0.0.1", iqn: H1_IQN });
   assert.equal(host.status, 201, host.text);
   browser = await launchChromium();
 });
@@ -194,7 +195,7 @@ test("sign in, live units, create + partition + assign through the forms, nbdinf
     }
     await shot(page, "unit");
     await gotoPage(page, "Hosts");
-    await rowOf(page, "Hosts", "h1").waitFor();
+    await rowOf(page, "Hosts", "h1").getByRole("cell", { name: H1_IQN, exact: true }).waitFor();
     await shot(page, "hosts");
     await gotoPage(page, "Tasks");
     await shot(page, "tasks");

@@ -53,6 +53,8 @@ export interface AgentOptions {
   readonly reattach: boolean;
   /** Registers the host as a spare (failover target: takeover.ts). */
   readonly spare?: boolean;
+  /** The host's iSCSI initiator name (--iqn): recorded at the station with every registration (protocol iscsi needs it). */
+  readonly iqn?: string;
   /** How an assignment moved to this host is attached (default nbd). */
   readonly takeoverMode?: TakeoverMode;
 }
@@ -129,7 +131,7 @@ export class HostAgent {
         // Without --address, a host the station knows keeps the address it has (a heartbeat
         // is enough); an unknown one is registered with the address our connections come from.
         try {
-          await client.heartbeat(host);
+          await client.heartbeat(host, this.#options.iqn);
           if (!this.#registered) log.info("registered (known host, address kept)", { host });
           this.#registered = true;
           return;
@@ -139,7 +141,7 @@ export class HostAgent {
       }
       // A spare says so at every registration (the flag is recorded by the station).
       address ??= await sourceAddressToward(client.baseUrl);
-      await client.registerHost(host, address, this.#options.spare === true ? true : undefined);
+      await client.registerHost(host, address, this.#options.spare === true ? true : undefined, this.#options.iqn);
       if (!this.#registered) log.info(this.#options.spare === true ? "registered as a spare host" : "registered", { host, address });
       this.#registered = true;
     } catch (error) {

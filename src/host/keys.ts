@@ -9,6 +9,8 @@
 
 import { mkdir, readFile } from "node:fs/promises";
 import { dirname, join } from "node:path";
+import { chapSecret } from "../iscsi/names.ts";
+import { IpsanError } from "../util/errors.ts";
 import { writeSecretFileAtomic } from "../util/secret_file.ts";
 import type { HostState } from "./state.ts";
 import type { HostKey, StationAssignment, StationClient } from "./station_client.ts";
@@ -88,4 +90,32 @@ export async function localizeAssignments<T extends Localizable>(state: HostStat
 export async function localizeAssignment<T extends Localizable>(state: HostState, client: StationClient, host: string, assignment: T): Promise<T> {
   const [local] = await localizeAssignments(state, client, host, [assignment]);
   return local ?? assignment;
+}
+
+/** STATE_DIR/keys/UNIT.chap: the CHAP secret this host answers unit UNIT's iSCSI target with. */
+export function chapSecretFilePath(state: HostState, unit: string): string {
+  return join(state.dir, "keys", `${unit}.chap`);
+}
+
+/**
+ * Writes this host's iSCSI CHAP secret for `unit` (chapSecret(key,
+ * "initiator"), src/iscsi/names.ts) from its key for that unit, fetched from
+ * the station like the NBD keys, to STATE_DIR/keys/UNIT.chap (0600, the 16
+ * characters and nothing else, fsynced, renamed into place); returns the
+ * path. The unit derives the same secret from the same key.
+ */
+export async function writeChapSecretFile(state: HostState, client: StationClient, host: string, unit: string): Promise<string> {
+  const key = (await client.hostKeys(host)).find((k) => k.unit === unit);
+  if (key === undefined) {
+    throw new IpsanError(
+      "NOT_FOUND",
+      `the station has no key for host ${host} on unit ${unit} (nothing of this host's is granted there yet): wait for the assignment to be active, then attach again`,
+    );
+  }
+  const path = chapSecretFilePath(state, unit);
+  await mkdir(dirname(path), { recursive: true, mode: 0o700 });
+  const secret = chapSecret(Buffer.from(key.key, "hex"), "initiator");
+  const current = await readFile(path, "utf8").catch(() => undefined);
+  if (current !== secret) await writeSecretFileAtomic(path, secret);
+  return path;
 }

@@ -30,9 +30,11 @@ import {
   parseStationUrl,
   readCaFile,
   readTokenFile,
+  type AssignmentIscsi,
   type StationAssignment,
 } from "./station_client.ts";
-import { localizeAssignment } from "./keys.ts";
+import { localizeAssignment, writeChapSecretFile } from "./keys.ts";
+import { iscsiNameProblem } from "../iscsi/names.ts";
 import { progressLine, taskProgress } from "../util/progress.ts";
 import { checkExport, type ExportToCheck } from "./preflight.ts";
 
@@ -41,16 +43,17 @@ const REQUEST_ID_PATTERN = /^[A-Za-z0-9_.:-]{1,128}$/;
 
 export const USAGE = `usage: ipsan host SUBCOMMAND [flags]
 
-  register --station URL --token-file JOIN_TOKEN_FILE --host NAME [--address IP] [--state-dir DIR]
-          [--ca-file FILE] [--json]
+  register --station URL --token-file JOIN_TOKEN_FILE --host NAME [--address IP] [--iqn IQN]
+          [--state-dir DIR] [--ca-file FILE] [--json]
   request --station URL --token-file FILE --host NAME --size SIZE [--copies 1|2|3]
-          [--address IP] [--request-id ID] [--dry-run] [--state-dir DIR] [--json]
+          [--protocol nbd|iscsi] [--iqn IQN] [--address IP] [--request-id ID] [--dry-run]
+          [--state-dir DIR] [--json]
   attach  --station URL --token-file FILE --host NAME (--assignment ID | --volume UNIT/VOLUME)
-          [--mode auto|fuse|kernel|nbd] [--state-dir DIR] [--json]
+          [--mode auto|fuse|kernel|nbd|iscsi] [--state-dir DIR] [--json]
   detach  (--assignment ID | --volume UNIT/VOLUME | --path PATH) [--force] [--state-dir DIR]
   release --station URL --token-file FILE --host NAME (--assignment ID | --volume UNIT/VOLUME)
           [--force] [--state-dir DIR] [--json]
-  agent   --station URL --token-file FILE --host NAME [--address IP] [--heartbeat-ms N]
+  agent   --station URL --token-file FILE --host NAME [--address IP] [--iqn IQN] [--heartbeat-ms N]
           [--state-dir DIR] [--no-reattach] [--spare] [--takeover-mode nbd|fuse]
   list    [--state-dir DIR] [--json]
   engine  --mirror ID (--leg NAME=URI... | --legs-file PATH) --listen ADDRESS ...
@@ -59,6 +62,8 @@ export const USAGE = `usage: ipsan host SUBCOMMAND [flags]
 After "register", request/attach/release/agent read the station URL, the host name and the
 host's credential from the state dir: --station, --token-file and --host may be left out
 (given, they win). --ca-file FILE (or $IPSAN_CA_FILE): the CA of an https:// station.
+--iqn IQN (or $IPSAN_IQN, or "iqn" in the config file): this host's iSCSI initiator name
+(on Linux: /etc/iscsi/initiatorname.iscsi), recorded at the station; --protocol iscsi needs it.
 `;
 
 const STATION_FLAGS = {
@@ -154,14 +159,16 @@ function print(json: boolean, value: unknown, text: string): void {
 // ---------------------------------------------------------------- register
 
 async function registerMain(argv: readonly string[]): Promise<number> {
-  const { values } = parseFlags(argv, { ...STATION_FLAGS, address: { type: "string" }, json: { type: "boolean" } });
+  const { values } = parseFlags(argv, { ...STATION_FLAGS, address: { type: "string" }, iqn: { type: "string" }, json: { type: "boolean" } });
   const baseUrl = parseStationUrl(required(setting("station", values.station), "station"));
   const host = hostName(values.host);
+  const iqn = iqnSetting(values.iqn);
   const joinToken = await readTokenFile(required(values["token-file"], "token-file"));
   const caFile = values["ca-file"] ?? process.env["IPSAN_CA_FILE"];
   const ca = await readCaFile(values["ca-file"]);
   const client = new StationClient({ baseUrl, token: joinToken, ...(ca === undefined ? {} : { ca }) });
-  const answer = (await client.call("POST", `/api/v1/hosts/${encodeURIComponent(host)}/register`, values.address === undefined ? {} : { address: values.address })) as {
+  const body = { ...(values.address === undefined ? {} : { address: values.address }), ...(iqn === undefined ? {} : { iqn }) };
+  const answer = (await client.call("POST", `/api/v1/hosts/${encodeURIComponent(host)}/register`, body)) as {
     host?: { address?: unknown } | null;
     credential?: { name?: unknown };
     token?: unknown;
@@ -193,6 +200,8 @@ async function requestMain(argv: readonly string[]): Promise<number> {
     ...STATION_FLAGS,
     size: { type: "string" },
     copies: { type: "string" },
+    protocol: { type: "string" },
+    iqn: { type: "string" },
     address: { type: "string" },
     "request-id": { type: "string" },
     "dry-run": { type: "boolean" },
@@ -204,13 +213,16 @@ async function requestMain(argv: readonly string[]): Promise<number> {
     throw new UsageError(`--size: "${values.size}" must be a positive multiple of 512 bytes`);
   }
   const copies = values.copies === undefined ? undefined : parseCopies(values.copies);
+  const protocol = parseProtocol(values.protocol);
+  const iqn = iqnSetting(values.iqn);
   const requestId = values["request-id"] ?? `req-${randomUUID()}`;
   if (!REQUEST_ID_PATTERN.test(requestId)) {
     throw new UsageError(`--request-id: invalid "${requestId}" (1-128 of A-Z a-z 0-9 _ . : -)`);
   }
   const { client, host } = await connectStation(values);
-  // The host's data-path address is registered first, so the grant the unit gets names it.
-  if (values.address !== undefined) await client.registerHost(host, values.address);
+  // The host's data-path address (and IQN) is registered first, so the grant the unit gets names it.
+  if (values.address !== undefined) await client.registerHost(host, values.address, undefined, iqn);
+  else if (iqn !== undefined) await recordIqn(client, host, iqn);
   const request = {
     requestId,
     host,
@@ -218,6 +230,7 @@ async function requestMain(argv: readonly string[]): Promise<number> {
     ...(values.address === undefined ? {} : { address: values.address }),
     ...(values["dry-run"] === true ? { dryRun: true } : {}),
     ...(copies === undefined ? {} : { copies }),
+    ...(protocol === undefined ? {} : { protocol }),
   };
   if (values["dry-run"] === true) {
     const answer = await client.call("POST", "/api/v1/allocations", request);
@@ -236,6 +249,8 @@ async function requestMain(argv: readonly string[]): Promise<number> {
 
 /** The exports a host's client opens for an assignment: its URI, or each leg's for a mirror (the engine's). */
 function exportsOf(a: StationAssignment, host: string): ExportToCheck[] {
+  // iSCSI: the user's initiator logs in (with the CHAP secret attach writes); this NBD check does not apply.
+  if (a.protocol === "iscsi") return [];
   const hostAddress = a.hostAddress ?? null;
   if (isMirror(a)) return (a.legs ?? []).filter((l) => l.uri !== null).map((l) => ({ uri: l.uri ?? "", unit: l.unit, export: l.volume, host, hostAddress }));
   return a.uri === null ? [] : [{ uri: a.uri, unit: a.unit, export: a.export, host, hostAddress }];
@@ -271,6 +286,32 @@ function describeDryRun(answer: unknown): string {
   return `dry run (nothing recorded): would ${legs.map(one).join("; ")}\n${reasons === "" ? "" : `units not chosen:\n${reasons}`}`;
 }
 
+/** --protocol: nbd or iscsi (undefined: not given, the station's default nbd). */
+function parseProtocol(text: string | undefined): "nbd" | "iscsi" | undefined {
+  if (text === undefined) return undefined;
+  if (text !== "nbd" && text !== "iscsi") throw new UsageError(`--protocol: invalid "${text}" (expected nbd or iscsi)`);
+  return text;
+}
+
+/** --iqn, $IPSAN_IQN or the config file's "iqn": the host's iSCSI initiator name, checked here so a typo is named before any call. */
+function iqnSetting(flag: string | undefined): string | undefined {
+  const iqn = setting("iqn", flag);
+  if (iqn === undefined || iqn === "") return undefined;
+  const problem = iscsiNameProblem(iqn);
+  if (problem !== undefined) throw new UsageError(`--iqn: ${problem}`);
+  return iqn;
+}
+
+/** Records the host's IQN at the station without moving its address: a heartbeat carries it; an unknown host is registered. */
+async function recordIqn(client: StationClient, host: string, iqn: string): Promise<void> {
+  try {
+    await client.heartbeat(host, iqn);
+  } catch (error) {
+    if (!(error instanceof IpsanError && error.code === "NOT_FOUND")) throw error;
+    await client.registerHost(host, undefined, undefined, iqn);
+  }
+}
+
 /** --copies: 1, 2 or 3 (legs on as many distinct units). */
 function parseCopies(text: string): number {
   if (!/^[1-3]$/.test(text)) throw new UsageError(`--copies: invalid "${text}" (expected 1, 2 or 3)`);
@@ -278,6 +319,18 @@ function parseCopies(text: string): number {
 }
 
 function describeAssignment(a: StationAssignment, usable = true): string {
+  if (a.protocol === "iscsi") {
+    const where = a.iscsi === undefined || a.iscsi === null ? "(the unit's iSCSI portal is not known yet)" : `target ${a.iscsi.target} at ${a.iscsi.portal}, LUN ${a.iscsi.lun}`;
+    return (
+      `assignment ${a.id} (request ${a.requestId ?? "-"}): host ${a.host} gets volume ${a.export} on unit ${a.unit} over iSCSI, ` +
+      `${formatSize(a.sizeBytes)} (${a.sizeBytes} bytes): ${where}
+` +
+      `uri ${a.uri ?? "-"}
+` +
+      `use it: ipsan host attach ... --assignment ${a.id}    (writes the CHAP secret and prints the iscsiadm, iscsi-ls and qemu-img commands)
+`
+    );
+  }
   const lba = a.startLba === undefined ? "" : `, LBA ${a.startLba}-${a.endLba ?? "?"}`;
   const number = a.volumeNumber === undefined || a.volumeNumber === null ? "" : ` (number ${a.volumeNumber})`;
   if (isMirror(a)) {
@@ -337,10 +390,10 @@ async function findAssignment(
   return assignment;
 }
 
-function parseMode(text: string | undefined): ModeChoice {
+function parseMode(text: string | undefined): ModeChoice | "iscsi" {
   const mode = text ?? "auto";
-  if (mode !== "auto" && mode !== "fuse" && mode !== "kernel" && mode !== "nbd") {
-    throw new UsageError(`--mode: invalid "${mode}" (expected auto, fuse, kernel or nbd)`);
+  if (mode !== "auto" && mode !== "fuse" && mode !== "kernel" && mode !== "nbd" && mode !== "iscsi") {
+    throw new UsageError(`--mode: invalid "${mode}" (expected auto, fuse, kernel, nbd or iscsi)`);
   }
   return mode;
 }
@@ -386,7 +439,9 @@ async function attachMain(argv: readonly string[]): Promise<number> {
   const choice = parseMode(values.mode);
   const { client, host } = await connectStation(values);
   const state = stateOf(values["state-dir"]);
-  const assignment = await localizeAssignment(state, client, host, await findAssignment(client, host, values));
+  const found = await findAssignment(client, host, values);
+  if (found.protocol === "iscsi" || choice === "iscsi") return attachIscsi(state, client, host, found, values.mode, values.json === true);
+  const assignment = await localizeAssignment(state, client, host, found);
   // Refused by a unit? Say why and how to proceed, before starting nbdfuse, nbd-client or an engine (issue 9 item 7).
   const refusal = await firstRefusal(assignment, host);
   if (refusal !== null) throw refusal;
@@ -394,6 +449,72 @@ async function attachMain(argv: readonly string[]): Promise<number> {
   const record = await attach(state, { assignment, station: client.baseUrl.href, host, mode });
   print(values.json === true, recordView(record), `${record.path}\n`);
   return 0;
+}
+
+/**
+ * attach for an iSCSI assignment: nothing is started here (the initiator,
+ * open-iscsi's or libiscsi's, is the user's). The CHAP secret is written to
+ * STATE_DIR/keys/UNIT.chap (0600) and the way to log in printed.
+ */
+async function attachIscsi(
+  state: HostState,
+  client: StationClient,
+  host: string,
+  assignment: StationAssignment,
+  mode: string | undefined,
+  json: boolean,
+): Promise<number> {
+  if (assignment.protocol !== "iscsi") {
+    throw new UsageError(
+      `--mode iscsi: assignment ${assignment.id} is served over NBD (protocol ${assignment.protocol ?? "nbd"}): attach it with --mode auto, fuse, kernel or nbd, ` +
+        "or ask the station for an iSCSI one (ipsan host request ... --protocol iscsi)",
+    );
+  }
+  if (mode !== undefined && mode !== "iscsi") {
+    throw new UsageError(
+      `--mode ${mode}: assignment ${assignment.id} is served over iSCSI, which this host's initiator (open-iscsi, libiscsi, qemu) logs in to itself: ` +
+        "use --mode iscsi (or leave --mode out) to get the URI and the CHAP secret",
+    );
+  }
+  const iscsi = assignment.iscsi ?? null;
+  if (iscsi === null || assignment.uri === null) {
+    throw new IpsanError("UNAVAILABLE", `assignment ${assignment.id}: the station does not know unit ${assignment.unit}'s iSCSI portal right now; try again when the unit is online`);
+  }
+  const chapSecretFile = iscsi.chapUser === null ? null : await writeChapSecretFile(state, client, host, assignment.unit);
+  const answer = { assignment: assignment.id, mode: "iscsi", uri: assignment.uri, chapUser: iscsi.chapUser, chapSecretFile };
+  print(json, answer, describeIscsiLogin(assignment.id, iscsi, assignment.uri, chapSecretFile));
+  return 0;
+}
+
+/** The commands that log in to an iSCSI assignment (docs/host.md "Attaching over iSCSI"). */
+function describeIscsiLogin(id: string, iscsi: AssignmentIscsi, uri: string, secretFile: string | null): string {
+  const { portal, target, chapUser } = iscsi;
+  const lines = [`assignment ${id}: iSCSI target ${target} at ${portal}, LUN ${iscsi.lun}`, `uri ${uri}`];
+  if (chapUser === null || secretFile === null) {
+    lines.push("no CHAP: the unit admits this host by address", "", `  iscsi-ls -s iscsi://${portal}`, `  iscsi-inq ${uri}`, `  qemu-img info ${uri}`);
+  } else {
+    const secret = `"$(cat ${secretFile})"`;
+    lines.push(
+      `CHAP user ${chapUser}, secret in ${secretFile} (0600); log in with this host's registered initiator name (IQN)`,
+      "",
+      "libiscsi (iscsi-ls, iscsi-inq, iscsi-readcapacity16):",
+      `  LIBISCSI_CHAP_PASSWORD=${secret} iscsi-ls -i IQN -s iscsi://${chapUser}@${portal}`,
+      `  LIBISCSI_CHAP_PASSWORD=${secret} iscsi-inq -i IQN iscsi://${chapUser}@${portal}/${target}/${iscsi.lun}`,
+      "qemu (the secret stays in its file):",
+      `  qemu-img info --object secret,id=chap,file=${secretFile} --image-opts driver=iscsi,transport=tcp,portal=${portal},target=${target},lun=${iscsi.lun},user=${chapUser},password-secret=chap,initiator-name=IQN`,
+      "open-iscsi (Linux kernel initiator; IQN in /etc/iscsi/initiatorname.iscsi):",
+      `  iscsiadm -m discoverydb -t sendtargets -p ${portal} -o new`,
+      `  iscsiadm -m discoverydb -t sendtargets -p ${portal} -o update -n discovery.sendtargets.auth.authmethod -v CHAP`,
+      `  iscsiadm -m discoverydb -t sendtargets -p ${portal} -o update -n discovery.sendtargets.auth.username -v ${chapUser}`,
+      `  iscsiadm -m discoverydb -t sendtargets -p ${portal} -o update -n discovery.sendtargets.auth.password -v ${secret}`,
+      `  iscsiadm -m discoverydb -t sendtargets -p ${portal} --discover`,
+      `  iscsiadm -m node -T ${target} -p ${portal} -o update -n node.session.auth.authmethod -v CHAP`,
+      `  iscsiadm -m node -T ${target} -p ${portal} -o update -n node.session.auth.username -v ${chapUser}`,
+      `  iscsiadm -m node -T ${target} -p ${portal} -o update -n node.session.auth.password -v ${secret}`,
+      `  iscsiadm -m node -T ${target} -p ${portal} --login`,
+    );
+  }
+  return `${lines.join("\n")}\n`;
 }
 
 // ---------------------------------------------------------------- detach / release / list
@@ -477,8 +598,10 @@ async function agentMain(argv: readonly string[]): Promise<number> {
     "heartbeat-ms": { type: "string" },
     "no-reattach": { type: "boolean" },
     spare: { type: "boolean" },
+    iqn: { type: "string" },
     "takeover-mode": { type: "string" },
   });
+  const iqn = iqnSetting(values.iqn);
   // A daemon: logs, never a progress line.
   const { client, host, address: storedAddress } = await connectStation({ ...values, json: true });
   const takeoverMode = values["takeover-mode"] ?? "nbd";
@@ -502,6 +625,7 @@ async function agentMain(argv: readonly string[]): Promise<number> {
     heartbeatIntervalMs,
     reattach: values["no-reattach"] !== true,
     spare: values.spare === true,
+    ...(iqn === undefined ? {} : { iqn }),
     takeoverMode,
   });
   const stop = (): void => {

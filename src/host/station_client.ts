@@ -15,7 +15,13 @@ import { Agent as HttpsAgent } from "node:https";
 import { HttpExchangeError, httpExchange } from "../util/http_client.ts";
 import { setting } from "../util/config.ts";
 import type { Static } from "@sinclair/typebox";
-import type { Host as HostSchema, Task as TaskSchema, Unit as UnitSchema, Volume as VolumeSchema } from "../station/api/schemas.ts";
+import type {
+  Assignment as AssignmentSchema,
+  Host as HostSchema,
+  Task as TaskSchema,
+  Unit as UnitSchema,
+  Volume as VolumeSchema,
+} from "../station/api/schemas.ts";
 import { connect } from "node:net";
 import { ERROR_CODES, IpsanError, UsageError, errorMessage, type ErrorCode } from "../util/errors.ts";
 
@@ -107,7 +113,13 @@ export interface Assignment {
   /** Host failover: the host it was moved from (null: never moved); movedAt null while that host is being fenced. */
   readonly movedFrom?: string | null;
   readonly movedAt?: string | null;
+  /** "nbd" (absent from older stations) or "iscsi": then `uri` is iscsi://PORTAL/TARGET/0 and `iscsi` says where to log in. */
+  readonly protocol?: "nbd" | "iscsi";
+  readonly iscsi?: AssignmentIscsi | null;
 }
+
+/** Where an iSCSI assignment logs in (the station's Assignment schema, `iscsi`). */
+export type AssignmentIscsi = NonNullable<Static<typeof AssignmentSchema>["iscsi"]>;
 
 /**
  * An assignment as the station may answer it: a single copy (`uri` set), or
@@ -131,6 +143,8 @@ export interface AllocationRequest {
   readonly dryRun?: boolean;
   /** 2 or 3: a mirror, one leg per distinct unit (default 1). */
   readonly copies?: number;
+  /** "iscsi": served by the unit's iSCSI target to this host's registered IQN (default nbd). */
+  readonly protocol?: "nbd" | "iscsi";
 }
 
 /** Error answered by the station, with what it said. */
@@ -357,16 +371,20 @@ export class StationClient {
     }
   }
 
-  /** PUT /api/v1/hosts/NAME; `spare` given: registers (true) or unregisters (false) a spare host. */
-  async registerHost(name: string, address: string | undefined, spare?: boolean): Promise<HostInfo | undefined> {
-    const body = { ...(address === undefined ? {} : { address }), ...(spare === undefined ? {} : { spare }) };
+  /**
+   * PUT /api/v1/hosts/NAME; `spare` given: registers (true) or unregisters
+   * (false) a spare host; `iqn` given: the host's iSCSI initiator name ("" removes it).
+   */
+  async registerHost(name: string, address: string | undefined, spare?: boolean, iqn?: string): Promise<HostInfo | undefined> {
+    const body = { ...(address === undefined ? {} : { address }), ...(spare === undefined ? {} : { spare }), ...(iqn === undefined ? {} : { iqn }) };
     return (await this.call("PUT", `/api/v1/hosts/${encodeURIComponent(name)}`, body)) as
       | HostInfo
       | undefined;
   }
 
-  async heartbeat(name: string): Promise<void> {
-    await this.call("POST", `/api/v1/hosts/${encodeURIComponent(name)}/heartbeat`, {});
+  /** POST /api/v1/hosts/NAME/heartbeat; `iqn` given: the station records it if it changed (the address stays). */
+  async heartbeat(name: string, iqn?: string): Promise<void> {
+    await this.call("POST", `/api/v1/hosts/${encodeURIComponent(name)}/heartbeat`, iqn === undefined ? {} : { iqn });
   }
 
   async allocate(request: AllocationRequest): Promise<StationAssignment> {

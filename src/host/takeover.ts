@@ -36,7 +36,8 @@ export async function takeOverMoved(options: {
   readonly stopping: () => boolean;
 }): Promise<void> {
   const { client, state, host, mode } = options;
-  const moved = (options.assignments ?? []).filter((a) => movedHere(a, host));
+  // An iSCSI assignment is the host's own initiator's to log in to (attach --mode iscsi): nothing to start here.
+  const moved = (options.assignments ?? []).filter((a) => movedHere(a, host) && a.protocol !== "iscsi");
   for (const assignment of moved) {
     if (options.stopping()) return;
     try {

@@ -44,3 +44,31 @@ export const CHAP_SECRET_LENGTH = 16;
 export function chapSecret(key: Buffer, role: "initiator" | "target"): string {
   return createHmac("sha256", key).update(`ipsan iscsi chap v1 ${role}`).digest("base64url").slice(0, CHAP_SECRET_LENGTH);
 }
+
+/**
+ * The iSCSI names ipsan accepts for an initiator (a host's IQN, a grant's
+ * `iqn`), in the lowercase ASCII form RFC 3722's stringprep profile yields:
+ * - "iqn." YYYY-MM "." reversed domain, then optionally ":" and a unique
+ *   string of a-z 0-9 "-" "." ":" (RFC 3720 3.2.6.3.1);
+ * - "eui." and 16 hex digits (3.2.6.3.2);
+ * - "naa." and 16 or 32 hex digits (RFC 3980).
+ * At most ISCSI_NAME_BYTES_MAX bytes.
+ */
+export const ISCSI_NAME_PATTERN =
+  /^(?:iqn\.[0-9]{4}-(?:0[1-9]|1[0-2])\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*(?::[a-z0-9.:-]*)?|eui\.[0-9a-f]{16}|naa\.(?:[0-9a-f]{16}|[0-9a-f]{32}))$/;
+
+/**
+ * Why `value` is not an iSCSI name ipsan accepts (undefined: it is one). The
+ * reason says what is wrong and what a name looks like; it quotes at most
+ * the first 64 characters of the value.
+ */
+export function iscsiNameProblem(value: unknown): string | undefined {
+  if (typeof value !== "string") return `expected an iSCSI name (a string such as "iqn.1994-05.com.redhat:client1"), got ${value === null ? "null" : typeof value}`;
+  const shown = JSON.stringify(value.length > 64 ? `${value.slice(0, 64)}...` : value);
+  if (Buffer.byteLength(value, "utf8") > ISCSI_NAME_BYTES_MAX) return `${shown} is ${Buffer.byteLength(value, "utf8")} bytes, more than ISCSI_NAME_BYTES_MAX=${ISCSI_NAME_BYTES_MAX}`;
+  if (value !== value.toLowerCase()) return `${shown} has capital letters: iSCSI names are compared in lowercase, give ${JSON.stringify(value.toLowerCase().slice(0, 64))}`;
+  if (!ISCSI_NAME_PATTERN.test(value)) {
+    return `${shown} is not an iSCSI name: expected "iqn.YYYY-MM.reversed.domain[:unique]" (e.g. "iqn.1994-05.com.redhat:client1"), "eui." and 16 hex digits, or "naa." and 16 or 32 hex digits (RFC 3720, RFC 3980)`;
+  }
+  return undefined;
+}

@@ -34,6 +34,12 @@ export interface ScsiNexus {
   readonly targetPortalGroupTag: number;
   /** Relative target port identifier (VPD 0x83, PR IN READ FULL STATUS): 1. */
   readonly relativeTargetPort: number;
+  /**
+   * The iSCSI TargetName the session logged in to (added by the scsi branch):
+   * when given, VPD 0x83 also carries SCSI name string designators of the
+   * target port ("NAME,t,0xTPGT") and the target device ("NAME").
+   */
+  readonly targetName?: string;
 }
 
 export type TaskAttribute = "simple" | "ordered" | "head-of-queue" | "aca";

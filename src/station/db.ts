@@ -231,6 +231,18 @@ export const MIGRATIONS: readonly Migration[] = [
       CREATE INDEX tasks_unfinished ON tasks (state) WHERE finished_at IS NULL;
     `,
   },
+  {
+    version: 11,
+    description:
+      "iSCSI (issue 10): each host's initiator name (IQN), each unit's iSCSI portal as its info last said, " +
+      "each assignment's protocol (nbd for every assignment made before)",
+    sql: `
+      ALTER TABLE hosts ADD COLUMN iqn TEXT;
+      ALTER TABLE units ADD COLUMN iscsi_host TEXT;
+      ALTER TABLE units ADD COLUMN iscsi_port INTEGER;
+      ALTER TABLE assignments ADD COLUMN protocol TEXT NOT NULL DEFAULT 'nbd';
+    `,
+  },
 ];
 
 export function schemaVersion(db: Db): number {

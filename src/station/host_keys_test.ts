@@ -59,3 +59,18 @@ test("grant bodies: identity grants carry the host's key and export; address gra
   assert.deepEqual(parseIdentityGrant(identityGrant("h1", "v/p3", ["b", "a"])), { host: "h1", export: "v/p3", from: ["a", "b"] });
   assert.equal(parseIdentityGrant("127.0.0.1"), undefined);
 });
+
+test("an iSCSI grant string names the initiator and its body carries iqn; one without stays as before", () => {
+  const keyFor = (): string => "11".repeat(32);
+  const iqn = "iqn.1994-05.com.redhat:client-a";
+  const grant = identityGrant("h1", "vol1/p1", ["10.0.0.0/8"], iqn);
+  assert.equal(grant, `id:h1@vol1/p1<10.0.0.0/8#${iqn}`);
+  assert.deepEqual(parseIdentityGrant(grant), { host: "h1", export: "vol1/p1", from: ["10.0.0.0/8"], iqn });
+  assert.deepEqual(parseIdentityGrant(identityGrant("h1", "vol1", [], iqn)), { host: "h1", export: "vol1", from: [], iqn });
+  assert.deepEqual(grantsBody([identityGrant("h1", "vol1", [], iqn), identityGrant("h2", "vol1/p2")], "require", keyFor), {
+    grants: [
+      { host: "h1", key: "11".repeat(32), export: "vol1", iqn },
+      { host: "h2", key: "11".repeat(32), export: "vol1/p2" },
+    ],
+  });
+});

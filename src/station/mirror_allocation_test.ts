@@ -85,11 +85,12 @@ test("copies 1 answers today's assignment (plus copies: 1, legs: []), with today
   const explicit = await allocate({ requestId: "single-2", host: "hs", sizeBytes: "8M", address: HOST, copies: 1 });
   assert.equal(explicit.status, 201, explicit.text);
   for (const answer of [implicit.body, explicit.body] as Record<string, unknown>[]) {
-    // movedFrom/movedAt: a host failover's record (null unless moved; docs/adr/0010); serving/servingReasons: can it be served now (issue 9).
+    // movedFrom/movedAt: a host failover's record (null unless moved; docs/adr/0010); serving/servingReasons: can it be served now (issue 9);
+    // protocol/iscsi: NBD or iSCSI (issue 10).
     assert.deepEqual(
       Object.keys(answer).sort(),
-      [...SINGLE_COPY_FIELDS, "copies", "legs", "movedFrom", "movedAt", "serving", "servingReasons"].sort(),
-      "every field of today, and only copies, legs, the failover and the serving fields added",
+      [...SINGLE_COPY_FIELDS, "copies", "legs", "movedFrom", "movedAt", "serving", "servingReasons", "protocol", "iscsi"].sort(),
+      "every field of today, and only copies, legs, the failover, the serving and the protocol fields added",
     );
     assert.equal(answer["copies"], 1);
     assert.deepEqual(answer["legs"], []);

@@ -171,9 +171,9 @@ export class Station {
     return this.hosts.hostStateOf(name);
   }
 
-  /** Registers or updates a host (`spare`: given, it is recorded); a changed address moves its grants along. */
-  putHost(name: string, address: string, spare?: boolean): Promise<{ created: boolean }> {
-    return this.hosts.putHost(name, address, spare);
+  /** Registers or updates a host (`spare`, `iqn`: given, they are recorded); a changed address or iqn moves its grants along. */
+  putHost(name: string, address: string, spare?: boolean, iqn?: string | null): Promise<{ created: boolean }> {
+    return this.hosts.putHost(name, address, spare, iqn);
   }
 
   heartbeat(name: string): boolean {

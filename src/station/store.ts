@@ -29,6 +29,7 @@ import {
   type LegState,
   type StationEvent,
   type UnitRecord,
+  type HostPort,
   type UnitReport,
   type UnitState,
   type VolumeRecord,
@@ -103,6 +104,8 @@ function unitFromRow(row: Row): UnitRecord {
     spare: row["spare"] === 1,
     zone: (row["zone"] as string | null | undefined) ?? null,
     tls: (row["nbd_tls"] as NbdTlsMode | null | undefined) ?? null,
+    iscsi:
+      row["iscsi_host"] === null || row["iscsi_host"] === undefined ? null : { host: row["iscsi_host"] as string, port: row["iscsi_port"] as number },
   };
 }
 
@@ -154,6 +157,7 @@ function assignmentFromRow(row: Row, legs: readonly LegRecord[] = []): Assignmen
     createdAtMs: row["created_at"] as number,
     updatedAtMs: row["updated_at"] as number,
     legsGeneration: (row["legs_generation"] as number | null | undefined) ?? null,
+    protocol: row["protocol"] === "iscsi" ? "iscsi" : "nbd",
   };
 }
 
@@ -216,14 +220,17 @@ function prepareStatements(db: Db) {
   return {
     upsertUnit: db.prepare(`
       INSERT INTO units (name, dns_name, addresses, nbd_host, nbd_port, control_host, control_port,
-                         capacity_bytes, free_bytes, volumes_max, state, last_seen_at, created_at, spare, zone, nbd_tls)
+                         capacity_bytes, free_bytes, volumes_max, state, last_seen_at, created_at, spare, zone, nbd_tls,
+                         iscsi_host, iscsi_port)
       VALUES (@name, @dnsName, @addresses, @nbdHost, @nbdPort, @controlHost, @controlPort,
-              @capacityBytes, @freeBytes, @volumesMax, @state, @lastSeenAt, @createdAt, @spare, @zone, @nbdTls)
+              @capacityBytes, @freeBytes, @volumesMax, @state, @lastSeenAt, @createdAt, @spare, @zone, @nbdTls,
+              @iscsiHost, @iscsiPort)
       ON CONFLICT (name) DO UPDATE SET dns_name = excluded.dns_name, addresses = excluded.addresses,
         nbd_host = excluded.nbd_host, nbd_port = excluded.nbd_port, control_host = excluded.control_host,
         control_port = excluded.control_port, capacity_bytes = excluded.capacity_bytes,
         free_bytes = excluded.free_bytes, volumes_max = excluded.volumes_max, state = excluded.state,
-        last_seen_at = excluded.last_seen_at, spare = excluded.spare, zone = excluded.zone, nbd_tls = excluded.nbd_tls`),
+        last_seen_at = excluded.last_seen_at, spare = excluded.spare, zone = excluded.zone, nbd_tls = excluded.nbd_tls,
+        iscsi_host = excluded.iscsi_host, iscsi_port = excluded.iscsi_port`),
     upsertVolume: db.prepare(`
       INSERT INTO volumes (unit, name, number, size_bytes, extents, partitions, grants)
       VALUES (@unit, @name, @number, @sizeBytes, @extents, @partitions, @grants)
@@ -232,16 +239,17 @@ function prepareStatements(db: Db) {
     deleteVolume: db.prepare("DELETE FROM volumes WHERE unit = ? AND name = ?"),
     setHostKeyEpoch: db.prepare("UPDATE hosts SET key_epoch = @keyEpoch WHERE name = @name"),
     upsertHost: db.prepare(`
-      INSERT INTO hosts (name, address, last_seen_at, created_at, spare) VALUES (@name, @address, @lastSeenAt, @createdAt, @spare)
-      ON CONFLICT (name) DO UPDATE SET address = excluded.address, last_seen_at = excluded.last_seen_at, spare = excluded.spare`),
+      INSERT INTO hosts (name, address, last_seen_at, created_at, spare, iqn) VALUES (@name, @address, @lastSeenAt, @createdAt, @spare, @iqn)
+      ON CONFLICT (name) DO UPDATE SET address = excluded.address, last_seen_at = excluded.last_seen_at, spare = excluded.spare,
+        iqn = excluded.iqn`),
     moveAssignment: db.prepare(`
       UPDATE assignments SET host = @host, host_address = @hostAddress, moved_from = @movedFrom, moved_at = @movedAt,
         updated_at = @updatedAt WHERE id = @id`),
     insertAssignment: db.prepare(`
       INSERT INTO assignments (id, request_id, host, host_address, unit, volume, partition, size_bytes,
-                               state, carved, wipe, copies, error, detail, created_at, updated_at)
+                               state, carved, wipe, copies, error, detail, created_at, updated_at, protocol)
       VALUES (@id, @requestId, @host, @hostAddress, @unit, @volume, @partition, @sizeBytes,
-              @state, @carved, @wipe, @copies, @error, @detail, @createdAt, @updatedAt)`),
+              @state, @carved, @wipe, @copies, @error, @detail, @createdAt, @updatedAt, @protocol)`),
     updateAssignment: db.prepare(`
       UPDATE assignments SET state = @state, error = @error, detail = @detail, updated_at = @updatedAt,
         host_address = @hostAddress WHERE id = @id`),
@@ -326,6 +334,7 @@ export class StationStore {
         createdAtMs: row["created_at"] as number,
         spare: row["spare"] === 1,
         keyEpoch: (row["key_epoch"] as number | undefined) ?? 0,
+        iqn: (row["iqn"] as string | null | undefined) ?? null,
       };
       this.hosts.set(host.name, host);
     }
@@ -474,6 +483,8 @@ export class StationStore {
       spare: unit.spare === true ? 1 : 0,
       zone: unit.zone ?? null,
       nbdTls: unit.tls ?? null,
+      iscsiHost: unit.iscsi?.host ?? null,
+      iscsiPort: unit.iscsi?.port ?? null,
     });
   }
 
@@ -585,6 +596,7 @@ export class StationStore {
       spare: report.spare ?? previous?.spare ?? false,
       zone: report.zone !== undefined ? report.zone : (previous?.zone ?? null),
       tls: report.tls !== undefined ? report.tls : (previous?.tls ?? null),
+      iscsi: report.iscsi !== undefined ? report.iscsi : (previous?.iscsi ?? null),
     };
     const old = this.volumes.get(report.name) ?? new Map<string, VolumeRecord>();
     // Records are made only for what changed: most reports repeat what we have.
@@ -633,6 +645,22 @@ export class StationStore {
       }
     };
     return { unit, volumesChanged, stage };
+  }
+
+  /**
+   * A unit's iSCSI portal as its GET /v1/info said (discovery packets do not
+   * carry it): recorded even when the rest of that read is dropped for a
+   * newer discovery report. Null: it serves no iSCSI.
+   */
+  setUnitIscsi(name: string, iscsi: HostPort | null): void {
+    const unit = this.units.get(name);
+    if (unit === undefined || JSON.stringify(unit.iscsi ?? null) === JSON.stringify(iscsi)) return;
+    const changed: UnitRecord = { ...unit, iscsi };
+    this.commit((batch) => {
+      this.writeUnit(changed);
+      batch.apply.push(() => this.units.set(name, { ...(this.units.get(name) ?? changed), iscsi }));
+      batch.event("unit", "updated", name, { name, state: unit.state, previousState: unit.state, iscsi });
+    });
   }
 
   /** The discovery listener's last-heard time (memory only; written with the next change). */
@@ -696,23 +724,35 @@ export class StationStore {
 
   // ---- hosts --------------------------------------------------------------------
 
-  /** Registers or updates a host's data-path address (and, when given, whether it is a spare); returns whether it was new / changed. */
-  putHost(name: string, address: string, spare?: boolean): { host: HostRecord; created: boolean; changed: boolean } {
-    return this.commit((batch) => this.stageHost(batch, name, address, spare));
+  /**
+   * Registers or updates a host's data-path address (and, when given, whether
+   * it is a spare, and its iSCSI initiator name: null removes it); returns
+   * whether it was new / its address changed / its iqn changed.
+   */
+  putHost(name: string, address: string, spare?: boolean, iqn?: string | null): { host: HostRecord; created: boolean; changed: boolean; iqnChanged: boolean } {
+    return this.commit((batch) => this.stageHost(batch, name, address, spare, iqn));
   }
 
-  private stageHost(batch: Batch, name: string, address: string, spare?: boolean): { host: HostRecord; created: boolean; changed: boolean } {
+  private stageHost(
+    batch: Batch,
+    name: string,
+    address: string,
+    spare?: boolean,
+    iqnGiven?: string | null,
+  ): { host: HostRecord; created: boolean; changed: boolean; iqnChanged: boolean } {
     const nowMs = this.clock.nowMs();
     const previous = this.hosts.get(name);
     const isSpare = spare ?? previous?.spare ?? false;
-    const host: HostRecord = { name, address, lastSeenAtMs: nowMs, createdAtMs: previous?.createdAtMs ?? nowMs, spare: isSpare, keyEpoch: previous?.keyEpoch ?? 0 };
+    const iqn = iqnGiven !== undefined ? iqnGiven : (previous?.iqn ?? null);
+    const host: HostRecord = { name, address, lastSeenAtMs: nowMs, createdAtMs: previous?.createdAtMs ?? nowMs, spare: isSpare, keyEpoch: previous?.keyEpoch ?? 0, iqn };
     const changed = previous !== undefined && previous.address !== address;
-    this.statements.upsertHost.run({ name, address, lastSeenAt: nowMs, createdAt: host.createdAtMs, spare: isSpare ? 1 : 0 });
+    const iqnChanged = (previous?.iqn ?? null) !== iqn;
+    this.statements.upsertHost.run({ name, address, lastSeenAt: nowMs, createdAt: host.createdAtMs, spare: isSpare ? 1 : 0, iqn });
     batch.apply.push(() => this.hosts.set(name, host));
-    if (previous === undefined || changed || (previous.spare ?? false) !== isSpare) {
-      batch.event("host", previous === undefined ? "added" : "updated", name, { name, address, previousAddress: previous?.address ?? null, spare: isSpare });
+    if (previous === undefined || changed || (previous.spare ?? false) !== isSpare || iqnChanged) {
+      batch.event("host", previous === undefined ? "added" : "updated", name, { name, address, previousAddress: previous?.address ?? null, spare: isSpare, iqn });
     }
-    return { host, created: previous === undefined, changed };
+    return { host, created: previous === undefined, changed, iqnChanged };
   }
 
   /** Raises a host's key epoch (`ipsan hosts rotate-key`): every NBD key of that host changes. Returns the new epoch. */
@@ -846,6 +886,7 @@ export class StationStore {
         carved: assignment.carved ? 1 : 0,
         wipe: assignment.wipe ? 1 : 0,
         copies: assignment.copies,
+        protocol: assignment.protocol ?? "nbd",
         error: assignment.error,
         detail: assignment.detail === null ? null : JSON.stringify(assignment.detail),
         createdAt: assignment.createdAtMs,

@@ -15,6 +15,10 @@ export type HostState = (typeof HOST_STATES)[number];
  * host. revoking: unassign recorded, the grant not yet removed. released and
  * failed are final (history).
  */
+/** How the host reaches an assignment's volume: NBD (the default) or iSCSI (issue 10; a single copy only). */
+export const PROTOCOLS = ["nbd", "iscsi"] as const;
+export type Protocol = (typeof PROTOCOLS)[number];
+
 export const ASSIGNMENT_STATES = ["pending", "active", "revoking", "released", "failed"] as const;
 export type AssignmentState = (typeof ASSIGNMENT_STATES)[number];
 export const LIVE_ASSIGNMENT_STATES: ReadonlySet<AssignmentState> = new Set(["pending", "active", "revoking"]);
@@ -78,6 +82,8 @@ export interface UnitRecord {
   readonly zone?: string | null;
   /** The unit's NBD TLS mode as its info last said (`ipsan unit --tls`); null or absent: not known yet. */
   readonly tls?: NbdTlsMode | null;
+  /** The unit's iSCSI portal as its info last said (`ipsan unit --iscsi`); null or absent: it serves no iSCSI (or not known yet). */
+  readonly iscsi?: HostPort | null;
 }
 
 export interface HostRecord {
@@ -87,6 +93,8 @@ export interface HostRecord {
   readonly spare?: boolean;
   /** Raised by `ipsan hosts rotate-key`: a new epoch derives new NBD keys (host_keys.ts). */
   readonly keyEpoch?: number;
+  /** The host's iSCSI initiator name (`ipsan host --iqn`); null or absent: none (no iSCSI assignments). */
+  readonly iqn?: string | null;
   readonly lastSeenAtMs: number;
   readonly createdAtMs: number;
 }
@@ -201,6 +209,8 @@ export interface AssignmentRecord {
   readonly updatedAtMs: number;
   /** The engine generation of the last leg report accepted (null or absent: none yet). */
   readonly legsGeneration?: number | null;
+  /** NBD (absent: as before issue 10) or iSCSI: the unit's grant then names the host's IQN. */
+  readonly protocol?: Protocol;
 }
 
 /** A unit's own description of itself and its volumes (discovery storage info or GET /v1/info). */
@@ -221,6 +231,8 @@ export interface UnitReport {
   readonly tls?: NbdTlsMode | null;
   /** The unit's volume-table generation the report was taken at (StorageInfo.tableGeneration); not stored. */
   readonly tableGeneration?: number;
+  /** Absent (a discovery packet): keep what the unit's info said. */
+  readonly iscsi?: HostPort | null;
 }
 
 export const EVENT_TYPES = ["unit", "volumes", "host", "assignment", "task"] as const;

@@ -105,7 +105,13 @@ export function grantsBody(grants: readonly string[], tlsMode: NbdTlsMode | null
   if (identities.length === 0 && (grants.length > 0 || tlsMode === "off")) return { hosts: grants };
   if (identities.length !== grants.length) throw new Error("a volume's grants mix addresses and host identities");
   return {
-    grants: identities.map((g) => ({ host: g.host, key: keyFor(g.host), export: g.export, ...(g.from.length === 0 ? {} : { from: g.from }) })),
+    grants: identities.map((g) => ({
+      host: g.host,
+      key: keyFor(g.host),
+      export: g.export,
+      ...(g.from.length === 0 ? {} : { from: g.from }),
+      ...(g.iqn === undefined ? {} : { iqn: g.iqn }),
+    })),
   };
 }
 

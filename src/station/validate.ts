@@ -7,6 +7,7 @@ import { lookup } from "node:dns/promises";
 import { isIP } from "node:net";
 import { IpsanError, UsageError } from "../util/errors.ts";
 import { parseSize } from "../util/size.ts";
+import { iscsiNameProblem } from "../iscsi/names.ts";
 
 export const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
 export const REQUEST_ID_PATTERN = /^[A-Za-z0-9_.:-]{1,128}$/;
@@ -140,4 +141,15 @@ export class Body {
   optional(field: string): unknown {
     return this.has(field) ? this.fields[field] : undefined;
   }
+}
+
+/**
+ * A host's iSCSI initiator name: one of the RFC 3720/3980 forms, lowercase,
+ * at most 223 bytes (src/iscsi/names.ts). "" means none (removes it).
+ */
+export function checkIqn(value: unknown, field: string): string | null {
+  if (value === "") return null;
+  const problem = iscsiNameProblem(value);
+  if (problem !== undefined) throw invalid(field, `${field}: ${problem}`);
+  return value as string;
 }

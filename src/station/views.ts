@@ -2,6 +2,7 @@
 // records. Pure functions: records in, plain objects out.
 
 import type { NbdTlsMode } from "../discovery/messages.ts";
+import { iscsiTargetName } from "../iscsi/names.ts";
 import type { StationStore } from "./store.ts";
 import type { AssignmentRecord, ExtentRecord, HostPort, HostRecord, HostState, LegRecord, UnitRecord, VolumeRecord } from "./types.ts";
 
@@ -27,7 +28,13 @@ export function unitView(unit: UnitRecord, volumeCount: number, freeBytes: numbe
     spare: unit.spare === true,
     zone: unit.zone ?? null,
     tls: unit.tls ?? null,
+    iscsi: unit.iscsi === undefined || unit.iscsi === null ? null : { portal: portalText(reachableNbd(unit.iscsi, unit.addresses) ?? unit.iscsi) },
   };
+}
+
+/** "HOST:PORT" ("[v6]:PORT"): an iSCSI portal as GET /v1/info and the API write it. */
+export function portalText(portal: HostPort): string {
+  return `${uriHost(portal.host)}:${portal.port}`;
 }
 
 export function volumeView(volume: VolumeRecord, assignedTo: string | null) {
@@ -49,7 +56,15 @@ export function hostState(host: HostRecord, nowMs: number, offlineAfterMs: numbe
 }
 
 export function hostView(host: HostRecord, state: HostState) {
-  return { name: host.name, address: host.address, state, spare: host.spare ?? false, lastSeenAt: iso(host.lastSeenAtMs), createdAt: iso(host.createdAtMs) };
+  return {
+    name: host.name,
+    address: host.address,
+    state,
+    spare: host.spare ?? false,
+    iqn: host.iqn ?? null,
+    lastSeenAt: iso(host.lastSeenAtMs),
+    createdAt: iso(host.createdAtMs),
+  };
 }
 
 /**
@@ -109,6 +124,24 @@ function nbdUri(nbd: HostPort, exportName: string, tls: NbdTlsMode | null | unde
   return tls === "off" ? `nbd://${path}` : `nbds://${encodeURIComponent(host)}@${path}`;
 }
 
+/** Every ipsan iSCSI target serves its export as LUN 0. */
+export const ISCSI_LUN = 0;
+
+/**
+ * Where an iSCSI assignment is logged in to: the unit's portal (reachable
+ * address), the export's target name, and the CHAP user (the host's name)
+ * when the unit grants by identity (tls not "off"; a unit started with
+ * --insecure-plaintext admits by address, without CHAP). Null while the
+ * unit's portal is not known.
+ */
+function iscsiView(assignment: AssignmentRecord, unit: UnitRecord | undefined, exportName: string): { portal: string; target: string; uri: string; chapUser: string | null } | null {
+  const portal = unit?.iscsi === undefined || unit.iscsi === null ? null : reachableNbd(unit.iscsi, unit.addresses);
+  if (portal === null) return null;
+  const target = iscsiTargetName(assignment.unit, exportName);
+  const text = portalText(portal);
+  return { portal: text, target, uri: `iscsi://${text}/${target}/${ISCSI_LUN}`, chapUser: unit?.tls === "off" ? null : assignment.host };
+}
+
 /** One leg of a mirror: where its volume is, and its URI (for the host's mirror engine, not for applications). */
 export function legView(leg: LegRecord, store: StationStore, host: string) {
   const unit = store.units.get(leg.unit);
@@ -150,6 +183,8 @@ export function assignmentView(assignment: AssignmentRecord, store: StationStore
   const first = extents[0];
   const last = extents[extents.length - 1];
   const lengthLba = extents.reduce((sum, e) => sum + e.lengthLba, 0);
+  const protocol = assignment.protocol ?? "nbd";
+  const iscsi = protocol === "iscsi" ? iscsiView(assignment, unit, exportName) : null;
   return {
     id: assignment.id,
     requestId: assignment.requestId,
@@ -170,7 +205,9 @@ export function assignmentView(assignment: AssignmentRecord, store: StationStore
     lengthLba,
     endLba: last?.endLba ?? null,
     extents,
-    uri: nbd === null || mirror ? null : nbdUri(nbd, exportName, unit?.tls, assignment.host),
+    uri: protocol === "iscsi" ? (iscsi?.uri ?? null) : nbd === null || mirror ? null : nbdUri(nbd, exportName, unit?.tls, assignment.host),
+    protocol,
+    iscsi: iscsi === null ? null : { portal: iscsi.portal, target: iscsi.target, lun: ISCSI_LUN, chapUser: iscsi.chapUser },
     copies: assignment.copies,
     legs: assignment.legs.map((leg) => legView(leg, store, assignment.host)),
     state: assignment.state,

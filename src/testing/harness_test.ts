@@ -13,7 +13,7 @@ import { freeTcpPort } from "./daemon.ts";
 import { run, systemFirstPath } from "./process.ts";
 import { hostPort, parseUnitLine } from "./unit.ts";
 
-test("parseUnitLine reads the ready and control lines", () => {
+test("parseUnitLine reads the ready, control and iscsi lines", () => {
   assert.deepEqual(parseUnitLine("ipsan unit u1 ready nbd://127.0.0.1:40123"), {
     kind: "ready",
     name: "u1",
@@ -36,6 +36,12 @@ test("parseUnitLine reads the ready and control lines", () => {
     name: "u1",
     host: "127.0.0.1",
     port: 8080,
+  });
+  assert.deepEqual(parseUnitLine("ipsan unit u1 iscsi iscsi://127.0.0.1:3260"), {
+    kind: "iscsi",
+    name: "u1",
+    host: "127.0.0.1",
+    port: 3260,
   });
   for (const line of [
     "ipsan unit u1 ready nbd://127.0.0.1:0",

@@ -165,6 +165,7 @@ export async function startUnitUnderStrace(options: UnitOptions, trace: TraceOpt
     }
   };
   const unit: RunningUnit = {
+    iscsiPortal: undefined,
     name: tcp.name,
     host: tcp.host,
     port: tcp.port,

@@ -29,11 +29,13 @@ export type UnitLine =
   | { kind: "ready"; name: string; host: string; port: number }
   | { kind: "ready-unix"; name: string; path: string }
   | { kind: "control"; name: string; host: string; port: number }
+  | { kind: "iscsi"; name: string; host: string; port: number }
   | { kind: "other"; text: string };
 
 const READY_PATTERN = /^ipsan unit (\S+) ready nbd:\/\/(\[[0-9a-fA-F:.]+\]|[^\s:/[\]]+):([0-9]{1,5})\/?$/;
 const READY_UNIX_PATTERN = /^ipsan unit (\S+) ready nbd\+unix:\/\/\/\?socket=(\/\S+)$/;
 const CONTROL_PATTERN = /^ipsan unit (\S+) control http:\/\/(\[[0-9a-fA-F:.]+\]|[^\s:/[\]]+):([0-9]{1,5})\/?$/;
+const ISCSI_PATTERN = /^ipsan unit (\S+) iscsi iscsi:\/\/(\[[0-9a-fA-F:.]+\]|[^\s:/[\]]+):([0-9]{1,5})\/?$/;
 
 /**
  * Parses one stdout line of `ipsan unit` (pure; brackets are stripped from
@@ -43,7 +45,7 @@ export function parseUnitLine(line: string): UnitLine {
   const text = line.trim();
   const unix = READY_UNIX_PATTERN.exec(text);
   if (unix !== null) return { kind: "ready-unix", name: unix[1] ?? "", path: decodeURIComponent(unix[2] ?? "") };
-  for (const [kind, pattern] of [["ready", READY_PATTERN], ["control", CONTROL_PATTERN]] as const) {
+  for (const [kind, pattern] of [["ready", READY_PATTERN], ["control", CONTROL_PATTERN], ["iscsi", ISCSI_PATTERN]] as const) {
     const match = pattern.exec(text);
     if (match === null) continue;
     const port = Number(match[3]);
@@ -97,6 +99,8 @@ export interface RunningUnit {
   readonly child: ChildProcess;
   /** Control API base URL ("http://127.0.0.1:PORT"), if started with control. */
   readonly controlUrl: string | undefined;
+  /** The iSCSI portal ("127.0.0.1:PORT") from the `iscsi iscsi://HOST:PORT` line, if started with --iscsi. */
+  readonly iscsiPortal: string | undefined;
   /** nbd://HOST:PORT/EXPORT, or nbd+unix:///EXPORT?socket=PATH */
   uri(exportName: string): string;
   /** The URI without an export name, for nbdinfo --list. */
@@ -166,7 +170,9 @@ export async function startUnit(options: UnitOptions): Promise<RunningUnit> {
   let partial = "";
   let ready: Extract<UnitLine, { kind: "ready" | "ready-unix" }> | undefined;
   let control: Extract<UnitLine, { kind: "control" }> | undefined;
+  let iscsi: Extract<UnitLine, { kind: "iscsi" }> | undefined;
   const wantControl = options.control !== undefined && options.control !== false;
+  const wantIscsi = args.includes("--iscsi");
   let settle: (() => void) | undefined;
   child.stdout?.setEncoding("utf8");
   child.stdout?.on("data", (chunk: string) => {
@@ -179,7 +185,8 @@ export async function startUnit(options: UnitOptions): Promise<RunningUnit> {
       const parsed = parseUnitLine(line);
       if ((parsed.kind === "ready" || parsed.kind === "ready-unix") && ready === undefined) ready = parsed;
       if (parsed.kind === "control" && control === undefined) control = parsed;
-      if (ready !== undefined && (!wantControl || control !== undefined)) settle?.();
+      if (parsed.kind === "iscsi" && iscsi === undefined) iscsi = parsed;
+      if (ready !== undefined && (!wantControl || control !== undefined) && (!wantIscsi || iscsi !== undefined)) settle?.();
     }
     if (partial.length > UNIT_STDOUT_LINE_BYTES_MAX) partial = partial.slice(-UNIT_STDOUT_LINE_BYTES_MAX);
   });
@@ -205,7 +212,7 @@ export async function startUnit(options: UnitOptions): Promise<RunningUnit> {
         clearTimeout(timer);
         reject(error);
       });
-      if (ready !== undefined && (!wantControl || control !== undefined)) settle();
+      if (ready !== undefined && (!wantControl || control !== undefined) && (!wantIscsi || iscsi !== undefined)) settle();
     });
   } catch (error) {
     child.kill("SIGKILL");
@@ -230,6 +237,7 @@ export async function startUnit(options: UnitOptions): Promise<RunningUnit> {
     args,
     child,
     controlUrl: control === undefined ? undefined : `http://${hostPort(control.host, control.port)}`,
+    iscsiPortal: iscsi === undefined ? undefined : hostPort(iscsi.host, iscsi.port),
     uri: (exportName) =>
       socketPath !== undefined
         ? `nbd+unix:///${exportName}?socket=${socketPath}`

@@ -9,7 +9,7 @@
 //   GET    /v1/volumes/NAME             POST   /v1/volumes            {name, sizeBytes}
 //   DELETE /v1/volumes/NAME             POST   /v1/volumes/NAME/grow  {sizeBytes}
 //   PUT    /v1/volumes/NAME/partitions  {sizesBytes:[...]}
-//   PUT    /v1/volumes/NAME/grants      {hosts:[...]} or {grants:[{host, key, export?, from?}]}
+//   PUT    /v1/volumes/NAME/grants      {hosts:[...]} or {grants:[{host, key, export?, from?, iqn?}]}
 //   POST   /v1/volumes/NAME/wipe        (no body, or {}: all of it; or {offset, length}: that part)
 //   GET    /v1/stats                    GET    /metrics (Prometheus text)    (io_report.ts)
 
@@ -21,7 +21,7 @@ import { logger } from "../util/log.ts";
 import { type IoSource, type UnitStatsView, unitMetricsText, unitStats } from "./io_report.ts";
 import type { UnitExportProvider } from "./provider.ts";
 import { parseIdentityGrants } from "./volume_ops.ts";
-import { type VolumeManager, volumeView } from "./volumes.ts";
+import { type VolumeManager, type VolumeView, volumeView as plainVolumeView } from "./volumes.ts";
 import type { TlsMode } from "../nbd/tls.ts";
 import { IoStats } from "../nbd/io_stats.ts";
 import { TABLE_GENERATION_HEADER } from "../discovery/messages.ts";
@@ -55,6 +55,12 @@ export interface ControlServerOptions {
   readonly readTokens?: readonly string[];
   /** The NBD server's I/O counters, for GET /v1/stats and GET /metrics (absent: zeroes). */
   readonly io?: () => IoSource | undefined;
+  /**
+   * The iSCSI target (--iscsi): GET /v1/info says `iscsi: {portal: "HOST:PORT"}`
+   * (null without one) and volume views gain `iscsi: {target, naa}` on each
+   * volume and partition (src/unit/iscsi.ts withIscsi).
+   */
+  readonly iscsi?: { readonly portal: () => string | undefined; readonly view: (view: VolumeView) => VolumeView };
 }
 
 interface Reply {
@@ -259,6 +265,9 @@ export class ControlServer {
     const path = rawUrl.split("?")[0] ?? "/";
     const parts = path.split("/").filter((p) => p !== "");
     const { manager } = this.#options;
+    const iscsi = this.#options.iscsi;
+    const volumeView = (record: Parameters<typeof plainVolumeView>[0]): VolumeView => (iscsi === undefined ? plainVolumeView(record) : iscsi.view(plainVolumeView(record)));
+    const views = (list: readonly VolumeView[]): readonly VolumeView[] => (iscsi === undefined ? list : list.map(iscsi.view));
     const notFound = (): IpsanError => new IpsanError("NOT_FOUND", `no route ${method} ${path}`);
     if (parts.length === 1 && parts[0] === "metrics" && method === "GET") {
       request.resume();
@@ -285,7 +294,8 @@ export class ControlServer {
           generation: snapshot.generation,
           tableGeneration: snapshot.generation,
           freeExtents: snapshot.freeExtents,
-          volumes: snapshot.volumes,
+          iscsi: iscsi?.portal() === undefined ? null : { portal: iscsi.portal() },
+          volumes: views(snapshot.volumes),
           refused: { ...this.#options.provider.refused },
         },
       };
@@ -294,7 +304,7 @@ export class ControlServer {
     if (parts.length === 2) {
       if (method === "GET") {
         request.resume();
-        return { status: 200, body: { items: manager.snapshot().volumes } };
+        return { status: 200, body: { items: views(manager.snapshot().volumes) } };
       }
       if (method === "POST") {
         const body = objectBody(await this.#readBody(request), ["name", "sizeBytes"]);

@@ -35,6 +35,13 @@ export const GRANTS_PER_VOLUME_MAX = 32;
 export const ACCESS_PER_VOLUME_MAX = 16;
 /** Source addresses or CIDRs one identity grant may require. */
 export const ACCESS_FROM_MAX = 2;
+/**
+ * Bytes of initiator names (identity grants' `iqn`, each up to 223 bytes) in
+ * one volume table, all volumes together: the table's 2 MiB slot holds every
+ * other limit at its maximum and this much besides (about 1100 grants naming
+ * 60-byte IQNs). Checked by the grants endpoint and at load.
+ */
+export const ACCESS_IQN_BYTES_TABLE_MAX = 64 * 1024;
 /** Station host names: the TLS-PSK identity of a host. */
 export const HOST_NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
 export const VOLUME_NAME_LENGTH_MAX = 63;

@@ -17,6 +17,9 @@ import { ControlServer } from "./control.ts";
 import { VOLUME_NAME_PATTERN } from "./layout.ts";
 import { UnitExportProvider } from "./provider.ts";
 import { VolumeManager } from "./volumes.ts";
+import { newUnitIscsiTarget, withIscsi } from "./iscsi.ts";
+import type { IscsiTarget } from "../iscsi/target.ts";
+import { LogicalUnitRegistry } from "../scsi/logical_unit.ts";
 import { type NbdServerTls, PSK_IDENTITY_PATTERN, TLS_MODES, type TlsMode, parsePskFile } from "../nbd/tls.ts";
 // discovery (--discovery): flags, cluster key, derived control token, agent — see src/discovery/unit_join.ts
 import { JOIN_FLAGS, JOIN_USAGE, joinTokens, loadJoinKey, parseJoinFlags, startJoin, type JoinConfig } from "../discovery/unit_join.ts";
@@ -38,6 +41,7 @@ export const USAGE = `usage: ipsan unit --data DIR --capacity SIZE --listen HOST
                   [--volume NAME:SIZE]... [--allow CIDR|id:NAME]... [--control-listen HOST:PORT] [--control-token-file FILE]
                   (with --discovery, the control API opens by itself on the --listen host and a free port)
                   [--metrics-token-file FILE] [--tls off|on|require] [--tls-psk FILE] [--insecure-plaintext]
+                  [--iscsi HOST:PORT]   (also serve every volume and partition as an iSCSI target; port 0 = a free port)
                   ${JOIN_USAGE}
        ipsan unit volume list|create|delete|grow|partition|grant ...   (see "ipsan unit volume help")
        ipsan unit format --data DIR [--device PATH] [--capacity SIZE] [--from-slot 0|1] [--force]   (see "ipsan unit format --help")
@@ -54,6 +58,8 @@ export interface UnitConfig {
   readonly capacityBytes: number | undefined;
   readonly devicePath: string | undefined;
   readonly listen: NbdListenAddress;
+  /** --iscsi HOST:PORT: the iSCSI portal (docs/protocol/iscsi.md); absent: no iSCSI. */
+  readonly iscsi?: { host: string; port: number } | undefined;
   readonly volumes: readonly { name: string; sizeBytes: number }[];
   readonly allow: readonly Cidr[];
   /** --allow id:NAME: identities from --tls-psk served the volumes without grants. */
@@ -81,6 +87,8 @@ export interface RunningUnit {
   readonly manager: VolumeManager;
   readonly provider: UnitExportProvider;
   readonly nbd: NbdListenAddress;
+  /** The bound iSCSI portal, when --iscsi was given. */
+  readonly iscsi: { host: string; port: number } | undefined;
   readonly control: { host: string; port: number } | undefined;
   /** Stops accepting, finishes requests in flight, syncs, releases the storage. */
   stop(): Promise<void>;
@@ -88,6 +96,11 @@ export interface RunningUnit {
 
 function hostForUrl(host: string): string {
   return host.includes(":") ? `[${host}]` : host;
+}
+
+/** "HOST:PORT" with an IPv6 host bracketed (the iSCSI portal as printed and reported). */
+function hostPortText(address: { host: string; port: number }): string {
+  return `${hostForUrl(address.host)}:${address.port}`;
 }
 
 export function nbdUrl(address: NbdListenAddress): string {
@@ -133,6 +146,7 @@ export function parseUnitArgs(argv: readonly string[]): UnitConfig {
       control: { type: "string" },
       "control-token-file": { type: "string" },
       "metrics-token-file": { type: "string" },
+      iscsi: { type: "string" },
       ...JOIN_FLAGS, // discovery (--discovery)
       help: { type: "boolean", short: "h" },
     },
@@ -185,6 +199,7 @@ export function parseUnitArgs(argv: readonly string[]): UnitConfig {
     capacityBytes,
     devicePath: values.device,
     listen: parseListen(values.listen),
+    ...(values.iscsi === undefined ? {} : { iscsi: parseHostPort(values.iscsi, "--iscsi") }),
     volumes,
     allow,
     allowIdentities,
@@ -252,7 +267,7 @@ function readTokenFile(path: string, flag: string): string {
   return token;
 }
 
-/** The NBD server's TLS: keys of identity grants (DATA/host-keys.psk) first, then --tls-psk. */
+/** The NBD server's TLS (and iSCSI's CHAP): keys of identity grants (DATA/host-keys.psk) first, then --tls-psk. */
 function serverTls(config: UnitConfig, manager: VolumeManager, provider: UnitExportProvider): NbdServerTls | undefined {
   if (config.tls === "off") return undefined;
   let fileKeys = new Map<string, Buffer>();
@@ -307,6 +322,7 @@ export async function startUnit(config: UnitConfig): Promise<RunningUnit> {
   const manager = await VolumeManager.open({ dataDir: config.dataDir, capacityBytes: config.capacityBytes, devicePath: config.devicePath });
   if (config.devicePath === undefined) warnIfFileSystemTooSmall(manager.storage.path, manager.storage.sizeBytes);
   let nbdServer: NbdServer | undefined;
+  let iscsiTarget: IscsiTarget | undefined;
   let controlServer: ControlServer | undefined;
   try {
     for (const v of config.volumes) await manager.ensure(v.name, v.sizeBytes);
@@ -322,6 +338,22 @@ export async function startUnit(config: UnitConfig): Promise<RunningUnit> {
     }
     nbdServer = new NbdServer({ provider, ...(tls === undefined ? {} : { tls }) });
     const nbd = await nbdServer.listen(config.listen);
+    let iscsi: { host: string; port: number } | undefined;
+    if (config.iscsi !== undefined) {
+      const registry = new LogicalUnitRegistry();
+      const target = newUnitIscsiTarget({
+        unitName: config.name,
+        manager,
+        provider,
+        acquireLogicalUnit: (device, identity) => registry.acquire(identity, device),
+        // CHAP secrets derive from the same host keys as NBD's TLS-PSK (src/iscsi/names.ts chapSecret).
+        keyFor: tls === undefined ? undefined : tls.keyFor,
+        chapRequired: config.tls === "require",
+      });
+      iscsiTarget = target;
+      iscsi = await target.listen(config.iscsi.host, config.iscsi.port);
+    }
+    const iscsiPortal = iscsi === undefined ? undefined : hostPortText(iscsi);
     let control: { host: string; port: number } | undefined;
     if (config.control !== undefined) {
       const token = await loadControlToken(config.dataDir, config.controlTokenFile);
@@ -335,21 +367,23 @@ export async function startUnit(config: UnitConfig): Promise<RunningUnit> {
         nbd: () => nbd,
         tls: config.tls,
         io: () => nbdServer,
+        ...(iscsiTarget === undefined ? {} : { iscsi: { portal: () => iscsiPortal, view: (view) => withIscsi(view, iscsiTarget!, manager) } }),
         ...(metricsToken === undefined ? {} : { readTokens: [metricsToken] }),
       });
       control = await controlServer.listen(config.control.host, config.control.port);
     }
-    const servers = { nbd: nbdServer, control: controlServer };
+    const servers = { nbd: nbdServer, iscsi: iscsiTarget, control: controlServer };
     let stopping: Promise<void> | undefined;
     return {
       config,
       manager,
       provider,
       nbd,
+      iscsi,
       control,
       stop: () => {
         stopping ??= (async () => {
-          await Promise.all([servers.nbd.close(), servers.control?.close()]);
+          await Promise.all([servers.nbd.close(), servers.iscsi?.close(), servers.control?.close()]);
           await manager.close();
         })();
         return stopping;
@@ -357,6 +391,7 @@ export async function startUnit(config: UnitConfig): Promise<RunningUnit> {
     };
   } catch (error) {
     await nbdServer?.close().catch(() => undefined);
+    await iscsiTarget?.close().catch(() => undefined);
     await controlServer?.close().catch(() => undefined);
     await manager.close().catch(() => undefined);
     throw error;
@@ -406,6 +441,7 @@ export async function unitMain(argv: readonly string[]): Promise<number> {
     let join: Awaited<ReturnType<typeof startJoin>> | undefined;
     if (signalled === undefined) {
       process.stdout.write(`ipsan unit ${config.name} ready ${nbdUrl(unit.nbd)}\n`);
+      if (unit.iscsi !== undefined) process.stdout.write(`ipsan unit ${config.name} iscsi iscsi://${hostPortText(unit.iscsi)}\n`);
       if (unit.control !== undefined) {
         process.stdout.write(`ipsan unit ${config.name} control http://${hostForUrl(unit.control.host)}:${unit.control.port}\n`);
       }

@@ -74,7 +74,9 @@ export class UnitExportProvider implements ExportProvider {
    * that address. An identity grant admits a peer that proved the host's
    * identity over TLS with the key the grant was made with (keyId), from an
    * address in `from` when that is given: the volume and its partitions, or
-   * one partition only.
+   * one partition only. An identity grant that names an initiator (`iqn`,
+   * iSCSI) admits only a peer that logged in with that InitiatorName; NBD
+   * peers have none, so such a grant admits no NBD peer.
    */
   admits(volume: VolumeRecord, partition: number | undefined, peer: Peer): boolean {
     if (volume.grants.length > 0 || volume.access.length > 0) {
@@ -92,7 +94,8 @@ export class UnitExportProvider implements ExportProvider {
           a.host === peer.identity &&
           a.keyId === peer.keyId &&
           (a.partition === undefined || a.partition === partition) &&
-          (a.from.length === 0 || (!unix && fromContains(a.from, peer.address))),
+          (a.from.length === 0 || (!unix && fromContains(a.from, peer.address))) &&
+          (a.iqn === undefined || a.iqn === peer.initiator),
       );
     }
     if (this.#joined()) return false;

@@ -25,6 +25,7 @@ import {
   EXTENT_ALIGNMENT_LBA,
   EXTENTS_PER_VOLUME_MAX,
   ACCESS_FROM_MAX,
+  ACCESS_IQN_BYTES_TABLE_MAX,
   ACCESS_PER_VOLUME_MAX,
   GRANTS_PER_VOLUME_MAX,
   HOST_NAME_PATTERN,
@@ -40,6 +41,7 @@ import {
   dataAreaEndLba,
 } from "./layout.ts";
 import { parseCidr } from "./cidr.ts";
+import { iscsiNameProblem } from "../iscsi/names.ts";
 
 /** An LBA range: absolute on the storage for volume extents, volume-relative for partitions. */
 export interface LbaRange {
@@ -75,6 +77,13 @@ export interface AccessGrant {
   readonly from: readonly string[];
   /** pskKeyId() of the host's key when the grant was made. */
   readonly keyId: string;
+  /**
+   * iSCSI: the only initiator name (IQN) the grant admits, besides the host
+   * identity and key (undefined: any initiator; NBD peers have none, so a
+   * grant with an iqn admits no NBD peer). Absent in tables written before
+   * issue 10.
+   */
+  readonly iqn?: string;
 }
 
 export interface VolumeTable {
@@ -141,7 +150,16 @@ function encodeBody(table: VolumeTable, bothSlots: boolean): Buffer {
         // Absent when empty: a table without identity grants stays byte-identical to older units' (they ignore the field).
         ...(v.access.length === 0
           ? {}
-          : { access: v.access.map((a) => ({ host: a.host, ...(a.partition === undefined ? {} : { partition: a.partition }), from: a.from, keyId: a.keyId })) }),
+          : {
+              access: v.access.map((a) => ({
+                host: a.host,
+                ...(a.partition === undefined ? {} : { partition: a.partition }),
+                from: a.from,
+                keyId: a.keyId,
+                // Absent without one: a table without iSCSI grants stays readable by units before issue 10.
+                ...(a.iqn === undefined ? {} : { iqn: a.iqn }),
+              })),
+            }),
       })),
     }),
     "utf8",
@@ -219,10 +237,11 @@ function parseAccess(value: unknown): AccessGrant[] | undefined {
   const out: AccessGrant[] = [];
   for (const a of value) {
     if (!isRecord(a)) return undefined;
-    const { host, partition, from, keyId } = a;
+    const { host, partition, from, keyId, iqn } = a;
     if (typeof host !== "string" || typeof keyId !== "string" || !Array.isArray(from) || !from.every((f) => typeof f === "string")) return undefined;
     if (partition !== undefined && !isCount(partition)) return undefined;
-    out.push({ host, partition, from, keyId });
+    if (iqn !== undefined && typeof iqn !== "string") return undefined;
+    out.push({ host, partition, from, keyId, ...(iqn === undefined ? {} : { iqn }) });
   }
   return out;
 }
@@ -273,6 +292,11 @@ function decodeBody(body: Buffer): BodyParse {
  * before every write (as an assertion) and after every load (as CORRUPT).
  * The key one: no two extents, of one volume or of two, share a sector.
  */
+/** Bytes of initiator names the identity grants of one volume hold (ACCESS_IQN_BYTES_TABLE_MAX counts them). */
+export function accessIqnBytes(access: readonly AccessGrant[]): number {
+  return access.reduce((sum, a) => sum + (a.iqn === undefined ? 0 : Buffer.byteLength(a.iqn, "utf8")), 0);
+}
+
 export function validateTable(table: VolumeTable): string[] {
   const problems: string[] = [];
   if (table.unitId !== undefined && !UNIT_ID_PATTERN.test(table.unitId)) problems.push(`unitId ${JSON.stringify(table.unitId)} is not a lowercase UUID`);
@@ -284,6 +308,7 @@ export function validateTable(table: VolumeTable): string[] {
   const names = new Set<string>();
   const numbers = new Set<number>();
   const all: { startLba: number; endLba: number; name: string }[] = [];
+  let iqnBytes = 0;
   for (const v of table.volumes) {
     const at = `volume ${JSON.stringify(v.name)}`;
     if (!VOLUME_NAME_PATTERN.test(v.name)) problems.push(`${at}: bad name`);
@@ -324,6 +349,7 @@ export function validateTable(table: VolumeTable): string[] {
       if (!parsed.ok || parsed.cidr.text !== g) problems.push(`${at}: grant ${JSON.stringify(g)} not a canonical CIDR`);
     }
     if (v.access.length > ACCESS_PER_VOLUME_MAX) problems.push(`${at}: ${v.access.length} identity grants`);
+    iqnBytes += accessIqnBytes(v.access);
     const accessSeen = new Set<string>();
     for (const a of v.access) {
       const what = `${at}: identity grant ${JSON.stringify(a.host)}`;
@@ -335,11 +361,16 @@ export function validateTable(table: VolumeTable): string[] {
         const parsed = parseCidr(f);
         if (!parsed.ok || parsed.cidr.text !== f) problems.push(`${what}: from ${JSON.stringify(f)} not a canonical CIDR`);
       }
+      if (a.iqn !== undefined) {
+        const problem = iscsiNameProblem(a.iqn);
+        if (problem !== undefined) problems.push(`${what}: iqn ${problem}`);
+      }
       const key = `${a.host}/${a.partition ?? ""}`;
       if (accessSeen.has(key)) problems.push(`${what}: export granted twice`);
       accessSeen.add(key);
     }
   }
+  if (iqnBytes > ACCESS_IQN_BYTES_TABLE_MAX) problems.push(`identity grants name ${iqnBytes} bytes of initiators, over ACCESS_IQN_BYTES_TABLE_MAX`);
   all.sort((a, b) => a.startLba - b.startLba);
   for (let i = 1; i < all.length; i++) {
     const previous = all[i - 1];
@@ -376,6 +407,8 @@ function worstCaseTable(): VolumeTable {
     partition: PARTITIONS_PER_VOLUME_MAX,
     from: Array.from({ length: ACCESS_FROM_MAX }, () => "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128"),
     keyId: "f".repeat(16),
+    // ACCESS_IQN_BYTES_TABLE_MAX spread over every grant of every volume.
+    iqn: `iqn.2026-12.a:${"b".repeat(Math.max(1, Math.floor(ACCESS_IQN_BYTES_TABLE_MAX / (VOLUMES_MAX * ACCESS_PER_VOLUME_MAX)) - 14))}`,
   }));
   const volumes = Array.from({ length: VOLUMES_MAX }, (_, i) => ({
     name: `${i}`.padStart(63, "x"),

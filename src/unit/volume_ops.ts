@@ -16,6 +16,7 @@ import { parseCidr } from "./cidr.ts";
 import { PSK_KEY_HEX_PATTERN, pskKeyId } from "../nbd/tls.ts";
 import {
   ACCESS_FROM_MAX,
+  ACCESS_IQN_BYTES_TABLE_MAX,
   ACCESS_PER_VOLUME_MAX,
   EXTENT_ALIGNMENT_BYTES,
   EXTENT_ALIGNMENT_LBA,
@@ -27,7 +28,8 @@ import {
   VOLUME_NAME_PATTERN,
   VOLUMES_MAX,
 } from "./layout.ts";
-import { type AccessGrant, type LbaRange, type VolumeRecord, type VolumeTable, extentsLengthLba, freeRanges, validateTable } from "./table.ts";
+import { type AccessGrant, type LbaRange, type VolumeRecord, type VolumeTable, accessIqnBytes, extentsLengthLba, freeRanges, validateTable } from "./table.ts";
+import { iscsiNameProblem } from "../iscsi/names.ts";
 
 export interface TableChange {
   readonly table: VolumeTable;
@@ -298,11 +300,13 @@ export interface IdentityGrantInput {
   readonly key: Buffer;
   readonly partition: number | undefined;
   readonly from: readonly string[];
+  /** iSCSI: the one initiator name the grant admits (undefined: any). */
+  readonly iqn?: string;
 }
 
 /**
  * Checks the new grants body of volume `volumeName`: a list of
- * {host, key, export?, from?}. Every entry naming one host carries the same
+ * {host, key, export?, from?, iqn?}. Every entry naming one host carries the same
  * key; one export is granted to one host once. Errors name the field.
  */
 export function parseIdentityGrants(volumeName: string, value: unknown): IdentityGrantInput[] {
@@ -315,7 +319,9 @@ export function parseIdentityGrants(volumeName: string, value: unknown): Identit
     if (typeof entry !== "object" || entry === null || Array.isArray(entry)) throw invalid(at, `${at}: expected an object {host, key, export, from}`);
     const record = entry as Record<string, unknown>;
     for (const field of Object.keys(record)) {
-      if (!["host", "key", "export", "from"].includes(field)) throw invalid(`${at}.${field}`, `${at}.${field}: unknown field (expected host, key, export, from)`);
+      if (!["host", "key", "export", "from", "iqn"].includes(field)) {
+        throw invalid(`${at}.${field}`, `${at}.${field}: unknown field (expected host, key, export, from, iqn)`);
+      }
     }
     const host = record["host"];
     if (typeof host !== "string" || !HOST_NAME_PATTERN.test(host)) {
@@ -351,7 +357,12 @@ export function parseIdentityGrants(volumeName: string, value: unknown): Identit
     if (out.some((g) => g.host === host && g.partition === partition)) {
       throw invalid(`${at}.export`, `${at}: export ${partition === undefined ? volumeName : `${volumeName}/p${partition}`} granted to host ${host} twice`);
     }
-    out.push({ host, key: Buffer.from(lower, "hex"), partition, from });
+    const iqn = record["iqn"];
+    if (iqn !== undefined) {
+      const problem = iscsiNameProblem(iqn);
+      if (problem !== undefined) throw invalid(`${at}.iqn`, `${at}.iqn: ${problem}`);
+    }
+    out.push({ host, key: Buffer.from(lower, "hex"), partition, from, ...(typeof iqn === "string" ? { iqn } : {}) });
   });
   return out;
 }
@@ -366,7 +377,21 @@ export function setIdentityGrants(table: VolumeTable, nameValue: unknown, grants
   const name = checkVolumeName(nameValue);
   const volume = findVolume(table, name);
   const keyIds = new Map(grants.map((g) => [g.host, pskKeyId(g.key)]));
-  const access: AccessGrant[] = grants.map((g) => ({ host: g.host, partition: g.partition, from: g.from, keyId: keyIds.get(g.host) ?? "" }));
+  const access: AccessGrant[] = grants.map((g) => ({
+    host: g.host,
+    partition: g.partition,
+    from: g.from,
+    keyId: keyIds.get(g.host) ?? "",
+    ...(g.iqn === undefined ? {} : { iqn: g.iqn }),
+  }));
+  const iqnBytes = table.volumes.reduce((sum, v) => sum + (v.name === name ? accessIqnBytes(access) : accessIqnBytes(v.access)), 0);
+  if (iqnBytes > ACCESS_IQN_BYTES_TABLE_MAX) {
+    throw invalid(
+      "grants",
+      `grants: the unit's identity grants would name ${iqnBytes} bytes of initiator IQNs in all, over ACCESS_IQN_BYTES_TABLE_MAX=${ACCESS_IQN_BYTES_TABLE_MAX}: ` +
+        "revoke iSCSI grants of volumes no longer used, or place the volume on another unit",
+    );
+  }
   const changed: VolumeRecord = { ...volume, grants: [], access };
   const volumes = table.volumes.map((v) => {
     if (v.name === name) return changed;

@@ -70,6 +70,8 @@ export interface AccessView {
   /** "VOL" (the volume and its partitions) or "VOL/pN". */
   readonly export: string;
   readonly from: readonly string[];
+  /** iSCSI: the one initiator name admitted; absent: any (and NBD). */
+  readonly iqn?: string;
 }
 
 export interface StorageInfoSnapshot {
@@ -108,6 +110,7 @@ export function volumeView(volume: VolumeRecord): VolumeView {
       host: a.host,
       export: a.partition === undefined ? volume.name : partitionName(volume.name, a.partition),
       from: [...a.from],
+      ...(a.iqn === undefined ? {} : { iqn: a.iqn }),
     })),
   };
 }

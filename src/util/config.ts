@@ -21,6 +21,8 @@ export const CONFIG_SETTINGS = {
   "ca-file": { env: "IPSAN_CA_FILE", path: true },
   "state-dir": { env: "IPSAN_STATE_DIR", path: true },
   host: { env: "IPSAN_HOST", path: false },
+  /** The host's iSCSI initiator name (ipsan host agent/request/register --iqn). */
+  iqn: { env: "IPSAN_IQN", path: false },
 } as const;
 export type ConfigKey = keyof typeof CONFIG_SETTINGS;
 

@@ -1,5 +1,5 @@
-// Hosts: every registered host with its address, state, spare flag and when
-// it was last heard from; live from the event stream.
+// Hosts: every registered host with its address, state, spare flag, iSCSI
+// initiator name and when it was last heard from; live from the event stream.
 
 import type { JSX } from "preact";
 import { type Model, useModel } from "../model.ts";
@@ -19,6 +19,7 @@ export function HostsPage({ model }: { model: Model }): JSX.Element {
               <th scope="col">State</th>
               <th scope="col">Address</th>
               <th scope="col">Spare</th>
+              <th scope="col">iSCSI initiator</th>
               <th scope="col">Last seen</th>
             </tr>
           </thead>
@@ -31,6 +32,7 @@ export function HostsPage({ model }: { model: Model }): JSX.Element {
                 </td>
                 <td>{h.address}</td>
                 <td>{h.spare === true ? "spare" : "-"}</td>
+                <td>{h.iqn ?? "-"}</td>
                 <td>{formatTime(h.lastSeenAt)}</td>
               </tr>
             ))}

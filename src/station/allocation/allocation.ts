@@ -12,8 +12,9 @@ import type { StationContext } from "../context.ts";
 import type { HostRegistry } from "../hosts/host_registry.ts";
 import type { UnitPool } from "../pool/unit_pool.ts";
 import { newAssignmentId } from "../store.ts";
-import type { AssignmentRecord, LegRecord } from "../types.ts";
+import type { AssignmentRecord, LegRecord, Protocol } from "../types.ts";
 import { legBytesOf, legCarveId } from "./legs.ts";
+import { iscsiUnitProblem, refuseHostWithoutIqn, refuseIscsiMirror } from "../assignments/protocol.ts";
 
 const log = logger("station");
 
@@ -25,6 +26,8 @@ export interface AllocationInput {
   readonly dryRun?: boolean;
   /** 1 (default): one volume. 2..COPIES_MAX: a mirror, one leg per distinct unit. */
   readonly copies?: number;
+  /** nbd (default) or iscsi: placed only on units that serve iSCSI; a single copy; the host needs an IQN. */
+  readonly protocol?: Protocol;
 }
 
 export type AllocationAnswer =
@@ -75,15 +78,42 @@ export class Allocation {
     }
   }
 
+  /**
+   * protocol iscsi: the refusals (a mirror; a host without an IQN; a pool
+   * where no unit serves iSCSI), and the units left out of placement (those
+   * without a portal), with their reason for the 507.
+   */
+  private protocolExclusions(input: AllocationInput): Map<string, string> {
+    const protocol = input.protocol ?? "nbd";
+    const excluded = new Map<string, string>();
+    if (protocol === "nbd") return excluded;
+    refuseIscsiMirror(protocol, input.copies ?? 1);
+    refuseHostWithoutIqn(protocol, input.host, this.ctx.store.hosts.get(input.host));
+    for (const unit of this.ctx.store.units.values()) {
+      const problem = iscsiUnitProblem(unit);
+      if (problem !== undefined) excluded.set(unit.name, problem);
+    }
+    if (excluded.size === this.ctx.store.units.size) {
+      throw new IpsanError(
+        "CONFLICT",
+        `no unit in the pool serves iSCSI (${excluded.size} unit${excluded.size === 1 ? "" : "s"}, none reports an iSCSI portal): ` +
+          "start units with --iscsi HOST:PORT (3260 is the standard port), or ask with protocol nbd",
+        { field: "protocol" },
+      );
+    }
+    return excluded;
+  }
+
   private async allocateOnce(input: AllocationInput, callerAddress: string): Promise<AllocationAnswer> {
     const copies = input.copies ?? 1;
+    const excluded = this.protocolExclusions(input);
     if (input.dryRun === true && copies > 1) {
       const result = placeLegs(this.pool.allocatorUnits(), { sizeBytes: legBytesOf(input.sizeBytes), copies, reuse: false });
       if (!result.ok) throw this.noSpace(input.sizeBytes, result.reasons, copies);
       return { kind: "dry_run", placement: result.legs[0] as Placement, legs: result.legs, copies, reasons: result.reasons };
     }
     if (input.dryRun === true) {
-      const result = allocate(this.pool.allocatorUnits(), { sizeBytes: input.sizeBytes });
+      const result = allocate(this.pool.allocatorUnits(), { sizeBytes: input.sizeBytes, excludeReasons: excluded });
       if (!result.ok) throw this.noSpace(input.sizeBytes, result.reasons);
       return { kind: "dry_run", placement: result.placement, reasons: result.reasons };
     }
@@ -93,7 +123,14 @@ export class Allocation {
       return answer.kind === "assignment" ? { ...answer, status: 200 } : answer;
     }
     // A single copy's parameters are written as before copies existed, so old request ids still match.
-    const params = JSON.stringify({ kind: "allocation", host: input.host, sizeBytes: input.sizeBytes, ...(copies > 1 ? { copies } : {}) });
+    const protocol = input.protocol ?? "nbd";
+    const params = JSON.stringify({
+      kind: "allocation",
+      host: input.host,
+      sizeBytes: input.sizeBytes,
+      ...(copies > 1 ? { copies } : {}),
+      ...(protocol === "nbd" ? {} : { protocol }),
+    });
     const previous = this.ctx.store.findRequest(input.requestId);
     if (previous !== undefined) {
       if (previous.params !== params) {
@@ -105,7 +142,7 @@ export class Allocation {
       }
       return { kind: "assignment", status: 200, assignment: await this.assignments.settled(previous.assignmentId) };
     }
-    const work = this.allocateNew(input, callerAddress, params);
+    const work = this.allocateNew(input, callerAddress, params, excluded);
     this.inflight.set(input.requestId, work);
     try {
       return await work;
@@ -129,7 +166,7 @@ export class Allocation {
     return new NoSpaceError(message, reasons);
   }
 
-  private async allocateNew(input: AllocationInput, callerAddress: string, params: string): Promise<AllocationAnswer> {
+  private async allocateNew(input: AllocationInput, callerAddress: string, params: string, excluded: ReadonlyMap<string, string>): Promise<AllocationAnswer> {
     const known = this.ctx.store.hosts.get(input.host);
     const address = input.address ?? known?.address ?? callerAddress;
     // A new host is registered in the same transaction as its first assignment (one fsync, not two).
@@ -138,8 +175,10 @@ export class Allocation {
     else if (known.address !== address) await this.hosts.putHost(input.host, address);
     else this.hosts.heartbeat(input.host);
     if ((input.copies ?? 1) > 1) return this.allocateMirror(input, address, params, register);
-    // Units that refused this request's carve, with their words (the 507's reasons if no unit is left).
-    const refusals = new Map<string, string>();
+    // Units that refused this request's carve, with their words (the 507's reasons if no unit is left),
+    // and for protocol iscsi the units that serve no iSCSI.
+    const refusals = new Map<string, string>(excluded);
+    const refusalsBefore = refusals.size;
     for (;;) {
       const result = allocate(this.pool.allocatorUnits(), { sizeBytes: input.sizeBytes, excludeReasons: refusals });
       if (!result.ok) throw this.noSpace(input.sizeBytes, result.reasons);
@@ -165,6 +204,7 @@ export class Allocation {
         detail: null,
         createdAtMs: nowMs,
         updatedAtMs: nowMs,
+        protocol: input.protocol ?? "nbd",
       };
       // No await between allocate() above and this insert: the placement is reserved atomically,
       // and a carve counts against the unit's free space until the unit reports it.
@@ -181,7 +221,7 @@ export class Allocation {
       } catch (error) {
         // A unit that refused the carve (no space, volume limit) is left out and the next best tried:
         // a refusal is the unit's answer about this request, not a failure of the unit.
-        if (!(assignment.carved && isCarveRefusal(error)) || refusals.has(assignment.unit) || refusals.size > this.ctx.store.units.size) throw error;
+        if (!(assignment.carved && isCarveRefusal(error)) || refusals.has(assignment.unit) || refusals.size - refusalsBefore > this.ctx.store.units.size) throw error;
         refusals.set(assignment.unit, `refused the carve: ${error.message.replace(`unit ${assignment.unit}: `, "")}`);
         log.info("unit refused a carve; trying the next unit", { id, unit: assignment.unit, sizeBytes: assignment.sizeBytes, error: error.message });
         continue;

@@ -4,7 +4,7 @@
 import { Type, type Static } from "@sinclair/typebox";
 import { IpsanError } from "../../util/errors.ts";
 import { COPIES_MAX } from "../station.ts";
-import { ASSIGNMENT_STATES, LIVE_ASSIGNMENT_STATES, REPORTED_LEG_STATES } from "../types.ts";
+import { ASSIGNMENT_STATES, LIVE_ASSIGNMENT_STATES, PROTOCOLS, REPORTED_LEG_STATES } from "../types.ts";
 import { checkAddress, checkBoolean, checkIndex, checkName, checkRequestId, checkSize, invalid, show } from "../validate.ts";
 import { assignmentView } from "../views.ts";
 import { GENERATION_MAX, LEG_REPORT_LEGS_MAX, parseLegReport } from "../leg_reports.ts";
@@ -20,6 +20,9 @@ const AssignmentQuery = Type.Object(
   },
   { additionalProperties: false },
 );
+const ProtocolField = Enum(PROTOCOLS, {
+  description: "nbd (default) or iscsi: the host logs in to the unit's iSCSI target with its registered IQN (a single copy; units that serve iSCSI only)",
+});
 export const Allocate = Type.Object(
   {
     requestId: RequestId,
@@ -28,11 +31,19 @@ export const Allocate = Type.Object(
     address: Optional(Type.String({ description: "the host's data-path address (IP or DNS name); default: as registered, else the caller's" })),
     dryRun: Optional(Type.Boolean({ description: "answer the placement, change nothing" })),
     copies: Optional(Type.Integer({ minimum: 1, maximum: COPIES_MAX, description: "2 or 3: a mirror, one leg of sizeBytes + 1 MiB on each of as many distinct units (default 1)" })),
+    protocol: Optional(ProtocolField),
   },
   { additionalProperties: false },
 );
 export const Assign = Type.Object(
-  { host: Name, unit: Name, volume: Name, partition: Optional(Type.Integer({ minimum: 1, maximum: 1024 })), requestId: Optional(RequestId) },
+  {
+    host: Name,
+    unit: Name,
+    volume: Name,
+    partition: Optional(Type.Integer({ minimum: 1, maximum: 1024 })),
+    requestId: Optional(RequestId),
+    protocol: Optional(ProtocolField),
+  },
   { additionalProperties: false },
 );
 export const LegReport = Type.Object(
@@ -111,7 +122,7 @@ export function assignmentRoutes(api: Api): void {
         201: Ref(Assignment, "allocated"),
         200: Type.Union([Ref(Assignment), DryRun], { description: "retried requestId (the same assignment) or dry run" }),
         ...Accepted,
-        ...Errors({ 409: "requestId reused with other parameters", 503: "unit unreachable; nothing left half-made", 507: "no fit; error.reasons says why, unit by unit" }),
+        ...Errors({ 400: "bad field; protocol iscsi with copies > 1", 409: "requestId reused with other parameters; protocol iscsi for a host without an IQN, or with no unit serving iSCSI", 503: "unit unreachable; nothing left half-made", 507: "no fit; error.reasons says why, unit by unit" }),
       },
     },
     handler: async (ctx) => {
@@ -122,7 +133,8 @@ export function assignmentRoutes(api: Api): void {
       const dryRun = given(b.dryRun) ? checkBoolean(b.dryRun, "dryRun") : false;
       const copies = given(b.copies) ? checkIndex(b.copies, "copies", COPIES_MAX) : 1;
       const address = given(b.address) ? await checkAddress(b.address, "address") : undefined;
-      const input = { requestId, host, sizeBytes, dryRun, copies, ...(address === undefined ? {} : { address }) };
+      const protocol = given(b.protocol) ? b.protocol : "nbd";
+      const input = { requestId, host, sizeBytes, dryRun, copies, ...(address === undefined ? {} : { address }), ...(protocol === "nbd" ? {} : { protocol }) };
       // A dry run changes nothing: no task.
       if (!dryRun) return api.answerTask(ctx, api.tasks.allocate(ctx.principal, input, ctx.callerAddress));
       const answer = await station.allocate(input, ctx.callerAddress);
@@ -144,7 +156,7 @@ export function assignmentRoutes(api: Api): void {
         200: Ref(Assignment, "retried requestId"),
         201: Ref(Assignment, "assigned"),
         ...Accepted,
-        ...Errors({ 404: "no such host, unit, volume or partition", 409: "volume taken, or another task holds it", 503: "unit unreachable" }),
+        ...Errors({ 404: "no such host, unit, volume or partition", 409: "volume taken, or another task holds it; protocol iscsi for a host without an IQN or on a unit that serves no iSCSI", 503: "unit unreachable" }),
       },
     },
     handler: (ctx) => {
@@ -154,7 +166,15 @@ export function assignmentRoutes(api: Api): void {
       const volume = checkName(b.volume, "volume");
       const partition = given(b.partition) ? checkIndex(b.partition, "partition", 1024) : undefined;
       const requestId = given(b.requestId) ? checkRequestId(b.requestId) : undefined;
-      const input = { host, unit, volume, ...(partition === undefined ? {} : { partition }), ...(requestId === undefined ? {} : { requestId }) };
+      const protocol = given(b.protocol) ? b.protocol : "nbd";
+      const input = {
+        host,
+        unit,
+        volume,
+        ...(partition === undefined ? {} : { partition }),
+        ...(requestId === undefined ? {} : { requestId }),
+        ...(protocol === "nbd" ? {} : { protocol }),
+      };
       return api.answerTask(ctx, api.tasks.assign(ctx.principal, input));
     },
   });

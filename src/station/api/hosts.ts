@@ -3,7 +3,8 @@
 import { Type, type Static } from "@sinclair/typebox";
 import { IpsanError } from "../../util/errors.ts";
 import { HOST_STATES } from "../types.ts";
-import { checkAddress, checkBoolean, checkName, show } from "../validate.ts";
+import { ISCSI_NAME_BYTES_MAX } from "../../iscsi/names.ts";
+import { checkAddress, checkBoolean, checkIqn, checkName, show } from "../validate.ts";
 import { hostView } from "../views.ts";
 import { tokenView } from "../auth/tokens.ts";
 import { given, type Api } from "./route.ts";
@@ -11,14 +12,19 @@ import { Enum, Errors, Host, List, NoBody, NoContent, NoQuery, Optional, Params,
 
 const HostQuery = Type.Object({ state: Type.Optional(Enum(HOST_STATES, { description: "online or offline" })) }, { additionalProperties: false });
 const Address = Type.String({ description: "IP address or DNS name" });
+const IqnField = Type.String({
+  maxLength: ISCSI_NAME_BYTES_MAX,
+  description: "the host's iSCSI initiator name (iqn., eui. or naa. form, lowercase): needed for protocol iscsi; \"\" removes it; omitted: unchanged",
+});
 export const PutHost = Type.Object(
   {
     address: Optional({ ...Address, description: "IP address or DNS name (default: the caller's address)" }),
     spare: Optional(Type.Boolean({ description: "a spare host (failover target); omitted: unchanged (false for a new host)" })),
+    iqn: Optional(IqnField),
   },
   { additionalProperties: false },
 );
-export const Heartbeat = Type.Object({ address: Optional(Address) }, { additionalProperties: false });
+export const Heartbeat = Type.Object({ address: Optional(Address), iqn: Optional(IqnField) }, { additionalProperties: false });
 const Keys = Type.Object(
   {
     host: Type.String(),
@@ -74,7 +80,7 @@ export function hostRoutes(api: Api): void {
     url: "/api/v1/hosts/:name",
     body: true,
     schema: {
-      summary: "Register a host or change its data-path address (default: the caller's address); spare: true registers a spare host",
+      summary: "Register a host or change its data-path address (default: the caller's address); spare: true registers a spare host; iqn: its iSCSI initiator name",
       params: Params("name"),
       body: PutHost,
       response: { 200: Ref(Host, "updated"), 201: Ref(Host, "registered"), ...Errors() },
@@ -84,7 +90,8 @@ export function hostRoutes(api: Api): void {
       const name = checkName(params[0], "host");
       const address = given(b.address) ? await checkAddress(b.address, "address") : callerAddress;
       const spare = given(b.spare) ? checkBoolean(b.spare, "spare") : undefined;
-      const { created } = await station.putHost(name, address, spare);
+      const iqn = given(b.iqn) ? checkIqn(b.iqn, "iqn") : undefined;
+      const { created } = await station.putHost(name, address, spare, iqn);
       const host = store.hosts.get(name);
       return { status: created ? 201 : 200, body: host === undefined ? null : hostView(host, station.hostStateOf(name)) };
     },
@@ -98,9 +105,11 @@ export function hostRoutes(api: Api): void {
       const b = body as Static<typeof Heartbeat>;
       const name = checkName(params[0], "host");
       const address = given(b.address) ? await checkAddress(b.address, "address") : undefined;
+      const iqn = given(b.iqn) ? checkIqn(b.iqn, "iqn") : undefined;
       const host = store.hosts.get(name);
       if (host === undefined) throw new IpsanError("NOT_FOUND", `host ${show(name)} not found: register it first (PUT /api/v1/hosts/${name})`, { field: "host" });
-      if (address !== undefined && address !== host.address) await station.putHost(name, address);
+      const iqnChanged = iqn !== undefined && iqn !== (host.iqn ?? null);
+      if ((address !== undefined && address !== host.address) || iqnChanged) await station.putHost(name, address ?? host.address, undefined, iqn);
       else station.heartbeat(name);
       return { status: 204 };
     },
@@ -156,9 +165,10 @@ export function hostRoutes(api: Api): void {
       const name = checkName(params[0], "host");
       const address = given(b.address) ? await checkAddress(b.address, "address") : callerAddress;
       const spare = given(b.spare) ? checkBoolean(b.spare, "spare") : undefined;
+      const iqn = given(b.iqn) ? checkIqn(b.iqn, "iqn") : undefined;
       // The join token is checked (unused, unexpired, for this host) and spent before the host is written.
       const issued = principal.role === "join" ? tokens.register(principal.name, name) : tokens.issueHostCredential(name);
-      const { created } = await station.putHost(name, address, spare);
+      const { created } = await station.putHost(name, address, spare, iqn);
       const host = store.hosts.get(name);
       return {
         status: created ? 201 : 200,

@@ -77,6 +77,9 @@ export const Unit = Answer(
     spare: Type.Boolean({ description: "joined with --spare: left out of ordinary allocation, takes replacement legs" }),
     zone: Nullable(Type.String(), { description: "failure domain (--zone); legs of a mirror go to distinct zones first" }),
     tls: Nullable(Type.String(), { description: "the unit's NBD TLS mode (off, on, require) as it reported it" }),
+    iscsi: Nullable(Answer({ portal: Type.String({ description: "HOST:PORT ([v6]:PORT)" }) }), {
+      description: "the unit's iSCSI portal (ipsan unit --iscsi) as its info last said; null: it serves no iSCSI",
+    }),
   },
   { $id: "Unit" },
 );
@@ -104,6 +107,7 @@ export const Host = Answer(
     address: Type.String(),
     state: Enum(["online", "offline"]),
     spare: Type.Boolean({ description: "a spare host: a failed host's assignments move to it (docs/adr/0010)" }),
+    iqn: Nullable(Type.String(), { description: "the host's iSCSI initiator name (null: none; protocol iscsi needs one)" }),
     lastSeenAt: DateTime,
     createdAt: DateTime,
   },
@@ -141,7 +145,22 @@ export const Assignment = Answer(
     lengthLba: Type.Integer(),
     endLba: Nullable(Type.Integer()),
     extents: Type.Array(Extent),
-    uri: Nullable(Type.String(), { description: "nbd://HOST:PORT/EXPORT (nbds:// with TLS); null for a mirror (copies > 1): the host's mirror engine serves it from the legs" }),
+    uri: Nullable(Type.String(), {
+      description:
+        "nbd://HOST:PORT/EXPORT (nbds:// with TLS); for protocol iscsi iscsi://PORTAL/TARGET/0 (no secret in it); null for a mirror (copies > 1): the host's mirror engine serves it from the legs",
+    }),
+    protocol: Enum(["nbd", "iscsi"], { description: "how the host reaches the volume (nbd for assignments made before iSCSI)" }),
+    iscsi: Nullable(
+      Answer({
+        portal: Type.String({ description: "the unit's iSCSI portal, HOST:PORT ([v6]:PORT)" }),
+        target: Type.String({ description: "the export's target name, iqn.2026-12.org.ipsan:UNIT.VOLUME[.pN]" }),
+        lun: Type.Integer({ description: "always 0" }),
+        chapUser: Nullable(Type.String(), {
+          description: "the CHAP user name (the host's name); the secret is derived on the host from its key for the unit; null: the unit admits by address, no CHAP",
+        }),
+      }),
+      { description: "protocol iscsi: where to log in (null for nbd, or while the unit's portal is unknown)" },
+    ),
     copies: Type.Integer({ minimum: 1, maximum: COPIES_MAX }),
     legs: Type.Array(Leg, { description: "a mirror's legs (empty for copies 1); unit, volume, export, nbdHost/nbdPort and extents above are the first leg's" }),
     state: Enum(["pending", "active", "revoking", "released", "failed"]),

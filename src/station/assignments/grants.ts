@@ -33,7 +33,8 @@ export class Grants {
    * Grants a volume should carry, for the hosts of its live, not-being-revoked
    * assignments: on a unit that speaks TLS (or is not known not to), a grant by
    * host identity for exactly the export assigned ("id:HOST@VOL" or
-   * "id:HOST@VOL/pN"; the host proves it with its key); on a unit started
+   * "id:HOST@VOL/pN"; the host proves it with its key; an iSCSI assignment's
+   * grant names the host's IQN too, "id:HOST@VOL#IQN"); on a unit started
    * with --insecure-plaintext, the host's address (which admits the whole
    * volume: such a unit cannot tell hosts apart any better).
    */
@@ -44,8 +45,10 @@ export class Grants {
       if (a.state === "active" || (a.state === "pending" && a.error === null)) {
         // A host failover fencing the old host: neither it nor the new host is granted until every unit confirmed.
         if (isFencing(a)) continue;
+        // iSCSI: the grant also names the host's initiator (the unit admits only that IQN's logins).
+        const iqn = a.protocol === "iscsi" ? (this.ctx.store.hosts.get(a.host)?.iqn ?? undefined) : undefined;
         const grant = byIdentity
-          ? identityGrant(a.host, a.partition === null ? volume : `${volume}/p${a.partition}`)
+          ? identityGrant(a.host, a.partition === null ? volume : `${volume}/p${a.partition}`, [], iqn)
           : canonicalGrant(a.hostAddress);
         if (!out.includes(grant)) out.push(grant);
       }

@@ -10,10 +10,11 @@ import { legCarveId } from "../allocation/legs.ts";
 import type { StationContext } from "../context.ts";
 import type { UnitPool } from "../pool/unit_pool.ts";
 import { newAssignmentId, volumesOf } from "../store.ts";
-import type { AssignmentDetail, AssignmentRecord, LegRecord, VolumeRecord } from "../types.ts";
+import type { AssignmentDetail, AssignmentRecord, LegRecord, Protocol, VolumeRecord } from "../types.ts";
 import { UnitCallError, type UnitClient } from "../unit_client.ts";
 import { SECTOR_BYTES, assignedExtents, mapRange, reachableNbd } from "../views.ts";
 import { canonicalGrant, type Grants } from "./grants.ts";
+import { refuseHostWithoutIqn, refuseUnitWithoutIscsi } from "./protocol.ts";
 
 const log = logger("station");
 
@@ -23,6 +24,8 @@ export interface AssignInput {
   readonly volume: string;
   readonly partition?: number;
   readonly requestId?: string;
+  /** nbd (default) or iscsi (the unit must serve iSCSI, the host have an IQN). */
+  readonly protocol?: Protocol;
 }
 
 /** The unit refused to create a volume (no space, volume limit, bad name): it made nothing. */
@@ -60,7 +63,16 @@ export class AssignmentLifecycle {
     if (host === undefined) {
       throw new IpsanError("NOT_FOUND", `host ${JSON.stringify(input.host)} not found: register it first (PUT /api/v1/hosts/NAME)`, { field: "host" });
     }
-    const params = JSON.stringify({ kind: "assignment", host: input.host, unit: input.unit, volume: input.volume, partition: input.partition ?? null });
+    const protocol = input.protocol ?? "nbd";
+    // An NBD assignment's parameters are written as before protocols existed, so old request ids still match.
+    const params = JSON.stringify({
+      kind: "assignment",
+      host: input.host,
+      unit: input.unit,
+      volume: input.volume,
+      partition: input.partition ?? null,
+      ...(protocol === "nbd" ? {} : { protocol }),
+    });
     if (input.requestId !== undefined) {
       const previous = this.ctx.store.findRequest(input.requestId);
       if (previous !== undefined) {
@@ -70,7 +82,10 @@ export class AssignmentLifecycle {
         return { status: 200, assignment: await this.settled(previous.assignmentId) };
       }
     }
-    if (!this.ctx.store.units.has(input.unit)) throw new IpsanError("NOT_FOUND", `unit ${JSON.stringify(input.unit)} not found`, { field: "unit" });
+    const unitRecord = this.ctx.store.units.get(input.unit);
+    if (unitRecord === undefined) throw new IpsanError("NOT_FOUND", `unit ${JSON.stringify(input.unit)} not found`, { field: "unit" });
+    refuseHostWithoutIqn(protocol, input.host, host);
+    refuseUnitWithoutIscsi(protocol, unitRecord);
     const volume = this.ctx.store.volume(input.unit, input.volume);
     if (volume === undefined) {
       throw new IpsanError("NOT_FOUND", `volume ${JSON.stringify(input.volume)} not found on unit ${input.unit}`, { field: "volume" });
@@ -115,6 +130,7 @@ export class AssignmentLifecycle {
       detail: null,
       createdAtMs: nowMs,
       updatedAtMs: nowMs,
+      protocol,
     };
     this.ctx.store.insertAssignment(assignment, input.requestId === undefined ? undefined : { requestId: input.requestId, params });
     return { status: 201, assignment: await this.finishOrUndo(assignment) };

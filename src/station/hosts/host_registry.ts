@@ -2,7 +2,7 @@
 // host's new address with its grants, and the NBD keys derived for it (rotation).
 
 import type { NbdTlsMode } from "../../discovery/messages.ts";
-import { errorMessage } from "../../util/errors.ts";
+import { IpsanError, errorMessage } from "../../util/errors.ts";
 import { logger } from "../../util/log.ts";
 import type { Grants } from "../assignments/grants.ts";
 import type { StationContext } from "../context.ts";
@@ -35,11 +35,27 @@ export class HostRegistry {
     return host === undefined ? "offline" : hostState(host, this.ctx.store.clock.nowMs(), this.ctx.options.hostOfflineAfterMs);
   }
 
-  /** Registers or updates a host (`spare`: given, it is recorded); a changed address moves its grants along. */
-  async putHost(name: string, address: string, spare?: boolean): Promise<{ created: boolean }> {
-    const { created, changed } = this.ctx.store.putHost(name, address, spare);
+  /**
+   * Registers or updates a host (`spare`, `iqn`: given, they are recorded; iqn
+   * null removes it); a changed address moves its grants along, a changed
+   * iqn changes the grants of its iSCSI assignments.
+   */
+  async putHost(name: string, address: string, spare?: boolean, iqn?: string | null): Promise<{ created: boolean }> {
+    if (iqn === null && (this.ctx.store.hosts.get(name)?.iqn ?? null) !== null) {
+      const iscsi = this.ctx.store.listAssignments({ host: name }).filter((a) => a.protocol === "iscsi" && a.state !== "revoking");
+      if (iscsi.length > 0) {
+        throw new IpsanError(
+          "CONFLICT",
+          `host ${name} holds ${iscsi.length} iSCSI assignment${iscsi.length === 1 ? "" : "s"} (${iscsi.map((a) => a.id).join(", ")}) granted to its IQN: ` +
+            "release them first, or give a new IQN instead of removing it (the grants follow it)",
+          { field: "iqn" },
+        );
+      }
+    }
+    const { created, changed, iqnChanged } = this.ctx.store.putHost(name, address, spare, iqn);
     this.noteHostState(name);
     if (changed) await this.followHostAddress(name, address);
+    else if (iqnChanged && !created) await this.followHostAddress(name, undefined);
     return { created };
   }
 
@@ -49,11 +65,13 @@ export class HostRegistry {
     return ok;
   }
 
-  private async followHostAddress(name: string, address: string): Promise<void> {
+  /** `address` undefined: the address did not change (the iqn did): only the grants are put again. */
+  private async followHostAddress(name: string, address: string | undefined): Promise<void> {
     const volumes = new Set<string>();
     for (const assignment of this.ctx.store.listAssignments({ host: name })) {
       if (assignment.state === "revoking") continue;
-      this.ctx.store.updateAssignment(assignment.id, assignment.state, { hostAddress: address });
+      if (address === undefined && assignment.protocol !== "iscsi") continue;
+      if (address !== undefined) this.ctx.store.updateAssignment(assignment.id, assignment.state, { hostAddress: address });
       for (const held of volumesOf(assignment)) volumes.add(JSON.stringify(held));
     }
     for (const key of volumes) {

@@ -71,6 +71,8 @@ export class UnitPool {
   private readonly tableGenerations = new Map<string, number>();
   /** Units whose info is being re-read in the background (true: read once more after). */
   private readonly refreshing = new Map<string, boolean>();
+  /** Units whose GET /v1/info was read since they were last seen coming online (its iSCSI portal is not in discovery packets). */
+  private readonly infoReadSinceOnline = new Set<string>();
 
   constructor(ctx: StationContext, onUnitsChanged: (units: string[]) => void) {
     this.ctx = ctx;
@@ -184,6 +186,8 @@ export class UnitPool {
       // Absent (a unit from before TLS): keep what the station knew.
       ...(info.tls === undefined ? {} : { tls: info.tls }),
       ...(info.tableGeneration === undefined ? {} : { tableGeneration: info.tableGeneration }),
+      // Absent (a discovery packet, a unit from before iSCSI): keep what the station knew.
+      ...(info.iscsi === undefined ? {} : { iscsi: info.iscsi }),
     };
     // A report that arrived earlier but finished resolving later is older than what is queued: drop it.
     if (mine < seq.queued) return;
@@ -247,6 +251,16 @@ export class UnitPool {
           else refusal.freeBytes = change.report.freeBytes;
         }
       }
+      // A unit that joined (or came back online) has its info read once: the discovery packet
+      // does not say everything GET /v1/info does (its iSCSI portal).
+      for (const [name] of changes) {
+        const unit = this.ctx.store.units.get(name);
+        if (unit === undefined || unit.control === null || unit.state !== "online") this.infoReadSinceOnline.delete(name);
+        else if (!this.infoReadSinceOnline.has(name)) {
+          this.infoReadSinceOnline.add(name);
+          this.refreshQuietly(name);
+        }
+      }
       const dirty = unitsChanged.filter((name) => this.ctx.store.units.get(name)?.state === "online");
       if (dirty.length > 0) this.onUnitsChanged(dirty);
     } catch (error) {
@@ -262,7 +276,11 @@ export class UnitPool {
   async refreshUnit(name: string): Promise<void> {
     const requestedAtMs = this.ctx.store.clock.nowMs();
     const info = await this.clientFor(name).info();
-    if ((this.discoveryReportAtMs.get(name) ?? -Infinity) >= requestedAtMs) return;
+    if ((this.discoveryReportAtMs.get(name) ?? -Infinity) >= requestedAtMs) {
+      // Discovery does not carry the iSCSI portal: that part of the read is kept.
+      if (info.iscsi !== undefined) this.ctx.store.setUnitIscsi(name, info.iscsi);
+      return;
+    }
     const unit = this.ctx.store.units.get(name);
     const state = unit?.state ?? "online";
     // GET /v1/info does not repeat the unit's own control address or DNS name: keep what discovery said.
