@@ -545,7 +545,7 @@ class BlockLogicalUnit implements LogicalUnit {
         return this.#synchronize(spec, cdb);
       case 0x41:
       case 0x93:
-        return this.#writeSame(spec, cdb, request.dataOut);
+        return this.#writeSame(spec, cdb, request.dataOut, request.expectedLength);
       case 0x42:
         return this.#unmap(cdb, request.dataOut);
       case 0x5e:
@@ -553,7 +553,7 @@ class BlockLogicalUnit implements LogicalUnit {
       case 0x5f:
         return this.#prOut(cdb, request);
       case 0x89:
-        return this.#compareAndWrite(cdb, request.dataOut);
+        return this.#compareAndWrite(cdb, request.dataOut, request.expectedLength);
       case 0x9e:
         return spec.serviceAction === 0x10 ? this.#readCapacity16(cdb) : this.#getLbaStatus(cdb);
       case 0xa0:
@@ -601,6 +601,20 @@ class BlockLogicalUnit implements LogicalUnit {
       );
     }
     return dataOut.length === bytes ? dataOut : dataOut.subarray(0, bytes);
+  }
+
+  /**
+   * WRITE SAME and COMPARE AND WRITE take exactly the Data-Out their CDB
+   * names: a different ExpectedDataTransferLength means the initiator and
+   * the CDB disagree on what the data is, so nothing is written.
+   */
+  #exactData(spec: CommandSpec, expectedLength: number, bytes: number): void {
+    if (expectedLength !== bytes) {
+      throw illegalRequest(
+        ASC.INVALID_FIELD_IN_COMMAND_IU,
+        `${spec.name} transfers exactly ${bytes} bytes of Data-Out; the initiator's ExpectedDataTransferLength is ${expectedLength}`,
+      );
+    }
   }
 
   async #readBlocks(lba: number, blocks: number): Promise<Buffer> {
@@ -734,7 +748,7 @@ class BlockLogicalUnit implements LogicalUnit {
     return GOOD;
   }
 
-  async #writeSame(spec: CommandSpec, cdb: Buffer, dataOut: Buffer | undefined): Promise<ScsiResponse> {
+  async #writeSame(spec: CommandSpec, cdb: Buffer, dataOut: Buffer | undefined, expectedLength: number): Promise<ScsiResponse> {
     this.#checkProtect(spec, cdb);
     this.#checkWritable(spec);
     const flags = u8(cdb, 1);
@@ -746,6 +760,7 @@ class BlockLogicalUnit implements LogicalUnit {
     if (unmap && !p.writeSameUnmap) throw invalidFieldInCdb(1, 3, `${spec.name}: UNMAP is not supported by this export (LBPWS=0)`);
     const { lba, blocks } = this.#extent(spec, cdb, MAX_WRITE_SAME_BLOCKS);
     if (blocks === 0) throw invalidFieldInCdb(spec.cdbLength === 10 ? 7 : 10, undefined, `${spec.name}: NUMBER OF LOGICAL BLOCKS 0 is refused (WSNZ=1)`);
+    if (!ndob) this.#exactData(spec, expectedLength, LOGICAL_BLOCK_BYTES);
     const pattern = ndob ? Buffer.alloc(LOGICAL_BLOCK_BYTES) : this.#needData(spec, dataOut, LOGICAL_BLOCK_BYTES);
     const start = lba * LOGICAL_BLOCK_BYTES;
     const length = blocks * LOGICAL_BLOCK_BYTES;
@@ -811,7 +826,7 @@ class BlockLogicalUnit implements LogicalUnit {
     return GOOD;
   }
 
-  async #compareAndWrite(cdb: Buffer, dataOut: Buffer | undefined): Promise<ScsiResponse> {
+  async #compareAndWrite(cdb: Buffer, dataOut: Buffer | undefined, expectedLength: number): Promise<ScsiResponse> {
     const spec = COMMANDS_BY_NAME["COMPARE AND WRITE"];
     this.#checkProtect(spec, cdb);
     this.#checkWritable(spec);
@@ -821,6 +836,7 @@ class BlockLogicalUnit implements LogicalUnit {
     if (blocks > MAX_COMPARE_AND_WRITE_BLOCKS) throw invalidFieldInCdb(13, undefined, `COMPARE AND WRITE: at most ${MAX_COMPARE_AND_WRITE_BLOCKS} blocks`);
     if (blocks === 0) return GOOD;
     const bytes = blocks * LOGICAL_BLOCK_BYTES;
+    this.#exactData(spec, expectedLength, 2 * bytes);
     const data = this.#needData(spec, dataOut, 2 * bytes);
     const fua = (u8(cdb, 1) & 0x08) !== 0;
     const start = Number(lba) * LOGICAL_BLOCK_BYTES;
