@@ -61,6 +61,8 @@ export class LogicalUnitCore {
   readonly locks = new RangeLocks();
   /** Pending unit attentions per nexus key, oldest first. */
   readonly #attentions = new Map<string, Asc[]>();
+  /** Nexuses logged in to this logical unit (through any session), oldest first. */
+  readonly #nexuses = new Set<string>();
   /** Nexuses that sent PREVENT ALLOW MEDIUM REMOVAL with PREVENT set. */
   readonly #preventing = new Set<string>();
 
@@ -102,24 +104,28 @@ export class LogicalUnitCore {
 
   nexusAdded(nexus: ScsiNexus): void {
     const key = nexusKey(nexus);
+    this.#nexuses.delete(key);
+    if (this.#nexuses.size >= MAX_NEXUS_STATES) {
+      const oldest = this.#nexuses.values().next().value;
+      if (oldest !== undefined) this.#nexuses.delete(oldest);
+    }
+    this.#nexuses.add(key);
     this.#attentions.delete(key);
     this.addAttention(key, ASC.POWER_ON_RESET);
   }
 
   nexusRemoved(nexus: ScsiNexus): void {
     const key = nexusKey(nexus);
+    this.#nexuses.delete(key);
     this.reservations.dropLegacy(nexus);
     this.#preventing.delete(key);
   }
 
-  reset(): void {
+  /** LOGICAL UNIT RESET (SAM-5 6.3.3): RESERVE(6) and PREVENT go, every nexus gets BUS DEVICE RESET FUNCTION OCCURRED. */
+  reset(from: ScsiNexus): void {
     this.reservations.dropLegacy(undefined);
     this.#preventing.clear();
-    for (const key of [...this.#attentions.keys()]) this.addAttention(key, ASC.BUS_DEVICE_RESET);
-  }
-
-  /** Known nexuses get the reset attention too, even with nothing queued (reset() above walks the queue only). */
-  resetFor(keys: Iterable<string>): void {
+    const keys = new Set([...this.#nexuses, ...this.#attentions.keys(), nexusKey(from)]);
     for (const key of keys) this.addAttention(key, ASC.BUS_DEVICE_RESET);
   }
 
@@ -364,8 +370,6 @@ class BlockLogicalUnit implements LogicalUnit {
   readonly maxTransferBytes = MAX_TRANSFER_BYTES;
   readonly #core: LogicalUnitCore;
   readonly #blocks: number;
-  /** Nexuses this view added (for resets: every one known gets the attention). */
-  readonly #nexuses = new Set<string>();
 
   constructor(device: BlockDevice, core: LogicalUnitCore) {
     this.identity = core.identity;
@@ -375,18 +379,15 @@ class BlockLogicalUnit implements LogicalUnit {
   }
 
   nexusAdded(nexus: ScsiNexus): void {
-    this.#nexuses.add(nexusKey(nexus));
     this.#core.nexusAdded(nexus);
   }
 
   nexusRemoved(nexus: ScsiNexus): void {
-    this.#nexuses.delete(nexusKey(nexus));
     this.#core.nexusRemoved(nexus);
   }
 
   reset(from: ScsiNexus): void {
-    this.#core.reset();
-    this.#core.resetFor([...this.#nexuses, nexusKey(from)]);
+    this.#core.reset(from);
   }
 
   dataOutLength(cdb: Buffer): number {
