@@ -190,42 +190,6 @@ test("COMPARE AND WRITE: writes on a match; MISCOMPARE with the offset and nothi
   });
 });
 
-test("COMPARE AND WRITE is atomic against other COMPARE AND WRITEs and writes of the same blocks", async () => {
-  await withBed(SIZE, async (bed) => {
-    const a = await bed.open();
-    const b = await bed.open();
-    // A counter in block 0, incremented with compare-and-swap by 8 workers over two sessions (VMware ATS style).
-    const block = (n: number): Buffer => {
-      const x = Buffer.alloc(512);
-      x.writeUInt32BE(n, 0);
-      return x;
-    };
-    const caw = [0x89, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0];
-    let successes = 0;
-    const worker = async (lu: typeof a.lu): Promise<void> => {
-      for (let done = 0; done < 25; ) {
-        const read = await run(lu, ALICE, cdb10(0x28, 0, 1));
-        const value = read.dataIn?.readUInt32BE(0) ?? 0;
-        const r = await run(lu, ALICE, caw, Buffer.concat([block(value), block(value + 1)]));
-        if (r.status === ScsiStatus.GOOD) {
-          done += 1;
-          successes += 1;
-        } else {
-          assert.equal(senseOf(r), "0e/1d/00");
-        }
-      }
-    };
-    // Plain writes to the neighbouring block run at the same time and must not disturb the counter.
-    const writer = async (): Promise<void> => {
-      for (let i = 0; i < 100; i += 1) await run(b.lu, ALICE, cdb10(0x2a, 1, 1), Buffer.alloc(512, i));
-    };
-    await Promise.all([worker(a.lu), worker(a.lu), worker(a.lu), worker(a.lu), worker(b.lu), worker(b.lu), worker(b.lu), worker(b.lu), writer()]);
-    const final = await run(a.lu, ALICE, cdb10(0x28, 0, 1));
-    assert.equal(successes, 200);
-    assert.equal(final.dataIn?.readUInt32BE(0), 200, "no increment lost");
-  });
-});
-
 test("GET LBA STATUS: a fresh volume is one deallocated run; beyond the end is LBA OUT OF RANGE (SBC-3 5.7)", async () => {
   await withBed(SIZE, async (bed) => {
     const { lu } = await bed.open();
