@@ -9,7 +9,7 @@ import assert from "node:assert/strict";
 import { setLogLevel } from "../util/log.ts";
 import { MIB } from "../unit/layout.ts";
 import { MAX_REGISTRATIONS } from "./limits.ts";
-import { ALICE, BOB, CAROL, cdb10, hex, login, nexus, run, senseOf, withBed } from "./testing.ts";
+import { ALICE, BOB, CAROL, cdb10, hex, login, nexus, run, senseOf, withBed, withThreeNexuses } from "./testing.ts";
 import { type LogicalUnit, type ScsiNexus, ScsiStatus } from "./types.ts";
 
 setLogLevel("error");
@@ -50,19 +50,8 @@ const READ = cdb10(0x28, 0, 1);
 const WRITE = cdb10(0x2a, 0, 1);
 const BLOCK = Buffer.alloc(512, 1);
 
-async function bedWithThree(body: (lu: LogicalUnit, other: LogicalUnit) => Promise<void>): Promise<void> {
-  await withBed(MIB, async (bed) => {
-    const a = await bed.open();
-    const b = await bed.open();
-    await login(a.lu, ALICE);
-    await login(b.lu, BOB);
-    await login(b.lu, CAROL);
-    await body(a.lu, b.lu);
-  });
-}
-
 test("REGISTER, READ KEYS, RESERVE, READ RESERVATION: bytes per SPC-4 6.15.2/6.15.3", async () => {
-  await bedWithThree(async (lu, other) => {
+  await withThreeNexuses(async (lu, other) => {
     assert.equal(hex(await prIn(lu, ALICE, 0)), "00 00 00 00 00 00 00 00");
     assert.equal((await prOut(lu, ALICE, REGISTER, 0, 0n, 0xaaaan)).status, ScsiStatus.GOOD);
     assert.equal((await prOut(other, BOB, REGISTER_AND_IGNORE, 0, 0x1234n, 0xbbbbn)).status, ScsiStatus.GOOD);
@@ -96,7 +85,7 @@ test("REGISTER, READ KEYS, RESERVE, READ RESERVATION: bytes per SPC-4 6.15.2/6.1
 
 test("under every reservation type, INQUIRY, READ CAPACITY, REPORT LUNS, PR IN and TEST UNIT READY never conflict (SPC-4 table 48; READ/WRITE per type: canary_test.ts)", async () => {
   for (const type of [1, 3, 5, 6, 7, 8]) {
-    await bedWithThree(async (lu, other) => {
+    await withThreeNexuses(async (lu, other) => {
       await prOut(lu, ALICE, REGISTER, 0, 0n, 0xan);
       await prOut(other, BOB, REGISTER, 0, 0n, 0xbn);
       assert.equal((await prOut(lu, ALICE, RESERVE, type, 0xan, 0n)).status, ScsiStatus.GOOD);
@@ -114,7 +103,7 @@ test("under every reservation type, INQUIRY, READ CAPACITY, REPORT LUNS, PR IN a
 });
 
 test("RELEASE: wrong type is INVALID RELEASE OF PERSISTENT RESERVATION; registrants-only release leaves RESERVATIONS RELEASED", async () => {
-  await bedWithThree(async (lu, other) => {
+  await withThreeNexuses(async (lu, other) => {
     await prOut(lu, ALICE, REGISTER, 0, 0n, 0xan);
     await prOut(other, BOB, REGISTER, 0, 0n, 0xbn);
     await prOut(lu, ALICE, RESERVE, 5, 0xan, 0n);
@@ -132,7 +121,7 @@ test("RELEASE: wrong type is INVALID RELEASE OF PERSISTENT RESERVATION; registra
 });
 
 test("CLEAR removes every registration and the reservation; the others get RESERVATIONS PREEMPTED", async () => {
-  await bedWithThree(async (lu, other) => {
+  await withThreeNexuses(async (lu, other) => {
     await prOut(lu, ALICE, REGISTER, 0, 0n, 0xan);
     await prOut(other, BOB, REGISTER, 0, 0n, 0xbn);
     await prOut(lu, ALICE, RESERVE, 3, 0xan, 0n);
@@ -149,7 +138,7 @@ test("CLEAR removes every registration and the reservation; the others get RESER
 
 test("PREEMPT and PREEMPT AND ABORT: take over the reservation, remove the preempted registrations (SPC-4 5.13.11.4)", async () => {
   for (const action of [PREEMPT, PREEMPT_AND_ABORT]) {
-    await bedWithThree(async (lu, other) => {
+    await withThreeNexuses(async (lu, other) => {
       await prOut(lu, ALICE, REGISTER, 0, 0n, 0xan);
       await prOut(other, BOB, REGISTER, 0, 0n, 0xbn);
       await prOut(other, CAROL, REGISTER, 0, 0n, 0xcn);
@@ -176,7 +165,7 @@ test("PREEMPT and PREEMPT AND ABORT: take over the reservation, remove the preem
 });
 
 test("PREEMPT with key 0 under an all-registrants reservation removes every other registrant", async () => {
-  await bedWithThree(async (lu, other) => {
+  await withThreeNexuses(async (lu, other) => {
     await prOut(lu, ALICE, REGISTER, 0, 0n, 0xan);
     await prOut(other, BOB, REGISTER, 0, 0n, 0xbn);
     await prOut(lu, ALICE, RESERVE, 8, 0xan, 0n);
@@ -189,7 +178,7 @@ test("PREEMPT with key 0 under an all-registrants reservation removes every othe
 });
 
 test("REPORT CAPABILITIES, READ FULL STATUS, APTPL refused, bad parameter list lengths, the registration limit", async () => {
-  await bedWithThree(async (lu, other) => {
+  await withThreeNexuses(async (lu, other) => {
     // LENGTH 8; CRH|ATP_C (SIP_C=0, PTPL_C=0); TMV, ALLOW COMMANDS 0, PTPL_A=0; type mask WR_EX_AR|EX_AC_RO|WR_EX_RO|EX_AC|WR_EX, EX_AC_AR.
     assert.equal(hex(await prIn(lu, ALICE, 2)), "00 08 14 80 ea 01 00 00");
     // APTPL=1 (byte 20 bit 0) and SPEC_I_PT=1: INVALID FIELD IN PARAMETER LIST; nothing registered.
@@ -223,7 +212,7 @@ test("REPORT CAPABILITIES, READ FULL STATUS, APTPL refused, bad parameter list l
 });
 
 test("RESERVE(6)/RELEASE(6): exclusive to one nexus, refused while persistent reservations exist, released by logout and reset", async () => {
-  await bedWithThree(async (lu, other) => {
+  await withThreeNexuses(async (lu, other) => {
     assert.equal(await status(lu, ALICE, [0x16, 0, 0, 0, 0, 0]), "good");
     assert.equal(await status(other, BOB, [0x16, 0, 0, 0, 0, 0]), "conflict");
     assert.equal(await status(other, BOB, WRITE, BLOCK), "conflict");

@@ -8,7 +8,7 @@
 
 import assert from "node:assert/strict";
 import { MIB } from "../unit/layout.ts";
-import { ALICE, BOB, CAROL, cdb10, login, run, withBed } from "./testing.ts";
+import { ALICE, BOB, CAROL, cdb10, run, withBed, withThreeNexuses } from "./testing.ts";
 import { type LogicalUnit, type ScsiNexus, ScsiStatus } from "./types.ts";
 
 /** Eight workers over two sessions increment a counter in block 0 with COMPARE AND WRITE while plain writes hit block 1. */
@@ -78,22 +78,17 @@ export async function reservationFencing(): Promise<void> {
     [8, "good", "good", "good", "good", "conflict", "conflict"],
   ];
   for (const [type, ...expected] of table) {
-    await withBed(MIB, async (bed) => {
-      const a = await bed.open();
-      const b = await bed.open();
-      await login(a.lu, ALICE);
-      await login(b.lu, BOB);
-      await login(b.lu, CAROL);
-      assert.equal((await prOut(a.lu, ALICE, 0, 0, 0n, 0xan)).status, ScsiStatus.GOOD);
-      assert.equal((await prOut(b.lu, BOB, 0, 0, 0n, 0xbn)).status, ScsiStatus.GOOD);
-      assert.equal((await prOut(a.lu, ALICE, 1, type, 0xan, 0n)).status, ScsiStatus.GOOD);
+    await withThreeNexuses(async (first, second) => {
+      assert.equal((await prOut(first, ALICE, 0, 0, 0n, 0xan)).status, ScsiStatus.GOOD);
+      assert.equal((await prOut(second, BOB, 0, 0, 0n, 0xbn)).status, ScsiStatus.GOOD);
+      assert.equal((await prOut(first, ALICE, 1, type, 0xan, 0n)).status, ScsiStatus.GOOD);
       const row = [
-        await outcome(a.lu, ALICE, read),
-        await outcome(a.lu, ALICE, write, data),
-        await outcome(b.lu, BOB, read),
-        await outcome(b.lu, BOB, write, data),
-        await outcome(b.lu, CAROL, read),
-        await outcome(b.lu, CAROL, write, data),
+        await outcome(first, ALICE, read),
+        await outcome(first, ALICE, write, data),
+        await outcome(second, BOB, read),
+        await outcome(second, BOB, write, data),
+        await outcome(second, CAROL, read),
+        await outcome(second, CAROL, write, data),
       ];
       assert.deepEqual(row, expected, `reservation type ${type}: holder, registrant, stranger READ/WRITE`);
     });
