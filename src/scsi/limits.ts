@@ -15,8 +15,8 @@ export const OPTIMAL_GRANULARITY_BLOCKS = 4096 / LOGICAL_BLOCK_BYTES;
 /** OPTIMAL TRANSFER LENGTH: 1 MiB. */
 export const OPTIMAL_TRANSFER_BLOCKS = (1024 * 1024) / LOGICAL_BLOCK_BYTES;
 
-/** Most blocks one UNMAP block descriptor or one UNMAP command may name in total: 1 GiB. */
-export const MAX_UNMAP_LBA_COUNT = (1024 * 1024 * 1024) / LOGICAL_BLOCK_BYTES;
+/** Most blocks one UNMAP command may name in total: 2^20 blocks, 512 MiB (libiscsi calls more "insanely big"). */
+export const MAX_UNMAP_LBA_COUNT = 1024 * 1024;
 
 /** Most block descriptors in one UNMAP parameter list. */
 export const MAX_UNMAP_DESCRIPTORS = 256;

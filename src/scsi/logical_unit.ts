@@ -121,12 +121,17 @@ export class LogicalUnitCore {
     this.#preventing.delete(key);
   }
 
-  /** LOGICAL UNIT RESET (SAM-5 6.3.3): RESERVE(6) and PREVENT go, every nexus gets BUS DEVICE RESET FUNCTION OCCURRED. */
+  /**
+   * LOGICAL UNIT RESET (SAM-5 6.3.3): RESERVE(6) and PREVENT go, every nexus
+   * gets a unit attention. It is POWER ON, RESET, OR BUS DEVICE RESET
+   * OCCURRED (29h/00h), the generic code, not 29h/03h: initiators (libiscsi's
+   * RESERVE/RELEASE helpers among them) retry on the generic one.
+   */
   reset(from: ScsiNexus): void {
     this.reservations.dropLegacy(undefined);
     this.#preventing.clear();
     const keys = new Set([...this.#nexuses, ...this.#attentions.keys(), nexusKey(from)]);
-    for (const key of keys) this.addAttention(key, ASC.BUS_DEVICE_RESET);
+    for (const key of keys) this.addAttention(key, ASC.POWER_ON_RESET);
   }
 
   setPrevent(key: string, prevent: boolean): void {
@@ -605,6 +610,25 @@ class BlockLogicalUnit implements LogicalUnit {
   }
 
   /**
+   * The Data-Out of a WRITE whose ExpectedDataTransferLength is below the
+   * CDB's transfer length (FCP-4 9.4.2 a, which libiscsi's residual tests
+   * follow): the whole blocks that came are written and the rest is not
+   * asked for (the transport reports the overflow residual). A partial block
+   * is refused with INVALID FIELD IN COMMAND INFORMATION UNIT and nothing is written.
+   */
+  #truncatedData(spec: CommandSpec, dataOut: Buffer | undefined, bytes: number): Buffer {
+    const got = dataOut ?? Buffer.alloc(0);
+    if (got.length >= bytes) return got.length === bytes ? got : got.subarray(0, bytes);
+    if (got.length % LOGICAL_BLOCK_BYTES !== 0) {
+      throw illegalRequest(
+        ASC.INVALID_FIELD_IN_COMMAND_IU,
+        `${spec.name} got ${got.length} bytes of Data-Out, not a whole number of ${LOGICAL_BLOCK_BYTES}-byte blocks (ExpectedDataTransferLength below the transfer length)`,
+      );
+    }
+    return got;
+  }
+
+  /**
    * WRITE SAME and COMPARE AND WRITE take exactly the Data-Out their CDB
    * names: a different ExpectedDataTransferLength means the initiator and
    * the CDB disagree on what the data is, so nothing is written.
@@ -660,7 +684,8 @@ class BlockLogicalUnit implements LogicalUnit {
     if (verify && (u8(cdb, 1) & 0x04) !== 0) throw invalidFieldInCdb(1, 2, `${spec.name}: BYTCHK 10b/11b is not defined for WRITE AND VERIFY`);
     const { lba, blocks } = this.#extent(spec, cdb, MAX_TRANSFER_BLOCKS);
     if (blocks === 0) return GOOD;
-    const data = this.#needData(spec, dataOut, blocks * LOGICAL_BLOCK_BYTES);
+    const data = this.#truncatedData(spec, dataOut, blocks * LOGICAL_BLOCK_BYTES);
+    if (data.length === 0) return GOOD;
     // FUA (byte 1 bit 3; none in WRITE(6)); WRITE AND VERIFY makes the data durable before it answers.
     const fua = verify || (spec.cdbLength !== 6 && (u8(cdb, 1) & 0x08) !== 0);
     await this.#writeBlocks(data, lba, fua);

@@ -64,7 +64,7 @@ test("VPD pages 0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2 (SPC-4 7.8, SBC-3 6.5)", asyn
     assert.equal(limits.readUInt16BE(6), 8, "OPTIMAL TRANSFER LENGTH GRANULARITY: 4 KiB");
     assert.equal(limits.readUInt32BE(8), 16384, "MAXIMUM TRANSFER LENGTH: 8 MiB");
     assert.equal(limits.readUInt32BE(12), 2048, "OPTIMAL TRANSFER LENGTH: 1 MiB");
-    assert.equal(limits.readUInt32BE(20), 2 * 1024 * 1024, "MAXIMUM UNMAP LBA COUNT: 1 GiB");
+    assert.equal(limits.readUInt32BE(20), 1024 * 1024, "MAXIMUM UNMAP LBA COUNT: 2^20 blocks");
     assert.equal(limits.readUInt32BE(24), 256, "MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT");
     assert.equal(limits.readUInt32BE(28), 8, "OPTIMAL UNMAP GRANULARITY");
     assert.equal(limits.readUInt32BE(32), 0x80000000, "UGAVALID, alignment 0");
@@ -134,10 +134,15 @@ test("READ and WRITE 6/10/12/16 round trip; FUA; out of range; over the maximum 
     // RDPROTECT/WRPROTECT without protection information: INVALID FIELD IN CDB.
     assert.equal(senseOf(await run(lu, ALICE, cdb10(0x28, 0, 1, 0x20))), "05/24/00");
     assert.equal(senseOf(await run(lu, ALICE, cdb10(0x2a, 0, 1, 0x20), Buffer.alloc(512))), "05/24/00");
-    // Data-Out shorter than the CDB's transfer: INVALID FIELD IN COMMAND INFORMATION UNIT, nothing written.
-    assert.equal(senseOf(await run(lu, ALICE, cdb10(0x2a, 8, 2), Buffer.alloc(512, 0xee))), "05/0e/03");
-    const after = await run(lu, ALICE, cdb10(0x28, 8, 1));
-    assert.ok(after.dataIn?.equals(data.subarray(0, 512)));
+    // Data-Out shorter than the CDB's transfer (EDTL below it, FCP-4 9.4.2 a): the whole blocks that came are written.
+    assert.equal((await run(lu, ALICE, cdb10(0x2a, 8, 2), Buffer.alloc(512, 0xee))).status, ScsiStatus.GOOD);
+    const after = await run(lu, ALICE, cdb10(0x28, 8, 2));
+    assert.ok(after.dataIn?.subarray(0, 512).every((b) => b === 0xee));
+    assert.ok(after.dataIn?.subarray(512).equals(data.subarray(512, 1024)));
+    assert.equal((await run(lu, ALICE, cdb10(0x2a, 8, 1), Buffer.alloc(0), 0)).status, ScsiStatus.GOOD);
+    // A partial block: INVALID FIELD IN COMMAND INFORMATION UNIT (0Eh/03h), nothing written.
+    assert.equal(senseOf(await run(lu, ALICE, cdb10(0x2a, 8, 1), Buffer.alloc(200, 0x11), 200)), "05/0e/03");
+    assert.equal((await run(lu, ALICE, cdb10(0x28, 8, 1))).dataIn?.[0], 0xee);
   });
 });
 
@@ -159,7 +164,7 @@ test("unit attention after login, REQUEST SENSE, TEST UNIT READY, unsupported op
     lu.reset(BOB);
     const rs2 = await run(lu, ALICE, [0x03, 0, 0, 0, 252, 0]);
     assert.equal(rs2.status, ScsiStatus.GOOD);
-    assert.equal(hex(rs2.dataIn), expectedSense(0x06, 0x29, 0x03));
+    assert.equal(hex(rs2.dataIn), expectedSense(0x06, 0x29, 0x00));
     assert.equal((await run(lu, ALICE, [0x00, 0, 0, 0, 0, 0])).status, ScsiStatus.GOOD);
     // FORMAT UNIT (04h) is not implemented: INVALID COMMAND OPERATION CODE 20h/00h.
     const bad = await run(lu, ALICE, [0x04, 0, 0, 0, 0, 0]);

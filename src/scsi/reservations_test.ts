@@ -222,15 +222,15 @@ test("RESERVE(6)/RELEASE(6): exclusive to one nexus, refused while persistent re
     assert.equal(await status(other, BOB, READ), "conflict");
     // A reset drops it (and leaves a unit attention).
     lu.reset(ALICE);
-    assert.equal(senseOf(await run(other, BOB, READ)), "06/29/03");
+    assert.equal(senseOf(await run(other, BOB, READ)), "06/29/00");
     assert.equal(await status(other, BOB, READ), "good");
-    assert.equal(await status(lu, ALICE, [0x16, 0, 0, 0, 0, 0]), "06/29/03");
+    assert.equal(await status(lu, ALICE, [0x16, 0, 0, 0, 0, 0]), "06/29/00");
     assert.equal(await status(lu, ALICE, [0x16, 0, 0, 0, 0, 0]), "good");
     lu.nexusRemoved(ALICE);
     assert.equal(await status(other, BOB, READ), "good");
     // With a registration present, RESERVE(6) conflicts (CRH=1).
     await prOut(other, BOB, REGISTER, 0, 0n, 0xbn);
-    assert.equal(await status(other, CAROL, [0x16, 0, 0, 0, 0, 0]), "06/29/03");
+    assert.equal(await status(other, CAROL, [0x16, 0, 0, 0, 0, 0]), "06/29/00");
     assert.equal(await status(other, CAROL, [0x16, 0, 0, 0, 0, 0]), "conflict");
     // Third-party / extent reservations are refused.
     assert.equal(await status(other, CAROL, [0x16, 0x10, 0, 0, 0, 0]), "05/24/00");
