@@ -631,13 +631,16 @@ class BlockLogicalUnit implements LogicalUnit {
   /**
    * WRITE SAME and COMPARE AND WRITE take exactly the Data-Out their CDB
    * names: a different ExpectedDataTransferLength means the initiator and
-   * the CDB disagree on what the data is, so nothing is written.
+   * the CDB disagree on what the data is (a COMPARE AND WRITE of 256 blocks
+   * wraps its one-byte length to 0), so nothing is written: INVALID FIELD IN
+   * CDB pointing at the CDB's length field.
    */
-  #exactData(spec: CommandSpec, expectedLength: number, bytes: number): void {
+  #exactData(spec: CommandSpec, expectedLength: number, bytes: number, lengthByte: number): void {
     if (expectedLength !== bytes) {
-      throw illegalRequest(
-        ASC.INVALID_FIELD_IN_COMMAND_IU,
-        `${spec.name} transfers exactly ${bytes} bytes of Data-Out; the initiator's ExpectedDataTransferLength is ${expectedLength}`,
+      throw invalidFieldInCdb(
+        lengthByte,
+        undefined,
+        `${spec.name} transfers exactly ${bytes} bytes of Data-Out by its CDB; the initiator's ExpectedDataTransferLength is ${expectedLength}`,
       );
     }
   }
@@ -747,8 +750,9 @@ class BlockLogicalUnit implements LogicalUnit {
     const out = Buffer.alloc(32);
     out.writeBigUInt64BE(BigInt(Math.max(this.#blocks - 1, 0)), 0);
     out.writeUInt32BE(LOGICAL_BLOCK_BYTES, 8);
-    // P_TYPE/PROT_EN 0; LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT 3 (4 KiB pages under 512-byte blocks).
-    out[13] = 0x03;
+    // P_TYPE/PROT_EN 0; LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT 0: GET LBA STATUS answers per
+    // logical block, and libiscsi 1.19 (Debian's) mis-checks GET LBA STATUS when the exponent is above 0.
+    out[13] = 0x00;
     const p = provisioning(this.device.capabilities);
     out[14] = (p.lbpme ? 0x80 : 0) | (p.lbprz ? 0x40 : 0);
     return { status: ScsiStatus.GOOD, dataIn: out.subarray(0, cdb.readUInt32BE(10)) };
@@ -786,7 +790,7 @@ class BlockLogicalUnit implements LogicalUnit {
     if (unmap && !p.writeSameUnmap) throw invalidFieldInCdb(1, 3, `${spec.name}: UNMAP is not supported by this export (LBPWS=0)`);
     const { lba, blocks } = this.#extent(spec, cdb, MAX_WRITE_SAME_BLOCKS);
     if (blocks === 0) throw invalidFieldInCdb(spec.cdbLength === 10 ? 7 : 10, undefined, `${spec.name}: NUMBER OF LOGICAL BLOCKS 0 is refused (WSNZ=1)`);
-    if (!ndob) this.#exactData(spec, expectedLength, LOGICAL_BLOCK_BYTES);
+    if (!ndob) this.#exactData(spec, expectedLength, LOGICAL_BLOCK_BYTES, spec.cdbLength === 10 ? 7 : 10);
     const pattern = ndob ? Buffer.alloc(LOGICAL_BLOCK_BYTES) : this.#needData(spec, dataOut, LOGICAL_BLOCK_BYTES);
     const start = lba * LOGICAL_BLOCK_BYTES;
     const length = blocks * LOGICAL_BLOCK_BYTES;
@@ -860,9 +864,9 @@ class BlockLogicalUnit implements LogicalUnit {
     const blocks = u8(cdb, 13);
     if (lba + BigInt(blocks) > BigInt(this.#blocks)) throw lbaOutOfRange(`COMPARE AND WRITE: LBA ${lba} + ${blocks} is beyond the capacity`);
     if (blocks > MAX_COMPARE_AND_WRITE_BLOCKS) throw invalidFieldInCdb(13, undefined, `COMPARE AND WRITE: at most ${MAX_COMPARE_AND_WRITE_BLOCKS} blocks`);
-    if (blocks === 0) return GOOD;
     const bytes = blocks * LOGICAL_BLOCK_BYTES;
-    this.#exactData(spec, expectedLength, 2 * bytes);
+    this.#exactData(spec, expectedLength, 2 * bytes, 13);
+    if (blocks === 0) return GOOD;
     const data = this.#needData(spec, dataOut, 2 * bytes);
     const fua = (u8(cdb, 1) & 0x08) !== 0;
     const start = Number(lba) * LOGICAL_BLOCK_BYTES;

@@ -68,7 +68,7 @@ test("VPD pages 0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2 (SPC-4 7.8, SBC-3 6.5)", asyn
     assert.equal(limits.readUInt32BE(24), 256, "MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT");
     assert.equal(limits.readUInt32BE(28), 8, "OPTIMAL UNMAP GRANULARITY");
     assert.equal(limits.readUInt32BE(32), 0x80000000, "UGAVALID, alignment 0");
-    assert.equal(limits.readBigUInt64BE(36), 2n * 1024n * 1024n, "MAXIMUM WRITE SAME LENGTH: 1 GiB");
+    assert.equal(limits.readBigUInt64BE(36), 16384n, "MAXIMUM WRITE SAME LENGTH: 8 MiB");
     const characteristics = await page(0xb1);
     assert.equal(hex(characteristics.subarray(0, 6)), "00 b1 00 3c 00 01");
     // LBPU|LBPWS|LBPWS10|LBPRZ, PROVISIONING TYPE 010b (thin).
@@ -83,8 +83,8 @@ test("READ CAPACITY 10/16 (SBC-3 5.15, 5.16)", async () => {
     const r10 = await run(lu, ALICE, [0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
     assert.equal(hex(r10.dataIn), "00 00 1f ff 00 00 02 00");
     const r16 = await run(lu, ALICE, [0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0]);
-    // RETURNED LOGICAL BLOCK ADDRESS, LOGICAL BLOCK LENGTH, PROT_EN 0, LBPPBE 3, LBPME|LBPRZ.
-    assert.equal(hex(r16.dataIn?.subarray(0, 16)), "00 00 00 00 00 00 1f ff 00 00 02 00 00 03 c0 00");
+    // RETURNED LOGICAL BLOCK ADDRESS, LOGICAL BLOCK LENGTH, PROT_EN 0, LBPPBE 0, LBPME|LBPRZ.
+    assert.equal(hex(r16.dataIn?.subarray(0, 16)), "00 00 00 00 00 00 1f ff 00 00 02 00 00 00 c0 00");
     assert.equal(r16.dataIn?.length, 32);
     const trimmed = await run(lu, ALICE, [0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0]);
     assert.equal(trimmed.dataIn?.length, 8);
@@ -130,6 +130,8 @@ test("READ and WRITE 6/10/12/16 round trip; FUA; out of range; over the maximum 
     await withBed(16 * MIB, async (big) => {
       const { lu: bigLu } = await big.open();
       assert.equal(senseOf(await run(bigLu, ALICE, cdb16(0x88, 0, 16385))), "05/24/00");
+      // Over MAXIMUM WRITE SAME LENGTH (16384 blocks) too.
+      assert.equal(senseOf(await run(bigLu, ALICE, cdb16(0x93, 0, 16385, 0x08), Buffer.alloc(512))), "05/24/00");
     });
     // RDPROTECT/WRPROTECT without protection information: INVALID FIELD IN CDB.
     assert.equal(senseOf(await run(lu, ALICE, cdb10(0x28, 0, 1, 0x20))), "05/24/00");
