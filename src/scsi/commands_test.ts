@@ -337,3 +337,22 @@ test("a full file system under the storage: WRITE answers DATA PROTECT, SPACE AL
     dir.remove();
   }
 });
+
+test("ORWRITE(16) ORs the Data-Out into the blocks; PRE-FETCH 10/16; READ DEFECT DATA 10/12 reports no defects (SBC-3 5.8, 5.9, 5.12)", async () => {
+  await withBed(SIZE, async (bed) => {
+    const { lu, device } = await bed.open();
+    assert.equal((await run(lu, ALICE, cdb10(0x2a, 4, 2), Buffer.alloc(1024, 0x0f))).status, ScsiStatus.GOOD);
+    assert.equal((await run(lu, ALICE, cdb16(0x8b, 4, 2), Buffer.alloc(1024, 0x30))).status, ScsiStatus.GOOD);
+    const back = Buffer.alloc(1024);
+    await device.read(back, 4 * 512);
+    assert.ok(back.every((b) => b === 0x3f));
+    assert.equal(senseOf(await run(lu, ALICE, cdb16(0x8b, BLOCKS - 1, 2), Buffer.alloc(1024))), "05/21/00");
+    assert.equal(senseOf(await run(lu, ALICE, cdb16(0x8b, 0, 1, 0x20), Buffer.alloc(512))), "05/24/00");
+    assert.equal((await run(lu, ALICE, cdb10(0x34, 0, 256))).status, ScsiStatus.GOOD);
+    assert.equal((await run(lu, ALICE, cdb16(0x90, BLOCKS - 256, 256, 0x02))).status, ScsiStatus.GOOD);
+    assert.equal(senseOf(await run(lu, ALICE, cdb16(0x90, BLOCKS, 1))), "05/21/00");
+    // READ DEFECT DATA(10): reserved, PLISTV=0|GLISTV=0|format, DEFECT LIST LENGTH 0.
+    assert.equal(hex((await run(lu, ALICE, [0x37, 0, 0x18 | 0x05, 0, 0, 0, 0, 0, 32, 0])).dataIn), "00 05 00 00");
+    assert.equal(hex((await run(lu, ALICE, [0xb7, 0x18 | 0x04, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0])).dataIn), "00 04 00 00 00 00 00 00");
+  });
+});

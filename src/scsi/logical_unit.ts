@@ -285,11 +285,15 @@ export const COMMANDS: readonly CommandSpec[] = [
   { name: "MODE SENSE(10)", opcode: 0x5a, cdbLength: 10, access: "read", usage: [0x18, 0xff, 0xff, 0, 0, 0, 0xff, 0xff, 0x04] },
   { name: "PERSISTENT RESERVE IN", opcode: 0x5e, cdbLength: 10, access: "none", usage: [0x1f, 0, 0, 0, 0, 0, 0xff, 0xff, 0x04] },
   { name: "PERSISTENT RESERVE OUT", opcode: 0x5f, cdbLength: 10, access: "none", usage: [0x1f, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x04] },
+  { name: "PRE-FETCH(10)", opcode: 0x34, cdbLength: 10, access: "read", usage: [0x02, 0xff, 0xff, 0xff, 0xff, 0x3f, 0xff, 0xff, 0x04] },
+  { name: "READ DEFECT DATA(10)", opcode: 0x37, cdbLength: 10, access: "read", usage: [0, 0x1f, 0, 0, 0, 0, 0xff, 0xff, 0x04] },
   { name: "READ(16)", opcode: 0x88, cdbLength: 16, access: "read", usage: RW16 },
+  { name: "ORWRITE(16)", opcode: 0x8b, cdbLength: 16, access: "write", usage: RW16 },
   { name: "COMPARE AND WRITE", opcode: 0x89, cdbLength: 16, access: "write", usage: [0xf8, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0xff, 0x1f, 0x04] },
   { name: "WRITE(16)", opcode: 0x8a, cdbLength: 16, access: "write", usage: RW16 },
   { name: "WRITE AND VERIFY(16)", opcode: 0x8e, cdbLength: 16, access: "write", usage: VERIFY16 },
   { name: "VERIFY(16)", opcode: 0x8f, cdbLength: 16, access: "read", usage: VERIFY16 },
+  { name: "PRE-FETCH(16)", opcode: 0x90, cdbLength: 16, access: "read", usage: [0x02, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x3f, 0x04] },
   { name: "SYNCHRONIZE CACHE(16)", opcode: 0x91, cdbLength: 16, access: "write", usage: [0x02, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x1f, 0x04] },
   { name: "WRITE SAME(16)", opcode: 0x93, cdbLength: 16, access: "write", usage: [0xe9, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x1f, 0x04] },
   { name: "READ CAPACITY(16)", opcode: 0x9e, serviceAction: 0x10, cdbLength: 16, access: "none", usage: [0x1f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01, 0x04] },
@@ -297,6 +301,7 @@ export const COMMANDS: readonly CommandSpec[] = [
   { name: "REPORT LUNS", opcode: 0xa0, cdbLength: 12, access: "none", legacyAllowed: true, attentionExempt: true, usage: [0, 0xff, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0x04] },
   { name: "REPORT SUPPORTED OPERATION CODES", opcode: 0xa3, serviceAction: 0x0c, cdbLength: 12, access: "none", legacyAllowed: true, usage: [0x1f, 0x87, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x04] },
   { name: "READ(12)", opcode: 0xa8, cdbLength: 12, access: "read", usage: RW12 },
+  { name: "READ DEFECT DATA(12)", opcode: 0xb7, cdbLength: 12, access: "read", usage: [0x1f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x04] },
   { name: "WRITE(12)", opcode: 0xaa, cdbLength: 12, access: "write", usage: RW12 },
   { name: "WRITE AND VERIFY(12)", opcode: 0xae, cdbLength: 12, access: "write", usage: VERIFY12 },
   { name: "VERIFY(12)", opcode: 0xaf, cdbLength: 12, access: "read", usage: VERIFY12 },
@@ -418,6 +423,7 @@ class BlockLogicalUnit implements LogicalUnit {
       case 0x2a:
       case 0xaa:
       case 0x8a:
+      case 0x8b:
       case 0x2e:
       case 0xae:
       case 0x8e:
@@ -512,6 +518,14 @@ class BlockLogicalUnit implements LogicalUnit {
       case 0xaa:
       case 0x8a:
         return this.#write(spec, cdb, request.dataOut, false);
+      case 0x8b:
+        return this.#orWrite(spec, cdb, request.dataOut);
+      case 0x34:
+      case 0x90:
+        return this.#prefetch(spec, cdb);
+      case 0x37:
+      case 0xb7:
+        return this.#readDefectData(spec, cdb);
       case 0x2e:
       case 0xae:
       case 0x8e:
@@ -693,6 +707,46 @@ class BlockLogicalUnit implements LogicalUnit {
     const fua = verify || (spec.cdbLength !== 6 && (u8(cdb, 1) & 0x08) !== 0);
     await this.#writeBlocks(data, lba, fua);
     return GOOD;
+  }
+
+  /** ORWRITE(16) (SBC-3 5.8): each block becomes the bitwise OR of itself and the Data-Out, atomically against other writes. */
+  async #orWrite(spec: CommandSpec, cdb: Buffer, dataOut: Buffer | undefined): Promise<ScsiResponse> {
+    this.#checkProtect(spec, cdb);
+    this.#checkWritable(spec);
+    const { lba, blocks } = this.#extent(spec, cdb, MAX_TRANSFER_BLOCKS);
+    if (blocks === 0) return GOOD;
+    const data = this.#truncatedData(spec, dataOut, blocks * LOGICAL_BLOCK_BYTES);
+    if (data.length === 0) return GOOD;
+    const fua = (u8(cdb, 1) & 0x08) !== 0;
+    const start = lba * LOGICAL_BLOCK_BYTES;
+    const release = await this.#core.locks.acquire(start, start + data.length, true);
+    try {
+      const medium = await this.#readBlocks(lba, data.length / LOGICAL_BLOCK_BYTES);
+      for (let i = 0; i < medium.length; i += 1) medium[i] = (medium[i] ?? 0) | (data[i] ?? 0);
+      const deviceFua = fua && this.device.capabilities.canFua;
+      await this.device.write(medium, start, deviceFua);
+      if (fua && !deviceFua) await this.device.flush();
+      return GOOD;
+    } finally {
+      release();
+    }
+  }
+
+  /** PRE-FETCH 10/16 (SBC-3 5.9): a page-cache hint; GOOD, not CONDITION MET (nothing is promised to stay cached). */
+  async #prefetch(spec: CommandSpec, cdb: Buffer): Promise<ScsiResponse> {
+    const { lba, blocks } = this.#extent(spec, cdb, MAX_TRANSFER_BLOCKS);
+    if (blocks > 0 && this.device.capabilities.canCache) await this.device.cache(lba * LOGICAL_BLOCK_BYTES, blocks * LOGICAL_BLOCK_BYTES);
+    return GOOD;
+  }
+
+  /** READ DEFECT DATA 10/12 (SBC-3 5.12, 5.13): no defects, no lists (PLISTV=GLISTV=0). */
+  #readDefectData(spec: CommandSpec, cdb: Buffer): ScsiResponse {
+    const ten = spec.cdbLength === 10;
+    const format = (ten ? u8(cdb, 2) : u8(cdb, 1)) & 0x07;
+    const allocation = ten ? cdb.readUInt16BE(7) : cdb.readUInt32BE(6);
+    const out = Buffer.alloc(ten ? 4 : 8);
+    out[1] = format;
+    return { status: ScsiStatus.GOOD, dataIn: out.subarray(0, allocation) };
   }
 
   async #verify(spec: CommandSpec, cdb: Buffer, dataOut: Buffer | undefined): Promise<ScsiResponse> {

@@ -140,7 +140,7 @@ function blockLimits(capabilities: BlockCapabilities): Buffer {
   body.writeUInt16BE(OPTIMAL_GRANULARITY_BLOCKS, 2);
   body.writeUInt32BE(MAX_TRANSFER_BLOCKS, 4);
   body.writeUInt32BE(OPTIMAL_TRANSFER_BLOCKS, 8);
-  body.writeUInt32BE(0, 12); // MAXIMUM PREFETCH LENGTH: PRE-FETCH not supported
+  body.writeUInt32BE(MAX_TRANSFER_BLOCKS, 12); // MAXIMUM PREFETCH LENGTH
   body.writeUInt32BE(p.lbpme ? MAX_UNMAP_LBA_COUNT : 0, 16);
   body.writeUInt32BE(p.lbpme ? MAX_UNMAP_DESCRIPTORS : 0, 20);
   body.writeUInt32BE(p.lbpme ? UNMAP_GRANULARITY_BLOCKS : 0, 24);
