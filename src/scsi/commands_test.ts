@@ -356,3 +356,13 @@ test("ORWRITE(16) ORs the Data-Out into the blocks; PRE-FETCH 10/16; READ DEFECT
     assert.equal(hex((await run(lu, ALICE, [0xb7, 0x18 | 0x04, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0])).dataIn), "00 04 00 00 00 00 00 00");
   });
 });
+
+test("a revoked export (its volume deleted) answers NOT READY, never a rejection", async () => {
+  await withBed(SIZE, async (bed) => {
+    const { lu } = await bed.open();
+    assert.equal((await run(lu, ALICE, cdb10(0x28, 0, 1))).status, ScsiStatus.GOOD);
+    await bed.manager.delete("vol");
+    assert.equal(hex((await run(lu, ALICE, cdb10(0x28, 0, 1))).sense), expectedSense(0x02, 0x04, 0x03));
+    assert.equal(senseOf(await run(lu, ALICE, cdb10(0x2a, 0, 1), Buffer.alloc(512))), "02/04/03");
+  });
+});

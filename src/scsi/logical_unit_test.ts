@@ -244,3 +244,22 @@ test("the registry shares one logical unit's state across sessions and drops it 
     assert.equal(bed.registry.size, 0);
   });
 });
+
+test("VPD 0x83 with the target name: SCSI name strings of the target port and the target device (SPC-4 7.8.6.11)", async () => {
+  await withBed(SIZE, async (bed) => {
+    const { lu } = await bed.open();
+    const who = { ...ALICE, targetName: "iqn.2026-12.org.ipsan:u.vol" };
+    const ids = (await run(lu, who, [0x12, 0x01, 0x83, 0x01, 0x00, 0])).dataIn ?? Buffer.alloc(0);
+    // After NAA (12), T10 vendor ID (28) and relative port (8) designators: UTF-8 (3) | iSCSI (5), PIV, association 01b / 10b, type 8.
+    const port = ids.subarray(52);
+    const portName = "iqn.2026-12.org.ipsan:u.vol,t,0x0001";
+    const portLength = Math.ceil((portName.length + 1) / 4) * 4;
+    assert.equal(hex(port.subarray(0, 4)), `53 98 00 ${portLength.toString(16)}`);
+    assert.equal(port.subarray(4, 4 + portName.length).toString("utf8"), portName);
+    const device = port.subarray(4 + portLength);
+    assert.equal(hex(device.subarray(0, 4)), "53 a8 00 1c");
+    assert.equal(device.subarray(4, 31).toString("utf8"), "iqn.2026-12.org.ipsan:u.vol");
+    assert.equal(ids.readUInt16BE(2), ids.length - 4);
+    assert.equal(device.length, 4 + 0x1c);
+  });
+});
