@@ -87,7 +87,7 @@ test("WRITE AND VERIFY 10/12/16 writes the data durably", async () => {
   });
 });
 
-test("WRITE SAME 10/16: a pattern, zeroes with UNMAP (deallocated, reads zero), NDOB, WSNZ, exact Data-Out", async () => {
+test("WRITE SAME 10/16: a pattern, zeroes with UNMAP (deallocated, reads zero), NDOB, 0 blocks to the end, exact Data-Out", async () => {
   await withBed(SIZE, async (bed) => {
     const { lu, device } = await bed.open();
     const block = pattern(512, 9);
@@ -104,8 +104,16 @@ test("WRITE SAME 10/16: a pattern, zeroes with UNMAP (deallocated, reads zero), 
     const zero = Buffer.alloc(8 * 512, 1);
     await device.read(zero, 100 * 512);
     assert.ok(zero.every((b) => b === 0));
-    // NUMBER OF LOGICAL BLOCKS 0 with WSNZ=1, ANCHOR, PBDATA/LBDATA: INVALID FIELD IN CDB.
-    assert.equal(senseOf(await run(lu, ALICE, cdb10(0x41, 0, 0), block)), "05/24/00");
+    // NUMBER OF LOGICAL BLOCKS 0 (WSNZ=0): through the last LBA, if that is within MAXIMUM WRITE SAME LENGTH (16384 blocks).
+    assert.equal((await run(lu, ALICE, cdb10(0x41, BLOCKS - 16, 0), block)).status, ScsiStatus.GOOD);
+    const tail = Buffer.alloc(16 * 512);
+    await device.read(tail, (BLOCKS - 16) * 512);
+    for (let b = 0; b < 16; b += 1) assert.ok(tail.subarray(b * 512, (b + 1) * 512).equals(block), `tail block ${b}`);
+    await withBed(16 * MIB, async (big) => {
+      const { lu: bigLu } = await big.open();
+      assert.equal(senseOf(await run(bigLu, ALICE, cdb10(0x41, 0, 0), block)), "05/24/00");
+    });
+    // ANCHOR, PBDATA/LBDATA: INVALID FIELD IN CDB.
     assert.equal(senseOf(await run(lu, ALICE, cdb10(0x41, 0, 1, 0x18), block)), "05/24/00");
     assert.equal(senseOf(await run(lu, ALICE, cdb10(0x41, 0, 1, 0x02), block)), "05/24/00");
     assert.equal(senseOf(await run(lu, ALICE, cdb10(0x41, BLOCKS - 1, 2), block)), "05/21/00");

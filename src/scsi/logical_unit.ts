@@ -842,9 +842,16 @@ class BlockLogicalUnit implements LogicalUnit {
     const ndob = spec.cdbLength === 16 && (flags & 0x01) !== 0;
     const p = provisioning(this.device.capabilities);
     if (unmap && !p.writeSameUnmap) throw invalidFieldInCdb(1, 3, `${spec.name}: UNMAP is not supported by this export (LBPWS=0)`);
-    const { lba, blocks } = this.#extent(spec, cdb, MAX_WRITE_SAME_BLOCKS);
-    if (blocks === 0) throw invalidFieldInCdb(spec.cdbLength === 10 ? 7 : 10, undefined, `${spec.name}: NUMBER OF LOGICAL BLOCKS 0 is refused (WSNZ=1)`);
-    if (!ndob) this.#exactData(spec, expectedLength, LOGICAL_BLOCK_BYTES, spec.cdbLength === 10 ? 7 : 10);
+    const lengthByte = spec.cdbLength === 10 ? 7 : 10;
+    const given = this.#extent(spec, cdb, MAX_WRITE_SAME_BLOCKS);
+    const lba = given.lba;
+    // WSNZ=0: NUMBER OF LOGICAL BLOCKS 0 means through the last LBA (SBC-3 5.42), within MAXIMUM WRITE SAME LENGTH.
+    const blocks = given.blocks === 0 ? this.#blocks - lba : given.blocks;
+    if (blocks > MAX_WRITE_SAME_BLOCKS) {
+      throw invalidFieldInCdb(lengthByte, undefined, `${spec.name}: ${blocks} blocks to the end of the medium is more than the ${MAX_WRITE_SAME_BLOCKS} of MAXIMUM WRITE SAME LENGTH`);
+    }
+    if (blocks === 0) return GOOD;
+    if (!ndob) this.#exactData(spec, expectedLength, LOGICAL_BLOCK_BYTES, lengthByte);
     const pattern = ndob ? Buffer.alloc(LOGICAL_BLOCK_BYTES) : this.#needData(spec, dataOut, LOGICAL_BLOCK_BYTES);
     const start = lba * LOGICAL_BLOCK_BYTES;
     const length = blocks * LOGICAL_BLOCK_BYTES;

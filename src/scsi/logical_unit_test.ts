@@ -59,7 +59,7 @@ test("VPD pages 0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2 (SPC-4 7.8, SBC-3 6.5)", asyn
     assert.equal(hex(ids.subarray(44, 52)), "51 94 00 04 00 00 00 01");
     const limits = await page(0xb0);
     assert.equal(hex(limits.subarray(0, 4)), "00 b0 00 3c");
-    assert.equal(limits[4], 0x01, "WSNZ");
+    assert.equal(limits[4], 0x00, "WSNZ=0");
     assert.equal(limits[5], 255, "MAXIMUM COMPARE AND WRITE LENGTH");
     assert.equal(limits.readUInt16BE(6), 8, "OPTIMAL TRANSFER LENGTH GRANULARITY: 4 KiB");
     assert.equal(limits.readUInt32BE(8), 16384, "MAXIMUM TRANSFER LENGTH: 8 MiB");

@@ -135,7 +135,7 @@ function relativePort(port: number): Buffer {
 function blockLimits(capabilities: BlockCapabilities): Buffer {
   const body = Buffer.alloc(0x3c);
   const p = provisioning(capabilities);
-  body[0] = 0x01; // WSNZ=1: WRITE SAME with NUMBER OF LOGICAL BLOCKS 0 is refused
+  body[0] = 0x00; // WSNZ=0: WRITE SAME with NUMBER OF LOGICAL BLOCKS 0 covers through the last LBA
   body[1] = MAX_COMPARE_AND_WRITE_BLOCKS;
   body.writeUInt16BE(OPTIMAL_GRANULARITY_BLOCKS, 2);
   body.writeUInt32BE(MAX_TRANSFER_BLOCKS, 4);
