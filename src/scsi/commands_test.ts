@@ -99,6 +99,11 @@ test("WRITE SAME 10/16: a pattern, zeroes with UNMAP (deallocated, reads zero), 
     assert.equal((await run(lu, ALICE, cdb16(0x93, 1024, 1024, 0x08), Buffer.alloc(512))).status, ScsiStatus.GOOD);
     const status = await run(lu, ALICE, lbaStatusCdb(1024, 24));
     assert.equal(hex(status.dataIn), "00 00 00 14 00 00 00 00 00 00 00 00 00 00 04 00 00 00 04 00 01 00 00 00");
+    // UNMAP with a non-zero block: the blocks are unmapped all the same and read back zero (LBPRZ).
+    assert.equal((await run(lu, ALICE, cdb10(0x41, 2048, 16, 0x08), block)).status, ScsiStatus.GOOD);
+    const unmapped = Buffer.alloc(16 * 512, 1);
+    await device.read(unmapped, 2048 * 512);
+    assert.ok(unmapped.every((b) => b === 0));
     // NDOB (WRITE SAME(16) only): zeroes without Data-Out.
     assert.equal((await run(lu, ALICE, cdb16(0x93, 100, 8, 0x01), undefined, 0)).status, ScsiStatus.GOOD);
     const zero = Buffer.alloc(8 * 512, 1);

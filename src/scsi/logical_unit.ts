@@ -857,7 +857,9 @@ class BlockLogicalUnit implements LogicalUnit {
     const length = blocks * LOGICAL_BLOCK_BYTES;
     const release = await this.#core.locks.acquire(start, start + length, false);
     try {
-      if (pattern.every((b) => b === 0) && this.device.capabilities.canZero) {
+      // With UNMAP the blocks are unmapped whatever the Data-Out holds (as LIO does, and libiscsi
+      // expects: they then read back as zeroes, LBPRZ); zeroes without UNMAP are written as zeroes.
+      if ((unmap || pattern.every((b) => b === 0)) && this.device.capabilities.canZero) {
         await this.device.zero(start, length, { fua: false, mayTrim: unmap, fastOnly: false });
         return GOOD;
       }
