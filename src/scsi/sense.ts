@@ -40,7 +40,6 @@ export const ASC = {
   WRITE_PROTECTED: [0x27, 0x00],
   SPACE_ALLOCATION_FAILED_WRITE_PROTECT: [0x27, 0x07],
   POWER_ON_RESET: [0x29, 0x00],
-  BUS_DEVICE_RESET: [0x29, 0x03],
   MODE_PARAMETERS_CHANGED: [0x2a, 0x01],
   RESERVATIONS_PREEMPTED: [0x2a, 0x03],
   RESERVATIONS_RELEASED: [0x2a, 0x04],
@@ -139,7 +138,9 @@ export function deviceErrorSense(error: unknown, writing: boolean): SenseFields 
       case "READ_ONLY":
         return { key: SenseKey.DATA_PROTECT, asc: ASC.WRITE_PROTECTED };
       case "OUT_OF_RANGE":
-        return { key: SenseKey.ILLEGAL_REQUEST, asc: ASC.LBA_OUT_OF_RANGE };
+        // The logical unit checks every range before the device does: a range the device refuses is
+        // a bug of the logical unit, reported (and logged) as one, not blamed on the initiator.
+        return { key: SenseKey.HARDWARE_ERROR, asc: ASC.INTERNAL_TARGET_FAILURE };
       case "IO_ERROR":
       case "CORRUPT":
         return { key: SenseKey.MEDIUM_ERROR, asc: writing ? ASC.WRITE_ERROR : ASC.UNRECOVERED_READ_ERROR };

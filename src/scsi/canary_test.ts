@@ -1,0 +1,52 @@
+// The SCSI safety scenarios (scenarios.ts) hold on this build and fail on a
+// copy of it with the safety removed: COMPARE AND WRITE taking its range
+// lock shared instead of exclusive, the persistent reservation check
+// letting every command through, and the logical unit's own LBA range check
+// gone (the device's refusal then shows as an internal failure to the fuzzer). A scenario that passed on the broken copy
+// would be testing nothing.
+
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { pathToFileURL } from "node:url";
+import { patchedBuild } from "../testing/patched_build.ts";
+import { setLogLevel } from "../util/log.ts";
+import { compareAndWriteCounter, fuzzExecute, reservationFencing } from "./scenarios.ts";
+
+setLogLevel("error");
+
+type Scenarios = typeof import("./scenarios.ts");
+
+async function broken(prefix: string, file: string, from: string, to: string, body: (scenarios: Scenarios) => Promise<void>): Promise<void> {
+  // node_modules: the fuzz scenario imports fast-check.
+  const build = patchedBuild(prefix, [{ file, from, to }], undefined, { nodeModules: true });
+  try {
+    const scenarios = (await import(pathToFileURL(join(build.root, "dist", "scsi", "scenarios.js")).href)) as Scenarios;
+    const log = (await import(pathToFileURL(join(build.root, "dist", "util", "log.js")).href)) as typeof import("../util/log.ts");
+    log.setLogLevel("error");
+    await body(scenarios);
+  } finally {
+    build.remove();
+  }
+}
+
+test("COMPARE AND WRITE is atomic; with its lock made shared, increments are lost", { timeout: 120_000 }, async () => {
+  await compareAndWriteCounter();
+  await broken("scsi-caw-canary", "dist/scsi/logical_unit.js", "locks.acquire(start, start + bytes, true)", "locks.acquire(start, start + bytes, false)", async (s) => {
+    await assert.rejects(s.compareAndWriteCounter(), /increment was lost|200/);
+  });
+});
+
+test("persistent reservations fence per SPC-4 table 48; with the check removed, strangers write", { timeout: 120_000 }, async () => {
+  await reservationFencing();
+  await broken("scsi-pr-canary", "dist/scsi/reservations.js", `if (r === undefined || access === "none")`, "if (true)", async (s) => {
+    await assert.rejects(s.reservationFencing(), /reservation type 1/);
+  });
+});
+
+test("random commands never reach past the device; without the logical unit's range check they do", { timeout: 300_000 }, async () => {
+  await fuzzExecute(300);
+  await broken("scsi-range-canary", "dist/scsi/logical_unit.js", "if (lba + BigInt(blocks) > BigInt(this.#blocks)) {", "if (false) {", async (s) => {
+    await assert.rejects(s.fuzzExecute(3000), (error: unknown) => /internal failure/.test(`${String(error)} ${String((error as { cause?: unknown }).cause)}`));
+  });
+});
