@@ -931,6 +931,16 @@ export class IscsiConnection implements BudgetWaiter {
           respond(TmfResponse.COMPLETE);
         });
         return;
+      case Tmf.TARGET_COLD_RESET:
+        // A warm reset, then the connection goes (RFC 7143 section 11.5.1: the response first).
+        if (this.#sessionType !== "Normal") return respond(TmfResponse.NOT_SUPPORTED);
+        void settleAll([...this.#tasks.values()]).then(() => {
+          if (this.#nexus !== undefined) this.#unit?.reset(this.#nexus);
+          respond(TmfResponse.COMPLETE);
+          this.socket.end();
+          this.#end("TARGET COLD RESET: the session ends", "info");
+        });
+        return;
       case Tmf.TASK_REASSIGN:
         return respond(TmfResponse.REASSIGN_NOT_SUPPORTED);
       default:
