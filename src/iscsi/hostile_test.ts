@@ -162,3 +162,26 @@ test("header and data digests (CRC32C): multi-R2T write and split Data-In read b
   assert.ok(await digests.waitClosed(5_000));
   await honestStillServed();
 });
+
+test("a command to LUN 1 is LOGICAL UNIT NOT SUPPORTED; a login naming a TSIH that does not exist is 02-0A", async () => {
+  const probe = await loggedIn();
+  const bhs = probe.commandBhs(Buffer.alloc(6), { expectedLength: 0 });
+  bhs[9] = 1; // LUN 1 (single-level addressing)
+  probe.send(bhs);
+  let response = await probe.read();
+  while (response !== undefined && (response.bhs[0]! & 0x3f) !== Op.SCSI_RESPONSE) response = await probe.read();
+  assert.equal(response?.bhs[3], 0x02);
+  const sense = response!.data.subarray(2);
+  assert.equal(sense[2]! & 0x0f, 0x05);
+  assert.equal(sense[12], 0x25);
+  probe.close();
+  const joiner = await connect();
+  const login = newBhs(Op.LOGIN_REQUEST | 0x40, 0x80 | (1 << 2) | 3);
+  joiner.isid.copy(login, 8);
+  login.writeUInt16BE(0x7777, 14);
+  joiner.send(login, Buffer.from(`InitiatorName=iqn.2026-12.org.ipsan.test:raw\0TargetName=${TARGET}\0`));
+  const answer = await joiner.read();
+  assert.equal(answer?.bhs.readUInt16BE(36), 0x020a);
+  assert.ok(await joiner.waitClosed(5_000));
+  await honestStillServed();
+});

@@ -70,6 +70,13 @@ test("contract line, /v1/info iscsi.portal, per-export target and NAA", async ()
   assert.match(vol1.iscsi.naa, /^3[0-9a-f]{15}$/);
   assert.deepEqual(vol1.partitions.map((p) => p.iscsi.target), ["iqn.2026-12.org.ipsan:rack-1.vol1.p1", "iqn.2026-12.org.ipsan:rack-1.vol1.p2"]);
   assert.equal(new Set([vol1.iscsi.naa, ...vol1.partitions.map((p) => p.iscsi.naa)]).size, 3);
+  // A newer volume whose name maps to the same target name: no target (null); the older keeps it.
+  const twin = (await controlOk(unit, "POST", "/v1/volumes", { name: "VOL1", sizeBytes: MIB })) as { iscsi: IscsiView | null };
+  assert.equal(twin.iscsi, null);
+  const again = (await controlOk(unit, "GET", "/v1/volumes/vol1")) as { iscsi: IscsiView };
+  assert.deepEqual(again.iscsi, vol1.iscsi);
+  await controlOk(unit, "DELETE", "/v1/volumes/VOL1");
+  assert.match(unit.stderr(), /two exports map to one iSCSI target name/);
 });
 
 test("iscsi-ls: discovery lists only this initiator's targets; the hidden one refuses the login", async () => {
