@@ -215,6 +215,7 @@ export class IscsiConnection implements BudgetWaiter {
   #busy = false;
   #waitingTask: Task | undefined;
   #nopTimer: NodeJS.Timeout | undefined;
+  #lastReceiveMs = performance.now();
   #nopPing: { ttt: number; timer: NodeJS.Timeout } | undefined;
   #textContinuation: { itt: number; ttt: number; rest: Buffer } | undefined;
   #textRequest: { itt: number; parts: Buffer[]; bytes: number } | undefined;
@@ -250,7 +251,7 @@ export class IscsiConnection implements BudgetWaiter {
   #onData(chunk: Buffer): void {
     if (this.#ended) return;
     this.#reader.push(chunk);
-    this.#armNop();
+    this.#received();
     this.#process();
   }
 
@@ -718,15 +719,28 @@ export class IscsiConnection implements BudgetWaiter {
 
   // ---------------------------------------------------------------- keepalive
 
+  /** Starts the keepalive: a timer that pings once nothing came for nopInIntervalMs (no timer churn per chunk). */
   #armNop(): void {
-    if (this.phase !== "full-feature") return;
-    clearTimeout(this.#nopTimer);
+    if (this.phase !== "full-feature" || this.#nopTimer !== undefined) return;
+    const check = (): void => {
+      if (this.phase !== "full-feature") return;
+      const idleMs = performance.now() - this.#lastReceiveMs;
+      if (idleMs >= this.#limits.nopInIntervalMs && this.#nopPing === undefined) this.#ping();
+      const waitMs = this.#nopPing !== undefined ? this.#limits.nopInIntervalMs : this.#limits.nopInIntervalMs - idleMs;
+      this.#nopTimer = setTimeout(check, Math.max(1, waitMs));
+      this.#nopTimer.unref();
+    };
+    this.#nopTimer = setTimeout(check, this.#limits.nopInIntervalMs);
+    this.#nopTimer.unref();
+  }
+
+  /** Bytes came: the initiator is alive (an outstanding ping counts as answered). */
+  #received(): void {
+    this.#lastReceiveMs = performance.now();
     if (this.#nopPing !== undefined) {
       clearTimeout(this.#nopPing.timer);
       this.#nopPing = undefined;
     }
-    this.#nopTimer = setTimeout(() => this.#ping(), this.#limits.nopInIntervalMs);
-    this.#nopTimer.unref();
   }
 
   #ping(): void {
@@ -752,7 +766,7 @@ export class IscsiConnection implements BudgetWaiter {
     const bhs = pdu.bhs;
     const itt = ittOf(bhs);
     if (itt === RESERVED_TAG) {
-      // An answer to our ping (its TTT), or a ping that wants no answer; armNop() already cleared the ping.
+      // An answer to our ping (its TTT), or a ping that wants no answer; #received() already cleared the ping.
       return;
     }
     if (!this.#acceptCmdSN(bhs)) return;
@@ -1032,7 +1046,7 @@ export class IscsiConnection implements BudgetWaiter {
       aborted: false,
       reservation: undefined,
       dataOutTimer: undefined,
-      pending: immediate.length > 0 ? Buffer.from(immediate) : undefined,
+      pending: immediate.length > 0 ? immediate : undefined,
       settled: undefined,
     };
     this.#tasks.set(itt, task);
@@ -1064,6 +1078,14 @@ export class IscsiConnection implements BudgetWaiter {
       }
       task.reservation = reservation;
       this.#bytesHeld += reservation.bytes;
+    }
+    if (task.write && task.wanted > 0 && task.pending !== undefined && task.pending.length >= task.wanted && task.unsolicitedEnd <= task.pending.length) {
+      // All the data came as immediate data (a small write): use it as it is, no copy.
+      task.buffer = task.pending.subarray(0, task.wanted);
+      task.received = task.wanted;
+      task.pending = undefined;
+      this.#execute(task);
+      return;
     }
     if (task.write && task.wanted > 0) {
       task.buffer = Buffer.allocUnsafe(task.wanted);
