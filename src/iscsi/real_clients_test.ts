@@ -10,6 +10,7 @@
 // - qemu-img convert/compare and qemu-io read what was written, with header
 //   digests on too (qemu's header-digest=crc32c);
 // - the same volume holds the same bytes over NBD and over iSCSI (not at once);
+// - a session whose device is revoked (grant changed, volume deleted) is dropped at once;
 // - CHAP: a standalone unit with --tls on and --tls-psk admits host1 with the
 //   secret chapSecret(key, "initiator") (iscsi-inq, qemu-img), mutual CHAP
 //   with chapSecret(key, "target"), refuses a wrong secret (Authentication
@@ -26,6 +27,7 @@ import { run, runOk } from "../testing/process.ts";
 import { makeTempDir, memoryTmpBase, type TempDir } from "../testing/tmp.ts";
 import { startUnit, type RunningUnit } from "../testing/unit.ts";
 import { chapSecret, iscsiTargetName } from "./names.ts";
+import { RawInitiator } from "./testing/initiator.ts";
 
 const MIB = 1024 * 1024;
 let unit: RunningUnit;
@@ -189,4 +191,25 @@ test("CHAP (MD5, mutual too) with the secret derived from the host's key; wrong 
   } finally {
     await strict.close();
   }
+});
+
+test("a revoked device drops its session at once: grant changed, volume deleted", async () => {
+  const [host, port] = [unit.iscsiPortal!.slice(0, unit.iscsiPortal!.lastIndexOf(":")), Number(unit.iscsiPortal!.slice(unit.iscsiPortal!.lastIndexOf(":") + 1))];
+  for (const change of ["grant", "delete"] as const) {
+    await controlOk(unit, "POST", "/v1/volumes", { name: `gone-${change}`, sizeBytes: 4 * MIB });
+    const session = await RawInitiator.connect(host, port);
+    try {
+      const login = await session.login({ targetName: iscsiTargetName("Rack_1", `gone-${change}`) });
+      assert.equal(login.status, 0);
+      await session.ready();
+      const started = Date.now();
+      if (change === "grant") await controlOk(unit, "PUT", `/v1/volumes/gone-${change}/grants`, { hosts: ["10.9.9.9"] });
+      else await controlOk(unit, "DELETE", `/v1/volumes/gone-${change}`);
+      assert.ok(await session.waitClosed(2_000), `${change}: the session outlived its device`);
+      assert.ok(Date.now() - started < 2_000);
+    } finally {
+      session.close();
+    }
+  }
+  assert.match(unit.stderr(), /device revoked/);
 });
