@@ -15,8 +15,8 @@ export const OPTIMAL_GRANULARITY_BLOCKS = 4096 / LOGICAL_BLOCK_BYTES;
 /** OPTIMAL TRANSFER LENGTH: 1 MiB. */
 export const OPTIMAL_TRANSFER_BLOCKS = (1024 * 1024) / LOGICAL_BLOCK_BYTES;
 
-/** Most blocks one UNMAP block descriptor or one UNMAP command may name in total: 1 GiB. */
-export const MAX_UNMAP_LBA_COUNT = (1024 * 1024 * 1024) / LOGICAL_BLOCK_BYTES;
+/** Most blocks one UNMAP command may name in total: 2^20 blocks, 512 MiB (libiscsi calls more "insanely big"). */
+export const MAX_UNMAP_LBA_COUNT = 1024 * 1024;
 
 /** Most block descriptors in one UNMAP parameter list. */
 export const MAX_UNMAP_DESCRIPTORS = 256;
@@ -27,8 +27,13 @@ export const MAX_UNMAP_PARAMETER_BYTES = 8 + 16 * MAX_UNMAP_DESCRIPTORS;
 /** OPTIMAL UNMAP GRANULARITY: 4 KiB (a hole punched in the storage file is this granular). */
 export const UNMAP_GRANULARITY_BLOCKS = 4096 / LOGICAL_BLOCK_BYTES;
 
-/** Most blocks one WRITE SAME may cover: 1 GiB (MAXIMUM WRITE SAME LENGTH). */
-export const MAX_WRITE_SAME_BLOCKS = (1024 * 1024 * 1024) / LOGICAL_BLOCK_BYTES;
+/**
+ * Most blocks one WRITE SAME may cover (MAXIMUM WRITE SAME LENGTH): 8 MiB,
+ * as for a transfer. Below 65536 blocks on purpose: libiscsi's WRITE SAME(16)
+ * UNMAP test writes 65536 blocks in one WRITE(16), over MAXIMUM TRANSFER
+ * LENGTH, unless MAXIMUM WRITE SAME LENGTH is smaller than that.
+ */
+export const MAX_WRITE_SAME_BLOCKS = MAX_TRANSFER_BLOCKS;
 
 /** WRITE SAME with a non-zero pattern is written in chunks of this many bytes. */
 export const WRITE_SAME_CHUNK_BYTES = 1024 * 1024;

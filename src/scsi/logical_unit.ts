@@ -61,6 +61,8 @@ export class LogicalUnitCore {
   readonly locks = new RangeLocks();
   /** Pending unit attentions per nexus key, oldest first. */
   readonly #attentions = new Map<string, Asc[]>();
+  /** Nexuses logged in to this logical unit (through any session), oldest first. */
+  readonly #nexuses = new Set<string>();
   /** Nexuses that sent PREVENT ALLOW MEDIUM REMOVAL with PREVENT set. */
   readonly #preventing = new Set<string>();
 
@@ -102,25 +104,34 @@ export class LogicalUnitCore {
 
   nexusAdded(nexus: ScsiNexus): void {
     const key = nexusKey(nexus);
+    this.#nexuses.delete(key);
+    if (this.#nexuses.size >= MAX_NEXUS_STATES) {
+      const oldest = this.#nexuses.values().next().value;
+      if (oldest !== undefined) this.#nexuses.delete(oldest);
+    }
+    this.#nexuses.add(key);
     this.#attentions.delete(key);
     this.addAttention(key, ASC.POWER_ON_RESET);
   }
 
   nexusRemoved(nexus: ScsiNexus): void {
     const key = nexusKey(nexus);
+    this.#nexuses.delete(key);
     this.reservations.dropLegacy(nexus);
     this.#preventing.delete(key);
   }
 
-  reset(): void {
+  /**
+   * LOGICAL UNIT RESET (SAM-5 6.3.3): RESERVE(6) and PREVENT go, every nexus
+   * gets a unit attention. It is POWER ON, RESET, OR BUS DEVICE RESET
+   * OCCURRED (29h/00h), the generic code, not 29h/03h: initiators (libiscsi's
+   * RESERVE/RELEASE helpers among them) retry on the generic one.
+   */
+  reset(from: ScsiNexus): void {
     this.reservations.dropLegacy(undefined);
     this.#preventing.clear();
-    for (const key of [...this.#attentions.keys()]) this.addAttention(key, ASC.BUS_DEVICE_RESET);
-  }
-
-  /** Known nexuses get the reset attention too, even with nothing queued (reset() above walks the queue only). */
-  resetFor(keys: Iterable<string>): void {
-    for (const key of keys) this.addAttention(key, ASC.BUS_DEVICE_RESET);
+    const keys = new Set([...this.#nexuses, ...this.#attentions.keys(), nexusKey(from)]);
+    for (const key of keys) this.addAttention(key, ASC.POWER_ON_RESET);
   }
 
   setPrevent(key: string, prevent: boolean): void {
@@ -274,11 +285,15 @@ export const COMMANDS: readonly CommandSpec[] = [
   { name: "MODE SENSE(10)", opcode: 0x5a, cdbLength: 10, access: "read", usage: [0x18, 0xff, 0xff, 0, 0, 0, 0xff, 0xff, 0x04] },
   { name: "PERSISTENT RESERVE IN", opcode: 0x5e, cdbLength: 10, access: "none", usage: [0x1f, 0, 0, 0, 0, 0, 0xff, 0xff, 0x04] },
   { name: "PERSISTENT RESERVE OUT", opcode: 0x5f, cdbLength: 10, access: "none", usage: [0x1f, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x04] },
+  { name: "PRE-FETCH(10)", opcode: 0x34, cdbLength: 10, access: "read", usage: [0x02, 0xff, 0xff, 0xff, 0xff, 0x3f, 0xff, 0xff, 0x04] },
+  { name: "READ DEFECT DATA(10)", opcode: 0x37, cdbLength: 10, access: "read", usage: [0, 0x1f, 0, 0, 0, 0, 0xff, 0xff, 0x04] },
   { name: "READ(16)", opcode: 0x88, cdbLength: 16, access: "read", usage: RW16 },
+  { name: "ORWRITE(16)", opcode: 0x8b, cdbLength: 16, access: "write", usage: RW16 },
   { name: "COMPARE AND WRITE", opcode: 0x89, cdbLength: 16, access: "write", usage: [0xf8, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0xff, 0x1f, 0x04] },
   { name: "WRITE(16)", opcode: 0x8a, cdbLength: 16, access: "write", usage: RW16 },
   { name: "WRITE AND VERIFY(16)", opcode: 0x8e, cdbLength: 16, access: "write", usage: VERIFY16 },
   { name: "VERIFY(16)", opcode: 0x8f, cdbLength: 16, access: "read", usage: VERIFY16 },
+  { name: "PRE-FETCH(16)", opcode: 0x90, cdbLength: 16, access: "read", usage: [0x02, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x3f, 0x04] },
   { name: "SYNCHRONIZE CACHE(16)", opcode: 0x91, cdbLength: 16, access: "write", usage: [0x02, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x1f, 0x04] },
   { name: "WRITE SAME(16)", opcode: 0x93, cdbLength: 16, access: "write", usage: [0xe9, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x1f, 0x04] },
   { name: "READ CAPACITY(16)", opcode: 0x9e, serviceAction: 0x10, cdbLength: 16, access: "none", usage: [0x1f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01, 0x04] },
@@ -286,6 +301,7 @@ export const COMMANDS: readonly CommandSpec[] = [
   { name: "REPORT LUNS", opcode: 0xa0, cdbLength: 12, access: "none", legacyAllowed: true, attentionExempt: true, usage: [0, 0xff, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0x04] },
   { name: "REPORT SUPPORTED OPERATION CODES", opcode: 0xa3, serviceAction: 0x0c, cdbLength: 12, access: "none", legacyAllowed: true, usage: [0x1f, 0x87, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x04] },
   { name: "READ(12)", opcode: 0xa8, cdbLength: 12, access: "read", usage: RW12 },
+  { name: "READ DEFECT DATA(12)", opcode: 0xb7, cdbLength: 12, access: "read", usage: [0x1f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x04] },
   { name: "WRITE(12)", opcode: 0xaa, cdbLength: 12, access: "write", usage: RW12 },
   { name: "WRITE AND VERIFY(12)", opcode: 0xae, cdbLength: 12, access: "write", usage: VERIFY12 },
   { name: "VERIFY(12)", opcode: 0xaf, cdbLength: 12, access: "read", usage: VERIFY12 },
@@ -364,8 +380,6 @@ class BlockLogicalUnit implements LogicalUnit {
   readonly maxTransferBytes = MAX_TRANSFER_BYTES;
   readonly #core: LogicalUnitCore;
   readonly #blocks: number;
-  /** Nexuses this view added (for resets: every one known gets the attention). */
-  readonly #nexuses = new Set<string>();
 
   constructor(device: BlockDevice, core: LogicalUnitCore) {
     this.identity = core.identity;
@@ -375,18 +389,15 @@ class BlockLogicalUnit implements LogicalUnit {
   }
 
   nexusAdded(nexus: ScsiNexus): void {
-    this.#nexuses.add(nexusKey(nexus));
     this.#core.nexusAdded(nexus);
   }
 
   nexusRemoved(nexus: ScsiNexus): void {
-    this.#nexuses.delete(nexusKey(nexus));
     this.#core.nexusRemoved(nexus);
   }
 
   reset(from: ScsiNexus): void {
-    this.#core.reset();
-    this.#core.resetFor([...this.#nexuses, nexusKey(from)]);
+    this.#core.reset(from);
   }
 
   dataOutLength(cdb: Buffer): number {
@@ -412,6 +423,7 @@ class BlockLogicalUnit implements LogicalUnit {
       case 0x2a:
       case 0xaa:
       case 0x8a:
+      case 0x8b:
       case 0x2e:
       case 0xae:
       case 0x8e:
@@ -506,6 +518,14 @@ class BlockLogicalUnit implements LogicalUnit {
       case 0xaa:
       case 0x8a:
         return this.#write(spec, cdb, request.dataOut, false);
+      case 0x8b:
+        return this.#orWrite(spec, cdb, request.dataOut);
+      case 0x34:
+      case 0x90:
+        return this.#prefetch(spec, cdb);
+      case 0x37:
+      case 0xb7:
+        return this.#readDefectData(spec, cdb);
       case 0x2e:
       case 0xae:
       case 0x8e:
@@ -545,7 +565,7 @@ class BlockLogicalUnit implements LogicalUnit {
         return this.#synchronize(spec, cdb);
       case 0x41:
       case 0x93:
-        return this.#writeSame(spec, cdb, request.dataOut);
+        return this.#writeSame(spec, cdb, request.dataOut, request.expectedLength);
       case 0x42:
         return this.#unmap(cdb, request.dataOut);
       case 0x5e:
@@ -553,7 +573,7 @@ class BlockLogicalUnit implements LogicalUnit {
       case 0x5f:
         return this.#prOut(cdb, request);
       case 0x89:
-        return this.#compareAndWrite(cdb, request.dataOut);
+        return this.#compareAndWrite(cdb, request.dataOut, request.expectedLength);
       case 0x9e:
         return spec.serviceAction === 0x10 ? this.#readCapacity16(cdb) : this.#getLbaStatus(cdb);
       case 0xa0:
@@ -603,6 +623,42 @@ class BlockLogicalUnit implements LogicalUnit {
     return dataOut.length === bytes ? dataOut : dataOut.subarray(0, bytes);
   }
 
+  /**
+   * The Data-Out of a WRITE whose ExpectedDataTransferLength is below the
+   * CDB's transfer length (FCP-4 9.4.2 a, which libiscsi's residual tests
+   * follow): the whole blocks that came are written and the rest is not
+   * asked for (the transport reports the overflow residual). A partial block
+   * is refused with INVALID FIELD IN COMMAND INFORMATION UNIT and nothing is written.
+   */
+  #truncatedData(spec: CommandSpec, dataOut: Buffer | undefined, bytes: number): Buffer {
+    const got = dataOut ?? Buffer.alloc(0);
+    if (got.length >= bytes) return got.length === bytes ? got : got.subarray(0, bytes);
+    if (got.length % LOGICAL_BLOCK_BYTES !== 0) {
+      throw illegalRequest(
+        ASC.INVALID_FIELD_IN_COMMAND_IU,
+        `${spec.name} got ${got.length} bytes of Data-Out, not a whole number of ${LOGICAL_BLOCK_BYTES}-byte blocks (ExpectedDataTransferLength below the transfer length)`,
+      );
+    }
+    return got;
+  }
+
+  /**
+   * WRITE SAME and COMPARE AND WRITE take exactly the Data-Out their CDB
+   * names: a different ExpectedDataTransferLength means the initiator and
+   * the CDB disagree on what the data is (a COMPARE AND WRITE of 256 blocks
+   * wraps its one-byte length to 0), so nothing is written: INVALID FIELD IN
+   * CDB pointing at the CDB's length field.
+   */
+  #exactData(spec: CommandSpec, expectedLength: number, bytes: number, lengthByte: number): void {
+    if (expectedLength !== bytes) {
+      throw invalidFieldInCdb(
+        lengthByte,
+        undefined,
+        `${spec.name} transfers exactly ${bytes} bytes of Data-Out by its CDB; the initiator's ExpectedDataTransferLength is ${expectedLength}`,
+      );
+    }
+  }
+
   async #readBlocks(lba: number, blocks: number): Promise<Buffer> {
     const buffer = Buffer.allocUnsafe(blocks * LOGICAL_BLOCK_BYTES);
     const offset = lba * LOGICAL_BLOCK_BYTES;
@@ -645,11 +701,52 @@ class BlockLogicalUnit implements LogicalUnit {
     if (verify && (u8(cdb, 1) & 0x04) !== 0) throw invalidFieldInCdb(1, 2, `${spec.name}: BYTCHK 10b/11b is not defined for WRITE AND VERIFY`);
     const { lba, blocks } = this.#extent(spec, cdb, MAX_TRANSFER_BLOCKS);
     if (blocks === 0) return GOOD;
-    const data = this.#needData(spec, dataOut, blocks * LOGICAL_BLOCK_BYTES);
+    const data = this.#truncatedData(spec, dataOut, blocks * LOGICAL_BLOCK_BYTES);
+    if (data.length === 0) return GOOD;
     // FUA (byte 1 bit 3; none in WRITE(6)); WRITE AND VERIFY makes the data durable before it answers.
     const fua = verify || (spec.cdbLength !== 6 && (u8(cdb, 1) & 0x08) !== 0);
     await this.#writeBlocks(data, lba, fua);
     return GOOD;
+  }
+
+  /** ORWRITE(16) (SBC-3 5.8): each block becomes the bitwise OR of itself and the Data-Out, atomically against other writes. */
+  async #orWrite(spec: CommandSpec, cdb: Buffer, dataOut: Buffer | undefined): Promise<ScsiResponse> {
+    this.#checkProtect(spec, cdb);
+    this.#checkWritable(spec);
+    const { lba, blocks } = this.#extent(spec, cdb, MAX_TRANSFER_BLOCKS);
+    if (blocks === 0) return GOOD;
+    const data = this.#truncatedData(spec, dataOut, blocks * LOGICAL_BLOCK_BYTES);
+    if (data.length === 0) return GOOD;
+    const fua = (u8(cdb, 1) & 0x08) !== 0;
+    const start = lba * LOGICAL_BLOCK_BYTES;
+    const release = await this.#core.locks.acquire(start, start + data.length, true);
+    try {
+      const medium = await this.#readBlocks(lba, data.length / LOGICAL_BLOCK_BYTES);
+      for (let i = 0; i < medium.length; i += 1) medium[i] = (medium[i] ?? 0) | (data[i] ?? 0);
+      const deviceFua = fua && this.device.capabilities.canFua;
+      await this.device.write(medium, start, deviceFua);
+      if (fua && !deviceFua) await this.device.flush();
+      return GOOD;
+    } finally {
+      release();
+    }
+  }
+
+  /** PRE-FETCH 10/16 (SBC-3 5.9): a page-cache hint; GOOD, not CONDITION MET (nothing is promised to stay cached). */
+  async #prefetch(spec: CommandSpec, cdb: Buffer): Promise<ScsiResponse> {
+    const { lba, blocks } = this.#extent(spec, cdb, MAX_TRANSFER_BLOCKS);
+    if (blocks > 0 && this.device.capabilities.canCache) await this.device.cache(lba * LOGICAL_BLOCK_BYTES, blocks * LOGICAL_BLOCK_BYTES);
+    return GOOD;
+  }
+
+  /** READ DEFECT DATA 10/12 (SBC-3 5.12, 5.13): no defects, no lists (PLISTV=GLISTV=0). */
+  #readDefectData(spec: CommandSpec, cdb: Buffer): ScsiResponse {
+    const ten = spec.cdbLength === 10;
+    const format = (ten ? u8(cdb, 2) : u8(cdb, 1)) & 0x07;
+    const allocation = ten ? cdb.readUInt16BE(7) : cdb.readUInt32BE(6);
+    const out = Buffer.alloc(ten ? 4 : 8);
+    out[1] = format;
+    return { status: ScsiStatus.GOOD, dataIn: out.subarray(0, allocation) };
   }
 
   async #verify(spec: CommandSpec, cdb: Buffer, dataOut: Buffer | undefined): Promise<ScsiResponse> {
@@ -707,8 +804,9 @@ class BlockLogicalUnit implements LogicalUnit {
     const out = Buffer.alloc(32);
     out.writeBigUInt64BE(BigInt(Math.max(this.#blocks - 1, 0)), 0);
     out.writeUInt32BE(LOGICAL_BLOCK_BYTES, 8);
-    // P_TYPE/PROT_EN 0; LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT 3 (4 KiB pages under 512-byte blocks).
-    out[13] = 0x03;
+    // P_TYPE/PROT_EN 0; LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT 0: GET LBA STATUS answers per
+    // logical block, and libiscsi 1.19 (Debian's) mis-checks GET LBA STATUS when the exponent is above 0.
+    out[13] = 0x00;
     const p = provisioning(this.device.capabilities);
     out[14] = (p.lbpme ? 0x80 : 0) | (p.lbprz ? 0x40 : 0);
     return { status: ScsiStatus.GOOD, dataIn: out.subarray(0, cdb.readUInt32BE(10)) };
@@ -734,7 +832,7 @@ class BlockLogicalUnit implements LogicalUnit {
     return GOOD;
   }
 
-  async #writeSame(spec: CommandSpec, cdb: Buffer, dataOut: Buffer | undefined): Promise<ScsiResponse> {
+  async #writeSame(spec: CommandSpec, cdb: Buffer, dataOut: Buffer | undefined, expectedLength: number): Promise<ScsiResponse> {
     this.#checkProtect(spec, cdb);
     this.#checkWritable(spec);
     const flags = u8(cdb, 1);
@@ -744,14 +842,24 @@ class BlockLogicalUnit implements LogicalUnit {
     const ndob = spec.cdbLength === 16 && (flags & 0x01) !== 0;
     const p = provisioning(this.device.capabilities);
     if (unmap && !p.writeSameUnmap) throw invalidFieldInCdb(1, 3, `${spec.name}: UNMAP is not supported by this export (LBPWS=0)`);
-    const { lba, blocks } = this.#extent(spec, cdb, MAX_WRITE_SAME_BLOCKS);
-    if (blocks === 0) throw invalidFieldInCdb(spec.cdbLength === 10 ? 7 : 10, undefined, `${spec.name}: NUMBER OF LOGICAL BLOCKS 0 is refused (WSNZ=1)`);
+    const lengthByte = spec.cdbLength === 10 ? 7 : 10;
+    const given = this.#extent(spec, cdb, MAX_WRITE_SAME_BLOCKS);
+    const lba = given.lba;
+    // WSNZ=0: NUMBER OF LOGICAL BLOCKS 0 means through the last LBA (SBC-3 5.42), within MAXIMUM WRITE SAME LENGTH.
+    const blocks = given.blocks === 0 ? this.#blocks - lba : given.blocks;
+    if (blocks > MAX_WRITE_SAME_BLOCKS) {
+      throw invalidFieldInCdb(lengthByte, undefined, `${spec.name}: ${blocks} blocks to the end of the medium is more than the ${MAX_WRITE_SAME_BLOCKS} of MAXIMUM WRITE SAME LENGTH`);
+    }
+    if (blocks === 0) return GOOD;
+    if (!ndob) this.#exactData(spec, expectedLength, LOGICAL_BLOCK_BYTES, lengthByte);
     const pattern = ndob ? Buffer.alloc(LOGICAL_BLOCK_BYTES) : this.#needData(spec, dataOut, LOGICAL_BLOCK_BYTES);
     const start = lba * LOGICAL_BLOCK_BYTES;
     const length = blocks * LOGICAL_BLOCK_BYTES;
     const release = await this.#core.locks.acquire(start, start + length, false);
     try {
-      if (pattern.every((b) => b === 0) && this.device.capabilities.canZero) {
+      // With UNMAP the blocks are unmapped whatever the Data-Out holds (as LIO does, and libiscsi
+      // expects: they then read back as zeroes, LBPRZ); zeroes without UNMAP are written as zeroes.
+      if ((unmap || pattern.every((b) => b === 0)) && this.device.capabilities.canZero) {
         await this.device.zero(start, length, { fua: false, mayTrim: unmap, fastOnly: false });
         return GOOD;
       }
@@ -811,7 +919,7 @@ class BlockLogicalUnit implements LogicalUnit {
     return GOOD;
   }
 
-  async #compareAndWrite(cdb: Buffer, dataOut: Buffer | undefined): Promise<ScsiResponse> {
+  async #compareAndWrite(cdb: Buffer, dataOut: Buffer | undefined, expectedLength: number): Promise<ScsiResponse> {
     const spec = COMMANDS_BY_NAME["COMPARE AND WRITE"];
     this.#checkProtect(spec, cdb);
     this.#checkWritable(spec);
@@ -819,8 +927,9 @@ class BlockLogicalUnit implements LogicalUnit {
     const blocks = u8(cdb, 13);
     if (lba + BigInt(blocks) > BigInt(this.#blocks)) throw lbaOutOfRange(`COMPARE AND WRITE: LBA ${lba} + ${blocks} is beyond the capacity`);
     if (blocks > MAX_COMPARE_AND_WRITE_BLOCKS) throw invalidFieldInCdb(13, undefined, `COMPARE AND WRITE: at most ${MAX_COMPARE_AND_WRITE_BLOCKS} blocks`);
-    if (blocks === 0) return GOOD;
     const bytes = blocks * LOGICAL_BLOCK_BYTES;
+    this.#exactData(spec, expectedLength, 2 * bytes, 13);
+    if (blocks === 0) return GOOD;
     const data = this.#needData(spec, dataOut, 2 * bytes);
     const fua = (u8(cdb, 1) & 0x08) !== 0;
     const start = Number(lba) * LOGICAL_BLOCK_BYTES;

@@ -59,16 +59,16 @@ test("VPD pages 0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2 (SPC-4 7.8, SBC-3 6.5)", asyn
     assert.equal(hex(ids.subarray(44, 52)), "51 94 00 04 00 00 00 01");
     const limits = await page(0xb0);
     assert.equal(hex(limits.subarray(0, 4)), "00 b0 00 3c");
-    assert.equal(limits[4], 0x01, "WSNZ");
+    assert.equal(limits[4], 0x00, "WSNZ=0");
     assert.equal(limits[5], 255, "MAXIMUM COMPARE AND WRITE LENGTH");
     assert.equal(limits.readUInt16BE(6), 8, "OPTIMAL TRANSFER LENGTH GRANULARITY: 4 KiB");
     assert.equal(limits.readUInt32BE(8), 16384, "MAXIMUM TRANSFER LENGTH: 8 MiB");
     assert.equal(limits.readUInt32BE(12), 2048, "OPTIMAL TRANSFER LENGTH: 1 MiB");
-    assert.equal(limits.readUInt32BE(20), 2 * 1024 * 1024, "MAXIMUM UNMAP LBA COUNT: 1 GiB");
+    assert.equal(limits.readUInt32BE(20), 1024 * 1024, "MAXIMUM UNMAP LBA COUNT: 2^20 blocks");
     assert.equal(limits.readUInt32BE(24), 256, "MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT");
     assert.equal(limits.readUInt32BE(28), 8, "OPTIMAL UNMAP GRANULARITY");
     assert.equal(limits.readUInt32BE(32), 0x80000000, "UGAVALID, alignment 0");
-    assert.equal(limits.readBigUInt64BE(36), 2n * 1024n * 1024n, "MAXIMUM WRITE SAME LENGTH: 1 GiB");
+    assert.equal(limits.readBigUInt64BE(36), 16384n, "MAXIMUM WRITE SAME LENGTH: 8 MiB");
     const characteristics = await page(0xb1);
     assert.equal(hex(characteristics.subarray(0, 6)), "00 b1 00 3c 00 01");
     // LBPU|LBPWS|LBPWS10|LBPRZ, PROVISIONING TYPE 010b (thin).
@@ -83,8 +83,8 @@ test("READ CAPACITY 10/16 (SBC-3 5.15, 5.16)", async () => {
     const r10 = await run(lu, ALICE, [0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
     assert.equal(hex(r10.dataIn), "00 00 1f ff 00 00 02 00");
     const r16 = await run(lu, ALICE, [0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0]);
-    // RETURNED LOGICAL BLOCK ADDRESS, LOGICAL BLOCK LENGTH, PROT_EN 0, LBPPBE 3, LBPME|LBPRZ.
-    assert.equal(hex(r16.dataIn?.subarray(0, 16)), "00 00 00 00 00 00 1f ff 00 00 02 00 00 03 c0 00");
+    // RETURNED LOGICAL BLOCK ADDRESS, LOGICAL BLOCK LENGTH, PROT_EN 0, LBPPBE 0, LBPME|LBPRZ.
+    assert.equal(hex(r16.dataIn?.subarray(0, 16)), "00 00 00 00 00 00 1f ff 00 00 02 00 00 00 c0 00");
     assert.equal(r16.dataIn?.length, 32);
     const trimmed = await run(lu, ALICE, [0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0]);
     assert.equal(trimmed.dataIn?.length, 8);
@@ -130,14 +130,21 @@ test("READ and WRITE 6/10/12/16 round trip; FUA; out of range; over the maximum 
     await withBed(16 * MIB, async (big) => {
       const { lu: bigLu } = await big.open();
       assert.equal(senseOf(await run(bigLu, ALICE, cdb16(0x88, 0, 16385))), "05/24/00");
+      // Over MAXIMUM WRITE SAME LENGTH (16384 blocks) too.
+      assert.equal(senseOf(await run(bigLu, ALICE, cdb16(0x93, 0, 16385, 0x08), Buffer.alloc(512))), "05/24/00");
     });
     // RDPROTECT/WRPROTECT without protection information: INVALID FIELD IN CDB.
     assert.equal(senseOf(await run(lu, ALICE, cdb10(0x28, 0, 1, 0x20))), "05/24/00");
     assert.equal(senseOf(await run(lu, ALICE, cdb10(0x2a, 0, 1, 0x20), Buffer.alloc(512))), "05/24/00");
-    // Data-Out shorter than the CDB's transfer: INVALID FIELD IN COMMAND INFORMATION UNIT, nothing written.
-    assert.equal(senseOf(await run(lu, ALICE, cdb10(0x2a, 8, 2), Buffer.alloc(512, 0xee))), "05/0e/03");
-    const after = await run(lu, ALICE, cdb10(0x28, 8, 1));
-    assert.ok(after.dataIn?.equals(data.subarray(0, 512)));
+    // Data-Out shorter than the CDB's transfer (EDTL below it, FCP-4 9.4.2 a): the whole blocks that came are written.
+    assert.equal((await run(lu, ALICE, cdb10(0x2a, 8, 2), Buffer.alloc(512, 0xee))).status, ScsiStatus.GOOD);
+    const after = await run(lu, ALICE, cdb10(0x28, 8, 2));
+    assert.ok(after.dataIn?.subarray(0, 512).every((b) => b === 0xee));
+    assert.ok(after.dataIn?.subarray(512).equals(data.subarray(512, 1024)));
+    assert.equal((await run(lu, ALICE, cdb10(0x2a, 8, 1), Buffer.alloc(0), 0)).status, ScsiStatus.GOOD);
+    // A partial block: INVALID FIELD IN COMMAND INFORMATION UNIT (0Eh/03h), nothing written.
+    assert.equal(senseOf(await run(lu, ALICE, cdb10(0x2a, 8, 1), Buffer.alloc(200, 0x11), 200)), "05/0e/03");
+    assert.equal((await run(lu, ALICE, cdb10(0x28, 8, 1))).dataIn?.[0], 0xee);
   });
 });
 
@@ -159,7 +166,7 @@ test("unit attention after login, REQUEST SENSE, TEST UNIT READY, unsupported op
     lu.reset(BOB);
     const rs2 = await run(lu, ALICE, [0x03, 0, 0, 0, 252, 0]);
     assert.equal(rs2.status, ScsiStatus.GOOD);
-    assert.equal(hex(rs2.dataIn), expectedSense(0x06, 0x29, 0x03));
+    assert.equal(hex(rs2.dataIn), expectedSense(0x06, 0x29, 0x00));
     assert.equal((await run(lu, ALICE, [0x00, 0, 0, 0, 0, 0])).status, ScsiStatus.GOOD);
     // FORMAT UNIT (04h) is not implemented: INVALID COMMAND OPERATION CODE 20h/00h.
     const bad = await run(lu, ALICE, [0x04, 0, 0, 0, 0, 0]);
@@ -235,5 +242,24 @@ test("the registry shares one logical unit's state across sessions and drops it 
     await first.close();
     await second.close();
     assert.equal(bed.registry.size, 0);
+  });
+});
+
+test("VPD 0x83 with the target name: SCSI name strings of the target port and the target device (SPC-4 7.8.6.11)", async () => {
+  await withBed(SIZE, async (bed) => {
+    const { lu } = await bed.open();
+    const who = { ...ALICE, targetName: "iqn.2026-12.org.ipsan:u.vol" };
+    const ids = (await run(lu, who, [0x12, 0x01, 0x83, 0x01, 0x00, 0])).dataIn ?? Buffer.alloc(0);
+    // After NAA (12), T10 vendor ID (28) and relative port (8) designators: UTF-8 (3) | iSCSI (5), PIV, association 01b / 10b, type 8.
+    const port = ids.subarray(52);
+    const portName = "iqn.2026-12.org.ipsan:u.vol,t,0x0001";
+    const portLength = Math.ceil((portName.length + 1) / 4) * 4;
+    assert.equal(hex(port.subarray(0, 4)), `53 98 00 ${portLength.toString(16)}`);
+    assert.equal(port.subarray(4, 4 + portName.length).toString("utf8"), portName);
+    const device = port.subarray(4 + portLength);
+    assert.equal(hex(device.subarray(0, 4)), "53 a8 00 1c");
+    assert.equal(device.subarray(4, 31).toString("utf8"), "iqn.2026-12.org.ipsan:u.vol");
+    assert.equal(ids.readUInt16BE(2), ids.length - 4);
+    assert.equal(device.length, 4 + 0x1c);
   });
 });

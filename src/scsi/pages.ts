@@ -135,12 +135,12 @@ function relativePort(port: number): Buffer {
 function blockLimits(capabilities: BlockCapabilities): Buffer {
   const body = Buffer.alloc(0x3c);
   const p = provisioning(capabilities);
-  body[0] = 0x01; // WSNZ=1: WRITE SAME with NUMBER OF LOGICAL BLOCKS 0 is refused
+  body[0] = 0x00; // WSNZ=0: WRITE SAME with NUMBER OF LOGICAL BLOCKS 0 covers through the last LBA
   body[1] = MAX_COMPARE_AND_WRITE_BLOCKS;
   body.writeUInt16BE(OPTIMAL_GRANULARITY_BLOCKS, 2);
   body.writeUInt32BE(MAX_TRANSFER_BLOCKS, 4);
   body.writeUInt32BE(OPTIMAL_TRANSFER_BLOCKS, 8);
-  body.writeUInt32BE(0, 12); // MAXIMUM PREFETCH LENGTH: PRE-FETCH not supported
+  body.writeUInt32BE(MAX_TRANSFER_BLOCKS, 12); // MAXIMUM PREFETCH LENGTH
   body.writeUInt32BE(p.lbpme ? MAX_UNMAP_LBA_COUNT : 0, 16);
   body.writeUInt32BE(p.lbpme ? MAX_UNMAP_DESCRIPTORS : 0, 20);
   body.writeUInt32BE(p.lbpme ? UNMAP_GRANULARITY_BLOCKS : 0, 24);

@@ -29,9 +29,16 @@ const VALID_TYPES: ReadonlySet<number> = new Set(Object.values(PrType));
 /** How a command touches the medium, for the reservation conflict tables. */
 export type AccessClass = "none" | "read" | "write";
 
-/** The key of an I_T nexus: initiator port name (TransportID) and target port. */
+const NEXUS_KEYS = new WeakMap<ScsiNexus, string>();
+
+/** The key of an I_T nexus: initiator port name (TransportID) and target port (cached per nexus object: every command asks). */
 export function nexusKey(nexus: ScsiNexus): string {
-  return `${initiatorPortName(nexus)}|${nexus.targetPortalGroupTag}`;
+  let key = NEXUS_KEYS.get(nexus);
+  if (key === undefined) {
+    key = `${initiatorPortName(nexus)}|${nexus.targetPortalGroupTag}`;
+    NEXUS_KEYS.set(nexus, key);
+  }
+  return key;
 }
 
 /** iSCSI initiator port name: "InitiatorName,i,0xISID" (RFC 7143 4.2.7). */

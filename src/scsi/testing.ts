@@ -126,3 +126,15 @@ export async function login(lu: LogicalUnit, who: ScsiNexus): Promise<void> {
   lu.nexusAdded(who);
   await run(lu, who, [0x00, 0, 0, 0, 0, 0]);
 }
+
+/** Two sessions of one logical unit over a 1 MiB volume: ALICE logged in through the first, BOB and CAROL through the second. */
+export async function withThreeNexuses(body: (first: LogicalUnit, second: LogicalUnit) => Promise<void>): Promise<void> {
+  await withBed(1024 * 1024, async (bed) => {
+    const a = await bed.open();
+    const b = await bed.open();
+    await login(a.lu, ALICE);
+    await login(b.lu, BOB);
+    await login(b.lu, CAROL);
+    await body(a.lu, b.lu);
+  });
+}
