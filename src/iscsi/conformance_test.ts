@@ -22,11 +22,12 @@ import { chapSecret, iscsiTargetName } from "./names.ts";
 /** tgt 1.0.85 under the same suite on this machine: 160 tests really pass (issue 10). */
 const TGT_REALLY_PASSED = 160;
 /**
- * Tests really passing at this commit: a floor against regressions. The goal
- * is more than TGT_REALLY_PASSED; what is missing is mostly SCSI commands
- * (ORWRITE, PREFETCH, EXTENDED COPY...: "[SKIPPED] ... not implemented").
+ * Tests really passing at this commit (189, one less allowed for the timing of
+ * AbortTaskSimpleAsync's race): a floor against regressions, above
+ * TGT_REALLY_PASSED. What is skipped is mostly commands not implemented
+ * (EXTENDED COPY, WRITE ATOMIC, SANITIZE without --allow-sanitize...).
  */
-const REALLY_PASSED_FLOOR = 161;
+const REALLY_PASSED_FLOOR = 188;
 const SUITE_TIMEOUT_MS = 600_000;
 
 /**
@@ -34,22 +35,8 @@ const SUITE_TIMEOUT_MS = 600_000;
  * SCSI command-set matters are reported to the scsi side (src/scsi/).
  */
 const KNOWN_FAILURES: Readonly<Record<string, string>> = {
-  "CompareAndWrite.Simple": "scsi: a COMPARE AND WRITE over the maximum length must fail INVALID FIELD IN CDB",
-  "CompareAndWrite.Miscompare": "scsi: as CompareAndWrite.Simple",
-  "CompareAndWrite.InvalidDataOutSize": "scsi: EDTL != 2 x blocks must fail ILLEGAL REQUEST, not MISCOMPARE",
-  "GetLBAStatus.UnmapSingle": "scsi: the first descriptor's LBA must be the requested one",
-  "Inquiry.BlockLimits": "scsi: VPD B0 MAXIMUM UNMAP LBA COUNT above 1 Mi blocks",
-  "WriteSame10.InvalidDataOutSize": "scsi: EDTL != one block must fail ILLEGAL REQUEST",
-  "WriteSame16.InvalidDataOutSize": "scsi: as WriteSame10.InvalidDataOutSize",
-  "WriteSame16.Unmap": "scsi: a large WRITE(16)/READ(16) in the test answers INVALID FIELD IN CDB",
-  "iSCSIResiduals.Write10Residuals": "scsi: a WRITE with less Data-Out than its transfer length (EDTL smaller) must write what came and answer GOOD",
-  "iSCSIResiduals.Write12Residuals": "scsi: as Write10Residuals",
-  "iSCSIResiduals.Write16Residuals": "scsi: as Write10Residuals",
-  "iSCSIResiduals.WriteVerify10Residuals": "scsi: as Write10Residuals",
-  "iSCSIResiduals.WriteVerify12Residuals": "scsi: as Write10Residuals",
-  "iSCSIResiduals.WriteVerify16Residuals": "scsi: as Write10Residuals",
-  "MultipathIO.Reset": "scsi: a LUN RESET through one session must set the unit attention on every nexus of the logical unit (the other session's too)",
-  "iSCSIdatasn.iSCSIDataSnInvalid": "transport: after its reconnect libiscsi sends the DataSN -1 case as immediate data, which the target accepts (open)",
+  "iSCSIdatasn.iSCSIDataSnInvalid":
+    "transport: the DataSN -1 case runs after libiscsi's reconnect, which negotiates ImmediateData=Yes again, so the one-block WRITE goes as immediate data with no Data-Out to corrupt and succeeds (the other DataSN cases are refused)",
 };
 
 export interface SuiteResult {

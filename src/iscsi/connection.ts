@@ -924,9 +924,11 @@ export class IscsiConnection implements BudgetWaiter {
         const referenced = bhs.readUInt32BE(20);
         const task = this.#tasks.get(referenced);
         if (task === undefined) {
-          // RFC 7143 section 11.5.1: a task that is not here but whose RefCmdSN is in the past counts as done.
+          // One connection delivers commands in order: a RefCmdSN below ExpCmdSN came and is done
+          // (answered already): "task does not exist". One not yet received counts as received and
+          // aborted (RFC 7143 section 11.5.1): "function complete".
           const refCmdSN = bhs.readUInt32BE(32);
-          respond(snLess(refCmdSN, this.#expCmdSN) ? TmfResponse.COMPLETE : TmfResponse.NO_TASK);
+          respond(snLess(refCmdSN, this.#expCmdSN) ? TmfResponse.NO_TASK : TmfResponse.COMPLETE);
           return;
         }
         void settleAll([task]).then(() => respond(TmfResponse.COMPLETE));
