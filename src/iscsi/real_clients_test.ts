@@ -11,6 +11,8 @@
 //   digests on too (qemu's header-digest=crc32c);
 // - the same volume holds the same bytes over NBD and over iSCSI (not at once);
 // - a session whose device is revoked (grant changed, volume deleted) is dropped at once;
+// - SHA-256 CHAP (algorithm 7) with mutual CHAP from the raw initiator; a
+//   reflected mutual challenge is refused (02-01);
 // - CHAP: a standalone unit with --tls on and --tls-psk admits host1 with the
 //   secret chapSecret(key, "initiator") (iscsi-inq, qemu-img), mutual CHAP
 //   with chapSecret(key, "target"), refuses a wrong secret (Authentication
@@ -26,6 +28,7 @@ import { controlOk } from "../testing/control.ts";
 import { run, runOk } from "../testing/process.ts";
 import { makeTempDir, memoryTmpBase, type TempDir } from "../testing/tmp.ts";
 import { startUnit, type RunningUnit } from "../testing/unit.ts";
+import { chapResponse, formatBinary } from "./chap.ts";
 import { chapSecret, iscsiTargetName } from "./names.ts";
 import { RawInitiator } from "./testing/initiator.ts";
 
@@ -171,6 +174,26 @@ test("CHAP (MD5, mutual too) with the secret derived from the host's key; wrong 
     assert.equal(compared.code, 0, compared.stdout + compared.stderr);
     const discovered = await runOk("iscsi-ls", [`iscsi://host1%${secret}@${secure.iscsiPortal}`], { timeoutMs: 20_000 });
     assert.match(discovered.stdout, new RegExp(`Target:${target.replaceAll(".", "\\.")}`));
+    // SHA-256 CHAP (algorithm 7) with mutual CHAP, from the raw initiator; a reflected challenge is refused.
+    const portal = secure.iscsiPortal!;
+    const [host, port] = [portal.slice(0, portal.lastIndexOf(":")), Number(portal.slice(portal.lastIndexOf(":") + 1))];
+    const sha = await RawInitiator.connect(host, port);
+    try {
+      const challenge = randomBytes(32);
+      const login = await sha.login({ targetName: target, chap: { user: "host1", secret, algorithm: 7, challenge } });
+      assert.equal(login.status, 0);
+      assert.equal(login.pairs.get("CHAP_R"), formatBinary(chapResponse(7, 9, chapSecret(key, "target"), challenge)));
+      await sha.ready();
+    } finally {
+      sha.close();
+    }
+    const reflect = await RawInitiator.connect(host, port);
+    try {
+      const login = await reflect.login({ targetName: target, chap: { user: "host1", secret, challenge: "reflect" } });
+      assert.equal(login.status, 0x0201);
+    } finally {
+      reflect.close();
+    }
   } finally {
     await secure.close();
   }

@@ -18,7 +18,8 @@ export interface RawLogin {
   readonly sessionType?: "Normal" | "Discovery";
   readonly headerDigest?: boolean;
   readonly dataDigest?: boolean;
-  readonly chap?: { user: string; secret: string };
+  /** CHAP as the initiator: algorithm 5 (MD5, default) or 7 (SHA-256); `challenge` asks for mutual CHAP ("reflect": send the target's own challenge back). */
+  readonly chap?: { user: string; secret: string; algorithm?: number; challenge?: Buffer | "reflect" };
   /** More operational keys (e.g. InitialR2T=No). */
   readonly keys?: readonly TextPair[];
 }
@@ -165,14 +166,20 @@ export class RawInitiator {
       this.loginPdu(0, 1, false, [...declarations, ["AuthMethod", "CHAP,None"]]);
       let answer = await this.#loginAnswer();
       if (answer.status !== 0) return { status: answer.status, pairs: answer.pairs };
-      this.loginPdu(0, 1, false, [["CHAP_A", "5"]]);
+      const algorithm = options.chap.algorithm ?? 5;
+      this.loginPdu(0, 1, false, [["CHAP_A", String(algorithm)]]);
       answer = await this.#loginAnswer();
       if (answer.status !== 0) return { status: answer.status, pairs: answer.pairs };
       const identifier = Number(answer.pairs.get("CHAP_I"));
       const challenge = parseBinary(answer.pairs.get("CHAP_C") ?? "") ?? Buffer.alloc(0);
-      this.loginPdu(0, 1, true, [["CHAP_N", options.chap.user], ["CHAP_R", formatBinary(chapResponse(5, identifier, options.chap.secret, challenge))]]);
+      if (answer.pairs.get("CHAP_A") !== String(algorithm)) throw new Error(`the target chose CHAP_A=${answer.pairs.get("CHAP_A")}, not ${algorithm}`);
+      const mutual: TextPair[] = [];
+      const ours = options.chap.challenge === "reflect" ? challenge : options.chap.challenge;
+      if (ours !== undefined) mutual.push(["CHAP_I", "9"], ["CHAP_C", formatBinary(ours)]);
+      this.loginPdu(0, 1, true, [["CHAP_N", options.chap.user], ["CHAP_R", formatBinary(chapResponse(algorithm, identifier, options.chap.secret, challenge))], ...mutual]);
       answer = await this.#loginAnswer();
       if (answer.status !== 0) return { status: answer.status, pairs: answer.pairs };
+      for (const [key, value] of answer.pairs) all.set(key, value);
       this.loginPdu(1, 3, true, operational);
     } else {
       this.loginPdu(1, 3, true, [...declarations, ...operational]);
