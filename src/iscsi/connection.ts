@@ -137,6 +137,9 @@ interface Task {
   dataOutTimer: NodeJS.Timeout | undefined;
   /** Immediate data that came before the budget let the task in. */
   pending: Buffer | undefined;
+  /** Waiting for budget (no R2T yet): unsolicited Data-Out that came meanwhile is kept in `early`. */
+  parked: boolean;
+  readonly early: { offset: number; data: Buffer }[];
   settled: Promise<void> | undefined;
 }
 
@@ -211,10 +214,17 @@ export class IscsiConnection implements BudgetWaiter {
   readonly #tasks = new Map<number, Task>();
   #nextTtt = 1;
   #bytesHeld = 0;
-  /** PDU processing waits (login step in progress, budget, socket backpressure). */
+  /** PDU processing waits (a login step in progress). */
   #busy = false;
-  #waitingTask: Task | undefined;
+  /**
+   * Commands waiting for budget, in arrival order. PDU processing goes on
+   * meanwhile (the Data-Out of admitted commands must get through, or budget
+   * would never come back); their unsolicited data is kept, at most
+   * FirstBurstLength each and queueDepth of them.
+   */
+  readonly #parked: Task[] = [];
   #nopTimer: NodeJS.Timeout | undefined;
+  #lastReceiveMs = performance.now();
   #nopPing: { ttt: number; timer: NodeJS.Timeout } | undefined;
   #textContinuation: { itt: number; ttt: number; rest: Buffer } | undefined;
   #textRequest: { itt: number; parts: Buffer[]; bytes: number } | undefined;
@@ -250,7 +260,7 @@ export class IscsiConnection implements BudgetWaiter {
   #onData(chunk: Buffer): void {
     if (this.#ended) return;
     this.#reader.push(chunk);
-    this.#armNop();
+    this.#received();
     this.#process();
   }
 
@@ -718,15 +728,28 @@ export class IscsiConnection implements BudgetWaiter {
 
   // ---------------------------------------------------------------- keepalive
 
+  /** Starts the keepalive: a timer that pings once nothing came for nopInIntervalMs (no timer churn per chunk). */
   #armNop(): void {
-    if (this.phase !== "full-feature") return;
-    clearTimeout(this.#nopTimer);
+    if (this.phase !== "full-feature" || this.#nopTimer !== undefined) return;
+    const check = (): void => {
+      if (this.phase !== "full-feature") return;
+      const idleMs = performance.now() - this.#lastReceiveMs;
+      if (idleMs >= this.#limits.nopInIntervalMs && this.#nopPing === undefined) this.#ping();
+      const waitMs = this.#nopPing !== undefined ? this.#limits.nopInIntervalMs : this.#limits.nopInIntervalMs - idleMs;
+      this.#nopTimer = setTimeout(check, Math.max(1, waitMs));
+      this.#nopTimer.unref();
+    };
+    this.#nopTimer = setTimeout(check, this.#limits.nopInIntervalMs);
+    this.#nopTimer.unref();
+  }
+
+  /** Bytes came: the initiator is alive (an outstanding ping counts as answered). */
+  #received(): void {
+    this.#lastReceiveMs = performance.now();
     if (this.#nopPing !== undefined) {
       clearTimeout(this.#nopPing.timer);
       this.#nopPing = undefined;
     }
-    this.#nopTimer = setTimeout(() => this.#ping(), this.#limits.nopInIntervalMs);
-    this.#nopTimer.unref();
   }
 
   #ping(): void {
@@ -752,7 +775,7 @@ export class IscsiConnection implements BudgetWaiter {
     const bhs = pdu.bhs;
     const itt = ittOf(bhs);
     if (itt === RESERVED_TAG) {
-      // An answer to our ping (its TTT), or a ping that wants no answer; armNop() already cleared the ping.
+      // An answer to our ping (its TTT), or a ping that wants no answer; #received() already cleared the ping.
       return;
     }
     if (!this.#acceptCmdSN(bhs)) return;
@@ -910,9 +933,11 @@ export class IscsiConnection implements BudgetWaiter {
         const referenced = bhs.readUInt32BE(20);
         const task = this.#tasks.get(referenced);
         if (task === undefined) {
-          // RFC 7143 section 11.5.1: a task that is not here but whose RefCmdSN is in the past counts as done.
+          // One connection delivers commands in order: a RefCmdSN below ExpCmdSN came and is done
+          // (answered already): "task does not exist". One not yet received counts as received and
+          // aborted (RFC 7143 section 11.5.1): "function complete".
           const refCmdSN = bhs.readUInt32BE(32);
-          respond(snLess(refCmdSN, this.#expCmdSN) ? TmfResponse.COMPLETE : TmfResponse.NO_TASK);
+          respond(snLess(refCmdSN, this.#expCmdSN) ? TmfResponse.NO_TASK : TmfResponse.COMPLETE);
           return;
         }
         void settleAll([task]).then(() => respond(TmfResponse.COMPLETE));
@@ -929,6 +954,16 @@ export class IscsiConnection implements BudgetWaiter {
         void settleAll([...this.#tasks.values()]).then(() => {
           if (this.#nexus !== undefined) this.#unit?.reset(this.#nexus);
           respond(TmfResponse.COMPLETE);
+        });
+        return;
+      case Tmf.TARGET_COLD_RESET:
+        // A warm reset, then the connection goes (RFC 7143 section 11.5.1: the response first).
+        if (this.#sessionType !== "Normal") return respond(TmfResponse.NOT_SUPPORTED);
+        void settleAll([...this.#tasks.values()]).then(() => {
+          if (this.#nexus !== undefined) this.#unit?.reset(this.#nexus);
+          respond(TmfResponse.COMPLETE);
+          this.socket.end();
+          this.#end("TARGET COLD RESET: the session ends", "info");
         });
         return;
       case Tmf.TASK_REASSIGN:
@@ -1022,7 +1057,9 @@ export class IscsiConnection implements BudgetWaiter {
       aborted: false,
       reservation: undefined,
       dataOutTimer: undefined,
-      pending: immediate.length > 0 ? Buffer.from(immediate) : undefined,
+      pending: immediate.length > 0 ? immediate : undefined,
+      parked: false,
+      early: [],
       settled: undefined,
     };
     this.#tasks.set(itt, task);
@@ -1038,22 +1075,40 @@ export class IscsiConnection implements BudgetWaiter {
     return cdb[0] === 0xa0;
   }
 
-  /** Takes budget for the task's data (stopping PDU processing until there is some), then gathers or executes. */
+  /** Takes budget for the task's data, or parks it behind the ones already waiting; then gathers or executes. */
   #admit(task: Task): void {
-    const unit = this.#unit!;
-    const bytes = task.write ? task.wanted : task.read ? Math.min(task.expectedLength, unit.maxTransferBytes, this.#limits.transferBytesMax) : 0;
-    if (bytes > 0) {
-      if (this.#bytesHeld + bytes > this.#limits.connectionBytesInFlightMax && this.#bytesHeld > 0) {
-        this.#waitFor(task);
-        return;
-      }
-      const reservation = this.#host.budget.reserve(this.#account, Math.min(bytes, this.#limits.serverBytesInFlightMax), this);
-      if (reservation === undefined) {
-        this.#waitFor(task);
-        return;
-      }
-      task.reservation = reservation;
-      this.#bytesHeld += reservation.bytes;
+    if (this.#bytesFor(task) > 0 && (this.#parked.length > 0 || !this.#reserve(task))) {
+      task.parked = true;
+      this.#parked.push(task);
+      return;
+    }
+    this.#start(task);
+  }
+
+  #bytesFor(task: Task): number {
+    return task.write ? task.wanted : task.read ? Math.min(task.expectedLength, this.#unit!.maxTransferBytes, this.#limits.transferBytesMax) : 0;
+  }
+
+  /** Reserves the task's bytes (connection bound, then the unit's budget); false when they are not free now. */
+  #reserve(task: Task): boolean {
+    const bytes = this.#bytesFor(task);
+    if (bytes === 0) return true;
+    if (this.#bytesHeld + bytes > this.#limits.connectionBytesInFlightMax && this.#bytesHeld > 0) return false;
+    const reservation = this.#host.budget.reserve(this.#account, Math.min(bytes, this.#limits.serverBytesInFlightMax), this);
+    if (reservation === undefined) return false;
+    task.reservation = reservation;
+    this.#bytesHeld += reservation.bytes;
+    return true;
+  }
+
+  #start(task: Task): void {
+    if (task.write && task.wanted > 0 && task.pending !== undefined && task.early.length === 0 && task.pending.length >= task.wanted && task.unsolicitedEnd <= task.pending.length) {
+      // All the data came as immediate data (a small write): use it as it is, no copy.
+      task.buffer = task.pending.subarray(0, task.wanted);
+      task.received = task.wanted;
+      task.pending = undefined;
+      this.#execute(task);
+      return;
     }
     if (task.write && task.wanted > 0) {
       task.buffer = Buffer.allocUnsafe(task.wanted);
@@ -1061,11 +1116,13 @@ export class IscsiConnection implements BudgetWaiter {
         this.#storeData(task, 0, task.pending);
         task.pending = undefined;
       }
+      for (const part of task.early.splice(0)) this.#storeData(task, part.offset, part.data);
       this.#solicit(task);
       if (task.received >= task.wanted && task.unsolicitedReceived >= task.unsolicitedEnd) this.#execute(task);
       else this.#armDataOutTimer(task);
       return;
     }
+    task.early.length = 0;
     if (task.write && task.unsolicitedReceived < task.unsolicitedEnd) {
       // Nothing wanted but unsolicited data announced: wait for it, then run.
       this.#armDataOutTimer(task);
@@ -1074,19 +1131,19 @@ export class IscsiConnection implements BudgetWaiter {
     this.#execute(task);
   }
 
-  #waitFor(task: Task): void {
-    this.#busy = true;
-    this.#waitingTask = task;
-  }
-
-  /** Budget bytes came back (ByteBudget) or a task finished: retry the waiting task. */
+  /** Budget bytes came back (ByteBudget wakes us) or one of our tasks finished: admit parked tasks in order. */
   budgetAvailable(): void {
-    const task = this.#waitingTask;
-    if (task === undefined || this.#ended) return;
-    this.#waitingTask = undefined;
-    this.#busy = false;
-    if (!task.aborted) this.#admit(task);
-    this.#process();
+    while (this.#parked.length > 0 && !this.#ended) {
+      const task = this.#parked[0]!;
+      if (task.aborted || task.state !== "data-out") {
+        this.#parked.shift();
+        continue;
+      }
+      if (!this.#reserve(task)) return;
+      this.#parked.shift();
+      task.parked = false;
+      this.#start(task);
+    }
   }
 
   #armDataOutTimer(task: Task): void {
@@ -1136,7 +1193,6 @@ export class IscsiConnection implements BudgetWaiter {
       log.limited(`iscsi_stray_data:${this.peer.address}`, "Data-Out for no task waiting for data: discarded", { peer: this.peerText, itt, ttt });
       return;
     }
-    if (this.#waitingTask === task) return; // not admitted yet: cannot happen (processing stops), kept for safety
     if (ttt === RESERVED_TAG) {
       if (offset !== task.unsolicitedReceived || offset + data.length > task.unsolicitedEnd) {
         this.#reject(bhs, RejectReason.PROTOCOL_ERROR);
@@ -1149,8 +1205,10 @@ export class IscsiConnection implements BudgetWaiter {
         return;
       }
       task.unsolicitedDataSN += 1;
-      this.#storeData(task, offset, data);
+      if (task.parked) task.early.push({ offset, data });
+      else this.#storeData(task, offset, data);
       task.unsolicitedReceived += data.length;
+      if (task.parked) return; // runs once admitted
     } else {
       const r2t = task.r2ts.get(ttt);
       if (r2t === undefined) {
@@ -1214,12 +1272,8 @@ export class IscsiConnection implements BudgetWaiter {
     }
     task.buffer = undefined;
     if (this.#tasks.get(task.itt) === task) this.#tasks.delete(task.itt);
-    if (this.#waitingTask !== undefined && this.#waitingTask !== task && !this.#ended) queueMicrotask(() => this.budgetAvailable());
-    if (this.#waitingTask === task) {
-      this.#waitingTask = undefined;
-      this.#busy = false;
-      queueMicrotask(() => this.#process());
-    }
+    task.early.length = 0;
+    if (this.#parked.length > 0 && !this.#ended) queueMicrotask(() => this.budgetAvailable());
   }
 
   /** Sends Data-In (split by the initiator's MaxRecvDataSegmentLength, status in the last when GOOD) and/or the SCSI Response. */

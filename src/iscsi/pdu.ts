@@ -154,14 +154,19 @@ export class PduReader {
 
   #peek(length: number): Buffer {
     if (this.#chunks[0]!.length >= length) return this.#chunks[0]!.subarray(0, length);
-    const joined = Buffer.concat(this.#chunks);
-    this.#chunks.length = 0;
-    this.#chunks.push(joined);
+    // Gather only the chunks that cover `length` (never the whole backlog: no quadratic copying).
+    let count = 0;
+    let covered = 0;
+    while (covered < length) covered += this.#chunks[count++]!.length;
+    const joined = Buffer.concat(this.#chunks.slice(0, count), covered);
+    this.#chunks.splice(0, count, joined);
     return joined.subarray(0, length);
   }
 
   #take(length: number): Buffer {
-    const out = Buffer.from(this.#peek(length)); // a copy: the PDU outlives the socket chunk
+    // Socket chunks are fresh buffers nobody reuses: a PDU inside one chunk is a view of it; one
+    // spanning chunks is gathered once (#peek).
+    const out = this.#peek(length);
     let left = length;
     while (left > 0) {
       const first = this.#chunks[0]!;

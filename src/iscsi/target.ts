@@ -189,7 +189,7 @@ export class IscsiTarget implements ConnectionHost {
     if (tsih !== 0 && this.#sessions.get(tsih)?.connection === connection) this.#sessions.delete(tsih);
   }
 
-  /** Stops accepting and drops every connection (commands in flight get closeTimeoutMs... ERL 0 initiators retry on reconnect). */
+  /** Stops accepting and drops every connection at once: commands in flight get no answer, and ERL 0 initiators retry them on their next session. */
   async close(): Promise<void> {
     if (this.#closing) return;
     this.#closing = true;

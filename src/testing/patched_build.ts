@@ -4,9 +4,10 @@
 // nothing else: bin/, package.json ("type": "module" makes bin/ipsan an ES
 // module), dist/ without the tests and source maps, and the native addon
 // build/Release/ipsan_io.node (dist/unit/native.js loads it by a relative
-// path). The unit imports no npm package, so node_modules is not copied; a
-// command that does (the station, better-sqlite3) would fail loudly in a copy
-// unless `nodeModules` links the checkout's node_modules into it.
+// path). The unit imports no npm package (its --iscsi side, loaded only with
+// that flag, needs @node-rs/crc32), so node_modules is not copied; a command
+// that does (the station, better-sqlite3, a unit with --iscsi) would fail
+// loudly in a copy unless `nodeModules` links the checkout's node_modules into it.
 //
 // Each edit replaces text of the compiled JavaScript and must find it exactly
 // as many times as it expects (once unless told): when the code moves, the

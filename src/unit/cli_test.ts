@@ -32,6 +32,7 @@ test("bad flags and values: exit 2, message names the flag and the value", async
     [[...base, "--capacity", "64M", "--allow", "10.0.0.0/33"], [/--allow/, /10\.0\.0\.0\/33/]],
     [[...base, "--capacity", "64M", "--name", "bad name"], [/--name/, /bad name/]],
     [[...base, "--capacity", "64M", "--control", "127.0.0.1:99999"], [/--control/, /127\.0\.0\.1:99999/]],
+    [[...base, "--capacity", "64M", "--iscsi", "nowhere"], [/--iscsi/, /nowhere/]],
     [[...base, "--capacity", "64M", "--bogus"], [/--bogus/]],
     [[...base, "--capacity", "1M"], [/--capacity/, /1048576/]],
     [["unit", "--capacity", "64M", "--listen", "127.0.0.1:0"], [/--data/]],

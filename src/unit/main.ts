@@ -16,10 +16,8 @@ import { type Cidr, loopbackCidrs, parseCidr } from "./cidr.ts";
 import { ControlServer } from "./control.ts";
 import { VOLUME_NAME_PATTERN } from "./layout.ts";
 import { UnitExportProvider } from "./provider.ts";
-import { VolumeManager } from "./volumes.ts";
-import { newUnitIscsiTarget, withIscsi } from "./iscsi.ts";
+import { VolumeManager, type VolumeView } from "./volumes.ts";
 import type { IscsiTarget } from "../iscsi/target.ts";
-import { LogicalUnitRegistry } from "../scsi/logical_unit.ts";
 import { type NbdServerTls, PSK_IDENTITY_PATTERN, TLS_MODES, type TlsMode, parsePskFile } from "../nbd/tls.ts";
 // discovery (--discovery): flags, cluster key, derived control token, agent — see src/discovery/unit_join.ts
 import { JOIN_FLAGS, JOIN_USAGE, joinTokens, loadJoinKey, parseJoinFlags, startJoin, type JoinConfig } from "../discovery/unit_join.ts";
@@ -339,7 +337,11 @@ export async function startUnit(config: UnitConfig): Promise<RunningUnit> {
     nbdServer = new NbdServer({ provider, ...(tls === undefined ? {} : { tls }) });
     const nbd = await nbdServer.listen(config.listen);
     let iscsi: { host: string; port: number } | undefined;
+    let iscsiView: ((view: VolumeView) => VolumeView) | undefined;
     if (config.iscsi !== undefined) {
+      // Loaded only with --iscsi: the iSCSI side is the unit's one npm dependency (@node-rs/crc32).
+      const { newUnitIscsiTarget, withIscsi } = await import("./iscsi.ts");
+      const { LogicalUnitRegistry } = await import("../scsi/logical_unit.ts");
       const registry = new LogicalUnitRegistry();
       const target = newUnitIscsiTarget({
         unitName: config.name,
@@ -351,6 +353,7 @@ export async function startUnit(config: UnitConfig): Promise<RunningUnit> {
         chapRequired: config.tls === "require",
       });
       iscsiTarget = target;
+      iscsiView = (view) => withIscsi(view, target, manager);
       iscsi = await target.listen(config.iscsi.host, config.iscsi.port);
     }
     const iscsiPortal = iscsi === undefined ? undefined : hostPortText(iscsi);
@@ -367,7 +370,7 @@ export async function startUnit(config: UnitConfig): Promise<RunningUnit> {
         nbd: () => nbd,
         tls: config.tls,
         io: () => nbdServer,
-        ...(iscsiTarget === undefined ? {} : { iscsi: { portal: () => iscsiPortal, view: (view) => withIscsi(view, iscsiTarget!, manager) } }),
+        ...(iscsiView === undefined ? {} : { iscsi: { portal: () => iscsiPortal, view: iscsiView } }),
         ...(metricsToken === undefined ? {} : { readTokens: [metricsToken] }),
       });
       control = await controlServer.listen(config.control.host, config.control.port);
