@@ -171,11 +171,16 @@ test(
 
       const state = san.tmp.file("h1-state");
       const requested = await san.host(["request", ...admin, "--host", "h1", "--address", "127.0.0.1", "--iqn", IQN, "--size", "16M", "--protocol", "iscsi", "--state-dir", state, "--json"]);
-      const a = requested.json as Assignment & { iscsi: { portal: string; target: string; lun: number; chapUser: string | null } };
+      const a = requested.json as Assignment & { iscsi: { portal: string; target: string; lun: number; chapUser: string | null; naa: string | null } };
       assert.equal(a.unit, "u1", "iSCSI placement: only units with a portal");
       assert.equal(a.protocol, "iscsi");
       const target = iscsiTargetName("u1", a.export);
-      assert.deepEqual(a.iscsi, { portal, target, lun: 0, chapUser: "h1" });
+      // The NAA designator the station shows is the unit's own (what its target answers in VPD 0x83, unit-side
+      // real_clients_test checks that with iscsi-inq), for the assignment and in the station's volume view.
+      const unitNaa = ((await unitControl(san, "u1", `/v1/volumes/${a.volume}`)) as { iscsi: { naa: string } }).iscsi.naa;
+      assert.match(unitNaa, /^3[0-9a-f]{15}$/);
+      assert.deepEqual(a.iscsi, { portal, target, lun: 0, chapUser: "h1", naa: unitNaa });
+      assert.equal(((await client.call("GET", `/api/v1/volumes/u1/${a.volume}`)) as { naa: string | null }).naa, unitNaa);
       assert.equal(a.uri, `iscsi://${portal}/${target}/0`);
       for (const field of ["nbdHost", "nbdPort", "export", "volume", "extents", "sizeBytes", "startLba", "copies", "legs", "state"]) assert.ok(field in a, `the answer keeps ${field}`);
       assert.equal((await client.hosts()).find((h) => h.name === "h1")?.iqn, IQN, "request --iqn registered the IQN");

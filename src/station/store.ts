@@ -413,6 +413,19 @@ export class StationStore {
     return this.db;
   }
 
+  #unitIdQuery: ReturnType<Db["prepare"]> | undefined;
+
+  /**
+   * The identity (UUID) a unit enrolled with (unit_identities, migration 8), or
+   * null for a unit from before enrolment: its volumes' SCSI identifiers
+   * (scsiNaa) derive from it, as the unit's own do.
+   */
+  enrolledUnitId(unit: string): string | null {
+    this.#unitIdQuery ??= this.db.prepare("SELECT unit_id FROM unit_identities WHERE name = ?");
+    const row = this.#unitIdQuery.get(unit) as { unit_id?: unknown } | undefined;
+    return typeof row?.unit_id === "string" ? row.unit_id : null;
+  }
+
   /**
    * Runs `write` (statements on a table kept by its own module: tasks,
    * src/station/tasks/) and records one event, in one transaction; `durable`

@@ -3,6 +3,7 @@
 
 import type { NbdTlsMode } from "../discovery/messages.ts";
 import { iscsiTargetName } from "../iscsi/names.ts";
+import { scsiNaa } from "../scsi/identity.ts";
 import type { StationStore } from "./store.ts";
 import type { AssignmentRecord, ExtentRecord, HostPort, HostRecord, HostState, LegRecord, UnitRecord, VolumeRecord } from "./types.ts";
 
@@ -37,7 +38,12 @@ export function portalText(portal: HostPort): string {
   return `${uriHost(portal.host)}:${portal.port}`;
 }
 
-export function volumeView(volume: VolumeRecord, assignedTo: string | null) {
+/**
+ * A volume; `unitId` (the unit's enrolled identity, StationStore.enrolledUnitId)
+ * gives its SCSI identifiers: the NAA designator the unit's iSCSI target answers
+ * in VPD 0x83 for the volume and each partition (null: the unit never enrolled).
+ */
+export function volumeView(volume: VolumeRecord, assignedTo: string | null, unitId: string | null = null) {
   return {
     id: `${volume.unit}/${volume.name}`,
     unit: volume.unit,
@@ -45,9 +51,10 @@ export function volumeView(volume: VolumeRecord, assignedTo: string | null) {
     number: volume.number,
     sizeBytes: volume.sizeBytes,
     extents: volume.extents,
-    partitions: volume.partitions,
+    partitions: volume.partitions.map((p) => ({ ...p, naa: unitId === null ? null : scsiNaa(unitId, volume.number, p.index) })),
     grants: volume.grants,
     assignedTo,
+    naa: unitId === null ? null : scsiNaa(unitId, volume.number, undefined),
   };
 }
 
@@ -142,6 +149,13 @@ function iscsiView(assignment: AssignmentRecord, unit: UnitRecord | undefined, e
   return { portal: text, target, uri: `iscsi://${text}/${target}/${ISCSI_LUN}`, chapUser: unit?.tls === "off" ? null : assignment.host };
 }
 
+/** The export's NAA designator (what VPD 0x83 answers), when the unit enrolled and the volume's number is known. */
+function naaOf(store: StationStore, assignment: AssignmentRecord, volumeNumber: number | undefined): string | null {
+  const unitId = store.enrolledUnitId(assignment.unit);
+  const number = volumeNumber ?? assignment.detail?.volumeNumber;
+  return unitId === null || number === undefined || number === null ? null : scsiNaa(unitId, number, assignment.partition ?? undefined);
+}
+
 /** One leg of a mirror: where its volume is, and its URI (for the host's mirror engine, not for applications). */
 export function legView(leg: LegRecord, store: StationStore, host: string) {
   const unit = store.units.get(leg.unit);
@@ -207,7 +221,7 @@ export function assignmentView(assignment: AssignmentRecord, store: StationStore
     extents,
     uri: protocol === "iscsi" ? (iscsi?.uri ?? null) : nbd === null || mirror ? null : nbdUri(nbd, exportName, unit?.tls, assignment.host),
     protocol,
-    iscsi: iscsi === null ? null : { portal: iscsi.portal, target: iscsi.target, lun: ISCSI_LUN, chapUser: iscsi.chapUser },
+    iscsi: iscsi === null ? null : { portal: iscsi.portal, target: iscsi.target, lun: ISCSI_LUN, chapUser: iscsi.chapUser, naa: naaOf(store, assignment, volume?.number) },
     copies: assignment.copies,
     legs: assignment.legs.map((leg) => legView(leg, store, assignment.host)),
     state: assignment.state,

@@ -93,10 +93,21 @@ export const Volume = Answer(
     sizeBytes: Type.Integer(),
     extents: Type.Array(Extent, { description: "absolute LBAs on the unit" }),
     partitions: Type.Array(
-      Answer({ index: Type.Integer(), name: Type.String(), startLba: Type.Integer(), lengthLba: Type.Integer(), endLba: Type.Integer(), sizeBytes: Type.Integer() }),
+      Answer({
+        index: Type.Integer(),
+        name: Type.String(),
+        startLba: Type.Integer(),
+        lengthLba: Type.Integer(),
+        endLba: Type.Integer(),
+        sizeBytes: Type.Integer(),
+        naa: Nullable(Type.String({ pattern: "^[0-9a-f]{16}$" }), { description: "the partition's NAA designator (VPD 0x83 of its iSCSI target); null: the unit never enrolled" }),
+      }),
     ),
     grants: Nullable(Type.Array(Type.String())),
     assignedTo: Nullable(Type.String()),
+    naa: Nullable(Type.String({ pattern: "^[0-9a-f]{16}$" }), {
+      description: "the volume's NAA designator: stable for its life, the same across unit restarts, what the unit's iSCSI target answers in VPD 0x83 (null: the unit never enrolled with the station)",
+    }),
   },
   { $id: "Volume" },
 );
@@ -157,6 +168,9 @@ export const Assignment = Answer(
         lun: Type.Integer({ description: "always 0" }),
         chapUser: Nullable(Type.String(), {
           description: "the CHAP user name (the host's name); the secret is derived on the host from its key for the unit; null: the unit admits by address, no CHAP",
+        }),
+        naa: Nullable(Type.String({ pattern: "^[0-9a-f]{16}$" }), {
+          description: "the export's NAA designator, as the target answers in VPD 0x83 (null: the unit never enrolled with the station)",
         }),
       }),
       { description: "protocol iscsi: where to log in (null for nbd, or while the unit's portal is unknown)" },

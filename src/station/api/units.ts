@@ -40,7 +40,7 @@ export function unitRoutes(api: Api): void {
     },
     handler: ({ params }) => {
       const unit = unitOr404(checkName(params[0], "unit"));
-      const volumes = [...store.unitVolumes(unit.name).values()].map((v) => volumeView(v, assignedTo(unit.name, v.name)));
+      const volumes = [...store.unitVolumes(unit.name).values()].map((v) => volumeView(v, assignedTo(unit.name, v.name), store.enrolledUnitId(unit.name)));
       return { status: 200, body: { ...unitView(unit, volumes.length, station.usableFreeBytes(unit.name)), volumes } };
     },
   });

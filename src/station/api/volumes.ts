@@ -43,7 +43,7 @@ export function volumeRoutes(api: Api): void {
           matching.push({ volume, holder });
         }
       }
-      return { status: 200, body: paged(matching, range, (m) => volumeView(m.volume, m.holder)) };
+      return { status: 200, body: paged(matching, range, (m) => volumeView(m.volume, m.holder, store.enrolledUnitId(m.volume.unit))) };
     },
   });
   api.add({
@@ -55,7 +55,7 @@ export function volumeRoutes(api: Api): void {
       const name = checkName(params[1], "name");
       const volume = store.volume(unit.name, name);
       if (volume === undefined) throw new IpsanError("NOT_FOUND", `volume ${show(name)} not found on unit ${unit.name}`, { field: "name" });
-      return { status: 200, body: volumeView(volume, assignedTo(unit.name, name)) };
+      return { status: 200, body: volumeView(volume, assignedTo(unit.name, name), store.enrolledUnitId(unit.name)) };
     },
   });
   api.add({

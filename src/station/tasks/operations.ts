@@ -193,7 +193,7 @@ export class StationTasks {
         target: { type: "volume", id: `${unit}/${name}` },
         objects: [`volume:${unit}/${name}`],
         notCancellable: ONE_UNIT_CALL,
-        run: async () => ({ status: 201, body: volumeView(await this.station.createVolume(unit, name, sizeBytes), null) }),
+        run: async () => ({ status: 201, body: volumeView(await this.station.createVolume(unit, name, sizeBytes), null, this.station.store.enrolledUnitId(unit)) }),
       },
       principal,
     );
@@ -222,7 +222,7 @@ export class StationTasks {
         target: { type: "volume", id: `${unit}/${name}` },
         objects: [`volume:${unit}/${name}`],
         notCancellable: ONE_UNIT_CALL,
-        run: async () => ({ status: 200, body: volumeView(await this.station.growVolume(unit, name, sizeBytes), this.assignedTo(unit, name)) }),
+        run: async () => ({ status: 200, body: volumeView(await this.station.growVolume(unit, name, sizeBytes), this.assignedTo(unit, name), this.station.store.enrolledUnitId(unit)) }),
       },
       principal,
     );
@@ -235,7 +235,7 @@ export class StationTasks {
         target: { type: "volume", id: `${unit}/${name}` },
         objects: [`volume:${unit}/${name}`],
         notCancellable: ONE_UNIT_CALL,
-        run: async () => ({ status: 200, body: volumeView(await this.station.partitionVolume(unit, name, sizesBytes), this.assignedTo(unit, name)) }),
+        run: async () => ({ status: 200, body: volumeView(await this.station.partitionVolume(unit, name, sizesBytes), this.assignedTo(unit, name), this.station.store.enrolledUnitId(unit)) }),
       },
       principal,
     );
