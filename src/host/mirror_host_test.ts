@@ -51,7 +51,7 @@ test("--copies takes 1, 2 or 3 and names itself otherwise; --mode lists nbd", as
   }
   const mode = await run(process.execPath, [IPSAN_BIN, "host", "attach", "--station", "http://127.0.0.1:1", "--token-file", "/nonexistent", "--host", "h1", "--assignment", "a-1", "--mode", "loop"]);
   assert.equal(mode.code, 2);
-  assert.match(mode.stderr, /expected auto, fuse, kernel or nbd/);
+  assert.match(mode.stderr, /expected auto, fuse, kernel, nbd or iscsi/);
 });
 
 test("--mode nbd on a single copy records the unit's URI, pid null, and starts nothing", async () => {

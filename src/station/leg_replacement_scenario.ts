@@ -125,7 +125,7 @@ export async function runScenario(cleanup: (close: () => Promise<void>) => void,
     env: { IPSAN_STATION: station.url, IPSAN_TOKEN_FILE: `${station.dataDir}/admin.token` },
   });
   const percent = Math.floor((100 * (1 << 20)) / newLeg.sizeBytes);
-  assert.match(listing.stdout, new RegExp(`\\n${a.id} .* (sp:rebuilding ${percent}% u2:in-sync|u2:in-sync sp:rebuilding ${percent}%)\\n`), listing.stdout + listing.stderr);
+  assert.match(listing.stdout, new RegExp(`\\n${a.id} .* (sp:rebuilding ${percent}% u2:in-sync|u2:in-sync sp:rebuilding ${percent}%) +nbd\\n`), listing.stdout + listing.stderr);
   u1 = await start("u1", [], u1Data.path);
   const kept = await waitFor(
     "A's old leg volume on u1 kept, its grant taken off",
