@@ -5,7 +5,8 @@
 // that never comes (dataOutTimeoutMs), an oversized data segment, Data-Out
 // at an offset no R2T asked for, a NOP-In ping left unanswered
 // (nopInTimeoutMs), and out-of-range LBAs (answered CHECK CONDITION, the
-// connection stays). Also: header and data digests (CRC32C) on, with a
+// connection stays; so does a Data-Out with a DataSN out of order, whose
+// task ends with CHECK CONDITION and writes nothing). Also: header and data digests (CRC32C) on, with a
 // multi-R2T write and a Data-In split by MaxRecvDataSegmentLength read back.
 
 import assert from "node:assert/strict";
@@ -130,6 +131,29 @@ test("out-of-range LBAs get CHECK CONDITION and the connection stays", async () 
   assert.equal(far.status, 0x02);
   const ok = await probe.read10(blocks - 1, 1);
   assert.equal(ok.status, 0);
+  probe.close();
+  await honestStillServed();
+});
+
+test("a Data-Out with a DataSN out of order ends its task with CHECK CONDITION 0B/47/05, writes nothing, and the connection stays (RFC 7143 7.8, 7.9)", async () => {
+  const probe = await loggedIn({ keys: [["MaxBurstLength", "262144"]] });
+  const before = randomBytes(256 * 1024); // one R2T, four Data-Outs of 64 KiB (DataSN 0..3)
+  assert.equal(await probe.write10(4096, before), 0);
+  for (const [label, dataSN] of [
+    ["repeated", (sn: number) => (sn === 2 ? 1 : sn)],
+    ["skipped ahead", (sn: number) => (sn === 0 ? 0 : sn + 26)],
+    ["-1", () => -1],
+    ["reversed", (sn: number) => 3 - sn],
+  ] as const) {
+    const status = await probe.write10(4096, randomBytes(before.length), { dataSN });
+    assert.equal(status, 0x02, `${label}: status 0x${status.toString(16)}`);
+    const senseData = probe.lastResponse?.data.subarray(2) ?? Buffer.alloc(0);
+    assert.deepEqual([senseData[2]! & 0x0f, senseData[12], senseData[13]], [0x0b, 0x47, 0x05], `${label}: sense ${senseData.toString("hex")}`);
+    assert.ok(!probe.closed, `${label}: connection dropped`);
+  }
+  const back = await probe.read10(4096, before.length / 512);
+  assert.equal(back.status, 0);
+  assert.ok(back.data.equals(before), "a write whose Data-Out had a bad DataSN changed the volume");
   probe.close();
   await honestStillServed();
 });
