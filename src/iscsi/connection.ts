@@ -34,7 +34,7 @@ import {
   snLess,
   type Pdu,
 } from "./pdu.ts";
-import { TextError, type TextPair, defaultSessionParams, encodeText, negotiateOperational, parseText, type SessionParams } from "./text.ts";
+import { TextError, type RequiredDigests, type TextPair, defaultSessionParams, encodeText, negotiateOperational, parseText, type SessionParams } from "./text.ts";
 
 const log = logger("iscsi");
 
@@ -82,6 +82,8 @@ export interface ConnectionHost {
   keyFor(identity: string): Buffer | undefined;
   /** A peer must prove an identity with CHAP (the unit's --tls require). */
   readonly chapRequired: boolean;
+  /** Digests a session must use (--iscsi-require-digest): a login without them fails 02-00. */
+  readonly requiredDigests: RequiredDigests;
   /** CHAP is possible at all (the unit has keys: --tls on or require). */
   readonly chapEnabled: boolean;
   /** The export behind a target name, or undefined (02-03). */
@@ -568,7 +570,7 @@ export class IscsiConnection implements BudgetWaiter {
         this.#authMethod = "None";
       }
       const operational = pairs.filter(([key]) => !key.startsWith("CHAP_") && key !== "AuthMethod");
-      const result = negotiateOperational(operational, this.#params, this.#limits, "login", this.#sessionType);
+      const result = negotiateOperational(operational, this.#params, this.#limits, "login", this.#sessionType, this.#host.requiredDigests);
       answers.push(...result.answers);
       if (pairs.some(([key]) => key.startsWith("CHAP_") || key === "AuthMethod")) {
         for (const [key] of pairs) if (key.startsWith("CHAP_") || key === "AuthMethod") answers.push([key, "Irrelevant"]);
@@ -580,6 +582,10 @@ export class IscsiConnection implements BudgetWaiter {
       answers.push(["MaxRecvDataSegmentLength", String(this.#limits.recvDataSegmentBytes)]);
     }
     if (transit && nsg === STAGE_FULL_FEATURE) {
+      const required = this.#host.requiredDigests;
+      for (const [kind, on, wanted] of [["HeaderDigest", this.#params.headerDigest, required.header], ["DataDigest", this.#params.dataDigest, required.data]] as const) {
+        if (wanted && !on) return this.#loginFail(bhs, LoginStatus.INITIATOR_ERROR, `this unit requires ${kind}=CRC32C (ipsan unit --iscsi-require-digest); the initiator did not offer CRC32C`);
+      }
       if (this.#sessionType === "Normal") {
         const exportName = this.#host.exportOf(this.#targetName);
         if (exportName === undefined) return this.#loginFail(bhs, LoginStatus.TARGET_REMOVED, `target ${this.#targetName} is gone`);

@@ -7,7 +7,8 @@
 // (nopInTimeoutMs), and out-of-range LBAs (answered CHECK CONDITION, the
 // connection stays; so does a Data-Out with a DataSN out of order, whose
 // task ends with CHECK CONDITION and writes nothing). Also: header and data digests (CRC32C) on, with a
-// multi-R2T write and a Data-In split by MaxRecvDataSegmentLength read back.
+// multi-R2T write and a Data-In split by MaxRecvDataSegmentLength read back;
+// a unit with --iscsi-require-digest refuses a login without the digest (02-00).
 
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
@@ -185,6 +186,36 @@ test("header and data digests (CRC32C): multi-R2T write and split Data-In read b
   digests.send(digests.commandBhs(cdb, { write: true, expectedLength: 512 }), Buffer.alloc(512, 1));
   assert.ok(await digests.waitClosed(5_000));
   await honestStillServed();
+});
+
+test("--iscsi-require-digest header,data: a login offering None fails 02-00, one offering CRC32C gets both digests and works", async () => {
+  const strict = await startUnit({
+    name: "strict",
+    capacity: "64M",
+    volumes: [{ name: "vol", size: "16M" }],
+    extraArgs: ["--iscsi", "127.0.0.1:0", "--iscsi-require-digest", "header,data"],
+  });
+  try {
+    const text = strict.iscsiPortal ?? "";
+    const at = text.lastIndexOf(":");
+    const target = iscsiTargetName("strict", "vol");
+    const plain = await RawInitiator.connect(text.slice(0, at), Number(text.slice(at + 1)));
+    const refused = await plain.login({ targetName: target, headerDigest: true, dataDigest: false });
+    assert.equal(refused.status, 0x0200, `login without a data digest: status 0x${refused.status.toString(16)}`);
+    plain.close();
+    const digests = await RawInitiator.connect(text.slice(0, at), Number(text.slice(at + 1)));
+    const accepted = await digests.login({ targetName: target, headerDigest: true, dataDigest: true });
+    assert.equal(accepted.status, 0);
+    assert.ok(digests.headerDigest && digests.dataDigest);
+    await digests.ready();
+    const data = randomBytes(8192);
+    assert.equal(await digests.write10(0, data), 0);
+    assert.deepEqual((await digests.read10(0, 16)).data, data);
+    digests.close();
+    assert.match(strict.stderr(), /requires DataDigest=CRC32C/);
+  } finally {
+    await strict.close();
+  }
 });
 
 test("a command to LUN 1 is LOGICAL UNIT NOT SUPPORTED; a login naming a TSIH that does not exist is 02-0A", async () => {
