@@ -23,8 +23,8 @@ let unit: RunningUnit;
 let honest: RawInitiator;
 const TARGET = iscsiTargetName("hostile", "vol");
 
-function portal(): { host: string; port: number } {
-  const text = unit.iscsiPortal ?? "";
+function portal(of: RunningUnit = unit): { host: string; port: number } {
+  const text = of.iscsiPortal ?? "";
   const colon = text.lastIndexOf(":");
   return { host: text.slice(0, colon), port: Number(text.slice(colon + 1)) };
 }
@@ -196,14 +196,13 @@ test("--iscsi-require-digest header,data: a login offering None fails 02-00, one
     extraArgs: ["--iscsi", "127.0.0.1:0", "--iscsi-require-digest", "header,data"],
   });
   try {
-    const text = strict.iscsiPortal ?? "";
-    const at = text.lastIndexOf(":");
+    const { host, port } = portal(strict);
     const target = iscsiTargetName("strict", "vol");
-    const plain = await RawInitiator.connect(text.slice(0, at), Number(text.slice(at + 1)));
+    const plain = await RawInitiator.connect(host, port);
     const refused = await plain.login({ targetName: target, headerDigest: true, dataDigest: false });
     assert.equal(refused.status, 0x0200, `login without a data digest: status 0x${refused.status.toString(16)}`);
     plain.close();
-    const digests = await RawInitiator.connect(text.slice(0, at), Number(text.slice(at + 1)));
+    const digests = await RawInitiator.connect(host, port);
     const accepted = await digests.login({ targetName: target, headerDigest: true, dataDigest: true });
     assert.equal(accepted.status, 0);
     assert.ok(digests.headerDigest && digests.dataDigest);
