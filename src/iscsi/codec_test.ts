@@ -227,6 +227,24 @@ test("negotiation: result functions, ranges, unknown keys, digests, discovery", 
   assert.deepEqual(Object.fromEntries(ffp.answers), { MaxBurstLength: "Reject", HeaderDigest: "Reject" });
 });
 
+test("negotiation: a required digest (--iscsi-require-digest) takes CRC32C from libiscsi's None,CRC32C; None alone is refused", () => {
+  const limits = resolveIscsiLimits({});
+  const offer: [string, string][] = [["HeaderDigest", "None,CRC32C"], ["DataDigest", "None,CRC32C"]];
+  // Not required: the initiator's first choice (RFC 7143 section 6.2).
+  const open = defaultSessionParams();
+  assert.deepEqual(Object.fromEntries(negotiateOperational(offer, open, limits, "login", "Normal").answers), { HeaderDigest: "None", DataDigest: "None" });
+  assert.deepEqual([open.headerDigest, open.dataDigest], [false, false]);
+  // Header required: None is not allowed for us, so the first acceptable value is CRC32C.
+  const header = defaultSessionParams();
+  assert.deepEqual(Object.fromEntries(negotiateOperational(offer, header, limits, "login", "Normal", { header: true, data: false }).answers), { HeaderDigest: "CRC32C", DataDigest: "None" });
+  assert.deepEqual([header.headerDigest, header.dataDigest], [true, false]);
+  // Both required, and the initiator offers None only for data (libiscsi): Reject, digest off; the login then fails 02-00 (connection.ts).
+  const both = defaultSessionParams();
+  const answers = Object.fromEntries(negotiateOperational([["HeaderDigest", "None,CRC32C"], ["DataDigest", "None"]], both, limits, "login", "Normal", { header: true, data: true }).answers);
+  assert.deepEqual(answers, { HeaderDigest: "CRC32C", DataDigest: "Reject" });
+  assert.equal(both.dataDigest, false);
+});
+
 test("limits: checked against each other", () => {
   assert.throws(() => resolveIscsiLimits({ firstBurstBytes: 1 << 21, maxBurstBytes: 1 << 20 }), /firstBurstBytes/);
   assert.throws(() => resolveIscsiLimits({ recvDataSegmentBytes: 100 }), /512\.\.16777215/);

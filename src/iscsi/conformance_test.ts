@@ -1,13 +1,18 @@
 // What this proves: libiscsi's conformance suite, `iscsi-test-cu --dataloss
-// --test=ALL`, run against a real `ipsan unit --iscsi` (plain, and with CHAP
-// from the host key), has no failures outside the list below (known, each
+// --test=ALL`, run against a real `ipsan unit --iscsi` (plain, with CHAP
+// from the host key, and with header digests on every session), has no failures outside the list below (known, each
 // with its reason; the list shrinks as the SCSI command set and the transport
 // grow), and at least as many tests really pass (not "[SKIPPED]") as at
 // this commit (REALLY_PASSED_FLOOR; the goal is more than tgt's 160 on this
 // machine, issue 10). The MultipathIO suite runs with two sessions to one LU. The counts are printed; docs/protocol/iscsi.md records them.
-// libiscsi offers digests as "None,CRC32C" and the suite cannot change that
-// (the target must take the initiator's first choice), so digests are proven
-// by qemu (real_clients_test) and the raw initiator (hostile_test) instead.
+// Header digests: iscsi-test-cu always offers HeaderDigest=None,CRC32C (its
+// iscsi_context_login sets that after parsing the URL, so a URL's
+// ?header_digest=crc32c is overridden) and the target takes the first value
+// it allows (RFC 7143 section 6.2); a third pass therefore runs against a
+// unit started with --iscsi-require-digest header, which allows CRC32C only,
+// and checks from the unit's log that every session had header digests.
+// Data digests: libiscsi 1.19 offers DataDigest=None only (lib/login.c), so
+// they are proven by the raw initiator (hostile_test) instead.
 
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
@@ -22,22 +27,19 @@ import { chapSecret, iscsiTargetName } from "./names.ts";
 /** tgt 1.0.85 under the same suite on this machine: 160 tests really pass (issue 10). */
 const TGT_REALLY_PASSED = 160;
 /**
- * Tests really passing at this commit (189, one less allowed for the timing of
+ * Tests really passing at this commit (190, one less allowed for the timing of
  * AbortTaskSimpleAsync's race): a floor against regressions, above
  * TGT_REALLY_PASSED. What is skipped is mostly commands not implemented
  * (EXTENDED COPY, WRITE ATOMIC, SANITIZE without --allow-sanitize...).
  */
-const REALLY_PASSED_FLOOR = 188;
+const REALLY_PASSED_FLOOR = 189;
 const SUITE_TIMEOUT_MS = 600_000;
 
 /**
  * Tests that still fail, "Suite.Test" -> why. Every other test must pass.
  * SCSI command-set matters are reported to the scsi side (src/scsi/).
  */
-const KNOWN_FAILURES: Readonly<Record<string, string>> = {
-  "iSCSIdatasn.iSCSIDataSnInvalid":
-    "transport: the DataSN -1 case runs after libiscsi's reconnect, which negotiates ImmediateData=Yes again, so the one-block WRITE goes as immediate data with no Data-Out to corrupt and succeeds (the other DataSN cases are refused)",
-};
+const KNOWN_FAILURES: Readonly<Record<string, string>> = {};
 
 export interface SuiteResult {
   readonly passed: string[];
@@ -144,5 +146,25 @@ test("iscsi-test-cu --dataloss --test=ALL: no failures outside the known list, n
   } finally {
     await unit.close();
     dir.remove();
+  }
+});
+
+test("iscsi-test-cu --dataloss --test=ALL with header digests (CRC32C) on every session", { timeout: 2 * SUITE_TIMEOUT_MS }, async () => {
+  const unit = await startUnit({
+    name: "cu",
+    capacity: "128M",
+    volumes: [{ name: "digest", size: "64M" }],
+    allow: ["127.0.0.1/32"],
+    extraArgs: ["--iscsi", "127.0.0.1:0", "--iscsi-require-digest", "header"],
+  });
+  try {
+    const digest = await runSuite("header digests", `iscsi://${unit.iscsiPortal}/${iscsiTargetName("cu", "digest")}/0`);
+    check("header digests", digest);
+    const logins = unit.stderr().match(/session logged in .*type=Normal .*headerDigest=(true|false)/g) ?? [];
+    assert.ok(logins.length >= 2, `the unit logged ${logins.length} normal session logins`);
+    const without = logins.filter((line) => !line.includes("headerDigest=true"));
+    assert.deepEqual(without, [], "sessions logged in without header digests");
+  } finally {
+    await unit.close();
   }
 });

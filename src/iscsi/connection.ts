@@ -34,7 +34,7 @@ import {
   snLess,
   type Pdu,
 } from "./pdu.ts";
-import { TextError, type TextPair, defaultSessionParams, encodeText, negotiateOperational, parseText, type SessionParams } from "./text.ts";
+import { TextError, type RequiredDigests, type TextPair, defaultSessionParams, encodeText, negotiateOperational, parseText, type SessionParams } from "./text.ts";
 
 const log = logger("iscsi");
 
@@ -82,6 +82,8 @@ export interface ConnectionHost {
   keyFor(identity: string): Buffer | undefined;
   /** A peer must prove an identity with CHAP (the unit's --tls require). */
   readonly chapRequired: boolean;
+  /** Digests a session must use (--iscsi-require-digest): a login without them fails 02-00. */
+  readonly requiredDigests: RequiredDigests;
   /** CHAP is possible at all (the unit has keys: --tls on or require). */
   readonly chapEnabled: boolean;
   /** The export behind a target name, or undefined (02-03). */
@@ -141,6 +143,13 @@ interface Task {
   parked: boolean;
   readonly early: { offset: number; data: Buffer }[];
   settled: Promise<void> | undefined;
+  /**
+   * A Data-Out came with a DataSN out of order (RFC 7143 section 7.9: an implied
+   * digest error). At ErrorRecoveryLevel 0 the task ends (section 7.8, option b):
+   * no more R2Ts, the outstanding data is awaited, then CHECK CONDITION
+   * ABORTED COMMAND / PROTOCOL SERVICE CRC ERROR, and the connection stays up.
+   */
+  dataSnError: boolean;
 }
 
 type Phase = "login" | "full-feature" | "logging-out" | "closed";
@@ -561,7 +570,7 @@ export class IscsiConnection implements BudgetWaiter {
         this.#authMethod = "None";
       }
       const operational = pairs.filter(([key]) => !key.startsWith("CHAP_") && key !== "AuthMethod");
-      const result = negotiateOperational(operational, this.#params, this.#limits, "login", this.#sessionType);
+      const result = negotiateOperational(operational, this.#params, this.#limits, "login", this.#sessionType, this.#host.requiredDigests);
       answers.push(...result.answers);
       if (pairs.some(([key]) => key.startsWith("CHAP_") || key === "AuthMethod")) {
         for (const [key] of pairs) if (key.startsWith("CHAP_") || key === "AuthMethod") answers.push([key, "Irrelevant"]);
@@ -573,6 +582,10 @@ export class IscsiConnection implements BudgetWaiter {
       answers.push(["MaxRecvDataSegmentLength", String(this.#limits.recvDataSegmentBytes)]);
     }
     if (transit && nsg === STAGE_FULL_FEATURE) {
+      const required = this.#host.requiredDigests;
+      for (const [kind, on, wanted] of [["HeaderDigest", this.#params.headerDigest, required.header], ["DataDigest", this.#params.dataDigest, required.data]] as const) {
+        if (wanted && !on) return this.#loginFail(bhs, LoginStatus.INITIATOR_ERROR, `this unit requires ${kind}=CRC32C (ipsan unit --iscsi-require-digest); the initiator did not offer CRC32C`);
+      }
       if (this.#sessionType === "Normal") {
         const exportName = this.#host.exportOf(this.#targetName);
         if (exportName === undefined) return this.#loginFail(bhs, LoginStatus.TARGET_REMOVED, `target ${this.#targetName} is gone`);
@@ -1061,6 +1074,7 @@ export class IscsiConnection implements BudgetWaiter {
       parked: false,
       early: [],
       settled: undefined,
+      dataSnError: false,
     };
     this.#tasks.set(itt, task);
     if (!lunIsZero(task.lun) && !this.#lunIndependent(cdb)) {
@@ -1118,7 +1132,7 @@ export class IscsiConnection implements BudgetWaiter {
       }
       for (const part of task.early.splice(0)) this.#storeData(task, part.offset, part.data);
       this.#solicit(task);
-      if (task.received >= task.wanted && task.unsolicitedReceived >= task.unsolicitedEnd) this.#execute(task);
+      if (this.#allDataIn(task)) this.#dataDone(task);
       else this.#armDataOutTimer(task);
       return;
     }
@@ -1159,8 +1173,9 @@ export class IscsiConnection implements BudgetWaiter {
     task.received += usable.length;
   }
 
-  /** Sends R2Ts for the part not covered by unsolicited data, up to MaxOutstandingR2T at once. */
+  /** Sends R2Ts for the part not covered by unsolicited data, up to MaxOutstandingR2T at once (none once the task failed). */
   #solicit(task: Task): void {
+    if (task.dataSnError) return;
     if (task.nextR2tOffset < task.unsolicitedEnd) task.nextR2tOffset = Math.min(task.unsolicitedEnd, task.wanted);
     while (task.nextR2tOffset < task.wanted && task.r2ts.size < this.#params.maxOutstandingR2t) {
       const length = Math.min(this.#params.maxBurstBytes, task.wanted - task.nextR2tOffset);
@@ -1199,11 +1214,7 @@ export class IscsiConnection implements BudgetWaiter {
         this.#drop(`unsolicited Data-Out at offset ${offset} length ${data.length}: expected offset ${task.unsolicitedReceived}, at most up to ${task.unsolicitedEnd} (FirstBurstLength)`);
         return;
       }
-      if (dataSN !== task.unsolicitedDataSN) {
-        this.#reject(bhs, RejectReason.PROTOCOL_ERROR);
-        this.#drop(`unsolicited Data-Out with DataSN ${dataSN}, expected ${task.unsolicitedDataSN} (ERL 0: no recovery)`);
-        return;
-      }
+      if (dataSN !== task.unsolicitedDataSN) this.#dataSnError(task, dataSN, task.unsolicitedDataSN, "unsolicited");
       task.unsolicitedDataSN += 1;
       if (task.parked) task.early.push({ offset, data });
       else this.#storeData(task, offset, data);
@@ -1221,11 +1232,7 @@ export class IscsiConnection implements BudgetWaiter {
         this.#drop(`Data-Out at offset ${offset} length ${data.length} outside its R2T (offset ${r2t.offset + r2t.received} expected, ${r2t.length - r2t.received} bytes left)`);
         return;
       }
-      if (dataSN !== r2t.dataSN) {
-        this.#reject(bhs, RejectReason.PROTOCOL_ERROR);
-        this.#drop(`Data-Out with DataSN ${dataSN}, expected ${r2t.dataSN} in the sequence of R2T 0x${ttt.toString(16)} (ERL 0: no recovery)`);
-        return;
-      }
+      if (dataSN !== r2t.dataSN) this.#dataSnError(task, dataSN, r2t.dataSN, `R2T 0x${ttt.toString(16)}`);
       r2t.dataSN += 1;
       this.#storeData(task, offset, data);
       r2t.received += data.length;
@@ -1234,12 +1241,44 @@ export class IscsiConnection implements BudgetWaiter {
         this.#solicit(task);
       }
     }
-    if (task.received >= task.wanted && task.unsolicitedReceived >= task.unsolicitedEnd && task.r2ts.size === 0) {
-      clearTimeout(task.dataOutTimer);
-      this.#execute(task);
-    } else {
-      this.#armDataOutTimer(task);
+    if (this.#allDataIn(task)) this.#dataDone(task);
+    else this.#armDataOutTimer(task);
+  }
+
+  /**
+   * A DataSN out of order: RFC 7143 section 7.9 makes it an implied digest
+   * error, handled as section 7.8 says for a Data-Out with a bad data digest.
+   * ERL 0 has no recovery R2T, so the task is terminated: its data still
+   * counts by offset (so the end of the outstanding data is known), nothing
+   * reaches the logical unit, and the answer is CHECK CONDITION once all the
+   * outstanding data has come. The offsets are still checked strictly.
+   */
+  #dataSnError(task: Task, got: number, expected: number, sequence: string): void {
+    if (task.dataSnError) return;
+    task.dataSnError = true;
+    log.limited(`iscsi_datasn:${this.peer.address}`, "Data-Out with a DataSN out of order: the task ends with CHECK CONDITION (RFC 7143 sections 7.8, 7.9; ERL 0 has no recovery R2T)", {
+      peer: this.peerText,
+      itt: task.itt,
+      sequence,
+      dataSN: got,
+      expected,
+    });
+  }
+
+  /** The task has every Data-Out it will get: all unsolicited data, no R2T outstanding, and all it wants (or it failed). */
+  #allDataIn(task: Task): boolean {
+    if (task.unsolicitedReceived < task.unsolicitedEnd || task.r2ts.size > 0) return false;
+    return task.dataSnError || task.received >= task.wanted;
+  }
+
+  #dataDone(task: Task): void {
+    clearTimeout(task.dataOutTimer);
+    if (task.dataSnError) {
+      // RFC 7143 section 11.4.7.2: "Protocol Service CRC error", ABORTED COMMAND, 0x47/0x05.
+      this.#complete(task, { status: ScsiStatus.CHECK_CONDITION, sense: sense(0x0b, 0x47, 0x05) });
+      return;
     }
+    this.#execute(task);
   }
 
   #execute(task: Task): void {

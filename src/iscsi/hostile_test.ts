@@ -5,8 +5,10 @@
 // that never comes (dataOutTimeoutMs), an oversized data segment, Data-Out
 // at an offset no R2T asked for, a NOP-In ping left unanswered
 // (nopInTimeoutMs), and out-of-range LBAs (answered CHECK CONDITION, the
-// connection stays). Also: header and data digests (CRC32C) on, with a
-// multi-R2T write and a Data-In split by MaxRecvDataSegmentLength read back.
+// connection stays; so does a Data-Out with a DataSN out of order, whose
+// task ends with CHECK CONDITION and writes nothing). Also: header and data digests (CRC32C) on, with a
+// multi-R2T write and a Data-In split by MaxRecvDataSegmentLength read back;
+// a unit with --iscsi-require-digest refuses a login without the digest (02-00).
 
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
@@ -21,8 +23,8 @@ let unit: RunningUnit;
 let honest: RawInitiator;
 const TARGET = iscsiTargetName("hostile", "vol");
 
-function portal(): { host: string; port: number } {
-  const text = unit.iscsiPortal ?? "";
+function portal(of: RunningUnit = unit): { host: string; port: number } {
+  const text = of.iscsiPortal ?? "";
   const colon = text.lastIndexOf(":");
   return { host: text.slice(0, colon), port: Number(text.slice(colon + 1)) };
 }
@@ -134,6 +136,29 @@ test("out-of-range LBAs get CHECK CONDITION and the connection stays", async () 
   await honestStillServed();
 });
 
+test("a Data-Out with a DataSN out of order ends its task with CHECK CONDITION 0B/47/05, writes nothing, and the connection stays (RFC 7143 7.8, 7.9)", async () => {
+  const probe = await loggedIn({ keys: [["MaxBurstLength", "262144"]] });
+  const before = randomBytes(256 * 1024); // one R2T, four Data-Outs of 64 KiB (DataSN 0..3)
+  assert.equal(await probe.write10(4096, before), 0);
+  for (const [label, dataSN] of [
+    ["repeated", (sn: number) => (sn === 2 ? 1 : sn)],
+    ["skipped ahead", (sn: number) => (sn === 0 ? 0 : sn + 26)],
+    ["-1", () => -1],
+    ["reversed", (sn: number) => 3 - sn],
+  ] as const) {
+    const status = await probe.write10(4096, randomBytes(before.length), { dataSN });
+    assert.equal(status, 0x02, `${label}: status 0x${status.toString(16)}`);
+    const senseData = probe.lastResponse?.data.subarray(2) ?? Buffer.alloc(0);
+    assert.deepEqual([senseData[2]! & 0x0f, senseData[12], senseData[13]], [0x0b, 0x47, 0x05], `${label}: sense ${senseData.toString("hex")}`);
+    assert.ok(!probe.closed, `${label}: connection dropped`);
+  }
+  const back = await probe.read10(4096, before.length / 512);
+  assert.equal(back.status, 0);
+  assert.ok(back.data.equals(before), "a write whose Data-Out had a bad DataSN changed the volume");
+  probe.close();
+  await honestStillServed();
+});
+
 test("an unanswered NOP-In ping drops the connection; an answered one keeps it", async () => {
   const quiet = await loggedIn();
   quiet.autoPong = false;
@@ -161,6 +186,35 @@ test("header and data digests (CRC32C): multi-R2T write and split Data-In read b
   digests.send(digests.commandBhs(cdb, { write: true, expectedLength: 512 }), Buffer.alloc(512, 1));
   assert.ok(await digests.waitClosed(5_000));
   await honestStillServed();
+});
+
+test("--iscsi-require-digest header,data: a login offering None fails 02-00, one offering CRC32C gets both digests and works", async () => {
+  const strict = await startUnit({
+    name: "strict",
+    capacity: "64M",
+    volumes: [{ name: "vol", size: "16M" }],
+    extraArgs: ["--iscsi", "127.0.0.1:0", "--iscsi-require-digest", "header,data"],
+  });
+  try {
+    const { host, port } = portal(strict);
+    const target = iscsiTargetName("strict", "vol");
+    const plain = await RawInitiator.connect(host, port);
+    const refused = await plain.login({ targetName: target, headerDigest: true, dataDigest: false });
+    assert.equal(refused.status, 0x0200, `login without a data digest: status 0x${refused.status.toString(16)}`);
+    plain.close();
+    const digests = await RawInitiator.connect(host, port);
+    const accepted = await digests.login({ targetName: target, headerDigest: true, dataDigest: true });
+    assert.equal(accepted.status, 0);
+    assert.ok(digests.headerDigest && digests.dataDigest);
+    await digests.ready();
+    const data = randomBytes(8192);
+    assert.equal(await digests.write10(0, data), 0);
+    assert.deepEqual((await digests.read10(0, 16)).data, data);
+    digests.close();
+    assert.match(strict.stderr(), /requires DataDigest=CRC32C/);
+  } finally {
+    await strict.close();
+  }
 });
 
 test("a command to LUN 1 is LOGICAL UNIT NOT SUPPORTED; a login naming a TSIH that does not exist is 02-0A", async () => {

@@ -8,6 +8,7 @@
 import * as net from "node:net";
 import type { BlockDevice, ExportProvider, Peer } from "../block/types.ts";
 import { ByteBudget } from "../nbd/budget.ts";
+import { NO_REQUIRED_DIGESTS, type RequiredDigests } from "./text.ts";
 import { peerOf } from "../nbd/session.ts";
 import type { LogicalUnit, LogicalUnitIdentity } from "../scsi/types.ts";
 import { assert } from "../util/assert.ts";
@@ -37,6 +38,8 @@ export interface IscsiTargetOptions {
   readonly keyFor?: (identity: string) => Buffer | undefined;
   /** Peers must log in with CHAP (the unit's --tls require). */
   readonly chapRequired?: boolean;
+  /** Digests every session must use (None refused): `ipsan unit --iscsi-require-digest`. Default none. */
+  readonly requiredDigests?: RequiredDigests;
   readonly limits?: Partial<IscsiLimits>;
   /** Environment to read IPSAN_ISCSI_LIMITS from (default process.env). */
   readonly env?: Readonly<Record<string, string | undefined>>;
@@ -53,6 +56,7 @@ export class IscsiTarget implements ConnectionHost {
   readonly unitName: string;
   readonly budget: ByteBudget;
   readonly chapRequired: boolean;
+  readonly requiredDigests: RequiredDigests;
   readonly chapEnabled: boolean;
   readonly #options: IscsiTargetOptions;
   readonly #connections = new Set<IscsiConnection>();
@@ -72,6 +76,7 @@ export class IscsiTarget implements ConnectionHost {
     this.budget = new ByteBudget(this.limits.serverBytesInFlightMax, { recentMs: this.limits.dataOutTimeoutMs });
     this.chapEnabled = options.keyFor !== undefined;
     this.chapRequired = options.chapRequired === true;
+    this.requiredDigests = options.requiredDigests ?? NO_REQUIRED_DIGESTS;
     assert(!this.chapRequired || this.chapEnabled, "CHAP required without keys");
   }
 

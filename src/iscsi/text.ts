@@ -130,6 +130,14 @@ const DECLARED_BY_INITIATOR = new Set(["InitiatorName", "InitiatorAlias", "Sessi
 /** Keys only the target may send: an initiator sending them gets "Irrelevant"? RFC: Reject. */
 const TARGET_ONLY = new Set(["TargetAlias", "TargetAddress", "TargetPortalGroupTag"]);
 
+/** Digests the target requires (`ipsan unit --iscsi-require-digest`): None is not accepted for them. */
+export interface RequiredDigests {
+  readonly header: boolean;
+  readonly data: boolean;
+}
+
+export const NO_REQUIRED_DIGESTS: RequiredDigests = { header: false, data: false };
+
 export interface NegotiationResult {
   /** Our answers, in order. */
   readonly answers: TextPair[];
@@ -143,7 +151,14 @@ export interface NegotiationResult {
  * the caller; they must not be passed here. Unknown keys: NotUnderstood;
  * keys not allowed in this phase: Reject; bad values: Reject.
  */
-export function negotiateOperational(pairs: readonly TextPair[], params: SessionParams, limits: IscsiLimits, phase: NegotiationPhase, sessionType: "Normal" | "Discovery"): NegotiationResult {
+export function negotiateOperational(
+  pairs: readonly TextPair[],
+  params: SessionParams,
+  limits: IscsiLimits,
+  phase: NegotiationPhase,
+  sessionType: "Normal" | "Discovery",
+  required: RequiredDigests = NO_REQUIRED_DIGESTS,
+): NegotiationResult {
   const answers: TextPair[] = [];
   for (const [key, value] of pairs) {
     if (DECLARED_BY_INITIATOR.has(key)) continue;
@@ -157,7 +172,9 @@ export function negotiateOperational(pairs: readonly TextPair[], params: Session
         continue;
       }
       const offered = value.split(",");
-      const choice = offered.find((item) => item === "CRC32C" || item === "None");
+      // A required digest: None is not "allowed" for us, so the initiator's first acceptable value is CRC32C (RFC 7143 section 6.2).
+      const noneAllowed = !(key === "HeaderDigest" ? required.header : required.data);
+      const choice = offered.find((item) => item === "CRC32C" || (item === "None" && noneAllowed));
       if (choice === undefined) {
         answers.push([key, "Reject"]);
         continue;

@@ -7,6 +7,7 @@
 import type { BlockDevice } from "../block/types.ts";
 import { IscsiTarget, type LogicalUnitLease } from "../iscsi/target.ts";
 import { iscsiTargetName } from "../iscsi/names.ts";
+import type { RequiredDigests } from "../iscsi/text.ts";
 import { scsiNaa, scsiSerial } from "../scsi/identity.ts";
 import type { LogicalUnitIdentity } from "../scsi/types.ts";
 import type { UnitExportProvider } from "./provider.ts";
@@ -21,6 +22,8 @@ export interface UnitIscsiOptions {
   readonly keyFor: ((identity: string) => Buffer | undefined) | undefined;
   /** --tls require: iSCSI requires CHAP too. */
   readonly chapRequired: boolean;
+  /** --iscsi-require-digest: digests every session must use. */
+  readonly requiredDigests?: RequiredDigests;
 }
 
 /** Every export of the unit, oldest volume first, each volume followed by its partitions. */
@@ -51,6 +54,7 @@ export function newUnitIscsiTarget(options: UnitIscsiOptions): IscsiTarget {
     acquireLogicalUnit: options.acquireLogicalUnit,
     ...(options.keyFor === undefined ? {} : { keyFor: options.keyFor }),
     chapRequired: options.chapRequired,
+    ...(options.requiredDigests === undefined ? {} : { requiredDigests: options.requiredDigests }),
   });
 }
 

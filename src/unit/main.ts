@@ -18,6 +18,7 @@ import { VOLUME_NAME_PATTERN } from "./layout.ts";
 import { UnitExportProvider } from "./provider.ts";
 import { VolumeManager, type VolumeView } from "./volumes.ts";
 import type { IscsiTarget } from "../iscsi/target.ts";
+import type { RequiredDigests } from "../iscsi/text.ts";
 import { type NbdServerTls, PSK_IDENTITY_PATTERN, TLS_MODES, type TlsMode, parsePskFile } from "../nbd/tls.ts";
 // discovery (--discovery): flags, cluster key, derived control token, agent — see src/discovery/unit_join.ts
 import { JOIN_FLAGS, JOIN_USAGE, joinTokens, loadJoinKey, parseJoinFlags, startJoin, type JoinConfig } from "../discovery/unit_join.ts";
@@ -40,6 +41,7 @@ export const USAGE = `usage: ipsan unit --data DIR --capacity SIZE --listen HOST
                   (with --discovery, the control API opens by itself on the --listen host and a free port)
                   [--metrics-token-file FILE] [--tls off|on|require] [--tls-psk FILE] [--insecure-plaintext]
                   [--iscsi HOST:PORT]   (also serve every volume and partition as an iSCSI target; port 0 = a free port)
+                  [--iscsi-require-digest header|data|header,data]   (refuse iSCSI sessions without these CRC32C digests)
                   ${JOIN_USAGE}
        ipsan unit volume list|create|delete|grow|partition|grant ...   (see "ipsan unit volume help")
        ipsan unit format --data DIR [--device PATH] [--capacity SIZE] [--from-slot 0|1] [--force]   (see "ipsan unit format --help")
@@ -58,6 +60,8 @@ export interface UnitConfig {
   readonly listen: NbdListenAddress;
   /** --iscsi HOST:PORT: the iSCSI portal (docs/protocol/iscsi.md); absent: no iSCSI. */
   readonly iscsi?: { host: string; port: number } | undefined;
+  /** --iscsi-require-digest: CRC32C digests every iSCSI session must use. */
+  readonly iscsiRequiredDigests?: RequiredDigests | undefined;
   readonly volumes: readonly { name: string; sizeBytes: number }[];
   readonly allow: readonly Cidr[];
   /** --allow id:NAME: identities from --tls-psk served the volumes without grants. */
@@ -90,6 +94,15 @@ export interface RunningUnit {
   readonly control: { host: string; port: number } | undefined;
   /** Stops accepting, finishes requests in flight, syncs, releases the storage. */
   stop(): Promise<void>;
+}
+
+/** --iscsi-require-digest: "header", "data" or both, comma-separated. */
+export function parseRequiredDigests(text: string, iscsi: boolean): RequiredDigests {
+  if (!iscsi) throw new UsageError("--iscsi-require-digest needs --iscsi HOST:PORT");
+  const items = text.split(",").map((item) => item.trim());
+  const unknown = items.filter((item) => item !== "header" && item !== "data");
+  if (unknown.length > 0 || items.length === 0) throw new UsageError(`--iscsi-require-digest: invalid "${text}" (expected header, data or header,data)`);
+  return { header: items.includes("header"), data: items.includes("data") };
 }
 
 function hostForUrl(host: string): string {
@@ -145,6 +158,7 @@ export function parseUnitArgs(argv: readonly string[]): UnitConfig {
       "control-token-file": { type: "string" },
       "metrics-token-file": { type: "string" },
       iscsi: { type: "string" },
+      "iscsi-require-digest": { type: "string" },
       ...JOIN_FLAGS, // discovery (--discovery)
       help: { type: "boolean", short: "h" },
     },
@@ -198,6 +212,7 @@ export function parseUnitArgs(argv: readonly string[]): UnitConfig {
     devicePath: values.device,
     listen: parseListen(values.listen),
     ...(values.iscsi === undefined ? {} : { iscsi: parseHostPort(values.iscsi, "--iscsi") }),
+    ...(values["iscsi-require-digest"] === undefined ? {} : { iscsiRequiredDigests: parseRequiredDigests(values["iscsi-require-digest"], values.iscsi !== undefined) }),
     volumes,
     allow,
     allowIdentities,
@@ -351,6 +366,7 @@ export async function startUnit(config: UnitConfig): Promise<RunningUnit> {
         // CHAP secrets derive from the same host keys as NBD's TLS-PSK (src/iscsi/names.ts chapSecret).
         keyFor: tls === undefined ? undefined : tls.keyFor,
         chapRequired: config.tls === "require",
+        ...(config.iscsiRequiredDigests === undefined ? {} : { requiredDigests: config.iscsiRequiredDigests }),
       });
       iscsiTarget = target;
       iscsiView = (view) => withIscsi(view, target, manager);

@@ -228,8 +228,14 @@ export class RawInitiator {
     }
   }
 
-  /** WRITE(10) of `data` at `lba`, answering R2Ts; returns the SCSI status. */
-  async write10(lba: number, data: Buffer): Promise<number> {
+  /** The last SCSI Response PDU (its data segment holds the sense data of a CHECK CONDITION). */
+  lastResponse: Pdu | undefined;
+
+  /**
+   * WRITE(10) of `data` at `lba`, answering R2Ts; returns the SCSI status.
+   * `dataSN` rewrites the DataSN of each Data-Out (index in its R2T's sequence -> DataSN sent), to test a target's sequence checks.
+   */
+  async write10(lba: number, data: Buffer, options: { dataSN?: (sn: number) => number } = {}): Promise<number> {
     const cdb = Buffer.alloc(10);
     cdb[0] = 0x2a;
     cdb.writeUInt32BE(lba, 2);
@@ -251,12 +257,13 @@ export class RawInitiator {
           out.writeUInt32BE(itt, 16);
           out.writeUInt32BE(ttt, 20);
           out.writeUInt32BE(this.expStatSN, 28);
-          out.writeUInt32BE(dataSN, 36);
+          out.writeUInt32BE(options.dataSN === undefined ? dataSN : options.dataSN(dataSN) >>> 0, 36);
           dataSN += 1;
           out.writeUInt32BE(at, 40);
           this.send(out, data.subarray(at, at + size));
         }
       } else if (opcode === Op.SCSI_RESPONSE) {
+        this.lastResponse = pdu;
         return pdu.bhs[3]!;
       }
     }
