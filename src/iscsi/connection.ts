@@ -9,6 +9,8 @@
 import type { Socket } from "node:net";
 import type { BlockDevice, Peer } from "../block/types.ts";
 import type { BudgetAccount, BudgetWaiter, Reservation } from "../nbd/budget.ts";
+import type { BufferPool } from "../nbd/buffer_pool.ts";
+import { useLargeReads } from "../nbd/large_reads.ts";
 import { pskKeyId } from "../nbd/tls.ts";
 import { ScsiStatus, type LogicalUnit, type ScsiNexus, type ScsiResponse, type TaskAttribute } from "../scsi/types.ts";
 import { IpsanError, errorMessage } from "../util/errors.ts";
@@ -77,6 +79,8 @@ export interface AttachedUnit {
 export interface ConnectionHost {
   readonly limits: IscsiLimits;
   readonly unitName: string;
+  /** Read buffers: a READ's Data-In is read into one and given back when the socket has sent it. */
+  readonly pool: BufferPool;
   readonly budget: { join(key: string): BudgetAccount; leave(account: BudgetAccount, waiter: BudgetWaiter): void; reserve(account: BudgetAccount, bytes: number, waiter: BudgetWaiter): Reservation | undefined };
   /** CHAP: the key of a host identity on this unit (host keys, then --tls-psk), or undefined. */
   keyFor(identity: string): Buffer | undefined;
@@ -158,6 +162,17 @@ function attributeOf(bits: number): TaskAttribute {
   }
 }
 
+/** Consecutive views starting at `offset`, each with its own offset (a task's `early` entries). */
+function atOffsets(offset: number, parts: readonly Buffer[]): { offset: number; data: Buffer }[] {
+  const out: { offset: number; data: Buffer }[] = [];
+  let at = offset;
+  for (const data of parts) {
+    out.push({ offset: at, data });
+    at += data.length;
+  }
+  return out;
+}
+
 function lunIsZero(lun: Buffer): boolean {
   for (let i = 0; i < 8; i += 1) if (lun[i] !== 0) return false;
   return true;
@@ -228,6 +243,8 @@ export class IscsiConnection implements BudgetWaiter {
   #nopPing: { ttt: number; timer: NodeJS.Timeout } | undefined;
   #textContinuation: { itt: number; ttt: number; rest: Buffer } | undefined;
   #textRequest: { itt: number; parts: Buffer[]; bytes: number } | undefined;
+  /** Write data used in place (views of the socket's read memory) by commands still executing, aborted ones included. */
+  readonly #borrowed = new Set<Buffer>();
   #ended = false;
 
   constructor(host: ConnectionHost, socket: Socket, peer: Peer) {
@@ -240,7 +257,7 @@ export class IscsiConnection implements BudgetWaiter {
     this.#reader = new PduReader(Math.min(this.#limits.textBytesMax, this.#limits.recvDataSegmentBytes));
     this.#account = host.budget.join(peer.address);
     socket.setNoDelay(true);
-    socket.on("data", (chunk: Buffer) => this.#onData(chunk));
+    socket.on("data", this.#onData);
     socket.on("error", (error) => this.#end(`socket error: ${error.message}`, "debug"));
     socket.on("close", () => this.#end("peer closed the connection", "debug"));
     socket.on("drain", () => this.#process());
@@ -257,12 +274,28 @@ export class IscsiConnection implements BudgetWaiter {
 
   // ---------------------------------------------------------------- plumbing
 
-  #onData(chunk: Buffer): void {
+  readonly #onData = (chunk: Buffer): void => {
     if (this.#ended) return;
     this.#reader.push(chunk);
     this.#received();
     this.#process();
-  }
+  };
+
+  /**
+   * large_reads: a read arena may be reused once nothing views it: no
+   * unparsed chunk, no command's immediate or early data, no write executing
+   * on a view of it, no text request being gathered, no reply queued (a
+   * NOP-In echoes the initiator's bytes).
+   */
+  readonly #mayReuseReadMemory = (store: ArrayBufferLike): boolean => {
+    if (this.phase !== "full-feature" || this.#textRequest !== undefined || this.socket.writableLength > 0 || this.#reader.holds(store)) return false;
+    for (const buffer of this.#borrowed) if (buffer.buffer === store) return false;
+    for (const task of this.#tasks.values()) {
+      if (task.pending?.buffer === store || task.buffer?.buffer === store) return false;
+      for (const part of task.early) if (part.data.buffer === store) return false;
+    }
+    return true;
+  };
 
   #process(): void {
     while (!this.#ended && !this.#busy) {
@@ -294,11 +327,15 @@ export class IscsiConnection implements BudgetWaiter {
     }
   }
 
-  #send(bhs: Buffer, data: readonly Buffer[] = []): void {
+  /** Queues one PDU; `written` runs once the socket has sent it (not if the connection ends first). */
+  #send(bhs: Buffer, data: readonly Buffer[] = [], written?: () => void): void {
     if (this.#ended) return;
     const parts = encodePdu(bhs, data, this.phase !== "login" && this.#params.headerDigest, this.phase !== "login" && this.#params.dataDigest);
     this.socket.cork();
-    for (const part of parts) this.socket.write(part);
+    const last = parts.length - 1;
+    for (let i = 0; i < last; i += 1) this.socket.write(parts[i]!);
+    if (written === undefined) this.socket.write(parts[last]!);
+    else this.socket.write(parts[last]!, (error) => { if (error === undefined || error === null) written(); });
     this.socket.uncork();
   }
 
@@ -711,6 +748,9 @@ export class IscsiConnection implements BudgetWaiter {
       this.#nexus = { initiatorName: this.#initiatorName, isid: this.#isid.toString("hex"), targetPortalGroupTag: 1, relativeTargetPort: 1, targetName: this.#targetName };
       this.#unit.nexusAdded(this.#nexus);
       this.#device?.onRevoked?.((error) => this.revoked(error));
+      // Reads of up to 2 MiB into a reused arena: a 256 KiB Data-Out is one read and a view, not
+      // four 64 KiB chunks gathered into a fresh buffer (src/nbd/large_reads.ts).
+      useLargeReads(this.socket, this.#onData, this.#mayReuseReadMemory);
     }
     log.info("session logged in", {
       peer: this.peerText,
@@ -1020,19 +1060,20 @@ export class IscsiConnection implements BudgetWaiter {
     // The CDB's own Data-Out length, W bit or not: a write CDB with EDTL 0 (and no W) is an overflow, not "no data".
     const cdbDataOut = unit.dataOutLength(cdb);
     const wanted = write ? Math.min(expectedLength, cdbDataOut) : 0;
-    const immediate = pdu.data;
-    if (!write && immediate.length > 0) {
+    // Immediate data: one view when it came in one socket chunk (kept as `pending`), else its views in `early`.
+    const immediateBytes = pdu.dataLength;
+    if (!write && immediateBytes > 0) {
       this.#reject(bhs, RejectReason.PROTOCOL_ERROR);
       this.#drop("immediate data with a command that has no W bit");
       return;
     }
-    if (immediate.length > 0 && (!this.#params.immediateData || immediate.length > Math.min(this.#params.firstBurstBytes, expectedLength))) {
+    if (immediateBytes > 0 && (!this.#params.immediateData || immediateBytes > Math.min(this.#params.firstBurstBytes, expectedLength))) {
       this.#reject(bhs, RejectReason.PROTOCOL_ERROR);
-      this.#drop(`immediate data of ${immediate.length} bytes not allowed (ImmediateData=${this.#params.immediateData ? "Yes" : "No"}, FirstBurstLength ${this.#params.firstBurstBytes}, EDTL ${expectedLength})`);
+      this.#drop(`immediate data of ${immediateBytes} bytes not allowed (ImmediateData=${this.#params.immediateData ? "Yes" : "No"}, FirstBurstLength ${this.#params.firstBurstBytes}, EDTL ${expectedLength})`);
       return;
     }
     const final = finalOf(bhs);
-    let unsolicitedEnd = immediate.length;
+    let unsolicitedEnd = immediateBytes;
     if (write && !this.#params.initialR2T && !final) unsolicitedEnd = Math.min(expectedLength, this.#params.firstBurstBytes);
     const task: Task = {
       itt,
@@ -1047,7 +1088,7 @@ export class IscsiConnection implements BudgetWaiter {
       cdbDataOut,
       buffer: undefined,
       unsolicitedEnd,
-      unsolicitedReceived: immediate.length,
+      unsolicitedReceived: immediateBytes,
       unsolicitedDataSN: 0,
       received: 0,
       nextR2tOffset: 0,
@@ -1057,9 +1098,9 @@ export class IscsiConnection implements BudgetWaiter {
       aborted: false,
       reservation: undefined,
       dataOutTimer: undefined,
-      pending: immediate.length > 0 ? immediate : undefined,
+      pending: pdu.dataParts.length === 1 ? pdu.dataParts[0] : undefined,
       parked: false,
-      early: [],
+      early: pdu.dataParts.length > 1 ? atOffsets(0, pdu.dataParts) : [],
       settled: undefined,
     };
     this.#tasks.set(itt, task);
@@ -1104,14 +1145,18 @@ export class IscsiConnection implements BudgetWaiter {
   #start(task: Task): void {
     if (task.write && task.wanted > 0 && task.pending !== undefined && task.early.length === 0 && task.pending.length >= task.wanted && task.unsolicitedEnd <= task.pending.length) {
       // All the data came as immediate data (a small write): use it as it is, no copy.
-      task.buffer = task.pending.subarray(0, task.wanted);
+      const borrowed = task.pending.subarray(0, task.wanted);
+      task.buffer = borrowed;
       task.received = task.wanted;
       task.pending = undefined;
+      this.#borrowed.add(borrowed);
       this.#execute(task);
+      void task.settled?.then(() => this.#borrowed.delete(borrowed));
       return;
     }
     if (task.write && task.wanted > 0) {
-      task.buffer = Buffer.allocUnsafe(task.wanted);
+      // Gathered into a pooled buffer (given back when the command has run): no fresh memory to fault in per write.
+      task.buffer = this.#host.pool.acquire(0, task.wanted);
       if (task.pending !== undefined) {
         this.#storeData(task, 0, task.pending);
         task.pending = undefined;
@@ -1152,6 +1197,15 @@ export class IscsiConnection implements BudgetWaiter {
     task.dataOutTimer.unref();
   }
 
+  /** Copies a Data-Out's views (the socket chunks it came in) into the task's buffer at `offset`. */
+  #storeParts(task: Task, offset: number, parts: readonly Buffer[]): void {
+    let at = offset;
+    for (const part of parts) {
+      this.#storeData(task, at, part);
+      at += part.length;
+    }
+  }
+
   #storeData(task: Task, offset: number, data: Buffer): void {
     if (task.buffer === undefined || offset >= task.wanted) return;
     const usable = data.subarray(0, Math.min(data.length, task.wanted - offset));
@@ -1186,7 +1240,7 @@ export class IscsiConnection implements BudgetWaiter {
     const ttt = bhs.readUInt32BE(20);
     const offset = bhs.readUInt32BE(40);
     const dataSN = bhs.readUInt32BE(36);
-    const data = pdu.data;
+    const dataBytes = pdu.dataLength;
     const task = this.#tasks.get(itt);
     if (task === undefined || task.state !== "data-out") {
       // Data for an aborted or unknown task: discarded (RFC 7143 section 4.2.3.3).
@@ -1194,9 +1248,9 @@ export class IscsiConnection implements BudgetWaiter {
       return;
     }
     if (ttt === RESERVED_TAG) {
-      if (offset !== task.unsolicitedReceived || offset + data.length > task.unsolicitedEnd) {
+      if (offset !== task.unsolicitedReceived || offset + dataBytes > task.unsolicitedEnd) {
         this.#reject(bhs, RejectReason.PROTOCOL_ERROR);
-        this.#drop(`unsolicited Data-Out at offset ${offset} length ${data.length}: expected offset ${task.unsolicitedReceived}, at most up to ${task.unsolicitedEnd} (FirstBurstLength)`);
+        this.#drop(`unsolicited Data-Out at offset ${offset} length ${dataBytes}: expected offset ${task.unsolicitedReceived}, at most up to ${task.unsolicitedEnd} (FirstBurstLength)`);
         return;
       }
       if (dataSN !== task.unsolicitedDataSN) {
@@ -1205,9 +1259,9 @@ export class IscsiConnection implements BudgetWaiter {
         return;
       }
       task.unsolicitedDataSN += 1;
-      if (task.parked) task.early.push({ offset, data });
-      else this.#storeData(task, offset, data);
-      task.unsolicitedReceived += data.length;
+      if (task.parked) task.early.push(...atOffsets(offset, pdu.dataParts));
+      else this.#storeParts(task, offset, pdu.dataParts);
+      task.unsolicitedReceived += dataBytes;
       if (task.parked) return; // runs once admitted
     } else {
       const r2t = task.r2ts.get(ttt);
@@ -1216,9 +1270,9 @@ export class IscsiConnection implements BudgetWaiter {
         this.#drop(`Data-Out with unknown Target Transfer Tag 0x${ttt.toString(16)}`);
         return;
       }
-      if (offset !== r2t.offset + r2t.received || r2t.received + data.length > r2t.length) {
+      if (offset !== r2t.offset + r2t.received || r2t.received + dataBytes > r2t.length) {
         this.#reject(bhs, RejectReason.PROTOCOL_ERROR);
-        this.#drop(`Data-Out at offset ${offset} length ${data.length} outside its R2T (offset ${r2t.offset + r2t.received} expected, ${r2t.length - r2t.received} bytes left)`);
+        this.#drop(`Data-Out at offset ${offset} length ${dataBytes} outside its R2T (offset ${r2t.offset + r2t.received} expected, ${r2t.length - r2t.received} bytes left)`);
         return;
       }
       if (dataSN !== r2t.dataSN) {
@@ -1227,8 +1281,8 @@ export class IscsiConnection implements BudgetWaiter {
         return;
       }
       r2t.dataSN += 1;
-      this.#storeData(task, offset, data);
-      r2t.received += data.length;
+      this.#storeParts(task, offset, pdu.dataParts);
+      r2t.received += dataBytes;
       if (r2t.received >= r2t.length) {
         task.r2ts.delete(ttt);
         this.#solicit(task);
@@ -1252,15 +1306,23 @@ export class IscsiConnection implements BudgetWaiter {
       attribute: task.attribute,
       expectedLength: task.expectedLength,
       dataOut: task.write || task.cdbDataOut > 0 ? (task.buffer ?? Buffer.alloc(0)) : undefined,
+      allocateDataIn: task.read && !task.write ? this.#allocateDataIn : undefined,
     };
+    // A gathered write buffer goes back to the pool once the unit is done with it (not a borrowed view: the pool ignores those).
+    const gathered = task.write && task.buffer !== undefined && !this.#borrowed.has(task.buffer) ? task.buffer : undefined;
     task.settled = unit.execute(request).then(
-      (response) => this.#complete(task, response),
+      (response) => {
+        if (gathered !== undefined) this.#host.pool.release(gathered);
+        this.#complete(task, response);
+      },
       (error: unknown) => {
         log.error("logical unit failed a command (it should answer every failure with sense)", { peer: this.peerText, opcode: task.cdb[0], error: errorMessage(error) });
         this.#complete(task, { status: ScsiStatus.CHECK_CONDITION, sense: sense(0x04, 0x44, 0x00) });
       },
     );
   }
+
+  readonly #allocateDataIn = (bytes: number): Buffer => this.#host.pool.acquire(0, bytes);
 
   #finishTask(task: Task): void {
     clearTimeout(task.dataOutTimer);
@@ -1312,6 +1374,11 @@ export class IscsiConnection implements BudgetWaiter {
     if (dataIn !== undefined && dataIn.length > 0) {
       const segment = this.#params.initiatorRecvDataSegmentBytes;
       const burst = this.#params.maxBurstBytes;
+      // All the command's Data-In PDUs leave in one writev; the read buffer goes back to the pool
+      // (a no-op for buffers that are not the pool's) once the socket has sent its last byte.
+      const whole = response.dataIn!;
+      const release = (): void => this.#host.pool.release(whole);
+      this.socket.cork();
       for (let offset = 0; offset < dataIn.length; ) {
         const length = Math.min(segment, dataIn.length - offset, burst - (offset % burst));
         const last = offset + length >= dataIn.length;
@@ -1332,10 +1399,14 @@ export class IscsiConnection implements BudgetWaiter {
         bhs.writeUInt32BE(dataSN, 36);
         dataSN += 1;
         bhs.writeUInt32BE(offset, 40);
-        this.#send(bhs, [dataIn.subarray(offset, offset + length)]);
+        this.#send(bhs, [dataIn.subarray(offset, offset + length)], last && good ? release : undefined);
         offset += length;
       }
-      if (good) return;
+      if (good) {
+        this.socket.uncork();
+        return;
+      }
+      this.socket.uncork();
     }
     const bhs = newBhs(Op.SCSI_RESPONSE, 0x80 | residualFlag);
     bhs[2] = 0x00; // command completed at target
