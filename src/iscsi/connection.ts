@@ -245,6 +245,8 @@ export class IscsiConnection implements BudgetWaiter {
   #textRequest: { itt: number; parts: Buffer[]; bytes: number } | undefined;
   /** Write data used in place (views of the socket's read memory) by commands still executing, aborted ones included. */
   readonly #borrowed = new Set<Buffer>();
+  /** The socket is corked until the end of this turn of the event loop (#send). */
+  #batchCorked = false;
   #ended = false;
 
   constructor(host: ConnectionHost, socket: Socket, peer: Peer) {
@@ -330,6 +332,13 @@ export class IscsiConnection implements BudgetWaiter {
   /** Queues one PDU; `written` runs once the socket has sent it (not if the connection ends first). */
   #send(bhs: Buffer, data: readonly Buffer[] = [], written?: () => void): void {
     if (this.#ended) return;
+    if (!this.#batchCorked && this.#tasks.size > 0) {
+      // Other commands are in flight: PDUs made in this turn of the event loop leave in one writev
+      // (the NBD server does the same); a lone command's answer leaves at once.
+      this.#batchCorked = true;
+      this.socket.cork();
+      setImmediate(this.#uncorkBatch);
+    }
     const parts = encodePdu(bhs, data, this.phase !== "login" && this.#params.headerDigest, this.phase !== "login" && this.#params.dataDigest);
     this.socket.cork();
     const last = parts.length - 1;
@@ -338,6 +347,11 @@ export class IscsiConnection implements BudgetWaiter {
     else this.socket.write(parts[last]!, (error) => { if (error === undefined || error === null) written(); });
     this.socket.uncork();
   }
+
+  readonly #uncorkBatch = (): void => {
+    this.#batchCorked = false;
+    if (!this.socket.destroyed) this.socket.uncork();
+  };
 
   /** Fills StatSN (advancing it when `advance`), ExpCmdSN and MaxCmdSN at 24, 28, 32. */
   #numbers(bhs: Buffer, advance: boolean): void {
@@ -372,6 +386,11 @@ export class IscsiConnection implements BudgetWaiter {
     for (const task of this.#tasks.values()) this.#finishTask(task);
     this.#tasks.clear();
     this.#host.budget.leave(this.#account, this);
+    if (this.#batchCorked) {
+      // What this turn queued (a Reject, a last response) goes out before the socket is destroyed.
+      this.#batchCorked = false;
+      this.socket.uncork();
+    }
     this.socket.destroy();
     if (this.#nexus !== undefined) this.#unit?.nexusRemoved(this.#nexus);
     if (this.#attached !== undefined) this.#host.detach(this.#attached, this);
@@ -761,6 +780,14 @@ export class IscsiConnection implements BudgetWaiter {
       identity: this.peer.identity,
       headerDigest: this.#params.headerDigest,
       dataDigest: this.#params.dataDigest,
+      // The negotiated transfer sizes: what the data path's PDU and R2T counts follow from.
+      maxRecvDataSegment: this.#limits.recvDataSegmentBytes,
+      maxSendDataSegment: this.#params.initiatorRecvDataSegmentBytes,
+      maxBurst: this.#params.maxBurstBytes,
+      firstBurst: this.#params.firstBurstBytes,
+      immediateData: this.#params.immediateData,
+      initialR2T: this.#params.initialR2T,
+      maxOutstandingR2T: this.#params.maxOutstandingR2t,
       tsih: this.#tsih,
     });
     this.#armNop();
