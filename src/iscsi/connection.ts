@@ -1259,6 +1259,11 @@ export class IscsiConnection implements BudgetWaiter {
       bhs.writeUInt32BE(r2t.length, 44);
       this.#send(bhs);
     }
+    if (this.#batchCorked) {
+      // The initiator waits for its R2T: it leaves now, not at the end of this turn (#send's batching).
+      this.#batchCorked = false;
+      this.socket.uncork();
+    }
   }
 
   #dataOut(pdu: Pdu): void {
