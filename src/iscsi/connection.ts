@@ -9,6 +9,8 @@
 import type { Socket } from "node:net";
 import type { BlockDevice, Peer } from "../block/types.ts";
 import type { BudgetAccount, BudgetWaiter, Reservation } from "../nbd/budget.ts";
+import type { BufferPool } from "../nbd/buffer_pool.ts";
+import { useLargeReads } from "../nbd/large_reads.ts";
 import { pskKeyId } from "../nbd/tls.ts";
 import { ScsiStatus, type LogicalUnit, type ScsiNexus, type ScsiResponse, type TaskAttribute } from "../scsi/types.ts";
 import { IpsanError, errorMessage } from "../util/errors.ts";
@@ -77,6 +79,8 @@ export interface AttachedUnit {
 export interface ConnectionHost {
   readonly limits: IscsiLimits;
   readonly unitName: string;
+  /** Read buffers: a READ's Data-In is read into one and given back when the socket has sent it. */
+  readonly pool: BufferPool;
   readonly budget: { join(key: string): BudgetAccount; leave(account: BudgetAccount, waiter: BudgetWaiter): void; reserve(account: BudgetAccount, bytes: number, waiter: BudgetWaiter): Reservation | undefined };
   /** CHAP: the key of a host identity on this unit (host keys, then --tls-psk), or undefined. */
   keyFor(identity: string): Buffer | undefined;
@@ -167,6 +171,17 @@ function attributeOf(bits: number): TaskAttribute {
   }
 }
 
+/** Consecutive views starting at `offset`, each with its own offset (a task's `early` entries). */
+function atOffsets(offset: number, parts: readonly Buffer[]): { offset: number; data: Buffer }[] {
+  const out: { offset: number; data: Buffer }[] = [];
+  let at = offset;
+  for (const data of parts) {
+    out.push({ offset: at, data });
+    at += data.length;
+  }
+  return out;
+}
+
 function lunIsZero(lun: Buffer): boolean {
   for (let i = 0; i < 8; i += 1) if (lun[i] !== 0) return false;
   return true;
@@ -237,6 +252,10 @@ export class IscsiConnection implements BudgetWaiter {
   #nopPing: { ttt: number; timer: NodeJS.Timeout } | undefined;
   #textContinuation: { itt: number; ttt: number; rest: Buffer } | undefined;
   #textRequest: { itt: number; parts: Buffer[]; bytes: number } | undefined;
+  /** Write data used in place (views of the socket's read memory) by commands still executing, aborted ones included. */
+  readonly #borrowed = new Set<Buffer>();
+  /** The socket is corked until the end of this turn of the event loop (#send). */
+  #batchCorked = false;
   #ended = false;
 
   constructor(host: ConnectionHost, socket: Socket, peer: Peer) {
@@ -249,7 +268,7 @@ export class IscsiConnection implements BudgetWaiter {
     this.#reader = new PduReader(Math.min(this.#limits.textBytesMax, this.#limits.recvDataSegmentBytes));
     this.#account = host.budget.join(peer.address);
     socket.setNoDelay(true);
-    socket.on("data", (chunk: Buffer) => this.#onData(chunk));
+    socket.on("data", this.#onData);
     socket.on("error", (error) => this.#end(`socket error: ${error.message}`, "debug"));
     socket.on("close", () => this.#end("peer closed the connection", "debug"));
     socket.on("drain", () => this.#process());
@@ -266,12 +285,28 @@ export class IscsiConnection implements BudgetWaiter {
 
   // ---------------------------------------------------------------- plumbing
 
-  #onData(chunk: Buffer): void {
+  readonly #onData = (chunk: Buffer): void => {
     if (this.#ended) return;
     this.#reader.push(chunk);
     this.#received();
     this.#process();
-  }
+  };
+
+  /**
+   * large_reads: a read arena may be reused once nothing views it: no
+   * unparsed chunk, no command's immediate or early data, no write executing
+   * on a view of it, no text request being gathered, no reply queued (a
+   * NOP-In echoes the initiator's bytes).
+   */
+  readonly #mayReuseReadMemory = (store: ArrayBufferLike): boolean => {
+    if (this.phase !== "full-feature" || this.#textRequest !== undefined || this.socket.writableLength > 0 || this.#reader.holds(store)) return false;
+    for (const buffer of this.#borrowed) if (buffer.buffer === store) return false;
+    for (const task of this.#tasks.values()) {
+      if (task.pending?.buffer === store || task.buffer?.buffer === store) return false;
+      for (const part of task.early) if (part.data.buffer === store) return false;
+    }
+    return true;
+  };
 
   #process(): void {
     while (!this.#ended && !this.#busy) {
@@ -303,13 +338,29 @@ export class IscsiConnection implements BudgetWaiter {
     }
   }
 
-  #send(bhs: Buffer, data: readonly Buffer[] = []): void {
+  /** Queues one PDU; `written` runs once the socket has sent it (not if the connection ends first). */
+  #send(bhs: Buffer, data: readonly Buffer[] = [], written?: () => void): void {
     if (this.#ended) return;
+    if (!this.#batchCorked && this.#tasks.size > 0) {
+      // Other commands are in flight: PDUs made in this turn of the event loop leave in one writev
+      // (the NBD server does the same); a lone command's answer leaves at once.
+      this.#batchCorked = true;
+      this.socket.cork();
+      setImmediate(this.#uncorkBatch);
+    }
     const parts = encodePdu(bhs, data, this.phase !== "login" && this.#params.headerDigest, this.phase !== "login" && this.#params.dataDigest);
     this.socket.cork();
-    for (const part of parts) this.socket.write(part);
+    const last = parts.length - 1;
+    for (let i = 0; i < last; i += 1) this.socket.write(parts[i]!);
+    if (written === undefined) this.socket.write(parts[last]!);
+    else this.socket.write(parts[last]!, (error) => { if (error === undefined || error === null) written(); });
     this.socket.uncork();
   }
+
+  readonly #uncorkBatch = (): void => {
+    this.#batchCorked = false;
+    if (!this.socket.destroyed) this.socket.uncork();
+  };
 
   /** Fills StatSN (advancing it when `advance`), ExpCmdSN and MaxCmdSN at 24, 28, 32. */
   #numbers(bhs: Buffer, advance: boolean): void {
@@ -344,6 +395,11 @@ export class IscsiConnection implements BudgetWaiter {
     for (const task of this.#tasks.values()) this.#finishTask(task);
     this.#tasks.clear();
     this.#host.budget.leave(this.#account, this);
+    if (this.#batchCorked) {
+      // What this turn queued (a Reject, a last response) goes out before the socket is destroyed.
+      this.#batchCorked = false;
+      this.socket.uncork();
+    }
     this.socket.destroy();
     if (this.#nexus !== undefined) this.#unit?.nexusRemoved(this.#nexus);
     if (this.#attached !== undefined) this.#host.detach(this.#attached, this);
@@ -724,6 +780,9 @@ export class IscsiConnection implements BudgetWaiter {
       this.#nexus = { initiatorName: this.#initiatorName, isid: this.#isid.toString("hex"), targetPortalGroupTag: 1, relativeTargetPort: 1, targetName: this.#targetName };
       this.#unit.nexusAdded(this.#nexus);
       this.#device?.onRevoked?.((error) => this.revoked(error));
+      // Reads of up to 2 MiB into a reused arena: a 256 KiB Data-Out is one read and a view, not
+      // four 64 KiB chunks gathered into a fresh buffer (src/nbd/large_reads.ts).
+      useLargeReads(this.socket, this.#onData, this.#mayReuseReadMemory);
     }
     log.info("session logged in", {
       peer: this.peerText,
@@ -734,6 +793,14 @@ export class IscsiConnection implements BudgetWaiter {
       identity: this.peer.identity,
       headerDigest: this.#params.headerDigest,
       dataDigest: this.#params.dataDigest,
+      // The negotiated transfer sizes: what the data path's PDU and R2T counts follow from.
+      maxRecvDataSegment: this.#limits.recvDataSegmentBytes,
+      maxSendDataSegment: this.#params.initiatorRecvDataSegmentBytes,
+      maxBurst: this.#params.maxBurstBytes,
+      firstBurst: this.#params.firstBurstBytes,
+      immediateData: this.#params.immediateData,
+      initialR2T: this.#params.initialR2T,
+      maxOutstandingR2T: this.#params.maxOutstandingR2t,
       tsih: this.#tsih,
     });
     this.#armNop();
@@ -1033,19 +1100,20 @@ export class IscsiConnection implements BudgetWaiter {
     // The CDB's own Data-Out length, W bit or not: a write CDB with EDTL 0 (and no W) is an overflow, not "no data".
     const cdbDataOut = unit.dataOutLength(cdb);
     const wanted = write ? Math.min(expectedLength, cdbDataOut) : 0;
-    const immediate = pdu.data;
-    if (!write && immediate.length > 0) {
+    // Immediate data: one view when it came in one socket chunk (kept as `pending`), else its views in `early`.
+    const immediateBytes = pdu.dataLength;
+    if (!write && immediateBytes > 0) {
       this.#reject(bhs, RejectReason.PROTOCOL_ERROR);
       this.#drop("immediate data with a command that has no W bit");
       return;
     }
-    if (immediate.length > 0 && (!this.#params.immediateData || immediate.length > Math.min(this.#params.firstBurstBytes, expectedLength))) {
+    if (immediateBytes > 0 && (!this.#params.immediateData || immediateBytes > Math.min(this.#params.firstBurstBytes, expectedLength))) {
       this.#reject(bhs, RejectReason.PROTOCOL_ERROR);
-      this.#drop(`immediate data of ${immediate.length} bytes not allowed (ImmediateData=${this.#params.immediateData ? "Yes" : "No"}, FirstBurstLength ${this.#params.firstBurstBytes}, EDTL ${expectedLength})`);
+      this.#drop(`immediate data of ${immediateBytes} bytes not allowed (ImmediateData=${this.#params.immediateData ? "Yes" : "No"}, FirstBurstLength ${this.#params.firstBurstBytes}, EDTL ${expectedLength})`);
       return;
     }
     const final = finalOf(bhs);
-    let unsolicitedEnd = immediate.length;
+    let unsolicitedEnd = immediateBytes;
     if (write && !this.#params.initialR2T && !final) unsolicitedEnd = Math.min(expectedLength, this.#params.firstBurstBytes);
     const task: Task = {
       itt,
@@ -1060,7 +1128,7 @@ export class IscsiConnection implements BudgetWaiter {
       cdbDataOut,
       buffer: undefined,
       unsolicitedEnd,
-      unsolicitedReceived: immediate.length,
+      unsolicitedReceived: immediateBytes,
       unsolicitedDataSN: 0,
       received: 0,
       nextR2tOffset: 0,
@@ -1070,9 +1138,9 @@ export class IscsiConnection implements BudgetWaiter {
       aborted: false,
       reservation: undefined,
       dataOutTimer: undefined,
-      pending: immediate.length > 0 ? immediate : undefined,
+      pending: pdu.dataParts.length === 1 ? pdu.dataParts[0] : undefined,
       parked: false,
-      early: [],
+      early: pdu.dataParts.length > 1 ? atOffsets(0, pdu.dataParts) : [],
       settled: undefined,
       dataSnError: false,
     };
@@ -1118,14 +1186,18 @@ export class IscsiConnection implements BudgetWaiter {
   #start(task: Task): void {
     if (task.write && task.wanted > 0 && task.pending !== undefined && task.early.length === 0 && task.pending.length >= task.wanted && task.unsolicitedEnd <= task.pending.length) {
       // All the data came as immediate data (a small write): use it as it is, no copy.
-      task.buffer = task.pending.subarray(0, task.wanted);
+      const borrowed = task.pending.subarray(0, task.wanted);
+      task.buffer = borrowed;
       task.received = task.wanted;
       task.pending = undefined;
+      this.#borrowed.add(borrowed);
       this.#execute(task);
+      void task.settled?.then(() => this.#borrowed.delete(borrowed));
       return;
     }
     if (task.write && task.wanted > 0) {
-      task.buffer = Buffer.allocUnsafe(task.wanted);
+      // Gathered into a pooled buffer (given back when the command has run): no fresh memory to fault in per write.
+      task.buffer = this.#host.pool.acquire(0, task.wanted);
       if (task.pending !== undefined) {
         this.#storeData(task, 0, task.pending);
         task.pending = undefined;
@@ -1166,6 +1238,15 @@ export class IscsiConnection implements BudgetWaiter {
     task.dataOutTimer.unref();
   }
 
+  /** Copies a Data-Out's views (the socket chunks it came in) into the task's buffer at `offset`. */
+  #storeParts(task: Task, offset: number, parts: readonly Buffer[]): void {
+    let at = offset;
+    for (const part of parts) {
+      this.#storeData(task, at, part);
+      at += part.length;
+    }
+  }
+
   #storeData(task: Task, offset: number, data: Buffer): void {
     if (task.buffer === undefined || offset >= task.wanted) return;
     const usable = data.subarray(0, Math.min(data.length, task.wanted - offset));
@@ -1193,6 +1274,11 @@ export class IscsiConnection implements BudgetWaiter {
       bhs.writeUInt32BE(r2t.length, 44);
       this.#send(bhs);
     }
+    if (this.#batchCorked) {
+      // The initiator waits for its R2T: it leaves now, not at the end of this turn (#send's batching).
+      this.#batchCorked = false;
+      this.socket.uncork();
+    }
   }
 
   #dataOut(pdu: Pdu): void {
@@ -1201,7 +1287,7 @@ export class IscsiConnection implements BudgetWaiter {
     const ttt = bhs.readUInt32BE(20);
     const offset = bhs.readUInt32BE(40);
     const dataSN = bhs.readUInt32BE(36);
-    const data = pdu.data;
+    const dataBytes = pdu.dataLength;
     const task = this.#tasks.get(itt);
     if (task === undefined || task.state !== "data-out") {
       // Data for an aborted or unknown task: discarded (RFC 7143 section 4.2.3.3).
@@ -1209,16 +1295,16 @@ export class IscsiConnection implements BudgetWaiter {
       return;
     }
     if (ttt === RESERVED_TAG) {
-      if (offset !== task.unsolicitedReceived || offset + data.length > task.unsolicitedEnd) {
+      if (offset !== task.unsolicitedReceived || offset + dataBytes > task.unsolicitedEnd) {
         this.#reject(bhs, RejectReason.PROTOCOL_ERROR);
-        this.#drop(`unsolicited Data-Out at offset ${offset} length ${data.length}: expected offset ${task.unsolicitedReceived}, at most up to ${task.unsolicitedEnd} (FirstBurstLength)`);
+        this.#drop(`unsolicited Data-Out at offset ${offset} length ${dataBytes}: expected offset ${task.unsolicitedReceived}, at most up to ${task.unsolicitedEnd} (FirstBurstLength)`);
         return;
       }
       if (dataSN !== task.unsolicitedDataSN) this.#dataSnError(task, dataSN, task.unsolicitedDataSN, "unsolicited");
       task.unsolicitedDataSN += 1;
-      if (task.parked) task.early.push({ offset, data });
-      else this.#storeData(task, offset, data);
-      task.unsolicitedReceived += data.length;
+      if (task.parked) task.early.push(...atOffsets(offset, pdu.dataParts));
+      else this.#storeParts(task, offset, pdu.dataParts);
+      task.unsolicitedReceived += dataBytes;
       if (task.parked) return; // runs once admitted
     } else {
       const r2t = task.r2ts.get(ttt);
@@ -1227,15 +1313,15 @@ export class IscsiConnection implements BudgetWaiter {
         this.#drop(`Data-Out with unknown Target Transfer Tag 0x${ttt.toString(16)}`);
         return;
       }
-      if (offset !== r2t.offset + r2t.received || r2t.received + data.length > r2t.length) {
+      if (offset !== r2t.offset + r2t.received || r2t.received + dataBytes > r2t.length) {
         this.#reject(bhs, RejectReason.PROTOCOL_ERROR);
-        this.#drop(`Data-Out at offset ${offset} length ${data.length} outside its R2T (offset ${r2t.offset + r2t.received} expected, ${r2t.length - r2t.received} bytes left)`);
+        this.#drop(`Data-Out at offset ${offset} length ${dataBytes} outside its R2T (offset ${r2t.offset + r2t.received} expected, ${r2t.length - r2t.received} bytes left)`);
         return;
       }
       if (dataSN !== r2t.dataSN) this.#dataSnError(task, dataSN, r2t.dataSN, `R2T 0x${ttt.toString(16)}`);
       r2t.dataSN += 1;
-      this.#storeData(task, offset, data);
-      r2t.received += data.length;
+      this.#storeParts(task, offset, pdu.dataParts);
+      r2t.received += dataBytes;
       if (r2t.received >= r2t.length) {
         task.r2ts.delete(ttt);
         this.#solicit(task);
@@ -1291,15 +1377,23 @@ export class IscsiConnection implements BudgetWaiter {
       attribute: task.attribute,
       expectedLength: task.expectedLength,
       dataOut: task.write || task.cdbDataOut > 0 ? (task.buffer ?? Buffer.alloc(0)) : undefined,
+      allocateDataIn: task.read && !task.write ? this.#allocateDataIn : undefined,
     };
+    // A gathered write buffer goes back to the pool once the unit is done with it (not a borrowed view: the pool ignores those).
+    const gathered = task.write && task.buffer !== undefined && !this.#borrowed.has(task.buffer) ? task.buffer : undefined;
     task.settled = unit.execute(request).then(
-      (response) => this.#complete(task, response),
+      (response) => {
+        if (gathered !== undefined) this.#host.pool.release(gathered);
+        this.#complete(task, response);
+      },
       (error: unknown) => {
         log.error("logical unit failed a command (it should answer every failure with sense)", { peer: this.peerText, opcode: task.cdb[0], error: errorMessage(error) });
         this.#complete(task, { status: ScsiStatus.CHECK_CONDITION, sense: sense(0x04, 0x44, 0x00) });
       },
     );
   }
+
+  readonly #allocateDataIn = (bytes: number): Buffer => this.#host.pool.acquire(0, bytes);
 
   #finishTask(task: Task): void {
     clearTimeout(task.dataOutTimer);
@@ -1351,6 +1445,11 @@ export class IscsiConnection implements BudgetWaiter {
     if (dataIn !== undefined && dataIn.length > 0) {
       const segment = this.#params.initiatorRecvDataSegmentBytes;
       const burst = this.#params.maxBurstBytes;
+      // All the command's Data-In PDUs leave in one writev; the read buffer goes back to the pool
+      // (a no-op for buffers that are not the pool's) once the socket has sent its last byte.
+      const whole = response.dataIn!;
+      const release = (): void => this.#host.pool.release(whole);
+      this.socket.cork();
       for (let offset = 0; offset < dataIn.length; ) {
         const length = Math.min(segment, dataIn.length - offset, burst - (offset % burst));
         const last = offset + length >= dataIn.length;
@@ -1371,10 +1470,14 @@ export class IscsiConnection implements BudgetWaiter {
         bhs.writeUInt32BE(dataSN, 36);
         dataSN += 1;
         bhs.writeUInt32BE(offset, 40);
-        this.#send(bhs, [dataIn.subarray(offset, offset + length)]);
+        this.#send(bhs, [dataIn.subarray(offset, offset + length)], last && good ? release : undefined);
         offset += length;
       }
-      if (good) return;
+      if (good) {
+        this.socket.uncork();
+        return;
+      }
+      this.socket.uncork();
     }
     const bhs = newBhs(Op.SCSI_RESPONSE, 0x80 | residualFlag);
     bhs[2] = 0x00; // command completed at target

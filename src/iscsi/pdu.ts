@@ -69,7 +69,32 @@ export function padTo4(length: number): number {
 export interface Pdu {
   readonly bhs: Buffer;
   readonly ahs: Buffer;
+  /** The data segment as one buffer (gathered on first use when it spans socket chunks). */
   readonly data: Buffer;
+  /** The data segment as the views of the socket chunks it arrived in (no copy); empty when there is none. */
+  readonly dataParts: readonly Buffer[];
+  readonly dataLength: number;
+}
+
+const NO_PARTS: readonly Buffer[] = Object.freeze([]);
+
+/** A PDU whose data segment spans socket chunks: `data` is gathered only if someone asks for it. */
+class SplitPdu implements Pdu {
+  readonly bhs: Buffer;
+  readonly ahs: Buffer;
+  readonly dataParts: readonly Buffer[];
+  readonly dataLength: number;
+  #data: Buffer | undefined;
+  constructor(bhs: Buffer, ahs: Buffer, parts: readonly Buffer[], length: number) {
+    this.bhs = bhs;
+    this.ahs = ahs;
+    this.dataParts = parts;
+    this.dataLength = length;
+  }
+  get data(): Buffer {
+    this.#data ??= Buffer.concat(this.dataParts, this.dataLength);
+    return this.#data;
+  }
 }
 
 export function opcodeOf(bhs: Buffer): number {
@@ -146,6 +171,12 @@ export class PduReader {
     return this.#buffered;
   }
 
+  /** Whether a buffered (not yet parsed) chunk views `store` (large_reads asks before reusing a read arena). */
+  holds(store: ArrayBufferLike): boolean {
+    for (const chunk of this.#chunks) if (chunk.buffer === store) return true;
+    return false;
+  }
+
   push(chunk: Buffer): void {
     if (chunk.length === 0) return;
     this.#chunks.push(chunk);
@@ -195,6 +226,7 @@ export class PduReader {
     const dataDigestBytes = this.dataDigest && dataBytes > 0 ? DIGEST_BYTES : 0;
     const total = BHS_BYTES + ahsBytes + headerDigestBytes + padTo4(dataBytes) + dataDigestBytes;
     if (this.#buffered < total) return undefined;
+    if (this.#chunks[0]!.length < total && dataBytes > 0) return this.#split(ahsBytes, headerDigestBytes, dataBytes, dataDigestBytes);
     const whole = this.#take(total);
     const bhs = whole.subarray(0, BHS_BYTES);
     const ahs = whole.subarray(BHS_BYTES, BHS_BYTES + ahsBytes);
@@ -213,7 +245,44 @@ export class PduReader {
       const got = whole.readUInt32LE(offset);
       if (expected !== got) throw new PduFramingError("data-digest", `data digest mismatch (got 0x${got.toString(16)}, computed 0x${expected.toString(16)})`, Buffer.from(bhs));
     }
-    return { bhs, ahs, data };
+    return { bhs, ahs, data, dataParts: data.length === 0 ? NO_PARTS : [data], dataLength: data.length };
+  }
+
+  /** A whole PDU spanning chunks: the header gathered (small), the data segment left as views of the chunks. */
+  #split(ahsBytes: number, headerDigestBytes: number, dataBytes: number, dataDigestBytes: number): Pdu {
+    const headerBytes = BHS_BYTES + ahsBytes;
+    const header = this.#take(headerBytes + headerDigestBytes);
+    if (headerDigestBytes > 0) {
+      const expected = digestOf([header.subarray(0, headerBytes)]);
+      const got = header.readUInt32LE(headerBytes);
+      if (expected !== got) throw new PduFramingError("header-digest", `header digest mismatch (got 0x${got.toString(16)}, computed 0x${expected.toString(16)})`);
+    }
+    const bhs = header.subarray(0, BHS_BYTES);
+    const parts: Buffer[] = [];
+    let left = dataBytes;
+    while (left > 0) {
+      const first = this.#chunks[0]!;
+      if (first.length <= left) {
+        parts.push(first);
+        this.#chunks.shift();
+        left -= first.length;
+      } else {
+        parts.push(first.subarray(0, left));
+        this.#chunks[0] = first.subarray(left);
+        left = 0;
+      }
+    }
+    this.#buffered -= dataBytes;
+    const paddingBytes = padTo4(dataBytes) - dataBytes;
+    if (paddingBytes + dataDigestBytes > 0) {
+      const trailer = this.#take(paddingBytes + dataDigestBytes);
+      if (dataDigestBytes > 0) {
+        const expected = digestOf(paddingBytes > 0 ? [...parts, trailer.subarray(0, paddingBytes)] : parts);
+        const got = trailer.readUInt32LE(paddingBytes);
+        if (expected !== got) throw new PduFramingError("data-digest", `data digest mismatch (got 0x${got.toString(16)}, computed 0x${expected.toString(16)})`, Buffer.from(bhs));
+      }
+    }
+    return new SplitPdu(bhs, header.subarray(BHS_BYTES, headerBytes), parts, dataBytes);
   }
 }
 

@@ -9,6 +9,7 @@ import * as net from "node:net";
 import type { BlockDevice, ExportProvider, Peer } from "../block/types.ts";
 import { ByteBudget } from "../nbd/budget.ts";
 import { NO_REQUIRED_DIGESTS, type RequiredDigests } from "./text.ts";
+import { BufferPool } from "../nbd/buffer_pool.ts";
 import { peerOf } from "../nbd/session.ts";
 import type { LogicalUnit, LogicalUnitIdentity } from "../scsi/types.ts";
 import { assert } from "../util/assert.ts";
@@ -55,6 +56,8 @@ export class IscsiTarget implements ConnectionHost {
   readonly limits: IscsiLimits;
   readonly unitName: string;
   readonly budget: ByteBudget;
+  /** Read buffers reused across commands (the NBD server's pool): no fresh 1 MiB to fault in per READ. */
+  readonly pool = new BufferPool();
   readonly chapRequired: boolean;
   readonly requiredDigests: RequiredDigests;
   readonly chapEnabled: boolean;

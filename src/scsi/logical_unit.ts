@@ -512,7 +512,7 @@ class BlockLogicalUnit implements LogicalUnit {
       case 0x28:
       case 0xa8:
       case 0x88:
-        return this.#read(spec, cdb);
+        return this.#read(spec, cdb, request.allocateDataIn);
       case 0x0a:
       case 0x2a:
       case 0xaa:
@@ -659,8 +659,8 @@ class BlockLogicalUnit implements LogicalUnit {
     }
   }
 
-  async #readBlocks(lba: number, blocks: number): Promise<Buffer> {
-    const buffer = Buffer.allocUnsafe(blocks * LOGICAL_BLOCK_BYTES);
+  async #readBlocks(lba: number, blocks: number, allocate?: (bytes: number) => Buffer): Promise<Buffer> {
+    const buffer = allocate !== undefined ? allocate(blocks * LOGICAL_BLOCK_BYTES) : Buffer.allocUnsafe(blocks * LOGICAL_BLOCK_BYTES);
     const offset = lba * LOGICAL_BLOCK_BYTES;
     if (this.device.readNow?.(buffer, offset) !== true) await this.device.read(buffer, offset);
     return buffer;
@@ -688,11 +688,11 @@ class BlockLogicalUnit implements LogicalUnit {
     return { status: ScsiStatus.GOOD, dataIn: sense.subarray(0, u8(cdb, 4)) };
   }
 
-  async #read(spec: CommandSpec, cdb: Buffer): Promise<ScsiResponse> {
+  async #read(spec: CommandSpec, cdb: Buffer, allocate: ((bytes: number) => Buffer) | undefined): Promise<ScsiResponse> {
     this.#checkProtect(spec, cdb);
     const { lba, blocks } = this.#extent(spec, cdb, MAX_TRANSFER_BLOCKS);
     if (blocks === 0) return GOOD;
-    return { status: ScsiStatus.GOOD, dataIn: await this.#readBlocks(lba, blocks) };
+    return { status: ScsiStatus.GOOD, dataIn: await this.#readBlocks(lba, blocks, allocate) };
   }
 
   async #write(spec: CommandSpec, cdb: Buffer, dataOut: Buffer | undefined, verify: boolean): Promise<ScsiResponse> {

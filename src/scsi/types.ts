@@ -56,6 +56,12 @@ export interface ScsiRequest {
    * bytes for a command with W set, undefined for one without.
    */
   readonly dataOut: Buffer | undefined;
+  /**
+   * Optional: where a READ's Data-In goes (a buffer of exactly `bytes`, e.g.
+   * from the transport's pool, given back once the reply is sent). Only READ
+   * uses it; without it the unit allocates.
+   */
+  readonly allocateDataIn?: ((bytes: number) => Buffer) | undefined;
 }
 
 export interface ScsiResponse {
