@@ -47,6 +47,11 @@ test("every listing prints {items: [...]} with --json; exit statuses 0, 1 and 2"
         assert.ok(Array.isArray(parsed["items"]) && parsed["items"].length >= atLeast, `ipsan ${args.join(" ")}: ${parsed["items"]}`);
       }
 
+      // The old shape stays available while scripts move to .items (the contract's alias).
+      const old = await run(process.execPath, [IPSAN_BIN, "hosts", ...admin, "--json"], { timeoutMs: 30_000, env: { IPSAN_JSON_LISTS: "array" } });
+      assert.equal(old.code, 0, describeResult(old));
+      assert.deepEqual((JSON.parse(old.stdout) as { name: string }[]).map((h) => h.name), ["h1"]);
+
       // One object for one thing, and for what was done.
       const deleted = await ipsan("volume", "delete", "u1", "w1", "--json", ...admin);
       assert.deepEqual(JSON.parse(deleted.stdout), { unit: "u1", name: "w1", deleted: true });

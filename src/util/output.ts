@@ -8,7 +8,14 @@ export function printJson(value: unknown): void {
   process.stdout.write(`${JSON.stringify(value, null, 2)}\n`);
 }
 
-/** A listing with --json: {"items": [...]}. */
+/**
+ * The old shape of the listings that printed a bare array before 0.1.0's
+ * {"items": ...} (CHANGELOG.md): IPSAN_JSON_LISTS=array keeps it, for scripts
+ * not yet moved to `.items`. Deprecated; one release.
+ */
+export const JSON_LISTS_ENV = "IPSAN_JSON_LISTS";
+
+/** A listing with --json: {"items": [...]} (a bare array with IPSAN_JSON_LISTS=array, the old shape). */
 export function printItems(items: readonly unknown[]): void {
-  printJson({ items });
+  printJson(process.env[JSON_LISTS_ENV] === "array" ? items : { items });
 }

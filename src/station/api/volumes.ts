@@ -43,7 +43,13 @@ export function volumeRoutes(api: Api): void {
           matching.push({ volume, holder });
         }
       }
-      return { status: 200, body: paged(matching, range, (m) => volumeView(m.volume, m.holder, store.enrolledUnitId(m.volume.unit))) };
+      // One identity lookup per unit on the page, not one per volume.
+      const unitIds = new Map<string, string | null>();
+      const unitId = (unit: string): string | null => {
+        if (!unitIds.has(unit)) unitIds.set(unit, store.enrolledUnitId(unit));
+        return unitIds.get(unit) ?? null;
+      };
+      return { status: 200, body: paged(matching, range, (m) => volumeView(m.volume, m.holder, unitId(m.volume.unit))) };
     },
   });
   api.add({
