@@ -53,6 +53,12 @@ export interface StationOptions {
   readonly discovery?: string;
   /** Another bin/ipsan (a canary's patched build, src/testing/patched_build.ts with nodeModules). */
   readonly bin?: string;
+  /**
+   * Ready at "ipsan station ready" alone (several stations, --etcd: only the
+   * leader listens for discovery, so a follower never prints that line; give
+   * `discovery` as a fixed HOST:PORT).
+   */
+  readonly readyWithoutDiscovery?: boolean;
 }
 
 const READY = /^ipsan station ready (https?):\/\/(\S+)$/;
@@ -94,6 +100,10 @@ export async function startStation(options: StationOptions = {}): Promise<Runnin
         if (udp !== null) discovery = { host: (udp[1] ?? "").replace(/^\[(.*)\]$/, "$1"), port: Number(udp[2]) };
         const trap = SNMP.exec(line);
         if (trap !== null) snmp = { host: (trap[1] ?? "").replace(/^\[(.*)\]$/, "$1"), port: Number(trap[2]) };
+        if (url !== undefined && discovery === undefined && options.readyWithoutDiscovery === true) {
+          const [host, port] = (options.discovery ?? "127.0.0.1:0").split(":");
+          discovery = { host: host ?? "127.0.0.1", port: Number(port) };
+        }
         if (url !== undefined && discovery !== undefined) {
           clearTimeout(timer);
           resolve();

@@ -40,6 +40,12 @@ import { realClock } from "../util/clock.ts";
 import { STATS_POLL_INTERVAL_MS_DEFAULT, StationStats } from "./stats/collector.ts";
 import { stationStatsSource } from "./stats/source.ts";
 import { renderCounter, renderGauge } from "../util/prometheus.ts";
+import { randomBytes } from "node:crypto";
+import type { Db } from "./db.ts";
+import type { ApiServerOptions } from "./api/server.ts";
+import { EtcdState, parseEndpoints } from "./cluster/etcd_log.ts";
+import { ClusterNode, LEADER_LEASE_MS_DEFAULT, LEADER_LEASE_MS_MAX, LEADER_LEASE_MS_MIN } from "./cluster/node.ts";
+import { FrontServer } from "./cluster/front.ts";
 
 const log = logger("station");
 
@@ -55,7 +61,7 @@ export const USAGE = `usage: ipsan station --data DIR [--http HOST:PORT] [--disc
                      [--snmp HOST:PORT] [--snmp-community NAME] [--host-failover-after DURATION]
                      [--pending-deadline-ms MS] [--reconcile-interval-ms MS] [--host-offline-after-ms MS]
                      [--replace-after DURATION] [--stats-interval DURATION] [--tls-cert FILE --tls-key FILE]
-                     [--console-dir DIR]
+                     [--console-dir DIR] [--etcd ENDPOINTS [--advertise-url URL] [--leader-lease DURATION]]
        ipsan station backup|restore|rotate-cluster-key ...
 
   --data DIR             station state: admin.token, cluster.key, host-keys.secret, station.db, audit.log (created on first start)
@@ -75,6 +81,13 @@ ${HOST_FAILOVER_AFTER_USAGE}
   --tls-key FILE         the certificate's private key (PEM)
   --console-dir DIR      serve the web console from DIR (index.html, assets/) at / without a token
                          (default: dist/console of this installation, built by npm run build:console)
+  --etcd ENDPOINTS       several stations: keep the state in this etcd cluster (comma-separated client
+                         URLs, as etcdctl --endpoints); one station leads, the others forward to it
+                         (docs/OPERATIONS.md "Several stations"); DATA/station.db is then a local copy
+  --advertise-url URL    with --etcd: this station's API URL as the others reach it (default: the --http address)
+  --leader-lease DURATION
+                         with --etcd: the leader's etcd lease, whole seconds (default ${LEADER_LEASE_MS_DEFAULT / 1000}s):
+                         a dead leader is replaced within about this long
 
 subcommands (each reads the data directory itself):
   backup DEST --data DIR              a consistent copy of the station's state into the new directory DEST,
@@ -149,6 +162,9 @@ export async function stationMain(argv: readonly string[]): Promise<number> {
       "tls-cert": { type: "string" },
       "tls-key": { type: "string" },
       "console-dir": { type: "string" },
+      etcd: { type: "string" },
+      "advertise-url": { type: "string" },
+      "leader-lease": { type: "string" },
       help: { type: "boolean" },
     },
     true,
@@ -177,20 +193,126 @@ export async function stationMain(argv: readonly string[]): Promise<number> {
   const tls = await readTls(values["tls-cert"], values["tls-key"]);
   const dataDir = resolve(values.data);
   await fs.mkdir(dataDir, { recursive: true, mode: 0o700 });
+  // Several stations (issue 11): the state is in etcd; the secrets too, the first station's.
+  const etcd = values.etcd === undefined ? null : new EtcdState(parseEndpoints(values.etcd));
+  if (etcd === null && (values["advertise-url"] !== undefined || values["leader-lease"] !== undefined)) {
+    throw new UsageError("--advertise-url and --leader-lease go with --etcd (several stations)");
+  }
+  if (etcd !== null && tls !== undefined) {
+    etcd.close();
+    throw new UsageError("--etcd with --tls-cert is not supported yet: stations forward requests to the leader over plain HTTP (docs/OPERATIONS.md \"Several stations\")");
+  }
+  const advertise = values["advertise-url"];
+  if (advertise !== undefined && !/^http:\/\/[^/\s]+(:[0-9]{1,5})?\/?$/.test(advertise)) throw new UsageError(`--advertise-url: "${advertise}" is not http://HOST:PORT`);
+  const leaderLease = values["leader-lease"] === undefined ? LEADER_LEASE_MS_DEFAULT : parseDuration(values["leader-lease"], "--leader-lease");
+  if (leaderLease < LEADER_LEASE_MS_MIN || leaderLease > LEADER_LEASE_MS_MAX || leaderLease % 1000 !== 0) {
+    throw new UsageError(`--leader-lease: whole seconds from ${LEADER_LEASE_MS_MIN / 1000}s to ${LEADER_LEASE_MS_MAX / 1000}s (etcd leases count seconds)`);
+  }
+  if (etcd !== null) {
+    try {
+      await shareSecrets(etcd, dataDir);
+    } catch (error) {
+      etcd.close();
+      throw new IpsanError("UNAVAILABLE", `--etcd ${values.etcd}: cannot read or store the cluster's secrets: ${errorMessage(error)}`, { cause: error });
+    }
+  }
   const adminToken = await loadOrCreateAdminToken(join(dataDir, ADMIN_TOKEN_FILE_NAME));
   const clusterKey = await loadOrCreateClusterKey(join(dataDir, CLUSTER_KEY_FILE_NAME));
   const hostKeySecret = await loadOrCreateHostKeySecret(join(dataDir, HOST_KEYS_SECRET_FILE_NAME));
   const databasePath = join(dataDir, DATABASE_FILE_NAME);
+  const proper: ProperOptions = {
+    dataDir,
+    adminToken,
+    clusterKey,
+    hostKeySecret,
+    discovery,
+    snmp,
+    community,
+    options,
+    replaceAfterMs,
+    statsIntervalMs,
+    tls,
+    consoleDir: values["console-dir"] === undefined ? undefined : resolve(values["console-dir"]),
+  };
+  if (etcd !== null) return runCluster(proper, etcd, http, databasePath, values["advertise-url"], leaderLease);
+
   const db = openDatabase(databasePath, { checkpointInWorker: true });
-  const store = new StationStore(db);
-  const tokens = new TokenStore(db, adminToken);
-  const audit = await AuditLog.open(join(dataDir, AUDIT_FILE_NAME));
   const checkpointer = startCheckpointer(databasePath, (message) => log.limited("checkpoint", "WAL checkpoint failed", { error: message }));
+  let running: StationProper;
+  try {
+    running = await startProper(db, proper, { http });
+  } catch (error) {
+    await checkpointer.stop();
+    db.close();
+    throw error;
+  }
+  await untilSignal();
+  await running.close();
+  await checkpointer.stop();
+  db.close();
+  log.info("stopped");
+  return 0;
+}
+
+/** Resolves at SIGINT or SIGTERM. */
+function untilSignal(): Promise<void> {
+  return new Promise<void>((resolveStop) => {
+    const stop = (signal: string): void => {
+      log.info("stopping", { signal });
+      process.off("SIGINT", onInt);
+      process.off("SIGTERM", onTerm);
+      resolveStop();
+    };
+    const onInt = (): void => stop("SIGINT");
+    const onTerm = (): void => stop("SIGTERM");
+    process.on("SIGINT", onInt);
+    process.on("SIGTERM", onTerm);
+  });
+}
+
+/** What the station proper needs besides its database. */
+interface ProperOptions {
+  readonly dataDir: string;
+  readonly adminToken: string;
+  readonly clusterKey: Awaited<ReturnType<typeof loadOrCreateClusterKey>>;
+  readonly hostKeySecret: Awaited<ReturnType<typeof loadOrCreateHostKeySecret>>;
+  readonly discovery: { host: string; port: number };
+  readonly snmp: { host: string; port: number } | null;
+  readonly community: string;
+  readonly options: { hostFailoverAfterMs: number; pendingDeadlineMs: number; reconcileIntervalMs: number; hostOfflineAfterMs: number };
+  readonly replaceAfterMs: number;
+  readonly statsIntervalMs: number;
+  readonly tls: { cert: Buffer; key: Buffer } | undefined;
+  readonly consoleDir: string | undefined;
+}
+
+/** The station proper, running. */
+interface StationProper {
+  readonly api: ApiServer;
+  /** Where the API listens (a single station; several stations: their front server). */
+  readonly httpAddress: { address: string; port: number } | null;
+  close(): Promise<void>;
+}
+
+/**
+ * Starts the station proper on `db`: store, tokens, audit log, unit identities,
+ * the discovery (and SNMP) listener, reconcile, tasks, statistics, leg
+ * replacement and the API, listening on `listen.http` or (several stations)
+ * answering through the cluster's front server. Prints the discovery line.
+ */
+async function startProper(
+  db: Db,
+  o: ProperOptions,
+  listen: { http: { host: string; port: number } } | { cluster: NonNullable<ApiServerOptions["cluster"]> },
+): Promise<StationProper> {
+  const store = new StationStore(db);
+  const tokens = new TokenStore(db, o.adminToken);
+  const audit = await AuditLog.open(join(o.dataDir, AUDIT_FILE_NAME));
   const metrics = new StationMetrics();
   // Unit identities (issue 7): enrolled units' ids and own secrets, in the database (migration 8).
   const identities = new UnitIdentities({ persistence: identityPersistence(store.database) });
-  const listener = new DiscoveryListener({ clusterKey, identities });
-  const station = new Station(store, metrics, { clusterKey, hostKeySecret, ...options, unitIdentities: { identities, rotate: (unit) => listener.rotateSecret(unit) } });
+  const listener = new DiscoveryListener({ clusterKey: o.clusterKey, identities });
+  const station = new Station(store, metrics, { clusterKey: o.clusterKey, hostKeySecret: o.hostKeySecret, ...o.options, unitIdentities: { identities, rotate: (unit) => listener.rotateSecret(unit) } });
   listener.subscribe((event) => {
     switch (event.kind) {
       case "unit_identity":
@@ -215,17 +337,18 @@ export async function stationMain(argv: readonly string[]): Promise<number> {
         return; // a state event follows a startup; rejections are counted by the listener
     }
   });
-  const snmpListener = snmp === null ? null : await startSnmp(listener, clusterKey, community, snmp);
+  let snmpListener: SnmpHandle | null = null;
   // Tasks (migration 10): those a restart interrupted are finished as failed here, saying what reconcile does.
   const tasks = new StationTasks(station, { wipeChunkBytes: wipeChunkBytesFrom(process.env) });
-  const stats = new StationStats(stationStatsSource(station), { clock: realClock, pollIntervalMs: statsIntervalMs });
+  const stats = new StationStats(stationStatsSource(station), { clock: realClock, pollIntervalMs: o.statsIntervalMs });
   const api = new ApiServer({
     station,
     tokens,
     audit,
     tasks,
-    ...(tls === undefined ? {} : { tls }),
-    ...(values["console-dir"] === undefined ? {} : { consoleDir: resolve(values["console-dir"]) }),
+    ...(o.tls === undefined ? {} : { tls: o.tls }),
+    ...(o.consoleDir === undefined ? {} : { consoleDir: o.consoleDir }),
+    ...("cluster" in listen ? { cluster: listen.cluster } : {}),
     stats,
     extraMetrics: () =>
       listener.metricsText() +
@@ -234,64 +357,144 @@ export async function stationMain(argv: readonly string[]): Promise<number> {
       renderGauge("ipsan_station_stats_series_bytes", "Memory held by the I/O and capacity series", [[{}, stats.seriesBytes()]]),
   });
 
-  let httpAddress;
+  let httpAddress: { address: string; port: number } | null = null;
   let udpAddress;
   try {
-    httpAddress = await api.listen(http.host, http.port);
-    udpAddress = await listener.listen(discovery);
+    if ("http" in listen) httpAddress = await api.listen(listen.http.host, listen.http.port);
+    else await api.ready();
+    udpAddress = await listener.listen(o.discovery);
+    snmpListener = o.snmp === null ? null : await startSnmp(listener, o.clusterKey, o.community, o.snmp);
   } catch (error) {
     await api.close().catch(() => undefined);
     await listener.close().catch(() => undefined);
     await snmpListener?.close().catch(() => undefined);
-    await checkpointer.stop();
     await audit.close();
-    store.close();
     throw new IpsanError("UNAVAILABLE", `cannot listen: ${errorMessage(error)}`, { cause: error });
   }
   station.start();
   stats.start();
-  const replacer = new LegReplacer(station, { replaceAfterMs });
+  const replacer = new LegReplacer(station, { replaceAfterMs: o.replaceAfterMs });
   replacer.start();
   const lastSeenTimer = setInterval(() => {
     for (const unit of listener.units()) store.setUnitLastSeen(unit.name, unit.lastSeenMs);
   }, LAST_SEEN_SYNC_MS);
   lastSeenTimer.unref();
 
-  process.stdout.write(`ipsan station ready ${tls === undefined ? "http" : "https"}://${urlHost(httpAddress.address)}:${httpAddress.port}\n`);
+  if (httpAddress !== null) process.stdout.write(`ipsan station ready ${o.tls === undefined ? "http" : "https"}://${urlHost(httpAddress.address)}:${httpAddress.port}\n`);
   process.stdout.write(`ipsan station discovery udp://${urlHost(udpAddress.host)}:${udpAddress.port}\n`);
   if (snmpListener !== null) process.stdout.write(`ipsan station snmp udp://${urlHost(snmpListener.address.host)}:${snmpListener.address.port}\n`);
   log.info("station ready", {
-    data: dataDir,
-    http: `${httpAddress.address}:${httpAddress.port}`,
+    data: o.dataDir,
+    ...(httpAddress === null ? {} : { http: `${httpAddress.address}:${httpAddress.port}` }),
     units: store.units.size,
     volumes: store.volumeCount,
     assignments: store.live.size,
   });
+  return {
+    api,
+    httpAddress,
+    async close() {
+      clearInterval(lastSeenTimer);
+      await api.close();
+      await listener.close();
+      await snmpListener?.close();
+      await replacer.stop();
+      await stats.stop();
+      await station.stop();
+      await audit.close();
+    },
+  };
+}
 
-  await new Promise<void>((resolveStop) => {
-    const stop = (signal: string): void => {
-      log.info("stopping", { signal });
-      process.off("SIGINT", onInt);
-      process.off("SIGTERM", onTerm);
-      resolveStop();
-    };
-    const onInt = (): void => stop("SIGINT");
-    const onTerm = (): void => stop("SIGTERM");
-    process.on("SIGINT", onInt);
-    process.on("SIGTERM", onTerm);
+/**
+ * Several stations on etcd (issue 11, ADR 0017): the shared secrets come from
+ * etcd, the front server answers on --http at once, and the station proper
+ * runs only while this station leads (src/station/cluster/node.ts).
+ */
+async function runCluster(
+  o: ProperOptions,
+  etcd: EtcdState,
+  http: { host: string; port: number },
+  databasePath: string,
+  advertiseUrl: string | undefined,
+  leaseMs: number,
+): Promise<number> {
+  const forwardSecret = await etcd.sharedSecret("forward.secret", () => Buffer.from(randomBytes(32).toString("hex")));
+  let node: ClusterNode | null = null;
+  const front = new FrontServer({
+    tls: o.tls,
+    forwardSecret,
+    leaderHandler: () => node?.handler() ?? null,
+    status: () => ({ leaderUrl: node?.leader?.url ?? null, problem: node?.lastProblem ?? null, role: node?.role ?? "starting" }),
+    ownUrl: () => url,
   });
-  clearInterval(lastSeenTimer);
-  await api.close();
-  await listener.close();
-  await snmpListener?.close();
-  await replacer.stop();
-  await stats.stop();
-  await station.stop();
-  await checkpointer.stop();
-  await audit.close();
-  store.close();
+  let url = "";
+  let address;
+  try {
+    address = await front.listen(http.host, http.port);
+  } catch (error) {
+    etcd.close();
+    throw new IpsanError("UNAVAILABLE", `cannot listen: ${errorMessage(error)}`, { cause: error });
+  }
+  url = advertiseUrl ?? `${o.tls === undefined ? "http" : "https"}://${urlHost(address.address)}:${address.port}`;
+  node = new ClusterNode({
+    etcd,
+    dbPath: databasePath,
+    url,
+    leaseMs,
+    startServices: async (db, durable) => {
+      const running = await startProper(db, o, {
+        cluster: { durable, forwardSecret, health: () => ({ leader: node?.leading === true, leaderUrl: node?.leader?.url ?? null }) },
+      });
+      return { handle: (req, res) => running.api.handle(req, res), close: () => running.close() };
+    },
+  });
+  process.stdout.write(`ipsan station ready ${url}\n`);
+  try {
+    await node.start();
+  } catch (error) {
+    await front.close();
+    etcd.close();
+    throw error;
+  }
+  log.info("station in a cluster", { url, etcd: etcd.endpoints.join(","), id: node.id });
+  await untilSignal();
+  await node.stop();
+  await front.close();
+  etcd.close();
   log.info("stopped");
   return 0;
+}
+
+/**
+ * Several stations share one admin token, cluster key and host key secret:
+ * etcd's copy wins; the first station stores its own (created as usual if
+ * missing). The files in DATA are then written from etcd's copy.
+ */
+async function shareSecrets(etcd: EtcdState, dataDir: string): Promise<void> {
+  const files: [string, (path: string) => Promise<unknown>][] = [
+    [ADMIN_TOKEN_FILE_NAME, loadOrCreateAdminToken],
+    [CLUSTER_KEY_FILE_NAME, loadOrCreateClusterKey],
+    [HOST_KEYS_SECRET_FILE_NAME, loadOrCreateHostKeySecret],
+  ];
+  for (const [name, create] of files) {
+    const path = join(dataDir, name);
+    const existed = await fs.stat(path).then(() => true, () => false);
+    const stored = existed ? null : await etcd.secret(name);
+    if (stored !== null) await writeSecretFile(path, stored);
+    await create(path);
+    const local = await fs.readFile(path);
+    const shared = await etcd.sharedSecret(name, () => local);
+    if (!shared.equals(local)) {
+      log.warn("replacing a local secret with the cluster's (etcd's) copy", { file: path });
+      await writeSecretFile(path, shared);
+    }
+  }
+}
+
+async function writeSecretFile(path: string, bytes: Buffer): Promise<void> {
+  await fs.writeFile(`${path}.tmp`, bytes, { mode: 0o600 });
+  await fs.rename(`${path}.tmp`, path);
 }
 
 /** Station event actions (type "unit") for the discovery listener's identity events. */

@@ -68,6 +68,8 @@ export interface Api {
   readonly tasks: StationTasks;
   /** How long a route waits for its task before answering 202 (TASK_WAIT_MS). */
   readonly taskWaitMs: number;
+  /** Several stations (issue 11): who leads, for GET /api/v1/health; undefined for a single station. */
+  readonly clusterHealth: (() => { leader: boolean; leaderUrl: string | null }) | undefined;
   add(spec: RouteSpec): void;
   /** A state-changing route's answer: its task's (src/station/tasks/answer.ts), honouring Prefer: respond-async. */
   answerTask(ctx: Context, task: TaskRecord): Promise<Answer>;

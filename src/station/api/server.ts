@@ -18,7 +18,8 @@
 // sockets, header/request/keep-alive timeouts, SSE_SUBSCRIBERS_MAX event
 // streams, each with a bounded send buffer.
 
-import { STATUS_CODES, type IncomingMessage } from "node:http";
+import { timingSafeEqual } from "node:crypto";
+import { STATUS_CODES, createServer, type IncomingMessage, type ServerResponse } from "node:http";
 import type { AddressInfo, Socket } from "node:net";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -87,9 +88,34 @@ export interface ApiServerOptions {
   readonly taskWaitMs?: number;
   /** I/O and capacity series (src/station/stats/); absent: empty series. */
   readonly stats?: StationStats;
+  /**
+   * Several stations (issue 11, src/station/cluster/): no listening socket of its
+   * own (the cluster's front server hands requests to handle()); every answer
+   * waits for `durable()` (the changes so far are in etcd); a request forwarded
+   * by another station with the cluster's forward secret names its caller in
+   * FORWARDED_FOR_HEADER; health says who leads.
+   */
+  readonly cluster?: {
+    readonly durable: () => Promise<void>;
+    readonly forwardSecret: Buffer;
+    readonly health: () => { leader: boolean; leaderUrl: string | null };
+  };
 }
 
-function callerAddressOf(req: IncomingMessage): string {
+/** The header a follower station sets to the caller's address when it forwards a request to the leader. */
+export const FORWARDED_FOR_HEADER = "ipsan-forwarded-for";
+/** The header carrying the cluster's forward secret (shared through etcd) with a forwarded request. */
+export const FORWARD_SECRET_HEADER = "ipsan-forward-secret";
+
+function callerAddressOf(req: IncomingMessage, forwardSecret?: Buffer): string {
+  if (forwardSecret !== undefined) {
+    const secret = req.headers[FORWARD_SECRET_HEADER];
+    const forwarded = req.headers[FORWARDED_FOR_HEADER];
+    if (typeof secret === "string" && typeof forwarded === "string" && forwarded.length <= 64) {
+      const given = Buffer.from(secret, "utf8");
+      if (given.length === forwardSecret.length && timingSafeEqual(given, forwardSecret)) return forwarded.replace(/^::ffff:/, "");
+    }
+  }
   return (req.socket.remoteAddress ?? "").replace(/^::ffff:/, "");
 }
 
@@ -112,6 +138,7 @@ export class ApiServer {
   private readonly routes = new Map<string, { spec: RouteSpec; names: string[]; pattern: RegExp }>();
   private readonly principals = new WeakMap<FastifyRequest, Principal>();
   private closing = false;
+  private readonly cluster: ApiServerOptions["cluster"];
 
   constructor(options: ApiServerOptions) {
     this.station = options.station;
@@ -135,7 +162,10 @@ export class ApiServer {
         else socket.destroy();
       },
       ...(options.tls === undefined ? {} : { https: { cert: options.tls.cert, key: options.tls.key } }),
+      // Several stations: the cluster's front server owns the socket and calls handle().
+      ...(options.cluster === undefined ? {} : { serverFactory: (handler: (req: IncomingMessage, res: ServerResponse) => void) => createServer(handler) }),
     }) as unknown as FastifyInstance;
+    this.cluster = options.cluster;
     this.app = app;
     app.server.headersTimeout = HTTP_HEADERS_TIMEOUT_MS;
     app.server.maxConnections = HTTP_CONNECTIONS_MAX;
@@ -220,6 +250,7 @@ export class ApiServer {
       tasks: options.tasks ?? new StationTasks(options.station),
       taskWaitMs: options.taskWaitMs ?? TASK_WAIT_MS,
       add: (spec) => this.add(spec),
+      clusterHealth: options.cluster?.health,
       answerTask: (ctx, task) => answerTask(this.api.tasks.runner, task, ctx.request.headers.prefer, this.api.taskWaitMs),
     };
     const stats = options.stats ?? idleStats();
@@ -239,6 +270,16 @@ export class ApiServer {
   async listen(host: string, port: number): Promise<AddressInfo> {
     await this.app.listen({ host, port });
     return this.app.server.address() as AddressInfo;
+  }
+
+  /** Several stations: the routes are ready; then handle() answers requests the front server hands over. */
+  async ready(): Promise<void> {
+    await this.app.ready();
+  }
+
+  /** Answers one request (several stations: the cluster's front server owns the socket). */
+  handle(req: IncomingMessage, res: ServerResponse): void {
+    (this.app as unknown as { routing: (req: IncomingMessage, res: ServerResponse) => void }).routing(req, res);
   }
 
   async close(): Promise<void> {
@@ -291,10 +332,12 @@ export class ApiServer {
           params: this.paramsOf(request),
           query: this.queryOf(request),
           body: request.body ?? {},
-          callerAddress: callerAddressOf(request.raw),
+          callerAddress: callerAddressOf(request.raw, this.cluster?.forwardSecret),
           principal: this.principals.get(request) ?? ANONYMOUS,
         };
         const answer = await spec.handler(ctx);
+        // Several stations: the answer leaves once every change made so far is in etcd.
+        if (this.cluster !== undefined) await this.cluster.durable();
         if (answer === null) return reply;
         await this.record(request, answer.status);
         reply.code(answer.status);
@@ -353,7 +396,7 @@ export class ApiServer {
       params: this.paramsOf(request),
       query: this.queryOf(request),
       body: request.body,
-      callerAddress: callerAddressOf(request.raw),
+      callerAddress: callerAddressOf(request.raw, this.cluster?.forwardSecret),
       assignmentHost: (id) => store.getAssignment(id)?.host,
       hostAddress: (name) => store.hosts.get(name)?.address,
       taskStarter: (id) => this.api.tasks.runner.get(id)?.startedBy,
@@ -372,7 +415,7 @@ export class ApiServer {
     const action = route === undefined ? `${method} ${(request.url.split("?")[0] ?? "/").slice(0, 200)}` : `${route.spec.method} ${route.spec.url}`;
     const params = route === undefined ? [] : this.paramsOf(request);
     const ids = Object.fromEntries((route?.names ?? []).map((name, i) => [name, (params[i] ?? "").slice(0, 200)]));
-    await this.audit.append({ actor: principal?.name ?? "-", role: principal?.role ?? "-", action, ids, from: callerAddressOf(request.raw), status });
+    await this.audit.append({ actor: principal?.name ?? "-", role: principal?.role ?? "-", action, ids, from: callerAddressOf(request.raw, this.cluster?.forwardSecret), status });
   }
 
   /** The one error path: the status from the catalogue, the audit line, the body. */

@@ -36,6 +36,8 @@ export function systemRoutes(api: Api, openApiDocument: () => unknown): void {
             units: Type.Integer(),
             volumes: Type.Integer(),
             assignments: Type.Integer(),
+            leader: Type.Optional(Type.Boolean({ description: "several stations (--etcd): whether this station leads; absent for a single station" })),
+            leaderUrl: Type.Optional(Type.Union([Type.String(), Type.Null()], { description: "several stations: the leading station's API URL (null while none leads)" })),
           },
           { additionalProperties: true, description: "the station answers; the pool is ok or degraded (a unit not online, a host offline with assignments, an assignment not served or degraded)" },
         ),
@@ -44,7 +46,10 @@ export function systemRoutes(api: Api, openApiDocument: () => unknown): void {
     },
     handler: () => {
       const health = poolHealth(store, (host) => station.hostStateOf(host.name));
-      return { status: 200, body: { ...health, version: VERSION, units: store.units.size, volumes: store.volumeCount, assignments: store.live.size } };
+      return {
+        status: 200,
+        body: { ...health, version: VERSION, units: store.units.size, volumes: store.volumeCount, assignments: store.live.size, ...(api.clusterHealth?.() ?? {}) },
+      };
     },
   });
   // Who the caller is (the console disables what its role may not do; docs/console.md).
