@@ -6,6 +6,7 @@
 
 import { spawn, type ChildProcess } from "node:child_process";
 import { existsSync } from "node:fs";
+import { createSocket } from "node:dgram";
 import { createServer, connect } from "node:net";
 import { childEnv, formatCommand, sleep, waitForExit } from "./process.ts";
 import { killOnExit } from "./unit.ts";
@@ -112,6 +113,18 @@ export function freeTcpPort(host = "127.0.0.1"): Promise<number> {
       const address = server.address();
       const port = typeof address === "object" && address !== null ? address.port : 0;
       server.close(() => (port > 0 ? resolve(port) : reject(new Error("no port from the OS"))));
+    });
+  });
+}
+
+/** A UDP port that was free on `host` a moment ago (as freeTcpPort): a station's discovery address that units are given before it binds. */
+export function freeUdpPort(host = "127.0.0.1"): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const socket = createSocket(host.includes(":") ? "udp6" : "udp4");
+    socket.once("error", reject);
+    socket.bind({ address: host, port: 0, exclusive: true }, () => {
+      const port = socket.address().port;
+      socket.close(() => (port > 0 ? resolve(port) : reject(new Error("no port from the OS"))));
     });
   });
 }
