@@ -62,7 +62,7 @@ export const USAGE = `usage: ipsan station --data DIR [--http HOST:PORT] [--disc
                      [--pending-deadline-ms MS] [--reconcile-interval-ms MS] [--host-offline-after-ms MS]
                      [--replace-after DURATION] [--stats-interval DURATION] [--tls-cert FILE --tls-key FILE]
                      [--console-dir DIR] [--etcd ENDPOINTS [--advertise-url URL] [--leader-lease DURATION]]
-       ipsan station backup|restore|rotate-cluster-key ...
+       ipsan station backup|restore|rotate-cluster-key|migrate ...
 
   --data DIR             station state: admin.token, cluster.key, host-keys.secret, station.db, audit.log (created on first start)
   --http HOST:PORT       REST API (default ${DEFAULT_HTTP}; port 0 picks a free port)
@@ -94,6 +94,10 @@ subcommands (each reads the data directory itself):
                                       while the station runs (SQLite online backup; ADR 0016)
   restore BACKUP --data DIR [--force] check a backup and write it into an empty DIR (--force: replace)
   rotate-cluster-key --data DIR       a new cluster key for units that have not enrolled yet
+  migrate --from-sqlite DIR --etcd ENDPOINTS
+                                      a single station's state into an empty etcd (then run several stations on it)
+  migrate --from-etcd ENDPOINTS --to-sqlite DIR [--force]
+                                      the stations' state from etcd back into a single station's data directory
 `;
 
 /** Reads --tls-cert and --tls-key (both or neither); a PEM file is at most 1 MiB. */
@@ -145,6 +149,8 @@ export async function stationMain(argv: readonly string[]): Promise<number> {
   // ipsan station backup DEST --data DIR / restore BACKUP --data DIR (issue 9, ADR 0016): src/station/backup.ts
   if (argv[0] === "backup") return (await import("./backup.ts")).backupMain(argv.slice(1));
   if (argv[0] === "restore") return (await import("./backup.ts")).restoreMain(argv.slice(1));
+  // ipsan station migrate --from-sqlite DIR --etcd ENDPOINTS / --from-etcd ENDPOINTS --to-sqlite DIR (issue 11): src/station/cluster/migrate.ts
+  if (argv[0] === "migrate") return (await import("./cluster/migrate.ts")).migrateMain(argv.slice(1));
   const { values, positionals } = parseFlags(
     argv,
     {

@@ -161,53 +161,27 @@ export class ClusterNode {
   private async rebuild(): Promise<void> {
     this.db?.close();
     this.db = null;
-    for (const suffix of ["", "-wal", "-shm"]) await fs.rm(this.options.dbPath + suffix, { force: true });
     for (let attempt = 1; ; attempt++) {
       try {
-        const manifest = await this.etcd.snapshotManifest();
-        if (manifest !== null) {
-          if (manifest.schema !== SCHEMA_VERSION) {
-            throw new IpsanError(
-              "CONFLICT",
-              `etcd holds the station database at schema ${manifest.schema}; this ipsan has schema ${SCHEMA_VERSION}: every station of a cluster runs the same ipsan version (docs/OPERATIONS.md "Several stations": upgrading)`,
-            );
-          }
-          await fs.writeFile(this.options.dbPath, await this.etcd.snapshotImage(manifest));
-        }
-        this.db = openDatabase(this.options.dbPath);
-        if (schemaVersion(this.db) !== SCHEMA_VERSION) throw new IpsanError("CONFLICT", "the snapshot's schema changed when opened");
-        this.lastSnapshotSeq = manifest?.seq ?? 0;
-        await this.catchUp();
+        const { db, snapshotSeq } = await buildLocalCopy(this.etcd, this.options.dbPath);
+        this.db = db;
+        this.lastSnapshotSeq = snapshotSeq;
         return;
       } catch (error) {
-        this.db?.close();
-        this.db = null;
         if (error instanceof IpsanError && error.code === "CONFLICT" && /schema/.test(error.message)) throw error;
         this.lastProblem = `cannot rebuild the station database from etcd: ${errorMessage(error)}`;
         log.limited("rebuild", "cannot rebuild the station database from etcd; retrying", { attempt, error: errorMessage(error) });
-        for (const suffix of ["", "-wal", "-shm"]) await fs.rm(this.options.dbPath + suffix, { force: true });
         if (this.stopped) throw error;
         await delay(Math.min(2_000, 100 * attempt));
       }
     }
   }
 
-  /** Applies every entry etcd has after the copy's own (one at a time; callers share the run). */
+  /** Applies every entry etcd has after the copy's own (one run at a time; callers share it). */
   private catchUp(): Promise<void> {
     this.catchingUp ??= (async () => {
       try {
-        const db = this.db;
-        if (db === null) return;
-        for (;;) {
-          const entries = await this.etcd.entriesAfter(appliedSeq(db));
-          if (entries.length === 0) return;
-          for (const entry of entries) {
-            if (entry.schema !== SCHEMA_VERSION) {
-              throw new IpsanError("CONFLICT", `log entry ${entry.seq} was written by a station with schema ${entry.schema} (this one: ${SCHEMA_VERSION}): run the same ipsan version on every station`);
-            }
-            applyEntry(db, entry.seq, entry.statements);
-          }
-        }
+        if (this.db !== null) await applyLog(this.etcd, this.db);
       } finally {
         this.catchingUp = null;
       }
@@ -431,6 +405,51 @@ export class ClusterNode {
     } finally {
       this.role = "follower";
       this.wakeFollower?.();
+    }
+  }
+}
+
+/**
+ * Builds a copy of the station database at `path` from etcd (anything there
+ * is removed first): the newest snapshot, then every log entry after it.
+ * Refuses a snapshot or entry of another schema.
+ */
+export async function buildLocalCopy(etcd: EtcdState, path: string): Promise<{ db: Db; snapshotSeq: number }> {
+  for (const suffix of ["", "-wal", "-shm"]) await fs.rm(path + suffix, { force: true });
+  let db: Db | null = null;
+  try {
+    const manifest = await etcd.snapshotManifest();
+    if (manifest !== null) {
+      if (manifest.schema !== SCHEMA_VERSION) {
+        throw new IpsanError(
+          "CONFLICT",
+          `etcd holds the station database at schema ${manifest.schema}; this ipsan has schema ${SCHEMA_VERSION}: every station of a cluster runs the same ipsan version (docs/OPERATIONS.md "Several stations": upgrading)`,
+        );
+      }
+      await fs.writeFile(path, await etcd.snapshotImage(manifest));
+    }
+    db = openDatabase(path);
+    if (schemaVersion(db) !== SCHEMA_VERSION) throw new IpsanError("CONFLICT", "the snapshot's schema changed when opened");
+    appliedSeq(db);
+    await applyLog(etcd, db);
+    return { db, snapshotSeq: manifest?.seq ?? 0 };
+  } catch (error) {
+    db?.close();
+    for (const suffix of ["", "-wal", "-shm"]) await fs.rm(path + suffix, { force: true });
+    throw error;
+  }
+}
+
+/** Applies every log entry after the copy's own, in order. */
+export async function applyLog(etcd: EtcdState, db: Db): Promise<void> {
+  for (;;) {
+    const entries = await etcd.entriesAfter(appliedSeq(db));
+    if (entries.length === 0) return;
+    for (const entry of entries) {
+      if (entry.schema !== SCHEMA_VERSION) {
+        throw new IpsanError("CONFLICT", `log entry ${entry.seq} was written by a station with schema ${entry.schema} (this one: ${SCHEMA_VERSION}): run the same ipsan version on every station`);
+      }
+      applyEntry(db, entry.seq, entry.statements);
     }
   }
 }
