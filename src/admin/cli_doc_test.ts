@@ -11,7 +11,7 @@ import { IPSAN_BIN, REPO_ROOT } from "../testing/unit.ts";
 
 /** One command of each flag set (subcommands of one family share theirs). */
 const COMMANDS = [
-  "unit", "unit volume list", "unit format", "station", "demo",
+  "unit", "unit volume list", "unit format", "station", "station migrate", "demo",
   "host register", "host request", "host attach", "host detach", "host release", "host agent", "host list", "host engine",
   "units", "units identity", "volumes", "hosts", "hosts register", "hosts token create", "hosts rotate-key", "assignments",
   "volume create", "tasks", "assign", "unassign", "tokens create", "audit list",

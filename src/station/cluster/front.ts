@@ -8,7 +8,9 @@
 //     the cluster's forward secret (shared through etcd) so that the leader
 //     believes it; the leader's answer (an event stream included) is relayed;
 //   - with no leader known: 503 UNAVAILABLE, saying why, and the client
-//     (src/host/station_client.ts) tries another station.
+//     (src/host/station_client.ts) tries another station; a forwarded
+//     request that fails after it may have reached the leader answers 502
+//     (not tried elsewhere blindly: it may have made its change).
 
 import { createServer, request as httpRequest, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import type { AddressInfo, Socket } from "node:net";
@@ -28,6 +30,8 @@ const log = logger("station-front");
 
 /** How long a forwarded request may wait for the leader to accept the connection and answer its headers. */
 export const FORWARD_HEADERS_TIMEOUT_MS = 30_000;
+/** Errors that mean the forwarded request never left this station. */
+const NOT_CONNECTED = new Set(["ECONNREFUSED", "EHOSTUNREACH", "ENETUNREACH", "ENOTFOUND", "EAI_AGAIN"]);
 /** Headers not passed on (hop by hop, and the forwarding headers a client might fake). */
 const HOP_HEADERS = new Set(["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "host", FORWARDED_FOR_HEADER, FORWARD_SECRET_HEADER]);
 
@@ -117,6 +121,11 @@ export class FrontServer {
     headers[FORWARDED_FOR_HEADER] = (req.socket.remoteAddress ?? "").replace(/^::ffff:/, "");
     headers[FORWARD_SECRET_HEADER] = this.options.forwardSecret.toString("utf8");
     const outgoing = httpRequest({ host: target.hostname.replace(/^\[|\]$/g, ""), port: target.port, path: target.pathname + target.search, method: req.method, headers });
+    let connected = false;
+    outgoing.on("socket", (socket: Socket) => {
+      if (!socket.connecting) connected = true;
+      else socket.once("connect", () => (connected = true));
+    });
     const timer = setTimeout(() => outgoing.destroy(new Error(`the leader did not answer within ${FORWARD_HEADERS_TIMEOUT_MS} ms`)), FORWARD_HEADERS_TIMEOUT_MS);
     outgoing.on("response", (incoming) => {
       clearTimeout(timer);
@@ -131,8 +140,15 @@ export class FrontServer {
     outgoing.on("error", (error) => {
       clearTimeout(timer);
       log.limited("forward", "cannot forward a request to the leader", { leader: leaderUrl, error: errorMessage(error) });
-      if (!res.headersSent) unavailable(res, `cannot reach the leading station ${leaderUrl}: ${errorMessage(error)}; retry, or call another station`);
-      else res.destroy();
+      if (res.headersSent) {
+        res.destroy();
+        return;
+      }
+      // 503 only when the request surely never reached the leader (clients then try another station);
+      // once it may have, 502: a change may have been made (retry with the same request id).
+      const code = (error as NodeJS.ErrnoException).code ?? "";
+      if (!connected || NOT_CONNECTED.has(code)) unavailable(res, `cannot reach the leading station ${leaderUrl}: ${errorMessage(error)}; retry, or call another station`);
+      else answer(res, 502, { error: { code: "UNAVAILABLE", message: `the leading station ${leaderUrl} did not answer (${errorMessage(error)}): the request may have reached it; retry with the same request id, or read back what it changed` } });
     });
     res.once("close", () => {
       if (!outgoing.writableFinished) outgoing.destroy();

@@ -14,35 +14,38 @@ import { startEtcdCluster, type EtcdCluster } from "../../testing/etcd.ts";
 import { freeUdpPort } from "../../testing/daemon.ts";
 import { run } from "../../testing/process.ts";
 import { makeTempDir, memoryTmpBase, type TempDir } from "../../testing/tmp.ts";
-import { IPSAN_BIN } from "../../testing/unit.ts";
+import { IPSAN_BIN, type RunningUnit } from "../../testing/unit.ts";
 import { startStation, type RunningStation } from "../harness.ts";
 import { startJoinedUnit } from "../pool_harness.ts";
 
 let etcd: EtcdCluster;
 let dirs: TempDir;
+let unit: RunningUnit | undefined;
 
 before(async () => {
   etcd = await startEtcdCluster({ members: 1, prefix: "migrate" });
   dirs = makeTempDir("migrate", memoryTmpBase());
 });
 after(async () => {
+  await unit?.close();
   await etcd?.stop();
   dirs?.remove();
 });
 
-/** The pool as the API answers it, without what changes by itself (liveness, times). */
+/** The pool as the API answers it, without what changes by itself (liveness, times), each list sorted (a listing's order is not kept across restarts). */
 async function pool(station: RunningStation): Promise<unknown> {
+  const sorted = (rows: unknown[][]): unknown[][] => rows.sort((a, b) => JSON.stringify(a).localeCompare(JSON.stringify(b)));
   const items = async (path: string): Promise<Record<string, unknown>[]> => {
     const response = await station.api("GET", path);
     assert.equal(response.status, 200, `${path}: ${response.text}`);
     return (response.body as { items: Record<string, unknown>[] }).items;
   };
   return {
-    assignments: (await items("/api/v1/assignments?all=true")).map((a) => [a["id"], a["requestId"], a["host"], a["unit"], a["volume"], a["sizeBytes"], a["state"]]),
-    volumes: (await items("/api/v1/volumes")).map((v) => [v["unit"], v["name"], v["sizeBytes"]]),
-    hosts: (await items("/api/v1/hosts")).map((h) => [h["name"], h["address"], h["spare"]]),
-    units: (await items("/api/v1/units")).map((u) => [u["name"], u["capacityBytes"]]),
-    tokens: (await items("/api/v1/tokens")).map((t) => [t["name"], t["role"]]),
+    assignments: sorted((await items("/api/v1/assignments?all=true")).map((a) => [a["id"], a["requestId"], a["host"], a["unit"], a["volume"], a["sizeBytes"], a["state"]])),
+    volumes: sorted((await items("/api/v1/volumes")).map((v) => [v["unit"], v["name"], v["sizeBytes"]])),
+    hosts: sorted((await items("/api/v1/hosts")).map((h) => [h["name"], h["address"], h["spare"]])),
+    units: sorted((await items("/api/v1/units")).map((u) => [u["name"], u["capacityBytes"]])),
+    tokens: sorted((await items("/api/v1/tokens")).map((t) => [t["name"], t["role"]])),
   };
 }
 
@@ -53,7 +56,7 @@ async function migrate(...args: string[]): Promise<{ code: number | null; out: s
 
 test("a single station's pool into etcd and back, identical; refusals change nothing", async () => {
   const single = await startStation({ dataDir: dirs.file("single"), keepData: true });
-  const unit = await startJoinedUnit(single, { name: "mu", capacity: "256M" });
+  unit = await startJoinedUnit(single, { name: "mu", capacity: "256M" });
   let before: unknown;
   try {
     for (const [i, address] of ["127.0.0.2", "127.0.0.3"].entries()) {
@@ -103,6 +106,5 @@ test("a single station's pool into etcd and back, identical; refusals change not
     assert.deepEqual(await pool(restored), during, "the single station started on the copy answers the pool, the change made on etcd included");
   } finally {
     await restored.stop();
-    await unit.close();
   }
 });
