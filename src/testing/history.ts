@@ -203,6 +203,12 @@ function describeOp(ops: readonly HistoryOp[], i: number): string {
   return `op #${i} (${op.kind}${request} by ${op.client} at ${op.station}, ${op.startMs}..${op.endMs} ms, ${op.outcome})`;
 }
 
+function pushTo<K, V>(map: Map<K, V[]>, key: K, value: V): void {
+  const list = map.get(key);
+  if (list === undefined) map.set(key, [value]);
+  else list.push(value);
+}
+
 function releaseTarget(op: HistoryOp): string | undefined {
   return op.kind === "release" ? (op.assignmentId ?? op.answer?.assignmentId) : undefined;
 }
@@ -232,20 +238,23 @@ export function checkHistory(ops: readonly HistoryOp[], final: readonly FinalAss
   ops.forEach((op, i) => {
     if ((op.kind === "allocate" || op.kind === "assign") && op.outcome === "ok") acked.push(i);
     const target = releaseTarget(op);
-    if (target !== undefined) releasesOf.set(target, [...(releasesOf.get(target) ?? []), i]);
+    if (target !== undefined) pushTo(releasesOf, target, i);
   });
   const ackedReleaseOf = (id: string): number | undefined => (releasesOf.get(id) ?? []).find((i) => ops[i]?.outcome === "ok");
-  /** A release of `id` that may have happened by `t` (ok or unknown, started before t). */
-  const releaseBy = (id: string, t: number): number | undefined =>
-    (releasesOf.get(id) ?? []).find((i) => {
-      const op = ops[i];
-      return op !== undefined && op.outcome !== "failed" && op.startMs < t;
-    });
+  const firstReleaseStart = new Map<string, number>(); // assignment id -> earliest start of an ok or unknown release
+  for (const [id, indexes] of releasesOf) {
+    for (const i of indexes) {
+      const op = ops[i] as HistoryOp;
+      if (op.outcome !== "failed") firstReleaseStart.set(id, Math.min(op.startMs, firstReleaseStart.get(id) ?? Number.POSITIVE_INFINITY));
+    }
+  }
+  /** A release of `id` may have happened by `t`: one that was ok or unknown started before t. */
+  const releasedBy = (id: string, t: number): boolean => (firstReleaseStart.get(id) ?? Number.POSITIVE_INFINITY) < t;
   const finalById = new Map<string, FinalAssignment[]>();
   const finalLiveByRequest = new Map<string, FinalAssignment[]>();
   for (const view of final) {
-    finalById.set(view.assignmentId, [...(finalById.get(view.assignmentId) ?? []), view]);
-    if (view.requestId !== undefined && live.has(view.state)) finalLiveByRequest.set(view.requestId, [...(finalLiveByRequest.get(view.requestId) ?? []), view]);
+    pushTo(finalById, view.assignmentId, view);
+    if (view.requestId !== undefined && live.has(view.state)) pushTo(finalLiveByRequest, view.requestId, view);
   }
 
   // (a) lost-write
@@ -261,7 +270,7 @@ export function checkHistory(ops: readonly HistoryOp[], final: readonly FinalAss
     checkedAllocation.add(`${id}\u0000${op.requestId ?? ""}`);
     if (ackedReleaseOf(id) !== undefined) continue; // the release's own check below
     // A release with an unknown outcome may have happened: then X may be released, or gone from a bounded history.
-    const mayBeReleased = releaseBy(id, Number.POSITIVE_INFINITY) !== undefined;
+    const mayBeReleased = firstReleaseStart.has(id);
     const views = finalById.get(id) ?? [];
     const [view] = views;
     if (view === undefined) {
@@ -313,7 +322,7 @@ export function checkHistory(ops: readonly HistoryOp[], final: readonly FinalAss
   });
   const answeredByVolume = new Map<string, number[]>();
   for (const i of acked) {
-    for (const key of volumesOf((ops[i] as HistoryOp).answer as AssignmentView)) answeredByVolume.set(key, [...(answeredByVolume.get(key) ?? []), i]);
+    for (const key of volumesOf((ops[i] as HistoryOp).answer as AssignmentView)) pushTo(answeredByVolume, key, i);
   }
   for (const [key, indexes] of answeredByVolume) {
     for (let x = 0; x < indexes.length; x++) {
@@ -323,7 +332,7 @@ export function checkHistory(ops: readonly HistoryOp[], final: readonly FinalAss
         const idA = (a.answer as AssignmentView).assignmentId;
         const idB = (b.answer as AssignmentView).assignmentId;
         if (idA === idB) continue;
-        if (releaseBy(idA, b.endMs) !== undefined || releaseBy(idB, a.endMs) !== undefined) continue;
+        if (releasedBy(idA, b.endMs) || releasedBy(idB, a.endMs)) continue;
         report(
           "double-assignment",
           `volume ${key} was given to assignment ${idA} by ${describeOp(ops, indexes[x] as number)} and to assignment ${idB} by ${describeOp(ops, indexes[y] as number)}, and neither was released in between`,
@@ -337,7 +346,7 @@ export function checkHistory(ops: readonly HistoryOp[], final: readonly FinalAss
   const answersByRequest = new Map<string, number[]>();
   for (const i of acked) {
     const requestId = (ops[i] as HistoryOp).requestId;
-    if (requestId !== undefined) answersByRequest.set(requestId, [...(answersByRequest.get(requestId) ?? []), i]);
+    if (requestId !== undefined) pushTo(answersByRequest, requestId, i);
   }
   for (const [requestId, indexes] of answersByRequest) {
     const ids = [...new Set(indexes.map((i) => ((ops[i] as HistoryOp).answer as AssignmentView).assignmentId))];
@@ -349,7 +358,7 @@ export function checkHistory(ops: readonly HistoryOp[], final: readonly FinalAss
   // (d) stale-read, per station: each read against every assignment seen settled by a read that ended before it started.
   const readsByStation = new Map<string, number[]>();
   ops.forEach((op, i) => {
-    if (op.kind === "read" && op.outcome === "ok") readsByStation.set(op.station, [...(readsByStation.get(op.station) ?? []), i]);
+    if (op.kind === "read" && op.outcome === "ok") pushTo(readsByStation, op.station, i);
   });
   for (const reads of readsByStation.values()) {
     const byEnd = [...reads].sort((x, y) => (ops[x] as HistoryOp).endMs - (ops[y] as HistoryOp).endMs);
@@ -367,7 +376,12 @@ export function checkHistory(ops: readonly HistoryOp[], final: readonly FinalAss
       }
       const ids2 = new Set((read2.seen ?? []).map((v) => v.assignmentId));
       for (const [id, { read: r1, view }] of seenSettled) {
-        if (ids2.has(id) || releaseBy(id, read2.endMs) !== undefined) continue;
+        // Released (maybe) before this read started: excused for this and every later-starting read.
+        if (releasedBy(id, read2.startMs)) {
+          seenSettled.delete(id);
+          continue;
+        }
+        if (ids2.has(id) || releasedBy(id, read2.endMs)) continue;
         report(
           "stale-read",
           `station ${read2.station}: ${describeOp(ops, r2)} does not list assignment ${id} (${volumesOf(view).join(", ")}), which the earlier ${describeOp(ops, r1)} on the same station saw ${view.state ?? "live"}; no release of it was acknowledged or in flight before the later read ended`,

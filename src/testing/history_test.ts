@@ -7,6 +7,7 @@
 
 import assert from "node:assert/strict";
 import { test } from "node:test";
+import { seededRandom } from "../util/random.ts";
 import { type AssignmentView, type FinalAssignment, type HistoryCheck, type HistoryOp, assertHistory, checkHistory, formatViolations } from "./history.ts";
 
 const S1 = "http://127.0.0.1:1001";
@@ -195,4 +196,123 @@ test("malformed histories are refused with a message naming the op and the field
   assert.throws(() => checkHistory(broken(7, { assignmentId: undefined }), final), /history op #7: a release must name the assignment released/);
   assert.throws(() => checkHistory(broken(5, { seen: undefined }), final), /history op #5: an ok read needs seen/);
   assert.throws(() => checkHistory(ops, [{ ...a1, state: "" }]), /final state \[0\]: state must be a non-empty string/);
+});
+
+// ---------------------------------------------------------------- a simulated run at scale
+
+/**
+ * A linearizable run of three stations, generated from a seed: every op has a
+ * commit instant inside [startMs, endMs] in one global order; followers read a
+ * snapshot that lags the leader but never goes back; "unknown" ops took effect
+ * or not (coin flip); "failed" ops did not. Such a run keeps every promise.
+ */
+function simulatedRun(seed: number, opsWanted: number): { ops: HistoryOp[]; final: FinalAssignment[] } {
+  const random = seededRandom(seed);
+  const pick = <T>(items: readonly T[]): T => items[Math.floor(random() * items.length)] as T;
+  const stations = [S1, S2, S3];
+  const clients = ["c1", "c2", "c3", "c4", "c5", "c6"];
+  const volumes: string[] = [];
+  for (let u = 1; u <= 4; u++) for (let v = 1; v <= 10; v++) volumes.push(`u${u}/v${v}`);
+  const all = new Map<string, { view: AssignmentView; requestId: string; state: string }>();
+  const byRequest = new Map<string, string>();
+  const held = new Set<string>();
+  const snapshots: AssignmentView[][] = [[]]; // the live set after each commit
+  const applied = new Map<string, number>(stations.map((s) => [s, 0]));
+  const pendingRetries: { client: string; requestId: string }[] = [];
+  const ops: HistoryOp[] = [];
+  let now = 0;
+  let nextId = 1;
+  let nextRequest = 1;
+  const commit = (): void => {
+    snapshots.push([...all.values()].filter((a) => a.state === "active").map((a) => ({ ...a.view, state: "active" })));
+  };
+  const timing = (): { startMs: number; endMs: number } => ({ startMs: now - Math.floor(random() * 30), endMs: now + Math.floor(random() * 30) });
+  while (ops.length < opsWanted) {
+    now += 1 + Math.floor(random() * 5);
+    const station = pick(stations);
+    const roll = random();
+    const outcome: HistoryOp["outcome"] = roll < 0.05 ? "unknown" : roll < 0.08 ? "failed" : "ok";
+    const applies = outcome === "ok" || (outcome === "unknown" && random() < 0.5);
+    const action = random();
+    if (action < 0.3 || pendingRetries.length > 0) {
+      // allocate (a retry of an unknown request first)
+      const retry = pendingRetries.shift();
+      const client = retry?.client ?? pick(clients);
+      const requestId = retry?.requestId ?? `r${nextRequest++}`;
+      let id = byRequest.get(requestId);
+      if (id === undefined && applies) {
+        const free = volumes.filter((v) => !held.has(v));
+        if (free.length === 0) continue;
+        const [unit, volume] = pick(free).split("/") as [string, string];
+        id = `a-${nextId++}`;
+        all.set(id, { view: { assignmentId: id, unit, volume }, requestId, state: "active" });
+        byRequest.set(requestId, id);
+        held.add(`${unit}/${volume}`);
+        commit();
+      }
+      const answer = outcome === "ok" && id !== undefined ? all.get(id)?.view : undefined;
+      ops.push({ client, station, kind: "allocate", requestId, outcome, ...timing(), ...(answer === undefined ? {} : { answer }) });
+      if (outcome !== "ok") pendingRetries.push({ client, requestId });
+    } else if (action < 0.5) {
+      const live = [...all.values()].filter((a) => a.state === "active");
+      if (live.length === 0) continue;
+      const target = pick(live);
+      if (applies) {
+        target.state = "released";
+        held.delete(`${target.view.unit}/${target.view.volume}`);
+        commit();
+      }
+      ops.push({ client: pick(clients), station, kind: "release", assignmentId: target.view.assignmentId, outcome, ...timing() });
+    } else {
+      // a read: the station's view moves forward by a random amount, never back
+      const latest = snapshots.length - 1;
+      const at = Math.min(latest, (applied.get(station) ?? 0) + Math.floor(random() * 4));
+      applied.set(station, at);
+      const readOutcome = outcome === "failed" ? "unknown" : outcome;
+      ops.push({ client: pick(clients), station, kind: "read", outcome: readOutcome, ...timing(), ...(readOutcome === "ok" ? { seen: snapshots[at] ?? [] } : {}) });
+    }
+  }
+  const final: FinalAssignment[] = [...all.values()].map((a) => ({ ...a.view, requestId: a.requestId, state: a.state }));
+  return { ops, final };
+}
+
+test("a simulated linearizable run of 10,000 ops passes, quickly, and losing one write or one read's entry is caught", () => {
+  const seed = Number(process.env["IPSAN_HISTORY_SEED"] ?? Date.now() % 1_000_000);
+  const { ops, final } = simulatedRun(seed, 10_000);
+  const startMs = performance.now();
+  const report = checkHistory(ops, final);
+  const tookMs = performance.now() - startMs;
+  process.stdout.write(`history checker: ${ops.length} ops, ${final.length} assignments checked in ${tookMs.toFixed(0)} ms (IPSAN_HISTORY_SEED=${seed})\n`);
+  assert.equal(report.violationsTotal, 0, `seed ${seed}:\n${formatViolations(report)}`);
+  assert.ok(report.counts.read.ok > 500 && report.counts.allocate.ok > 500 && report.counts.release.ok > 500, JSON.stringify(report.counts));
+  assert.ok(tookMs < 5_000, `checking took ${tookMs} ms`);
+
+  // One acknowledged, never-released assignment vanishes from the final state.
+  const releasedSomehow = new Set(ops.filter((o) => o.kind === "release" && o.outcome !== "failed").map((o) => o.assignmentId));
+  const kept = final.find((a) => a.state === "active" && !releasedSomehow.has(a.assignmentId) && ops.some((o) => o.outcome === "ok" && o.answer?.assignmentId === a.assignmentId));
+  assert.ok(kept !== undefined, `seed ${seed}: no assignment to drop`);
+  const lost = checkHistory(ops, final.filter((a) => a !== kept));
+  assert.deepEqual([...new Set(lost.violations.map((v) => v.check))], ["lost-write"], `seed ${seed}`);
+
+  // A read of a station forgets an assignment an earlier read there saw, and that no release had touched before it ended.
+  const releaseStarts = new Map<string, number>();
+  for (const o of ops) {
+    if (o.kind === "release" && o.outcome !== "failed" && o.assignmentId !== undefined) releaseStarts.set(o.assignmentId, Math.min(o.startMs, releaseStarts.get(o.assignmentId) ?? Infinity));
+  }
+  const reads = ops.map((o, i) => ({ o, i })).filter(({ o }) => o.kind === "read" && o.outcome === "ok" && o.station === S1);
+  let victim: { i: number; id: string } | undefined;
+  for (let r = reads.length - 1; r > 0 && victim === undefined; r--) {
+    const later = reads[r] as { o: HistoryOp; i: number };
+    const earlier = reads.slice(0, r).filter(({ o }) => o.endMs < later.o.startMs).at(-1);
+    const id = (earlier?.o.seen ?? [])
+      .map((a) => a.assignmentId)
+      .find((x) => (later.o.seen ?? []).some((a) => a.assignmentId === x) && (releaseStarts.get(x) ?? Infinity) >= later.o.endMs);
+    if (id !== undefined) victim = { i: later.i, id };
+  }
+  assert.ok(victim !== undefined, `seed ${seed}: no assignment to forget`);
+  const { i: forgetting, id: forgotten } = victim;
+  const stale = ops.map((o, i) => (i === forgetting ? { ...o, seen: (o.seen ?? []).filter((a) => a.assignmentId !== forgotten) } : o));
+  const staleReport = checkHistory(stale, final);
+  assert.deepEqual([...new Set(staleReport.violations.map((v) => v.check))], ["stale-read"], `seed ${seed}`);
+  assert.ok(staleReport.violations.every((v) => v.ops.includes(forgetting)));
 });
