@@ -70,6 +70,8 @@ export interface EtcdMember {
   readonly name: string;
   /** http://127.0.0.1:PORT: what clients call (etcdctl --endpoints, new Etcd3({hosts})). */
   readonly clientUrl: string;
+  /** The port of clientUrl (for a TCP proxy in front of this member). */
+  readonly clientPort: number;
   readonly peerUrl: string;
   readonly dataDir: string;
   /** The file holding this member's stdout and stderr, across restarts. */
@@ -226,6 +228,7 @@ function makeMember(spec: MemberSpec, all: readonly MemberSpec[], dir: TempDir, 
   const member: MemberInternal = {
     name: spec.name,
     clientUrl,
+    clientPort: spec.clientPort,
     peerUrl,
     dataDir,
     logFile,

@@ -113,7 +113,8 @@ describe("etcd test cluster (3 members)", () => {
 
   it("a client behind the proxy times out in a blackhole and works again after pass()", async () => {
     const member = cluster.members[0] as EtcdMember;
-    const proxy = await startTcpProxy({ targetPort: Number(new URL(member.clientUrl).port) });
+    assert.equal(member.clientUrl, `http://127.0.0.1:${member.clientPort}`);
+    const proxy = await startTcpProxy({ targetPort: member.clientPort });
     proxies.push(proxy);
     const behind = open(proxy.url());
     await behind.put("proxied").value("1");
