@@ -9,11 +9,11 @@
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
-import { createServer, connect, type Server, type Socket } from "node:net";
 import { join } from "node:path";
 import { type RunningEngine, logFields, startEngine } from "./engine.ts";
 import { describeResult, run, runOk, sleep } from "./process.ts";
 import type { TempDir } from "./tmp.ts";
+import { startTcpProxy } from "./tcp_proxy.ts";
 import { type RunningUnit, startUnit } from "./unit.ts";
 import { type EngineStatus, type LegEntry, readStatusFile } from "../host/legs.ts";
 import { METADATA_BYTES, regionBytesFor } from "../host/engine/metadata.ts";
@@ -38,39 +38,8 @@ export interface Relay {
 }
 
 export async function startRelay(targetPort: number): Promise<Relay> {
-  let sent = 0;
-  const sockets = new Set<Socket>();
-  const server: Server = createServer((client) => {
-    const upstream = connect({ host: "127.0.0.1", port: targetPort });
-    sockets.add(client);
-    sockets.add(upstream);
-    client.on("data", (chunk: Buffer) => {
-      sent += chunk.length;
-    });
-    client.pipe(upstream);
-    upstream.pipe(client);
-    const end = (): void => {
-      client.destroy();
-      upstream.destroy();
-      sockets.delete(client);
-      sockets.delete(upstream);
-    };
-    client.on("error", end);
-    upstream.on("error", end);
-    client.on("close", end);
-    upstream.on("close", end);
-  });
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  const address = server.address();
-  assert.ok(address !== null && typeof address === "object");
-  return {
-    port: address.port,
-    sentBytes: () => sent,
-    async close() {
-      for (const socket of sockets) socket.destroy();
-      await new Promise<void>((resolve) => server.close(() => resolve()));
-    },
-  };
+  const proxy = await startTcpProxy({ targetPort });
+  return { port: proxy.port, sentBytes: () => proxy.bytesToTarget(), close: () => proxy.close() };
 }
 
 export interface Bed {

@@ -28,6 +28,8 @@ export interface RunOptions {
   input?: string | Buffer;
   /** Merged over process.env (PATH is system-first unless given here). */
   env?: Readonly<Record<string, string>>;
+  /** Variables of process.env the child must not see at all (etcd and etcdctl refuse a set ETCD_* / ETCDCTL_* that a flag shadows, even an empty one). */
+  unsetEnv?: (name: string) => boolean;
   cwd?: string;
 }
 
@@ -43,8 +45,10 @@ export interface CommandResult {
   durationMs: number;
 }
 
-export function childEnv(extra?: Readonly<Record<string, string>>): NodeJS.ProcessEnv {
-  return { ...process.env, PATH: systemFirstPath(), ...extra };
+export function childEnv(extra?: Readonly<Record<string, string>>, unset?: (name: string) => boolean): NodeJS.ProcessEnv {
+  const env: NodeJS.ProcessEnv = { ...process.env, PATH: systemFirstPath(), ...extra };
+  if (unset !== undefined) for (const name of Object.keys(env)) if (unset(name) && !(extra !== undefined && name in extra)) delete env[name];
+  return env;
 }
 
 /** A one-line shell-like rendering of a command, for messages. */
@@ -94,7 +98,7 @@ export function run(command: string, args: readonly string[], options: RunOption
     try {
       child = spawn(command, [...args], {
         cwd: options.cwd,
-        env: childEnv(options.env),
+        env: childEnv(options.env, options.unsetEnv),
         stdio: [options.input === undefined ? "ignore" : "pipe", "pipe", "pipe"],
       });
     } catch (error) {
