@@ -2,11 +2,12 @@
 // qemu-nbd, nbdfuse): spawn, wait (bounded) until a readiness probe passes,
 // keep the stderr tail, stop with SIGTERM then SIGKILL. Killed if the test
 // process exits. Also: a free TCP port on loopback for servers that cannot
-// listen on port 0 themselves.
+// listen on port 0 themselves, and a free UDP port.
 
 import { spawn, type ChildProcess } from "node:child_process";
 import { existsSync } from "node:fs";
-import { createServer, connect } from "node:net";
+import { createSocket } from "node:dgram";
+import { createServer, connect, isIP } from "node:net";
 import { childEnv, formatCommand, sleep, waitForExit } from "./process.ts";
 import { killOnExit } from "./unit.ts";
 
@@ -112,6 +113,22 @@ export function freeTcpPort(host = "127.0.0.1"): Promise<number> {
       const address = server.address();
       const port = typeof address === "object" && address !== null ? address.port : 0;
       server.close(() => (port > 0 ? resolve(port) : reject(new Error("no port from the OS"))));
+    });
+  });
+}
+
+/**
+ * A UDP port that was free on `host` a moment ago (bound on port 0, then
+ * closed): for a second station's discovery address, fixed before it starts
+ * (a unit is told every station's address up front).
+ */
+export function freeUdpPort(host = "127.0.0.1"): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const socket = createSocket(isIP(host) === 6 ? "udp6" : "udp4");
+    socket.once("error", reject);
+    socket.bind(0, host, () => {
+      const port = socket.address().port;
+      socket.close(() => (port > 0 ? resolve(port) : reject(new Error("no port from the OS"))));
     });
   });
 }
