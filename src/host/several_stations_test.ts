@@ -4,7 +4,8 @@
 // them in order, starting with the last that answered. Real stations: s1 and
 // s2 start from one state (s2 on a copy of s1's data dir, as stations sharing
 // etcd will), then diverge on purpose so that each answers differently:
-// - a refused connection on the first URL is skipped (client, admin CLI, env);
+// - a refused connection on the first URL is skipped (client, admin CLI, env,
+//   the agent's source address toward the station);
 // - a 503 is skipped: s1 holds unit u's old control address (503 "unit
 //   unreachable" on refresh), s2 its new one (200);
 // - a 4xx is final: a host registered at s2 only is a 404 at s1, and the
@@ -27,7 +28,7 @@ import { run } from "../testing/process.ts";
 import { makeTempDir, memoryTmpBase } from "../testing/tmp.ts";
 import { IPSAN_BIN, type RunningUnit } from "../testing/unit.ts";
 import { IpsanError } from "../util/errors.ts";
-import { StationClient, StationError, parseStationUrls } from "./station_client.ts";
+import { StationClient, StationError, parseStationUrls, sourceAddressToward } from "./station_client.ts";
 
 const tmp = makeTempDir("several-stations-client", memoryTmpBase());
 let s1: RunningStation;
@@ -89,6 +90,8 @@ test("a refused connection on the first URL is skipped (client, admin CLI, $IPSA
   const env = await ipsan(["units", "--token-file", token, "--json"], { IPSAN_STATION: `${dead},${s1.url}` });
   assert.equal(env.code, 0, env.stderr);
   assert.equal(env.stdout, cli.stdout);
+  // The agent's address toward the station (no --address): from the first station that accepts a connection.
+  assert.equal(await sourceAddressToward(parseStationUrls(`${dead},${s1.url}`), 4_000), "127.0.0.1");
 });
 
 test("a 503 is skipped: the next station answers", { timeout: 60_000 }, async () => {
