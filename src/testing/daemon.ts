@@ -2,12 +2,12 @@
 // qemu-nbd, nbdfuse): spawn, wait (bounded) until a readiness probe passes,
 // keep the stderr tail, stop with SIGTERM then SIGKILL. Killed if the test
 // process exits. Also: a free TCP port on loopback for servers that cannot
-// listen on port 0 themselves, and a free UDP port.
+// listen on port 0 themselves.
 
 import { spawn, type ChildProcess } from "node:child_process";
 import { existsSync } from "node:fs";
 import { createSocket } from "node:dgram";
-import { createServer, connect, isIP } from "node:net";
+import { createServer, connect } from "node:net";
 import { childEnv, formatCommand, sleep, waitForExit } from "./process.ts";
 import { killOnExit } from "./unit.ts";
 
@@ -117,16 +117,12 @@ export function freeTcpPort(host = "127.0.0.1"): Promise<number> {
   });
 }
 
-/**
- * A UDP port that was free on `host` a moment ago (bound on port 0, then
- * closed): for a second station's discovery address, fixed before it starts
- * (a unit is told every station's address up front).
- */
+/** A UDP port that was free on `host` a moment ago (as freeTcpPort): a station's discovery address that units are given before it binds. */
 export function freeUdpPort(host = "127.0.0.1"): Promise<number> {
   return new Promise((resolve, reject) => {
-    const socket = createSocket(isIP(host) === 6 ? "udp6" : "udp4");
+    const socket = createSocket(host.includes(":") ? "udp6" : "udp4");
     socket.once("error", reject);
-    socket.bind(0, host, () => {
+    socket.bind({ address: host, port: 0, exclusive: true }, () => {
       const port = socket.address().port;
       socket.close(() => (port > 0 ? resolve(port) : reject(new Error("no port from the OS"))));
     });
