@@ -18,7 +18,7 @@
 import { setting, settingSources } from "../util/config.ts";
 import { parsePartitionSizes } from "../util/size.ts";
 import { reachableNbd } from "../station/views.ts";
-import { StationClient, listItems, parseStationUrl, readCaFile, readTokenFile } from "../host/station_client.ts";
+import { StationClient, listItems, parseStationUrls, readCaFile, readTokenFile } from "../host/station_client.ts";
 import { taskProgress } from "../util/progress.ts";
 import { verifyAuditFile } from "../station/auth/audit.ts";
 import { parseDuration } from "../util/duration.ts";
@@ -35,7 +35,7 @@ const COMMON_FLAGS = {
 } as const satisfies FlagSpec;
 
 const COMMON_USAGE = `common flags:
-  --station URL       the station's API (default $IPSAN_STATION), e.g. http://127.0.0.1:8640
+  --station URL[,URL...]  the station's API, or every station's (default $IPSAN_STATION), e.g. http://127.0.0.1:8640
   --token-file FILE   a token: STATION_DATA/admin.token, or one from "ipsan tokens create" (default $IPSAN_TOKEN_FILE)
   --ca-file FILE      CA certificate (PEM) of an https:// station (default $IPSAN_CA_FILE; else the system's CAs)
 `;
@@ -53,7 +53,7 @@ async function client(values: { station?: string | undefined; "token-file"?: str
   // A change the station runs as a long task is followed until it finishes, with its progress on a TTY (not with --json).
   const onTask = taskProgress({ json: values.json === true });
   return new StationClient({
-    baseUrl: parseStationUrl(station),
+    baseUrl: parseStationUrls(station),
     token: await readTokenFile(tokenFile),
     ...(ca === undefined ? {} : { ca }),
     ...(onTask === undefined ? {} : { onTask }),

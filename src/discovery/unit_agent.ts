@@ -7,6 +7,15 @@
 //   HEARTBEAT every interval (the station sets it in its ACKs);
 //   stop() -> SHUTDOWN, waiting a bounded time for its ACK.
 // The station's name is resolved through DNS at start and at every new round.
+//
+// Several stations (issue 11: `--discovery A:P,B:P`, at most
+// DISCOVERY_ADDRESSES_MAX): every datagram goes to every address, and any
+// station's answer counts. Only the leading station listens for units, so
+// the one that answers is the leader; when another station takes over it
+// hears the unit's next heartbeat (a session it has not seen, as after a
+// station restart), marks the unit online and asks for its storage info: the
+// unit never notices, and never restarts. Names are resolved again every
+// RESOLVE_REFRESH_MS while some address is a DNS name.
 
 import { lookup } from "node:dns/promises";
 import { isIP } from "node:net";
@@ -62,10 +71,19 @@ export type AgentEvent =
   /** The station refused this unit (REFUSE): its text says why and what to do. */
   | { readonly kind: "refused"; readonly code: number; readonly message: string };
 
+/** At most this many station discovery addresses (`--discovery A:P,B:P,...`). */
+export const DISCOVERY_ADDRESSES_MAX = 16;
+/** While joined, DNS names among the station addresses are resolved again this often. */
+export const RESOLVE_REFRESH_MS = 30_000;
+
 export interface StationAgentOptions {
   readonly unitName: string;
-  /** The station's discovery address; host may be a DNS name. */
-  readonly station: Address;
+  /**
+   * The station's discovery address, or every station's (several stations
+   * sharing one state, one of them leading): each datagram goes to each.
+   * A host may be a DNS name.
+   */
+  readonly station: Address | readonly Address[];
   readonly clusterKey: Buffer;
   /** A snapshot of the unit's table, called whenever storage info is sent. */
   readonly storageInfo: () => StorageInfo;
@@ -102,7 +120,7 @@ async function resolveHost(host: string): Promise<string> {
 
 export class StationAgent {
   private readonly unitName: string;
-  private readonly stationSpec: Address;
+  private readonly stationSpecs: readonly Address[];
   private readonly packetKey: Buffer;
   private readonly credentials: UnitCredentials | undefined;
   /** An ENROL's secret is being written to DATA/unit.secret. */
@@ -122,7 +140,14 @@ export class StationAgent {
   private readonly handlers = new Set<(event: AgentEvent) => void>();
 
   private socket: DatagramSocket | null;
-  private stationAddress: Address | null = null;
+  /** The resolved addresses, in the order given (a name that does not resolve is left out until it does). */
+  private stationAddresses: readonly Address[] = [];
+  /** Where the last authentic station datagram came from. */
+  private answeredBy: Address | null = null;
+  /** The last address each spec resolved to (by index), kept when a later lookup fails. */
+  private readonly lastResolved = new Map<number, string>();
+  private resolvedAtMs = 0;
+  private resolving = false;
   private currentState: AgentState = "idle";
   private heartbeatIntervalMs: number;
   private heartbeatTimer: TimerHandle | null = null;
@@ -140,7 +165,8 @@ export class StationAgent {
   constructor(options: StationAgentOptions) {
     assert(UNIT_NAME_PATTERN.test(options.unitName), `unit name ${options.unitName}`);
     this.unitName = options.unitName;
-    this.stationSpec = options.station;
+    this.stationSpecs = Array.isArray(options.station) ? [...(options.station as readonly Address[])] : [options.station as Address];
+    assert(this.stationSpecs.length >= 1 && this.stationSpecs.length <= DISCOVERY_ADDRESSES_MAX, `1..${DISCOVERY_ADDRESSES_MAX} station addresses`);
     this.packetKey = packetKeyFor(options.clusterKey);
     this.credentials = options.credentials;
     this.storageInfo = options.storageInfo;
@@ -170,9 +196,14 @@ export class StationAgent {
     return this.unitName;
   }
 
-  /** The station's address as last resolved. */
+  /** The station that answered last, else the first address as last resolved. */
   get station(): Address | null {
-    return this.stationAddress;
+    return this.answeredBy ?? this.stationAddresses[0] ?? null;
+  }
+
+  /** Every station address as last resolved (datagrams go to each). */
+  get stations(): readonly Address[] {
+    return this.stationAddresses;
   }
 
   get currentHeartbeatIntervalMs(): number {
@@ -239,7 +270,7 @@ export class StationAgent {
     this.startup?.retransmitter.stop();
     this.info?.retransmitter.stop();
     let acked = false;
-    if (wasRunning && this.stationAddress !== null && this.socket !== null) {
+    if (wasRunning && this.stationAddresses.length > 0 && this.socket !== null) {
       const messageId = this.session.nextMessageId();
       const payload = encodeShutdown(reason === "restart" ? SHUTDOWN_REASON.RESTART : SHUTDOWN_REASON.STOP);
       acked = await new Promise<boolean>((resolve) => {
@@ -285,15 +316,15 @@ export class StationAgent {
   // ---- Receiving ----
 
   /** Entry point for every datagram from the station (public for shared sockets). */
-  handleDatagram(bytes: Buffer, _from: Address): void {
+  handleDatagram(bytes: Buffer, from: Address): void {
     try {
-      this.receive(bytes);
+      this.receive(bytes, from);
     } catch (error) {
       this.log.limited("agent-bug", "discovery agent datagram handling failed", { unit: this.unitName, error: errorMessage(error) });
     }
   }
 
-  private receive(bytes: Buffer): void {
+  private receive(bytes: Buffer, from: Address): void {
     const credentials = this.credentials;
     const decoded = decodeFrame(bytes, credentials === undefined ? this.packetKey : (_name, unitKey) => credentials.receiveKeys(unitKey));
     if (decoded.kind === "invalid") return this.reject(decoded.reason, decoded.detail);
@@ -303,6 +334,7 @@ export class StationAgent {
     const verdict = this.replay.check("station", frame, this.clock.nowMs());
     if (verdict.kind === "reject") return this.reject(verdict.reason, verdict.detail);
     if (this.currentState === "stopped" || this.currentState === "idle") return;
+    this.answeredBy = from;
     if (frame.typeName === "ACK") {
       const ack = decodeAck(frame.payload);
       if (ack.kind === "invalid") return this.reject(ack.reason, ack.detail);
@@ -381,8 +413,9 @@ export class StationAgent {
     this.roundTimer = null;
     if (this.currentState !== "starting") return;
     this.currentState = "joined";
-    this.log.info("joined station", { unit: this.unitName, station: `${this.stationAddress?.host}:${this.stationAddress?.port}` });
-    if (this.stationAddress !== null) this.emit({ kind: "joined", station: this.stationAddress });
+    const station = this.station;
+    this.log.info("joined station", { unit: this.unitName, station: station === null ? "-" : `${station.host}:${station.port}` });
+    if (station !== null) this.emit({ kind: "joined", station });
   }
 
   private adoptHeartbeatInterval(intervalMs: number): void {
@@ -399,17 +432,18 @@ export class StationAgent {
     this.roundTimer = null;
     if (this.currentState !== "starting") return;
     try {
-      const host = await this.resolve(this.stationSpec.host);
-      this.stationAddress = { host, port: this.stationSpec.port };
+      await this.resolveStations();
+      const first = this.stationAddresses[0];
+      if (first === undefined) throw new Error("no station address resolves");
       if (this.socket === null) {
-        const bindHost = this.bindHost ?? (isLoopback(host) ? host : isIP(host) === 6 ? "::" : "0.0.0.0");
+        const bindHost = this.bindHost ?? (this.stationAddresses.every((a) => isLoopback(a.host)) ? first.host : isIP(first.host) === 6 ? "::" : "0.0.0.0");
         const socket = await openUdpSocket({ host: bindHost, port: 0 }, (bytes, from) => this.handleDatagram(bytes, from));
         this.socket = this.wrapSocket === undefined ? socket : this.wrapSocket(socket);
       }
     } catch (error) {
       this.log.limited("agent-resolve", "cannot reach station; retrying", {
         unit: this.unitName,
-        station: `${this.stationSpec.host}:${this.stationSpec.port}`,
+        station: this.specsText(),
         error: errorMessage(error),
       });
       this.scheduleRound();
@@ -431,7 +465,7 @@ export class StationAgent {
         // the station's HTTP port used to log "joining station" and then nothing, for ever).
         this.log.limited("agent-no-answer", "no answer from the station; still trying", {
           unit: this.unitName,
-          station: `udp://${this.stationSpec.host}:${this.stationSpec.port}`,
+          station: this.stationSpecs.map((s) => `udp://${s.host}:${s.port}`).join(","),
           attempts: this.backoff.attemptsMax,
           hint: "--discovery (old spelling --station HOST:PORT) must be the station's discovery address (it prints: ipsan station discovery udp://HOST:PORT), not its HTTP API; and the unit's --cluster-key-file must be the station's DATA/cluster.key",
         });
@@ -440,6 +474,58 @@ export class StationAgent {
     });
     this.startup = { messageId, retransmitter };
     retransmitter.start();
+  }
+
+  /**
+   * Resolves every station address (in parallel, each bounded by the
+   * resolver). A name that fails keeps its last address, if any; one whose
+   * address is of the other IP family than the first (one socket speaks one
+   * family) is left out, with a log line.
+   */
+  private async resolveStations(): Promise<void> {
+    const results = await Promise.allSettled(this.stationSpecs.map((spec) => this.resolve(spec.host)));
+    const resolved: Address[] = [];
+    let family = 0;
+    results.forEach((result, index) => {
+      const spec = this.stationSpecs[index] as Address;
+      if (result.status === "fulfilled") this.lastResolved.set(index, result.value);
+      else {
+        this.log.limited(`agent-resolve:${spec.host}`, "cannot resolve a station address; using the others", {
+          unit: this.unitName,
+          station: `${spec.host}:${spec.port}`,
+          error: errorMessage(result.reason),
+        });
+      }
+      const host = this.lastResolved.get(index);
+      if (host === undefined) return;
+      const hostFamily = isIP(host);
+      if (family !== 0 && hostFamily !== family) {
+        this.log.limited(`agent-family:${spec.host}`, "station address is of another IP family than the first; left out", {
+          unit: this.unitName,
+          station: `${spec.host}:${spec.port}`,
+          resolved: host,
+        });
+        return;
+      }
+      family = hostFamily;
+      resolved.push({ host, port: spec.port });
+    });
+    this.resolvedAtMs = this.clock.nowMs();
+    this.stationAddresses = resolved;
+  }
+
+  /** While joined: resolve the names again every RESOLVE_REFRESH_MS (a station may move, or come into DNS late). */
+  private maybeRefreshAddresses(): void {
+    if (this.resolving || this.stationSpecs.every((spec) => isIP(spec.host) !== 0)) return;
+    if (this.clock.nowMs() - this.resolvedAtMs < RESOLVE_REFRESH_MS) return;
+    this.resolving = true;
+    void this.resolveStations().finally(() => {
+      this.resolving = false;
+    });
+  }
+
+  private specsText(): string {
+    return this.stationSpecs.map((spec) => `${spec.host}:${spec.port}`).join(",");
   }
 
   private scheduleRound(): void {
@@ -500,21 +586,24 @@ export class StationAgent {
       // A unit waiting for its first secret has nothing to say yet (a cluster-key heartbeat would be refused).
       const enrolling = this.currentState === "starting" && this.credentials !== undefined && !this.credentials.enrolled;
       if (!enrolling) this.sendFrame(MESSAGE_TYPE.HEARTBEAT, this.session.nextMessageId(), encodeHeartbeat({ generation: this.generation }));
+      this.maybeRefreshAddresses();
       this.scheduleHeartbeat();
     }, this.heartbeatIntervalMs);
   }
 
   private sendFrame(type: (typeof MESSAGE_TYPE)[keyof typeof MESSAGE_TYPE], messageId: number, payload: Uint8Array, fragmentIndex = 0, fragmentCount = 1): void {
-    if (this.socket === null || this.stationAddress === null) return;
+    const socket = this.socket;
+    if (socket === null || this.stationAddresses.length === 0) return;
     if (this.session.exhausted) {
       // Counters near wrapping: become a new incarnation (the station sees a new session and asks for storage info).
       this.session.renew();
     }
-    this.datagramsSent += 1;
-    this.socket.send(
-      this.session.frame({ type, unitName: this.unitName, messageId, payload, fragmentIndex, fragmentCount }),
-      this.stationAddress,
-    );
+    // One frame (one sequence number) to every station: only the leader listens; any answer counts.
+    const frame = this.session.frame({ type, unitName: this.unitName, messageId, payload, fragmentIndex, fragmentCount });
+    for (const address of this.stationAddresses) {
+      this.datagramsSent += 1;
+      socket.send(frame, address);
+    }
   }
 
   private reject(reason: RejectReason, detail: string): void {

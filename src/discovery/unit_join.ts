@@ -6,13 +6,14 @@
 // main.ts calls these from one delimited block so the unit's own code stays
 // the unit helper's.
 
+import { isIP } from "node:net";
 import { join as joinPath } from "node:path";
 import { UsageError } from "../util/errors.ts";
 import { parseHostPort, type FlagSpec } from "../util/flags.ts";
 import { logger } from "../util/log.ts";
 import { loadClusterKey, type ClusterKey } from "./keys.ts";
 import { FREE_EXTENTS_MAX, ZONE_PATTERN, type HostPort, type LbaExtent, type NbdTlsMode, type StorageInfo, type VolumeInfo } from "./messages.ts";
-import { StationAgent } from "./unit_agent.ts";
+import { DISCOVERY_ADDRESSES_MAX, StationAgent } from "./unit_agent.ts";
 import { UNIT_SECRET_FILE_NAME, UnitCredentials, loadUnitSecret, saveUnitSecret } from "./unit_identity.ts";
 
 /** Flags to add to `ipsan unit`'s parseFlags options. */
@@ -26,7 +27,7 @@ export const JOIN_FLAGS = {
   zone: { type: "string" },
 } as const satisfies FlagSpec;
 
-export const JOIN_USAGE = "[--discovery HOST:PORT --cluster-key-file FILE [--dns-name NAME] [--spare] [--zone NAME]]";
+export const JOIN_USAGE = "[--discovery HOST:PORT[,HOST:PORT...] --cluster-key-file FILE [--dns-name NAME] [--spare] [--zone NAME]]";
 
 /** The station's discovery port when it runs with its defaults (src/station/main.ts DEFAULT_DISCOVERY). */
 const DISCOVERY_PORT_HINT = "the station prints it at start: \"ipsan station discovery udp://HOST:PORT\"; 8641 by default";
@@ -37,7 +38,8 @@ export const CHANGE_POLL_MS = 100;
 const DNS_NAME_PATTERN = /^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$/;
 
 export interface JoinConfig {
-  readonly station: HostPort;
+  /** Every station's discovery address (several stations, one leading: issue 11); at least one. */
+  readonly stations: readonly HostPort[];
   readonly clusterKeyFile: string;
   readonly dnsName: string | null;
   /** --spare: the station keeps this unit for replacement legs only. */
@@ -91,8 +93,7 @@ export function parseJoinFlags(values: {
     return undefined;
   }
   const flag = values.discovery !== undefined ? "--discovery" : "--station";
-  const station = parseHostPort(address, flag);
-  if (station.port === 0) throw new UsageError(`${flag}: port 0 in "${address}" (give the port the station printed)`);
+  const stations = parseDiscoveryAddresses(address, flag);
   const clusterKeyFile = values["cluster-key-file"];
   if (clusterKeyFile === undefined || clusterKeyFile === "") {
     throw new UsageError(
@@ -105,7 +106,37 @@ export function parseJoinFlags(values: {
   if (zone !== null && !ZONE_PATTERN.test(zone)) {
     throw new UsageError(`--zone: invalid zone "${zone}" (1..63 letters, digits, '.', '_' or '-', starting with a letter or digit)`);
   }
-  return { station, clusterKeyFile, dnsName, spare: values.spare === true, zone };
+  return { stations, clusterKeyFile, dnsName, spare: values.spare === true, zone };
+}
+
+/**
+ * HOST:PORT[,HOST:PORT...]: every station's discovery address, at most
+ * DISCOVERY_ADDRESSES_MAX, each checked as one address is (no URL, no port
+ * 0), no address twice, and IP literals of one family (the unit speaks from
+ * one socket).
+ */
+export function parseDiscoveryAddresses(text: string, flag: string): HostPort[] {
+  const parts = text.split(",").map((part) => part.trim());
+  if (parts.length > DISCOVERY_ADDRESSES_MAX) {
+    throw new UsageError(`${flag}: ${parts.length} addresses, more than ${DISCOVERY_ADDRESSES_MAX} (give each station's discovery address once)`);
+  }
+  const stations: HostPort[] = [];
+  const seen = new Set<string>();
+  for (const part of parts) {
+    if (part === "") throw new UsageError(`${flag}: empty address in "${text}" (expected HOST:PORT[,HOST:PORT...])`);
+    if (/^[a-z][a-z0-9+.-]*:\/\//i.test(part)) {
+      throw new UsageError(`${flag}: "${part}" is a URL; a unit joins through each station's UDP discovery address, HOST:PORT (${DISCOVERY_PORT_HINT})`);
+    }
+    const station = parseHostPort(part, flag);
+    if (station.port === 0) throw new UsageError(`${flag}: port 0 in "${part}" (give the port the station printed)`);
+    const key = `${station.host.toLowerCase()}:${station.port}`;
+    if (seen.has(key)) throw new UsageError(`${flag}: "${part}" is given twice`);
+    seen.add(key);
+    stations.push(station);
+  }
+  const families = new Set(stations.map((s) => isIP(s.host)).filter((family) => family !== 0));
+  if (families.size > 1) throw new UsageError(`${flag}: "${text}" mixes IPv4 and IPv6 addresses; give the stations' addresses in one family`);
+  return stations;
 }
 
 /** Loads the cluster key named by --cluster-key-file (errors name the flag and the file). */
@@ -221,7 +252,7 @@ export async function startJoin(join: JoinConfig, key: ClusterKey, unit: JoinedU
     save: (secret) => saveUnitSecret(secretPath, secret),
   });
   if (unit.tokens !== undefined) unit.tokens.credentials = credentials;
-  const agent = new StationAgent({ unitName: unit.name, station: join.station, clusterKey: key, storageInfo, credentials });
+  const agent = new StationAgent({ unitName: unit.name, station: join.stations, clusterKey: key, storageInfo, credentials });
   let lastRefusal = "";
   agent.subscribe((event) => {
     if (event.kind !== "refused" || event.message === lastRefusal) return;
@@ -242,7 +273,7 @@ export async function startJoin(join: JoinConfig, key: ClusterKey, unit: JoinedU
     unit: unit.name,
     unitId: unit.manager.unitId,
     enrolled: credentials.enrolled,
-    station: `${join.station.host}:${join.station.port}`,
+    station: join.stations.map((s) => `${s.host}:${s.port}`).join(","),
   });
   return {
     agent,

@@ -140,7 +140,7 @@ export class HostAgent {
         }
       }
       // A spare says so at every registration (the flag is recorded by the station).
-      address ??= await sourceAddressToward(client.baseUrl);
+      address ??= await sourceAddressToward(client.stations);
       await client.registerHost(host, address, this.#options.spare === true ? true : undefined, this.#options.iqn);
       if (!this.#registered) log.info(this.#options.spare === true ? "registered as a spare host" : "registered", { host, address });
       this.#registered = true;

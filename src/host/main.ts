@@ -27,7 +27,8 @@ import { HostState, defaultStateDir, notAttached, type AttachmentRecord } from "
 import {
   StationClient,
   isMirror,
-  parseStationUrl,
+  formatStationUrls,
+  parseStationUrls,
   readCaFile,
   readTokenFile,
   type AssignmentIscsi,
@@ -62,6 +63,8 @@ export const USAGE = `usage: ipsan host SUBCOMMAND [flags]
 After "register", request/attach/release/agent read the station URL, the host name and the
 host's credential from the state dir: --station, --token-file and --host may be left out
 (given, they win). --ca-file FILE (or $IPSAN_CA_FILE): the CA of an https:// station.
+--station URL,URL,... (up to 16): several stations sharing one state; a call tries the next
+when one does not answer or answers 503 (docs/host.md "Several stations").
 --iqn IQN (or $IPSAN_IQN, or "iqn" in the config file): this host's iSCSI initiator name
 (on Linux: /etc/iscsi/initiatorname.iscsi), recorded at the station; --protocol iscsi needs it.
 `;
@@ -144,7 +147,7 @@ async function connectStation(values: StationValues & { json?: boolean | undefin
   const ca = await readCaFile(values["ca-file"] ?? stored?.caFile ?? undefined);
   // A task the station answers 202 for (an allocation, an unassign) is followed with its progress on a TTY (not with --json).
   const onTask = taskProgress({ json: values.json === true });
-  const client = new StationClient({ baseUrl: parseStationUrl(station), token, ...(ca === undefined ? {} : { ca }), ...(onTask === undefined ? {} : { onTask }) });
+  const client = new StationClient({ baseUrl: parseStationUrls(station), token, ...(ca === undefined ? {} : { ca }), ...(onTask === undefined ? {} : { onTask }) });
   return { client, host, address: stored !== undefined && stored.host === host ? stored.address : null };
 }
 
@@ -160,13 +163,13 @@ function print(json: boolean, value: unknown, text: string): void {
 
 async function registerMain(argv: readonly string[]): Promise<number> {
   const { values } = parseFlags(argv, { ...STATION_FLAGS, address: { type: "string" }, iqn: { type: "string" }, json: { type: "boolean" } });
-  const baseUrl = parseStationUrl(required(setting("station", values.station), "station"));
+  const stations = parseStationUrls(required(setting("station", values.station), "station"));
   const host = hostName(values.host);
   const iqn = iqnSetting(values.iqn);
   const joinToken = await readTokenFile(required(values["token-file"], "token-file"));
   const caFile = values["ca-file"] ?? process.env["IPSAN_CA_FILE"];
   const ca = await readCaFile(values["ca-file"]);
-  const client = new StationClient({ baseUrl, token: joinToken, ...(ca === undefined ? {} : { ca }) });
+  const client = new StationClient({ baseUrl: stations, token: joinToken, ...(ca === undefined ? {} : { ca }) });
   const body = { ...(values.address === undefined ? {} : { address: values.address }), ...(iqn === undefined ? {} : { iqn }) };
   const answer = (await client.call("POST", `/api/v1/hosts/${encodeURIComponent(host)}/register`, body)) as {
     host?: { address?: unknown } | null;
@@ -178,7 +181,7 @@ async function registerMain(argv: readonly string[]): Promise<number> {
   const address = typeof answer.host?.address === "string" ? answer.host.address : null;
   await state.writeCredential({
     version: 1,
-    station: baseUrl.href,
+    station: formatStationUrls(stations),
     host,
     token: answer.token,
     address,
@@ -187,8 +190,8 @@ async function registerMain(argv: readonly string[]): Promise<number> {
   const credentialName = typeof answer.credential?.name === "string" ? answer.credential.name : `host:${host}`;
   print(
     values.json === true,
-    { host, station: baseUrl.href, address, credential: credentialName, file: state.credentialPath },
-    `registered host ${host} (address ${address ?? "-"}) with station ${baseUrl.origin}; credential ${credentialName} in ${state.credentialPath}\n`,
+    { host, station: formatStationUrls(stations), address, credential: credentialName, file: state.credentialPath },
+    `registered host ${host} (address ${address ?? "-"}) with station ${stations.map((url) => url.origin).join(",")}; credential ${credentialName} in ${state.credentialPath}\n`,
   );
   return 0;
 }

@@ -8,11 +8,23 @@
 // It speaks node:http, or node:https for an https:// station, trusting the
 // CA in --ca-file ($IPSAN_CA_FILE) when given, else the system's CAs (Node
 // 20's fetch takes no CA of its own).
+//
+// Several stations (issue 11: `--station URL,URL`, at most STATIONS_MAX): a
+// call tries them in order, starting with the one that answered last. It
+// moves on after a connection failure or a 503 (no leader, not ready); any
+// other answer is final. A call that could change something twice moves on
+// only when it surely did not reach the station (refused, no route, name not
+// found), unless it is idempotent (GET, HEAD, PUT, DELETE) or carries a
+// requestId the station deduplicates; then a reset or a timeout before any
+// answer moves on too. Between full passes it pauses as the project's one
+// backoff says (src/util/retry.ts, STATION_PASS_BACKOFF); the whole call ends
+// within its timeout, and its error names every station and why it failed.
 
 import { readFile } from "node:fs/promises";
 import { Agent as HttpAgent } from "node:http";
 import { Agent as HttpsAgent } from "node:https";
-import { HttpExchangeError, httpExchange } from "../util/http_client.ts";
+import { HttpExchangeError, httpExchange, type HttpAnswer } from "../util/http_client.ts";
+import { retry, type BackoffPolicy } from "../util/retry.ts";
 import { setting } from "../util/config.ts";
 import type { Static } from "@sinclair/typebox";
 import type {
@@ -33,6 +45,16 @@ export const TASK_POLL_INTERVAL_MS = 250;
 export const TASK_POLL_INTERVAL_MS_MAX = 2_000;
 /** How long a call follows its task before it gives up (the task goes on at the station). */
 export const TASK_FOLLOW_MS_DEFAULT = 30 * 60_000;
+/** At most this many URLs in --station URL,URL,... (several stations sharing one state). */
+export const STATIONS_MAX = 16;
+/** The pause between two passes over the station list (src/util/retry.ts); the call's timeout bounds them all. */
+export const STATION_PASS_BACKOFF: BackoffPolicy = { initialMs: 250, maxMs: 2_000, attemptsMax: 8, jitterRatio: 0.2 };
+/** An attempt that may move on after a timeout gets the call's remaining time shared among the stations left, but at least this. */
+export const STATION_ATTEMPT_TIMEOUT_MS_MIN = 1_000;
+/** Socket errors that mean the request never reached the station: any call may go to the next one. */
+const NOT_CONNECTED_ERRNOS = new Set(["ECONNREFUSED", "ENOTFOUND", "EAI_AGAIN", "EAI_NONAME", "EHOSTUNREACH", "ENETUNREACH", "EADDRNOTAVAIL"]);
+/** Methods that do the same thing when repeated: a reset or a timeout may move on to the next station. */
+const IDEMPOTENT_METHODS = new Set(["GET", "HEAD", "OPTIONS", "PUT", "DELETE"]);
 
 /** A station task (docs/api.md "Tasks"). */
 
@@ -172,6 +194,28 @@ export function parseStationUrl(text: string, field = "--station"): URL {
   return url;
 }
 
+/**
+ * --station URL[,URL...] (also $IPSAN_STATION and "station = ..."): every
+ * station's API URL, at most STATIONS_MAX, each checked as one is, none twice.
+ */
+export function parseStationUrls(text: string, field = "--station"): URL[] {
+  const parts = text.split(",").map((part) => part.trim());
+  if (parts.length > STATIONS_MAX) throw new UsageError(`${field}: ${parts.length} URLs, more than ${STATIONS_MAX} (give each station once)`);
+  const urls: URL[] = [];
+  for (const part of parts) {
+    if (part === "") throw new UsageError(`${field}: empty URL in "${text}" (expected http://HOST:PORT[,http://HOST:PORT...])`);
+    const url = parseStationUrl(part, field);
+    if (urls.some((u) => u.href === url.href)) throw new UsageError(`${field}: "${part}" is given twice`);
+    urls.push(url);
+  }
+  return urls;
+}
+
+/** The text form of a station list (what parseStationUrls reads back): hrefs joined by commas. */
+export function formatStationUrls(urls: readonly URL[]): string {
+  return urls.map((url) => url.href).join(",");
+}
+
 /** Most bytes of a --ca-file (PEM). */
 export const CA_FILE_BYTES_MAX = 1024 * 1024;
 
@@ -251,7 +295,8 @@ export interface HostKey {
 }
 
 export interface StationClientOptions {
-  readonly baseUrl: URL;
+  /** The station's API URL, or every station's (parseStationUrls): tried in order, starting with the last that answered. */
+  readonly baseUrl: URL | readonly URL[];
   readonly token: string;
   readonly timeoutMs?: number;
   /** CA certificate(s) (PEM) to trust for an https:// station instead of the system's. */
@@ -262,8 +307,13 @@ export interface StationClientOptions {
   readonly onTask?: (task: StationTask) => void;
 }
 
+/** A pass over the station list in which every station failed in a way that lets the call go on. */
+class PassFailed extends Error {}
+
 export class StationClient {
-  readonly baseUrl: URL;
+  readonly #stations: readonly URL[];
+  /** Index of the station that answered last: the next call starts there. */
+  #current = 0;
   readonly #token: string;
   readonly #timeoutMs: number;
   /**
@@ -271,17 +321,30 @@ export class StationClient {
    * station closes after its idle timeout (5 s) just as the agent's next
    * heartbeat reuses it would fail that call with ECONNRESET.
    */
-  readonly #agent: HttpAgent;
+  readonly #agents: readonly (HttpAgent | HttpsAgent)[];
   readonly #taskFollowMs: number;
   readonly #onTask: ((task: StationTask) => void) | undefined;
 
   constructor(options: StationClientOptions) {
-    this.baseUrl = options.baseUrl;
+    this.#stations = Array.isArray(options.baseUrl) ? [...(options.baseUrl as readonly URL[])] : [options.baseUrl as URL];
+    if (this.#stations.length < 1 || this.#stations.length > STATIONS_MAX) throw new UsageError(`--station: 1 to ${STATIONS_MAX} URLs, not ${this.#stations.length}`);
     this.#taskFollowMs = options.taskFollowMs ?? TASK_FOLLOW_MS_DEFAULT;
     this.#onTask = options.onTask;
     this.#token = options.token;
     this.#timeoutMs = options.timeoutMs ?? STATION_REQUEST_TIMEOUT_MS;
-    this.#agent = options.baseUrl.protocol === "https:" ? new HttpsAgent({ keepAlive: false, ...(options.ca === undefined ? {} : { ca: options.ca }) }) : new HttpAgent({ keepAlive: false });
+    const https = new HttpsAgent({ keepAlive: false, ...(options.ca === undefined ? {} : { ca: options.ca }) });
+    const http = new HttpAgent({ keepAlive: false });
+    this.#agents = this.#stations.map((url) => (url.protocol === "https:" ? https : http));
+  }
+
+  /** The station that answered last (the first one until a call has been answered). */
+  get baseUrl(): URL {
+    return this.#stations[this.#current] as URL;
+  }
+
+  /** Every station, in the order given. */
+  get stations(): readonly URL[] {
+    return this.#stations;
   }
 
   /**
@@ -293,10 +356,12 @@ export class StationClient {
    * the task at once (Prefer: respond-async), for operations known to be long.
    */
   async call(method: string, path: string, body?: unknown, options: { readonly respondAsync?: boolean } = {}): Promise<unknown> {
-    const url = new URL(path, this.baseUrl);
-    const what = `${method} ${url.pathname}`;
+    const what = `${method} ${new URL(path, this.baseUrl).pathname}`;
     const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
-    const { status, text, location } = await this.#exchange(url, method, what, payload, options.respondAsync === true);
+    // Safe to send to another station after a reset or a timeout: it does the same thing twice, or the station deduplicates it.
+    const requestId = (body as { requestId?: unknown } | null | undefined)?.requestId;
+    const repeatable = IDEMPOTENT_METHODS.has(method.toUpperCase()) || (typeof requestId === "string" && requestId !== "");
+    const { status, text, location } = await this.#exchange(path, method, what, payload, options.respondAsync === true, repeatable);
     if (status === 202 && location !== undefined && /^\/api\/v1\/tasks\/t-[0-9a-f]+$/.test(location)) {
       return this.#taskAnswer(what, await this.followTask(location.slice("/api/v1/tasks/".length)));
     }
@@ -346,29 +411,106 @@ export class StationClient {
     throw stationError(`${what} (task ${task.id})`, status, { error }, "");
   }
 
-  /** One request and its whole (bounded) answer, within the timeout (src/util/http_client.ts). */
-  async #exchange(url: URL, method: string, what: string, payload: Buffer | undefined, respondAsync = false): Promise<{ status: number; text: string; location: string | undefined }> {
+  /**
+   * One request and its whole (bounded) answer, within the timeout
+   * (src/util/http_client.ts): from the one station, or the first of several
+   * that answers (see the top of this file).
+   */
+  async #exchange(path: string, method: string, what: string, payload: Buffer | undefined, respondAsync: boolean, repeatable: boolean): Promise<{ status: number; text: string; location: string | undefined }> {
     const headers: Record<string, string> = { authorization: `Bearer ${this.#token}`, accept: "application/json" };
     if (respondAsync) headers["prefer"] = "respond-async";
     if (payload !== undefined) headers["content-type"] = "application/json";
-    try {
-      const answer = await httpExchange({
-        url,
+    const send = (index: number, timeoutMs: number): Promise<HttpAnswer> =>
+      httpExchange({
+        url: new URL(path, this.#stations[index]),
         method,
         headers,
         ...(payload === undefined ? {} : { body: payload }),
-        timeoutMs: this.#timeoutMs,
+        timeoutMs,
         maxBytes: RESPONSE_BYTES_MAX,
-        agent: this.#agent,
+        agent: this.#agents[index] as HttpAgent | HttpsAgent,
       });
+    const shape = (answer: HttpAnswer): { status: number; text: string; location: string | undefined } => {
       const location = answer.headers.location;
       return { status: answer.status, text: answer.text(), location: typeof location === "string" ? location : undefined };
-    } catch (error) {
-      if (!(error instanceof HttpExchangeError)) throw error;
-      if (error.failure === "too-large") throw new IpsanError("TOO_LARGE", `${what}: station answer exceeds ${RESPONSE_BYTES_MAX} bytes`, { cause: error });
-      const detail = error.failure === "timeout" ? `no answer within ${this.#timeoutMs} ms` : errorMessage(error.cause ?? error);
-      throw new IpsanError("UNAVAILABLE", `${what}: station ${this.baseUrl.origin} unreachable (${error.errno ?? error.failure}: ${detail})`, { cause: error });
+    };
+    const tooLarge = (error: HttpExchangeError): IpsanError => new IpsanError("TOO_LARGE", `${what}: station answer exceeds ${RESPONSE_BYTES_MAX} bytes`, { cause: error });
+    const reason = (error: HttpExchangeError, timeoutMs: number): string =>
+      `${error.errno ?? error.failure}: ${error.failure === "timeout" ? `no answer within ${timeoutMs} ms` : errorMessage(error.cause ?? error)}`;
+
+    if (this.#stations.length === 1) {
+      // One station: one attempt, its answer (a 503 too) is the call's, as before issue 11.
+      try {
+        return shape(await send(0, this.#timeoutMs));
+      } catch (error) {
+        if (!(error instanceof HttpExchangeError)) throw error;
+        if (error.failure === "too-large") throw tooLarge(error);
+        throw new IpsanError("UNAVAILABLE", `${what}: station ${this.baseUrl.origin} unreachable (${reason(error, this.#timeoutMs)})`, { cause: error });
+      }
     }
+
+    const startedMs = Date.now();
+    const deadlineMs = startedMs + this.#timeoutMs;
+    /** The last failure of each station, by origin, in the order tried. */
+    const failures = new Map<string, string>();
+    let passes = 0;
+    const pass = async (): Promise<{ status: number; text: string; location: string | undefined }> => {
+      passes += 1;
+      const count = this.#stations.length;
+      const first = this.#current;
+      for (let step = 0; step < count; step++) {
+        const index = (first + step) % count;
+        const origin = (this.#stations[index] as URL).origin;
+        const remainingMs = deadlineMs - Date.now();
+        if (remainingMs <= 0) break;
+        // A call that may move on after a timeout shares the time left among the stations left; one that may not, waits it all.
+        const timeoutMs = repeatable ? Math.min(remainingMs, Math.max(STATION_ATTEMPT_TIMEOUT_MS_MIN, Math.floor(remainingMs / (count - step)))) : remainingMs;
+        let answer: HttpAnswer;
+        try {
+          answer = await send(index, timeoutMs);
+        } catch (error) {
+          if (!(error instanceof HttpExchangeError)) throw error;
+          if (error.failure === "too-large") throw tooLarge(error);
+          failures.delete(origin);
+          failures.set(origin, reason(error, timeoutMs));
+          const notConnected = error.failure === "unreachable" && error.errno !== undefined && NOT_CONNECTED_ERRNOS.has(error.errno);
+          // An answer already started (a status line) came from a station that acted: final, whatever the method.
+          const beforeAnswer = error.status === undefined;
+          if (notConnected || (repeatable && beforeAnswer)) continue;
+          throw this.#noStation(what, failures, passes, startedMs, error, "it may have reached the station, so it is not sent to another: check before repeating it");
+        }
+        if (answer.status === 503) {
+          failures.delete(origin);
+          failures.set(origin, stationError("", 503, parseJson(answer.text()), answer.text()).message.replace(/^: /, ""));
+          continue;
+        }
+        this.#current = index;
+        return shape(answer);
+      }
+      throw new PassFailed();
+    };
+    try {
+      return await retry(pass, {
+        policy: STATION_PASS_BACKOFF,
+        retryable: (error) => error instanceof PassFailed && Date.now() < deadlineMs,
+        sleep: (ms) => new Promise((resolve) => setTimeout(resolve, Math.max(0, Math.min(ms, deadlineMs - Date.now())))),
+      });
+    } catch (error) {
+      if (!(error instanceof PassFailed)) throw error;
+      throw this.#noStation(what, failures, passes, startedMs, undefined, undefined);
+    }
+  }
+
+  /** The error of a call no station answered: every station tried and why it failed. */
+  #noStation(what: string, failures: ReadonlyMap<string, string>, passes: number, startedMs: number, cause: unknown, note: string | undefined): IpsanError {
+    const tried = [...failures].map(([origin, why]) => `${origin} (${why})`).join("; ");
+    const untried = this.#stations.filter((url) => !failures.has(url.origin)).map((url) => url.origin);
+    const message =
+      `${what}: no station answered: ${tried}` +
+      (untried.length > 0 ? `; not tried: ${untried.join(", ")}` : "") +
+      ` [${passes} pass${passes === 1 ? "" : "es"} over ${this.#stations.length} stations in ${Date.now() - startedMs} ms]` +
+      (note === undefined ? "" : `; ${note}`);
+    return new IpsanError("UNAVAILABLE", message, cause === undefined ? {} : { cause });
   }
 
   /**
@@ -440,6 +582,14 @@ export class StationClient {
   }
 }
 
+function parseJson(text: string): unknown {
+  try {
+    return text === "" ? undefined : (JSON.parse(text) as unknown);
+  } catch {
+    return undefined;
+  }
+}
+
 function stationError(what: string, status: number, parsed: unknown, text: string): StationError {
   const error = (parsed as { error?: { code?: unknown; message?: unknown; field?: unknown; reasons?: unknown } } | undefined)?.error;
   const code = isErrorCode(error?.code) ? error.code : codeForStatus(status);
@@ -473,8 +623,24 @@ function checkAssignment(body: unknown, what: string): StationAssignment {
  * The local address this machine uses toward the station: what the station
  * sees as our source address (absent NAT). The agent registers it when no
  * --address is given, so a heartbeat-only host still has a data-path address.
+ * Given several stations, the first that accepts a connection (each gets an
+ * equal share of the timeout).
  */
-export function sourceAddressToward(url: URL, timeoutMs = STATION_REQUEST_TIMEOUT_MS): Promise<string> {
+export async function sourceAddressToward(target: URL | readonly URL[], timeoutMs = STATION_REQUEST_TIMEOUT_MS): Promise<string> {
+  const urls = Array.isArray(target) ? (target as readonly URL[]) : [target as URL];
+  const failures: string[] = [];
+  for (const url of urls) {
+    try {
+      return await sourceAddressTowardOne(url, Math.max(STATION_ATTEMPT_TIMEOUT_MS_MIN, Math.floor(timeoutMs / urls.length)));
+    } catch (error) {
+      if (urls.length === 1) throw error;
+      failures.push(errorMessage(error));
+    }
+  }
+  throw new IpsanError("UNAVAILABLE", `no station reachable: ${failures.join("; ")}`);
+}
+
+function sourceAddressTowardOne(url: URL, timeoutMs: number): Promise<string> {
   const port = Number(url.port || (url.protocol === "https:" ? 443 : 80));
   const host = url.hostname.replace(/^\[|\]$/g, "");
   return new Promise((resolve, reject) => {

@@ -141,6 +141,8 @@ export async function startJoinedUnit(
     control?: boolean;
     /** --listen (default 127.0.0.1:0). */
     listen?: string;
+    /** Another bin/ipsan (a canary's patched build). */
+    ipsanBin?: string;
   },
 ): Promise<RunningUnit> {
   const unit = await startUnit({
@@ -152,6 +154,7 @@ export async function startJoinedUnit(
     extraArgs: [...joinArgs(station), ...(options.tls === true ? [] : ["--insecure-plaintext"]), ...(options.extraArgs ?? [])],
     ...(options.dataDir === undefined ? {} : { dataDir: options.dataDir }),
     ...(options.env === undefined ? {} : { env: options.env }),
+    ...(options.ipsanBin === undefined ? {} : { ipsanBin: options.ipsanBin }),
   });
   const expected = (options.volumes ?? []).length;
   await waitFor(
