@@ -151,7 +151,16 @@ export class Allocation {
     }
   }
 
-  private noSpace(sizeBytes: number, reasons: readonly UnitReason[], copies = 1): NoSpaceError {
+  private noSpace(sizeBytes: number, reasons: readonly UnitReason[], copies = 1): IpsanError {
+    // Units not heard from since this station started (or took the lead) may well have room:
+    // "try again in a moment" (503), not "the pool is full" (507).
+    const unheard = reasons.filter((r) => r.reason === "unknown").map((r) => r.unit);
+    if (unheard.length > 0) {
+      return new IpsanError(
+        "UNAVAILABLE",
+        `no unit heard from so far can hold ${formatSize(sizeBytes)}${copies > 1 ? ` x ${copies} copies` : ""}, and ${unheard.length} unit${unheard.length === 1 ? " has" : "s have"} not reported since this station started (${unheard.slice(0, 5).join(", ")}${unheard.length > 5 ? ", ..." : ""}); units report every second or so: retry in a few seconds`,
+      );
+    }
     const units = `${reasons.length} unit${reasons.length === 1 ? "" : "s"}`;
     let message: string;
     if (copies > 1) {

@@ -78,7 +78,7 @@ before(async () => {
         capacity: "512M",
         control: true,
         volumes: [],
-        extraArgs: ["--discovery", discovery[0]!, "--cluster-key-file", join(stations[0]!.dataDir, "cluster.key"), "--insecure-plaintext"],
+        extraArgs: ["--discovery", discovery.join(","), "--cluster-key-file", join(stations[0]!.dataDir, "cluster.key"), "--insecure-plaintext"],
       }),
     );
   }

@@ -1,0 +1,111 @@
+// An acknowledged change is in etcd before its answer leaves (issue 11: the
+// same promise as synchronous=FULL on one station). Real processes: a
+// single-member etcd, stations A (leading) and B. With etcd frozen (SIGSTOP),
+// a change sent to A must not be acknowledged; A is then killed with -9, etcd
+// resumes, B takes over, and every change that was acknowledged, before or
+// during the freeze, is there. The canary runs the same on a build whose
+// answers do not wait for etcd: A acknowledges the change during the freeze,
+// and after the takeover it is gone.
+
+import { after, before, test } from "node:test";
+import assert from "node:assert/strict";
+import { startEtcdCluster, type EtcdCluster } from "../../testing/etcd.ts";
+import { patchedBuild } from "../../testing/patched_build.ts";
+import { freeUdpPort } from "../../testing/daemon.ts";
+import { waitFor } from "../../testing/process.ts";
+import { makeTempDir, memoryTmpBase } from "../../testing/tmp.ts";
+import { startStation, type RunningStation } from "../harness.ts";
+
+let etcd: EtcdCluster;
+
+before(async () => {
+  etcd = await startEtcdCluster({ members: 1, prefix: "durability" });
+});
+after(async () => {
+  await etcd?.stop();
+});
+
+async function leads(station: RunningStation): Promise<boolean> {
+  try {
+    return ((await station.api("GET", "/api/v1/health")).body as { leader?: boolean }).leader === true;
+  } catch {
+    return false;
+  }
+}
+
+interface Outcome {
+  /** The status A answered the change sent while etcd was frozen (0: no answer). */
+  readonly duringStatus: number;
+  /** Hosts the new leader lists. */
+  readonly hosts: string[];
+}
+
+async function freezeAndKill(prefix: string, bin?: string): Promise<Outcome> {
+  const dirs = makeTempDir(prefix, memoryTmpBase());
+  const stations: RunningStation[] = [];
+  const member = etcd.members[0]!;
+  try {
+    const start = async (name: string): Promise<RunningStation> => {
+      const station = await startStation({
+        dataDir: dirs.file(name),
+        discovery: `127.0.0.1:${await freeUdpPort()}`,
+        readyWithoutDiscovery: true,
+        extraArgs: ["--etcd", etcd.endpointsFlag],
+        ...(bin === undefined ? {} : { bin }),
+      });
+      stations.push(station);
+      return station;
+    };
+    const a = await start("a");
+    await waitFor("A leads", async () => ((await leads(a)) ? true : undefined), { timeoutMs: 15_000, intervalMs: 100 });
+    const b = await start("b");
+    const before = await a.api("PUT", "/api/v1/hosts/before-freeze", { address: "127.0.0.5" });
+    assert.equal(before.status, 201, before.text);
+
+    member.pause();
+    let duringStatus = 0;
+    try {
+      duringStatus = (await a.api("PUT", "/api/v1/hosts/during-freeze", { address: "127.0.0.6" })).status;
+    } catch {
+      duringStatus = 0;
+    }
+    await a.kill9();
+    member.resume();
+    await waitFor("B leads", async () => ((await leads(b)) ? true : undefined), { timeoutMs: 20_000, intervalMs: 100 });
+    const listed = await b.api("GET", "/api/v1/hosts");
+    assert.equal(listed.status, 200, listed.text);
+    return { duringStatus, hosts: (listed.body as { items: { name: string }[] }).items.map((h) => h.name).sort() };
+  } finally {
+    if (member.paused()) member.resume();
+    for (const station of stations) await station.close().catch(() => undefined);
+    dirs.remove();
+    const { Etcd3 } = await import("etcd3");
+    const client = new Etcd3({ hosts: etcd.endpoints });
+    await client.delete().all();
+    client.close();
+  }
+}
+
+test("a change is acknowledged only once it is in etcd: none while etcd is frozen, and every acknowledged one survives the leader's kill -9", async () => {
+  const outcome = await freezeAndKill("durability");
+  assert.ok(outcome.duringStatus < 200 || outcome.duringStatus >= 300, `no acknowledgement while etcd was frozen (got ${outcome.duringStatus})`);
+  assert.equal(outcome.duringStatus, 503, "the leader says it could not keep the change (it stopped leading)");
+  assert.ok(outcome.hosts.includes("before-freeze"), `the change acknowledged before the freeze survives: ${outcome.hosts.join(" ")}`);
+});
+
+test("canary: a build that answers before etcd has the change loses an acknowledged change", async () => {
+  const build = patchedBuild(
+    "canary-durable",
+    [{ file: "dist/station/api/server.js", from: "if (this.cluster !== undefined)\n                    await this.cluster.durable();", to: "" }],
+    undefined,
+    { nodeModules: true },
+  );
+  try {
+    const outcome = await freezeAndKill("durability-canary", build.ipsanBin);
+    const acknowledged = outcome.duringStatus >= 200 && outcome.duringStatus < 300;
+    const lost = acknowledged && !outcome.hosts.includes("during-freeze");
+    assert.ok(lost, `the broken build must acknowledge the change and lose it (status ${outcome.duringStatus}, hosts ${outcome.hosts.join(" ")})`);
+  } finally {
+    build.remove();
+  }
+});
