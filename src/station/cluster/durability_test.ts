@@ -1,7 +1,8 @@
 // An acknowledged change is in etcd before its answer leaves (issue 11: the
 // same promise as synchronous=FULL on one station). Real processes: a
 // single-member etcd, stations A (leading) and B. With etcd frozen (SIGSTOP),
-// a change sent to A must not be acknowledged; A is then killed with -9, etcd
+// a change sent to A must not be acknowledged, and every station answers 503
+// saying no station leads; A is then killed with -9, etcd
 // resumes, B takes over, and every change that was acknowledged, before or
 // during the freeze, is there. The canary runs the same on a build whose
 // answers do not wait for etcd: A acknowledges the change during the freeze,
@@ -36,6 +37,8 @@ async function leads(station: RunningStation): Promise<boolean> {
 interface Outcome {
   /** The status A answered the change sent while etcd was frozen (0: no answer). */
   readonly duringStatus: number;
+  /** What A and B answered a read while etcd was still frozen, after A stopped leading. */
+  readonly frozenReads: string[];
   /** Hosts the new leader lists. */
   readonly hosts: string[];
 }
@@ -69,12 +72,17 @@ async function freezeAndKill(prefix: string, bin?: string): Promise<Outcome> {
     } catch {
       duringStatus = 0;
     }
+    const frozenReads: string[] = [];
+    for (const station of [a, b]) {
+      const read = await station.api("GET", "/api/v1/hosts").catch((error: unknown) => ({ status: 0, text: String(error) }));
+      frozenReads.push(`${read.status} ${read.text.trim()}`);
+    }
     await a.kill9();
     member.resume();
     await waitFor("B leads", async () => ((await leads(b)) ? true : undefined), { timeoutMs: 20_000, intervalMs: 100 });
     const listed = await b.api("GET", "/api/v1/hosts");
     assert.equal(listed.status, 200, listed.text);
-    return { duringStatus, hosts: (listed.body as { items: { name: string }[] }).items.map((h) => h.name).sort() };
+    return { duringStatus, frozenReads, hosts: (listed.body as { items: { name: string }[] }).items.map((h) => h.name).sort() };
   } finally {
     if (member.paused()) member.resume();
     for (const station of stations) await station.close().catch(() => undefined);
@@ -91,6 +99,7 @@ test("a change is acknowledged only once it is in etcd: none while etcd is froze
   assert.ok(outcome.duringStatus < 200 || outcome.duringStatus >= 300, `no acknowledgement while etcd was frozen (got ${outcome.duringStatus})`);
   assert.equal(outcome.duringStatus, 503, "the leader says it could not keep the change (it stopped leading)");
   assert.ok(outcome.hosts.includes("before-freeze"), `the change acknowledged before the freeze survives: ${outcome.hosts.join(" ")}`);
+  for (const read of outcome.frozenReads) assert.match(read, /^503 .*no station leads at the moment/, "with etcd frozen, every station answers 503 and says why");
 });
 
 test("canary: a build that answers before etcd has the change loses an acknowledged change", async () => {
