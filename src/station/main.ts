@@ -84,7 +84,8 @@ ${HOST_FAILOVER_AFTER_USAGE}
   --etcd ENDPOINTS       several stations: keep the state in this etcd cluster (comma-separated client
                          URLs, as etcdctl --endpoints); one station leads, the others forward to it
                          (docs/OPERATIONS.md "Several stations"); DATA/station.db is then a local copy
-  --advertise-url URL    with --etcd: this station's API URL as the others reach it (default: the --http address)
+  --advertise-url URL    with --etcd: this station's API URL as the others reach it (default: the --http address;
+                         https:// with --tls-cert: followers verify the leader against the system CAs and their own --tls-cert file)
   --leader-lease DURATION
                          with --etcd: the leader's etcd lease, whole seconds (default ${LEADER_LEASE_MS_DEFAULT / 1000}s):
                          a dead leader is replaced within about this long
@@ -204,12 +205,11 @@ export async function stationMain(argv: readonly string[]): Promise<number> {
   if (etcd === null && (values["advertise-url"] !== undefined || values["leader-lease"] !== undefined)) {
     throw new UsageError("--advertise-url and --leader-lease go with --etcd (several stations)");
   }
-  if (etcd !== null && tls !== undefined) {
-    etcd.close();
-    throw new UsageError("--etcd with --tls-cert is not supported yet: stations forward requests to the leader over plain HTTP (docs/OPERATIONS.md \"Several stations\")");
+  const advertise = values["advertise-url"]?.replace(/\/$/, "");
+  if (advertise !== undefined && !/^https?:\/\/[^/\s]+$/.test(advertise)) throw new UsageError(`--advertise-url: "${advertise}" is not http://HOST:PORT or https://HOST:PORT`);
+  if (advertise !== undefined && advertise.startsWith("https:") !== (tls !== undefined)) {
+    throw new UsageError(`--advertise-url: ${advertise.startsWith("https:") ? "https:// needs --tls-cert" : "with --tls-cert the station serves https://"}`);
   }
-  const advertise = values["advertise-url"];
-  if (advertise !== undefined && !/^http:\/\/[^/\s]+(:[0-9]{1,5})?\/?$/.test(advertise)) throw new UsageError(`--advertise-url: "${advertise}" is not http://HOST:PORT`);
   const leaderLease = values["leader-lease"] === undefined ? LEADER_LEASE_MS_DEFAULT : parseDuration(values["leader-lease"], "--leader-lease");
   if (leaderLease < LEADER_LEASE_MS_MIN || leaderLease > LEADER_LEASE_MS_MAX || leaderLease % 1000 !== 0) {
     throw new UsageError(`--leader-lease: whole seconds from ${LEADER_LEASE_MS_MIN / 1000}s to ${LEADER_LEASE_MS_MAX / 1000}s (etcd leases count seconds)`);
@@ -455,7 +455,6 @@ async function runCluster(
       return { handle: (req, res) => running.api.handle(req, res), close: () => running.close() };
     },
   });
-  process.stdout.write(`ipsan station ready ${url}\n`);
   try {
     await node.start();
   } catch (error) {
@@ -463,6 +462,7 @@ async function runCluster(
     etcd.close();
     throw error;
   }
+  process.stdout.write(`ipsan station ready ${url}\n`);
   log.info("station in a cluster", { url, etcd: etcd.endpoints.join(","), id: node.id });
   await untilSignal();
   await node.stop();

@@ -13,6 +13,8 @@
 //     (not tried elsewhere blindly: it may have made its change).
 
 import { createServer, request as httpRequest, type IncomingMessage, type Server, type ServerResponse } from "node:http";
+import { createServer as createHttpsServer, request as httpsRequest } from "node:https";
+import { rootCertificates } from "node:tls";
 import type { AddressInfo, Socket } from "node:net";
 import { errorMessage } from "../../util/errors.ts";
 import { logger } from "../../util/log.ts";
@@ -51,7 +53,8 @@ export class FrontServer {
 
   constructor(options: FrontServerOptions) {
     this.options = options;
-    this.server = createServer((req, res) => this.route(req, res));
+    const route = (req: IncomingMessage, res: ServerResponse): void => this.route(req, res);
+    this.server = options.tls === undefined ? createServer(route) : createHttpsServer({ cert: options.tls.cert, key: options.tls.key }, route);
     this.server.headersTimeout = HTTP_HEADERS_TIMEOUT_MS;
     this.server.requestTimeout = HTTP_REQUEST_TIMEOUT_MS;
     this.server.keepAliveTimeout = HTTP_KEEP_ALIVE_TIMEOUT_MS;
@@ -120,11 +123,18 @@ export class FrontServer {
     }
     headers[FORWARDED_FOR_HEADER] = (req.socket.remoteAddress ?? "").replace(/^::ffff:/, "");
     headers[FORWARD_SECRET_HEADER] = this.options.forwardSecret.toString("utf8");
-    const outgoing = httpRequest({ host: target.hostname.replace(/^\[|\]$/g, ""), port: target.port, path: target.pathname + target.search, method: req.method, headers });
+    const where = { host: target.hostname.replace(/^\[|\]$/g, ""), port: target.port, path: target.pathname + target.search, method: req.method, headers };
+    // An https:// leader is verified against the system's CAs and the certificates in this station's own --tls-cert
+    // file (one certificate for every station, or certificates of one CA whose root is in that file).
+    const outgoing =
+      target.protocol === "https:"
+        ? httpsRequest({ ...where, ca: [...rootCertificates, ...(this.options.tls === undefined ? [] : [this.options.tls.cert.toString("utf8")])] })
+        : httpRequest(where);
     let connected = false;
+    // Connected: the request can have been sent (after the TLS handshake for https; a reused socket is connected).
     outgoing.on("socket", (socket: Socket) => {
-      if (!socket.connecting) connected = true;
-      else socket.once("connect", () => (connected = true));
+      if (!socket.connecting && (target.protocol !== "https:" || (socket as Socket & { encrypted?: boolean; authorized?: boolean }).authorized === true)) connected = true;
+      else socket.once(target.protocol === "https:" ? "secureConnect" : "connect", () => (connected = true));
     });
     const timer = setTimeout(() => outgoing.destroy(new Error(`the leader did not answer within ${FORWARD_HEADERS_TIMEOUT_MS} ms`)), FORWARD_HEADERS_TIMEOUT_MS);
     outgoing.on("response", (incoming) => {

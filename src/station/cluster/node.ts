@@ -133,7 +133,11 @@ export class ClusterNode {
     watcher.on("delete", () => this.wakeFollower?.());
     watcher.on("error", (error: unknown) => log.limited("watch", "etcd watch failed (polling goes on)", { error: errorMessage(error) }));
     this.watchers.push(watcher);
-    this.loop = this.run();
+    let firstRound: () => void = () => undefined;
+    const ready = new Promise<void>((resolve) => (firstRound = resolve));
+    this.loop = this.run(firstRound);
+    // Ready once this station knows who leads (or leads itself, or knows that nobody does).
+    await ready;
   }
 
   /** Answers an HTTP request as leader; null when this station does not lead. */
@@ -191,9 +195,17 @@ export class ClusterNode {
 
   // ---- follower and campaign -------------------------------------------------------
 
-  private async run(): Promise<void> {
+  private async run(firstRound: () => void): Promise<void> {
+    try {
+      await this.follow(firstRound);
+    } finally {
+      firstRound();
+    }
+  }
+
+  private async follow(firstRound: () => void): Promise<void> {
     this.role = "follower";
-    while (!this.stopped) {
+    for (let round = 0; !this.stopped; round++) {
       try {
         if (this.role === "follower") {
           await this.catchUp().catch(async (error: unknown) => {
@@ -210,6 +222,7 @@ export class ClusterNode {
         log.limited("follow", "cannot reach etcd", { error: errorMessage(error) });
       }
       if (this.stopped) break;
+      if (round === 0) firstRound();
       await new Promise<void>((resolve) => {
         const timer = setTimeout(resolve, FOLLOWER_POLL_MS);
         this.wakeFollower = () => {
