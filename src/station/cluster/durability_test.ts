@@ -12,10 +12,9 @@ import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { startEtcdCluster, type EtcdCluster } from "../../testing/etcd.ts";
 import { patchedBuild } from "../../testing/patched_build.ts";
-import { freeUdpPort } from "../../testing/daemon.ts";
-import { waitFor } from "../../testing/process.ts";
+import { clearEtcd, startEtcdStation, stationHealth, until } from "../../testing/stations.ts";
 import { makeTempDir, memoryTmpBase } from "../../testing/tmp.ts";
-import { startStation, type RunningStation } from "../harness.ts";
+import type { RunningStation } from "../harness.ts";
 
 let etcd: EtcdCluster;
 
@@ -27,11 +26,7 @@ after(async () => {
 });
 
 async function leads(station: RunningStation): Promise<boolean> {
-  try {
-    return ((await station.api("GET", "/api/v1/health")).body as { leader?: boolean }).leader === true;
-  } catch {
-    return false;
-  }
+  return (await stationHealth(station))?.leader === true;
 }
 
 interface Outcome {
@@ -49,18 +44,12 @@ async function freezeAndKill(prefix: string, bin?: string): Promise<Outcome> {
   const member = etcd.members[0]!;
   try {
     const start = async (name: string): Promise<RunningStation> => {
-      const station = await startStation({
-        dataDir: dirs.file(name),
-        discovery: `127.0.0.1:${await freeUdpPort()}`,
-        readyWithoutDiscovery: true,
-        extraArgs: ["--etcd", etcd.endpointsFlag],
-        ...(bin === undefined ? {} : { bin }),
-      });
+      const station = await startEtcdStation(dirs, name, etcd, bin === undefined ? {} : { bin });
       stations.push(station);
       return station;
     };
     const a = await start("a");
-    await waitFor("A leads", async () => ((await leads(a)) ? true : undefined), { timeoutMs: 15_000, intervalMs: 100 });
+    await until("A leads", () => leads(a), 15_000);
     const b = await start("b");
     const before = await a.api("PUT", "/api/v1/hosts/before-freeze", { address: "127.0.0.5" });
     assert.equal(before.status, 201, before.text);
@@ -79,7 +68,7 @@ async function freezeAndKill(prefix: string, bin?: string): Promise<Outcome> {
     }
     await a.kill9();
     member.resume();
-    await waitFor("B leads", async () => ((await leads(b)) ? true : undefined), { timeoutMs: 20_000, intervalMs: 100 });
+    await until("B leads", () => leads(b), 20_000);
     const listed = await b.api("GET", "/api/v1/hosts");
     assert.equal(listed.status, 200, listed.text);
     return { duringStatus, frozenReads, hosts: (listed.body as { items: { name: string }[] }).items.map((h) => h.name).sort() };
@@ -87,10 +76,7 @@ async function freezeAndKill(prefix: string, bin?: string): Promise<Outcome> {
     if (member.paused()) member.resume();
     for (const station of stations) await station.close().catch(() => undefined);
     dirs.remove();
-    const { Etcd3 } = await import("etcd3");
-    const client = new Etcd3({ hosts: etcd.endpoints });
-    await client.delete().all();
-    client.close();
+    await clearEtcd(etcd);
   }
 }
 

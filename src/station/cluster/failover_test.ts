@@ -16,11 +16,11 @@ import Database from "better-sqlite3";
 import { join } from "node:path";
 import { startEtcdCluster, type EtcdCluster } from "../../testing/etcd.ts";
 import { freeUdpPort } from "../../testing/daemon.ts";
-import { sleep, waitFor } from "../../testing/process.ts";
+import { sleep } from "../../testing/process.ts";
+import { leaderAmong, startEtcdStation, startUnitOfStations, until } from "../../testing/stations.ts";
 import { makeTempDir, memoryTmpBase, type TempDir } from "../../testing/tmp.ts";
 import type { RunningUnit } from "../../testing/unit.ts";
-import { startUnit } from "../../testing/unit.ts";
-import { startStation, type RunningStation } from "../harness.ts";
+import type { RunningStation } from "../harness.ts";
 import type { Assignment } from "../pool_harness.ts";
 
 /** Issue 11's target for a new leader after the old one dies, with the default 3 s lease. */
@@ -35,53 +35,16 @@ const stations: RunningStation[] = [];
 const units: RunningUnit[] = [];
 let discovery: string[] = [];
 
-/** Polls `probe` until it says true (waitFor's "a value" form). */
-function until(what: string, probe: () => Promise<boolean>, timeoutMs: number): Promise<true> {
-  return waitFor(what, async () => ((await probe()) ? true : undefined), { timeoutMs, intervalMs: 100 });
-}
-
-async function health(station: RunningStation): Promise<{ leader?: boolean; leaderUrl?: string | null } | null> {
-  if (!station.running()) return null;
-  try {
-    const response = await station.api("GET", "/api/v1/health");
-    return response.status === 200 ? (response.body as { leader?: boolean; leaderUrl?: string | null }) : null;
-  } catch {
-    return null;
-  }
-}
-
-async function leaderOf(candidates: readonly RunningStation[]): Promise<RunningStation | undefined> {
-  for (const station of candidates) if ((await health(station))?.leader === true) return station;
-  return undefined;
-}
-
 before(async () => {
   etcd = await startEtcdCluster({ members: 3, prefix: "stations" });
   dirs = makeTempDir("stations", memoryTmpBase());
   discovery = await Promise.all([0, 1, 2].map(async () => `127.0.0.1:${await freeUdpPort()}`));
   // The first station starts alone, so it leads; then the others.
   for (let i = 0; i < 3; i++) {
-    stations.push(
-      await startStation({
-        dataDir: dirs.file(`s${i}`),
-        discovery: discovery[i]!,
-        readyWithoutDiscovery: true,
-        extraArgs: ["--etcd", etcd.endpointsFlag, "--reconcile-interval-ms", "500"],
-      }),
-    );
-    if (i === 0) await until("the first station leads", async () => (await leaderOf(stations)) !== undefined, 15_000);
+    stations.push(await startEtcdStation(dirs, `s${i}`, etcd, { discovery: discovery[i]!, extraArgs: ["--reconcile-interval-ms", "500"] }));
+    if (i === 0) await until("the first station leads", async () => (await leaderAmong(stations)) !== undefined, 15_000);
   }
-  for (const name of ["ua", "ub"]) {
-    units.push(
-      await startUnit({
-        name,
-        capacity: "512M",
-        control: true,
-        volumes: [],
-        extraArgs: ["--discovery", discovery.join(","), "--cluster-key-file", join(stations[0]!.dataDir, "cluster.key"), "--insecure-plaintext"],
-      }),
-    );
-  }
+  for (const name of ["ua", "ub"]) units.push(await startUnitOfStations(name, discovery, stations[0]!));
   await until(
     "both units online (asked through a follower)",
     async () => {
@@ -136,7 +99,7 @@ async function allocate(requestId: string, start: number): Promise<Outcome> {
 }
 
 test("kill -9 of the leader mid-burst: a new leader in time, every acknowledged allocation exactly once, copies identical", async () => {
-  const first = await leaderOf(stations);
+  const first = await leaderAmong(stations);
   assert.ok(first !== undefined, "a leader");
   const outcomes: Outcome[] = [];
   let next = 0;
@@ -155,7 +118,7 @@ test("kill -9 of the leader mid-burst: a new leader in time, every acknowledged 
   const survivors = (): RunningStation[] => stations.filter((s) => s !== first);
   const takeover = (async () => {
     await until("the kill", async () => killedAt !== 0, 60_000);
-    await until("a new leader", async () => (await leaderOf(survivors())) !== undefined, 15_000);
+    await until("a new leader", async () => (await leaderAmong(survivors())) !== undefined, 15_000);
     return Date.now() - killedAt;
   })();
   await Promise.all(Array.from({ length: CLIENTS }, (_v, w) => worker(w)));
@@ -167,7 +130,7 @@ test("kill -9 of the leader mid-burst: a new leader in time, every acknowledged 
   );
   assert.ok(takeoverMs < LEADER_TAKEOVER_MAX_MS, `a new leader within ${LEADER_TAKEOVER_MAX_MS} ms (took ${takeoverMs})`);
 
-  const leader = (await leaderOf(survivors()))!;
+  const leader = (await leaderAmong(survivors()))!;
   const listed = ((await leader.api("GET", "/api/v1/assignments?all=true")).body as { items: Assignment[] }).items;
   const live = listed.filter((a) => a.state === "active" || a.state === "pending" || a.state === "revoking");
   for (const outcome of outcomes) {

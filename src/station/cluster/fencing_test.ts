@@ -14,10 +14,9 @@ import assert from "node:assert/strict";
 import { startEtcdCluster, type EtcdCluster } from "../../testing/etcd.ts";
 import { startTcpProxy, type TcpProxy } from "../../testing/tcp_proxy.ts";
 import { patchedBuild } from "../../testing/patched_build.ts";
-import { freeUdpPort } from "../../testing/daemon.ts";
-import { waitFor } from "../../testing/process.ts";
+import { clearEtcd, startEtcdStation, stationHealth, until } from "../../testing/stations.ts";
 import { makeTempDir, memoryTmpBase, type TempDir } from "../../testing/tmp.ts";
-import { startStation, type RunningStation } from "../harness.ts";
+import type { RunningStation } from "../harness.ts";
 
 let etcd: EtcdCluster;
 
@@ -28,18 +27,7 @@ after(async () => {
   await etcd?.stop();
 });
 
-function until(what: string, probe: () => Promise<boolean>, timeoutMs: number): Promise<true> {
-  return waitFor(what, async () => ((await probe()) ? true : undefined), { timeoutMs, intervalMs: 50 });
-}
-
-async function health(station: RunningStation): Promise<{ leader?: boolean; leaderUrl?: string | null; problem?: string } | null> {
-  try {
-    const response = await station.api("GET", "/api/v1/health");
-    return response.status === 200 ? (response.body as { leader?: boolean; leaderUrl?: string | null; problem?: string }) : null;
-  } catch {
-    return null;
-  }
-}
+const health = stationHealth;
 
 /** The time of the first log line of `station` with `message` (the log's ISO timestamp). */
 function loggedAt(station: RunningStation, message: string): number | null {
@@ -62,14 +50,7 @@ async function partitionTheLeader(prefix: string, bin?: string, heal = true): Pr
   const proxy: TcpProxy = await startTcpProxy({ targetPort: Number(new URL(etcd.members[0]!.clientUrl).port) });
   const stations: RunningStation[] = [];
   try {
-    const start = async (name: string, endpoints: string): Promise<RunningStation> =>
-      startStation({
-        dataDir: dirs.file(name),
-        discovery: `127.0.0.1:${await freeUdpPort()}`,
-        readyWithoutDiscovery: true,
-        extraArgs: ["--etcd", endpoints],
-        ...(bin === undefined ? {} : { bin }),
-      });
+    const start = (name: string, endpoints: string): Promise<RunningStation> => startEtcdStation(dirs, name, endpoints, bin === undefined ? {} : { bin });
     const a = await start("a", proxy.url());
     stations.push(a);
     await until("station A leads", async () => (await health(a))?.leader === true, 15_000);
@@ -102,11 +83,7 @@ async function partitionTheLeader(prefix: string, bin?: string, heal = true): Pr
     for (const station of stations) await station.close().catch(() => undefined);
     await proxy.close();
     dirs.remove();
-    // The next scenario starts from an empty etcd.
-    const { Etcd3 } = await import("etcd3");
-    const client = new Etcd3({ hosts: etcd.endpoints });
-    await client.delete().all();
-    client.close();
+    await clearEtcd(etcd); // the next scenario starts from an empty etcd
   }
 }
 

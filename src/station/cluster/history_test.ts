@@ -11,15 +11,15 @@
 
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
-import { join } from "node:path";
 import { startEtcdCluster, type EtcdCluster } from "../../testing/etcd.ts";
 import { assertHistory, type AssignmentView, type FinalAssignment, type HistoryOp } from "../../testing/history.ts";
 import { freeUdpPort } from "../../testing/daemon.ts";
-import { sleep, waitFor } from "../../testing/process.ts";
+import { sleep } from "../../testing/process.ts";
+import { startEtcdStation, startUnitOfStations, stationHealth, until } from "../../testing/stations.ts";
 import { makeTempDir, memoryTmpBase, type TempDir } from "../../testing/tmp.ts";
-import { startUnit, type RunningUnit } from "../../testing/unit.ts";
+import type { RunningUnit } from "../../testing/unit.ts";
 import { seededRandom, type Random } from "../../util/random.ts";
-import { startStation, type RunningStation } from "../harness.ts";
+import type { RunningStation } from "../harness.ts";
 import type { Assignment } from "../pool_harness.ts";
 
 const RUN_MS = 30_000;
@@ -32,31 +32,15 @@ let dirs: TempDir;
 const slots: { name: string; discovery: string; station: RunningStation | null }[] = [];
 const units: RunningUnit[] = [];
 
-function until(what: string, probe: () => Promise<boolean>, timeoutMs: number): Promise<true> {
-  return waitFor(what, async () => ((await probe()) ? true : undefined), { timeoutMs, intervalMs: 100 });
-}
-
 async function startSlot(i: number): Promise<RunningStation> {
   const slot = slots[i]!;
-  const station = await startStation({
-    dataDir: dirs.file(slot.name),
-    keepData: true,
-    discovery: slot.discovery,
-    readyWithoutDiscovery: true,
-    extraArgs: ["--etcd", etcd.endpointsFlag, "--leader-lease", "2s", "--reconcile-interval-ms", "500"],
-  });
+  const station = await startEtcdStation(dirs, slot.name, etcd, { discovery: slot.discovery, extraArgs: ["--leader-lease", "2s", "--reconcile-interval-ms", "500"] });
   slot.station = station;
   return station;
 }
 
 async function isLeader(station: RunningStation | null): Promise<boolean> {
-  if (station === null || !station.running()) return false;
-  try {
-    const response = await station.api("GET", "/api/v1/health");
-    return (response.body as { leader?: boolean }).leader === true;
-  } catch {
-    return false;
-  }
+  return (await stationHealth(station))?.leader === true;
 }
 
 before(async () => {
@@ -65,17 +49,7 @@ before(async () => {
   for (let i = 0; i < 3; i++) slots.push({ name: `s${i}`, discovery: `127.0.0.1:${await freeUdpPort()}`, station: null });
   for (let i = 0; i < 3; i++) await startSlot(i);
   await until("a leader", async () => (await Promise.all(slots.map((s) => isLeader(s.station)))).includes(true), 20_000);
-  for (const name of ["ha", "hb"]) {
-    units.push(
-      await startUnit({
-        name,
-        capacity: "512M",
-        control: true,
-        volumes: [],
-        extraArgs: ["--discovery", slots.map((s) => s.discovery).join(","), "--cluster-key-file", join(slots[0]!.station!.dataDir, "cluster.key"), "--insecure-plaintext"],
-      }),
-    );
-  }
+  for (const name of ["ha", "hb"]) units.push(await startUnitOfStations(name, slots.map((s) => s.discovery), slots[0]!.station!));
   await until(
     "both units online",
     async () => {

@@ -11,7 +11,7 @@
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { startEtcdCluster, type EtcdCluster } from "../../testing/etcd.ts";
-import { freeUdpPort } from "../../testing/daemon.ts";
+import { startEtcdStation, stationHealth, until } from "../../testing/stations.ts";
 import { run } from "../../testing/process.ts";
 import { makeTempDir, memoryTmpBase, type TempDir } from "../../testing/tmp.ts";
 import { IPSAN_BIN, type RunningUnit } from "../../testing/unit.ts";
@@ -76,17 +76,10 @@ test("a single station's pool into etcd and back, identical; refusals change not
   assert.equal(again.code, 1, again.out);
   assert.match(again.out, /already holds ipsan state.*nothing was changed/);
 
-  const clustered = await startStation({ dataDir: dirs.file("clustered"), discovery: `127.0.0.1:${await freeUdpPort()}`, readyWithoutDiscovery: true, keepData: true, extraArgs: ["--etcd", etcd.endpointsFlag] });
+  const clustered = await startEtcdStation(dirs, "clustered", etcd);
   let during: unknown;
   try {
-    await (async () => {
-      for (let i = 0; i < 100; i++) {
-        const health = await clustered.api("GET", "/api/v1/health");
-        if ((health.body as { leader?: boolean }).leader === true) return;
-        await new Promise((r) => setTimeout(r, 100));
-      }
-      assert.fail("the station on etcd never led");
-    })();
+    await until("the station on etcd leads", async () => (await stationHealth(clustered))?.leader === true, 15_000);
     assert.equal(clustered.token(), single.token(), "the cluster's admin token is the single station's");
     assert.deepEqual(await pool(clustered), before, "the station on etcd answers the same pool");
     const response = await clustered.api("PUT", "/api/v1/hosts/after-move", { address: "127.0.0.9" });

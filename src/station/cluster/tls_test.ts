@@ -12,11 +12,11 @@ import assert from "node:assert/strict";
 import { request } from "node:https";
 import { readFileSync } from "node:fs";
 import { startEtcdCluster, type EtcdCluster } from "../../testing/etcd.ts";
-import { freeUdpPort } from "../../testing/daemon.ts";
-import { run, runOk, waitFor } from "../../testing/process.ts";
+import { run, runOk } from "../../testing/process.ts";
+import { startEtcdStation, until } from "../../testing/stations.ts";
 import { makeTempDir, memoryTmpBase, type TempDir } from "../../testing/tmp.ts";
 import { IPSAN_BIN } from "../../testing/unit.ts";
-import { startStation, type RunningStation } from "../harness.ts";
+import type { RunningStation } from "../harness.ts";
 
 let etcd: EtcdCluster;
 let dirs: TempDir;
@@ -51,12 +51,7 @@ function get(url: string, token: string, caFile: string): Promise<{ status: numb
 }
 
 async function start(name: string, cert: string): Promise<RunningStation> {
-  const station = await startStation({
-    dataDir: dirs.file(name),
-    discovery: `127.0.0.1:${await freeUdpPort()}`,
-    readyWithoutDiscovery: true,
-    extraArgs: ["--etcd", etcd.endpointsFlag, "--tls-cert", dirs.file(`${cert}.pem`), "--tls-key", dirs.file(`${cert}.key`)],
-  });
+  const station = await startEtcdStation(dirs, name, etcd, { extraArgs: ["--tls-cert", dirs.file(`${cert}.pem`), "--tls-key", dirs.file(`${cert}.key`)] });
   stations.push(station);
   return station;
 }
@@ -65,7 +60,7 @@ test("a follower forwards to the leader over HTTPS, verifying its certificate", 
   const a = await start("a", "shared");
   assert.match(a.url, /^https:\/\//);
   const token = a.token();
-  await waitFor("A leads", async () => ((await get(`${a.url}/api/v1/health`, token, dirs.file("shared.pem")).catch(() => ({ text: "" }))).text.includes('"leader":true') ? true : undefined), { timeoutMs: 15_000, intervalMs: 100 });
+  await until("A leads", async () => (await get(`${a.url}/api/v1/health`, token, dirs.file("shared.pem")).catch(() => ({ text: "" }))).text.includes('"leader":true'), 15_000);
   const b = await start("b", "shared");
   const health = await get(`${b.url}/api/v1/health`, token, dirs.file("shared.pem"));
   assert.match(health.text, new RegExp(`"leader":false,"leaderUrl":"${a.url.replace(/[.]/g, "\\.")}"`));
