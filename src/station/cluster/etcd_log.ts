@@ -15,10 +15,15 @@
 // another took over) can never append again.
 
 import { createHash } from "node:crypto";
-import { gunzipSync, gzipSync } from "node:zlib";
+import { promisify } from "node:util";
+import { gunzip as gunzipCallback, gzip as gzipCallback } from "node:zlib";
 import { Etcd3 } from "etcd3";
 import { IpsanError, errorMessage } from "../../util/errors.ts";
 import { decodeParams, type LogStatement } from "./recorder.ts";
+
+// Compression off the event loop: a large database must not stall the leader's lease renewals.
+const gzip = promisify(gzipCallback);
+const gunzip = promisify(gunzipCallback);
 
 export const KEY_PREFIX_DEFAULT = "/ipsan/";
 /** Largest log entry (etcd refuses requests over 1.5 MiB by default: --max-request-bytes). */
@@ -256,17 +261,18 @@ export class EtcdState {
     if (createHash("sha256").update(packed).digest("hex") !== manifest.sha256) {
       throw new IpsanError("CONFLICT", `etcd: snapshot ${manifest.seq} does not match its checksum: read again`);
     }
-    return gunzipSync(packed);
+    return gunzip(packed);
   }
 
   /**
    * Stores a snapshot of the database at `seq` (the leader's, with nothing
    * unreplicated), fenced like an append, then drops the log up to it and the
    * previous snapshot's chunks. `leaderRevision` null: no fence (migrate, into
-   * an empty prefix only).
+   * an empty prefix only). Returns the snapshot's compressed size, or null
+   * when the fence refused.
    */
-  async writeSnapshot(image: Buffer, seq: number, schema: number, leaderRevision: string | null): Promise<boolean> {
-    const packed = gzipSync(image);
+  async writeSnapshot(image: Buffer, seq: number, schema: number, leaderRevision: string | null): Promise<number | null> {
+    const packed = await gzip(image);
     const chunks = Math.max(1, Math.ceil(packed.length / SNAPSHOT_CHUNK_BYTES));
     if (chunks > SNAPSHOT_CHUNKS_MAX) throw new IpsanError("INVALID_ARGUMENT", `the station's database is too large for an etcd snapshot (${packed.length} bytes compressed)`);
     const previous = await this.snapshotManifest();
@@ -278,12 +284,12 @@ export class EtcdState {
     const put = this.client.put(this.key("snapshot")).value(JSON.stringify(manifest));
     const txn = leaderRevision === null ? this.client.if(this.key("snapshot"), "Version", "==", 0) : this.client.if(this.key("leader"), "Create", "==", leaderRevision);
     const result = await withDeadline("write the snapshot manifest", txn.then(put).commit());
-    if (!result.succeeded) return false;
+    if (!result.succeeded) return null;
     // The log up to seq and the previous snapshot are no longer needed.
     await withDeadline("drop the log up to the snapshot", this.client.delete().inRange({ start: this.key("log/"), end: this.key(`log/${seqKey(seq + 1)}`) }).exec());
     if (previous !== null && previous.seq !== seq) {
       await withDeadline("drop the previous snapshot", this.client.delete().prefix(this.key(`snapshot/${seqKey(previous.seq)}/`)).exec());
     }
-    return true;
+    return packed.length;
   }
 }

@@ -135,7 +135,7 @@ async function intoEtcd(dir: string, endpoints: string[]): Promise<number> {
       const stored = await etcd.sharedSecret(name, () => bytes);
       if (!stored.equals(bytes)) throw new IpsanError("CONFLICT", `etcd already had another ${name}: another station was started on this etcd meanwhile`);
     }
-    if (!(await etcd.writeSnapshot(image, 0, SCHEMA_VERSION, null))) {
+    if ((await etcd.writeSnapshot(image, 0, SCHEMA_VERSION, null)) === null) {
       throw new IpsanError("CONFLICT", "etcd received a snapshot from elsewhere meanwhile (a station started on it?): check with etcdctl and retry into an empty etcd");
     }
     // Verify: what etcd now holds, rebuilt as a station would, equals the source.

@@ -45,8 +45,14 @@ const log = logger("station-cluster");
 export const LEADER_LEASE_MS_DEFAULT = 3_000;
 export const LEADER_LEASE_MS_MIN = 1_000;
 export const LEADER_LEASE_MS_MAX = 60_000;
-/** A snapshot is written after this many entries since the last one. */
+/**
+ * A snapshot is written once at least this many entries were appended since
+ * the last one and their bytes reach the last snapshot's compressed size (so
+ * a large database is not copied whole every few seconds), or after
+ * SNAPSHOT_EVERY_ENTRIES_MAX entries whatever their size.
+ */
 export const SNAPSHOT_EVERY_ENTRIES = 1_000;
+export const SNAPSHOT_EVERY_ENTRIES_MAX = 20_000;
 /** How often a follower polls etcd for the leader and new entries when no watch event came. */
 export const FOLLOWER_POLL_MS = 500;
 /** The schema every station of a cluster must have (the newest migration of this version). */
@@ -71,6 +77,8 @@ export interface ClusterNodeOptions {
   readonly startServices: (db: Db, durable: () => Promise<void>) => Promise<LeaderServices>;
   /** Monotonic milliseconds (the lease's arithmetic); default performance.now. */
   readonly monotonicMs?: () => number;
+  /** Entries between snapshots at least (default SNAPSHOT_EVERY_ENTRIES). */
+  readonly snapshotEveryEntries?: number;
 }
 
 interface Pending {
@@ -100,6 +108,8 @@ export class ClusterNode {
   private lastEnqueued = 0;
   private committed = 0;
   private lastSnapshotSeq = 0;
+  private lastSnapshotBytes = 0;
+  private bytesSinceSnapshot = 0;
   private snapshotting = false;
   private waiters: { seq: number; resolve: () => void; reject: (error: Error) => void }[] = [];
   private timers: NodeJS.Timeout[] = [];
@@ -347,6 +357,7 @@ export class ClusterNode {
           return;
         }
         this.queue.splice(0, batch.length);
+        for (const entry of batch) this.bytesSinceSnapshot += entry.text.length;
         this.committed = batch[batch.length - 1]!.seq;
         const ready = this.waiters.filter((w) => w.seq <= this.committed);
         this.waiters = this.waiters.filter((w) => w.seq > this.committed);
@@ -364,15 +375,19 @@ export class ClusterNode {
 
   private maybeSnapshot(): void {
     if (this.snapshotting || this.queue.length > 0 || this.inflight || this.db === null || this.role !== "leader") return;
-    if (this.committed - this.lastSnapshotSeq < SNAPSHOT_EVERY_ENTRIES) return;
+    const entries = this.committed - this.lastSnapshotSeq;
+    if (entries < (this.options.snapshotEveryEntries ?? SNAPSHOT_EVERY_ENTRIES) || (this.bytesSinceSnapshot < this.lastSnapshotBytes && entries < SNAPSHOT_EVERY_ENTRIES_MAX)) return;
     // Nothing is waiting to be appended: the copy is exactly the log up to `committed`.
     const seq = this.committed;
     const image = this.db.serialize();
     this.snapshotting = true;
     this.etcd
       .writeSnapshot(image, seq, SCHEMA_VERSION, this.leaderRevision)
-      .then((ok) => {
-        if (ok) this.lastSnapshotSeq = seq;
+      .then((bytes) => {
+        if (bytes === null) return;
+        this.lastSnapshotSeq = seq;
+        this.lastSnapshotBytes = bytes;
+        this.bytesSinceSnapshot = 0;
       })
       .catch((error: unknown) => log.limited("snapshot", "cannot write a snapshot to etcd (the log keeps growing until one succeeds)", { error: errorMessage(error) }))
       .finally(() => {

@@ -35,12 +35,26 @@ export const CLUSTER_STATE_TABLE = "cluster_state";
 /** Statements of one entry at most (a transaction larger than this is refused, loudly: none is near it). */
 export const ENTRY_STATEMENTS_MAX = 100_000;
 
-/** Creates the cluster_state table if missing; returns the sequence number the database reflects (0: none). */
+/**
+ * The sequence number the database reflects (0: none), creating the
+ * cluster_state table if missing. Only a read once the table exists, so it
+ * never adds an entry on a recorded connection (exec is not recorded).
+ */
 export function appliedSeq(db: Db): number {
-  db.exec(`CREATE TABLE IF NOT EXISTS ${CLUSTER_STATE_TABLE} (id INTEGER PRIMARY KEY CHECK (id = 1), applied_seq INTEGER NOT NULL)`);
-  db.prepare(`INSERT OR IGNORE INTO ${CLUSTER_STATE_TABLE} (id, applied_seq) VALUES (1, 0)`).run();
-  const row = db.prepare(`SELECT applied_seq FROM ${CLUSTER_STATE_TABLE} WHERE id = 1`).get() as { applied_seq: number };
-  return row.applied_seq;
+  const read = (): { applied_seq: number } | undefined => {
+    try {
+      return db.prepare(`SELECT applied_seq FROM ${CLUSTER_STATE_TABLE} WHERE id = 1`).get() as { applied_seq: number } | undefined;
+    } catch {
+      return undefined; // no such table yet
+    }
+  };
+  let row = read();
+  if (row === undefined) {
+    db.exec(`CREATE TABLE IF NOT EXISTS ${CLUSTER_STATE_TABLE} (id INTEGER PRIMARY KEY CHECK (id = 1), applied_seq INTEGER NOT NULL);
+             INSERT OR IGNORE INTO ${CLUSTER_STATE_TABLE} (id, applied_seq) VALUES (1, 0);`);
+    row = read();
+  }
+  return row?.applied_seq ?? 0;
 }
 
 /** JSON-safe parameters: Buffers as {"$b": base64}, bigints as {"$n": digits}. */
