@@ -70,6 +70,8 @@ export interface Api {
   readonly taskWaitMs: number;
   /** Several stations (issue 11): who leads, for GET /api/v1/health; undefined for a single station. */
   readonly clusterHealth: (() => { leader: boolean; leaderUrl: string | null }) | undefined;
+  /** Several stations: resolves once every change committed so far is in etcd (what an event must wait for). */
+  readonly clusterDurable: (() => Promise<void>) | undefined;
   add(spec: RouteSpec): void;
   /** A state-changing route's answer: its task's (src/station/tasks/answer.ts), honouring Prefer: respond-async. */
   answerTask(ctx: Context, task: TaskRecord): Promise<Answer>;

@@ -251,6 +251,7 @@ export class ApiServer {
       taskWaitMs: options.taskWaitMs ?? TASK_WAIT_MS,
       add: (spec) => this.add(spec),
       clusterHealth: options.cluster?.health,
+      clusterDurable: options.cluster?.durable,
       answerTask: (ctx, task) => answerTask(this.api.tasks.runner, task, ctx.request.headers.prefer, this.api.taskWaitMs),
     };
     const stats = options.stats ?? idleStats();

@@ -137,8 +137,24 @@ function subscribe(api: Api, res: ServerResponse, after: number | null, opener: 
     const data = JSON.stringify({ seq: event.seq, at: new Date(event.atMs).toISOString(), type: event.type, action: event.action, subject: event.subject, data: event.data });
     res.write(`id: ${event.seq}\nevent: ${event.type}\ndata: ${data}\n\n`);
   };
-  if (after !== null) for (const event of store.eventsAfter(after)) write(event);
-  const unsubscribe = store.subscribe(write);
+  // Several stations: an event leaves once its change is in etcd (in order), so no subscriber sees a
+  // change a takeover could lose; if this station stops leading first, the stream ends and the client
+  // reconnects (to the new leader, with Last-Event-ID).
+  const durable = api.clusterDurable;
+  let chain = Promise.resolve();
+  const deliver =
+    durable === undefined
+      ? write
+      : (event: StationEvent): void => {
+          const gate = durable();
+          gate.catch(() => undefined); // handled here; the chain below acts on it in order
+          chain = chain
+            .then(() => gate)
+            .then(() => write(event))
+            .catch(() => void res.destroy());
+        };
+  if (after !== null) for (const event of store.eventsAfter(after)) deliver(event);
+  const unsubscribe = store.subscribe(deliver);
   const heartbeat = setInterval(() => res.write(`: heartbeat ${new Date().toISOString()}\n\n`), SSE_HEARTBEAT_MS);
   const cleanup = (): void => {
     clearInterval(heartbeat);

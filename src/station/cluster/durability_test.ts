@@ -6,7 +6,8 @@
 // resumes, B takes over, and every change that was acknowledged, before or
 // during the freeze, is there. The canary runs the same on a build whose
 // answers do not wait for etcd: A acknowledges the change during the freeze,
-// and after the takeover it is gone.
+// and after the takeover it is gone. The same for events: an event stream open
+// on A during the freeze must not carry the change (the canary's does).
 
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
@@ -36,6 +37,8 @@ interface Outcome {
   readonly frozenReads: string[];
   /** Hosts the new leader lists. */
   readonly hosts: string[];
+  /** Whether A's event stream, open during the freeze, carried the change etcd never got. */
+  readonly streamSawDuring: boolean;
 }
 
 async function freezeAndKill(prefix: string, bin?: string): Promise<Outcome> {
@@ -54,6 +57,17 @@ async function freezeAndKill(prefix: string, bin?: string): Promise<Outcome> {
     const before = await a.api("PUT", "/api/v1/hosts/before-freeze", { address: "127.0.0.5" });
     assert.equal(before.status, 201, before.text);
 
+    // An event stream open on A through the freeze.
+    const stream = new AbortController();
+    let streamed = "";
+    const reading = fetch(`${a.url}/api/v1/events`, { headers: { authorization: `Bearer ${a.token()}` }, signal: stream.signal })
+      .then(async (response) => {
+        const decoder = new TextDecoder();
+        for await (const chunk of response.body ?? []) streamed += decoder.decode(chunk as Uint8Array, { stream: true });
+      })
+      .catch(() => undefined);
+    await until("the event stream is open", async () => streamed.includes("event stream"), 5_000);
+
     member.pause();
     let duringStatus = 0;
     try {
@@ -67,11 +81,13 @@ async function freezeAndKill(prefix: string, bin?: string): Promise<Outcome> {
       frozenReads.push(`${read.status} ${read.text.trim()}`);
     }
     await a.kill9();
+    stream.abort();
+    await reading;
     member.resume();
     await until("B leads", () => leads(b), 20_000);
     const listed = await b.api("GET", "/api/v1/hosts");
     assert.equal(listed.status, 200, listed.text);
-    return { duringStatus, frozenReads, hosts: (listed.body as { items: { name: string }[] }).items.map((h) => h.name).sort() };
+    return { duringStatus, frozenReads, streamSawDuring: streamed.includes("during-freeze"), hosts: (listed.body as { items: { name: string }[] }).items.map((h) => h.name).sort() };
   } finally {
     if (member.paused()) member.resume();
     for (const station of stations) await station.close().catch(() => undefined);
@@ -86,12 +102,16 @@ test("a change is acknowledged only once it is in etcd: none while etcd is froze
   assert.equal(outcome.duringStatus, 503, "the leader says it could not keep the change (it stopped leading)");
   assert.ok(outcome.hosts.includes("before-freeze"), `the change acknowledged before the freeze survives: ${outcome.hosts.join(" ")}`);
   for (const read of outcome.frozenReads) assert.match(read, /^503 .*no station leads at the moment/, "with etcd frozen, every station answers 503 and says why");
+  assert.equal(outcome.streamSawDuring, false, "the event stream never carried the change etcd did not get");
 });
 
 test("canary: a build that answers before etcd has the change loses an acknowledged change", async () => {
   const build = patchedBuild(
     "canary-durable",
-    [{ file: "dist/station/api/server.js", from: "if (this.cluster !== undefined)\n                    await this.cluster.durable();", to: "" }],
+    [
+      { file: "dist/station/api/server.js", from: "if (this.cluster !== undefined)\n                    await this.cluster.durable();", to: "" },
+      { file: "dist/station/api/system.js", from: "const durable = api.clusterDurable;", to: "const durable = undefined;" },
+    ],
     undefined,
     { nodeModules: true },
   );
@@ -100,6 +120,7 @@ test("canary: a build that answers before etcd has the change loses an acknowled
     const acknowledged = outcome.duringStatus >= 200 && outcome.duringStatus < 300;
     const lost = acknowledged && !outcome.hosts.includes("during-freeze");
     assert.ok(lost, `the broken build must acknowledge the change and lose it (status ${outcome.duringStatus}, hosts ${outcome.hosts.join(" ")})`);
+    assert.ok(outcome.streamSawDuring, "and its event stream must show the change that was lost");
   } finally {
     build.remove();
   }
