@@ -26,6 +26,7 @@ import { UsageError } from "../util/errors.ts";
 import { parseFlags, type FlagSpec } from "../util/flags.ts";
 import { formatSize, parseSize } from "../util/size.ts";
 import { printItems } from "../util/output.ts";
+import { table } from "../util/table.ts";
 
 const COMMON_FLAGS = {
   station: { type: "string" },
@@ -78,16 +79,8 @@ function noMore(rest: readonly string[], count: number, usage: string): void {
 // For the other admin commands kept in files of their own (unit_identity.ts).
 export { COMMON_FLAGS, COMMON_USAGE, client, listItems, name };
 
-/** Aligned columns; every cell already a string. */
-export function table(headers: readonly string[], rows: readonly (readonly string[])[]): string {
-  const widths = headers.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? "").length)));
-  const line = (cells: readonly string[]): string =>
-    cells
-      .map((c, i) => (i === cells.length - 1 ? c : c.padEnd(widths[i] ?? 0)))
-      .join("  ")
-      .trimEnd();
-  return `${[line(headers), ...rows.map(line)].join("\n")}\n`;
-}
+// Aligned columns (src/util/table.ts; ipsan host list uses them too).
+export { table };
 
 function text(value: unknown): string {
   if (value === null || value === undefined || value === "") return "-";

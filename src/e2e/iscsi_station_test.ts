@@ -139,6 +139,13 @@ test("iSCSI refusals: bad IQN, no IQN, a mirror, no unit serving iSCSI, --mode i
       2,
       /--mode iscsi: assignment \S+ is served over NBD .*ipsan host request \.\.\. --protocol iscsi/,
     );
+    // host list names the protocol: nbd here, with no iscsi part.
+    await san.host(["attach", ...admin, "--host", "h1", "--assignment", nbd.id, "--mode", "nbd", "--state-dir", state, "--json"]);
+    const nbdListed = (await san.host(["list", "--state-dir", state, "--json"])).json as { items: Record<string, unknown>[] };
+    assert.deepEqual(
+      nbdListed.items.map((i) => [i["assignment"], i["protocol"], i["mode"], i["iscsi"]]),
+      [[nbd.id, "nbd", "nbd", null]],
+    );
   } finally {
     await san.close();
   }
@@ -203,6 +210,7 @@ test(
       assert.equal(plain.iscsi.chapUser, null);
       const plainAttach = (await san.host(["attach", ...admin, "--host", "h1", "--assignment", plain.id, "--state-dir", state, "--json"])).json as Record<string, unknown>;
       assert.deepEqual(plainAttach, { assignment: plain.id, mode: "iscsi", uri: plain.uri, chapUser: null, chapSecretFile: null });
+      const u3Portal = plain.iscsi.portal;
       // A requestId used for NBD is not an iSCSI request.
       await client.call("POST", "/api/v1/allocations", { requestId: "r-nbd", host: "h1", sizeBytes: "8M" });
       const reused = await refusal(client.call("POST", "/api/v1/allocations", { requestId: "r-nbd", host: "h1", sizeBytes: "8M", protocol: "iscsi" }));
@@ -223,6 +231,30 @@ test(
       const attached = (await san.host(["attach", ...admin, "--host", "h1", "--assignment", a.id, "--state-dir", state, "--json"])).json as Record<string, unknown>;
       const secretFile = join(state, "keys", "u1.chap");
       assert.deepEqual(attached, { assignment: a.id, mode: "iscsi", uri: a.uri, chapUser: "h1", chapSecretFile: secretFile });
+      // host list shows both iSCSI attachments: protocol, portal, target (issue 10 loose end); nothing runs here, so "attached".
+      const listed = (await san.host(["list", "--state-dir", state, "--json"])).json as { items: Record<string, unknown>[] };
+      const view = (id: string) => {
+        const item = listed.items.find((i) => i["assignment"] === id);
+        return item === undefined ? undefined : { protocol: item["protocol"], mode: item["mode"], alive: item["alive"], path: item["path"], uri: item["uri"], iscsi: item["iscsi"] };
+      };
+      assert.deepEqual(view(a.id), { protocol: "iscsi", mode: "iscsi", alive: true, path: a.uri, uri: a.uri, iscsi: { portal, target, lun: 0, chapUser: "h1", chapSecretFile: secretFile } });
+      assert.deepEqual(view(plain.id), {
+        protocol: "iscsi",
+        mode: "iscsi",
+        alive: true,
+        path: plain.uri,
+        uri: plain.uri,
+        iscsi: { portal: u3Portal, target: iscsiTargetName("u3", plain.export), lun: 0, chapUser: null, chapSecretFile: null },
+      });
+      const human = await ipsan(["host", "list", "--state-dir", state]);
+      assert.equal(human.code, 0, describeResult(human));
+      assert.match(human.stdout, /^ASSIGNMENT +VOLUME +PROTOCOL +MODE +STATE +PORTAL +TARGET +PATH\n/);
+      const row = human.stdout.split("\n").find((line) => line.startsWith(`${a.id} `));
+      assert.deepEqual(row?.split(/ +/), [a.id, `u1/${a.export}`, "iscsi", "iscsi", "attached", portal, target, "lun", "0", a.uri], human.stdout);
+      // detach forgets the record (the initiator logs out itself); list no longer shows it.
+      await san.host(["detach", "--assignment", plain.id, "--state-dir", state, "--json"]);
+      const afterDetach = (await san.host(["list", "--state-dir", state, "--json"])).json as { items: Record<string, unknown>[] };
+      assert.deepEqual(afterDetach.items.map((i) => i["assignment"]), [a.id]);
       assert.equal(statSync(secretFile).mode & 0o777, 0o600);
       const key = (await client.hostKeys("h1")).find((k) => k.unit === "u1")?.key ?? "";
       const secret = chapSecret(Buffer.from(key, "hex"), "initiator");

@@ -28,8 +28,9 @@ import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { IpsanError, UsageError, errorMessage } from "../util/errors.ts";
 import { logger } from "../util/log.ts";
-import { HostState, RECORD_VERSION, recordKey, type AttachMode, type AttachmentRecord, type EngineLegRecord, type EngineRecord } from "./state.ts";
-import { isMirror, type StationAssignment } from "./station_client.ts";
+import { HostState, RECORD_VERSION, recordKey, type AttachMode, type AttachmentRecord, type EngineLegRecord, type EngineRecord, type IscsiAttachmentRecord } from "./state.ts";
+import { isMirror, type StationAssignment, type StationClient } from "./station_client.ts";
+import { writeChapSecretFile } from "./keys.ts";
 import type { ProgressLine } from "../util/progress.ts";
 import { writeFileAtomic } from "./legs.ts";
 
@@ -54,10 +55,12 @@ const ENGINE_LOG_READ_BYTES_MAX = 256 * 1024;
 const ENGINE_READY = /^ipsan engine (\S+) ready (\S+)$/m;
 const MIRROR_ID = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
 
-export type ModeChoice = AttachMode | "auto";
+/** The modes of an NBD attachment (iscsi is attachIscsi's). */
+export type NbdAttachMode = Exclude<AttachMode, "iscsi">;
+export type ModeChoice = NbdAttachMode | "auto";
 
 /** "kernel" if /dev/nbd0 exists and nbd-client is on PATH, else "fuse". */
-export function chooseMode(choice: ModeChoice): AttachMode {
+export function chooseMode(choice: ModeChoice): NbdAttachMode {
   if (choice !== "auto") return choice;
   return existsSync("/dev/nbd0") && onPath("nbd-client") ? "kernel" : "fuse";
 }
@@ -134,12 +137,13 @@ export async function isEngineProcess(pid: number, mirror: string): Promise<bool
 /**
  * Is the attachment still serving? (A mirror's engine alive, and for fuse its
  * nbdfuse alive and mounted; the kernel device connected; a single copy in
- * nbd mode runs nothing here.)
+ * nbd mode, and an iSCSI attachment, run nothing here.)
  */
 export async function attachmentAlive(record: AttachmentRecord): Promise<boolean> {
   const engine = record.engine ?? null;
   if (engine !== null && !(await isEngineProcess(engine.pid, engine.mirror))) return false;
-  if (record.mode === "nbd") return true;
+  // nbd (a single copy) and iscsi: nothing runs here (the client or initiator is the user's).
+  if (record.mode === "nbd" || record.mode === "iscsi") return true;
   if (record.mode === "fuse") {
     if (record.pid === null || record.mountpoint === null) return false;
     return (await isOurProcess(record.pid, "nbdfuse")) && (await isMounted(record.mountpoint));
@@ -152,7 +156,8 @@ export interface AttachRequest {
   readonly assignment: StationAssignment;
   readonly station: string;
   readonly host: string;
-  readonly mode: AttachMode;
+  /** iscsi has its own path, attachIscsi. */
+  readonly mode: NbdAttachMode;
 }
 
 export async function attach(state: HostState, request: AttachRequest): Promise<AttachmentRecord> {
@@ -185,6 +190,52 @@ export async function attach(state: HostState, request: AttachRequest): Promise<
   else record = { ...base, mode: "kernel", ...(await attachKernel({ uri: assignment.uri, export: assignment.export })), pid: null, mountpoint: null };
   await state.write(record);
   log.info("attached", { assignment: record.assignmentId, uri: record.uri, mode: record.mode, path: record.path });
+  return record;
+}
+
+/**
+ * An iSCSI assignment (protocol iscsi): nothing is started (the initiator,
+ * open-iscsi's, libiscsi's or qemu's, is the user's). The CHAP secret is
+ * written to STATE_DIR/keys/UNIT.chap (0600) and the attachment recorded
+ * (mode iscsi, path = the iscsi:// URI, with the portal, target and LUN), so
+ * that `list` shows it and `detach`, `release` and the agent find it. Written
+ * again at every call: a rotated key gives a new secret.
+ */
+export async function attachIscsi(
+  state: HostState,
+  client: StationClient,
+  request: { readonly assignment: StationAssignment; readonly station: string; readonly host: string },
+): Promise<AttachmentRecord & { readonly iscsi: IscsiAttachmentRecord }> {
+  const { assignment, host } = request;
+  const iscsi = assignment.iscsi ?? null;
+  if (assignment.protocol !== "iscsi" || iscsi === null || assignment.uri === null) {
+    throw new IpsanError("UNAVAILABLE", `assignment ${assignment.id}: the station does not know unit ${assignment.unit}'s iSCSI portal right now; try again when the unit is online`);
+  }
+  await state.ensure();
+  const chapSecretFile = iscsi.chapUser === null ? null : await writeChapSecretFile(state, client, host, assignment.unit);
+  const existing = await state.get(String(assignment.id));
+  const record: AttachmentRecord & { readonly iscsi: IscsiAttachmentRecord } = {
+    version: RECORD_VERSION,
+    assignmentId: String(assignment.id),
+    station: request.station,
+    host,
+    unit: assignment.unit,
+    volume: assignment.volume,
+    export: assignment.export,
+    uri: assignment.uri,
+    sizeBytes: assignment.sizeBytes,
+    mode: "iscsi",
+    path: assignment.uri,
+    pid: null,
+    mountpoint: null,
+    device: null,
+    state: "attached",
+    attachedAt: existing?.attachedAt ?? new Date().toISOString(),
+    engine: null,
+    iscsi: { portal: iscsi.portal, target: iscsi.target, lun: iscsi.lun, chapUser: iscsi.chapUser, chapSecretFile },
+  };
+  await state.write(record);
+  if (existing === undefined) log.info("attached", { assignment: record.assignmentId, uri: record.uri, mode: "iscsi", path: record.path });
   return record;
 }
 
@@ -412,7 +463,7 @@ export async function reattach(state: HostState, record: AttachmentRecord): Prom
     log.info("re-attached", { assignment: fresh.assignmentId, uri: fresh.uri, mode: fresh.mode, path: fresh.path });
     return fresh;
   }
-  if (record.mode === "nbd") return record; // a single copy's URI is the unit's: nothing runs here
+  if (record.mode === "nbd" || record.mode === "iscsi") return record; // the unit's URI (or iSCSI target): nothing runs here
   await cleanup(record, true);
   const fresh: AttachmentRecord =
     record.mode === "fuse"

@@ -21,9 +21,8 @@ import {
   HEARTBEAT_INTERVAL_MS_MIN,
   HostAgent,
 } from "./agent.ts";
-import { attach, attachmentAlive, chooseMode, detach, type ModeChoice } from "./attach.ts";
-import type { AttachMode } from "./state.ts";
-import { HostState, defaultStateDir, notAttached, type AttachmentRecord } from "./state.ts";
+import { attach, attachIscsi, attachmentAlive, chooseMode, detach, type ModeChoice, type NbdAttachMode } from "./attach.ts";
+import { HostState, defaultStateDir, notAttached, protocolOf, type AttachmentRecord } from "./state.ts";
 import {
   StationClient,
   isMirror,
@@ -34,7 +33,8 @@ import {
   type AssignmentIscsi,
   type StationAssignment,
 } from "./station_client.ts";
-import { localizeAssignment, writeChapSecretFile } from "./keys.ts";
+import { localizeAssignment } from "./keys.ts";
+import { table } from "../util/table.ts";
 import { iscsiNameProblem } from "../iscsi/names.ts";
 import { progressLine, taskProgress } from "../util/progress.ts";
 import { checkExport, type ExportToCheck } from "./preflight.ts";
@@ -405,7 +405,7 @@ function parseMode(text: string | undefined): ModeChoice | "iscsi" {
  * auto: the kernel client where it exists, else nbdfuse; for a mirror (no kernel mode yet) nbdfuse on its
  * engine; for a unit that speaks TLS (nbd-client has no TLS-PSK) nbdfuse, which takes the key file.
  */
-function modeFor(choice: ModeChoice, assignment: StationAssignment): AttachMode {
+function modeFor(choice: ModeChoice, assignment: StationAssignment): NbdAttachMode {
   if (choice === "auto" && (isMirror(assignment) || (assignment.uri ?? "").startsWith("nbds://"))) return "fuse";
   return chooseMode(choice);
 }
@@ -428,6 +428,8 @@ function recordView(r: AttachmentRecord): Record<string, unknown> {
     station: r.station,
     state: r.state,
     engine: r.engine === undefined || r.engine === null ? null : { pid: r.engine.pid, uri: r.engine.uri, legs: r.engine.legs.map((l) => l.name) },
+    protocol: protocolOf(r),
+    iscsi: r.iscsi ?? null,
   };
 }
 
@@ -443,7 +445,7 @@ async function attachMain(argv: readonly string[]): Promise<number> {
   const { client, host } = await connectStation(values);
   const state = stateOf(values["state-dir"]);
   const found = await findAssignment(client, host, values);
-  if (found.protocol === "iscsi" || choice === "iscsi") return attachIscsi(state, client, host, found, values.mode, values.json === true);
+  if (found.protocol === "iscsi" || choice === "iscsi") return attachIscsiMain(state, client, host, found, values.mode, values.json === true);
   const assignment = await localizeAssignment(state, client, host, found);
   // Refused by a unit? Say why and how to proceed, before starting nbdfuse, nbd-client or an engine (issue 9 item 7).
   const refusal = await firstRefusal(assignment, host);
@@ -457,9 +459,10 @@ async function attachMain(argv: readonly string[]): Promise<number> {
 /**
  * attach for an iSCSI assignment: nothing is started here (the initiator,
  * open-iscsi's or libiscsi's, is the user's). The CHAP secret is written to
- * STATE_DIR/keys/UNIT.chap (0600) and the way to log in printed.
+ * STATE_DIR/keys/UNIT.chap (0600), the attachment recorded (`list` shows it)
+ * and the way to log in printed.
  */
-async function attachIscsi(
+async function attachIscsiMain(
   state: HostState,
   client: StationClient,
   host: string,
@@ -479,18 +482,16 @@ async function attachIscsi(
         "use --mode iscsi (or leave --mode out) to get the URI and the CHAP secret",
     );
   }
-  const iscsi = assignment.iscsi ?? null;
-  if (iscsi === null || assignment.uri === null) {
-    throw new IpsanError("UNAVAILABLE", `assignment ${assignment.id}: the station does not know unit ${assignment.unit}'s iSCSI portal right now; try again when the unit is online`);
-  }
-  const chapSecretFile = iscsi.chapUser === null ? null : await writeChapSecretFile(state, client, host, assignment.unit);
-  const answer = { assignment: assignment.id, mode: "iscsi", uri: assignment.uri, chapUser: iscsi.chapUser, chapSecretFile };
-  print(json, answer, describeIscsiLogin(assignment.id, iscsi, assignment.uri, chapSecretFile));
+  const record = await attachIscsi(state, client, { assignment, station: client.baseUrl.href, host });
+  const { iscsi } = record;
+  const { chapSecretFile } = iscsi;
+  const answer = { assignment: assignment.id, mode: "iscsi", uri: record.uri, chapUser: iscsi.chapUser, chapSecretFile };
+  print(json, answer, describeIscsiLogin(assignment.id, iscsi, record.uri, chapSecretFile));
   return 0;
 }
 
 /** The commands that log in to an iSCSI assignment (docs/host.md "Attaching over iSCSI"). */
-function describeIscsiLogin(id: string, iscsi: AssignmentIscsi, uri: string, secretFile: string | null): string {
+function describeIscsiLogin(id: string, iscsi: Pick<AssignmentIscsi, "portal" | "target" | "lun" | "chapUser">, uri: string, secretFile: string | null): string {
   const { portal, target, chapUser } = iscsi;
   const lines = [`assignment ${id}: iSCSI target ${target} at ${portal}, LUN ${iscsi.lun}`, `uri ${uri}`];
   if (chapUser === null || secretFile === null) {
@@ -582,13 +583,24 @@ async function listMain(argv: readonly string[]): Promise<number> {
   const { values } = parseFlags(argv, { "state-dir": { type: "string" }, json: { type: "boolean" } });
   const state = stateOf(values["state-dir"]);
   const rows: Record<string, unknown>[] = [];
-  let text = "";
+  const lines: string[][] = [];
   for (const r of await state.list()) {
     const alive = await attachmentAlive(r);
     rows.push({ ...recordView(r), alive });
-    text += `${r.assignmentId}\t${r.unit}/${r.export}\t${r.mode}\t${alive ? "attached" : "stale"}\t${r.path}\n`;
+    const iscsi = r.iscsi ?? null;
+    lines.push([
+      r.assignmentId,
+      `${r.unit}/${r.export}`,
+      protocolOf(r),
+      r.mode,
+      alive ? "attached" : "stale",
+      iscsi === null ? "-" : iscsi.portal,
+      iscsi === null ? "-" : `${iscsi.target} lun ${iscsi.lun}`,
+      r.path,
+    ]);
   }
-  print(values.json === true, { items: rows }, text === "" ? `no attachments in ${state.dir}\n` : text);
+  const text = table(["ASSIGNMENT", "VOLUME", "PROTOCOL", "MODE", "STATE", "PORTAL", "TARGET", "PATH"], lines);
+  print(values.json === true, { items: rows }, lines.length === 0 ? `no attachments in ${state.dir}\n` : text);
   return 0;
 }
 

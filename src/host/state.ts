@@ -36,9 +36,11 @@ export interface HostCredential {
 
 /**
  * fuse: an nbdfuse file; kernel: /dev/nbdN; nbd: an NBD URI served on this
- * host (a mirror's engine), or, for a single copy, the unit's own URI.
+ * host (a mirror's engine), or, for a single copy, the unit's own URI;
+ * iscsi: an iSCSI assignment, whose initiator (open-iscsi, libiscsi, qemu) is
+ * the user's: nothing runs here, the record keeps where to log in.
  */
-export const ATTACH_MODES = ["fuse", "kernel", "nbd"] as const;
+export const ATTACH_MODES = ["fuse", "kernel", "nbd", "iscsi"] as const;
 export type AttachMode = (typeof ATTACH_MODES)[number];
 
 /** The mirror engine a record started (`ipsan host engine`), with what it takes to start it again. */
@@ -67,6 +69,17 @@ export interface EngineLegRecord {
   readonly volume?: string;
 }
 
+/** Where an iSCSI attachment logs in (mode iscsi): the station's answer, and the CHAP secret file attach wrote. */
+export interface IscsiAttachmentRecord {
+  readonly portal: string;
+  readonly target: string;
+  readonly lun: number;
+  /** null: a unit started with --insecure-plaintext (admits by address, no CHAP). */
+  readonly chapUser: string | null;
+  /** STATE_DIR/keys/UNIT.chap (0600), or null without CHAP. */
+  readonly chapSecretFile: string | null;
+}
+
 /** "attached": should be kept attached (the agent re-attaches it); "detaching": being undone. */
 export type AttachmentState = "attached" | "detaching";
 
@@ -91,6 +104,13 @@ export interface AttachmentRecord {
   readonly attachedAt: string;
   /** A mirror's engine (absent or null for a single copy). For mode nbd, `pid` is the engine's too. */
   readonly engine?: EngineRecord | null;
+  /** Mode iscsi: where to log in (absent or null for NBD attachments). */
+  readonly iscsi?: IscsiAttachmentRecord | null;
+}
+
+/** The protocol an attachment speaks: iscsi for mode iscsi, otherwise nbd. */
+export function protocolOf(record: Pick<AttachmentRecord, "mode">): "nbd" | "iscsi" {
+  return record.mode === "iscsi" ? "iscsi" : "nbd";
 }
 
 /** --state-dir, else $XDG_STATE_HOME/ipsan-host, else /var/lib/ipsan-host for root, else ~/.local/state/ipsan-host. */
@@ -268,6 +288,11 @@ export function decodeRecord(text: string): DecodedRecord {
     const reason = engineProblem(engine);
     if (reason !== null) return { kind: "invalid", reason: `engine: ${reason}` };
   }
+  const iscsi = r["iscsi"];
+  if (r["mode"] === "iscsi" || (iscsi !== undefined && iscsi !== null)) {
+    const reason = r["mode"] !== "iscsi" ? `mode ${String(r["mode"])} with iscsi` : iscsiProblem(iscsi);
+    if (reason !== null) return { kind: "invalid", reason: `iscsi: ${reason}` };
+  }
   return { kind: "record", record: value as AttachmentRecord };
 }
 
@@ -284,6 +309,15 @@ function engineProblem(value: unknown): string | null {
     if (l === null || typeof l !== "object" || typeof l["name"] !== "string" || typeof l["uri"] !== "string") return "a leg without name or uri";
     for (const key of ["unit", "volume"]) if (l[key] !== undefined && typeof l[key] !== "string") return `a leg's ${key} is not a string`;
   }
+  return null;
+}
+
+function iscsiProblem(value: unknown): string | null {
+  if (typeof value !== "object" || value === null) return "not an object";
+  const i = value as Record<string, unknown>;
+  for (const key of ["portal", "target"]) if (typeof i[key] !== "string") return `${key} is not a string`;
+  if (!(Number.isSafeInteger(i["lun"]) && (i["lun"] as number) >= 0)) return `lun=${String(i["lun"])}`;
+  for (const key of ["chapUser", "chapSecretFile"]) if (i[key] !== null && typeof i[key] !== "string") return `${key} is not a string`;
   return null;
 }
 

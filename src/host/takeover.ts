@@ -5,11 +5,13 @@
 // that it has no record of yet, with --takeover-mode; from then on they are
 // attachments like any other (the agent keeps them attached). The old host's
 // agent, when it runs again, no longer finds them under its name at the
-// station and detaches them.
+// station and detaches them. An iSCSI assignment is the host's initiator's to
+// log in to: the agent writes this host's CHAP secret for the unit and records
+// it (mode iscsi, as `ipsan host attach` does), nothing is started.
 
 import { errorMessage } from "../util/errors.ts";
 import { logger } from "../util/log.ts";
-import { attach } from "./attach.ts";
+import { attach, attachIscsi } from "./attach.ts";
 import type { AttachMode, HostState } from "./state.ts";
 import type { Assignment, StationAssignment, StationClient } from "./station_client.ts";
 
@@ -36,13 +38,14 @@ export async function takeOverMoved(options: {
   readonly stopping: () => boolean;
 }): Promise<void> {
   const { client, state, host, mode } = options;
-  // An iSCSI assignment is the host's own initiator's to log in to (attach --mode iscsi): nothing to start here.
-  const moved = (options.assignments ?? []).filter((a) => movedHere(a, host) && a.protocol !== "iscsi");
+  const moved = (options.assignments ?? []).filter((a) => movedHere(a, host));
   for (const assignment of moved) {
     if (options.stopping()) return;
     try {
       if ((await state.get(String(assignment.id))) !== undefined) continue;
-      const record = await attach(state, { assignment: assignment as StationAssignment, station: client.baseUrl.href, host, mode });
+      const request = { assignment: assignment as StationAssignment, station: client.baseUrl.href, host };
+      // iSCSI: the CHAP secret written and the attachment recorded; the initiator (the user's) logs in.
+      const record = assignment.protocol === "iscsi" ? await attachIscsi(state, client, request) : await attach(state, { ...request, mode });
       log.info("took over an assignment moved from a failed host", { assignment: record.assignmentId, from: assignment.movedFrom ?? "", mode: record.mode, path: record.path });
     } catch (error) {
       log.limited(`takeover:${assignment.id}`, "cannot attach an assignment moved to this host (will retry)", { assignment: assignment.id, error: errorMessage(error) });

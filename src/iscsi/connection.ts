@@ -10,7 +10,7 @@ import type { Socket } from "node:net";
 import type { BlockDevice, Peer } from "../block/types.ts";
 import type { BudgetAccount, BudgetWaiter, Reservation } from "../nbd/budget.ts";
 import type { BufferPool } from "../nbd/buffer_pool.ts";
-import { useLargeReads } from "../nbd/large_reads.ts";
+import { type ReadArenaBudget, useLargeReads } from "../nbd/large_reads.ts";
 import { pskKeyId } from "../nbd/tls.ts";
 import { ScsiStatus, type LogicalUnit, type ScsiNexus, type ScsiResponse, type TaskAttribute } from "../scsi/types.ts";
 import { IpsanError, errorMessage } from "../util/errors.ts";
@@ -81,6 +81,8 @@ export interface ConnectionHost {
   readonly unitName: string;
   /** Read buffers: a READ's Data-In is read into one and given back when the socket has sent it. */
   readonly pool: BufferPool;
+  /** Socket read arenas of all connections, bounded (IscsiLimits.readArenaBytesMax). */
+  readonly readArenas: ReadArenaBudget;
   readonly budget: { join(key: string): BudgetAccount; leave(account: BudgetAccount, waiter: BudgetWaiter): void; reserve(account: BudgetAccount, bytes: number, waiter: BudgetWaiter): Reservation | undefined };
   /** CHAP: the key of a host identity on this unit (host keys, then --tls-psk), or undefined. */
   keyFor(identity: string): Buffer | undefined;
@@ -781,8 +783,9 @@ export class IscsiConnection implements BudgetWaiter {
       this.#unit.nexusAdded(this.#nexus);
       this.#device?.onRevoked?.((error) => this.revoked(error));
       // Reads of up to 2 MiB into a reused arena: a 256 KiB Data-Out is one read and a view, not
-      // four 64 KiB chunks gathered into a fresh buffer (src/nbd/large_reads.ts).
-      useLargeReads(this.socket, this.#onData, this.#mayReuseReadMemory);
+      // four 64 KiB chunks gathered into a fresh buffer (src/nbd/large_reads.ts). The arena comes
+      // with the first bulk data, within the target's budget: idle sessions pin none.
+      useLargeReads(this.socket, this.#onData, this.#mayReuseReadMemory, this.#host.readArenas);
     }
     log.info("session logged in", {
       peer: this.peerText,

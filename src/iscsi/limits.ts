@@ -48,6 +48,12 @@ export interface IscsiLimits {
   readonly closeTimeoutMs: number;
   /** Largest Data-In for a command the logical unit would not bound itself (bytes). */
   readonly transferBytesMax: number;
+  /**
+   * Socket read arenas over all connections (src/nbd/large_reads.ts): a connection that
+   * receives bulk data reads into 2 MiB arenas, reserving 4 MiB (an arena and its spare);
+   * past this sum the others read 64 KiB at a time. An idle connection reserves nothing.
+   */
+  readonly readArenaBytesMax: number;
 }
 
 export const DEFAULT_ISCSI_LIMITS: IscsiLimits = Object.freeze({
@@ -71,6 +77,7 @@ export const DEFAULT_ISCSI_LIMITS: IscsiLimits = Object.freeze({
   replyBytesQueuedMax: 16 * MiB,
   closeTimeoutMs: 5_000,
   transferBytesMax: 32 * MiB,
+  readArenaBytesMax: 64 * MiB,
 });
 
 function check(condition: boolean, message: string): void {

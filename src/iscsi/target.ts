@@ -10,6 +10,7 @@ import type { BlockDevice, ExportProvider, Peer } from "../block/types.ts";
 import { ByteBudget } from "../nbd/budget.ts";
 import { NO_REQUIRED_DIGESTS, type RequiredDigests } from "./text.ts";
 import { BufferPool } from "../nbd/buffer_pool.ts";
+import { ReadArenaBudget } from "../nbd/large_reads.ts";
 import { peerOf } from "../nbd/session.ts";
 import type { LogicalUnit, LogicalUnitIdentity } from "../scsi/types.ts";
 import { assert } from "../util/assert.ts";
@@ -58,6 +59,8 @@ export class IscsiTarget implements ConnectionHost {
   readonly budget: ByteBudget;
   /** Read buffers reused across commands (the NBD server's pool): no fresh 1 MiB to fault in per READ. */
   readonly pool = new BufferPool();
+  /** Socket read arenas of all connections (IscsiLimits.readArenaBytesMax). */
+  readonly readArenas: ReadArenaBudget;
   readonly chapRequired: boolean;
   readonly requiredDigests: RequiredDigests;
   readonly chapEnabled: boolean;
@@ -77,6 +80,7 @@ export class IscsiTarget implements ConnectionHost {
     const fromEnv = parseIscsiLimitOverrides((options.env ?? process.env)[ISCSI_LIMITS_ENV] ?? "");
     this.limits = resolveIscsiLimits({ ...options.limits, ...fromEnv });
     this.budget = new ByteBudget(this.limits.serverBytesInFlightMax, { recentMs: this.limits.dataOutTimeoutMs });
+    this.readArenas = new ReadArenaBudget(this.limits.readArenaBytesMax);
     this.chapEnabled = options.keyFor !== undefined;
     this.chapRequired = options.chapRequired === true;
     this.requiredDigests = options.requiredDigests ?? NO_REQUIRED_DIGESTS;

@@ -22,6 +22,16 @@
 // Anything unexpected (another Node version without these fields) leaves the
 // socket as it is: the 'data' path works the same, only with 64 KiB reads.
 // pause()/resume() and EOF behave as with Node's own onread option.
+//
+// With a ReadArenaBudget (the iSCSI target's, IscsiLimits.readArenaBytesMax)
+// a connection's arenas are bounded across connections: it starts with
+// SMALL_READ_BYTES reads (a fresh buffer each, as Node's own reads), and only
+// when a read fills one (bulk data is arriving) does it take
+// READ_ARENA_RESERVATION_BYTES (its arena and its spare) from the budget and
+// move to arenas; the reservation is given back when the socket closes. An
+// idle connection pins no arena, and however many connections there are,
+// their arenas stay within the budget (the others keep small reads: slower
+// for bulk data, never wrong).
 
 import { Socket } from "node:net";
 
@@ -29,6 +39,44 @@ import { Socket } from "node:net";
 export const READ_ARENA_BYTES = 2 * 1024 * 1024;
 /** Smallest buffer offered to a read; below it the arena is replaced. */
 export const READ_SLICE_BYTES_MIN = 256 * 1024;
+/** With a budget: each read before the connection holds arenas (Node's own read size). */
+export const SMALL_READ_BYTES = 64 * 1024;
+/** What a connection takes from a budget: its arena and its spare, the most it holds of its own. */
+export const READ_ARENA_RESERVATION_BYTES = 2 * READ_ARENA_BYTES;
+
+/** A bound on the read arenas of many connections (shared by one server's connections). */
+export class ReadArenaBudget {
+  readonly bytesMax: number;
+  #heldBytes = 0;
+  #holders = 0;
+
+  constructor(bytesMax: number) {
+    this.bytesMax = bytesMax;
+  }
+
+  /** Bytes reserved by connections reading into arenas now. */
+  get heldBytes(): number {
+    return this.#heldBytes;
+  }
+
+  /** Connections reading into arenas now. */
+  get holders(): number {
+    return this.#holders;
+  }
+
+  /** Takes one connection's reservation; false (nothing taken) when it does not fit. */
+  tryTake(): boolean {
+    if (this.#heldBytes + READ_ARENA_RESERVATION_BYTES > this.bytesMax) return false;
+    this.#heldBytes += READ_ARENA_RESERVATION_BYTES;
+    this.#holders += 1;
+    return true;
+  }
+
+  give(): void {
+    this.#heldBytes -= READ_ARENA_RESERVATION_BYTES;
+    this.#holders -= 1;
+  }
+}
 
 interface OnreadFields {
   readonly buffer: symbol;
@@ -71,14 +119,21 @@ interface UserBufferHandle {
  * true only when no live Buffer still views `store`. Returns false, changing
  * nothing, where this Node does not allow it.
  */
-export function useLargeReads(socket: Socket, onChunk: (chunk: Buffer) => void, mayReuse: (store: ArrayBufferLike) => boolean): boolean {
+export function useLargeReads(
+  socket: Socket,
+  onChunk: (chunk: Buffer) => void,
+  mayReuse: (store: ArrayBufferLike) => boolean,
+  budget?: ReadArenaBudget,
+): boolean {
   const found = onreadFields();
   const handle = (socket as unknown as { _handle?: Partial<UserBufferHandle> | null })._handle;
   if (found === null || handle === undefined || handle === null || typeof handle.useUserBuffer !== "function") return false;
-  let arena: Buffer = Buffer.allocUnsafeSlow(READ_ARENA_BYTES);
+  // Without a budget the arena is there from the start; with one, it comes with the first read that fills a small buffer.
+  let arena: Buffer | undefined = budget === undefined ? Buffer.allocUnsafeSlow(READ_ARENA_BYTES) : undefined;
   let spare: Buffer | undefined;
   let used = 0;
   const next = (): Buffer => {
+    if (arena === undefined) return Buffer.allocUnsafeSlow(SMALL_READ_BYTES);
     if (arena.length - used < READ_SLICE_BYTES_MIN) {
       const full = arena;
       arena = spare !== undefined && mayReuse(spare.buffer) ? spare : Buffer.allocUnsafeSlow(READ_ARENA_BYTES);
@@ -88,7 +143,12 @@ export function useLargeReads(socket: Socket, onChunk: (chunk: Buffer) => void, 
     return arena.subarray(used);
   };
   const onRead = (bytes: number, buffer: Buffer): boolean => {
-    used += bytes;
+    if (arena !== undefined) used += bytes;
+    else if (budget !== undefined && bytes === buffer.length && !socket.destroyed && budget.tryTake()) {
+      arena = Buffer.allocUnsafeSlow(READ_ARENA_BYTES);
+      used = 0;
+      socket.once("close", () => budget.give());
+    }
     onChunk(buffer.subarray(0, bytes));
     return true;
   };

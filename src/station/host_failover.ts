@@ -86,7 +86,10 @@ export function failedHosts(
  * The spare that takes over `failed`'s assignments: a spare host heard from
  * within `onlineWithinMs`, not the failed host and not on its address (a
  * grant names an address: a spare on the same one could not be told apart
- * from the host it replaces), with the fewest live assignments; or why none.
+ * from the host it replaces), with an iSCSI initiator name when `needsIqn`
+ * (the failed host holds iSCSI assignments: their grants name the new
+ * host's IQN, and without one any initiator holding its CHAP secret would
+ * be admitted), with the fewest live assignments; or why none.
  */
 export function chooseSpare(
   failed: HostRecord,
@@ -94,11 +97,13 @@ export function chooseSpare(
   live: Iterable<AssignmentRecord>,
   nowMs: number,
   onlineWithinMs: number,
+  needsIqn = false,
 ): { spare: HostRecord } | { reason: string } {
   const load = new Map<string, number>();
   for (const a of live) load.set(a.host, (load.get(a.host) ?? 0) + 1);
   const candidates: HostRecord[] = [];
   let sameAddress = 0;
+  let noIqn = 0;
   for (const host of hosts) {
     if (host.spare !== true || host.name === failed.name) continue;
     if (nowMs - host.lastSeenAtMs > onlineWithinMs) continue;
@@ -106,11 +111,22 @@ export function chooseSpare(
       sameAddress += 1;
       continue;
     }
+    if (needsIqn && (host.iqn ?? null) === null) {
+      noIqn += 1;
+      continue;
+    }
     candidates.push(host);
   }
   candidates.sort((a, b) => (load.get(a.name) ?? 0) - (load.get(b.name) ?? 0) || (a.name < b.name ? -1 : 1));
   const spare = candidates[0];
   if (spare !== undefined) return { spare };
+  if (noIqn > 0) {
+    return {
+      reason:
+        `no spare host online with an iSCSI initiator name (IQN) for ${failed.name}'s iSCSI assignments ` +
+        `(${noIqn} spare${noIqn === 1 ? "" : "s"} without one): give a spare its IQN (ipsan host agent ... --spare --iqn IQN)`,
+    };
+  }
   return {
     reason:
       sameAddress > 0
@@ -156,7 +172,8 @@ export class HostFailover {
     for (const failed of failedHosts(store.hosts.values(), store.live.values(), nowMs, this.#sinceMs, this.#options.failoverAfterMs)) {
       const moving = store.listAssignments({ host: failed.name }).filter((a) => a.state === "active" && !isFencing(a));
       if (moving.length === 0) continue;
-      const choice = chooseSpare(failed, store.hosts.values(), store.live.values(), nowMs, this.#options.spareOnlineWithinMs);
+      const needsIqn = moving.some((a) => a.protocol === "iscsi");
+      const choice = chooseSpare(failed, store.hosts.values(), store.live.values(), nowMs, this.#options.spareOnlineWithinMs, needsIqn);
       if ("reason" in choice) {
         this.#noteWaiting(`host:${failed.name}`, failed.name, { host: failed.name, assignments: moving.map((a) => a.id), reason: choice.reason });
         continue;

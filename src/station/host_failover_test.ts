@@ -211,6 +211,13 @@ test("the decision: silence counted from the station's start; a spare online on 
   assert.ok("reason" in chooseSpare(failed, [failed, host("s3", "10.0.0.5", 5_000, true)], [], 10_000, 1_500));
   const same = chooseSpare(failed, [failed, host("s4", "10.0.0.1", 10_000, true)], [], 10_000, 1_500);
   assert.ok("reason" in same && /another address/.test(same.reason), JSON.stringify(same));
+  // iSCSI assignments need a spare with an initiator name (the grant names it): s5 has none, s6 has one.
+  const s5 = host("s5", "10.0.0.5", 10_000, true);
+  const noIqn = chooseSpare(failed, [failed, s5], [], 10_000, 1_500, true);
+  assert.ok("reason" in noIqn && /no spare host online with an iSCSI initiator name \(IQN\) for a's iSCSI assignments.*--spare --iqn IQN/.test(noIqn.reason), JSON.stringify(noIqn));
+  assert.ok("spare" in chooseSpare(failed, [failed, s5], [], 10_000, 1_500, false), "NBD assignments need no IQN");
+  const withIqn = chooseSpare(failed, [failed, s5, { ...host("s6", "10.0.0.6", 10_000, true), iqn: "iqn.1994-05.com.redhat:s6" }], [live("q", "s6")], 10_000, 1_500, true);
+  assert.ok("spare" in withIqn && withIqn.spare.name === "s6", JSON.stringify(withIqn));
 });
 
 test("--host-failover-after takes a DURATION; a bare number is refused", async () => {

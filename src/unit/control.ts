@@ -18,7 +18,7 @@ import * as http from "node:http";
 import { AssertionError } from "../util/assert.ts";
 import { IpsanError, errorMessage } from "../util/errors.ts";
 import { logger } from "../util/log.ts";
-import { type IoSource, type UnitStatsView, unitMetricsText, unitStats } from "./io_report.ts";
+import { type IoSource, type IscsiMetrics, type UnitStatsView, unitMetricsText, unitStats } from "./io_report.ts";
 import type { UnitExportProvider } from "./provider.ts";
 import { parseIdentityGrants } from "./volume_ops.ts";
 import { type VolumeManager, type VolumeView, volumeView as plainVolumeView } from "./volumes.ts";
@@ -60,7 +60,7 @@ export interface ControlServerOptions {
    * (null without one) and volume views gain `iscsi: {target, naa}` on each
    * volume and partition (src/unit/iscsi.ts withIscsi).
    */
-  readonly iscsi?: { readonly portal: () => string | undefined; readonly view: (view: VolumeView) => VolumeView };
+  readonly iscsi?: { readonly portal: () => string | undefined; readonly view: (view: VolumeView) => VolumeView; readonly metrics?: () => IscsiMetrics };
 }
 
 interface Reply {
@@ -271,7 +271,7 @@ export class ControlServer {
     const notFound = (): IpsanError => new IpsanError("NOT_FOUND", `no route ${method} ${path}`);
     if (parts.length === 1 && parts[0] === "metrics" && method === "GET") {
       request.resume();
-      return { status: 200, text: { contentType: "text/plain; version=0.0.4; charset=utf-8", body: unitMetricsText(this.#stats(), this.#options.provider.refused) } };
+      return { status: 200, text: { contentType: "text/plain; version=0.0.4; charset=utf-8", body: unitMetricsText(this.#stats(), this.#options.provider.refused, iscsi?.metrics?.()) } };
     }
     if (parts[0] !== "v1") throw notFound();
     if (parts.length === 2 && parts[1] === "stats" && method === "GET") {

@@ -91,8 +91,18 @@ function opCount(c: IoCountersView, op: (typeof OPS)[number]): number {
   }
 }
 
+/** The iSCSI target's gauges in GET /metrics (--iscsi only). */
+export interface IscsiMetrics {
+  /** Connections open (logging in or in full feature phase). */
+  readonly connections: number;
+  /** Bytes of socket read arenas reserved now, and by how many connections (IscsiLimits.readArenaBytesMax). */
+  readonly readArenaBytes: number;
+  readonly readArenaConnections: number;
+  readonly readArenaBytesMax: number;
+}
+
 /** GET /metrics: the counters of every export, labelled by export and volume (names in docs/unit.md). */
-export function unitMetricsText(view: UnitStatsView, refused: { connections: number; opens: number }): string {
+export function unitMetricsText(view: UnitStatsView, refused: { connections: number; opens: number }, iscsi?: IscsiMetrics): string {
   const exports = view.volumes.flatMap((v) => v.exports.map((e) => ({ labels: { export: e.export, volume: v.volume } as Labels, c: e as IoCountersView })));
   const boundsSeconds = view.latencyBucketsUs.map((us) => us / 1e6);
   return [
@@ -123,5 +133,13 @@ export function unitMetricsText(view: UnitStatsView, refused: { connections: num
       [{ what: "connection" }, refused.connections],
       [{ what: "open" }, refused.opens],
     ]),
+    ...(iscsi === undefined
+      ? []
+      : [
+          renderGauge("ipsan_unit_iscsi_connections", "iSCSI connections open (logging in or in full feature phase)", [[{}, iscsi.connections]]),
+          renderGauge("ipsan_unit_iscsi_read_arena_bytes", "Bytes of socket read arenas reserved by iSCSI connections receiving bulk data (idle ones reserve none)", [[{}, iscsi.readArenaBytes]]),
+          renderGauge("ipsan_unit_iscsi_read_arena_connections", "iSCSI connections reading into arenas", [[{}, iscsi.readArenaConnections]]),
+          renderGauge("ipsan_unit_iscsi_read_arena_bytes_max", "The bound on those bytes (IPSAN_ISCSI_LIMITS readArenaBytesMax)", [[{}, iscsi.readArenaBytesMax]]),
+        ]),
   ].join("");
 }

@@ -17,6 +17,7 @@ import { ControlServer } from "./control.ts";
 import { VOLUME_NAME_PATTERN } from "./layout.ts";
 import { UnitExportProvider } from "./provider.ts";
 import { VolumeManager, type VolumeView } from "./volumes.ts";
+import type { IscsiMetrics } from "./io_report.ts";
 import type { IscsiTarget } from "../iscsi/target.ts";
 import type { RequiredDigests } from "../iscsi/text.ts";
 import { type NbdServerTls, PSK_IDENTITY_PATTERN, TLS_MODES, type TlsMode, parsePskFile } from "../nbd/tls.ts";
@@ -353,6 +354,7 @@ export async function startUnit(config: UnitConfig): Promise<RunningUnit> {
     const nbd = await nbdServer.listen(config.listen);
     let iscsi: { host: string; port: number } | undefined;
     let iscsiView: ((view: VolumeView) => VolumeView) | undefined;
+    let iscsiMetrics: (() => IscsiMetrics) | undefined;
     if (config.iscsi !== undefined) {
       // Loaded only with --iscsi: the iSCSI side is the unit's one npm dependency (@node-rs/crc32).
       const { newUnitIscsiTarget, withIscsi } = await import("./iscsi.ts");
@@ -370,6 +372,12 @@ export async function startUnit(config: UnitConfig): Promise<RunningUnit> {
       });
       iscsiTarget = target;
       iscsiView = (view) => withIscsi(view, target, manager);
+      iscsiMetrics = () => ({
+        connections: target.connectionCount,
+        readArenaBytes: target.readArenas.heldBytes,
+        readArenaConnections: target.readArenas.holders,
+        readArenaBytesMax: target.readArenas.bytesMax,
+      });
       iscsi = await target.listen(config.iscsi.host, config.iscsi.port);
     }
     const iscsiPortal = iscsi === undefined ? undefined : hostPortText(iscsi);
@@ -386,7 +394,7 @@ export async function startUnit(config: UnitConfig): Promise<RunningUnit> {
         nbd: () => nbd,
         tls: config.tls,
         io: () => nbdServer,
-        ...(iscsiView === undefined ? {} : { iscsi: { portal: () => iscsiPortal, view: iscsiView } }),
+        ...(iscsiView === undefined ? {} : { iscsi: { portal: () => iscsiPortal, view: iscsiView, ...(iscsiMetrics === undefined ? {} : { metrics: iscsiMetrics }) } }),
         ...(metricsToken === undefined ? {} : { readTokens: [metricsToken] }),
       });
       control = await controlServer.listen(config.control.host, config.control.port);
