@@ -434,6 +434,10 @@ async function runCluster(
     status: () => ({ leaderUrl: node?.leader?.url ?? null, problem: node?.lastProblem ?? null, role: node?.role ?? "starting" }),
     ownUrl: () => url,
   });
+  if (advertiseUrl === undefined && (http.host === "0.0.0.0" || http.host === "::")) {
+    etcd.close();
+    throw new UsageError(`--http ${http.host}:${http.port} listens on every address: give --advertise-url URL, the address other stations and clients reach this one at (e.g. http://192.0.2.10:${http.port || 8640})`);
+  }
   let url = "";
   let address;
   try {

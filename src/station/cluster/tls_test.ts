@@ -77,3 +77,12 @@ test("a follower forwards to the leader over HTTPS, verifying its certificate", 
   assert.equal(refused.status, 503, refused.text);
   assert.match(refused.text, new RegExp(`cannot reach the leading station ${a.url.replace(/[.]/g, "\\.")}: .*(self-signed|certificate)`, "i"));
 });
+
+test("a station listening on every address must say where the others reach it (--advertise-url)", async () => {
+  const refused = await run(process.execPath, [IPSAN_BIN, "station", "--data", dirs.file("any"), "--http", "0.0.0.0:0", "--discovery", "127.0.0.1:0", "--etcd", etcd.endpointsFlag], { timeoutMs: 30_000 });
+  assert.equal(refused.code, 2, refused.stderr);
+  assert.match(refused.stderr, /listens on every address: give --advertise-url URL/);
+  const mismatch = await run(process.execPath, [IPSAN_BIN, "station", "--data", dirs.file("any"), "--etcd", etcd.endpointsFlag, "--advertise-url", "https://127.0.0.1:1"], { timeoutMs: 30_000 });
+  assert.equal(mismatch.code, 2, mismatch.stderr);
+  assert.match(mismatch.stderr, /https:\/\/ needs --tls-cert/);
+});
