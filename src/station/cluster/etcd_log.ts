@@ -35,8 +35,15 @@ export const APPEND_BATCH_BYTES_MAX = 1024 * 1024;
 export const SNAPSHOT_CHUNK_BYTES = 512 * 1024;
 /** Snapshot chunks at most (a 1 GiB compressed database): bounds what a reader fetches. */
 export const SNAPSHOT_CHUNKS_MAX = 2048;
-/** Entries read per range request while catching up. */
-export const CATCH_UP_PAGE = 256;
+/** Entries read per range request while catching up: at most 32 MiB of entries, under GRPC_RECEIVE_BYTES_MAX. */
+export const CATCH_UP_PAGE = 32;
+/**
+ * The largest answer the client accepts (gRPC's default is 4 MiB, less than a
+ * page of large entries; an answer over the limit is an error the etcd3
+ * client retries and then counts against the member, cutting the station off
+ * from it for seconds).
+ */
+export const GRPC_RECEIVE_BYTES_MAX = CATCH_UP_PAGE * ENTRY_BYTES_MAX + 8 * 1024 * 1024;
 /** How long one etcd call may take before it counts as failed. */
 export const ETCD_CALL_TIMEOUT_MS = 5_000;
 
@@ -132,7 +139,11 @@ export class EtcdState {
   constructor(endpoints: readonly string[], prefix = KEY_PREFIX_DEFAULT) {
     this.endpoints = endpoints;
     this.prefix = prefix;
-    this.client = new Etcd3({ hosts: [...endpoints], dialTimeout: ETCD_CALL_TIMEOUT_MS });
+    this.client = new Etcd3({
+      hosts: [...endpoints],
+      dialTimeout: ETCD_CALL_TIMEOUT_MS,
+      grpcOptions: { "grpc.max_receive_message_length": GRPC_RECEIVE_BYTES_MAX },
+    });
   }
 
   key(name: string): string {
@@ -202,14 +213,14 @@ export class EtcdState {
     return result.succeeded;
   }
 
-  /** Entries after `afterSeq`, in order, at most `limit`. */
+  /** Entries after `afterSeq`, in order, at most `limit` (one answer stays under GRPC_RECEIVE_BYTES_MAX). */
   async entriesAfter(afterSeq: number, limit = CATCH_UP_PAGE): Promise<LogEntry[]> {
     const response = await withDeadline(
       `read log after ${afterSeq}`,
       this.client
         .getAll()
         .inRange({ start: this.key(`log/${seqKey(afterSeq + 1)}`), end: this.key("log0") })
-        .limit(limit)
+        .limit(Math.min(limit, CATCH_UP_PAGE))
         .sort("Key", "Ascend")
         .exec(),
     );

@@ -48,11 +48,14 @@ export const LEADER_LEASE_MS_MAX = 60_000;
 /**
  * A snapshot is written once at least this many entries were appended since
  * the last one and their bytes reach the last snapshot's compressed size (so
- * a large database is not copied whole every few seconds), or after
+ * a large database is not copied whole every few seconds), or once the log
+ * since holds SNAPSHOT_EVERY_BYTES and twice the last snapshot, or after
  * SNAPSHOT_EVERY_ENTRIES_MAX entries whatever their size.
  */
 export const SNAPSHOT_EVERY_ENTRIES = 1_000;
 export const SNAPSHOT_EVERY_ENTRIES_MAX = 20_000;
+/** Or once the log since the last snapshot holds this many bytes (and twice the last snapshot's size). */
+export const SNAPSHOT_EVERY_BYTES = 8 * 1024 * 1024;
 /** How often a follower polls etcd for the leader and new entries when no watch event came. */
 export const FOLLOWER_POLL_MS = 500;
 /** The schema every station of a cluster must have (the newest migration of this version). */
@@ -376,7 +379,10 @@ export class ClusterNode {
   private maybeSnapshot(): void {
     if (this.snapshotting || this.queue.length > 0 || this.inflight || this.db === null || this.role !== "leader") return;
     const entries = this.committed - this.lastSnapshotSeq;
-    if (entries < (this.options.snapshotEveryEntries ?? SNAPSHOT_EVERY_ENTRIES) || (this.bytesSinceSnapshot < this.lastSnapshotBytes && entries < SNAPSHOT_EVERY_ENTRIES_MAX)) return;
+    const byCount = entries >= (this.options.snapshotEveryEntries ?? SNAPSHOT_EVERY_ENTRIES) && this.bytesSinceSnapshot >= this.lastSnapshotBytes;
+    // Large entries (a pool joining: units' reports with their volumes) also call for one, by bytes.
+    const byBytes = this.bytesSinceSnapshot >= Math.max(SNAPSHOT_EVERY_BYTES, 2 * this.lastSnapshotBytes);
+    if (!byCount && !byBytes && entries < SNAPSHOT_EVERY_ENTRIES_MAX) return;
     // Nothing is waiting to be appended: the copy is exactly the log up to `committed`.
     const seq = this.committed;
     const image = this.db.serialize();

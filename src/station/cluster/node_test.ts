@@ -80,3 +80,44 @@ test("the leader's writes go to the log, a snapshot compacts it, and copies buil
     state.close();
   }
 });
+
+test("a copy is built from a log whose entries do not fit one read (more than the client's 4 MiB message limit)", async () => {
+  const state = new EtcdState(etcd.endpoints);
+  let leaderDb: Db | null = null;
+  let durable: (() => Promise<void>) | null = null;
+  const leader = new ClusterNode({
+    etcd: state,
+    dbPath: dirs.file("big-leader.db"),
+    url: "http://127.0.0.1:3",
+    startServices: async (db, isDurable) => {
+      leaderDb = db;
+      durable = isDurable;
+      return { handle: () => undefined, close: async () => undefined };
+    },
+  });
+  try {
+    await state.client.delete().all();
+    await leader.start();
+    // 40 entries of 150 KB: 6 MB after the snapshot, under the 8 MiB that would call for another.
+    const insert = leaderDb!.prepare("INSERT INTO events (at, type, action, subject, data) VALUES (?, ?, ?, ?, ?)");
+    for (let i = 0; i < 40; i++) insert.run(i, "unit", "big", `s${i}`, JSON.stringify("x".repeat(150_000)));
+    await durable!();
+    const manifest = await state.snapshotManifest();
+    assert.ok(manifest !== null && manifest.seq < 10, "no snapshot since the start: the copy has to read the whole log");
+    const reader = new EtcdState(etcd.endpoints);
+    try {
+      const copy = await buildLocalCopy(reader, dirs.file("big-copy.db"));
+      try {
+        assert.equal(appliedSeq(copy.db), appliedSeq(leaderDb!));
+        assert.deepEqual(tableDigests(copy.db), tableDigests(leaderDb!));
+      } finally {
+        copy.db.close();
+      }
+    } finally {
+      reader.close();
+    }
+  } finally {
+    await leader.stop();
+    state.close();
+  }
+});
