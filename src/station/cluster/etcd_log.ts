@@ -16,7 +16,7 @@
 
 import { createHash } from "node:crypto";
 import { promisify } from "node:util";
-import { gunzip as gunzipCallback, gzip as gzipCallback } from "node:zlib";
+import { gunzip as gunzipCallback, gunzipSync, gzip as gzipCallback, gzipSync } from "node:zlib";
 import { Etcd3 } from "etcd3";
 import { IpsanError, errorMessage } from "../../util/errors.ts";
 import { decodeParams, type LogStatement } from "./recorder.ts";
@@ -26,8 +26,12 @@ const gzip = promisify(gzipCallback);
 const gunzip = promisify(gunzipCallback);
 
 export const KEY_PREFIX_DEFAULT = "/ipsan/";
-/** Largest log entry (etcd refuses requests over 1.5 MiB by default: --max-request-bytes). */
+/** Largest log entry as stored (etcd refuses requests over 1.5 MiB by default: --max-request-bytes). */
 export const ENTRY_BYTES_MAX = 1024 * 1024;
+/** Entries larger than this are stored gzip'd. */
+export const ENTRY_COMPRESS_BYTES = 16 * 1024;
+/** Largest entry once uncompressed (a bound for what a reader inflates). */
+export const ENTRY_TEXT_BYTES_MAX = 64 * 1024 * 1024;
 /** Entries per append transaction at most (etcd's --max-txn-ops defaults to 128). */
 export const APPEND_BATCH_ENTRIES_MAX = 64;
 /** Bytes per append transaction at most. */
@@ -90,11 +94,26 @@ export function parseEndpoints(text: string, flag = "--etcd"): string[] {
   return endpoints;
 }
 
-export function encodeEntry(entry: LogEntry): string {
-  return JSON.stringify({ v: 1, seq: entry.seq, schema: entry.schema, statements: entry.statements });
+/**
+ * An entry as stored: its JSON, gzip'd when larger than ENTRY_COMPRESS_BYTES
+ * (SQL text shrinks several times; a unit's report with its volumes is the
+ * largest entry there is).
+ */
+export function encodeEntry(entry: LogEntry): Buffer {
+  const text = Buffer.from(JSON.stringify({ v: 1, seq: entry.seq, schema: entry.schema, statements: entry.statements }), "utf8");
+  return text.length > ENTRY_COMPRESS_BYTES ? gzipSync(text, { level: 6 }) : text;
 }
 
-export function decodeEntry(text: string, expectSeq: number): LogEntry {
+export function decodeEntry(stored: Buffer | string, expectSeq: number): LogEntry {
+  let text: string;
+  if (typeof stored === "string") text = stored;
+  else if (stored[0] === 0x1f && stored[1] === 0x8b) {
+    try {
+      text = gunzipSync(stored, { maxOutputLength: ENTRY_TEXT_BYTES_MAX }).toString("utf8");
+    } catch (error) {
+      throw new IpsanError("INVALID_ARGUMENT", `etcd log entry ${expectSeq}: cannot uncompress it (${errorMessage(error)})`);
+    }
+  } else text = stored.toString("utf8");
   let value: unknown;
   try {
     value = JSON.parse(text);
@@ -202,10 +221,10 @@ export class EtcdState {
    * Returns false when the fence refused (another station leads, or our
    * lease expired); throws when etcd could not be reached.
    */
-  async append(entries: readonly { seq: number; text: string }[], leaderRevision: string): Promise<boolean> {
+  async append(entries: readonly { seq: number; stored: Buffer }[], leaderRevision: string): Promise<boolean> {
     const first = entries[0];
     if (first === undefined) return true;
-    const puts = entries.map((e) => this.client.put(this.key(`log/${seqKey(e.seq)}`)).value(e.text));
+    const puts = entries.map((e) => this.client.put(this.key(`log/${seqKey(e.seq)}`)).value(e.stored));
     const result = await withDeadline(
       `append log entries ${first.seq}..${first.seq + entries.length - 1}`,
       this.client.if(this.key("leader"), "Create", "==", leaderRevision).and(this.key(`log/${seqKey(first.seq)}`), "Version", "==", 0).then(...puts).commit(),
@@ -231,7 +250,7 @@ export class EtcdState {
       if (seq !== expect) {
         throw new IpsanError("CONFLICT", `etcd log: entry ${expect} is missing (next is ${seq}); the log was compacted past this copy: it is rebuilt from the snapshot`);
       }
-      entries.push(decodeEntry(kv.value.toString("utf8"), seq));
+      entries.push(decodeEntry(kv.value, seq));
       expect += 1;
     }
     return entries;

@@ -86,7 +86,7 @@ export interface ClusterNodeOptions {
 
 interface Pending {
   readonly seq: number;
-  readonly text: string;
+  readonly stored: Buffer;
 }
 
 export class ClusterNode {
@@ -322,12 +322,12 @@ export class ClusterNode {
   }
 
   private enqueue(seq: number, statements: Parameters<Parameters<typeof recordWrites>[2]>[1]): void {
-    const text = encodeEntry({ seq, schema: SCHEMA_VERSION, statements });
-    if (Buffer.byteLength(text) > ENTRY_BYTES_MAX) {
-      void this.stepDown(`a change of ${Buffer.byteLength(text)} bytes is larger than an etcd log entry may be (${ENTRY_BYTES_MAX})`);
+    const stored = encodeEntry({ seq, schema: SCHEMA_VERSION, statements });
+    if (stored.length > ENTRY_BYTES_MAX) {
+      void this.stepDown(`a change of ${stored.length} bytes (compressed) is larger than an etcd log entry may be (${ENTRY_BYTES_MAX})`);
       return;
     }
-    this.queue.push({ seq, text });
+    this.queue.push({ seq, stored });
     this.lastEnqueued = seq;
     this.pump();
   }
@@ -345,9 +345,9 @@ export class ClusterNode {
     const batch: Pending[] = [];
     let bytes = 0;
     for (const entry of this.queue) {
-      if (batch.length >= APPEND_BATCH_ENTRIES_MAX || (batch.length > 0 && bytes + entry.text.length > APPEND_BATCH_BYTES_MAX)) break;
+      if (batch.length >= APPEND_BATCH_ENTRIES_MAX || (batch.length > 0 && bytes + entry.stored.length > APPEND_BATCH_BYTES_MAX)) break;
       batch.push(entry);
-      bytes += entry.text.length;
+      bytes += entry.stored.length;
     }
     this.inflight = true;
     const revision = this.leaderRevision;
@@ -360,7 +360,7 @@ export class ClusterNode {
           return;
         }
         this.queue.splice(0, batch.length);
-        for (const entry of batch) this.bytesSinceSnapshot += entry.text.length;
+        for (const entry of batch) this.bytesSinceSnapshot += entry.stored.length;
         this.committed = batch[batch.length - 1]!.seq;
         const ready = this.waiters.filter((w) => w.seq <= this.committed);
         this.waiters = this.waiters.filter((w) => w.seq > this.committed);

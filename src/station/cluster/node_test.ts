@@ -6,6 +6,7 @@
 // the leader's writes as they come.
 
 import { after, before, test } from "node:test";
+import { randomBytes } from "node:crypto";
 import assert from "node:assert/strict";
 import { startEtcdCluster, type EtcdCluster } from "../../testing/etcd.ts";
 import { until } from "../../testing/stations.ts";
@@ -98,10 +99,17 @@ test("a copy is built from a log whose entries do not fit one read (more than th
   try {
     await state.client.delete().all();
     await leader.start();
-    // 40 entries of 150 KB: 6 MB after the snapshot, under the 8 MiB that would call for another.
+    // 40 entries of about 150 KB that do not compress (random): 6 MB after the snapshot, under the 8 MiB that would call for another.
     const insert = leaderDb!.prepare("INSERT INTO events (at, type, action, subject, data) VALUES (?, ?, ?, ?, ?)");
-    for (let i = 0; i < 40; i++) insert.run(i, "unit", "big", `s${i}`, JSON.stringify("x".repeat(150_000)));
+    for (let i = 0; i < 40; i++) insert.run(i, "unit", "big", `s${i}`, JSON.stringify(randomBytes(112_000).toString("base64")));
+    // One transaction of 3 MB of SQL text, more than an entry may hold uncompressed: stored gzip'd, the leader keeps leading.
+    leaderDb!.transaction(() => {
+      for (let i = 0; i < 3_000; i++) insert.run(i, "unit", "many", `m${i}`, JSON.stringify({ volume: `v${i}`, note: "a unit's report with its volumes repeats itself".repeat(20) }));
+    })();
     await durable!();
+    assert.equal(leader.role, "leader", "a large but compressible change is kept, not a reason to step down");
+    const stored = await state.client.get(state.key(`log/${String(appliedSeq(leaderDb!)).padStart(20, "0")}`)).buffer();
+    assert.ok(stored !== null && stored[0] === 0x1f && stored[1] === 0x8b && stored.length < 1024 * 1024, `the large entry is stored gzip'd (${stored?.length} bytes)`);
     const manifest = await state.snapshotManifest();
     assert.ok(manifest !== null && manifest.seq < 10, "no snapshot since the start: the copy has to read the whole log");
     const reader = new EtcdState(etcd.endpoints);
