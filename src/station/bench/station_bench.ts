@@ -14,8 +14,10 @@
 //
 // --etcd (several stations on etcd, issue 11): the same on a station started
 // with `--etcd` on a real 3-member etcd (src/testing/etcd.ts), plus a second
-// station as a follower, started once the pool is loaded (its start -> ready
-// line includes building its copy of the database from etcd). The units know
+// station as a follower (its start -> ready
+// line includes building its copy of the database from etcd; --follower-start
+// says when: before the units join, once the pool is loaded, or, the default,
+// after the leader's allocations, once the leader stored a snapshot). The units know
 // both discovery addresses. Measured on top: sequential allocations through
 // the follower (forwarded to the leader); instead of the restart, a takeover
 // (kill -9 of the leader: time until the follower leads, answers the API,
@@ -27,6 +29,7 @@
 //
 //   node dist/station/bench/station_bench.js [--units 1000] [--volumes 100]
 //        [--allocations 500] [--carves 200] [--etcd | --compare [--runs 1]]
+//        [--follower-start units|loaded|allocated]
 // Prints one JSON object and a Markdown table per run for docs/benchmarks.md.
 
 import { spawn, type ChildProcess } from "node:child_process";
@@ -132,13 +135,18 @@ interface Params {
   readonly carveCount: number;
   readonly restart: boolean;
   readonly stationArgs: readonly string[];
+  /** etcd mode: when the follower starts (before the units join, once they are loaded, after the leader's allocations). */
+  readonly followerStart: "units" | "loaded" | "allocated";
 }
 
 interface EtcdFigures {
+  readonly followerStart: Params["followerStart"];
   readonly followerStartToReadyMs: number;
+  /** What etcd held when the follower started: the snapshot it built from and the log after it. */
+  readonly followerCopyFrom: { snapshotSeq: number; logEntries: number; logBytes: number } | null;
   readonly followerRss: { rssMb: number; peakMb: number };
   readonly forwarded: { reuse: Summary; carve: Summary };
-  readonly takeoverMs: { leads: number; apiServing: number; allUnitsOnline: number };
+  readonly takeoverMs: { leads: number; apiServing: number; allUnitsOnline: number; entriesAppended: number };
   readonly log: {
     entriesAppended: number;
     bytesAppended: number;
@@ -151,6 +159,8 @@ interface EtcdFigures {
   readonly snapshot: { seq: number; imageBytes: number; compressedBytes: number; chunks: number } | null;
   readonly etcdDbBytes: number[];
   readonly copyBuildMs: number;
+  /** The stations' own warnings about the cluster (a step-down, a lost lease, a copy that cannot follow), first lines of each. */
+  readonly clusterWarnings: { leader: string[]; follower: string[] };
 }
 
 interface RunResult {
@@ -198,24 +208,35 @@ async function watchEtcdLog(endpoints: readonly string[]): Promise<{ stats: { en
 }
 
 /** Log entries left in etcd, the newest snapshot's manifest, and every member's db size. */
-async function etcdContents(cluster: EtcdCluster): Promise<{ entries: number; lastSeq: number; snapshot: EtcdFigures["snapshot"]; dbBytes: number[] }> {
+async function etcdContents(cluster: EtcdCluster, withImage = true): Promise<{ entries: number; logBytes: number; lastSeq: number; snapshot: EtcdFigures["snapshot"]; dbBytes: number[] }> {
   const state = new EtcdState(cluster.endpoints);
   try {
-    const log = await state.client.getAll().prefix(`${KEY_PREFIX_DEFAULT}log/`).strings();
+    // Keys only, then each value on its own: a page of large entries can pass the client's 4 MiB message limit.
+    const keys = await state.client.getAll().prefix(`${KEY_PREFIX_DEFAULT}log/`).keys();
     let lastSeq = 0;
-    for (const text of Object.values(log)) lastSeq = Math.max(lastSeq, Number((JSON.parse(text) as { seq: number }).seq));
+    let logBytes = 0;
+    for (const key of keys) {
+      lastSeq = Math.max(lastSeq, Number(key.slice(`${KEY_PREFIX_DEFAULT}log/`.length)));
+      logBytes += (await state.client.get(key).buffer())?.length ?? 0;
+    }
     const manifest = await state.snapshotManifest();
     let snapshot: EtcdFigures["snapshot"] = null;
     if (manifest !== null) {
-      const image = await state.snapshotImage(manifest);
-      snapshot = { seq: manifest.seq, imageBytes: image.length, compressedBytes: manifest.bytes, chunks: manifest.chunks };
+      const image = withImage ? await state.snapshotImage(manifest) : null;
+      snapshot = { seq: manifest.seq, imageBytes: image?.length ?? NaN, compressedBytes: manifest.bytes, chunks: manifest.chunks };
       lastSeq = Math.max(lastSeq, manifest.seq);
     }
     const status = JSON.parse(await etcdctl(cluster.endpoints, "endpoint", "status", "--write-out=json")) as { Status: { dbSize: number } }[];
-    return { entries: Object.keys(log).length, lastSeq, snapshot, dbBytes: status.map((s) => s.Status.dbSize) };
+    return { entries: keys.length, logBytes, lastSeq, snapshot, dbBytes: status.map((s) => s.Status.dbSize) };
   } finally {
     state.close();
   }
+}
+
+/** Lines of a station's stderr from its cluster module (station-cluster), at most CLUSTER_WARNINGS_MAX. */
+const CLUSTER_WARNINGS_MAX = 20;
+function clusterWarnings(stderr: string): string[] {
+  return stderr.split("\n").filter((line) => / station-cluster: /.test(line)).slice(0, CLUSTER_WARNINGS_MAX);
 }
 
 /** Time to build a copy of the station database from etcd (snapshot + log) in this process, as a station does at start. */
@@ -240,7 +261,7 @@ async function runOnce(mode: "single" | "etcd", p: Params): Promise<RunResult> {
   let cluster: EtcdCluster | null = null;
   let dirs: TempDir | null = null;
   let logWatch: Awaited<ReturnType<typeof watchEtcdLog>> | null = null;
-  let follower: RunningStation | null = null;
+  let follower = null as RunningStation | null;
   let followerDiscovery = "";
   let station: RunningStation;
   if (mode === "etcd") {
@@ -262,7 +283,31 @@ async function runOnce(mode: "single" | "etcd", p: Params): Promise<RunResult> {
     station = await startStation({ keepData: true, env, extraArgs: p.stationArgs });
   }
   const dataDir = station.dataDir;
+  let followerStartToReadyMs = NaN;
+  let followerCopyFrom: EtcdFigures["followerCopyFrom"] = null;
+  /**
+   * Starts the second station: its ready line comes once it has built its copy
+   * from etcd (snapshot, then the log after it) and knows who leads.
+   */
+  const startFollower = async (): Promise<void> => {
+    if (cluster === null || dirs === null) return;
+    const seen = await etcdContents(cluster, false);
+    followerCopyFrom = { snapshotSeq: seen.snapshot?.seq ?? 0, logEntries: seen.entries, logBytes: seen.logBytes };
+    const tf = performance.now();
+    follower = await startStation({
+      dataDir: dirs.file("station-b"),
+      keepData: true,
+      env,
+      discovery: followerDiscovery,
+      readyWithoutDiscovery: true,
+      extraArgs: ["--etcd", cluster.endpointsFlag, ...p.stationArgs],
+    });
+    followerStartToReadyMs = Math.round(performance.now() - tf);
+    const f = follower;
+    await waitFor("the second station follows", 30_000, async () => ((await stationHealth(f))?.leader === false ? true : undefined));
+  };
   try {
+    if (p.followerStart === "units") await startFollower();
     const visibleAtMs = new Map<string, number>();
     const stopWatching = await watchUnits(station, (unit, atMs) => {
       if (!visibleAtMs.has(unit)) visibleAtMs.set(unit, atMs);
@@ -296,22 +341,7 @@ async function runOnce(mode: "single" | "etcd", p: Params): Promise<RunResult> {
       });
       const rssLoaded = rssMb(station.pid);
 
-      // The follower starts on the loaded pool: its ready line comes once it has built its copy from etcd and knows who leads.
-      let followerStartToReadyMs = NaN;
-      if (mode === "etcd" && cluster !== null && dirs !== null) {
-        const tf = performance.now();
-        follower = await startStation({
-          dataDir: dirs.file("station-b"),
-          keepData: true,
-          env,
-          discovery: followerDiscovery,
-          readyWithoutDiscovery: true,
-          extraArgs: ["--etcd", cluster.endpointsFlag, ...p.stationArgs],
-        });
-        followerStartToReadyMs = Math.round(performance.now() - tf);
-        const f = follower;
-        await waitFor("the second station follows", 30_000, async () => ((await stationHealth(f))?.leader === false ? true : undefined));
-      }
+      if (p.followerStart === "loaded") await startFollower();
 
       const allocate = async (via: RunningStation, i: number, size: string, tag = ""): Promise<number> => {
         const started = performance.now();
@@ -341,6 +371,12 @@ async function runOnce(mode: "single" | "etcd", p: Params): Promise<RunResult> {
         }),
       );
       const concurrentSeconds = (performance.now() - tc) / 1000;
+      if (p.followerStart === "allocated" && cluster !== null) {
+        // The leader snapshots once 1,000 entries are in the log and nothing waits to be appended: give it that moment (bounded).
+        const c = cluster;
+        await waitFor("a snapshot after the allocations", 60_000, async () => (((await etcdContents(c, false)).snapshot?.seq ?? 0) > 0 ? true : undefined), 500).catch(() => undefined);
+        await startFollower();
+      }
       // Through the follower (forwarded to the leader), the same sequential requests.
       const forwardedReuse: number[] = [];
       const forwardedCarve: number[] = [];
@@ -364,10 +400,12 @@ async function runOnce(mode: "single" | "etcd", p: Params): Promise<RunResult> {
 
       if (mode === "etcd" && cluster !== null && dirs !== null && follower !== null && logWatch !== null) {
         const followerRss = rssMb(follower.pid);
+        const appendedBeforeTakeover = { ...logWatch.stats };
         const contents = await etcdContents(cluster);
         const copyBuildMs = await timeCopyBuild(cluster, dirs);
         // Takeover: kill -9 of the leader; the follower must lead, answer, and have every unit back.
         const f = follower;
+        const leaderStderr = station.stderr();
         await station.kill9();
         const tt = performance.now();
         await waitFor("the follower leads", 60_000, async () => ((await stationHealth(f))?.leader === true ? true : undefined), 10);
@@ -379,20 +417,24 @@ async function runOnce(mode: "single" | "etcd", p: Params): Promise<RunResult> {
           return body.items.length >= unitCount ? true : undefined;
         });
         const allOnlineMs = performance.now() - tt;
-        const s = logWatch.stats;
+        const s = appendedBeforeTakeover;
+        const entriesDuringTakeover = logWatch.stats.entries - s.entries;
         return {
           ...base,
           machine: machine(),
           stationRss: { loaded: rssLoaded, afterAllocations: rssAfter },
           etcd: {
+            followerStart: p.followerStart,
             followerStartToReadyMs,
+            followerCopyFrom,
             followerRss,
             forwarded: { reuse: summary(forwardedReuse), carve: summary(forwardedCarve) },
-            takeoverMs: { leads: Math.round(leadsMs), apiServing: Math.round(servingMs), allUnitsOnline: Math.round(allOnlineMs) },
+            takeoverMs: { leads: Math.round(leadsMs), apiServing: Math.round(servingMs), allUnitsOnline: Math.round(allOnlineMs), entriesAppended: entriesDuringTakeover },
             log: { entriesAppended: s.entries, bytesAppended: s.bytes, largestEntryBytes: s.largest, largestEntry: { seq: s.largestSeq, statements: s.largestStatements, firstSql: s.largestFirstSql }, entriesInEtcdAtEnd: contents.entries, lastSeq: contents.lastSeq, snapshotsStored: s.snapshots },
             snapshot: contents.snapshot,
             etcdDbBytes: contents.dbBytes,
             copyBuildMs,
+            clusterWarnings: { leader: clusterWarnings(leaderStderr), follower: clusterWarnings(f.stderr()) },
           },
         };
       }
@@ -421,6 +463,11 @@ async function runOnce(mode: "single" | "etcd", p: Params): Promise<RunResult> {
       sim.kill("SIGTERM");
       await simExited;
     }
+  } catch (error) {
+    // The stations' own log lines say why (a leader that stepped down, an entry refused...).
+    const tail = (name: string, text: string): string => `--- ${name} stderr (last 40 lines):\n${text.split("\n").slice(-40).join("\n")}\n`;
+    process.stderr.write(tail(`station ${station.pid}`, station.stderr()) + (follower === null ? "" : tail(`follower ${follower.pid}`, follower.stderr())));
+    throw error;
   } finally {
     await station.close();
     await follower?.close();
@@ -462,12 +509,16 @@ function printRun(result: RunResult): void {
   if (e !== undefined) {
     const mb = (b: number): string => (b / 1024 / 1024).toFixed(1);
     text +=
-      `follower: start -> ready line (copy built from etcd) ${e.followerStartToReadyMs} ms, RSS ${e.followerRss.rssMb} MB; a copy built in the bench process ${e.copyBuildMs} ms. ` +
-      `Takeover after kill -9 of the leader: follower leads ${e.takeoverMs.leads} ms, API serving ${e.takeoverMs.apiServing} ms, all units online ${e.takeoverMs.allUnitsOnline} ms. ` +
+      `follower started ${e.followerStart === "units" ? "before the units joined" : e.followerStart === "loaded" ? "once the pool was loaded" : "after the leader's allocations"}` +
+      (e.followerCopyFrom === null ? "" : ` (etcd then held the snapshot at seq ${e.followerCopyFrom.snapshotSeq} and ${e.followerCopyFrom.logEntries} log entries after it, ${mb(e.followerCopyFrom.logBytes)} MiB)`) +
+      `: start -> ready line (copy built from etcd) ${e.followerStartToReadyMs} ms, RSS ${e.followerRss.rssMb} MB; a copy built in the bench process ${e.copyBuildMs} ms. ` +
+      `Takeover after kill -9 of the leader: follower leads ${e.takeoverMs.leads} ms, API serving ${e.takeoverMs.apiServing} ms, all units online ${e.takeoverMs.allUnitsOnline} ms (the new leader appended ${e.takeoverMs.entriesAppended} entries meanwhile). ` +
+      "Before the takeover: " +
       `etcd log: ${e.log.entriesAppended} entries appended (${mb(e.log.bytesAppended)} MiB, largest ${(e.log.largestEntryBytes / 1024).toFixed(1)} KiB: seq ${e.log.largestEntry.seq}, ${e.log.largestEntry.statements} statements), last seq ${e.log.lastSeq}, ` +
       `${e.log.entriesInEtcdAtEnd} entries left after the newest snapshot, ${e.log.snapshotsStored} snapshots stored; ` +
       (e.snapshot === null ? "no snapshot; " : `snapshot at seq ${e.snapshot.seq}: image ${mb(e.snapshot.imageBytes)} MiB, gzip'd ${mb(e.snapshot.compressedBytes)} MiB in ${e.snapshot.chunks} chunks; `) +
-      `etcd db size per member ${e.etcdDbBytes.map(mb).join(" / ")} MiB. `;
+      `etcd db size per member ${e.etcdDbBytes.map(mb).join(" / ")} MiB; ` +
+      `cluster warnings: leader ${e.clusterWarnings.leader.length}, follower ${e.clusterWarnings.follower.length}${e.clusterWarnings.follower.length + e.clusterWarnings.leader.length === 0 ? "" : " (in the JSON)"}. `;
   }
   text +=
     `Station-side allocation histogram: p50 <= ${result.stationSide.serverP50Ms} ms, p99 <= ${result.stationSide.serverP99Ms} ms (bucket bounds); ` +
@@ -522,6 +573,11 @@ function printRatios(results: RunResult[]): void {
   process.stdout.write(`${lines.join("\n")}\n`);
 }
 
+function parseFollowerStart(text: string): Params["followerStart"] {
+  if (text === "units" || text === "loaded" || text === "allocated") return text;
+  throw new Error(`--follower-start ${text}: give units (before the units join), loaded (once the pool is loaded) or allocated (after the leader's allocations, the default)`);
+}
+
 async function main(): Promise<void> {
   const { values } = parseFlags(process.argv.slice(2), {
     units: { type: "string" },
@@ -533,6 +589,7 @@ async function main(): Promise<void> {
     etcd: { type: "boolean" },
     compare: { type: "boolean" },
     runs: { type: "string" },
+    "follower-start": { type: "string" },
   });
   const params: Params = {
     unitCount: Number(values.units ?? "1000"),
@@ -541,6 +598,7 @@ async function main(): Promise<void> {
     carveCount: Number(values.carves ?? "200"),
     restart: values["no-restart"] !== true,
     stationArgs: (values["station-args"] ?? "").split(" ").filter((a) => a !== ""),
+    followerStart: parseFollowerStart(values["follower-start"] ?? "allocated"),
   };
   const runs = Number(values.runs ?? "1");
   if (!(Number.isInteger(runs) && runs >= 1 && runs <= 10)) throw new Error(`--runs ${values.runs}: give a whole number of runs from 1 to 10`);
