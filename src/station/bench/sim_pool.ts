@@ -7,8 +7,11 @@
 // NBD. A change (create, delete, grants) bumps the unit's table and the agent
 // pushes fresh storage info, as a real unit does.
 //
-//   node dist/station/bench/sim_pool.js --station HOST:PORT --cluster-key-file FILE
+//   node dist/station/bench/sim_pool.js --station HOST:PORT[,HOST:PORT...] --cluster-key-file FILE
 //        --units N --volumes M [--start-times FILE]
+// Several stations on etcd (issue 11): --station lists every station's
+// discovery address, as a real unit's --discovery does; each agent sends to
+// all of them and follows the one that answers (the leader).
 // prints "ipsan sim-pool control http://HOST:PORT", then "ipsan sim-pool started N".
 
 import { writeFileSync } from "node:fs";
@@ -21,7 +24,7 @@ import type { StorageInfo, VolumeInfo } from "../../discovery/messages.ts";
 import { sampleStorageInfo } from "../../discovery/sample_info.ts";
 import { preciseNowMs } from "../../discovery/sim_units.ts";
 import { openUdpSocket, type Address, type DatagramSocket } from "../../discovery/transport.ts";
-import { StationAgent } from "../../discovery/unit_agent.ts";
+import { DISCOVERY_ADDRESSES_MAX, StationAgent } from "../../discovery/unit_agent.ts";
 import { UsageError, errorMessage } from "../../util/errors.ts";
 import { parseFlags, parseHostPort } from "../../util/flags.ts";
 
@@ -78,10 +81,10 @@ export class SimPool {
   readonly startedAtMs = new Map<string, number>();
   private server = createServer((req, res) => void this.handle(req, res));
   private controlAddress: AddressInfo | null = null;
-  private readonly station: Address;
+  private readonly station: Address | readonly Address[];
   private readonly clusterKey: Buffer;
 
-  constructor(station: Address, clusterKey: Buffer) {
+  constructor(station: Address | readonly Address[], clusterKey: Buffer) {
     this.station = station;
     this.clusterKey = clusterKey;
   }
@@ -226,9 +229,11 @@ async function main(argv: readonly string[]): Promise<number> {
     "start-times": { type: "string" },
   });
   if (values.station === undefined || values["cluster-key-file"] === undefined) {
-    throw new UsageError("usage: sim_pool --station HOST:PORT --cluster-key-file FILE --units N --volumes M [--start-times FILE]");
+    throw new UsageError("usage: sim_pool --station HOST:PORT[,HOST:PORT...] --cluster-key-file FILE --units N --volumes M [--start-times FILE]");
   }
-  const pool = new SimPool(parseHostPort(values.station, "--station"), await loadClusterKey(values["cluster-key-file"]));
+  const stations = values.station.split(",").map((text) => parseHostPort(text.trim(), "--station"));
+  if (stations.length > DISCOVERY_ADDRESSES_MAX) throw new UsageError(`--station: at most ${DISCOVERY_ADDRESSES_MAX} station addresses (got ${stations.length})`);
+  const pool = new SimPool(stations.length === 1 ? (stations[0] as Address) : stations, await loadClusterKey(values["cluster-key-file"]));
   const control = await pool.listenControl();
   process.stdout.write(`ipsan sim-pool control http://${control.address}:${control.port}\n`);
   await pool.start(Number(values.units ?? "10"), Number(values.volumes ?? "10"));
