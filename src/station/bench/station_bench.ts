@@ -40,7 +40,7 @@ import { fileURLToPath } from "node:url";
 import { preciseNowMs } from "../../discovery/sim_units.ts";
 import { parseFlags } from "../../util/flags.ts";
 import { startStation, type RunningStation } from "../harness.ts";
-import { EtcdState, KEY_PREFIX_DEFAULT } from "../cluster/etcd_log.ts";
+import { EtcdState, KEY_PREFIX_DEFAULT, decodeEntry } from "../cluster/etcd_log.ts";
 import { buildLocalCopy } from "../cluster/node.ts";
 import { etcdctl, startEtcdCluster, type EtcdCluster } from "../../testing/etcd.ts";
 import { freeUdpPort } from "../../testing/daemon.ts";
@@ -189,7 +189,8 @@ async function watchEtcdLog(endpoints: readonly string[]): Promise<{ stats: { en
       stats.bytes += kv.value.length;
       if (kv.value.length > stats.largest) {
         stats.largest = kv.value.length;
-        const entry = JSON.parse(kv.value.toString("utf8")) as { seq: number; statements: [string, unknown][] };
+        // As stored: entries over 16 KiB are gzip'd (decodeEntry inflates them).
+        const entry = decodeEntry(kv.value, Number(key.slice(`${KEY_PREFIX_DEFAULT}log/`.length)));
         stats.largestSeq = entry.seq;
         stats.largestStatements = entry.statements.length;
         stats.largestFirstSql = String(entry.statements[0]?.[0] ?? "").replace(/\s+/g, " ").slice(0, 80);
