@@ -140,10 +140,18 @@ test("kill -9 of the leader mid-burst: a new leader in time, every acknowledged 
   }
   const held = live.map((a) => `${a.unit}/${a.volume}`);
   assert.equal(new Set(held).size, held.length, `no volume held twice: ${held.join(" ")}`);
+  // A unit is online at the new leader once its next heartbeat reaches it (every second by default).
   for (const survivor of survivors()) {
-    const response = await survivor.api("GET", "/api/v1/units");
-    const states = ((response.body as { items: { name: string; state: string }[] }).items ?? []).map((u) => `${u.name}:${u.state}`).sort();
-    assert.deepEqual(states, ["ua:online", "ub:online"], `units online as ${survivor.url} answers`);
+    let states: string[] = [];
+    await until(
+      `both units online as ${survivor.url} answers`,
+      async () => {
+        const response = await survivor.api("GET", "/api/v1/units");
+        states = ((response.body as { items?: { name: string; state: string }[] }).items ?? []).map((u) => `${u.name}:${u.state}`).sort();
+        return states.join(" ") === "ua:online ub:online";
+      },
+      10_000,
+    ).catch(() => assert.fail(`units as ${survivor.url} answers: ${states.join(" ")}`));
   }
 
   // Every survivor's copy equals the leader's, row for row, once it has applied the whole log.

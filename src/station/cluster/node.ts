@@ -196,14 +196,14 @@ export class ClusterNode {
 
   /** Applies every entry etcd has after the copy's own (one run at a time; callers share it). */
   private catchUp(): Promise<void> {
-    this.catchingUp ??= (async () => {
-      try {
-        if (this.db !== null) await applyLog(this.etcd, this.db);
-      } finally {
-        this.catchingUp = null;
-      }
-    })();
-    return this.catchingUp;
+    if (this.catchingUp !== null) return this.catchingUp;
+    const db = this.db;
+    if (db === null) return Promise.resolve();
+    const run = applyLog(this.etcd, db).finally(() => {
+      if (this.catchingUp === run) this.catchingUp = null;
+    });
+    this.catchingUp = run;
+    return run;
   }
 
   // ---- follower and campaign -------------------------------------------------------
@@ -474,11 +474,22 @@ export async function buildLocalCopy(etcd: EtcdState, path: string): Promise<{ d
   }
 }
 
-/** Applies every log entry after the copy's own, in order. */
+/**
+ * Applies every log entry after the copy's own, in order. Refuses (CONFLICT:
+ * rebuild) a copy that a snapshot has overtaken: its next entries may be
+ * gone from the log even when no later entry shows the gap yet.
+ */
 export async function applyLog(etcd: EtcdState, db: Db): Promise<void> {
   for (;;) {
-    const entries = await etcd.entriesAfter(appliedSeq(db));
-    if (entries.length === 0) return;
+    const applied = appliedSeq(db);
+    const entries = await etcd.entriesAfter(applied);
+    if (entries.length === 0) {
+      const snapshot = await etcd.snapshotManifest();
+      if (snapshot !== null && snapshot.seq > applied) {
+        throw new IpsanError("CONFLICT", `the copy is at entry ${applied}, and a snapshot at ${snapshot.seq} replaced the log up to it: the copy is rebuilt from the snapshot`);
+      }
+      return;
+    }
     for (const entry of entries) {
       if (entry.schema !== SCHEMA_VERSION) {
         throw new IpsanError("CONFLICT", `log entry ${entry.seq} was written by a station with schema ${entry.schema} (this one: ${SCHEMA_VERSION}): run the same ipsan version on every station`);

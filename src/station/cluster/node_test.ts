@@ -73,7 +73,9 @@ test("the leader's writes go to the log, a snapshot compacts it, and copies buil
     } finally {
       late.db.close();
     }
-    await until("the follower has applied every entry", async () => follower.appliedSeq === appliedSeq(leaderDb!), 10_000);
+    await until("the follower has applied every entry", async () => follower.appliedSeq === appliedSeq(leaderDb!), 10_000).catch(async (error: unknown) => {
+      throw new Error(`${String(error)}: follower at ${follower.appliedSeq} (${follower.role}, ${follower.lastProblem ?? "no problem"}), leader at ${appliedSeq(leaderDb!)}, etcd's last ${await state.lastSeq()}`);
+    });
   } finally {
     await follower.stop();
     await leader.stop();
