@@ -129,6 +129,8 @@ test("sign in, live units, create + partition + assign through the forms, nbdinf
     await page.getByRole("form", { name: "Create a volume" }).waitFor({ state: "detached", timeout: 2_000 }); // Escape closed it
     // From the keyboard: the form opens with its first field focused; Tab moves on, Enter submits.
     await page.getByRole("button", { name: "Create volume" }).click();
+    // The form focuses its first field once it has rendered (a frame later on a loaded machine).
+    await page.waitForFunction(() => document.activeElement?.id === "new-unit", null, { timeout: 2_000 }).catch(() => undefined);
     assert.equal(await page.evaluate(() => document.activeElement?.id), "new-unit", "the Unit field has the focus");
     await page.keyboard.type("u1");
     await page.keyboard.press("Tab");
