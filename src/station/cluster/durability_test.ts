@@ -5,8 +5,8 @@
 // saying no station leads; A is then killed with -9, etcd
 // resumes, B takes over, and every change that was acknowledged, before or
 // during the freeze, is there. The canary runs the same on a build whose
-// answers do not wait for etcd: A acknowledges the change during the freeze,
-// and after the takeover it is gone. The same for events: an event stream open
+// answers do not wait for etcd: A acknowledges the change during the freeze
+// (whether the takeover then loses it depends on timing, and is printed). The same for events: an event stream open
 // on A during the freeze must not carry the change (the canary's does).
 
 import { after, before, test } from "node:test";
@@ -105,7 +105,7 @@ test("a change is acknowledged only once it is in etcd: none while etcd is froze
   assert.equal(outcome.streamSawDuring, false, "the event stream never carried the change etcd did not get");
 });
 
-test("canary: a build that answers before etcd has the change loses an acknowledged change", async () => {
+test("canary: a build that answers before etcd has the change acknowledges it while etcd is frozen", async () => {
   const build = patchedBuild(
     "canary-durable",
     [
@@ -117,10 +117,14 @@ test("canary: a build that answers before etcd has the change loses an acknowled
   );
   try {
     const outcome = await freezeAndKill("durability-canary", build.ipsanBin);
+    // The defect the test above catches: an acknowledgement while etcd cannot have the change. Whether the
+    // change is then lost depends on timing (the append may still be in the frozen member's socket, and be
+    // taken when it resumes, before the dead leader's lease expires), so a loss is reported, not required.
     const acknowledged = outcome.duringStatus >= 200 && outcome.duringStatus < 300;
     const lost = acknowledged && !outcome.hosts.includes("during-freeze");
-    assert.ok(lost, `the broken build must acknowledge the change and lose it (status ${outcome.duringStatus}, hosts ${outcome.hosts.join(" ")})`);
-    assert.ok(outcome.streamSawDuring, "and its event stream must show the change that was lost");
+    console.log(`canary: status ${outcome.duringStatus} while etcd was frozen; the change ${lost ? "was lost" : "survived"} the takeover`);
+    assert.ok(acknowledged, `the broken build must acknowledge the change while etcd is frozen (status ${outcome.duringStatus}, hosts ${outcome.hosts.join(" ")})`);
+    assert.ok(outcome.streamSawDuring, "and its event stream must show the change before etcd had it");
   } finally {
     build.remove();
   }
