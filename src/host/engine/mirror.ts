@@ -179,6 +179,8 @@ class Leg {
 interface RegionUse {
   inFlight: number;
   lastWriteMs: number;
+  /** The mirror's write count when the last write into the region began (a retire pass sees whether one began since it looked). */
+  lastWriteSeq: number;
 }
 
 export class Mirror implements BlockDevice {
@@ -215,6 +217,10 @@ export class Mirror implements BlockDevice {
   readonly #streamEnds: number[] = [];
   #closed = false;
   #intentTimer: NodeJS.Timeout | undefined;
+  /** Writes begun so far (RegionUse.lastWriteSeq). */
+  #writeSeq = 0;
+  /** The retire pass running (one at a time: each takes a FLUSH round trip). */
+  #retirePass: Promise<void> | undefined;
   /** Writes in flight (a rebuild waits for those sent before its target joined). */
   readonly #writesInFlight = new Set<Promise<void>>();
   /** Application reads in flight (a rebuild yields to them, and to writes). */
@@ -513,7 +519,9 @@ export class Mirror implements BlockDevice {
       }
       this.#intent.clear(region);
     }
-    for (const other of others) await other.io?.flush();
+    // Every in-sync leg, the one copied from too: the intent bits go once the regions are durable everywhere (a FUA
+    // write of the bitmap makes only the bitmap durable; the last engine's writes may still be in a unit's page cache).
+    for (const leg of inSync) await leg.io?.flush();
     for (const b of [...this.#legs.map((l) => l.missed), this.#intent]) if (fresh) b.markAllPagesDirty();
     await this.#persist(true);
     for (const leg of this.#legs) {
@@ -578,9 +586,13 @@ export class Mirror implements BlockDevice {
 
   /** Every attached leg flushes; a leg that fails is recorded out of sync first. */
   async flush(): Promise<void> {
+    await this.#flushLegs("flush");
+  }
+
+  async #flushLegs(what: string): Promise<void> {
     const legs = this.#legs.filter((l) => (l.state === "in-sync" || l.state === "rebuilding") && l.io !== undefined);
     const results = await Promise.allSettled(legs.map((l) => (l.io as LegIo).flush()));
-    await this.#settleLegs(legs, results, "flush");
+    await this.#settleLegs(legs, results, what);
   }
 
   async cache(): Promise<void> {}
@@ -616,8 +628,9 @@ export class Mirror implements BlockDevice {
       await new Promise<void>((resolve) => this.#waitUnlock(locked, resolve));
     }
     for (const region of regions) {
-      const use = this.#regions.get(region) ?? { inFlight: 0, lastWriteMs: 0 };
+      const use = this.#regions.get(region) ?? { inFlight: 0, lastWriteMs: 0, lastWriteSeq: 0 };
       use.inFlight += 1;
+      use.lastWriteSeq = ++this.#writeSeq;
       this.#regions.set(region, use);
     }
     let finished: () => void = () => undefined;
@@ -715,7 +728,7 @@ export class Mirror implements BlockDevice {
       if (!this.#intent.set(ahead)) continue;
       changed = true;
       this.#intentPending.add(ahead);
-      if (!this.#regions.has(ahead)) this.#regions.set(ahead, { inFlight: 0, lastWriteMs: now });
+      if (!this.#regions.has(ahead)) this.#regions.set(ahead, { inFlight: 0, lastWriteMs: now, lastWriteSeq: this.#writeSeq });
     }
     return changed;
   }
@@ -816,15 +829,50 @@ export class Mirror implements BlockDevice {
     return was === "in-sync" || was === "rebuilding" || was === "stale";
   }
 
-  /** Regions idle long enough leave the intent bitmap; legs out of service get them as missed first. */
+  /**
+   * Regions idle long enough leave the intent bitmap; legs out of service get
+   * them as missed first. A region's bit may go only once its writes are
+   * durable on every leg that took them: a FUA write makes only its own
+   * range durable (NBD; an ipsan unit syncs just that range, ADR 0020), so
+   * the intent bitmap's FUA page says nothing about the data. The pass
+   * therefore FLUSHes the legs first, then clears the regions no write began
+   * in meanwhile. A leg whose FLUSH fails is recorded out of sync (lacking
+   * every region still in the bitmap) like a leg whose write failed.
+   */
   async #retireIntent(idleOrNot = false): Promise<void> {
+    // The timer skips a turn while a pass runs; a clean stop (idleOrNot) waits for it and then retires everything.
+    while (this.#retirePass !== undefined) {
+      if (!idleOrNot) return;
+      await this.#retirePass.catch(() => undefined);
+    }
+    const pass = this.#retireOnce(idleOrNot);
+    this.#retirePass = pass;
+    try {
+      await pass;
+    } finally {
+      if (this.#retirePass === pass) this.#retirePass = undefined;
+    }
+  }
+
+  async #retireOnce(idleOrNot: boolean): Promise<void> {
     if (this.#closed) return;
     const now = this.#now();
-    let changed = false;
+    const idle = new Map<number, number>();
     for (const region of this.#intent.setRegions(this.regions)) {
       const use = this.#regions.get(region);
       const busy = use !== undefined && (use.inFlight > 0 || (!idleOrNot && now - use.lastWriteMs < this.#options.intentIdleMs));
       if (this.#intentPending.has(region) || busy) continue;
+      idle.set(region, use?.lastWriteSeq ?? -1);
+    }
+    if (idle.size === 0) return;
+    await this.#flushLegs("intent retire");
+    if (this.#closed) return;
+    let changed = false;
+    for (const [region, seq] of idle) {
+      const use = this.#regions.get(region);
+      // A write that began since the region was found idle may not be covered by the FLUSH: the region stays.
+      if (use !== undefined && (use.lastWriteSeq !== seq || use.inFlight > 0)) continue;
+      if (this.#intentPending.has(region) || !this.#intent.has(region)) continue;
       for (const leg of this.#legs) if (leg.state === "failed" || leg.state === "stale") leg.missed.set(region);
       this.#intent.clear(region);
       this.#regions.delete(region);
