@@ -237,3 +237,21 @@ export function returnedByNs(log: StraceLog, call: Syscall): bigint | undefined 
   }
   return undefined;
 }
+
+/**
+ * The fds a successful open/openat with O_DSYNC (or O_SYNC) returned on a
+ * path `isPath` accepts (needs -y/-yy, which prints the returned fd's path):
+ * every write through one of them is synced before it returns, so such a
+ * write is its own sync (the unit's FUA writes, Storage.writeDurable).
+ */
+export function dsyncFds(log: StraceLog, isPath: (path: string | undefined) => boolean): Set<number> {
+  const fds = new Set<number>();
+  for (const call of log.syscalls) {
+    if ((call.name !== "openat" && call.name !== "open") || call.ret === undefined || call.ret < 0) continue;
+    const flags = call.args[call.name === "openat" ? 2 : 1] ?? "";
+    if (!/\bO_(D)?SYNC\b/.test(flags)) continue;
+    const opened = parseFdArg(call.result.trim());
+    if (opened !== undefined && isPath(opened.path)) fds.add(opened.fd);
+  }
+  return fds;
+}

@@ -21,7 +21,11 @@
 //   sync     for FUA and FLUSH: an fdatasync/fsync of storage.img returning 0
 //            that ENTERED after the request was read, after its data (and the
 //            data of the writes a FLUSH covers) had RETURNED, and that itself
-//            RETURNED before the reply write was entered.
+//            RETURNED before the reply write was entered. For a FUA WRITE the
+//            data writes may instead all go through a descriptor of
+//            storage.img opened with O_DSYNC (the openat is traced): each is
+//            then synced (its range) before it returns, and it returned
+//            before the reply (Storage.writeDurable, ADR 0020).
 // The table change likewise: its storage writes inside the metadata area,
 // then a whole fdatasync, then the "201" answer.
 // "Before" is the order of the trace's lines: strace reports a call's return
@@ -44,7 +48,7 @@ import { NBD_CMD, NBD_CMD_FLAG, NBD_SIMPLE_REPLY_MAGIC, NBD_TFLAG } from "../nbd
 import { RawNbdClient } from "../nbd/testing/raw_client.ts";
 import { controlOk } from "../testing/control.ts";
 import { patchedBuild } from "../testing/patched_build.ts";
-import { describeLine, parseStraceLog, stringsIn, type StraceLog, type Syscall } from "../testing/strace.ts";
+import { describeLine, dsyncFds, parseStraceLog, stringsIn, type StraceLog, type Syscall } from "../testing/strace.ts";
 import { makeTempDir } from "../testing/tmp.ts";
 import { startUnitUnderStrace } from "../testing/traced_unit.ts";
 import { IPSAN_BIN } from "../testing/unit.ts";
@@ -69,6 +73,7 @@ const SYSCALLS = [
   "fallocate",
   "fdatasync",
   "fsync",
+  "openat",
   "io_uring_setup",
 ] as const;
 const SOCKET_READS = new Set(["read", "readv", "recvfrom", "recvmsg"]);
@@ -204,6 +209,7 @@ function checkSyncOrder(log: StraceLog, ops: readonly Op[], storageStart: number
   const byLabel = new Map<string, OpEvidence>();
   const line = (n: number): string => `L${n + 1} ${describeLine(log.lines[n], 160)}`;
   const storageCalls = log.syscalls.filter((c) => isStorage(c.fdPath));
+  const durableFds = dsyncFds(log, isStorage);
   for (const op of ops) {
     const found: OpEvidence = { label: op.label, durable: isDurable(op), request: undefined, reply: undefined, data: [], sync: undefined };
     evidence.push(found);
@@ -250,6 +256,12 @@ function checkSyncOrder(log: StraceLog, ops: readonly Op[], storageStart: number
       }
     }
     if (!isDurable(op)) continue;
+    // A FUA write whose every storage write went through an O_DSYNC descriptor of the storage was synced by those writes
+    // themselves (Storage.writeDurable: the kernel syncs the range before the write returns, and they returned before the reply).
+    if (op.type === NBD_CMD.WRITE && found.data.length > 0 && found.data.every((c) => c.fd !== undefined && durableFds.has(c.fd))) {
+      found.sync = found.data.reduce((last, c) => (c.exitLine > last.exitLine ? c : last));
+      continue;
+    }
     let after = dataDone;
     for (const label of op.covers ?? []) {
       const earlier = byLabel.get(label);
@@ -404,7 +416,7 @@ function report(run: Run): string {
   return `${v.log.syscalls.length} traced calls in ${run.elapsedMs} ms\n${summarize(v)}${v.violations.length === 0 ? "" : `\nviolations:\n${v.violations.map((x) => `  ${x.message}`).join("\n")}`}`;
 }
 
-test("FUA requests, FLUSH and a table change are answered only after an fdatasync of the storage that follows their data (strace)", async () => {
+test("FUA requests, FLUSH and a table change are answered only after their data is synced: an fdatasync after it, or (FUA writes) a write through an O_DSYNC descriptor (strace)", async () => {
   const run = await traceRequests(IPSAN_BIN);
   console.log(`durability_sync: ${report(run)}`);
   console.log(`durability_sync: trace of "FUA WRITE 4 KiB":\n${excerpt(run.verdict, "FUA WRITE 4 KiB")}`);
@@ -432,9 +444,10 @@ async function canary(prefix: string, edits: Parameters<typeof patchedBuild>[1])
   }
 }
 
-test("canary: with Storage.sync() resolving without fdatasync, every FUA request, FLUSH and table change fails the check", async () => {
+test("canary: with Storage.sync() resolving without fdatasync and FUA writes' descriptor opened without O_DSYNC, every FUA request, FLUSH and table change fails the check", async () => {
   const { run, failed } = await canary("canary-no-sync", [
     { file: "dist/unit/storage.js", from: "return fdatasync(this.fd);", to: "return Promise.resolve();" },
+    { file: "dist/unit/storage.js", from: "fs.constants.O_WRONLY | fs.constants.O_DSYNC", to: "fs.constants.O_WRONLY" },
   ]);
   const durable = [...run.ops.filter(isDurable).map((op) => op.label), TABLE_CHANGE];
   assert.deepEqual(failed.get("sync"), durable, `every FUA request, FLUSH and table change lost its sync:\n${report(run)}`);
@@ -443,8 +456,11 @@ test("canary: with Storage.sync() resolving without fdatasync, every FUA request
 
 test("canary: with the FUA syncs dropped from VolumeDevice (FLUSH keeps its own), exactly the FUA requests fail", async () => {
   const { run, failed } = await canary("canary-no-fua-sync", [
-    { file: "dist/unit/volume_device.js", from: "if (fua)", to: "if (false)", count: 3 },
+    { file: "dist/unit/volume_device.js", from: "if (fua)", to: "if (false)" },
     { file: "dist/unit/volume_device.js", from: "if (options.fua)", to: "if (false)" },
+    // FUA writes through the ordinary (not range-synced) path.
+    { file: "dist/unit/volume_device.js", from: "return fua ? this.#storage.writeDurable", to: "return false ? this.#storage.writeDurable", count: 2 },
+    { file: "dist/unit/volume_device.js", from: "await (fua ? this.#storage.writeDurable", to: "await (false ? this.#storage.writeDurable" },
   ]);
   const fua = run.ops.filter((op) => (op.flags & NBD_CMD_FLAG.FUA) !== 0).map((op) => op.label);
   assert.deepEqual(failed.get("sync"), fua, `the FUA requests (and not the FLUSHes) lost their sync:\n${report(run)}`);
@@ -483,5 +499,21 @@ test("the trace check joins <unfinished ...> and resumed calls: a sync still run
     checkSyncOrder(parseStraceLog(early.join("\n")), [op], 4096, isStorage).violations.map((v) => v.kind),
     ["sync"],
     "a sync before the data does not count",
+  );
+  // The FUA write through a descriptor opened with O_DSYNC is its own sync; the same write through one opened without it is not.
+  const dsync = `8<${hex(Buffer.from("/d/storage.img"))}>`;
+  const throughDsync = (flags: string): string[] => [
+    `100 10:00:00.000000 openat(AT_FDCWD<${hex(Buffer.from("/"))}>, "${hex(Buffer.from("/proc/self/fd/7"))}", ${flags}) = ${dsync} <0.000010>`,
+    head[0] as string,
+    `101 10:00:00.000002 pwritev(${dsync}, [{iov_base="${hex(op.payload as Buffer)}", iov_len=4}], 1, 4096) = 4 <0.000010>`,
+    replyLine,
+  ];
+  const ranged = checkSyncOrder(parseStraceLog(throughDsync("O_WRONLY|O_CLOEXEC|O_DSYNC").join("\n")), [op], 4096, isStorage);
+  assert.deepEqual(ranged.violations, []);
+  assert.equal(ranged.evidence[0]?.sync?.name, "pwritev");
+  assert.deepEqual(
+    checkSyncOrder(parseStraceLog(throughDsync("O_WRONLY|O_CLOEXEC").join("\n")), [op], 4096, isStorage).violations.map((v) => v.kind),
+    ["sync"],
+    "a write through a descriptor without O_DSYNC is not a sync",
   );
 });

@@ -151,6 +151,12 @@ export class Storage {
   #noWaitReads = true;
   #noWaitWrites = true;
   #syncWritesAfterMs = 0;
+  /**
+   * A second descriptor of the same file opened with O_DSYNC, for FUA writes
+   * (writeDurable): undefined until the first one; null when it cannot be
+   * opened (FUA then falls back to a write and an fdatasync of everything).
+   */
+  #dsyncFd: number | null | undefined;
   /** Event-loop time spent in synchronous I/O during the current turn of the loop. */
   #tickSpentMs = 0;
   #tickResetQueued = false;
@@ -431,6 +437,37 @@ export class Storage {
   }
 
   /**
+   * Writes `parts` at `positionBytes` and resolves once those bytes (and the
+   * metadata needed to read them back) are durable, without making the rest
+   * of the storage durable: a write through an O_DSYNC descriptor syncs only
+   * its own range (the kernel's fdatasync of that range, then a device cache
+   * flush), while fdatasync(2) of the whole file writes back every dirty page
+   * every volume left. This is what FUA promises (NBD: the data of this
+   * request; SBC: this command's blocks), and what a mirror's intent-bitmap
+   * write needs: a 4 KiB FUA write costs a 4 KiB sync, not a flush of the
+   * whole page cache the application's stream built up
+   * (docs/adr/0020-fua-syncs-its-range.md). Always on the thread pool.
+   */
+  writeDurable(parts: readonly Buffer[], lengthBytes: number, positionBytes: number): Promise<void> {
+    this.#check(positionBytes, lengthBytes);
+    const fd = this.#durableFd();
+    if (fd === null) return writevFull(this.fd, parts, lengthBytes, positionBytes).then(() => this.sync());
+    return writevFull(fd, parts, lengthBytes, positionBytes);
+  }
+
+  /** Opens the O_DSYNC descriptor once, through /proc/self/fd: the very file this.fd is, whatever its path became. */
+  #durableFd(): number | null {
+    if (this.#dsyncFd !== undefined) return this.#dsyncFd;
+    try {
+      this.#dsyncFd = fs.openSync(`/proc/self/fd/${this.fd}`, fs.constants.O_WRONLY | fs.constants.O_DSYNC);
+    } catch (error) {
+      this.#dsyncFd = null;
+      log.warn("cannot open the storage for range-synced writes; FUA writes sync the whole storage instead", { path: this.#path, error: errorMessage(error) });
+    }
+    return this.#dsyncFd;
+  }
+
+  /**
    * Makes [position, position + length) read as zeroes. `mayDeallocate`
    * allows a hole (punch) instead of allocated zeroes. Returns false when no
    * fast method exists and `fastOnly` forbids writing zeroes.
@@ -520,6 +557,7 @@ export class Storage {
   closeSync(): void {
     if (this.#closed) return;
     this.#closed = true;
+    if (typeof this.#dsyncFd === "number") fs.closeSync(this.#dsyncFd);
     fs.closeSync(this.fd);
   }
 }

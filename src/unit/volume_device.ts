@@ -177,9 +177,13 @@ export class VolumeDevice implements BlockDevice {
   async write(buffer: Buffer, offsetBytes: number, fua: boolean): Promise<void> {
     await this.#run("write", offsetBytes, buffer.length, async (pieces) => {
       const only = pieces.length === 1 ? pieces[0] : undefined;
-      if (only !== undefined) await this.#storage.write(buffer, 0, only.lengthBytes, only.storageOffset);
-      else await settleAll(pieces.map((p) => this.#storage.write(buffer, p.deviceOffset - offsetBytes, p.lengthBytes, p.storageOffset)));
-      if (fua) await this.#storage.sync();
+      // FUA: each piece is written range-synced (Storage.writeDurable), never an fdatasync of the whole storage.
+      const put = (p: Piece, from: number): Promise<void> => {
+        const part = buffer.subarray(from, from + p.lengthBytes);
+        return fua ? this.#storage.writeDurable([part], p.lengthBytes, p.storageOffset) : this.#storage.write(buffer, from, p.lengthBytes, p.storageOffset);
+      };
+      if (only !== undefined) await put(only, 0);
+      else await settleAll(pieces.map((p) => put(p, p.deviceOffset - offsetBytes)));
     });
   }
 
@@ -189,13 +193,18 @@ export class VolumeDevice implements BlockDevice {
     for (const part of parts) lengthBytes += part.length;
     await this.#run("write", offsetBytes, lengthBytes, async (pieces) => {
       const only = pieces.length === 1 ? pieces[0] : undefined;
-      if (only !== undefined && parts.length <= WRITEV_PARTS_MAX) await this.#storage.writev(parts, lengthBytes, only.storageOffset);
-      else {
+      if (only !== undefined && parts.length <= WRITEV_PARTS_MAX) {
+        await (fua ? this.#storage.writeDurable(parts, lengthBytes, only.storageOffset) : this.#storage.writev(parts, lengthBytes, only.storageOffset));
+      } else {
         // Spans extents (rare): gather once and split as write() does.
         const buffer = Buffer.concat(parts, lengthBytes);
-        await settleAll(pieces.map((p) => this.#storage.write(buffer, p.deviceOffset - offsetBytes, p.lengthBytes, p.storageOffset)));
+        await settleAll(
+          pieces.map((p) => {
+            const from = p.deviceOffset - offsetBytes;
+            return fua ? this.#storage.writeDurable([buffer.subarray(from, from + p.lengthBytes)], p.lengthBytes, p.storageOffset) : this.#storage.write(buffer, from, p.lengthBytes, p.storageOffset);
+          }),
+        );
       }
-      if (fua) await this.#storage.sync();
     });
   }
 

@@ -28,7 +28,10 @@
 //            that ENTERED after that unit's data had returned (line order in
 //            the unit's log; for a FLUSH, the data of the writes it covers)
 //            and after the engine had read the request, and had RETURNED
-//            before the engine's reply write entered.
+//            before the engine's reply write entered. For a FUA WRITE the
+//            unit's data writes may instead all go through a descriptor of
+//            storage.img opened with O_DSYNC (traced openat): each synced its
+//            range before returning (the unit's range-synced FUA, ADR 0020).
 // Times are bounds strace makes safe (strace.ts): a call's entry time is
 // before the kernel ran it; a call printed on one line carries its entry
 // time, so its return is bounded by the next line's time (or its resumed
@@ -40,7 +43,8 @@
 // false and whose FLUSH resolves without calling the legs must fail, with
 // every durable request missing its sync on both legs and nothing else.
 // The engine's own metadata writes are FUA (intent bits, before a write's
-// data; retired intent, once a region is idle for 2 s): the requests are sent
+// data; retired intent, once a region is idle for 2 s, after a FLUSH of the
+// legs): the requests are sent
 // back to back, well within 2 s, so none of them lands inside a request's
 // window and hands the canary a sync by chance. Loopback only, ports chosen
 // by the kernel, data dirs on tmpfs (the subject is which calls are made in
@@ -59,7 +63,7 @@ import { controlOk } from "../../testing/control.ts";
 import { logFields } from "../../testing/engine.ts";
 import { patchedBuild } from "../../testing/patched_build.ts";
 import { waitFor } from "../../testing/process.ts";
-import { describeLine, enteredAtNs, parseStraceLog, returnedByNs, stringsIn, type StraceLog, type Syscall } from "../../testing/strace.ts";
+import { describeLine, dsyncFds, enteredAtNs, parseStraceLog, returnedByNs, stringsIn, type StraceLog, type Syscall } from "../../testing/strace.ts";
 import { makeTempDir, memoryTmpBase } from "../../testing/tmp.ts";
 import { startEngineUnderStrace } from "../../testing/traced_engine.ts";
 import { startUnitUnderStrace, type TraceOptions } from "../../testing/traced_unit.ts";
@@ -79,7 +83,7 @@ const SOCKET_WRITES = new Set(["write", "writev", "sendto", "sendmsg"]);
 const STORAGE_WRITES = new Set(["pwrite64", "pwritev", "pwritev2", "fallocate"]);
 const SYNCS = new Set(["fdatasync", "fsync"]);
 /** The unit: requests in, data to the storage, syncs, replies out. */
-const UNIT_SYSCALLS = [...SOCKET_READS, ...SOCKET_WRITES, ...STORAGE_WRITES, ...SYNCS, "io_uring_setup"];
+const UNIT_SYSCALLS = [...SOCKET_READS, ...SOCKET_WRITES, ...STORAGE_WRITES, ...SYNCS, "openat", "io_uring_setup"];
 /** The engine: requests in and replies out, on its clients' and its legs' sockets. */
 const ENGINE_SYSCALLS = [...SOCKET_READS, ...SOCKET_WRITES, "io_uring_setup"];
 const trace = (file: string, syscalls: readonly string[]): TraceOptions => ({ file, syscalls, stringBytes: 96, timestamps: "unix-ns" });
@@ -301,6 +305,7 @@ function checkEngineSyncs(engineLog: StraceLog, legs: readonly TracedLeg[], ops:
         }
       }
       const storageCalls = log.syscalls.filter((c) => leg.isStorage(c.fdPath));
+      const durableFds = dsyncFds(log, leg.isStorage);
       let dataDone = -1;
       if (op.type === NBD_CMD.WRITE) {
         const start = leg.storageStart + op.offset;
@@ -328,6 +333,13 @@ function checkEngineSyncs(engineLog: StraceLog, legs: readonly TracedLeg[], ops:
         }
       }
       if (!isDurable(op)) continue;
+      // A FUA write whose every storage write on this leg went through an O_DSYNC descriptor of the storage synced its own
+      // range before it returned (the unit's Storage.writeDurable), and it returned before the engine's reply.
+      if (op.type === NBD_CMD.WRITE && e.data.length > 0 && e.data.every((c) => c.fd !== undefined && durableFds.has(c.fd))) {
+        e.sync = e.data.reduce((last, c) => (c.exitLine > last.exitLine ? c : last));
+        e.syncReturnedByNs = returnedByNs(log, e.sync);
+        continue;
+      }
       for (const label of op.covers ?? []) {
         const earlier = byLabel.get(label)?.legs.find((l) => l.leg === leg.name);
         assert.ok(earlier !== undefined && earlier.data.length > 0, `${op.label} covers ${label}, which must come first and have data on leg ${leg.name}`);
