@@ -29,7 +29,7 @@ import type { NbdLimits } from "./limits.ts";
 import { NBD_CMD, NBD_REP, WIRE } from "./protocol.ts";
 import { type NbdServerTls, PSK_CIPHERS, pskKeyId } from "./tls.ts";
 import { type RequestFrame, decodeRequest, encodeErrorChunk, encodeSimpleReply } from "./request_codec.ts";
-import { commandName, performRequest, readReplyNow, requestCostBytes, validateRequest, writeReplyNow } from "./transmission.ts";
+import { commandName, performRequest, readReplyNow, requestCostBytes, sendReadReplyNow, validateRequest, writeReplyNow } from "./transmission.ts";
 
 const log = logger("nbd");
 
@@ -116,6 +116,11 @@ export class NbdSession implements BudgetWaiter {
    * or rejected, never after a failed device write (the device may still read it).
    */
   private writesHoldingPayload = 0;
+  /**
+   * The plaintext TCP socket's file descriptor once in transmission, for READ replies by sendfile
+   * (transmission.ts sendReadReplyNow); -1: none (TLS, a Unix socket, or sendfile turned off).
+   */
+  private sendFileFd = -1;
   /** Corked for replies answered synchronously during one pump (uncorked when it returns). */
   private pumpCorked = false;
   /** Buffers handed to socket.write, oldest first: write callbacks come back in this order. */
@@ -440,6 +445,11 @@ export class NbdSession implements BudgetWaiter {
         if (this.host.tls !== undefined && !this.negotiation.tls && this.socket.readableLength === 0) {
           useLargeReads(this.socket, this.onData, this.mayReuseReadMemory);
         }
+        // Plaintext TCP: large READ replies may leave by sendfile, bytes the process never copies (never under TLS).
+        if (!this.negotiation.tls && this.socket === this.rawSocket && this.socket.remoteAddress !== undefined) {
+          const fd = (this.socket as unknown as { _handle?: { fd?: unknown } | null })._handle?.fd;
+          if (typeof fd === "number" && fd >= 0) this.sendFileFd = fd;
+        }
         if (this.handshakeTimer !== undefined) clearTimeout(this.handshakeTimer);
         this.handshakeTimer = undefined;
         this.transition(["options"], "transmission");
@@ -681,10 +691,25 @@ export class NbdSession implements BudgetWaiter {
     if (frame.type === NBD_CMD.READ || frame.type === NBD_CMD.WRITE) {
       const opened = this.opened;
       assert(opened !== undefined, "dispatch without an export");
+      // Straight from the page cache to the socket, only when nothing else waits to be written (the bytes must
+      // stay in order), and never once the socket is destroyed or ended: its fd number may already name another file.
+      if (
+        frame.type === NBD_CMD.READ &&
+        this.sendFileFd >= 0 &&
+        !this.socket.destroyed &&
+        this.socket.writable &&
+        this.socket.writableLength === 0 &&
+        this.sendReadNow(opened, frame)
+      ) {
+        this.releaseReservation(reservation);
+        return;
+      }
       const reply = frame.type === NBD_CMD.READ ? readReplyNow(opened, frame, this.host.pool) : writeReplyNow(opened, frame);
       if (reply !== undefined) {
-        // Done in the page cache: no promise, and replies sent in this pump leave in one writev.
-        if (!this.pumpCorked) {
+        // Done in the page cache: no promise. Replies sent in this pump leave in one writev; the
+        // last request in the input (always so at queue depth 1) is written at once, without the
+        // cork's buffering, so its reply reaches the kernel before the pump's bookkeeping.
+        if (!this.pumpCorked && this.queue.length >= WIRE.REQUEST_HEADER_BYTES) {
           this.pumpCorked = true;
           this.socket.cork();
         }
@@ -706,6 +731,33 @@ export class NbdSession implements BudgetWaiter {
     }
     this.inFlight += 1;
     void this.execute(frame, reservation, this.pumpStartMs);
+  }
+
+  /**
+   * A READ answered by sendfile (sendReadReplyNow); false when not possible (nothing was sent).
+   * A rest the socket did not take is written next through the stream, ahead of any other reply.
+   */
+  private sendReadNow(opened: OpenedExport, frame: RequestFrame): boolean {
+    let sent: { rest: Buffer | undefined } | undefined;
+    try {
+      sent = sendReadReplyNow(opened, frame, this.sendFileFd, this.host.pool);
+    } catch (error) {
+      // Part of the reply is on the wire and the rest cannot be read: the stream cannot go on.
+      log.limited("send_file_failed", "READ reply cut short (its rest could not be read): closing the connection", {
+        peer: this.peerText,
+        offset: frame.offset,
+        length: frame.length,
+        error: errorMessage(error),
+      });
+      if (this.counters !== undefined) this.counters.errors += 1;
+      this.hardDisconnect();
+      return true;
+    }
+    if (sent === undefined) return false;
+    if (sent.rest !== undefined) this.send(sent.rest);
+    this.answeredReads += 1;
+    this.answeredReadBytes += frame.length;
+    return true;
   }
 
   /** Runs one request on the device. Whatever happens, the request leaves inFlight and gives its bytes back exactly once. */
