@@ -12,14 +12,18 @@
 // sendfile, many cut short by the socket buffer and finished by a copy,
 // between replies that took the copy path) and the bytes match the data
 // written; the same over NBD with TLS (which never uses sendfile); and small
-// reads in between keep working (qemu-io reads patterns at odd offsets).
+// reads in between keep working (nbdsh reads at odd offsets). Canaries: the
+// same read-back against a unit built with the rest read from the wrong
+// place, and with sendfile allowed while other replies wait in the stream,
+// must fail.
 
 import { after, test } from "node:test";
 import assert from "node:assert/strict";
 import { createHash, randomBytes } from "node:crypto";
 import { closeSync, ftruncateSync, mkdirSync, openSync, readFileSync, writeFileSync, writeSync } from "node:fs";
 import * as net from "node:net";
-import { runOk } from "../testing/process.ts";
+import { describeResult, run, runOk } from "../testing/process.ts";
+import { patchedBuild } from "../testing/patched_build.ts";
 import { makeTempDir } from "../testing/tmp.ts";
 import { startUnit } from "../testing/unit.ts";
 import { ipsanIo } from "./native.ts";
@@ -177,51 +181,83 @@ function sha256(data: Buffer): string {
   return createHash("sha256").update(data).digest("hex");
 }
 
-test("a real unit: nbdcopy reads back every byte, plain (sendfile) and over TLS (no sendfile)", { timeout: 180_000 }, async () => {
+/** What a real unit (of `ipsanBin`, default this checkout) sent back for each way of reading the whole volume: "ok" or what went wrong. */
+async function readBackThroughUnit(name: string, ipsanBin?: string): Promise<Record<string, string>> {
   const sizeBytes = 64 * MiB;
-  const source = dir.file("source.raw");
+  const source = dir.file(`${name}-source.raw`);
   const data = randomBytes(sizeBytes);
   writeFileSync(source, data);
-  const pskFile = dir.file("unit.psk");
+  const pskFile = dir.file(`${name}.psk`);
   writeFileSync(pskFile, `sendfile:${randomBytes(32).toString("hex")}\n`, { mode: 0o600 });
-  const unitDir = dir.file("unit");
+  const unitDir = dir.file(`${name}-unit`);
   mkdirSync(unitDir);
   const unit = await startUnit({
     dataDir: unitDir,
     capacity: sizeBytes + 64 * MiB,
     volumes: [{ name: "v", size: sizeBytes }],
     extraArgs: ["--tls", "on", "--tls-psk", pskFile, "--allow", "127.0.0.0/8", "--allow", "id:sendfile"],
+    ...(ipsanBin === undefined ? {} : { ipsanBin }),
   });
+  const outcome: Record<string, string> = {};
+  const want = sha256(data);
+  const copyAndCompare = async (label: string, args: string[]): Promise<void> => {
+    const copy = dir.file(`${name}-${label}.raw`);
+    const result = await run("nbdcopy", [...args, copy], { timeoutMs: TIMEOUT_MS });
+    if (result.code !== 0) outcome[label] = `nbdcopy failed: ${describeResult(result)}`;
+    else outcome[label] = sha256(readFileSync(copy)) === want ? "ok" : "bytes differ";
+  };
   try {
     const plain = unit.uri("v");
     await runOk("nbdcopy", ["--flush", source, plain], { timeoutMs: TIMEOUT_MS });
-    const want = sha256(data);
-    for (const requestSize of [256 * 1024, MiB]) {
-      const copy = dir.file(`copy-${requestSize}.raw`);
-      await runOk("nbdcopy", [`--request-size=${requestSize}`, "--requests=64", plain, copy], { timeoutMs: TIMEOUT_MS });
-      assert.equal(sha256(readFileSync(copy)), want, `plaintext nbdcopy with ${requestSize}-byte requests`);
-    }
-    const tls = `nbds://sendfile@127.0.0.1:${unit.port}/v?tls-psk-file=${pskFile}`;
-    const tlsCopy = dir.file("copy-tls.raw");
-    await runOk("nbdcopy", [`--request-size=${MiB}`, tls, tlsCopy], { timeoutMs: TIMEOUT_MS });
-    assert.equal(sha256(readFileSync(tlsCopy)), want, "nbdcopy over TLS");
+    // 64 requests in flight: most replies by sendfile, many cut short by the socket buffer and finished by a copy.
+    await copyAndCompare("plain-256k", ["--request-size=262144", "--requests=64", plain]);
+    await copyAndCompare("plain-1m", [`--request-size=${MiB}`, "--requests=64", plain]);
+    await copyAndCompare("tls-1m", [`--request-size=${MiB}`, `nbds://sendfile@127.0.0.1:${unit.port}/v?tls-psk-file=${pskFile}`]);
     // Small and large reads mixed on one connection, at offsets that are not multiples of the large size.
     const script = [
-      "h.connect_uri(uri)",
-      "import os",
-      "for off, n in [(4096, 4096), (5 * 1048576 + 512, 1048576), (8192, 65536), (9 * 1048576 - 512, 200 * 1024), (0, 512)]:",
-      "    got = h.pread(n, off)",
-      "    want = data[off:off + n]",
-      "    assert got == want, (off, n)",
-      "print('ok')",
+      `h.connect_uri(${JSON.stringify(plain)})`,
+      `data = open(${JSON.stringify(source)}, 'rb').read()`,
+      "bad = [(off, n) for off, n in [(4096, 4096), (5 * 1048576 + 512, 1048576), (8192, 65536), (9 * 1048576 - 512, 200 * 1024), (0, 512)] if h.pread(n, off) != data[off:off + n]]",
+      "print('ok' if not bad else 'differ %r' % bad)",
     ].join("\n");
-    const result = await runOk(
-      "nbdsh",
-      ["-c", `uri = ${JSON.stringify(plain)}\ndata = open(${JSON.stringify(source)}, 'rb').read()\n${script}`],
-      { timeoutMs: TIMEOUT_MS },
-    );
-    assert.match(result.stdout, /^ok$/m);
+    const mixed = await run("nbdsh", ["-c", script], { timeoutMs: TIMEOUT_MS });
+    outcome["mixed"] = mixed.code === 0 ? mixed.stdout.trim() : `nbdsh failed: ${describeResult(mixed)}`;
   } finally {
     await unit.stop();
+  }
+  return outcome;
+}
+
+const ALL_OK = { "plain-256k": "ok", "plain-1m": "ok", "tls-1m": "ok", mixed: "ok" };
+
+test("a real unit: nbdcopy reads back every byte, plain (sendfile) and over TLS (no sendfile)", { timeout: 180_000 }, async () => {
+  assert.deepEqual(await readBackThroughUnit("good"), ALL_OK);
+});
+
+// Canaries: the test above must notice a unit that gets the rest of a cut-short reply wrong, or that sends
+// by sendfile while other replies still wait in the stream (their bytes would interleave).
+test("canary: a unit that reads the rest of a cut-short reply from the wrong place fails the read-back", { timeout: 180_000 }, async () => {
+  const build = patchedBuild("sendfile-canary-rest", [
+    { file: "dist/nbd/transmission.js", from: "device.readSync(rest, frame.offset + dataSent);", to: "device.readSync(rest, frame.offset + dataSent + 512);" },
+  ]);
+  try {
+    const outcome = await readBackThroughUnit("rest", build.ipsanBin);
+    assert.notEqual(outcome["plain-256k"], "ok", JSON.stringify(outcome));
+    assert.equal(outcome["tls-1m"], "ok", "TLS never sends by sendfile");
+  } finally {
+    build.remove();
+  }
+});
+
+test("canary: a unit that sends by sendfile past replies still queued fails the read-back", { timeout: 180_000 }, async () => {
+  const build = patchedBuild("sendfile-canary-order", [
+    { file: "dist/nbd/session.js", from: "this.socket.writableLength === 0 &&\n", to: "true &&\n" },
+  ]);
+  try {
+    const outcome = await readBackThroughUnit("order", build.ipsanBin);
+    assert.ok(outcome["plain-256k"] !== "ok" || outcome["plain-1m"] !== "ok", JSON.stringify(outcome));
+    assert.equal(outcome["tls-1m"], "ok", "TLS never sends by sendfile");
+  } finally {
+    build.remove();
   }
 });
