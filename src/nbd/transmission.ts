@@ -145,6 +145,19 @@ export function readReplyNow(opened: OpenedExport, frame: RequestFrame, pool: Bu
 
 /** READs at least this long may go out by sendfile (BlockDevice.sendNow); below it, copying the data costs less than the extra system calls. */
 export const SEND_FILE_BYTES_MIN = 64 * 1024;
+/** ...and at most this long (the storage's bound for synchronous page-cache reads, NOWAIT_BYTES_MAX). */
+export const SEND_FILE_BYTES_MAX = 1024 * 1024;
+
+/** Whether a validated request is a READ the device may send by sendfile (sendReadReplyNow). */
+export function sendFileCandidate(opened: OpenedExport, frame: RequestFrame): boolean {
+  return (
+    frame.type === NBD_CMD.READ &&
+    frame.length >= SEND_FILE_BYTES_MIN &&
+    frame.length <= SEND_FILE_BYTES_MAX &&
+    opened.device.sendNow !== undefined &&
+    opened.device.readSync !== undefined
+  );
+}
 
 /**
  * A validated READ sent straight from the page cache to the socket
@@ -157,7 +170,7 @@ export const SEND_FILE_BYTES_MIN = 64 * 1024;
  */
 export function sendReadReplyNow(opened: OpenedExport, frame: RequestFrame, socketFd: number, pool: BufferPool): { rest: Buffer | undefined } | undefined {
   const device = opened.device;
-  if (device.sendNow === undefined || device.readSync === undefined || frame.length < SEND_FILE_BYTES_MIN) return undefined;
+  if (!sendFileCandidate(opened, frame) || device.sendNow === undefined || device.readSync === undefined) return undefined;
   const headerBytes = readReplyHeaderBytes(opened.structuredReplies);
   const header = Buffer.allocUnsafe(headerBytes);
   writeReadReplyHeader(header, opened.structuredReplies, frame, frame.offset, frame.length);

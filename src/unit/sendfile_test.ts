@@ -251,7 +251,7 @@ test("canary: a unit that reads the rest of a cut-short reply from the wrong pla
 
 test("canary: a unit that sends by sendfile past replies still queued fails the read-back", { timeout: 180_000 }, async () => {
   const build = patchedBuild("sendfile-canary-order", [
-    { file: "dist/nbd/session.js", from: "this.socket.writableLength === 0 &&\n", to: "true &&\n" },
+    { file: "dist/nbd/session.js", from: "this.socket.writable && this.socket.writableLength === 0;", to: "this.socket.writable;" },
   ]);
   try {
     const outcome = await readBackThroughUnit("order", build.ipsanBin);
