@@ -261,3 +261,32 @@ test("canary: a unit that sends by sendfile past replies still queued fails the 
     build.remove();
   }
 });
+
+// Shutdown with large READs in flight, some waiting for the stream to empty: the unit answers or
+// refuses them and exits promptly, well inside the close timeout (DEFAULT_NBD_LIMITS.closeTimeoutMs,
+// 5 s). A sanity check, not a canary: nbdcopy drops the connection on its first ESHUTDOWN, which
+// ends the session whatever the unit does with its waiting READs.
+test("a unit stopped while 64 large READs are in flight exits promptly", { timeout: 120_000 }, async () => {
+  const sizeBytes = 64 * MiB;
+  const unitDir = dir.file("stop-unit");
+  mkdirSync(unitDir);
+  const source = dir.file("stop-source.raw");
+  writeFileSync(source, randomBytes(sizeBytes));
+  const unit = await startUnit({ dataDir: unitDir, capacity: sizeBytes + 64 * MiB, volumes: [{ name: "v", size: sizeBytes }] });
+  try {
+    await runOk("nbdcopy", ["--flush", source, unit.uri("v")], { timeoutMs: TIMEOUT_MS });
+    // A reader that keeps 64 x 1 MiB in flight for as long as the unit serves (the volume, again and again).
+    const reader = run("sh", ["-c", `while nbdcopy --request-size=${MiB} --requests=64 --connections=1 '${unit.uri("v")}' null:; do :; done`], {
+      timeoutMs: TIMEOUT_MS,
+    });
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    const startMs = Date.now();
+    const exit = await unit.stop();
+    const tookMs = Date.now() - startMs;
+    assert.equal(exit.forced, false, "the unit had to be killed");
+    assert.ok(tookMs < 4000, `the unit took ${tookMs} ms to stop`);
+    await reader;
+  } finally {
+    if (unit.running()) await unit.stop();
+  }
+});
