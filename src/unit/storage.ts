@@ -150,8 +150,8 @@ export class Storage {
   #closed = false;
   #noWaitReads = true;
   #noWaitWrites = true;
-  /** sendNow works here (cachestat exists). */
-  #sendFile = true;
+  /** sendNow works here: the addon has sendFileNow (an addon built before it lacks it) and the kernel has cachestat; known at the first call. */
+  #sendFile: boolean | undefined;
   #syncWritesAfterMs = 0;
   /** Event-loop time spent in synchronous I/O during the current turn of the loop. */
   #tickSpentMs = 0;
@@ -312,8 +312,9 @@ export class Storage {
    */
   sendNow(socketFd: number, header: Buffer, lengthBytes: number, positionBytes: number): number {
     this.#check(positionBytes, lengthBytes);
-    if (!this.#sendFile || lengthBytes > NOWAIT_BYTES_MAX || !this.#syncAllowed()) return -1;
     const io = ipsanIo();
+    this.#sendFile ??= typeof (io as Partial<typeof io>).sendFileNow === "function";
+    if (!this.#sendFile || lengthBytes > NOWAIT_BYTES_MAX || !this.#syncAllowed()) return -1;
     const startMs = performance.now();
     const sent = io.sendFileNow(socketFd, header, this.fd, positionBytes, lengthBytes);
     this.#charge(startMs);
