@@ -141,17 +141,37 @@ export interface Summary {
   values: Partial<Record<ServerName, number>>;
   cpu: Partial<Record<ServerName, number>>;
   latencyUs: Partial<Record<ServerName, number>>;
+  /** Server CPU time per request in microseconds (utime+stime / requests; steadier than throughput on a shared machine). */
+  cpuUsPerRequest: Partial<Record<ServerName, number>>;
+  /** Smallest and largest figure over the rounds, per server (the spread behind the median). */
+  range: Partial<Record<ServerName, readonly [number, number]>>;
+  /** ipsan's figure over each other server's in the same round, in round order (rounds where both ran). */
+  roundRatios: Partial<Record<ServerName, readonly number[]>>;
 }
 
 export function summarize(jobs: readonly BenchJob[], servers: readonly ServerName[], measurements: readonly Measurement[]): Summary[] {
   return jobs.map((job) => {
-    const summary: Summary = { job, values: {}, cpu: {}, latencyUs: {} };
+    const summary: Summary = { job, values: {}, cpu: {}, latencyUs: {}, cpuUsPerRequest: {}, range: {}, roundRatios: {} };
+    const figure = (m: Measurement): number => (job.metric === "iops" ? m.iops : m.mibps);
     for (const server of servers) {
       const mine = measurements.filter((m) => m.job === job.name && m.server === server);
       if (mine.length === 0) continue;
-      summary.values[server] = median(mine.map((m) => (job.metric === "iops" ? m.iops : m.mibps)));
+      const figures = mine.map(figure);
+      summary.values[server] = median(figures);
+      summary.range[server] = [Math.min(...figures), Math.max(...figures)];
       summary.cpu[server] = median(mine.map((m) => m.serverCpuCores));
       summary.latencyUs[server] = median(mine.map((m) => m.latencyUsMean));
+      summary.cpuUsPerRequest[server] = median(mine.map((m) => (m.iops > 0 ? (m.serverCpuCores / m.iops) * 1e6 : Number.NaN)));
+    }
+    const ipsanRounds = new Map(measurements.filter((m) => m.job === job.name && m.server === "ipsan").map((m) => [m.round, figure(m)]));
+    for (const server of servers) {
+      if (server === "ipsan" || server.endsWith("-tls") || ipsanRounds.size === 0) continue;
+      const ratios: number[] = [];
+      for (const m of measurements.filter((m) => m.job === job.name && m.server === server).sort((a, b) => a.round - b.round)) {
+        const mine = ipsanRounds.get(m.round);
+        if (mine !== undefined && figure(m) > 0) ratios.push(mine / figure(m));
+      }
+      if (ratios.length > 0) summary.roundRatios[server] = ratios;
     }
     return summary;
   });
@@ -160,6 +180,11 @@ export function summarize(jobs: readonly BenchJob[], servers: readonly ServerNam
 function formatValue(value: number | undefined, metric: BenchJob["metric"]): string {
   if (value === undefined || !Number.isFinite(value)) return "-";
   return metric === "iops" ? `${Math.round(value)} IOPS` : `${value.toFixed(0)} MiB/s`;
+}
+
+/** A figure without its unit (for ranges). */
+function formatNumber(value: number, metric: BenchJob["metric"]): string {
+  return metric === "iops" ? String(Math.round(value)) : value.toFixed(0);
 }
 
 function ratio(a: number | undefined, b: number | undefined): string {
@@ -171,7 +196,7 @@ function table(rows: readonly (readonly string[])[]): string {
   return rows.map((row) => row.map((cell, column) => cell.padEnd(widths[column] ?? 0)).join("  ").trimEnd()).join("\n");
 }
 
-/** The result table: median per job and server, ipsan's ratio to each other server, server CPU. */
+/** The result table: median per job and server, ipsan's ratio to each other server, the spread over rounds, latency, server CPU. */
 export function formatSummary(summaries: readonly Summary[], servers: readonly ServerName[]): string {
   const plain = servers.filter((server) => !server.endsWith("-tls"));
   const others = plain.filter((server) => server !== "ipsan");
@@ -195,11 +220,27 @@ export function formatSummary(summaries: readonly Summary[], servers: readonly S
   for (const summary of summaries) {
     cpuRows.push([summary.job.name, ...servers.map((server) => summary.cpu[server]?.toFixed(2) ?? "-")]);
   }
+  const cpuPerRequestRows: string[][] = [["server CPU per request (us)", ...servers]];
+  for (const summary of summaries) {
+    cpuPerRequestRows.push([summary.job.name, ...servers.map((server) => summary.cpuUsPerRequest[server]?.toFixed(1) ?? "-")]);
+  }
   const latencyRows: string[][] = [["mean latency (us)", ...servers]];
   for (const summary of summaries) {
     latencyRows.push([summary.job.name, ...servers.map((server) => summary.latencyUs[server]?.toFixed(0) ?? "-")]);
   }
-  return `${table(rows)}\n\n${table(latencyRows)}\n\n${table(cpuRows)}`;
+  // The spread behind each median: the lowest and highest round, and ipsan's ratio round by round.
+  const spreadRows: string[][] = [["spread over rounds (min-max)", ...servers, ...(plain.includes("ipsan") ? others.map((other) => `ipsan/${other} per round`) : [])]];
+  for (const summary of summaries) {
+    spreadRows.push([
+      summary.job.name,
+      ...servers.map((server) => {
+        const range = summary.range[server];
+        return range === undefined ? "-" : `${formatNumber(range[0], summary.job.metric)}-${formatNumber(range[1], summary.job.metric)}`;
+      }),
+      ...(plain.includes("ipsan") ? others.map((other) => summary.roundRatios[other]?.map((r) => r.toFixed(2)).join(" ") ?? "-") : []),
+    ]);
+  }
+  return `${table(rows)}\n\n${table(spreadRows)}\n\n${table(latencyRows)}\n\n${table(cpuRows)}\n\n${table(cpuPerRequestRows)}`;
 }
 
 /** Issue 2's targets: ipsan >= 1.0x nbdkit on every job; unit RSS under load < 150 MB. */

@@ -52,6 +52,15 @@ test("median, summaries and the table", () => {
   assert.match(text, /^job\s+ipsan\s+nbdkit\s+ipsan\/nbdkit$/m);
   assert.match(text, /^randread4k\s+200 IOPS\s+100 IOPS\s+2\.00x$/m);
   assert.match(text, /^seqread1m\s+900 MiB\/s\s+1000 MiB\/s\s+0\.90x$/m);
+  // The spread: lowest-highest round per server, and ipsan/nbdkit round by round.
+  assert.deepEqual(summaries[0]?.range, { ipsan: [100, 300], nbdkit: [100, 100] });
+  assert.deepEqual(summaries[0]?.roundRatios, { nbdkit: [1, 3, 2] });
+  assert.match(text, /^spread over rounds \(min-max\)\s+ipsan\s+nbdkit\s+ipsan\/nbdkit per round$/m);
+  assert.match(text, /^randread4k\s+100-300\s+100-100\s+1\.00 3\.00 2\.00$/m);
+  // serverCpuCores 0.5 at 200 IOPS: 2500 us of server CPU per request.
+  assert.equal(summaries[0]?.cpuUsPerRequest.ipsan, 2500);
+  assert.match(text, /^server CPU per request \(us\)\s+ipsan\s+nbdkit$/m);
+  assert.match(text, /^seqread1m\s+900-900\s+1000-1000\s+0\.90$/m);
   assert.equal(
     formatVerdict(summaries, 200e6),
     "target ipsan >= 1.0x nbdkit on every job: NOT met, behind on seqread1m\ntarget unit RSS < 150 MB: NOT met (200 MB)",

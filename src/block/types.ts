@@ -61,6 +61,21 @@ export interface BlockDevice {
    * means nothing is promised about `buffer` and the caller uses read().
    */
   readNow?(buffer: Buffer, offsetBytes: number): boolean;
+  /**
+   * Optional: a READ reply sent from the page cache to a plain (not TLS)
+   * socket without copying the data through the process: `header`, then the
+   * bytes (sendfile). Returns how many bytes the socket took, header
+   * included; fewer than header + length when its buffer filled (the caller
+   * sends the rest, before anything else, with readSync). -1: not possible
+   * now (not cached, spans storage pieces, revoked...), nothing was sent.
+   */
+  sendNow?(socketFd: number, header: Buffer, offsetBytes: number, lengthBytes: number): number;
+  /**
+   * Optional, with sendNow: fills `buffer` before returning (it may wait for
+   * the disk if the pages went away meanwhile); throws on an I/O error. Only
+   * for the rest of a reply sendNow started, which must leave at once.
+   */
+  readSync?(buffer: Buffer, offsetBytes: number): void;
   write(buffer: Buffer, offsetBytes: number, fua: boolean): Promise<void>;
   /**
    * Optional: write() of the concatenation of `parts` (a payload that arrived

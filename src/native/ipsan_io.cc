@@ -10,6 +10,7 @@
 //   preadNoWait(fd, buf, off, len, pos)   -> number           bytes, or -errno (-EAGAIN: not cached)
 //   pwriteNoWait(fd, buf, off, len, pos)  -> number           bytes, or -errno (-EAGAIN: would block)
 //   pwritevNoWait(fd, [buf...], pos)      -> number           the same over a list of buffers (<= IOV_COUNT_MAX)
+//   sendFileNow(sock, header, fd, pos, len) -> number          header then sendfile(2) of cached file bytes: bytes sent, or -errno
 //
 // The two NoWait calls are synchronous on purpose: preadv2/pwritev2 with
 // RWF_NOWAIT only copy to or from the page cache and return EAGAIN instead
@@ -49,6 +50,9 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/ioctl.h>
+#include <sys/sendfile.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -201,6 +205,14 @@ struct Args {
   bool Fd(int* fd) {
     int64_t value;
     if (!Int(0, "fd", 0, INT_MAX, &value)) return false;
+    *fd = static_cast<int>(value);
+    return true;
+  }
+
+  // A second file descriptor, in argv[i].
+  bool IntFd(size_t i, const char* name, int* fd) {
+    int64_t value;
+    if (!Int(i, name, 0, INT_MAX, &value)) return false;
     *fd = static_cast<int>(value);
     return true;
   }
@@ -466,6 +478,67 @@ napi_value NoWait(napi_env env, napi_callback_info info, bool write) {
   return Number(env, rc < 0 ? -static_cast<int64_t>(errno) : static_cast<int64_t>(rc));
 }
 
+#ifndef __NR_cachestat
+#define __NR_cachestat 451  // the same number on every architecture (Linux 6.5)
+#endif
+
+struct CachestatRange {
+  uint64_t off;
+  uint64_t len;
+};
+struct Cachestat {
+  uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted;
+};
+
+// sendFileNow(socketFd, header, fileFd, position, length): a READ reply
+// without copying its data through user space. Only when every page of
+// [position, position + length) is in the page cache (cachestat(2), Linux
+// 6.5) does it send `header` (MSG_MORE) and then the file bytes with
+// sendfile(2), which hands the socket references to the cached pages. The
+// socket is non-blocking: it stops when the socket buffer is full. Returns
+// the bytes the socket took, header included (possibly fewer than all, even
+// 0: the caller sends the rest itself), or -errno with nothing sent:
+// -EAGAIN when a page is not cached (sendfile would wait for the disk),
+// -ENOSYS without cachestat, -EINVAL/-EOPNOTSUPP where the socket cannot
+// take file pages, or the socket's error. An error after some bytes went
+// out returns the count; the caller's next write meets the error.
+napi_value SendFileNow(napi_env env, napi_callback_info info) {
+  Args args{env, "sendFileNow"};
+  int socketFd, fileFd;
+  char* header;
+  size_t headerBytes;
+  int64_t position, length;
+  if (!args.Read(info) || !args.Fd(&socketFd) || !args.Bytes(args.argv[1], "header", &header, &headerBytes)) return nullptr;
+  if (!args.IntFd(2, "fileFd", &fileFd) || !args.Int(3, "position", 0, kSafeMax, &position) || !args.Int(4, "length", 1, kSafeMax, &length) ||
+      !args.Fits("position + length", position, length, kSafeMax))
+    return nullptr;
+  const int64_t page = 4096;
+  const int64_t first = position / page;
+  const int64_t pages = (position + length + page - 1) / page - first;
+  CachestatRange range = {static_cast<uint64_t>(first * page), static_cast<uint64_t>(pages * page)};
+  Cachestat stat = {};
+  if (syscall(__NR_cachestat, fileFd, &range, &stat, 0) != 0) return Number(env, -static_cast<int64_t>(errno));
+  if (stat.nr_cache < static_cast<uint64_t>(pages)) return Number(env, -static_cast<int64_t>(EAGAIN));
+  int64_t sent = 0;
+  while (sent < static_cast<int64_t>(headerBytes)) {
+    ssize_t rc = send(socketFd, header + sent, headerBytes - sent, MSG_MORE | MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (rc < 0 && errno == EINTR) continue;
+    if (rc < 0) return Number(env, sent > 0 ? sent : (errno == EWOULDBLOCK ? 0 : -static_cast<int64_t>(errno)));
+    sent += rc;
+  }
+  off_t offset = static_cast<off_t>(position);
+  int64_t left = length;
+  while (left > 0) {
+    ssize_t rc = sendfile(socketFd, fileFd, &offset, static_cast<size_t>(left));
+    if (rc < 0 && errno == EINTR) continue;
+    if (rc < 0 && errno != EAGAIN && sent == 0) return Number(env, -static_cast<int64_t>(errno));
+    if (rc <= 0) break;
+    sent += rc;
+    left -= rc;
+  }
+  return Number(env, sent);
+}
+
 napi_value PreadNoWait(napi_env env, napi_callback_info info) { return NoWait(env, info, false); }
 napi_value PwriteNoWait(napi_env env, napi_callback_info info) { return NoWait(env, info, true); }
 
@@ -530,6 +603,7 @@ napi_value Init(napi_env env, napi_value exports) {
       {"preadNoWait", nullptr, PreadNoWait, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"pwriteNoWait", nullptr, PwriteNoWait, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"pwritevNoWait", nullptr, PwritevNoWait, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"sendFileNow", nullptr, SendFileNow, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
   };
   CHECK(napi_define_properties(env, exports, sizeof methods / sizeof methods[0], methods));
   const struct {
@@ -546,6 +620,8 @@ napi_value Init(napi_env env, napi_value exports) {
       {"EWOULDBLOCK", EWOULDBLOCK},
       {"EAGAIN", EAGAIN},
       {"EOPNOTSUPP", EOPNOTSUPP},
+      {"EINVAL", EINVAL},
+      {"ENOSYS", ENOSYS},
       {"IOV_COUNT_MAX", kIovCountMax},
   };
   for (const auto& constant : constants) {

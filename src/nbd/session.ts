@@ -29,7 +29,16 @@ import type { NbdLimits } from "./limits.ts";
 import { NBD_CMD, NBD_REP, WIRE } from "./protocol.ts";
 import { type NbdServerTls, PSK_CIPHERS, pskKeyId } from "./tls.ts";
 import { type RequestFrame, decodeRequest, encodeErrorChunk, encodeSimpleReply } from "./request_codec.ts";
-import { commandName, performRequest, readReplyNow, requestCostBytes, validateRequest, writeReplyNow } from "./transmission.ts";
+import {
+  commandName,
+  performRequest,
+  readReplyNow,
+  requestCostBytes,
+  sendFileCandidate,
+  sendReadReplyNow,
+  validateRequest,
+  writeReplyNow,
+} from "./transmission.ts";
 
 const log = logger("nbd");
 
@@ -116,6 +125,17 @@ export class NbdSession implements BudgetWaiter {
    * or rejected, never after a failed device write (the device may still read it).
    */
   private writesHoldingPayload = 0;
+  /**
+   * The plaintext TCP socket's file descriptor once in transmission, for READ replies by sendfile
+   * (transmission.ts sendReadReplyNow); -1: none (TLS, a Unix socket, or sendfile turned off).
+   */
+  private sendFileFd = -1;
+  /**
+   * READs that may leave by sendfile, waiting (oldest first) for the stream to hold nothing;
+   * each counts in inFlight and keeps its reservation. Answered from the pump once the
+   * stream is empty; by the copy path when the connection starts closing.
+   */
+  private readonly waitingForSendFile: { frame: RequestFrame; reservation: Reservation | undefined }[] = [];
   /** Corked for replies answered synchronously during one pump (uncorked when it returns). */
   private pumpCorked = false;
   /** Buffers handed to socket.write, oldest first: write callbacks come back in this order. */
@@ -208,6 +228,7 @@ export class NbdSession implements BudgetWaiter {
     this.queue.clear();
     // A blocked request holds no bytes; a payload still arriving holds its reservation.
     this.blocked = undefined;
+    this.releaseSendFileWaiters(false);
     this.dropPayloadReservation();
     this.finishIfIdle();
   };
@@ -440,6 +461,11 @@ export class NbdSession implements BudgetWaiter {
         if (this.host.tls !== undefined && !this.negotiation.tls && this.socket.readableLength === 0) {
           useLargeReads(this.socket, this.onData, this.mayReuseReadMemory);
         }
+        // Plaintext TCP: large READ replies may leave by sendfile, bytes the process never copies (never under TLS).
+        if (!this.negotiation.tls && this.socket === this.rawSocket && this.socket.remoteAddress !== undefined) {
+          const fd = (this.socket as unknown as { _handle?: { fd?: unknown } | null })._handle?.fd;
+          if (typeof fd === "number" && fd >= 0) this.sendFileFd = fd;
+        }
         if (this.handshakeTimer !== undefined) clearTimeout(this.handshakeTimer);
         this.handshakeTimer = undefined;
         this.transition(["options"], "transmission");
@@ -561,6 +587,7 @@ export class NbdSession implements BudgetWaiter {
     assert(opened !== undefined, "transmission without an export");
     const limits = this.limits;
     while (this.stateValue === "transmission") {
+      if (this.waitingForSendFile.length > 0 && this.answerSendFileWaiters()) continue;
       if (this.blocked !== undefined) {
         const reservation = this.reserve(this.blocked.costBytes);
         if (reservation === undefined) return;
@@ -681,31 +708,117 @@ export class NbdSession implements BudgetWaiter {
     if (frame.type === NBD_CMD.READ || frame.type === NBD_CMD.WRITE) {
       const opened = this.opened;
       assert(opened !== undefined, "dispatch without an export");
-      const reply = frame.type === NBD_CMD.READ ? readReplyNow(opened, frame, this.host.pool) : writeReplyNow(opened, frame);
-      if (reply !== undefined) {
-        // Done in the page cache: no promise, and replies sent in this pump leave in one writev.
-        if (!this.pumpCorked) {
-          this.pumpCorked = true;
-          this.socket.cork();
+      // Straight from the page cache to the socket, only when nothing else waits to be written (the bytes must
+      // stay in order), and never once the socket is destroyed or ended: its fd number may already name another file.
+      // While the stream still holds bytes, such a READ waits for it to empty rather than take the copy path.
+      if (this.sendFileFd >= 0 && this.stateValue === "transmission" && sendFileCandidate(opened, frame)) {
+        if (this.sendFileMayWrite() && this.waitingForSendFile.length === 0 && this.sendReadNow(opened, frame)) {
+          this.releaseReservation(reservation);
+          return;
         }
-        this.releaseReservation(reservation);
-        this.send(reply);
-        if (frame.type === NBD_CMD.WRITE) {
-          if (frame.payload !== undefined) this.host.pool.release(frame.payload);
-          this.writesHoldingPayload -= 1;
+        if (this.socket.writableLength > 0 || this.waitingForSendFile.length > 0) {
+          this.inFlight += 1;
+          this.waitingForSendFile.push({ frame, reservation });
+          return;
         }
-        if (frame.type === NBD_CMD.READ) {
-          this.answeredReads += 1;
-          this.answeredReadBytes += frame.length;
-        } else {
-          this.answeredWrites += 1;
-          this.answeredWriteBytes += frame.length;
-        }
-        return;
       }
+      this.dispatchCopy(opened, frame, reservation);
+      return;
     }
     this.inFlight += 1;
     void this.execute(frame, reservation, this.pumpStartMs);
+  }
+
+  /** The socket's fd may be written behind the stream now: nothing queued, not destroyed, not ended. */
+  private sendFileMayWrite(): boolean {
+    return this.sendFileFd >= 0 && !this.socket.destroyed && this.socket.writable && this.socket.writableLength === 0;
+  }
+
+  /** Answers the READs waiting for sendfile while the stream stays empty; true if it answered any. */
+  private answerSendFileWaiters(): boolean {
+    const opened = this.opened;
+    let answered = false;
+    while (this.waitingForSendFile.length > 0 && opened !== undefined && this.sendFileMayWrite()) {
+      const waiting = this.waitingForSendFile.shift();
+      if (waiting === undefined) break;
+      this.inFlight -= 1;
+      answered = true;
+      if (this.pumpStartMs < 0) this.pumpStartMs = performance.now();
+      if (this.sendReadNow(opened, waiting.frame)) this.releaseReservation(waiting.reservation);
+      else this.dispatchCopy(opened, waiting.frame, waiting.reservation);
+    }
+    // At shutdown the connection ends once nothing is in flight (execute() does the same for its requests).
+    if (answered && this.host.shuttingDown && this.inFlight === 0 && this.stateValue === "transmission") this.softClose();
+    return answered;
+  }
+
+  /** The READs waiting for sendfile go the copy path (the connection is closing), or are dropped (it is gone). */
+  private releaseSendFileWaiters(answer: boolean): void {
+    const opened = this.opened;
+    while (this.waitingForSendFile.length > 0) {
+      const waiting = this.waitingForSendFile.shift();
+      if (waiting === undefined) break;
+      this.inFlight -= 1;
+      if (answer && opened !== undefined) this.dispatchCopy(opened, waiting.frame, waiting.reservation);
+      else this.releaseReservation(waiting.reservation);
+    }
+  }
+
+  /** A validated READ or WRITE answered by copying: at once when the device can, else through execute. */
+  private dispatchCopy(opened: OpenedExport, frame: RequestFrame, reservation: Reservation | undefined): void {
+    const reply = frame.type === NBD_CMD.READ ? readReplyNow(opened, frame, this.host.pool) : writeReplyNow(opened, frame);
+    if (reply !== undefined) {
+      // Done in the page cache: no promise. Replies sent in this pump leave in one writev; the
+      // last request in the input (always so at queue depth 1) is written at once, without the
+      // cork's buffering, so its reply reaches the kernel before the pump's bookkeeping.
+      if (!this.pumpCorked && this.queue.length >= WIRE.REQUEST_HEADER_BYTES) {
+        this.pumpCorked = true;
+        this.socket.cork();
+      }
+      this.releaseReservation(reservation);
+      this.send(reply);
+      if (frame.type === NBD_CMD.WRITE) {
+        if (frame.payload !== undefined) this.host.pool.release(frame.payload);
+        this.writesHoldingPayload -= 1;
+      }
+      if (frame.type === NBD_CMD.READ) {
+        this.answeredReads += 1;
+        this.answeredReadBytes += frame.length;
+      } else {
+        this.answeredWrites += 1;
+        this.answeredWriteBytes += frame.length;
+      }
+      return;
+    }
+    this.inFlight += 1;
+    void this.execute(frame, reservation, this.pumpStartMs);
+  }
+
+  /**
+   * A READ answered by sendfile (sendReadReplyNow); false when not possible (nothing was sent).
+   * A rest the socket did not take is written next through the stream, ahead of any other reply.
+   */
+  private sendReadNow(opened: OpenedExport, frame: RequestFrame): boolean {
+    let sent: { rest: Buffer | undefined } | undefined;
+    try {
+      sent = sendReadReplyNow(opened, frame, this.sendFileFd, this.host.pool);
+    } catch (error) {
+      // Part of the reply is on the wire and the rest cannot be read: the stream cannot go on.
+      log.limited("send_file_failed", "READ reply cut short (its rest could not be read): closing the connection", {
+        peer: this.peerText,
+        offset: frame.offset,
+        length: frame.length,
+        error: errorMessage(error),
+      });
+      if (this.counters !== undefined) this.counters.errors += 1;
+      this.hardDisconnect();
+      return true;
+    }
+    if (sent === undefined) return false;
+    if (sent.rest !== undefined) this.send(sent.rest);
+    this.answeredReads += 1;
+    this.answeredReadBytes += frame.length;
+    return true;
   }
 
   /** Runs one request on the device. Whatever happens, the request leaves inFlight and gives its bytes back exactly once. */
@@ -789,6 +902,8 @@ export class NbdSession implements BudgetWaiter {
   private readonly onWritten = (): void => {
     const bytes = this.writing.shift();
     if (bytes !== undefined) this.host.pool.release(bytes);
+    // The stream is empty again: READs waiting for sendfile may go ('drain' only comes after a write over the high-water mark).
+    if (this.waitingForSendFile.length > 0 && this.stateValue === "transmission" && this.socket.writableLength === 0) this.pump();
   };
 
   private readonly uncork = (): void => {
@@ -848,6 +963,7 @@ export class NbdSession implements BudgetWaiter {
     if (this.stateValue === "closing" || this.stateValue === "closed") return;
     this.transition(["greeting", "options", "transmission"], "closing");
     this.queue.clear();
+    this.releaseSendFileWaiters(true);
     this.dropPayloadReservation();
     this.blocked = undefined;
     this.updateReading();

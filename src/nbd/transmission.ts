@@ -143,6 +143,52 @@ export function readReplyNow(opened: OpenedExport, frame: RequestFrame, pool: Bu
   return reply;
 }
 
+/** READs at least this long may go out by sendfile (BlockDevice.sendNow); below it, copying the data costs less than the extra system calls. */
+export const SEND_FILE_BYTES_MIN = 64 * 1024;
+/** ...and at most this long (the storage's bound for synchronous page-cache reads, NOWAIT_BYTES_MAX). */
+export const SEND_FILE_BYTES_MAX = 1024 * 1024;
+
+/** Whether a validated request is a READ the device may send by sendfile (sendReadReplyNow). */
+export function sendFileCandidate(opened: OpenedExport, frame: RequestFrame): boolean {
+  return (
+    frame.type === NBD_CMD.READ &&
+    frame.length >= SEND_FILE_BYTES_MIN &&
+    frame.length <= SEND_FILE_BYTES_MAX &&
+    opened.device.sendNow !== undefined &&
+    opened.device.readSync !== undefined
+  );
+}
+
+/**
+ * A validated READ sent straight from the page cache to the socket
+ * `socketFd` (BlockDevice.sendNow: header, then sendfile). Undefined when
+ * not possible (nothing sent: answer it another way); else `rest`, the part
+ * of the reply the socket did not take (from `pool`), which the caller must
+ * write before anything else, or undefined when all of it went out. Throws
+ * when the rest cannot be read: the reply is cut short, so the connection
+ * must be closed.
+ */
+export function sendReadReplyNow(opened: OpenedExport, frame: RequestFrame, socketFd: number, pool: BufferPool): { rest: Buffer | undefined } | undefined {
+  const device = opened.device;
+  if (!sendFileCandidate(opened, frame) || device.sendNow === undefined || device.readSync === undefined) return undefined;
+  const headerBytes = readReplyHeaderBytes(opened.structuredReplies);
+  const header = Buffer.allocUnsafe(headerBytes);
+  writeReadReplyHeader(header, opened.structuredReplies, frame, frame.offset, frame.length);
+  const sent = device.sendNow(socketFd, header, frame.offset, frame.length);
+  if (sent < 0) return undefined;
+  if (sent === headerBytes + frame.length) return { rest: undefined };
+  if (sent < headerBytes) {
+    const reply = pool.acquire(headerBytes, frame.length);
+    header.copy(reply);
+    device.readSync(reply.subarray(headerBytes), frame.offset);
+    return { rest: reply.subarray(sent) };
+  }
+  const dataSent = sent - headerBytes;
+  const rest = pool.acquire(0, frame.length - dataSent);
+  device.readSync(rest, frame.offset + dataSent);
+  return { rest };
+}
+
 /**
  * A validated WRITE without FUA done synchronously when the device can
  * (writeNow): the reply, or undefined to go through performRequest.

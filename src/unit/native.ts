@@ -26,6 +26,12 @@ export interface IpsanIo {
   pwriteNoWait(fd: number, buffer: Buffer, bufferOffset: number, lengthBytes: number, positionBytes: number): number;
   /** pwriteNoWait over 1..IOV_COUNT_MAX buffers in order (one pwritev2 call). */
   pwritevNoWait(fd: number, buffers: readonly Buffer[], positionBytes: number): number;
+  /**
+   * A READ reply straight from the page cache: `header`, then sendfile(2) of [position, position + length) to a
+   * non-blocking socket, only when all of it is cached (cachestat). Bytes the socket took (header included, maybe
+   * fewer than all, even 0), or -errno with nothing sent (-EAGAIN: not all cached; -ENOSYS: no cachestat).
+   */
+  sendFileNow(socketFd: number, header: Buffer, fileFd: number, positionBytes: number, lengthBytes: number): number;
   readonly FALLOC_FL_KEEP_SIZE: number;
   readonly FALLOC_FL_PUNCH_HOLE: number;
   readonly FALLOC_FL_ZERO_RANGE: number;
@@ -36,6 +42,8 @@ export interface IpsanIo {
   readonly EWOULDBLOCK: number;
   readonly EAGAIN: number;
   readonly EOPNOTSUPP: number;
+  readonly EINVAL: number;
+  readonly ENOSYS: number;
   readonly IOV_COUNT_MAX: number;
 }
 

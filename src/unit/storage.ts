@@ -150,6 +150,8 @@ export class Storage {
   #closed = false;
   #noWaitReads = true;
   #noWaitWrites = true;
+  /** sendNow works here: the addon has sendFileNow (an addon built before it lacks it) and the kernel has cachestat; known at the first call. */
+  #sendFile: boolean | undefined;
   #syncWritesAfterMs = 0;
   /**
    * A second descriptor of the same file opened with O_DSYNC, for FUA writes
@@ -305,6 +307,42 @@ export class Storage {
     this.#charge(startMs);
     if (done === -io.EOPNOTSUPP) this.#noWaitReads = false;
     return done === lengthBytes;
+  }
+
+  /**
+   * A READ reply from the page cache to a socket without copying the data
+   * through user space (ipsan_io sendFileNow: header, then sendfile(2)),
+   * when every page of the range is cached. The bytes the socket took
+   * (header included; fewer than all when its buffer filled), or -1 with
+   * nothing sent. Charged to the turn's synchronous I/O budget like readNow.
+   */
+  sendNow(socketFd: number, header: Buffer, lengthBytes: number, positionBytes: number): number {
+    this.#check(positionBytes, lengthBytes);
+    const io = ipsanIo();
+    this.#sendFile ??= typeof (io as Partial<typeof io>).sendFileNow === "function";
+    if (!this.#sendFile || lengthBytes > NOWAIT_BYTES_MAX || !this.#syncAllowed()) return -1;
+    const startMs = performance.now();
+    const sent = io.sendFileNow(socketFd, header, this.fd, positionBytes, lengthBytes);
+    this.#charge(startMs);
+    if (sent >= 0) return sent;
+    // No cachestat (Linux < 6.5): never again on this storage. A socket that takes no file pages says so per call.
+    if (sent === -io.ENOSYS) this.#sendFile = false;
+    return -1;
+  }
+
+  /** Fills [bufferOffset, bufferOffset + lengthBytes) of `buffer` before returning: from the page cache, else from the disk (blocking). */
+  readSync(buffer: Buffer, bufferOffset: number, lengthBytes: number, positionBytes: number): void {
+    this.#check(positionBytes, lengthBytes);
+    let done = 0;
+    if (this.#noWaitReads) done = Math.max(0, ipsanIo().preadNoWait(this.fd, buffer, bufferOffset, lengthBytes, positionBytes));
+    while (done < lengthBytes) {
+      const got = fs.readSync(this.fd, buffer, bufferOffset + done, lengthBytes - done, positionBytes + done);
+      if (got === 0) {
+        buffer.fill(0, bufferOffset + done, bufferOffset + lengthBytes);
+        return;
+      }
+      done += got;
+    }
   }
 
   /**

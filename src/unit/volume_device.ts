@@ -161,6 +161,27 @@ export class VolumeDevice implements BlockDevice {
     return this.#storage.readNow(buffer, 0, only.lengthBytes, only.storageOffset);
   }
 
+  /** BlockDevice.sendNow: a READ reply by sendfile when the range is one storage piece and in the page cache. */
+  sendNow(socketFd: number, header: Buffer, offsetBytes: number, lengthBytes: number): number {
+    if (this.#revoked !== undefined || this.#closed) return -1;
+    if (!Number.isSafeInteger(offsetBytes) || offsetBytes < 0 || lengthBytes <= 0 || offsetBytes + lengthBytes > this.sizeBytes) return -1;
+    const pieces = mapRange(this.#segments, offsetBytes, lengthBytes);
+    const only = pieces.length === 1 ? pieces[0] : undefined;
+    if (only === undefined) return -1;
+    this.#assertInside(only);
+    return this.#storage.sendNow(socketFd, header, only.lengthBytes, only.storageOffset);
+  }
+
+  /** BlockDevice.readSync: the rest of a reply sendNow started (one storage piece, as sendNow needs). */
+  readSync(buffer: Buffer, offsetBytes: number): void {
+    const lengthBytes = buffer.length;
+    const pieces = mapRange(this.#segments, offsetBytes, lengthBytes);
+    const only = pieces.length === 1 ? pieces[0] : undefined;
+    assert(only !== undefined, `readSync of ${lengthBytes} bytes at ${offsetBytes} spans ${pieces.length} storage pieces`);
+    this.#assertInside(only);
+    this.#storage.readSync(buffer, 0, lengthBytes, only.storageOffset);
+  }
+
   /** A write (no FUA) without a promise when the range is one storage piece and the page cache takes it now (BlockDevice.writeNow). */
   writeNow(parts: readonly Buffer[], offsetBytes: number): boolean {
     if (this.#revoked !== undefined || this.#closed || parts.length > WRITEV_PARTS_MAX) return false;
