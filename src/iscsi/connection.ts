@@ -12,7 +12,7 @@ import type { BudgetAccount, BudgetWaiter, Reservation } from "../nbd/budget.ts"
 import type { BufferPool } from "../nbd/buffer_pool.ts";
 import { type ReadArenaBudget, useLargeReads } from "../nbd/large_reads.ts";
 import { pskKeyId } from "../nbd/tls.ts";
-import { ScsiStatus, type LogicalUnit, type ScsiNexus, type ScsiResponse, type TaskAttribute } from "../scsi/types.ts";
+import { ScsiStatus, type LogicalUnit, type ScsiNexus, type ScsiRequest, type ScsiResponse, type TaskAttribute } from "../scsi/types.ts";
 import { IpsanError, errorMessage } from "../util/errors.ts";
 import { logger } from "../util/log.ts";
 import { chapResponse, chooseChapAlgorithm, formatBinary, newChallenge, parseBinary, responsesEqual } from "./chap.ts";
@@ -1195,7 +1195,8 @@ export class IscsiConnection implements BudgetWaiter {
       task.pending = undefined;
       this.#borrowed.add(borrowed);
       this.#execute(task);
-      void task.settled?.then(() => this.#borrowed.delete(borrowed));
+      if (task.settled === undefined) this.#borrowed.delete(borrowed); // answered at once (executeNow)
+      else void task.settled.then(() => this.#borrowed.delete(borrowed));
       return;
     }
     if (task.write && task.wanted > 0) {
@@ -1374,7 +1375,7 @@ export class IscsiConnection implements BudgetWaiter {
     clearTimeout(task.dataOutTimer);
     task.state = "executing";
     const unit = this.#unit!;
-    const request = {
+    const request: ScsiRequest = {
       cdb: task.cdb,
       nexus: this.#nexus!,
       attribute: task.attribute,
@@ -1384,7 +1385,14 @@ export class IscsiConnection implements BudgetWaiter {
     };
     // A gathered write buffer goes back to the pool once the unit is done with it (not a borrowed view: the pool ignores those).
     const gathered = task.write && task.buffer !== undefined && !this.#borrowed.has(task.buffer) ? task.buffer : undefined;
-    task.settled = unit.execute(request).then(
+    const answer = unit.executeNow !== undefined ? unit.executeNow(request) : unit.execute(request);
+    if (!(answer instanceof Promise)) {
+      // Answered without waiting (a READ from the page cache, a WRITE into it): no promise, no microtask.
+      if (gathered !== undefined) this.#host.pool.release(gathered);
+      this.#complete(task, answer);
+      return;
+    }
+    task.settled = answer.then(
       (response) => {
         if (gathered !== undefined) this.#host.pool.release(gathered);
         this.#complete(task, response);
