@@ -258,6 +258,8 @@ export class IscsiConnection implements BudgetWaiter {
   readonly #borrowed = new Set<Buffer>();
   /** The socket is corked until the end of this turn of the event loop (#send). */
   #batchCorked = false;
+  /** The PDUs of one socket chunk are being handled (#onData): answers made meanwhile are batched (#send). */
+  #inChunk = false;
   #ended = false;
 
   constructor(host: ConnectionHost, socket: Socket, peer: Peer) {
@@ -291,7 +293,12 @@ export class IscsiConnection implements BudgetWaiter {
     if (this.#ended) return;
     this.#reader.push(chunk);
     this.#received();
-    this.#process();
+    this.#inChunk = true;
+    try {
+      this.#process();
+    } finally {
+      this.#inChunk = false;
+    }
   };
 
   /**
@@ -343,9 +350,10 @@ export class IscsiConnection implements BudgetWaiter {
   /** Queues one PDU; `written` runs once the socket has sent it (not if the connection ends first). */
   #send(bhs: Buffer, data: readonly Buffer[] = [], written?: () => void): void {
     if (this.#ended) return;
-    if (!this.#batchCorked && this.#tasks.size > 0) {
-      // Other commands are in flight: PDUs made in this turn of the event loop leave in one writev
-      // (the NBD server does the same); a lone command's answer leaves at once.
+    if (!this.#batchCorked && (this.#tasks.size > 0 || this.#inChunk)) {
+      // Other commands are in flight, or the chunk being handled may hold more (commands answered
+      // at once, LogicalUnit.executeNow): PDUs made in this turn of the event loop leave in one
+      // writev (the NBD server does the same); a lone command's answer leaves at once.
       this.#batchCorked = true;
       this.socket.cork();
       setImmediate(this.#uncorkBatch);
