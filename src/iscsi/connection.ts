@@ -304,11 +304,14 @@ export class IscsiConnection implements BudgetWaiter {
   /**
    * large_reads: a read arena may be reused once nothing views it: no
    * unparsed chunk, no command's immediate or early data, no write executing
-   * on a view of it, no text request being gathered, no reply queued (a
-   * NOP-In echoes the initiator's bytes).
+   * on a view of it, no text request being gathered. Queued replies never
+   * view it (so answers corked while a chunk is handled do not keep an
+   * arena from being reused, which cost a fresh 2 MiB arena per 2 MiB of
+   * Data-Out: measured, docs/benchmarks.md).
    */
   readonly #mayReuseReadMemory = (store: ArrayBufferLike): boolean => {
-    if (this.phase !== "full-feature" || this.#textRequest !== undefined || this.socket.writableLength > 0 || this.#reader.holds(store)) return false;
+    // Replies queued on the socket do not count: none views read memory (a NOP-In's echo and a Reject's header are copies).
+    if (this.phase !== "full-feature" || this.#textRequest !== undefined || this.#reader.holds(store)) return false;
     for (const buffer of this.#borrowed) if (buffer.buffer === store) return false;
     for (const task of this.#tasks.values()) {
       if (task.pending?.buffer === store || task.buffer?.buffer === store) return false;
@@ -875,7 +878,8 @@ export class IscsiConnection implements BudgetWaiter {
     answer.writeUInt32BE(itt, 16);
     answer.writeUInt32BE(RESERVED_TAG, 20);
     this.#numbers(answer, true);
-    const echo = pdu.data.subarray(0, Math.min(pdu.data.length, this.#params.initiatorRecvDataSegmentBytes));
+    // A copy (at most MaxRecvDataSegmentLength): no reply views the socket's read memory (#mayReuseReadMemory).
+    const echo = Buffer.from(pdu.data.subarray(0, Math.min(pdu.data.length, this.#params.initiatorRecvDataSegmentBytes)));
     this.#send(answer, echo.length === 0 ? [] : [echo]);
   }
 
