@@ -21,6 +21,7 @@ import { UsageError, errorMessage } from "../util/errors.ts";
 import { parseFlags } from "../util/flags.ts";
 import { formatSize, parseSize } from "../util/size.ts";
 import { textTable } from "./mirror_bench.ts";
+import { clockTicksPerSecond, cpuSeconds } from "./proc.ts";
 import { median, pickList, positiveInteger } from "./report.ts";
 
 const MIB = 1024 * 1024;
@@ -123,15 +124,19 @@ export interface IscsiMeasurement {
   job: string;
   server: IscsiServerName;
   value: number;
+  /** utime+stime of the server process (all its threads) per request, in microseconds (qemu-img jobs only: iscsi-perf does not count its requests). */
+  cpuUsPerRequest?: number;
 }
 
 interface Server {
   name: IscsiServerName;
   uri: string;
   settings: string;
+  /** The server process whose CPU time is counted (the unit, or tgtd). */
+  pid: number;
 }
 
-async function measure(job: IscsiJob, server: Server, round: number): Promise<IscsiMeasurement | undefined> {
+async function measure(job: IscsiJob, server: Server, round: number, ticksPerSecond: number): Promise<IscsiMeasurement | undefined> {
   if (job.tool === "iscsi-perf") {
     if (!server.uri.startsWith("iscsi://")) return undefined;
     // iscsi-perf runs until interrupted; `timeout -s INT` ends it and it prints its totals.
@@ -140,11 +145,13 @@ async function measure(job: IscsiJob, server: Server, round: number): Promise<Is
     });
     return { round, job: job.name, server: server.name, value: parseIscsiPerf(result.stdout + result.stderr) };
   }
+  const cpuBefore = cpuSeconds(server.pid, ticksPerSecond);
   const result = await run("qemu-img", qemuBenchArgs(job, server.uri), { timeoutMs: RUN_TIMEOUT_MS });
+  const cpuUsPerRequest = ((cpuSeconds(server.pid, ticksPerSecond) - cpuBefore) * 1e6) / job.count;
   if (result.code !== 0) throw new Error(`qemu-img bench ${job.name} against ${server.name}: ${describeResult(result)}`);
   const seconds = parseQemuBench(result.stdout);
   const value = job.metric === "iops" ? job.count / seconds : (job.count * job.blockBytes) / MIB / seconds;
-  return { round, job: job.name, server: server.name, value };
+  return { round, job: job.name, server: server.name, value, cpuUsPerRequest };
 }
 
 function fmt(value: number | undefined, metric: "iops" | "mibps"): string {
@@ -177,6 +184,23 @@ export function formatIscsiSummary(jobs: readonly IscsiJob[], servers: readonly 
       verdict(vsTgt, TARGET_VS_TGT),
       vsNbd === undefined ? "-" : `${vsNbd.toFixed(2)}x`,
       verdict(vsNbd, TARGET_VS_NBD),
+    ]);
+  }
+  return textTable(rows);
+}
+
+/** Server CPU time per request (median [min..max] us) per qemu-img job and server: steadier than throughput on a shared machine. */
+export function formatIscsiCpu(jobs: readonly IscsiJob[], servers: readonly IscsiServerName[], measurements: readonly IscsiMeasurement[]): string {
+  const rows: string[][] = [["server CPU us/request", ...servers.map((s) => `${s} median [min..max]`)]];
+  for (const job of jobs) {
+    if (job.tool !== "qemu-img") continue;
+    rows.push([
+      job.name,
+      ...servers.map((server) => {
+        const values = measurements.filter((m) => m.job === job.name && m.server === server && m.cpuUsPerRequest !== undefined).map((m) => m.cpuUsPerRequest as number);
+        if (values.length === 0) return "-";
+        return `${median(values).toFixed(1)} [${Math.min(...values).toFixed(1)}..${Math.max(...values).toFixed(1)}]`;
+      }),
     ]);
   }
   return textTable(rows);
@@ -221,15 +245,15 @@ export async function iscsiBenchMain(argv: readonly string[]): Promise<number> {
       await runOk("nbdcopy", ["--flush", dataPath, unit.uri(EXPORT_NAME)], { timeoutMs: FILL_TIMEOUT_MS });
       const settings = `bin/ipsan ${unit.args.join(" ")}`;
       if (options.servers.includes("ipsan-iscsi")) {
-        servers.push({ name: "ipsan-iscsi", uri: `iscsi://127.0.0.1:${iscsiPort}/${iscsiTargetName(UNIT_NAME, EXPORT_NAME)}/0`, settings });
+        servers.push({ name: "ipsan-iscsi", uri: `iscsi://127.0.0.1:${iscsiPort}/${iscsiTargetName(UNIT_NAME, EXPORT_NAME)}/0`, settings, pid: unit.pid });
       }
-      if (options.servers.includes("ipsan-nbd")) servers.push({ name: "ipsan-nbd", uri: unit.uri(EXPORT_NAME), settings });
+      if (options.servers.includes("ipsan-nbd")) servers.push({ name: "ipsan-nbd", uri: unit.uri(EXPORT_NAME), settings, pid: unit.pid });
     }
     if (options.servers.includes("tgt")) {
       const lun = work.file("tgt.raw");
       copyFileSync(dataPath, lun);
       tgt = await startTgt(lun, "iqn.2026-12.org.ipsan.bench:tgt");
-      servers.push({ name: "tgt", uri: tgt.uri, settings: tgt.settings });
+      servers.push({ name: "tgt", uri: tgt.uri, settings: tgt.settings, pid: tgt.pid });
     }
     process.stdout.write(
       [
@@ -242,19 +266,22 @@ export async function iscsiBenchMain(argv: readonly string[]): Promise<number> {
         "",
       ].join("\n") + "\n",
     );
+    const ticks = await clockTicksPerSecond();
     const measurements: IscsiMeasurement[] = [];
     for (let round = 0; round < options.rounds; round++) {
       const order = servers.map((_, i) => servers[(i + round) % servers.length] as Server);
       for (const job of options.jobs) {
         for (const server of order) {
-          const m = await measure(job, server, round);
+          const m = await measure(job, server, round, ticks);
           if (m === undefined) continue;
           measurements.push(m);
-          process.stderr.write(`round ${round + 1}/${options.rounds} ${job.name} ${server.name}: ${fmt(m.value, job.metric)}\n`);
+          const cpu = m.cpuUsPerRequest === undefined ? "" : ` (server CPU ${m.cpuUsPerRequest.toFixed(1)} us/request)`;
+          process.stderr.write(`round ${round + 1}/${options.rounds} ${job.name} ${server.name}: ${fmt(m.value, job.metric)}${cpu}\n`);
         }
       }
     }
     process.stdout.write(`${formatIscsiSummary(options.jobs, servers.map((s) => s.name), measurements)}\n`);
+    process.stdout.write(`${formatIscsiCpu(options.jobs, servers.map((s) => s.name), measurements)}\n`);
     process.stdout.write(`load average at end: ${readFileSync("/proc/loadavg", "utf8").split(" ").slice(0, 3).join(" ")}\n`);
     if (options.jsonPath !== undefined) writeFileSync(options.jsonPath, `${JSON.stringify({ options: { ...options, jobs: options.jobs.map((j) => j.name) }, measurements }, null, 2)}\n`);
     return 0;

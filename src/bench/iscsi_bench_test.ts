@@ -3,7 +3,7 @@
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { ISCSI_JOBS, formatIscsiSummary, parseIscsiBenchOptions, parseIscsiPerf, parseQemuBench, qemuBenchArgs } from "./iscsi_bench.ts";
+import { ISCSI_JOBS, formatIscsiCpu, formatIscsiSummary, parseIscsiBenchOptions, parseIscsiPerf, parseQemuBench, qemuBenchArgs } from "./iscsi_bench.ts";
 import { UsageError } from "../util/errors.ts";
 
 const job = (name: string) => {
@@ -43,4 +43,17 @@ test("the table gives medians with their spread and the ratios against each targ
   const table = formatIscsiSummary([job("randread4k")], ["ipsan-iscsi", "tgt", "ipsan-nbd"], measurements);
   const row = table.split("\n")[1] ?? "";
   assert.match(row, /^randread4k\s+30002 \[30001\.\.30003\]\s+10000 \[10000\.\.10000\]\s+40000 \[40000\.\.40000\]\s+3\.00x\s+met\s+0\.75x\s+MISSED$/);
+});
+
+test("the CPU table gives the server's CPU us per request per qemu-img job (median [min..max]); iscsi-perf jobs have none", () => {
+  const measurements = [
+    { round: 0, job: "randwrite4k", server: "ipsan-iscsi" as const, value: 1, cpuUsPerRequest: 12 },
+    { round: 1, job: "randwrite4k", server: "ipsan-iscsi" as const, value: 1, cpuUsPerRequest: 10 },
+    { round: 2, job: "randwrite4k", server: "ipsan-iscsi" as const, value: 1, cpuUsPerRequest: 30 },
+    { round: 0, job: "randwrite4k", server: "tgt" as const, value: 1, cpuUsPerRequest: 20.25 },
+    { round: 0, job: "perf-randread4k", server: "tgt" as const, value: 1 },
+  ];
+  const lines = formatIscsiCpu([job("randwrite4k"), job("perf-randread4k")], ["ipsan-iscsi", "tgt"], measurements).split("\n");
+  assert.equal(lines.length, 2);
+  assert.match(lines[1] ?? "", /^randwrite4k\s+12\.0 \[10\.0\.\.30\.0\]\s+20\.3 \[20\.3\.\.20\.3\]$/);
 });

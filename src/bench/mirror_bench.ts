@@ -37,6 +37,7 @@ import { type RunningEngine, logFields, startEngine } from "../testing/engine.ts
 import { describeResult, formatCommand, run, runOk, sleep } from "../testing/process.ts";
 import { makeTempDir, type TempDir } from "../testing/tmp.ts";
 import { type RunningUnit, startUnit } from "../testing/unit.ts";
+import { clockTicksPerSecond, cpuSeconds } from "./proc.ts";
 import { UsageError, errorMessage } from "../util/errors.ts";
 import { parseFlags } from "../util/flags.ts";
 import { formatSize, parseSize } from "../util/size.ts";
@@ -331,17 +332,6 @@ export function parseIolog(text: string): { offset: number; length: number }[] {
 }
 
 // ---------------------------------------------------------------- processes
-
-/** utime+stime of a process in seconds (from /proc/PID/stat); 0 once it has gone. */
-function cpuSeconds(pid: number, ticksPerSecond: number): number {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
-    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-    return (Number(fields[11]) + Number(fields[12])) / ticksPerSecond;
-  } catch {
-    return 0;
-  }
-}
 
 function loadAverage(): string {
   return readFileSync("/proc/loadavg", "utf8").split(" ").slice(0, 3).join(" ");
@@ -732,7 +722,7 @@ export async function mirrorBenchMain(argv: readonly string[]): Promise<number> 
     configs = configs.filter((c) => c !== "quorum");
     notes.push("quorum: not measured, qemu-storage-daemon is not installed (Debian package qemu-system-common; scripts/setup installs it)");
   }
-  const ticks = Number((await runOk("getconf", ["CLK_TCK"])).stdout.trim()) || 100;
+  const ticks = await clockTicksPerSecond();
   const previousTmp = process.env["TMPDIR"];
   process.env["TMPDIR"] = options.dir ?? tmpdir();
   const work = makeTempDir("mirror-bench");

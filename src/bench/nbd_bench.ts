@@ -18,6 +18,7 @@ import { describeResult, run, runOk } from "../testing/process.ts";
 import { makeTempDir, type TempDir } from "../testing/tmp.ts";
 import { fioTlsEnv } from "../testing/fio_tls.ts";
 import { startUnit, type RunningUnit } from "../testing/unit.ts";
+import { clockTicksPerSecond, cpuSeconds } from "./proc.ts";
 import { UsageError, errorMessage } from "../util/errors.ts";
 import { formatSize } from "../util/size.ts";
 import {
@@ -67,14 +68,6 @@ async function prepareTls(work: TempDir): Promise<BenchTls> {
 
 function nbdsUri(tls: BenchTls, port: number): string {
   return `nbds://${tls.identity}@127.0.0.1:${port}/${EXPORT_NAME}?tls-psk-file=${tls.pskFile}`;
-}
-
-/** utime+stime of a process in seconds (from /proc/PID/stat). */
-function cpuSeconds(pid: number, ticksPerSecond: number): number {
-  const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
-  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-  // fields[0] is field 3 (state); utime and stime are fields 14 and 15.
-  return (Number(fields[11]) + Number(fields[12])) / ticksPerSecond;
 }
 
 function statusKib(pid: number, key: "VmRSS" | "VmHWM"): number {
@@ -253,7 +246,7 @@ export async function benchMain(argv: readonly string[]): Promise<number> {
     process.stderr.write(`${errorMessage(error)}\n`);
     return error instanceof UsageError && errorMessage(error) === BENCH_USAGE ? 0 : 2;
   }
-  const ticks = Number((await runOk("getconf", ["CLK_TCK"])).stdout.trim()) || 100;
+  const ticks = await clockTicksPerSecond();
   const baseDir = options.dir ?? tmpdir();
   const previousTmp = process.env["TMPDIR"];
   process.env["TMPDIR"] = baseDir;

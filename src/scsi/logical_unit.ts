@@ -172,6 +172,18 @@ export class RangeLocks {
     const range: HeldRange = { start, end, exclusive };
     if (this.#grantable(range, this.#waiting.length)) this.#held.push(range);
     else await new Promise<void>((wake) => this.#waiting.push({ range, wake }));
+    return this.#releaser(range);
+  }
+
+  /** acquire() when the range is grantable now (no waiting): its release function, else undefined (nothing held). */
+  tryAcquire(start: number, end: number, exclusive: boolean): (() => void) | undefined {
+    const range: HeldRange = { start, end, exclusive };
+    if (!this.#grantable(range, this.#waiting.length)) return undefined;
+    this.#held.push(range);
+    return this.#releaser(range);
+  }
+
+  #releaser(range: HeldRange): () => void {
     let released = false;
     return () => {
       if (released) return;
@@ -455,6 +467,71 @@ class BlockLogicalUnit implements LogicalUnit {
         return Math.min(cdb.readUInt32BE(5), PR_OUT_PARAMETER_BYTES);
       default:
         return 0;
+    }
+  }
+
+  /**
+   * execute() answered synchronously when that needs no waiting: READ and
+   * WRITE (6/10/12/16, no FUA) whose data is in the page cache or goes into
+   * it now (the device's readNow/writeNow, as the NBD server uses them),
+   * with no unit attention pending and the write's blocks not locked. The
+   * same checks in the same order as execute(), so the same answers; any
+   * other command, or one that would wait, gets execute()'s promise. Never
+   * throws or rejects: every failure is a status with sense data.
+   */
+  executeNow(request: ScsiRequest): ScsiResponse | Promise<ScsiResponse> {
+    const cdb = request.cdb;
+    const opcode = cdb[0];
+    const read = opcode === 0x28 || opcode === 0x88 || opcode === 0xa8 || opcode === 0x08;
+    const write = opcode === 0x2a || opcode === 0x8a || opcode === 0xaa || opcode === 0x0a;
+    if ((!read && !write) || cdb.length > MAX_CDB_BYTES) return this.execute(request);
+    const spec = lookup(cdb);
+    if (spec === undefined || spec === "bad service action" || cdb.length < spec.cdbLength) return this.execute(request);
+    // A pending unit attention is reported (and taken) by execute().
+    if (this.#core.hasAttention(nexusKey(request.nexus))) return this.execute(request);
+    let writing = false;
+    try {
+      if ((u8(cdb, spec.cdbLength - 1) & 0x04) !== 0) throw invalidFieldInCdb(spec.cdbLength - 1, 2, "NACA is not supported");
+      this.#core.reservations.check(request.nexus, spec.access, spec.legacyAllowed === true);
+      writing = write;
+      this.#checkProtect(spec, cdb);
+      if (write) this.#checkWritable(spec);
+      const { lba, blocks } = this.#extent(spec, cdb, MAX_TRANSFER_BLOCKS);
+      if (blocks === 0) return GOOD;
+      const offset = lba * LOGICAL_BLOCK_BYTES;
+      if (read) {
+        const allocate = request.allocateDataIn;
+        const buffer = allocate !== undefined ? allocate(blocks * LOGICAL_BLOCK_BYTES) : Buffer.allocUnsafe(blocks * LOGICAL_BLOCK_BYTES);
+        if (this.device.readNow?.(buffer, offset) === true) return { status: ScsiStatus.GOOD, dataIn: buffer };
+        return this.#readLater(buffer, offset);
+      }
+      const data = this.#truncatedData(spec, request.dataOut, blocks * LOGICAL_BLOCK_BYTES);
+      if (data.length === 0) return GOOD;
+      const fua = spec.cdbLength !== 6 && (u8(cdb, 1) & 0x08) !== 0;
+      if (!fua && this.device.writeNow !== undefined) {
+        const release = this.#core.locks.tryAcquire(offset, offset + data.length, false);
+        if (release !== undefined) {
+          try {
+            if (this.device.writeNow([data], offset)) return GOOD;
+          } finally {
+            release();
+          }
+        }
+      }
+    } catch (error) {
+      return this.#failure(error, writing);
+    }
+    // The write waits (a lock, the page cache, FUA): execute() runs it, through the same checks (nothing changed since).
+    return this.execute(request);
+  }
+
+  /** A READ's data was not in the page cache: read through the device into the buffer executeNow() already has. */
+  async #readLater(buffer: Buffer, offset: number): Promise<ScsiResponse> {
+    try {
+      await this.device.read(buffer, offset);
+      return { status: ScsiStatus.GOOD, dataIn: buffer };
+    } catch (error) {
+      return this.#failure(error, false);
     }
   }
 

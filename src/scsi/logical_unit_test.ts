@@ -263,3 +263,57 @@ test("VPD 0x83 with the target name: SCSI name strings of the target port and th
     assert.equal(device.length, 4 + 0x1c);
   });
 });
+
+test("executeNow answers as execute does: at once for READ/WRITE in the page cache; a promise for a pending unit attention, FUA, other commands", async () => {
+  await withBed(SIZE, async (bed) => {
+    const { lu, device } = await bed.open();
+    const executeNow = lu.executeNow?.bind(lu);
+    assert.ok(executeNow !== undefined, "the logical unit has the synchronous path");
+    const request = (from: typeof ALICE, cdb: number[], dataOut?: Buffer) => ({
+      cdb: Buffer.concat([Buffer.from(cdb), Buffer.alloc(16 - cdb.length)]),
+      nexus: from,
+      attribute: "simple" as const,
+      expectedLength: dataOut?.length ?? 4096,
+      dataOut,
+    });
+    // Both paths, on the same command: the same status, sense and data.
+    const same = async (from: typeof ALICE, cdb: number[], dataOut?: Buffer) => {
+      const now = await executeNow(request(from, cdb, dataOut));
+      const later = await lu.execute(request(from, cdb, dataOut));
+      assert.equal(now.status, later.status, `status of ${hex(Buffer.from(cdb))}`);
+      assert.equal(hex(now.sense), hex(later.sense));
+      assert.equal(hex(now.dataIn), hex(later.dataIn));
+      return now;
+    };
+    // A fresh nexus has POWER ON RESET pending: executeNow leaves it to execute() (a promise), which reports and takes it.
+    lu.nexusAdded(ALICE);
+    const first = executeNow(request(ALICE, cdb10(0x28, 0, 8)));
+    assert.ok(first instanceof Promise);
+    assert.equal(senseOf(await first), "06/29/00");
+    const data = Buffer.alloc(4096, 0x5a);
+    const written = executeNow(request(ALICE, cdb10(0x2a, 16, 8), data));
+    assert.ok(!(written instanceof Promise), "a WRITE into the page cache is answered at once");
+    assert.equal(written.status, ScsiStatus.GOOD);
+    const readBack = executeNow(request(ALICE, cdb16(0x88, 16, 8)));
+    // Reads are answered at once where the file system can tell a cached read (RWF_NOWAIT; not tmpfs).
+    if (device.readNow?.(Buffer.alloc(4096), 16 * 512) === true) assert.ok(!(readBack instanceof Promise), "a READ from the page cache is answered at once");
+    assert.equal(hex((await readBack).dataIn), hex(data));
+    // FUA goes through execute() (a promise) and still lands.
+    const fua = executeNow(request(ALICE, cdb10(0x2a, 32, 8, 0x08), Buffer.alloc(4096, 0x33)));
+    assert.ok(fua instanceof Promise);
+    assert.equal((await fua).status, ScsiStatus.GOOD);
+    assert.equal(hex((await same(ALICE, cdb10(0x28, 32, 1))).dataIn), hex(Buffer.alloc(512, 0x33)));
+    // Failures: out of range, NACA, protection information, a short Data-Out, an unknown opcode.
+    assert.equal(senseOf(await same(ALICE, cdb10(0x28, BLOCKS - 1, 2))), "05/21/00");
+    assert.equal(senseOf(await same(ALICE, [0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0x04])), "05/24/00");
+    assert.equal(senseOf(await same(ALICE, cdb10(0x28, 0, 1, 0x20))), "05/24/00");
+    assert.equal(senseOf(await same(ALICE, cdb10(0x2a, 0, 2), Buffer.alloc(700))), "05/0e/03");
+    assert.equal(senseOf(await same(ALICE, [0xff, 0, 0, 0, 0, 0])), "05/20/00");
+    // RESERVE(6) through BOB: ALICE's READ and WRITE conflict on both paths, and nothing is written.
+    await login(lu, BOB);
+    assert.equal((await lu.execute(request(BOB, [0x16, 0, 0, 0, 0, 0]))).status, ScsiStatus.GOOD);
+    assert.equal((await same(ALICE, cdb10(0x2a, 16, 1), Buffer.alloc(512, 0x77))).status, ScsiStatus.RESERVATION_CONFLICT);
+    assert.equal((await same(ALICE, cdb10(0x28, 16, 1))).status, ScsiStatus.RESERVATION_CONFLICT);
+    assert.equal(hex((await same(BOB, cdb10(0x28, 16, 1))).dataIn), hex(Buffer.alloc(512, 0x5a)));
+  });
+});

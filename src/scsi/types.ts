@@ -105,6 +105,12 @@ export interface LogicalUnit {
   readonly maxTransferBytes: number;
   /** Runs one command. Never rejects: every failure is a status with sense data. */
   execute(request: ScsiRequest): Promise<ScsiResponse>;
+  /**
+   * Optional: execute(), answered with a plain response (no promise, no
+   * microtask) when the command needs no waiting (a READ from the page
+   * cache, a WRITE into it); a promise otherwise. Never throws or rejects.
+   */
+  executeNow?(request: ScsiRequest): ScsiResponse | Promise<ScsiResponse>;
   /** A new I_T nexus logged in: it gets a POWER ON/RESET unit attention once. */
   nexusAdded(nexus: ScsiNexus): void;
   /** The nexus's session ended: RESERVE(6) held by it is released; PR registrations stay (SPC-4 5.13). */
