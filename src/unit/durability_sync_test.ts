@@ -456,10 +456,10 @@ test("canary: with Storage.sync() resolving without fdatasync and FUA writes' de
 
 test("canary: with the FUA syncs dropped from VolumeDevice (FLUSH keeps its own), exactly the FUA requests fail", async () => {
   const { run, failed } = await canary("canary-no-fua-sync", [
-    { file: "dist/unit/volume_device.js", from: "if (fua)", to: "if (false)" },
+    { file: "dist/unit/volume_device.js", from: "if (fua)\n                await this.#storage.sync()", to: "if (false)\n                await this.#storage.sync()" },
     { file: "dist/unit/volume_device.js", from: "if (options.fua)", to: "if (false)" },
     // FUA writes through the ordinary (not range-synced) path.
-    { file: "dist/unit/volume_device.js", from: "return fua ? this.#storage.writeDurable", to: "return false ? this.#storage.writeDurable", count: 2 },
+    { file: "dist/unit/volume_device.js", from: "if (fua)\n            return this.#storage.writeDurable", to: "if (false)\n            return this.#storage.writeDurable" },
     { file: "dist/unit/volume_device.js", from: "await (fua ? this.#storage.writeDurable", to: "await (false ? this.#storage.writeDurable" },
   ]);
   const fua = run.ops.filter((op) => (op.flags & NBD_CMD_FLAG.FUA) !== 0).map((op) => op.label);

@@ -198,14 +198,15 @@ export class VolumeDevice implements BlockDevice {
   async write(buffer: Buffer, offsetBytes: number, fua: boolean): Promise<void> {
     await this.#run("write", offsetBytes, buffer.length, async (pieces) => {
       const only = pieces.length === 1 ? pieces[0] : undefined;
-      // FUA: each piece is written range-synced (Storage.writeDurable), never an fdatasync of the whole storage.
-      const put = (p: Piece, from: number): Promise<void> => {
-        const part = buffer.subarray(from, from + p.lengthBytes);
-        return fua ? this.#storage.writeDurable([part], p.lengthBytes, p.storageOffset) : this.#storage.write(buffer, from, p.lengthBytes, p.storageOffset);
-      };
-      if (only !== undefined) await put(only, 0);
-      else await settleAll(pieces.map((p) => put(p, p.deviceOffset - offsetBytes)));
+      if (only !== undefined) await this.#writePiece(buffer, 0, only, fua);
+      else await settleAll(pieces.map((p) => this.#writePiece(buffer, p.deviceOffset - offsetBytes, p, fua)));
     });
+  }
+
+  /** Writes `buffer[from, from + piece.lengthBytes)` to one storage piece; with FUA range-synced (Storage.writeDurable), never an fdatasync of the whole storage. */
+  #writePiece(buffer: Buffer, from: number, piece: Piece, fua: boolean): Promise<void> {
+    if (fua) return this.#storage.writeDurable([buffer.subarray(from, from + piece.lengthBytes)], piece.lengthBytes, piece.storageOffset);
+    return this.#storage.write(buffer, from, piece.lengthBytes, piece.storageOffset);
   }
 
   /** write() of the concatenation of `parts`, without concatenating them when the range is one storage piece. */
@@ -219,12 +220,7 @@ export class VolumeDevice implements BlockDevice {
       } else {
         // Spans extents (rare): gather once and split as write() does.
         const buffer = Buffer.concat(parts, lengthBytes);
-        await settleAll(
-          pieces.map((p) => {
-            const from = p.deviceOffset - offsetBytes;
-            return fua ? this.#storage.writeDurable([buffer.subarray(from, from + p.lengthBytes)], p.lengthBytes, p.storageOffset) : this.#storage.write(buffer, from, p.lengthBytes, p.storageOffset);
-          }),
-        );
+        await settleAll(pieces.map((p) => this.#writePiece(buffer, p.deviceOffset - offsetBytes, p, fua)));
       }
     });
   }
