@@ -120,11 +120,14 @@ export class NbdSession implements BudgetWaiter {
   private readingPaused = false;
   private corked = false;
   /**
-   * WRITE frames decoded whose payload (a view of received memory, or a
-   * pooled buffer) may still be in use: counted down when the write is done
-   * or rejected, never after a failed device write (the device may still read it).
+   * The memory that payloads of decoded WRITE frames view (received read
+   * arenas, or pooled buffers), with the number of such frames per store:
+   * counted down when the write is done or rejected, never after a failed
+   * device write (the device may still read it). A read arena is reused only
+   * when no payload views it (mayReuseReadMemory): one write still in flight
+   * pins its own arena, not every arena of the connection.
    */
-  private writesHoldingPayload = 0;
+  private readonly payloadViews = new Map<ArrayBufferLike, number>();
   /**
    * The plaintext TCP socket's file descriptor once in transmission, for READ replies by sendfile
    * (transmission.ts sendReadReplyNow); -1: none (TLS, a Unix socket, or sendfile turned off).
@@ -626,7 +629,7 @@ export class NbdSession implements BudgetWaiter {
         return;
       }
       const frame = decoded.frame;
-      if (frame.type === NBD_CMD.WRITE) this.writesHoldingPayload += 1;
+      if (frame.type === NBD_CMD.WRITE) this.holdPayload(frame);
       // Budget already held for this WRITE's payload while it arrived (only a WRITE has a payload).
       const held = this.takePayloadReservation();
       if (held !== undefined && (frame.type !== NBD_CMD.WRITE || held.bytes !== frame.length)) {
@@ -649,7 +652,7 @@ export class NbdSession implements BudgetWaiter {
         this.replyError(frame, rejection.errno, rejection.message);
         if (this.counters !== undefined) this.counters.errors += 1;
         if (held !== undefined) this.releaseReservation(held);
-        if (frame.type === NBD_CMD.WRITE) this.writesHoldingPayload -= 1;
+        if (frame.type === NBD_CMD.WRITE) this.releasePayload(frame);
         continue;
       }
       const costBytes = requestCostBytes(frame);
@@ -778,8 +781,8 @@ export class NbdSession implements BudgetWaiter {
       this.releaseReservation(reservation);
       this.send(reply);
       if (frame.type === NBD_CMD.WRITE) {
+        this.releasePayload(frame);
         if (frame.payload !== undefined) this.host.pool.release(frame.payload);
-        this.writesHoldingPayload -= 1;
       }
       if (frame.type === NBD_CMD.READ) {
         this.answeredReads += 1;
@@ -838,8 +841,8 @@ export class NbdSession implements BudgetWaiter {
         this.counters?.completed(frame.type, frame.length, performance.now() - startMs);
         // Written: the payload may be reused (after a failure it is dropped: the device may still read it).
         if (frame.type === NBD_CMD.WRITE) {
+          this.releasePayload(frame);
           if (frame.payload !== undefined) this.host.pool.release(frame.payload);
-          this.writesHoldingPayload -= 1;
         }
       } else {
         if (this.counters !== undefined) this.counters.errors += 1;
@@ -896,7 +899,22 @@ export class NbdSession implements BudgetWaiter {
 
   /** large_reads: a read arena may be reused once no queued chunk and no write payload can view it. */
   private readonly mayReuseReadMemory = (store: ArrayBufferLike): boolean =>
-    this.stateValue === "transmission" && this.writesHoldingPayload === 0 && this.blocked === undefined && !this.queue.holds(store);
+    this.stateValue === "transmission" && !this.payloadViews.has(store) && !this.queue.holds(store);
+
+  /** A decoded WRITE's payload is in use until releasePayload (payloadViews). */
+  private holdPayload(frame: RequestFrame): void {
+    for (const part of frame.payloadParts ?? (frame.payload !== undefined ? [frame.payload] : [])) {
+      this.payloadViews.set(part.buffer, (this.payloadViews.get(part.buffer) ?? 0) + 1);
+    }
+  }
+
+  private releasePayload(frame: RequestFrame): void {
+    for (const part of frame.payloadParts ?? (frame.payload !== undefined ? [frame.payload] : [])) {
+      const count = (this.payloadViews.get(part.buffer) ?? 0) - 1;
+      if (count > 0) this.payloadViews.set(part.buffer, count);
+      else this.payloadViews.delete(part.buffer);
+    }
+  }
 
   /** A write finished (or was cancelled): the oldest buffer may go back to the pool. */
   private readonly onWritten = (): void => {
