@@ -47,7 +47,7 @@ export interface BenchOptions {
 export const BENCH_USAGE = `usage: node dist/bench/nbd_bench.js [--rounds N] [--runtime S] [--jobs a,b] [--servers a,b] [--size SIZE] [--dir DIR] [--json FILE] [--pin]
   jobs:    ${JOBS.map((job) => job.name).join(", ")} (default all)
   servers: ${SERVERS.join(", ")} (default all)
-  --rounds 3 --runtime 8 --size 1G; --dir defaults to the OS temp dir
+  --rounds 5 --runtime 8 --size 1G; --dir defaults to the OS temp dir
   --pin: fio on CPU 0, the servers on the other CPUs (taskset)`;
 
 export function positiveInteger(text: string, field: string, max: number): number {
@@ -84,7 +84,7 @@ export function parseBenchOptions(argv: readonly string[]): BenchOptions {
     throw new UsageError(`--size: expected a whole number of MiB, at least 16M, got "${values.size}"`);
   }
   return {
-    rounds: positiveInteger(values.rounds ?? "3", "--rounds", ROUNDS_MAX),
+    rounds: positiveInteger(values.rounds ?? "5", "--rounds", ROUNDS_MAX),
     runtimeS: positiveInteger(values.runtime ?? "8", "--runtime", RUNTIME_S_MAX),
     jobs: JOBS.filter((job) => jobNames.includes(job.name)),
     servers: pickList(values.servers ?? SERVERS.join(","), "--servers", SERVERS),

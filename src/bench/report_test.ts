@@ -9,7 +9,7 @@ import { fioArgs, formatSummary, formatVerdict, JOBS, median, parseBenchOptions,
 
 test("parseBenchOptions: defaults, lists, and errors that name the flag", () => {
   const defaults = parseBenchOptions([]);
-  assert.equal(defaults.rounds, 3);
+  assert.equal(defaults.rounds, 5);
   assert.equal(defaults.runtimeS, 8);
   assert.equal(defaults.sizeBytes, 1024 ** 3);
   assert.deepEqual(defaults.jobs.map((job) => job.name), JOBS.map((job) => job.name));
