@@ -19,6 +19,7 @@ import * as net from "node:net";
 import * as tls from "node:tls";
 import { IpsanError, errorMessage } from "../util/errors.ts";
 import { ByteQueue } from "./byte_queue.ts";
+import { useLargeReads } from "./large_reads.ts";
 import { decodeGreeting, decodeOptionReply, decodeTransmissionReply, encodeClientFlags, encodeInfoRequestData, encodeMetaContextRequestData, encodeOption, encodeRequest } from "./peer_codec.ts";
 import { type NbdClientTls, PSK_CIPHERS, parsePskFile } from "./tls.ts";
 import { BASE_ALLOCATION, NBD_CMD, NBD_CMD_FLAG, NBD_FLAG, NBD_FLAG_C, NBD_INFO, NBD_OPT, NBD_REP, NBD_REPLY_FLAG, NBD_REPLY_TYPE, NBD_STATE, NBD_TFLAG, WIRE } from "./protocol.ts";
@@ -120,9 +121,9 @@ interface Pending {
   readonly reject: (error: Error) => void;
   readonly deadline: number;
   /** BLOCK_STATUS: the runs received so far (structured chunks until DONE). */
-  readonly extents?: AllocationExtent[];
+  readonly extents: AllocationExtent[] | undefined;
   /** READ: the caller's buffer the data goes into (one copy from the received chunks). */
-  readonly into?: Buffer;
+  readonly into: Buffer | undefined;
 }
 
 const DEFAULTS = { connectTimeoutMs: 5_000, requestTimeoutMs: 5_000, inFlightMax: 64, allocation: false, tls: undefined };
@@ -165,10 +166,15 @@ export class NbdClient {
     this.transmissionFlags = flags;
     this.#requestTimeoutMs = options.requestTimeoutMs;
     this.#inFlightMax = options.inFlightMax;
-    socket.on("data", (chunk: Buffer) => {
+    const onChunk = (chunk: Buffer): void => {
       this.#queue.push(chunk);
       this.#drain();
-    });
+    };
+    socket.on("data", onChunk);
+    // Reads of up to 2 MiB per read(2) (a 1 MiB READ reply in one or two reads, not sixteen), without the
+    // stream's per-read Buffer. #drain copies every reply's data out of the queue (into the caller's buffer or
+    // a buffer of its own) before it resolves, so only queued chunks view the read memory.
+    if (!(socket instanceof tls.TLSSocket)) useLargeReads(socket, onChunk, (store) => !this.#queue.holds(store));
     socket.on("error", (error) => this.#fail(new IpsanError("UNAVAILABLE", `NBD connection failed: ${error.message}`)));
     socket.on("close", () => this.#fail(new IpsanError("UNAVAILABLE", "NBD server closed the connection")));
   }
@@ -323,17 +329,21 @@ export class NbdClient {
   read(offsetBytes: number, lengthBytes: number, into?: Buffer): Promise<Buffer> {
     if (this.#contextId !== undefined) return Promise.reject(new IpsanError("INVALID_ARGUMENT", "READ on a block-status connection"));
     if (into !== undefined && into.length !== lengthBytes) return Promise.reject(new IpsanError("INVALID_ARGUMENT", `READ into ${into.length} bytes of ${lengthBytes}`));
-    return this.#request(NBD_CMD.READ, 0, offsetBytes, lengthBytes, undefined, undefined, into).then((data) => data ?? Buffer.alloc(0));
+    const reply = this.#request(NBD_CMD.READ, 0, offsetBytes, lengthBytes, undefined, undefined, into);
+    // A READ of some bytes resolves with its data (#drain); one of none has no data phase.
+    return lengthBytes > 0 ? (reply as Promise<Buffer>) : reply.then(() => Buffer.alloc(0));
   }
 
-  async write(offsetBytes: number, data: Buffer, fua: boolean): Promise<void> {
-    await this.#request(NBD_CMD.WRITE, fua ? NBD_CMD_FLAG.FUA : 0, offsetBytes, data.length, [data]);
+  // WRITE (and the commands below) resolve with undefined: the request's own promise is returned, not one wrapped around it.
+  write(offsetBytes: number, data: Buffer, fua: boolean): Promise<void> {
+    return this.#request(NBD_CMD.WRITE, fua ? NBD_CMD_FLAG.FUA : 0, offsetBytes, data.length, [data]) as Promise<unknown> as Promise<void>;
   }
 
   /** One WRITE whose payload is `parts` in order, sent without joining them. */
-  async writev(offsetBytes: number, parts: readonly Buffer[], fua: boolean): Promise<void> {
-    const length = parts.reduce((sum, part) => sum + part.length, 0);
-    await this.#request(NBD_CMD.WRITE, fua ? NBD_CMD_FLAG.FUA : 0, offsetBytes, length, parts);
+  writev(offsetBytes: number, parts: readonly Buffer[], fua: boolean): Promise<void> {
+    let length = 0;
+    for (const part of parts) length += part.length;
+    return this.#request(NBD_CMD.WRITE, fua ? NBD_CMD_FLAG.FUA : 0, offsetBytes, length, parts) as Promise<unknown> as Promise<void>;
   }
 
   async flush(): Promise<void> {
@@ -398,7 +408,8 @@ export class NbdClient {
     this.#fail(new IpsanError("UNAVAILABLE", reason));
   }
 
-  async #request(
+  /** Sends a request at once when there is room on the wire (no promise but the reply's), else after waiting its turn. */
+  #request(
     type: number,
     flags: number,
     offsetBytes: number,
@@ -407,14 +418,12 @@ export class NbdClient {
     extents?: AllocationExtent[],
     into?: Buffer,
   ): Promise<Buffer | undefined> {
-    while (this.#pending.size >= this.#inFlightMax && this.#broken === undefined) {
-      await new Promise<void>((resolve) => this.#waiting.push(resolve));
-    }
-    if (this.#broken !== undefined) throw this.#broken;
+    if (this.#broken !== undefined) return Promise.reject(this.#broken);
+    if (this.#pending.size >= this.#inFlightMax) return this.#requestLater(type, flags, offsetBytes, lengthBytes, payload, extents, into);
     const cookie = this.#nextCookie;
     this.#nextCookie = this.#nextCookie >= 0xffff_fff0 ? 1 : this.#nextCookie + 1;
     return new Promise((resolve, reject) => {
-      this.#pending.set(cookie, { cookie, type, length: lengthBytes, resolve, reject, deadline: Date.now() + this.#requestTimeoutMs, ...(extents === undefined ? {} : { extents }), ...(into === undefined ? {} : { into }) });
+      this.#pending.set(cookie, { cookie, type, length: lengthBytes, resolve, reject, deadline: Date.now() + this.#requestTimeoutMs, extents, into });
       this.#armTimer();
       const header = encodeRequest({ cookieHi: 0, cookieLo: cookie, flags, type, offset: offsetBytes, length: lengthBytes });
       // Requests made in the same turn of the event loop leave in one writev (fewer syscalls
@@ -435,6 +444,21 @@ export class NbdClient {
         this.#socket.uncork();
       }
     });
+  }
+
+  async #requestLater(
+    type: number,
+    flags: number,
+    offsetBytes: number,
+    lengthBytes: number,
+    payload: readonly Buffer[] | undefined,
+    extents: AllocationExtent[] | undefined,
+    into: Buffer | undefined,
+  ): Promise<Buffer | undefined> {
+    while (this.#pending.size >= this.#inFlightMax && this.#broken === undefined) {
+      await new Promise<void>((resolve) => this.#waiting.push(resolve));
+    }
+    return this.#request(type, flags, offsetBytes, lengthBytes, payload, extents, into);
   }
 
   #drain(): void {

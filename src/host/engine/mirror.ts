@@ -176,6 +176,16 @@ class Leg {
   }
 }
 
+/** A write in flight; a rebuild may wait for it to finish (waiters are made only then). */
+interface WriteTicket {
+  waiters: (() => void)[] | undefined;
+}
+
+/** A leg reads may go to: in sync (a rebuilding leg may lack the region) and connected. */
+function servesReads(leg: Leg): boolean {
+  return leg.state === "in-sync" && leg.io !== undefined;
+}
+
 interface RegionUse {
   inFlight: number;
   lastWriteMs: number;
@@ -222,7 +232,7 @@ export class Mirror implements BlockDevice {
   /** The retire pass running (one at a time: each takes a FLUSH round trip). */
   #retirePass: Promise<void> | undefined;
   /** Writes in flight (a rebuild waits for those sent before its target joined). */
-  readonly #writesInFlight = new Set<Promise<void>>();
+  readonly #writesInFlight = new Set<WriteTicket>();
   /** Application reads in flight (a rebuild yields to them, and to writes). */
   #readsInFlight = 0;
   /** setLegs calls, one at a time. */
@@ -536,27 +546,43 @@ export class Mirror implements BlockDevice {
     this.#checkRange("read", offsetBytes, buffer.length);
     this.#readsInFlight += 1;
     try {
-      await this.#read(buffer, offsetBytes);
+      for (let attempt = 0; attempt < LEGS_MAX + 1; attempt++) {
+        const leg = this.#readLeg();
+        if (leg === undefined) break;
+        try {
+          // Straight into the reply's buffer (NbdClient copies once from the socket's chunks).
+          const data = await (leg.io as LegIo).read(offsetBytes, buffer.length, buffer);
+          if (data !== buffer) data.copy(buffer);
+          return;
+        } catch (error) {
+          await this.#fail(leg, error);
+        }
+      }
     } finally {
       this.#readsInFlight -= 1;
     }
+    throw new IpsanError("IO_ERROR", `mirror ${this.mirrorId}: no leg in sync could read offset=${offsetBytes} length=${buffer.length}`);
   }
 
-  async #read(buffer: Buffer, offsetBytes: number): Promise<void> {
-    for (let attempt = 0; attempt < LEGS_MAX + 1; attempt++) {
-      const inSync = this.#legs.filter((l) => l.state === "in-sync" && l.io !== undefined);
-      if (inSync.length === 0) break;
-      const leg = inSync[this.#readCursor++ % inSync.length] as Leg;
-      try {
-        // Straight into the reply's buffer (NbdClient copies once from the socket's chunks).
-        const data = await (leg.io as LegIo).read(offsetBytes, buffer.length, buffer);
-        if (data !== buffer) data.copy(buffer);
-        return;
-      } catch (error) {
-        await this.#fail(leg, error);
-      }
+  /** The next in-sync leg in turn (reads alternate between them), or undefined when none is; no array per request. */
+  #readLeg(): Leg | undefined {
+    let count = 0;
+    for (const leg of this.#legs) if (servesReads(leg)) count += 1;
+    if (count === 0) return undefined;
+    let pick = this.#readCursor++ % count;
+    for (const leg of this.#legs) {
+      if (!servesReads(leg)) continue;
+      if (pick === 0) return leg;
+      pick -= 1;
     }
-    throw new IpsanError("IO_ERROR", `mirror ${this.mirrorId}: no leg in sync could read offset=${offsetBytes} length=${buffer.length}`);
+    return undefined;
+  }
+
+  /** Legs a write goes to: in sync or rebuilding, and connected. */
+  #writeLegs(): Leg[] {
+    const out: Leg[] = [];
+    for (const leg of this.#legs) if ((leg.state === "in-sync" || leg.state === "rebuilding") && leg.io !== undefined) out.push(leg);
+    return out;
   }
 
   async write(buffer: Buffer, offsetBytes: number, fua: boolean): Promise<void> {
@@ -590,9 +616,8 @@ export class Mirror implements BlockDevice {
   }
 
   async #flushLegs(what: string): Promise<void> {
-    const legs = this.#legs.filter((l) => (l.state === "in-sync" || l.state === "rebuilding") && l.io !== undefined);
-    const results = await Promise.allSettled(legs.map((l) => (l.io as LegIo).flush()));
-    await this.#settleLegs(legs, results, what);
+    const legs = this.#writeLegs();
+    await this.#settleLegs(legs, legs.map((l) => (l.io as LegIo).flush()), what);
   }
 
   async cache(): Promise<void> {}
@@ -622,30 +647,34 @@ export class Mirror implements BlockDevice {
     if (lengthBytes === 0) return;
     const regions = this.#regionsOf(offsetBytes, lengthBytes);
     // Every region unlocked at one moment, then counted in flight in the same step (a rebuild locks a region only when none is).
-    for (;;) {
-      const locked = regions.find((region) => this.#locked.has(region));
-      if (locked === undefined) break;
-      await new Promise<void>((resolve) => this.#waitUnlock(locked, resolve));
+    if (this.#locked.size > 0) {
+      for (;;) {
+        const locked = regions.find((region) => this.#locked.has(region));
+        if (locked === undefined) break;
+        await new Promise<void>((resolve) => this.#waitUnlock(locked, resolve));
+      }
     }
     for (const region of regions) {
-      const use = this.#regions.get(region) ?? { inFlight: 0, lastWriteMs: 0, lastWriteSeq: 0 };
+      let use = this.#regions.get(region);
+      if (use === undefined) {
+        use = { inFlight: 0, lastWriteMs: 0, lastWriteSeq: 0 };
+        this.#regions.set(region, use);
+      }
       use.inFlight += 1;
       use.lastWriteSeq = ++this.#writeSeq;
-      this.#regions.set(region, use);
     }
-    let finished: () => void = () => undefined;
-    const inFlight = new Promise<void>((resolve) => {
-      finished = resolve;
-    });
-    this.#writesInFlight.add(inFlight);
+    const ticket: WriteTicket = { waiters: undefined };
+    this.#writesInFlight.add(ticket);
     try {
-      await this.#markIntent(regions, this.#continuesStream(offsetBytes, lengthBytes));
-      const legs = this.#legs.filter((l) => (l.state === "in-sync" || l.state === "rebuilding") && l.io !== undefined);
-      const results = await Promise.allSettled(legs.map((l) => send(l.io as LegIo)));
-      await this.#settleLegs(legs, results, "write");
+      const intent = this.#markIntent(regions, this.#continuesStream(offsetBytes, lengthBytes));
+      if (intent !== undefined) await intent;
+      const legs = this.#writeLegs();
+      const sent: Promise<void>[] = [];
+      for (const leg of legs) sent.push(send(leg.io as LegIo));
+      await this.#settleLegs(legs, sent, "write");
     } finally {
-      this.#writesInFlight.delete(inFlight);
-      finished();
+      this.#writesInFlight.delete(ticket);
+      if (ticket.waiters !== undefined) for (const wake of ticket.waiters) wake();
       const now = this.#now();
       for (const region of regions) {
         const use = this.#regions.get(region);
@@ -657,17 +686,32 @@ export class Mirror implements BlockDevice {
     }
   }
 
-  /** Legs that failed are recorded out of sync (durably) before the caller is answered; fails when no in-sync leg succeeded. */
-  async #settleLegs(legs: readonly Leg[], results: readonly PromiseSettledResult<unknown>[], what: string): Promise<void> {
+  /**
+   * Waits for one request on each of `legs` (`sent`, in the same order). Legs that failed are recorded out of
+   * sync (durably) before the caller is answered; fails when no in-sync leg succeeded. When every leg
+   * succeeds (the common case) no settled-result objects are made.
+   */
+  async #settleLegs(legs: readonly Leg[], sent: readonly Promise<unknown>[], what: string): Promise<void> {
     let inSyncOk = 0;
-    const failures: Promise<void>[] = [];
-    results.forEach((result, i) => {
-      const leg = legs[i] as Leg;
-      if (result.status === "fulfilled") {
-        if (leg.state === "in-sync") inSyncOk += 1;
-      } else failures.push(this.#fail(leg, result.reason));
-    });
-    await Promise.all(failures);
+    let allOk = true;
+    try {
+      await (sent.length === 1 ? sent[0] : Promise.all(sent));
+    } catch {
+      allOk = false;
+    }
+    if (allOk) {
+      for (const leg of legs) if (leg.state === "in-sync") inSyncOk += 1;
+    } else {
+      const results = await Promise.allSettled(sent);
+      const failures: Promise<void>[] = [];
+      results.forEach((result, i) => {
+        const leg = legs[i] as Leg;
+        if (result.status === "fulfilled") {
+          if (leg.state === "in-sync") inSyncOk += 1;
+        } else failures.push(this.#fail(leg, result.reason));
+      });
+      await Promise.all(failures);
+    }
     if (inSyncOk === 0) throw new IpsanError("IO_ERROR", `mirror ${this.mirrorId}: ${what} failed on every leg in sync`);
     // A leg that failed earlier did not get this request either: its failure must be on record (durably) before the answer.
     for (const leg of this.#legs) if (leg.state === "failed") await leg.recorded;
@@ -694,17 +738,21 @@ export class Mirror implements BlockDevice {
 
   // ---------------------------------------------------------------- metadata
 
-  /** Sets the intent bits of `regions`; resolves once they are durable on every in-sync leg. */
-  async #markIntent(regions: readonly number[], sequential: boolean): Promise<void> {
+  /**
+   * Sets the intent bits of `regions`: a promise that resolves once they are durable on every in-sync leg,
+   * or undefined when they already are (most writes: no promise to wait for).
+   */
+  #markIntent(regions: readonly number[], sequential: boolean): Promise<void> | undefined {
     let wait = false;
     for (const region of regions) {
       if (this.#intent.set(region)) this.#intentPending.add(region);
-      if (this.#intentPending.has(region)) wait = true;
+      if (this.#intentPending.size > 0 && this.#intentPending.has(region)) wait = true;
     }
     const ahead = sequential && this.#markAhead(regions[regions.length - 1] ?? 0);
-    if (wait) await this.#persist(false);
+    if (wait) return this.#persist(false);
     // Only the regions marked ahead changed: they become durable while the stream goes on (a leg that fails this write is handled by #persist).
-    else if (ahead) void this.#persist(false).catch(() => undefined);
+    if (ahead) void this.#persist(false).catch(() => undefined);
+    return undefined;
   }
 
   /**
@@ -1008,7 +1056,7 @@ export class Mirror implements BlockDevice {
     leg.state = "rebuilding";
     if (leg.rebuild !== undefined) leg.rebuild.totalBytes = this.#regionsBytes(leg.missed);
     // Writes sent before the leg joined did not go to it: they finish before any region is judged (BLOCK_STATUS below).
-    await Promise.allSettled([...this.#writesInFlight]);
+    await Promise.all([...this.#writesInFlight].map((ticket) => new Promise<void>((resolve) => (ticket.waiters ??= []).push(resolve))));
     let lastCheckpoint = this.#now();
     /** When the rate ceiling's clock started (moved forward when the copy falls behind: see below). */
     let started = this.#now();

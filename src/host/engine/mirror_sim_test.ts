@@ -447,8 +447,8 @@ async function canary(from: string, to: string, what: string, more: readonly (re
 }
 
 test("canary: an engine that reads from a rebuilding leg is caught", async () => {
-  const wanted = 'const inSync = this.#legs.filter((l) => l.state === "in-sync" && l.io !== undefined);';
-  console.log(`canary caught: ${await canary(wanted, wanted.replace('l.state === "in-sync"', 'l.state !== "failed"'), "reads from rebuilding legs")}`);
+  const wanted = 'return leg.state === "in-sync" && leg.io !== undefined;';
+  console.log(`canary caught: ${await canary(wanted, wanted.replace('leg.state === "in-sync"', 'leg.state !== "failed"'), "reads from rebuilding legs")}`);
 });
 
 test("canary: an engine that forgets writes in flight when a leg comes back is caught", async () => {
