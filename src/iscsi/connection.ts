@@ -13,6 +13,7 @@ import type { BufferPool } from "../nbd/buffer_pool.ts";
 import { type ReadArenaBudget, useLargeReads } from "../nbd/large_reads.ts";
 import { SEND_FILE_BYTES_MAX, SEND_FILE_BYTES_MIN, mayWriteBehindStream, sendFileSocketFd, sendHeaderAndDataNow } from "../nbd/send_file.ts";
 import { pskKeyId } from "../nbd/tls.ts";
+import { LOGICAL_BLOCK_BYTES } from "../scsi/limits.ts";
 import { ScsiStatus, type LogicalUnit, type ScsiNexus, type ScsiRequest, type ScsiResponse, type TaskAttribute } from "../scsi/types.ts";
 import { IpsanError, errorMessage } from "../util/errors.ts";
 import { logger } from "../util/log.ts";
@@ -812,8 +813,11 @@ export class IscsiConnection implements BudgetWaiter {
       // with the first bulk data, within the target's budget: idle sessions pin none.
       useLargeReads(this.socket, this.#onData, this.#mayReuseReadMemory, this.#host.readArenas);
       // Large READs' Data-In by sendfile: only without digests (a data digest needs the bytes in the
-      // process) and with segments and bursts large enough that a PDU is worth its extra system calls.
-      if (!this.#params.headerDigest && !this.#params.dataDigest && Math.min(this.#params.initiatorRecvDataSegmentBytes, this.#params.maxBurstBytes) >= SEND_FILE_BYTES_MIN) {
+      // process), with segments and bursts large enough that a PDU is worth its extra system calls, and
+      // whole blocks (so every PDU of a READ is a multiple of 4 bytes: sendfile sends no padding).
+      const segment = this.#params.initiatorRecvDataSegmentBytes;
+      const burst = this.#params.maxBurstBytes;
+      if (!this.#params.headerDigest && !this.#params.dataDigest && Math.min(segment, burst) >= SEND_FILE_BYTES_MIN && segment % LOGICAL_BLOCK_BYTES === 0 && burst % LOGICAL_BLOCK_BYTES === 0) {
         this.#sendFileFd = sendFileSocketFd(this.socket);
       }
     }
@@ -1583,7 +1587,7 @@ export class IscsiConnection implements BudgetWaiter {
       while (at < lengthBytes) {
         const length = this.#dataInLength(at, lengthBytes);
         const bhs = this.#dataInBhs(task, at, length, lengthBytes, dataSN, status);
-        bhs.writeUIntBE(length, 5, 3); // the data segment's length (a multiple of 512: no padding)
+        bhs.writeUIntBE(length, 5, 3); // the data segment's length (whole blocks, as segment and burst are: no padding)
         const sent = sendHeaderAndDataNow(device, this.#sendFileFd, bhs, offsetBytes + at, length, pool);
         if (sent === undefined) {
           if (at > 0) break;

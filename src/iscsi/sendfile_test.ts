@@ -12,6 +12,9 @@
 // Canaries: a unit that sends each PDU's data from one block further on, and
 // one that copies the PDUs after a cut-short one from the wrong place, must
 // fail the read-back while the header-digest (copy) read-back stays correct.
+// The raw initiator reads with MaxRecvDataSegmentLength 65536 (sendfile,
+// sixteen PDUs per MiB) and 65537 (not whole blocks: its PDUs need padding,
+// which sendfile cannot send, so the copy path answers) and gets every byte.
 
 import { after, test } from "node:test";
 import assert from "node:assert/strict";
@@ -23,6 +26,7 @@ import { describeResult, run, runOk } from "../testing/process.ts";
 import { makeTempDir } from "../testing/tmp.ts";
 import { REPO_ROOT, startUnit } from "../testing/unit.ts";
 import { iscsiTargetName } from "./names.ts";
+import { RawInitiator } from "./testing/initiator.ts";
 
 // On disk (the OS temp dir), as a unit's storage would be: the page cache and sendfile of a real filesystem.
 const dir = makeTempDir("iscsi-sendfile");
@@ -98,4 +102,65 @@ test("canary: a unit that sends each Data-In PDU's data from one block further o
 test("canary: a unit that copies the Data-In PDUs after a cut-short one from the wrong place fails the read-back", { timeout: 180_000 }, async () => {
   const outcome = await canaryOutcome("tail", "device.readSync(data, offsetBytes + at);", "device.readSync(data, offsetBytes + at + 512);");
   assert.notEqual(outcome["plain-1m"], "ok", JSON.stringify(outcome));
+});
+
+/** READs by the raw initiator with each MaxRecvDataSegmentLength against a real unit (of `ipsanBin`): what went wrong, per read (empty: all right). */
+async function rawReadBack(name: string, segments: readonly number[], ipsanBin?: string): Promise<string[]> {
+  const sizeBytes = 16 * MiB;
+  const data = randomBytes(sizeBytes);
+  const source = dir.file(`${name}-raw-source.raw`);
+  writeFileSync(source, data);
+  const unitDir = dir.file(`${name}-raw-unit`);
+  mkdirSync(unitDir);
+  const unit = await startUnit({
+    name: "sf",
+    dataDir: unitDir,
+    capacity: sizeBytes + 64 * MiB,
+    volumes: [{ name: "v", size: sizeBytes }],
+    extraArgs: ["--iscsi", "127.0.0.1:0"],
+    ...(ipsanBin === undefined ? {} : { ipsanBin }),
+  });
+  const wrong: string[] = [];
+  try {
+    await runOk("nbdcopy", ["--flush", source, unit.uri("v")], { timeoutMs: TIMEOUT_MS });
+    const portal = unit.iscsiPortal ?? "";
+    const colon = portal.lastIndexOf(":");
+    for (const segment of segments) {
+      const initiator = await RawInitiator.connect(portal.slice(0, colon), Number(portal.slice(colon + 1)));
+      try {
+        const login = await initiator.login({ targetName: iscsiTargetName("sf", "v"), maxRecvDataSegmentLength: segment });
+        assert.equal(login.status, 0, `login with MaxRecvDataSegmentLength ${segment}`);
+        await initiator.ready();
+        // 1 MiB at block 0, 192 KiB at an odd block, and 1 MiB ending at the volume's end.
+        for (const [lba, blocks] of [[0, 2048], [777, 384], [sizeBytes / 512 - 2048, 2048]] as const) {
+          const got = await initiator.read10(lba, blocks).catch((error: unknown) => ({ status: -1, data: Buffer.from(String(error)) }));
+          if (got.status !== 0 || !got.data.equals(data.subarray(lba * 512, (lba + blocks) * 512))) wrong.push(`segment ${segment}, READ(10) ${lba}+${blocks}: status ${got.status}`);
+          if (got.status === -1) break;
+        }
+      } finally {
+        initiator.close();
+      }
+    }
+  } finally {
+    await unit.stop();
+  }
+  return wrong;
+}
+
+test("the raw initiator reads back every byte with MaxRecvDataSegmentLength 65536 (sendfile) and 65537 (padded PDUs: copied)", { timeout: 120_000 }, async () => {
+  assert.deepEqual(await rawReadBack("raw", [65536, 65537]), []);
+});
+
+test("canary: a unit that sends PDUs needing padding by sendfile fails the raw read-back", { timeout: 120_000 }, async () => {
+  const build = patchedBuild(
+    "iscsi-sendfile-canary-padding",
+    [{ file: "dist/iscsi/connection.js", from: "segment % LOGICAL_BLOCK_BYTES === 0 && burst % LOGICAL_BLOCK_BYTES === 0", to: "true" }],
+    REPO_ROOT,
+    { nodeModules: true },
+  );
+  try {
+    assert.notDeepEqual(await rawReadBack("padding", [65537], build.ipsanBin), []);
+  } finally {
+    build.remove();
+  }
 });
