@@ -21,10 +21,10 @@ import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
 import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { sha256 } from "../testing/data.ts";
-import { patchedBuild } from "../testing/patched_build.ts";
+import { type PatchedBuild, patchedBuild } from "../testing/patched_build.ts";
 import { describeResult, run, runOk } from "../testing/process.ts";
 import { makeTempDir } from "../testing/tmp.ts";
-import { REPO_ROOT, startUnit } from "../testing/unit.ts";
+import { REPO_ROOT, type RunningUnit, startUnit } from "../testing/unit.ts";
 import { iscsiTargetName } from "./names.ts";
 import { RawInitiator } from "./testing/initiator.ts";
 
@@ -35,9 +35,8 @@ after(() => dir.remove());
 const MiB = 1024 * 1024;
 const TIMEOUT_MS = 60_000;
 
-/** What a real unit (of `ipsanBin`, default this checkout) sent back for each way of reading the whole volume over iSCSI: "ok" or what went wrong. */
-async function readBackOverIscsi(name: string, ipsanBin?: string): Promise<Record<string, string>> {
-  const sizeBytes = 64 * MiB;
+/** A real unit (of `ipsanBin`, default this checkout) with iSCSI and volume "v" of random `data`, written over NBD (so its pages are in the page cache). */
+async function filledUnit(name: string, sizeBytes: number, ipsanBin?: string): Promise<{ unit: RunningUnit; data: Buffer; source: string }> {
   const source = dir.file(`${name}-source.raw`);
   const data = randomBytes(sizeBytes);
   writeFileSync(source, data);
@@ -51,6 +50,23 @@ async function readBackOverIscsi(name: string, ipsanBin?: string): Promise<Recor
     extraArgs: ["--iscsi", "127.0.0.1:0"],
     ...(ipsanBin === undefined ? {} : { ipsanBin }),
   });
+  try {
+    await runOk("nbdcopy", ["--flush", source, unit.uri("v")], { timeoutMs: TIMEOUT_MS });
+  } catch (error) {
+    await unit.stop();
+    throw error;
+  }
+  return { unit, data, source };
+}
+
+/** This checkout's build with `from` replaced by `to` in its iSCSI connection. */
+function patchedConnection(name: string, from: string, to: string): PatchedBuild {
+  return patchedBuild(`iscsi-sendfile-canary-${name}`, [{ file: "dist/iscsi/connection.js", from, to }], REPO_ROOT, { nodeModules: true });
+}
+
+/** What a real unit (of `ipsanBin`, default this checkout) sent back for each way of reading the whole volume over iSCSI: "ok" or what went wrong. */
+async function readBackOverIscsi(name: string, ipsanBin?: string): Promise<Record<string, string>> {
+  const { unit, data, source } = await filledUnit(name, 64 * MiB, ipsanBin);
   const outcome: Record<string, string> = {};
   const want = sha256(data);
   const target = iscsiTargetName("sf", "v");
@@ -65,8 +81,6 @@ async function readBackOverIscsi(name: string, ipsanBin?: string): Promise<Recor
     else outcome[label] = sha256(readFileSync(copy)) === want ? "ok" : "bytes differ";
   };
   try {
-    // Written over NBD, so the pages are in the unit's page cache when iSCSI reads them.
-    await runOk("nbdcopy", ["--flush", source, unit.uri("v")], { timeoutMs: TIMEOUT_MS });
     await convertAndCompare("plain-1m", limited(MiB, iscsi));
     await convertAndCompare("plain-256k", limited(256 * 1024, iscsi));
     const compared = await run("qemu-img", ["compare", "-f", "raw", "-F", "raw", source, `iscsi://${unit.iscsiPortal}/${target}/0`], { timeoutMs: TIMEOUT_MS });
@@ -84,7 +98,7 @@ test("a real unit: qemu-img reads back every byte over iSCSI, without digests (s
 
 /** The read-back against a unit built with `from` replaced by `to` in its iSCSI connection; the header-digest (copy path) read-back must stay correct. */
 async function canaryOutcome(name: string, from: string, to: string): Promise<Record<string, string>> {
-  const build = patchedBuild(`iscsi-sendfile-canary-${name}`, [{ file: "dist/iscsi/connection.js", from, to }], REPO_ROOT, { nodeModules: true });
+  const build = patchedConnection(name, from, to);
   try {
     const outcome = await readBackOverIscsi(name, build.ipsanBin);
     assert.equal(outcome["header-digest-1m"], "ok", `with header digests nothing goes by sendfile: ${JSON.stringify(outcome)}`);
@@ -107,22 +121,9 @@ test("canary: a unit that copies the Data-In PDUs after a cut-short one from the
 /** READs by the raw initiator with each MaxRecvDataSegmentLength against a real unit (of `ipsanBin`): what went wrong, per read (empty: all right). */
 async function rawReadBack(name: string, segments: readonly number[], ipsanBin?: string): Promise<string[]> {
   const sizeBytes = 16 * MiB;
-  const data = randomBytes(sizeBytes);
-  const source = dir.file(`${name}-raw-source.raw`);
-  writeFileSync(source, data);
-  const unitDir = dir.file(`${name}-raw-unit`);
-  mkdirSync(unitDir);
-  const unit = await startUnit({
-    name: "sf",
-    dataDir: unitDir,
-    capacity: sizeBytes + 64 * MiB,
-    volumes: [{ name: "v", size: sizeBytes }],
-    extraArgs: ["--iscsi", "127.0.0.1:0"],
-    ...(ipsanBin === undefined ? {} : { ipsanBin }),
-  });
+  const { unit, data } = await filledUnit(`${name}-raw`, sizeBytes, ipsanBin);
   const wrong: string[] = [];
   try {
-    await runOk("nbdcopy", ["--flush", source, unit.uri("v")], { timeoutMs: TIMEOUT_MS });
     const portal = unit.iscsiPortal ?? "";
     const colon = portal.lastIndexOf(":");
     for (const segment of segments) {
@@ -152,12 +153,7 @@ test("the raw initiator reads back every byte with MaxRecvDataSegmentLength 6553
 });
 
 test("canary: a unit that sends PDUs needing padding by sendfile fails the raw read-back", { timeout: 120_000 }, async () => {
-  const build = patchedBuild(
-    "iscsi-sendfile-canary-padding",
-    [{ file: "dist/iscsi/connection.js", from: "segment % LOGICAL_BLOCK_BYTES === 0 && burst % LOGICAL_BLOCK_BYTES === 0", to: "true" }],
-    REPO_ROOT,
-    { nodeModules: true },
-  );
+  const build = patchedConnection("padding", "segment % LOGICAL_BLOCK_BYTES === 0 && burst % LOGICAL_BLOCK_BYTES === 0", "true");
   try {
     assert.notDeepEqual(await rawReadBack("padding", [65537], build.ipsanBin), []);
   } finally {
