@@ -11,7 +11,9 @@ import type { BlockDevice, Peer } from "../block/types.ts";
 import type { BudgetAccount, BudgetWaiter, Reservation } from "../nbd/budget.ts";
 import type { BufferPool } from "../nbd/buffer_pool.ts";
 import { type ReadArenaBudget, useLargeReads } from "../nbd/large_reads.ts";
+import { SEND_FILE_BYTES_MAX, SEND_FILE_BYTES_MIN, mayWriteBehindStream, sendFileSocketFd, sendHeaderAndDataNow } from "../nbd/send_file.ts";
 import { pskKeyId } from "../nbd/tls.ts";
+import { LOGICAL_BLOCK_BYTES } from "../scsi/limits.ts";
 import { ScsiStatus, type LogicalUnit, type ScsiNexus, type ScsiRequest, type ScsiResponse, type TaskAttribute } from "../scsi/types.ts";
 import { IpsanError, errorMessage } from "../util/errors.ts";
 import { logger } from "../util/log.ts";
@@ -114,6 +116,13 @@ interface R2tState {
   received: number;
   /** DataSN the next Data-Out of this R2T's sequence must carry (RFC 7143 section 11.7.5: from 0 per sequence). */
   dataSN: number;
+}
+
+/** The status a command's last Data-In PDU carries (GOOD only). */
+interface DataInStatus {
+  readonly status: number;
+  readonly residualFlag: number;
+  readonly residual: number;
 }
 
 interface Task {
@@ -261,6 +270,12 @@ export class IscsiConnection implements BudgetWaiter {
   /** The PDUs of one socket chunk are being handled (#onData): answers made meanwhile are batched (#send). */
   #inChunk = false;
   #ended = false;
+  /**
+   * The plaintext TCP socket's fd in a Normal session without digests, for
+   * Data-In by sendfile (#sendDataIn, docs/adr/0018-read-replies-by-sendfile.md);
+   * -1: none (digests on, a discovery session, sendfile off, or too small a segment).
+   */
+  #sendFileFd = -1;
 
   constructor(host: ConnectionHost, socket: Socket, peer: Peer) {
     this.#host = host;
@@ -797,6 +812,14 @@ export class IscsiConnection implements BudgetWaiter {
       // four 64 KiB chunks gathered into a fresh buffer (src/nbd/large_reads.ts). The arena comes
       // with the first bulk data, within the target's budget: idle sessions pin none.
       useLargeReads(this.socket, this.#onData, this.#mayReuseReadMemory, this.#host.readArenas);
+      // Large READs' Data-In by sendfile: only without digests (a data digest needs the bytes in the
+      // process), with segments and bursts large enough that a PDU is worth its extra system calls, and
+      // whole blocks (so every PDU of a READ is a multiple of 4 bytes: sendfile sends no padding).
+      const segment = this.#params.initiatorRecvDataSegmentBytes;
+      const burst = this.#params.maxBurstBytes;
+      if (!this.#params.headerDigest && !this.#params.dataDigest && Math.min(segment, burst) >= SEND_FILE_BYTES_MIN && segment % LOGICAL_BLOCK_BYTES === 0 && burst % LOGICAL_BLOCK_BYTES === 0) {
+        this.#sendFileFd = sendFileSocketFd(this.socket);
+      }
     }
     log.info("session logged in", {
       peer: this.peerText,
@@ -1394,6 +1417,10 @@ export class IscsiConnection implements BudgetWaiter {
       expectedLength: task.expectedLength,
       dataOut: task.write || task.cdbDataOut > 0 ? (task.buffer ?? Buffer.alloc(0)) : undefined,
       allocateDataIn: task.read && !task.write ? this.#allocateDataIn : undefined,
+      sendDataIn:
+        this.#sendFileFd >= 0 && task.read && !task.write && task.expectedLength >= SEND_FILE_BYTES_MIN && task.expectedLength <= SEND_FILE_BYTES_MAX
+          ? (offsetBytes: number, lengthBytes: number) => this.#sendDataIn(task, offsetBytes, lengthBytes)
+          : undefined,
     };
     // A gathered write buffer goes back to the pool once the unit is done with it (not a borrowed view: the pool ignores those).
     const gathered = task.write && task.buffer !== undefined && !this.#borrowed.has(task.buffer) ? task.buffer : undefined;
@@ -1436,7 +1463,7 @@ export class IscsiConnection implements BudgetWaiter {
   #complete(task: Task, response: ScsiResponse): void {
     const aborted = task.aborted;
     this.#finishTask(task);
-    if (aborted || this.#ended || this.phase === "closed") return;
+    if (aborted || this.#ended || this.phase === "closed" || response.dataInSent === true) return;
     const expected = task.expectedLength;
     let dataIn = task.read && response.dataIn !== undefined ? response.dataIn : undefined;
     let residualFlag = 0;
@@ -1466,41 +1493,14 @@ export class IscsiConnection implements BudgetWaiter {
     const good = response.status === ScsiStatus.GOOD && response.sense === undefined;
     let dataSN = 0;
     if (dataIn !== undefined && dataIn.length > 0) {
-      const segment = this.#params.initiatorRecvDataSegmentBytes;
-      const burst = this.#params.maxBurstBytes;
       // All the command's Data-In PDUs leave in one writev; the read buffer goes back to the pool
       // (a no-op for buffers that are not the pool's) once the socket has sent its last byte.
       const whole = response.dataIn!;
       const release = (): void => this.#host.pool.release(whole);
       this.socket.cork();
-      for (let offset = 0; offset < dataIn.length; ) {
-        const length = Math.min(segment, dataIn.length - offset, burst - (offset % burst));
-        const last = offset + length >= dataIn.length;
-        const endOfBurst = last || (offset + length) % burst === 0;
-        const bhs = newBhs(Op.DATA_IN, endOfBurst ? 0x80 : 0);
-        task.lun.copy(bhs, 8);
-        bhs.writeUInt32BE(task.itt, 16);
-        bhs.writeUInt32BE(RESERVED_TAG, 20);
-        if (last && good) {
-          bhs[1] = 0x80 | 0x01 | residualFlag;
-          bhs[3] = response.status;
-          bhs.writeUInt32BE(residual, 44);
-          this.#numbers(bhs, true);
-        } else {
-          this.#numbers(bhs, false);
-          bhs.writeUInt32BE(0, 24);
-        }
-        bhs.writeUInt32BE(dataSN, 36);
-        dataSN += 1;
-        bhs.writeUInt32BE(offset, 40);
-        this.#send(bhs, [dataIn.subarray(offset, offset + length)], last && good ? release : undefined);
-        offset += length;
-      }
-      if (good) {
-        this.socket.uncork();
-        return;
-      }
+      dataSN = this.#queueDataIn(task, dataIn, 0, 0, good ? { status: response.status, residualFlag, residual } : undefined, good ? release : undefined);
       this.socket.uncork();
+      if (good) return;
     }
     const bhs = newBhs(Op.SCSI_RESPONSE, 0x80 | residualFlag);
     bhs[2] = 0x00; // command completed at target
@@ -1516,5 +1516,102 @@ export class IscsiConnection implements BudgetWaiter {
       data = [length, response.sense];
     }
     this.#send(bhs, data);
+  }
+
+  /**
+   * Queues the Data-In PDUs of `data`, a command's bytes from `offset` on,
+   * split by the initiator's MaxRecvDataSegmentLength and MaxBurstLength, the
+   * first with DataSN `dataSN`; the last carries `status` when given (GOOD
+   * only) and runs `written` once the socket has sent it. Returns the next DataSN.
+   */
+  #queueDataIn(task: Task, data: Buffer, offset: number, dataSN: number, status: DataInStatus | undefined, written: (() => void) | undefined): number {
+    const total = offset + data.length;
+    for (let at = offset; at < total; ) {
+      const length = this.#dataInLength(at, total);
+      const bhs = this.#dataInBhs(task, at, length, total, dataSN, status);
+      dataSN += 1;
+      this.#send(bhs, [data.subarray(at - offset, at - offset + length)], at + length >= total ? written : undefined);
+      at += length;
+    }
+    return dataSN;
+  }
+
+  /** The length of the Data-In PDU at `offset` of a command's `total` bytes. */
+  #dataInLength(offset: number, total: number): number {
+    const burst = this.#params.maxBurstBytes;
+    return Math.min(this.#params.initiatorRecvDataSegmentBytes, total - offset, burst - (offset % burst));
+  }
+
+  /** The BHS of the Data-In PDU of `length` bytes at `offset` of a command's `total`; the last carries `status` when given (StatSN advances). */
+  #dataInBhs(task: Task, offset: number, length: number, total: number, dataSN: number, status: DataInStatus | undefined): Buffer {
+    const last = offset + length >= total;
+    const endOfBurst = last || (offset + length) % this.#params.maxBurstBytes === 0;
+    const bhs = newBhs(Op.DATA_IN, endOfBurst ? 0x80 : 0);
+    task.lun.copy(bhs, 8);
+    bhs.writeUInt32BE(task.itt, 16);
+    bhs.writeUInt32BE(RESERVED_TAG, 20);
+    if (last && status !== undefined) {
+      bhs[1] = 0x80 | 0x01 | status.residualFlag;
+      bhs[3] = status.status;
+      bhs.writeUInt32BE(status.residual, 44);
+      this.#numbers(bhs, true);
+    } else {
+      this.#numbers(bhs, false);
+      bhs.writeUInt32BE(0, 24);
+    }
+    bhs.writeUInt32BE(dataSN, 36);
+    bhs.writeUInt32BE(offset, 40);
+    return bhs;
+  }
+
+  /**
+   * ScsiRequest.sendDataIn: a READ's whole Data-In, with GOOD status in the
+   * last PDU, sent from the page cache: each PDU's BHS, then its data segment
+   * by sendfile (sendHeaderAndDataNow, the NBD session's pump), only while
+   * Node's stream holds nothing for the socket. What the socket does not take
+   * of a PDU, and the PDUs after it, are read now (pages cached a moment ago)
+   * and queued ahead of any other answer. False when nothing was sent (not
+   * cached, spans storage pieces, the stream holds bytes): the unit reads the
+   * data the usual way. If the rest cannot be read, part of the Data-In is on
+   * the wire: the connection is dropped.
+   */
+  #sendDataIn(task: Task, offsetBytes: number, lengthBytes: number): boolean {
+    const device = this.#unit?.device;
+    if (device === undefined || this.#ended || task.aborted || lengthBytes !== task.expectedLength || !mayWriteBehindStream(this.socket)) return false;
+    const pool = this.#host.pool;
+    const status: DataInStatus = { status: ScsiStatus.GOOD, residualFlag: 0, residual: 0 };
+    const statSN = this.#statSN;
+    let at = 0;
+    let dataSN = 0;
+    try {
+      while (at < lengthBytes) {
+        const length = this.#dataInLength(at, lengthBytes);
+        const bhs = this.#dataInBhs(task, at, length, lengthBytes, dataSN, status);
+        bhs.writeUIntBE(length, 5, 3); // the data segment's length (whole blocks, as segment and burst are: no padding)
+        const sent = sendHeaderAndDataNow(device, this.#sendFileFd, bhs, offsetBytes + at, length, pool);
+        if (sent === undefined) {
+          if (at > 0) break;
+          this.#statSN = statSN; // nothing went out: the StatSN a last PDU took is not used
+          return false;
+        }
+        at += length;
+        dataSN += 1;
+        const rest = sent.rest;
+        if (rest !== undefined) {
+          this.socket.write(rest, () => pool.release(rest));
+          break;
+        }
+      }
+      if (at < lengthBytes) {
+        const data = pool.acquire(0, lengthBytes - at);
+        device.readSync!(data, offsetBytes + at);
+        this.socket.cork();
+        this.#queueDataIn(task, data, at, dataSN, status, () => pool.release(data));
+        this.socket.uncork();
+      }
+    } catch (error) {
+      this.#drop(`READ Data-In cut short (its rest could not be read): ${errorMessage(error)}`, "error");
+    }
+    return true;
   }
 }

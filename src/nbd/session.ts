@@ -27,6 +27,7 @@ import type { ExportCounters, IoStats } from "./io_stats.ts";
 import { useLargeReads } from "./large_reads.ts";
 import type { NbdLimits } from "./limits.ts";
 import { NBD_CMD, NBD_REP, WIRE } from "./protocol.ts";
+import { mayWriteBehindStream, sendFileSocketFd } from "./send_file.ts";
 import { type NbdServerTls, PSK_CIPHERS, pskKeyId } from "./tls.ts";
 import { type RequestFrame, decodeRequest, encodeErrorChunk, encodeSimpleReply } from "./request_codec.ts";
 import {
@@ -465,10 +466,7 @@ export class NbdSession implements BudgetWaiter {
           useLargeReads(this.socket, this.onData, this.mayReuseReadMemory);
         }
         // Plaintext TCP: large READ replies may leave by sendfile, bytes the process never copies (never under TLS).
-        if (!this.negotiation.tls && this.socket === this.rawSocket && this.socket.remoteAddress !== undefined) {
-          const fd = (this.socket as unknown as { _handle?: { fd?: unknown } | null })._handle?.fd;
-          if (typeof fd === "number" && fd >= 0) this.sendFileFd = fd;
-        }
+        if (!this.negotiation.tls && this.socket === this.rawSocket) this.sendFileFd = sendFileSocketFd(this.socket);
         if (this.handshakeTimer !== undefined) clearTimeout(this.handshakeTimer);
         this.handshakeTimer = undefined;
         this.transition(["options"], "transmission");
@@ -734,7 +732,7 @@ export class NbdSession implements BudgetWaiter {
 
   /** The socket's fd may be written behind the stream now: nothing queued, not destroyed, not ended. */
   private sendFileMayWrite(): boolean {
-    return this.sendFileFd >= 0 && !this.socket.destroyed && this.socket.writable && this.socket.writableLength === 0;
+    return this.sendFileFd >= 0 && mayWriteBehindStream(this.socket);
   }
 
   /** Answers the READs waiting for sendfile while the stream stays empty; true if it answered any. */

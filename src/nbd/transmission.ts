@@ -5,6 +5,7 @@
 
 import type { Extent } from "../block/types.ts";
 import type { BufferPool } from "./buffer_pool.ts";
+import { SEND_FILE_BYTES_MAX, SEND_FILE_BYTES_MIN, sendHeaderAndDataNow } from "./send_file.ts";
 import { NBD_ERRNO, type NbdErrno } from "../util/errors.ts";
 import type { OpenedExport } from "./handshake.ts";
 import { BLOCK_SIZE_MIN_BYTES, type NbdLimits } from "./limits.ts";
@@ -143,11 +144,6 @@ export function readReplyNow(opened: OpenedExport, frame: RequestFrame, pool: Bu
   return reply;
 }
 
-/** READs at least this long may go out by sendfile (BlockDevice.sendNow); below it, copying the data costs less than the extra system calls. */
-export const SEND_FILE_BYTES_MIN = 64 * 1024;
-/** ...and at most this long (the storage's bound for synchronous page-cache reads, NOWAIT_BYTES_MAX). */
-export const SEND_FILE_BYTES_MAX = 1024 * 1024;
-
 /** Whether a validated request is a READ the device may send by sendfile (sendReadReplyNow). */
 export function sendFileCandidate(opened: OpenedExport, frame: RequestFrame): boolean {
   return (
@@ -169,24 +165,10 @@ export function sendFileCandidate(opened: OpenedExport, frame: RequestFrame): bo
  * must be closed.
  */
 export function sendReadReplyNow(opened: OpenedExport, frame: RequestFrame, socketFd: number, pool: BufferPool): { rest: Buffer | undefined } | undefined {
-  const device = opened.device;
-  if (!sendFileCandidate(opened, frame) || device.sendNow === undefined || device.readSync === undefined) return undefined;
-  const headerBytes = readReplyHeaderBytes(opened.structuredReplies);
-  const header = Buffer.allocUnsafe(headerBytes);
+  if (!sendFileCandidate(opened, frame)) return undefined;
+  const header = Buffer.allocUnsafe(readReplyHeaderBytes(opened.structuredReplies));
   writeReadReplyHeader(header, opened.structuredReplies, frame, frame.offset, frame.length);
-  const sent = device.sendNow(socketFd, header, frame.offset, frame.length);
-  if (sent < 0) return undefined;
-  if (sent === headerBytes + frame.length) return { rest: undefined };
-  if (sent < headerBytes) {
-    const reply = pool.acquire(headerBytes, frame.length);
-    header.copy(reply);
-    device.readSync(reply.subarray(headerBytes), frame.offset);
-    return { rest: reply.subarray(sent) };
-  }
-  const dataSent = sent - headerBytes;
-  const rest = pool.acquire(0, frame.length - dataSent);
-  device.readSync(rest, frame.offset + dataSent);
-  return { rest };
+  return sendHeaderAndDataNow(opened.device, socketFd, header, frame.offset, frame.length, pool);
 }
 
 /**

@@ -53,6 +53,8 @@ import { type LogicalUnit, type LogicalUnitIdentity, type ScsiNexus, type ScsiRe
 const log = logger("scsi");
 
 const GOOD: ScsiResponse = { status: ScsiStatus.GOOD };
+/** A READ whose Data-In and status the transport already sent (ScsiRequest.sendDataIn). */
+const DATA_IN_SENT: ScsiResponse = { status: ScsiStatus.GOOD, dataInSent: true };
 
 /** The shared part of one logical unit: reservations, unit attentions and write ordering span sessions. */
 export class LogicalUnitCore {
@@ -500,6 +502,7 @@ class BlockLogicalUnit implements LogicalUnit {
       if (blocks === 0) return GOOD;
       const offset = lba * LOGICAL_BLOCK_BYTES;
       if (read) {
+        if (request.sendDataIn?.(offset, blocks * LOGICAL_BLOCK_BYTES) === true) return DATA_IN_SENT;
         const allocate = request.allocateDataIn;
         const buffer = allocate !== undefined ? allocate(blocks * LOGICAL_BLOCK_BYTES) : Buffer.allocUnsafe(blocks * LOGICAL_BLOCK_BYTES);
         if (this.device.readNow?.(buffer, offset) === true) return { status: ScsiStatus.GOOD, dataIn: buffer };

@@ -62,6 +62,15 @@ export interface ScsiRequest {
    * uses it; without it the unit allocates.
    */
   readonly allocateDataIn?: ((bytes: number) => Buffer) | undefined;
+  /**
+   * Optional, for a READ answered at once (LogicalUnit.executeNow): once
+   * every check has passed, the transport may send `lengthBytes` of the
+   * device at `offsetBytes` as the command's whole Data-In with GOOD status,
+   * straight from the page cache (sendfile). True when it did (the unit then
+   * answers `dataInSent` and the transport sends nothing more), false when it
+   * sent nothing (the unit reads the data as usual). Never throws.
+   */
+  readonly sendDataIn?: ((offsetBytes: number, lengthBytes: number) => boolean) | undefined;
 }
 
 export interface ScsiResponse {
@@ -70,6 +79,8 @@ export interface ScsiResponse {
   readonly sense?: Buffer;
   /** Data-In: the transport sends at most expectedLength bytes of it and sets the residual counts. */
   readonly dataIn?: Buffer;
+  /** GOOD, and the transport's sendDataIn already sent the Data-In and the status: nothing more to send. */
+  readonly dataInSent?: true;
 }
 
 /** What the SCSI layer needs to know about the device besides its bytes. */

@@ -238,7 +238,7 @@ test("a real unit: nbdcopy reads back every byte, plain (sendfile) and over TLS 
 // by sendfile while other replies still wait in the stream (their bytes would interleave).
 test("canary: a unit that reads the rest of a cut-short reply from the wrong place fails the read-back", { timeout: 180_000 }, async () => {
   const build = patchedBuild("sendfile-canary-rest", [
-    { file: "dist/nbd/transmission.js", from: "device.readSync(rest, frame.offset + dataSent);", to: "device.readSync(rest, frame.offset + dataSent + 512);" },
+    { file: "dist/nbd/send_file.js", from: "device.readSync(rest, offsetBytes + dataSent);", to: "device.readSync(rest, offsetBytes + dataSent + 512);" },
   ]);
   try {
     const outcome = await readBackThroughUnit("rest", build.ipsanBin);
@@ -251,7 +251,7 @@ test("canary: a unit that reads the rest of a cut-short reply from the wrong pla
 
 test("canary: a unit that sends by sendfile past replies still queued fails the read-back", { timeout: 180_000 }, async () => {
   const build = patchedBuild("sendfile-canary-order", [
-    { file: "dist/nbd/session.js", from: "this.socket.writable && this.socket.writableLength === 0;", to: "this.socket.writable;" },
+    { file: "dist/nbd/send_file.js", from: "socket.writable && socket.writableLength === 0;", to: "socket.writable;" },
   ]);
   try {
     const outcome = await readBackThroughUnit("order", build.ipsanBin);

@@ -22,6 +22,8 @@ export interface RawLogin {
   readonly chap?: { user: string; secret: string; algorithm?: number; challenge?: Buffer | "reflect" };
   /** More operational keys (e.g. InitialR2T=No). */
   readonly keys?: readonly TextPair[];
+  /** The MaxRecvDataSegmentLength declared (default 65536). */
+  readonly maxRecvDataSegmentLength?: number;
 }
 
 export interface LoginResult {
@@ -158,7 +160,7 @@ export class RawInitiator {
     const operational: TextPair[] = [
       ["HeaderDigest", options.headerDigest === true ? "CRC32C" : "None"],
       ["DataDigest", options.dataDigest === true ? "CRC32C" : "None"],
-      ["MaxRecvDataSegmentLength", "65536"],
+      ["MaxRecvDataSegmentLength", String(options.maxRecvDataSegmentLength ?? 65536)],
       ...(options.keys ?? []),
     ];
     const all = new Map<string, string>();
