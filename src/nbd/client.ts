@@ -19,7 +19,6 @@ import * as net from "node:net";
 import * as tls from "node:tls";
 import { IpsanError, errorMessage } from "../util/errors.ts";
 import { ByteQueue } from "./byte_queue.ts";
-import { useLargeReads } from "./large_reads.ts";
 import { decodeGreeting, decodeOptionReply, decodeTransmissionReply, encodeClientFlags, encodeInfoRequestData, encodeMetaContextRequestData, encodeOption, encodeRequest } from "./peer_codec.ts";
 import { type NbdClientTls, PSK_CIPHERS, parsePskFile } from "./tls.ts";
 import { BASE_ALLOCATION, NBD_CMD, NBD_CMD_FLAG, NBD_FLAG, NBD_FLAG_C, NBD_INFO, NBD_OPT, NBD_REP, NBD_REPLY_FLAG, NBD_REPLY_TYPE, NBD_STATE, NBD_TFLAG, WIRE } from "./protocol.ts";
@@ -170,11 +169,9 @@ export class NbdClient {
       this.#queue.push(chunk);
       this.#drain();
     };
+    // Node's own 64 KiB reads. Large reads (large_reads.ts, as the server's) were tried here: no faster on the
+    // engine's fio jobs, and a full rebuild ran at a third of its speed (benchmarks.md, mirror, 2026-12-04).
     socket.on("data", onChunk);
-    // Reads of up to 2 MiB per read(2) (a 1 MiB READ reply in one or two reads, not sixteen), without the
-    // stream's per-read Buffer. #drain copies every reply's data out of the queue (into the caller's buffer or
-    // a buffer of its own) before it resolves, so only queued chunks view the read memory.
-    if (!(socket instanceof tls.TLSSocket)) useLargeReads(socket, onChunk, (store) => !this.#queue.holds(store));
     socket.on("error", (error) => this.#fail(new IpsanError("UNAVAILABLE", `NBD connection failed: ${error.message}`)));
     socket.on("close", () => this.#fail(new IpsanError("UNAVAILABLE", "NBD server closed the connection")));
   }
