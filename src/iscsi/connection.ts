@@ -1590,8 +1590,9 @@ export class IscsiConnection implements BudgetWaiter {
         bhs.writeUIntBE(length, 5, 3); // the data segment's length (whole blocks, as segment and burst are: no padding)
         const sent = sendHeaderAndDataNow(device, this.#sendFileFd, bhs, offsetBytes + at, length, pool);
         if (sent === undefined) {
+          // Nothing of this PDU went out: the StatSN a last PDU took is taken again when it is queued below (or by the unit's own answer).
+          this.#statSN = statSN;
           if (at > 0) break;
-          this.#statSN = statSN; // nothing went out: the StatSN a last PDU took is not used
           return false;
         }
         at += length;

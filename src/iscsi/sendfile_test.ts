@@ -160,3 +160,68 @@ test("canary: a unit that sends PDUs needing padding by sendfile fails the raw r
     build.remove();
   }
 });
+
+// A PDU that cannot go by sendfile (its pages left the cache, the socket is full) is sent by copy with those
+// after it. When that is the last PDU, the one carrying the status, its StatSN must be taken once: a StatSN
+// skipped tells the initiator a status was lost. A stand-in build forces the fallback on every READ's last PDU.
+const LAST_PDU_BY_COPY = {
+  from: "const sent = sendHeaderAndDataNow(device, this.#sendFileFd, bhs, offsetBytes + at, length, pool);",
+  to: "const sent = at > 0 && at + length >= lengthBytes ? undefined : sendHeaderAndDataNow(device, this.#sendFileFd, bhs, offsetBytes + at, length, pool);",
+};
+
+/** READs whose last Data-In PDU falls back to a copy, through a unit of `ipsanBin`: the StatSNs that did not follow their predecessor by one, and wrong data. */
+async function statSnGaps(name: string, ipsanBin: string): Promise<string[]> {
+  const sizeBytes = 16 * MiB;
+  const { unit, data } = await filledUnit(`${name}-statsn`, sizeBytes, ipsanBin);
+  const wrong: string[] = [];
+  try {
+    const portal = unit.iscsiPortal ?? "";
+    const colon = portal.lastIndexOf(":");
+    const initiator = await RawInitiator.connect(portal.slice(0, colon), Number(portal.slice(colon + 1)));
+    try {
+      const login = await initiator.login({ targetName: iscsiTargetName("sf", "v"), maxRecvDataSegmentLength: 65536 });
+      assert.equal(login.status, 0);
+      await initiator.ready();
+      const first = initiator.statSNs.length;
+      for (const lba of [0, 2048, 777, 8192]) {
+        const got = await initiator.read10(lba, 2048);
+        if (got.status !== 0 || !got.data.equals(data.subarray(lba * 512, (lba + 2048) * 512))) wrong.push(`READ(10) ${lba}+2048: status ${got.status} or data differ`);
+      }
+      const sns = initiator.statSNs.slice(first);
+      for (let i = 1; i < sns.length; i++) if (sns[i] !== (((sns[i - 1] as number) + 1) >>> 0)) wrong.push(`StatSN ${sns[i]} after ${sns[i - 1]}`);
+      if (sns.length !== 4) wrong.push(`${sns.length} statuses for 4 READs`);
+    } finally {
+      initiator.close();
+    }
+  } finally {
+    await unit.stop();
+  }
+  return wrong;
+}
+
+test("a READ whose last Data-In PDU goes by copy after the others went by sendfile keeps StatSN in sequence", { timeout: 120_000 }, async () => {
+  const build = patchedConnection("last-pdu-copy", LAST_PDU_BY_COPY.from, LAST_PDU_BY_COPY.to);
+  try {
+    assert.deepEqual(await statSnGaps("last-copy", build.ipsanBin), []);
+  } finally {
+    build.remove();
+  }
+});
+
+test("canary: a unit that takes the last PDU's StatSN twice when it falls back to a copy skips a StatSN", { timeout: 120_000 }, async () => {
+  const build = patchedBuild(
+    "iscsi-sendfile-canary-statsn",
+    [
+      { file: "dist/iscsi/connection.js", from: LAST_PDU_BY_COPY.from, to: LAST_PDU_BY_COPY.to },
+      { file: "dist/iscsi/connection.js", from: "this.#statSN = statSN;", to: "" },
+    ],
+    REPO_ROOT,
+    { nodeModules: true },
+  );
+  try {
+    const wrong = await statSnGaps("statsn-canary", build.ipsanBin);
+    assert.ok(wrong.some((w) => w.startsWith("StatSN")), JSON.stringify(wrong));
+  } finally {
+    build.remove();
+  }
+});

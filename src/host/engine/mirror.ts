@@ -746,7 +746,7 @@ export class Mirror implements BlockDevice {
     let wait = false;
     for (const region of regions) {
       if (this.#intent.set(region)) this.#intentPending.add(region);
-      if (this.#intentPending.size > 0 && this.#intentPending.has(region)) wait = true;
+      if (this.#intentPending.has(region)) wait = true;
     }
     const ahead = sequential && this.#markAhead(regions[regions.length - 1] ?? 0);
     if (wait) return this.#persist(false);

@@ -43,6 +43,8 @@ export class RawInitiator {
   /** Answer the target's NOP-In pings at once (as real initiators do); false to test the ping deadline. */
   autoPong = true;
   expStatSN = 0;
+  /** The StatSN of every status the target sent, in order (a connection's must go up by one each time, RFC 7143 4.2.2.2). */
+  readonly statSNs: number[] = [];
   #itt = 1;
   /** A random ISID (type 01b "random"): two initiators with one name and one ISID are one session (reinstatement). */
   readonly isid = Buffer.concat([Buffer.from([0x80]), randomBytes(5)]);
@@ -113,7 +115,11 @@ export class RawInitiator {
       this.#waiter = undefined;
     }
     const pdu = this.#queue.shift()!;
-    if (pdu.bhs[0] !== Op.DATA_IN && pdu.bhs[0] !== Op.R2T) this.expStatSN = (pdu.bhs.readUInt32BE(24) + 1) >>> 0;
+    // A PDU with status carries a StatSN: every one but Data-In without the S bit, and R2T.
+    if ((pdu.bhs[0] !== Op.DATA_IN || (pdu.bhs[1]! & 0x01) !== 0) && pdu.bhs[0] !== Op.R2T) {
+      this.statSNs.push(pdu.bhs.readUInt32BE(24));
+      this.expStatSN = (pdu.bhs.readUInt32BE(24) + 1) >>> 0;
+    }
     return pdu;
   }
 
