@@ -26,6 +26,7 @@ import Database from "better-sqlite3";
 import { CLUSTER_KEY_FILE_NAME } from "../discovery/keys.ts";
 import { IpsanError, UsageError, errorMessage } from "../util/errors.ts";
 import { parseFlags } from "../util/flags.ts";
+import { fsyncPath } from "../util/secret_file.ts";
 import { AUDIT_FILE_NAME } from "./auth/audit.ts";
 import { DB_BUSY_TIMEOUT_MS, MIGRATIONS, schemaVersion } from "./db.ts";
 import { HOST_KEYS_SECRET_FILE_NAME } from "./host_keys.ts";
@@ -83,15 +84,6 @@ async function hashFile(path: string): Promise<{ bytes: number; sha256: string }
     hash.update(chunk as Buffer);
   }
   return { bytes, sha256: hash.digest("hex") };
-}
-
-async function fsyncPath(path: string): Promise<void> {
-  const handle = await fs.open(path, "r");
-  try {
-    await handle.sync();
-  } finally {
-    await handle.close();
-  }
 }
 
 async function writeFileSynced(path: string, bytes: Buffer | string, mode: number): Promise<void> {

@@ -31,12 +31,7 @@ export async function createSecretFileIfMissing(path: string, bytes: number = SE
     await fs.unlink(temporary);
   }
   // The new name must survive a crash too.
-  const directory = await fs.open(dirname(path), "r");
-  try {
-    await directory.sync();
-  } finally {
-    await directory.close();
-  }
+  await fsyncPath(dirname(path));
 }
 
 /**
@@ -59,10 +54,15 @@ export async function writeSecretFileAtomic(path: string, text: string): Promise
     await fs.unlink(temporary).catch(() => undefined);
     throw error;
   }
-  const directory = await fs.open(dirname(path), "r");
+  await fsyncPath(dirname(path));
+}
+
+/** fsync(2) of a file or directory by path (a directory: the names in it survive a crash). */
+export async function fsyncPath(path: string): Promise<void> {
+  const handle = await fs.open(path, "r");
   try {
-    await directory.sync();
+    await handle.sync();
   } finally {
-    await directory.close();
+    await handle.close();
   }
 }
