@@ -165,7 +165,15 @@ export class IscsiTarget implements ConnectionHost {
 
   async attach(exportName: string, peer: Peer, connection: IscsiConnection): Promise<AttachedUnit> {
     const device = await this.#options.provider.open(exportName, peer);
-    const lease = this.#options.acquireLogicalUnit(device, this.#options.identityOf(exportName));
+    let lease: LogicalUnitLease;
+    try {
+      lease = this.#options.acquireLogicalUnit(device, this.#options.identityOf(exportName));
+    } catch (error) {
+      // Not served (saved reservations that cannot be read): the device goes, the login fails with the reason.
+      log.error("a logical unit cannot be served", { export: exportName, error: errorMessage(error) });
+      await device.close().catch(() => undefined);
+      throw error;
+    }
     this.#attached.add(connection);
     return { device, unit: lease.lu, release: lease.release };
   }

@@ -34,7 +34,15 @@ import {
   WRITE_SAME_CHUNK_BYTES,
 } from "./limits.ts";
 import { MODE_PAGES, type PageControl, modePage, provisioning, standardInquiry, vpd } from "./pages.ts";
-import { type AccessClass, ReservationConflict, type ReservationNotice, Reservations, nexusKey } from "./reservations.ts";
+import {
+  type AccessClass,
+  ReservationConflict,
+  type ReservationNotice,
+  type ReservationStore,
+  Reservations,
+  type SavedReservations,
+  nexusKey,
+} from "./reservations.ts";
 import {
   ASC,
   type Asc,
@@ -59,7 +67,8 @@ const DATA_IN_SENT: ScsiResponse = { status: ScsiStatus.GOOD, dataInSent: true }
 /** The shared part of one logical unit: reservations, unit attentions and write ordering span sessions. */
 export class LogicalUnitCore {
   readonly identity: LogicalUnitIdentity;
-  readonly reservations = new Reservations();
+  readonly reservations: Reservations;
+  readonly #store: ReservationStore | undefined;
   readonly locks = new RangeLocks();
   /** Pending unit attentions per nexus key, oldest first. */
   readonly #attentions = new Map<string, Asc[]>();
@@ -68,8 +77,17 @@ export class LogicalUnitCore {
   /** Nexuses that sent PREVENT ALLOW MEDIUM REMOVAL with PREVENT set. */
   readonly #preventing = new Set<string>();
 
-  constructor(identity: LogicalUnitIdentity) {
+  /** With a store, reservations saved under APTPL come back (a state the store cannot read throws: the logical unit is not served). */
+  constructor(identity: LogicalUnitIdentity, store?: ReservationStore) {
     this.identity = identity;
+    this.#store = store;
+    const saved = store?.load(identity);
+    this.reservations = saved !== undefined ? Reservations.restore(saved) : new Reservations(store !== undefined);
+  }
+
+  /** Writes the reservations' state through the store (null: drops the saved state); resolves once durable. */
+  save(state: SavedReservations | null): Promise<void> {
+    return this.#store === undefined ? Promise.resolve() : this.#store.save(this.identity, state ?? undefined);
   }
 
   addAttention(key: string, asc: Asc): void {
@@ -340,7 +358,7 @@ for (const c of COMMANDS) assert(c.usage.length + 1 === c.cdbLength, `${c.name}:
 /** One session's use of a shared logical unit. */
 export interface LogicalUnitLease {
   readonly lu: LogicalUnit;
-  /** The session is done with it; the core (and its reservations) goes with the last lease. */
+  /** The session is done with it. The core stays while it holds registrations or a persistent reservation (SPC-4: they outlive I_T nexus loss). */
   release(): void;
 }
 
@@ -349,16 +367,25 @@ export interface LogicalUnitLease {
  * session that opens the same export shares reservations and unit
  * attentions. The registry does not open or close devices: the transport
  * opens one per session through the ExportProvider (access control and
- * revocation stay per peer) and closes it after release().
+ * revocation stay per peer) and closes it after release(). A logical unit
+ * whose last session left keeps its persistent reservations until
+ * forget() (its export was deleted or changed) or the unit stops; with a
+ * store, those saved under APTPL come back after a restart.
  */
 export class LogicalUnitRegistry {
   readonly #cores = new Map<string, { core: LogicalUnitCore; leases: number }>();
+  readonly #store: ReservationStore | undefined;
 
+  constructor(store?: ReservationStore) {
+    this.#store = store;
+  }
+
+  /** Throws when the store holds a state for this logical unit that it cannot read (the session is then refused). */
   acquire(identity: LogicalUnitIdentity, device: BlockDevice): LogicalUnitLease {
     const key = `${identity.exportName}\n${identity.naa}`;
     let entry = this.#cores.get(key);
     if (entry === undefined) {
-      entry = { core: new LogicalUnitCore(identity), leases: 0 };
+      entry = { core: new LogicalUnitCore(identity, this.#store), leases: 0 };
       this.#cores.set(key, entry);
     }
     entry.leases += 1;
@@ -370,12 +397,23 @@ export class LogicalUnitRegistry {
         if (released) return;
         released = true;
         held.leases -= 1;
-        if (held.leases === 0 && this.#cores.get(key) === held) this.#cores.delete(key);
+        if (held.leases === 0 && !held.core.reservations.holdsState && this.#cores.get(key) === held) this.#cores.delete(key);
       },
     };
   }
 
-  /** Logical units with at least one session (for tests and /metrics). */
+  /**
+   * The export is gone or is no longer the same logical unit (deleted, or its
+   * partitions changed): its reservations go, from memory now and from the
+   * store (after any save queued before). Sessions still open keep the core
+   * they have until they end.
+   */
+  forget(identity: LogicalUnitIdentity): Promise<void> {
+    this.#cores.delete(`${identity.exportName}\n${identity.naa}`);
+    return this.#store === undefined ? Promise.resolve() : this.#store.save(identity, undefined);
+  }
+
+  /** Logical units with a session or with reservations (for tests and /metrics). */
   get size(): number {
     return this.#cores.size;
   }
@@ -1086,7 +1124,7 @@ class BlockLogicalUnit implements LogicalUnit {
         data = r.readReservation();
         break;
       case 2:
-        data = Reservations.reportCapabilities();
+        data = r.reportCapabilities();
         break;
       case 3:
         data = r.readFullStatus();
@@ -1097,12 +1135,24 @@ class BlockLogicalUnit implements LogicalUnit {
     return { status: ScsiStatus.GOOD, dataIn: data.subarray(0, allocation) };
   }
 
-  #prOut(cdb: Buffer, request: ScsiRequest): ScsiResponse {
+  /**
+   * PERSISTENT RESERVE OUT. Under APTPL the new state is durable before GOOD
+   * (SPC-4 5.13.5); a save that fails answers HARDWARE ERROR, INTERNAL TARGET
+   * FAILURE (44h/00h) with the change in effect in memory: the next PR OUT
+   * that saves writes it whole.
+   */
+  #prOut(cdb: Buffer, request: ScsiRequest): ScsiResponse | Promise<ScsiResponse> {
     const listLength = cdb.readUInt32BE(5);
     const data = request.dataOut ?? Buffer.alloc(0);
-    const notices = this.#core.reservations.out(request.nexus, cdb, data.subarray(0, Math.min(listLength, data.length)));
-    this.#core.notify(notices);
-    return GOOD;
+    const result = this.#core.reservations.out(request.nexus, cdb, data.subarray(0, Math.min(listLength, data.length)));
+    this.#core.notify(result.notices);
+    if (result.save === undefined) return GOOD;
+    return this.#core.save(result.save).then(
+      () => GOOD,
+      (error: unknown) => {
+        throw new Error(`persistent reservations of ${this.identity.exportName} could not be saved (APTPL): ${errorMessage(error)}`, { cause: error });
+      },
+    );
   }
 
   #modeSense(spec: CommandSpec, cdb: Buffer): ScsiResponse {

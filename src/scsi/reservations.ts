@@ -1,11 +1,16 @@
 // Persistent reservations (SPC-4 5.13, PERSISTENT RESERVE IN/OUT) and the
 // older RESERVE(6)/RELEASE(6) reservation (SPC-2), kept per logical unit and
-// shared by every session of it. State lives in memory only: it survives
-// sessions coming and going but not the last session closing (the registry
-// drops the logical unit then) nor a unit restart. APTPL is not supported
-// (REPORT CAPABILITIES says PTPL_C=0; APTPL=1 is refused).
+// shared by every session of it. Registrations and the persistent
+// reservation outlive the sessions that made them (SPC-4 5.13.1: they are
+// kept across I_T nexus loss): the registry keeps a logical unit's state for
+// the unit's lifetime, until its export is deleted or changed. Across a unit
+// restart (a power loss, for the initiators) they are kept only while the
+// last REGISTER carried APTPL=1 (SPC-4 5.13.5): each change is then written
+// through a ReservationStore before PERSISTENT RESERVE OUT answers GOOD, and
+// read back when the unit starts serving the logical unit again.
+// RESERVE(6) reservations go with their I_T nexus, as SPC-2 says.
 
-import type { ScsiNexus } from "./types.ts";
+import type { LogicalUnitIdentity, ScsiNexus } from "./types.ts";
 import { MAX_REGISTRATIONS, PR_OUT_PARAMETER_BYTES } from "./limits.ts";
 import {
   ASC,
@@ -52,6 +57,45 @@ interface Registration {
   readonly allTargetPorts: boolean;
 }
 
+/**
+ * What APTPL keeps across a power loss (SPC-4 5.13.5): every registration
+ * (its key, its I_T nexus, ALL_TG_PT) and the persistent reservation. Plain
+ * JSON: keys as 16 hex digits.
+ */
+export interface SavedReservations {
+  readonly generation: number;
+  readonly registrations: readonly SavedRegistration[];
+  /** The holder as its registration's index in `registrations`. */
+  readonly reservation: { readonly holder: number; readonly type: number } | undefined;
+}
+
+export interface SavedRegistration {
+  readonly key: string;
+  readonly nexus: ScsiNexus;
+  readonly allTargetPorts: boolean;
+}
+
+/**
+ * Where logical units' reservations are kept across restarts (the unit's
+ * is a file per logical unit, src/unit/reservation_store.ts). load() runs
+ * when a logical unit is first used after a start (a state it cannot read
+ * throws: the logical unit is then not served, never served without its
+ * reservations); save() replaces the state, save(undefined) drops it (APTPL
+ * turned off, or the export deleted). Saves and drops take effect in the
+ * order they were called, and load() never sees a state dropped before it.
+ */
+export interface ReservationStore {
+  load(identity: LogicalUnitIdentity): SavedReservations | undefined;
+  save(identity: LogicalUnitIdentity, state: SavedReservations | undefined): Promise<void>;
+}
+
+/** What a PERSISTENT RESERVE OUT asks of the logical unit: unit attentions to queue, and the state to save first (undefined: nothing to save). */
+export interface PrOutResult {
+  readonly notices: ReservationNotice[];
+  /** The new state to save before GOOD (APTPL on); null: drop the saved state (APTPL turned off); undefined: nothing to write. */
+  readonly save: SavedReservations | null | undefined;
+}
+
 interface Reservation {
   /** The holder's nexus key; for the all-registrants types every registrant holds it. */
   readonly holder: string;
@@ -94,9 +138,67 @@ export class Reservations {
   #generation = 0;
   /** RESERVE(6)/RESERVE(10) holder's nexus key. */
   #legacyHolder: string | undefined;
+  /** PTPL_A: the last valid APTPL bit received was one (SPC-4 5.13.5): every change is saved. */
+  #aptpl = false;
+  /** PTPL_C: a store keeps the state across restarts (without one, APTPL=1 is refused). */
+  readonly #persistable: boolean;
+
+  constructor(persistable = false) {
+    this.#persistable = persistable;
+  }
 
   get generation(): number {
     return this.#generation;
+  }
+
+  /** Whether APTPL is on (REPORT CAPABILITIES PTPL_A). */
+  get persistThroughPowerLoss(): boolean {
+    return this.#aptpl;
+  }
+
+  /** Whether there is anything SPC-4 keeps across I_T nexus loss: a registration or a persistent reservation. */
+  get holdsState(): boolean {
+    return this.#registrations.size > 0 || this.#reservation !== undefined;
+  }
+
+  /** The state as a store saves it (registrations in order, the holder by index). */
+  saved(): SavedReservations {
+    const entries = [...this.#registrations.entries()];
+    const r = this.#reservation;
+    const holder = r === undefined ? -1 : entries.findIndex(([k]) => k === r.holder);
+    return {
+      generation: this.#generation,
+      registrations: entries.map(([, registration]) => ({
+        key: registration.key.toString(16).padStart(16, "0"),
+        nexus: { ...registration.nexus },
+        allTargetPorts: registration.allTargetPorts,
+      })),
+      // An all-registrants reservation has no single holder: any registration stands for it.
+      reservation: r === undefined ? undefined : { holder: Math.max(holder, 0), type: r.type },
+    };
+  }
+
+  /** Reservations as a store saved them (APTPL was on, so it still is). Throws when `state` does not hold together. */
+  static restore(state: SavedReservations): Reservations {
+    const out = new Reservations(true);
+    const keys: string[] = [];
+    for (const saved of state.registrations) {
+      if (!/^[0-9a-f]{16}$/.test(saved.key)) throw new Error(`registration key ${JSON.stringify(saved.key)} is not 16 hex digits`);
+      const key = nexusKey(saved.nexus);
+      if (out.#registrations.has(key)) throw new Error(`two registrations for the I_T nexus ${key}`);
+      out.#registrations.set(key, { key: BigInt(`0x${saved.key}`), nexus: saved.nexus, allTargetPorts: saved.allTargetPorts });
+      keys.push(key);
+    }
+    if (out.#registrations.size > MAX_REGISTRATIONS) throw new Error(`${out.#registrations.size} registrations: at most ${MAX_REGISTRATIONS}`);
+    if (state.reservation !== undefined) {
+      const holder = keys[state.reservation.holder];
+      if (holder === undefined) throw new Error(`the reservation's holder ${state.reservation.holder} is not a registration`);
+      if (!VALID_TYPES.has(state.reservation.type)) throw new Error(`reservation type ${state.reservation.type} is not one SPC-4 defines`);
+      out.#reservation = { holder, type: state.reservation.type };
+    }
+    out.#generation = state.generation >>> 0;
+    out.#aptpl = true;
+    return out;
   }
 
   get registrationCount(): number {
@@ -178,13 +280,13 @@ export class Reservations {
   }
 
   /** PR IN REPORT CAPABILITIES (SPC-4 6.15.4). */
-  static reportCapabilities(): Buffer {
+  reportCapabilities(): Buffer {
     const out = Buffer.alloc(8);
     out.writeUInt16BE(8, 0);
-    // CRH=1 (RESERVE(6) conflicts with persistent reservations), SIP_C=0, ATP_C=1, PTPL_C=0.
-    out[2] = 0x10 | 0x04;
-    // TMV=1, ALLOW COMMANDS=000b, PTPL_A=0.
-    out[3] = 0x80;
+    // CRH=1 (RESERVE(6) conflicts with persistent reservations), SIP_C=0, ATP_C=1, PTPL_C: APTPL is kept across restarts when there is a store.
+    out[2] = 0x10 | 0x04 | (this.#persistable ? 0x01 : 0);
+    // TMV=1, ALLOW COMMANDS=000b, PTPL_A: APTPL on now.
+    out[3] = 0x80 | (this.#aptpl ? 0x01 : 0);
     // Type mask: WR_EX_AR, EX_AC_RO, WR_EX_RO, EX_AC, WR_EX; EX_AC_AR.
     out[4] = 0x80 | 0x40 | 0x20 | 0x08 | 0x02;
     out[5] = 0x01;
@@ -219,9 +321,10 @@ export class Reservations {
   /**
    * Runs PR OUT (SPC-4 6.16) for `nexus`: `cdb` gives the service action,
    * scope and type, `data` the parameter list. Returns the unit attentions to
-   * queue. Throws SenseError or ReservationConflict.
+   * queue and what to save before answering GOOD. Throws SenseError or
+   * ReservationConflict (and then nothing changed).
    */
-  out(nexus: ScsiNexus, cdb: Buffer, data: Buffer): ReservationNotice[] {
+  out(nexus: ScsiNexus, cdb: Buffer, data: Buffer): PrOutResult {
     const serviceAction = (cdb[1] ?? 0) & 0x1f;
     const scope = ((cdb[2] ?? 0) >> 4) & 0x0f;
     const type = (cdb[2] ?? 0) & 0x0f;
@@ -238,31 +341,38 @@ export class Reservations {
     const flags = data[20] ?? 0;
     const specIPt = (flags & 0x08) !== 0;
     const allTgPt = (flags & 0x04) !== 0;
-    const aptpl = (flags & 0x01) !== 0;
     const key = nexusKey(nexus);
     const own = this.#registrations.get(key);
     const register = serviceAction === 0 || serviceAction === 6;
+    const wasOn = this.#aptpl;
+    let notices: ReservationNotice[];
     if (register) {
       if (specIPt) throw invalidFieldInParameterList(20, 3, "SPEC_I_PT is not supported (REPORT CAPABILITIES SIP_C=0)");
-      if (aptpl) throw invalidFieldInParameterList(20, 0, "APTPL is not supported: reservations are not kept across power loss (PTPL_C=0)");
-      return this.#register(nexus, key, own, reservationKey, serviceActionKey, serviceAction === 6, allTgPt);
+      if ((flags & 0x01) !== 0 && !this.#persistable) throw invalidFieldInParameterList(20, 0, "APTPL is not supported here: nothing keeps reservations across a restart (PTPL_C=0)");
+      notices = this.#register(nexus, key, own, reservationKey, serviceActionKey, serviceAction === 6, allTgPt);
+      // The APTPL bit of a REGISTER that succeeded is the last valid one received (SPC-4 5.13.5).
+      this.#aptpl = (flags & 0x01) !== 0;
+    } else {
+      // Every other service action needs a registered nexus with the matching key. Their APTPL bit is ignored (SPC-4 6.16.3).
+      if (own === undefined) throw reservationConflict("the I_T nexus is not registered");
+      if (own.key !== reservationKey) throw reservationConflict("RESERVATION KEY does not match the nexus's registration");
+      if (specIPt || allTgPt) throw invalidFieldInParameterList(20, specIPt ? 3 : 2, "SPEC_I_PT/ALL_TG_PT are only valid with REGISTER");
+      switch (serviceAction) {
+        case 1:
+          this.#reserve(key, scope, type);
+          notices = [];
+          break;
+        case 2:
+          notices = this.#release(key, scope, type);
+          break;
+        case 3:
+          notices = this.#clear(key);
+          break;
+        default:
+          notices = this.#preempt(key, scope, type, serviceActionKey);
+      }
     }
-    // Every other service action needs a registered nexus with the matching key.
-    if (own === undefined) throw reservationConflict("the I_T nexus is not registered");
-    if (own.key !== reservationKey) throw reservationConflict("RESERVATION KEY does not match the nexus's registration");
-    if (specIPt || allTgPt) throw invalidFieldInParameterList(20, specIPt ? 3 : 2, "SPEC_I_PT/ALL_TG_PT are only valid with REGISTER");
-    if (aptpl) throw invalidFieldInParameterList(20, 0, "APTPL is not supported (PTPL_C=0)");
-    switch (serviceAction) {
-      case 1:
-        this.#reserve(key, scope, type);
-        return [];
-      case 2:
-        return this.#release(key, scope, type);
-      case 3:
-        return this.#clear(key);
-      default:
-        return this.#preempt(key, scope, type, serviceActionKey);
-    }
+    return { notices, save: this.#aptpl ? this.saved() : wasOn ? null : undefined };
   }
 
   #register(

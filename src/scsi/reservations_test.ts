@@ -2,14 +2,18 @@
 // logical unit over a real volume, with several I_T nexuses over two
 // sessions of the registry: registration, the six reservation types and who
 // they let read and write, release, clear, preempt, the unit attentions each
-// leaves, REPORT CAPABILITIES / READ FULL STATUS bytes, APTPL refused.
+// leaves, REPORT CAPABILITIES / READ FULL STATUS bytes, APTPL refused without
+// a store; with one (the unit's file store), kept across a restart.
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { setLogLevel } from "../util/log.ts";
 import { MIB } from "../unit/layout.ts";
+import { existsSync, readFileSync, writeFileSync } from "node:fs";
+import { makeTempDir, memoryTmpBase } from "../testing/tmp.ts";
+import { FileReservationStore } from "../unit/reservation_store.ts";
 import { MAX_REGISTRATIONS } from "./limits.ts";
-import { ALICE, BOB, CAROL, cdb10, hex, login, nexus, run, senseOf, withBed, withThreeNexuses } from "./testing.ts";
+import { ALICE, BOB, CAROL, IDENTITY, cdb10, hex, login, nexus, run, senseOf, withBed, withThreeNexuses } from "./testing.ts";
 import { type LogicalUnit, type ScsiNexus, ScsiStatus } from "./types.ts";
 
 setLogLevel("error");
@@ -237,7 +241,7 @@ test("RESERVE(6)/RELEASE(6): exclusive to one nexus, refused while persistent re
   });
 });
 
-test("registrations outlive a nexus's logout and a reset, but not the last session leaving the logical unit", async () => {
+test("registrations and the reservation outlive a nexus's logout, a reset and the last session leaving; forget() drops them", async () => {
   await withBed(MIB, async (bed) => {
     const a = await bed.open();
     await login(a.lu, ALICE);
@@ -247,11 +251,131 @@ test("registrations outlive a nexus's logout and a reset, but not the last sessi
     const b = await bed.open();
     await login(b.lu, BOB);
     assert.equal(hex((await prIn(b.lu, BOB, 0)).subarray(4)), "00 00 00 08 00 00 00 00 00 00 00 0a");
+    await prOut(b.lu, BOB, REGISTER, 0, 0n, 0xbn);
+    await prOut(b.lu, BOB, RESERVE, 1, 0xbn, 0n);
     await a.close();
     await b.close();
-    // In memory only (APTPL not supported): a new first session starts with none.
+    // SPC-4 5.13.1: kept across I_T nexus loss, even with no session left (a cluster whose links all dropped at once).
+    assert.equal(bed.registry.size, 1);
     const c = await bed.open();
-    await login(c.lu, BOB);
-    assert.equal(hex((await prIn(c.lu, BOB, 0)).subarray(4)), "00 00 00 00");
+    await login(c.lu, CAROL);
+    assert.equal(hex((await prIn(c.lu, CAROL, 0)).subarray(4)), "00 00 00 10 00 00 00 00 00 00 00 0a 00 00 00 00 00 00 00 0b");
+    assert.equal(await status(c.lu, CAROL, WRITE, BLOCK), "conflict");
+    await c.close();
+    // The export deleted or changed: its reservations go with it.
+    await bed.registry.forget(IDENTITY);
+    assert.equal(bed.registry.size, 0);
+    const d = await bed.open();
+    await login(d.lu, CAROL);
+    assert.equal(hex((await prIn(d.lu, CAROL, 0)).subarray(4)), "00 00 00 00");
+    assert.equal(await status(d.lu, CAROL, WRITE, BLOCK), "good");
+    await d.close();
+    // A logical unit whose sessions left no registration is not kept.
+    assert.equal(bed.registry.size, 0);
   });
+});
+
+test("APTPL: REGISTER with APTPL=1 keeps registrations and the reservation across a restart, in the store, before GOOD; APTPL=0 drops them", async () => {
+  const dir = makeTempDir("scsi-aptpl", memoryTmpBase());
+  try {
+    const store = new FileReservationStore(dir.path);
+    const path = store.pathOf(IDENTITY);
+    await withBed(
+      MIB,
+      async (bed) => {
+        const a = await bed.open();
+        await login(a.lu, ALICE);
+        // With a store: PTPL_C=1, PTPL_A=0 until an APTPL=1 REGISTER.
+        assert.equal(hex(await prIn(a.lu, ALICE, 2)), "00 08 15 80 ea 01 00 00");
+        await prOut(a.lu, ALICE, REGISTER, 0, 0n, 0xan);
+        assert.equal(existsSync(path), false, "nothing is saved without APTPL");
+        assert.equal((await prOut(a.lu, ALICE, REGISTER, 0, 0xan, 0xa1n, 0x01)).status, ScsiStatus.GOOD);
+        // Saved by the time GOOD came back.
+        assert.equal(existsSync(path), true);
+        assert.equal(hex(await prIn(a.lu, ALICE, 2)), "00 08 15 81 ea 01 00 00");
+        await login(a.lu, BOB);
+        assert.equal((await prOut(a.lu, BOB, REGISTER_AND_IGNORE, 0, 0n, 0xbn, 0x01)).status, ScsiStatus.GOOD);
+        // APTPL is ignored (not refused) on the other service actions (SPC-4 6.16.3).
+        assert.equal((await prOut(a.lu, ALICE, RESERVE, 5, 0xa1n, 0n, 0x01)).status, ScsiStatus.GOOD);
+        await a.close();
+      },
+      store,
+    );
+    // A restart: a new registry over the same store and a fresh unit.
+    await withBed(
+      MIB,
+      async (bed) => {
+        const a = await bed.open();
+        await login(a.lu, CAROL);
+        assert.equal(hex(await prIn(a.lu, CAROL, 2)), "00 08 15 81 ea 01 00 00");
+        const keys = await prIn(a.lu, CAROL, 0);
+        assert.equal(hex(keys.subarray(4)), "00 00 00 10 00 00 00 00 00 00 00 a1 00 00 00 00 00 00 00 0b");
+        const reservation = await prIn(a.lu, CAROL, 1);
+        assert.equal(reservation.readBigUInt64BE(8), 0xa1n);
+        assert.equal(reservation[21], 5);
+        // WRITE EXCLUSIVE - REGISTRANTS ONLY: Carol (not registered) may not write; Bob (registered) may.
+        assert.equal(await status(a.lu, CAROL, WRITE, BLOCK), "conflict");
+        await login(a.lu, BOB);
+        assert.equal(await status(a.lu, BOB, WRITE, BLOCK), "good");
+        // The holder comes back as the holder: it may release.
+        await login(a.lu, ALICE);
+        assert.equal((await prOut(a.lu, ALICE, RELEASE, 5, 0xa1n, 0n)).status, ScsiStatus.GOOD);
+        // Bob, a registrant, hears of it: RESERVATIONS RELEASED (2Ah/04h).
+        assert.equal(senseOf(await run(a.lu, BOB, [0x00, 0, 0, 0, 0, 0])), "06/2a/04");
+        // A REGISTER with APTPL=0: the last valid APTPL is zero, the saved state goes.
+        assert.equal((await prOut(a.lu, BOB, REGISTER, 0, 0xbn, 0xb2n, 0)).status, ScsiStatus.GOOD);
+        assert.equal(existsSync(path), false);
+        assert.equal(hex(await prIn(a.lu, BOB, 2)), "00 08 15 80 ea 01 00 00");
+        await a.close();
+      },
+      store,
+    );
+    // Not saved any more: a restart starts with none.
+    await withBed(
+      MIB,
+      async (bed) => {
+        const a = await bed.open();
+        await login(a.lu, BOB);
+        assert.equal(hex((await prIn(a.lu, BOB, 0)).subarray(4)), "00 00 00 00");
+        await a.close();
+      },
+      store,
+    );
+  } finally {
+    dir.remove();
+  }
+});
+
+test("APTPL: a saved state that does not read back refuses the logical unit, says why and leaves the file; forget() drops a saved state", async () => {
+  const dir = makeTempDir("scsi-aptpl-bad", memoryTmpBase());
+  try {
+    const store = new FileReservationStore(dir.path);
+    const path = store.pathOf(IDENTITY);
+    await withBed(
+      MIB,
+      async (bed) => {
+        const a = await bed.open();
+        await login(a.lu, ALICE);
+        await prOut(a.lu, ALICE, REGISTER, 0, 0n, 0xan, 0x01);
+        await a.close();
+        assert.equal(existsSync(path), true);
+        await bed.registry.forget(IDENTITY);
+        assert.equal(existsSync(path), false);
+      },
+      store,
+    );
+    for (const bad of ["{not json", JSON.stringify({ format: "ipsan-reservations-v1", naa: "3000000000000000", generation: 1, registrations: [] }), JSON.stringify({ format: "ipsan-reservations-v1", naa: IDENTITY.naa, generation: 1, registrations: [], reservation: { holder: 0, type: 1 } })]) {
+      writeFileSync(path, bad);
+      await withBed(
+        MIB,
+        async (bed) => {
+          await assert.rejects(bed.open(), /cannot be read .*not served rather than served without them/);
+        },
+        store,
+      );
+      assert.equal(readFileSync(path, "utf8"), bad, "the file is left as it was");
+    }
+  } finally {
+    dir.remove();
+  }
 });

@@ -9,6 +9,7 @@ import { MIB } from "../unit/layout.ts";
 import { UnitExportProvider } from "../unit/provider.ts";
 import { VolumeManager } from "../unit/volumes.ts";
 import { LogicalUnitRegistry } from "./logical_unit.ts";
+import type { ReservationStore } from "./reservations.ts";
 import type { LogicalUnit, LogicalUnitIdentity, ScsiNexus, ScsiRequest, ScsiResponse } from "./types.ts";
 
 export const IDENTITY: LogicalUnitIdentity = { naa: "3123456789abcdef", serial: "3123456789abcdef", exportName: "vol" };
@@ -28,12 +29,12 @@ export interface Bed {
   open(): Promise<{ lu: LogicalUnit; device: BlockDevice; close(): Promise<void> }>;
 }
 
-/** A unit with one volume "vol" of `sizeBytes`, served through a registry. */
-export async function withBed(sizeBytes: number, body: (bed: Bed) => Promise<void>): Promise<void> {
+/** A unit with one volume "vol" of `sizeBytes`, served through a registry (keeping reservations in `store` if given). */
+export async function withBed(sizeBytes: number, body: (bed: Bed) => Promise<void>, store?: ReservationStore): Promise<void> {
   const dir = makeTempDir("scsi", memoryTmpBase());
   const manager = await VolumeManager.open({ dataDir: dir.path, capacityBytes: Math.max(32 * MIB, sizeBytes + 8 * MIB) });
   const provider = new UnitExportProvider(manager);
-  const registry = new LogicalUnitRegistry();
+  const registry = new LogicalUnitRegistry(store);
   const opened: { close(): Promise<void> }[] = [];
   try {
     await manager.create("vol", sizeBytes);
