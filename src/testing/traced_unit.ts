@@ -106,8 +106,10 @@ export async function startUnitUnderStrace(options: UnitOptions, trace: TraceOpt
   let partial = "";
   let ready: Extract<UnitLine, { kind: "ready" }> | undefined;
   let control: Extract<UnitLine, { kind: "control" }> | undefined;
+  let iscsi: Extract<UnitLine, { kind: "iscsi" }> | undefined;
   const wantControl = options.control !== undefined && options.control !== false;
-  const settled = (): boolean => ready !== undefined && (!wantControl || control !== undefined);
+  const wantIscsi = (options.extraArgs ?? []).includes("--iscsi");
+  const settled = (): boolean => ready !== undefined && (!wantControl || control !== undefined) && (!wantIscsi || iscsi !== undefined);
   let settle: (() => void) | undefined;
   child.stdout?.setEncoding("utf8");
   child.stdout?.on("data", (chunk: string) => {
@@ -120,6 +122,7 @@ export async function startUnitUnderStrace(options: UnitOptions, trace: TraceOpt
       const parsed = parseUnitLine(line);
       if (parsed.kind === "ready" && ready === undefined) ready = parsed;
       if (parsed.kind === "control" && control === undefined) control = parsed;
+      if (parsed.kind === "iscsi" && iscsi === undefined) iscsi = parsed;
       if (settled()) settle?.();
     }
     if (partial.length > UNIT_STDOUT_LINE_BYTES_MAX) partial = partial.slice(-UNIT_STDOUT_LINE_BYTES_MAX);
@@ -165,7 +168,7 @@ export async function startUnitUnderStrace(options: UnitOptions, trace: TraceOpt
     }
   };
   const unit: RunningUnit = {
-    iscsiPortal: undefined,
+    iscsiPortal: iscsi === undefined ? undefined : hostPort(iscsi.host, iscsi.port),
     name: tcp.name,
     host: tcp.host,
     port: tcp.port,

@@ -11,6 +11,7 @@ import type { RequiredDigests } from "../iscsi/text.ts";
 import { scsiNaa, scsiSerial } from "../scsi/identity.ts";
 import type { LogicalUnitIdentity } from "../scsi/types.ts";
 import type { UnitExportProvider } from "./provider.ts";
+import type { VolumeRecord, VolumeTable } from "./table.ts";
 import { type PartitionView, type VolumeManager, type VolumeView, parseExportName, partitionName } from "./volumes.ts";
 
 export interface UnitIscsiOptions {
@@ -80,4 +81,27 @@ export function withIscsi(view: VolumeView, target: IscsiTarget, manager: Volume
     iscsi: of(view.name, undefined),
     partitions: view.partitions.map((p: PartitionView) => ({ ...p, iscsi: of(partitionName(view.name, p.index), p.index) })),
   };
+}
+
+/**
+ * The logical units a table change ended (identities as they were): every
+ * export of a deleted volume, and each partition whose extent changed or
+ * went (a new partition N is a new logical unit). A grown volume or a grant
+ * change keeps its logical units.
+ */
+export function endedLogicalUnits(unitId: string, before: VolumeTable, after: VolumeTable): LogicalUnitIdentity[] {
+  const ended: LogicalUnitIdentity[] = [];
+  const identity = (volume: VolumeRecord, partition: number | undefined): LogicalUnitIdentity => {
+    const naa = scsiNaa(unitId, volume.number, partition);
+    return { naa, serial: scsiSerial(naa), exportName: partition === undefined ? volume.name : partitionName(volume.name, partition) };
+  };
+  for (const old of before.volumes) {
+    const now = after.volumes.find((v) => v.number === old.number);
+    if (now === undefined) ended.push(identity(old, undefined));
+    old.partitions.forEach((range, i) => {
+      const same = now?.partitions[i];
+      if (same === undefined || same.startLba !== range.startLba || same.lengthLba !== range.lengthLba) ended.push(identity(old, i + 1));
+    });
+  }
+  return ended;
 }

@@ -357,9 +357,18 @@ export async function startUnit(config: UnitConfig): Promise<RunningUnit> {
     let iscsiMetrics: (() => IscsiMetrics) | undefined;
     if (config.iscsi !== undefined) {
       // Loaded only with --iscsi: the iSCSI side is the unit's one npm dependency (@node-rs/crc32).
-      const { newUnitIscsiTarget, withIscsi } = await import("./iscsi.ts");
+      const { endedLogicalUnits, newUnitIscsiTarget, withIscsi } = await import("./iscsi.ts");
       const { LogicalUnitRegistry } = await import("../scsi/logical_unit.ts");
-      const registry = new LogicalUnitRegistry();
+      const { FileReservationStore } = await import("./reservation_store.ts");
+      // Persistent reservations outlive sessions; under APTPL they are kept in DATA/reservations across restarts.
+      const registry = new LogicalUnitRegistry(new FileReservationStore(config.dataDir));
+      manager.onChanged = (before, after) => {
+        for (const identity of endedLogicalUnits(manager.unitId, before, after)) {
+          registry.forget(identity).catch((error: unknown) => {
+            log.error("the saved persistent reservations of an ended logical unit could not be removed", { export: identity.exportName, error: errorMessage(error) });
+          });
+        }
+      };
       const target = newUnitIscsiTarget({
         unitName: config.name,
         manager,

@@ -144,6 +144,12 @@ export class VolumeManager {
   /** Volumes being changed or wiped: opens of them wait (or are refused, for a wipe). */
   readonly #gates = new Map<string, Gate>();
   #closed = false;
+  /**
+   * Told of every change once it is durable, with the tables before and
+   * after (the iSCSI side drops the reservations of exports that went:
+   * unit/iscsi.ts). It must not throw; the change is answered after it ran.
+   */
+  onChanged: ((before: VolumeTable, after: VolumeTable) => void) | undefined;
 
   private constructor(storage: Storage, lock: UnitLock, store: TableStore, table: VolumeTable, hostKeys: HostKeys) {
     this.storage = storage;
@@ -407,7 +413,9 @@ export class VolumeManager {
         }
         if (keys !== undefined) await this.hostKeys.replace(new Map([...this.hostKeys.entries(), ...keys]));
         await this.#store.write(change.table);
+        const before = this.#table;
         this.#table = change.table;
+        this.onChanged?.(before, change.table);
       } finally {
         release();
       }
