@@ -11,7 +11,7 @@ import { join } from "node:path";
 import { pathToFileURL } from "node:url";
 import { patchedBuild } from "../testing/patched_build.ts";
 import { setLogLevel } from "../util/log.ts";
-import { compareAndWriteCounter, fuzzExecute, reservationFencing } from "./scenarios.ts";
+import { compareAndWriteCounter, fuzzExecute, preemptAndAbortFences, reservationFencing } from "./scenarios.ts";
 
 setLogLevel("error");
 
@@ -41,6 +41,13 @@ test("persistent reservations fence per SPC-4 table 48; with the check removed, 
   await reservationFencing();
   await broken("scsi-pr-canary", "dist/scsi/reservations.js", `if (r === undefined || access === "none")`, "if (true)", async (s) => {
     await assert.rejects(s.reservationFencing(), /reservation type 1/);
+  });
+});
+
+test("PREEMPT AND ABORT waits for the preempted nexus's writes in flight; without the wait, GOOD comes first", { timeout: 120_000 }, async () => {
+  await preemptAndAbortFences();
+  await broken("scsi-preempt-abort-canary", "dist/scsi/logical_unit.js", "if (preempted.length > 0)", "if (false)", async (s) => {
+    await assert.rejects(s.preemptAndAbortFences(), /still in the device/);
   });
 });
 

@@ -85,6 +85,37 @@ export class LogicalUnitCore {
     this.reservations = saved !== undefined ? Reservations.restore(saved) : new Reservations(store !== undefined);
   }
 
+  /**
+   * Commands of each nexus that are running and may still touch the medium
+   * (execute() and a READ gone to the device): PREEMPT AND ABORT waits for
+   * those of the nexuses it preempts. Commands answered synchronously
+   * (executeNow) are done before any other command can run.
+   */
+  readonly #running = new Map<string, { count: number; idle: (() => void)[] }>();
+
+  started(key: string): void {
+    const entry = this.#running.get(key);
+    if (entry === undefined) this.#running.set(key, { count: 1, idle: [] });
+    else entry.count += 1;
+  }
+
+  finished(key: string): void {
+    const entry = this.#running.get(key);
+    if (entry === undefined) return;
+    entry.count -= 1;
+    if (entry.count > 0) return;
+    this.#running.delete(key);
+    for (const wake of entry.idle) wake();
+  }
+
+  /** Resolves once no command of these nexuses is running (the ones running now finished; none started since counts for them). */
+  async drained(keys: readonly string[]): Promise<void> {
+    for (const key of keys) {
+      const entry = this.#running.get(key);
+      if (entry !== undefined) await new Promise<void>((resolve) => entry.idle.push(resolve));
+    }
+  }
+
   /** Writes the reservations' state through the store (null: drops the saved state); resolves once durable. */
   save(state: SavedReservations | null): Promise<void> {
     return this.#store === undefined ? Promise.resolve() : this.#store.save(this.identity, state ?? undefined);
@@ -544,7 +575,7 @@ class BlockLogicalUnit implements LogicalUnit {
         const allocate = request.allocateDataIn;
         const buffer = allocate !== undefined ? allocate(blocks * LOGICAL_BLOCK_BYTES) : Buffer.allocUnsafe(blocks * LOGICAL_BLOCK_BYTES);
         if (this.device.readNow?.(buffer, offset) === true) return { status: ScsiStatus.GOOD, dataIn: buffer };
-        return this.#readLater(buffer, offset);
+        return this.#readLater(buffer, offset, request.nexus);
       }
       const data = this.#truncatedData(spec, request.dataOut, blocks * LOGICAL_BLOCK_BYTES);
       if (data.length === 0) return GOOD;
@@ -567,16 +598,30 @@ class BlockLogicalUnit implements LogicalUnit {
   }
 
   /** A READ's data was not in the page cache: read through the device into the buffer executeNow() already has. */
-  async #readLater(buffer: Buffer, offset: number): Promise<ScsiResponse> {
+  async #readLater(buffer: Buffer, offset: number, nexus: ScsiNexus): Promise<ScsiResponse> {
+    const key = nexusKey(nexus);
+    this.#core.started(key);
     try {
       await this.device.read(buffer, offset);
       return { status: ScsiStatus.GOOD, dataIn: buffer };
     } catch (error) {
       return this.#failure(error, false);
+    } finally {
+      this.#core.finished(key);
     }
   }
 
   async execute(request: ScsiRequest): Promise<ScsiResponse> {
+    const key = nexusKey(request.nexus);
+    this.#core.started(key);
+    try {
+      return await this.#execute(request);
+    } finally {
+      this.#core.finished(key);
+    }
+  }
+
+  async #execute(request: ScsiRequest): Promise<ScsiResponse> {
     let writing = false;
     try {
       const cdb = request.cdb;
@@ -1146,8 +1191,18 @@ class BlockLogicalUnit implements LogicalUnit {
     const data = request.dataOut ?? Buffer.alloc(0);
     const result = this.#core.reservations.out(request.nexus, cdb, data.subarray(0, Math.min(listLength, data.length)));
     this.#core.notify(result.notices);
-    if (result.save === undefined) return GOOD;
-    return this.#core.save(result.save).then(
+    // PREEMPT AND ABORT (SPC-4 5.13.11.2.3): the preempted nexuses' commands still running finish
+    // before GOOD (they are not cut off half way), so a fenced initiator's write never lands after
+    // the fencing node was told it is fenced. Their commands not yet started meet the new state.
+    const preempted = (u8(cdb, 1) & 0x1f) === 5 ? result.notices.filter((n) => n.asc === ASC.REGISTRATIONS_PREEMPTED).map((n) => n.nexusKey) : [];
+    if (preempted.length > 0) return this.#core.drained(preempted).then(() => this.#saved(result.save));
+    return this.#saved(result.save);
+  }
+
+  /** GOOD once `save` (if any) is durable; a save that fails is HARDWARE ERROR (through #failure). */
+  #saved(save: SavedReservations | null | undefined): ScsiResponse | Promise<ScsiResponse> {
+    if (save === undefined) return GOOD;
+    return this.#core.save(save).then(
       () => GOOD,
       (error: unknown) => {
         throw new Error(`persistent reservations of ${this.identity.exportName} could not be saved (APTPL): ${errorMessage(error)}`, { cause: error });

@@ -3,7 +3,9 @@
 // copy of dist/, src/testing/patched_build.ts) and must see them fail:
 // - COMPARE AND WRITE is atomic against other writes of the same blocks
 //   (VMware ATS locks and cluster heartbeats rely on it);
-// - a persistent reservation fences the initiators it should (table 48);
+// - a persistent reservation fences the initiators it should (table 48),
+//   and PREEMPT AND ABORT answers only once the preempted nexus's writes
+//   in flight are done;
 // - random commands never make the device refuse a range (the logical unit
 //   checks first) nor touch another volume's bytes.
 // Each throws (an AssertionError) when the claim does not hold.
@@ -15,8 +17,9 @@ import { MIB } from "../unit/layout.ts";
 import { UnitExportProvider } from "../unit/provider.ts";
 import { VolumeManager } from "../unit/volumes.ts";
 import { MAX_TRANSFER_BYTES } from "./limits.ts";
-import { COMMANDS, LogicalUnitRegistry } from "./logical_unit.ts";
-import { ALICE, BOB, CAROL, IDENTITY, cdb10, nexus, run, withBed, withThreeNexuses } from "./testing.ts";
+import type { BlockDevice } from "../block/types.ts";
+import { COMMANDS, LogicalUnitCore, LogicalUnitRegistry, createLogicalUnit } from "./logical_unit.ts";
+import { ALICE, BOB, CAROL, IDENTITY, cdb10, login, nexus, run, withBed, withThreeNexuses } from "./testing.ts";
 import { type LogicalUnit, type ScsiNexus, type ScsiRequest, ScsiStatus } from "./types.ts";
 
 /** Eight workers over two sessions increment a counter in block 0 with COMPARE AND WRITE while plain writes hit block 1. */
@@ -101,6 +104,58 @@ export async function reservationFencing(): Promise<void> {
       assert.deepEqual(row, expected, `reservation type ${type}: holder, registrant, stranger READ/WRITE`);
     });
   }
+}
+
+/**
+ * fence_scsi's fencing step: a node (BOB) preempts another (ALICE) with
+ * PREEMPT AND ABORT under Write Exclusive - Registrants Only while one of
+ * ALICE's writes is still in the device. GOOD must not come back before that
+ * write is done (else it could land after the fencing node was told ALICE is
+ * fenced), and ALICE's next write conflicts.
+ */
+export async function preemptAndAbortFences(): Promise<void> {
+  await withBed(MIB, async (bed) => {
+    const real = (await bed.open()).device;
+    let release: () => void = () => undefined;
+    const gate = new Promise<void>((resolve) => (release = resolve));
+    let held = 0;
+    // ALICE's device: its writes wait at the gate (a slow disk); everything else is the real device.
+    const slow: BlockDevice = Object.assign(Object.create(real) as BlockDevice, {
+      writeNow: undefined,
+      writev: undefined,
+      write: async (buffer: Buffer, offsetBytes: number, fua: boolean): Promise<void> => {
+        held += 1;
+        await gate;
+        await real.write(buffer, offsetBytes, fua);
+      },
+    });
+    const core = new LogicalUnitCore(IDENTITY);
+    const alice = createLogicalUnit(slow, IDENTITY, core);
+    const bob = createLogicalUnit(real, IDENTITY, core);
+    await login(alice, ALICE);
+    await login(bob, BOB);
+    assert.equal((await prOut(alice, ALICE, 0, 0, 0n, 0xan)).status, ScsiStatus.GOOD);
+    assert.equal((await prOut(bob, BOB, 0, 0, 0n, 0xbn)).status, ScsiStatus.GOOD);
+    assert.equal((await prOut(alice, ALICE, 1, 5, 0xan, 0n)).status, ScsiStatus.GOOD);
+    const write = run(alice, ALICE, cdb10(0x2a, 0, 1), Buffer.alloc(512, 0xaa));
+    for (let i = 0; i < 100 && held === 0; i += 1) await new Promise((resolve) => setImmediate(resolve));
+    assert.equal(held, 1, "ALICE's write reached the device");
+    let answered = false;
+    const preempt = prOut(bob, BOB, 5, 5, 0xbn, 0xan).then((r) => {
+      answered = true;
+      return r;
+    });
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    assert.equal(answered, false, "PREEMPT AND ABORT answered while a write of the preempted nexus was still in the device");
+    release();
+    assert.equal((await write).status, ScsiStatus.GOOD);
+    assert.equal((await preempt).status, ScsiStatus.GOOD);
+    // ALICE hears of it, then is fenced off; BOB reads what ALICE's last write left.
+    assert.equal((await run(alice, ALICE, cdb10(0x2a, 0, 1), Buffer.alloc(512, 0xbb))).status, ScsiStatus.CHECK_CONDITION);
+    assert.equal(await outcome(alice, ALICE, cdb10(0x2a, 0, 1), Buffer.alloc(512, 0xbb)), "conflict");
+    const read = await run(bob, BOB, cdb10(0x28, 0, 1));
+    assert.equal(read.dataIn?.[0], 0xaa);
+  });
 }
 
 const STATUSES: ReadonlySet<number> = new Set(Object.values(ScsiStatus));

@@ -248,7 +248,7 @@ test("APTPL: PERSISTENT RESERVE OUT answers GOOD only once the new state is dura
 test("canary: a build that answers PERSISTENT RESERVE OUT before its save is durable fails that check", { timeout: 180_000 }, async () => {
   const build = patchedBuild(
     "pr-save-canary",
-    [{ file: "dist/scsi/logical_unit.js", from: "return this.#core.save(result.save).then(", to: "void this.#core.save(result.save); return Promise.resolve().then(" }],
+    [{ file: "dist/scsi/logical_unit.js", from: "return this.#core.save(save).then(", to: "void this.#core.save(save); return Promise.resolve().then(" }],
     undefined,
     { nodeModules: true },
   );
