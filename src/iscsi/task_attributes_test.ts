@@ -109,9 +109,10 @@ async function quiet(initiator: RawInitiator, what: string): Promise<void> {
   await assert.rejects(initiator.read(QUIET_MS), /no PDU/, what);
 }
 
-function abortTask(initiator: RawInitiator, referenced: number): number {
+/** A task management request (immediate): ABORT TASK (1) of `referenced`, LOGICAL UNIT RESET (5). */
+function taskManagement(initiator: RawInitiator, fn: number, referenced = 0xffffffff): number {
   const itt = initiator.nextItt();
-  const bhs = newBhs(Op.TASK_MGMT_REQUEST | 0x40, 0x80 | 1); // immediate; ABORT TASK
+  const bhs = newBhs(Op.TASK_MGMT_REQUEST | 0x40, 0x80 | fn);
   bhs.writeUInt32BE(itt, 16);
   bhs.writeUInt32BE(referenced, 20);
   bhs.writeUInt32BE(initiator.cmdSN, 24);
@@ -137,7 +138,7 @@ test("ATTR bits: HEAD OF QUEUE answers at once, ORDERED waits across sessions, A
     const behind = send(two.initiator, TUR, SIMPLE);
     await quiet(two.initiator, "a SIMPLE command of another session overtook a waiting ORDERED one");
     // ABORT TASK of the waiting ORDERED command: answered at once (it never runs), which lets the other session's command go.
-    const tmf = abortTask(one.initiator, ordered);
+    const tmf = taskManagement(one.initiator, 1, ordered);
     const aborted = await answer(one.initiator, 2_000);
     assert.deepEqual([aborted.kind, aborted.itt, aborted.status], ["tmf", tmf, 0], "ABORT TASK: function complete");
     const released = await answer(two.initiator, 2_000);
@@ -180,5 +181,29 @@ test("ATTR bits: an ORDERED READ is answered after the READ held before it; ACA 
   } finally {
     one.gate.open();
     one.initiator.close();
+  }
+});
+
+test("LOGICAL UNIT RESET takes the session's waiting commands out at once: another session's command behind them goes on", { timeout: 60_000 }, async () => {
+  const one = await session();
+  const two = await session();
+  try {
+    one.gate.shut();
+    send(one.initiator, read10(3), SIMPLE, 512);
+    send(one.initiator, TUR, ORDERED);
+    await quiet(one.initiator, "the ORDERED command ran while the READ before it was held");
+    const behind = send(two.initiator, TUR, SIMPLE);
+    await quiet(two.initiator, "a SIMPLE command overtook a waiting ORDERED one");
+    const reset = taskManagement(one.initiator, 5);
+    // The reset waits for the held READ (it is running), but the ORDERED command it aborted no longer holds anyone.
+    const released = await answer(two.initiator, 2_000);
+    assert.deepEqual([released.itt, released.status], [behind, 0]);
+    one.gate.open();
+    const done = await answer(one.initiator);
+    assert.deepEqual([done.kind, done.itt, done.status], ["tmf", reset, 0], "LOGICAL UNIT RESET: function complete, and no answer for the aborted commands");
+  } finally {
+    one.gate.open();
+    one.initiator.close();
+    two.initiator.close();
   }
 });
