@@ -4,13 +4,16 @@
 // commands out of it. The target runs in this process over a real volume
 // (VolumeManager, UnitExportProvider, the unit's own target factory) with
 // each session's device behind a gate, so a READ can be held in the device
-// while the commands around it show their order.
+// while the commands around it show their order. A last test runs the
+// same ATTR values through a real `ipsan unit --iscsi` process (where
+// nothing can be held, so it shows the wiring, not the waiting).
 
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 import { LogicalUnitRegistry } from "../scsi/logical_unit.ts";
 import { type Gate, gated, hex } from "../scsi/testing.ts";
 import { makeTempDir, memoryTmpBase } from "../testing/tmp.ts";
+import { startUnit } from "../testing/unit.ts";
 import { newUnitIscsiTarget } from "../unit/iscsi.ts";
 import { MIB } from "../unit/layout.ts";
 import { UnitExportProvider } from "../unit/provider.ts";
@@ -64,10 +67,15 @@ after(async () => {
   dir.remove();
 });
 
-async function session(): Promise<{ initiator: RawInitiator; gate: Gate }> {
-  const initiator = await RawInitiator.connect(portal.host, portal.port);
-  assert.equal((await initiator.login({ targetName: iscsiTargetName("attrs", "vol") })).status, 0);
+async function loggedIn(at: { host: string; port: number }, unitName: string): Promise<RawInitiator> {
+  const initiator = await RawInitiator.connect(at.host, at.port);
+  assert.equal((await initiator.login({ targetName: iscsiTargetName(unitName, "vol") })).status, 0);
   await initiator.ready();
+  return initiator;
+}
+
+async function session(): Promise<{ initiator: RawInitiator; gate: Gate }> {
+  const initiator = await loggedIn(portal, "attrs");
   const gate = gates[gates.length - 1];
   assert.ok(gate !== undefined);
   return { initiator, gate };
@@ -205,5 +213,35 @@ test("LOGICAL UNIT RESET takes the session's waiting commands out at once: anoth
     one.gate.open();
     one.initiator.close();
     two.initiator.close();
+  }
+});
+
+test("a real unit process: every ATTR value is answered as the task set says, and VPD 86h reports HEADSUP, ORDSUP, SIMPSUP", { timeout: 60_000 }, async () => {
+  // Nothing can be held inside a real unit's device, so this shows the wiring end to end, not the waiting (the tests above do).
+  const unit = await startUnit({ name: "attrs-unit", capacity: "64M", volumes: [{ name: "vol", size: "4M" }], extraArgs: ["--iscsi", "127.0.0.1:0"] });
+  try {
+    const text = unit.iscsiPortal ?? "";
+    const initiator = await loggedIn({ host: text.slice(0, text.lastIndexOf(":")), port: Number(text.slice(text.lastIndexOf(":") + 1)) }, "attrs-unit");
+    try {
+      assert.equal(await initiator.write10(4, Buffer.alloc(512, 0x77)), 0);
+      // READs, INQUIRY and TEST UNIT READY need no R2T: all four go out before any answer.
+      const ordered = send(initiator, read10(4), ORDERED, 512);
+      const head = send(initiator, [0x12, 0x01, 0x86, 0, 64, 0], HEAD_OF_QUEUE, 64);
+      const simple = send(initiator, read10(4), SIMPLE, 512);
+      const aca = send(initiator, TUR, ACA);
+      const answers = new Map<number, Awaited<ReturnType<typeof answer>>>();
+      for (let i = 0; i < 4; i += 1) {
+        const a = await answer(initiator);
+        answers.set(a.itt, a);
+      }
+      assert.equal(hex(answers.get(ordered)?.data), hex(Buffer.alloc(512, 0x77)));
+      assert.equal(hex(answers.get(simple)?.data), hex(Buffer.alloc(512, 0x77)));
+      assert.equal(hex(answers.get(head)?.data.subarray(0, 6)), "00 86 00 3c 00 07");
+      assert.deepEqual([answers.get(aca)?.status, answers.get(aca)?.sense], [0x02, "05/49/00"]);
+    } finally {
+      initiator.close();
+    }
+  } finally {
+    await unit.close();
   }
 });
