@@ -189,13 +189,13 @@ test("completion is counted once whether the command answers at once, later, or 
 test("a device failure of an ORDERED command still releases the commands behind it", async () => {
   await withGatedSessions(1, {}, async (gate, [lu], core) => {
     assert.ok(lu !== undefined);
-    // The gated device passes read() through; make one fail the way a revoked device does.
+    // The gated device passes read() through; make one fail as a disk does (EIO: MEDIUM ERROR).
     const read = gate.device.read.bind(gate.device);
-    gate.device.read = () => Promise.reject(new Error("device revoked"));
+    gate.device.read = () => Promise.reject(Object.assign(new Error("injected EIO"), { code: "EIO" }));
     try {
       const failed = lu.execute(request(ALICE, cdb10(0x28, 0, 1), undefined, { attribute: "ordered", expectedLength: 512 }));
       const after = lu.execute(request(ALICE, [0x00, 0, 0, 0, 0, 0]));
-      assert.equal((await failed).status, ScsiStatus.CHECK_CONDITION);
+      assert.equal(senseOf(await failed), "03/11/00");
       assert.equal((await after).status, ScsiStatus.GOOD);
     } finally {
       gate.device.read = read;
@@ -215,5 +215,9 @@ test("the ACA task attribute is refused (no ACA condition can exist: NACA is ref
     assert.equal(gate.arrived, 0, "the ACA WRITE reached the device");
     assert.equal(hex((await run(lu, ALICE, cdb10(0x28, 0, 1))).dataIn), hex(block(0)));
     assert.deepEqual([core.tasks.running, core.tasks.ordered, core.tasks.waitingCount], [0, 0, 0]);
+    // The refusal comes before a pending unit attention, which stays for the next command.
+    lu.nexusAdded(ALICE);
+    assert.equal(senseOf(await lu.execute(request(ALICE, [0x00, 0, 0, 0, 0, 0], undefined, { attribute: "aca" }))), "05/49/00");
+    assert.equal(senseOf(await run(lu, ALICE, [0x00, 0, 0, 0, 0, 0])), "06/29/00");
   });
 });
