@@ -9,7 +9,7 @@ import { MIB } from "../unit/layout.ts";
 import { UnitExportProvider } from "../unit/provider.ts";
 import { VolumeManager } from "../unit/volumes.ts";
 import { LogicalUnitCore, LogicalUnitRegistry, createLogicalUnit } from "./logical_unit.ts";
-import type { LogicalUnit, LogicalUnitIdentity, ScsiNexus, ScsiRequest, ScsiResponse, TaskAttribute } from "./types.ts";
+import type { LogicalUnit, LogicalUnitIdentity, ScsiNexus, ScsiRequest, ScsiResponse } from "./types.ts";
 
 export const IDENTITY: LogicalUnitIdentity = { naa: "3123456789abcdef", serial: "3123456789abcdef", exportName: "vol" };
 
@@ -63,7 +63,7 @@ export async function withBed(sizeBytes: number, body: (bed: Bed) => Promise<voi
 }
 
 /** A request as the transport builds it: the CDB padded to 16 bytes, SIMPLE unless told. */
-export function request(from: ScsiNexus, cdb: number[] | Buffer, dataOut?: Buffer, options: { expectedLength?: number; attribute?: TaskAttribute } = {}): ScsiRequest {
+export function request(from: ScsiNexus, cdb: number[] | Buffer, dataOut?: Buffer, options: { expectedLength?: number; attribute?: ScsiRequest["attribute"] } = {}): ScsiRequest {
   const bytes = Buffer.isBuffer(cdb) ? cdb : Buffer.from(cdb);
   const padded = bytes.length < 16 ? Buffer.concat([bytes, Buffer.alloc(16 - bytes.length)]) : bytes;
   return {
