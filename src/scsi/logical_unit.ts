@@ -165,11 +165,11 @@ interface WaitingTask {
  * command still waits for it like for any other running command); SIMPLE
  * starts at once unless an earlier ORDERED command has not completed.
  *
- * The counters are public so the logical unit's hot path is one test and
- * one increment: with no ORDERED command in the set (`ordered === 0`) a
- * SIMPLE command never waits and nothing waits behind it, so it only adds
- * itself to `running` (or, answered synchronously, not even that: nothing
- * else runs meanwhile).
+ * The counters are public so the logical unit's hot path is one test at
+ * the start, one at the end and a counter: with no ORDERED command in the
+ * set (`ordered === 0`) a SIMPLE command never waits and nothing waits
+ * behind it, so it only adds itself to `running` and takes itself off (or,
+ * answered synchronously, not even that: nothing else runs meanwhile).
  */
 export class TaskSet {
   /** Commands started and not completed, of every attribute. */
@@ -186,7 +186,7 @@ export class TaskSet {
 
   /**
    * Enters a command that is not a SIMPLE one on the hot path: true when it
-   * may start now (it is counted running and must leave() once), else a
+   * may start now (it is counted running and must complete once), else a
    * promise of true when its turn comes or false when it was cancelled first.
    */
   enter(request: ScsiRequest): boolean | Promise<boolean> {
@@ -205,14 +205,17 @@ export class TaskSet {
     return new Promise<boolean>((wake) => this.#waiting.push({ request, ordered, wake }));
   }
 
-  /** A command that entered (hot path or enter()) completed: whoever it held may start. */
-  leave(ordered: boolean): void {
-    this.running -= 1;
+  /**
+   * A command that was counted running completed: `running -= 1` (inline,
+   * the hot path's one decrement), then this, only while `ordered` is not 0
+   * (otherwise nobody waits): whoever it held may start.
+   */
+  completed(ordered: boolean): void {
     if (ordered) {
       this.ordered -= 1;
       this.#orderedRunning = false;
     }
-    if (this.#waiting.length > 0) this.#wakeWaiters();
+    this.#wakeWaiters();
   }
 
   /** Takes a command that has not started out of the set (it never runs); false when it is not waiting (running, done or unknown). */
@@ -635,7 +638,9 @@ class BlockLogicalUnit implements LogicalUnit {
     } catch (error) {
       return this.#failure(error, false);
     } finally {
-      this.#core.tasks.leave(false);
+      const tasks = this.#core.tasks;
+      tasks.running -= 1;
+      if (tasks.ordered !== 0) tasks.completed(false);
     }
   }
 
@@ -674,7 +679,9 @@ class BlockLogicalUnit implements LogicalUnit {
     } catch (error) {
       return this.#failure(error, writing);
     } finally {
-      tasks.leave(request.attribute === "ordered");
+      // Counted once, however the command ended; the task set's bookkeeping only while something is ORDERED.
+      tasks.running -= 1;
+      if (tasks.ordered !== 0) tasks.completed(request.attribute === "ordered");
     }
   }
 
