@@ -158,6 +158,8 @@ interface Task {
   parked: boolean;
   readonly early: { offset: number; data: Buffer }[];
   settled: Promise<void> | undefined;
+  /** What the logical unit was given (from #execute on): abort() names the command by it. */
+  request: ScsiRequest | undefined;
   /**
    * A Data-Out came with a DataSN out of order (RFC 7143 section 7.9: an implied
    * digest error). At ErrorRecoveryLevel 0 the task ends (section 7.8, option b):
@@ -420,7 +422,11 @@ export class IscsiConnection implements BudgetWaiter {
     clearTimeout(this.#loginTimer);
     clearTimeout(this.#nopTimer);
     if (this.#nopPing !== undefined) clearTimeout(this.#nopPing.timer);
-    for (const task of this.#tasks.values()) this.#finishTask(task);
+    for (const task of this.#tasks.values()) {
+      // One waiting in the logical unit's task set must not run after its session is gone, nor hold up other sessions.
+      if (task.state === "executing" && task.request !== undefined) this.#unit?.abort?.(task.request);
+      this.#finishTask(task);
+    }
     this.#tasks.clear();
     this.#host.budget.leave(this.#account, this);
     if (this.#batchCorked) {
@@ -1091,10 +1097,11 @@ export class IscsiConnection implements BudgetWaiter {
     }
   }
 
-  /** Aborts a task: no response will be sent for it; its Data-Out is no longer waited for. */
+  /** Aborts a task: no response will be sent for it; its Data-Out is no longer waited for; if it waits in the task set, it never runs. */
   #abort(task: Task): void {
     task.aborted = true;
     if (task.state === "data-out") this.#finishTask(task);
+    else if (task.state === "executing" && task.request !== undefined) this.#unit?.abort?.(task.request);
   }
 
   // ---------------------------------------------------------------- SCSI commands
@@ -1180,6 +1187,7 @@ export class IscsiConnection implements BudgetWaiter {
       parked: false,
       early: pdu.dataParts.length > 1 ? atOffsets(0, pdu.dataParts) : [],
       settled: undefined,
+      request: undefined,
       dataSnError: false,
     };
     this.#tasks.set(itt, task);
@@ -1422,6 +1430,7 @@ export class IscsiConnection implements BudgetWaiter {
           ? (offsetBytes: number, lengthBytes: number) => this.#sendDataIn(task, offsetBytes, lengthBytes)
           : undefined,
     };
+    task.request = request;
     // A gathered write buffer goes back to the pool once the unit is done with it (not a borrowed view: the pool ignores those).
     const gathered = task.write && task.buffer !== undefined && !this.#borrowed.has(task.buffer) ? task.buffer : undefined;
     const answer = unit.executeNow !== undefined ? unit.executeNow(request) : unit.execute(request);
@@ -1454,6 +1463,7 @@ export class IscsiConnection implements BudgetWaiter {
       task.reservation = undefined;
     }
     task.buffer = undefined;
+    task.request = undefined;
     if (this.#tasks.get(task.itt) === task) this.#tasks.delete(task.itt);
     task.early.length = 0;
     if (this.#parked.length > 0 && !this.#ended) queueMicrotask(() => this.budgetAvailable());

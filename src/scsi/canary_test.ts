@@ -2,8 +2,9 @@
 // copy of it with the safety removed: COMPARE AND WRITE taking its range
 // lock shared instead of exclusive, the persistent reservation check
 // letting every command through, and the logical unit's own LBA range check
-// gone (the device's refusal then shows as an internal failure to the fuzzer). A scenario that passed on the broken copy
-// would be testing nothing.
+// gone (the device's refusal then shows as an internal failure to the fuzzer), ORDERED commands
+// entering the task set like SIMPLE ones, and an aborted waiting command left in the task set. A
+// scenario that passed on the broken copy would be testing nothing.
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
@@ -11,7 +12,7 @@ import { join } from "node:path";
 import { pathToFileURL } from "node:url";
 import { patchedBuild } from "../testing/patched_build.ts";
 import { setLogLevel } from "../util/log.ts";
-import { compareAndWriteCounter, fuzzExecute, preemptAndAbortFences, reservationFencing } from "./scenarios.ts";
+import { abortedOrderedReleasesWaiters, compareAndWriteCounter, fuzzExecute, orderedReadAfterWrite, preemptAndAbortFences, reservationFencing } from "./scenarios.ts";
 
 setLogLevel("error");
 
@@ -55,5 +56,19 @@ test("random commands never reach past the device; without the logical unit's ra
   await fuzzExecute(300);
   await broken("scsi-range-canary", "dist/scsi/logical_unit.js", "if (lba + BigInt(blocks) > BigInt(this.#blocks)) {", "if (false) {", async (s) => {
     await assert.rejects(s.fuzzExecute(3000), (error: unknown) => /internal failure/.test(`${String(error)} ${String((error as { cause?: unknown }).cause)}`));
+  });
+});
+
+test("an ORDERED READ waits for the WRITE before it; with ORDERED entered like SIMPLE, it reads the old bytes", { timeout: 120_000 }, async () => {
+  await orderedReadAfterWrite();
+  await broken("scsi-ordered-canary", "dist/scsi/logical_unit.js", `const ordered = request.attribute === "ordered";`, "const ordered = false;", async (s) => {
+    await assert.rejects(s.orderedReadAfterWrite(), /ORDERED READ was answered while an earlier WRITE was still running/);
+  });
+});
+
+test("an aborted waiting command releases those behind it; left in the task set, it holds them", { timeout: 120_000 }, async () => {
+  await abortedOrderedReleasesWaiters();
+  await broken("scsi-abort-canary", "dist/scsi/logical_unit.js", "cancel(request) {", "cancel(request) { return false;", async (s) => {
+    await assert.rejects(s.abortedOrderedReleasesWaiters(), /aborted while it waited was not answered/);
   });
 });

@@ -63,6 +63,8 @@ const log = logger("scsi");
 const GOOD: ScsiResponse = { status: ScsiStatus.GOOD };
 /** A READ whose Data-In and status the transport already sent (ScsiRequest.sendDataIn). */
 const DATA_IN_SENT: ScsiResponse = { status: ScsiStatus.GOOD, dataInSent: true };
+/** A command aborted while it waited in the task set: it never ran (the transport sends nothing for it). */
+const TASK_ABORTED: ScsiResponse = { status: ScsiStatus.TASK_ABORTED };
 
 /** The shared part of one logical unit: reservations, unit attentions and write ordering span sessions. */
 export class LogicalUnitCore {
@@ -70,6 +72,8 @@ export class LogicalUnitCore {
   readonly reservations: Reservations;
   readonly #store: ReservationStore | undefined;
   readonly locks = new RangeLocks();
+  /** Task attributes (SAM-5 8.6): one task set for every I_T nexus (control mode page TST=000b). */
+  readonly tasks = new TaskSet();
   /** Pending unit attentions per nexus key, oldest first. */
   readonly #attentions = new Map<string, Asc[]>();
   /** Nexuses logged in to this logical unit (through any session), oldest first. */
@@ -192,6 +196,99 @@ export class LogicalUnitCore {
 
   get preventing(): boolean {
     return this.#preventing.size > 0;
+  }
+}
+
+/** A command held back by an ORDERED one (TaskSet): woken with true when it may start, false when it was aborted first. */
+interface WaitingTask {
+  readonly request: ScsiRequest;
+  readonly ordered: boolean;
+  readonly wake: (start: boolean) => void;
+}
+
+/**
+ * The task set of one logical unit (SAM-5 8.6), shared by all its sessions,
+ * in the order commands reach the logical unit: an ORDERED command starts
+ * once every earlier command has completed, and nothing that came after it
+ * starts before it completes; HEAD OF QUEUE starts at once (an ORDERED
+ * command still waits for it like for any other running command); SIMPLE
+ * starts at once unless an earlier ORDERED command has not completed.
+ *
+ * The counters are public so the logical unit's hot path is one test at
+ * the start, one at the end and a counter: with no ORDERED command in the
+ * set (`ordered === 0`) a SIMPLE command never waits and nothing waits
+ * behind it, so it only adds itself to `running` and takes itself off (or,
+ * answered synchronously, not even that: nothing else runs meanwhile).
+ */
+export class TaskSet {
+  /** Commands started and not completed, of every attribute. */
+  running = 0;
+  /** ORDERED commands in the set, waiting or running: while there are none, nobody waits. */
+  ordered = 0;
+  #orderedRunning = false;
+  /** Commands held back, in arrival order; empty whenever `ordered` is 0. */
+  readonly #waiting: WaitingTask[] = [];
+
+  get waitingCount(): number {
+    return this.#waiting.length;
+  }
+
+  /**
+   * Enters a command that is not a SIMPLE one on the hot path: true when it
+   * may start now (it is counted running and must complete once), else a
+   * promise of true when its turn comes or false when it was cancelled first.
+   */
+  enter(request: ScsiRequest): boolean | Promise<boolean> {
+    const ordered = request.attribute === "ordered";
+    if (ordered) {
+      this.ordered += 1;
+      if (this.running === 0 && this.#waiting.length === 0) {
+        this.running += 1;
+        this.#orderedRunning = true;
+        return true;
+      }
+    } else if (request.attribute === "head-of-queue" || this.ordered === 0) {
+      this.running += 1;
+      return true;
+    }
+    return new Promise<boolean>((wake) => this.#waiting.push({ request, ordered, wake }));
+  }
+
+  /**
+   * A command that was counted running completed: `running -= 1` (inline,
+   * the hot path's one decrement), then this, only while `ordered` is not 0
+   * (otherwise nobody waits): whoever it held may start.
+   */
+  completed(ordered: boolean): void {
+    if (ordered) {
+      this.ordered -= 1;
+      this.#orderedRunning = false;
+    }
+    this.#wakeWaiters();
+  }
+
+  /** Takes a command that has not started out of the set (it never runs); false when it is not waiting (running, done or unknown). */
+  cancel(request: ScsiRequest): boolean {
+    const i = this.#waiting.findIndex((w) => w.request === request);
+    const waiter = this.#waiting[i];
+    if (waiter === undefined) return false;
+    this.#waiting.splice(i, 1);
+    if (waiter.ordered) this.ordered -= 1;
+    waiter.wake(false);
+    this.#wakeWaiters();
+    return true;
+  }
+
+  /** Starts waiting commands from the oldest: SIMPLE ones while no ORDERED runs, an ORDERED one once nothing runs. */
+  #wakeWaiters(): void {
+    for (;;) {
+      const head = this.#waiting[0];
+      if (head === undefined || this.#orderedRunning || (head.ordered && this.running > 0)) return;
+      this.#waiting.shift();
+      this.running += 1;
+      if (head.ordered) this.#orderedRunning = true;
+      head.wake(true);
+    }
   }
 }
 
@@ -551,6 +648,9 @@ class BlockLogicalUnit implements LogicalUnit {
    * throws or rejects: every failure is a status with sense data.
    */
   executeNow(request: ScsiRequest): ScsiResponse | Promise<ScsiResponse> {
+    const tasks = this.#core.tasks;
+    // Only a SIMPLE command with no ORDERED one in the task set may skip it (see TaskSet).
+    if (tasks.ordered !== 0 || request.attribute !== "simple") return this.execute(request);
     const cdb = request.cdb;
     const opcode = cdb[0];
     const read = opcode === 0x28 || opcode === 0x88 || opcode === 0xa8 || opcode === 0x08;
@@ -575,6 +675,8 @@ class BlockLogicalUnit implements LogicalUnit {
         const allocate = request.allocateDataIn;
         const buffer = allocate !== undefined ? allocate(blocks * LOGICAL_BLOCK_BYTES) : Buffer.allocUnsafe(blocks * LOGICAL_BLOCK_BYTES);
         if (this.device.readNow?.(buffer, offset) === true) return { status: ScsiStatus.GOOD, dataIn: buffer };
+        // Now it outlives this turn: it counts as running until it completes (an ORDERED command waits for it).
+        tasks.running += 1;
         return this.#readLater(buffer, offset, request.nexus);
       }
       const data = this.#truncatedData(spec, request.dataOut, blocks * LOGICAL_BLOCK_BYTES);
@@ -597,7 +699,7 @@ class BlockLogicalUnit implements LogicalUnit {
     return this.execute(request);
   }
 
-  /** A READ's data was not in the page cache: read through the device into the buffer executeNow() already has. */
+  /** A READ's data was not in the page cache: read through the device into the buffer executeNow() already has (counted running). */
   async #readLater(buffer: Buffer, offset: number, nexus: ScsiNexus): Promise<ScsiResponse> {
     const key = nexusKey(nexus);
     this.#core.started(key);
@@ -608,20 +710,25 @@ class BlockLogicalUnit implements LogicalUnit {
       return this.#failure(error, false);
     } finally {
       this.#core.finished(key);
+      const tasks = this.#core.tasks;
+      tasks.running -= 1;
+      if (tasks.ordered !== 0) tasks.completed(false);
     }
   }
 
   async execute(request: ScsiRequest): Promise<ScsiResponse> {
+    const tasks = this.#core.tasks;
+    if (tasks.ordered !== 0 || request.attribute !== "simple") {
+      // ACA is refused as SAM-5 says when no ACA condition exists (the unit never establishes one: NACA is refused).
+      if (request.attribute === "aca") return this.#failure(illegalRequest(ASC.INVALID_MESSAGE_ERROR, "the ACA task attribute without an ACA condition"), false);
+      const entered = tasks.enter(request);
+      if (entered !== true && !(await entered)) return TASK_ABORTED;
+    } else {
+      tasks.running += 1;
+    }
+    // Admitted: from here it runs, and PREEMPT AND ABORT waits for it if its nexus is preempted (never while it waits in the task set).
     const key = nexusKey(request.nexus);
     this.#core.started(key);
-    try {
-      return await this.#execute(request);
-    } finally {
-      this.#core.finished(key);
-    }
-  }
-
-  async #execute(request: ScsiRequest): Promise<ScsiResponse> {
     let writing = false;
     try {
       const cdb = request.cdb;
@@ -646,7 +753,17 @@ class BlockLogicalUnit implements LogicalUnit {
       return await this.#run(spec, request);
     } catch (error) {
       return this.#failure(error, writing);
+    } finally {
+      this.#core.finished(key);
+      // Counted once, however the command ended; the task set's bookkeeping only while something is ORDERED.
+      tasks.running -= 1;
+      if (tasks.ordered !== 0) tasks.completed(request.attribute === "ordered");
     }
+  }
+
+  /** The transport aborted the command: if it waits in the task set it never runs (execute() answers TASK ABORTED) and stops holding back later ones. */
+  abort(request: ScsiRequest): void {
+    this.#core.tasks.cancel(request);
   }
 
   /** Reports (and clears) the nexus's oldest unit attention as CHECK CONDITION. */

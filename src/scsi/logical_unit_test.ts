@@ -35,7 +35,7 @@ test("standard INQUIRY (SPC-4 6.6.2) and allocation length", async () => {
   });
 });
 
-test("VPD pages 0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2 (SPC-4 7.8, SBC-3 6.5)", async () => {
+test("VPD pages 0x00, 0x80, 0x83, 0x86, 0xB0, 0xB1, 0xB2 (SPC-4 7.8, SBC-3 6.5)", async () => {
   await withBed(SIZE, async (bed) => {
     const { lu } = await bed.open();
     const page = async (code: number): Promise<Buffer> => {
@@ -43,7 +43,7 @@ test("VPD pages 0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2 (SPC-4 7.8, SBC-3 6.5)", asyn
       assert.equal(r.status, ScsiStatus.GOOD, `page ${code}`);
       return r.dataIn ?? Buffer.alloc(0);
     };
-    assert.equal(hex(await page(0x00)), "00 00 00 06 00 80 83 b0 b1 b2");
+    assert.equal(hex(await page(0x00)), "00 00 00 07 00 80 83 86 b0 b1 b2");
     const serial = await page(0x80);
     assert.equal(hex(serial.subarray(0, 4)), "00 80 00 10");
     assert.equal(serial.subarray(4).toString("ascii"), IDENTITY.serial);
@@ -73,7 +73,12 @@ test("VPD pages 0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2 (SPC-4 7.8, SBC-3 6.5)", asyn
     assert.equal(hex(characteristics.subarray(0, 6)), "00 b1 00 3c 00 01");
     // LBPU|LBPWS|LBPWS10|LBPRZ, PROVISIONING TYPE 010b (thin).
     assert.equal(hex(await page(0xb2)), "00 b2 00 04 00 e4 02 00");
-    assert.equal(senseOf(await run(lu, ALICE, [0x12, 0x01, 0x86, 0, 0xff, 0])), "05/24/00");
+    // Extended INQUIRY Data (SPC-4 7.8.7): PAGE LENGTH 003Ch; byte 5 HEADSUP (bit 2), ORDSUP (1), SIMPSUP (0); all else 0.
+    const extended = await page(0x86);
+    assert.equal(hex(extended.subarray(0, 6)), "00 86 00 3c 00 07");
+    assert.equal(extended.length, 64);
+    assert.ok(extended.subarray(6).every((b) => b === 0), "no other Extended INQUIRY bit is set");
+    assert.equal(senseOf(await run(lu, ALICE, [0x12, 0x01, 0x87, 0, 0xff, 0])), "05/24/00");
   });
 });
 

@@ -53,7 +53,7 @@ export function standardInquiry(readOnly: boolean): Buffer {
 }
 
 /** VPD pages served, ascending (VPD 0x00). */
-export const VPD_PAGES = [0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2] as const;
+export const VPD_PAGES = [0x00, 0x80, 0x83, 0x86, 0xb0, 0xb1, 0xb2] as const;
 
 function vpdPage(code: number, body: Buffer): Buffer {
   const out = Buffer.alloc(4 + body.length);
@@ -103,6 +103,13 @@ export function vpd(code: number, identity: LogicalUnitIdentity, nexus: ScsiNexu
         parts.push(designator(0x3, true, 2, 0x8, nameString(nexus.targetName)));
       }
       return vpdPage(0x83, Buffer.concat(parts));
+    }
+    case 0x86: {
+      // Extended INQUIRY Data (SPC-4 7.8.7): the task attributes the task set enforces (logical_unit.ts
+      // TaskSet), HEADSUP|ORDSUP|SIMPSUP in byte 5; no protection, grouping, priority, ACA or microcode.
+      const body = Buffer.alloc(0x3c);
+      body[1] = 0x04 | 0x02 | 0x01;
+      return vpdPage(0x86, body);
     }
     case 0xb0:
       return vpdPage(0xb0, blockLimits(capabilities));

@@ -7,7 +7,9 @@
 //   and PREEMPT AND ABORT answers only once the preempted nexus's writes
 //   in flight are done;
 // - random commands never make the device refuse a range (the logical unit
-//   checks first) nor touch another volume's bytes.
+//   checks first) nor touch another volume's bytes;
+// - an ORDERED command waits for the commands before it, across sessions,
+//   and one aborted while it waits never runs and holds nobody back.
 // Each throws (an AssertionError) when the claim does not hold.
 
 import assert from "node:assert/strict";
@@ -19,7 +21,7 @@ import { VolumeManager } from "../unit/volumes.ts";
 import { MAX_TRANSFER_BYTES } from "./limits.ts";
 import type { BlockDevice } from "../block/types.ts";
 import { COMMANDS, LogicalUnitCore, LogicalUnitRegistry, createLogicalUnit } from "./logical_unit.ts";
-import { ALICE, BOB, CAROL, IDENTITY, cdb10, login, nexus, run, withBed, withThreeNexuses } from "./testing.ts";
+import { ALICE, BOB, CAROL, IDENTITY, cdb10, hex, login, nexus, request, run, settle, watch, withBed, withGatedSessions, withThreeNexuses } from "./testing.ts";
 import { type LogicalUnit, type ScsiNexus, type ScsiRequest, ScsiStatus } from "./types.ts";
 
 /** Eight workers over two sessions increment a counter in block 0 with COMPARE AND WRITE while plain writes hit block 1. */
@@ -258,4 +260,59 @@ export async function fuzzExecute(numRuns: number): Promise<void> {
     await manager.close();
     dir.remove();
   }
+}
+
+/**
+ * A SIMPLE WRITE through one session is held in the device; an ORDERED READ
+ * of the same block through another session (one task set, TST=000b) is not
+ * answered until the WRITE completed, and reads what it wrote. Run as a
+ * SIMPLE command, the READ would overtake the WRITE and read the old bytes.
+ */
+export async function orderedReadAfterWrite(): Promise<void> {
+  await withGatedSessions(2, {}, async (gate, [a, b]) => {
+    assert.ok(a !== undefined && b !== undefined && b.executeNow !== undefined);
+    const data = Buffer.alloc(512, 0xab);
+    gate.shut();
+    const write = watch(a.execute(request(ALICE, cdb10(0x2a, 8, 1), data)));
+    await settle();
+    assert.equal(gate.held, 1, "the WRITE is held in the device");
+    const read = watch(b.executeNow(request(BOB, cdb10(0x28, 8, 1), undefined, { attribute: "ordered", expectedLength: 512 })));
+    await settle();
+    assert.equal(read.settled, false, "the ORDERED READ was answered while an earlier WRITE was still running");
+    gate.open();
+    assert.equal((await write.promise).status, ScsiStatus.GOOD);
+    const answer = await read.promise;
+    assert.equal(answer.status, ScsiStatus.GOOD);
+    assert.equal(hex(answer.dataIn), hex(data), "the ORDERED READ did not see the WRITE before it");
+  });
+}
+
+/**
+ * An ORDERED WRITE waits behind a held SIMPLE WRITE, a SIMPLE WRITE behind
+ * it; the ORDERED one is aborted while it waits: it answers TASK ABORTED,
+ * its data never reaches the device, and the SIMPLE one behind it starts at
+ * once (while the first write is still held).
+ */
+export async function abortedOrderedReleasesWaiters(): Promise<void> {
+  await withGatedSessions(2, {}, async (gate, [a, b]) => {
+    assert.ok(a !== undefined && b !== undefined && a.abort !== undefined);
+    gate.shut();
+    const first = watch(a.execute(request(ALICE, cdb10(0x2a, 1, 1), Buffer.alloc(512, 1))));
+    const orderedRequest = request(ALICE, cdb10(0x2a, 2, 1), Buffer.alloc(512, 2), { attribute: "ordered" });
+    const ordered = watch(a.execute(orderedRequest));
+    const after = watch(b.execute(request(BOB, cdb10(0x2a, 3, 1), Buffer.alloc(512, 3))));
+    await settle();
+    assert.equal(gate.arrived, 1, "only the first WRITE reached the device");
+    a.abort(orderedRequest);
+    await settle();
+    assert.equal(ordered.settled, true, "the ORDERED WRITE aborted while it waited was not answered");
+    assert.equal(ordered.value?.status, ScsiStatus.TASK_ABORTED);
+    assert.equal(gate.arrived, 2, "the SIMPLE WRITE behind the aborted ORDERED one started");
+    assert.equal(first.settled, false, "the first WRITE is still held");
+    gate.open();
+    assert.equal((await first.promise).status, ScsiStatus.GOOD);
+    assert.equal((await after.promise).status, ScsiStatus.GOOD);
+    const back = await run(a, ALICE, cdb10(0x28, 1, 3));
+    assert.equal(hex(back.dataIn), hex(Buffer.concat([Buffer.alloc(512, 1), Buffer.alloc(512, 0), Buffer.alloc(512, 3)])), "the aborted WRITE must not have run");
+  });
 }

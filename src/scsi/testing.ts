@@ -8,7 +8,7 @@ import type { BlockDevice } from "../block/types.ts";
 import { MIB } from "../unit/layout.ts";
 import { UnitExportProvider } from "../unit/provider.ts";
 import { VolumeManager } from "../unit/volumes.ts";
-import { LogicalUnitRegistry } from "./logical_unit.ts";
+import { LogicalUnitCore, LogicalUnitRegistry, createLogicalUnit } from "./logical_unit.ts";
 import type { ReservationStore } from "./reservations.ts";
 import type { LogicalUnit, LogicalUnitIdentity, ScsiNexus, ScsiRequest, ScsiResponse } from "./types.ts";
 
@@ -63,17 +63,115 @@ export async function withBed(sizeBytes: number, body: (bed: Bed) => Promise<voi
   }
 }
 
-export function run(lu: LogicalUnit, from: ScsiNexus, cdb: number[] | Buffer, dataOut?: Buffer, expectedLength?: number): Promise<ScsiResponse> {
+/** A request as the transport builds it: the CDB padded to 16 bytes, SIMPLE unless told. */
+export function request(from: ScsiNexus, cdb: number[] | Buffer, dataOut?: Buffer, options: { expectedLength?: number; attribute?: ScsiRequest["attribute"] } = {}): ScsiRequest {
   const bytes = Buffer.isBuffer(cdb) ? cdb : Buffer.from(cdb);
   const padded = bytes.length < 16 ? Buffer.concat([bytes, Buffer.alloc(16 - bytes.length)]) : bytes;
-  const request: ScsiRequest = {
+  return {
     cdb: padded,
     nexus: from,
-    attribute: "simple",
-    expectedLength: expectedLength ?? dataOut?.length ?? 65536,
+    attribute: options.attribute ?? "simple",
+    expectedLength: options.expectedLength ?? dataOut?.length ?? 65536,
     dataOut,
   };
-  return lu.execute(request);
+}
+
+export function run(lu: LogicalUnit, from: ScsiNexus, cdb: number[] | Buffer, dataOut?: Buffer, expectedLength?: number): Promise<ScsiResponse> {
+  return lu.execute(request(from, cdb, dataOut, expectedLength === undefined ? {} : { expectedLength }));
+}
+
+/**
+ * A real device whose writes (and, with `reads`, reads) wait while the gate
+ * is shut: a command can be held inside the device so the order of the
+ * commands around it shows. Shut, writeNow() (and readNow() with `reads`)
+ * decline, so the command takes the waiting path; open, everything passes
+ * straight through.
+ */
+export interface Gate {
+  readonly device: BlockDevice;
+  shut(): void;
+  /** Lets every held request (and later ones) through. */
+  open(): void;
+  /** Writes (reads with `reads`) that reached the device, held or not, since the gate was made. */
+  readonly arrived: number;
+  /** Requests waiting at the shut gate now. */
+  readonly held: number;
+}
+
+export function gated(inner: BlockDevice, options: { reads?: boolean } = {}): Gate {
+  let shut = false;
+  let arrived = 0;
+  let waiting: (() => void)[] = [];
+  const pass = async (): Promise<void> => {
+    arrived += 1;
+    if (shut) await new Promise<void>((resolve) => waiting.push(resolve));
+  };
+  const holdReads = options.reads === true;
+  const device: BlockDevice = {
+    name: inner.name,
+    description: inner.description,
+    sizeBytes: inner.sizeBytes,
+    capabilities: inner.capabilities,
+    async read(buffer, offset) {
+      if (holdReads) await pass();
+      return inner.read(buffer, offset);
+    },
+    readNow: (buffer, offset) => (holdReads && shut ? false : inner.readNow?.(buffer, offset) === true),
+    async write(buffer, offset, fua) {
+      await pass();
+      return inner.write(buffer, offset, fua);
+    },
+    writeNow(parts, offset) {
+      if (shut) return false;
+      arrived += 1;
+      return inner.writeNow?.(parts, offset) === true;
+    },
+    flush: () => inner.flush(),
+    async trim(offset, length, fua) {
+      await pass();
+      return inner.trim(offset, length, fua);
+    },
+    async zero(offset, length, zeroOptions) {
+      await pass();
+      return inner.zero(offset, length, zeroOptions);
+    },
+    cache: (offset, length) => inner.cache(offset, length),
+    extents: (offset, length) => inner.extents(offset, length),
+    close: () => inner.close(),
+  };
+  return {
+    device,
+    shut: () => {
+      shut = true;
+    },
+    open: () => {
+      shut = false;
+      const wake = waiting;
+      waiting = [];
+      for (const resolve of wake) resolve();
+    },
+    get arrived() {
+      return arrived;
+    },
+    get held() {
+      return waiting.length;
+    },
+  };
+}
+
+/** A promise with whether it has settled yet (a command answered or still held). */
+export function watch<T>(promise: T | Promise<T>): { readonly settled: boolean; readonly value: T | undefined; readonly promise: Promise<T> } {
+  const state = { settled: false, value: undefined as T | undefined, promise: Promise.resolve(promise) };
+  void state.promise.then((value) => {
+    state.settled = true;
+    state.value = value;
+  });
+  return state;
+}
+
+/** Lets pending I/O and promise callbacks run: long enough for an unblocked command to finish on a tmpfs file. */
+export async function settle(ms = 30): Promise<void> {
+  await new Promise((resolve) => setTimeout(resolve, ms));
 }
 
 /** Hex of a buffer, bytes separated by spaces: tables in tests read like the standard's. */
@@ -137,5 +235,33 @@ export async function withThreeNexuses(body: (first: LogicalUnit, second: Logica
     await login(b.lu, BOB);
     await login(b.lu, CAROL);
     await body(a.lu, b.lu);
+  });
+}
+
+/**
+ * `sessions` logical units sharing one core (one task set, as the registry
+ * shares it between sessions) over one gated device of a 1 MiB volume, each
+ * nexus (ALICE, BOB, CAROL: one per session) logged in.
+ */
+export async function withGatedSessions(
+  sessions: number,
+  options: { reads?: boolean },
+  body: (gate: Gate, lus: LogicalUnit[], core: LogicalUnitCore) => Promise<void>,
+): Promise<void> {
+  await withBed(1024 * 1024, async (bed) => {
+    const { device } = await bed.open();
+    const gate = gated(device, options);
+    const core = new LogicalUnitCore(IDENTITY);
+    const lus: LogicalUnit[] = [];
+    for (let i = 0; i < sessions; i += 1) {
+      const lu = createLogicalUnit(gate.device, IDENTITY, core);
+      await login(lu, [ALICE, BOB, CAROL][i] ?? ALICE);
+      lus.push(lu);
+    }
+    try {
+      await body(gate, lus, core);
+    } finally {
+      gate.open();
+    }
   });
 }

@@ -122,6 +122,14 @@ export interface LogicalUnit {
    * cache, a WRITE into it); a promise otherwise. Never throws or rejects.
    */
   executeNow?(request: ScsiRequest): ScsiResponse | Promise<ScsiResponse>;
+  /**
+   * Optional: the transport aborted this command (ABORT TASK, a task set
+   * cleared, a reset, its session ended) after handing it to execute() or
+   * executeNow(). One still waiting for its turn in the task set (behind an
+   * ORDERED command) never runs and stops holding back the commands after
+   * it; its promise answers TASK ABORTED. One already running completes.
+   */
+  abort?(request: ScsiRequest): void;
   /** A new I_T nexus logged in: it gets a POWER ON/RESET unit attention once. */
   nexusAdded(nexus: ScsiNexus): void;
   /** The nexus's session ended: RESERVE(6) held by it is released; PR registrations stay (SPC-4 5.13). */

@@ -203,9 +203,10 @@ export class RawInitiator {
     return { status: answer.status, pairs: all };
   }
 
-  /** A SCSI Command PDU for LUN 0. */
-  commandBhs(cdb: Buffer, options: { read?: boolean; write?: boolean; expectedLength: number; final?: boolean; itt?: number }): Buffer {
-    const bhs = newBhs(Op.SCSI_COMMAND, (options.final === false ? 0 : 0x80) | (options.read === true ? 0x40 : 0) | (options.write === true ? 0x20 : 0) | 1);
+  /** A SCSI Command PDU for LUN 0; ATTR (RFC 7143 11.3.1) 1 SIMPLE unless `attribute` says: 2 ORDERED, 3 HEAD OF QUEUE, 4 ACA. */
+  commandBhs(cdb: Buffer, options: { read?: boolean; write?: boolean; expectedLength: number; final?: boolean; itt?: number; attribute?: number }): Buffer {
+    const flags = (options.final === false ? 0 : 0x80) | (options.read === true ? 0x40 : 0) | (options.write === true ? 0x20 : 0);
+    const bhs = newBhs(Op.SCSI_COMMAND, flags | ((options.attribute ?? 1) & 0x07));
     bhs.writeUInt32BE(options.itt ?? this.nextItt(), 16);
     bhs.writeUInt32BE(options.expectedLength, 20);
     bhs.writeUInt32BE(this.cmdSN, 24);
