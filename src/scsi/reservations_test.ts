@@ -9,7 +9,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { setLogLevel } from "../util/log.ts";
 import { MIB } from "../unit/layout.ts";
-import { existsSync, readFileSync, writeFileSync } from "node:fs";
+import { existsSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { makeTempDir, memoryTmpBase } from "../testing/tmp.ts";
 import { FileReservationStore } from "../unit/reservation_store.ts";
 import { MAX_REGISTRATIONS } from "./limits.ts";
@@ -375,6 +375,36 @@ test("APTPL: a saved state that does not read back refuses the logical unit, say
       );
       assert.equal(readFileSync(path, "utf8"), bad, "the file is left as it was");
     }
+  } finally {
+    dir.remove();
+  }
+});
+
+test("APTPL: a save that fails answers HARDWARE ERROR, INTERNAL TARGET FAILURE; the change holds in memory and the next PR OUT saves it all", async () => {
+  const dir = makeTempDir("scsi-aptpl-fail", memoryTmpBase());
+  try {
+    const store = new FileReservationStore(dir.path);
+    await withBed(
+      MIB,
+      async (bed) => {
+        const a = await bed.open();
+        await login(a.lu, ALICE);
+        // DATA/reservations is now a file, not a directory: every write under it fails (ENOTDIR), even as root.
+        writeFileSync(store.dir, "in the way\n");
+        assert.equal(senseOf(await prOut(a.lu, ALICE, REGISTER, 0, 0n, 0xan, 0x01)), "04/44/00");
+        assert.equal(hex((await prIn(a.lu, ALICE, 0)).subarray(4)), "00 00 00 08 00 00 00 00 00 00 00 0a");
+        rmSync(store.dir);
+        assert.equal((await prOut(a.lu, ALICE, RESERVE, 5, 0xan, 0n)).status, ScsiStatus.GOOD);
+        const saved = JSON.parse(readFileSync(store.pathOf(IDENTITY), "utf8")) as { registrations: { key: string }[]; reservation: { type: number } };
+        assert.deepEqual(
+          saved.registrations.map((r) => r.key),
+          ["000000000000000a"],
+        );
+        assert.equal(saved.reservation.type, 5);
+        await a.close();
+      },
+      store,
+    );
   } finally {
     dir.remove();
   }

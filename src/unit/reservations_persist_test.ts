@@ -13,7 +13,7 @@
 // Loopback only, ports chosen by the kernel.
 
 import assert from "node:assert/strict";
-import { existsSync, readFileSync, readdirSync, realpathSync } from "node:fs";
+import { existsSync, readFileSync, readdirSync, realpathSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { test } from "node:test";
 import { Op } from "../iscsi/pdu.ts";
@@ -171,6 +171,42 @@ test("APTPL: registrations and the reservation come back after kill -9 and still
       }
       await controlOk(unit, "DELETE", "/v1/volumes/kept");
       assert.deepEqual(readdirSync(join(dir.path, RESERVATIONS_DIR_NAME)), [], "the deleted volume's saved reservations are gone");
+    } finally {
+      await unit.close();
+    }
+  } finally {
+    dir.remove();
+  }
+});
+
+test("a saved state that does not read back: logins to that target fail with TARGET ERROR and the log names the file; other targets serve", { timeout: 60_000 }, async () => {
+  const dir = makeTempDir("pr-unreadable");
+  try {
+    let unit = await startUnit(unitOptions(dir.path));
+    const alice = await connect(unit, "kept", "iqn.2026-12.org.example:alice");
+    try {
+      assert.equal((await prOut(alice, REGISTER, 0, 0n, 0xa11ce1n, true)).status, 0);
+    } finally {
+      alice.close();
+    }
+    await unit.stop();
+    const [file] = readdirSync(join(dir.path, RESERVATIONS_DIR_NAME));
+    assert.ok(file !== undefined);
+    writeFileSync(join(dir.path, RESERVATIONS_DIR_NAME, file), "{ half a file");
+    unit = await startUnit(unitOptions(dir.path));
+    try {
+      const portal = unit.iscsiPortal!;
+      const refused = await RawInitiator.connect(portal.slice(0, portal.lastIndexOf(":")), Number(portal.slice(portal.lastIndexOf(":") + 1)));
+      try {
+        const login = await refused.login({ targetName: iscsiTargetName(UNIT, "kept"), initiatorName: "iqn.2026-12.org.example:carol" });
+        assert.equal(login.status, 0x0300, "TARGET ERROR: not served without its reservations");
+      } finally {
+        refused.close();
+      }
+      assert.match(unit.stderr(), new RegExp(`${file.replace(".", "\\.")} cannot be read`));
+      assert.equal(readFileSync(join(dir.path, RESERVATIONS_DIR_NAME, file), "utf8"), "{ half a file", "the file is left as it was");
+      const other = await connect(unit, "plain", "iqn.2026-12.org.example:carol");
+      other.close();
     } finally {
       await unit.close();
     }
