@@ -18,7 +18,7 @@ import { startTgt, type RunningTgt } from "../testing/tgt.ts";
 import { makeTempDir } from "../testing/tmp.ts";
 import { startUnit, type RunningUnit } from "../testing/unit.ts";
 import { UsageError, errorMessage } from "../util/errors.ts";
-import { parseFlags } from "../util/flags.ts";
+import { parseFlags, wantsHelp } from "../util/flags.ts";
 import { formatSize, parseSize } from "../util/size.ts";
 import { textTable } from "./mirror_bench.ts";
 import { clockTicksPerSecond, cpuSeconds } from "./proc.ts";
@@ -75,6 +75,8 @@ export const ISCSI_BENCH_USAGE = `usage: node dist/bench/iscsi_bench.js [--round
   --rounds 5 --size 256M; --dir defaults to the OS temp dir`;
 
 export function parseIscsiBenchOptions(argv: readonly string[]): IscsiBenchOptions {
+  // parseFlags answers --help with HelpRequested (the CLI's usage): a bench prints its own usage instead.
+  if (wantsHelp(argv)) throw new UsageError(ISCSI_BENCH_USAGE);
   const { values } = parseFlags(argv, {
     rounds: { type: "string" },
     size: { type: "string" },
@@ -82,9 +84,7 @@ export function parseIscsiBenchOptions(argv: readonly string[]): IscsiBenchOptio
     servers: { type: "string" },
     dir: { type: "string" },
     json: { type: "string" },
-    help: { type: "boolean" },
   });
-  if (values.help === true) throw new UsageError(ISCSI_BENCH_USAGE);
   const sizeBytes = parseSize(values.size ?? "256M", "--size");
   if (sizeBytes < 64 * MIB || sizeBytes % MIB !== 0) throw new UsageError(`--size: expected a whole number of MiB, at least 64M, got "${values.size}"`);
   const jobNames = pickList(values.jobs ?? ISCSI_JOBS.map((j) => j.name).join(","), "--jobs", ISCSI_JOBS.map((j) => j.name));
@@ -218,7 +218,7 @@ export async function iscsiBenchMain(argv: readonly string[]): Promise<number> {
   } catch (error) {
     if (error instanceof UsageError) {
       process.stderr.write(`${error.message}\n`);
-      return argv.includes("--help") ? 0 : 2;
+      return wantsHelp(argv) ? 0 : 2;
     }
     throw error;
   }

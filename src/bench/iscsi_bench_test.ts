@@ -3,7 +3,7 @@
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { ISCSI_JOBS, formatIscsiCpu, formatIscsiSummary, parseIscsiBenchOptions, parseIscsiPerf, parseQemuBench, qemuBenchArgs } from "./iscsi_bench.ts";
+import { ISCSI_BENCH_USAGE, ISCSI_JOBS, formatIscsiCpu, formatIscsiSummary, parseIscsiBenchOptions, parseIscsiPerf, parseQemuBench, qemuBenchArgs } from "./iscsi_bench.ts";
 import { UsageError } from "../util/errors.ts";
 
 const job = (name: string) => {
@@ -32,6 +32,8 @@ test("options: defaults, lists checked, sizes bounded", () => {
   assert.equal(defaults.jobs.length, ISCSI_JOBS.length);
   assert.throws(() => parseIscsiBenchOptions(["--servers", "lio"]), UsageError);
   assert.throws(() => parseIscsiBenchOptions(["--size", "10M"]), /at least 64M/);
+  // --help (wherever it stands) is the usage text, not the CLI's HelpRequested.
+  assert.throws(() => parseIscsiBenchOptions(["--rounds", "3", "--help"]), (error: unknown) => error instanceof UsageError && error.message === ISCSI_BENCH_USAGE);
 });
 
 test("the table gives medians with their spread and the ratios against each target", () => {

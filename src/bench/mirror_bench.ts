@@ -39,7 +39,7 @@ import { makeTempDir, type TempDir } from "../testing/tmp.ts";
 import { type RunningUnit, startUnit } from "../testing/unit.ts";
 import { clockTicksPerSecond, cpuSeconds } from "./proc.ts";
 import { UsageError, errorMessage } from "../util/errors.ts";
-import { parseFlags } from "../util/flags.ts";
+import { parseFlags, wantsHelp } from "../util/flags.ts";
 import { formatSize, parseSize } from "../util/size.ts";
 import { type BenchJob, JOBS, fioArgs, median, pickList, positiveInteger } from "./report.ts";
 
@@ -89,6 +89,8 @@ export const MIRROR_BENCH_USAGE = `usage: node dist/bench/mirror_bench.js [--rou
   --rounds 3 --runtime 5 --size 1G; --rounds also sets the rebuild/nbdcopy pairs; --dir defaults to the OS temp dir`;
 
 export function parseMirrorBenchOptions(argv: readonly string[]): MirrorBenchOptions {
+  // parseFlags answers --help with HelpRequested (the CLI's usage): a bench prints its own usage instead.
+  if (wantsHelp(argv)) throw new UsageError(MIRROR_BENCH_USAGE);
   const { values } = parseFlags(argv, {
     rounds: { type: "string" },
     runtime: { type: "string" },
@@ -99,9 +101,7 @@ export function parseMirrorBenchOptions(argv: readonly string[]): MirrorBenchOpt
     "quorum-read-pattern": { type: "string" },
     dir: { type: "string" },
     json: { type: "string" },
-    help: { type: "boolean" },
   });
-  if (values.help === true) throw new UsageError(MIRROR_BENCH_USAGE);
   const sizeBytes = parseSize(values.size ?? "1G", "--size");
   if (sizeBytes < 64 * MIB || sizeBytes % MIB !== 0) throw new UsageError(`--size: expected a whole number of MiB, at least 64M, got "${values.size}"`);
   const jobNames = pickList(values.jobs ?? MIRROR_JOB_NAMES.join(","), "--jobs", MIRROR_JOB_NAMES);

@@ -2,7 +2,7 @@
 // the printed table. No processes here, so they have plain unit tests.
 
 import { UsageError } from "../util/errors.ts";
-import { parseFlags } from "../util/flags.ts";
+import { parseFlags, wantsHelp } from "../util/flags.ts";
 import { parseSize } from "../util/size.ts";
 
 /** ipsan-tls and nbdkit-tls: the same servers with NBD over TLS-PSK (TLS 1.3), fio through nbds:// URIs. */
@@ -66,6 +66,8 @@ export function pickList<T extends string>(text: string, field: string, known: r
 }
 
 export function parseBenchOptions(argv: readonly string[]): BenchOptions {
+  // parseFlags answers --help with HelpRequested (the CLI's usage): a bench prints its own usage instead.
+  if (wantsHelp(argv)) throw new UsageError(BENCH_USAGE);
   const { values } = parseFlags(argv, {
     rounds: { type: "string" },
     runtime: { type: "string" },
@@ -75,9 +77,7 @@ export function parseBenchOptions(argv: readonly string[]): BenchOptions {
     dir: { type: "string" },
     json: { type: "string" },
     pin: { type: "boolean" },
-    help: { type: "boolean" },
   });
-  if (values.help === true) throw new UsageError(BENCH_USAGE);
   const jobNames = pickList(values.jobs ?? JOBS.map((job) => job.name).join(","), "--jobs", JOBS.map((job) => job.name));
   const sizeBytes = parseSize(values.size ?? "1G", "--size");
   if (sizeBytes < 16 * 1024 * 1024 || sizeBytes % (1024 * 1024) !== 0) {

@@ -5,7 +5,8 @@
 
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { fioArgs, formatSummary, formatVerdict, JOBS, median, parseBenchOptions, summarize, type Measurement } from "./report.ts";
+import { UsageError } from "../util/errors.ts";
+import { BENCH_USAGE, fioArgs, formatSummary, formatVerdict, JOBS, median, parseBenchOptions, summarize, type Measurement } from "./report.ts";
 
 test("parseBenchOptions: defaults, lists, and errors that name the flag", () => {
   const defaults = parseBenchOptions([]);
@@ -21,6 +22,7 @@ test("parseBenchOptions: defaults, lists, and errors that name the flag", () => 
   assert.throws(() => parseBenchOptions(["--rounds", "0"]), /--rounds: expected an integer 1\.\.50, got "0"/);
   assert.throws(() => parseBenchOptions(["--size", "1000K"]), /--size: expected a whole number of MiB/);
   assert.throws(() => parseBenchOptions(["--servers", "tgt"]), /--servers: unknown "tgt"/);
+  assert.throws(() => parseBenchOptions(["-h"]), (error: unknown) => error instanceof UsageError && error.message === BENCH_USAGE);
 });
 
 test("fioArgs carries the job's pattern, block size, depth and runtime", () => {
