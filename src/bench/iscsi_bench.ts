@@ -21,7 +21,7 @@ import { UsageError, errorMessage } from "../util/errors.ts";
 import { parseFlags, wantsHelp } from "../util/flags.ts";
 import { formatSize, parseSize } from "../util/size.ts";
 import { textTable } from "./mirror_bench.ts";
-import { clockTicksPerSecond, cpuSeconds } from "./proc.ts";
+import { clockTicksPerSecond, cpuSeconds, syncFileSystem } from "./proc.ts";
 import { median, pickList, positiveInteger } from "./report.ts";
 
 const MIB = 1024 * 1024;
@@ -273,6 +273,7 @@ export async function iscsiBenchMain(argv: readonly string[]): Promise<number> {
       for (const job of options.jobs) {
         for (const server of order) {
           const m = await measure(job, server, round, ticks);
+          if (job.write) await syncFileSystem(work.path);
           if (m === undefined) continue;
           measurements.push(m);
           const cpu = m.cpuUsPerRequest === undefined ? "" : ` (server CPU ${m.cpuUsPerRequest.toFixed(1)} us/request)`;

@@ -37,11 +37,11 @@ import { type RunningEngine, logFields, startEngine } from "../testing/engine.ts
 import { describeResult, formatCommand, run, runOk, sleep } from "../testing/process.ts";
 import { makeTempDir, type TempDir } from "../testing/tmp.ts";
 import { type RunningUnit, startUnit } from "../testing/unit.ts";
-import { clockTicksPerSecond, cpuSeconds } from "./proc.ts";
+import { clockTicksPerSecond, cpuSeconds, syncFileSystem } from "./proc.ts";
 import { UsageError, errorMessage } from "../util/errors.ts";
 import { parseFlags, wantsHelp } from "../util/flags.ts";
 import { formatSize, parseSize } from "../util/size.ts";
-import { type BenchJob, JOBS, fioArgs, median, pickList, positiveInteger } from "./report.ts";
+import { type BenchJob, JOBS, fioArgs, median, pickList, positiveInteger, writes } from "./report.ts";
 
 const MIB = 1024 * 1024;
 const UNIT_SPARE_BYTES = 64 * MIB;
@@ -795,6 +795,7 @@ export async function mirrorBenchMain(argv: readonly string[]): Promise<number> 
           const shift = (round - 1) % targets.length;
           for (const target of [...targets.slice(shift), ...targets.slice(0, shift)]) {
             const m = await runJob(job, target, options, work, round, ticks);
+            if (writes(job)) await syncFileSystem(work.path);
             measurements.push(m);
             log(`round ${round}/${options.rounds} ${job.name.padEnd(12)} ${target.config.padEnd(7)} ${job.metric === "iops" ? `${Math.round(m.value)} IOPS` : `${m.value.toFixed(0)} MiB/s`}  lat ${m.latencyUsMean.toFixed(0)} us  cpu ${m.serverCpuCores.toFixed(2)}  load ${loadAverage()}`);
           }

@@ -18,7 +18,7 @@ import { describeResult, run, runOk } from "../testing/process.ts";
 import { makeTempDir, type TempDir } from "../testing/tmp.ts";
 import { fioTlsEnv } from "../testing/fio_tls.ts";
 import { startUnit, type RunningUnit } from "../testing/unit.ts";
-import { clockTicksPerSecond, cpuSeconds } from "./proc.ts";
+import { clockTicksPerSecond, cpuSeconds, syncFileSystem } from "./proc.ts";
 import { UsageError, errorMessage } from "../util/errors.ts";
 import { formatSize } from "../util/size.ts";
 import {
@@ -32,6 +32,7 @@ import {
   parseBenchOptions,
   type ServerName,
   summarize,
+  writes,
 } from "./report.ts";
 
 const EXPORT_NAME = "bench";
@@ -308,6 +309,7 @@ export async function benchMain(argv: readonly string[]): Promise<number> {
         const order = [...servers.slice(shift), ...servers.slice(0, shift)];
         for (const server of order) {
           const m = await runJob(job, server, options, work, round, ticks);
+          if (writes(job)) await syncFileSystem(work.path);
           measurements.push(m);
           process.stderr.write(
             `bench: round ${round}/${options.rounds} ${job.name.padEnd(15)} ${server.name.padEnd(8)} ` +

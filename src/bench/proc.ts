@@ -21,3 +21,16 @@ export function cpuSeconds(pid: number, ticksPerSecond: number): number {
 export async function clockTicksPerSecond(): Promise<number> {
   return Number((await runOk("getconf", ["CLK_TCK"])).stdout.trim()) || 100;
 }
+
+/**
+ * Writes back the dirty pages of the file system that holds `path` (`sync -f`).
+ * Called after every write job, before the next server's run: else that run
+ * pays for this one's writeback (the kernel's flusher threads on the same two
+ * CPUs, ext4's journal). Measured: in a full iSCSI run the server that came
+ * after tgt's seqwrite1m ran at 0.65x to 0.9x of its speed in the rounds where
+ * it did not, and the rotation put ipsan's iSCSI frontend after tgt in three
+ * rounds of five and its NBD frontend in none (docs/benchmarks.md).
+ */
+export async function syncFileSystem(path: string): Promise<void> {
+  await runOk("sync", ["-f", path]);
+}

@@ -19,6 +19,11 @@ export interface BenchJob {
   readonly description: string;
 }
 
+/** Whether the job writes (its run leaves dirty pages behind: see syncFileSystem). */
+export function writes(job: BenchJob): boolean {
+  return job.rw === "write" || job.rw === "randwrite";
+}
+
 export const JOBS: readonly BenchJob[] = [
   { name: "randread4k", rw: "randread", blockBytes: 4096, iodepth: 16, metric: "iops", description: "4 KiB random read, QD 16" },
   { name: "randwrite4k", rw: "randwrite", blockBytes: 4096, iodepth: 16, metric: "iops", description: "4 KiB random write, QD 16" },
