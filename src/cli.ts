@@ -40,7 +40,7 @@ const UNIT_VOLUME_USAGE = async (): Promise<string> => (await import("./unit/adm
 const USAGE = `usage: ipsan COMMAND [flags]
 
 commands:
-  unit      run a SAN unit: carve storage into volumes and serve them over NBD
+  unit      run a SAN unit: carve storage into volumes and serve them over NBD (and iSCSI: --iscsi)
   host      the host side: request, attach, detach, release a volume; agent
   demo      a whole SAN on loopback: a station and N units (Ctrl-C stops it)
   station   run the control station: the pool of units, allocation, REST API
