@@ -16,10 +16,12 @@
 import { pathToFileURL } from "node:url";
 import { loadClusterKey } from "../discovery/keys.ts";
 import { SimulatedUnits } from "../discovery/sim_units.ts";
-import { parseFlags } from "../util/flags.ts";
 import { startStation, type RunningStation } from "../station/harness.ts";
 import { launchChromium, rowOf, signIn } from "../testing/browser.ts";
 import { waitFor } from "../testing/process.ts";
+import { UsageError } from "../util/errors.ts";
+import { wantsHelp } from "../util/flags.ts";
+import { parseBenchFlags } from "./report.ts";
 
 export interface ConsoleScaleFigures {
   readonly units: number;
@@ -148,8 +150,18 @@ export async function measureConsoleAtScale(options: { units: number; volumesPer
   }
 }
 
+export const CONSOLE_BENCH_USAGE = `usage: node dist/bench/console_bench.js [--units N] [--volumes N] [--runs N]
+  simulated units (default 1000), volumes per unit (10), page loads measured (3); prints the figures as JSON`;
+
 async function main(argv: readonly string[]): Promise<number> {
-  const { values } = parseFlags(argv, { units: { type: "string" }, volumes: { type: "string" }, runs: { type: "string" } });
+  let values: { units?: string; volumes?: string; runs?: string };
+  try {
+    ({ values } = parseBenchFlags(argv, CONSOLE_BENCH_USAGE, { units: { type: "string" }, volumes: { type: "string" }, runs: { type: "string" } }));
+  } catch (error) {
+    if (!(error instanceof UsageError)) throw error;
+    process.stderr.write(`${error.message}\n`);
+    return wantsHelp(argv) ? 0 : 2;
+  }
   const figures = await measureConsoleAtScale({
     units: Number(values.units ?? "1000"),
     volumesPerUnit: Number(values.volumes ?? "10"),

@@ -18,11 +18,11 @@ import { startTgt, type RunningTgt } from "../testing/tgt.ts";
 import { makeTempDir } from "../testing/tmp.ts";
 import { startUnit, type RunningUnit } from "../testing/unit.ts";
 import { UsageError, errorMessage } from "../util/errors.ts";
-import { parseFlags, wantsHelp } from "../util/flags.ts";
+import { wantsHelp } from "../util/flags.ts";
 import { formatSize, parseSize } from "../util/size.ts";
 import { textTable } from "./mirror_bench.ts";
 import { clockTicksPerSecond, cpuSeconds, syncFileSystem } from "./proc.ts";
-import { median, pickList, positiveInteger } from "./report.ts";
+import { median, parseBenchFlags, pickList, positiveInteger } from "./report.ts";
 
 const MIB = 1024 * 1024;
 const UNIT_NAME = "bench";
@@ -75,9 +75,7 @@ export const ISCSI_BENCH_USAGE = `usage: node dist/bench/iscsi_bench.js [--round
   --rounds 5 --size 256M; --dir defaults to the OS temp dir`;
 
 export function parseIscsiBenchOptions(argv: readonly string[]): IscsiBenchOptions {
-  // parseFlags answers --help with HelpRequested (the CLI's usage): a bench prints its own usage instead.
-  if (wantsHelp(argv)) throw new UsageError(ISCSI_BENCH_USAGE);
-  const { values } = parseFlags(argv, {
+  const { values } = parseBenchFlags(argv, ISCSI_BENCH_USAGE, {
     rounds: { type: "string" },
     size: { type: "string" },
     jobs: { type: "string" },

@@ -39,9 +39,8 @@ import { makeTempDir, type TempDir } from "../testing/tmp.ts";
 import { type RunningUnit, startUnit } from "../testing/unit.ts";
 import { clockTicksPerSecond, cpuSeconds, syncFileSystem } from "./proc.ts";
 import { UsageError, errorMessage } from "../util/errors.ts";
-import { parseFlags, wantsHelp } from "../util/flags.ts";
 import { formatSize, parseSize } from "../util/size.ts";
-import { type BenchJob, JOBS, fioArgs, median, pickList, positiveInteger, writes } from "./report.ts";
+import { type BenchJob, JOBS, fioArgs, median, parseBenchFlags, pickList, positiveInteger, writes } from "./report.ts";
 
 const MIB = 1024 * 1024;
 const UNIT_SPARE_BYTES = 64 * MIB;
@@ -89,9 +88,7 @@ export const MIRROR_BENCH_USAGE = `usage: node dist/bench/mirror_bench.js [--rou
   --rounds 3 --runtime 5 --size 1G; --rounds also sets the rebuild/nbdcopy pairs; --dir defaults to the OS temp dir`;
 
 export function parseMirrorBenchOptions(argv: readonly string[]): MirrorBenchOptions {
-  // parseFlags answers --help with HelpRequested (the CLI's usage): a bench prints its own usage instead.
-  if (wantsHelp(argv)) throw new UsageError(MIRROR_BENCH_USAGE);
-  const { values } = parseFlags(argv, {
+  const { values } = parseBenchFlags(argv, MIRROR_BENCH_USAGE, {
     rounds: { type: "string" },
     runtime: { type: "string" },
     size: { type: "string" },

@@ -25,11 +25,11 @@ export async function clockTicksPerSecond(): Promise<number> {
 /**
  * Writes back the dirty pages of the file system that holds `path` (`sync -f`).
  * Called after every write job, before the next server's run: else that run
- * pays for this one's writeback (the kernel's flusher threads on the same two
- * CPUs, ext4's journal). Measured: in a full iSCSI run the server that came
- * after tgt's seqwrite1m ran at 0.65x to 0.9x of its speed in the rounds where
- * it did not, and the rotation put ipsan's iSCSI frontend after tgt in three
- * rounds of five and its NBD frontend in none (docs/benchmarks.md).
+ * may pay for this one's writeback (the kernel's flusher threads on the same
+ * two CPUs, ext4's journal), and the rotation does not share that out evenly:
+ * the iSCSI bench put ipsan's iSCSI frontend right after tgt's seqwrite1m in
+ * three rounds of five and its NBD frontend in none (there: 3230, 2465 and 2109
+ * MiB/s after tgt, 2917 and 3448 otherwise; docs/benchmarks.md, 2026-12-04 09:27).
  */
 export async function syncFileSystem(path: string): Promise<void> {
   await runOk("sync", ["-f", path]);

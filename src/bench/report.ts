@@ -2,7 +2,7 @@
 // the printed table. No processes here, so they have plain unit tests.
 
 import { UsageError } from "../util/errors.ts";
-import { parseFlags, wantsHelp } from "../util/flags.ts";
+import { type FlagSpec, parseFlags, wantsHelp } from "../util/flags.ts";
 import { parseSize } from "../util/size.ts";
 
 /** ipsan-tls and nbdkit-tls: the same servers with NBD over TLS-PSK (TLS 1.3), fio through nbds:// URIs. */
@@ -70,10 +70,17 @@ export function pickList<T extends string>(text: string, field: string, known: r
   return [...new Set(names)] as T[];
 }
 
+/**
+ * A bench's flags. `--help` or `-h` throws UsageError(usage), which the bench's
+ * main prints with exit 0 (parseFlags alone would throw the CLI's HelpRequested).
+ */
+export function parseBenchFlags<T extends FlagSpec>(argv: readonly string[], usage: string, spec: T) {
+  if (wantsHelp(argv)) throw new UsageError(usage);
+  return parseFlags(argv, spec);
+}
+
 export function parseBenchOptions(argv: readonly string[]): BenchOptions {
-  // parseFlags answers --help with HelpRequested (the CLI's usage): a bench prints its own usage instead.
-  if (wantsHelp(argv)) throw new UsageError(BENCH_USAGE);
-  const { values } = parseFlags(argv, {
+  const { values } = parseBenchFlags(argv, BENCH_USAGE, {
     rounds: { type: "string" },
     runtime: { type: "string" },
     jobs: { type: "string" },
